@@ -1,0 +1,69 @@
+"""Per-expert weight summaries for data-free criteria, from a checkpoint on disk or a model in memory.
+
+For expert j of a layer, over all of its parameters θ_j (gate, up, down and their biases, concatenated):
+    abs_sum[j] = Σ|θ_j|,   sq_sum[j] = Σ θ_j²,   numel[j] = |θ_j|     (float64)
+Reading from disk goes tensor by tensor, so memory stays at one tensor whatever the model size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.safetensors_io import read_tensor
+from moeprune.models.base import MoEAdapter
+
+
+@dataclass
+class WeightSummary:
+    abs_sum: torch.Tensor  # [E] float64
+    sq_sum: torch.Tensor  # [E] float64
+    numel: torch.Tensor  # [E] float64
+
+    @classmethod
+    def zeros(cls, num_experts: int) -> WeightSummary:
+        z = torch.zeros(num_experts, dtype=torch.float64)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    def add(self, expert: int | slice, t: torch.Tensor) -> None:
+        """Accumulate tensor `t` of one expert (int) or of all experts stacked on dim 0 (slice(None))."""
+        t = t.double()
+        if isinstance(expert, int):
+            self.abs_sum[expert] += t.abs().sum()
+            self.sq_sum[expert] += t.square().sum()
+            self.numel[expert] += t.numel()
+        else:
+            flat = t.reshape(t.shape[0], -1)  # [E, n]
+            self.abs_sum += flat.abs().sum(1)
+            self.sq_sum += flat.square().sum(1)
+            self.numel += flat.shape[1]
+
+
+def summarize_checkpoint(ckpt: Checkpoint, adapter: MoEAdapter) -> dict[int, WeightSummary]:
+    """Weight summaries of every MoE layer, read from the safetensors shards one tensor at a time."""
+    out = {layer: WeightSummary.zeros(adapter.num_experts) for layer in adapter.moe_layers()}
+    experts = [(e, adapter.classify_key(e.name)) for e in ckpt.entries]
+    experts = [(e, r) for e, r in experts if r.kind in ("expert", "fused")]
+    for entry, role in tqdm(experts, desc="reading expert weights", unit="tensor", leave=False):
+        out[role.layer].add(role.expert if role.kind == "expert" else slice(None), read_tensor(entry))
+    return out
+
+
+@torch.no_grad()
+def summarize_model(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, WeightSummary]:
+    """The same summaries from an in-memory model."""
+    from moeprune.surgery.layouts import layout_of
+
+    out = {}
+    for layer in adapter.moe_layers():
+        experts = adapter.experts(adapter.block(model, layer))
+        layout = layout_of(experts)
+        summary = WeightSummary.zeros(layout.num_experts(experts))
+        for j in range(layout.num_experts(experts)):
+            for t in layout.expert_tensors(experts, j):
+                summary.add(j, t)
+        out[layer] = summary
+    return out

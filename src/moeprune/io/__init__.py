@@ -1,0 +1,1 @@
+"""Disk I/O: checkpoints, safetensors bytes, loading, atomic saving, verification."""

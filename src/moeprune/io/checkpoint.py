@@ -1,0 +1,115 @@
+"""A Hugging Face checkpoint directory on disk, inspected without loading any weights.
+
+`Checkpoint.open(path)` validates what every command needs before expensive work: the folder exists, has a
+config.json and safetensors weights whose headers parse and whose files are not truncated, and the index (when
+sharded) names only files that exist.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from moeprune.errors import MoePruneError
+from moeprune.io.safetensors_io import TensorEntry, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "moeprune_report.json"}
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config_dict: dict
+    entries: list[TensorEntry] = field(repr=False)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise MoePruneError(
+                f"{path} does not exist. moeprune works on local checkpoint folders (no hub downloads): "
+                "pass the folder that holds config.json and *.safetensors."
+            )
+        if not path.is_dir():
+            raise MoePruneError(f"{path} is a file; pass the checkpoint folder that holds config.json.")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise MoePruneError(f"{path} has no config.json: it is not a Hugging Face checkpoint folder.")
+        try:
+            config_dict = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise MoePruneError(f"{cfg_file} is not valid JSON ({e}).") from e
+        files = _weight_files(path)
+        entries: list[TensorEntry] = []
+        for f in files:
+            entries.extend(read_header(f)[0])
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise MoePruneError(f"{path}: the same tensor name appears in several shards; the checkpoint is broken.")
+        return cls(path.resolve(), config_dict, entries)
+
+    @cached_property
+    def config(self) -> Any:
+        """The transformers config object (no weights, no network)."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(self.path), local_files_only=True)
+        except (ValueError, KeyError, OSError) as e:
+            raise MoePruneError(
+                f"transformers cannot read {self.path / 'config.json'}: {e}. Remote-code models are not "
+                "supported by this path yet."
+            ) from e
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({e.file for e in self.entries})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def largest_shard_bytes(self) -> int:
+        return max(f.stat().st_size for f in self.files)
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def copy_side_files(self, dst: Path) -> list[str]:
+        """Copy tokenizer, generation config, chat template, custom code ... (everything but weights/config)."""
+        copied = []
+        for f in sorted(self.path.iterdir()):
+            if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(WEIGHT_SUFFIXES):
+                if not (dst / f.name).exists():
+                    shutil.copy2(f, dst / f.name)
+                    copied.append(f.name)
+        return copied
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise MoePruneError(f"{index} is not a valid safetensors index ({e}).") from e
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MoePruneError(f"{index} names shards that are missing: {', '.join(missing)}.")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        has_bin = any(path.glob("*.bin"))
+        raise MoePruneError(
+            f"{path} has no *.safetensors weights"
+            + (" (only PyTorch .bin files: re-save with save_pretrained(..., safe_serialization=True))." if has_bin else ".")
+        )
+    return files

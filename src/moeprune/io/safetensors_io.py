@@ -1,0 +1,205 @@
+"""Read and write safetensors files at the byte level, one tensor at a time.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data block; offsets
+are relative to the data block. Working on bytes lets streaming surgery copy experts without decoding them
+(any dtype, bit-exact) with memory bounded by one copy buffer, and lets every shard be validated before
+expensive work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeprune.errors import MoePruneError
+
+# safetensors dtype string -> (bytes per element, torch dtype or None when torch lacks it)
+DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
+    "F64": (8, torch.float64),
+    "F32": (4, torch.float32),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "I64": (8, torch.int64),
+    "I32": (4, torch.int32),
+    "I16": (2, torch.int16),
+    "I8": (1, torch.int8),
+    "U8": (1, torch.uint8),
+    "BOOL": (1, torch.bool),
+    "U16": (2, getattr(torch, "uint16", None)),
+    "U32": (4, getattr(torch, "uint32", None)),
+    "U64": (8, getattr(torch, "uint64", None)),
+    "F8_E4M3": (1, getattr(torch, "float8_e4m3fn", None)),
+    "F8_E5M2": (1, getattr(torch, "float8_e5m2", None)),
+    "E8M0": (1, getattr(torch, "float8_e8m0fnu", None)),
+}
+TORCH_TO_ST = {dt: name for name, (_, dt) in DTYPES.items() if dt is not None}
+MAX_HEADER = 100 * 1024 * 1024
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor inside a safetensors file: where its bytes are (absolute file offsets)."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][0]
+
+
+def read_header(path: Path) -> tuple[list[TensorEntry], dict]:
+    """Parse and validate one file's header; raise MoePruneError naming the file when it is truncated/corrupt."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise MoePruneError(f"{path}: not a safetensors file (only {size} bytes). Re-download or re-save it.")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 1 or n > MAX_HEADER or 8 + n > size:
+            raise MoePruneError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes).")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MoePruneError(f"{path}: corrupt safetensors header ({e}).") from e
+    meta = header.pop("__metadata__", {}) or {}
+    base = 8 + n
+    entries = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise MoePruneError(f"{path}: corrupt header entry for {name!r}.") from err
+        if dtype not in DTYPES:
+            raise MoePruneError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}.")
+        if e - b != math.prod(shape) * DTYPES[dtype][0] or b < 0:
+            raise MoePruneError(f"{path}: tensor {name!r} has offsets {b}..{e} that do not match shape {shape}.")
+        if base + e > size:
+            raise MoePruneError(
+                f"{path} is truncated: tensor {name!r} ends at byte {base + e} but the file has {size} bytes. "
+                "Re-download or re-save the checkpoint."
+            )
+        entries.append(TensorEntry(name, path, dtype, shape, base + b, base + e))
+    entries.sort(key=lambda t: t.begin)
+    return entries, meta
+
+
+def read_tensor(entry: TensorEntry, rows: Iterable[int] | None = None) -> torch.Tensor:
+    """Load one tensor (optionally only some rows of dim 0) into a fresh CPU tensor."""
+    torch_dtype = DTYPES[entry.dtype][1]
+    if torch_dtype is None:
+        raise MoePruneError(f"this torch cannot represent dtype {entry.dtype} of {entry.name!r}")
+    if rows is None:
+        ranges, shape = [(entry.begin, entry.end)], entry.shape
+    else:
+        rows = list(rows)
+        ranges, shape = row_ranges(entry, rows), (len(rows), *entry.shape[1:])
+    buf = bytearray(sum(e - b for b, e in ranges))
+    view = memoryview(buf)
+    with open(entry.file, "rb") as f:
+        pos = 0
+        for b, e in ranges:
+            f.seek(b)
+            f.readinto(view[pos : pos + e - b])
+            pos += e - b
+    if not buf:
+        return torch.empty(shape, dtype=torch_dtype)
+    return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
+
+
+def row_ranges(entry: TensorEntry, rows: list[int]) -> list[tuple[int, int]]:
+    """Absolute byte ranges of the given dim-0 rows, adjacent rows merged."""
+    row_bytes = entry.nbytes // entry.shape[0]
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        b = entry.begin + r * row_bytes
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + row_bytes)
+        else:
+            out.append((b, b + row_bytes))
+    return out
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """A tensor to write: its name, dtype, shape, and the source byte ranges to concatenate."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: Path
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e - b for b, e in self.ranges)
+
+
+def write_file(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file by copying byte ranges; memory use is one COPY_CHUNK buffer. Returns bytes."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        assert t.nbytes == math.prod(t.shape) * DTYPES[t.dtype][0], t.name
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data block aligned to 8 bytes, as safetensors does
+    buf = bytearray(COPY_CHUNK)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)))
+        out.write(blob)
+        handles: dict[Path, object] = {}
+        try:
+            for t in tensors:
+                src = handles.get(t.source) or handles.setdefault(t.source, open(t.source, "rb"))
+                for b, e in t.ranges:
+                    _copy_range(src, out, b, e, buf)
+        finally:
+            for h in handles.values():
+                h.close()
+        out.flush()
+        os.fsync(out.fileno())
+    return 8 + len(blob) + offset
+
+
+def _copy_range(src, dst, begin: int, end: int, buf: bytearray) -> None:
+    view = memoryview(buf)
+    src.seek(begin)
+    remaining = end - begin
+    while remaining:
+        n = src.readinto(view[: min(remaining, len(buf))])
+        if not n:
+            raise MoePruneError(f"{src.name}: unexpected end of file while copying")
+        dst.write(view[:n])
+        remaining -= n
+
+
+def iter_files(entries: list[TensorEntry]) -> Iterator[tuple[Path, list[TensorEntry]]]:
+    """Group entries by file, files in order."""
+    by_file: dict[Path, list[TensorEntry]] = {}
+    for e in entries:
+        by_file.setdefault(e.file, []).append(e)
+    yield from by_file.items()

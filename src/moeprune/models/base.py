@@ -1,0 +1,196 @@
+"""`MoEAdapter`: one architecture family's MoE block described as data.
+
+An adapter answers, from the *config alone* (so it works on checkpoints that are never instantiated):
+which decoder layers are MoE, how many routed experts (E) and top-k they have, how they route, which config
+keys hold the counts, and how their tensors are named on disk. Given an in-memory model it also finds the
+router, the experts container and the shared experts of each MoE layer.
+
+Subclasses normally set class attributes only; `moe_layers` and `routing` are the usual overrides.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.models.routing import RoutingSpec
+
+
+@dataclass(frozen=True)
+class KeyRole:
+    """What one on-disk tensor is, for surgery and accounting.
+
+    kind: "expert" (one expert's tensor, `expert` set), "fused" (all experts stacked on dim 0),
+          "router" (dim 0 indexes experts: router weight/bias, correction bias), "shared" (shared experts and
+          their gate), "other" (attention, norms, dense MLPs, embeddings).
+    """
+
+    kind: str
+    layer: int | None = None
+    expert: int | None = None
+    prefix: str = ""  # for "expert": the key up to and including "experts."
+    suffix: str = ""  # for "expert": the key after the expert index, starting with "."
+
+    def renamed(self, new_index: int) -> str:
+        assert self.kind == "expert"
+        return f"{self.prefix}{new_index}{self.suffix}"
+
+
+class MoEAdapter:
+    """Base adapter. Class attributes describe the family; see `models/qwen3_moe.py` for the smallest example."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    count_key: ClassVar[str] = "num_experts"  # config key holding E
+    top_k_key: ClassVar[str] = "num_experts_per_tok"
+    intermediate_key: ClassVar[str] = "moe_intermediate_size"  # config key of the routed expert width
+    block_name: ClassVar[str] = "mlp"  # attribute of the decoder layer holding the MoE block (in memory)
+    disk_block_names: ClassVar[tuple[str, ...]] = ("mlp",)  # its name(s) in checkpoint keys
+    router_name: ClassVar[str] = "gate"
+    experts_name: ClassVar[str] = "experts"
+    shared_names: ClassVar[tuple[str, ...]] = ()  # shared experts and their gates, never pruned
+    # module attributes that hold E and must follow surgery
+    count_attrs: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts", "n_routed_experts")
+    # how the fused gate/up tensor is laid out (see surgery/layouts.py): "concat" [E, 2I, H] or
+    # "interleaved_t" [E, H, 2I] with gate at even and up at odd columns (gpt-oss)
+    fused_style: ClassVar[str] = "concat"
+
+    def __init__(self, config: Any):
+        self.root_config = config
+        self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self._check_config()
+
+    # ---------------------------------------------------------------- config-level facts
+    def _check_config(self) -> None:
+        for key in (self.count_key, self.top_k_key, "num_hidden_layers"):
+            if getattr(self.config, key, None) is None:
+                raise MoePruneError(
+                    f"config of model_type {self.model_type!r} has no {key!r}: it does not look like a "
+                    f"{self.family} MoE config. Check the checkpoint's config.json."
+                )
+        if self.num_experts < 1:
+            raise MoePruneError(f"{self.count_key}={self.num_experts}: this model has no routed experts.")
+
+    @property
+    def model_type(self) -> str:
+        return getattr(self.config, "model_type", "") or getattr(self.root_config, "model_type", "")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def num_experts(self) -> int:
+        return int(getattr(self.config, self.count_key))
+
+    @property
+    def top_k(self) -> int:
+        return int(getattr(self.config, self.top_k_key))
+
+    @property
+    def expert_width(self) -> int | None:
+        value = getattr(self.config, self.intermediate_key, None)
+        return int(value) if value is not None else None
+
+    def moe_layers(self) -> list[int]:
+        """Decoder-layer indices that hold a routed MoE block (all layers unless overridden)."""
+        return list(range(self.num_layers))
+
+    def routing(self) -> RoutingSpec:
+        return RoutingSpec(
+            kind="softmax_topk",
+            top_k=self.top_k,
+            norm_topk_prob=bool(getattr(self.config, "norm_topk_prob", False)),
+        )
+
+    # ---------------------------------------------------------------- on-disk layout
+    def _key_regex(self) -> re.Pattern[str]:
+        blocks = "|".join(re.escape(b) for b in self.disk_block_names)
+        return re.compile(rf"^(?P<head>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:{blocks})\.)(?P<rest>.+)$")
+
+    def classify_key(self, key: str) -> KeyRole:
+        """Classify one checkpoint tensor name (see `KeyRole`)."""
+        m = self._key_regex().match(key)
+        if m is None:
+            return KeyRole("other")
+        layer = int(m.group("layer"))
+        if layer not in self._moe_layer_set():
+            return KeyRole("other", layer)
+        rest = m.group("rest")
+        exp = re.match(rf"^{re.escape(self.experts_name)}\.(\d+)(\..+)$", rest)
+        if exp:
+            return KeyRole(
+                "expert", layer, int(exp.group(1)), m.group("head") + self.experts_name + ".", exp.group(2)
+            )
+        if rest.startswith(self.experts_name + "."):
+            return KeyRole("fused", layer)
+        if rest.startswith(self.router_name + "."):
+            return KeyRole("router", layer)
+        if any(rest.startswith(s + ".") for s in self.shared_names):
+            return KeyRole("shared", layer)
+        return KeyRole("other", layer)
+
+    def _moe_layer_set(self) -> frozenset[int]:
+        cached = getattr(self, "_moe_set", None)
+        if cached is None:
+            cached = self._moe_set = frozenset(self.moe_layers())
+        return cached
+
+    # ---------------------------------------------------------------- in-memory model
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The ModuleList of decoder layers (searched, so multimodal nestings work too)."""
+        for name, module in model.named_modules():
+            if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) == self.num_layers:
+                return module
+        raise MoePruneError(
+            f"could not find the {self.num_layers} decoder layers in {type(model).__name__}; "
+            "the adapter's decoder_layers() needs overriding for this model."
+        )
+
+    def block(self, model: nn.Module, layer: int) -> nn.Module:
+        block = getattr(self.decoder_layers(model)[layer], self.block_name, None)
+        if block is None or not hasattr(block, self.experts_name):
+            raise MoePruneError(
+                f"decoder layer {layer} of {type(model).__name__} has no MoE block at "
+                f"'.{self.block_name}.{self.experts_name}' although the config says it is a MoE layer."
+            )
+        return block
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_name)
+
+    def experts(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.experts_name)
+
+    def shared_experts(self, block: nn.Module) -> list[nn.Module]:
+        return [getattr(block, n) for n in self.shared_names if getattr(block, n, None) is not None]
+
+    def set_config_experts(self, config: Any, num_experts: int) -> None:
+        """Write the new routed-expert count into a config object (text sub-config when nested)."""
+        target = config.get_text_config() if hasattr(config, "get_text_config") else config
+        setattr(target, self.count_key, num_experts)
+
+    def set_config_dict_experts(self, config: dict, num_experts: int) -> None:
+        """Same on a raw config.json dict (streaming apply never builds a config object).
+
+        The count may be saved under the family's key or an alias (transformers' attribute_map, e.g. Qwen3-MoE
+        writes `num_local_experts` while Hub checkpoints say `num_experts`): every alias holding E is updated.
+        """
+        from moeprune.models.registry import COUNT_KEYS
+
+        target = config
+        for nest in ("text_config", "language_config", "llm_config"):
+            if not any(k in target for k in COUNT_KEYS) and isinstance(target.get(nest), dict):
+                target = target[nest]
+        keys = [k for k in dict.fromkeys((self.count_key, *COUNT_KEYS)) if target.get(k) == self.num_experts]
+        if not keys:
+            raise MoePruneError(
+                f"config.json holds no expert count equal to {self.num_experts} under {self.count_key!r} or its "
+                "aliases (looked in nested text configs too); cannot update it."
+            )
+        for k in keys:
+            target[k] = num_experts

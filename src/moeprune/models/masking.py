@@ -1,0 +1,86 @@
+"""Run a model with some experts masked out of routing, through the model's *own* router code.
+
+This is the reference a pruned checkpoint must equal. While a router's forward runs, a TorchFunctionMode adds
+-inf to the removed experts' columns of one intermediate tensor, chosen by the routing kind:
+
+- softmax_topk / topk_softmax: the router logits, the output of the router's `linear` (last dim E).
+  softmax then gives them probability 0 (= softmax over the kept experts only) and top-k never picks them.
+- sigmoid_grouped: the sigmoid scores. c = s + bias is then -inf for removed experts, so they never enter a
+  group's top-2 score nor the top-k; the gate weights are gathered only from selected (kept) experts.
+
+Everything else — renormalisation, group limits, scaling, biases, dtypes — is whatever the model's code does,
+so no router is re-implemented here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from moeprune.models.base import MoEAdapter
+
+_OPS = {"linear": {"linear"}, "sigmoid": {"sigmoid", "expit", "sigmoid_"}}
+
+
+class _MaskColumns(TorchFunctionMode):
+    def __init__(self, op: str, mask: torch.Tensor):
+        super().__init__()
+        self.names = _OPS[op]
+        self.mask = mask  # [E]: 0 for kept, -inf for removed
+        self.hits = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in self.names and isinstance(out, torch.Tensor):
+            if out.shape[-1] == self.mask.numel():
+                self.hits += 1
+                return out + self.mask.to(device=out.device, dtype=out.dtype)
+        return out
+
+
+def _wrap(router: nn.Module, op: str, mask: torch.Tensor):
+    original = router.forward
+    counter = {"calls": 0, "hits": 0}
+
+    def forward(*args, **kwargs):
+        mode = _MaskColumns(op, mask)
+        with mode:
+            out = original(*args, **kwargs)
+        counter["calls"] += 1
+        counter["hits"] += mode.hits
+        return out
+
+    router.forward = forward
+    return counter
+
+
+@contextmanager
+def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, list[int]]) -> Iterator[dict]:
+    """Inside the context, experts `dropped[layer]` can never be routed to. Yields per-layer hit counters.
+
+    Raises RuntimeError on exit if a router ran but the masked op was never seen in it (the family's routing
+    kind would then be wrong and the reference meaningless).
+    """
+    op = adapter.routing().masked_op
+    patched: list[nn.Module] = []
+    counters: dict[int, dict] = {}
+    try:
+        for layer, drop in dropped.items():
+            if not drop:
+                continue
+            router = adapter.router(adapter.block(model, layer))
+            mask = torch.zeros(adapter.num_experts)
+            mask[list(drop)] = float("-inf")
+            counters[layer] = _wrap(router, op, mask)
+            patched.append(router)
+        yield counters
+    finally:
+        for router in patched:
+            del router.forward  # drop the instance attribute, back to the class's forward
+    silent = [layer for layer, c in counters.items() if c["calls"] and c["hits"] < c["calls"]]
+    if silent:
+        raise RuntimeError(f"expert mask found no '{op}' output of width E in the routers of layers {silent}")

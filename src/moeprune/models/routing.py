@@ -1,0 +1,71 @@
+"""How a family's router turns hidden states into (expert indices, gate weights), as data.
+
+moeprune never re-implements a router to *compute* routing: statistics read the weights the model's own router
+hands to its experts, and verification masks experts *inside* the model's own router code (see `masking.py`).
+`RoutingSpec` describes the routing so that selection can check a plan is routable and reports can say what
+the model does.
+
+Kinds (T tokens, E experts, ℓ = router logits [T, E]):
+- ``softmax_topk``  (Qwen2/3-MoE, Mixtral, OLMoE): p = softmax(ℓ); idx = topk(p, k); w = p[idx]
+  (÷ Σ w when ``norm_topk_prob``).
+- ``topk_softmax``  (gpt-oss): ℓ = xWᵀ + b; idx = topk(ℓ, k); w = softmax(ℓ[idx]).
+- ``sigmoid_grouped`` (DeepSeek-V3, GLM-4.5): s = σ(ℓ); c = s + e_score_correction_bias; experts split into
+  ``n_group`` contiguous groups, group score = sum of the top-2 c in the group; keep ``topk_group`` groups;
+  idx = topk(c restricted to kept groups, k); w = s[idx] (÷ Σ w when ``norm_topk_prob``) × routed_scaling_factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ROUTING_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_grouped")
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    kind: str
+    top_k: int
+    norm_topk_prob: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_bias: bool = False
+    correction_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTING_KINDS:
+            raise ValueError(f"routing kind {self.kind!r} is not one of {ROUTING_KINDS}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+    @property
+    def masked_op(self) -> str:
+        """Which tensor inside the router gets -inf for removed experts: the logits or the sigmoid scores."""
+        return "sigmoid" if self.kind == "sigmoid_grouped" else "linear"
+
+    @property
+    def group_limited(self) -> bool:
+        return self.kind == "sigmoid_grouped" and self.n_group > 1
+
+    def min_experts_per_group(self) -> int:
+        """Smallest number of experts each group must keep for the stock router to still run and reach top_k.
+
+        The group score takes the top-2 inside each group, so every group needs >= 2 experts; the kept groups
+        (``topk_group`` of them) must together hold at least ``top_k`` experts.
+        """
+        need_for_topk = -(-self.top_k // max(self.topk_group, 1))  # ceil
+        return max(2 if self.kind == "sigmoid_grouped" else 1, need_for_topk)
+
+    def describe(self) -> str:
+        parts = [self.kind, f"top-{self.top_k}"]
+        if self.norm_topk_prob:
+            parts.append("renormalised")
+        if self.kind == "sigmoid_grouped":
+            parts.append(f"groups {self.topk_group}/{self.n_group}")
+            if self.routed_scaling_factor != 1.0:
+                parts.append(f"scale {self.routed_scaling_factor:g}")
+        if self.router_bias:
+            parts.append("router bias")
+        if self.correction_bias:
+            parts.append("correction bias")
+        return ", ".join(parts)

@@ -1,0 +1,174 @@
+"""`PrunePlan`: which experts each MoE layer keeps — plain data, saved as JSON.
+
+    {"format": "moeprune.plan/1", "model_type": "qwen3_moe", "num_experts": 16, "method": "aimer",
+     "ratio": 0.25, "kept_experts": {"1": [0, 2, 3, ...], "2": [...]}}
+
+`kept_experts` maps each MoE decoder-layer index to the *original* indices of the experts kept, ascending;
+surviving experts are renumbered 0..E'-1 in that order. `validate` checks a plan against a model before any
+surgery: every MoE layer present once, indices in range and unique, at least top-k kept (and, for group-limited
+routers, the same count in every group and enough per group), and one count for all layers (stock configs hold a
+single expert count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeprune.errors import MoePruneError
+from moeprune.models.base import MoEAdapter
+
+PLAN_FORMAT = "moeprune.plan/1"
+
+
+@dataclass
+class PrunePlan:
+    kept_experts: dict[int, list[int]]
+    num_experts: int
+    method: str = "manual"
+    ratio: float | None = None
+    model_type: str | None = None
+    scores: dict[int, list[float]] | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.kept_experts)
+
+    def dropped(self, layer: int) -> list[int]:
+        kept = set(self.kept_experts[layer])
+        return [j for j in range(self.num_experts) if j not in kept]
+
+    @property
+    def kept_count(self) -> int:
+        counts = {len(v) for v in self.kept_experts.values()}
+        return counts.pop() if len(counts) == 1 else -1
+
+    def sha256(self) -> str:
+        payload = json.dumps({str(k): v for k, v in sorted(self.kept_experts.items())}, sort_keys=True)
+        return hashlib.sha256(f"{self.num_experts}:{payload}".encode()).hexdigest()
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        d = {
+            "format": PLAN_FORMAT,
+            "model_type": self.model_type,
+            "num_experts": self.num_experts,
+            "method": self.method,
+            "ratio": self.ratio,
+            "kept_experts": {str(k): list(v) for k, v in sorted(self.kept_experts.items())},
+        }
+        if self.scores is not None:
+            d["scores"] = {str(k): [float(s) for s in v] for k, v in sorted(self.scores.items())}
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrunePlan:
+        path = Path(path)
+        if not path.is_file():
+            raise MoePruneError(f"plan file {path} does not exist. Make one with `moeprune plan MODEL ... --out`.")
+        try:
+            raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+        except json.JSONDecodeError as e:
+            raise MoePruneError(f"plan {path} is not valid JSON: {e}") from e
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "plan") -> PrunePlan:
+        if not isinstance(raw, dict) or not isinstance(raw.get("kept_experts"), dict):
+            raise MoePruneError(f"{source}: missing the 'kept_experts' object ({{\"<layer>\": [kept indices]}}).")
+        if not isinstance(raw.get("num_experts"), int):
+            raise MoePruneError(f"{source}: missing 'num_experts' (the model's original routed-expert count).")
+        kept: dict[int, list[int]] = {}
+        for key, value in raw["kept_experts"].items():
+            try:
+                layer = int(key)
+            except ValueError:
+                raise MoePruneError(f"{source}: layer key {key!r} is not a decoder-layer index.") from None
+            if layer in kept:
+                raise MoePruneError(f"{source}: layer {layer} appears twice in kept_experts.")
+            if not isinstance(value, list) or not all(isinstance(j, int) and not isinstance(j, bool) for j in value):
+                raise MoePruneError(f"{source}: kept_experts[{key!r}] must be a list of integer expert indices.")
+            kept[layer] = value
+        scores = raw.get("scores")
+        return cls(
+            kept_experts=kept,
+            num_experts=raw["num_experts"],
+            method=raw.get("method", "manual"),
+            ratio=raw.get("ratio"),
+            model_type=raw.get("model_type"),
+            scores={int(k): v for k, v in scores.items()} if isinstance(scores, dict) else None,
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, adapter: MoEAdapter) -> None:
+        """Raise MoePruneError unless this plan can be applied to (and loaded by stock configs for) the model."""
+        E = adapter.num_experts
+        if self.num_experts != E:
+            raise MoePruneError(f"plan was made for {self.num_experts} experts per layer but the model has {E}.")
+        if self.model_type and adapter.model_type and self.model_type != adapter.model_type:
+            raise MoePruneError(f"plan was made for model_type {self.model_type!r}, not {adapter.model_type!r}.")
+        expected = set(adapter.moe_layers())
+        missing, extra = sorted(expected - set(self.kept_experts)), sorted(set(self.kept_experts) - expected)
+        if missing:
+            raise MoePruneError(f"plan has no entry for MoE layers {missing}; list every MoE layer {sorted(expected)}.")
+        if extra:
+            raise MoePruneError(f"plan names layers {extra} that are not MoE layers (MoE layers: {sorted(expected)}).")
+        routing = adapter.routing()
+        for layer, kept in sorted(self.kept_experts.items()):
+            _check_layer(layer, kept, E, routing)
+        if self.kept_count < 0:
+            counts = {layer: len(v) for layer, v in sorted(self.kept_experts.items())}
+            raise MoePruneError(
+                f"plan keeps different expert counts per layer {counts}; stock configs hold one count for all "
+                "layers. Keep the same number in every layer (uniform policy)."
+            )
+
+
+def _check_layer(layer: int, kept: list[int], E: int, routing) -> None:
+    where = f"layer {layer}"
+    if len(set(kept)) != len(kept):
+        dup = sorted({j for j in kept if kept.count(j) > 1})
+        raise MoePruneError(f"{where}: experts {dup} are listed more than once in kept_experts.")
+    bad = [j for j in kept if not 0 <= j < E]
+    if bad:
+        raise MoePruneError(f"{where}: expert indices {bad} are outside 0..{E - 1}.")
+    if kept != sorted(kept):
+        raise MoePruneError(f"{where}: kept_experts must be ascending (they are renumbered in that order); sort it.")
+    if len(kept) < routing.top_k:
+        raise MoePruneError(
+            f"{where}: keeps {len(kept)} experts but the router selects top-{routing.top_k}; keep at least "
+            f"{routing.top_k}."
+        )
+    if routing.kind == "sigmoid_grouped" and routing.n_group > 1:
+        size = E // routing.n_group
+        per_group = [sum(1 for j in kept if j // size == g) for g in range(routing.n_group)]
+        if len(set(per_group)) != 1:
+            raise MoePruneError(
+                f"{where}: the router is group-limited ({routing.n_group} groups of {size}) and the plan keeps "
+                f"{per_group} experts per group; keep the same number in every group (per-group policy)."
+            )
+        need = routing.min_experts_per_group()
+        if per_group[0] < need:
+            raise MoePruneError(
+                f"{where}: keeps {per_group[0]} experts per group but the group-limited router needs at least "
+                f"{need} per group (top-2 group scores, top-{routing.top_k} from {routing.topk_group} groups)."
+            )
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    seen: dict = {}
+    for k, v in pairs:
+        if k in seen:
+            raise MoePruneError(f"plan JSON has the key {k!r} twice (a layer listed twice?); keep one.")
+        seen[k] = v
+    return seen

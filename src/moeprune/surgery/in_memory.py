@@ -1,0 +1,68 @@
+"""Expert removal on an in-memory model.
+
+For each MoE layer with kept experts K (ascending), in lockstep:
+    experts:  every expert tensor  W[E, ...] -> W[K, ...]   (fused) or ModuleList[K] (per-expert modules)
+    router:   weight [E, H] -> [K, H]; bias [E] and e_score_correction_bias [E] -> [K]
+    counts:   num_experts / num_local_experts / n_routed_experts on the block, router, experts and config
+Experts are renumbered 0..|K|-1 in the order of K.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.log import logger
+from moeprune.models.base import MoEAdapter
+from moeprune.select.plan import PrunePlan
+from moeprune.surgery.layouts import layout_of
+
+
+@torch.no_grad()
+def slice_router(router: nn.Module, kept: torch.Tensor, num_experts: int) -> None:
+    """Slice every router parameter/buffer whose dim 0 indexes experts (weight, bias, correction bias)."""
+    touched = []
+    for name, t in list(router.named_parameters(recurse=False)) + list(router.named_buffers(recurse=False)):
+        if t is None or t.dim() == 0 or t.shape[0] != num_experts:
+            continue
+        sliced = t.data.index_select(0, kept.to(t.device)).contiguous()  # [K, ...]
+        if isinstance(t, nn.Parameter):
+            setattr(router, name, nn.Parameter(sliced, requires_grad=t.requires_grad))
+        else:
+            router._buffers[name] = sliced
+        touched.append(name)
+    if "weight" not in touched:
+        raise MoePruneError(f"router {type(router).__name__} has no weight with {num_experts} rows to slice.")
+    if isinstance(router, nn.Linear):
+        router.out_features = len(kept)
+
+
+def _update_counts(modules: list[nn.Module], attrs: tuple[str, ...], old: int, new: int) -> None:
+    for m in modules:
+        for a in attrs:
+            if isinstance(getattr(m, a, None), int) and getattr(m, a) == old:
+                setattr(m, a, new)
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> nn.Module:
+    """Remove the experts `plan` drops, in place; updates module attributes and `model.config`."""
+    plan.validate(adapter)
+    E = adapter.num_experts
+    for layer in plan.layers:
+        kept = torch.tensor(plan.kept_experts[layer], dtype=torch.long)  # [K]
+        block = adapter.block(model, layer)
+        experts = adapter.experts(block)
+        layout = layout_of(experts)
+        if layout.num_experts(experts) != E:
+            raise MoePruneError(f"layer {layer} holds {layout.num_experts(experts)} experts, config says {E}.")
+        new_experts = layout.keep(experts, kept)
+        if new_experts is not experts:
+            setattr(block, adapter.experts_name, new_experts)
+        router = adapter.router(block)
+        slice_router(router, kept, E)
+        _update_counts([block, router, new_experts], adapter.count_attrs, E, len(kept))
+    adapter.set_config_experts(model.config, plan.kept_count)
+    logger.info("removed %d of %d experts in %d MoE layers", E - plan.kept_count, E, len(plan.layers))
+    return model

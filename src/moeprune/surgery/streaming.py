@@ -1,0 +1,106 @@
+"""Expert removal straight on safetensors shards, without instantiating the model.
+
+Every tensor is classified by the adapter (`classify_key`) on its on-disk name:
+    expert  `...layers.L.mlp.experts.J.<w>`  -> dropped, or renamed to the new index of J
+    fused   `...layers.L.mlp.experts.<w>` [E, ...] -> rows K of dim 0     (gpt-oss on disk)
+    router  `...layers.L.mlp.gate.<w>` [E, ...]   -> rows K of dim 0     (weight, bias, correction bias)
+    other                                          -> copied unchanged
+Bytes are copied range by range (rows of dim 0 are contiguous), so the result is bit-identical to slicing the
+tensors, works for every dtype, and memory stays at one copy buffer whatever the shard size. Output shards are
+re-packed to `max_shard_size`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from moeprune.errors import MoePruneError
+from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.safetensors_io import OutTensor, TensorEntry, row_ranges, write_file
+from moeprune.models.base import MoEAdapter
+from moeprune.select.plan import PrunePlan
+
+
+@dataclass
+class StreamingResult:
+    bytes_in: int
+    bytes_out: int
+    files: list[str]
+
+
+def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list[OutTensor]:
+    """What to write: each surviving tensor with its (possibly new) name, shape and source byte ranges."""
+    E = adapter.num_experts
+    new_index = {layer: {old: new for new, old in enumerate(kept)} for layer, kept in plan.kept_experts.items()}
+    seen: dict[int, set[str]] = {layer: set() for layer in plan.layers}
+    out: list[OutTensor] = []
+    for e in ckpt.entries:
+        role = adapter.classify_key(e.name)
+        if role.kind == "expert":
+            seen[role.layer].add("experts")
+            j = new_index[role.layer].get(role.expert)
+            if j is not None:
+                out.append(OutTensor(role.renamed(j), e.dtype, e.shape, e.file, ((e.begin, e.end),)))
+            continue
+        if role.kind in ("fused", "router"):
+            seen[role.layer].add("experts" if role.kind == "fused" else "router")
+            out.append(_rows(e, plan.kept_experts[role.layer], E))
+            continue
+        out.append(OutTensor(e.name, e.dtype, e.shape, e.file, ((e.begin, e.end),)))
+    missing = {layer: {"experts", "router"} - parts for layer, parts in seen.items() if parts != {"experts", "router"}}
+    if missing:
+        raise MoePruneError(
+            f"checkpoint layout not recognised by the {adapter.family} adapter: no {missing} tensors found for "
+            f"those MoE layers (looked for '.{'|'.join(adapter.disk_block_names)}.{adapter.experts_name}.' and "
+            f"'.{adapter.router_name}.'). Use the in-memory path (without --streaming) or fix the adapter."
+        )
+    return out
+
+
+def _rows(e: TensorEntry, kept: list[int], num_experts: int) -> OutTensor:
+    if not e.shape or e.shape[0] != num_experts:
+        raise MoePruneError(f"{e.name}: expected {num_experts} experts on dim 0, found shape {e.shape}.")
+    return OutTensor(e.name, e.dtype, (len(kept), *e.shape[1:]), e.file, tuple(row_ranges(e, kept)))
+
+
+def pack_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
+    """Greedy packing in checkpoint order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def apply_plan_streaming(
+    ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan, out_dir: Path, max_shard_bytes: int
+) -> StreamingResult:
+    """Write the pruned weights and config.json into `out_dir` (an empty temporary folder)."""
+    plan.validate(adapter)
+    tensors = plan_tensors(ckpt, adapter, plan)
+    shards = pack_shards(tensors, max_shard_bytes)
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = sum(t.nbytes for t in tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="streaming apply", leave=False) as bar:
+        for name, shard in zip(names, shards):
+            write_file(out_dir / name, shard)
+            bar.update(sum(t.nbytes for t in shard))
+    if n > 1:
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+        }
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
+    config = json.loads(json.dumps(ckpt.config_dict))
+    adapter.set_config_dict_experts(config, plan.kept_count)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return StreamingResult(ckpt.total_bytes, total, names)

@@ -1,0 +1,70 @@
+"""Tiny random MoE checkpoints built from the real transformers configs of every supported family.
+
+Used by `moeprune demo` (until the trained testbed exists), the tests and the benchmarks. Nothing is downloaded.
+Router weights get a larger scale than the default init so routing is not near-uniform (ties would make
+top-k choices fragile in equivalence tests).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+COMMON = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              vocab_size=96, max_position_embeddings=128, tie_word_embeddings=False,
+              initializer_range=0.1)
+
+# family -> config overrides (E=8 everywhere so plans are comparable; groups where the router has them)
+FAMILY_CONFIGS: dict[str, dict] = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                      num_hidden_layers=3, mlp_only_layers=[0]),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, norm_topk_prob=False, num_hidden_layers=2),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, num_hidden_layers=2),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16, num_hidden_layers=2,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=None),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2,
+                        topk_group=1, first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=3),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, num_hidden_layers=2,
+                    layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
+                     first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=True,
+                     num_hidden_layers=3),
+}
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    return AutoConfig.for_model(family, **kwargs)
+
+
+@torch.no_grad()
+def tiny_model(family: str, seed: int = 0, router_scale: float = 4.0, **overrides):
+    """A randomly initialised model of `family` with sharper routers and non-zero correction biases."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32).eval()
+    for name, p in model.named_parameters():
+        if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and "shared" not in name:
+            p.normal_(0, router_scale / p.shape[1] ** 0.5)
+        elif name.endswith(("router.bias", "_bias")) and p.dim() in (1, 2):
+            p.normal_(0, 0.1)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.normal_(0, 0.05)
+    return model
+
+
+def save_tiny(family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+              max_shard_size: str = "5GB", **overrides) -> Path:
+    """Build and save a tiny checkpoint (with a small tokenizer-free side file set) to `path`."""
+    path = Path(path)
+    model = tiny_model(family, seed=seed, **overrides).to(dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return path
