@@ -107,9 +107,6 @@ def _weight_files(path: Path) -> list[Path]:
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        has_bin = any(path.glob("*.bin"))
-        raise MoePruneError(
-            f"{path} has no *.safetensors weights"
-            + (" (only PyTorch .bin files: re-save with save_pretrained(..., safe_serialization=True))." if has_bin else ".")
-        )
+        hint = " (only PyTorch .bin files: re-save them with save_pretrained(...))" if any(path.glob("*.bin")) else ""
+        raise MoePruneError(f"{path} has no *.safetensors weights{hint}.")
     return files

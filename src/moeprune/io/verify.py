@@ -91,7 +91,8 @@ def verify(
     pruned_model = load_model(dst.path, dtype=dtype)
     got = logits_of(pruned_model, inputs)
     del pruned_model
-    logger.info("verify: running original %s with %d experts/layer masked", src.path, plan.num_experts - plan.kept_count)
+    n_masked = plan.num_experts - plan.kept_count
+    logger.info("verify: running original %s with %d experts/layer masked", src.path, n_masked)
     original_model = load_model(src.path, dtype=dtype)
     with masked_experts(original_model, adapter, {layer: plan.dropped(layer) for layer in plan.layers}):
         want = logits_of(original_model, inputs)

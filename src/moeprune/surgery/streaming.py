@@ -91,13 +91,13 @@ def apply_plan_streaming(
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     total = sum(t.nbytes for t in tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="streaming apply", leave=False) as bar:
-        for name, shard in zip(names, shards):
+        for name, shard in zip(names, shards, strict=True):
             write_file(out_dir / name, shard)
             bar.update(sum(t.nbytes for t in shard))
     if n > 1:
         index = {
             "metadata": {"total_size": total},
-            "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+            "weight_map": {t.name: name for name, shard in zip(names, shards, strict=True) for t in shard},
         }
         (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
     config = json.loads(json.dumps(ckpt.config_dict))
