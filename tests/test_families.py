@@ -15,10 +15,11 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig
 
 from moeprune import api
 from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.load import auto_class
 from moeprune.io.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
@@ -30,7 +31,9 @@ FAMILIES = sorted(FAMILY_CONFIGS)
 
 
 def _load(path):
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    """Stock `from_pretrained` of the stock Auto class (CausalLM; image-text-to-text for VL-MoEs)."""
+    config = AutoConfig.from_pretrained(str(path))
+    return auto_class(config).from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:

@@ -30,9 +30,21 @@ FAMILY_CONFIGS: dict[str, dict] = {
                         qk_nope_head_dim=8, v_head_dim=8, num_hidden_layers=3),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, num_hidden_layers=2,
                     layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+    "qwen3_vl_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                         num_hidden_layers=2, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}),
     "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
                      first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=True,
                      num_hidden_layers=3),
+}
+
+
+# vision-language families: the text decoder config nests under text_config, next to a tiny vision tower
+NESTED = {
+    "qwen3_vl_moe": dict(
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, temporal_patch_size=2, spatial_merge_size=2, deepstack_visual_indexes=[0]),
+    ),
 }
 
 
@@ -40,16 +52,19 @@ def tiny_config(family: str, **overrides):
     from transformers import AutoConfig
 
     kwargs = {**COMMON, **FAMILY_CONFIGS[family], **overrides}
+    if family in NESTED:
+        return AutoConfig.for_model(family, text_config=kwargs, **NESTED[family])
     return AutoConfig.for_model(family, **kwargs)
 
 
 @torch.no_grad()
 def tiny_model(family: str, seed: int = 0, router_scale: float = 4.0, **overrides):
     """A randomly initialised model of `family` with sharper routers and non-zero correction biases."""
-    from transformers import AutoModelForCausalLM
+    from moeprune.io.load import auto_class
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32).eval()
+    config = tiny_config(family, **overrides)
+    model = auto_class(config).from_config(config, dtype=torch.float32).eval()
     for name, p in model.named_parameters():
         if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and "shared" not in name:
             p.normal_(0, router_scale / p.shape[1] ** 0.5)

@@ -17,9 +17,24 @@ def parse_dtype(name: str):
     return DTYPES[name]
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
-    """`AutoModelForCausalLM.from_pretrained(path)` from local files only, in eval mode."""
-    from transformers import AutoModelForCausalLM
+def auto_class(config):
+    """The stock Auto class that builds this config's generative model: CausalLM, else image-text-to-text
+    (vision-language MoEs such as Qwen3-VL-MoE nest their text decoder under `text_config`)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True)
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    raise MoePruneError(
+        f"stock transformers has no causal-LM or image-text-to-text class for {type(config).__name__}; "
+        "moeprune cannot load it."
+    )
+
+
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
+    """`Auto*.from_pretrained(path)` (the stock class for this config) from local files only, in eval mode."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True)
     return model.to(device).eval()

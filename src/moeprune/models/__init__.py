@@ -8,6 +8,7 @@ from moeprune.models import (  # noqa: F401  (registration side effects)
     olmoe,
     qwen2_moe,
     qwen3_moe,
+    qwen3_vl_moe,
 )
 from moeprune.models.base import KeyRole, MoEAdapter
 from moeprune.models.registry import get_adapter, supported_families

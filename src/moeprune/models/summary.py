@@ -109,6 +109,15 @@ def format_summary(s: ModelSummary) -> str:
         lines.append(f"{name:<16}{_human(p, ''):>14}{_human(b):>14}{b / max(s.total_bytes, 1):>9.1%}")
     lines.append(f"{'total':<16}{_human(s.total_params, ''):>14}{_human(s.total_bytes):>14}{1:>9.0%}")
     lines.append("")
+    lines.append(f"{'layer':>6}{'E':>6}{'top-k':>7}  {'routing':<16}{'routed params':>15}")
+    kind = s.routing.split(",")[0]
+    for layer in range(s.num_layers):
+        if layer in s.per_layer_expert_params:
+            params = _human(s.per_layer_expert_params[layer], "")
+            lines.append(f"{layer:>6}{s.num_experts:>6}{s.top_k:>7}  {kind:<16}{params:>15}")
+        else:
+            lines.append(f"{layer:>6}{'-':>6}{'-':>7}  {'dense':<16}{'-':>15}")
+    lines.append("")
     lines.append("removing routed experts (uniform per layer):")
     for ratio, info in s.savings.items():
         if info["possible"]:
