@@ -155,3 +155,30 @@ def test_input_checkpoint_untouched(family_ckpt, tmp_path):
     api.prune(original, tmp_path / "out", method="weight_norm", ratio=0.5, streaming=True)
     assert {f.name: f.read_bytes() for f in original.iterdir()} == before
     assert Checkpoint.open(tmp_path / "out").total_bytes < Checkpoint.open(original).total_bytes
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_bf16_sharded_input_with_tokenizer(family, tmp_path):
+    """dtype is preserved, sharded inputs work, tokenizer + generation config travel, both paths agree."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+
+    original = save_tiny(family, tmp_path / "original", seed=5, dtype=torch.bfloat16, max_shard_size="60KB")
+    assert len(list(original.glob("*.safetensors"))) > 1
+    vocab = {f"w{i}": i for i in range(96)} | {"<unk>": 96}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(original)
+    GenerationConfig(max_new_tokens=7, do_sample=False).save_pretrained(original)
+    plan = api.make_plan(original, "weight_norm", 0.5)
+    mem = api.apply_plan(original, plan, tmp_path / "mem").out
+    stream = api.apply_plan(original, plan, tmp_path / "stream", streaming=True).out
+    a, b = _tensors(mem), _tensors(stream)
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    src = _tensors(original)
+    assert {t.dtype for t in a.values()} == {t.dtype for t in src.values()}  # dtypes preserved
+    assert sum(t.dtype == torch.bfloat16 for t in a.values()) > len(a) // 2
+    for folder in (mem, stream):
+        assert AutoTokenizer.from_pretrained(str(folder))("w3 w5")["input_ids"] == [3, 5]
+        assert GenerationConfig.from_pretrained(str(folder)).max_new_tokens == 7
+        assert api.verify(original, folder).passed

@@ -16,7 +16,7 @@ from moeprune.criteria.weights import summarize_checkpoint
 from moeprune.errors import MoePruneError
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.load import load_model
+from moeprune.io.load import load_model, match_disk_dtypes
 from moeprune.io.report import REPORT_NAME, build_report, provenance, write_json_atomic
 from moeprune.io.verify import VerifyResult
 from moeprune.io.verify import verify as _verify
@@ -88,6 +88,7 @@ def apply_plan(
             bytes_after = result.bytes_out
         else:
             model_obj = load_model(ckpt.path, dtype="auto")
+            match_disk_dtypes(model_obj, ckpt.torch_dtypes())
             apply_in_memory(model_obj, adapter, plan)
             model_obj.config.moeprune = prov
             model_obj.save_pretrained(tmp, max_shard_size=max_bytes)

@@ -82,6 +82,12 @@ class Checkpoint:
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
+    def torch_dtypes(self) -> dict:
+        """Tensor name -> torch dtype as stored on disk."""
+        from moeprune.io.safetensors_io import DTYPES
+
+        return {e.name: DTYPES[e.dtype][1] for e in self.entries}
+
     def copy_side_files(self, dst: Path) -> list[str]:
         """Copy tokenizer, generation config, chat template, custom code ... (everything but weights/config)."""
         copied = []

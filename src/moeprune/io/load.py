@@ -31,6 +31,19 @@ def auto_class(config):
     )
 
 
+@torch.no_grad()
+def match_disk_dtypes(model, disk_dtypes: dict[str, torch.dtype]) -> list[str]:
+    """Cast parameters/buffers back to the dtype their checkpoint stores (transformers upcasts some, e.g.
+    DeepSeek's e_score_correction_bias to float32), so saving the model preserves every tensor's dtype."""
+    changed = []
+    for name, t in list(model.state_dict(keep_vars=True).items()):
+        want = disk_dtypes.get(name)
+        if want is not None and t.dtype != want and t.is_floating_point():
+            t.data = t.data.to(want)
+            changed.append(name)
+    return changed
+
+
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     """`Auto*.from_pretrained(path)` (the stock class for this config) from local files only, in eval mode."""
     from transformers import AutoConfig

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
@@ -165,6 +166,19 @@ class MoEAdapter:
 
     def experts(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.experts_name)
+
+    def router_tensors(self, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Router tensors whose dim 0 indexes experts: weight [E, H], and bias / e_score_correction_bias [E]."""
+        router = self.router(block)
+        named = list(router.named_parameters(recurse=False)) + list(router.named_buffers(recurse=False))
+        return {n: t for n, t in named if t is not None and t.dim() >= 1 and t.shape[0] == self.num_experts}
+
+    def expert_roles(self, block: nn.Module) -> dict[str, torch.Tensor]:
+        """Expert weights by role in canonical orientation (gate/up [E, I, H], down [E, H, I], biases)."""
+        from moeprune.surgery.layouts import layout_of
+
+        experts = self.experts(block)
+        return layout_of(experts).roles(experts, self.fused_style)
 
     def shared_experts(self, block: nn.Module) -> list[nn.Module]:
         return [getattr(block, n) for n in self.shared_names if getattr(block, n, None) is not None]
