@@ -16,7 +16,7 @@ from moeprune.criteria.weights import summarize_checkpoint
 from moeprune.errors import MoePruneError
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.load import load_model, match_disk_dtypes
+from moeprune.io.load import load_model, match_disk_dtypes, parse_dtype
 from moeprune.io.report import REPORT_NAME, build_report, provenance, write_json_atomic
 from moeprune.io.verify import VerifyResult
 from moeprune.io.verify import verify as _verify
@@ -125,6 +125,9 @@ def prune(
     ckpt = Checkpoint.open(model)
     check_output(out, [ckpt.path], overwrite)
     CRITERIA.get(method)
+    parse_size(max_shard_size)
+    if run_verify:
+        parse_dtype(verify_dtype)
     plan = make_plan(model, method, ratio, seed=seed)
     applied = apply_plan(model, plan, out, streaming=streaming, max_shard_size=max_shard_size, overwrite=overwrite)
     result = None
@@ -156,7 +159,10 @@ def parse_size(size: str | int) -> int:
         unit = s[len(num):]
         if unit not in _UNITS or not num:
             raise MoePruneError(f"cannot read size {size!r}; write it like 5GB, 500MB or 2GiB.")
-        value = int(float(num) * _UNITS[unit])
+        try:
+            value = int(float(num) * _UNITS[unit])
+        except ValueError:
+            raise MoePruneError(f"cannot read size {size!r}; write it like 5GB, 500MB or 2GiB.") from None
     if value <= 0:
         raise MoePruneError(f"--max-shard-size must be positive, got {size!r}.")
     return value

@@ -37,7 +37,10 @@ def cmd_info(args) -> int:
 
 def cmd_plan(args) -> int:
     from moeprune import api
+    from moeprune.select.plan import check_plan_path
 
+    if args.out:
+        check_plan_path(args.out)
     plan = api.make_plan(args.model, args.method, args.ratio, seed=args.seed)
     if args.out:
         plan.save(args.out)

@@ -66,6 +66,7 @@ class PrunePlan:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        check_plan_path(path)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=1))
         tmp.replace(path)
@@ -163,6 +164,13 @@ def _check_layer(layer: int, kept: list[int], E: int, routing) -> None:
                 f"{where}: keeps {per_group[0]} experts per group but the group-limited router needs at least "
                 f"{need} per group (top-2 group scores, top-{routing.top_k} from {routing.topk_group} groups)."
             )
+
+
+def check_plan_path(path: str | Path) -> None:
+    """Refuse a plan path whose folder does not exist (checked before scoring, so no work is lost)."""
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise MoePruneError(f"cannot write the plan to {path}: folder {parent} does not exist; create it first.")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
