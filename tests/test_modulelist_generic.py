@@ -120,3 +120,14 @@ def test_modulelist_streaming_matches_in_memory(plan, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     counts = [saved[k] for k in ("num_experts", "num_local_experts") if k in saved]
     assert counts and all(c == 6 for c in counts)
+
+
+def test_generic_refuses_sigmoid_router_with_correction_bias():
+    """Masking logits is exact only for softmax-based routers: a DeepSeek-style router needs an adapter."""
+    from moeprune.errors import MoePruneError
+
+    model = legacy_model()
+    for layer in model.model.layers[1:]:
+        layer.mlp.gate.register_buffer("e_score_correction_bias", torch.zeros(8))
+    with pytest.raises(MoePruneError, match="unknown MoE architecture 'legacy_moe'.*adding-a-model"):
+        get_adapter(model.config, model=model)

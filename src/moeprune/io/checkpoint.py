@@ -75,10 +75,6 @@ class Checkpoint:
     def total_bytes(self) -> int:
         return sum(e.nbytes for e in self.entries)
 
-    @property
-    def largest_shard_bytes(self) -> int:
-        return max(f.stat().st_size for f in self.files)
-
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,11 +195,3 @@ def _copy_range(src, dst, begin: int, end: int, buf: bytearray) -> None:
             raise MoePruneError(f"{src.name}: unexpected end of file while copying")
         dst.write(view[:n])
         remaining -= n
-
-
-def iter_files(entries: list[TensorEntry]) -> Iterator[tuple[Path, list[TensorEntry]]]:
-    """Group entries by file, files in order."""
-    by_file: dict[Path, list[TensorEntry]] = {}
-    for e in entries:
-        by_file.setdefault(e.file, []).append(e)
-    yield from by_file.items()

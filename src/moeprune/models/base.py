@@ -41,6 +41,12 @@ class KeyRole:
         return f"{self.prefix}{new_index}{self.suffix}"
 
 
+def expert_indexed(module: nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
+    """A module's own parameters and buffers whose dim 0 has one row per expert."""
+    named = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    return {n: t for n, t in named if t is not None and t.dim() >= 1 and t.shape[0] == num_experts}
+
+
 class MoEAdapter:
     """Base adapter. Class attributes describe the family; see `models/qwen3_moe.py` for the smallest example."""
 
@@ -169,9 +175,7 @@ class MoEAdapter:
 
     def router_tensors(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Router tensors whose dim 0 indexes experts: weight [E, H], and bias / e_score_correction_bias [E]."""
-        router = self.router(block)
-        named = list(router.named_parameters(recurse=False)) + list(router.named_buffers(recurse=False))
-        return {n: t for n, t in named if t is not None and t.dim() >= 1 and t.shape[0] == self.num_experts}
+        return expert_indexed(self.router(block), self.num_experts)
 
     def expert_roles(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Expert weights by role in canonical orientation (gate/up [E, I, H], down [E, H, I], biases)."""

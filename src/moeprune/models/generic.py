@@ -3,7 +3,10 @@
 Recognised when the config holds an expert count and a top-k, and either the in-memory model or the checkpoint
 keys show `layers.N.(mlp|block_sparse_moe).(gate|router)` next to `...experts...` — the `ModuleList`-of-MLP
 layout (`experts.J.gate_proj/up_proj/down_proj` or `w1/w2/w3`) or fused 3-D tensors. Routing is assumed to be
-softmax top-k; verification still masks inside the model's own router, so that assumption never changes a result.
+softmax-based (softmax top-k, or top-k then softmax): verification masks the router's logits inside the model's own
+router, which is exact for any softmax-based router whatever its renormalisation. Sigmoid routers with an
+`e_score_correction_bias` (DeepSeek-style) are refused here: masking logits is not enough for them, they need a
+registered adapter with `sigmoid_grouped` routing.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class GenericMoEAdapter(MoEAdapter):
         if count_key is None or top_k_key is None:
             return None
         found = _scan_model(model) if model is not None else _scan_keys(weight_keys or [])
-        if found is None:
+        if found is None or _has_correction_bias(model, weight_keys):
             return None
         layers, block, router = found
         return cls(config, count_key, top_k_key, layers, block, router)
@@ -79,3 +82,8 @@ def _scan_keys(keys: list[str]) -> tuple[list[int], str, str] | None:
     block = hits[0][1]
     router = next(r for r in ROUTER_NAMES if r in hits[0][2])
     return sorted(layer for layer, _, _ in hits), block, router
+
+
+def _has_correction_bias(model: Any, keys: list[str] | None) -> bool:
+    names = [n for n, _ in model.named_buffers()] if model is not None else list(keys or [])
+    return any(n.endswith("e_score_correction_bias") for n in names)

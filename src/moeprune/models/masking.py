@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 
 _OPS = {"linear": {"linear"}, "sigmoid": {"sigmoid", "expit", "sigmoid_"}}
@@ -62,7 +63,7 @@ def _wrap(router: nn.Module, op: str, mask: torch.Tensor):
 def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, list[int]]) -> Iterator[dict]:
     """Inside the context, experts `dropped[layer]` can never be routed to. Yields per-layer hit counters.
 
-    Raises RuntimeError on exit if a router ran but the masked op was never seen in it (the family's routing
+    Raises MoePruneError on exit if a router ran but the masked op was never seen in it (the family's routing
     kind would then be wrong and the reference meaningless).
     """
     op = adapter.routing().masked_op
@@ -83,4 +84,4 @@ def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, lis
             del router.forward  # drop the instance attribute, back to the class's forward
     silent = [layer for layer, c in counters.items() if c["calls"] and c["hits"] < c["calls"]]
     if silent:
-        raise RuntimeError(f"expert mask found no '{op}' output of width E in the routers of layers {silent}")
+        raise MoePruneError(f"expert mask found no '{op}' output of width E in the routers of layers {silent}")

@@ -87,6 +87,8 @@ class PrunePlan:
     def from_dict(cls, raw: dict, source: str = "plan") -> PrunePlan:
         if not isinstance(raw, dict) or not isinstance(raw.get("kept_experts"), dict):
             raise MoePruneError(f"{source}: missing the 'kept_experts' object ({{\"<layer>\": [kept indices]}}).")
+        if raw.get("format", PLAN_FORMAT) != PLAN_FORMAT and "moeprune_version" not in raw:
+            raise MoePruneError(f"{source}: format {raw.get('format')!r} is not {PLAN_FORMAT!r}; re-make the plan.")
         if not isinstance(raw.get("num_experts"), int):
             raise MoePruneError(f"{source}: missing 'num_experts' (the model's original routed-expert count).")
         kept: dict[int, list[int]] = {}
@@ -151,6 +153,8 @@ def _check_layer(layer: int, kept: list[int], E: int, routing) -> None:
             f"{routing.top_k}."
         )
     if routing.kind == "sigmoid_grouped" and routing.n_group > 1:
+        if E % routing.n_group:
+            raise MoePruneError(f"{where}: {E} experts do not split into {routing.n_group} equal router groups.")
         size = E // routing.n_group
         per_group = [sum(1 for j in kept if j // size == g) for g in range(routing.n_group)]
         if len(set(per_group)) != 1:

@@ -14,7 +14,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
-from moeprune.models.base import MoEAdapter
+from moeprune.models.base import MoEAdapter, expert_indexed
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.layouts import layout_of
 
@@ -23,9 +23,7 @@ from moeprune.surgery.layouts import layout_of
 def slice_router(router: nn.Module, kept: torch.Tensor, num_experts: int) -> None:
     """Slice every router parameter/buffer whose dim 0 indexes experts (weight, bias, correction bias)."""
     touched = []
-    for name, t in list(router.named_parameters(recurse=False)) + list(router.named_buffers(recurse=False)):
-        if t is None or t.dim() == 0 or t.shape[0] != num_experts:
-            continue
+    for name, t in expert_indexed(router, num_experts).items():
         sliced = t.data.index_select(0, kept.to(t.device)).contiguous()  # [K, ...]
         if isinstance(t, nn.Parameter):
             setattr(router, name, nn.Parameter(sliced, requires_grad=t.requires_grad))

@@ -1,0 +1,110 @@
+"""Fixtures shared by the bad-input tests: tiny checkpoints (MoE, group-limited, dense, unsupported MoE),
+a copier for checkpoints a test may break, and `no_work`, which makes every expensive step fail loudly."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from moeprune import api
+from moeprune.tiny import save_tiny
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bad_input")
+
+
+@pytest.fixture(scope="module")
+def qwen(root) -> Path:
+    """qwen3_moe tiny: 3 layers, layer 0 dense, MoE layers 1 and 2, E=8, top-2."""
+    return save_tiny("qwen3_moe", root / "qwen3_moe", seed=1)
+
+
+@pytest.fixture(scope="module")
+def deepseek(root) -> Path:
+    """deepseek_v3 tiny: MoE layers 1 and 2, E=8 in 2 router groups of 4, top-2 from 1 group."""
+    return save_tiny("deepseek_v3", root / "deepseek_v3", seed=1)
+
+
+@pytest.fixture(scope="module")
+def dense(root) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "qwen3",
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+    )
+    path = root / "dense_qwen3"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def granite(root) -> Path:
+    """A transformers MoE family without a moeprune adapter (GraniteMoE: E=8, top-2)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "granitemoe",
+        hidden_size=32,
+        intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        num_hidden_layers=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    path = root / "granitemoe"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    # precondition of the test: the saved layout is one the generic fallback cannot recognise
+    assert any(".block_sparse_moe.input_linear." in k for k in keys)
+    assert not any(".experts." in k for k in keys), keys
+    return path
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """A private copy of a checkpoint (for tests that corrupt it or could, if buggy, delete it)."""
+
+    def _copy(src: Path, name: str = "model") -> Path:
+        return Path(shutil.copytree(src, tmp_path / "inputs" / name))
+
+    return _copy
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make every expensive step fail loudly: a refusal must come before any of them."""
+
+    def forbid(name):
+        def _fail(*args, **kwargs):
+            raise AssertionError(f"api.{name} ran before the bad input was refused")
+
+        return _fail
+
+    for name in (
+        "summarize_checkpoint",
+        "load_model",
+        "apply_in_memory",
+        "apply_plan_streaming",
+        "atomic_dir",
+        "_verify",
+    ):
+        monkeypatch.setattr(api, name, forbid(name))
