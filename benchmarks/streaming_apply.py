@@ -200,7 +200,7 @@ def main() -> None:
         ckpt = Checkpoint.open(src)
         adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
         bytes_in = sum(f.stat().st_size for f in src.iterdir())
-        largest = ckpt.largest_shard_bytes
+        largest = max(f.stat().st_size for f in ckpt.files)
         print(f"checkpoint: {adapter.family}, {adapter.num_layers} layers x {adapter.num_experts} experts, "
               f"{bytes_in / 1e9:.2f} GB in {len(ckpt.files)} shards", file=sys.stderr)
         plan = make_plan(src, "random", 0.5)
