@@ -35,12 +35,7 @@ def assert_refused(call, match: str, *, inputs: list[Path], out: Path | None) ->
     out_existed = out is not None and out.exists()
     with pytest.raises(MoePruneError, match=match) as info:
         call()
-    for p, snap in before.items():
-        assert snapshot(p) == snap, f"input {p} was modified"
-    if out is not None:
-        if not out_existed:
-            assert not out.exists(), f"{out} was left behind"
-        assert leftovers(out) == []
+    _assert_nothing_changed(before, out, out_existed)
     return info.value
 
 
@@ -56,10 +51,15 @@ def assert_cli_refused(argv: list, patterns: list[str], capsys, *, inputs: list[
     assert "Traceback" not in captured.err
     for pattern in patterns:
         assert re.search(pattern, captured.err), (pattern, captured.err)
+    _assert_nothing_changed(before, out, out_existed)
+    return captured.err
+
+
+def _assert_nothing_changed(before: dict, out: Path | None, out_existed: bool) -> None:
+    """Inputs hash as before; a new `out` was not created; no temporary siblings were left."""
     for p, snap in before.items():
         assert snapshot(p) == snap, f"input {p} was modified"
     if out is not None:
         if not out_existed:
             assert not out.exists(), f"{out} was left behind"
         assert leftovers(out) == []
-    return captured.err

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,7 +125,6 @@ def prune(
     """plan + apply + save + verify. Checks the output folder before any work."""
     ckpt = Checkpoint.open(model)
     check_output(out, [ckpt.path], overwrite)
-    CRITERIA.get(method)
     parse_size(max_shard_size)
     if run_verify:
         parse_dtype(verify_dtype)
@@ -139,8 +139,6 @@ def prune(
 
 
 def _add_provenance(config_file: Path, prov: dict) -> None:
-    import json
-
     cfg = json.loads(config_file.read_text())
     cfg["moeprune"] = prov
     config_file.write_text(json.dumps(cfg, indent=2))
