@@ -1,0 +1,175 @@
+"""Calibration data: named local text sources -> seeded token batches, validated before any model is loaded.
+
+`--calib NAME=PATH` (repeatable, one NAME per domain/task), PATH being
+- a `.txt` file (one document),
+- a folder (every `*.txt` below it, sorted; one document each),
+- a `.jsonl` file, one JSON object per line with a text field (`text_field`, default "text"), or a `messages`
+  list rendered with the tokenizer's chat template when `chat_template=True`.
+
+Sampling (per source, seeded): each document is tokenised and followed by EOS (when the tokenizer has one); the
+documents are concatenated into one stream of S tokens, cut into ⌊S / L⌋ disjoint windows of L tokens, and N of
+them are drawn without replacement (`torch.randperm` under the seed). With fewer than N full windows, all are used
+and the remaining tail (if any) becomes one last sequence right-padded to L with `attention_mask = 0`; every
+statistic must ignore those positions. The content hash covers the source bytes and the sampling parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeprune.errors import MoePruneError
+from moeprune.log import logger
+
+
+@dataclass(frozen=True)
+class CalibSource:
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, spec: str) -> CalibSource:
+        """'NAME=PATH' -> CalibSource; errors say what the flag must look like."""
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise MoePruneError(f"--calib {spec!r}: write it as NAME=PATH, e.g. --calib code=data/code.jsonl")
+        p = Path(path.strip()).expanduser()
+        if not p.exists():
+            raise MoePruneError(f"--calib {name}: {p} does not exist.")
+        return cls(name.strip(), p)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    sources: tuple[CalibSource, ...]
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    text_field: str = "text"
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise MoePruneError("no calibration data: pass at least one --calib NAME=PATH.")
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise MoePruneError(f"--calib names must be unique; {dup} given more than once.")
+        if self.samples < 1:
+            raise MoePruneError(f"--samples must be >= 1, got {self.samples}.")
+        if self.seq_len < 2:
+            raise MoePruneError(f"--seq-len must be >= 2, got {self.seq_len}.")
+
+
+@dataclass
+class CalibSet:
+    """One named calibration set: input_ids / attention_mask [N, L] and where they came from."""
+
+    name: str
+    input_ids: torch.Tensor  # [N, L] long
+    attention_mask: torch.Tensor  # [N, L] long, 0 on padding
+    sha256: str
+    source: str
+    documents: int
+    stream_tokens: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "sha256": self.sha256, "sequences": int(self.input_ids.shape[0]),
+                "seq_len": int(self.input_ids.shape[1]), "tokens": self.tokens, "documents": self.documents,
+                "stream_tokens": self.stream_tokens}
+
+
+def read_documents(source: CalibSource, text_field: str = "text", chat_template: bool = False,
+                   tokenizer: Any = None) -> tuple[list[str], bytes]:
+    """The source's documents and the raw bytes they came from (for the content hash)."""
+    path = source.path
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise MoePruneError(f"--calib {source.name}: folder {path} holds no *.txt files.")
+        raws = [f.read_bytes() for f in files]
+        docs = [r.decode("utf-8", errors="replace") for r in raws]
+        raw = b"\0".join(raws)
+    elif path.suffix == ".jsonl":
+        raw = path.read_bytes()
+        docs = _jsonl_documents(source, raw, text_field, chat_template, tokenizer)
+    else:
+        raw = path.read_bytes()
+        docs = [raw.decode("utf-8", errors="replace")]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise MoePruneError(f"--calib {source.name}: {path} holds no text.")
+    return docs, raw
+
+
+def _jsonl_documents(source: CalibSource, raw: bytes, text_field: str, chat_template: bool, tokenizer) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MoePruneError(f"--calib {source.name}: {source.path} line {lineno} is not JSON ({e}).") from e
+        if chat_template and isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise MoePruneError(f"--calib {source.name}: --chat-template needs a tokenizer with a chat template.")
+            docs.append(tokenizer.apply_chat_template(obj["messages"], tokenize=False))
+        elif isinstance(obj, dict) and isinstance(obj.get(text_field), str):
+            docs.append(obj[text_field])
+        else:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise MoePruneError(
+                f"--calib {source.name}: {source.path} line {lineno} has no string field {text_field!r} "
+                f"(it has {keys}); choose the field with --text-field"
+                + (" or use --chat-template for 'messages'." if isinstance(obj, dict) and "messages" in obj else ".")
+            )
+    return docs
+
+
+def build_set(source: CalibSource, tokenizer: Any, cfg: CalibConfig) -> CalibSet:
+    """Tokenise, sample and pad one source (see the module docstring for the exact rule)."""
+    docs, raw = read_documents(source, cfg.text_field, cfg.chat_template, tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(int(eos))
+    L, N = cfg.seq_len, cfg.samples
+    if len(stream) < 2:
+        raise MoePruneError(f"--calib {source.name}: {source.path} gives only {len(stream)} token(s); add text.")
+    ids = torch.tensor(stream, dtype=torch.long)  # [S]
+    full = len(stream) // L
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(full, generator=g)[: min(N, full)].sort().values  # chosen window indices
+    rows = [ids[i * L : (i + 1) * L] for i in order.tolist()]
+    masks = [torch.ones(L, dtype=torch.long) for _ in rows]
+    tail = ids[full * L :]
+    if len(rows) < N and tail.numel() >= 2:
+        pad = next((int(t) for t in (getattr(tokenizer, "pad_token_id", None), eos) if t is not None), 0)
+        rows.append(torch.cat([tail, torch.full((L - tail.numel(),), pad, dtype=torch.long)]))
+        masks.append(torch.cat([torch.ones(tail.numel(), dtype=torch.long), torch.zeros(L - tail.numel(),
+                                                                                          dtype=torch.long)]))
+    if len(rows) < N:
+        logger.warning("calibration set %r: %d tokens give %d sequence(s) of %d, fewer than --samples %d",
+                       source.name, len(stream), len(rows), L, N)
+    digest = hashlib.sha256(raw)
+    digest.update(json.dumps([L, N, cfg.seed, cfg.text_field, cfg.chat_template]).encode())
+    return CalibSet(source.name, torch.stack(rows), torch.stack(masks), digest.hexdigest(), str(source.path),
+                    len(docs), len(stream))
+
+
+def build_sets(cfg: CalibConfig, tokenizer: Any) -> list[CalibSet]:
+    """Every source of `cfg`; all are read and checked before any is returned (so errors come early)."""
+    return [build_set(s, tokenizer, cfg) for s in cfg.sources]

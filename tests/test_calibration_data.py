@@ -1,0 +1,114 @@
+"""Calibration data: sources, seeded disjoint windows (checked against the token stream by brute force),
+padding masks, content hashes, and clear errors for bad or empty data (raised without any model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from moeprune.calibration import CalibConfig, CalibSource, build_sets
+from moeprune.calibration.data import build_set
+from moeprune.errors import MoePruneError
+
+EOS = 100
+
+
+@pytest.fixture(scope="module")
+def tok():
+    vocab = {f"w{i}": i for i in range(100)} | {"</s>": EOS, "<unk>": 101, "<pad>": 102}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    return fast
+
+
+def words(ids):
+    return " ".join(f"w{i}" for i in ids)
+
+
+def test_windows_are_disjoint_seeded_slices_of_the_stream(tok, tmp_path):
+    docs = [list(range(i, i + 37)) for i in range(0, 60, 7)]
+    (tmp_path / "d").mkdir()
+    for k, d in enumerate(docs):
+        (tmp_path / "d" / f"{k:02d}.txt").write_text(words(d))
+    stream = [t for d in docs for t in d + [EOS]]  # brute force: documents, each followed by EOS
+    cfg = CalibConfig((CalibSource.parse(f"mix={tmp_path / 'd'}"),), samples=5, seq_len=16, seed=3)
+    s = build_sets(cfg, tok)[0]
+    assert s.input_ids.shape == (5, 16) and bool(s.attention_mask.all())
+    starts = []
+    for row in s.input_ids.tolist():
+        hits = [i for i in range(0, len(stream) - 15, 16) if stream[i : i + 16] == row]
+        assert len(hits) == 1
+        starts.append(hits[0])
+    assert len(set(starts)) == 5 and starts == sorted(starts)
+    again = build_sets(cfg, tok)[0]
+    other = build_sets(CalibConfig(cfg.sources, samples=5, seq_len=16, seed=4), tok)[0]
+    assert torch.equal(again.input_ids, s.input_ids) and again.sha256 == s.sha256
+    assert not torch.equal(other.input_ids, s.input_ids) and other.sha256 != s.sha256
+    assert s.stream_tokens == len(stream) and s.documents == len(docs)
+
+
+def test_short_data_pads_the_tail(tok, tmp_path):
+    (tmp_path / "a.txt").write_text(words(range(21)))  # 21 tokens + EOS = 22 = one window of 16 + tail of 6
+    s = build_set(CalibSource.parse(f"a={tmp_path / 'a.txt'}"), tok, CalibConfig(
+        (CalibSource("a", tmp_path / "a.txt"),), samples=4, seq_len=16))
+    assert s.input_ids.shape == (2, 16)
+    assert s.attention_mask[0].all() and s.attention_mask[1].tolist() == [1] * 6 + [0] * 10
+    assert s.input_ids[1, :6].tolist() == [16, 17, 18, 19, 20, EOS] and (s.input_ids[1, 6:] == 102).all()
+    assert s.tokens == 22
+
+
+def test_jsonl_field_and_chat_template(tok, tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text("\n".join(json.dumps(o) for o in [{"body": "w1 w2"}, {"body": "w3"}]) + "\n")
+    cfg = CalibConfig((CalibSource("c", f),), samples=1, seq_len=5, text_field="body")
+    assert build_sets(cfg, tok)[0].input_ids.tolist() == [[1, 2, EOS, 3, EOS]]
+    with pytest.raises(MoePruneError, match="no string field 'text'.*--text-field"):
+        build_sets(CalibConfig((CalibSource("c", f),), samples=1, seq_len=5), tok)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "w7", "content": "w8 w9"}]}) + "\n")
+    got = build_sets(CalibConfig((CalibSource("x", chat),), samples=1, seq_len=4, chat_template=True), tok)[0]
+    assert got.input_ids.tolist() == [[7, 8, 9, EOS]]
+    with pytest.raises(MoePruneError, match="--chat-template"):
+        build_sets(CalibConfig((CalibSource("x", chat),), samples=1, seq_len=4), tok)
+
+
+def test_hash_follows_content(tok, tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text(words(range(40)))
+    cfg = CalibConfig((CalibSource("a", f),), samples=2, seq_len=8)
+    h1 = build_sets(cfg, tok)[0].sha256
+    f.write_text(words(range(1, 41)))
+    assert build_sets(cfg, tok)[0].sha256 != h1
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda p: "nameonly", "NAME=PATH"),
+    (lambda p: f"x={p / 'missing.txt'}", "does not exist"),
+    (lambda p: (p / "e.txt").write_text("  \n") and f"e={p / 'e.txt'}", "holds no text"),
+    (lambda p: (p / "d").mkdir() or f"d={p / 'd'}", r"holds no \*\.txt"),
+    (lambda p: (p / "b.jsonl").write_text('{"text": "w1"}\n{oops\n') and f"b={p / 'b.jsonl'}", "line 2 is not JSON"),
+])
+def test_bad_calibration_data(tok, tmp_path, make, match):
+    spec = make(tmp_path)
+    with pytest.raises(MoePruneError, match=match):
+        build_sets(CalibConfig((CalibSource.parse(spec),), samples=1, seq_len=4), tok)
+
+
+def test_config_validation(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("w1")
+    src = CalibSource("a", f)
+    with pytest.raises(MoePruneError, match="unique"):
+        CalibConfig((src, src))
+    with pytest.raises(MoePruneError, match="--samples"):
+        CalibConfig((src,), samples=0)
+    with pytest.raises(MoePruneError, match="--seq-len"):
+        CalibConfig((src,), seq_len=1)
+    with pytest.raises(MoePruneError, match="at least one --calib"):
+        CalibConfig(())
