@@ -1,0 +1,117 @@
+"""Layer-by-layer forward: each decoder layer gets exactly what a whole-model forward would feed it.
+
+Capture: one pass of the model in which every decoder layer is replaced by a recorder that stores its keyword
+arguments (attention mask, position ids, rotary embeddings, ...) and returns its input unchanged; the first layer's
+input is the embedding output. The *model's own* code builds those arguments, per layer — so per-layer-type masks
+(gpt-oss alternates sliding and full attention), padding masks and causal masks can never be lost or swapped, the
+class of silent error where a tracer calibrates with bidirectional attention.
+
+Run: layer i is moved to `device`, fed every cached batch with layer i's own kwargs, its output becomes layer
+i+1's input (kept on CPU between layers), and `on_layer(i, layer)` runs before the layer so callers can attach
+hooks (statistics, prune-as-you-go). No grad, no KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.models.base import MoEAdapter
+
+
+@dataclass
+class LayerInputs:
+    """One batch at the input of some decoder layer: hidden states [B, S, H] and each layer's kwargs."""
+
+    hidden: torch.Tensor  # [B, S, H], on CPU
+    kwargs: list[dict[str, Any]]  # per decoder layer
+    attention_mask: torch.Tensor  # [B, S] (1 = real token)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
+            attention_mask: torch.Tensor) -> LayerInputs:
+    """Run the model with recording identity layers; return layer 0's input and every layer's kwargs."""
+    layers = adapter.decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict[str, Any]] = []
+    originals = [layer.forward for layer in layers]
+
+    def recorder(index: int):
+        def forward(hidden_states, *args, **kw):
+            if args:
+                raise TypeError(f"decoder layer {index} got positional arguments beyond hidden_states")
+            if index == 0:
+                hidden.append(hidden_states.detach().cpu())
+            kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")})
+            if index == len(layers) - 1:
+                raise _StopForward
+            return hidden_states
+
+        return forward
+
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = recorder(i)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for layer, original in zip(layers, originals, strict=True):
+            if layer.forward is not original:
+                del layer.forward
+    assert len(kwargs) == len(layers), (len(kwargs), len(layers))
+    return LayerInputs(hidden[0], kwargs, attention_mask)
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def run_layers(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    batches: list[LayerInputs],
+    *,
+    device: str = "cpu",
+    on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None = None,
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Yield (layer index, outputs per batch [B, S, H]) layer by layer; `batches` hidden states advance in place.
+
+    `on_layer(i, layer)` may return a clean-up callable, called after layer i has seen every batch.
+    """
+    layers = adapter.decoder_layers(model)
+    bar = tqdm(range(len(layers)), leave=False)
+    for i in bar:
+        bar.set_description(f"calibrating (layer {i + 1}/{len(layers)})")
+        layer = layers[i]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        cleanup = on_layer(i, layer) if on_layer is not None else None
+        outputs = []
+        for b in batches:
+            out = layer(b.hidden.to(device), **_to(b.kwargs[i], device))
+            out = out[0] if isinstance(out, tuple) else out  # [B, S, H]
+            outputs.append(out.detach().cpu())
+        if cleanup is not None:
+            cleanup()
+        layer.to(home)
+        for b, out in zip(batches, outputs, strict=True):
+            b.hidden = out
+        yield i, outputs

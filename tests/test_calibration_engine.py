@@ -1,0 +1,69 @@
+"""The layer-by-layer engine feeds every decoder layer exactly what a whole-model forward feeds it
+(hidden states, causal/padding/sliding-window masks, position ids, rotary embeddings), on every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeprune.calibration.engine import capture, run_layers
+from moeprune.io.verify import seeded_inputs
+from moeprune.models import get_adapter
+from moeprune.tiny import FAMILY_CONFIGS, tiny_model
+
+
+def whole_model_layer_inputs(model, adapter, inputs):
+    """Reference: hooks record each decoder layer's real input during one ordinary forward."""
+    layers = adapter.decoder_layers(model)
+    seen: list[tuple[torch.Tensor, dict]] = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"], k)),
+                                             with_kwargs=True) for layer in layers]
+    outs: list[torch.Tensor] = []
+    hooks.append(layers[-1].register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o)))
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen, outs[0]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_layer_by_layer_equals_whole_model(family):
+    model = tiny_model(family, seed=0)
+    adapter = get_adapter(model.config)
+    inputs = seeded_inputs(96, batch=3, seq_len=24, seed=1)  # last row left-padded; 24 > gpt-oss window 16
+    reference, final = whole_model_layer_inputs(model, adapter, inputs)
+    batch = capture(model, adapter, inputs["input_ids"], inputs["attention_mask"])
+    assert torch.equal(batch.hidden, reference[0][0])
+    for i, (_, ref_kwargs) in enumerate(reference):
+        got = batch.kwargs[i]
+        for key, value in ref_kwargs.items():
+            if key in ("past_key_values", "past_key_value", "hidden_states"):
+                continue
+            assert _same(got.get(key), value), (family, i, key)
+    inputs_seen = [batch.hidden.clone()]
+    for _, outputs in run_layers(model, adapter, [batch]):
+        inputs_seen.append(outputs[0])
+    for i, (ref_hidden, _) in enumerate(reference):
+        assert torch.equal(inputs_seen[i], ref_hidden), (family, i)
+    assert torch.equal(inputs_seen[-1], final)
+
+
+def test_a_lost_mask_would_be_caught():
+    """Sanity of the reference: dropping the padding mask changes the layer inputs, so the test above can fail."""
+    model = tiny_model("qwen3_moe", seed=0)
+    adapter = get_adapter(model.config)
+    inputs = seeded_inputs(96, batch=2, seq_len=12, seed=1)
+    masked, _ = whole_model_layer_inputs(model, adapter, inputs)
+    unmasked, _ = whole_model_layer_inputs(model, adapter, {"input_ids": inputs["input_ids"]})
+    assert not torch.equal(masked[1][0][-1], unmasked[1][0][-1])  # the padded row sees different context
