@@ -310,7 +310,9 @@ def test_folder_with_bad_contents(variant, qwen, copy_of, tmp_path, no_work):
 
 def test_unknown_method(qwen, tmp_path, no_work, capsys):
     out = tmp_path / "out"
-    match = r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: aimer, random, weight_norm\."
+    from moeprune.criteria import CRITERIA
+
+    match = r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: " + re.escape(", ".join(CRITERIA)) + r"\."
     assert_refused(lambda: api.prune(qwen, out, method="aimr", ratio=0.25), match, inputs=[qwen], out=out)
     assert_refused(lambda: api.make_plan(qwen, "aimr", 0.25), match, inputs=[qwen], out=None)
     assert_cli_refused(
@@ -375,3 +377,10 @@ def test_plan_out_in_missing_folder(qwen, tmp_path, capsys):
         out=None,
     )
     assert not plan_out.parent.exists()
+
+
+def test_calibrated_method_without_calibration(qwen, tmp_path, no_work):
+    """Calibrated criteria exist as functions; plan/prune say clearly that they need statistics first."""
+    out = tmp_path / "out"
+    assert_refused(lambda: api.prune(qwen, out, method="reap", ratio=0.25), "needs calibration statistics",
+                   inputs=[qwen], out=out)
