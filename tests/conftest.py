@@ -32,45 +32,28 @@ def deepseek(root) -> Path:
     return save_tiny("deepseek_v3", root / "deepseek_v3", seed=1)
 
 
-@pytest.fixture(scope="module")
-def dense(root) -> Path:
+SMALL = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, vocab_size=96, num_hidden_layers=2,
+             max_position_embeddings=64)
+
+
+def _save_random(path: Path, model_type: str, **overrides) -> Path:
+    """A small randomly initialised stock model of `model_type`, saved with save_pretrained."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(
-        "qwen3",
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=96,
-        num_hidden_layers=2,
-        max_position_embeddings=64,
-    )
-    path = root / "dense_qwen3"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **SMALL, **overrides)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def dense(root) -> Path:
+    return _save_random(root / "dense_qwen3", "qwen3", intermediate_size=48, head_dim=8)
 
 
 @pytest.fixture(scope="module")
 def granite(root) -> Path:
     """A transformers MoE family without a moeprune adapter (GraniteMoE: E=8, top-2)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(
-        "granitemoe",
-        hidden_size=32,
-        intermediate_size=16,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=96,
-        num_hidden_layers=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    path = root / "granitemoe"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    path = _save_random(root / "granitemoe", "granitemoe", intermediate_size=16, num_local_experts=8,
+                        num_experts_per_tok=2)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     # precondition of the test: the saved layout is one the generic fallback cannot recognise

@@ -334,7 +334,7 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     )
 
 
-# ----------------------------------------------------------------------------------------------- known bugs
+# ------------------------------------------------------------------------------------ sizes, dtypes, plan path
 
 
 def test_malformed_shard_size(qwen, tmp_path, no_work):
