@@ -14,6 +14,7 @@ hooks (statistics, prune-as-you-go). No grad, no KV cache.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,27 +92,39 @@ def run_layers(
     *,
     device: str = "cpu",
     on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None = None,
+    layer_context: Callable[[int], AbstractContextManager] | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Yield (layer index, outputs per batch [B, S, H]) layer by layer; `batches` hidden states advance in place.
 
-    `on_layer(i, layer)` may return a clean-up callable, called after layer i has seen every batch.
+    `layer_context(i)` (optional) is entered around everything layer i does: a lazily loaded model materialises
+    the layer's weights from disk there and releases them on exit. `on_layer(i, layer)` runs once the layer is on
+    `device` and may return a clean-up callable, called after layer i has seen every batch. The caller may
+    replace the yielded outputs' contents before resuming (prune-as-you-go re-runs a layer with experts removed).
     """
     layers = adapter.decoder_layers(model)
     bar = tqdm(range(len(layers)), leave=False)
     for i in bar:
         bar.set_description(f"calibrating (layer {i + 1}/{len(layers)})")
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        layer.to(device)
-        cleanup = on_layer(i, layer) if on_layer is not None else None
+        with layer_context(i) if layer_context is not None else nullcontext():
+            outputs = _run_one(layers[i], i, batches, device, on_layer)
+            yield i, outputs
+        for b, out in zip(batches, outputs, strict=True):
+            b.hidden = out
+
+
+def _run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
+             on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None) -> list[torch.Tensor]:
+    home = next(layer.parameters()).device
+    layer.to(device)
+    cleanup = on_layer(i, layer) if on_layer is not None else None
+    try:
         outputs = []
         for b in batches:
             out = layer(b.hidden.to(device), **_to(b.kwargs[i], device))
             out = out[0] if isinstance(out, tuple) else out  # [B, S, H]
             outputs.append(out.detach().cpu())
+    finally:
         if cleanup is not None:
             cleanup()
         layer.to(home)
-        for b, out in zip(batches, outputs, strict=True):
-            b.hidden = out
-        yield i, outputs
+    return outputs
