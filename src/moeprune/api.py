@@ -1,6 +1,7 @@
 """Public Python API; each function is one CLI subcommand (flags map 1:1 onto arguments).
 
-    plan = make_plan("ckpt", method="aimer", ratio=0.25)      # score -> select
+    stats = calibrate("ckpt", CalibrateOptions(("web=data.txt",)), "stats.safetensors")
+    plan = make_plan("stats.safetensors", method="reap", ratio=0.25)  # or make_plan("ckpt", "aimer", 0.25)
     apply_plan("ckpt", plan, "out", streaming=False)           # apply -> save (atomic)
     verify("ckpt", "out")                                      # stock reload == masked original
     prune("ckpt", "out", method="aimer", ratio=0.25)           # all of the above
@@ -12,6 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from moeprune.calibration.run import CalibrateOptions, calibrate
 from moeprune.criteria import CRITERIA
 from moeprune.criteria.weights import summarize_checkpoint
 from moeprune.errors import MoePruneError
@@ -23,12 +27,15 @@ from moeprune.io.verify import VerifyResult
 from moeprune.io.verify import verify as _verify
 from moeprune.log import logger
 from moeprune.models import get_adapter
+from moeprune.models.base import MoEAdapter
 from moeprune.models.summary import ModelSummary, summarize
 from moeprune.select.plan import PrunePlan
 from moeprune.select.uniform import drop_count, select_uniform
+from moeprune.stats.store import ExpertStats, StatsView
 from moeprune.surgery.in_memory import apply_plan as apply_in_memory
 from moeprune.surgery.streaming import apply_plan_streaming
 
+STATS_NAME = "moeprune_stats.safetensors"
 DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
@@ -41,24 +48,54 @@ def _open(model: str | Path):
     return ckpt, get_adapter(ckpt.config, weight_keys=ckpt.names())
 
 
-def make_plan(model: str | Path, method: str, ratio: float, seed: int = 0) -> PrunePlan:
-    """Score every routed expert with `method` and keep the best (1 − ratio) per layer (uniform policy)."""
+def make_plan(source: str | Path | ExpertStats, method: str, ratio: float, seed: int = 0, *,
+              calib_set: list[str] | None = None) -> PrunePlan:
+    """Score every routed expert with `method` and keep the best (1 − ratio) per layer (uniform policy).
+
+    `source` is a checkpoint folder (data-free methods) or a statistics file from `calibrate` (any method that
+    needs calibration; `calib_set` picks which sets count, default all).
+    """
     crit = CRITERIA.get(method)
-    ckpt, adapter = _open(model)
-    routing = adapter.routing()
-    drop_count(ratio, adapter.num_experts, routing)  # validate before reading any weight
-    if crit.needs == "weights":
-        summaries = summarize_checkpoint(ckpt, adapter)
-        scores = {layer: crit.fn(summaries[layer]) for layer in adapter.moe_layers()}
-    elif crit.needs == "none":
-        scores = {layer: crit.fn(adapter.num_experts, seed, layer) for layer in adapter.moe_layers()}
-    else:
-        raise MoePruneError(f"method {method!r} needs calibration statistics, which this version cannot collect yet.")
+    view = _model_view(source)
+    routing = view.routing()
+    drop_count(ratio, view.num_experts, routing)  # validate before any work
+    scores = _scores(crit, view, source, seed, calib_set)
     kept = select_uniform(scores, ratio, routing, higher_keeps=crit.higher_keeps)
-    plan = PrunePlan(kept, adapter.num_experts, method=method, ratio=ratio, model_type=adapter.model_type,
+    plan = PrunePlan(kept, view.num_experts, method=method, ratio=ratio, model_type=view.model_type,
                      scores={layer: s.tolist() for layer, s in scores.items()})
-    plan.validate(adapter)
+    plan.validate(view)
     return plan
+
+
+def _model_view(source: str | Path | ExpertStats) -> MoEAdapter | StatsView:
+    """The checkpoint's adapter, or (for statistics) what they say about the model."""
+    if isinstance(source, ExpertStats):
+        return StatsView(source)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".safetensors":
+        return StatsView(ExpertStats.load(path))
+    return _open(path)[1]
+
+
+def _scores(crit, view, source, seed: int, calib_set: list[str] | None) -> dict[int, torch.Tensor]:
+    layers = view.moe_layers()
+    if crit.needs == "calibration":
+        if not isinstance(view, StatsView):
+            raise MoePruneError(f"method {crit.name!r} needs calibration statistics: run `moeprune calibrate MODEL "
+                                "--calib NAME=PATH --out stats.safetensors` and plan from that file, or use "
+                                "`moeprune prune --calib ...`.")
+        combined = view.stats.combined(calib_set)
+        return {layer: crit.fn(combined[layer]) for layer in layers}
+    if calib_set:
+        raise MoePruneError(f"--calib-set only applies to calibrated methods; {crit.name!r} is {crit.needs}-based.")
+    if crit.needs == "weights":
+        if isinstance(view, StatsView):
+            raise MoePruneError(f"method {crit.name!r} reads expert weights; pass the checkpoint folder, not a "
+                                "statistics file.")
+        ckpt, adapter = _open(source)
+        summaries = summarize_checkpoint(ckpt, adapter)
+        return {layer: crit.fn(summaries[layer]) for layer in layers}
+    return {layer: crit.fn(view.num_experts, seed, layer) for layer in layers}
 
 
 @dataclass
@@ -121,15 +158,33 @@ def prune(
     overwrite: bool = False,
     run_verify: bool = True,
     verify_dtype: str = "float32",
+    calib: CalibrateOptions | None = None,
 ) -> tuple[ApplyResult, VerifyResult | None]:
-    """plan + apply + save + verify. Checks the output folder before any work."""
-    ckpt = Checkpoint.open(model)
+    """[calibrate +] plan + apply + save + verify. Checks the output folder and options before any work.
+
+    With `calib`, the statistics are collected first and also saved as OUT/moeprune_stats.safetensors.
+    """
+    crit = CRITERIA.get(method)
+    ckpt, adapter = _open(model)
     check_output(out, [ckpt.path], overwrite)
     parse_size(max_shard_size)
+    drop_count(ratio, adapter.num_experts, adapter.routing())
     if run_verify:
         parse_dtype(verify_dtype)
-    plan = make_plan(model, method, ratio, seed=seed)
+    if crit.needs == "calibration" and calib is None:
+        raise MoePruneError(f"method {method!r} needs calibration data: pass --calib NAME=PATH (one per domain).")
+    if calib is not None:
+        calib.calib_config()  # the sources exist and the options are sane
+    if crit.needs != "calibration" and calib is not None:
+        raise MoePruneError(f"method {method!r} is {crit.needs}-based and ignores --calib; drop --calib or choose a "
+                            "calibrated method (e.g. reap, ean_mean, frequency).")
+    stats = calibrate(model, calib) if calib is not None else None
+    plan = make_plan(stats if stats is not None else model, method, ratio, seed=seed)
     applied = apply_plan(model, plan, out, streaming=streaming, max_shard_size=max_shard_size, overwrite=overwrite)
+    if stats is not None:
+        stats.save(applied.out / STATS_NAME)
+        applied.report["calibration"] = stats.meta["calibration"]
+        write_json_atomic(applied.out / REPORT_NAME, applied.report)
     result = None
     if run_verify:
         result = verify(model, applied.out, plan, dtype=verify_dtype)

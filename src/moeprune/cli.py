@@ -1,4 +1,6 @@
-"""Command line: `moeprune {info,plan,apply,prune,verify,demo}`. Thin: every flag maps onto an `api` argument."""
+"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,demo}`.
+
+Thin: every flag maps onto an `api` argument."""
 
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def cmd_plan(args) -> int:
 
     if args.out:
         check_plan_path(args.out)
-    plan = api.make_plan(args.model, args.method, args.ratio, seed=args.seed)
+    plan = api.make_plan(args.model, args.method, args.ratio, seed=args.seed, calib_set=args.calib_set)
     if args.out:
         plan.save(args.out)
         logger.info("plan written to %s (keeps %d of %d experts per layer)", args.out, plan.kept_count,
@@ -66,8 +68,47 @@ def cmd_prune(args) -> int:
 
     _, result = api.prune(args.model, args.out, method=args.method, ratio=args.ratio, seed=args.seed,
                           streaming=args.streaming, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                          run_verify=not args.no_verify, verify_dtype=args.verify_dtype)
+                          run_verify=not args.no_verify, verify_dtype=args.verify_dtype,
+                          calib=_calib_options(args) if args.calib else None)
     return _verify_exit(result)
+
+
+def _calib_options(args):
+    from moeprune.calibration.run import CalibrateOptions
+
+    return CalibrateOptions(tuple(args.calib), samples=args.samples, seq_len=args.seq_len, seed=args.calib_seed,
+                            text_field=args.text_field, chat_template=args.chat_template, tokenizer=args.tokenizer,
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, lazy=args.lazy)
+
+
+def cmd_calibrate(args) -> int:
+    from moeprune.calibration.run import calibrate
+
+    if not args.calib:
+        raise MoePruneError("no calibration data: pass at least one --calib NAME=PATH.")
+    calibrate(args.model, _calib_options(args), args.out, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_stats_merge(args) -> int:
+    from moeprune.stats.store import ExpertStats, check_stats_output
+
+    out = check_stats_output(args.out, args.overwrite)
+    loaded = [ExpertStats.load(p) for p in args.files]
+    merged = loaded[0]
+    for other in loaded[1:]:
+        merged = merged.merge(other)
+    merged.save(out)
+    logger.info("merged %d files into %s (sets: %s)", len(loaded), out, ", ".join(merged.sets))
+    return 0
+
+
+def cmd_criteria(args) -> int:
+    from moeprune.criteria.agreement import agreement
+    from moeprune.stats.store import ExpertStats
+
+    print(agreement(ExpertStats.load(args.stats), args.ratio, args.calib_set, seed=args.seed).format())
+    return 0
 
 
 def cmd_verify(args) -> int:
@@ -102,6 +143,24 @@ def _add_apply_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+def _add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", action="append", default=[], metavar="NAME=PATH",
+                   help="calibration text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl"
+                   + ("" if required else "; needed by calibrated methods"))
+    g.add_argument("--samples", type=int, default=128, help="sequences per calibration set")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    g.add_argument("--calib-seed", type=int, default=0, help="seed of the sequence sampling")
+    g.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
+    g.add_argument("--chat-template", action="store_true", help="render .jsonl 'messages' with the chat template")
+    g.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    g.add_argument("--device", default="cpu", help="where each decoder layer runs (cpu, cuda, cuda:1)")
+    g.add_argument("--dtype", default="auto", help="calibration dtype (auto = the checkpoint's)")
+    g.add_argument("--lazy", action="store_true",
+                   help="load one decoder layer at a time from disk (models larger than host memory)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeprune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
@@ -114,11 +173,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("calibrate", help="run calibration text through the model; write expert statistics")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--out", required=True, help="statistics file to write (*.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_calib_flags(p, required=True)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("stats", help="statistics files: merge")
+    stats_sub = p.add_subparsers(dest="stats_command", required=True)
+    m = stats_sub.add_parser("merge", help="add up statistics files of the same model")
+    m.add_argument("files", nargs="+", help="statistics files (*.safetensors)")
+    m.add_argument("--out", required=True)
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_stats_merge)
+
+    p = sub.add_parser("criteria", help="how far the criteria agree on which experts to keep")
+    p.add_argument("stats", help="statistics file from `moeprune calibrate`")
+    p.add_argument("--ratio", type=_ratio, required=True)
+    p.add_argument("--calib-set", action="append", help="use only these calibration sets (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control")
+    p.set_defaults(func=cmd_criteria)
+
     p = sub.add_parser("plan", help="score experts and write a plan (JSON)")
-    p.add_argument("model")
+    p.add_argument("model", help="checkpoint folder (data-free methods) or statistics file (calibrated methods)")
     p.add_argument("--method", required=True, help=f"criterion: {methods}")
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of routed experts to drop per layer")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-set", action="append", help="use only these calibration sets (repeatable)")
     p.add_argument("--out", help="plan file to write (printed when omitted)")
     p.set_defaults(func=cmd_plan)
 
@@ -136,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
     p.add_argument("--verify-dtype", default="float32", help="dtype for verification (float32, bfloat16, ...)")
     _add_apply_flags(p)
+    _add_calib_flags(p, required=False)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("verify", help="stock reload of PRUNED == ORIGINAL with the removed experts masked")

@@ -7,6 +7,7 @@ top-k choices fragile in equivalence tests).
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import torch
@@ -14,6 +15,8 @@ import torch
 COMMON = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
               vocab_size=96, max_position_embeddings=128, tie_word_embeddings=False,
               initializer_range=0.1)
+
+TOKENIZER_CHARS = "▁" + string.ascii_letters + string.digits + ".,;:!?'\"()-\n"
 
 # family -> config overrides (E=8 everywhere so plans are comparable; groups where the router has them)
 FAMILY_CONFIGS: dict[str, dict] = {
@@ -76,10 +79,26 @@ def tiny_model(family: str, seed: int = 0, router_scale: float = 4.0, **override
     return model
 
 
+def tiny_tokenizer():
+    """A character-level fast tokenizer whose ids fit the tiny vocabulary (96): <pad>=0, </s>=1, <unk>=2, then
+    '▁' (space), letters, digits and common punctuation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {c: i + 3 for i, c in enumerate(TOKENIZER_CHARS)}
+    assert len(vocab) <= COMMON["vocab_size"]
+    tok = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+
+
 def save_tiny(family: str, path: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-              max_shard_size: str = "5GB", **overrides) -> Path:
-    """Build and save a tiny checkpoint (with a small tokenizer-free side file set) to `path`."""
+              max_shard_size: str = "5GB", with_tokenizer: bool = False, **overrides) -> Path:
+    """Build and save a tiny checkpoint to `path` (with `tiny_tokenizer()` when `with_tokenizer`)."""
     path = Path(path)
     model = tiny_model(family, seed=seed, **overrides).to(dtype)
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    if with_tokenizer:
+        tiny_tokenizer().save_pretrained(path)
     return path

@@ -32,6 +32,7 @@ class LayerInputs:
     hidden: torch.Tensor  # [B, S, H], on CPU
     kwargs: list[dict[str, Any]]  # per decoder layer
     attention_mask: torch.Tensor  # [B, S] (1 = real token)
+    tag: str = ""  # which calibration set the rows come from
 
 
 class _StopForward(Exception):
@@ -93,6 +94,7 @@ def run_layers(
     device: str = "cpu",
     on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None = None,
     layer_context: Callable[[int], AbstractContextManager] | None = None,
+    on_batch: Callable[[LayerInputs], None] | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Yield (layer index, outputs per batch [B, S, H]) layer by layer; `batches` hidden states advance in place.
 
@@ -100,26 +102,31 @@ def run_layers(
     the layer's weights from disk there and releases them on exit. `on_layer(i, layer)` runs once the layer is on
     `device` and may return a clean-up callable, called after layer i has seen every batch. The caller may
     replace the yielded outputs' contents before resuming (prune-as-you-go re-runs a layer with experts removed).
+    `on_batch(batch)` runs before each batch enters the layer (collectors switch to the batch's set and mask).
     """
     layers = adapter.decoder_layers(model)
     bar = tqdm(range(len(layers)), leave=False)
     for i in bar:
         bar.set_description(f"calibrating (layer {i + 1}/{len(layers)})")
         with layer_context(i) if layer_context is not None else nullcontext():
-            outputs = _run_one(layers[i], i, batches, device, on_layer)
+            outputs = run_one(layers[i], i, batches, device, on_layer, on_batch)
             yield i, outputs
         for b, out in zip(batches, outputs, strict=True):
             b.hidden = out
 
 
-def _run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
-             on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None) -> list[torch.Tensor]:
+def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
+            on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None = None,
+            on_batch: Callable[[LayerInputs], None] | None = None) -> list[torch.Tensor]:
+    """Layer i on `device` over every batch; outputs [B, S, H] on CPU; the layer goes back where it was."""
     home = next(layer.parameters()).device
     layer.to(device)
     cleanup = on_layer(i, layer) if on_layer is not None else None
     try:
         outputs = []
         for b in batches:
+            if on_batch is not None:
+                on_batch(b)
             out = layer(b.hidden.to(device), **_to(b.kwargs[i], device))
             out = out[0] if isinstance(out, tuple) else out  # [B, S, H]
             outputs.append(out.detach().cpu())

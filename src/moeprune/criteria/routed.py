@@ -54,3 +54,21 @@ def reap(s: RoutedStats) -> torch.Tensor:
 def max_activation(s: RoutedStats) -> torch.Tensor:
     """Max activation: max over routed tokens of |f_j(t)| entries (finds super experts)."""
     return s.sums["max_abs"].clone()
+
+
+@criterion("easy_ep", higher_keeps=True, needs="calibration", reference="EASY-EP (few-shot domain calibration)")
+def easy_ep(s: RoutedStats) -> torch.Tensor:
+    """EASY-EP: Σ_{t∈A_j} g_j(t)·‖f_j(t)‖·max(0, 1 − cos(h_t, h_t + r_t)), h_t = MoE input, r_t = routed output."""
+    return s.sums["easy_ep_sum"].clone()
+
+
+@criterion("tcess", higher_keeps=True, needs="calibration", reference="PreMoe (TCESS)")
+def tcess(s: RoutedStats) -> torch.Tensor:
+    """TCESS: (1/T) Σ_t p_j(t)·1[j ∈ TopK(t)], p = the router's distribution over all experts."""
+    return s.sums["prob_topk_sum"] / s.sums["tokens"].clamp_min(1)
+
+
+@criterion("tcess_top1", higher_keeps=True, needs="calibration", reference="PreMoe released code (top-1 marker)")
+def tcess_top1(s: RoutedStats) -> torch.Tensor:
+    """TCESS, top-1 form: (1/T) Σ_t p_j(t)·1[j = argmax_e p_e(t)]."""
+    return s.sums["prob_top1_sum"] / s.sums["tokens"].clamp_min(1)

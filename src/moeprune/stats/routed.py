@@ -4,11 +4,17 @@ The collector wraps a MoE block's experts module. The block calls it with the re
 weights after softmax/sigmoid, correction bias, groups, renormalisation and scaling — so nothing is recomputed.
 For the T·k (token, slot) pairs it calls the model's own experts code once with one-hot routing (weight 1), which
 returns f_j(t), expert j's output before the gate multiply, for every pair; the block output is then rebuilt as
-Σ_slots g·f (same experts work as the normal forward, summed in another order).
+r_t = Σ_slots g·f (same experts work as the normal forward, summed in another order). A forward hook on the
+router keeps its logits for the router-probability statistics.
 
-Per expert j, over routed non-padding tokens t ∈ A_j (float64 sums):
-    count = |A_j|,  gate_sum = Σ g_j(t),  norm_sum = Σ ‖f_j(t)‖,  sq_norm_sum = Σ ‖f_j(t)‖²,
-    gate_norm_sum = Σ g_j(t)·‖f_j(t)‖,  max_abs = max |f_j(t)| over entries.
+Per expert j, over non-padding tokens t (A_j = tokens routed to j; h_t = the MoE block input; float64 sums):
+    count = |A_j|,  gate_sum = Σ_{A_j} g_j(t),  norm_sum = Σ_{A_j} ‖f_j(t)‖,  sq_norm_sum = Σ_{A_j} ‖f_j(t)‖²,
+    gate_norm_sum = Σ_{A_j} g_j(t)·‖f_j(t)‖,  max_abs = max_{A_j} max |f_j(t)|,
+    easy_ep_sum = Σ_{A_j} g_j(t)·‖f_j(t)‖·max(0, 1 − cos(h_t, h_t + r_t))                       (EASY-EP)
+    prob_sum = Σ_t p_j(t),  prob_topk_sum = Σ_{A_j} p_j(t),  prob_top1_sum = Σ_t p_j(t)·1[j = argmax p(t)]
+    coact[i, j] = #{t : i ∈ TopK(t) and j ∈ TopK(t)}  (diagonal = count),  tokens = #{t}
+p(t) is the router's distribution over all E experts: softmax(logits) for softmax routers, σ(logits)/Σσ(logits)
+for sigmoid routers (TCESS, PreMoe).
 """
 
 from __future__ import annotations
@@ -16,61 +22,112 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "max_abs")
+EXPERT_FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "max_abs", "easy_ep_sum",
+                 "prob_sum", "prob_topk_sum", "prob_top1_sum")
+FIELDS = (*EXPERT_FIELDS, "coact", "tokens")
+MAX_FIELDS = frozenset({"max_abs"})  # merged by max; every other field by addition
+
+
+def field_shape(name: str, num_experts: int) -> tuple[int, ...]:
+    return {"coact": (num_experts, num_experts), "tokens": (1,)}.get(name, (num_experts,))
 
 
 @dataclass
 class RoutedStats:
-    """Sums for one MoE layer, [E] float64 each."""
+    """Sums for one MoE layer: [E] float64 per expert field, coact [E, E], tokens [1]."""
 
     num_experts: int
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in FIELDS:
-            self.sums.setdefault(name, torch.zeros(self.num_experts, dtype=torch.float64))
+            self.sums.setdefault(name, torch.zeros(field_shape(name, self.num_experts), dtype=torch.float64))
 
-    def update(self, idx: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, valid: torch.Tensor) -> None:
-        """idx, gate: [T, k]; f: [T, k, H] expert outputs; valid: [T] bool (False on padding)."""
-        E = self.num_experts
-        keep = valid[:, None].expand_as(idx)  # [T, k]
-        j = idx[keep]  # [M]
-        g = gate[keep].double()  # [M]
-        fk = f[keep].double()  # [M, H]
-        norm = fk.norm(dim=-1)  # [M]
-        s = self.sums
+    def to(self, device: torch.device | str) -> RoutedStats:
+        self.sums = {k: v.to(device) for k, v in self.sums.items()}
+        return self
+
+    def update(self, idx: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, valid: torch.Tensor,
+               h: torch.Tensor, probs: torch.Tensor | None) -> None:
+        """idx, gate: [T, k]; f: [T, k, H] expert outputs; valid: [T] bool (False on padding);
+        h: [T, H] MoE block input; probs: [T, E] router distribution (None: router stats not collected)."""
+        E, s = self.num_experts, self.sums
+        v = valid.to(idx.device)
+        idx, gate, f, h = idx[v], gate[v].double(), f[v].double(), h[v].double()  # drop padding rows
+        j = idx.reshape(-1)  # [M = T'·k]
+        g = gate.reshape(-1)  # [M]
+        norm = f.norm(dim=-1)  # [T', k]
+        r = (f * gate[..., None]).sum(dim=1)  # [T', H] routed output
+        novelty = (1 - F.cosine_similarity(h, h + r, dim=-1)).clamp_min(0)  # [T']
+        n = norm.reshape(-1)  # [M]
         s["count"] += torch.bincount(j, minlength=E).double()
         s["gate_sum"].index_add_(0, j, g)
-        s["norm_sum"].index_add_(0, j, norm)
-        s["sq_norm_sum"].index_add_(0, j, norm.square())
-        s["gate_norm_sum"].index_add_(0, j, g * norm)
+        s["norm_sum"].index_add_(0, j, n)
+        s["sq_norm_sum"].index_add_(0, j, n.square())
+        s["gate_norm_sum"].index_add_(0, j, g * n)
+        s["easy_ep_sum"].index_add_(0, j, (gate * norm * novelty[:, None]).reshape(-1))
         if j.numel():
-            peak = fk.abs().amax(dim=-1)  # [M]
+            peak = f.abs().amax(dim=-1).reshape(-1)  # [M]
             s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak, reduce="amax")
+        onehot = torch.zeros(idx.shape[0], E, dtype=torch.float64, device=idx.device)  # [T', E]
+        onehot.scatter_(1, idx, 1.0)
+        s["coact"] += onehot.T @ onehot  # [E, E]
+        s["tokens"] += idx.shape[0]
+        if probs is not None:
+            p = probs[v].double()  # [T', E]
+            s["prob_sum"] += p.sum(dim=0)
+            s["prob_topk_sum"] += (p * onehot).sum(dim=0)
+            top1 = torch.zeros_like(p).scatter_(1, p.argmax(dim=-1, keepdim=True), 1.0)  # [T', E]
+            s["prob_top1_sum"] += (p * top1).sum(dim=0)
 
     def merge(self, other: RoutedStats) -> RoutedStats:
         """Statistics of the union of both data sets (sums add, maxima take the max)."""
+        if other.num_experts != self.num_experts:
+            raise ValueError(f"cannot merge stats of {self.num_experts} and {other.num_experts} experts")
         out = RoutedStats(self.num_experts)
         for name in FIELDS:
-            op = torch.maximum if name == "max_abs" else torch.add
-            out.sums[name] = op(self.sums[name], other.sums[name])
+            op = torch.maximum if name in MAX_FIELDS else torch.add
+            out.sums[name] = op(self.sums[name], other.sums[name].to(self.sums[name].device))
         return out
 
 
-class RoutedCollector:
-    """Context manager: while active, the experts module's forward also feeds `stats`.
+def router_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """[T, E] logits -> [T, E] distribution over experts (see module docstring)."""
+    if kind == "sigmoid_grouped":
+        scores = torch.sigmoid(logits.double())
+        return scores / scores.sum(dim=-1, keepdim=True)
+    return torch.softmax(logits.double(), dim=-1)
 
-    `valid` must be set to the current batch's flattened non-padding mask [T] before each forward.
+
+class RoutedCollector:
+    """Context manager: while active, the experts module's forward (and the router's logits) feed `stats`.
+
+    `valid` must be set to the current batch's flattened non-padding mask [T] before each forward. With
+    `router=None` the router-probability fields stay zero.
     """
 
-    def __init__(self, experts: nn.Module, stats: RoutedStats):
-        self.experts, self.stats = experts, stats
+    def __init__(self, experts: nn.Module, stats: RoutedStats, router: nn.Module | None = None,
+                 routing_kind: str = "softmax_topk"):
+        self.experts, self.stats, self.router, self.kind = experts, stats, router, routing_kind
         self.valid: torch.Tensor | None = None
+        self.layer = -1  # decoder-layer index, for callers that switch `stats` per batch
+        self._logits: torch.Tensor | None = None
+        self._hook = None
+
+    def _keep_logits(self, module, args, output) -> None:
+        logits = output[0] if isinstance(output, tuple) else output
+        E = self.stats.num_experts
+        if not isinstance(logits, torch.Tensor) or logits.shape[-1] != E:
+            raise RuntimeError(f"router {type(module).__name__} did not return [T, {E}] logits first")
+        self._logits = logits.detach().reshape(-1, E)
 
     def __enter__(self) -> RoutedCollector:
         original = self.experts.forward
+        if self.router is not None:
+            self._hook = self.router.register_forward_hook(self._keep_logits)
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             T, k = top_k_index.shape
@@ -78,7 +135,10 @@ class RoutedCollector:
             one = torch.ones(T * k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
             f = original(rows, top_k_index.reshape(-1, 1), one, *args, **kwargs).view(T, k, -1)  # [T, k, H]
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)
-            self.stats.update(top_k_index.cpu(), top_k_weights.detach().cpu(), f.detach().cpu(), valid.cpu())
+            probs = router_probs(self._logits, self.kind) if self._logits is not None else None
+            self._logits = None
+            self.stats.to(f.device).update(top_k_index, top_k_weights.detach(), f.detach(), valid,
+                                           hidden_states.detach(), probs)
             return (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
 
         self.experts.forward = forward
@@ -86,3 +146,6 @@ class RoutedCollector:
 
     def __exit__(self, *exc) -> None:
         del self.experts.forward
+        if self._hook is not None:
+            self._hook.remove()
+        self.stats.to("cpu")

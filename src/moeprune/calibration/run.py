@@ -1,0 +1,115 @@
+"""`moeprune calibrate`: checkpoint + calibration text -> `ExpertStats` file.
+
+Order of work (every check that can fail runs before the model is loaded): output path, checkpoint and adapter
+(config only), calibration options, tokenizer, every calibration set read, tokenised and sampled; then the model
+is loaded (fully, or lazily one decoder layer at a time), the sets are sharded across data-parallel ranks,
+collected layer by layer, reduced across ranks, and rank 0 writes the file atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeprune import __version__
+from moeprune.calibration.data import CalibConfig, CalibSet, CalibSource, build_sets
+from moeprune.calibration.distributed import all_reduce_stats, current_rank, shard
+from moeprune.calibration.session import Decide, collect
+from moeprune.errors import MoePruneError
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.load import load_model, parse_dtype
+from moeprune.log import logger
+from moeprune.models import get_adapter
+from moeprune.models.base import MoEAdapter
+from moeprune.stats.store import ExpertStats, check_stats_output
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """Everything `calibrate` needs besides the model; validated on construction."""
+
+    calib: tuple[str, ...]
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    text_field: str = "text"
+    chat_template: bool = False
+    tokenizer: str | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    dtype: str = "auto"
+    lazy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise MoePruneError(f"--batch-size must be >= 1, got {self.batch_size}.")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise MoePruneError(f"--device {self.device}: no CUDA device is visible; use --device cpu.")
+
+    def calib_config(self) -> CalibConfig:
+        return CalibConfig(tuple(CalibSource.parse(c) for c in self.calib), samples=self.samples,
+                           seq_len=self.seq_len, seed=self.seed, text_field=self.text_field,
+                           chat_template=self.chat_template)
+
+
+def load_tokenizer(model_path: Path, tokenizer: str | None):
+    from transformers import AutoTokenizer
+
+    where = Path(tokenizer).expanduser() if tokenizer else model_path
+    try:
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        hint = "" if tokenizer else " or pass --tokenizer PATH (a folder holding the model's tokenizer files)"
+        raise MoePruneError(f"cannot load a tokenizer from {where}: {e}. Copy the tokenizer files there{hint}.") from e
+
+
+def prepare(model: str | Path, opts: CalibrateOptions) -> tuple[Checkpoint, MoEAdapter, list[CalibSet]]:
+    """All cheap checks and the tokenised calibration sets; nothing heavy is loaded."""
+    cfg = opts.calib_config()
+    ckpt = Checkpoint.open(model)
+    adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
+    sets = build_sets(cfg, load_tokenizer(ckpt.path, opts.tokenizer))
+    for s in sets:
+        logger.info("calibration set %r: %d sequences x %d tokens (%d real tokens) from %s", s.name,
+                    s.input_ids.shape[0], s.input_ids.shape[1], s.tokens, s.source)
+    return ckpt, adapter, sets
+
+
+def calibrate(model: str | Path, opts: CalibrateOptions, out: str | Path | None = None, *,
+              overwrite: bool = False, decide: Decide | None = None) -> ExpertStats:
+    """Run calibration and return the statistics (written to `out` by rank 0 when given)."""
+    out_path = check_stats_output(out, overwrite) if out is not None else None
+    ckpt, adapter, sets = prepare(model, opts)
+    rank = current_rank()
+    model_obj, layer_context = _load(ckpt, opts)
+    adapter = get_adapter(model_obj.config, model=model_obj)
+    mine = shard(sets, rank)
+    result = collect(model_obj, adapter, mine, device=opts.device, batch_size=opts.batch_size,
+                     layer_context=layer_context, decide=decide)
+    all_reduce_stats(result.stats, "cuda" if opts.device.startswith("cuda") else "cpu")
+    routing = dataclasses.asdict(adapter.routing())
+    stats = ExpertStats(
+        adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), result.router_sha256,
+        result.stats,
+        {"routing": routing, "model": str(ckpt.path), "moeprune_version": __version__, "world_size": rank.world,
+         "calibration": {s.name: [s.describe()] for s in sets}, "dropped_as_you_go": result.dropped},
+    )
+    if out_path is not None and rank.is_main:
+        stats.save(out_path)
+        logger.info("statistics written to %s (%d sets, %d MoE layers)", out_path, len(sets), len(stats.layers))
+    return stats
+
+
+def _load(ckpt: Checkpoint, opts: CalibrateOptions):
+    if opts.lazy:
+        from moeprune.io.lazy import load_lazy
+
+        lazy = load_lazy(ckpt.path, dtype=opts.dtype)
+        return lazy.model, lazy.layer
+    return load_model(ckpt.path, dtype=opts.dtype), None

@@ -1,0 +1,141 @@
+"""One calibration run: every calibration set through the model layer by layer, routed statistics per set.
+
+All sets travel together, so each decoder layer is loaded (and moved to the device) once whatever the number of
+sets. Per MoE layer a `RoutedCollector` wraps the experts; before each batch it is pointed at that batch's set and
+non-padding mask. The experts run their eager code path (`config._experts_implementation = "eager"`) so the
+statistics see exactly the per-expert computation of the reference implementation.
+
+Optional `decide(layer, module, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
+drop from that layer, and the layer is re-run with them masked in the model's own router before the next layer
+sees its outputs (NAEE's progressive variant; any criterion can use it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moeprune.calibration.data import CalibSet
+from moeprune.calibration.engine import LayerInputs, capture, run_layers, run_one
+from moeprune.models.base import MoEAdapter
+from moeprune.models.masking import masked_experts
+from moeprune.stats.routed import RoutedCollector, RoutedStats
+
+
+@dataclass
+class BlockIO:
+    """Cached MoE-block inputs X and outputs Z of one layer, per batch ([B, S, H] each), and the real-token mask."""
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    valid: list[torch.Tensor] = field(default_factory=list)  # [B, S] bool
+
+
+Decide = Callable[[int, nn.Module, dict[str, RoutedStats], BlockIO], list[int]]
+
+
+@dataclass
+class CollectResult:
+    stats: dict[str, dict[int, RoutedStats]]  # set name -> MoE layer -> sums
+    router_sha256: str
+    dropped: dict[int, list[int]] = field(default_factory=dict)  # prune-as-you-go decisions
+
+
+@contextmanager
+def eager_experts(model: nn.Module) -> Iterator[None]:
+    """Force the experts' eager implementation (transformers dispatches on config._experts_implementation)."""
+    config = model.config
+    before = getattr(config, "_experts_implementation", None)
+    if before is None or before == "eager":
+        yield
+        return
+    config._experts_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._experts_implementation = before
+
+
+def make_batches(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_size: int) -> list[LayerInputs]:
+    """Capture layer-0 inputs and every layer's kwargs for `batch_size` rows at a time of every set."""
+    batches = []
+    for s in sets:
+        for start in range(0, s.input_ids.shape[0], batch_size):
+            ids = s.input_ids[start : start + batch_size]  # [B, L]
+            mask = s.attention_mask[start : start + batch_size]  # [B, L]
+            b = capture(model, adapter, ids, mask)
+            b.tag = s.name
+            batches.append(b)
+    return batches
+
+
+@torch.no_grad()
+def collect(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    sets: list[CalibSet],
+    *,
+    device: str = "cpu",
+    batch_size: int = 8,
+    layer_context: Callable[[int], AbstractContextManager] | None = None,
+    decide: Decide | None = None,
+    keep_block_io: bool = False,
+) -> CollectResult:
+    moe = set(adapter.moe_layers())
+    kind = adapter.routing().kind
+    stats = {s.name: {layer: RoutedStats(adapter.num_experts) for layer in sorted(moe)} for s in sets}
+    router_hash = hashlib.sha256()
+    result = CollectResult(stats, "")
+    current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
+    io = BlockIO()
+
+    def on_layer(i: int, layer: nn.Module):
+        if i not in moe:
+            current["collector"] = None
+            return None
+        block = adapter.block(model, i)
+        router = adapter.router(block)
+        router_hash.update(router.weight.detach().float().cpu().numpy().tobytes())
+        col = RoutedCollector(adapter.experts(block), stats[sets[0].name][i], router, kind).__enter__()
+        col.layer = i
+        current["collector"] = col
+        hook = block.register_forward_hook(_record_io) if keep_block_io or decide is not None else None
+
+        def cleanup() -> None:
+            col.__exit__(None, None, None)
+            if hook is not None:
+                hook.remove()
+
+        return cleanup
+
+    def _record_io(module, args, output) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        io.inputs.append(args[0].detach().cpu())
+        io.outputs.append(out.detach().cpu())
+
+    def on_batch(b: LayerInputs) -> None:
+        col = current["collector"]
+        if col is not None:
+            col.stats = stats[b.tag][col.layer]
+            col.valid = b.attention_mask.reshape(-1).bool()
+            io.valid.append(b.attention_mask.bool())
+
+    with eager_experts(model):
+        batches = make_batches(model, adapter, sets, batch_size)
+        layers = adapter.decoder_layers(model)
+        for i, outputs in run_layers(model, adapter, batches, device=device, on_layer=on_layer,
+                                     layer_context=layer_context, on_batch=on_batch):
+            if i in moe and decide is not None:
+                drop = sorted(decide(i, layers[i], {name: stats[name][i] for name in stats}, io))
+                if drop:
+                    result.dropped[i] = drop
+                    with masked_experts(model, adapter, {i: drop}):
+                        outputs[:] = run_one(layers[i], i, batches, device)
+            io.inputs.clear(), io.outputs.clear(), io.valid.clear()
+    result.router_sha256 = router_hash.hexdigest()
+    return result
