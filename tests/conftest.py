@@ -91,3 +91,7 @@ def no_work(monkeypatch):
         "_verify",
     ):
         monkeypatch.setattr(api, name, forbid(name))
+    from moeprune.calibration import run
+
+    for name in ("load_model", "collect"):
+        monkeypatch.setattr(run, name, forbid(f"calibration.run.{name}"))

@@ -380,7 +380,9 @@ def test_plan_out_in_missing_folder(qwen, tmp_path, capsys):
 
 
 def test_calibrated_method_without_calibration(qwen, tmp_path, no_work):
-    """Calibrated criteria exist as functions; plan/prune say clearly that they need statistics first."""
+    """Calibrated criteria: prune asks for --calib, plan from a checkpoint asks for a statistics file."""
     out = tmp_path / "out"
-    assert_refused(lambda: api.prune(qwen, out, method="reap", ratio=0.25), "needs calibration statistics",
+    assert_refused(lambda: api.prune(qwen, out, method="reap", ratio=0.25), "needs calibration data: pass --calib",
                    inputs=[qwen], out=out)
+    assert_refused(lambda: api.make_plan(qwen, "reap", 0.25), "needs calibration statistics", inputs=[qwen],
+                   out=None)

@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeprune.calibration.engine import capture, run_layers
+from moeprune.calibration import session
+from moeprune.calibration.data import CalibSet
 from moeprune.criteria import CRITERIA
 from moeprune.io.verify import seeded_inputs
 from moeprune.models import get_adapter
-from moeprune.stats import RoutedCollector, RoutedStats
-from moeprune.tiny import tiny_model
-
-FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+from moeprune.stats.routed import FIELDS
+from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 
 
 def expert_outputs(model, adapter, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -34,68 +33,84 @@ def expert_outputs(model, adapter, layer: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def brute_force(model, adapter, inputs):
-    routed = {}
-    hooks = [adapter.experts(adapter.block(model, layer)).register_forward_pre_hook(
-        lambda m, a, layer=layer: routed.__setitem__(layer, (a[0].clone(), a[1].clone(), a[2].clone())))
-        for layer in adapter.moe_layers()]
+    """One whole-model forward records each MoE block's input, its routing and its router logits; every expert is
+    then evaluated on every token from its weights and each formula is applied token by token."""
+    routed, logits = {}, {}
+    hooks = []
+    for layer in adapter.moe_layers():
+        block = adapter.block(model, layer)
+        hooks.append(adapter.experts(block).register_forward_pre_hook(
+            lambda m, a, layer=layer: routed.__setitem__(layer, (a[0].clone(), a[1].clone(), a[2].clone()))))
+        hooks.append(adapter.router(block).register_forward_hook(
+            lambda m, a, o, layer=layer: logits.__setitem__(layer, o[0].detach().reshape(-1, adapter.num_experts))))
     with torch.no_grad():
         model(**inputs, use_cache=False)
     for h in hooks:
         h.remove()
     valid = inputs["attention_mask"].reshape(-1).bool()
+    sigmoid = adapter.routing().kind == "sigmoid_grouped"
     want = {}
     for layer, (x, idx, w) in routed.items():
         with torch.no_grad():
             f = expert_outputs(model, adapter, layer, x).double()  # [E, T, H]
         E = f.shape[0]
-        count, gsum, nsum, sqsum, gnsum, mx = (torch.zeros(E, dtype=torch.float64) for _ in range(6))
+        z = logits[layer].double()  # [T, E]
+        p = torch.sigmoid(z) / torch.sigmoid(z).sum(-1, keepdim=True) if sigmoid else torch.softmax(z, -1)
+        count, gsum, nsum, sqsum, gnsum, mx, easy, tk, t1 = (torch.zeros(E, dtype=torch.float64) for _ in range(9))
+        coact = torch.zeros(E, E, dtype=torch.float64)
+        tokens = 0
         for t in range(x.shape[0]):
             if not valid[t]:
                 continue
-            for slot in range(idx.shape[1]):
-                j, g = int(idx[t, slot]), float(w[t, slot])
-                n = float(f[j, t].norm())
+            tokens += 1
+            chosen = [int(j) for j in idx[t]]
+            r = sum(float(w[t, s]) * f[chosen[s], t] for s in range(len(chosen)))  # routed output [H]
+            h = x[t].double()
+            novelty = max(0.0, 1 - float(torch.dot(h, h + r) / (h.norm() * (h + r).norm())))
+            best = int(p[t].argmax())
+            t1[best] += float(p[t, best])
+            for slot, j in enumerate(chosen):
+                g, n = float(w[t, slot]), float(f[j, t].norm())
                 count[j] += 1
                 gsum[j] += g
                 nsum[j] += n
                 sqsum[j] += n * n
                 gnsum[j] += g * n
+                easy[j] += g * n * novelty
+                tk[j] += float(p[t, j])
                 mx[j] = max(mx[j], float(f[j, t].abs().max()))
+                for i in chosen:
+                    coact[i, j] += 1
         safe = count.clamp_min(1)
-        want[layer] = {"frequency": count, "soft_frequency": gsum, "ean_sum": nsum, "ean_mean": nsum / safe,
-                       "msan": sqsum / safe, "reap": gnsum / safe, "max_activation": mx}
+        want[layer] = ({"frequency": count, "soft_frequency": gsum, "ean_sum": nsum, "ean_mean": nsum / safe,
+                        "msan": sqsum / safe, "reap": gnsum / safe, "max_activation": mx, "easy_ep": easy,
+                        "tcess": tk / tokens, "tcess_top1": t1 / tokens}, coact)
     return want
 
 
-def collect(model, adapter, inputs):
-    stats = {layer: RoutedStats(adapter.num_experts) for layer in adapter.moe_layers()}
-    batch = capture(model, adapter, inputs["input_ids"], inputs["attention_mask"])
-
-    def on_layer(i, layer_module):
-        if i not in stats:
-            return None
-        collector = RoutedCollector(adapter.experts(adapter.block(model, i)), stats[i])
-        collector.valid = inputs["attention_mask"].reshape(-1).bool()
-        collector.__enter__()
-        return lambda: collector.__exit__(None, None, None)
-
-    for _ in run_layers(model, adapter, [batch], on_layer=on_layer):
-        pass
-    return stats
+def collect(model, adapter, inputs, batch_size=8, name="s"):
+    """The real engine path: layer by layer, batches of `batch_size` rows, collectors on every MoE layer."""
+    calib = CalibSet(name, inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
+    return session.collect(model, adapter, [calib], batch_size=batch_size).stats[name]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_routed_criteria_match_brute_force(family):
     model = tiny_model(family, seed=2)
     adapter = get_adapter(model.config)
     inputs = seeded_inputs(96, batch=3, seq_len=20, seed=4)
     want = brute_force(model, adapter, inputs)
-    got = collect(model, adapter, inputs)
-    for layer, formulas in want.items():
+    got = collect(model, adapter, inputs, batch_size=2)  # 2 batches: sums must carry across them
+    calibrated = [name for name, c in CRITERIA.items() if c.needs == "calibration"]
+    for layer, (formulas, coact) in want.items():
         assert formulas["frequency"].sum() == inputs["attention_mask"].sum() * adapter.top_k
+        assert sorted(formulas) == sorted(calibrated), "a calibrated criterion has no brute-force reference"
         for name, expected in formulas.items():
+            assert expected.abs().sum() > 0, (family, name)  # a formula that is all zero proves nothing
             score = CRITERIA.get(name).fn(got[layer])
             assert torch.allclose(score, expected, rtol=1e-4, atol=1e-6), (family, layer, name, score, expected)
+        assert torch.equal(got[layer].sums["coact"], coact), (family, layer)
+        assert got[layer].sums["tokens"].item() == inputs["attention_mask"].sum()
 
 
 def test_padding_changes_nothing():
@@ -109,5 +124,20 @@ def test_padding_changes_nothing():
     parts = [collect(model, adapter, row), collect(model, adapter, first)]
     for layer in adapter.moe_layers():
         merged = parts[0][layer].merge(parts[1][layer])
-        for name in ("count", "gate_sum", "norm_sum", "max_abs"):
-            assert torch.allclose(both[layer].sums[name], merged.sums[name], rtol=1e-4), (layer, name)
+        for name in FIELDS:
+            assert torch.allclose(both[layer].sums[name], merged.sums[name], rtol=1e-4, atol=1e-9), (layer, name)
+
+
+def test_merge_equals_concatenated_data():
+    """Stats of A merged with stats of B == stats of A and B run together (batch boundaries differ too)."""
+    model = tiny_model("deepseek_v3", seed=1)
+    adapter = get_adapter(model.config)
+    a = seeded_inputs(96, batch=3, seq_len=12, seed=1)
+    b = seeded_inputs(96, batch=2, seq_len=12, seed=2)
+    together = {k: torch.cat([a[k], b[k]]) for k in a}
+    sa, sb, sab = collect(model, adapter, a, 2), collect(model, adapter, b, 2), collect(model, adapter, together, 5)
+    for layer in adapter.moe_layers():
+        merged = sa[layer].merge(sb[layer])
+        assert not torch.equal(sa[layer].sums["count"], sab[layer].sums["count"])
+        for name in FIELDS:
+            assert torch.allclose(merged.sums[name], sab[layer].sums[name], rtol=1e-6, atol=1e-9), (layer, name)

@@ -86,7 +86,13 @@ def cmd_calibrate(args) -> int:
 
     if not args.calib:
         raise MoePruneError("no calibration data: pass at least one --calib NAME=PATH.")
-    calibrate(args.model, _calib_options(args), args.out, overwrite=args.overwrite)
+    try:
+        calibrate(args.model, _calib_options(args), args.out, overwrite=args.overwrite)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

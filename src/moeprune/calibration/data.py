@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ class CalibSource:
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip():
             raise MoePruneError(f"--calib {spec!r}: write it as NAME=PATH, e.g. --calib code=data/code.jsonl")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name.strip()):
+            raise MoePruneError(f"--calib {spec!r}: the name {name.strip()!r} may only use letters, digits, '_', "
+                                "'.' and '-' (it names the set in statistics files).")
         p = Path(path.strip()).expanduser()
         if not p.exists():
             raise MoePruneError(f"--calib {name}: {p} does not exist.")

@@ -9,6 +9,7 @@ collected layer by layer, reduced across ranks, and rank 0 writes the file atomi
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.stats.store import ExpertStats, check_stats_output
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,17 @@ def load_tokenizer(model_path: Path, tokenizer: str | None):
     from transformers import AutoTokenizer
 
     where = Path(tokenizer).expanduser() if tokenizer else model_path
+    hint = "" if tokenizer else " or pass --tokenizer PATH (a folder holding the model's tokenizer files)"
+    if not any((where / f).is_file() for f in TOKENIZER_FILES):
+        raise MoePruneError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {where}; copy the model's "
+                            f"tokenizer there{hint}.")
     try:
-        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(where), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
-        hint = "" if tokenizer else " or pass --tokenizer PATH (a folder holding the model's tokenizer files)"
         raise MoePruneError(f"cannot load a tokenizer from {where}: {e}. Copy the tokenizer files there{hint}.") from e
+    if len(tok) < 2:
+        raise MoePruneError(f"the tokenizer in {where} has an empty vocabulary; copy the model tokenizer there{hint}.")
+    return tok
 
 
 def prepare(model: str | Path, opts: CalibrateOptions) -> tuple[Checkpoint, MoEAdapter, list[CalibSet]]:
@@ -87,6 +96,9 @@ def calibrate(model: str | Path, opts: CalibrateOptions, out: str | Path | None 
     out_path = check_stats_output(out, overwrite) if out is not None else None
     ckpt, adapter, sets = prepare(model, opts)
     rank = current_rank()
+    if not rank.is_main:  # one voice: rank 0 logs and shows progress
+        logger.setLevel("WARNING")
+        os.environ["TQDM_DISABLE"] = "1"
     model_obj, layer_context = _load(ckpt, opts)
     adapter = get_adapter(model_obj.config, model=model_obj)
     mine = shard(sets, rank)
