@@ -1,0 +1,138 @@
+"""NAEE reconstruction search ("Not All Experts are Equal", Lu et al. 2024): per layer, the dropped set D with
+
+    D* = argmin_{|D| = n_drop, D ∩ P = ∅}  err(D),    err(D) = Σ_batches ‖Z − MoE_{E∖D}(X)‖_F²
+
+over cached MoE-block inputs X and original outputs Z (P: protected experts). Group-limited routers (g groups)
+only allow group-equal sets: n_drop/g experts from every group.
+
+Cost (E' = unprotected experts, d = n_drop/g per group, one evaluation = one block forward over the cache):
+- exhaustive: Π_g C(E'_g, d) evaluations, exact (C(8, 2) = 28; C(64, 16) ≈ 5·10^14 is out of reach);
+- greedy, used when that count exceeds `max_exhaustive`: start from D = ∅ and n_drop times add the single
+  expert whose extra removal gives the least error (groups already holding d are closed):
+  Σ_{i<n_drop} (E' − i) ≤ n_drop · E' evaluations, e.g. 3 600 for E=128, n_drop=32. Not guaranteed optimal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from moeprune.errors import MoePruneError
+from moeprune.models.masking import masked_experts
+
+Evaluate = Callable[[tuple[int, ...]], float]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    dropped: tuple[int, ...]  # ascending original indices
+    error: float  # err(dropped)
+    evaluated: int  # calls to `evaluate`
+    exhaustive: bool  # True: proven optimum over all group-equal subsets
+
+
+def _check(num_experts, n_drop, groups, protected, max_exhaustive) -> list[list[int]]:
+    """Validate; return the droppable experts of each group."""
+    for name, v, lo in (("num_experts", num_experts, 2), ("n_drop", n_drop, 1), ("groups", groups, 1),
+                        ("max_exhaustive", max_exhaustive, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise MoePruneError(f"reconstruction search: {name} must be an integer >= {lo}, got {v!r}.")
+    if num_experts % groups or n_drop % groups:
+        raise MoePruneError(
+            f"reconstruction search: {num_experts} experts in {groups} router groups need a drop count that is a "
+            f"multiple of {groups} (same drop in every group) and E divisible by it; got n_drop={n_drop}."
+        )
+    bad = sorted(j for j in protected if not (isinstance(j, int) and 0 <= j < num_experts))
+    if bad:
+        raise MoePruneError(f"reconstruction search: protected experts {bad} are outside 0..{num_experts - 1}.")
+    size, d = num_experts // groups, n_drop // groups
+    cands = [[j for j in range(g * size, (g + 1) * size) if j not in protected] for g in range(groups)]
+    for g, c in enumerate(cands):
+        if len(c) < d or d >= size:
+            raise MoePruneError(
+                f"reconstruction search: group {g} must drop {d} of {size} experts but only {len(c)} are not "
+                f"protected (and at least one must stay); lower the ratio or protect fewer experts."
+            )
+    return cands
+
+
+def _err(evaluate: Evaluate, dropped: tuple[int, ...]) -> float:
+    e = float(evaluate(dropped))
+    if not math.isfinite(e):
+        raise MoePruneError(f"reconstruction error is {e} when dropping experts {list(dropped)}; check the cache.")
+    return e
+
+
+def search(evaluate: Evaluate, num_experts: int, n_drop: int, *, groups: int = 1,
+           protected: frozenset[int] | set[int] = frozenset(), max_exhaustive: int = 5000,
+           desc: str = "NAEE search") -> SearchResult:
+    """Minimise `evaluate(D)` over group-equal sets D of `n_drop` unprotected experts (see module docstring).
+
+    `evaluate` gets D as an ascending tuple. Ties keep the first set found (lexicographic / lowest index).
+    """
+    cands = _check(num_experts, n_drop, groups, set(protected), max_exhaustive)
+    d = n_drop // groups
+    n_subsets = math.prod(math.comb(len(c), d) for c in cands)
+    best: tuple[float, tuple[int, ...]] | None = None
+    evaluated = 0
+    if n_subsets <= max_exhaustive:
+        with tqdm(total=n_subsets, desc=f"{desc} (exhaustive)", leave=False, disable=n_subsets < 64) as bar:
+            for parts in itertools.product(*(itertools.combinations(c, d) for c in cands)):
+                D = tuple(sorted(itertools.chain.from_iterable(parts)))
+                e = _err(evaluate, D)
+                evaluated += 1
+                bar.update()
+                if best is None or e < best[0]:
+                    best = (e, D)
+        return SearchResult(best[1], best[0], evaluated, True)
+    size = num_experts // groups
+    total = sum(sum(len(c) for c in cands) - i for i in range(n_drop))
+    D: tuple[int, ...] = ()
+    with tqdm(total=total, desc=f"{desc} (greedy)", leave=False, disable=total < 64) as bar:
+        for _ in range(n_drop):
+            taken = [sum(1 for j in D if j // size == g) for g in range(groups)]
+            step = None
+            for j in (j for g, c in enumerate(cands) if taken[g] < d for j in c if j not in D):
+                trial = tuple(sorted((*D, j)))
+                e = _err(evaluate, trial)
+                evaluated += 1
+                bar.update()
+                if step is None or e < step[0]:
+                    step = (e, trial)
+            best = step
+            D = step[1]
+    return SearchResult(best[1], best[0], evaluated, False)
+
+
+def block_evaluator(model: torch.nn.Module, adapter, layer: int, X: list[torch.Tensor],
+                    Z: list[torch.Tensor]) -> Evaluate:
+    """err(D) = Σ_b ‖Z_b − block_{E∖D}(X_b)‖_F², accumulated in float64, where block_{E∖D} is the model's own MoE
+    block of `layer` run with experts D masked inside its own router (`models.masking.masked_experts`).
+
+    X_b, Z_b: the block's cached input / output for batch b (same shape, e.g. [B, T, H]); moved to the block's
+    device per call. Shared experts are part of Z and of the block output, so they cancel out of the error.
+    """
+    if len(X) != len(Z) or not X:
+        raise MoePruneError(f"reconstruction needs one cached output per input batch, got {len(X)} and {len(Z)}.")
+    bad = [b for b, (x, z) in enumerate(zip(X, Z, strict=True)) if x.shape != z.shape]
+    if bad:
+        raise MoePruneError(f"cached MoE inputs and outputs differ in shape for batches {bad}; re-capture them.")
+    block = adapter.block(model, layer)
+    device = next(block.parameters()).device
+
+    @torch.no_grad()
+    def evaluate(dropped: tuple[int, ...]) -> float:
+        err = torch.zeros((), dtype=torch.float64, device=device)
+        with masked_experts(model, adapter, {layer: list(dropped)}):
+            for x, z in zip(X, Z, strict=True):
+                out = block(x.to(device))
+                out = out[0] if isinstance(out, tuple) else out  # some blocks also return router logits
+                err += (z.to(device).double() - out.double()).square().sum()  # ‖·‖_F², float64
+        return float(err)
+
+    return evaluate
