@@ -67,3 +67,32 @@ def test_a_lost_mask_would_be_caught():
     masked, _ = whole_model_layer_inputs(model, adapter, inputs)
     unmasked, _ = whole_model_layer_inputs(model, adapter, {"input_ids": inputs["input_ids"]})
     assert not torch.equal(masked[1][0][-1], unmasked[1][0][-1])  # the padded row sees different context
+
+
+def test_calibration_forces_the_eager_experts_path(monkeypatch):
+    """transformers dispatches experts on config._experts_implementation (grouped_mm by default); calibration must
+    run the eager per-expert code, and give the setting back afterwards."""
+    from transformers.integrations import moe
+
+    from moeprune.calibration.data import CalibSet
+    from moeprune.calibration.session import collect
+
+    model = tiny_model("qwen3_moe", seed=0)
+    adapter = get_adapter(model.config)
+    model.config._experts_implementation = "grouped_mm"
+    calls = []
+    original = moe.ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm", spy)
+    inputs = seeded_inputs(96, batch=2, seq_len=8, seed=1)
+    with torch.no_grad():
+        model(**inputs, use_cache=False)
+    assert calls, "the spy must see ordinary forwards, or this test proves nothing"
+    calls.clear()
+    collect(model, adapter, [CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)])
+    assert not calls
+    assert model.config._experts_implementation == "grouped_mm"
