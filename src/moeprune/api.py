@@ -13,11 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from moeprune.calibration.run import CalibrateOptions, calibrate
 from moeprune.criteria import CRITERIA
-from moeprune.criteria.weights import summarize_checkpoint
 from moeprune.errors import MoePruneError
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
@@ -27,11 +24,13 @@ from moeprune.io.verify import VerifyResult
 from moeprune.io.verify import verify as _verify
 from moeprune.log import logger
 from moeprune.models import get_adapter
-from moeprune.models.base import MoEAdapter
 from moeprune.models.summary import ModelSummary, summarize
+from moeprune.select.build import build_plan
 from moeprune.select.plan import PrunePlan
-from moeprune.select.uniform import drop_count, select_uniform
-from moeprune.stats.store import ExpertStats, StatsView
+from moeprune.select.progressive import criterion_decider, reconstruction_decider
+from moeprune.select.protect import parse_protected
+from moeprune.select.uniform import drop_count
+from moeprune.stats.store import ExpertStats
 from moeprune.surgery.in_memory import apply_plan as apply_in_memory
 from moeprune.surgery.streaming import apply_plan_streaming
 
@@ -49,53 +48,11 @@ def _open(model: str | Path):
 
 
 def make_plan(source: str | Path | ExpertStats, method: str, ratio: float, seed: int = 0, *,
-              calib_set: list[str] | None = None) -> PrunePlan:
-    """Score every routed expert with `method` and keep the best (1 − ratio) per layer (uniform policy).
-
-    `source` is a checkpoint folder (data-free methods) or a statistics file from `calibrate` (any method that
-    needs calibration; `calib_set` picks which sets count, default all).
-    """
-    crit = CRITERIA.get(method)
-    view = _model_view(source)
-    routing = view.routing()
-    drop_count(ratio, view.num_experts, routing)  # validate before any work
-    scores = _scores(crit, view, source, seed, calib_set)
-    kept = select_uniform(scores, ratio, routing, higher_keeps=crit.higher_keeps)
-    plan = PrunePlan(kept, view.num_experts, method=method, ratio=ratio, model_type=view.model_type,
-                     scores={layer: s.tolist() for layer, s in scores.items()})
-    plan.validate(view)
-    return plan
-
-
-def _model_view(source: str | Path | ExpertStats) -> MoEAdapter | StatsView:
-    """The checkpoint's adapter, or (for statistics) what they say about the model."""
-    if isinstance(source, ExpertStats):
-        return StatsView(source)
-    path = Path(source)
-    if path.is_file() and path.suffix == ".safetensors":
-        return StatsView(ExpertStats.load(path))
-    return _open(path)[1]
-
-
-def _scores(crit, view, source, seed: int, calib_set: list[str] | None) -> dict[int, torch.Tensor]:
-    layers = view.moe_layers()
-    if crit.needs == "calibration":
-        if not isinstance(view, StatsView):
-            raise MoePruneError(f"method {crit.name!r} needs calibration statistics: run `moeprune calibrate MODEL "
-                                "--calib NAME=PATH --out stats.safetensors` and plan from that file, or use "
-                                "`moeprune prune --calib ...`.")
-        combined = view.stats.combined(calib_set)
-        return {layer: crit.fn(combined[layer]) for layer in layers}
-    if calib_set:
-        raise MoePruneError(f"--calib-set only applies to calibrated methods; {crit.name!r} is {crit.needs}-based.")
-    if crit.needs == "weights":
-        if isinstance(view, StatsView):
-            raise MoePruneError(f"method {crit.name!r} reads expert weights; pass the checkpoint folder, not a "
-                                "statistics file.")
-        ckpt, adapter = _open(source)
-        summaries = summarize_checkpoint(ckpt, adapter)
-        return {layer: crit.fn(summaries[layer]) for layer in layers}
-    return {layer: crit.fn(view.num_experts, seed, layer) for layer in layers}
+              calib_set: list[str] | None = None, policy: str = "uniform", floor: int | None = None,
+              protect: list[str] | tuple[str, ...] = (), protect_super: bool = False) -> PrunePlan:
+    """Score every routed expert with `method`, select with `policy`; see `select/build.py`."""
+    return build_plan(source, method, ratio, seed, calib_set=calib_set, policy=policy, floor=floor,
+                      protect=protect, protect_super=protect_super)
 
 
 @dataclass
@@ -150,7 +107,7 @@ def prune(
     model: str | Path,
     out: str | Path,
     *,
-    method: str,
+    method: str | None,
     ratio: float,
     seed: int = 0,
     streaming: bool = False,
@@ -159,27 +116,49 @@ def prune(
     run_verify: bool = True,
     verify_dtype: str = "float32",
     calib: CalibrateOptions | None = None,
+    policy: str = "uniform",
+    floor: int | None = None,
+    protect: list[str] | tuple[str, ...] = (),
+    protect_super: bool = False,
+    as_you_go: bool = False,
 ) -> tuple[ApplyResult, VerifyResult | None]:
     """[calibrate +] plan + apply + save + verify. Checks the output folder and options before any work.
 
     With `calib`, the statistics are collected first and also saved as OUT/moeprune_stats.safetensors.
+    `as_you_go` (and `policy="reconstruction"`, NAEE) choose each layer's experts during calibration and remove
+    them before the next layer is calibrated (see `select/progressive.py`). NAEE needs no `method`.
     """
-    crit = CRITERIA.get(method)
+    if method is None and policy != "reconstruction":
+        raise MoePruneError("choose a criterion with --method (or --policy reconstruction, which needs none).")
+    crit = CRITERIA.get(method or "frequency")
     ckpt, adapter = _open(model)
     check_output(out, [ckpt.path], overwrite)
     parse_size(max_shard_size)
-    drop_count(ratio, adapter.num_experts, adapter.routing())
+    routing = adapter.routing()
     if run_verify:
         parse_dtype(verify_dtype)
+    progressive = as_you_go or policy == "reconstruction"
+    if progressive and calib is None:
+        raise MoePruneError("--as-you-go and --policy reconstruction select experts during calibration: pass "
+                            "--calib NAME=PATH.")
+    if progressive and (policy not in ("uniform", "reconstruction") or floor is not None or protect_super):
+        raise MoePruneError("prune-as-you-go selects layer by layer with the uniform policy (or NAEE "
+                            "reconstruction); drop --policy global/per_group, --floor and --protect-super.")
     if crit.needs == "calibration" and calib is None:
         raise MoePruneError(f"method {method!r} needs calibration data: pass --calib NAME=PATH (one per domain).")
-    if calib is not None:
-        calib.calib_config()  # the sources exist and the options are sane
-    if crit.needs != "calibration" and calib is not None:
+    if method is not None and crit.needs != "calibration" and calib is not None and not progressive:
         raise MoePruneError(f"method {method!r} is {crit.needs}-based and ignores --calib; drop --calib or choose a "
                             "calibrated method (e.g. reap, ean_mean, frequency).")
-    stats = calibrate(model, calib) if calib is not None else None
-    plan = make_plan(stats if stats is not None else model, method, ratio, seed=seed)
+    if calib is not None:
+        calib.calib_config()  # the sources exist and the options are sane
+    if progressive:
+        plan, stats = _plan_as_you_go(model, adapter, calib, method, ratio, policy, protect)
+    else:
+        if policy != "global":
+            drop_count(ratio, adapter.num_experts, routing)
+        stats = calibrate(model, calib) if calib is not None else None
+        plan = make_plan(stats if stats is not None else model, method, ratio, seed=seed, policy=policy,
+                         floor=floor, protect=protect, protect_super=protect_super)
     applied = apply_plan(model, plan, out, streaming=streaming, max_shard_size=max_shard_size, overwrite=overwrite)
     if stats is not None:
         stats.save(applied.out / STATS_NAME)
@@ -191,6 +170,24 @@ def prune(
         applied.report["verify"] = result.to_dict()
         write_json_atomic(applied.out / REPORT_NAME, applied.report)
     return applied, result
+
+
+def _plan_as_you_go(model, adapter, calib, method, ratio, policy, protect) -> tuple[PrunePlan, ExpertStats]:
+    routing, E = adapter.routing(), adapter.num_experts
+    protected = parse_protected(list(protect))
+    if policy == "reconstruction":
+        decide, method = reconstruction_decider(ratio, routing, E, protected), "naee_reconstruction"
+    else:
+        decide = criterion_decider(CRITERIA.get(method), ratio, routing, E, protected)
+    stats = calibrate(model, calib, decide=decide)
+    dropped = {int(k): v for k, v in stats.meta["dropped_as_you_go"].items()}
+    kept = {layer: [j for j in range(E) if j not in set(dropped.get(layer, []))] for layer in adapter.moe_layers()}
+    plan = PrunePlan(kept, E, method=method, ratio=ratio, model_type=adapter.model_type, policy=policy,
+                     protected={k: sorted(v) for k, v in protected.items() if v} or None,
+                     note="chosen layer by layer during calibration (prune-as-you-go): each layer was scored on the "
+                          "outputs of the already-pruned layers before it")
+    plan.validate(adapter)
+    return plan, stats
 
 
 def _add_provenance(config_file: Path, prov: dict) -> None:

@@ -43,7 +43,9 @@ def cmd_plan(args) -> int:
 
     if args.out:
         check_plan_path(args.out)
-    plan = api.make_plan(args.model, args.method, args.ratio, seed=args.seed, calib_set=args.calib_set)
+    plan = api.make_plan(args.model, args.method, args.ratio, seed=args.seed, calib_set=args.calib_set,
+                         policy=args.policy, floor=args.floor, protect=args.protect,
+                         protect_super=args.protect_super)
     if args.out:
         plan.save(args.out)
         logger.info("plan written to %s (keeps %d of %d experts per layer)", args.out, plan.kept_count,
@@ -69,7 +71,9 @@ def cmd_prune(args) -> int:
     _, result = api.prune(args.model, args.out, method=args.method, ratio=args.ratio, seed=args.seed,
                           streaming=args.streaming, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                           run_verify=not args.no_verify, verify_dtype=args.verify_dtype,
-                          calib=_calib_options(args) if args.calib else None)
+                          calib=_calib_options(args) if args.calib else None, policy=args.policy,
+                          floor=args.floor, protect=args.protect, protect_super=args.protect_super,
+                          as_you_go=args.as_you_go)
     return _verify_exit(result)
 
 
@@ -167,6 +171,22 @@ def _add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
                    help="load one decoder layer at a time from disk (models larger than host memory)")
 
 
+def _add_select_flags(p: argparse.ArgumentParser, progressive: bool) -> None:
+    g = p.add_argument_group("selection")
+    policies = "uniform (default), per_group, global"
+    if progressive:
+        policies += ", reconstruction (NAEE; needs --calib)"
+    g.add_argument("--policy", default="uniform", help=f"selection policy: {policies}")
+    g.add_argument("--floor", type=int, help="global policy: fewest experts any layer keeps")
+    g.add_argument("--protect", action="append", default=[], metavar="LAYER:E[,E]",
+                   help="experts that are never dropped, repeatable (e.g. --protect 3:5,7)")
+    g.add_argument("--protect-super", action="store_true",
+                   help="never drop super experts (max |f| above max(99.5th pct, max/10); needs statistics)")
+    if progressive:
+        g.add_argument("--as-you-go", action="store_true",
+                       help="prune each layer during calibration, before the next layer is calibrated")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeprune", description=__doc__)
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
@@ -208,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-set", action="append", help="use only these calibration sets (repeatable)")
     p.add_argument("--out", help="plan file to write (printed when omitted)")
+    _add_select_flags(p, progressive=False)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="apply a plan to a checkpoint and save the smaller one")
@@ -216,14 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_apply_flags(p)
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("prune", help="plan + apply + save + verify")
+    p = sub.add_parser("prune", help="[calibrate +] plan + apply + save + verify")
     p.add_argument("model")
-    p.add_argument("--method", required=True, help=f"criterion: {methods}")
+    p.add_argument("--method", help=f"criterion: {methods} (not needed with --policy reconstruction)")
     p.add_argument("--ratio", type=_ratio, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
     p.add_argument("--verify-dtype", default="float32", help="dtype for verification (float32, bfloat16, ...)")
     _add_apply_flags(p)
+    _add_select_flags(p, progressive=True)
     _add_calib_flags(p, required=False)
     p.set_defaults(func=cmd_prune)
 

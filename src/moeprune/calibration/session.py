@@ -5,7 +5,7 @@ sets. Per MoE layer a `RoutedCollector` wraps the experts; before each batch it 
 non-padding mask. The experts run their eager code path (`config._experts_implementation = "eager"`) so the
 statistics see exactly the per-expert computation of the reference implementation.
 
-Optional `decide(layer, module, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
+Optional `decide(model, adapter, layer, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
 drop from that layer, and the layer is re-run with them masked in the model's own router before the next layer
 sees its outputs (NAEE's progressive variant; any criterion can use it).
 """
@@ -36,7 +36,7 @@ class BlockIO:
     valid: list[torch.Tensor] = field(default_factory=list)  # [B, S] bool
 
 
-Decide = Callable[[int, nn.Module, dict[str, RoutedStats], BlockIO], list[int]]
+Decide = Callable[[nn.Module, MoEAdapter, int, dict[str, RoutedStats], BlockIO], list[int]]
 
 
 @dataclass
@@ -131,7 +131,7 @@ def collect(
         for i, outputs in run_layers(model, adapter, batches, device=device, on_layer=on_layer,
                                      layer_context=layer_context, on_batch=on_batch):
             if i in moe and decide is not None:
-                drop = sorted(decide(i, layers[i], {name: stats[name][i] for name in stats}, io))
+                drop = sorted(decide(model, adapter, i, {name: stats[name][i] for name in stats}, io))
                 if drop:
                     result.dropped[i] = drop
                     with masked_experts(model, adapter, {i: drop}):

@@ -42,6 +42,11 @@ def build_report(plan: PrunePlan, source: Path, mode: str, bytes_before: int, by
         "weight_bytes_after": bytes_after,
         "kept_experts": {str(k): v for k, v in sorted(plan.kept_experts.items())},
         "dropped_experts": {str(k): plan.dropped(k) for k in plan.layers},
+        "policy": plan.policy,
+        "protected_experts": {str(k): v for k, v in sorted((plan.protected or {}).items())},
+        "padded_experts": {str(k): v for k, v in sorted((plan.padded or {}).items())},
+        "loadable_by_stock_config": True,  # every export is; a non-uniform selection is padded (see "note")
+        "note": plan.note or "",
     }
 
 

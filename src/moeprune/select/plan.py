@@ -31,6 +31,10 @@ class PrunePlan:
     ratio: float | None = None
     model_type: str | None = None
     scores: dict[int, list[float]] | None = field(default=None, repr=False)
+    policy: str = "uniform"
+    protected: dict[int, list[int]] | None = None  # experts the policy was not allowed to drop
+    padded: dict[int, list[int]] | None = None  # kept only so stock configs load it (non-uniform selection)
+    note: str | None = None  # one line on how a non-uniform selection was saved
 
     # ------------------------------------------------------------------ derived
     @property
@@ -60,6 +64,14 @@ class PrunePlan:
             "ratio": self.ratio,
             "kept_experts": {str(k): list(v) for k, v in sorted(self.kept_experts.items())},
         }
+        if self.policy != "uniform":
+            d["policy"] = self.policy
+        for key in ("protected", "padded"):
+            value = getattr(self, key)
+            if value:
+                d[key] = {str(k): list(v) for k, v in sorted(value.items())}
+        if self.note:
+            d["note"] = self.note
         if self.scores is not None:
             d["scores"] = {str(k): [float(s) for s in v] for k, v in sorted(self.scores.items())}
         return d
@@ -110,6 +122,10 @@ class PrunePlan:
             ratio=raw.get("ratio"),
             model_type=raw.get("model_type"),
             scores={int(k): v for k, v in scores.items()} if isinstance(scores, dict) else None,
+            policy=raw.get("policy", "uniform"),
+            protected=_layer_lists(raw.get("protected"), "protected", source),
+            padded=_layer_lists(raw.get("padded"), "padded", source),
+            note=raw.get("note"),
         )
 
     # ------------------------------------------------------------------ validation
@@ -168,6 +184,15 @@ def _check_layer(layer: int, kept: list[int], E: int, routing) -> None:
                 f"{where}: keeps {per_group[0]} experts per group but the group-limited router needs at least "
                 f"{need} per group (top-2 group scores, top-{routing.top_k} from {routing.topk_group} groups)."
             )
+
+
+def _layer_lists(value, key: str, source: str) -> dict[int, list[int]] | None:
+    if value is None:
+        return None
+    try:
+        return {int(k): [int(j) for j in v] for k, v in value.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise MoePruneError(f"{source}: '{key}' must map layer indices to lists of expert indices.") from None
 
 
 def check_plan_path(path: str | Path) -> None:
