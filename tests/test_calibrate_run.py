@@ -132,3 +132,19 @@ def test_plans_and_prune_from_statistics(setup, tmp_path):
     saved = ExpertStats.load(out / "moeprune_stats.safetensors")
     assert_stats_equal(saved, calibrate(ckpt, opts(f"web={web}")))
     assert not (Path(ckpt) / "moeprune_stats.safetensors").exists()  # nothing written into the input
+
+
+def test_criteria_agreement_matches_the_plans(setup, tmp_path, capsys):
+    root, ckpt, web, code = setup
+    stats_path = tmp_path / "s.safetensors"
+    calibrate(ckpt, opts(f"web={web}"), stats_path)
+    from moeprune.criteria.agreement import agreement
+
+    ag = agreement(ExpertStats.load(stats_path), 0.5)
+    assert torch.allclose(ag.matrix, ag.matrix.T) and torch.all(ag.matrix.diagonal() == 1)
+    a, b = ag.methods.index("frequency"), ag.methods.index("reap")
+    pa, pb = api.make_plan(stats_path, "frequency", 0.5), api.make_plan(stats_path, "reap", 0.5)
+    by_hand = sum(len(set(pa.kept_experts[k]) & set(pb.kept_experts[k])) / 4 for k in pa.layers) / len(pa.layers)
+    assert float(ag.matrix[a, b]) == pytest.approx(by_hand)
+    assert main(["criteria", str(stats_path), "--ratio", "0.5"]) == 0
+    assert "kept-set overlap at ratio 0.5" in capsys.readouterr().out
