@@ -1,0 +1,237 @@
+"""Lazy loading: calibrate models larger than host memory, one decoder layer in memory at a time.
+
+`load_lazy(path)` builds the stock model exactly as `from_pretrained` does (same class, same init contexts, same
+dtype resolution) but with every tensor on the `meta` device, then materialises on CPU everything except the
+decoder layers and the output head: embeddings, final norm, rotary embedding, vision tower. `LazyModel.layer(i)`
+is a context manager that reads decoder layer i's tensors from the safetensors shards, and moves them back to
+`meta` on exit so their memory is freed. It plugs into the engine as
+`run_layers(model, adapter, batches, layer_context=lazy.layer)`; `capture()` needs no layer weights.
+
+Approach: on-disk names differ from in-memory ones in transformers 5 (per-expert `experts.J.gate_proj.weight`
+on disk vs fused `experts.gate_up_proj` [E, 2I, H] in memory; Mixtral `block_sparse_moe.experts.J.w1`;
+gpt-oss and Qwen3-VL-MoE fused with their own layouts). Rather than re-implementing those conversions, this
+module reuses transformers' own loader: `get_model_conversion_mapping` gives the model's renamings and
+converters, `rename_source_key` tells which in-memory tensor each checkpoint key feeds (hence which layer it
+belongs to), and `convert_and_load_state_dict_in_model` is called on a partial state dict holding only that
+layer's keys. Only they are read, with plain file reads (not mmap, whose touched pages would count as resident
+memory), and the loader runs synchronously so each fused tensor's sources are read only when it is built.
+Non-persistent buffers (rotary `inv_freq`) are not in the checkpoint: they get their values from the owning
+model's `_init_weights`, as in `from_pretrained`. The result equals the eager model bit for bit
+(tests/test_lazy.py, all families, float32 and bfloat16).
+
+Memory: one layer, plus transformers' conversion temporaries while a fused tensor is built (stacking per-expert
+tensors then concatenating gate and up holds ~1/3 of the layer in two copies at once), plus the embeddings.
+
+The head (`lm_head`) stays on `meta` unless `head=True`: layer-by-layer calibration never computes logits.
+Quantized checkpoints (`quantization_config`, e.g. gpt-oss MXFP4, DeepSeek FP8) are refused for now.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.load import auto_class, parse_dtype
+from moeprune.io.safetensors_io import TensorEntry, read_tensor
+from moeprune.log import logger
+from moeprune.models import get_adapter
+
+REST = -1  # group id of the checkpoint keys that belong to no decoder layer
+SYNC_ENV = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' loader at each call
+
+
+@dataclass
+class LazyModel:
+    """A stock model whose decoder layers live on `meta` until `layer(i)` materialises one of them."""
+
+    model: nn.Module
+    entries: dict[str, TensorEntry] = field(repr=False)  # checkpoint tensor name -> where its bytes are
+    layer_prefix: str  # e.g. "model.layers" or "model.language_model.layers"
+    keys: dict[int, list[str]] = field(repr=False)  # layer index (or REST) -> checkpoint keys feeding it
+    load_config: object = field(repr=False)  # transformers' LoadStateDictConfig (dtype, plan, conversions)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layer_prefix)
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        """Decoder layer i with its weights read from disk; back on `meta` (memory released) on exit."""
+        module = self.layers[i]
+        try:
+            _load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}")
+            yield module
+        finally:
+            module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
+
+    def layer_bytes(self, i: int) -> int:
+        """Bytes decoder layer i occupies once materialised."""
+        return sum(t.numel() * t.element_size() for t in self.layers[i].state_dict().values())
+
+
+def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False) -> LazyModel:
+    """Build the model on `meta` and materialise all but its decoder layers (and head, unless `head`) on CPU.
+
+    `dtype` is resolved as in `io.load.load_model` ("auto" = the checkpoint's dtype), so every materialised
+    tensor has the dtype the eager model would have.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.modeling_utils import LoadStateDictConfig, _get_dtype
+    from transformers.models.auto.auto_factory import _get_model_class
+    from transformers.utils.generic import ContextManagers
+
+    ckpt = Checkpoint.open(path)
+    config = ckpt.config
+    if getattr(config, "quantization_config", None) is not None:
+        raise MoePruneError(
+            f"{ckpt.path} is a quantized checkpoint ({config.quantization_config}); lazy loading supports "
+            "unquantized safetensors only. Use `load_model` (it dequantizes in memory) or a bf16 checkpoint."
+        )
+    cls = _get_model_class(config, auto_class(config)._model_mapping)
+    index = ckpt.path / INDEX_NAME
+    sharded = json.loads(index.read_text()).get("metadata", {}) if index.is_file() else None
+    files = ckpt.files
+    # exactly what from_pretrained does: resolve dtype ("auto": config, then first float tensor), then build
+    config, torch_dtype = _get_dtype(parse_dtype(dtype), [str(f) for f in files], config, sharded, None, True)
+    config = copy.deepcopy(config)
+    with ContextManagers(cls.get_init_context(torch_dtype, False, False, None)):
+        model = cls(config)  # every tensor on meta, in the dtypes from_pretrained would give
+    model.eval()
+    conversions = get_model_conversion_mapping(model, None, None)
+    load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(ckpt.path), dtype=torch_dtype,
+                                      dtype_plan=model._get_dtype_plan(torch_dtype), weight_mapping=conversions)
+
+    layers = get_adapter(config).decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    head_module = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head_module), None) if head_module else None
+    layer_re = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta_sd = model.state_dict()
+    keys: dict[int, list[str]] = defaultdict(list)
+    ignored = []
+    for key in ckpt.names():
+        # the in-memory tensor this key feeds (a converter's target for per-expert keys), as the loader decides
+        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+        if target not in meta_sd and key in meta_sd:
+            target = key
+        m = layer_re.match(target)
+        is_head = head_name is not None and target.startswith(head_name + ".")
+        if m is not None and int(m.group(1)) < len(layers):
+            keys[int(m.group(1))].append(key)
+        elif target in meta_sd and m is None and (head or not is_head):
+            keys[REST].append(key)
+        elif not is_head:
+            ignored.append(key)  # extra layers (e.g. DeepSeek's MTP layer) or keys the model does not have
+    if ignored:
+        logger.info("lazy load of %s: %d checkpoint tensors match nothing in %s and are not read, e.g. %s",
+                    ckpt.path, len(ignored), cls.__name__, ignored[:3])
+    lazy = LazyModel(model, {e.name: e for e in ckpt.entries}, prefix, dict(keys), load_config)
+    _load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
+    if head and head_name is not None and _meta_names(model.get_submodule(head_name), head_name):
+        # a tied head is not in the checkpoint: tie it to the embedding, as from_pretrained does
+        model.tie_weights(missing_keys=set(_meta_names(model, "")), recompute_mapping=False)
+        if still := _meta_names(model.get_submodule(head_name), head_name):
+            _initialise(model, still, strict=False)
+    logger.info("lazy model %s: %d decoder layers on meta, ~%.1f MB per layer (layer %d)", cls.__name__, len(layers),
+                lazy.layer_bytes(len(layers) - 1) / 2**20, len(layers) - 1)
+    return lazy
+
+
+@torch.no_grad()
+def _load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = ()) -> None:
+    """Load `keys` from the shards into the model through transformers' converters, then give every tensor of
+    `scope` (a module path, "" = whole model minus `skip`) still on meta its value: non-persistent buffers via
+    `_init_weights`; a missing weight is an error for a decoder layer and random-initialised (with a warning,
+    as `from_pretrained` does) elsewhere."""
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.utils import logging as hf_logging
+
+    model = lazy.model
+    state = {k: _OnDisk(lazy.entries[k]) for k in keys}  # nothing read yet
+    bars, sync = hf_logging.is_progress_bar_enabled(), os.environ.get(SYNC_ENV)
+    # synchronous: each fused tensor's sources are read only when it is converted (the thread pool would read
+    # the whole layer up front, holding every per-expert copy while the converters stack and concatenate)
+    os.environ[SYNC_ENV] = "1"
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per layer would drown the engine's bar
+    try:
+        info, _ = convert_and_load_state_dict_in_model(model, state, lazy.load_config)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        if sync is None:
+            del os.environ[SYNC_ENV]
+        else:
+            os.environ[SYNC_ENV] = sync
+    if info.conversion_errors or info.mismatched_keys:
+        raise MoePruneError(f"transformers could not convert checkpoint tensors of {scope or 'the model'}: "
+                            f"{info.conversion_errors or info.mismatched_keys}")
+    root = model.get_submodule(scope) if scope else model
+    missing = [n for n in _meta_names(root, scope) if not n.startswith(tuple(s + "." for s in skip))]
+    if missing:
+        _initialise(model, missing, strict=bool(scope))
+
+
+class _OnDisk:
+    """A checkpoint tensor that transformers' loader reads with `t[...]`, by plain file reads (no mmap, so no
+    mapped file pages are counted in the process's memory)."""
+
+    def __init__(self, entry: TensorEntry):
+        self.entry = entry
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if index is not Ellipsis:
+            raise NotImplementedError(f"only t[...] is supported, got t[{index!r}]")
+        return read_tensor(self.entry)  # fresh CPU tensor, shape and dtype as stored
+
+
+def _meta_names(module: nn.Module, prefix: str) -> list[str]:
+    dot = prefix + "." if prefix else ""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [dot + n for n, t in named if t is not None and t.is_meta]
+
+
+def _initialise(model: nn.Module, names: list[str], strict: bool) -> None:
+    """Materialise `names` (full dotted names, on meta) empty on CPU, then run the owning model's
+    `_init_weights` on their modules: it computes non-persistent buffers such as rotary `inv_freq`."""
+    from transformers import PreTrainedModel
+    from transformers import initialization as init
+
+    non_persistent = {n for n, _ in model.named_non_persistent_buffers()}
+    weights = [n for n in names if n not in non_persistent]
+    if weights and strict:
+        raise MoePruneError(f"the checkpoint has no tensors for {weights[:5]}: it does not match its config.")
+    if weights:
+        logger.warning("the checkpoint lacks %s; they are randomly initialised, as from_pretrained does", weights)
+    owners: dict[str, PreTrainedModel] = {}
+    for name, module in model.named_modules():
+        parent = owners.get(name.rpartition(".")[0] if "." in name else "", model)
+        owners[name] = module if isinstance(module, PreTrainedModel) else parent
+    modules = {}
+    for name in names:
+        mod_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod_name)
+        old = getattr(module, attr)
+        new = torch.empty_like(old, device="cpu")  # [same shape and dtype]
+        if attr in module._buffers:
+            module._buffers[attr] = new
+        else:
+            setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+        modules[mod_name] = module
+    with init.guard_torch_init_functions():
+        for mod_name, module in modules.items():
+            owners[mod_name]._init_weights(module)
