@@ -51,36 +51,43 @@ class RoutedStats:
         return self
 
     def update(self, idx: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, valid: torch.Tensor,
-               h: torch.Tensor, probs: torch.Tensor | None) -> None:
+               h: torch.Tensor, probs: torch.Tensor | None, r: torch.Tensor | None = None) -> None:
         """idx, gate: [T, k]; f: [T, k, H] expert outputs; valid: [T] bool (False on padding);
-        h: [T, H] MoE block input; probs: [T, E] router distribution (None: router stats not collected)."""
+        h: [T, H] MoE block input; probs: [T, E] router distribution (None: router stats not collected);
+        r: [T, H] routed output Σ_k g·f when the caller has it already.
+
+        Per-element work on [T, k, H] stays in float32 (norms, maxima); the EASY-EP cosine is float64 on [T, H];
+        per-token results are summed in float64. Padding rows get weight 0 (no copies)."""
         E, s = self.num_experts, self.sums
-        v = valid.to(idx.device)
-        idx, gate, f, h = idx[v], gate[v].double(), f[v].double(), h[v].double()  # drop padding rows
-        j = idx.reshape(-1)  # [M = T'·k]
-        g = gate.reshape(-1)  # [M]
-        norm = f.norm(dim=-1)  # [T', k]
-        r = (f * gate[..., None]).sum(dim=1)  # [T', H] routed output
-        novelty = (1 - F.cosine_similarity(h, h + r, dim=-1)).clamp_min(0)  # [T']
+        w = valid.to(idx.device, torch.float64)  # [T] 1 = real token
+        if r is None:
+            r = (f * gate[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
+        ff = f.float()
+        norm = ff.norm(dim=-1).double()  # [T, k]
+        peak = ff.abs().amax(dim=-1).double() * w[:, None]  # [T, k]; max |f| >= 0, so 0 is neutral
+        hd = h.double()  # 1 − cos is a small difference of numbers near 1: float64 on [T, H]
+        novelty = (1 - F.cosine_similarity(hd, hd + r.double(), dim=-1)).clamp_min(0) * w  # [T]
+        g = gate.double() * w[:, None]  # [T, k] gate, 0 on padding
+        j = idx.reshape(-1)  # [M = T·k]
         n = norm.reshape(-1)  # [M]
-        s["count"] += torch.bincount(j, minlength=E).double()
-        s["gate_sum"].index_add_(0, j, g)
-        s["norm_sum"].index_add_(0, j, n)
-        s["sq_norm_sum"].index_add_(0, j, n.square())
-        s["gate_norm_sum"].index_add_(0, j, g * n)
-        s["easy_ep_sum"].index_add_(0, j, (gate * norm * novelty[:, None]).reshape(-1))
+        wk = w[:, None].expand_as(norm).reshape(-1)  # [M]
+        s["count"] += torch.bincount(j, weights=wk, minlength=E)
+        s["gate_sum"].index_add_(0, j, g.reshape(-1))
+        s["norm_sum"].index_add_(0, j, n * wk)
+        s["sq_norm_sum"].index_add_(0, j, n.square() * wk)
+        s["gate_norm_sum"].index_add_(0, j, (g * norm).reshape(-1))
+        s["easy_ep_sum"].index_add_(0, j, (g * norm * novelty[:, None]).reshape(-1))
         if j.numel():
-            peak = f.abs().amax(dim=-1).reshape(-1)  # [M]
-            s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak, reduce="amax")
-        onehot = torch.zeros(idx.shape[0], E, dtype=torch.float64, device=idx.device)  # [T', E]
+            s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak.reshape(-1), reduce="amax")
+        onehot = torch.zeros(idx.shape[0], E, dtype=torch.float64, device=idx.device)  # [T, E]
         onehot.scatter_(1, idx, 1.0)
-        s["coact"] += onehot.T @ onehot  # [E, E]
-        s["tokens"] += idx.shape[0]
+        s["coact"] += (onehot * w[:, None]).T @ onehot  # [E, E]
+        s["tokens"] += w.sum()
         if probs is not None:
-            p = probs[v].double()  # [T', E]
+            p = probs.double() * w[:, None]  # [T, E]
             s["prob_sum"] += p.sum(dim=0)
             s["prob_topk_sum"] += (p * onehot).sum(dim=0)
-            top1 = torch.zeros_like(p).scatter_(1, p.argmax(dim=-1, keepdim=True), 1.0)  # [T', E]
+            top1 = torch.zeros_like(p).scatter_(1, p.argmax(dim=-1, keepdim=True), 1.0)  # [T, E]
             s["prob_top1_sum"] += (p * top1).sum(dim=0)
 
     def merge(self, other: RoutedStats) -> RoutedStats:
@@ -137,9 +144,10 @@ class RoutedCollector:
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)
             probs = router_probs(self._logits, self.kind) if self._logits is not None else None
             self._logits = None
+            out = (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
             self.stats.to(f.device).update(top_k_index, top_k_weights.detach(), f.detach(), valid,
-                                           hidden_states.detach(), probs)
-            return (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
+                                           hidden_states.detach(), probs, out.detach())
+            return out
 
         self.experts.forward = forward
         return self
