@@ -63,8 +63,8 @@ class RoutedStats:
         if r is None:
             r = (f * gate[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
         ff = f.float()
-        norm = ff.norm(dim=-1).double()  # [T, k]
-        peak = ff.abs().amax(dim=-1).double() * w[:, None]  # [T, k]; max |f| >= 0, so 0 is neutral
+        norm = torch.linalg.vector_norm(ff, dim=-1).double()  # [T, k]
+        peak = torch.maximum(ff.amax(dim=-1), -ff.amin(dim=-1)).double() * w[:, None]  # [T, k] max |f|; 0 neutral
         hd = h.double()  # 1 − cos is a small difference of numbers near 1: float64 on [T, H]
         novelty = (1 - F.cosine_similarity(hd, hd + r.double(), dim=-1)).clamp_min(0) * w  # [T]
         g = gate.double() * w[:, None]  # [T, k] gate, 0 on padding
