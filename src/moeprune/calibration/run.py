@@ -96,6 +96,9 @@ def calibrate(model: str | Path, opts: CalibrateOptions, out: str | Path | None 
     out_path = check_stats_output(out, overwrite) if out is not None else None
     ckpt, adapter, sets = prepare(model, opts)
     rank = current_rank()
+    if decide is not None and rank.world > 1:
+        raise MoePruneError("prune-as-you-go and NAEE choose experts from one process's statistics; run them "
+                            "without torchrun (or calibrate with torchrun, then plan from the statistics file).")
     if not rank.is_main:  # one voice: rank 0 logs and shows progress
         logger.setLevel("WARNING")
         os.environ["TQDM_DISABLE"] = "1"

@@ -136,6 +136,7 @@ def collect(
                     result.dropped[i] = drop
                     with masked_experts(model, adapter, {i: drop}):
                         outputs[:] = run_one(layers[i], i, batches, device)
-            io.inputs.clear(), io.outputs.clear(), io.valid.clear()
+            for cache in (io.inputs, io.outputs, io.valid):
+                cache.clear()
     result.router_sha256 = router_hash.hexdigest()
     return result
