@@ -2,7 +2,7 @@
 
 `higher_keeps` says which way the score points (True: high score = keep). `needs` says what the function
 consumes: "weights" (a `WeightSummary` of one layer), "none" (only E and a seed), or "calibration"
-(statistics from the calibration engine, next issue).
+(`RoutedStats` of one layer from the calibration engine).
 """
 
 from __future__ import annotations
