@@ -16,6 +16,7 @@ from pathlib import Path
 from moeprune.calibration.run import CalibrateOptions, calibrate
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
+from moeprune.eval.run import EvalOptions, EvalResult, evaluate  # noqa: F401  (public API)
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, match_disk_dtypes, parse_dtype

@@ -1,4 +1,4 @@
-"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,demo}`.
+"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,demo}`.
 
 Thin: every flag maps onto an `api` argument."""
 
@@ -118,6 +118,16 @@ def cmd_criteria(args) -> int:
     from moeprune.stats.store import ExpertStats
 
     print(agreement(ExpertStats.load(args.stats), args.ratio, args.calib_set, seed=args.seed).format())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from moeprune.eval.run import EvalOptions, evaluate
+
+    opts = EvalOptions(tuple(args.data), seq_len=args.seq_len, max_sequences=args.max_sequences,
+                       batch_size=args.batch_size, dtype=args.dtype, device=args.device, prompts=tuple(args.prompt),
+                       max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer)
+    print(evaluate(args.model, opts, args.json).format())
     return 0
 
 
@@ -257,6 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-4 in float32)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("eval", help="per-domain perplexity and next-token accuracy on held-out text")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="held-out text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-sequences", type=int, default=256, help="windows per domain (in order, no sampling)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompt", action="append", default=[], help="greedy generation sample, repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    p.add_argument("--json", help="write {domain: {perplexity, accuracy, tokens}} here")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="build a tiny MoE, prune it 25%% and 50%%, verify and show the result")
     p.add_argument("--workdir", default="moeprune-demo", help="folder for the demo's checkpoints")

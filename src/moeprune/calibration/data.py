@@ -32,20 +32,21 @@ from moeprune.log import logger
 class CalibSource:
     name: str
     path: Path
+    flag: str = "--calib"  # the option it came from, for error messages (`moeprune eval` uses --data)
 
     @classmethod
-    def parse(cls, spec: str) -> CalibSource:
+    def parse(cls, spec: str, flag: str = "--calib") -> CalibSource:
         """'NAME=PATH' -> CalibSource; errors say what the flag must look like."""
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise MoePruneError(f"--calib {spec!r}: write it as NAME=PATH, e.g. --calib code=data/code.jsonl")
+            raise MoePruneError(f"{flag} {spec!r}: write it as NAME=PATH, e.g. {flag} code=data/code.jsonl")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name.strip()):
-            raise MoePruneError(f"--calib {spec!r}: the name {name.strip()!r} may only use letters, digits, '_', "
+            raise MoePruneError(f"{flag} {spec!r}: the name {name.strip()!r} may only use letters, digits, '_', "
                                 "'.' and '-' (it names the set in statistics files).")
         p = Path(path.strip()).expanduser()
         if not p.exists():
-            raise MoePruneError(f"--calib {name}: {p} does not exist.")
-        return cls(name.strip(), p)
+            raise MoePruneError(f"{flag} {name}: {p} does not exist.")
+        return cls(name.strip(), p, flag)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class CalibConfig:
     seed: int = 0
     text_field: str = "text"
     chat_template: bool = False
+    warn_short: bool = True  # evaluation takes "all windows up to `samples`" and does not warn
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -63,7 +65,7 @@ class CalibConfig:
         names = [s.name for s in self.sources]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise MoePruneError(f"--calib names must be unique; {dup} given more than once.")
+            raise MoePruneError(f"{self.sources[0].flag} names must be unique; {dup} given more than once.")
         if self.samples < 1:
             raise MoePruneError(f"--samples must be >= 1, got {self.samples}.")
         if self.seq_len < 2:
@@ -100,7 +102,7 @@ def read_documents(source: CalibSource, text_field: str = "text", chat_template:
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
-            raise MoePruneError(f"--calib {source.name}: folder {path} holds no *.txt files.")
+            raise MoePruneError(f"{source.flag} {source.name}: folder {path} holds no *.txt files.")
         raws = [f.read_bytes() for f in files]
         docs = [r.decode("utf-8", errors="replace") for r in raws]
         raw = b"\0".join(raws)
@@ -112,7 +114,7 @@ def read_documents(source: CalibSource, text_field: str = "text", chat_template:
         docs = [raw.decode("utf-8", errors="replace")]
     docs = [d for d in docs if d.strip()]
     if not docs:
-        raise MoePruneError(f"--calib {source.name}: {path} holds no text.")
+        raise MoePruneError(f"{source.flag} {source.name}: {path} holds no text.")
     return docs, raw
 
 
@@ -124,17 +126,18 @@ def _jsonl_documents(source: CalibSource, raw: bytes, text_field: str, chat_temp
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MoePruneError(f"--calib {source.name}: {source.path} line {lineno} is not JSON ({e}).") from e
+            raise MoePruneError(f"{source.flag} {source.name}: {source.path} line {lineno} is not JSON ({e}).") from e
         if chat_template and isinstance(obj, dict) and isinstance(obj.get("messages"), list):
             if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                raise MoePruneError(f"--calib {source.name}: --chat-template needs a tokenizer with a chat template.")
+                raise MoePruneError(f"{source.flag} {source.name}: --chat-template needs a tokenizer with a chat "
+                                    "template.")
             docs.append(tokenizer.apply_chat_template(obj["messages"], tokenize=False))
         elif isinstance(obj, dict) and isinstance(obj.get(text_field), str):
             docs.append(obj[text_field])
         else:
             keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
             raise MoePruneError(
-                f"--calib {source.name}: {source.path} line {lineno} has no string field {text_field!r} "
+                f"{source.flag} {source.name}: {source.path} line {lineno} has no string field {text_field!r} "
                 f"(it has {keys}); choose the field with --text-field"
                 + (" or use --chat-template for 'messages'." if isinstance(obj, dict) and "messages" in obj else ".")
             )
@@ -152,7 +155,7 @@ def build_set(source: CalibSource, tokenizer: Any, cfg: CalibConfig) -> CalibSet
             stream.append(int(eos))
     L, N = cfg.seq_len, cfg.samples
     if len(stream) < 2:
-        raise MoePruneError(f"--calib {source.name}: {source.path} gives only {len(stream)} token(s); add text.")
+        raise MoePruneError(f"{source.flag} {source.name}: {source.path} gives only {len(stream)} token(s); add text.")
     ids = torch.tensor(stream, dtype=torch.long)  # [S]
     full = len(stream) // L
     g = torch.Generator().manual_seed(cfg.seed)
@@ -165,7 +168,7 @@ def build_set(source: CalibSource, tokenizer: Any, cfg: CalibConfig) -> CalibSet
         rows.append(torch.cat([tail, torch.full((L - tail.numel(),), pad, dtype=torch.long)]))
         masks.append(torch.cat([torch.ones(tail.numel(), dtype=torch.long), torch.zeros(L - tail.numel(),
                                                                                           dtype=torch.long)]))
-    if len(rows) < N:
+    if len(rows) < N and cfg.warn_short:
         logger.warning("calibration set %r: %d tokens give %d sequence(s) of %d, fewer than --samples %d",
                        source.name, len(stream), len(rows), L, N)
     digest = hashlib.sha256(raw)

@@ -1,0 +1,62 @@
+"""Per-domain perplexity and next-token accuracy of a causal LM on held-out token windows.
+
+For a window x_1..x_L with attention mask m (1 = real token), position t predicts x_{t+1} and counts when both
+are real (m_t = m_{t+1} = 1):
+
+    NLL = Σ_t −log softmax(logits_t)[x_{t+1}]      (float64 sum over counted positions of every window)
+    perplexity = exp(NLL / N),   accuracy = #{argmax logits_t = x_{t+1}} / N,   N = counted positions.
+
+Windows come from `calibration.data.build_set` without sampling (every window of the text in order, up to
+`max_sequences`, the tail right-padded), batched, one forward per batch under no_grad; padding never counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.calibration.data import CalibSet
+
+
+@dataclass
+class DomainScore:
+    perplexity: float
+    accuracy: float
+    tokens: int  # counted (predicted) positions
+    nll_sum: float
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "accuracy": self.accuracy, "tokens": self.tokens}
+
+
+@torch.no_grad()
+def score_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int, int]:
+    """(NLL sum, correct predictions, counted positions) of one batch [B, L]."""
+    device = next(model.parameters()).device
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
+    pred, target = logits[:, :-1].double(), ids[:, 1:]  # [B, L-1, V], [B, L-1]
+    counted = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
+    nll = F.cross_entropy(pred[counted], target[counted], reduction="sum")
+    correct = (pred[counted].argmax(dim=-1) == target[counted]).sum()
+    return float(nll), int(correct), int(counted.sum())
+
+
+def evaluate_sets(model: nn.Module, sets: list[CalibSet], batch_size: int = 8) -> dict[str, DomainScore]:
+    """{set name: DomainScore} over every window of every set."""
+    out = {}
+    for s in sets:
+        nll, correct, n = 0.0, 0, 0
+        starts = range(0, s.input_ids.shape[0], batch_size)
+        for start in tqdm(starts, desc=f"evaluating {s.name}", leave=False):
+            b_nll, b_correct, b_n = score_batch(model, s.input_ids[start : start + batch_size],
+                                                s.attention_mask[start : start + batch_size])
+            nll, correct, n = nll + b_nll, correct + b_correct, n + b_n
+        out[s.name] = DomainScore(math.exp(nll / n) if n else float("nan"), correct / n if n else float("nan"), n,
+                                  nll)
+    return out

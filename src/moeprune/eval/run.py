@@ -1,0 +1,79 @@
+"""`moeprune eval`: checkpoint + held-out text per domain -> perplexity / accuracy table, JSON and samples.
+
+Every check runs before the model is loaded: data sources, options, the JSON output folder, the tokenizer, all
+held-out text tokenised into windows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moeprune.calibration.data import CalibConfig, CalibSource, build_sets
+from moeprune.calibration.run import load_tokenizer
+from moeprune.errors import MoePruneError
+from moeprune.eval.generate import greedy_samples
+from moeprune.eval.perplexity import DomainScore, evaluate_sets
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.load import load_model, parse_dtype
+from moeprune.log import logger
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    data: tuple[str, ...]
+    seq_len: int = 512
+    max_sequences: int = 256
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+    prompts: tuple[str, ...] = ()
+    max_new_tokens: int = 32
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise MoePruneError("no evaluation data: pass at least one --data NAME=PATH (held-out text).")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise MoePruneError("--batch-size and --max-new-tokens must be >= 1.")
+        parse_dtype(self.dtype)
+
+    def data_config(self) -> CalibConfig:
+        return CalibConfig(tuple(CalibSource.parse(d, flag="--data") for d in self.data),
+                           samples=self.max_sequences, seq_len=self.seq_len, warn_short=False)
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, DomainScore]
+    samples: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {name: s.to_dict() for name, s in self.scores.items()}
+
+    def format(self) -> str:
+        rows = [f"{'domain':<16} {'perplexity':>11} {'accuracy':>9} {'tokens':>9}"]
+        rows += [f"{n:<16} {s.perplexity:11.3f} {s.accuracy:9.3f} {s.tokens:9d}" for n, s in self.scores.items()]
+        rows += [f"\n> {p!r}\n  {c!r}" for p, c in self.samples.items()]
+        return "\n".join(rows)
+
+
+def evaluate(model: str | Path, opts: EvalOptions, json_out: str | Path | None = None) -> EvalResult:
+    out = Path(json_out).expanduser() if json_out is not None else None
+    if out is not None and not out.parent.resolve().is_dir():
+        raise MoePruneError(f"--json {out}: folder {out.parent} does not exist; create it first.")
+    cfg = opts.data_config()
+    ckpt = Checkpoint.open(model)
+    tokenizer = load_tokenizer(ckpt.path, opts.tokenizer)
+    sets = build_sets(cfg, tokenizer)
+    model_obj = load_model(ckpt.path, dtype=opts.dtype, device=opts.device)
+    result = EvalResult(evaluate_sets(model_obj, sets, opts.batch_size))
+    if opts.prompts:
+        result.samples = greedy_samples(model_obj, tokenizer, list(opts.prompts), opts.max_new_tokens)
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result.to_dict(), indent=1))
+        tmp.replace(out)
+        logger.info("evaluation written to %s", out)
+    return result
