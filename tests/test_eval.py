@@ -82,3 +82,21 @@ def test_eval_bad_input_before_loading(setup, tmp_path, monkeypatch):
         evaluate(ckpt, EvalOptions((f"web={web}",)), tmp_path / "no" / "e.json")
     with pytest.raises(MoePruneError, match="tokenizer"):
         evaluate(save_tiny("olmoe", tmp_path / "bare"), EvalOptions((f"web={web}",)))
+
+
+def test_compare_writes_table_report_and_plot(setup, tmp_path, capsys):
+    from moeprune import api
+
+    root, ckpt, web = setup
+    pruned = tmp_path / "pruned"
+    api.prune(ckpt, pruned, method="aimer", ratio=0.5, run_verify=False)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(ckpt), str(pruned), "--data", f"web={web}", "--seq-len", "32", "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    opts = EvalOptions((f"web={web}",), seq_len=32)
+    before, after = (evaluate(p, opts).scores["web"] for p in (ckpt, pruned))
+    assert rows[0]["perplexity_ratio"] == pytest.approx(after.perplexity / before.perplexity)
+    assert rows[0]["perplexity_ratio"] != pytest.approx(1.0, abs=1e-6)  # pruning half the experts shows
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| web |" in (out / "compare.md").read_text() and "aimer at ratio 0.5" in capsys.readouterr().out
+    assert main(["compare", str(ckpt), str(pruned), "--data", f"web={web}", "--out", str(out)]) == 2  # exists

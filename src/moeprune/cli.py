@@ -1,4 +1,4 @@
-"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,demo}`.
+"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,compare,demo}`.
 
 Thin: every flag maps onto an `api` argument."""
 
@@ -121,13 +121,25 @@ def cmd_criteria(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from moeprune.eval.run import EvalOptions, evaluate
+def _eval_options(args):
+    from moeprune.eval.run import EvalOptions
 
-    opts = EvalOptions(tuple(args.data), seq_len=args.seq_len, max_sequences=args.max_sequences,
+    return EvalOptions(tuple(args.data), seq_len=args.seq_len, max_sequences=args.max_sequences,
                        batch_size=args.batch_size, dtype=args.dtype, device=args.device, prompts=tuple(args.prompt),
                        max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer)
-    print(evaluate(args.model, opts, args.json).format())
+
+
+def cmd_eval(args) -> int:
+    from moeprune.eval.run import evaluate
+
+    print(evaluate(args.model, _eval_options(args), args.json).format())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from moeprune.eval.compare import compare
+
+    print(compare(args.original, args.pruned, _eval_options(args), args.out, args.overwrite).markdown())
     return 0
 
 
@@ -195,6 +207,20 @@ def _add_select_flags(p: argparse.ArgumentParser, progressive: bool) -> None:
     if progressive:
         g.add_argument("--as-you-go", action="store_true",
                        help="prune each layer during calibration, before the next layer is calibrated")
+
+
+def _add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="held-out text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl")
+    g.add_argument("--seq-len", type=int, default=512)
+    g.add_argument("--max-sequences", type=int, default=256, help="windows per domain (in order, no sampling)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--prompt", action="append", default=[], help="greedy generation sample, repeatable")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,18 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="per-domain perplexity and next-token accuracy on held-out text")
     p.add_argument("model", help="checkpoint folder")
-    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="held-out text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--max-sequences", type=int, default=256, help="windows per domain (in order, no sampling)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--prompt", action="append", default=[], help="greedy generation sample, repeatable")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     p.add_argument("--json", help="write {domain: {perplexity, accuracy, tokens}} here")
+    _add_eval_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="before/after evaluation table, markdown report and plot")
+    p.add_argument("original")
+    p.add_argument("pruned")
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.json, compare.png")
+    p.add_argument("--overwrite", action="store_true")
+    _add_eval_flags(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="build a tiny MoE, prune it 25%% and 50%%, verify and show the result")
     p.add_argument("--workdir", default="moeprune-demo", help="folder for the demo's checkpoints")

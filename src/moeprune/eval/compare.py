@@ -1,0 +1,77 @@
+"""`moeprune compare ORIGINAL PRUNED --data ...`: the same held-out windows through both models; a before/after
+table (terminal), `compare.md`, `compare.json` and `compare.png` (perplexity ratio per domain) in `--out`.
+
+    ppl ratio = perplexity(PRUNED) / perplexity(ORIGINAL)   (1.00 = no loss; lower is better)
+    Δ accuracy = accuracy(PRUNED) − accuracy(ORIGINAL)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from moeprune.eval.perplexity import DomainScore
+from moeprune.eval.run import EvalOptions, evaluate
+from moeprune.io.atomic import atomic_dir, check_output
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.report import read_report
+from moeprune.log import logger
+
+
+@dataclass
+class Comparison:
+    before: dict[str, DomainScore]
+    after: dict[str, DomainScore]
+    title: str
+
+    def rows(self) -> list[dict]:
+        return [{"domain": d, "perplexity_before": b.perplexity, "perplexity_after": self.after[d].perplexity,
+                 "perplexity_ratio": self.after[d].perplexity / b.perplexity, "accuracy_before": b.accuracy,
+                 "accuracy_after": self.after[d].accuracy, "tokens": b.tokens} for d, b in self.before.items()]
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", "", "| domain | ppl before | ppl after | ppl ratio | acc before | acc after | "
+                 "Δ acc | tokens |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in self.rows():
+            lines.append(f"| {r['domain']} | {r['perplexity_before']:.3f} | {r['perplexity_after']:.3f} | "
+                         f"{r['perplexity_ratio']:.3f} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "
+                         f"{r['accuracy_after'] - r['accuracy_before']:+.3f} | {r['tokens']} |")
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.rows()
+        fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2.5, 3.2))
+        ratios = [r["perplexity_ratio"] for r in rows]
+        ax.bar([r["domain"] for r in rows], ratios, color=["#c44e52" if x > 1.1 else "#4c72b0" for x in ratios])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_ylabel("perplexity ratio (pruned / original)")
+        ax.set_title(self.title, fontsize=9)
+        for i, x in enumerate(ratios):
+            ax.text(i, x, f"{x:.2f}", ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: str | Path,
+            overwrite: bool = False) -> Comparison:
+    src, dst = Checkpoint.open(original), Checkpoint.open(pruned)
+    out_path = check_output(out, [src.path, dst.path], overwrite)
+    opts.data_config()  # sources exist before anything loads
+    report = read_report(dst.path) or {}
+    title = f"{dst.path.name} vs {src.path.name}"
+    if report.get("method"):
+        title += f" — {report['method']} at ratio {report.get('ratio')}"
+    result = Comparison(evaluate(src.path, opts).scores, evaluate(dst.path, opts).scores, title)
+    with atomic_dir(out_path) as tmp:
+        (tmp / "compare.md").write_text(result.markdown())
+        (tmp / "compare.json").write_text(json.dumps({"title": title, "rows": result.rows()}, indent=1))
+        result.plot(tmp / "compare.png")
+    logger.info("comparison written to %s (compare.md, compare.json, compare.png)", out_path)
+    return result
