@@ -84,7 +84,6 @@ def collect(
     batch_size: int = 8,
     layer_context: Callable[[int], AbstractContextManager] | None = None,
     decide: Decide | None = None,
-    keep_block_io: bool = False,
 ) -> CollectResult:
     moe = set(adapter.moe_layers())
     kind = adapter.routing().kind
@@ -104,7 +103,7 @@ def collect(
         col = RoutedCollector(adapter.experts(block), stats[sets[0].name][i], router, kind).__enter__()
         col.layer = i
         current["collector"] = col
-        hook = block.register_forward_hook(_record_io) if keep_block_io or decide is not None else None
+        hook = block.register_forward_hook(_record_io) if decide is not None else None
 
         def cleanup() -> None:
             col.__exit__(None, None, None)

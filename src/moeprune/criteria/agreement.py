@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from moeprune.criteria.base import CRITERIA
+from moeprune.select.build import layer_scores
 from moeprune.select.uniform import drop_count, select_uniform
 from moeprune.stats.store import ExpertStats, StatsView
 
@@ -37,13 +38,11 @@ def agreement(stats: ExpertStats, ratio: float, calib_set: list[str] | None = No
     view = StatsView(stats)
     routing = view.routing()
     drop_count(ratio, view.num_experts, routing)
-    combined = stats.combined(calib_set)
     methods = [name for name, c in CRITERIA.items() if c.needs in ("calibration", "none")]
     kept: dict[str, dict[int, set[int]]] = {}
     for name in methods:
         crit = CRITERIA.get(name)
-        scores = {layer: crit.fn(combined[layer]) if crit.needs == "calibration"
-                  else crit.fn(view.num_experts, seed, layer) for layer in stats.layers}
+        scores = layer_scores(crit, view, None, seed, calib_set if crit.needs == "calibration" else None)
         kept[name] = {k: set(v) for k, v in select_uniform(scores, ratio, routing, crit.higher_keeps).items()}
     M = len(methods)
     per_layer = {}

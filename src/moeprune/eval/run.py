@@ -6,7 +6,6 @@ held-out text tokenised into windows.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from moeprune.eval.generate import greedy_samples
 from moeprune.eval.perplexity import DomainScore, evaluate_sets
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, parse_dtype
+from moeprune.io.report import write_json_atomic
 from moeprune.log import logger
 
 
@@ -72,8 +72,6 @@ def evaluate(model: str | Path, opts: EvalOptions, json_out: str | Path | None =
     if opts.prompts:
         result.samples = greedy_samples(model_obj, tokenizer, list(opts.prompts), opts.max_new_tokens)
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result.to_dict(), indent=1))
-        tmp.replace(out)
+        write_json_atomic(out, result.to_dict())
         logger.info("evaluation written to %s", out)
     return result
