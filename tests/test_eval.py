@@ -74,8 +74,9 @@ def test_eval_bad_input_before_loading(setup, tmp_path, monkeypatch):
     from moeprune.eval import run
 
     monkeypatch.setattr(run, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
-    with pytest.raises(MoePruneError, match="--data"):
-        EvalOptions(())
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "empty-cache"))  # no testbed to default to
+    with pytest.raises(MoePruneError, match="no evaluation data: pass --data"):
+        evaluate(ckpt, EvalOptions(()))
     with pytest.raises(MoePruneError, match="--data web: .* does not exist"):
         evaluate(ckpt, EvalOptions((f"web={tmp_path / 'none.txt'}",)))
     with pytest.raises(MoePruneError, match="does not exist; create it"):
