@@ -1,4 +1,4 @@
-"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,compare,demo}`.
+"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,lm-eval,compare,demo}`.
 
 Thin: every flag maps onto an `api` argument."""
 
@@ -133,6 +133,25 @@ def cmd_eval(args) -> int:
     from moeprune.eval.run import evaluate
 
     print(evaluate(args.model, _eval_options(args), args.json).format())
+    return 0
+
+
+def cmd_lm_eval(args) -> int:
+    from pathlib import Path
+
+    from moeprune.eval.lm_eval_adapter import run_lm_eval
+    from moeprune.io.report import write_json_atomic
+
+    out = Path(args.json).expanduser() if args.json else None
+    if out is not None and not out.parent.resolve().is_dir():
+        raise MoePruneError(f"--json {out}: folder {out.parent} does not exist; create it first.")
+    result = run_lm_eval(args.model, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
+                         limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                         include_defaults=not args.no_builtin_tasks)
+    print(result.format())
+    if out is not None:
+        write_json_atomic(out, dict(result))
+        logger.info("lm-eval results written to %s", out)
     return 0
 
 
@@ -299,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write {domain: {perplexity, accuracy, tokens}} here")
     _add_eval_flags(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a checkpoint (needs moeprune[eval])")
+    p.add_argument("model", help="checkpoint folder (with its tokenizer)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--no-builtin-tasks", action="store_true",
+                   help="look tasks up only in --include-path (skips indexing lm-eval's built-in tasks)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=float, help="documents per task (a fraction when < 1); for quick checks")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--json", help="write {task: {metric: value}} here")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("compare", help="before/after evaluation table, markdown report and plot")
     p.add_argument("original")
