@@ -75,8 +75,8 @@ def plot_routing(shares: dict[str, np.ndarray], layers: list[int], out: Path) ->
     import matplotlib.pyplot as plt
 
     domains = list(shares)
-    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.0 + 0.9 * len(layers) * max(1, len(domains) / 4)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.2 + 1.0 * len(layers) * max(1, len(domains) / 4)),
+                             squeeze=False, sharex=True)
     vmax = max(float(m.max()) for m in shares.values())
     for i, layer in enumerate(layers):
         ax = axes[i, 0]

@@ -1,10 +1,13 @@
 """Train the testbed MoE: a small Qwen3-MoE causal LM on the four testbed domains, on CPU, deterministically.
 
-Objective per step (Qwen3MoeForCausalLM with `output_router_logits=True`):
+Objective per step:
 
-    L = CE(next token) + α · E · Σ_e f_e · P_e        (Switch-style load balancing, summed over MoE layers)
+    L = CE(next token) + α · (1/#layers) · Σ_l E · Σ_e f_{l,e} · P_{l,e}      (Switch load balancing, per layer)
 
-f_e = fraction of routed slots sent to expert e, P_e = mean router probability of e, α = `aux_coef`.
+f_{l,e} = fraction of layer l's routed slots (token × top-k) sent to expert e, P_{l,e} = mean router probability
+of e in layer l, α = `aux_coef`; each layer's term is 1 when perfectly balanced. (transformers' own
+`load_balancing_loss_func` pools all layers' tokens before balancing, so expert e of one layer can stay dead
+while expert e of another is busy; balancing per layer avoids dead experts.)
 Each batch holds `batch_size / #domains` random windows of every domain (windows of `seq_len` tokens drawn from the
 domain's token stream with a seeded generator), AdamW with linear warm-up and cosine decay to 10 %, gradient
 clipping at 1. Same config + same CPython + same torch thread count = same weights.
@@ -97,6 +100,18 @@ def sample_batch(streams: list[torch.Tensor], per_domain: int, seq_len: int, gen
     return torch.stack(rows)
 
 
+def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Mean over layers of E · Σ_e f_e · P_e; router_logits: one [T, E] tensor per MoE layer."""
+    terms = []
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)  # [T, E]
+        E = probs.shape[-1]
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)  # [T, E] 0/1
+        f = chosen.mean(dim=0) / top_k  # [E] share of slots
+        terms.append(E * (f * probs.mean(dim=0)).sum())
+    return torch.stack(terms).mean()
+
+
 def train_model(cfg: TestbedConfig, tokenizer, streams: list[torch.Tensor]):
     """-> (trained Qwen3MoeForCausalLM in eval mode, training log {step: [loss, aux]})."""
     from transformers import Qwen3MoeForCausalLM
@@ -110,6 +125,7 @@ def train_model(cfg: TestbedConfig, tokenizer, streams: list[torch.Tensor]):
         torch.manual_seed(cfg.seed)
         model = Qwen3MoeForCausalLM(model_config(cfg, tokenizer))
         model.set_experts_implementation("grouped_mm")  # fused grouped GEMM: ~1.5x faster than the loop on CPU
+        model.router_aux_loss_coef = 0.0  # out.loss = CE only; the per-layer balance term is added below
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.01)
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -122,17 +138,18 @@ def train_model(cfg: TestbedConfig, tokenizer, streams: list[torch.Tensor]):
                 g["lr"] = lr_at(step, cfg)
             x = sample_batch(streams, per_domain, cfg.seq_len, gen)
             out = model(input_ids=x, labels=x, output_router_logits=True)
-            out.loss.backward()
+            aux_t = balance_loss(out.router_logits, cfg.top_k)
+            (out.loss + cfg.aux_coef * aux_t).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            ce = float(out.loss.detach()) - cfg.aux_coef * aux
+            ce, aux = float(out.loss.detach()), float(aux_t.detach())
             if step % 10 == 0 or step == cfg.steps - 1:
                 log[step] = [ce, aux]
                 bar.set_postfix(ce=f"{ce:.3f}", aux=f"{aux:.3f}")
         logger.info("testbed trained: %d steps in %.0f s, last CE %.3f", cfg.steps, time.perf_counter() - t0, ce)
         model.set_experts_implementation("eager")
+        model.router_aux_loss_coef = cfg.aux_coef
         model.eval()
         return model, log
     finally:
