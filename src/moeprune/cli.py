@@ -1,4 +1,4 @@
-"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,lm-eval,compare,demo}`.
+"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,lm-eval,compare,demo,testbed}`.
 
 Thin: every flag maps onto an `api` argument."""
 
@@ -183,7 +183,29 @@ def _verify_exit(result) -> int:
 def cmd_demo(args) -> int:
     from moeprune.demo import run_demo
 
-    return run_demo(args.workdir, method=args.method)
+    return run_demo(args.workdir, method=args.method, testbed=args.testbed)
+
+
+def cmd_testbed_build(args) -> int:
+    from moeprune.testbed import TestbedConfig, build_testbed
+
+    cfg = TestbedConfig(steps=args.steps, seed=args.seed) if args.steps else TestbedConfig(seed=args.seed)
+    build_testbed(args.out, force=args.force, cfg=cfg)
+    return 0
+
+
+def cmd_testbed_info(args) -> int:
+    from moeprune.testbed import Testbed, default_dir, describe
+
+    print(describe(Testbed.load(args.path or default_dir())))
+    return 0
+
+
+def cmd_testbed_path(args) -> int:
+    from moeprune.testbed import Testbed, default_dir
+
+    print(Testbed.load(default_dir()).path)  # errors (exit 2) when it is not built yet
+    return 0
 
 
 def _add_apply_flags(p: argparse.ArgumentParser) -> None:
@@ -231,8 +253,9 @@ def _add_select_flags(p: argparse.ArgumentParser, progressive: bool) -> None:
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
-                   help="held-out text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl")
-    g.add_argument("--seq-len", type=int, default=512)
+                   help="held-out text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl "
+                        "(default: the testbed's held-out domains)")
+    g.add_argument("--seq-len", type=int, default=None, help="window length (default: the testbed's, else 512)")
     g.add_argument("--max-sequences", type=int, default=256, help="windows per domain (in order, no sampling)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--dtype", default="float32")
@@ -341,10 +364,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="build a tiny MoE, prune it 25%% and 50%%, verify and show the result")
-    p.add_argument("--workdir", default="moeprune-demo", help="folder for the demo's checkpoints")
-    p.add_argument("--method", default="aimer", help=f"criterion: {methods}")
+    p = sub.add_parser("demo", help="testbed -> calibrate -> prune 25%% and 50%% -> verify -> evaluate -> report")
+    p.add_argument("--workdir", default="moeprune-demo", help="folder for the demo's checkpoints and report")
+    p.add_argument("--method", default=None, help=f"criterion (default: the demo's chosen default): {methods}")
+    p.add_argument("--testbed", help="testbed folder (default: the user cache; built when missing)")
     p.set_defaults(func=cmd_demo)
+
+    tb = sub.add_parser("testbed", help="the trained multi-domain Qwen3-MoE used by the demo and the benchmarks")
+    tbs = tb.add_subparsers(dest="testbed_command", required=True)
+    p = tbs.add_parser("build", help="train it (about 8 min on one CPU core) or reuse the cached one")
+    p.add_argument("--out", help="folder (default: the user cache, $MOEPRUNE_CACHE or ~/.cache/moeprune)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the folder holds a testbed")
+    p.add_argument("--steps", type=int, help="training steps (default: the standard testbed's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_testbed_build)
+    p = tbs.add_parser("info", help="held-out scores and routing per domain of a built testbed")
+    p.add_argument("path", nargs="?", help="testbed folder (default: the cached one)")
+    p.set_defaults(func=cmd_testbed_info)
+    p = tbs.add_parser("path", help="print the cached testbed's folder (e.g. `moeprune eval $(moeprune testbed path)`)")
+    p.set_defaults(func=cmd_testbed_path)
     return parser
 
 

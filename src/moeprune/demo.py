@@ -1,42 +1,85 @@
-"""`moeprune demo`: the whole spine on an embedded default model, offline.
+"""`moeprune demo`: the whole spine on the embedded default model, offline.
 
-Until the trained testbed lands (issue 5) the default model is a small *random* Qwen3-MoE (16 experts, top-2)
-built on the spot, so the demo shows structure, size and exactness of the exports, not quality.
+testbed (build or reuse the trained multi-domain Qwen3-MoE) -> calibrate on its calibration text (once) ->
+plan at 25 % and 50 % with the default method -> apply + save -> verify (stock reload == masked original) ->
+evaluate every model on the testbed's held-out domains -> terminal tables and WORKDIR/report.{md,json,png}.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from moeprune import api
+from moeprune.calibration.run import CalibrateOptions
+from moeprune.criteria import CRITERIA
+from moeprune.eval.run import EvalOptions
+from moeprune.eval.table import markdown_table, plot_ratios, ratio_table
+from moeprune.io.atomic import atomic_dir
 from moeprune.log import logger
 from moeprune.models.summary import format_summary
-from moeprune.tiny import save_tiny
+from moeprune.testbed import build_testbed
 
-DEMO_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_experts=16, num_experts_per_tok=2,
-                  moe_intermediate_size=32, mlp_only_layers=[0], vocab_size=256)
+# chosen from benchmarks/RESULTS.md (quality table on the testbed): see the "default method" section there
+DEFAULT_METHOD = "reap"
+RATIOS = (0.25, 0.5)
 
 
-def run_demo(workdir: str | Path, method: str = "aimer") -> int:
-    work = Path(workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    original = work / "original"
-    if not (original / "config.json").is_file():
-        logger.info("building the demo model (random Qwen3-MoE, 16 experts, top-2) in %s", original)
-        save_tiny("qwen3_moe", original, seed=0, **DEMO_MODEL)
+def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path | None = None,
+             calib_samples: int = 64, eval_sequences: int = 64) -> int:
+    method = method or DEFAULT_METHOD
+    crit = CRITERIA.get(method)  # unknown names fail before any work
+    work = Path(workdir).expanduser().resolve()
+    if not work.parent.is_dir():
+        from moeprune.errors import MoePruneError
+
+        raise MoePruneError(f"the parent folder of --workdir {work} does not exist; create it first.")
+    work.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    tb = build_testbed(testbed)
+    original = tb.path
     print(format_summary(api.info(original)))
+    stats = None
+    if crit.needs == "calibration":
+        opts = CalibrateOptions(tb.specs("calib"), samples=calib_samples, seq_len=tb.seq_len)
+        stats = api.calibrate(original, opts, out=work / "stats.safetensors", overwrite=True)
     rows = []
-    for ratio in (0.25, 0.5):
-        out = work / f"{method}-{int(ratio * 100)}"
-        applied, result = api.prune(original, out, method=method, ratio=ratio, overwrite=True)
-        rows.append((ratio, applied, result))
-    print()
-    print(f"{'ratio':>6} {'experts/layer':>14} {'weight bytes':>14} {'size':>7} {'max |Δlogit|':>13} "
-          f"{'verify':>7}  folder")
+    for ratio in RATIOS:
+        plan = api.make_plan(stats if stats is not None else original, method, ratio)
+        applied = api.apply_plan(original, plan, work / f"{method}-{int(ratio * 100)}", overwrite=True)
+        rows.append((ratio, applied, api.verify(original, applied.out, plan)))
+    eval_opts = EvalOptions(max_sequences=eval_sequences)
+    base = api.evaluate(original, eval_opts).scores
+    variants = {f"{method} {ratio:.0%}": api.evaluate(applied.out, eval_opts).scores for ratio, applied, _ in rows}
+    sizes = _size_table(rows)
+    quality = markdown_table(base, variants)
+    print("\n" + sizes + "\nheld-out perplexity ratio (pruned / original, lower is better):\n" + quality)
+    report = {"method": method, "testbed": str(original), "seconds": round(time.perf_counter() - t0, 1),
+              "original": {d: s.to_dict() for d, s in base.items()},
+              "variants": {label: {"scores": {d: s.to_dict() for d, s in v.items()},
+                                   "ratios": ratio_table(base, {label: v})[label]} for label, v in variants.items()},
+              "exports": [{"ratio": ratio, "folder": str(a.out), "verify": r.to_dict(),
+                           "weight_bytes_before": a.report["weight_bytes_before"],
+                           "weight_bytes_after": a.report["weight_bytes_after"]} for ratio, a, r in rows]}
+    out = work / "report"
+    with atomic_dir(out) as tmp:
+        (tmp / "report.md").write_text(f"# moeprune demo — {method} on the testbed\n\n{sizes}\n## Held-out "
+                                       f"perplexity ratio (pruned / original)\n\n{quality}\n![ratios](report.png)\n")
+        (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot_ratios(base, variants, tmp / "report.png", f"{method}: held-out perplexity ratio per domain")
+    print(f"report: {out / 'report.md'} (+ report.json, report.png); pruned checkpoints load with "
+          f"AutoModelForCausalLM.from_pretrained. {time.perf_counter() - t0:.0f} s in all.")
+    logger.info("demo finished")
+    return 0 if all(r.passed for _, _, r in rows) else 1
+
+
+def _size_table(rows) -> str:
+    lines = ["| ratio | experts/layer | weight bytes | size | max abs Δlogit | verify | folder |",
+             "|---:|---|---:|---:|---:|---|---|"]
     for ratio, applied, result in rows:
         r = applied.report
-        print(f"{ratio:>6.0%} {r['num_experts_before']:>6} -> {r['num_experts_after']:<5} "
-              f"{r['weight_bytes_after']:>14,} {r['weight_bytes_after'] / r['weight_bytes_before']:>7.1%} "
-              f"{result.max_abs_diff:>13.2e} {'PASS' if result.passed else 'FAIL':>7}  {applied.out}")
-    print("\nEach pruned folder loads with AutoModelForCausalLM.from_pretrained and holds moeprune_report.json.")
-    return 0 if all(r.passed for _, _, r in rows) else 1
+        lines.append(f"| {ratio:.0%} | {r['num_experts_before']} → {r['num_experts_after']} | "
+                     f"{r['weight_bytes_after']:,} | {r['weight_bytes_after'] / r['weight_bytes_before']:.1%} | "
+                     f"{result.max_abs_diff:.2e} | {'PASS' if result.passed else 'FAIL'} | {applied.out.name} |")
+    return "\n".join(lines) + "\n"
