@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     calib = CalibrateOptions(tb.specs("calib"), samples=args.calib_samples, seq_len=tb.seq_len)
     stats = api.calibrate(tb.path, calib)
     eval_opts = EvalOptions(max_sequences=args.eval_sequences).for_model(tb.path)
-    held = build_sets(eval_opts.data_config(), load_tokenizer(tb.path))
+    held = build_sets(eval_opts.data_config(), load_tokenizer(tb.path, None))
     original = load_model(tb.path, dtype="float32")
     adapter = get_adapter(original.config, model=original)
     base = evaluate_sets(original, held)
