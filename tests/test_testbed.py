@@ -5,6 +5,7 @@ testbed is measured by `moeprune testbed build` (closing note of issue 5)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -118,6 +119,8 @@ def test_reuse_force_and_refusals(small_testbed, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="trained"):
         build_testbed(tmp_path / "other", force=True, cfg=SMALL)
     assert (tmp_path / "other" / "x.txt").read_text() == "mine"  # a failed rebuild leaves the folder as it was
+    with pytest.raises(MoePruneError, match="another config .*'steps': \\(12, 13\\)"):
+        build_testbed(small_testbed.path, cfg=dataclasses.replace(SMALL, steps=13))
     with pytest.raises(MoePruneError, match="top_k"):
         TestbedConfig(num_experts=4, top_k=4)
 

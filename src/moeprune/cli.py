@@ -189,8 +189,8 @@ def cmd_demo(args) -> int:
 def cmd_testbed_build(args) -> int:
     from moeprune.testbed import TestbedConfig, build_testbed
 
-    cfg = TestbedConfig(steps=args.steps, seed=args.seed) if args.steps else TestbedConfig(seed=args.seed)
-    build_testbed(args.out, force=args.force, cfg=cfg)
+    changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    build_testbed(args.out, force=args.force, cfg=TestbedConfig(**changes) if changes else None)
     return 0
 
 
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder (default: the user cache, $MOEPRUNE_CACHE or ~/.cache/moeprune)")
     p.add_argument("--force", action="store_true", help="rebuild even when the folder holds a testbed")
     p.add_argument("--steps", type=int, help="training steps (default: the standard testbed's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="training seed (default 0)")
     p.set_defaults(func=cmd_testbed_build)
     p = tbs.add_parser("info", help="held-out scores and routing per domain of a built testbed")
     p.add_argument("path", nargs="?", help="testbed folder (default: the cached one)")

@@ -114,12 +114,19 @@ def _versions() -> dict:
 
 
 def build_testbed(out: str | Path | None = None, force: bool = False, cfg: TestbedConfig | None = None) -> Testbed:
-    """Build (or reuse) the testbed in `out` (default `default_dir()`)."""
-    cfg = cfg or TestbedConfig()
+    """Build (or reuse) the testbed in `out` (default `default_dir()`).
+
+    An existing testbed is reused when `cfg` is None or equals its recorded config; a different `cfg` is refused
+    unless `force` (never silently hand back a model other than the one asked for)."""
     target = Path(out).expanduser().resolve() if out is not None else default_dir().resolve()
     if target.exists() and not force:
         if (target / TESTBED_FILE).is_file():
             tb = Testbed.load(target)
+            if cfg is not None and tb.meta["config"] != cfg.to_dict():
+                diff = {k: (tb.meta["config"].get(k), v) for k, v in cfg.to_dict().items()
+                        if tb.meta["config"].get(k) != v}
+                raise MoePruneError(f"{target} holds a testbed built with another config (recorded, asked: {diff});"
+                                    " pass --force to rebuild it or choose another --out.")
             logger.info("reusing the testbed in %s (pass --force to rebuild)", target)
             return tb
         raise MoePruneError(f"{target} exists and is not a testbed; choose another --out or pass --force.")
@@ -129,6 +136,7 @@ def build_testbed(out: str | Path | None = None, force: bool = False, cfg: Testb
         target.parent.mkdir(parents=True, exist_ok=True)
     elif not target.parent.is_dir():
         raise MoePruneError(f"the parent folder of {target} does not exist; create it first.")
+    cfg = cfg or TestbedConfig()
     t0 = time.perf_counter()
     logger.info("building the testbed in %s (about 8 minutes on one CPU core)", target)
     with atomic_dir(target) as tmp:
