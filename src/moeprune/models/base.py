@@ -184,6 +184,12 @@ class MoEAdapter:
         experts = self.experts(block)
         return layout_of(experts).roles(experts, self.fused_style)
 
+    def expert_glu(self, experts: nn.Module):
+        """(gate_out [n, I], up_out [n, I]) -> the activation that enters the down projection, as the family's
+        experts compute it (default SwiGLU-style `act_fn(gate) * up`)."""
+        act = experts.act_fn
+        return lambda g, u: act(g) * u
+
     def shared_experts(self, block: nn.Module) -> list[nn.Module]:
         return [getattr(block, n) for n in self.shared_names if getattr(block, n, None) is not None]
 

@@ -19,3 +19,15 @@ class GptOssAdapter(MoEAdapter):
 
     def routing(self) -> RoutingSpec:
         return RoutingSpec(kind="topk_softmax", top_k=self.top_k, router_bias=True)
+
+    def expert_glu(self, experts):
+        """gpt-oss: clamp gate above and up both sides at `limit`, then (up + 1) · gate · σ(α · gate)."""
+        import torch
+
+        alpha, limit = experts.alpha, experts.limit
+
+        def glu(g, u):
+            g = g.clamp(max=limit)
+            return (u.clamp(min=-limit, max=limit) + 1) * (g * torch.sigmoid(g * alpha))
+
+        return glu

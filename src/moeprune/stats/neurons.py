@@ -1,0 +1,191 @@
+"""Per-neuron statistics inside routed experts, for CAMERA-P and HEAPr — one instrumented pass over the model.
+
+Neuron ("atomic expert") k of expert j: row k of the gate and up projections and column w_k = down[:, k]. For a
+token t routed to j with routing weight ĝ_j(t) and input x_t, the activation entering the down projection is
+h_{t,k} = glu(gate_k·x_t, up_k·x_t) (the family's own activation, `MoEAdapter.expert_glu`), and the expert's
+output is y_t = W_down h_t (+ bias). Sums run over routed, non-padding tokens (A_j, N_j = |A_j|):
+
+    act_sq[j, k]   = Σ_{A_j} h_{t,k}²                       (HEAPr's x_k² term)
+    gact_sq[j, k]  = Σ_{A_j} (ĝ_j(t) · h_{t,k})²             (CAMERA-P energy)
+    gact_max[j, k] = max_{A_j} (ĝ_j(t) · h_{t,k})²           (CAMERA-P peak)
+    grad_sq[j, k]  = Σ_{A_j} (∂L/∂h_{t,k})²                  (HEAPr, gradient pass only)
+    down_sq[j, k]  = ‖w_k‖²                                  (weights, recorded once)
+
+HEAPr needs w_kᵀ M_j w_k with M_j = (1/N_j) Σ_t g_t g_tᵀ and g_t = ∂L/∂y_t. Since ∂L/∂h_t = W_downᵀ g_t,
+w_kᵀ M_j w_k = (1/N_j) Σ_t (w_kᵀ g_t)² = grad_sq[j, k] / N_j: the H×H matrices are never formed. Statistics
+memory is 5 · E · I float64 per MoE layer (Qwen3-30B-A3B: 48 · 128 · 768 · 5 · 8 B ≈ 190 MB), independent of H;
+the gradient pass itself holds one batch's activations, as any backward does. L is the *summed* next-token NLL
+over the batch's counted positions, so each token's gradient is its own (not divided by the batch size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from moeprune.calibration.data import CalibSet
+from moeprune.calibration.session import eager_experts
+from moeprune.errors import MoePruneError
+from moeprune.models.base import MoEAdapter
+from moeprune.surgery.layouts import FusedLayout, layout_of
+
+FIELDS = ("act_sq", "gact_sq", "gact_max", "grad_sq", "down_sq")
+MAX_FIELDS = {"gact_max"}
+
+
+@dataclass
+class NeuronLayerStats:
+    num_experts: int
+    width: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        E, I = self.num_experts, self.width
+        for name in FIELDS:
+            self.sums.setdefault(name, torch.zeros(E, I, dtype=torch.float64))
+        for name in ("count", "grad_count"):
+            self.sums.setdefault(name, torch.zeros(E, dtype=torch.float64))
+
+    def update_forward(self, j: int, h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor) -> None:
+        """h: [n, I] activations of expert j, w: [n] routing weights, valid: [n] 1.0 = real token."""
+        hd = h.double()
+        sq = hd.square() * valid[:, None]  # [n, I]
+        gsq = sq * w.double().square()[:, None]  # [n, I]
+        s = self.sums
+        s["count"][j] += valid.sum()
+        s["act_sq"][j] += sq.sum(dim=0)
+        s["gact_sq"][j] += gsq.sum(dim=0)
+        if gsq.shape[0]:
+            s["gact_max"][j] = torch.maximum(s["gact_max"][j], gsq.amax(dim=0))
+
+    def update_grad(self, j: int, grad: torch.Tensor, valid: torch.Tensor) -> None:
+        """grad: [n, I] = ∂L/∂h for expert j's routed tokens."""
+        s = self.sums
+        s["grad_sq"][j] += (grad.double().square() * valid[:, None]).sum(dim=0)
+        s["grad_count"][j] += valid.sum()
+
+    def merge(self, other: NeuronLayerStats) -> NeuronLayerStats:
+        out = {k: (torch.maximum(v, other.sums[k]) if k in MAX_FIELDS else v + other.sums[k])
+               for k, v in self.sums.items() if k != "down_sq"}
+        out["down_sq"] = self.sums["down_sq"]
+        return NeuronLayerStats(self.num_experts, self.width, out)
+
+
+class NeuronCollector:
+    """Context manager: every MoE layer's fused experts run an instrumented eager forward that feeds
+    `stats[layer]` (and, when the graph requires grad, registers hooks for ∂L/∂h). Set `valid` ([T] bool, the
+    flattened non-padding mask) before each forward. The forward is the family's eager computation written out
+    with the canonical role views (`MoEAdapter.expert_roles`), so outputs match the stock module."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, gradients: bool = False):
+        self.model, self.adapter, self.gradients = model, adapter, gradients
+        self.valid: torch.Tensor | None = None
+        self.stats: dict[int, NeuronLayerStats] = {}
+        self._patched: list[nn.Module] = []
+
+    def __enter__(self) -> NeuronCollector:
+        E = self.adapter.num_experts
+        for layer in self.adapter.moe_layers():
+            block = self.adapter.block(self.model, layer)
+            experts = self.adapter.experts(block)
+            if layout_of(experts) is not FusedLayout:
+                raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D experts; "
+                                    f"{type(experts).__name__} is a ModuleList (not supported yet).")
+            roles = self.adapter.expert_roles(block)
+            stats = NeuronLayerStats(E, roles["down"].shape[-1])
+            stats.sums["down_sq"] = roles["down"].detach().double().square().sum(dim=1).cpu()  # [E, I]
+            self.stats[layer] = stats
+            experts.forward = self._forward_for(block, experts, stats)
+            self._patched.append(experts)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for experts in self._patched:
+            del experts.forward
+        self._patched.clear()
+
+    def _forward_for(self, block: nn.Module, experts: nn.Module, stats: NeuronLayerStats):
+        adapter, glu, E = self.adapter, self.adapter.expert_glu(experts), self.adapter.num_experts
+
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            roles = adapter.expert_roles(block)  # fresh views each call: gate/up [E, I, H], down [E, H, I]
+            out = torch.zeros_like(hidden_states)  # [T, H]
+            T = hidden_states.shape[0]
+            valid = (self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)).to(
+                hidden_states.device, torch.float64)  # [T]
+            for j in top_k_index.unique().tolist():
+                if j >= E:  # a masked slot
+                    continue
+                tok, slot = torch.where(top_k_index == j)  # routed tokens of j and their top-k position
+                x = hidden_states[tok]  # [n, H]
+                g = F.linear(x, roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
+                u = F.linear(x, roles["up"][j], roles["up_bias"][j] if "up_bias" in roles else None)
+                h = glu(g, u)  # [n, I]
+                w = top_k_weights[tok, slot]  # [n]
+                v = valid[tok]
+                stats.update_forward(j, h.detach().cpu(), w.detach().cpu(), v.cpu())
+                if self.gradients and h.requires_grad:
+                    h.register_hook(lambda grad, j=j, v=v: stats.update_grad(j, grad.detach().cpu(), v.cpu()))
+                y = F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None)
+                out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
+            return out
+
+        return forward
+
+
+@contextmanager
+def _embeddings_require_grad(model: nn.Module) -> Iterator[None]:
+    """Make the graph start at the input embeddings, so activations get gradients while no parameter does."""
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        hook.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Σ over counted positions (t and t+1 both real) of −log p(x_{t+1} | x_{≤t}); logits [B, S, V]."""
+    keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()  # [B, S-1]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:], reduction="none")  # [B, S-1]
+    return nll[keep].sum()
+
+
+def collect_neuron_stats(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], *, gradients: bool,
+                         batch_size: int = 8) -> dict[int, NeuronLayerStats]:
+    """One pass over every set's windows (forward, plus backward of the summed NLL when `gradients`).
+
+    Returns {MoE layer: NeuronLayerStats} summed over all sets. The model is left unchanged (no parameter ever
+    receives a gradient)."""
+    device = next(model.parameters()).device
+    batches = [(s.input_ids[i:i + batch_size], s.attention_mask[i:i + batch_size])
+               for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]
+    was_training = model.training
+    model.eval()
+    grad_ctx = _embeddings_require_grad(model) if gradients else nullcontext()
+    try:
+        with eager_experts(model), grad_ctx, NeuronCollector(model, adapter, gradients) as col:
+            for ids, mask in tqdm(batches, desc="neuron statistics" + (" (+gradients)" if gradients else ""),
+                                  unit="batch"):
+                ids, mask = ids.to(device), mask.to(device)
+                col.valid = mask.reshape(-1).bool()
+                if gradients:
+                    with torch.enable_grad():
+                        logits = model(input_ids=ids, attention_mask=mask).logits
+                        summed_nll(logits, ids, mask).backward()
+                else:
+                    with torch.no_grad():
+                        model(input_ids=ids, attention_mask=mask)
+            return col.stats
+    finally:
+        model.train(was_training)
