@@ -1,0 +1,234 @@
+"""Intra-expert (neuron-level) surgery on an in-memory model: the tensors really shrink.
+
+Neuron k of routed expert j is row k of gate and up and column k of down (canonical gate/up [E, I, H],
+down [E, H, I]); the expert computes  y = Σ_k down[:, k] · h_k (+ down bias),  h_k = act(gate_k·x) · (up_k·x).
+For kept neurons K_j (ascending, |K_j| = I' for every expert), expert by expert:
+
+  fused "concat" (qwen3/qwen2/qwen3-vl MoE, mixtral, olmoe, deepseek-v3, glm4-moe):
+      gate_up_proj      [E, 2I, H] -> [E, 2I', H]  rows K_j then I + K_j   (gate block, then up block)
+      gate_up_proj_bias [E, 2I]    -> [E, 2I']     same rows (when present)
+      down_proj         [E, H, I]  -> [E, H, I']   columns K_j
+  fused "interleaved_t" (gpt-oss):
+      gate_up_proj      [E, H, 2I] -> [E, H, 2I']  columns 2k, 2k+1 for k in K_j  (gate even, up odd)
+      gate_up_proj_bias [E, 2I]    -> [E, 2I']     same columns
+      down_proj         [E, I, H]  -> [E, I', H]   rows K_j;   down_proj_bias [E, H] unchanged
+  modulelist (`experts.J.gate_proj/up_proj/down_proj` or `w1/w3/w2` nn.Linear):
+      gate, up weight [I, H] -> [I', H] (bias [I] -> [I']);  down weight [H, I] -> [H, I'];  in/out_features follow
+
+Afterwards I' is written to `config.<adapter.intermediate_key>` (text sub-config when nested) and to every
+integer attribute in `WIDTH_ATTRS` equal to I on the experts container and its expert MLPs
+(transformers 5: `intermediate_dim` on the fused experts of the concat families, `intermediate_size` on gpt-oss
+experts and on ModuleList MLPs). DeepSeek-style configs size the shared experts as
+moe_intermediate_size × n_shared_experts = S; to keep them loadable `n_shared_experts` becomes S / I', which must be
+an integer (else the plan is refused).
+
+Kept widths must be multiples of `align` (default 8): transformers' default `grouped_mm` experts kernel needs every
+activation row [·, I'] to span a multiple of 16 bytes, i.e. I' % 8 == 0 in bf16/fp16 (I' % 4 in fp32), else a
+stock model fails at its first forward ("strides should be multiple of 16 bytes"). `align=1` lifts the check for
+models run with `experts_implementation="eager"`.
+
+`mask_neurons` is the reference: it zeroes only the down columns of removed neurons, which removes exactly their
+terms down[:, k] · h_k, so it computes the sliced model's function (up to summation order).
+Only uniform plans can be sliced (stock configs hold one width); non-uniform widths need moeprune's own loader.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.log import logger
+from moeprune.models.base import MoEAdapter
+from moeprune.select.neuron_plan import NeuronPlan
+from moeprune.surgery.layouts import _MLP_NAMES, ModuleListLayout, layout_of
+
+# integer module attributes that store the expert width and must follow surgery
+WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size")
+FUSED_PARAMS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+SHARED_COUNT_KEY = "n_shared_experts"  # DeepSeek-style: shared width = moe_intermediate_size × n_shared_experts
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _mlp_name(expert: nn.Module, role: str) -> str:
+    name = next((n for n in _MLP_NAMES[role] if hasattr(expert, n)), None)
+    if name is None:
+        raise MoePruneError(f"expert MLP {type(expert).__name__} has none of {_MLP_NAMES[role]}")
+    return name
+
+
+def experts_shape(adapter: MoEAdapter, experts: nn.Module) -> tuple[int, int]:
+    """(E, I) of one experts container, read from its tensors; refuses layouts neuron surgery does not know."""
+    if layout_of(experts) is ModuleListLayout:
+        widths = {getattr(e, _mlp_name(e, "gate")).weight.shape[0] for e in experts}
+        if len(widths) != 1:
+            raise MoePruneError(f"the experts of this layer already have different widths {sorted(widths)}.")
+        return len(experts), widths.pop()
+    names = {n for n, _ in experts.named_parameters(recurse=False)}
+    if not {"gate_up_proj", "down_proj"} <= names or names - FUSED_PARAMS:
+        raise MoePruneError(f"fused experts {type(experts).__name__} hold {sorted(names)}; neuron surgery knows "
+                            f"{sorted(FUSED_PARAMS)} (gate_up_proj and down_proj required).")
+    gu, down = experts.gate_up_proj, experts.down_proj
+    style = adapter.fused_style
+    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
+        E, inter, ok = down.shape[0], down.shape[2], gu.shape[1] == 2 * down.shape[2]
+    elif style == "interleaved_t":  # gate_up [E, H, 2I], down [E, I, H]
+        E, inter, ok = down.shape[0], down.shape[1], gu.shape[2] == 2 * down.shape[1]
+    else:
+        raise MoePruneError(f"unknown fused style {style!r}")
+    if not ok:
+        raise MoePruneError(f"{type(experts).__name__}: gate_up_proj {tuple(gu.shape)} and down_proj "
+                            f"{tuple(down.shape)} do not agree on one width for style {style!r}.")
+    return E, inter
+
+
+def _select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """out[e] = t[e].index_select(dim - 1, index[e]):  t [E, ...], index [E, n] -> size n on `dim`."""
+    shape = list(t.shape)
+    shape[dim] = index.shape[1]
+    out = t.new_empty(shape)
+    for e in range(t.shape[0]):
+        out[e] = t[e].index_select(dim - 1, index[e].to(t.device))
+    return out
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+def _slice_fused(experts: nn.Module, style: str, idx: torch.Tensor, inter: int) -> None:
+    """idx [E, I'] kept neurons per expert; see the module docstring for the formulas."""
+    if style == "concat":
+        rows = torch.cat([idx, idx + inter], dim=1)  # [E, 2I']: gate rows, then up rows
+        _replace(experts, "gate_up_proj", _select(experts.gate_up_proj, 1, rows))  # [E, 2I', H]
+        _replace(experts, "down_proj", _select(experts.down_proj, 2, idx))  # [E, H, I']
+    else:  # interleaved_t
+        rows = torch.stack([2 * idx, 2 * idx + 1], dim=-1).reshape(idx.shape[0], -1)  # [E, 2I']: g0 u0 g1 u1 ..
+        _replace(experts, "gate_up_proj", _select(experts.gate_up_proj, 2, rows))  # [E, H, 2I']
+        _replace(experts, "down_proj", _select(experts.down_proj, 1, idx))  # [E, I', H]
+    if getattr(experts, "gate_up_proj_bias", None) is not None:
+        _replace(experts, "gate_up_proj_bias", _select(experts.gate_up_proj_bias, 1, rows))  # [E, 2I']
+
+
+def _slice_modulelist(experts: nn.ModuleList, idx: torch.Tensor) -> None:
+    for j, expert in enumerate(experts):
+        keep = idx[j]
+        for role in ("gate", "up"):
+            lin = getattr(expert, _mlp_name(expert, role))
+            _replace(lin, "weight", lin.weight.index_select(0, keep.to(lin.weight.device)))  # [I', H]
+            if lin.bias is not None:
+                _replace(lin, "bias", lin.bias.index_select(0, keep.to(lin.bias.device)))  # [I']
+            lin.out_features = len(keep)
+        lin = getattr(expert, _mlp_name(expert, "down"))
+        _replace(lin, "weight", lin.weight.index_select(1, keep.to(lin.weight.device)))  # [H, I']
+        lin.in_features = len(keep)
+
+
+def _set_width_attrs(experts: nn.Module, old: int, new: int) -> list[str]:
+    modules = [experts, *(experts if isinstance(experts, nn.ModuleList) else [])]
+    changed = []
+    for m in modules:
+        for a in WIDTH_ATTRS:
+            if isinstance(getattr(m, a, None), int) and getattr(m, a) == old:
+                setattr(m, a, new)
+                changed.append(f"{type(m).__name__}.{a}")
+    return sorted(set(changed))
+
+
+def _shared_count(config, adapter: MoEAdapter, old: int, new: int, align: int) -> int | None:
+    """New n_shared_experts keeping the shared width S = old × n (DeepSeek-style configs), else None."""
+    n = getattr(config, SHARED_COUNT_KEY, None)
+    if adapter.intermediate_key != "moe_intermediate_size" or not isinstance(n, int) or n < 1:
+        return None
+    shared = old * n
+    if shared % new:
+        ok = [d for d in range(1, old + 1) if shared % d == 0 and d % align == 0]
+        near = sorted(ok, key=lambda d: abs(d - new))[:4]
+        raise MoePruneError(
+            f"{adapter.model_type} sizes its shared experts as {adapter.intermediate_key} × {SHARED_COUNT_KEY} "
+            f"= {old} × {n} = {shared}; a kept width of {new} does not divide {shared}, so a stock config cannot "
+            f"describe the shared experts any more. Keep a width that divides {shared}"
+            f"{f' and is a multiple of {align}' if align > 1 else ''} (nearest: {sorted(near)})."
+        )
+    return shared // new
+
+
+def _prepare(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> None:
+    old = getattr(text_config(model.config), adapter.intermediate_key, None)
+    if old != plan.width:
+        raise MoePruneError(f"config {adapter.intermediate_key}={old} but the neuron plan was made for width "
+                            f"{plan.width}.")
+    plan.validate(adapter, model)
+
+
+@torch.no_grad()
+def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *, align: int = 8) -> nn.Module:
+    """Keep only the plan's neurons in every routed expert, in place; updates module attributes and config.
+
+    Every check (plan shape, uniform width, alignment, shared-expert coupling) runs before any tensor is modified.
+    """
+    _prepare(model, adapter, plan)
+    new = plan.uniform_width
+    if new is None:
+        widths = sorted({len(v) for ex in plan.kept_neurons.values() for v in ex.values()})
+        raise MoePruneError(
+            f"the neuron plan keeps different widths per expert ({widths[0]}..{widths[-1]}); stock configs hold one "
+            "expert width, so non-uniform widths need moeprune's own loader (not built yet). Use a uniform budget."
+        )
+    config = text_config(model.config)
+    old = plan.width
+    if new != old and new % align:
+        lo = new - new % align
+        near = [w for w in (lo, lo + align) if 0 < w <= old]
+        raise MoePruneError(
+            f"kept width {new} is not a multiple of {align}: transformers' default grouped_mm experts kernel needs "
+            f"activation rows of a multiple of 16 bytes (width % 8 == 0 in bf16), so the pruned model would fail at "
+            f"its first forward. Keep a multiple of {align} neurons per expert (nearest: {near}), or pass align=1 "
+            "and run the model with experts_implementation='eager'."
+        )
+    shared = _shared_count(config, adapter, old, new, align)
+    changed: set[str] = set()
+    for layer in plan.layers:
+        experts = adapter.experts(adapter.block(model, layer))
+        E = len(plan.kept_neurons[layer])
+        idx = torch.tensor([plan.kept_neurons[layer][j] for j in range(E)], dtype=torch.long)  # [E, I']
+        if layout_of(experts) is ModuleListLayout:
+            _slice_modulelist(experts, idx)
+        else:
+            _slice_fused(experts, adapter.fused_style, idx, old)
+        changed.update(_set_width_attrs(experts, old, new))
+    setattr(config, adapter.intermediate_key, new)
+    if shared is not None:
+        logger.info("%s: %s %d -> %d so the shared experts keep width %d", adapter.model_type, SHARED_COUNT_KEY,
+                    getattr(config, SHARED_COUNT_KEY), shared, old * getattr(config, SHARED_COUNT_KEY))
+        setattr(config, SHARED_COUNT_KEY, shared)
+    logger.info("kept %d of %d neurons per expert in %d MoE layers (width attributes: %s)", new, old,
+                len(plan.layers), ", ".join(sorted(changed)) or "none")
+    return model
+
+
+@torch.no_grad()
+def mask_neurons(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> nn.Module:
+    """Reference for `apply_neuron_plan`: zero the down-projection columns of removed neurons, in place.
+
+    Nothing else changes (gate/up rows, biases, the down bias stay), so any plan — uniform or not — is accepted.
+    """
+    _prepare(model, adapter, plan)
+    for layer in plan.layers:
+        experts = adapter.experts(adapter.block(model, layer))
+        modulelist = layout_of(experts) is ModuleListLayout
+        for j in sorted(plan.kept_neurons[layer]):
+            drop = plan.dropped(layer, j)
+            if not drop:
+                continue
+            if modulelist:
+                getattr(experts[j], _mlp_name(experts[j], "down")).weight[:, drop] = 0  # [H, I]
+            elif adapter.fused_style == "concat":
+                experts.down_proj[j][:, drop] = 0  # [H, I]
+            else:
+                experts.down_proj[j][drop, :] = 0  # [I, H]
+    return model
