@@ -43,15 +43,22 @@ def _kept(mask: torch.Tensor) -> dict[int, list[int]]:
     return {j: torch.nonzero(mask[j]).flatten().tolist() for j in range(mask.shape[0])}
 
 
+def expert_width_kept(ratio: float, width: int, min_width: int = 1, align: int = 1) -> int:
+    """Kept neurons per expert under the `expert` budget: round((1 − ratio) · I) to a multiple of `align`
+    (transformers' grouped_mm kernel needs widths % 8 == 0 in half precision), at least max(min_width, align)."""
+    n = round((1 - ratio) * width / align) * align
+    return min(width, max(n, min_width, align))
+
+
 def select_neurons(scores: dict[int, torch.Tensor], ratio: float, budget: str = "global",
-                   min_width: int = 1) -> dict[int, dict[int, list[int]]]:
+                   min_width: int = 1, align: int = 1) -> dict[int, dict[int, list[int]]]:
     """scores: {layer: [E, I]} (higher = keep) -> {layer: {expert: kept neuron indices}}."""
     if not scores:
         raise MoePruneError("no MoE layer scores to select from.")
     E, I = next(iter(scores.values())).shape
     check_budget(ratio, budget, min_width, I)
     if budget == "expert":
-        n = max(min_width, round((1 - ratio) * I))
+        n = expert_width_kept(ratio, I, min_width, align)
         return {layer: _kept(_top_mask(s, n)) for layer, s in scores.items()}
     groups = [[layer] for layer in scores] if budget == "layer" else [list(scores)]
     kept: dict[int, dict[int, list[int]]] = {}
