@@ -67,13 +67,49 @@ def cmd_apply(args) -> int:
 
 def cmd_prune(args) -> int:
     from moeprune import api
+    from moeprune.criteria.neurons import NEURON_CRITERIA
 
+    if args.method in NEURON_CRITERIA:
+        return _prune_neurons(args)
+    if args.expert_method or args.expert_ratio:
+        raise MoePruneError("--expert-method/--expert-ratio combine expert removal with a neuron method "
+                            "(--method heapr|camera).")
     _, result = api.prune(args.model, args.out, method=args.method, ratio=args.ratio, seed=args.seed,
                           streaming=args.streaming, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
                           run_verify=not args.no_verify, verify_dtype=args.verify_dtype,
                           calib=_calib_options(args) if args.calib else None, policy=args.policy,
                           floor=args.floor, protect=args.protect, protect_super=args.protect_super,
                           as_you_go=args.as_you_go)
+    return _verify_exit(result)
+
+
+def _prune_neurons(args) -> int:
+    """--method heapr|camera: neuron statistics on --calib, budget, slice, save, verify."""
+    from moeprune import api
+    from moeprune.neuron_api import prune_neurons
+
+    if not args.calib:
+        raise MoePruneError(f"--method {args.method} scores neurons from calibration text: pass --calib NAME=PATH.")
+    ignored = [flag for flag, on in (("--streaming", args.streaming), ("--as-you-go", args.as_you_go),
+                                     ("--policy", args.policy != "uniform"), ("--protect", bool(args.protect)),
+                                     ("--protect-super", args.protect_super), ("--floor", args.floor is not None))
+               if on]
+    if ignored:
+        raise MoePruneError(f"{', '.join(ignored)} apply to expert removal; with --method {args.method} use "
+                            "--budget/--min-width, and --expert-method/--expert-ratio to drop experts first.")
+    if bool(args.expert_method) != bool(args.expert_ratio):
+        raise MoePruneError("pass --expert-method and --expert-ratio together (experts first, then neurons).")
+    calib = _calib_options(args)
+    expert_plan = None
+    if args.expert_method:
+        from moeprune.criteria import CRITERIA
+
+        needs = CRITERIA.get(args.expert_method).needs == "calibration"
+        source = api.calibrate(args.model, calib) if needs else args.model
+        expert_plan = api.make_plan(source, args.expert_method, args.expert_ratio)
+    _, result = prune_neurons(args.model, args.out, method=args.method, ratio=args.ratio, calib=calib,
+                              budget=args.budget, min_width=args.min_width, rho=args.rho, expert_plan=expert_plan,
+                              overwrite=args.overwrite, run_verify=not args.no_verify)
     return _verify_exit(result)
 
 
@@ -317,10 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="[calibrate +] plan + apply + save + verify")
     p.add_argument("model")
-    p.add_argument("--method", help=f"criterion: {methods} (not needed with --policy reconstruction)")
-    p.add_argument("--ratio", type=_ratio, required=True)
+    p.add_argument("--method", help=f"criterion: {methods}; neuron methods: heapr, camera (not needed with "
+                                    "--policy reconstruction)")
+    p.add_argument("--ratio", type=_ratio, required=True,
+                   help="fraction of experts removed; with heapr/camera: of routed-expert parameters (neurons)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
+    g = p.add_argument_group("neuron pruning (--method heapr|camera)")
+    g.add_argument("--budget", default="expert", choices=["expert", "layer", "global"],
+                   help="how the removed neurons are spread; only 'expert' (uniform width) exports today")
+    g.add_argument("--min-width", type=int, default=1, help="neurons every expert keeps at least")
+    g.add_argument("--rho", type=float, default=0.9, help="CAMERA-P: weight of the peak term")
+    g.add_argument("--expert-method", help="first remove experts with this criterion ...")
+    g.add_argument("--expert-ratio", type=_ratio, help="... at this ratio, then neurons inside the survivors")
     p.add_argument("--verify-dtype", default="float32", help="dtype for verification (float32, bfloat16, ...)")
     _add_apply_flags(p)
     _add_select_flags(p, progressive=True)

@@ -126,6 +126,10 @@ def prune_neurons(model: str | Path, out: str | Path, *, method: str, ratio: flo
                   run_verify: bool = True) -> tuple[NeuronApplyResult, VerifyResult | None]:
     """Plan (statistics on `calib`) + apply + save + verify against the original with neurons zeroed."""
     check_output(out, [Checkpoint.open(model).path], overwrite)
+    if budget != "expert":
+        raise MoePruneError(f"--budget {budget} gives experts different widths, which stock configs cannot hold and "
+                            "moeprune's own loader does not handle yet; use --budget expert to export (or plan "
+                            "with neuron_api.make_neuron_plan to study the selection).")
     plan = make_neuron_plan(model, method, ratio, calib, budget=budget, min_width=min_width, rho=rho,
                             expert_plan=expert_plan)
     applied = apply_neuron_plan_to(model, plan, out, expert_plan=expert_plan, overwrite=overwrite)
