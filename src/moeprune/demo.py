@@ -22,7 +22,7 @@ from moeprune.models.summary import format_summary
 from moeprune.testbed import build_testbed
 
 # chosen from benchmarks/RESULTS.md (quality table on the testbed): see the "default method" section there
-DEFAULT_METHOD = "reap"
+DEFAULT_METHOD = "tcess_top1"
 RATIOS = (0.25, 0.5)
 
 
