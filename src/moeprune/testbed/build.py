@@ -31,6 +31,9 @@ from moeprune.testbed.train import TestbedConfig, train_model
 
 TESTBED_FILE = "testbed.json"
 SCHEMA = "moeprune.testbed/1"
+# bump when the corpus, tokenizer or training recipe changes: the default cache folder moves with it, so an old
+# testbed is never reused for a new recipe (configs alone cannot tell)
+RECIPE = 1
 CALIB, HELDOUT = "calib", "heldout"
 
 
@@ -43,8 +46,10 @@ def cache_root() -> Path:
 
 
 def default_dir() -> Path:
-    """Where `moeprune testbed build` puts the default testbed (one per Python minor version: its stdlib is data)."""
-    return cache_root() / f"testbed-py{platform.python_version_tuple()[0]}{platform.python_version_tuple()[1]}"
+    """Where `moeprune testbed build` puts the default testbed: one per recipe and Python minor version (the
+    standard library's source is training data)."""
+    major, minor, _ = platform.python_version_tuple()
+    return cache_root() / f"testbed-r{RECIPE}-py{major}{minor}"
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ def _build_into(tmp: Path, target: Path, cfg: TestbedConfig) -> dict:
     plot_routing(shares, layers, tmp / "routing.png")
     heldout = {n: {**s.to_dict(), "loss": s.nll_sum / s.tokens} for n, s in scores.items()}
     return {
-        "schema": SCHEMA, "home": str(target), "config": cfg.to_dict(), "versions": _versions(),
+        "schema": SCHEMA, "recipe": RECIPE, "home": str(target), "config": cfg.to_dict(), "versions": _versions(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "domains": domains,
         "heldout": heldout,
