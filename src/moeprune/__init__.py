@@ -4,4 +4,13 @@ __version__ = "0.1.0"
 
 from moeprune.errors import MoePruneError  # noqa: E402
 
-__all__ = ["MoePruneError", "__version__"]
+
+def load_model(path, dtype: str = "auto", device: str = "cpu"):
+    """Load any moeprune output (or any local checkpoint): stock `from_pretrained` when the folder is
+    stock-loadable, moeprune's loader for non-uniform expert widths (`io/nonuniform.py`)."""
+    from moeprune.io.load import load_model as _load
+
+    return _load(path, dtype=dtype, device=device)
+
+
+__all__ = ["MoePruneError", "__version__", "load_model"]

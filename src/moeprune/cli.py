@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
     g = p.add_argument_group("neuron pruning (--method heapr|camera)")
     g.add_argument("--budget", default="expert", choices=["expert", "layer", "global"],
-                   help="how the removed neurons are spread; only 'expert' (uniform width) exports today")
+                   help="how the removed neurons are spread: expert (uniform width, stock-loadable), layer or global "
+                        "(non-uniform widths: load the export with moeprune.load_model)")
     g.add_argument("--min-width", type=int, default=1, help="neurons every expert keeps at least")
     g.add_argument("--rho", type=float, default=0.9, help="CAMERA-P: weight of the peak term")
     g.add_argument("--expert-method", help="first remove experts with this criterion ...")

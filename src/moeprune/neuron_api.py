@@ -17,6 +17,7 @@ from moeprune import __version__
 from moeprune.calibration.run import CalibrateOptions, prepare
 from moeprune.criteria.neurons import NEURON_CRITERIA, neuron_scores
 from moeprune.errors import MoePruneError
+from moeprune.io import nonuniform
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, match_disk_dtypes
@@ -31,6 +32,7 @@ from moeprune.select.plan import PrunePlan
 from moeprune.stats.neurons import collect_neuron_stats
 from moeprune.surgery.in_memory import apply_plan as remove_experts
 from moeprune.surgery.neurons import apply_neuron_plan
+from moeprune.surgery.neurons_padded import apply_neuron_plan_padded
 
 NEURON_PLAN_NAME = "moeprune_neurons.json"
 ALIGN = 8  # kept widths are multiples of 8: transformers' grouped_mm experts kernel needs 16-byte rows
@@ -48,7 +50,7 @@ def make_neuron_plan(model: str | Path, method: str, ratio: float, calib: Calibr
     if width is None:
         raise MoePruneError(f"config has no expert width ({adapter.intermediate_key}); cannot plan neurons.")
     check_budget(ratio, budget, min_width, width)
-    if method == "camera" and not 0 <= rho <= 1:
+    if not 0 <= rho <= 1:
         raise MoePruneError(f"--rho {rho} must lie in [0, 1].")
     if expert_plan is not None:
         expert_plan.validate(adapter)
@@ -83,22 +85,29 @@ def apply_neuron_plan_to(model: str | Path, plan: NeuronPlan, out: str | Path, *
     out_path = check_output(out, [ckpt.path], overwrite)
     if expert_plan is not None:
         expert_plan.validate(adapter)
-    if plan.uniform_width is None:
-        raise MoePruneError(f"the neuron plan ({plan.budget} budget) keeps different widths per expert; stock "
-                            "configs hold one width and moeprune's loader for non-uniform widths is not built "
-                            "yet. Use --budget expert for a stock-loadable export.")
+    uniform = plan.uniform_width is not None
+    if not uniform:
+        logger.warning("the neuron plan (%s budget) keeps different widths per expert: the export is NOT loadable "
+                       "by stock transformers/vLLM; load it with moeprune.load_model (see the report)", plan.budget)
     with atomic_dir(out_path) as tmp:
         model_obj = load_model(ckpt.path, dtype="auto")
         match_disk_dtypes(model_obj, ckpt.torch_dtypes())
         if expert_plan is not None:
             remove_experts(model_obj, adapter, expert_plan)
         current = get_adapter(model_obj.config, model=model_obj)
-        apply_neuron_plan(model_obj, current, plan, align=ALIGN)
+        if uniform:
+            apply_neuron_plan(model_obj, current, plan, align=ALIGN)
+            widths = {layer: plan.uniform_width for layer in plan.layers}
+        else:
+            widths = apply_neuron_plan_padded(model_obj, current, plan, align=ALIGN)
         model_obj.config.moeprune = {"version": __version__, "method": plan.method, "ratio": plan.ratio,
                                      "budget": plan.budget, "source": str(ckpt.path),
                                      "neuron_plan_sha256": plan.sha256()}
         model_obj.save_pretrained(tmp)
         del model_obj
+        if not uniform:
+            nonuniform.mark(tmp, adapter.model_type, widths,
+                            {layer: {j: len(v) for j, v in d.items()} for layer, d in plan.kept_neurons.items()})
         bytes_after = Checkpoint.open(tmp).total_bytes
         ckpt.copy_side_files(tmp)
         plan.save(tmp / NEURON_PLAN_NAME)
@@ -107,13 +116,18 @@ def apply_neuron_plan_to(model: str | Path, plan: NeuronPlan, out: str | Path, *
             "source": str(ckpt.path), "model_type": adapter.model_type, "method": plan.method,
             "ratio": plan.ratio, "budget": plan.budget, "neuron_plan_sha256": plan.sha256(),
             "expert_width_before": plan.width, "expert_width_after": plan.uniform_width,
+            "layer_widths": {str(k): v for k, v in sorted(widths.items())},
             "num_experts_before": adapter.num_experts,
             "num_experts_after": expert_plan.kept_count if expert_plan is not None else adapter.num_experts,
             "kept_experts": ({str(k): v for k, v in sorted(expert_plan.kept_experts.items())}
                              if expert_plan is not None else None),
             "weight_bytes_before": ckpt.total_bytes, "weight_bytes_after": bytes_after,
-            "loadable_by_stock_config": True,
-            "note": f"kept neurons per expert and layer: {NEURON_PLAN_NAME}",
+            "loadable_by_stock_config": uniform,
+            "note": (f"kept neurons per expert and layer: {NEURON_PLAN_NAME}" if uniform else
+                     "NON-UNIFORM expert widths: stock from_pretrained refuses this folder (model_type "
+                     f"{nonuniform.SENTINEL!r}); load it with moeprune.load_model. Each layer stores its widest "
+                     f"expert's width (layer_widths); narrower experts are zero-padded. Kept neurons: "
+                     f"{NEURON_PLAN_NAME}"),
         }
         write_json_atomic(tmp / REPORT_NAME, report)
     logger.info("wrote %s (%.1f%% of the original weight bytes)", out_path, 100 * bytes_after / ckpt.total_bytes)
@@ -126,10 +140,6 @@ def prune_neurons(model: str | Path, out: str | Path, *, method: str, ratio: flo
                   run_verify: bool = True) -> tuple[NeuronApplyResult, VerifyResult | None]:
     """Plan (statistics on `calib`) + apply + save + verify against the original with neurons zeroed."""
     check_output(out, [Checkpoint.open(model).path], overwrite)
-    if budget != "expert":
-        raise MoePruneError(f"--budget {budget} gives experts different widths, which stock configs cannot hold and "
-                            "moeprune's own loader does not handle yet; use --budget expert to export (or plan "
-                            "with neuron_api.make_neuron_plan to study the selection).")
     plan = make_neuron_plan(model, method, ratio, calib, budget=budget, min_width=min_width, rho=rho,
                             expert_plan=expert_plan)
     applied = apply_neuron_plan_to(model, plan, out, expert_plan=expert_plan, overwrite=overwrite)

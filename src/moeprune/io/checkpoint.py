@@ -59,6 +59,10 @@ class Checkpoint:
         """The transformers config object (no weights, no network)."""
         from transformers import AutoConfig
 
+        from moeprune.io import nonuniform
+
+        if nonuniform.is_nonuniform(self.config_dict):  # per-layer expert widths: the real config, restored
+            return nonuniform.restored_config(self.config_dict)
         try:
             return AutoConfig.from_pretrained(str(self.path), local_files_only=True)
         except (ValueError, KeyError, OSError) as e:

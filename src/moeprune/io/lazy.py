@@ -81,11 +81,13 @@ class LazyModel:
         return sum(t.numel() * t.element_size() for t in self.layers[i].state_dict().values())
 
 
-def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False) -> LazyModel:
+def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, config=None,
+              prepare=None) -> LazyModel:
     """Build the model on `meta` and materialise all but its decoder layers (and head, unless `head`) on CPU.
 
     `dtype` is resolved as in `io.load.load_model` ("auto" = the checkpoint's dtype), so every materialised
-    tensor has the dtype the eager model would have.
+    tensor has the dtype the eager model would have. `config` replaces the checkpoint's config object;
+    `prepare(model)` may reshape meta parameters before anything is read (non-uniform expert widths).
     """
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -94,7 +96,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False) -> L
     from transformers.utils.generic import ContextManagers
 
     ckpt = Checkpoint.open(path)
-    config = ckpt.config
+    config = config if config is not None else ckpt.config
     if getattr(config, "quantization_config", None) is not None:
         raise MoePruneError(
             f"{ckpt.path} is a quantized checkpoint ({config.quantization_config}); lazy loading supports "
@@ -110,6 +112,8 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False) -> L
     with ContextManagers(cls.get_init_context(torch_dtype, False, False, None)):
         model = cls(config)  # every tensor on meta, in the dtypes from_pretrained would give
     model.eval()
+    if prepare is not None:
+        prepare(model)
     conversions = get_model_conversion_mapping(model, None, None)
     load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(ckpt.path), dtype=torch_dtype,
                                       dtype_plan=model._get_dtype_plan(torch_dtype), weight_mapping=conversions)

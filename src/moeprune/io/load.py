@@ -45,8 +45,19 @@ def match_disk_dtypes(model, disk_dtypes: dict[str, torch.dtype]) -> list[str]:
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
-    """`Auto*.from_pretrained(path)` (the stock class for this config) from local files only, in eval mode."""
+    """`Auto*.from_pretrained(path)` (the stock class for this config) from local files only, in eval mode.
+
+    Loads any moeprune output: non-uniform expert widths (which stock `from_pretrained` refuses by design) go
+    through `io.nonuniform.load_nonuniform`."""
+    import json
+
     from transformers import AutoConfig
+
+    from moeprune.io import nonuniform
+
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file() and nonuniform.is_nonuniform(json.loads(cfg_file.read_text())):
+        return nonuniform.load_nonuniform(path, dtype).to(device).eval()
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True)

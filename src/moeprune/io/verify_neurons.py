@@ -1,6 +1,8 @@
 """Verification of intra-expert pruning: the pruned checkpoint, loaded by stock `from_pretrained`, must equal the
 original model with (a) the experts an optional `PrunePlan` removed masked out of routing (`models/masking.py`) and
-(b) the down-projection columns of every removed neuron zeroed (`surgery/neurons.mask_neurons`).
+(b) the down-projection columns of every removed neuron zeroed (`surgery/neurons.mask_neurons`). Non-uniform
+folders (per-layer widths, `io/nonuniform.py`) are loaded with moeprune's loader, everything else with stock
+`from_pretrained`.
 
     diff = max |logits_pruned − logits_reference|   over non-padding positions
     pass ⇔ diff ≤ tol · max |logits_reference|      (tol = 1e-4 in float32), as in `io/verify.py`
@@ -11,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+from moeprune.io import nonuniform
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model
 from moeprune.io.verify import VerifyResult, compare, logits_of, seeded_inputs
@@ -44,10 +47,14 @@ def verify_neurons(
     else:
         reference_plan = neuron_plan
     reference_plan.validate(adapter)
-    width = getattr(dst.config.get_text_config(), adapter.intermediate_key, None)
-    if width != neuron_plan.uniform_width:
-        raise MoePruneError(f"pruned config has {adapter.intermediate_key}={width}, the neuron plan keeps "
-                            f"{neuron_plan.uniform_width} neurons per expert.")
+    if nonuniform.is_nonuniform(dst.config_dict):
+        if neuron_plan.uniform_width is not None:
+            raise MoePruneError("the pruned folder has non-uniform expert widths but the neuron plan is uniform.")
+    else:
+        width = getattr(dst.config.get_text_config(), adapter.intermediate_key, None)
+        if width != neuron_plan.uniform_width:
+            raise MoePruneError(f"pruned config has {adapter.intermediate_key}={width}, the neuron plan keeps "
+                                f"{neuron_plan.uniform_width} neurons per expert.")
     if expert_plan is not None:
         count = getattr(dst.config.get_text_config(), adapter.count_key, None)
         if count != expert_plan.kept_count:

@@ -28,6 +28,7 @@ class ModelSummary:
     bytes: dict[str, int]
     per_layer_expert_params: dict[int, int]
     savings: dict[str, dict] = field(default_factory=dict)
+    layer_widths: dict[int, int] | None = None  # non-uniform expert widths (moeprune loader only), else None
 
     @property
     def routed_params(self) -> int:
@@ -71,6 +72,10 @@ def summarize(path: str) -> ModelSummary:
         routing=routing.describe(), expert_width=adapter.expert_width, params=params, bytes=nbytes,
         per_layer_expert_params=per_layer,
     )
+    from moeprune.io import nonuniform
+
+    if nonuniform.is_nonuniform(ckpt.config_dict):
+        summary.layer_widths = nonuniform.widths(ckpt.config_dict)
     for ratio in (0.25, 0.5):
         try:
             n_drop = drop_count(ratio, adapter.num_experts, routing)
@@ -100,6 +105,11 @@ def format_summary(s: ModelSummary) -> str:
         f"layers       {s.num_layers} decoder layers, {len(s.moe_layers)} MoE: {_ranges(s.moe_layers)}",
         f"experts      E={s.num_experts} routed per MoE layer, top-{s.top_k}, width {s.expert_width}",
         f"routing      {s.routing}",
+    ]
+    if s.layer_widths:
+        lines.append(f"NON-UNIFORM  expert width per layer {s.layer_widths}: load with moeprune.load_model; stock "
+                     "from_pretrained and vLLM refuse this folder")
+    lines += [
         "",
         f"{'part':<16}{'params':>14}{'bytes':>14}{'share':>9}",
     ]

@@ -1,0 +1,110 @@
+"""Checkpoints whose MoE layers have different expert widths (neuron pruning with `layer`/`global` budgets).
+
+Stock configs hold one expert width, so such a folder cannot be described to `transformers`. moeprune saves it
+with the family's own tensor names and shapes, but with
+
+    config.json: "model_type": "moeprune_nonuniform__load_with_moeprune.load_model",
+                 "moeprune_nonuniform": {"model_type": "<the real one>", "widths": {"<layer>": I_l, ...},
+                                         "kept": {"<layer>": {"<expert>": n_j, ...}}}
+
+so that a plain `AutoModelForCausalLM.from_pretrained` (or vLLM) fails at once with an error that names the
+loader, instead of loading something wrong. Within a layer every expert is stored at the layer's width I_l
+(the widest expert of the layer, rounded up to a multiple of 8): narrower experts are padded with zero neurons
+(zero gate/up rows and zero down columns contribute exactly 0), and `kept` records the real counts. The config
+keeps the original width under the family's key (DeepSeek-style shared experts are sized from it).
+
+`load_nonuniform(path)` rebuilds the stock model class from the restored config on `meta`, reshapes each MoE
+layer's expert parameters to I_l, and reads every tensor through transformers' own converters (`io/lazy.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moeprune.errors import MoePruneError
+
+KEY = "moeprune_nonuniform"
+SENTINEL = "moeprune_nonuniform__load_with_moeprune.load_model"
+WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size")
+
+
+def is_nonuniform(config_dict: dict) -> bool:
+    return isinstance(config_dict.get(KEY), dict)
+
+
+def restored_config(config_dict: dict) -> Any:
+    """The transformers config object of a non-uniform folder (its real model_type restored)."""
+    from transformers import AutoConfig
+
+    info = config_dict[KEY]
+    d = {k: v for k, v in config_dict.items() if k not in (KEY, "model_type")}
+    try:
+        return AutoConfig.for_model(info["model_type"], **d)
+    except (ValueError, KeyError) as e:
+        raise MoePruneError(f"cannot rebuild the {info.get('model_type')!r} config of a non-uniform moeprune "
+                            f"checkpoint: {e}") from e
+
+
+def widths(config_dict: dict) -> dict[int, int]:
+    return {int(k): int(v) for k, v in config_dict[KEY]["widths"].items()}
+
+
+def mark(folder: Path, model_type: str, layer_widths: dict[int, int], kept: dict[int, dict[int, int]]) -> None:
+    """Rewrite FOLDER/config.json of a freshly saved non-uniform model (see the module docstring)."""
+    f = folder / "config.json"
+    d = json.loads(f.read_text())
+    d["model_type"] = SENTINEL
+    d[KEY] = {"model_type": model_type, "widths": {str(k): v for k, v in sorted(layer_widths.items())},
+              "kept": {str(k): {str(j): n for j, n in sorted(v.items())} for k, v in sorted(kept.items())}}
+    f.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def resize_experts(experts: nn.Module, style: str, width: int) -> None:
+    """Give a (meta) experts module the expert width `width`: fused tensors and width attributes."""
+    import torch
+
+    def new(name: str, shape: list[int]) -> None:
+        p = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(torch.empty(shape, dtype=p.dtype, device=p.device),
+                                            requires_grad=p.requires_grad))
+
+    if isinstance(experts, nn.ModuleList):
+        raise MoePruneError("non-uniform widths are stored for fused experts only.")
+    gu, down = experts.gate_up_proj, experts.down_proj
+    old = down.shape[2] if style == "concat" else down.shape[1]
+    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
+        new("gate_up_proj", [gu.shape[0], 2 * width, gu.shape[2]])
+        new("down_proj", [down.shape[0], down.shape[1], width])
+    else:  # interleaved_t: gate_up [E, H, 2I], down [E, I, H]
+        new("gate_up_proj", [gu.shape[0], gu.shape[1], 2 * width])
+        new("down_proj", [down.shape[0], width, down.shape[2]])
+    if getattr(experts, "gate_up_proj_bias", None) is not None:
+        new("gate_up_proj_bias", [experts.gate_up_proj_bias.shape[0], 2 * width])
+    for a in WIDTH_ATTRS:
+        if getattr(experts, a, None) == old:
+            setattr(experts, a, width)
+
+
+def load_nonuniform(path: str | Path, dtype: str = "auto"):
+    """A non-uniform moeprune checkpoint as the stock model class with per-layer expert widths, in eval mode."""
+    from moeprune.io.checkpoint import Checkpoint
+    from moeprune.io.lazy import _load_keys, load_lazy
+    from moeprune.models import get_adapter
+
+    ckpt = Checkpoint.open(path)
+    config = restored_config(ckpt.config_dict)
+    adapter = get_adapter(config)
+    layer_widths = widths(ckpt.config_dict)
+
+    def prepare(model: nn.Module) -> None:
+        for layer, width in layer_widths.items():
+            resize_experts(adapter.experts(adapter.block(model, layer)), adapter.fused_style, width)
+
+    lazy = load_lazy(ckpt.path, dtype, head=True, config=config, prepare=prepare)
+    for i in range(len(lazy.layers)):
+        _load_keys(lazy, lazy.keys.get(i, []), f"{lazy.layer_prefix}.{i}")
+    return lazy.model.eval()

@@ -1,0 +1,72 @@
+"""Neuron surgery for plans whose experts keep different numbers of neurons (`layer` / `global` budgets).
+
+Each MoE layer l gets one width I_l = the most neurons any of its experts keeps, rounded up to a multiple of
+`align` (≤ I). Expert j keeps its K_j neurons first and is padded to I_l with *zero neurons* (gate/up rows and
+down column all zero: h = glu(0, 0) = 0 for SwiGLU and gpt-oss alike, and a zero down column adds nothing), so
+the function is exactly that of the masked original. Implementation: append one zero neuron (index I) to every
+expert, then slice with index rows K_j + [I, I, ...] through `surgery.neurons._slice_fused`.
+The config keeps the original width; `io/nonuniform.py` records I_l per layer and saves/loads the folder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.models.base import MoEAdapter
+from moeprune.select.neuron_plan import NeuronPlan
+from moeprune.surgery.layouts import ModuleListLayout, layout_of
+from moeprune.surgery.neurons import _prepare, _replace, _set_width_attrs, _slice_fused
+
+
+def _append_zero_neuron(experts: nn.Module, style: str, inter: int) -> None:
+    """Width I -> I + 1 with neuron I all zeros (gate, up, bias and down)."""
+    gu, down = experts.gate_up_proj, experts.down_proj
+    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
+        z = gu.new_zeros(gu.shape[0], 1, gu.shape[2])
+        _replace(experts, "gate_up_proj", torch.cat([gu[:, :inter], z, gu[:, inter:], z], dim=1))
+        _replace(experts, "down_proj", torch.cat([down, down.new_zeros(*down.shape[:2], 1)], dim=2))
+    else:  # interleaved_t: gate_up [E, H, 2I], down [E, I, H]
+        _replace(experts, "gate_up_proj", torch.cat([gu, gu.new_zeros(*gu.shape[:2], 2)], dim=2))
+        _replace(experts, "down_proj", torch.cat([down, down.new_zeros(down.shape[0], 1, down.shape[2])], dim=1))
+    bias = getattr(experts, "gate_up_proj_bias", None)
+    if bias is not None:
+        if style == "concat":
+            z = bias.new_zeros(bias.shape[0], 1)
+            _replace(experts, "gate_up_proj_bias", torch.cat([bias[:, :inter], z, bias[:, inter:], z], dim=1))
+        else:
+            _replace(experts, "gate_up_proj_bias", torch.cat([bias, bias.new_zeros(bias.shape[0], 2)], dim=1))
+
+
+def layer_widths(plan: NeuronPlan, align: int) -> dict[int, int]:
+    """I_l = max_j |K_j| rounded up to a multiple of `align`, at most the original width."""
+    out = {}
+    for layer, experts in plan.kept_neurons.items():
+        n = max(len(v) for v in experts.values())
+        out[layer] = min(plan.width, -(-n // align) * align)
+    return out
+
+
+@torch.no_grad()
+def apply_neuron_plan_padded(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *,
+                             align: int = 8) -> dict[int, int]:
+    """Slice every MoE layer to its own width I_l (experts zero-padded to it), in place; returns {layer: I_l}."""
+    _prepare(model, adapter, plan)
+    widths = layer_widths(plan, align)
+    for layer in plan.layers:
+        if layout_of(adapter.experts(adapter.block(model, layer))) is ModuleListLayout:
+            raise MoePruneError("non-uniform neuron widths are supported for fused experts only (this model "
+                                "stores its experts as a ModuleList); use --budget expert.")
+    inter = plan.width
+    for layer in plan.layers:
+        experts = adapter.experts(adapter.block(model, layer))
+        W, E = widths[layer], len(plan.kept_neurons[layer])
+        idx = torch.full((E, W), inter, dtype=torch.long)  # [E, I_l]; index `inter` = the zero neuron
+        for j in range(E):
+            kept = plan.kept_neurons[layer][j]
+            idx[j, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+        _append_zero_neuron(experts, adapter.fused_style, inter)
+        _slice_fused(experts, adapter.fused_style, idx, inter + 1)
+        _set_width_attrs(experts, inter, W)
+    return widths
