@@ -100,3 +100,21 @@ def test_neuron_prune_refusals_before_work(setup, monkeypatch):
         args = build_parser().parse_args(["prune", str(ckpt), "--method", "aimer", "--ratio", "0.5", "--out",
                                           str(root / "y"), "--expert-method", "aimer"])
         args.func(args)
+
+
+def test_cli_plan_then_apply_neuron_plan(setup):
+    root, ckpt, calib = setup
+    plan_file, out = root / "neurons.json", root / "applied"
+    assert main(["plan", str(ckpt), "--method", "camera", "--rho", "0.5", "--ratio", "0.5", "--calib",
+                 f"web={calib}", "--samples", "8", "--seq-len", "32", "--out", str(plan_file)]) == 0
+    plan = NeuronPlan.load(plan_file)
+    assert plan.method == "camera" and plan.uniform_width == 8 and plan.budget == "expert"
+    assert main(["apply", str(ckpt), "--plan", str(plan_file), "--out", str(out)]) == 0
+    inputs = seeded_inputs(96, 2, 24, seed=7)
+    got = logits_of(AutoModelForCausalLM.from_pretrained(out), inputs)
+    want = _reference_logits(ckpt, plan, None, inputs)
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
+    with pytest.raises(MoePruneError, match="--calib is for the neuron methods"):
+        args = build_parser().parse_args(["plan", str(ckpt), "--method", "aimer", "--ratio", "0.5",
+                                          "--calib", f"web={calib}"])
+        args.func(args)

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from moeprune import __version__
 from moeprune.errors import MoePruneError
@@ -39,10 +40,16 @@ def cmd_info(args) -> int:
 
 def cmd_plan(args) -> int:
     from moeprune import api
+    from moeprune.criteria.neurons import NEURON_CRITERIA
     from moeprune.select.plan import check_plan_path
 
     if args.out:
         check_plan_path(args.out)
+    if args.method in NEURON_CRITERIA:
+        return _plan_neurons(args)
+    if args.calib:
+        raise MoePruneError("plan reads expert statistics from a file made by `moeprune calibrate`; --calib is for "
+                            "the neuron methods (heapr, camera). Pass the statistics file as MODEL.")
     plan = api.make_plan(args.model, args.method, args.ratio, seed=args.seed, calib_set=args.calib_set,
                          policy=args.policy, floor=args.floor, protect=args.protect,
                          protect_super=args.protect_super)
@@ -55,14 +62,45 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _plan_neurons(args) -> int:
+    from moeprune.neuron_api import make_neuron_plan
+
+    if not args.calib:
+        raise MoePruneError(f"--method {args.method} scores neurons from calibration text: pass --calib NAME=PATH "
+                            "and the checkpoint folder as MODEL.")
+    plan = make_neuron_plan(args.model, args.method, args.ratio, _calib_options(args), budget=args.budget,
+                            min_width=args.min_width, rho=args.rho)
+    if args.out:
+        plan.save(args.out)
+        logger.info("neuron plan written to %s", args.out)
+    else:
+        print(json.dumps(plan.to_dict(), indent=1))
+    return 0
+
+
 def cmd_apply(args) -> int:
     from moeprune import api
+    from moeprune.select.neuron_plan import NEURON_FORMAT, NeuronPlan
     from moeprune.select.plan import PrunePlan
 
+    if _plan_format(args.plan) == NEURON_FORMAT:
+        from moeprune.neuron_api import apply_neuron_plan_to
+
+        if args.streaming:
+            raise MoePruneError("neuron plans are applied in memory; drop --streaming.")
+        apply_neuron_plan_to(args.model, NeuronPlan.load(args.plan), args.out, overwrite=args.overwrite)
+        return 0
     plan = PrunePlan.load(args.plan)
     api.apply_plan(args.model, plan, args.out, streaming=args.streaming, max_shard_size=args.max_shard_size,
                    overwrite=args.overwrite)
     return 0
+
+
+def _plan_format(path: str) -> str | None:
+    try:
+        return json.loads(Path(path).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None  # PrunePlan.load gives the precise error
 
 
 def cmd_prune(args) -> int:
@@ -286,6 +324,18 @@ def _add_select_flags(p: argparse.ArgumentParser, progressive: bool) -> None:
                        help="prune each layer during calibration, before the next layer is calibrated")
 
 
+def _add_neuron_flags(p: argparse.ArgumentParser, combined: bool) -> None:
+    g = p.add_argument_group("neuron pruning (--method heapr|camera; needs --calib)")
+    g.add_argument("--budget", default="expert", choices=["expert", "layer", "global"],
+                   help="how the removed neurons are spread: expert (uniform width, stock-loadable), layer or global "
+                        "(non-uniform widths: load the export with moeprune.load_model)")
+    g.add_argument("--min-width", type=int, default=1, help="neurons every expert keeps at least")
+    g.add_argument("--rho", type=float, default=0.9, help="CAMERA-P: weight of the peak term")
+    if combined:
+        g.add_argument("--expert-method", help="first remove experts with this criterion ...")
+        g.add_argument("--expert-ratio", type=_ratio, help="... at this ratio, then neurons inside the survivors")
+
+
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
@@ -343,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-set", action="append", help="use only these calibration sets (repeatable)")
     p.add_argument("--out", help="plan file to write (printed when omitted)")
     _add_select_flags(p, progressive=False)
+    _add_neuron_flags(p, combined=False)
+    _add_calib_flags(p, required=False)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("apply", help="apply a plan to a checkpoint and save the smaller one")
@@ -359,14 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of experts removed; with heapr/camera: of routed-expert parameters (neurons)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
-    g = p.add_argument_group("neuron pruning (--method heapr|camera)")
-    g.add_argument("--budget", default="expert", choices=["expert", "layer", "global"],
-                   help="how the removed neurons are spread: expert (uniform width, stock-loadable), layer or global "
-                        "(non-uniform widths: load the export with moeprune.load_model)")
-    g.add_argument("--min-width", type=int, default=1, help="neurons every expert keeps at least")
-    g.add_argument("--rho", type=float, default=0.9, help="CAMERA-P: weight of the peak term")
-    g.add_argument("--expert-method", help="first remove experts with this criterion ...")
-    g.add_argument("--expert-ratio", type=_ratio, help="... at this ratio, then neurons inside the survivors")
+    _add_neuron_flags(p, combined=True)
     p.add_argument("--verify-dtype", default="float32", help="dtype for verification (float32, bfloat16, ...)")
     _add_apply_flags(p)
     _add_select_flags(p, progressive=True)
