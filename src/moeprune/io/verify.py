@@ -59,7 +59,12 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor
     ref, cand = reference[keep], candidate[keep]  # [N, V]
     diff = (ref - cand).abs().max().item()
     scale = ref.abs().max().item()
-    return VerifyResult(diff, scale, tol, int(keep.sum()), bool(diff <= tol * scale))
+    result = VerifyResult(diff, scale, tol, int(keep.sum()), bool(diff <= tol * scale))
+    logger.info(
+        "verify: max |Δlogit| = %.3g (max |logit| %.3g, relative %.3g, tolerance %.1g) -> %s",
+        result.max_abs_diff, result.max_abs_logit, result.relative, tol, "PASS" if result.passed else "FAIL",
+    )
+    return result
 
 
 def verify(
@@ -96,9 +101,4 @@ def verify(
     original_model = load_model(src.path, dtype=dtype)
     with masked_experts(original_model, adapter, {layer: plan.dropped(layer) for layer in plan.layers}):
         want = logits_of(original_model, inputs)
-    result = compare(want, got, inputs["attention_mask"], tol)
-    logger.info(
-        "verify: max |Δlogit| = %.3g (max |logit| %.3g, relative %.3g, tolerance %.1g) -> %s",
-        result.max_abs_diff, result.max_abs_logit, result.relative, tol, "PASS" if result.passed else "FAIL",
-    )
-    return result
+    return compare(want, got, inputs["attention_mask"], tol)

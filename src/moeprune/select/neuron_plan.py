@@ -20,7 +20,7 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
-from moeprune.select.plan import PrunePlan, _no_duplicate_keys, check_plan_path
+from moeprune.select.plan import PrunePlan, read_plan_json, write_plan_json
 
 NEURON_FORMAT = "moeprune.neurons/1"
 
@@ -88,23 +88,11 @@ class NeuronPlan:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan atomically (temporary sibling, then rename)."""
-        path = Path(path)
-        check_plan_path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_plan_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> NeuronPlan:
-        path = Path(path)
-        if not path.is_file():
-            raise MoePruneError(f"neuron plan file {path} does not exist.")
-        try:
-            raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
-        except json.JSONDecodeError as e:
-            raise MoePruneError(f"neuron plan {path} is not valid JSON: {e}") from e
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_plan_json(path, "neuron plan"), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "neuron plan") -> NeuronPlan:

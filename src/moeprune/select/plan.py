@@ -77,23 +77,11 @@ class PrunePlan:
         return d
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        check_plan_path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_plan_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
-        path = Path(path)
-        if not path.is_file():
-            raise MoePruneError(f"plan file {path} does not exist. Make one with `moeprune plan MODEL ... --out`.")
-        try:
-            raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
-        except json.JSONDecodeError as e:
-            raise MoePruneError(f"plan {path} is not valid JSON: {e}") from e
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_plan_json(path, "plan"), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "plan") -> PrunePlan:
@@ -209,3 +197,24 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
             raise MoePruneError(f"plan JSON has the key {k!r} twice (a layer listed twice?); keep one.")
         seen[k] = v
     return seen
+
+
+def write_plan_json(path: str | Path, data: dict) -> Path:
+    """Write a plan's JSON atomically (temporary sibling, then rename) after checking the path."""
+    path = Path(path)
+    check_plan_path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def read_plan_json(path: str | Path, what: str) -> dict:
+    """A plan file's JSON object; clear errors for a missing file, invalid JSON or duplicate keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoePruneError(f"{what} file {path} does not exist. Make one with `moeprune plan MODEL ... --out`.")
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise MoePruneError(f"{what} {path} is not valid JSON: {e}") from e
