@@ -14,6 +14,7 @@ from pathlib import Path
 from moeprune import api
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.criteria import CRITERIA
+from moeprune.errors import MoePruneError
 from moeprune.eval.run import EvalOptions
 from moeprune.eval.table import markdown_table, plot_ratios, ratio_table
 from moeprune.io.atomic import atomic_dir
@@ -32,8 +33,6 @@ def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path
     crit = CRITERIA.get(method)  # unknown names fail before any work
     work = Path(workdir).expanduser().resolve()
     if not work.parent.is_dir():
-        from moeprune.errors import MoePruneError
-
         raise MoePruneError(f"the parent folder of --workdir {work} does not exist; create it first.")
     work.mkdir(exist_ok=True)
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ ALIGN = 8  # kept widths are multiples of 8: transformers' grouped_mm experts ke
 
 
 def make_neuron_plan(model: str | Path, method: str, ratio: float, calib: CalibrateOptions, *,
-                     budget: str = "global", min_width: int = 1, rho: float = 0.9,
+                     budget: str = "expert", min_width: int = 1, rho: float = 0.9,
                      expert_plan: PrunePlan | None = None) -> NeuronPlan:
     """Score every neuron of every routed expert with `method` on `calib`, keep the best under `budget`.
 
@@ -64,9 +64,8 @@ def make_neuron_plan(model: str | Path, method: str, ratio: float, calib: Calibr
     kept = select_neurons(scores, ratio, budget, min_width, align=ALIGN)
     plan = NeuronPlan(kept, width, method=method, ratio=ratio, budget=budget, model_type=adapter.model_type)
     widths = sorted({len(v) for d in kept.values() for v in d.values()})
-    logger.info("%s: kept %d of %d neurons per expert (%s budget)%s", method,
-                widths[0] if len(widths) == 1 else -1, width, budget,
-                "" if len(widths) == 1 else f"; widths {widths[0]}..{widths[-1]} (non-uniform)")
+    logger.info("%s (%s budget): experts keep %s of %d neurons", method, budget,
+                widths[0] if len(widths) == 1 else f"{widths[0]}..{widths[-1]} (non-uniform)", width)
     return plan
 
 
