@@ -49,6 +49,10 @@ def plot_ratios(original: dict[str, DomainScore], variants: dict[str, dict[str, 
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(domains)), domains)
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))  # plain ratios, not 4×10⁰
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
     ax.set_ylabel("perplexity ratio (pruned / original)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
