@@ -1,0 +1,83 @@
+"""Expert merging on an in-memory model: fewer expert slots, merged weights, one router row per merged expert.
+
+For each MoE layer and merge group G_g = [d, m_1, ...] (dominant d first) with usage weights f:
+    structure: the dominants are kept exactly as expert removal keeps experts (`surgery.in_memory.apply_plan`:
+               expert tensors, router weight/bias/correction bias sliced, every count updated), so merged expert g
+               sits at slot g;
+    weights:   expert g := merge_fn([expert_j for j in G_g], f)  (canonical roles: gate/up [I, H], down [H, I],
+               biases), written back into the fused tensors (through the role views) or the ModuleList MLPs;
+    router:    `dominant` keeps row d (and its bias entries); `weighted` sets every expert-indexed router tensor
+               (weight row, bias, e_score_correction_bias) of slot g to Σ_i f_i·t[m_i] / Σ_i f_i.
+A group of one is left untouched by construction (merge_fn of one member must be the identity).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from moeprune.log import logger
+from moeprune.merge.plan import MergePlan
+from moeprune.models.base import MoEAdapter, expert_indexed
+from moeprune.surgery.in_memory import apply_plan
+from moeprune.surgery.layouts import _MLP_NAMES, ModuleListLayout, layout_of
+
+Expert = dict[str, torch.Tensor]
+MergeFn = Callable[[list[Expert], Sequence[float]], Expert]
+ROLE_NAMES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+
+
+def expert_of(roles: dict[str, torch.Tensor], j: int) -> Expert:
+    """One expert's canonical tensors (detached copies) from stacked role views [E, ...]."""
+    return {r: roles[r][j].detach().clone() for r in ROLE_NAMES if r in roles}
+
+
+def _write_modulelist(experts: nn.ModuleList, g: int, merged: Expert) -> None:
+    mlp = experts[g]
+    for role in ("gate", "up", "down"):
+        lin = getattr(mlp, next(n for n in _MLP_NAMES[role] if hasattr(mlp, n)))
+        lin.weight.copy_(merged[role])
+        if lin.bias is not None and f"{role}_bias" in merged:
+            lin.bias.copy_(merged[f"{role}_bias"])
+
+
+@torch.no_grad()
+def apply_merge_plan(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, merge_fn: MergeFn) -> nn.Module:
+    """Merge every layer's groups in place; the model ends with len(groups) experts per MoE layer."""
+    plan.validate(adapter)
+    E = adapter.num_experts
+    merged: dict[int, list[Expert]] = {}
+    rows: dict[int, dict[str, torch.Tensor]] = {}
+    for layer in plan.layers:  # compute everything from the original weights before any slicing
+        block = adapter.block(model, layer)
+        roles = adapter.expert_roles(block)
+        merged[layer] = [expert_of(roles, g[0]) if len(g) == 1 else
+                         merge_fn([expert_of(roles, j) for j in g], w)
+                         for g, w in zip(plan.groups[layer], plan.weights[layer], strict=True)]
+        rows[layer] = {n: t.detach().clone() for n, t in expert_indexed(adapter.router(block), E).items()}
+    apply_plan(model, adapter, plan.as_prune_plan())  # keep the dominants: structure, router, counts, config
+    for layer in plan.layers:
+        block = adapter.block(model, layer)
+        experts = adapter.experts(block)
+        modulelist = layout_of(experts) is ModuleListLayout
+        views = None if modulelist else adapter.expert_roles(block)  # views into the fused parameters
+        for g, (group, m) in enumerate(zip(plan.groups[layer], merged[layer], strict=True)):
+            if len(group) == 1:
+                continue
+            if modulelist:
+                _write_modulelist(experts, g, m)
+            else:
+                for role, t in m.items():
+                    views[role][g].copy_(t.to(views[role].dtype))
+        if plan.router == "weighted":
+            router = adapter.router(block)
+            for name, t in expert_indexed(router, len(plan.groups[layer])).items():
+                for g, (group, w) in enumerate(zip(plan.groups[layer], plan.weights[layer], strict=True)):
+                    f = torch.tensor(w, dtype=torch.float64)
+                    src = rows[layer][name][group].double()  # [n, ...]
+                    t.data[g] = ((f.view(-1, *[1] * (src.dim() - 1)) * src).sum(0) / f.sum()).to(t.dtype)
+    logger.info("merged %d experts into %d per MoE layer (%s merge, %s router rows)", E,
+                len(next(iter(plan.groups.values()))), plan.merge, plan.router)
+    return model
