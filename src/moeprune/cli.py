@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moeprune import __version__
+from moeprune.cli_neurons import add_neuron_flags, plan_neurons, prune_neurons
+from moeprune.cli_testbed import add_testbed_parsers
 from moeprune.errors import MoePruneError
 from moeprune.log import configure, logger
 
@@ -46,7 +48,7 @@ def cmd_plan(args) -> int:
     if args.out:
         check_plan_path(args.out)
     if args.method in NEURON_CRITERIA:
-        return _plan_neurons(args)
+        return plan_neurons(args)
     if args.calib:
         raise MoePruneError("plan reads expert statistics from a file made by `moeprune calibrate`; --calib is for "
                             "the neuron methods (heapr, camera). Pass the statistics file as MODEL.")
@@ -59,22 +61,6 @@ def cmd_plan(args) -> int:
                     plan.num_experts)
     else:
         print(json.dumps({k: v for k, v in plan.to_dict().items() if k != "scores"}, indent=1))
-    return 0
-
-
-def _plan_neurons(args) -> int:
-    from moeprune.neuron_api import make_neuron_plan
-
-    if not args.calib:
-        raise MoePruneError(f"--method {args.method} scores neurons from calibration text: pass --calib NAME=PATH "
-                            "and the checkpoint folder as MODEL.")
-    plan = make_neuron_plan(args.model, args.method, args.ratio, _calib_options(args), budget=args.budget,
-                            min_width=args.min_width, rho=args.rho)
-    if args.out:
-        plan.save(args.out)
-        logger.info("neuron plan written to %s", args.out)
-    else:
-        print(json.dumps(plan.to_dict(), indent=1))
     return 0
 
 
@@ -108,7 +94,7 @@ def cmd_prune(args) -> int:
     from moeprune.criteria.neurons import NEURON_CRITERIA
 
     if args.method in NEURON_CRITERIA:
-        return _prune_neurons(args)
+        return prune_neurons(args)
     if args.expert_method or args.expert_ratio:
         raise MoePruneError("--expert-method/--expert-ratio combine expert removal with a neuron method "
                             "(--method heapr|camera).")
@@ -118,36 +104,6 @@ def cmd_prune(args) -> int:
                           calib=_calib_options(args) if args.calib else None, policy=args.policy,
                           floor=args.floor, protect=args.protect, protect_super=args.protect_super,
                           as_you_go=args.as_you_go)
-    return _verify_exit(result)
-
-
-def _prune_neurons(args) -> int:
-    """--method heapr|camera: neuron statistics on --calib, budget, slice, save, verify."""
-    from moeprune import api
-    from moeprune.neuron_api import prune_neurons
-
-    if not args.calib:
-        raise MoePruneError(f"--method {args.method} scores neurons from calibration text: pass --calib NAME=PATH.")
-    ignored = [flag for flag, on in (("--streaming", args.streaming), ("--as-you-go", args.as_you_go),
-                                     ("--policy", args.policy != "uniform"), ("--protect", bool(args.protect)),
-                                     ("--protect-super", args.protect_super), ("--floor", args.floor is not None))
-               if on]
-    if ignored:
-        raise MoePruneError(f"{', '.join(ignored)} apply to expert removal; with --method {args.method} use "
-                            "--budget/--min-width, and --expert-method/--expert-ratio to drop experts first.")
-    if bool(args.expert_method) != bool(args.expert_ratio):
-        raise MoePruneError("pass --expert-method and --expert-ratio together (experts first, then neurons).")
-    calib = _calib_options(args)
-    expert_plan = None
-    if args.expert_method:
-        from moeprune.criteria import CRITERIA
-
-        needs = CRITERIA.get(args.expert_method).needs == "calibration"
-        source = api.calibrate(args.model, calib) if needs else args.model
-        expert_plan = api.make_plan(source, args.expert_method, args.expert_ratio)
-    _, result = prune_neurons(args.model, args.out, method=args.method, ratio=args.ratio, calib=calib,
-                              budget=args.budget, min_width=args.min_width, rho=args.rho, expert_plan=expert_plan,
-                              overwrite=args.overwrite, run_verify=not args.no_verify)
     return _verify_exit(result)
 
 
@@ -254,34 +210,6 @@ def _verify_exit(result) -> int:
     return 0 if result.passed else 1
 
 
-def cmd_demo(args) -> int:
-    from moeprune.demo import run_demo
-
-    return run_demo(args.workdir, method=args.method, testbed=args.testbed)
-
-
-def cmd_testbed_build(args) -> int:
-    from moeprune.testbed import TestbedConfig, build_testbed
-
-    changes = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    build_testbed(args.out, force=args.force, cfg=TestbedConfig(**changes) if changes else None)
-    return 0
-
-
-def cmd_testbed_info(args) -> int:
-    from moeprune.testbed import Testbed, default_dir, describe
-
-    print(describe(Testbed.load(args.path or default_dir())))
-    return 0
-
-
-def cmd_testbed_path(args) -> int:
-    from moeprune.testbed import Testbed, default_dir
-
-    print(Testbed.load(default_dir()).path)  # errors (exit 2) when it is not built yet
-    return 0
-
-
 def _add_apply_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder (written atomically; never the input)")
     p.add_argument("--streaming", action="store_true",
@@ -322,18 +250,6 @@ def _add_select_flags(p: argparse.ArgumentParser, progressive: bool) -> None:
     if progressive:
         g.add_argument("--as-you-go", action="store_true",
                        help="prune each layer during calibration, before the next layer is calibrated")
-
-
-def _add_neuron_flags(p: argparse.ArgumentParser, combined: bool) -> None:
-    g = p.add_argument_group("neuron pruning (--method heapr|camera; needs --calib)")
-    g.add_argument("--budget", default="expert", choices=["expert", "layer", "global"],
-                   help="how the removed neurons are spread: expert (uniform width, stock-loadable), layer or global "
-                        "(non-uniform widths: load the export with moeprune.load_model)")
-    g.add_argument("--min-width", type=int, default=1, help="neurons every expert keeps at least")
-    g.add_argument("--rho", type=float, default=0.9, help="CAMERA-P: weight of the peak term")
-    if combined:
-        g.add_argument("--expert-method", help="first remove experts with this criterion ...")
-        g.add_argument("--expert-ratio", type=_ratio, help="... at this ratio, then neurons inside the survivors")
 
 
 def _add_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -393,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-set", action="append", help="use only these calibration sets (repeatable)")
     p.add_argument("--out", help="plan file to write (printed when omitted)")
     _add_select_flags(p, progressive=False)
-    _add_neuron_flags(p, combined=False)
+    add_neuron_flags(p, combined=False)
     _add_calib_flags(p, required=False)
     p.set_defaults(func=cmd_plan)
 
@@ -411,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of experts removed; with heapr/camera: of routed-expert parameters (neurons)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
-    _add_neuron_flags(p, combined=True)
+    add_neuron_flags(p, combined=True)
     p.add_argument("--verify-dtype", default="float32", help="dtype for verification (float32, bfloat16, ...)")
     _add_apply_flags(p)
     _add_select_flags(p, progressive=True)
@@ -455,25 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("demo", help="testbed -> calibrate -> prune 25%% and 50%% -> verify -> evaluate -> report")
-    p.add_argument("--workdir", default="moeprune-demo", help="folder for the demo's checkpoints and report")
-    p.add_argument("--method", default=None, help=f"criterion (default: the demo's chosen default): {methods}")
-    p.add_argument("--testbed", help="testbed folder (default: the user cache; built when missing)")
-    p.set_defaults(func=cmd_demo)
-
-    tb = sub.add_parser("testbed", help="the trained multi-domain Qwen3-MoE used by the demo and the benchmarks")
-    tbs = tb.add_subparsers(dest="testbed_command", required=True)
-    p = tbs.add_parser("build", help="train it (about 8 min on one CPU core) or reuse the cached one")
-    p.add_argument("--out", help="folder (default: the user cache, $MOEPRUNE_CACHE or ~/.cache/moeprune)")
-    p.add_argument("--force", action="store_true", help="rebuild even when the folder holds a testbed")
-    p.add_argument("--steps", type=int, help="training steps (default: the standard testbed's)")
-    p.add_argument("--seed", type=int, help="training seed (default 0)")
-    p.set_defaults(func=cmd_testbed_build)
-    p = tbs.add_parser("info", help="held-out scores and routing per domain of a built testbed")
-    p.add_argument("path", nargs="?", help="testbed folder (default: the cached one)")
-    p.set_defaults(func=cmd_testbed_info)
-    p = tbs.add_parser("path", help="print the cached testbed's folder (e.g. `moeprune eval $(moeprune testbed path)`)")
-    p.set_defaults(func=cmd_testbed_path)
+    add_testbed_parsers(sub, methods)
     return parser
 
 
