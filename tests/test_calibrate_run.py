@@ -45,7 +45,8 @@ def assert_stats_equal(a: ExpertStats, b: ExpertStats, rtol: float = 0.0) -> Non
         for layer in a.layers:
             for field, t in a.sets[name][layer].sums.items():
                 u = b.sets[name][layer].sums[field]
-                ok = torch.equal(t, u) if rtol == 0 else torch.allclose(t, u, rtol=rtol, atol=1e-12)
+                scale = float(t.abs().max()) if t.numel() else 0.0  # sums of both signs (logits, probe outputs)
+                ok = torch.equal(t, u) if rtol == 0 else torch.allclose(t, u, rtol=rtol, atol=1e-12 + rtol * scale)
                 assert ok, (name, layer, field, t, u)
 
 
@@ -65,6 +66,30 @@ def test_file_round_trip_and_metadata(setup, tmp_path):
     assert not torch.equal(w[layer].sums["count"], c[layer].sums["count"])
     assert torch.equal(loaded.combined()[layer].sums["count"], w[layer].sums["count"] + c[layer].sums["count"])
     assert not [p for p in tmp_path.iterdir() if p.name != "s.safetensors"]  # no temporary file left
+
+
+def test_file_without_grouping_fields_loads(setup, tmp_path):
+    """A statistics file written before merging existed (no logit Gram / probe outputs) still loads and merges;
+    it reports no probes, and the probe sums of a new file survive merging with it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moeprune.stats.routed import GROUPING_FIELDS
+
+    root, ckpt, web, code = setup
+    new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    stats = calibrate(ckpt, opts(f"web={web}"), new)
+    layer = stats.layers[0]
+    assert stats.sets["web"][layer].has_probes and stats.sets["web"][layer].sums["out_sum"].abs().sum() > 0
+    with safe_open(str(new), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if k.rsplit("/", 1)[1] not in GROUPING_FIELDS}
+        save_file(kept, str(old), metadata=f.metadata())
+    legacy = ExpertStats.load(old)
+    assert not legacy.sets["web"][layer].has_probes
+    assert torch.equal(legacy.sets["web"][layer].sums["count"], stats.sets["web"][layer].sums["count"])
+    both = legacy.merge(ExpertStats.load(new)).sets["web"][layer]
+    assert torch.equal(both.sums["out_sum"], stats.sets["web"][layer].sums["out_sum"])
+    assert torch.equal(both.sums["count"], 2 * stats.sets["web"][layer].sums["count"])
 
 
 def test_merged_files_equal_one_run(setup, tmp_path):

@@ -112,7 +112,8 @@ def _calib_options(args):
 
     return CalibrateOptions(tuple(args.calib), samples=args.samples, seq_len=args.seq_len, seed=args.calib_seed,
                             text_field=args.text_field, chat_template=args.chat_template, tokenizer=args.tokenizer,
-                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, lazy=args.lazy)
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, lazy=args.lazy,
+                            probe_stride=args.probe_stride)
 
 
 def cmd_calibrate(args) -> int:
@@ -234,6 +235,9 @@ def _add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--dtype", default="auto", help="calibration dtype (auto = the checkpoint's)")
     g.add_argument("--lazy", action="store_true",
                    help="load one decoder layer at a time from disk (models larger than host memory)")
+    g.add_argument("--probe-stride", type=int, default=None, metavar="N",
+                   help="record every expert's output on 1 real token in N, for merge grouping "
+                        "(default ceil(4E/k): a quarter of the routed expert work)")
 
 
 def _add_select_flags(p: argparse.ArgumentParser, progressive: bool) -> None:

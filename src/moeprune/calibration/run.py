@@ -23,6 +23,7 @@ from moeprune.io.load import load_model, parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
+from moeprune.stats.routed import default_probe_stride
 from moeprune.stats.store import ExpertStats, check_stats_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -43,8 +44,11 @@ class CalibrateOptions:
     device: str = "cpu"
     dtype: str = "auto"
     lazy: bool = False
+    probe_stride: int | None = None  # every-expert output probes on 1 token in N (merge grouping); None: ⌈4E/k⌉
 
     def __post_init__(self) -> None:
+        if self.probe_stride is not None and self.probe_stride < 1:
+            raise MoePruneError(f"--probe-stride must be >= 1, got {self.probe_stride}.")
         if self.batch_size < 1:
             raise MoePruneError(f"--batch-size must be >= 1, got {self.batch_size}.")
         if self.dtype != "auto":
@@ -106,13 +110,14 @@ def calibrate(model: str | Path, opts: CalibrateOptions, out: str | Path | None 
     adapter = get_adapter(model_obj.config, model=model_obj)
     mine = shard(sets, rank)
     result = collect(model_obj, adapter, mine, device=opts.device, batch_size=opts.batch_size,
-                     layer_context=layer_context, decide=decide)
+                     layer_context=layer_context, decide=decide, probe_stride=opts.probe_stride)
     all_reduce_stats(result.stats, "cuda" if opts.device.startswith("cuda") else "cpu")
     routing = dataclasses.asdict(adapter.routing())
     stats = ExpertStats(
         adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), result.router_sha256,
         result.stats,
         {"routing": routing, "model": str(ckpt.path), "moeprune_version": __version__, "world_size": rank.world,
+         "probe_stride": opts.probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k),
          "calibration": {s.name: [s.describe()] for s in sets}, "dropped_as_you_go": result.dropped},
     )
     if out_path is not None and rank.is_main:

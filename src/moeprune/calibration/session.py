@@ -2,7 +2,8 @@
 
 All sets travel together, so each decoder layer is loaded (and moved to the device) once whatever the number of
 sets. Per MoE layer a `RoutedCollector` wraps the experts; before each batch it is pointed at that batch's set and
-non-padding mask. The experts run their eager code path (`config._experts_implementation = "eager"`) so the
+non-padding mask and probe-token mask (every `probe_stride`-th real token of each row: all experts' outputs are
+recorded there for merge grouping). The experts run their eager code path (`config._experts_implementation = "eager"`) so the
 statistics see exactly the per-expert computation of the reference implementation.
 
 Optional `decide(model, adapter, layer, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
@@ -24,7 +25,7 @@ from moeprune.calibration.data import CalibSet
 from moeprune.calibration.engine import LayerInputs, capture, run_layers, run_one
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
-from moeprune.stats.routed import RoutedCollector, RoutedStats
+from moeprune.stats.routed import RoutedCollector, RoutedStats, default_probe_stride, probe_mask
 
 
 @dataclass
@@ -84,10 +85,13 @@ def collect(
     batch_size: int = 8,
     layer_context: Callable[[int], AbstractContextManager] | None = None,
     decide: Decide | None = None,
+    probe_stride: int | None = None,
 ) -> CollectResult:
     moe = set(adapter.moe_layers())
     kind = adapter.routing().kind
-    stats = {s.name: {layer: RoutedStats(adapter.num_experts) for layer in sorted(moe)} for s in sets}
+    hidden = int(adapter.config.hidden_size)
+    stats = {s.name: {layer: RoutedStats(adapter.num_experts, hidden=hidden) for layer in sorted(moe)} for s in sets}
+    stride = probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k)
     router_hash = hashlib.sha256()
     result = CollectResult(stats, "")
     current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
@@ -122,6 +126,7 @@ def collect(
         if col is not None:
             col.stats = stats[b.tag][col.layer]
             col.valid = b.attention_mask.reshape(-1).bool()
+            col.probe = probe_mask(b.attention_mask, stride)
             io.valid.append(b.attention_mask.bool())
 
     with eager_experts(model):

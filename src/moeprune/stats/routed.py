@@ -15,6 +15,14 @@ Per expert j, over non-padding tokens t (A_j = tokens routed to j; h_t = the MoE
     coact[i, j] = #{t : i ∈ TopK(t) and j ∈ TopK(t)}  (diagonal = count),  tokens = #{t}
 p(t) is the router's distribution over all E experts: softmax(logits) for softmax routers, σ(logits)/Σσ(logits)
 for sigmoid routers (TCESS, PreMoe).
+
+Grouping statistics for expert merging (sums too, so they merge by addition like the rest):
+    logit_gram[i, j] = Σ_t ℓ_i(t)·ℓ_j(t)   (router logits; cos of logit columns = M-SMoE similarity)
+and, on *probe tokens* P (every `probe_stride`-th real token of each sequence, counted from its first real token,
+so the sample does not depend on batching or padding), EVERY expert's output, routed or not:
+    out_sum[j] = Σ_{t∈P} f_j(t)  [E, H]   (mean output: HC-SMoE),   out_gram[i, j] = Σ_{t∈P} f_i(t)·f_j(t)
+    (cos of the concatenated outputs: Sub-MoE),   probe_tokens = |P|.
+Probing costs E·|P| extra expert rows, ≈ T·k/4 with the default stride ⌈4E/k⌉ (a quarter of the routed work).
 """
 
 from __future__ import annotations
@@ -27,28 +35,69 @@ from torch import nn
 
 EXPERT_FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "max_abs", "easy_ep_sum",
                  "prob_sum", "prob_topk_sum", "prob_top1_sum")
-FIELDS = (*EXPERT_FIELDS, "coact", "tokens")
+GROUPING_FIELDS = ("logit_gram", "out_sum", "out_gram", "probe_tokens")  # absent from files before merging existed
+FIELDS = (*EXPERT_FIELDS, "coact", "tokens", *GROUPING_FIELDS)
 MAX_FIELDS = frozenset({"max_abs"})  # merged by max; every other field by addition
 
 
-def field_shape(name: str, num_experts: int) -> tuple[int, ...]:
-    return {"coact": (num_experts, num_experts), "tokens": (1,)}.get(name, (num_experts,))
+def field_shape(name: str, num_experts: int, hidden: int = 0) -> tuple[int, ...]:
+    """Shape of a field; out_sum is [E, H] with H known once outputs were seen ([E, 0] before)."""
+    E = num_experts
+    return {"coact": (E, E), "logit_gram": (E, E), "out_gram": (E, E), "out_sum": (E, hidden),
+            "tokens": (1,), "probe_tokens": (1,)}.get(name, (E,))
+
+
+def default_probe_stride(num_experts: int, top_k: int) -> int:
+    """⌈4E/k⌉: probing every expert on 1/stride of the tokens costs a quarter of the routed expert work."""
+    return max(1, -(-4 * num_experts // max(1, top_k)))
+
+
+def probe_mask(attention_mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """[B, S] attention mask -> [B·S] bool: real tokens whose index among their row's real tokens is 0 mod stride."""
+    m = attention_mask.bool()
+    pos = m.long().cumsum(dim=1) - 1  # [B, S] index among the row's real tokens
+    return (m & (pos % stride == 0)).reshape(-1)
 
 
 @dataclass
 class RoutedStats:
-    """Sums for one MoE layer: [E] float64 per expert field, coact [E, E], tokens [1]."""
+    """Sums for one MoE layer: [E] float64 per expert field, coact/logit_gram/out_gram [E, E], out_sum [E, H],
+    tokens/probe_tokens [1]."""
 
     num_experts: int
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: int = 0  # H of out_sum; 0 = not known yet (set by the first probe batch)
 
     def __post_init__(self) -> None:
         for name in FIELDS:
-            self.sums.setdefault(name, torch.zeros(field_shape(name, self.num_experts), dtype=torch.float64))
+            self.sums.setdefault(name, torch.zeros(field_shape(name, self.num_experts, self.hidden),
+                                                   dtype=torch.float64))
 
     def to(self, device: torch.device | str) -> RoutedStats:
         self.sums = {k: v.to(device) for k, v in self.sums.items()}
         return self
+
+    @property
+    def has_probes(self) -> bool:
+        return bool(self.sums["probe_tokens"].item() > 0)
+
+    def update_grouping(self, logits: torch.Tensor | None, valid: torch.Tensor, probe_out: torch.Tensor | None) -> None:
+        """logits: [T, E] router logits (None: not collected); valid: [T] bool; probe_out: [P, E, H] every expert's
+        output on the probe tokens (None: no probe token in this batch)."""
+        s = self.sums
+        if logits is not None:
+            lg = logits.double() * valid.to(logits.device, torch.float64)[:, None]  # [T, E], 0 on padding
+            s["logit_gram"] += lg.T @ lg  # [E, E]
+        if probe_out is not None and probe_out.shape[0]:
+            fp = probe_out.double()  # [P, E, H]
+            if s["out_sum"].shape[1] != fp.shape[2]:
+                if s["probe_tokens"].item():
+                    raise ValueError(f"probe outputs of width {fp.shape[2]} added to sums of width "
+                                     f"{s['out_sum'].shape[1]}")
+                s["out_sum"] = torch.zeros(self.num_experts, fp.shape[2], dtype=torch.float64, device=fp.device)
+            s["out_sum"] += fp.sum(dim=0)
+            s["out_gram"] += torch.einsum("pih,pjh->ij", fp, fp)
+            s["probe_tokens"] += fp.shape[0]
 
     def update(self, idx: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, valid: torch.Tensor,
                h: torch.Tensor, probs: torch.Tensor | None, r: torch.Tensor | None = None) -> None:
@@ -96,8 +145,12 @@ class RoutedStats:
             raise ValueError(f"cannot merge stats of {self.num_experts} and {other.num_experts} experts")
         out = RoutedStats(self.num_experts)
         for name in FIELDS:
+            a, b = self.sums[name], other.sums[name].to(self.sums[name].device)
+            if name == "out_sum" and a.shape != b.shape and 0 in (a.shape[1], b.shape[1]):
+                out.sums[name] = (b if a.shape[1] == 0 else a).clone()  # the side that never saw a probe is [E, 0]
+                continue
             op = torch.maximum if name in MAX_FIELDS else torch.add
-            out.sums[name] = op(self.sums[name], other.sums[name].to(self.sums[name].device))
+            out.sums[name] = op(a, b)
         return out
 
 
@@ -112,14 +165,16 @@ def router_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
 class RoutedCollector:
     """Context manager: while active, the experts module's forward (and the router's logits) feed `stats`.
 
-    `valid` must be set to the current batch's flattened non-padding mask [T] before each forward. With
-    `router=None` the router-probability fields stay zero.
+    `valid` must be set to the current batch's flattened non-padding mask [T] before each forward, and `probe`
+    to its probe-token mask [T] (`probe_mask`; None: no probes). With `router=None` the router-probability and
+    logit fields stay zero.
     """
 
     def __init__(self, experts: nn.Module, stats: RoutedStats, router: nn.Module | None = None,
                  routing_kind: str = "softmax_topk"):
         self.experts, self.stats, self.router, self.kind = experts, stats, router, routing_kind
         self.valid: torch.Tensor | None = None
+        self.probe: torch.Tensor | None = None
         self.layer = -1  # decoder-layer index, for callers that switch `stats` per batch
         self._logits: torch.Tensor | None = None
         self._hook = None
@@ -142,15 +197,29 @@ class RoutedCollector:
             one = torch.ones(T * k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
             f = original(rows, top_k_index.reshape(-1, 1), one, *args, **kwargs).view(T, k, -1)  # [T, k, H]
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)
-            probs = router_probs(self._logits, self.kind) if self._logits is not None else None
-            self._logits = None
+            logits, self._logits = self._logits, None
+            probs = router_probs(logits, self.kind) if logits is not None else None
             out = (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
             self.stats.to(f.device).update(top_k_index, top_k_weights.detach(), f.detach(), valid,
                                            hidden_states.detach(), probs, out.detach())
+            self.stats.update_grouping(logits, valid, self._probe_outputs(original, hidden_states, args, kwargs))
             return out
 
         self.experts.forward = forward
         return self
+
+    @torch.no_grad()
+    def _probe_outputs(self, original, hidden_states: torch.Tensor, args, kwargs) -> torch.Tensor | None:
+        """[P, E, H]: every expert's output (gate weight 1) on the probe tokens, by the model's own experts code."""
+        if self.probe is None:
+            return None
+        rows = hidden_states[self.probe.to(hidden_states.device)]  # [P, H]
+        P, E = rows.shape[0], self.stats.num_experts
+        if P == 0:
+            return None
+        every = torch.arange(E, device=rows.device).repeat(P).view(-1, 1)  # [P·E, 1]
+        one = torch.ones(P * E, 1, dtype=rows.dtype, device=rows.device)
+        return original(rows.repeat_interleave(E, dim=0), every, one, *args, **kwargs).view(P, E, -1).detach()
 
     def __exit__(self, *exc) -> None:
         del self.experts.forward

@@ -5,7 +5,9 @@ metadata key `"moeprune"` holding JSON: format, model_type, num_experts, top_k, 
 router fingerprint (sha256 over every router's weights, so stats of another model cannot be merged or used by
 mistake), source model, moeprune version, and per set the calibration data description (source, content sha256,
 sequences, tokens). Two files of the same model merge by addition (maxima by max): sets of the same name add up,
-sets of different names sit side by side.
+sets of different names sit side by side. The grouping fields (router-logit Gram, probe outputs; see
+`stats.routed`) are absent from files written before merging existed: such files load with zero probes, and
+merge grouping that needs them asks for a new `calibrate` run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from safetensors.torch import save_file
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.routing import RoutingSpec
-from moeprune.stats.routed import FIELDS, RoutedStats, field_shape
+from moeprune.stats.routed import FIELDS, GROUPING_FIELDS, RoutedStats, field_shape
 
 STATS_FORMAT = "moeprune.stats/1"
 IDENTITY = ("model_type", "num_experts", "top_k", "layers", "router_sha256")
@@ -115,7 +117,10 @@ class ExpertStats:
                 sums = {}
                 for f in FIELDS:
                     t = tensors.get(f"{name}/{layer}/{f}")
-                    if t is None or tuple(t.shape) != field_shape(f, E):
+                    if t is None and f in GROUPING_FIELDS:  # file written before merging existed: no probes
+                        continue
+                    hidden = t.shape[-1] if f == "out_sum" and t is not None and t.dim() == 2 else 0
+                    if t is None or tuple(t.shape) != field_shape(f, E, hidden):
                         raise MoePruneError(f"{path}: tensor {name}/{layer}/{f} is missing or has the wrong shape; "
                                             "the file is damaged or from another version. Re-run calibrate.")
                     sums[f] = t.double()
