@@ -3,8 +3,8 @@
 All sets travel together, so each decoder layer is loaded (and moved to the device) once whatever the number of
 sets. Per MoE layer a `RoutedCollector` wraps the experts; before each batch it is pointed at that batch's set and
 non-padding mask and probe-token mask (every `probe_stride`-th real token of each row: all experts' outputs are
-recorded there for merge grouping). The experts run their eager code path (`config._experts_implementation = "eager"`) so the
-statistics see exactly the per-expert computation of the reference implementation.
+recorded there for merge grouping). The experts run their eager code path (`config._experts_implementation =
+"eager"`) so the statistics see exactly the per-expert computation of the reference implementation.
 
 Optional `decide(model, adapter, layer, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
 drop from that layer, and the layer is re-run with them masked in the model's own router before the next layer
