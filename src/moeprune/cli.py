@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moeprune import __version__
+from moeprune.cli_merge import add_merge_flags, apply_merge, plan_merge, prune_merge, verify_merge
 from moeprune.cli_neurons import add_neuron_flags, plan_neurons, prune_neurons
 from moeprune.cli_testbed import add_testbed_parsers
 from moeprune.errors import MoePruneError
@@ -43,12 +44,15 @@ def cmd_info(args) -> int:
 def cmd_plan(args) -> int:
     from moeprune import api
     from moeprune.criteria.neurons import NEURON_CRITERIA
+    from moeprune.merge.grouping import GROUPINGS
     from moeprune.select.plan import check_plan_path
 
     if args.out:
         check_plan_path(args.out)
     if args.method in NEURON_CRITERIA:
         return plan_neurons(args)
+    if args.method in GROUPINGS:
+        return plan_merge(args)
     if args.calib:
         raise MoePruneError("plan reads expert statistics from a file made by `moeprune calibrate`; --calib is for "
                             "the neuron methods (heapr, camera). Pass the statistics file as MODEL.")
@@ -66,9 +70,12 @@ def cmd_plan(args) -> int:
 
 def cmd_apply(args) -> int:
     from moeprune import api
+    from moeprune.merge.plan import MERGE_FORMAT
     from moeprune.select.neuron_plan import NEURON_FORMAT, NeuronPlan
     from moeprune.select.plan import PrunePlan
 
+    if _plan_format(args.plan) == MERGE_FORMAT:
+        return apply_merge(args)
     if _plan_format(args.plan) == NEURON_FORMAT:
         from moeprune.neuron_api import apply_neuron_plan_to
 
@@ -92,9 +99,12 @@ def _plan_format(path: str) -> str | None:
 def cmd_prune(args) -> int:
     from moeprune import api
     from moeprune.criteria.neurons import NEURON_CRITERIA
+    from moeprune.merge.grouping import GROUPINGS
 
     if args.method in NEURON_CRITERIA:
         return prune_neurons(args)
+    if args.method in GROUPINGS:
+        return prune_merge(args)
     if args.expert_method or args.expert_ratio:
         raise MoePruneError("--expert-method/--expert-ratio combine expert removal with a neuron method "
                             "(--method heapr|camera).")
@@ -195,8 +205,13 @@ def cmd_compare(args) -> int:
 
 def cmd_verify(args) -> int:
     from moeprune import api
+    from moeprune.merge.plan import MERGE_FORMAT
+    from moeprune.merge_api import MERGE_PLAN_NAME
     from moeprune.select.plan import PrunePlan
 
+    merged = (Path(args.pruned) / MERGE_PLAN_NAME).is_file() if not args.plan else None
+    if merged or (args.plan and _plan_format(args.plan) == MERGE_FORMAT):
+        return verify_merge(args)
     plan = PrunePlan.load(args.plan) if args.plan else None
     result = api.verify(args.original, args.pruned, plan, dtype=args.dtype, tol=args.tol, seed=args.seed)
     return _verify_exit(result)
@@ -307,13 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="score experts and write a plan (JSON)")
     p.add_argument("model", help="checkpoint folder (data-free methods) or statistics file (calibrated methods)")
-    p.add_argument("--method", required=True, help=f"criterion: {methods}")
+    p.add_argument("--method", required=True, help=f"criterion: {methods}; neuron methods: heapr, camera; merges: "
+                                                   "msmoe, hcsmoe, submoe, dern")
     p.add_argument("--ratio", type=_ratio, required=True, help="fraction of routed experts to drop per layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-set", action="append", help="use only these calibration sets (repeatable)")
     p.add_argument("--out", help="plan file to write (printed when omitted)")
     _add_select_flags(p, progressive=False)
     add_neuron_flags(p, combined=False)
+    add_merge_flags(p)
     _add_calib_flags(p, required=False)
     p.set_defaults(func=cmd_plan)
 
@@ -325,23 +342,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="[calibrate +] plan + apply + save + verify")
     p.add_argument("model")
-    p.add_argument("--method", help=f"criterion: {methods}; neuron methods: heapr, camera (not needed with "
-                                    "--policy reconstruction)")
+    p.add_argument("--method", help=f"criterion: {methods}; neuron methods: heapr, camera; merges: msmoe, hcsmoe, "
+                                    "submoe, dern (not needed with --policy reconstruction)")
     p.add_argument("--ratio", type=_ratio, required=True,
                    help="fraction of experts removed; with heapr/camera: of routed-expert parameters (neurons)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
     add_neuron_flags(p, combined=True)
+    add_merge_flags(p)
     p.add_argument("--verify-dtype", default="float32", help="dtype for verification (float32, bfloat16, ...)")
     _add_apply_flags(p)
     _add_select_flags(p, progressive=True)
     _add_calib_flags(p, required=False)
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("verify", help="stock reload of PRUNED == ORIGINAL with the removed experts masked")
+    p = sub.add_parser("verify", help="stock reload of PRUNED == ORIGINAL with the removed experts masked (merges: "
+                                      "== ORIGINAL merged in memory)")
     p.add_argument("original")
     p.add_argument("pruned")
-    p.add_argument("--plan", help="plan file (default: PRUNED/moeprune_report.json)")
+    p.add_argument("--plan", help="plan file (default: PRUNED/moeprune_report.json, or moeprune_merge.json)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-4 in float32)")
     p.add_argument("--seed", type=int, default=0)

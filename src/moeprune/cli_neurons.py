@@ -16,7 +16,7 @@ def plan_neurons(args) -> int:
     if not args.calib:
         raise MoePruneError(f"--method {args.method} scores neurons from calibration text: pass --calib NAME=PATH "
                             "and the checkpoint folder as MODEL.")
-    plan = make_neuron_plan(args.model, args.method, args.ratio, _calib_options(args), budget=args.budget,
+    plan = make_neuron_plan(args.model, args.method, args.ratio, _calib_options(args), budget=args.budget or "expert",
                             min_width=args.min_width, rho=args.rho)
     if args.out:
         plan.save(args.out)
@@ -52,17 +52,18 @@ def prune_neurons(args) -> int:
         source = api.calibrate(args.model, calib) if needs else args.model
         expert_plan = api.make_plan(source, args.expert_method, args.expert_ratio)
     _, result = prune_neurons(args.model, args.out, method=args.method, ratio=args.ratio, calib=calib,
-                              budget=args.budget, min_width=args.min_width, rho=args.rho, expert_plan=expert_plan,
+                              budget=args.budget or "expert", min_width=args.min_width, rho=args.rho, expert_plan=expert_plan,
                               overwrite=args.overwrite, run_verify=not args.no_verify)
     return _verify_exit(result)
 
 
 def add_neuron_flags(p: argparse.ArgumentParser, combined: bool) -> None:
     from moeprune.cli import _ratio
-    g = p.add_argument_group("neuron pruning (--method heapr|camera; needs --calib)")
-    g.add_argument("--budget", default="expert", choices=["expert", "layer", "global"],
-                   help="how the removed neurons are spread: expert (uniform width, stock-loadable), layer or global "
-                        "(non-uniform widths: load the export with moeprune.load_model)")
+    g = p.add_argument_group("neuron pruning (--method heapr|camera; needs --calib) and merge budget")
+    g.add_argument("--budget", default=None,
+                   help="neurons: how the removed neurons are spread: expert (default; uniform width, stock-loadable), "
+                        "layer or global (non-uniform widths: load the export with moeprune.load_model); merges: "
+                        "uniform (default) or global (M-SMoE adaptive per-layer counts, lifted to one count)")
     g.add_argument("--min-width", type=int, default=1, help="neurons every expert keeps at least")
     g.add_argument("--rho", type=float, default=0.9, help="CAMERA-P: weight of the peak term")
     if combined:

@@ -87,7 +87,7 @@ def check_group(experts: list[Mapping[str, torch.Tensor]]) -> tuple[int, int]:
     return dims
 
 
-def _neuron_features(expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def neuron_features(expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[I, 3H (+1 per gate/up bias)] float64 CPU: per neuron its gate row, up row, down column, bias entries."""
     parts = [expert["gate"], expert["up"], expert["down"].t()]  # [I, H] each
     parts += [expert[b].unsqueeze(1) for b in ("gate_bias", "up_bias") if b in expert]  # [I, 1]
@@ -97,7 +97,7 @@ def _neuron_features(expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def similarity(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The weight-matching score matrix S [I, I] (float64): S[k, l] = sim(reference neuron k, other neuron l)."""
     check_group([reference, other])
-    return _neuron_features(reference) @ _neuron_features(other).t()  # [I, I]
+    return neuron_features(reference) @ neuron_features(other).t()  # [I, I]
 
 
 def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> torch.Tensor:

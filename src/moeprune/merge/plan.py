@@ -6,7 +6,9 @@
 
 Each group lists original expert indices, its *dominant* first (the member whose router row survives with the
 `dominant` strategy, and the alignment anchor); groups are ordered by their dominant, ascending, and merged
-expert g is group g. `weights` are the members' usage frequencies (merge and router weights). Every expert of
+expert g is group g. `weights` are the members' usage frequencies (merge and router weights). `merge`
+is average | svd (`rank`) | dern (`threshold`; for dern the non-first members are the dropped experts, recorded
+with the survivor most similar by router logits, and their neurons may go to any survivor). Every expert of
 the layer appears in exactly one group. `as_prune_plan()` (the dominants) carries the structural checks of
 expert removal: one count for all layers, ≥ top-k, equal counts per router group; merging across router groups
 (DeepSeek-V3 `n_group`) is refused.
@@ -42,6 +44,8 @@ class MergePlan:
     merge: str = "average"
     router: str = "dominant"
     rank: int | None = None  # svd merge only
+    threshold: float = 0.4  # dern merge only: least cosine for a neuron segment to be recombined
+    note: str | None = None  # e.g. adaptive per-layer counts padded to one count
 
     def __post_init__(self) -> None:
         if not self.weights:
@@ -62,7 +66,8 @@ class MergePlan:
     def sha256(self) -> str:
         payload = json.dumps({"groups": {str(k): v for k, v in sorted(self.groups.items())},
                               "weights": {str(k): v for k, v in sorted(self.weights.items())},
-                              "merge": self.merge, "router": self.router, "rank": self.rank}, sort_keys=True)
+                              "merge": self.merge, "router": self.router, "rank": self.rank,
+                              "threshold": self.threshold}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def validate(self, adapter: MoEAdapter) -> None:
@@ -95,12 +100,14 @@ class MergePlan:
         self.as_prune_plan().validate(adapter)
         if self.merge == "svd" and self.rank is not None and self.rank < 1:
             raise MoePruneError(f"--rank {self.rank} must be >= 1.")
+        if self.merge == "dern" and not -1.0 <= self.threshold <= 1.0:
+            raise MoePruneError(f"--threshold {self.threshold} is a cosine: give a number in [-1, 1].")
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
         return {"format": MERGE_FORMAT, "model_type": self.model_type, "num_experts": self.num_experts,
                 "method": self.method, "ratio": self.ratio, "merge": self.merge, "router": self.router,
-                "rank": self.rank, "groups": {str(k): v for k, v in sorted(self.groups.items())},
+                "rank": self.rank, "threshold": self.threshold, "note": self.note, "groups": {str(k): v for k, v in sorted(self.groups.items())},
                 "weights": {str(k): v for k, v in sorted(self.weights.items())}}
 
     def save(self, path: str | Path) -> Path:
@@ -121,4 +128,4 @@ class MergePlan:
             raise MoePruneError(f"{source}: groups/weights must map layer -> list of lists of numbers ({e}).") from e
         return cls(groups, int(raw["num_experts"]), weights, raw.get("method", "manual"), raw.get("ratio"),
                    raw.get("model_type"), raw.get("merge", "average"), raw.get("router", "dominant"),
-                   raw.get("rank"))
+                   raw.get("rank"), float(raw.get("threshold", 0.4)), raw.get("note"))

@@ -4,11 +4,13 @@ For each MoE layer and merge group G_g = [d, m_1, ...] (dominant d first) with u
     structure: the dominants are kept exactly as expert removal keeps experts (`surgery.in_memory.apply_plan`:
                expert tensors, router weight/bias/correction bias sliced, every count updated), so merged expert g
                sits at slot g;
-    weights:   expert g := merge_fn([expert_j for j in G_g], f)  (canonical roles: gate/up [I, H], down [H, I],
-               biases), written back into the fused tensors (through the role views) or the ModuleList MLPs;
+    weights:   merged experts := the plan's layer merge (`merge.methods.MERGES[plan.merge]`: per group
+               average/svd, or layer-wide dern) of the original experts (canonical roles: gate/up [I, H],
+               down [H, I], biases), written back into the fused tensors (through the role views) or the MLPs;
     router:    `dominant` keeps row d (and its bias entries); `weighted` sets every expert-indexed router tensor
                (weight row, bias, e_score_correction_bias) of slot g to Σ_i f_i·t[m_i] / Σ_i f_i.
-A group of one is left untouched by construction (merge_fn of one member must be the identity).
+A group of one keeps its expert unless the layer merge changes it (dern recombines neurons into survivors).
+`merge_fn` (one group -> one expert) overrides the plan's merge, per group.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from moeprune.log import logger
+from moeprune.merge.methods import MERGES, per_group
 from moeprune.merge.plan import MergePlan
 from moeprune.models.base import MoEAdapter, expert_indexed
 from moeprune.surgery.in_memory import apply_plan
@@ -44,18 +48,19 @@ def _write_modulelist(experts: nn.ModuleList, g: int, merged: Expert) -> None:
 
 
 @torch.no_grad()
-def apply_merge_plan(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, merge_fn: MergeFn) -> nn.Module:
+def apply_merge_plan(model: nn.Module, adapter: MoEAdapter, plan: MergePlan,
+                     merge_fn: MergeFn | None = None) -> nn.Module:
     """Merge every layer's groups in place; the model ends with len(groups) experts per MoE layer."""
     plan.validate(adapter)
+    layer_merge = per_group(merge_fn) if merge_fn is not None else MERGES.get(plan.merge)(plan)
     E = adapter.num_experts
     merged: dict[int, list[Expert]] = {}
     rows: dict[int, dict[str, torch.Tensor]] = {}
-    for layer in plan.layers:  # compute everything from the original weights before any slicing
+    for layer in tqdm(plan.layers, desc=f"merging ({plan.merge})", leave=False):  # from the original weights
         block = adapter.block(model, layer)
         roles = adapter.expert_roles(block)
-        merged[layer] = [expert_of(roles, g[0]) if len(g) == 1 else
-                         merge_fn([expert_of(roles, j) for j in g], w)
-                         for g, w in zip(plan.groups[layer], plan.weights[layer], strict=True)]
+        merged[layer] = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer],
+                                    plan.weights[layer])
         rows[layer] = {n: t.detach().clone() for n, t in expert_indexed(adapter.router(block), E).items()}
     apply_plan(model, adapter, plan.as_prune_plan())  # keep the dominants: structure, router, counts, config
     for layer in plan.layers:
@@ -63,9 +68,7 @@ def apply_merge_plan(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, mer
         experts = adapter.experts(block)
         modulelist = layout_of(experts) is ModuleListLayout
         views = None if modulelist else adapter.expert_roles(block)  # views into the fused parameters
-        for g, (group, m) in enumerate(zip(plan.groups[layer], merged[layer], strict=True)):
-            if len(group) == 1:
-                continue
+        for g, m in enumerate(merged[layer]):
             if modulelist:
                 _write_modulelist(experts, g, m)
             else:

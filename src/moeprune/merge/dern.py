@@ -1,0 +1,87 @@
+"""DERN (Dropping Experts, Recombining Neurons; arXiv 2509.10377): the merge step, for a whole layer.
+
+The layer's survivors S (each group's first member) stay; every other expert d is cut into neuron segments — its
+neuron k is row k of gate/up (and of their biases) plus column k of down, one atomic piece of the expert's sum
+y = Σ_k down[:, k]·act(gate_k·x)·(up_k·x). Each segment goes to the most compatible retained neuron anywhere in the
+layer (not only its own group):
+
+    (s*, k*) = argmax_{s∈S, k'} cos(φ_{d,k}, φ_{s,k'}),   φ = [gate row, up row, down column (, bias entries)]
+
+and is kept only if that cosine is >= `threshold` (α; segments below it are dropped as incompatible). Inside each
+survivor the segments are merged into the neuron they were assigned to, usage-weighted:
+
+    θ_{s,k'} ← (f_s·θ_{s,k'} + Σ_{(d,k)→(s,k')} f_d·θ_{d,k}) / (f_s + Σ_{(d,k)→(s,k')} f_d)
+
+(f = usage frequency from the plan; a survivor with f_s = 0 counts as 1 so its own neurons are never zeroed).
+The survivor keeps its width and its down bias. With no segment above α this is pruning of the dropped experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from moeprune.log import logger
+from moeprune.merge.align import neuron_features, check_group
+
+Expert = Mapping[str, torch.Tensor]
+NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")
+
+
+def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[int],
+                threshold: float) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each dropped expert d: (kept neuron indices [m], survivor position [m] (into `survivors`), target neuron
+    [m]) of the segments whose best cosine is >= threshold."""
+    I = experts[survivors[0]]["gate"].shape[0]
+    feats = torch.cat([neuron_features(experts[s]) for s in survivors])  # [n·I, D]
+    feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    out = {}
+    for d in dropped:
+        fd = neuron_features(experts[d])
+        fd = fd / fd.norm(dim=1, keepdim=True).clamp_min(1e-300)  # [I, D]
+        best, where = (fd @ feats.T).max(dim=1)  # [I] best cosine, [I] flat index into n·I
+        keep = (best >= threshold).nonzero().squeeze(1)  # [m]
+        out[d] = (keep, where[keep] // I, where[keep] % I)
+    return out
+
+
+@torch.no_grad()
+def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list[list[float]],
+               threshold: float = 0.4) -> list[dict[str, torch.Tensor]]:
+    """experts: every expert of the layer (canonical roles); groups: survivor first; weights: usage per member.
+    Returns one expert per group (the survivor with its recombined neurons)."""
+    check_group(list(experts))
+    survivors = [g[0] for g in groups]
+    usage = {j: float(w) for g, ws in zip(groups, weights, strict=True) for j, w in zip(g, ws, strict=True)}
+    dropped = sorted(j for g in groups for j in g[1:])
+    assign = dern_assign(experts, survivors, dropped, threshold)
+    acc, norm = [], []
+    for s in survivors:
+        fs = usage[s] if usage[s] > 0 else 1.0
+        acc.append({r: experts[s][r].detach().double() * fs for r in experts[s] if r != "down_bias"})
+        norm.append(torch.full((experts[s]["gate"].shape[0],), fs, dtype=torch.float64))
+    moved = 0
+    for d, (k, pos, target) in assign.items():
+        fd, src = usage[d], experts[d]
+        moved += k.numel()
+        for p in pos.unique().tolist():
+            sel = pos == p
+            kk, tt = k[sel], target[sel]
+            for r in NEURON_ROWS:
+                if r in acc[p]:
+                    acc[p][r].index_add_(0, tt, fd * src[r].detach().double()[kk])
+            acc[p]["down"].index_add_(1, tt, fd * src["down"].detach().double()[:, kk])
+            norm[p].index_add_(0, tt, torch.full((tt.numel(),), fd, dtype=torch.float64))
+    logger.info("DERN: %d of %d neuron segments of %d dropped experts recombined (cos >= %.2f), rest dropped",
+                moved, len(dropped) * experts[survivors[0]]["gate"].shape[0], len(dropped), threshold)
+    merged = []
+    for s, a, z in zip(survivors, acc, norm, strict=True):
+        out = {}
+        for r, t in a.items():
+            scale = z[None, :] if r == "down" else z.view(-1, *[1] * (t.dim() - 1))
+            out[r] = (t / scale).to(experts[s][r].dtype)
+        if "down_bias" in experts[s]:
+            out["down_bias"] = experts[s]["down_bias"].detach().clone()
+        merged.append(out)
+    return merged

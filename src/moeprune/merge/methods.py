@@ -1,0 +1,43 @@
+"""How a layer's groups become merged experts: a registry from `MergePlan.merge` to a layer-level function.
+
+    LayerMerge(experts, groups, weights) -> merged experts, one per group (group order)
+
+experts: every expert of the layer in canonical roles (gate/up [I, H], down [H, I], biases), by original index.
+- average: `merge_average` per group (members aligned to the most used one by weight matching, then W = Σ f W / Σ f);
+- svd: `merge_svd` per group (Sub-MoE joint SVD, `plan.rank` shared directions; full rank == average);
+- dern: `merge_dern` over the whole layer (neuron segments of the dropped experts go to any survivor, `plan.threshold`).
+A group of one is returned as is (a copy) by every per-group merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+
+import torch
+
+from moeprune.merge.average import merge_average
+from moeprune.merge.dern import merge_dern
+from moeprune.merge.plan import MergePlan
+from moeprune.merge.svd import merge_svd
+from moeprune.registry import Registry
+
+Expert = Mapping[str, torch.Tensor]
+GroupMerge = Callable[[list[Expert], Sequence[float]], dict[str, torch.Tensor]]
+LayerMerge = Callable[[Sequence[Expert], list[list[int]], list[list[float]]], list[dict[str, torch.Tensor]]]
+
+
+def per_group(fn: GroupMerge) -> LayerMerge:
+    """Lift a one-group merge to a layer: group g -> fn(its members, their weights); groups of one copied."""
+
+    def layer(experts: Sequence[Expert], groups: list[list[int]], weights: list[list[float]]):
+        return [{r: t.detach().clone() for r, t in experts[g[0]].items()} if len(g) == 1
+                else fn([experts[j] for j in g], w) for g, w in zip(groups, weights, strict=True)]
+
+    return layer
+
+
+MERGES: Registry[Callable[[MergePlan], LayerMerge]] = Registry("merge", "average, svd or dern.")
+MERGES.register("average", lambda plan: per_group(merge_average))
+MERGES.register("svd", lambda plan: per_group(partial(merge_svd, rank=plan.rank)))
+MERGES.register("dern", lambda plan: partial(merge_dern, threshold=plan.threshold))
