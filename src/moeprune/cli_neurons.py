@@ -52,8 +52,8 @@ def prune_neurons(args) -> int:
         source = api.calibrate(args.model, calib) if needs else args.model
         expert_plan = api.make_plan(source, args.expert_method, args.expert_ratio)
     _, result = prune_neurons(args.model, args.out, method=args.method, ratio=args.ratio, calib=calib,
-                              budget=args.budget or "expert", min_width=args.min_width, rho=args.rho, expert_plan=expert_plan,
-                              overwrite=args.overwrite, run_verify=not args.no_verify)
+                              budget=args.budget or "expert", min_width=args.min_width, rho=args.rho,
+                              expert_plan=expert_plan, overwrite=args.overwrite, run_verify=not args.no_verify)
     return _verify_exit(result)
 
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from moeprune.log import logger
-from moeprune.merge.align import neuron_features, check_group
+from moeprune.merge.align import check_group, neuron_features
 
 Expert = Mapping[str, torch.Tensor]
 NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")

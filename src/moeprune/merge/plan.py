@@ -107,7 +107,8 @@ class MergePlan:
     def to_dict(self) -> dict:
         return {"format": MERGE_FORMAT, "model_type": self.model_type, "num_experts": self.num_experts,
                 "method": self.method, "ratio": self.ratio, "merge": self.merge, "router": self.router,
-                "rank": self.rank, "threshold": self.threshold, "note": self.note, "groups": {str(k): v for k, v in sorted(self.groups.items())},
+                "rank": self.rank, "threshold": self.threshold, "note": self.note,
+                "groups": {str(k): v for k, v in sorted(self.groups.items())},
                 "weights": {str(k): v for k, v in sorted(self.weights.items())}}
 
     def save(self, path: str | Path) -> Path:
