@@ -29,7 +29,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import torch
 
 from moeprune import api
 from moeprune.calibration.data import build_sets

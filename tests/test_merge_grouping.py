@@ -182,7 +182,7 @@ def dern_reference(experts, groups, weights, threshold):
     """Loop-by-loop DERN: every dropped neuron to the retained neuron of highest cosine (any survivor), then a
     usage-weighted mean per retained neuron."""
     survivors = [g[0] for g in groups]
-    usage = {j: w for g, ws in zip(groups, weights) for j, w in zip(g, ws)}
+    usage = {j: w for g, ws in zip(groups, weights, strict=False) for j, w in zip(g, ws, strict=False)}
 
     def feat(e, k):
         parts = [e["gate"][k], e["up"][k], e["down"][:, k]]
@@ -222,7 +222,7 @@ def test_dern_equals_loop_reference(bias):
     for threshold in (-1.0, 0.2, 0.5):
         got = merge_dern(experts, groups, weights, threshold)
         want = dern_reference(experts, groups, weights, threshold)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=False):
             assert a.keys() == b.keys()
             for r in a:
                 assert torch.allclose(a[r], b[r], atol=1e-12), (threshold, r)
