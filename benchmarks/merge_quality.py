@@ -29,7 +29,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-
 from moeprune import api
 from moeprune.calibration.data import build_sets
 from moeprune.calibration.run import CalibrateOptions, load_tokenizer
