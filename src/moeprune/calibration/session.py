@@ -8,7 +8,8 @@ recorded there for merge grouping). The experts run their eager code path (`conf
 
 Optional `decide(model, adapter, layer, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
 drop from that layer, and the layer is re-run with them masked in the model's own router before the next layer
-sees its outputs (NAEE's progressive variant; any criterion can use it).
+sees its outputs (NAEE's progressive variant; any criterion can use it). With `trace=True` the same pass also keeps
+every sequence's routing per MoE layer (top-k indices of its real tokens, in order) for local-consistency analysis.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class BlockIO:
     inputs: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     valid: list[torch.Tensor] = field(default_factory=list)  # [B, S] bool
+    tags: list[str] = field(default_factory=list)  # calibration set of each batch
 
 
 Decide = Callable[[nn.Module, MoEAdapter, int, dict[str, RoutedStats], BlockIO], list[int]]
@@ -45,6 +47,8 @@ class CollectResult:
     stats: dict[str, dict[int, RoutedStats]]  # set name -> MoE layer -> sums
     router_sha256: str
     dropped: dict[int, list[int]] = field(default_factory=dict)  # prune-as-you-go decisions
+    # with trace=True: set name -> MoE layer -> one LongTensor [n_real_tokens, k] per sequence (real tokens, in order)
+    traces: dict[str, dict[int, list[torch.Tensor]]] = field(default_factory=dict)
 
 
 @contextmanager
@@ -86,7 +90,9 @@ def collect(
     layer_context: Callable[[int], AbstractContextManager] | None = None,
     decide: Decide | None = None,
     probe_stride: int | None = None,
+    trace: bool = False,
 ) -> CollectResult:
+    """Routed statistics of every set (and, with `trace`, every sequence's top-k routing per MoE layer)."""
     moe = set(adapter.moe_layers())
     kind = adapter.routing().kind
     hidden = int(adapter.config.hidden_size)
@@ -94,6 +100,8 @@ def collect(
     stride = probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k)
     router_hash = hashlib.sha256()
     result = CollectResult(stats, "")
+    if trace:
+        result.traces = {s.name: {layer: [] for layer in sorted(moe)} for s in sets}
     current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
     io = BlockIO()
 
@@ -127,7 +135,10 @@ def collect(
             col.stats = stats[b.tag][col.layer]
             col.valid = b.attention_mask.reshape(-1).bool()
             col.probe = probe_mask(b.attention_mask, stride)
+            if trace:
+                col.trace, col.rows = result.traces[b.tag][col.layer], b.attention_mask
             io.valid.append(b.attention_mask.bool())
+            io.tags.append(b.tag)
 
     with eager_experts(model):
         batches = make_batches(model, adapter, sets, batch_size)
@@ -140,7 +151,7 @@ def collect(
                     result.dropped[i] = drop
                     with masked_experts(model, adapter, {i: drop}):
                         outputs[:] = run_one(layers[i], i, batches, device)
-            for cache in (io.inputs, io.outputs, io.valid):
+            for cache in (io.inputs, io.outputs, io.valid, io.tags):
                 cache.clear()
     result.router_sha256 = router_hash.hexdigest()
     return result

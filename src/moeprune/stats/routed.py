@@ -167,7 +167,8 @@ class RoutedCollector:
 
     `valid` must be set to the current batch's flattened non-padding mask [T] before each forward, and `probe`
     to its probe-token mask [T] (`probe_mask`; None: no probes). With `router=None` the router-probability and
-    logit fields stay zero.
+    logit fields stay zero. Routing traces: when `trace` is a list and `rows` the batch's [B, S] attention mask,
+    each forward appends one LongTensor [n_real, k] per row — its real tokens' expert indices, in order.
     """
 
     def __init__(self, experts: nn.Module, stats: RoutedStats, router: nn.Module | None = None,
@@ -176,6 +177,8 @@ class RoutedCollector:
         self.valid: torch.Tensor | None = None
         self.probe: torch.Tensor | None = None
         self.layer = -1  # decoder-layer index, for callers that switch `stats` per batch
+        self.trace: list[torch.Tensor] | None = None  # routing traces of the current set (None: not recorded)
+        self.rows: torch.Tensor | None = None  # [B, S] attention mask of the current batch, for `trace`
         self._logits: torch.Tensor | None = None
         self._hook = None
 
@@ -203,10 +206,20 @@ class RoutedCollector:
             self.stats.to(f.device).update(top_k_index, top_k_weights.detach(), f.detach(), valid,
                                            hidden_states.detach(), probs, out.detach())
             self.stats.update_grouping(logits, valid, self._probe_outputs(original, hidden_states, args, kwargs))
+            if self.trace is not None:
+                self._record_trace(top_k_index)
             return out
 
         self.experts.forward = forward
         return self
+
+    def _record_trace(self, top_k_index: torch.Tensor) -> None:
+        """Append each row's real-token routing [n_real, k] (int64, CPU) to `trace`."""
+        if self.rows is None:
+            raise RuntimeError("routing traces need `rows`, the batch's [B, S] attention mask")
+        rows = self.rows.bool().cpu()  # [B, S]
+        idx = top_k_index.detach().cpu().long().view(*rows.shape, -1)  # [B, S, k]
+        self.trace.extend(idx[b][rows[b]].clone() for b in range(rows.shape[0]))
 
     @torch.no_grad()
     def _probe_outputs(self, original, hidden_states: torch.Tensor, args, kwargs) -> torch.Tensor | None:
