@@ -236,3 +236,38 @@ def test_dern_with_nothing_compatible_is_pruning_and_a_permuted_twin_changes_not
     twin = permute(experts[0], torch.randperm(6, generator=g))  # the same function, neurons relabelled
     got = merge_dern([experts[0], twin, experts[2]], [[0, 1], [2]], [[1.0, 3.0], [1.0]], threshold=0.99)
     assert all(torch.allclose(got[0][r], experts[0][r], atol=1e-12) for r in got[0])
+
+
+# ----------------------------------------------------------------------------------------------- premise
+def test_output_groupings_find_redundant_twins_in_a_real_model():
+    """A model whose experts 4..7 are neuron-permuted, slightly perturbed copies of 0..3 with scaled-down router
+    rows, calibrated through the real engine: HC-SMoE and Sub-MoE pair every twin with its original in every
+    layer. (M-SMoE is left out: a twin that takes a share of its original's traffic can outrank a rarely used
+    original as a dominant, by the method's design.)"""
+    from moeprune.calibration import session
+    from moeprune.calibration.data import CalibSet
+    from moeprune.io.verify import seeded_inputs
+    from moeprune.models import get_adapter
+    from moeprune.tiny import tiny_model
+
+    g = torch.Generator().manual_seed(7)
+    model = tiny_model("qwen3_moe", seed=3).eval()
+    adapter = get_adapter(model.config, model=model)
+    with torch.no_grad():
+        for layer in adapter.moe_layers():
+            block = adapter.block(model, layer)
+            roles = adapter.expert_roles(block)
+            for j in range(4):
+                src = {r: roles[r][j].clone() for r in roles}
+                twin = permute(src, torch.randperm(src["gate"].shape[0], generator=g))
+                for r, t in twin.items():
+                    roles[r][j + 4].copy_(t + 0.02 * t.abs().mean() * torch.randn(t.shape, generator=g))
+            w = adapter.router(block).weight
+            w[4:].copy_(0.3 * w[:4] + 0.02 * w[:4].abs().mean() * torch.randn(w[:4].shape, generator=g))
+    inputs = seeded_inputs(96, batch=6, seq_len=32, seed=5)
+    calib = CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
+    stats = session.collect(model, adapter, [calib], probe_stride=2).stats["s"]
+    for method in ("hcsmoe", "submoe"):
+        for layer in adapter.moe_layers():
+            groups = group_layer(method, stats[layer], 4, [list(range(8))])
+            assert as_partition(groups) == {frozenset({j, j + 4}) for j in range(4)}, (method, layer, groups)
