@@ -1,4 +1,5 @@
-"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,lm-eval,compare,demo,testbed}`.
+"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,lm-eval,compare,analyze,demo,
+testbed}`.
 
 Thin: every flag maps onto an `api` argument."""
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from moeprune import __version__
+from moeprune.cli_analyze import add_analyze_parser
 from moeprune.cli_merge import add_merge_flags, apply_merge, plan_merge, prune_merge, verify_merge
 from moeprune.cli_neurons import add_neuron_flags, plan_neurons, prune_neurons
 from moeprune.cli_testbed import add_testbed_parsers
@@ -394,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(p)
     p.set_defaults(func=cmd_compare)
 
+    add_analyze_parser(sub)
     add_testbed_parsers(sub, methods)
     return parser
 

@@ -1,0 +1,145 @@
+"""Redundancy probe: what dropping the *cheapest* experts of a layer is predicted to cost, and what it costs.
+
+Cheapest plan at ratio r (per MoE layer ℓ, uniform policy, group-equal for group-limited routers): drop the
+n_drop(r) experts with the least routed output mass m_e = gate_norm_sum_e = Σ_{t routed to e} g_e(t)·‖f_e(t)‖
+(all calibration sets together). Then
+
+    predicted(ℓ, r) = Σ_{e ∈ D} m_e / Σ_e m_e                       (share of the routed output mass removed)
+    measured(ℓ, r)  = Σ_t ‖Z_t − MoE_{E∖D}(X_t)‖² / Σ_t ‖Z_t‖²      (relative squared error of the block output)
+
+X, Z: the MoE block's input and output on the real tokens cached during the calibration pass; MoE_{E∖D} is the
+model's own block with D masked in its own router (the dropped experts' tokens re-route to their next choices),
+so measured ≤ what removing the mass outright would do, and shared experts (part of Z) dilute it. Each layer is
+probed alone: later layers see the unpruned model. Per domain d the same D is scored on d's tokens only.
+
+Cliff of a layer: the first probed ratio whose measured error exceeds CLIFF (default 0.1: the layer loses more than
+a tenth of its output energy); None when every ratio stays below it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moeprune.calibration.session import BlockIO
+from moeprune.errors import MoePruneError
+from moeprune.log import logger
+from moeprune.models.base import MoEAdapter
+from moeprune.models.routing import RoutingSpec
+from moeprune.select.reconstruction import block_evaluator
+from moeprune.select.uniform import drop_count, select_uniform
+from moeprune.stats.routed import RoutedStats
+
+CLIFF = 0.1
+
+
+def check_ratios(ratios: Sequence[float], num_experts: int | None = None,
+                 routing: RoutingSpec | None = None) -> tuple[list[float], dict[str, str]]:
+    """Sorted distinct ratios, and with the model's E and routing: (usable ratios, {ratio: why skipped}).
+
+    Every ratio must lie strictly between 0 and 1; ratios this router cannot express (0 experts dropped, fewer
+    than top-k kept, too few per group) are skipped with the reason; none usable is an error."""
+    values = sorted({float(r) for r in ratios})
+    if not values:
+        raise MoePruneError("no --ratios given; pass fractions like --ratios 0.1,0.25,0.5.")
+    bad = [r for r in values if not 0.0 < r < 1.0]
+    if bad:
+        raise MoePruneError(f"--ratios {bad}: every ratio is a fraction of experts strictly between 0 and 1 "
+                            "(e.g. --ratios 0.1,0.25,0.5,0.75).")
+    if num_experts is None or routing is None:
+        return values, {}
+    usable, skipped = [], {}
+    for r in values:
+        try:
+            drop_count(r, num_experts, routing)
+            usable.append(r)
+        except MoePruneError as e:
+            skipped[str(r)] = str(e)
+    if not usable:
+        raise MoePruneError(f"none of --ratios {values} can be applied to this model ({num_experts} experts, "
+                            f"{routing.describe()}): {'; '.join(skipped.values())}")
+    return usable, skipped
+
+
+def cheapest_drop(mass: torch.Tensor, ratio: float, routing: RoutingSpec) -> list[int]:
+    """Experts with the least routed output mass [E] (uniform policy: same drop per group; ties drop the higher
+    index)."""
+    kept = set(select_uniform({0: mass.double()}, ratio, routing, higher_keeps=True)[0])
+    return [e for e in range(mass.numel()) if e not in kept]
+
+
+def predicted_cost(mass: torch.Tensor, dropped: list[int]) -> float:
+    """Σ_{e∈D} m_e / Σ_e m_e (0 when the layer saw no routed mass)."""
+    total = float(mass.double().sum())
+    return float(mass.double()[dropped].sum()) / total if total > 0 else 0.0
+
+
+def predictions(stats: dict[str, dict[int, RoutedStats]], combined: dict[int, RoutedStats], layers: list[int],
+                ratios: list[float], routing: RoutingSpec) -> dict:
+    """Cheapest plan per layer and ratio ([L][R] expert lists) and its predicted cost overall and per domain."""
+    dropped, pred = [], []
+    per_domain: dict[str, list[list[float]]] = {name: [] for name in stats}
+    for layer in layers:
+        mass = combined[layer].sums["gate_norm_sum"]  # [E]
+        plans = [cheapest_drop(mass, r, routing) for r in ratios]
+        dropped.append(plans)
+        pred.append([predicted_cost(mass, d) for d in plans])
+        for name, by_layer in stats.items():
+            m = by_layer[layer].sums["gate_norm_sum"]  # [E]
+            per_domain[name].append([predicted_cost(m, d) for d in plans])
+    return {"ratios": ratios, "dropped": dropped, "predicted": pred, "predicted_per_domain": per_domain}
+
+
+def cliff(ratios: list[float], errors: list[float], threshold: float = CLIFF) -> float | None:
+    """First ratio whose measured error exceeds `threshold`; None when none does."""
+    return next((r for r, e in zip(ratios, errors, strict=True) if e > threshold), None)
+
+
+@dataclass
+class MeasuredProbe:
+    """A `decide` hook for `calibration.session.collect`: measures every layer's cheapest plans on the cached block
+    inputs/outputs, then returns [] so the pass goes on unpruned. Results: per layer {domain: [(err, ref)] per ratio}.
+    """
+
+    ratios: list[float]
+    routing: RoutingSpec
+    device: str = "cpu"  # where the block runs for the probe (it is moved back afterwards)
+    errors: dict[int, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
+    dropped: dict[int, list[list[int]]] = field(default_factory=dict)
+
+    def __call__(self, model: nn.Module, adapter: MoEAdapter, layer: int, stats: dict[str, RoutedStats],
+                 io: BlockIO) -> list[int]:
+        mass = sum(s.sums["gate_norm_sum"] for s in stats.values())  # [E] all sets
+        plans = [cheapest_drop(mass, r, self.routing) for r in self.ratios]
+        self.dropped[layer] = plans
+        by_domain: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for x, z, v, tag in zip(io.inputs, io.outputs, io.valid, io.tags, strict=True):
+            xs, zs = by_domain.setdefault(tag, ([], []))
+            xs.append(x[v][None])  # [1, N, H] real tokens only (the MoE block is per token)
+            zs.append(z[v][None])  # [1, N, H]
+        self.errors[layer] = {}
+        block = adapter.block(model, layer)
+        home = next(block.parameters()).device
+        block.to(self.device)
+        try:
+            for tag, (xs, zs) in by_domain.items():
+                evaluate = block_evaluator(model, adapter, layer, xs, zs)
+                ref = float(sum(z.double().square().sum() for z in zs))  # Σ ‖Z‖²
+                self.errors[layer][tag] = [(evaluate(tuple(d)), ref) for d in plans]
+        finally:
+            block.to(home)
+        logger.info("layer %d: cheapest plans at ratios %s cost %s of the MoE output (relative squared error)", layer,
+                    self.ratios, ", ".join(f"{e:.3g}" for e in self.measured(layer)))
+        return []
+
+    def measured(self, layer: int, domain: str | None = None) -> list[float]:
+        """Relative error per ratio on one domain's tokens, or (None) on all tokens."""
+        parts = [v for d, v in self.errors[layer].items() if domain is None or d == domain]
+        out = []
+        for i in range(len(self.ratios)):
+            err, ref = sum(p[i][0] for p in parts), sum(p[i][1] for p in parts)
+            out.append(err / ref if ref > 0 else 0.0)
+        return out

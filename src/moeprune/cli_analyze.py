@@ -1,0 +1,70 @@
+"""`moeprune analyze`: routing analysis before pruning, from a checkpoint + calibration text or a statistics file."""
+
+from __future__ import annotations
+
+from moeprune.errors import MoePruneError
+from moeprune.log import logger
+
+
+def _numbers(text: str, flag: str, kind: type) -> list:
+    """'0.1,0.25 0.5' -> [0.1, 0.25, 0.5]; a clear error for anything else."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        values = [kind(p) for p in parts]
+    except ValueError:
+        example = "0.1,0.25,0.5,0.75" if kind is float else "4,16,64,256"
+        raise MoePruneError(f"{flag} {text!r}: give comma-separated {kind.__name__}s, e.g. {flag} {example}.") from None
+    if not values:
+        raise MoePruneError(f"{flag} is empty; give comma-separated values or leave the flag out.")
+    return values
+
+
+def cmd_analyze(args) -> int:
+    from moeprune.analysis.run import analyze, analyze_stats
+
+    ratios = _numbers(args.ratios, "--ratios", float)
+    lengths = _numbers(args.lengths, "--lengths", int)
+    criteria = args.criteria.replace(",", " ").split() if args.criteria else None
+    if args.stats and args.model:
+        raise MoePruneError("pass either MODEL with --calib NAME=PATH (full analysis) or --stats FILE (what a "
+                            "statistics file supports), not both.")
+    if args.stats:
+        if args.calib:
+            raise MoePruneError("--stats analyses a statistics file; --calib needs MODEL instead. Drop one of them.")
+        result = analyze_stats(args.stats, args.out, ratios=ratios, criteria=criteria, overwrite=args.overwrite)
+    else:
+        from moeprune.cli import _calib_options
+
+        if not args.model:
+            raise MoePruneError("nothing to analyze: pass MODEL --calib NAME=PATH ... or --stats FILE.")
+        if not args.calib:
+            raise MoePruneError("no calibration data: pass at least one --calib NAME=PATH (one per domain), or "
+                                "analyze a statistics file with --stats FILE.")
+        result = analyze(args.model, _calib_options(args), args.out, ratios=ratios, lengths=lengths,
+                         criteria=criteria, cliff_threshold=args.cliff, overwrite=args.overwrite)
+    for para in result.sections()["sections"][0]["paragraphs"]:
+        print(para)
+    logger.info("open %s/report.html (or report.json / analysis.json)", result.out_dir)
+    return 0
+
+
+def add_analyze_parser(sub) -> None:
+    from moeprune.cli import _add_calib_flags
+
+    p = sub.add_parser("analyze", help="routing analysis before pruning: usage, balance, specialisation, "
+                                       "redundancy probe, local routing consistency (HTML/JSON/PNG report)")
+    p.add_argument("model", nargs="?", help="checkpoint folder (with --calib); leave out with --stats")
+    p.add_argument("--stats", metavar="FILE", help="analyze a statistics file from `moeprune calibrate` instead "
+                                                   "(no measured probe, no local routing consistency)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; never inside the model)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--ratios", default="0.1,0.25,0.5,0.75", help="fractions of experts dropped by the probe and "
+                                                                  "the criteria agreement (comma-separated)")
+    p.add_argument("--lengths", default="4,16,64,256", help="segment lengths L of SRP/SCH (comma-separated)")
+    p.add_argument("--criteria", help="criteria in the agreement matrix (comma-separated; default: every "
+                                      "calibrated criterion and the random control)")
+    p.add_argument("--cliff", type=float, default=0.1,
+                   help="measured relative output error that marks a layer's cliff (default 0.1)")
+    _add_calib_flags(p, required=False)
+    p.set_defaults(func=cmd_analyze)
+
