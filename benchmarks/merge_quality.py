@@ -111,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_merge_plan(stats, method, ratio, **kw)
             model = copy.deepcopy(original)
             apply_merge_plan(model, adapter, plan, merge_fn)
+            kept = len(plan.groups[plan.layers[0]])
             label = f"merge {method}" + "".join(f" {k}={v}" for k, v in kw.items()) + (" no-align" if merge_fn
                                                                                           else "")
+            if kw.get("budget") == "global":
+                label += f" (keeps {kept}/{plan.num_experts})"
             add(label, "merge", ratio, model, time.perf_counter() - t,
-                {"method": method, "options": kw, "align": merge_fn is None, "note": plan.note})
+                {"method": method, "options": kw, "align": merge_fn is None, "note": plan.note, "kept": kept,
+                 "dern_recombined": dern_share(original, adapter, plan) if plan.merge == "dern" else None})
     result = {"testbed": str(tb.path), "testbed_config": tb.meta["config"], "domains": domains,
               "calib_samples": args.calib_samples, "eval_sequences": args.eval_sequences,
               "gen": {"prompts": args.gen_prompts, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens},
@@ -127,6 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def dern_share(model, adapter, plan) -> float:
+    """Fraction of the dropped experts' neuron segments that DERN recombined (cosine >= threshold)."""
+    from moeprune.merge.dern import dern_assign
+    from moeprune.surgery.merge import expert_of
+
+    moved = total = 0
+    for layer in plan.layers:
+        roles = adapter.expert_roles(adapter.block(model, layer))
+        experts = [expert_of(roles, j) for j in range(plan.num_experts)]
+        dropped = [j for g in plan.groups[layer] for j in g[1:]]
+        assign = dern_assign(experts, [g[0] for g in plan.groups[layer]], dropped, plan.threshold)
+        moved += sum(k.numel() for k, _, _ in assign.values())
+        total += len(dropped) * experts[0]["gate"].shape[0]
+    return moved / max(total, 1)
 
 
 def _mean(d: dict) -> float:
@@ -157,6 +177,11 @@ def to_markdown(result: dict, ratios: list[float]) -> str:
         lines.append("Best per domain: " + ", ".join(f"{d}: {best[d]['label']} ×{best[d]['ratios'][d]:.3f}"
                                                     for d in domains))
         lines.append("")
+    dern = [r for r in rows if r.get("dern_recombined") is not None]
+    if dern:
+        lines += ["DERN: share of the dropped experts' neuron segments recombined into survivors: "
+                  + ", ".join(f"{r['ratio']:.0%} {r['label'].removeprefix('merge dern').strip() or 'default'} "
+                              f"{r['dern_recombined']:.1%}" for r in dern), ""]
     lines += ["### Greedy samples (first prompt per domain)", ""]
     for d in domains:
         lines += [f"**{d}** — prompt: `{_clip(result['prompt_text'][d])}`", ""]
