@@ -23,7 +23,7 @@ from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, match_disk_dtypes, parse_dtype
 from moeprune.io.report import REPORT_NAME, write_json_atomic
-from moeprune.io.verify import VerifyResult, compare, logits_of, seeded_inputs
+from moeprune.io.verify import VerifyResult, compare, logits_of, saved_logits
 from moeprune.log import logger
 from moeprune.merge.build import BUDGETS, make_merge_plan
 from moeprune.merge.grouping import GROUPINGS
@@ -104,11 +104,7 @@ def verify_merge(original: str | Path, merged: str | Path, plan: MergePlan | Non
     if count != kept or not kept < adapter.num_experts:
         raise MoePruneError(f"merged config has {adapter.count_key}={count}; the plan merges "
                             f"{adapter.num_experts} experts into {kept} per layer.")
-    inputs = seeded_inputs(src.config.get_text_config().vocab_size, batch, seq_len, seed)
-    logger.info("verify: loading merged %s with stock from_pretrained", dst.path)
-    saved = load_model(dst.path, dtype=dtype)
-    got = logits_of(saved, inputs)
-    del saved
+    inputs, got = saved_logits(src, dst, batch, seq_len, seed, dtype)
     logger.info("verify: merging original %s in memory (%s, %s router rows)", src.path, plan.merge, plan.router)
     reference = load_model(src.path, dtype=dtype)
     apply_merge_plan(reference, get_adapter(reference.config, model=reference), plan)

@@ -54,6 +54,17 @@ def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.logits.float()  # [B, S, V]
 
 
+def saved_logits(src: Checkpoint, dst: Checkpoint, batch: int, seq_len: int, seed: int,
+                 dtype: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Seeded inputs over the source vocabulary and the logits of DST loaded by stock `from_pretrained`."""
+    inputs = seeded_inputs(src.config.get_text_config().vocab_size, batch, seq_len, seed)
+    logger.info("verify: loading %s with stock from_pretrained", dst.path)
+    model = load_model(dst.path, dtype=dtype)
+    logits = logits_of(model, inputs)
+    del model
+    return inputs, logits
+
+
 def compare(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor, tol: float) -> VerifyResult:
     keep = mask.bool()  # [B, S]
     ref, cand = reference[keep], candidate[keep]  # [N, V]
@@ -91,11 +102,7 @@ def verify(
     if count != plan.kept_count:
         raise MoePruneError(f"pruned config has {adapter.count_key}={count}, the plan keeps {plan.kept_count}.")
 
-    inputs = seeded_inputs(src.config.get_text_config().vocab_size, batch, seq_len, seed)
-    logger.info("verify: loading pruned %s with stock from_pretrained", dst.path)
-    pruned_model = load_model(dst.path, dtype=dtype)
-    got = logits_of(pruned_model, inputs)
-    del pruned_model
+    inputs, got = saved_logits(src, dst, batch, seq_len, seed, dtype)
     n_masked = plan.num_experts - plan.kept_count
     logger.info("verify: running original %s with %d experts/layer masked", src.path, n_masked)
     original_model = load_model(src.path, dtype=dtype)

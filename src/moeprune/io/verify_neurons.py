@@ -16,7 +16,7 @@ from moeprune.errors import MoePruneError
 from moeprune.io import nonuniform
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model
-from moeprune.io.verify import VerifyResult, compare, logits_of, seeded_inputs
+from moeprune.io.verify import VerifyResult, compare, logits_of, saved_logits
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
@@ -61,11 +61,7 @@ def verify_neurons(
             raise MoePruneError(f"pruned config has {adapter.count_key}={count}, the plan keeps "
                                 f"{expert_plan.kept_count}.")
 
-    inputs = seeded_inputs(src.config.get_text_config().vocab_size, batch, seq_len, seed)
-    logger.info("verify: loading pruned %s with stock from_pretrained", dst.path)
-    pruned_model = load_model(dst.path, dtype=dtype)
-    got = logits_of(pruned_model, inputs)
-    del pruned_model
+    inputs, got = saved_logits(src, dst, batch, seq_len, seed, dtype)
     logger.info("verify: running original %s with removed neurons zeroed%s", src.path,
                 "" if expert_plan is None else " and removed experts masked")
     original_model = load_model(src.path, dtype=dtype)
