@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moeprune.analysis import run as analysis_run
+from moeprune.analysis.locality import MAX_TOKENS, N_SHUFFLES, budget
 from moeprune.analysis.lrc import sch, srp, srp_sch_baseline
 from moeprune.analysis.run import analyze, analyze_sets, analyze_stats
 from moeprune.calibration import run as calib_run
@@ -255,14 +256,15 @@ def test_locality_equals_lrc_on_the_traces(padded):
     _, adapter, sets, res = padded["qwen3_moe"]
     loc, E = res.data["locality"], adapter.num_experts
     assert loc["lengths"] == [4, 8] and loc["cache_sizes"] == [2, 4]
+    assert loc["tokens"] == sum(int(s.attention_mask.sum()) for s in sets)  # under the budget: every token
     for i, layer in enumerate(res.data["layers"]):
-        traces = [t for s in sets for t in res.traces[s.name][layer]]
+        traces = budget([res.traces[s.name][layer] for s in sets], MAX_TOKENS)  # a, b, a, b, ... sequences
         for n, L in enumerate(loc["lengths"]):
             assert loc["srp"][i][n] == pytest.approx(srp(traces, E, L), rel=1e-12)
             for j, m in enumerate(loc["cache_sizes"]):
                 assert loc["sch"][i][n][j] == pytest.approx(sch(traces, E, L, m), rel=1e-12)
-                base = srp_sch_baseline(traces, E, L, m)
-                glob = srp_sch_baseline(traces, E, L, m, across_sequences=True)
+                base = srp_sch_baseline(traces, E, L, m, n_shuffles=N_SHUFFLES)
+                glob = srp_sch_baseline(traces, E, L, m, n_shuffles=N_SHUFFLES, across_sequences=True)
                 assert (loc["srp_baseline"][i][n], loc["sch_baseline"][i][n][j]) == pytest.approx(base, rel=1e-12)
                 assert (loc["srp_global"][i][n], loc["sch_global"][i][n][j]) == pytest.approx(glob, rel=1e-12)
         counts = res.stats.combined()[layer].sums["count"].sort(descending=True).values
@@ -270,6 +272,14 @@ def test_locality_equals_lrc_on_the_traces(padded):
     v = loc["verdict"]
     assert v["length"] == 8 and v["cache_size"] == 4  # closest length to 16; m = 2k
     assert v["gain"] == pytest.approx(sum(v["sch"]) / len(v["sch"]) - sum(v["baseline"]) / len(v["baseline"]))
+
+
+def test_token_budget_takes_whole_sequences_round_robin():
+    a = [torch.zeros(n, 2, dtype=torch.long) for n in (5, 6, 7)]
+    b = [torch.ones(n, 2, dtype=torch.long) for n in (3, 4)]
+    assert [t.shape[0] for t in budget([a, b], 100)] == [5, 3, 6, 4, 7]
+    assert [t.shape[0] for t in budget([a, b], 14)] == [5, 3, 6]
+    assert [t.shape[0] for t in budget([a, b], 1)] == [5]  # never empty
 
 
 # ------------------------------------------------------------------------------------------ stats-file mode

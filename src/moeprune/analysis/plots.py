@@ -109,8 +109,8 @@ def plot_coactivation(a: dict[str, Any], path: Path) -> Path:
     """log2 lift heatmaps (red: together more than chance, blue: less) for a few layers."""
     plt = _plt()
     shown = [i for i in lift_layers(a["layers"]) if a["coactivation"]["lift"][i] is not None]
-    rows, cols = _grid(max(1, len(shown)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 1.2, 3.2 * rows + 0.4), squeeze=False,
+    rows, cols = _grid(max(1, len(shown)), 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols + 1.2, 3.6 * rows + 0.4), squeeze=False,
                              layout="constrained")
     im = None
     for ax, i in zip(axes.flat, shown, strict=False):
@@ -176,6 +176,7 @@ def plot_probe(a: dict[str, Any], path: Path) -> Path:
     layers, ratios = a["layers"], p["ratios"]
     rows, cols = _grid(len(layers))
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    top = max(1.0, 1.05 * max(v for key in ("predicted", "measured") for row in p.get(key, []) for v in row))
     for i, layer in enumerate(layers):
         ax = axes.flat[i]
         ax.plot(ratios, p["predicted"][i], marker="o", label="predicted (mass removed)")
@@ -186,7 +187,7 @@ def plot_probe(a: dict[str, Any], path: Path) -> Path:
                 ax.axvline(p["cliff"][i], color="tab:red", linestyle="--", linewidth=0.9, label="cliff")
         ax.set_title(f"layer {layer}", fontsize=9)
         ax.set_xlabel("ratio of experts dropped", fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, top)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(layers):]:
         ax.axis("off")

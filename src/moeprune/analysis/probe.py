@@ -9,7 +9,8 @@ n_drop(r) experts with the least routed output mass m_e = gate_norm_sum_e = Σ_{
 
 X, Z: the MoE block's input and output on the real tokens cached during the calibration pass; MoE_{E∖D} is the
 model's own block with D masked in its own router (the dropped experts' tokens re-route to their next choices),
-so measured ≤ what removing the mass outright would do, and shared experts (part of Z) dilute it. Each layer is
+and shared experts (part of Z) dilute the error. The two are different scales (a share of Σ‖·‖ vs a ratio of
+squared norms) and need not agree; measured can exceed 1 where re-routed tokens land far from Z. Each layer is
 probed alone: later layers see the unpruned model. Per domain d the same D is scored on d's tokens only.
 
 Cliff of a layer: the first probed ratio whose measured error exceeds CLIFF (default 0.1: the layer loses more than

@@ -37,12 +37,15 @@ def overview(a: dict[str, Any], images: dict[str, str]) -> Section:
     layers, paras = a["layers"], []
     p, loc, bal = a["probe"], a.get("locality", {}), a["balance"]["all"]
     if "cliff" in p:
-        cliffs = [c for c in p["cliff"] if c is not None]
         below = [r for r in p["ratios"] if all(c is None or r < c for c in p["cliff"])]
-        paras.append(f"Redundancy probe: {len(cliffs)} of {len(layers)} layers pass the cliff (measured output "
-                     f"error > {p['cliff_threshold']:g}) within the probed ratios; "
-                     + (f"every layer stays below it up to ratio {max(below):g}." if below else
-                        f"some layer is past it already at ratio {p['ratios'][0]:g}."))
+        groups = {c: [str(layer) for layer, x in zip(layers, p["cliff"], strict=True) if x == c]
+                  for c in dict.fromkeys(sorted(p["cliff"], key=lambda c: (c is None, c or 0)))}
+        where = "; ".join(f"{'no cliff' if c is None else f'cliff at ratio {c:g}'}: layer{'s' * (len(ls) > 1)} "
+                          f"{', '.join(ls)}" for c, ls in groups.items())
+        paras.append(f"Redundancy probe (cliff = the cheapest plan's measured MoE-output error exceeds "
+                     f"{p['cliff_threshold']:g}): {where}. "
+                     + (f"Every layer stays below it up to ratio {max(below):g}." if below else
+                        f"Some layer is past it already at ratio {p['ratios'][0]:g}."))
     else:
         paras.append(f"Predicted cost of the cheapest plan at ratio {p['ratios'][-1]:g}: "
                      f"{_pct(_mean([row[-1] for row in p['predicted']]))} of the routed output mass on average; "
@@ -57,8 +60,9 @@ def overview(a: dict[str, Any], images: dict[str, str]) -> Section:
     if "layer" in spec:
         paras.append(f"Specialisation: layer domain specificity {min(spec['layer']):.2f}–{max(spec['layer']):.2f} "
                      f"(0 = every domain uses each expert alike, 1 = each expert serves one domain).")
-    n_super = sum(len(e) for e in a["super_experts"]["experts"])
-    paras.append(f"Super experts (never drop them): {n_super} found." if n_super else "No super experts found.")
+    found = [f"layer {layer}: {', '.join(f'e{e}' for e in es)}" for layer, es in
+             zip(layers, a["super_experts"]["experts"], strict=True) if es]
+    paras.append(f"Super experts (never drop them): {'; '.join(found)}." if found else "No super experts found.")
     paras.extend(a.get("notes", []))
     return _section("overview", "Overview", paras, images)
 
@@ -112,9 +116,8 @@ def specialisation_section(a: dict[str, Any], images: dict[str, str]) -> Section
         ["Domain specificity of expert e = 1 − H(q[·|e]) / log2 D, where q[d|e] is e's share of the per-token rates "
          "of the D domains; the owner is the domain with the largest share; layer score = usage-weighted mean. "
          f"Experts with specificity ≥ {spec['specialist_threshold']:g} are listed as their owner's specialists: "
-         "dropping one hurts that domain most."],
-        images, "usage", "the last panel of the usage figure shows specificity and owners",
-        [{"caption": "layer specificity; experts owned per domain (specialists in brackets)",
+         "dropping one hurts that domain most. The last panel of the usage figure maps specificity and owners."],
+        images, tables=[{"caption": "layer specificity; experts owned per domain (specialists in brackets)",
           "columns": ["layer", "specificity"] + doms, "rows": rows}])
 
 
