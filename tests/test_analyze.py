@@ -282,6 +282,16 @@ def test_token_budget_takes_whole_sequences_round_robin():
     assert [t.shape[0] for t in budget([a, b], 1)] == [5]  # never empty
 
 
+def test_one_domain_skips_specialisation(padded, tmp_path):
+    model, adapter, sets, _ = padded["qwen3_moe"]
+    res = analyze_sets(model, adapter, sets[:1], ratios=(0.5,), lengths=(4,))
+    analysis_run.write(res, tmp_path / "one", stats_file=False)
+    a = json.loads((tmp_path / "one" / "analysis.json").read_text())
+    assert "two or more --calib" in a["specialisation"]["skipped"] and a["domains"] == ["a"]
+    assert a["probe"]["measured"] and a["locality"]["lengths"] == [4]
+    check_report(json.loads((tmp_path / "one" / "report.json").read_text()), tmp_path / "one")
+
+
 # ------------------------------------------------------------------------------------------ stats-file mode
 
 

@@ -1,5 +1,4 @@
-"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,lm-eval,compare,analyze,demo,
-testbed}`.
+"""Command line: `moeprune {info,calibrate,stats,criteria,plan,apply,prune,verify,eval,lm-eval,compare,demo,testbed}`.
 
 Thin: every flag maps onto an `api` argument."""
 
