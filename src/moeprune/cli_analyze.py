@@ -31,7 +31,8 @@ def cmd_analyze(args) -> int:
     if args.stats:
         if args.calib:
             raise MoePruneError("--stats analyses a statistics file; --calib needs MODEL instead. Drop one of them.")
-        result = analyze_stats(args.stats, args.out, ratios=ratios, criteria=criteria, overwrite=args.overwrite)
+        result = analyze_stats(args.stats, args.out, ratios=ratios, criteria=criteria, overwrite=args.overwrite,
+                               results=args.results)
     else:
         from moeprune.cli import _calib_options
 
@@ -41,7 +42,8 @@ def cmd_analyze(args) -> int:
             raise MoePruneError("no calibration data: pass at least one --calib NAME=PATH (one per domain), or "
                                 "analyze a statistics file with --stats FILE.")
         result = analyze(args.model, _calib_options(args), args.out, ratios=ratios, lengths=lengths,
-                         criteria=criteria, cliff_threshold=args.cliff, overwrite=args.overwrite)
+                         criteria=criteria, cliff_threshold=args.cliff, overwrite=args.overwrite,
+                         results=args.results)
     for para in result.sections()["sections"][0]["paragraphs"]:
         print(para)
     logger.info("open %s/report.html (or report.json / analysis.json)", result.out_dir)
@@ -65,6 +67,9 @@ def add_analyze_parser(sub) -> None:
                                       "calibrated criterion and the random control)")
     p.add_argument("--cliff", type=float, default=0.1,
                    help="measured relative output error that marks a layer's cliff (default 0.1)")
+    p.add_argument("--results", action="append", default=[], metavar="DIR",
+                   help="add the outcome of a `moeprune compare --out` folder or a pruned/merged checkpoint folder "
+                        "to the report (repeatable)")
     _add_calib_flags(p, required=False)
     p.set_defaults(func=cmd_analyze)
 

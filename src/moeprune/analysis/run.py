@@ -25,8 +25,10 @@ import torch
 
 from moeprune import __version__
 from moeprune.analysis import plots
+from moeprune.analysis.html import render_html
 from moeprune.analysis.locality import check_lengths, locality
 from moeprune.analysis.probe import CLIFF, MeasuredProbe, check_ratios, cliff, predictions
+from moeprune.analysis.results import check_results, results_sections
 from moeprune.analysis.sections import build_sections
 from moeprune.analysis.usage import balance, coactivation, specialisation, supers, usage
 from moeprune.calibration.data import CalibSet
@@ -174,13 +176,14 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
 
 def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[float] = RATIOS,
             lengths: Sequence[int] = LENGTHS, criteria: Sequence[str] | None = None, cliff_threshold: float = CLIFF,
-            overwrite: bool = False) -> AnalysisResult:
+            overwrite: bool = False, results: Sequence[str | Path] = ()) -> AnalysisResult:
     """Checkpoint + `CalibrateOptions` -> DIR with the analysis (module docstring). Refusals come first."""
     from moeprune.calibration import run as calib_run
     from moeprune.calibration.distributed import current_rank
     from moeprune.models import get_adapter
 
     out = check_output(out_dir, [Path(model)], overwrite)
+    results = check_results(list(results))
     check_ratios(ratios)
     check_lengths(lengths)
     check_criteria(criteria)
@@ -199,14 +202,16 @@ def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[f
                           layer_context=layer_context, probe_stride=calib.probe_stride,
                           meta={"model": str(ckpt.path)})
     result.data["wall_s"] = round(time.perf_counter() - start, 2)
-    write(result, out, stats_file=True)
+    write(result, out, stats_file=True, results=results)
     return result
 
 
 def analyze_stats(stats_file: str | Path, out_dir: str | Path, *, ratios: Sequence[float] = RATIOS,
-                  criteria: Sequence[str] | None = None, overwrite: bool = False) -> AnalysisResult:
+                  criteria: Sequence[str] | None = None, overwrite: bool = False,
+                  results: Sequence[str | Path] = ()) -> AnalysisResult:
     """Statistics file -> DIR with every part it supports, and a note on what needs the model."""
     out = check_output(out_dir, [Path(stats_file)], overwrite)
+    results = check_results(list(results))
     check_ratios(ratios)
     criteria = check_criteria(criteria)
     stats = ExpertStats.load(stats_file)
@@ -216,7 +221,7 @@ def analyze_stats(stats_file: str | Path, out_dir: str | Path, *, ratios: Sequen
     data["notes"].append(NEEDS_MODEL)
     data["source"] = {"model": stats.meta.get("model"), "stats_file": str(Path(stats_file).resolve())}
     result = AnalysisResult(data, stats)
-    write(result, out, stats_file=False)
+    write(result, out, stats_file=False, results=results)
     return result
 
 
@@ -229,8 +234,9 @@ def _check_cliff(threshold: float) -> None:
 # ----------------------------------------------------------------------------------------------- writing
 
 
-def write(result: AnalysisResult, out: Path, *, stats_file: bool) -> Path:
-    """analysis.json, report.json, PNGs (+ stats.safetensors, + report.html if the renderer exists), atomically."""
+def write(result: AnalysisResult, out: Path, *, stats_file: bool, results: Sequence[Path] = ()) -> Path:
+    """analysis.json, report.json, report.html, PNGs (+ stats.safetensors), atomically; `results`: prune / merge /
+    compare folders whose outcome the report shows after the analysis (`analysis/results.py`)."""
     with atomic_dir(out) as tmp:
         for key, name in result.images.items():
             PLOTS[key](result.data, tmp / name)
@@ -239,18 +245,11 @@ def write(result: AnalysisResult, out: Path, *, stats_file: bool) -> Path:
             result.stats.save(tmp / "stats.safetensors")
             result.data["files"]["stats"] = "stats.safetensors"
         report = result.sections()
+        if results:
+            report["results"] = results_sections(list(results), tmp)
         (tmp / "analysis.json").write_text(json.dumps(result.data, indent=1, allow_nan=False))
         (tmp / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
-        _render_html(report, tmp)
+        render_html(report, tmp)
     result.out_dir = out
     logger.info("analysis written to %s (%s)", out, ", ".join(sorted(p.name for p in out.iterdir())))
     return out
-
-
-def _render_html(report: dict[str, Any], folder: Path) -> None:
-    try:
-        from moeprune.analysis.html import render_html
-    except ImportError:
-        logger.info("the HTML renderer (moeprune.analysis.html) is not installed; report.json holds the report")
-        return
-    render_html(report, folder)
