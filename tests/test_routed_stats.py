@@ -16,6 +16,8 @@ from moeprune.models import get_adapter
 from moeprune.stats.routed import FIELDS, GROUPING_FIELDS, default_probe_stride
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 
+PROBE_STRIDE = 8  # several probe tokens per row of 20 (the default, ⌈8E/k⌉ = 32, would give one)
+
 
 def expert_outputs(model, adapter, layer: int, x: torch.Tensor) -> torch.Tensor:
     """f_j(x) for every expert j and token: [E, T, H], straight from the weights (no model code)."""
@@ -49,7 +51,7 @@ def brute_force(model, adapter, inputs):
         h.remove()
     valid = inputs["attention_mask"].reshape(-1).bool()
     mask = inputs["attention_mask"]
-    stride = default_probe_stride(adapter.num_experts, adapter.top_k)
+    stride = PROBE_STRIDE
     probes = []  # flattened indices of every row's 0th, stride-th, 2·stride-th ... real token
     for b in range(mask.shape[0]):
         real = [s for s in range(mask.shape[1]) if mask[b, s]]
@@ -102,7 +104,8 @@ def brute_force(model, adapter, inputs):
 def collect(model, adapter, inputs, batch_size=8, name="s"):
     """The real engine path: layer by layer, batches of `batch_size` rows, collectors on every MoE layer."""
     calib = CalibSet(name, inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
-    return session.collect(model, adapter, [calib], batch_size=batch_size).stats[name]
+    return session.collect(model, adapter, [calib], batch_size=batch_size,
+                           probe_stride=PROBE_STRIDE).stats[name]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
@@ -159,3 +162,16 @@ def test_merge_equals_concatenated_data():
             ref = sab[layer].sums[name]
             atol = 1e-6 * float(ref.abs().max()) if name in GROUPING_FIELDS else 1e-9
             assert torch.allclose(merged.sums[name], sab[layer].sums[name], rtol=1e-6, atol=atol), (layer, name)
+
+
+def test_probe_tokens_by_hand():
+    """Probe tokens: every stride-th real token of a row counted from its first real token (padding skipped);
+    the default stride ⌈8E/k⌉ makes probing an eighth of the routed expert rows."""
+    from moeprune.stats.routed import probe_mask
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert probe_mask(mask, 2).view(2, 5).tolist() == [[False, False, True, False, True],
+                                                       [True, False, True, False, True]]
+    assert probe_mask(mask, 10).nonzero().squeeze(1).tolist() == [2, 5]
+    assert default_probe_stride(8, 2) == 32 and default_probe_stride(128, 8) == 128
+    assert default_probe_stride(3, 8) == 3

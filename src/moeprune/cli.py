@@ -253,7 +253,7 @@ def _add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
                    help="load one decoder layer at a time from disk (models larger than host memory)")
     g.add_argument("--probe-stride", type=int, default=None, metavar="N",
                    help="record every expert's output on 1 real token in N, for merge grouping "
-                        "(default ceil(4E/k): a quarter of the routed expert work)")
+                        "(default ceil(8E/k): an eighth of the routed expert work)")
 
 
 def _add_select_flags(p: argparse.ArgumentParser, progressive: bool) -> None:

@@ -44,7 +44,7 @@ class CalibrateOptions:
     device: str = "cpu"
     dtype: str = "auto"
     lazy: bool = False
-    probe_stride: int | None = None  # every-expert output probes on 1 token in N (merge grouping); None: ⌈4E/k⌉
+    probe_stride: int | None = None  # every-expert output probes on 1 token in N (merge grouping); None: ⌈8E/k⌉
 
     def __post_init__(self) -> None:
         if self.probe_stride is not None and self.probe_stride < 1:

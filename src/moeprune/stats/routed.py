@@ -22,7 +22,7 @@ and, on *probe tokens* P (every `probe_stride`-th real token of each sequence, c
 so the sample does not depend on batching or padding), EVERY expert's output, routed or not:
     out_sum[j] = Σ_{t∈P} f_j(t)  [E, H]   (mean output: HC-SMoE),   out_gram[i, j] = Σ_{t∈P} f_i(t)·f_j(t)
     (cos of the concatenated outputs: Sub-MoE),   probe_tokens = |P|.
-Probing costs E·|P| extra expert rows, ≈ T·k/4 with the default stride ⌈4E/k⌉ (a quarter of the routed work).
+Probing costs E·|P| extra expert rows, ≈ T·k/8 with the default stride ⌈8E/k⌉ (an eighth of the routed work).
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def field_shape(name: str, num_experts: int, hidden: int = 0) -> tuple[int, ...]
 
 
 def default_probe_stride(num_experts: int, top_k: int) -> int:
-    """⌈4E/k⌉: probing every expert on 1/stride of the tokens costs a quarter of the routed expert work."""
-    return max(1, -(-4 * num_experts // max(1, top_k)))
+    """⌈8E/k⌉: probing every expert on 1/stride of the tokens costs an eighth of the routed expert work."""
+    return max(1, -(-8 * num_experts // max(1, top_k)))
 
 
 def probe_mask(attention_mask: torch.Tensor, stride: int) -> torch.Tensor:
