@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moeprune.cli_common import _add_calib_flags, _calib_options
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 
@@ -34,8 +35,6 @@ def cmd_analyze(args) -> int:
         result = analyze_stats(args.stats, args.out, ratios=ratios, criteria=criteria, overwrite=args.overwrite,
                                results=args.results)
     else:
-        from moeprune.cli import _calib_options
-
         if not args.model:
             raise MoePruneError("nothing to analyze: pass MODEL --calib NAME=PATH ... or --stats FILE.")
         if not args.calib:
@@ -51,8 +50,6 @@ def cmd_analyze(args) -> int:
 
 
 def add_analyze_parser(sub) -> None:
-    from moeprune.cli import _add_calib_flags
-
     p = sub.add_parser("analyze", help="routing analysis before pruning: usage, balance, specialisation, "
                                        "redundancy probe, local routing consistency (HTML/JSON/PNG report)")
     p.add_argument("model", nargs="?", help="checkpoint folder (with --calib); leave out with --stats")

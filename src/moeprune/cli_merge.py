@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from moeprune.cli_common import _calib_options, _verify_exit
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 
@@ -45,7 +46,6 @@ def plan_merge(args) -> int:
 
 
 def prune_merge(args) -> int:
-    from moeprune.cli import _calib_options, _verify_exit
     from moeprune.merge_api import prune_merge
 
     _refuse_pruning_flags(args)
@@ -69,7 +69,6 @@ def apply_merge(args) -> int:
 
 def verify_merge(args) -> int:
     from moeprune.api import DEFAULT_TOL
-    from moeprune.cli import _verify_exit
     from moeprune.merge.plan import MergePlan
     from moeprune.merge_api import verify_merge
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from moeprune.cli_common import _calib_options, _ratio, _verify_exit
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 
 
 def plan_neurons(args) -> int:
-    from moeprune.cli import _calib_options
     from moeprune.neuron_api import make_neuron_plan
 
     if not args.calib:
@@ -29,7 +29,6 @@ def plan_neurons(args) -> int:
 def prune_neurons(args) -> int:
     """--method heapr|camera: neuron statistics on --calib, budget, slice, save, verify."""
     from moeprune import api
-    from moeprune.cli import _calib_options, _verify_exit
     from moeprune.neuron_api import prune_neurons
 
     if not args.calib:
@@ -58,7 +57,6 @@ def prune_neurons(args) -> int:
 
 
 def add_neuron_flags(p: argparse.ArgumentParser, combined: bool) -> None:
-    from moeprune.cli import _ratio
     g = p.add_argument_group("neuron pruning (--method heapr|camera; needs --calib) and merge budget")
     g.add_argument("--budget", default=None,
                    help="neurons: how the removed neurons are spread: expert (default; uniform width, stock-loadable), "
