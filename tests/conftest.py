@@ -83,21 +83,19 @@ def no_work(monkeypatch):
 
     def forbid(name):
         def _fail(*args, **kwargs):
-            raise AssertionError(f"api.{name} ran before the bad input was refused")
+            raise AssertionError(f"{name} ran before the bad input was refused")
 
         return _fail
 
     from moeprune.select import build
 
     monkeypatch.setattr(build, "summarize_checkpoint", forbid("select.build.summarize_checkpoint"))
-    for name in (
-        "load_model",
-        "apply_in_memory",
-        "apply_plan_streaming",
-        "atomic_dir",
-        "_verify",
-    ):
-        monkeypatch.setattr(api, name, forbid(name))
+    from moeprune.pipeline import context, export, verify
+    from moeprune.surgery import in_memory, streaming
+
+    for module, name in ((export, "load_model"), (context, "load_model"), (in_memory, "apply_plan"),
+                         (streaming, "apply_plan_streaming"), (export, "atomic_dir"), (verify, "load_model")):
+        monkeypatch.setattr(module, name, forbid(f"{module.__name__}.{name}"))
     from moeprune.calibration import run
 
     for name in ("load_model", "collect"):

@@ -177,7 +177,9 @@ def test_failure_midway_leaves_nothing(qwen, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise MoePruneError("simulated failure during surgery")
 
-    monkeypatch.setattr(api, "apply_in_memory", boom)
+    from moeprune.surgery import in_memory
+
+    monkeypatch.setattr(in_memory, "apply_plan", boom)
     out = tmp_path / "out"
     assert_refused(
         lambda: api.prune(qwen, out, method="aimer", ratio=0.25), "simulated failure", inputs=[qwen], out=out
@@ -312,7 +314,9 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     out = tmp_path / "out"
     from moeprune.criteria import CRITERIA
 
-    match = r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: " + re.escape(", ".join(CRITERIA)) + r"\."
+    every = ", ".join(sorted([*CRITERIA, "naee"]))  # every stage's methods are listed, by stage
+    match = (r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: experts: " + re.escape(every)
+             + r"; merge: dern, hcsmoe, msmoe, submoe; neurons: camera, heapr\.")
     assert_refused(lambda: api.prune(qwen, out, method="aimr", ratio=0.25), match, inputs=[qwen], out=out)
     assert_refused(lambda: api.make_plan(qwen, "aimr", 0.25), match, inputs=[qwen], out=None)
     assert_cli_refused(
@@ -325,10 +329,14 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
         inputs=[qwen],
         out=None,
     )
+    # did-you-mean knows every stage's methods, not only the expert criteria
+    for typo, meant in (("hepr", "heapr"), ("msmo", "msmoe"), ("dernn", "dern")):
+        assert_refused(lambda t=typo: api.prune(qwen, out, method=t, ratio=0.25), f"Did you mean '{meant}'",
+                       inputs=[qwen], out=out)
     # no close match: still lists the choices
     assert_refused(
         lambda: api.make_plan(qwen, "xyzzy", 0.25),
-        r"unknown method 'xyzzy'\. Choose one of: aimer",
+        r"unknown method 'xyzzy'\. Choose one of: experts: aimer",
         inputs=[qwen],
         out=None,
     )

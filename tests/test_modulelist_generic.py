@@ -17,7 +17,7 @@ from torch import nn
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
 
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.verify import logits_of, seeded_inputs
+from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.generic import GenericMoEAdapter
 from moeprune.models.masking import masked_experts

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 
 import moeprune
 from moeprune.io.load import load_model
-from moeprune.io.verify import logits_of, seeded_inputs
-from moeprune.io.verify_neurons import verify_neurons
+from moeprune.pipeline.verify import logits_of, seeded_inputs
+from moeprune.pipeline.verify import verify
 from moeprune.models import get_adapter
 from moeprune.models.summary import format_summary, summarize
-from moeprune.neuron_api import apply_neuron_plan_to
+from moeprune.api import apply_plan as apply_neuron_plan_to
 from moeprune.select.neuron_plan import NeuronPlan
 from moeprune.surgery.neurons import mask_neurons
 from moeprune.tiny import save_tiny
@@ -61,7 +61,7 @@ def test_nonuniform_export_round_trip(family, tmp_path):
     want = logits_of(original, inputs)
     got = logits_of(pruned, inputs)
     assert (got - want).abs().max().item() < 1e-5 * max(1.0, want.abs().max().item())
-    assert verify_neurons(src, out, None, plan).passed
+    assert verify(src, out, [plan]).passed
     text = format_summary(summarize(str(out)))
     assert "NON-UNIFORM" in text and str(widths) in text
 

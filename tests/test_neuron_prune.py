@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from moeprune.cli import build_parser, main
 from moeprune.errors import MoePruneError
 from moeprune.io.load import load_model
-from moeprune.io.verify import logits_of, seeded_inputs
+from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
 from moeprune.select.neuron_plan import NeuronPlan
@@ -80,9 +80,10 @@ def test_cli_prune_experts_then_neurons(setup):
 
 def test_neuron_prune_refusals_before_work(setup, monkeypatch):
     root, ckpt, calib = setup
-    from moeprune import neuron_api
+    from moeprune.pipeline import context, export
 
-    monkeypatch.setattr(neuron_api, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    for module in (context, export):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     base = ["prune", str(ckpt), "--method", "heapr", "--ratio", "0.5", "--out", str(root / "x")]
     cases = [
         ([], "pass --calib"),

@@ -3,7 +3,7 @@
 - the sliced tensors are the kept rows/columns of the original ones (gate/up rows, down columns, biases), and the
   config width and the experts modules' width attributes follow;
 - sliced logits == logits of the original with the removed neurons' down columns zeroed (`mask_neurons`);
-- save_pretrained -> stock from_pretrained reproduces them; `verify_neurons` agrees;
+- save_pretrained -> stock from_pretrained reproduces them; `verify` agrees;
 - a keep-all plan is the identity (bit-exact);
 - expert removal then neuron removal equals the original with experts masked out of routing and neurons zeroed;
 - bad plans are refused before any tensor changes.
@@ -23,8 +23,8 @@ from transformers import AutoConfig
 
 from moeprune.errors import MoePruneError
 from moeprune.io.load import auto_class
-from moeprune.io.verify import logits_of, seeded_inputs
-from moeprune.io.verify_neurons import verify_neurons
+from moeprune.pipeline.verify import logits_of, seeded_inputs
+from moeprune.pipeline.verify import verify
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
 from moeprune.select.neuron_plan import NeuronPlan
@@ -150,7 +150,7 @@ def test_keep_all_plan_is_the_identity(case, inputs):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_then_neuron_removal(family, tmp_path, inputs):
-    """Expert PrunePlan (in memory) then a NeuronPlan on the survivors; the stock reload and `verify_neurons` equal
+    """Expert PrunePlan (in memory) then a NeuronPlan on the survivors; the stock reload and `verify` equal
     the original with the dropped experts masked out of routing and the removed neurons' down columns zeroed."""
     original = tiny_model(family, seed=4)
     adapter = get_adapter(original.config)
@@ -176,7 +176,7 @@ def test_expert_then_neuron_removal(family, tmp_path, inputs):
     assert all(c["hits"] >= 1 for c in hits.values())
     got = logits_of(_load(tmp_path / "pruned"), inputs)
     assert _maxdiff(got, want, inputs) < 1e-5, family
-    result = verify_neurons(tmp_path / "original", tmp_path / "pruned", expert_plan, neuron_plan, seq_len=20)
+    result = verify(tmp_path / "original", tmp_path / "pruned", [expert_plan, neuron_plan], seq_len=20)
     assert result.passed and result.max_abs_diff < 1e-5, result
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,32 +100,57 @@ def calibrate(model: str | Path, opts: CalibrateOptions, out: str | Path | None 
               overwrite: bool = False, decide: Decide | None = None) -> ExpertStats:
     """Run calibration and return the statistics (written to `out` by rank 0 when given)."""
     out_path = check_stats_output(out, overwrite) if out is not None else None
-    ckpt, adapter, sets = prepare(model, opts)
+    ckpt, _, sets = prepare(model, opts)
     rank = current_rank()
     if decide is not None and rank.world > 1:
         raise MoePruneError("prune-as-you-go and NAEE choose experts from one process's statistics; run them "
                             "without torchrun (or calibrate with torchrun, then plan from the statistics file).")
-    if not rank.is_main:  # one voice: rank 0 logs and shows progress
-        logger.setLevel("WARNING")
-        os.environ["TQDM_DISABLE"] = "1"
-    model_obj, layer_context = _load(ckpt, opts)
-    adapter = get_adapter(model_obj.config, model=model_obj)
-    mine = shard(sets, rank)
-    result = collect(model_obj, adapter, mine, device=opts.device, batch_size=opts.batch_size,
-                     layer_context=layer_context, decide=decide, probe_stride=opts.probe_stride)
-    all_reduce_stats(result.stats, "cuda" if opts.device.startswith("cuda") else "cpu")
-    routing = dataclasses.asdict(adapter.routing())
-    stats = ExpertStats(
-        adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), result.router_sha256,
-        result.stats,
-        {"routing": routing, "model": str(ckpt.path), "moeprune_version": __version__, "world_size": rank.world,
-         "probe_stride": opts.probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k),
-         "calibration": {s.name: [s.describe()] for s in sets}, "dropped_as_you_go": result.dropped},
-    )
+    with quiet_unless_main(rank.is_main):
+        model_obj, layer_context = _load(ckpt, opts)
+        stats = calibrate_model(model_obj, sets, opts, source=ckpt.path, decide=decide, layer_context=layer_context)
     if out_path is not None and rank.is_main:
         stats.save(out_path)
         logger.info("statistics written to %s (%d sets, %d MoE layers)", out_path, len(sets), len(stats.layers))
     return stats
+
+
+def calibrate_model(model_obj, sets: list[CalibSet], opts: CalibrateOptions, *, source: str | Path,
+                    decide: Decide | None = None, layer_context=None) -> ExpertStats:
+    """Routed statistics of an in-memory model (e.g. as earlier stages of a recipe left it), this rank's shard of
+    `sets`, reduced across data-parallel ranks."""
+    rank = current_rank()
+    adapter = get_adapter(model_obj.config, model=model_obj)
+    result = collect(model_obj, adapter, shard(sets, rank), device=opts.device, batch_size=opts.batch_size,
+                     layer_context=layer_context, decide=decide, probe_stride=opts.probe_stride)
+    all_reduce_stats(result.stats, "cuda" if opts.device.startswith("cuda") else "cpu")
+    routing = dataclasses.asdict(adapter.routing())
+    return ExpertStats(
+        adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), result.router_sha256,
+        result.stats,
+        {"routing": routing, "model": str(source), "moeprune_version": __version__, "world_size": rank.world,
+         "probe_stride": opts.probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k),
+         "calibration": {s.name: [s.describe()] for s in sets}, "dropped_as_you_go": result.dropped},
+    )
+
+
+@contextmanager
+def quiet_unless_main(is_main: bool) -> Iterator[None]:
+    """One voice: on non-main ranks the package logger says only warnings and tqdm bars stay off, for the
+    duration of the calibration only (the process's logger level and environment are restored after)."""
+    if is_main:
+        yield
+        return
+    level, before = logger.level, os.environ.get("TQDM_DISABLE")
+    logger.setLevel("WARNING")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def _load(ckpt: Checkpoint, opts: CalibrateOptions):

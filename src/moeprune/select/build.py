@@ -11,13 +11,14 @@ report. Everything is validated before weights or statistics are scored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moeprune.criteria import CRITERIA
 from moeprune.criteria.base import Criterion
-from moeprune.criteria.weights import summarize_checkpoint
+from moeprune.criteria.weights import WeightSummary, summarize_checkpoint
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.log import logger
@@ -34,7 +35,7 @@ NEEDS_MODEL = {"reconstruction": "NAEE reconstruction search runs the model's Mo
                                  "activations: use `moeprune prune MODEL --calib NAME=PATH --policy reconstruction`."}
 
 
-def build_plan(source: str | Path | ExpertStats, method: str, ratio: float, seed: int = 0, *,
+def build_plan(source: str | Path | ExpertStats | InMemoryWeights, method: str, ratio: float, seed: int = 0, *,
                calib_set: list[str] | None = None, policy: str = "uniform", floor: int | None = None,
                protect: list[str] | tuple[str, ...] = (), protect_super: bool = False) -> PrunePlan:
     crit = CRITERIA.get(method)
@@ -69,8 +70,18 @@ def build_plan(source: str | Path | ExpertStats, method: str, ratio: float, seed
     return plan
 
 
-def model_view(source: str | Path | ExpertStats) -> MoEAdapter | StatsView:
+@dataclass
+class InMemoryWeights:
+    """Expert weight summaries of a model in memory (e.g. as earlier stages of a recipe left it)."""
+
+    adapter: MoEAdapter
+    summaries: dict[int, WeightSummary]
+
+
+def model_view(source: str | Path | ExpertStats | InMemoryWeights) -> MoEAdapter | StatsView:
     """The checkpoint's adapter, or (for statistics) what they say about the model."""
+    if isinstance(source, InMemoryWeights):
+        return source.adapter
     if isinstance(source, ExpertStats):
         return StatsView(source)
     path = Path(source)
@@ -96,7 +107,10 @@ def layer_scores(crit: Criterion, view, source, seed: int, calib_set: list[str] 
         if isinstance(view, StatsView):
             raise MoePruneError(f"method {crit.name!r} reads expert weights; pass the checkpoint folder, not a "
                                 "statistics file.")
-        ckpt = Checkpoint.open(source)
-        summaries = summarize_checkpoint(ckpt, get_adapter(ckpt.config, weight_keys=ckpt.names()))
+        if isinstance(source, InMemoryWeights):
+            summaries = source.summaries
+        else:
+            ckpt = Checkpoint.open(source)
+            summaries = summarize_checkpoint(ckpt, get_adapter(ckpt.config, weight_keys=ckpt.names()))
         return {layer: crit.fn(summaries[layer]) for layer in layers}
     return {layer: crit.fn(view.num_experts, seed, layer) for layer in layers}

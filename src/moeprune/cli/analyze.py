@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeprune.cli_common import _add_calib_flags, _calib_options
+from moeprune.cli.common import add_calib_flags, add_verb, calib_options
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 
@@ -20,7 +20,7 @@ def _numbers(text: str, flag: str, kind: type) -> list:
     return values
 
 
-def cmd_analyze(args) -> int:
+def run(args) -> int:
     from moeprune.analysis.run import analyze, analyze_stats
 
     ratios = _numbers(args.ratios, "--ratios", float)
@@ -40,7 +40,7 @@ def cmd_analyze(args) -> int:
         if not args.calib:
             raise MoePruneError("no calibration data: pass at least one --calib NAME=PATH (one per domain), or "
                                 "analyze a statistics file with --stats FILE.")
-        result = analyze(args.model, _calib_options(args), args.out, ratios=ratios, lengths=lengths,
+        result = analyze(args.model, calib_options(args), args.out, ratios=ratios, lengths=lengths,
                          criteria=criteria, cliff_threshold=args.cliff, overwrite=args.overwrite,
                          results=args.results)
     for para in result.sections()["sections"][0]["paragraphs"]:
@@ -49,9 +49,10 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def add_analyze_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="routing analysis before pruning: usage, balance, specialisation, "
-                                       "redundancy probe, local routing consistency (HTML/JSON/PNG report)")
+def add_parser(sub) -> None:
+    p = add_verb(sub, "analyze", "routing analysis before pruning: usage, balance, specialisation, redundancy "
+                                 "probe, local routing consistency (HTML/JSON/PNG report)",
+                 "moeprune analyze ./model --calib web=web.txt --calib code=code.jsonl --out ./analysis")
     p.add_argument("model", nargs="?", help="checkpoint folder (with --calib); leave out with --stats")
     p.add_argument("--stats", metavar="FILE", help="analyze a statistics file from `moeprune calibrate` instead "
                                                    "(no measured probe, no local routing consistency)")
@@ -67,6 +68,6 @@ def add_analyze_parser(sub) -> None:
     p.add_argument("--results", action="append", default=[], metavar="DIR",
                    help="add the outcome of a `moeprune compare --out` folder or a pruned/merged checkpoint folder "
                         "to the report (repeatable)")
-    _add_calib_flags(p, required=False)
-    p.set_defaults(func=cmd_analyze)
+    add_calib_flags(p, required=False)
+    p.set_defaults(func=run)
 

@@ -1,0 +1,180 @@
+"""CLI pieces shared by the verb modules: help formatting, flag groups, option builders, exit codes.
+
+Every verb module defines `add_parser(sub)` (flags, help, one example) and a `run(args) -> int`; library code
+never sees an argparse Namespace: the builders here turn flags into typed options and recipe stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moeprune.errors import MoePruneError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each flag's default and keeps the examples' line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_verb(sub, name: str, help: str, example: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared formatter and an `example:` epilog."""
+    return sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter,
+                          epilog=f"example:\n  {example}")
+
+
+def ratio_type(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratio must be a number like 0.25, got {text!r}") from None
+
+
+def calib_options(args):
+    from moeprune.calibration.run import CalibrateOptions
+
+    return CalibrateOptions(tuple(args.calib), samples=args.samples, seq_len=args.seq_len, seed=args.calib_seed,
+                            text_field=args.text_field, chat_template=args.chat_template, tokenizer=args.tokenizer,
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, lazy=args.lazy,
+                            probe_stride=args.probe_stride)
+
+
+def verify_exit(result) -> int:
+    """Exit status of a verification (None: not run): 0 pass, 1 fail; the result line goes to stdout once."""
+    if result is None:
+        return 0
+    print(result.line())
+    return 0 if result.passed else 1
+
+
+def check_new_file(path: str | None, overwrite: bool) -> None:
+    """Refuse to write a file over an existing one without --overwrite (checked before any work)."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.exists() and not overwrite:
+        raise MoePruneError(f"{p} already exists; pass --overwrite to replace it or choose another --out.")
+    if not p.parent.resolve().is_dir():
+        raise MoePruneError(f"cannot write {p}: folder {p.parent} does not exist; create it first.")
+
+
+def add_apply_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (written atomically; never the input)")
+    p.add_argument("--streaming", action="store_true",
+                   help="edit the safetensors shards directly, without loading the model (expert removal only; "
+                        "for models larger than memory)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is empty or an earlier moeprune output")
+
+
+def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", action="append", default=[], metavar="NAME=PATH",
+                   help="calibration text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl"
+                   + ("" if required else "; needed by calibrated methods"))
+    g.add_argument("--samples", type=int, default=128, help="sequences per calibration set")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    g.add_argument("--calib-seed", type=int, default=0, help="seed of the sequence sampling")
+    g.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
+    g.add_argument("--chat-template", action="store_true", help="render .jsonl 'messages' with the chat template")
+    g.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    g.add_argument("--device", default="cpu", help="where each decoder layer runs (cpu, cuda, cuda:1)")
+    g.add_argument("--dtype", default="auto", help="calibration dtype (auto = the checkpoint's)")
+    g.add_argument("--lazy", action="store_true",
+                   help="load one decoder layer at a time from disk (models larger than host memory)")
+    g.add_argument("--probe-stride", type=int, default=None, metavar="N",
+                   help="record every expert's output on 1 real token in N, for merge grouping "
+                        "(default ceil(8E/k): an eighth of the routed expert work)")
+
+
+# flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
+STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
+               "rho", "merge", "router", "rank", "threshold")
+
+
+def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
+    """Options of every stage kind; each is refused when the chosen method's stage does not take it."""
+    methods = _method_list()
+    p.add_argument("--method", help=f"method: {methods}" + (" (or give a --recipe)" if prune else ""))
+    p.add_argument("--ratio", type=ratio_type,
+                   help="fraction removed: of the routed experts per layer (expert removal and merging), or of the "
+                        "routed-expert parameters (neuron methods heapr, camera)")
+    p.add_argument("--seed", type=int, help="random criterion only: its seed (default 0)")
+    p.add_argument("--calib-set", action="append", help="calibrated methods: use only these calibration sets "
+                                                        "(repeatable)")
+    g = p.add_argument_group("expert removal (criteria)")
+    g.add_argument("--policy", help="selection policy: uniform (default), per_group, global"
+                   + (", reconstruction (NAEE; needs --calib)" if prune else ""))
+    g.add_argument("--floor", type=int, help="global policy: fewest experts any layer keeps")
+    g.add_argument("--protect", action="append", metavar="LAYER:E[,E]",
+                   help="experts that are never dropped, repeatable (e.g. --protect 3:5,7)")
+    g.add_argument("--protect-super", action="store_true",
+                   help="never drop super experts (max |f| above max(99.5th pct, max/10); needs statistics)")
+    if prune:
+        g.add_argument("--as-you-go", action="store_true",
+                       help="prune each layer during calibration, before the next layer is calibrated")
+    g = p.add_argument_group("neuron removal (heapr, camera; needs --calib) and merge budgets")
+    g.add_argument("--budget", help="neurons: expert (default; uniform width, stock-loadable), layer or global "
+                                    "(non-uniform widths: load the export with moeprune.load_model); merges: "
+                                    "uniform (default) or global (M-SMoE adaptive counts, lifted to one count)")
+    g.add_argument("--min-width", type=int, help="neurons every expert keeps at least (default 1)")
+    g.add_argument("--rho", type=float, help="CAMERA-P: weight of the peak term (default 0.9)")
+    if prune:
+        g.add_argument("--expert-method", help="first remove experts with this criterion ...")
+        g.add_argument("--expert-ratio", type=ratio_type, help="... at this ratio, then neurons inside the survivors")
+    g = p.add_argument_group("expert merging (msmoe, hcsmoe, submoe, dern; statistics with probes)")
+    g.add_argument("--merge", choices=["average", "svd", "dern"],
+                   help="how a group becomes one expert (default: the method's own: msmoe/hcsmoe average, "
+                        "submoe svd, dern dern)")
+    g.add_argument("--router", choices=["dominant", "weighted"],
+                   help="router row of a merged expert: the dominant's row (default), or the usage-weighted mean")
+    g.add_argument("--rank", type=int, help="svd merge: shared singular directions kept per role (default: full)")
+    g.add_argument("--threshold", type=float,
+                   help="dern: least cosine for a dropped neuron to be recombined into a survivor (default 0.4)")
+
+
+def stage_options(args) -> dict:
+    """The stage options the user gave on the command line (flags left at None/False/[] are not given)."""
+    out = {}
+    for name in STAGE_FLAGS:
+        value = getattr(args, name, None)
+        if value is None or value is False or value == []:
+            continue
+        out[name] = list(value) if isinstance(value, list) else value
+    return out
+
+
+def _method_list() -> str:
+    from moeprune.stages import STAGES
+
+    return "; ".join(f"{kind}: {', '.join(stage.methods())}" for kind, stage in STAGES.items())
+
+
+def add_eval_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="held-out text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl "
+                        "(required, except for the testbed and exports made from it)")
+    g.add_argument("--seq-len", type=int, default=None, help="window length (default: the testbed's, else 512)")
+    g.add_argument("--max-sequences", type=int, default=256, help="windows per domain (in order, no sampling)")
+    g.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    g.add_argument("--dtype", default="float32", help="evaluation dtype")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--prompt", action="append", default=[], help="greedy generation sample, repeatable")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per --prompt")
+    g.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+
+
+def eval_options(args):
+    from moeprune.eval.run import EvalOptions
+
+    return EvalOptions(tuple(args.data), seq_len=args.seq_len, max_sequences=args.max_sequences,
+                       batch_size=args.batch_size, dtype=args.dtype, device=args.device, prompts=tuple(args.prompt),
+                       max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer)

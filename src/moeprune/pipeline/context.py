@@ -1,0 +1,96 @@
+"""What a stage sees while it plans: the model as the earlier stages of its recipe left it, and the data.
+
+    ctx.routed_stats(decide=None)   routed statistics (and probes) of that model on the calibration sets
+    ctx.model(dtype)                the original, loaded, with every earlier stage's plan applied in memory
+    ctx.weights_source()            where data-free criteria read expert weights from
+
+For the first stage these read the checkpoint itself (so `--lazy` and torchrun work as in `moeprune calibrate`);
+later stages replay the earlier plans on a freshly loaded copy (one model in memory at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moeprune.calibration.data import CalibSet
+from moeprune.calibration.run import CalibrateOptions, calibrate, calibrate_model, prepare
+from moeprune.errors import MoePruneError
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.load import load_model
+from moeprune.models import get_adapter
+from moeprune.models.base import MoEAdapter
+from moeprune.pipeline.recipe import check_chain
+from moeprune.stages.base import Need
+from moeprune.stats.store import ExpertStats, StatsView
+
+
+@dataclass
+class StageContext:
+    ckpt: Checkpoint | None  # None when planning from a statistics file
+    adapter: MoEAdapter  # the model as earlier stages leave it (config level)
+    index: int  # 1-based position in the recipe
+    previous: list[tuple[Any, Any]]  # (stage, plan) of the earlier stages
+    calib: CalibrateOptions | None = None
+    sets: list[CalibSet] | None = None
+    stats: list[ExpertStats] = field(default_factory=list)  # routed statistics this stage collected
+    given: ExpertStats | None = None  # statistics read from a file (`moeprune plan STATS`) instead of calibrating
+
+    @classmethod
+    def for_source(cls, path: Path | None, stats: ExpertStats | None, calib: CalibrateOptions | None,
+                   spec) -> StageContext:
+        """`moeprune plan`: one stage planned from a checkpoint folder (+ calibration text) or a statistics file."""
+        if stats is not None:
+            return cls(None, StatsView(stats), 1, [], given=stats)
+        ckpt = Checkpoint.open(path)
+        adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
+        check_chain([spec], adapter)
+        if Need.NEURONS in spec.needs:
+            if calib is None:
+                raise MoePruneError(f"--method {spec.options.method} scores neurons from calibration text: pass "
+                                    "--calib NAME=PATH and the checkpoint folder as MODEL.")
+            return cls(ckpt, adapter, 1, [], calib, prepare(path, calib)[2])
+        return cls(ckpt, adapter, 1, [], calib)
+
+    def model(self, dtype: str = "auto", device: str | None = None) -> nn.Module:
+        device = device or (self.calib.device if self.calib is not None else "cpu")
+        model = load_model(self.ckpt.path, dtype=dtype, device=device)
+        for stage, plan in self.previous:
+            stage.apply(model, get_adapter(model.config, model=model), plan)
+        return model
+
+    def routed_stats(self, decide=None) -> ExpertStats:
+        if decide is not None and self.calib is None:
+            raise MoePruneError("NAEE and prune-as-you-go choose experts while the model runs on calibration text: "
+                                "use `moeprune prune MODEL --calib NAME=PATH` (with --policy reconstruction or "
+                                "--as-you-go).")
+        if self.given is not None:
+            return self.given
+        if self.calib is None:
+            raise MoePruneError("this method needs calibration statistics: run `moeprune calibrate MODEL --calib "
+                                "NAME=PATH --out stats.safetensors` and plan from that file, or use `moeprune prune "
+                                "--calib ...`.")
+        if not self.previous:
+            stats = calibrate(self.ckpt.path, self.calib, decide=decide)
+        else:
+            model = self.model(dtype=self.calib.dtype)
+            stats = calibrate_model(model, self.sets, self.calib, source=self.ckpt.path, decide=decide)
+            del model
+        self.stats.append(stats)
+        return stats
+
+    def weights_source(self):
+        """The checkpoint folder, or (after earlier stages) the weight summaries of the model they left."""
+        if self.ckpt is None:
+            return self.given  # data-free criteria refuse statistics with a clear message
+        if not self.previous:
+            return self.ckpt.path
+        from moeprune.criteria.weights import summarize_model
+        from moeprune.select.build import InMemoryWeights
+
+        model = self.model()
+        adapter = get_adapter(model.config, model=model)
+        return InMemoryWeights(adapter, summarize_model(model, adapter))

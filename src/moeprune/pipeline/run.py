@@ -1,0 +1,128 @@
+"""Run a recipe: check everything, plan stage by stage, export once, verify the whole chain.
+
+    specs    = parse_recipe(recipe)                        unknown methods / options refused, naming the stage
+    adapters = check_chain(specs, adapter)                 each stage on the model as the stages before leave it
+    for each stage n:  plan_n = stage.plan(ctx_n)          calibrated on the original with plans 1..n-1 applied
+    export(original, [plan_1 .. plan_N])                   one load, every plan applied in order, saved atomically
+    verify(original, export, chain)                        stock reload == original with the chained references
+Every check that can fail runs before the first calibration or load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from moeprune.calibration.run import CalibrateOptions, prepare
+from moeprune.errors import MoePruneError
+from moeprune.io.atomic import check_output
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.report import write_json_atomic
+from moeprune.log import logger
+from moeprune.models import get_adapter
+from moeprune.pipeline.context import StageContext
+from moeprune.pipeline.export import ApplyResult, export, parse_size
+from moeprune.pipeline.recipe import (
+    REPORT_NAME,
+    Chain,
+    StageSpec,
+    chain_adapters,
+    check_chain,
+    parse_recipe,
+    read_chain,
+)
+from moeprune.pipeline.verify import VerifyResult, tolerance, verify
+from moeprune.stages.base import Need, adapter_after
+
+
+def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Sequence, *, source: str = "recipe",
+          calib: CalibrateOptions | None = None, streaming: bool = False, max_shard_size: str | int = "5GB",
+          overwrite: bool = False, run_verify: bool = True,
+          verify_dtype: str = "float32") -> tuple[ApplyResult, VerifyResult | None]:
+    """[calibrate +] plan every stage + apply + save + verify; every option is checked before any work."""
+    specs = parse_recipe(recipe, source)
+    ckpt = Checkpoint.open(model)
+    adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
+    out_path = check_output(out, [ckpt.path], overwrite)
+    parse_size(max_shard_size)
+    if run_verify:
+        tolerance(verify_dtype)
+    adapters = check_chain(specs, adapter)
+    _check_run(specs, calib, streaming)
+    sets = prepare(model, calib)[2] if calib is not None and _needs_sets(specs) else None
+
+    chain: Chain = []
+    stats = []
+    for n, spec in enumerate(specs):
+        if n:  # the plans made so far may leave another shape than predicted (global policy): check again
+            stage, plan = chain[-1]
+            adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
+                                                                                                 adapters[n - 1])))
+        logger.info("%s (%d/%d): %s stage", spec.where, n + 1, len(specs), spec.stage.kind)
+        ctx = StageContext(ckpt, adapters[n], n + 1, list(chain), calib, sets)
+        plan = spec.stage.plan(spec.options, ctx)
+        chain.append((spec.stage, plan))
+        stats.append(ctx.stats)
+        logger.info("%s: %s", spec.where, spec.stage.describe(plan))
+    adapters = chain_adapters(chain, adapter)
+    applied = export(ckpt, adapters, chain, out_path, streaming=streaming, max_shard_size=max_shard_size,
+                     options=[s.to_dict() for s in specs], stats=stats)
+    calibration = next((st.meta["calibration"] for stage_stats in stats for st in stage_stats), None)
+    if calibration is not None:
+        applied.report["calibration"] = calibration
+    result = None
+    if run_verify:
+        result = verify(model, applied.out, chain, dtype=verify_dtype)
+        applied.report["verify"] = result.to_dict()
+    write_json_atomic(applied.out / REPORT_NAME, applied.report)
+    return applied, result
+
+
+def apply(model: str | Path, plans: str | Path | Chain, out: str | Path, *, streaming: bool = False,
+          max_shard_size: str | int = "5GB", overwrite: bool = False) -> ApplyResult:
+    """Replay plans (an export folder, its recipe, one plan file, or (stage, plan) pairs) onto MODEL."""
+    ckpt = Checkpoint.open(model)
+    out_path = check_output(out, [ckpt.path], overwrite)
+    chain = read_chain(plans) if isinstance(plans, (str, Path)) else list(plans)
+    adapters = chain_adapters(chain, get_adapter(ckpt.config, weight_keys=ckpt.names()))
+    parse_size(max_shard_size)
+    if streaming:
+        _refuse_in_memory([stage for stage, _ in chain], [f"plan {n} ({s.kind})" for n, (s, _) in
+                                                          enumerate(chain, 1)])
+    return export(ckpt, adapters, chain, out_path, streaming=streaming, max_shard_size=max_shard_size)
+
+
+def _needs_sets(specs: list[StageSpec]) -> bool:
+    """Tokenised sets are needed up front unless the only calibrated stage is the first (it calibrates the
+    checkpoint itself, as `moeprune calibrate` does)."""
+    calibrated = [n for n, s in enumerate(specs) if any(need.calibrated for need in s.needs)]
+    return any(n > 0 for n in calibrated) or any(Need.NEURONS in s.needs for s in specs)
+
+
+def _check_run(specs: list[StageSpec], calib: CalibrateOptions | None, streaming: bool) -> None:
+    calibrated = [s for s in specs if any(need.calibrated for need in s.needs)]
+    if calibrated and calib is None:
+        s = calibrated[0]
+        raise MoePruneError(f"{s.where} needs calibration data: pass --calib NAME=PATH (one per domain).")
+    if calib is not None and not calibrated:
+        methods = ", ".join(f"{s.options.method!r}" for s in specs)
+        kinds = ", ".join(sorted({next(iter(s.needs)).value for s in specs}))
+        raise MoePruneError(f"method {methods} is {kinds}-based and ignores --calib; drop --calib or choose a "
+                            "calibrated method (e.g. reap, ean_mean, frequency).")
+    if calib is not None:
+        calib.calib_config()  # the sources exist and the options are sane
+        for n, s in enumerate(specs):
+            if calib.lazy and ((n > 0 and s in calibrated) or Need.NEURONS in s.needs):
+                raise MoePruneError(f"{s.where}: --lazy loads one decoder layer at a time from the checkpoint on "
+                                    "disk, but this stage calibrates "
+                                    + ("the model as the stages before it leave it (in memory)" if n else
+                                       "the whole model at once (neuron statistics)") + "; drop --lazy.")
+    if streaming:
+        _refuse_in_memory([s.stage for s in specs], [s.where for s in specs])
+
+
+def _refuse_in_memory(stages, names: list[str]) -> None:
+    for stage, name in zip(stages, names, strict=True):
+        if not stage.applies_to_shards:
+            raise MoePruneError(f"{name}: --streaming apply to expert removal only ({stage.kind} stages are "
+                                "applied in memory); drop --streaming.")

@@ -1,0 +1,12 @@
+"""Compression stages: one registered `Stage` per kind of step (`base.py`), each in its own file.
+
+    experts   expert removal: criteria + policies, NAEE, prune-as-you-go   (`experts.py`)
+    merge     expert merging: M-SMoE, HC-SMoE, Sub-MoE, DERN                (`merge.py`)
+    neurons   neuron removal inside experts: HEAPr, CAMERA-P              (`neurons.py`)
+`reference.py` builds the chained verification reference on the original model.
+"""
+
+from moeprune.stages import experts, merge, neurons  # noqa: F401  (register the stages)
+from moeprune.stages.base import STAGES, Need, Stage, StageOptions, stage_for_format, stage_for_method
+
+__all__ = ["STAGES", "Need", "Stage", "StageOptions", "stage_for_format", "stage_for_method"]

@@ -1,0 +1,221 @@
+"""`Stage`: one compression step of a recipe, described by what it needs, how it plans, applies and is checked.
+
+    options  = stage.parse(raw)                      typed, validated options (no model needed)
+    config'  = stage.check(options, adapter)         refuses what cannot work on the model *as the earlier stages
+                                                     leave it* (counts, widths, top-k) — before any work —
+                                                     and returns the config the stage will leave behind
+    plan     = stage.plan(options, ctx)              statistics -> plan (JSON data, versioned by `plan_format`)
+    stage.apply(model, adapter, plan)                surgery on in-memory modules (and `apply_shards` on disk)
+    stage.reference(ref, plan)                       the same change expressed on the ORIGINAL model, which keeps
+                                                     every expert slot and full width: masking, zeroing, or the
+                                                     merge written into the dominant's slot (`stages/reference.py`)
+
+A recipe chains stages: stage n is calibrated on the model as stages 1..n-1 left it, and verification applies
+every stage's reference to one copy of the original (`pipeline/verify.py`). Adding a method family = one file
+with a `Stage` subclass registered in `STAGES` (see docs/adding-a-method.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.models.base import MoEAdapter
+from moeprune.registry import Registry
+
+if TYPE_CHECKING:
+    from moeprune.pipeline.context import StageContext
+    from moeprune.stages.reference import Reference
+
+
+class Need(Enum):
+    """What a stage observes. The calibration engine collects, per stage, exactly what its stage needs."""
+
+    WEIGHTS = "weights"  # expert weights only (data-free criteria)
+    SEED = "seed"  # nothing but a seed (random control)
+    ROUTED = "routed"  # routed-token statistics (counts, gates, activation norms, ...)
+    PROBES = "probes"  # every expert's output on probe tokens, router-logit Gram (merge grouping)
+    DECIDE = "decide"  # decides layer by layer inside the calibration pass (prune-as-you-go, NAEE)
+    NEURONS = "neurons"  # per-neuron activation statistics inside every routed expert
+    GRADIENTS = "gradients"  # per-neuron gradients of the calibration loss (HEAPr)
+
+    @property
+    def calibrated(self) -> bool:
+        return self not in (Need.WEIGHTS, Need.SEED)
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """Base of every stage's options: the method and its ratio. Subclasses add fields with defaults."""
+
+    method: str
+    ratio: float
+
+    def given(self) -> dict[str, Any]:
+        """Options that differ from their defaults (what a recipe file needs to say)."""
+        out: dict[str, Any] = {"method": self.method, "ratio": self.ratio}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in out and f.default is not dataclasses.MISSING and value != f.default:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+class Stage:
+    """One kind of compression step. Subclasses set the class attributes and implement the methods."""
+
+    kind: ClassVar[str] = ""  # "experts", "merge", "neurons", ...
+    plan_format: ClassVar[str] = ""  # JSON "format" of its plans, e.g. "moeprune.plan/1"
+    legacy_plan_name: ClassVar[str | None] = None  # the plan's file name in one-stage exports (older releases)
+    options_type: ClassVar[type[StageOptions]] = StageOptions
+    applies_to_shards: ClassVar[bool] = False  # can edit safetensors shards without loading the model
+
+    # ------------------------------------------------------------------ methods of this stage
+    @classmethod
+    def methods(cls) -> list[str]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ options
+    def parse(self, raw: Mapping[str, Any], where: str) -> StageOptions:
+        """Typed options from a recipe entry or CLI flags; unknown and inapplicable keys are refused."""
+        names = [f.name for f in dataclasses.fields(self.options_type)]
+        unknown = [k for k in raw if k not in names]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, names, n=1)
+                hints.append(_flag(k) + (f" (did you mean {_flag(close[0])}?)" if close else ""))
+            raise MoePruneError(f"{where}: {', '.join(hints)} {'does' if len(hints) == 1 else 'do'} not apply to "
+                                f"{self.kind} stages (method {raw.get('method')!r}); they take "
+                                f"{', '.join(_flag(n) for n in names)} (in a recipe: the same without dashes).")
+        if "ratio" not in raw:
+            raise MoePruneError(f"{where}: give a ratio (e.g. ratio: 0.25).")
+        try:
+            options = self.options_type(**dict(raw))
+        except TypeError as e:
+            raise MoePruneError(f"{where}: {e}") from None
+        self.validate_options(options)
+        return options
+
+    def validate_options(self, options: StageOptions) -> None:
+        """Checks that need no model (types, ranges, options that only apply to some methods)."""
+
+    def needs(self, options: StageOptions) -> set[Need]:
+        raise NotImplementedError
+
+    def final_only(self, options: StageOptions) -> bool:
+        """True when no stage can follow this one (e.g. non-uniform expert widths)."""
+        return False
+
+    def check(self, options: StageOptions, adapter: MoEAdapter) -> Any:
+        """Refuse options that cannot work on this model (before any work); return the config it leaves."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, options: StageOptions, ctx: StageContext):
+        raise NotImplementedError
+
+    def load_plan(self, raw: dict, source: str):
+        raise NotImplementedError
+
+    def validate_plan(self, plan, adapter: MoEAdapter) -> None:
+        plan.validate(adapter)
+
+    def next_config(self, plan, adapter: MoEAdapter) -> Any:
+        """The config of the model once `plan` is applied to the model `adapter` describes (config only)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ surgery
+    def apply(self, model: nn.Module, adapter: MoEAdapter, plan) -> None:
+        raise NotImplementedError
+
+    def apply_shards(self, ckpt, adapter: MoEAdapter, plan, out_dir: Path, max_shard_bytes: int) -> None:
+        raise MoePruneError(f"{self.kind} stages are applied in memory; drop --streaming.")
+
+    def finish_export(self, folder: Path, model_type: str, plan) -> None:
+        """Called on the saved folder when this stage is the recipe's last (e.g. non-uniform width markers)."""
+
+    def survivors(self, plan) -> dict[int, list[int]] | None:
+        """Per MoE layer, the current experts that remain (renumbered in that order); None = all of them."""
+        return None
+
+    def reference(self, ref: Reference, plan) -> None:
+        """Write this stage's change onto the reference (current numbering; `survivors` renumbers after)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ reports
+    def provenance(self, plan) -> dict:
+        raise NotImplementedError
+
+    def report(self, plan, before: MoEAdapter, after: MoEAdapter) -> dict:
+        raise NotImplementedError
+
+    def describe(self, plan) -> str:
+        return f"{self.kind} ({plan.method})"
+
+
+def original_experts(chain: list[tuple[Stage, Any]], layers: list[int], num_experts: int) -> dict[int, list[int]]:
+    """Original indices of the experts that remain after every stage (merged experts: their dominants)."""
+    slots = {layer: list(range(num_experts)) for layer in layers}
+    for stage, plan in chain:
+        for layer, kept in (stage.survivors(plan) or {}).items():
+            slots[layer] = [slots[layer][i] for i in kept]
+    return slots
+
+
+def _flag(name: str) -> str:
+    return "--" + str(name).replace("_", "-")
+
+
+STAGES: Registry[Stage] = Registry("stage kind")
+
+
+def register_stage(stage: Stage) -> Stage:
+    STAGES.register(stage.kind, stage)
+    return stage
+
+
+def stage_for_method(method: str | None, where: str = "") -> Stage:
+    """The stage whose method families include `method`; did-you-mean over every method of every stage."""
+    for _, stage in STAGES.items():
+        if method in stage.methods():
+            return stage
+    every = sorted({m for _, s in STAGES.items() for m in s.methods()})
+    close = difflib.get_close_matches(str(method), every, n=1)
+    by_kind = "; ".join(f"{kind}: {', '.join(sorted(s.methods()))}" for kind, s in STAGES.items())
+    prefix = f"{where}: " if where else ""
+    raise MoePruneError(f"{prefix}unknown method {method!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+                        + f" Choose one of: {by_kind}.")
+
+
+def stage_for_format(fmt: str | None, source: str) -> Stage:
+    for _, stage in STAGES.items():
+        if stage.plan_format == fmt:
+            return stage
+    known = ", ".join(s.plan_format for _, s in STAGES.items())
+    raise MoePruneError(f"{source}: plan format {fmt!r} is not one moeprune knows ({known}).")
+
+
+def adapter_after(adapter: MoEAdapter, config: Any) -> MoEAdapter:
+    """The same family's adapter over a changed config (counts, widths), e.g. the model as a stage leaves it.
+
+    Copied rather than looked up again, so a structure the generic adapter detected from weights carries over."""
+    new = copy.copy(adapter)
+    new.__dict__ = {k: v for k, v in adapter.__dict__.items() if not k.startswith("_cached")}
+    new.root_config = config
+    new.config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    new._check_config()
+    return new
+
+
+def config_copy(adapter: MoEAdapter) -> Any:
+    return copy.deepcopy(adapter.root_config)

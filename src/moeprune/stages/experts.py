@@ -1,0 +1,194 @@
+"""Expert removal as a stage: a criterion scores every routed expert, a policy keeps the best (`PrunePlan`).
+
+    scores[ℓ] = criterion(statistics | weights | seed)        [E] per MoE layer (`criteria/`)
+    kept[ℓ]   = policy(scores, ratio, routing, protected)      (`select/`)
+NAEE (`method: naee`, or `--policy reconstruction`) and `as_you_go` choose each layer's experts inside the
+calibration pass, on the outputs of the already-pruned layers before it (`select/progressive.py`).
+Surgery slices expert tensors and router rows (`surgery/in_memory.py`, or the shards: `surgery/streaming.py`);
+the reference masks the dropped experts out of the original's own router (`models/masking.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moeprune.criteria import CRITERIA
+from moeprune.errors import MoePruneError
+from moeprune.models.base import MoEAdapter
+from moeprune.select.build import build_plan
+from moeprune.select.plan import PLAN_FORMAT, PrunePlan
+from moeprune.select.policies import POLICIES
+from moeprune.select.progressive import criterion_decider, reconstruction_decider
+from moeprune.select.protect import parse_protected
+from moeprune.select.uniform import drop_count
+from moeprune.stages.base import Need, Stage, StageOptions, config_copy, register_stage
+
+NAEE = "naee"  # NAEE's reconstruction search (needs no criterion); plans record "naee_reconstruction"
+
+
+@dataclass(frozen=True)
+class ExpertOptions(StageOptions):
+    seed: int = 0
+    policy: str = "uniform"
+    floor: int | None = None
+    protect: tuple[str, ...] = ()
+    protect_super: bool = False
+    as_you_go: bool = False
+    calib_set: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("protect", "calib_set"):
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
+
+    @property
+    def progressive(self) -> bool:
+        return self.as_you_go or self.method == NAEE
+
+
+class ExpertStage(Stage):
+    kind = "experts"
+    plan_format = PLAN_FORMAT
+    options_type = ExpertOptions
+    applies_to_shards = True
+
+    @classmethod
+    def methods(cls) -> list[str]:
+        return [*CRITERIA, NAEE]
+
+    # ------------------------------------------------------------------ options
+    def validate_options(self, o: ExpertOptions) -> None:
+        _number(o.ratio, "ratio")
+        if o.policy == "reconstruction" and o.method != NAEE:
+            raise MoePruneError(f"--policy reconstruction is NAEE's search and replaces the criterion: drop "
+                                f"--method {o.method} (or use method {NAEE!r}), or choose --policy uniform.")
+        if o.method == NAEE and o.policy not in ("uniform", "reconstruction"):
+            raise MoePruneError(f"method {NAEE!r} searches layer by layer with a uniform count; drop --policy "
+                                f"{o.policy}.")
+        if o.method != NAEE:
+            POLICIES.get(o.policy)
+        crit = None if o.method == NAEE else CRITERIA.get(o.method)
+        if o.seed != 0 and (crit is None or crit.needs != "none"):
+            raise MoePruneError(f"--seed only applies to the random control criterion; {o.method!r} is "
+                                "deterministic. Drop --seed.")
+        if o.floor is not None and o.policy != "global":
+            raise MoePruneError("--floor applies to --policy global (fewest experts any layer keeps); drop it or "
+                                "add --policy global.")
+        if o.progressive and (o.policy not in ("uniform", "reconstruction") or o.protect_super):
+            raise MoePruneError("prune-as-you-go selects layer by layer with the uniform policy (or NAEE "
+                                "reconstruction); drop --policy global/per_group, --floor and --protect-super.")
+        if o.as_you_go and (crit is None or crit.needs != "calibration"):
+            what = "NAEE already searches layer by layer" if crit is None else f"{o.method!r} is {crit.needs}-based"
+            raise MoePruneError(f"--as-you-go re-scores each layer from calibration statistics during calibration, "
+                                f"but {what}; drop --as-you-go or choose a calibrated criterion (e.g. reap).")
+        if crit is not None and crit.needs != "calibration":
+            given = [f for f, on in (("--protect-super", o.protect_super), ("--calib-set", o.calib_set)) if on]
+            if given:
+                raise MoePruneError(f"{', '.join(given)} read calibration statistics; {o.method!r} is "
+                                    f"{crit.needs}-based. Drop them or choose a calibrated criterion.")
+        parse_protected(list(o.protect))
+
+    def needs(self, o: ExpertOptions) -> set[Need]:
+        if o.method == NAEE:
+            return {Need.ROUTED, Need.DECIDE}
+        crit = CRITERIA.get(o.method)
+        base = {"calibration": Need.ROUTED, "weights": Need.WEIGHTS}.get(crit.needs, Need.SEED)
+        return {base} | ({Need.DECIDE} if o.as_you_go else set())
+
+    def check(self, o: ExpertOptions, adapter: MoEAdapter) -> Any:
+        E, routing = adapter.num_experts, adapter.routing()
+        n_drop = drop_count(o.ratio, E, routing)  # a global policy drops as many on average
+        protected = parse_protected(list(o.protect))
+        moe = set(adapter.moe_layers())
+        for layer, experts in protected.items():
+            if layer not in moe or any(j >= E for j in experts):
+                raise MoePruneError(f"--protect {layer}:{','.join(map(str, sorted(experts)))}: the model has MoE "
+                                    f"layers {sorted(moe)} with experts 0..{E - 1}.")
+        cfg = config_copy(adapter)
+        adapter.set_config_experts(cfg, E - n_drop)
+        return cfg
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, o: ExpertOptions, ctx) -> PrunePlan:
+        adapter = ctx.adapter
+        protected = parse_protected(list(o.protect))
+        if o.progressive:
+            E, routing = adapter.num_experts, adapter.routing()
+            if o.method == NAEE:
+                decide, method = reconstruction_decider(o.ratio, routing, E, protected), "naee_reconstruction"
+            else:
+                decide, method = criterion_decider(CRITERIA.get(o.method), o.ratio, routing, E, protected), o.method
+            stats = ctx.routed_stats(decide=decide)
+            dropped = {int(k): v for k, v in stats.meta["dropped_as_you_go"].items()}
+            kept = {layer: [j for j in range(E) if j not in set(dropped.get(layer, []))]
+                    for layer in adapter.moe_layers()}
+            plan = PrunePlan(kept, E, method=method, ratio=o.ratio, model_type=adapter.model_type,
+                             policy="reconstruction" if o.method == NAEE else o.policy,
+                             protected={k: sorted(v) for k, v in protected.items() if v} or None,
+                             note="chosen layer by layer during calibration (prune-as-you-go): each layer was "
+                                  "scored on the outputs of the already-pruned layers before it")
+            plan.validate(adapter)
+            return plan
+        needs = self.needs(o)
+        source = ctx.routed_stats() if Need.ROUTED in needs else ctx.weights_source()
+        return build_plan(source, o.method, o.ratio, o.seed, calib_set=list(o.calib_set) if o.calib_set else None,
+                          policy=o.policy, floor=o.floor, protect=o.protect, protect_super=o.protect_super)
+
+    def load_plan(self, raw: dict, source: str) -> PrunePlan:
+        return PrunePlan.from_dict(raw, source=source)
+
+    def next_config(self, plan: PrunePlan, adapter: MoEAdapter) -> Any:
+        cfg = config_copy(adapter)
+        adapter.set_config_experts(cfg, plan.kept_count)
+        return cfg
+
+    # ------------------------------------------------------------------ surgery
+    def apply(self, model, adapter: MoEAdapter, plan: PrunePlan) -> None:
+        from moeprune.surgery.in_memory import apply_plan
+
+        apply_plan(model, adapter, plan)
+
+    def apply_shards(self, ckpt, adapter: MoEAdapter, plan: PrunePlan, out_dir: Path, max_shard_bytes: int) -> None:
+        from moeprune.surgery.streaming import apply_plan_streaming
+
+        plan.validate(adapter)
+        apply_plan_streaming(ckpt, adapter, plan, out_dir, max_shard_bytes)
+
+    def survivors(self, plan: PrunePlan) -> dict[int, list[int]]:
+        return plan.kept_experts
+
+    def reference(self, ref, plan: PrunePlan) -> None:
+        """Nothing to write: the dropped experts' slots are masked at the end (`Reference.masked`)."""
+
+    # ------------------------------------------------------------------ reports
+    def provenance(self, plan: PrunePlan) -> dict:
+        return {"method": plan.method, "ratio": plan.ratio, "plan_sha256": plan.sha256(),
+                "num_experts_before": plan.num_experts, "num_experts_after": plan.kept_count}
+
+    def report(self, plan: PrunePlan, before: MoEAdapter, after: MoEAdapter) -> dict:
+        return {
+            "stage": self.kind, "method": plan.method, "ratio": plan.ratio, "plan_sha256": plan.sha256(),
+            "num_experts": plan.num_experts, "num_experts_before": plan.num_experts,
+            "num_experts_after": plan.kept_count,
+            "kept_experts": {str(k): v for k, v in sorted(plan.kept_experts.items())},
+            "dropped_experts": {str(k): plan.dropped(k) for k in plan.layers},
+            "policy": plan.policy,
+            "protected_experts": {str(k): v for k, v in sorted((plan.protected or {}).items())},
+            "padded_experts": {str(k): v for k, v in sorted((plan.padded or {}).items())},
+            "loadable_by_stock_config": True,  # a non-uniform selection is padded (see "note")
+            "note": plan.note or "",
+        }
+
+    def describe(self, plan: PrunePlan) -> str:
+        return f"experts ({plan.method}): {plan.num_experts} -> {plan.kept_count} per MoE layer"
+
+
+def _number(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MoePruneError(f"{name} must be a number like 0.25, got {value!r}.")
+
+
+EXPERTS = register_stage(ExpertStage())

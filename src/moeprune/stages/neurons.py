@@ -1,0 +1,162 @@
+"""Neuron removal inside the routed experts as a stage (HEAPr, CAMERA-P): `NeuronPlan`.
+
+    scores[ℓ] = criterion(neuron statistics [, gradients])      [E, I] per MoE layer (`criteria/neurons.py`)
+    kept      = budget(scores, ratio, min_width, align 8)       expert | layer | global (`select/neurons.py`)
+`ratio` is the fraction of routed-expert parameters (neurons) removed. Surgery slices gate/up rows and down
+columns (`surgery/neurons.py`; layer/global budgets keep per-layer widths, zero-padded: `surgery/neurons_padded.py`,
+loadable with `moeprune.load_model` only, so such a stage must be a recipe's last). The reference zeroes the
+down-projection columns of removed neurons in the original (`surgery/neurons.mask_neurons`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moeprune.criteria.neurons import NEURON_CRITERIA, neuron_scores
+from moeprune.errors import MoePruneError
+from moeprune.log import logger
+from moeprune.models import get_adapter
+from moeprune.models.base import MoEAdapter
+from moeprune.select.neuron_plan import NEURON_FORMAT, NeuronPlan
+from moeprune.select.neurons import check_budget, expert_width_kept, select_neurons
+from moeprune.stages.base import Need, Stage, StageOptions, config_copy, register_stage
+
+NEURON_PLAN_NAME = "moeprune_neurons.json"
+ALIGN = 8  # kept widths are multiples of 8: transformers' grouped_mm experts kernel needs 16-byte rows
+
+
+@dataclass(frozen=True)
+class NeuronOptions(StageOptions):
+    budget: str = "expert"
+    min_width: int = 1
+    rho: float | None = None  # CAMERA-P only; 0.9 when not given
+
+
+class NeuronStage(Stage):
+    kind = "neurons"
+    plan_format = NEURON_FORMAT
+    legacy_plan_name = NEURON_PLAN_NAME
+    options_type = NeuronOptions
+
+    @classmethod
+    def methods(cls) -> list[str]:
+        return list(NEURON_CRITERIA)
+
+    def final_only(self, o: NeuronOptions) -> bool:
+        """Layer/global budgets give per-expert widths that no later stage (nor a stock config) can take."""
+        return o.budget != "expert"
+
+    # ------------------------------------------------------------------ options
+    def validate_options(self, o: NeuronOptions) -> None:
+        NEURON_CRITERIA.get(o.method)
+        if o.rho is not None and o.method != "camera":
+            raise MoePruneError(f"--rho weighs CAMERA-P's peak term; method {o.method} has none. Drop --rho.")
+        if o.rho is not None and not 0 <= float(o.rho) <= 1:
+            raise MoePruneError(f"--rho {o.rho} must lie in [0, 1].")
+
+    def needs(self, o: NeuronOptions) -> set[Need]:
+        return {Need.NEURONS} | ({Need.GRADIENTS} if NEURON_CRITERIA.get(o.method).needs_gradients else set())
+
+    def check(self, o: NeuronOptions, adapter: MoEAdapter) -> Any:
+        width = adapter.expert_width
+        if width is None:
+            raise MoePruneError(f"config has no expert width ({adapter.intermediate_key}); cannot plan neurons.")
+        check_budget(o.ratio, o.budget, o.min_width, width, align=ALIGN, num_experts=adapter.num_experts,
+                     num_layers=len(adapter.moe_layers()))
+        cfg = config_copy(adapter)
+        if o.budget == "expert":
+            text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+            setattr(text, adapter.intermediate_key, expert_width_kept(o.ratio, width, o.min_width, ALIGN))
+        return cfg
+
+    # ------------------------------------------------------------------ plans
+    def plan(self, o: NeuronOptions, ctx) -> NeuronPlan:
+        from moeprune.stats.neurons import collect_neuron_stats
+
+        crit = NEURON_CRITERIA.get(o.method)
+        width = ctx.adapter.expert_width
+        model = ctx.model(dtype="float32")
+        adapter = get_adapter(model.config, model=model)
+        stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=crit.needs_gradients,
+                                     batch_size=ctx.calib.batch_size)
+        del model
+        scores = neuron_scores(o.method, stats, **({"rho": 0.9 if o.rho is None else o.rho}
+                                                   if o.method == "camera" else {}))
+        kept = select_neurons(scores, o.ratio, o.budget, o.min_width, align=ALIGN)
+        plan = NeuronPlan(kept, width, method=o.method, ratio=o.ratio, budget=o.budget, model_type=adapter.model_type)
+        widths = sorted({len(v) for d in kept.values() for v in d.values()})
+        logger.info("%s (%s budget): experts keep %s of %d neurons", o.method, o.budget,
+                    widths[0] if len(widths) == 1 else f"{widths[0]}..{widths[-1]} (non-uniform)", width)
+        return plan
+
+    def load_plan(self, raw: dict, source: str) -> NeuronPlan:
+        return NeuronPlan.from_dict(raw, source=source)
+
+    def next_config(self, plan: NeuronPlan, adapter: MoEAdapter) -> Any:
+        cfg = config_copy(adapter)
+        if plan.uniform_width is not None:
+            text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+            setattr(text, adapter.intermediate_key, plan.uniform_width)
+        return cfg
+
+    # ------------------------------------------------------------------ surgery
+    def apply(self, model, adapter: MoEAdapter, plan: NeuronPlan) -> None:
+        from moeprune.surgery.neurons import apply_neuron_plan
+        from moeprune.surgery.neurons_padded import apply_neuron_plan_padded
+
+        if plan.uniform_width is not None:
+            apply_neuron_plan(model, adapter, plan, align=ALIGN)
+        else:
+            logger.warning("the neuron plan (%s budget) keeps different widths per expert: the export is NOT "
+                           "loadable by stock transformers/vLLM; load it with moeprune.load_model (see the "
+                           "report)", plan.budget)
+            apply_neuron_plan_padded(model, adapter, plan, align=ALIGN)
+
+    def finish_export(self, folder: Path, model_type: str, plan: NeuronPlan) -> None:
+        from moeprune.io import nonuniform
+        from moeprune.surgery.neurons_padded import layer_widths
+
+        if plan.uniform_width is None:
+            nonuniform.mark(folder, model_type, layer_widths(plan, ALIGN),
+                            {layer: {j: len(v) for j, v in d.items()} for layer, d in plan.kept_neurons.items()})
+
+    def reference(self, ref, plan: NeuronPlan) -> None:
+        """Zero the down-projection columns of every removed neuron (at its position in the original slot)."""
+        for layer in plan.layers:
+            ref.keep_neurons(layer, plan.kept_neurons[layer])
+        ref.zero_removed_neurons()
+
+    # ------------------------------------------------------------------ reports
+    def provenance(self, plan: NeuronPlan) -> dict:
+        return {"method": plan.method, "ratio": plan.ratio, "budget": plan.budget,
+                "neuron_plan_sha256": plan.sha256()}
+
+    def report(self, plan: NeuronPlan, before: MoEAdapter, after: MoEAdapter) -> dict:
+        from moeprune.io import nonuniform
+        from moeprune.surgery.neurons_padded import layer_widths
+
+        uniform = plan.uniform_width is not None
+        widths = {layer: plan.uniform_width for layer in plan.layers} if uniform else layer_widths(plan, ALIGN)
+        return {
+            "stage": self.kind, "method": plan.method, "ratio": plan.ratio, "budget": plan.budget,
+            "neuron_plan_sha256": plan.sha256(), "expert_width_before": plan.width,
+            "expert_width_after": plan.uniform_width,
+            "layer_widths": {str(k): v for k, v in sorted(widths.items())},
+            "num_experts_before": before.num_experts, "num_experts_after": before.num_experts,
+            "loadable_by_stock_config": uniform,
+            "note": (f"kept neurons per expert and layer: {NEURON_PLAN_NAME}" if uniform else
+                     "NON-UNIFORM expert widths: stock from_pretrained refuses this folder (model_type "
+                     f"{nonuniform.SENTINEL!r}); load it with moeprune.load_model. Each layer stores its widest "
+                     f"expert's width (layer_widths); narrower experts are zero-padded. Kept neurons: "
+                     f"{NEURON_PLAN_NAME}"),
+        }
+
+    def describe(self, plan: NeuronPlan) -> str:
+        after = plan.uniform_width or "non-uniform"
+        return f"neurons ({plan.method}, {plan.budget} budget): width {plan.width} -> {after}"
+
+
+NEURONS = register_stage(NeuronStage())
+

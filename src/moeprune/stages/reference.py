@@ -1,0 +1,123 @@
+"""The verification reference of a whole recipe: the ORIGINAL model, every expert slot and full width kept.
+
+Each stage writes its change onto this one model in its own way, never through the surgery that made the export:
+
+    slots[ℓ][i]       = the original slot of current expert i of layer ℓ (expert removal and merging shrink it)
+    positions[ℓ][s]   = the original neuron positions that slot s's current neurons occupy (neuron removal)
+    expert removal:   slots ← slots[kept]                                (the rest is masked at the end)
+    neuron removal:   positions[s] ← positions[s][kept];  down[:, removed positions] = 0
+    merging:          merged g = merge(current experts, read at their slots/positions);
+                      written into the dominant's slot at its positions; `weighted` router rows
+                      r[slot(d)] = Σ_i f_i r[slot(m_i)] / Σ_i f_i;  slots ← slots[dominants]
+and finally every slot not in `slots` is masked out of the original's own router (`models/masking.py`).
+The export, reloaded by stock `from_pretrained`, must compute the same function (`pipeline/verify.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeprune.models.base import MoEAdapter, expert_indexed
+from moeprune.surgery.layouts import _MLP_NAMES as MLP_NAMES  # TODO(layout merge): models.layouts
+from moeprune.surgery.layouts import ModuleListLayout, layout_of
+from moeprune.select.neuron_plan import NeuronPlan
+
+Expert = dict[str, torch.Tensor]  # canonical roles: gate/up [I, H], down [H, I], gate/up_bias [I], down_bias [H]
+
+
+class Reference:
+    def __init__(self, model: nn.Module, adapter: MoEAdapter):
+        self.model, self.adapter = model, adapter
+        self.width = adapter.expert_width
+        self.slots: dict[int, list[int]] = {layer: list(range(adapter.num_experts)) for layer in adapter.moe_layers()}
+        self.positions: dict[int, dict[int, list[int]]] = {layer: {} for layer in adapter.moe_layers()}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def pos(self, layer: int, slot: int) -> list[int]:
+        return self.positions[layer].get(slot, list(range(self.width)))
+
+    def keep_experts(self, layer: int, kept: list[int]) -> None:
+        """Current experts `kept` survive, renumbered 0..n-1 in that order."""
+        self.slots[layer] = [self.slots[layer][i] for i in kept]
+
+    def keep_neurons(self, layer: int, kept: dict[int, list[int]]) -> None:
+        """Current expert i keeps its current neurons kept[i], renumbered in that order."""
+        for i, neurons in kept.items():
+            slot = self.slots[layer][i]
+            p = self.pos(layer, slot)
+            self.positions[layer][slot] = [p[k] for k in neurons]
+
+    def masked(self) -> dict[int, list[int]]:
+        """Slots no current expert occupies: masked out of routing in the reference."""
+        E = self.adapter.num_experts
+        return {layer: [s for s in range(E) if s not in set(kept)] for layer, kept in self.slots.items()}
+
+    # ------------------------------------------------------------------ tensors
+    @torch.no_grad()
+    def zero_removed_neurons(self) -> None:
+        """down[:, k] = 0 for every position k that no current neuron of its slot occupies (`mask_neurons`)."""
+        from moeprune.surgery.neurons import mask_neurons
+
+        E = self.adapter.num_experts
+        kept = {layer: {s: self.pos(layer, s) if s in set(self.slots[layer]) else list(range(self.width))
+                        for s in range(E)} for layer in self.slots}
+        kept = {layer: {s: sorted(v) for s, v in d.items()} for layer, d in kept.items()}
+        mask_neurons(self.model, self.adapter, NeuronPlan(kept, self.width, model_type=self.adapter.model_type))
+
+    def _block(self, layer: int) -> nn.Module:
+        return self.adapter.block(self.model, layer)
+
+    @torch.no_grad()
+    def read_expert(self, layer: int, i: int) -> Expert:
+        """Current expert i's tensors: its slot's rows/columns at its neuron positions (copies)."""
+        slot = self.slots[layer][i]
+        p = torch.tensor(self.pos(layer, slot))
+        roles = self.adapter.expert_roles(self._block(layer))  # [E, ...] per role
+        out: Expert = {}
+        for role, t in roles.items():
+            x = t[slot]
+            if role in ("gate", "up", "gate_bias", "up_bias"):
+                x = x.index_select(0, p)  # [I', H] or [I']
+            elif role == "down":
+                x = x.index_select(1, p)  # [H, I']
+            out[role] = x.detach().clone()
+        return out
+
+    @torch.no_grad()
+    def write_expert(self, layer: int, i: int, expert: Expert) -> None:
+        """Write `expert` (current width) into current expert i's slot at its neuron positions."""
+        slot = self.slots[layer][i]
+        p = torch.tensor(self.pos(layer, slot))
+        experts = self.adapter.experts(self._block(layer))
+        if layout_of(experts) is ModuleListLayout:
+            mlp = experts[slot]
+            views = {}
+            for role, names in MLP_NAMES.items():
+                lin = getattr(mlp, next(n for n in names if hasattr(mlp, n)))
+                views[role] = lin.weight
+                if lin.bias is not None:
+                    views[f"{role}_bias"] = lin.bias
+        else:
+            views = {role: t[slot] for role, t in self.adapter.expert_roles(self._block(layer)).items()}
+        for role, value in expert.items():
+            target = views[role]
+            value = value.to(target.dtype)
+            if role in ("gate", "up", "gate_bias", "up_bias"):
+                target[p] = value  # rows at the slot's positions
+            elif role == "down":
+                target[:, p] = value  # [H, I'] columns
+            else:
+                target.copy_(value)  # down bias [H]
+
+    @torch.no_grad()
+    def weighted_router_rows(self, layer: int, groups: list[list[int]], weights: list[list[float]]) -> None:
+        """Every expert-indexed router tensor t: t[slot(d)] = Σ_i f_i t[slot(m_i)] / Σ_i f_i (from the old rows)."""
+        router = self.adapter.router(self._block(layer))
+        slots = self.slots[layer]
+        for t in expert_indexed(router, self.adapter.num_experts).values():
+            old = t.detach().clone().double()  # [E, ...]
+            for group, w in zip(groups, weights, strict=True):
+                f = torch.tensor(w, dtype=torch.float64)
+                rows = old[[slots[m] for m in group]]  # [n, ...]
+                t.data[slots[group[0]]] = ((f.view(-1, *[1] * (rows.dim() - 1)) * rows).sum(0) / f.sum()).to(t.dtype)
