@@ -5,11 +5,19 @@ index, layer and valid range named), and neuron budgets that the aligned widths 
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.merge.plan import MergePlan
+from moeprune.models import get_adapter
 from moeprune.select.neurons import check_budget, expert_width_kept, select_neurons
+from moeprune.tiny import save_tiny, tiny_config
+from refusal import assert_cli_refused
 
 # ---------------------------------------------------------------------------------------- neuron budgets
 
@@ -231,10 +239,6 @@ MALFORMED = [
 @pytest.mark.parametrize("edit,needles", [pytest.param(e, n, id=i) for i, e, n in MALFORMED])
 @pytest.mark.parametrize("via", ["dict", "file"])
 def test_malformed_merge_plan_is_a_clear_error(edit, needles, via, tmp_path):
-    import json
-
-    from moeprune.merge.plan import MergePlan
-
     raw = edit(_good())
     if via == "dict":
         source = "edited.json"
@@ -260,8 +264,6 @@ def test_malformed_merge_plan_is_a_clear_error(edit, needles, via, tmp_path):
     (b"", ["not valid JSON"]),
 ], ids=["duplicate-key", "truncated", "binary", "deep", "empty"])
 def test_unreadable_merge_plan_file_is_a_clear_error(content, needles, tmp_path):
-    from moeprune.merge.plan import MergePlan
-
     path = tmp_path / "plan.json"
     path.write_bytes(content)
     with pytest.raises(MoePruneError) as info:
@@ -273,8 +275,6 @@ def test_unreadable_merge_plan_file_is_a_clear_error(content, needles, tmp_path)
 
 
 def test_valid_merge_plan_round_trips(tmp_path):
-    from moeprune.merge.plan import MergePlan
-
     plan = MergePlan.from_dict(_good())
     assert plan.groups[1] == GOOD_GROUPS and plan.weights[2] == GOOD_WEIGHTS and plan.ratio == 0.375
     assert MergePlan.load(plan.save(tmp_path / "p.json")) == plan
@@ -290,17 +290,12 @@ def test_valid_merge_plan_round_trips(tmp_path):
 @pytest.fixture(scope="module")
 def qwen_adapter():
     """tiny qwen3_moe from its config: 3 layers, layer 0 dense, MoE layers 1 and 2, E=8, top-2."""
-    from moeprune.models import get_adapter
-    from moeprune.tiny import tiny_config
-
     adapter = get_adapter(tiny_config("qwen3_moe"))
     assert adapter.moe_layers() == [1, 2] and adapter.num_experts == E and adapter.routing().top_k == 2
     return adapter
 
 
 def _plan(groups: dict, num_experts: int = E):
-    from moeprune.merge.plan import MergePlan
-
     return MergePlan(groups, num_experts)
 
 
@@ -337,14 +332,7 @@ def test_merge_plan_for_another_expert_count_is_refused_before_index_checks(qwen
         _plan(groups, 16).validate(qwen_adapter)
 
 
-def test_merge_plan_file_validated_against_a_checkpoint_names_the_file(tmp_path):
-    import json
-
-    from moeprune.io.checkpoint import Checkpoint
-    from moeprune.merge.plan import MergePlan
-    from moeprune.models import get_adapter
-    from moeprune.tiny import save_tiny
-
+def test_merge_plan_file_validated_against_a_checkpoint_names_the_file(tmp_path, capsys):
     ckpt = Checkpoint.open(save_tiny("qwen3_moe", tmp_path / "qwen", seed=1))
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
     good, path = _good(), tmp_path / "merge.json"
@@ -354,3 +342,8 @@ def test_merge_plan_file_validated_against_a_checkpoint_names_the_file(tmp_path)
     with pytest.raises(MoePruneError) as info:
         MergePlan.load(path).validate(adapter)
     assert str(path) in str(info.value) and "MoE layers [1]" in str(info.value)
+    # through the CLI: exit 2, the file and the bad value named, no traceback, nothing written
+    out = tmp_path / "merged"
+    path.write_text(json.dumps({**good, "groups": {"1": [[0, 3], [1], [2], [4], [5, 6, "7"]], "2": GOOD_GROUPS}}))
+    assert_cli_refused(["apply", ckpt.path, "--plan", path, "--out", out], [re.escape(str(path)), 'member "7"'],
+                       capsys, inputs=[ckpt.path, path], out=out)
