@@ -54,14 +54,14 @@ def check_budget(ratio: float, budget: str, min_width: int, width: int, *, align
     everything = G * num_experts * width  # neurons in the budget's scope
     total, need = round((1 - ratio) * everything), G * num_experts * min_width
     if total < need:
-        raise MoePruneError(min_width_refusal(ratio, min_width, total, need, G * num_experts, everything, scope))
+        raise MoePruneError(_min_width_refusal(ratio, min_width, total, need, G * num_experts, everything, scope))
     if total >= everything:
         raise MoePruneError(f"--ratio {ratio} keeps all {everything} neurons of {scope} (round((1 − ratio) · "
                             f"{everything}) = {total}): nothing would be removed; raise --ratio to at least "
                             f"{_fmt(1 / everything)}.")
 
 
-def min_width_refusal(ratio: float, min_width: int, total: int, need: int, experts: int, everything: int,
+def _min_width_refusal(ratio: float, min_width: int, total: int, need: int, experts: int, everything: int,
                       scope: str) -> str:
     """The message for a layer/global budget whose kept total is below `min_width` neurons per expert."""
     max_ratio = _fmt(1 - need / everything)
@@ -157,7 +157,7 @@ def select_neurons(scores: dict[int, torch.Tensor], ratio: float, budget: str = 
         mask = _top_mask(flat, min_width)  # [G, E, I] every expert's own best min_width
         if total < int(mask.sum()):  # check_budget refuses this first; kept as the invariant it protects
             scope = "each MoE layer" if budget == "layer" else f"the {len(group)} MoE layers together"
-            raise MoePruneError(min_width_refusal(ratio, min_width, total, int(mask.sum()), len(group) * E,
+            raise MoePruneError(_min_width_refusal(ratio, min_width, total, int(mask.sum()), len(group) * E,
                                                   flat.numel(), scope))
         order = torch.argsort(-flat.reshape(-1), stable=True)  # best first
         free = order[~mask.reshape(-1)[order]]  # best first, not yet kept
