@@ -26,11 +26,12 @@ from moeprune.io.load import auto_class
 from moeprune.io.verify import logits_of, seeded_inputs
 from moeprune.io.verify_neurons import verify_neurons
 from moeprune.models import get_adapter
+from moeprune.models.layouts import WIDTH_ATTRS, experts_shape
 from moeprune.models.masking import masked_experts
 from moeprune.select.neuron_plan import NeuronPlan
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.in_memory import apply_plan
-from moeprune.surgery.neurons import WIDTH_ATTRS, apply_neuron_plan, experts_shape, mask_neurons, text_config
+from moeprune.surgery.neurons import apply_neuron_plan, mask_neurons, text_config
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 from test_modulelist_generic import legacy_model
 
