@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.models.keys import COUNT_KEYS
 from moeprune.models.layouts import layout_of
 from moeprune.models.routing import RoutingSpec
 
@@ -203,8 +204,6 @@ class MoEAdapter:
         The count may be saved under the family's key or an alias (transformers' attribute_map, e.g. Qwen3-MoE
         writes `num_local_experts` while Hub checkpoints say `num_experts`): every alias holding E is updated.
         """
-        from moeprune.models.registry import COUNT_KEYS
-
         target = config
         for nest in ("text_config", "language_config", "llm_config"):
             if not any(k in target for k in COUNT_KEYS) and isinstance(target.get(nest), dict):
