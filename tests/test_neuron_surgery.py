@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig
 
 from moeprune.errors import MoePruneError
-from moeprune.io.load import auto_class
+from moeprune.io.stock import auto_class
 from moeprune.io.verify import logits_of, seeded_inputs
 from moeprune.io.verify_neurons import verify_neurons
 from moeprune.models import get_adapter

@@ -43,8 +43,8 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
-from moeprune.io.load import auto_class, parse_dtype
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
+from moeprune.io.stock import auto_class, parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
 
@@ -71,7 +71,7 @@ class LazyModel:
         """Decoder layer i with its weights read from disk; back on `meta` (memory released) on exit."""
         module = self.layers[i]
         try:
-            _load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}")
+            load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}")
             yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
@@ -145,7 +145,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
         logger.info("lazy load of %s: %d checkpoint tensors match nothing in %s and are not read, e.g. %s",
                     ckpt.path, len(ignored), cls.__name__, ignored[:3])
     lazy = LazyModel(model, {e.name: e for e in ckpt.entries}, prefix, dict(keys), load_config)
-    _load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
+    load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
     if head and head_name is not None and _meta_names(model.get_submodule(head_name), head_name):
         # a tied head is not in the checkpoint: tie it to the embedding, as from_pretrained does
         model.tie_weights(missing_keys=set(_meta_names(model, "")), recompute_mapping=False)
@@ -157,7 +157,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
 
 
 @torch.no_grad()
-def _load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = ()) -> None:
+def load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = ()) -> None:
     """Load `keys` from the shards into the model through transformers' converters, then give every tensor of
     `scope` (a module path, "" = whole model minus `skip`) still on meta its value: non-persistent buffers via
     `_init_weights`; a missing weight is an error for a decoder layer and random-initialised (with a warning,
