@@ -15,10 +15,10 @@ from moeprune.criteria.weights import summarize_checkpoint, summarize_model
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.safetensors_io import OutTensor, read_header, read_tensor, row_ranges, write_file
 from moeprune.models import get_adapter
+from moeprune.models.layouts import layout_of
 from moeprune.models.routing import RoutingSpec
 from moeprune.select.plan import PrunePlan
 from moeprune.select.uniform import drop_count, select_uniform
-from moeprune.surgery.layouts import layout_of
 from moeprune.tiny import save_tiny, tiny_model
 
 

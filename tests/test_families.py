@@ -19,7 +19,7 @@ from transformers import AutoConfig
 
 from moeprune import api
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.load import auto_class
+from moeprune.io.stock import auto_class
 from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts

@@ -20,10 +20,10 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.generic import GenericMoEAdapter
+from moeprune.models.layouts import ModuleListLayout, layout_of
 from moeprune.models.masking import masked_experts
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.in_memory import apply_plan
-from moeprune.surgery.layouts import ModuleListLayout, layout_of
 from moeprune.surgery.streaming import apply_plan_streaming
 from moeprune.tiny import tiny_model
 

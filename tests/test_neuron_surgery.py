@@ -22,15 +22,15 @@ import torch
 from transformers import AutoConfig
 
 from moeprune.errors import MoePruneError
-from moeprune.io.load import auto_class
-from moeprune.pipeline.verify import logits_of, seeded_inputs
-from moeprune.pipeline.verify import verify
+from moeprune.io.stock import auto_class
+from moeprune.pipeline.verify import logits_of, seeded_inputs, verify
 from moeprune.models import get_adapter
+from moeprune.models.layouts import WIDTH_ATTRS, experts_shape
 from moeprune.models.masking import masked_experts
 from moeprune.select.neuron_plan import NeuronPlan
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.in_memory import apply_plan
-from moeprune.surgery.neurons import WIDTH_ATTRS, apply_neuron_plan, experts_shape, mask_neurons, text_config
+from moeprune.surgery.neurons import apply_neuron_plan, mask_neurons, text_config
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 from test_modulelist_generic import legacy_model
 

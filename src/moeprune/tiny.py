@@ -63,7 +63,7 @@ def tiny_config(family: str, **overrides):
 @torch.no_grad()
 def tiny_model(family: str, seed: int = 0, router_scale: float = 4.0, **overrides):
     """A randomly initialised model of `family` with sharper routers and non-zero correction biases."""
-    from moeprune.io.load import auto_class
+    from moeprune.io.stock import auto_class
 
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.safetensors_io import read_tensor
 from moeprune.models.base import MoEAdapter
+from moeprune.models.layouts import layout_of
 
 
 @dataclass
@@ -55,8 +56,6 @@ def summarize_checkpoint(ckpt: Checkpoint, adapter: MoEAdapter) -> dict[int, Wei
 @torch.no_grad()
 def summarize_model(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, WeightSummary]:
     """The same summaries from an in-memory model."""
-    from moeprune.surgery.layouts import layout_of
-
     out = {}
     for layer in adapter.moe_layers():
         experts = adapter.experts(adapter.block(model, layer))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moeprune.errors import MoePruneError
+from moeprune.io.nonuniform_config import is_nonuniform, restored_config
 from moeprune.io.safetensors_io import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -59,10 +60,8 @@ class Checkpoint:
         """The transformers config object (no weights, no network)."""
         from transformers import AutoConfig
 
-        from moeprune.io import nonuniform
-
-        if nonuniform.is_nonuniform(self.config_dict):  # per-layer expert widths: the real config, restored
-            return nonuniform.restored_config(self.config_dict)
+        if is_nonuniform(self.config_dict):  # per-layer expert widths: the real config, restored
+            return restored_config(self.config_dict)
         try:
             return AutoConfig.from_pretrained(str(self.path), local_files_only=True)
         except (ValueError, KeyError, OSError) as e:

@@ -10,11 +10,12 @@ is a context manager that reads decoder layer i's tensors from the safetensors s
 Approach: on-disk names differ from in-memory ones in transformers 5 (per-expert `experts.J.gate_proj.weight`
 on disk vs fused `experts.gate_up_proj` [E, 2I, H] in memory; Mixtral `block_sparse_moe.experts.J.w1`;
 gpt-oss and Qwen3-VL-MoE fused with their own layouts). Rather than re-implementing those conversions, this
-module reuses transformers' own loader: `get_model_conversion_mapping` gives the model's renamings and
-converters, `rename_source_key` tells which in-memory tensor each checkpoint key feeds (hence which layer it
-belongs to), and `convert_and_load_state_dict_in_model` is called on a partial state dict holding only that
-layer's keys. Only they are read, with plain file reads (not mmap, whose touched pages would count as resident
-memory), and the loader runs synchronously so each fused tensor's sources are read only when it is built.
+module reuses transformers' own loader, whose internals it imports from `moeprune.compat`:
+`get_model_conversion_mapping` gives the model's renamings and converters, `rename_source_key` tells which
+in-memory tensor each checkpoint key feeds (hence which layer it belongs to), and
+`convert_and_load_state_dict_in_model` is called on a partial state dict holding only that layer's keys.
+Only they are read, with plain file reads (not mmap, whose touched pages would count as resident memory), and
+the loader runs synchronously so each fused tensor's sources are read only when it is built.
 Non-persistent buffers (rotary `inv_freq`) are not in the checkpoint: they get their values from the owning
 model's `_init_weights`, as in `from_pretrained`. The result equals the eager model bit for bit
 (tests/test_lazy.py, all families, float32 and bfloat16).
@@ -43,8 +44,8 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
-from moeprune.io.load import auto_class, parse_dtype
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
+from moeprune.io.stock import auto_class, parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
 
@@ -71,7 +72,7 @@ class LazyModel:
         """Decoder layer i with its weights read from disk; back on `meta` (memory released) on exit."""
         module = self.layers[i]
         try:
-            _load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}")
+            load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}")
             yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
@@ -89,11 +90,16 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     tensor has the dtype the eager model would have. `config` replaces the checkpoint's config object;
     `prepare(model)` may reshape meta parameters before anything is read (non-uniform expert widths).
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    from transformers.modeling_utils import LoadStateDictConfig, _get_dtype
-    from transformers.models.auto.auto_factory import _get_model_class
-    from transformers.utils.generic import ContextManagers
+    from moeprune.compat import (
+        ContextManagers,
+        LoadStateDictConfig,
+        WeightConverter,
+        WeightRenaming,
+        get_dtype,
+        get_model_class,
+        get_model_conversion_mapping,
+        rename_source_key,
+    )
 
     ckpt = Checkpoint.open(path)
     config = config if config is not None else ckpt.config
@@ -102,12 +108,12 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
             f"{ckpt.path} is a quantized checkpoint ({config.quantization_config}); lazy loading supports "
             "unquantized safetensors only. Use `load_model` (it dequantizes in memory) or a bf16 checkpoint."
         )
-    cls = _get_model_class(config, auto_class(config)._model_mapping)
+    cls = get_model_class(config, auto_class(config)._model_mapping)
     index = ckpt.path / INDEX_NAME
     sharded = json.loads(index.read_text()).get("metadata", {}) if index.is_file() else None
     files = ckpt.files
     # exactly what from_pretrained does: resolve dtype ("auto": config, then first float tensor), then build
-    config, torch_dtype = _get_dtype(parse_dtype(dtype), [str(f) for f in files], config, sharded, None, True)
+    config, torch_dtype = get_dtype(parse_dtype(dtype), [str(f) for f in files], config, sharded, None, True)
     config = copy.deepcopy(config)
     with ContextManagers(cls.get_init_context(torch_dtype, False, False, None)):
         model = cls(config)  # every tensor on meta, in the dtypes from_pretrained would give
@@ -145,7 +151,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
         logger.info("lazy load of %s: %d checkpoint tensors match nothing in %s and are not read, e.g. %s",
                     ckpt.path, len(ignored), cls.__name__, ignored[:3])
     lazy = LazyModel(model, {e.name: e for e in ckpt.entries}, prefix, dict(keys), load_config)
-    _load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
+    load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
     if head and head_name is not None and _meta_names(model.get_submodule(head_name), head_name):
         # a tied head is not in the checkpoint: tie it to the embedding, as from_pretrained does
         model.tie_weights(missing_keys=set(_meta_names(model, "")), recompute_mapping=False)
@@ -157,13 +163,14 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
 
 
 @torch.no_grad()
-def _load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = ()) -> None:
+def load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = ()) -> None:
     """Load `keys` from the shards into the model through transformers' converters, then give every tensor of
     `scope` (a module path, "" = whole model minus `skip`) still on meta its value: non-persistent buffers via
     `_init_weights`; a missing weight is an error for a decoder layer and random-initialised (with a warning,
     as `from_pretrained` does) elsewhere."""
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.utils import logging as hf_logging
+
+    from moeprune.compat import convert_and_load_state_dict_in_model
 
     model = lazy.model
     state = {k: _OnDisk(lazy.entries[k]) for k in keys}  # nothing read yet
@@ -213,7 +220,8 @@ def _initialise(model: nn.Module, names: list[str], strict: bool) -> None:
     """Materialise `names` (full dotted names, on meta) empty on CPU, then run the owning model's
     `_init_weights` on their modules: it computes non-persistent buffers such as rotary `inv_freq`."""
     from transformers import PreTrainedModel
-    from transformers import initialization as init
+
+    from moeprune.compat import guard_torch_init_functions
 
     non_persistent = {n for n, _ in model.named_non_persistent_buffers()}
     weights = [n for n in names if n not in non_persistent]
@@ -236,6 +244,6 @@ def _initialise(model: nn.Module, names: list[str], strict: bool) -> None:
         else:
             setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         modules[mod_name] = module
-    with init.guard_torch_init_functions():
+    with guard_torch_init_functions():
         for mod_name, module in modules.items():
             owners[mod_name]._init_weights(module)

@@ -1,34 +1,19 @@
-"""Loading models with stock transformers, offline."""
+"""Loading models with stock transformers, offline.
+
+`parse_dtype`, `auto_class` and `DTYPES` live in `io/stock.py` (the lazy loader needs them too) and are
+importable from here as before."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from moeprune.errors import MoePruneError
+from moeprune.io import nonuniform
+from moeprune.io.stock import DTYPES, auto_class, parse_dtype
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str):
-    if name not in DTYPES:
-        raise MoePruneError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}.")
-    return DTYPES[name]
-
-
-def auto_class(config):
-    """The stock Auto class that builds this config's generative model: CausalLM, else image-text-to-text
-    (vision-language MoEs such as Qwen3-VL-MoE nest their text decoder under `text_config`)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
-        if type(config) in auto._model_mapping:
-            return auto
-    raise MoePruneError(
-        f"stock transformers has no causal-LM or image-text-to-text class for {type(config).__name__}; "
-        "moeprune cannot load it."
-    )
+__all__ = ["DTYPES", "auto_class", "load_model", "match_disk_dtypes", "parse_dtype"]
 
 
 @torch.no_grad()
@@ -49,11 +34,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
 
     Loads any moeprune output: non-uniform expert widths (which stock `from_pretrained` refuses by design) go
     through `io.nonuniform.load_nonuniform`."""
-    import json
-
     from transformers import AutoConfig
-
-    from moeprune.io import nonuniform
 
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file() and nonuniform.is_nonuniform(json.loads(cfg_file.read_text())):

@@ -15,52 +15,26 @@ keeps the original width under the family's key (DeepSeek-style shared experts a
 
 `load_nonuniform(path)` rebuilds the stock model class from the restored config on `meta`, reshapes each MoE
 layer's expert parameters to I_l, and reads every tensor through transformers' own converters (`io/lazy.py`).
+
+The config side (sentinel, `is_nonuniform`, `restored_config`, `widths`, `mark`) lives in `io/nonuniform_config.py`
+so that `io/checkpoint.py` can read it without importing the loader; every name is re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.lazy import load_keys, load_lazy
+from moeprune.io.nonuniform_config import KEY, SENTINEL, is_nonuniform, mark, restored_config, widths
+from moeprune.models import get_adapter
+from moeprune.models.layouts import WIDTH_ATTRS
 
-KEY = "moeprune_nonuniform"
-SENTINEL = "moeprune_nonuniform__load_with_moeprune.load_model"
-WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size")
-
-
-def is_nonuniform(config_dict: dict) -> bool:
-    return isinstance(config_dict.get(KEY), dict)
-
-
-def restored_config(config_dict: dict) -> Any:
-    """The transformers config object of a non-uniform folder (its real model_type restored)."""
-    from transformers import AutoConfig
-
-    info = config_dict[KEY]
-    d = {k: v for k, v in config_dict.items() if k not in (KEY, "model_type")}
-    try:
-        return AutoConfig.for_model(info["model_type"], **d)
-    except (ValueError, KeyError) as e:
-        raise MoePruneError(f"cannot rebuild the {info.get('model_type')!r} config of a non-uniform moeprune "
-                            f"checkpoint: {e}") from e
-
-
-def widths(config_dict: dict) -> dict[int, int]:
-    return {int(k): int(v) for k, v in config_dict[KEY]["widths"].items()}
-
-
-def mark(folder: Path, model_type: str, layer_widths: dict[int, int], kept: dict[int, dict[int, int]]) -> None:
-    """Rewrite FOLDER/config.json of a freshly saved non-uniform model (see the module docstring)."""
-    f = folder / "config.json"
-    d = json.loads(f.read_text())
-    d["model_type"] = SENTINEL
-    d[KEY] = {"model_type": model_type, "widths": {str(k): v for k, v in sorted(layer_widths.items())},
-              "kept": {str(k): {str(j): n for j, n in sorted(v.items())} for k, v in sorted(kept.items())}}
-    f.write_text(json.dumps(d, indent=2) + "\n")
+__all__ = ["KEY", "SENTINEL", "is_nonuniform", "load_nonuniform", "mark", "resize_experts", "restored_config",
+           "widths"]
 
 
 def resize_experts(experts: nn.Module, style: str, width: int) -> None:
@@ -91,10 +65,6 @@ def resize_experts(experts: nn.Module, style: str, width: int) -> None:
 
 def load_nonuniform(path: str | Path, dtype: str = "auto"):
     """A non-uniform moeprune checkpoint as the stock model class with per-layer expert widths, in eval mode."""
-    from moeprune.io.checkpoint import Checkpoint
-    from moeprune.io.lazy import _load_keys, load_lazy
-    from moeprune.models import get_adapter
-
     ckpt = Checkpoint.open(path)
     config = restored_config(ckpt.config_dict)
     adapter = get_adapter(config)
@@ -106,5 +76,5 @@ def load_nonuniform(path: str | Path, dtype: str = "auto"):
 
     lazy = load_lazy(ckpt.path, dtype, head=True, config=config, prepare=prepare)
     for i in range(len(lazy.layers)):
-        _load_keys(lazy, lazy.keys.get(i, []), f"{lazy.layer_prefix}.{i}")
+        load_keys(lazy, lazy.keys.get(i, []), f"{lazy.layer_prefix}.{i}")
     return lazy.model.eval()

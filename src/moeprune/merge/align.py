@@ -1,6 +1,6 @@
 """Neuron alignment of experts before merging: weight matching (MC-SMoE / Git Re-Basin).
 
-An expert is a dict role -> tensor in the canonical orientation of `surgery/layouts.py` `roles()`:
+An expert is a dict role -> tensor in the canonical orientation of `models/layouts.py` `roles()`:
 
     gate [I, H], up [I, H], down [H, I]   (required)
     gate_bias [I], up_bias [I], down_bias [H]   (optional)

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.models.keys import COUNT_KEYS
+from moeprune.models.layouts import layout_of
 from moeprune.models.routing import RoutingSpec
 
 
@@ -62,7 +64,7 @@ class MoEAdapter:
     shared_names: ClassVar[tuple[str, ...]] = ()  # shared experts and their gates, never pruned
     # module attributes that hold E and must follow surgery
     count_attrs: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts", "n_routed_experts")
-    # how the fused gate/up tensor is laid out (see surgery/layouts.py): "concat" [E, 2I, H] or
+    # how the fused gate/up tensor is laid out (see models/layouts.py): "concat" [E, 2I, H] or
     # "interleaved_t" [E, H, 2I] with gate at even and up at odd columns (gpt-oss)
     fused_style: ClassVar[str] = "concat"
 
@@ -179,8 +181,6 @@ class MoEAdapter:
 
     def expert_roles(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Expert weights by role in canonical orientation (gate/up [E, I, H], down [E, H, I], biases)."""
-        from moeprune.surgery.layouts import layout_of
-
         experts = self.experts(block)
         return layout_of(experts).roles(experts, self.fused_style)
 
@@ -204,8 +204,6 @@ class MoEAdapter:
         The count may be saved under the family's key or an alias (transformers' attribute_map, e.g. Qwen3-MoE
         writes `num_local_experts` while Hub checkpoints say `num_experts`): every alias holding E is updated.
         """
-        from moeprune.models.registry import COUNT_KEYS
-
         target = config
         for nest in ("text_config", "language_config", "llm_config"):
             if not any(k in target for k in COUNT_KEYS) and isinstance(target.get(nest), dict):

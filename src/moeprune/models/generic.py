@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from moeprune.models.base import MoEAdapter
-from moeprune.models.registry import COUNT_KEYS, TOP_K_KEYS
+from moeprune.models.keys import COUNT_KEYS, TOP_K_KEYS
 
 BLOCK_NAMES = ("mlp", "block_sparse_moe", "moe", "feed_forward")
 ROUTER_NAMES = ("gate", "router")

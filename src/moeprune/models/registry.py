@@ -5,15 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from moeprune.errors import MoePruneError
+from moeprune.models.keys import COUNT_KEYS
 from moeprune.registry import Registry
 
 ADAPTERS: Registry[type] = Registry(
     "model family",
     hint="To add one, write a small adapter in src/moeprune/models/ (see docs/adding-a-model.md).",
 )
-
-COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts")
 
 
 def register_adapter(cls: type) -> type:

@@ -72,10 +72,10 @@ def summarize(path: str) -> ModelSummary:
         routing=routing.describe(), expert_width=adapter.expert_width, params=params, bytes=nbytes,
         per_layer_expert_params=per_layer,
     )
-    from moeprune.io import nonuniform
+    from moeprune.io.nonuniform_config import is_nonuniform, widths
 
-    if nonuniform.is_nonuniform(ckpt.config_dict):
-        summary.layer_widths = nonuniform.widths(ckpt.config_dict)
+    if is_nonuniform(ckpt.config_dict):
+        summary.layer_widths = widths(ckpt.config_dict)
     for ratio in (0.25, 0.5):
         try:
             n_drop = drop_count(ratio, adapter.num_experts, routing)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
+from moeprune.models.layouts import experts_shape
 from moeprune.select.plan import PrunePlan, read_plan_json, write_plan_json
 
 NEURON_FORMAT = "moeprune.neurons/1"
@@ -144,8 +145,6 @@ class NeuronPlan:
             if model is None:
                 E, width = adapter.num_experts, adapter.expert_width
             else:
-                from moeprune.surgery.neurons import experts_shape
-
                 E, width = experts_shape(adapter, adapter.experts(adapter.block(model, layer)))
             if width is not None and width != self.width:
                 raise MoePruneError(f"layer {layer}: experts are {width} neurons wide but the neuron plan was made "

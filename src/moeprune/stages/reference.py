@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from moeprune.models.base import MoEAdapter, expert_indexed
-from moeprune.surgery.layouts import _MLP_NAMES as MLP_NAMES  # TODO(layout merge): models.layouts
-from moeprune.surgery.layouts import ModuleListLayout, layout_of
+from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.select.neuron_plan import NeuronPlan
 
 Expert = dict[str, torch.Tensor]  # canonical roles: gate/up [I, H], down [H, I], gate/up_bias [I], down_bias [H]

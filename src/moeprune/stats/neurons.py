@@ -33,7 +33,7 @@ from moeprune.calibration.data import CalibSet
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
-from moeprune.surgery.layouts import FusedLayout, layout_of
+from moeprune.models.layouts import FusedLayout, layout_of
 
 FIELDS = ("act_sq", "gact_sq", "gact_max", "grad_sq", "down_sq")
 MAX_FIELDS = {"gact_max"}

@@ -15,8 +15,8 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter, expert_indexed
+from moeprune.models.layouts import layout_of
 from moeprune.select.plan import PrunePlan
-from moeprune.surgery.layouts import layout_of
 
 
 @torch.no_grad()

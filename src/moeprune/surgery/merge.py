@@ -25,8 +25,8 @@ from moeprune.log import logger
 from moeprune.merge.methods import MERGES, per_group
 from moeprune.merge.plan import MergePlan
 from moeprune.models.base import MoEAdapter, expert_indexed
+from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.surgery.in_memory import apply_plan
-from moeprune.surgery.layouts import _MLP_NAMES, ModuleListLayout, layout_of
 
 Expert = dict[str, torch.Tensor]
 MergeFn = Callable[[list[Expert], Sequence[float]], Expert]
@@ -41,7 +41,7 @@ def expert_of(roles: dict[str, torch.Tensor], j: int) -> Expert:
 def _write_modulelist(experts: nn.ModuleList, g: int, merged: Expert) -> None:
     mlp = experts[g]
     for role in ("gate", "up", "down"):
-        lin = getattr(mlp, next(n for n in _MLP_NAMES[role] if hasattr(mlp, n)))
+        lin = getattr(mlp, next(n for n in MLP_NAMES[role] if hasattr(mlp, n)))
         lin.weight.copy_(merged[role])
         if lin.bias is not None and f"{role}_bias" in merged:
             lin.bias.copy_(merged[f"{role}_bias"])

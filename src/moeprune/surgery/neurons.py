@@ -40,49 +40,14 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
+from moeprune.models.layouts import WIDTH_ATTRS, ModuleListLayout, layout_of, mlp_name
 from moeprune.select.neuron_plan import NeuronPlan
-from moeprune.surgery.layouts import _MLP_NAMES, ModuleListLayout, layout_of
 
-# integer module attributes that store the expert width and must follow surgery
-WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size")
-FUSED_PARAMS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
 SHARED_COUNT_KEY = "n_shared_experts"  # DeepSeek-style: shared width = moe_intermediate_size × n_shared_experts
 
 
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _mlp_name(expert: nn.Module, role: str) -> str:
-    name = next((n for n in _MLP_NAMES[role] if hasattr(expert, n)), None)
-    if name is None:
-        raise MoePruneError(f"expert MLP {type(expert).__name__} has none of {_MLP_NAMES[role]}")
-    return name
-
-
-def experts_shape(adapter: MoEAdapter, experts: nn.Module) -> tuple[int, int]:
-    """(E, I) of one experts container, read from its tensors; refuses layouts neuron surgery does not know."""
-    if layout_of(experts) is ModuleListLayout:
-        widths = {getattr(e, _mlp_name(e, "gate")).weight.shape[0] for e in experts}
-        if len(widths) != 1:
-            raise MoePruneError(f"the experts of this layer already have different widths {sorted(widths)}.")
-        return len(experts), widths.pop()
-    names = {n for n, _ in experts.named_parameters(recurse=False)}
-    if not {"gate_up_proj", "down_proj"} <= names or names - FUSED_PARAMS:
-        raise MoePruneError(f"fused experts {type(experts).__name__} hold {sorted(names)}; neuron surgery knows "
-                            f"{sorted(FUSED_PARAMS)} (gate_up_proj and down_proj required).")
-    gu, down = experts.gate_up_proj, experts.down_proj
-    style = adapter.fused_style
-    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
-        E, inter, ok = down.shape[0], down.shape[2], gu.shape[1] == 2 * down.shape[2]
-    elif style == "interleaved_t":  # gate_up [E, H, 2I], down [E, I, H]
-        E, inter, ok = down.shape[0], down.shape[1], gu.shape[2] == 2 * down.shape[1]
-    else:
-        raise MoePruneError(f"unknown fused style {style!r}")
-    if not ok:
-        raise MoePruneError(f"{type(experts).__name__}: gate_up_proj {tuple(gu.shape)} and down_proj "
-                            f"{tuple(down.shape)} do not agree on one width for style {style!r}.")
-    return E, inter
 
 
 def _select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
@@ -118,12 +83,12 @@ def _slice_modulelist(experts: nn.ModuleList, idx: torch.Tensor) -> None:
     for j, expert in enumerate(experts):
         keep = idx[j]
         for role in ("gate", "up"):
-            lin = getattr(expert, _mlp_name(expert, role))
+            lin = getattr(expert, mlp_name(expert, role))
             _replace(lin, "weight", lin.weight.index_select(0, keep.to(lin.weight.device)))  # [I', H]
             if lin.bias is not None:
                 _replace(lin, "bias", lin.bias.index_select(0, keep.to(lin.bias.device)))  # [I']
             lin.out_features = len(keep)
-        lin = getattr(expert, _mlp_name(expert, "down"))
+        lin = getattr(expert, mlp_name(expert, "down"))
         _replace(lin, "weight", lin.weight.index_select(1, keep.to(lin.weight.device)))  # [H, I']
         lin.in_features = len(keep)
 
@@ -226,7 +191,7 @@ def mask_neurons(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> nn.
             if not drop:
                 continue
             if modulelist:
-                getattr(experts[j], _mlp_name(experts[j], "down")).weight[:, drop] = 0  # [H, I]
+                getattr(experts[j], mlp_name(experts[j], "down")).weight[:, drop] = 0  # [H, I]
             elif adapter.fused_style == "concat":
                 experts.down_proj[j][:, drop] = 0  # [H, I]
             else:

@@ -15,8 +15,8 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
+from moeprune.models.layouts import ModuleListLayout, layout_of
 from moeprune.select.neuron_plan import NeuronPlan
-from moeprune.surgery.layouts import ModuleListLayout, layout_of
 from moeprune.surgery.neurons import _prepare, _replace, _set_width_attrs, _slice_fused
 
 

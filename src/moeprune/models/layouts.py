@@ -1,4 +1,5 @@
-"""In-memory expert containers, as a registry of layouts.
+"""In-memory expert containers, as a registry of layouts (part of the data model: statistics, criteria,
+selection and surgery all read experts through it).
 
 - ``fused``: transformers-5 experts modules holding 3-D parameters with experts on dim 0
   (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]; gpt-oss: `gate_up_proj` [E, H, 2I] interleaved,
@@ -8,6 +9,10 @@
 Each layout can count experts, list one expert's tensors, keep a subset of experts (renumbered in the given
 order) and expose the weights by role in one canonical orientation:
 gate, up: [E, I, H];  down: [E, H, I];  gate_bias, up_bias: [E, I];  down_bias: [E, H].
+
+`experts_shape` reads (E, I) of a container from its tensors; `MLP_NAMES` / `mlp_name` name the projections of
+one ModuleList expert; `FUSED_PARAMS` are the fused parameters neuron surgery knows; `WIDTH_ATTRS` are the integer
+module attributes that store the expert width.
 """
 
 from __future__ import annotations
@@ -70,7 +75,18 @@ class FusedLayout:
         return out
 
 
-_MLP_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+MLP_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+# integer module attributes that store the expert width and must follow surgery
+WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size")
+FUSED_PARAMS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
+
+
+def mlp_name(expert: nn.Module, role: str) -> str:
+    """The attribute of one ModuleList expert MLP that holds `role` ("gate", "up" or "down")."""
+    name = next((n for n in MLP_NAMES[role] if hasattr(expert, n)), None)
+    if name is None:
+        raise MoePruneError(f"expert MLP {type(expert).__name__} has none of {MLP_NAMES[role]}")
+    return name
 
 
 class ModuleListLayout:
@@ -95,7 +111,7 @@ class ModuleListLayout:
     @staticmethod
     def roles(experts: nn.Module, style: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for role, names in _MLP_NAMES.items():
+        for role, names in MLP_NAMES.items():
             name = next((n for n in names if hasattr(experts[0], n)), None)
             if name is None:
                 raise MoePruneError(f"expert MLP {type(experts[0]).__name__} has none of {names}")
@@ -117,5 +133,32 @@ def layout_of(experts: nn.Module):
             return layout
     raise MoePruneError(
         f"experts container {type(experts).__name__} is neither a ModuleList of MLPs nor fused 3-D tensors; "
-        "add a layout in src/moeprune/surgery/layouts.py."
+        "add a layout in src/moeprune/models/layouts.py."
     )
+
+
+def experts_shape(adapter, experts: nn.Module) -> tuple[int, int]:
+    """(E, I) of one experts container, read from its tensors; refuses layouts neuron surgery does not know.
+
+    `adapter` is the family's `MoEAdapter` (only its `fused_style` is read)."""
+    if layout_of(experts) is ModuleListLayout:
+        widths = {getattr(e, mlp_name(e, "gate")).weight.shape[0] for e in experts}
+        if len(widths) != 1:
+            raise MoePruneError(f"the experts of this layer already have different widths {sorted(widths)}.")
+        return len(experts), widths.pop()
+    names = {n for n, _ in experts.named_parameters(recurse=False)}
+    if not {"gate_up_proj", "down_proj"} <= names or names - FUSED_PARAMS:
+        raise MoePruneError(f"fused experts {type(experts).__name__} hold {sorted(names)}; neuron surgery knows "
+                            f"{sorted(FUSED_PARAMS)} (gate_up_proj and down_proj required).")
+    gu, down = experts.gate_up_proj, experts.down_proj
+    style = adapter.fused_style
+    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
+        E, inter, ok = down.shape[0], down.shape[2], gu.shape[1] == 2 * down.shape[2]
+    elif style == "interleaved_t":  # gate_up [E, H, 2I], down [E, I, H]
+        E, inter, ok = down.shape[0], down.shape[1], gu.shape[2] == 2 * down.shape[1]
+    else:
+        raise MoePruneError(f"unknown fused style {style!r}")
+    if not ok:
+        raise MoePruneError(f"{type(experts).__name__}: gate_up_proj {tuple(gu.shape)} and down_proj "
+                            f"{tuple(down.shape)} do not agree on one width for style {style!r}.")
+    return E, inter

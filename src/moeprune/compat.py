@@ -1,0 +1,104 @@
+"""The transformers internals moeprune relies on, named in one place.
+
+The lazy and non-uniform loaders (`io/lazy.py`, `io/nonuniform.py`) reuse transformers' own loading machinery
+(checkpoint-key renaming, the weight converters that fuse per-expert tensors, dtype resolution, init contexts)
+instead of re-implementing it. Those pieces are not public API and move between releases, so every one is listed
+here: a transformers that lacks one fails with an error that names the symbol and the installed version, and
+`tests/test_compat.py` checks the whole list against the installed transformers.
+
+Imported through this module (`from moeprune.compat import NAME`, looked up at first use, so importing moeprune
+does not import transformers) — `EXPORTS`, moeprune's name -> (transformers module, attribute there):
+
+    get_model_conversion_mapping          transformers.conversion_mapping.get_model_conversion_mapping
+    WeightConverter, WeightRenaming,      transformers.core_model_loading.*
+      rename_source_key, convert_and_load_state_dict_in_model
+    LoadStateDictConfig                   transformers.modeling_utils.LoadStateDictConfig
+    get_dtype                             transformers.modeling_utils._get_dtype
+    get_model_class                       transformers.models.auto.auto_factory._get_model_class
+    ContextManagers                       transformers.utils.generic.ContextManagers
+    guard_torch_init_functions            transformers.initialization.guard_torch_init_functions
+
+Used in place, as attributes of transformers objects — `ATTRIBUTES`, checked by the same test:
+
+    Auto*._model_mapping                              io/stock.py (auto_class), io/lazy.py
+    PreTrainedModel.get_init_context, ._get_dtype_plan, ._init_weights, .named_non_persistent_buffers,
+      .tie_weights(missing_keys=, recompute_mapping=)  io/lazy.py
+    PretrainedConfig._experts_implementation          calibration/session.py (eager experts while calibrating);
+                                                      also set by benchmarks/calibration_cost.py
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from moeprune.errors import MoePruneError
+
+EXPORTS: dict[str, tuple[str, str]] = {
+    "get_model_conversion_mapping": ("transformers.conversion_mapping", "get_model_conversion_mapping"),
+    "WeightConverter": ("transformers.core_model_loading", "WeightConverter"),
+    "WeightRenaming": ("transformers.core_model_loading", "WeightRenaming"),
+    "rename_source_key": ("transformers.core_model_loading", "rename_source_key"),
+    "convert_and_load_state_dict_in_model": ("transformers.core_model_loading", "convert_and_load_state_dict_in_model"),
+    "LoadStateDictConfig": ("transformers.modeling_utils", "LoadStateDictConfig"),
+    "get_dtype": ("transformers.modeling_utils", "_get_dtype"),
+    "get_model_class": ("transformers.models.auto.auto_factory", "_get_model_class"),
+    "ContextManagers": ("transformers.utils.generic", "ContextManagers"),
+    "guard_torch_init_functions": ("transformers.initialization", "guard_torch_init_functions"),
+}
+ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("transformers", "AutoModelForCausalLM._model_mapping"),
+    ("transformers", "AutoModelForImageTextToText._model_mapping"),
+    ("transformers", "PreTrainedModel.get_init_context"),
+    ("transformers", "PreTrainedModel._get_dtype_plan"),
+    ("transformers", "PreTrainedModel._init_weights"),
+    ("transformers", "PreTrainedModel.named_non_persistent_buffers"),
+    ("transformers", "PreTrainedModel.tie_weights"),
+    ("transformers", "PretrainedConfig._experts_implementation"),
+)
+# every (module, attribute path) moeprune needs from transformers
+REQUIRED: tuple[tuple[str, str], ...] = (*EXPORTS.values(), *ATTRIBUTES)
+
+__all__ = ["ATTRIBUTES", "EXPORTS", "REQUIRED", "require", *EXPORTS]
+
+
+def transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:
+        return "(not installed)"
+    return getattr(transformers, "__version__", "(unknown version)")
+
+
+def require(module_name: str, attr: str) -> Any:
+    """`module_name.attr` (attr may be a dotted path such as `PreTrainedModel._init_weights`), or a MoePruneError
+    naming the missing symbol and the installed transformers version."""
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise _missing(module_name, attr, f"module {module_name} cannot be imported: {e}") from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as e:
+            raise _missing(module_name, attr, f"{module_name} has no {attr}") from e
+    return obj
+
+
+def _missing(module_name: str, attr: str, why: str) -> MoePruneError:
+    return MoePruneError(
+        f"moeprune needs {module_name}.{attr} from transformers, but transformers {transformers_version()} does not "
+        f"have it ({why}). Install a transformers version moeprune supports (see pyproject.toml), or update "
+        "src/moeprune/compat.py and the code that uses this symbol."
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """`from moeprune.compat import NAME` for every NAME in EXPORTS, looked up when first asked for."""
+    if name not in EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return require(*EXPORTS[name])
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *EXPORTS})
