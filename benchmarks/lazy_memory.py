@@ -47,8 +47,8 @@ def child(mode: str, path: Path, out: Path, opts: dict) -> None:
     from moeprune.calibration.engine import capture, run_layers
     from moeprune.io.lazy import load_lazy
     from moeprune.io.load import load_model
-    from moeprune.pipeline.verify import seeded_inputs
     from moeprune.models import get_adapter
+    from moeprune.pipeline.verify import seeded_inputs
     from moeprune.tiny import save_tiny
 
     if mode == "build":

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeprune import api
 from moeprune.tiny import save_tiny
 
 # Tiny models run fastest on one torch thread, and one thread cannot thrash: with two OpenMP threads on a

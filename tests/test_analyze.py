@@ -19,9 +19,9 @@ from moeprune.calibration import run as calib_run
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.cli import main
-from moeprune.pipeline.verify import seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
+from moeprune.pipeline.verify import seeded_inputs
 from moeprune.stats.store import ExpertStats
 from moeprune.tiny import save_tiny, tiny_model
 from refusal import assert_cli_refused

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from moeprune.calibration.engine import capture, run_layers
-from moeprune.pipeline.verify import seeded_inputs
 from moeprune.models import get_adapter
+from moeprune.pipeline.verify import seeded_inputs
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 
 

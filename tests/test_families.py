@@ -20,9 +20,9 @@ from transformers import AutoConfig
 from moeprune import api
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.stock import auto_class
-from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
+from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.in_memory import apply_plan
 from moeprune.tiny import FAMILY_CONFIGS, save_tiny

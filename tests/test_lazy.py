@@ -14,8 +14,8 @@ from moeprune.calibration.engine import capture, run_layers
 from moeprune.errors import MoePruneError
 from moeprune.io.lazy import REST, load_lazy
 from moeprune.io.load import load_model
-from moeprune.pipeline.verify import seeded_inputs
 from moeprune.models import get_adapter
+from moeprune.pipeline.verify import seeded_inputs
 from moeprune.tiny import FAMILY_CONFIGS, save_tiny
 
 FAMILIES = sorted(FAMILY_CONFIGS)

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moeprune.cli import main
-from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.merge.plan import MergePlan
 from moeprune.models import get_adapter
+from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.surgery.merge import apply_merge_plan
 from moeprune.tiny import save_tiny
 

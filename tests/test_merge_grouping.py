@@ -246,8 +246,8 @@ def test_output_groupings_find_redundant_twins_in_a_real_model():
     original as a dominant, by the method's design.)"""
     from moeprune.calibration import session
     from moeprune.calibration.data import CalibSet
-    from moeprune.pipeline.verify import seeded_inputs
     from moeprune.models import get_adapter
+    from moeprune.pipeline.verify import seeded_inputs
     from moeprune.tiny import tiny_model
 
     g = torch.Generator().manual_seed(7)

@@ -11,10 +11,10 @@ import torch
 
 from moeprune.errors import MoePruneError
 from moeprune.io.load import load_model  # the stock Auto class's from_pretrained for each family
-from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.merge.plan import MergePlan
 from moeprune.models import get_adapter
 from moeprune.models.base import expert_indexed
+from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.surgery.merge import apply_merge_plan
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 

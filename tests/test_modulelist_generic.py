@@ -17,11 +17,11 @@ from torch import nn
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
 
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.generic import GenericMoEAdapter
 from moeprune.models.layouts import ModuleListLayout, layout_of
 from moeprune.models.masking import masked_experts
+from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.in_memory import apply_plan
 from moeprune.surgery.streaming import apply_plan_streaming

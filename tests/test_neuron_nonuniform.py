@@ -8,12 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import moeprune
+from moeprune.api import apply_plan as apply_neuron_plan_to
 from moeprune.io.load import load_model
-from moeprune.pipeline.verify import logits_of, seeded_inputs
-from moeprune.pipeline.verify import verify
 from moeprune.models import get_adapter
 from moeprune.models.summary import format_summary, summarize
-from moeprune.api import apply_plan as apply_neuron_plan_to
+from moeprune.pipeline.verify import logits_of, seeded_inputs, verify
 from moeprune.select.neuron_plan import NeuronPlan
 from moeprune.surgery.neurons import mask_neurons
 from moeprune.tiny import save_tiny

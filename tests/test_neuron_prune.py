@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 from moeprune.cli import build_parser, main
 from moeprune.errors import MoePruneError
 from moeprune.io.load import load_model
-from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
+from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.select.neuron_plan import NeuronPlan
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.neurons import mask_neurons

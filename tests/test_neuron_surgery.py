@@ -23,10 +23,10 @@ from transformers import AutoConfig
 
 from moeprune.errors import MoePruneError
 from moeprune.io.stock import auto_class
-from moeprune.pipeline.verify import logits_of, seeded_inputs, verify
 from moeprune.models import get_adapter
 from moeprune.models.layouts import WIDTH_ATTRS, experts_shape
 from moeprune.models.masking import masked_experts
+from moeprune.pipeline.verify import logits_of, seeded_inputs, verify
 from moeprune.select.neuron_plan import NeuronPlan
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery.in_memory import apply_plan

@@ -14,9 +14,9 @@ from moeprune import api
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.session import collect
 from moeprune.criteria import CRITERIA
-from moeprune.pipeline.verify import seeded_inputs
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
+from moeprune.pipeline.verify import seeded_inputs
 from moeprune.select.progressive import criterion_decider, reconstruction_decider
 from moeprune.tiny import tiny_model
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from moeprune.calibration import session
 from moeprune.calibration.data import CalibSet
 from moeprune.criteria import CRITERIA
-from moeprune.pipeline.verify import seeded_inputs
 from moeprune.models import get_adapter
+from moeprune.pipeline.verify import seeded_inputs
 from moeprune.stats.routed import FIELDS, GROUPING_FIELDS, default_probe_stride
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 

@@ -30,6 +30,7 @@ from moeprune.pipeline.run import apply as _apply
 from moeprune.pipeline.run import prune as _prune
 from moeprune.pipeline.verify import DEFAULT_TOL, VerifyResult, as_chain  # noqa: F401  (public API)
 from moeprune.pipeline.verify import verify as _verify
+from moeprune.stages.base import stage_for_method
 from moeprune.stats.store import ExpertStats
 
 
@@ -88,13 +89,11 @@ def shorthand(method: str | None, ratio: float | None, options: dict, expert_met
     stage = {"method": method, "ratio": ratio, **options}
     if expert_method is None and expert_ratio is None:
         return [stage]
-    if expert_method is None or expert_ratio is None:
-        raise MoePruneError("pass --expert-method and --expert-ratio together (experts first, then neurons).")
-    from moeprune.stages.base import stage_for_method
-
     if stage_for_method(method).kind != "neurons":
         raise MoePruneError("--expert-method/--expert-ratio combine expert removal with a neuron method "
                             "(--method heapr|camera); for other chains write a --recipe.")
+    if expert_method is None or expert_ratio is None:
+        raise MoePruneError("pass --expert-method and --expert-ratio together (experts first, then neurons).")
     return [{"method": expert_method, "ratio": expert_ratio}, stage]
 
 

@@ -101,9 +101,9 @@ class Stage:
             raise MoePruneError(f"{where}: give a ratio (e.g. ratio: 0.25).")
         try:
             options = self.options_type(**dict(raw))
-        except TypeError as e:
+            self.validate_options(options)
+        except (TypeError, ValueError, MoePruneError) as e:
             raise MoePruneError(f"{where}: {e}") from None
-        self.validate_options(options)
         return options
 
     def validate_options(self, options: StageOptions) -> None:
