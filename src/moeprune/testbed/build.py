@@ -100,11 +100,15 @@ class Testbed:
 
 
 def find_testbed(model: str | Path | None = None) -> Testbed | None:
-    """The testbed that `model` was made from (its copied testbed.json), else the cached default, else None."""
-    for cand in ([Path(model).expanduser()] if model is not None else []) + [default_dir()]:
-        if (cand / TESTBED_FILE).is_file():
-            return Testbed.load(cand)
-    return None
+    """The testbed that the folder `model` is or was made from, else None; with no `model`, the cached default.
+
+    A folder counts as the testbed or one of its derivatives when it holds `testbed.json`: the build writes it,
+    and every export (prune, apply, merge, neuron pruning) copies it along as a side file, so the mark survives
+    chains of exports and copies of the folder. (Config provenance `moeprune.source` is not used: it names only the
+    previous step and goes stale when a folder moves.) Any other model gets None, never the cached default: its
+    domains are unknown, so scoring it on the testbed's text would mean nothing."""
+    cand = Path(model).expanduser() if model is not None else default_dir()
+    return Testbed.load(cand) if (cand / TESTBED_FILE).is_file() else None
 
 
 def _token_stream(tokenizer, text: str) -> torch.Tensor:
