@@ -3,6 +3,7 @@ window (and the unpadded tail) run alone through the model, cross-entropy applie
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import shutil
@@ -82,6 +83,10 @@ def test_eval_bad_input_before_loading(setup, tmp_path, monkeypatch):
         evaluate(ckpt, EvalOptions(()))
     with pytest.raises(MoePruneError, match="--data web: .* does not exist"):
         evaluate(ckpt, EvalOptions((f"web={tmp_path / 'none.txt'}",)))
+    noise = tmp_path / "noise.txt.gz"
+    noise.write_bytes(gzip.compress(bytes(range(256))))
+    with pytest.raises(MoePruneError, match=f"--data web: {noise} is not text"):
+        evaluate(ckpt, EvalOptions((f"web={noise}",)))
     with pytest.raises(MoePruneError, match="does not exist; create it"):
         evaluate(ckpt, EvalOptions((f"web={web}",)), tmp_path / "no" / "e.json")
     with pytest.raises(MoePruneError, match="tokenizer"):
