@@ -17,7 +17,7 @@ from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
 from moeprune.eval.run import EvalOptions
 from moeprune.eval.table import markdown_table, plot_ratios, ratio_table
-from moeprune.io.atomic import atomic_dir
+from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.log import logger
 from moeprune.models.summary import format_summary
 from moeprune.testbed import build_testbed
@@ -38,6 +38,8 @@ def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path
     t0 = time.perf_counter()
     tb = build_testbed(testbed)
     original = tb.path
+    for folder in ["report", *(f"{method}-{int(ratio * 100)}" for ratio in RATIOS)]:  # replaced only if ours
+        check_output(work / folder, [original], overwrite=True)
     print(format_summary(api.info(original)))
     stats = None
     if crit.needs == "calibration":

@@ -1,7 +1,8 @@
 """Atomic output folders: write into a temporary sibling, rename into place only when everything succeeded.
 
 Refuses (before any work) to write into the input checkpoint, inside it, or over an existing folder unless
-`overwrite` is set; a failed run leaves nothing behind.
+`overwrite` is set; even then only an empty folder or a previous moeprune output (see `OUTPUT_MARKERS`) is
+replaced, never a folder of someone else's files. A failed run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -14,6 +15,35 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+
+# A folder holding all the files of one of these groups is a previous moeprune output that --overwrite may replace:
+# prune / apply / merge / neuron exports (report and plans), analyze, compare, the demo's report and the testbed.
+# Generic names (report.json) only count together with a companion file. Add the marker of every new output here.
+OUTPUT_MARKERS: tuple[tuple[str, ...], ...] = (
+    ("moeprune_report.json",),
+    ("moeprune_recipe.json",),
+    ("moeprune_merge.json",),
+    ("moeprune_neurons.json",),
+    ("analysis.json", "report.json"),
+    ("compare.json", "compare.md"),
+    ("report.json", "report.md"),
+    ("testbed.json",),
+)
+
+
+def is_moeprune_output(folder: Path) -> bool:
+    """True when `folder` holds every file of one `OUTPUT_MARKERS` group."""
+    return any(all((folder / name).is_file() for name in group) for group in OUTPUT_MARKERS)
+
+
+def check_replaceable(out: Path) -> None:
+    """`out` (an existing folder) may be replaced only when it is empty or a previous moeprune output."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    if entries and not is_moeprune_output(out):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise MoePruneError(f"output {out} holds files that moeprune did not write ({shown}); --overwrite replaces "
+                            "only an empty folder or a previous moeprune output. Choose another --out, or move "
+                            "those files away first.")
 
 
 def check_output(out: str | Path, inputs: list[Path], overwrite: bool) -> Path:
@@ -30,6 +60,8 @@ def check_output(out: str | Path, inputs: list[Path], overwrite: bool) -> Path:
         raise MoePruneError(f"output {out} already exists; pass --overwrite to replace it or choose another --out.")
     if out.exists() and not out.is_dir():
         raise MoePruneError(f"output {out} exists and is not a folder.")
+    if out.exists():
+        check_replaceable(out)
     if not out.parent.exists():
         raise MoePruneError(f"the parent folder of {out} does not exist; create it first.")
     return out
@@ -51,3 +83,4 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+

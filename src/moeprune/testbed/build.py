@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.io.atomic import atomic_dir
+from moeprune.io.atomic import atomic_dir, check_replaceable
 from moeprune.log import logger
 from moeprune.testbed.corpus import build_corpus
 from moeprune.testbed.routing import format_routing, plot_routing, routing_shares, specialisation
@@ -138,9 +138,12 @@ def build_testbed(out: str | Path | None = None, force: bool = False, cfg: Testb
                                     " pass --force to rebuild it or choose another --out.")
             logger.info("reusing the testbed in %s (pass --force to rebuild)", target)
             return tb
-        raise MoePruneError(f"{target} exists and is not a testbed; choose another --out or pass --force.")
+        raise MoePruneError(f"{target} exists and is not a testbed; choose another --out (--force replaces only an "
+                            "empty folder or a previous moeprune output).")
     if target.exists() and not target.is_dir():
         raise MoePruneError(f"{target} exists and is not a folder.")
+    if target.exists():
+        check_replaceable(target)  # --force: never delete someone else's files
     if out is None:
         target.parent.mkdir(parents=True, exist_ok=True)
     elif not target.parent.is_dir():
