@@ -1,13 +1,16 @@
 """Output folders: --overwrite replaces only an empty folder or a previous moeprune output (never someone else's
-files)."""
+files), and the new folder gets the permissions the user's umask gives any folder (not mkdtemp's 0o700)."""
 
 from __future__ import annotations
+
+import os
+import stat
 
 import pytest
 
 from moeprune import api
 from moeprune.errors import MoePruneError
-from moeprune.io.atomic import OUTPUT_MARKERS, check_output
+from moeprune.io.atomic import OUTPUT_MARKERS, atomic_dir, check_output
 from moeprune.tiny import save_tiny
 
 
@@ -51,3 +54,16 @@ def test_a_real_previous_output_is_replaced(model, tmp_path):
     api.prune(model, out, method="aimer", ratio=0.5, overwrite=True, run_verify=False)
     assert '"ratio": 0.5' in (out / "moeprune_report.json").read_text()
 
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_output_folder_mode_follows_the_umask(model, tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        with atomic_dir(tmp_path / "plain") as tmp:
+            (tmp / "x.txt").write_text("x")
+        api.prune(model, tmp_path / "pruned", method="aimer", ratio=0.25, run_verify=False)
+        (tmp_path / "reference").mkdir()  # what any folder made by the user gets
+    finally:
+        os.umask(old)
+    for name in ("plain", "pruned", "reference"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name

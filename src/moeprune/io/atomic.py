@@ -2,7 +2,9 @@
 
 Refuses (before any work) to write into the input checkpoint, inside it, or over an existing folder unless
 `overwrite` is set; even then only an empty folder or a previous moeprune output (see `OUTPUT_MARKERS`) is
-replaced, never a folder of someone else's files. A failed run leaves nothing behind.
+replaced, never a folder of someone else's files. A failed run leaves nothing behind. The new folder gets the
+permissions of any folder the user creates (0o777 minus the umask), not the private 0o700 of a temp folder, so a
+serving container running as another user can read the checkpoint.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it replaces `out`, on failure it is removed."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0o700: readable by this user only
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,3 +87,9 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it; it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
