@@ -61,9 +61,18 @@ def test_output_folder_mode_follows_the_umask(model, tmp_path, umask, mode):
     try:
         with atomic_dir(tmp_path / "plain") as tmp:
             (tmp / "x.txt").write_text("x")
-        api.prune(model, tmp_path / "pruned", method="aimer", ratio=0.25, run_verify=False)
-        (tmp_path / "reference").mkdir()  # what any folder made by the user gets
+            (tmp / "private.bin").write_bytes(b"x")
+            (tmp / "private.bin").chmod(0o600)  # as safetensors' save_file leaves its files
+        api.prune(model, tmp_path / "pruned", method="aimer", ratio=0.25, run_verify=False)  # save_pretrained
+        api.prune(model, tmp_path / "streamed", method="aimer", ratio=0.25, run_verify=False, streaming=True)
+        (tmp_path / "reference").mkdir()  # what any folder and file made by the user get
+        (tmp_path / "reference" / "file").write_text("x")
     finally:
         os.umask(old)
-    for name in ("plain", "pruned", "reference"):
+    file_mode = stat.S_IMODE((tmp_path / "reference" / "file").stat().st_mode)
+    assert file_mode == mode & 0o666
+    for name in ("plain", "pruned", "streamed", "reference"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+        for f in (tmp_path / name).iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == file_mode, f
+    assert {f.name for f in (tmp_path / "pruned").iterdir()} >= {"model.safetensors", "config.json"}

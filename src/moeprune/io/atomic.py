@@ -3,8 +3,9 @@
 Refuses (before any work) to write into the input checkpoint, inside it, or over an existing folder unless
 `overwrite` is set; even then only an empty folder or a previous moeprune output (see `OUTPUT_MARKERS`) is
 replaced, never a folder of someone else's files. A failed run leaves nothing behind. The new folder gets the
-permissions of any folder the user creates (0o777 minus the umask), not the private 0o700 of a temp folder, so a
-serving container running as another user can read the checkpoint.
+permissions of any folder the user creates (0o777 minus the umask), not the private 0o700 of a temp folder, and its
+files those of any new file (0o666 minus the umask; safetensors writes 0o600), so a serving container running as
+another user can read the checkpoint.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0o700: readable by this user only
         yield tmp
+        normal_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,3 +95,15 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def normal_modes(folder: Path) -> None:
+    """Give every file and folder below `folder` the mode the umask gives new ones (0o666 / 0o777 & ~umask; files
+    keep their execute bits). safetensors' `save_file` (so `save_pretrained`) writes weights as 0o600, which a
+    server running as another user could not read."""
+    mask = current_umask()
+    for p in folder.rglob("*"):
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
