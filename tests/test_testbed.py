@@ -160,6 +160,14 @@ def test_cli_testbed_info_and_demo(small_testbed, tmp_path, capsys):
             assert row[d] == pytest.approx(after[d].perplexity / base[d].perplexity, rel=1e-9)
     assert (work / "report" / "report.png").is_file() and "| frequency 50% |" in (work / "report" / "report.md"
                                                                                     ).read_text()
+    # the table says which windows it used (fewer than `moeprune eval` scores), and nothing warns about --samples
+    note = f"on up to 64 held-out windows of {SMALL.seq_len} tokens per domain"
+    printed = capsys.readouterr()
+    assert note in printed.out and note in (work / "report" / "report.md").read_text()
+    assert report["eval"] == {"max_sequences": 64, "seq_len": SMALL.seq_len, "note": report["eval"]["note"]}
+    assert "--samples" not in printed.err
+    assert (small_testbed.path / "routing.png").is_file()
+    assert not (work / "frequency-25" / "routing.png").exists() and (work / "frequency-25" / "testbed.json").is_file()
 
 
 def test_quality_benchmark_rows_match_saved_checkpoints(small_testbed, tmp_path):
