@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install moeprune (editable) without pulling multi-GB CUDA wheels:
 # keep an already-installed torch (GPU users keep theirs), else install the CPU build torch==2.13.0 first.
-# With the `dev` extra, also install Debian's chromium (used by tests/test_html_report.py) when none is on PATH.
+# With the `dev` extra, also install Debian's chromium (used by tests/test_html_report.py) when none is on PATH:
+# one line says so, apt-get runs quietly into a log file under ${TMPDIR:-/tmp} that is shown (tail) only on failure.
 # Usage: bash scripts/install.sh [EXTRAS]     e.g. `bash scripts/install.sh dev`
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +33,18 @@ install_chromium() {
       return 0
     fi
   fi
-  echo "install.sh: installing Debian's chromium (for tests/test_html_report.py) ..."
-  if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium; }; then
+  local how="as root" log
+  [ -n "$sudo" ] && how="via sudo"
+  log=$(mktemp "${TMPDIR:-/tmp}/moeprune-install-chromium.XXXXXX")
+  echo "install.sh: installing Debian's chromium with apt-get $how: the dev tests" \
+    "(tests/test_html_report.py) render the HTML report in it (about a minute) ..."
+  if { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >"$log" 2>&1; then
+    rm -f "$log"
+  else
     echo "install.sh: apt-get could not install chromium; install it yourself" \
-      "(tests/test_html_report.py needs it)." >&2
+      "(tests/test_html_report.py needs it). Last lines of $log:" >&2
+    tail -n 20 "$log" >&2
   fi
   return 0
 }

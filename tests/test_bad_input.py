@@ -128,7 +128,8 @@ def test_output_parent_missing(qwen, tmp_path, no_work):
 @pytest.mark.parametrize("runner", sorted(RUNNERS))
 def test_overwrite_replaces_and_works(runner, qwen, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir()  # a previous run's output: its report marks it as moeprune's (other folders are refused)
+    (out / "moeprune_report.json").write_text("{}")
     (out / "stale.txt").write_text("old run")
     before = snapshot(qwen)
     RUNNERS[runner](qwen, out, True)
@@ -186,6 +187,7 @@ def test_failure_midway_leaves_nothing(qwen, tmp_path, monkeypatch):
     )
     # with --overwrite, the existing folder survives a failed run untouched
     out.mkdir()
+    (out / "moeprune_report.json").write_text("{}")  # marks it as a previous moeprune output
     (out / "previous.txt").write_text("previous result")
     assert_refused(
         lambda: api.prune(qwen, out, method="aimer", ratio=0.25, overwrite=True),

@@ -100,6 +100,16 @@ def test_prune_with_calib_refuses_before_calibrating(ckpt, text, tmp_path, no_wo
                    "does not exist", inputs=[ckpt, text], out=out)
 
 
+def test_binary_calibration_file_refused_before_loading(ckpt, text, tmp_path, no_work, capsys):
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(256)) * 8)  # every byte value, NUL included
+    out = tmp_path / "out"
+    assert_refused(lambda: api.prune(ckpt, out, method="reap", ratio=0.25, calib=opts(f"web={text}", f"n={noise}")),
+                   f"--calib n: {noise} is not text", inputs=[ckpt, noise], out=out)
+    assert_cli_refused(["prune", ckpt, "--method", "reap", "--ratio", "0.25", "--calib", f"n={noise}", "--out", out],
+                       [f"{noise} is not text"], capsys, inputs=[ckpt, noise], out=out)
+
+
 @pytest.fixture(scope="module")
 def stats_file(ckpt, text, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stats") / "s.safetensors"

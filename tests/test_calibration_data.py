@@ -3,7 +3,10 @@ padding masks, content hashes, and clear errors for bad or empty data (raised wi
 
 from __future__ import annotations
 
+import gzip
 import json
+import random
+import re
 
 import pytest
 import torch
@@ -112,3 +115,52 @@ def test_config_validation(tmp_path):
         CalibConfig((src,), seq_len=1)
     with pytest.raises(MoePruneError, match="at least one --calib"):
         CalibConfig(())
+
+
+def random_bytes(n: int = 512, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("noise.txt", random_bytes(), "is not text"),  # NUL bytes
+    ("latin1.txt", "w1 w2 caf\u00e9 w3".encode("latin-1"), r"is not UTF-8 text \(invalid byte 0xe9 at offset 9\)"),
+    ("noise.jsonl", b'{"text": "w1"}\n' + random_bytes(), "is not text"),
+    ("packed.txt", gzip.compress(b"w1 w2 w3"), "is gzip-compressed data; name it"),
+    ("broken.txt.gz", b"w1 w2 w3, not gzip", "is named .gz but is not a valid gzip file"),
+    ("noise.txt.gz", gzip.compress(random_bytes()), "is not text"),
+], ids=lambda v: v if isinstance(v, str) and "." in v and " " not in v else "")
+def test_binary_data_is_refused_with_the_file_name(tok, tmp_path, name, content, match):
+    f = tmp_path / name
+    f.write_bytes(content)
+    for spec in (f"x={f}", f"x={tmp_path}"):  # the file alone, and inside a folder
+        if not name.endswith((".txt", ".txt.gz")) and spec.endswith(str(tmp_path)):
+            continue  # folders read only *.txt and *.txt.gz
+        with pytest.raises(MoePruneError, match=re.escape(str(f)) + ".*" + match):
+            build_sets(CalibConfig((CalibSource.parse(spec),), samples=2, seq_len=4), tok)
+
+
+def test_gzipped_files_read_like_plain_ones(tok, tmp_path):
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    text = words(range(37))
+    lines = "".join(json.dumps({"text": words(range(i, i + 9))}) + "\n" for i in range(5))
+    (plain / "a.txt").write_text(text)
+    (packed / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (plain / "b.jsonl").write_text(lines)
+    (packed / "b.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (plain / "dir").mkdir(), (packed / "dir").mkdir()
+    (plain / "dir" / "1.txt").write_text(words(range(50, 60)))
+    (plain / "dir" / "2.txt").write_text(words(range(20, 30)))
+    (packed / "dir" / "1.txt").write_text(words(range(50, 60)))  # plain and gzipped files mix in a folder
+    (packed / "dir" / "2.txt.gz").write_bytes(gzip.compress(words(range(20, 30)).encode()))
+
+    def sets(folder, gz=""):
+        srcs = (CalibSource("a", folder / f"a.txt{gz}"), CalibSource("b", folder / f"b.jsonl{gz}"),
+                CalibSource("d", folder / "dir"))
+        return build_sets(CalibConfig(srcs, samples=64, seq_len=4), tok)
+
+    for p, g in zip(sets(plain), sets(packed, ".gz"), strict=True):
+        assert p.input_ids.tolist() == g.input_ids.tolist() and p.attention_mask.tolist() == g.attention_mask.tolist()
+        assert (p.documents, p.stream_tokens, p.sha256) == (g.documents, g.stream_tokens, g.sha256)
+    # against the words themselves: the gzipped text file is the stream 0..36 then EOS
+    assert sets(packed, ".gz")[0].input_ids.flatten().tolist()[:38] == list(range(37)) + [EOS]

@@ -3,14 +3,18 @@ window (and the unpadded tail) run alone through the model, cross-entropy applie
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
+from moeprune.eval.compare import compare
 from moeprune.eval.run import EvalOptions, evaluate
 from moeprune.io.load import load_model
 from moeprune.tiny import save_tiny, tiny_tokenizer
@@ -75,10 +79,14 @@ def test_eval_bad_input_before_loading(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "empty-cache"))  # no testbed to default to
-    with pytest.raises(MoePruneError, match="no evaluation data: pass --data"):
+    with pytest.raises(MoePruneError, match="no evaluation data for .*Pass --data NAME=PATH"):
         evaluate(ckpt, EvalOptions(()))
     with pytest.raises(MoePruneError, match="--data web: .* does not exist"):
         evaluate(ckpt, EvalOptions((f"web={tmp_path / 'none.txt'}",)))
+    noise = tmp_path / "noise.txt.gz"
+    noise.write_bytes(gzip.compress(bytes(range(256))))
+    with pytest.raises(MoePruneError, match=f"--data web: {noise} is not text"):
+        evaluate(ckpt, EvalOptions((f"web={noise}",)))
     with pytest.raises(MoePruneError, match="does not exist; create it"):
         evaluate(ckpt, EvalOptions((f"web={web}",)), tmp_path / "no" / "e.json")
     with pytest.raises(MoePruneError, match="tokenizer"):
@@ -101,3 +109,56 @@ def test_compare_writes_table_report_and_plot(setup, tmp_path, capsys):
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| web |" in (out / "compare.md").read_text() and "aimer at ratio 0.5" in capsys.readouterr().out
     assert main(["compare", str(ckpt), str(pruned), "--data", f"web={web}", "--out", str(out)]) == 2  # exists
+
+
+def mark_as_testbed(folder, text: str, seq_len: int = 24):
+    """Make `folder` look like a moeprune testbed: a testbed.json whose one held-out domain `web` is `text`."""
+    from moeprune.testbed.build import SCHEMA, TESTBED_FILE
+
+    (folder / "data").mkdir()
+    (folder / "data" / "web.heldout.txt").write_text(text)
+    meta = {"schema": SCHEMA, "home": str(folder), "config": {"seq_len": seq_len},
+            "domains": {"web": {"files": {"heldout": "data/web.heldout.txt", "calib": "data/web.heldout.txt"}}}}
+    (folder / TESTBED_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture
+def testbed_and_stranger(setup, tmp_path, monkeypatch):
+    """A (fake) testbed sitting in the default cache folder, a model pruned from it, and an unrelated model."""
+    from moeprune import api
+    from moeprune.testbed.build import default_dir
+
+    root, ckpt, web = setup
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    default_dir().parent.mkdir(parents=True)
+    tb = mark_as_testbed(Path(shutil.copytree(ckpt, default_dir())), web.read_text())
+    pruned = tmp_path / "pruned"
+    api.prune(tb, pruned, method="aimer", ratio=0.5, run_verify=False)
+    return tb, pruned, ckpt
+
+
+def test_eval_default_data_only_for_the_testbed_and_its_exports(testbed_and_stranger, setup, tmp_path):
+    tb, pruned, stranger = testbed_and_stranger
+    explicit = EvalOptions((f"web={setup[2]}",), seq_len=24)
+    for model in (tb, pruned):  # the testbed and its export: its held-out text at its training length
+        assert evaluate(model, EvalOptions()).to_dict() == evaluate(model, explicit).to_dict()
+    assert (pruned / "testbed.json").is_file()
+    with pytest.raises(MoePruneError, match=f"no evaluation data for {stranger}: .*Pass --data NAME=PATH"):
+        evaluate(stranger, EvalOptions())  # the cached testbed exists, but this model is not made from it
+    assert main(["eval", str(stranger)]) == 2
+
+
+def test_compare_default_data_needs_both_models_from_the_testbed(testbed_and_stranger, tmp_path):
+    tb, pruned, stranger = testbed_and_stranger
+    out = tmp_path / "cmp"
+    result = compare(tb, pruned, EvalOptions(), out)
+    direct = {m: evaluate(m, EvalOptions()).scores["web"].perplexity for m in (tb, pruned)}
+    assert result.rows()[0]["perplexity_ratio"] == pytest.approx(direct[pruned] / direct[tb], rel=1e-9)
+    for a, b in ((stranger, pruned), (tb, stranger)):
+        with pytest.raises(MoePruneError, match=f"no evaluation data for {stranger}: .*Pass --data"):
+            compare(a, b, EvalOptions(), tmp_path / "cmp2")
+    assert not (tmp_path / "cmp2").exists()
+    other = mark_as_testbed(Path(shutil.copytree(stranger, tmp_path / "other-testbed")), "another text")
+    with pytest.raises(MoePruneError, match="come from different testbeds"):
+        compare(tb, other, EvalOptions(), tmp_path / "cmp2")

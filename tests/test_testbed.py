@@ -112,13 +112,17 @@ def test_reuse_force_and_refusals(small_testbed, tmp_path, monkeypatch):
     assert build_testbed(small_testbed.path, cfg=SMALL).meta == small_testbed.meta  # reused, not retrained
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("mine")
-    with pytest.raises(MoePruneError, match="not a testbed; choose another --out or pass --force"):
+    with pytest.raises(MoePruneError, match="not a testbed; choose another --out"):
         build_testbed(tmp_path / "other", cfg=SMALL)
     with pytest.raises(MoePruneError, match="parent folder"):
         build_testbed(tmp_path / "no" / "tb", cfg=SMALL)
+    with pytest.raises(MoePruneError, match=r"holds files that moeprune did not write \(x\.txt\)"):
+        build_testbed(tmp_path / "other", force=True, cfg=SMALL)  # --force never deletes someone else's files
+    (tmp_path / "empty").mkdir()
     with pytest.raises(AssertionError, match="trained"):
-        build_testbed(tmp_path / "other", force=True, cfg=SMALL)
-    assert (tmp_path / "other" / "x.txt").read_text() == "mine"  # a failed rebuild leaves the folder as it was
+        build_testbed(tmp_path / "empty", force=True, cfg=SMALL)
+    assert (tmp_path / "other" / "x.txt").read_text() == "mine"
+    assert list((tmp_path / "empty").iterdir()) == []  # a failed rebuild leaves the folder as it was
     with pytest.raises(MoePruneError, match="another config .*'steps': \\(12, 13\\)"):
         build_testbed(small_testbed.path, cfg=dataclasses.replace(SMALL, steps=13))
     with pytest.raises(MoePruneError, match="top_k"):
@@ -156,6 +160,14 @@ def test_cli_testbed_info_and_demo(small_testbed, tmp_path, capsys):
             assert row[d] == pytest.approx(after[d].perplexity / base[d].perplexity, rel=1e-9)
     assert (work / "report" / "report.png").is_file() and "| frequency 50% |" in (work / "report" / "report.md"
                                                                                     ).read_text()
+    # the table says which windows it used (fewer than `moeprune eval` scores), and nothing warns about --samples
+    note = f"on up to 64 held-out windows of {SMALL.seq_len} tokens per domain"
+    printed = capsys.readouterr()
+    assert note in printed.out and note in (work / "report" / "report.md").read_text()
+    assert report["eval"] == {"max_sequences": 64, "seq_len": SMALL.seq_len, "note": report["eval"]["note"]}
+    assert "--samples" not in printed.err
+    assert (small_testbed.path / "routing.png").is_file()
+    assert not (work / "frequency-25" / "routing.png").exists() and (work / "frequency-25" / "testbed.json").is_file()
 
 
 def test_quality_benchmark_rows_match_saved_checkpoints(small_testbed, tmp_path):

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moeprune import api
+from moeprune.calibration.data import CalibConfig
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
 from moeprune.eval.run import EvalOptions
 from moeprune.eval.table import markdown_table, plot_ratios, ratio_table
-from moeprune.io.atomic import atomic_dir
+from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.log import logger
 from moeprune.models.summary import format_summary
 from moeprune.testbed import build_testbed
@@ -38,23 +40,27 @@ def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path
     t0 = time.perf_counter()
     tb = build_testbed(testbed)
     original = tb.path
+    for folder in ["report", *(f"{method}-{int(ratio * 100)}" for ratio in RATIOS)]:  # replaced only if ours
+        check_output(work / folder, [original], overwrite=True)
     print(format_summary(api.info(original)))
     stats = None
     if crit.needs == "calibration":
-        opts = CalibrateOptions(tb.specs("calib"), samples=calib_samples, seq_len=tb.seq_len)
+        opts = DemoCalibrateOptions(tb.specs("calib"), samples=calib_samples, seq_len=tb.seq_len)
         stats = api.calibrate(original, opts, out=work / "stats.safetensors", overwrite=True)
     rows = []
     for ratio in RATIOS:
         plan = api.make_plan(stats if stats is not None else original, method, ratio)
         applied = api.apply_plan(original, plan, work / f"{method}-{int(ratio * 100)}", overwrite=True)
         rows.append((ratio, applied, api.verify(original, applied.out, plan)))
-    eval_opts = EvalOptions(max_sequences=eval_sequences)
+    eval_opts = EvalOptions(max_sequences=eval_sequences).for_model(original)  # the testbed's held-out domains
     base = api.evaluate(original, eval_opts).scores
     variants = {f"{method} {ratio:.0%}": api.evaluate(applied.out, eval_opts).scores for ratio, applied, _ in rows}
     sizes = _size_table(rows)
     quality = markdown_table(base, variants)
-    print("\n" + sizes + "\nheld-out perplexity ratio (pruned / original, lower is better):\n" + quality)
+    windows = _windows_note(eval_opts)
+    print("\n" + sizes + f"\nheld-out perplexity ratio (pruned / original, lower is better),\n{windows}:\n" + quality)
     report = {"method": method, "testbed": str(original), "seconds": round(time.perf_counter() - t0, 1),
+              "eval": {"max_sequences": eval_opts.max_sequences, "seq_len": eval_opts.seq_len, "note": windows},
               "original": {d: s.to_dict() for d, s in base.items()},
               "variants": {label: {"scores": {d: s.to_dict() for d, s in v.items()},
                                    "ratios": ratio_table(base, {label: v})[label]} for label, v in variants.items()},
@@ -64,13 +70,29 @@ def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path
     out = work / "report"
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text(f"# moeprune demo — {method} on the testbed\n\n{sizes}\n## Held-out "
-                                       f"perplexity ratio (pruned / original)\n\n{quality}\n![ratios](report.png)\n")
+                                       f"perplexity ratio (pruned / original)\n\nMeasured {windows}.\n\n{quality}\n"
+                                       "![ratios](report.png)\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         plot_ratios(base, variants, tmp / "report.png", f"{method}: held-out perplexity ratio per domain")
     print(f"report: {out / 'report.md'} (+ report.json, report.png); pruned checkpoints load with "
           f"AutoModelForCausalLM.from_pretrained. {time.perf_counter() - t0:.0f} s in all.")
     logger.info("demo finished")
     return 0 if all(r.passed for _, _, r in rows) else 1
+
+
+@dataclass(frozen=True)
+class DemoCalibrateOptions(CalibrateOptions):
+    """Calibration options the demo chooses itself: a testbed domain with fewer windows than the demo's sample count
+    is expected there, not a `--samples` the user gave, so it is not warned about."""
+
+    def calib_config(self) -> CalibConfig:
+        return replace(super().calib_config(), warn_short=False)
+
+
+def _windows_note(opts: EvalOptions) -> str:
+    """Which held-out windows the quality table uses (the demo scores fewer than `moeprune eval` does)."""
+    return (f"on up to {opts.max_sequences} held-out windows of {opts.seq_len} tokens per domain (a seeded draw; "
+            f"`moeprune eval` scores up to {EvalOptions.max_sequences}, so its perplexities differ)")
 
 
 def _size_table(rows) -> str:

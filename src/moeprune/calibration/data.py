@@ -2,19 +2,24 @@
 
 `--calib NAME=PATH` (repeatable, one NAME per domain/task), PATH being
 - a `.txt` file (one document),
-- a folder (every `*.txt` below it, sorted; one document each),
+- a folder (every `*.txt` and `*.txt.gz` below it, sorted; one document each),
 - a `.jsonl` file, one JSON object per line with a text field (`text_field`, default "text"), or a `messages`
   list rendered with the tokenizer's chat template when `chat_template=True`.
+A name ending in `.gz` (`.txt.gz`, `.jsonl.gz`) is decompressed with gzip first. Text must be UTF-8: a file with
+NUL bytes or invalid UTF-8 (binary data, a compressed file without `.gz`) is refused with its name, never decoded
+with replacement characters.
 
 Sampling (per source, seeded): each document is tokenised and followed by EOS (when the tokenizer has one); the
 documents are concatenated into one stream of S tokens, cut into ⌊S / L⌋ disjoint windows of L tokens, and N of
 them are drawn without replacement (`torch.randperm` under the seed). With fewer than N full windows, all are used
 and the remaining tail (if any) becomes one last sequence right-padded to L with `attention_mask = 0`; every
-statistic must ignore those positions. The content hash covers the source bytes and the sampling parameters.
+statistic must ignore those positions. The content hash covers the (decompressed) source bytes and the sampling
+parameters.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -100,27 +105,55 @@ def read_documents(source: CalibSource, text_field: str = "text", chat_template:
     """The source's documents and the raw bytes they came from (for the content hash)."""
     path = source.path
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
+        files = sorted([*path.rglob("*.txt"), *path.rglob("*.txt.gz")])
         if not files:
-            raise MoePruneError(f"{source.flag} {source.name}: folder {path} holds no *.txt files.")
-        raws = [f.read_bytes() for f in files]
-        docs = [r.decode("utf-8", errors="replace") for r in raws]
+            raise MoePruneError(f"{source.flag} {source.name}: folder {path} holds no *.txt (or *.txt.gz) files.")
+        raws = [read_bytes(source, f) for f in files]
+        docs = [decode_text(source, f, r) for f, r in zip(files, raws, strict=True)]
         raw = b"\0".join(raws)
-    elif path.suffix == ".jsonl":
-        raw = path.read_bytes()
-        docs = _jsonl_documents(source, raw, text_field, chat_template, tokenizer)
+    elif path.name.endswith((".jsonl", ".jsonl.gz")):
+        raw = read_bytes(source, path)
+        docs = _jsonl_documents(source, decode_text(source, path, raw), text_field, chat_template, tokenizer)
     else:
-        raw = path.read_bytes()
-        docs = [raw.decode("utf-8", errors="replace")]
+        raw = read_bytes(source, path)
+        docs = [decode_text(source, path, raw)]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise MoePruneError(f"{source.flag} {source.name}: {path} holds no text.")
     return docs, raw
 
 
-def _jsonl_documents(source: CalibSource, raw: bytes, text_field: str, chat_template: bool, tokenizer) -> list[str]:
+def read_bytes(source: CalibSource, path: Path) -> bytes:
+    """The bytes of `path`, gunzipped when its name ends in `.gz`."""
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a truncated file raises EOFError
+            raise MoePruneError(f"{source.flag} {source.name}: {path} is named .gz but is not a valid gzip file ({e}); "
+                                "decompress it or fix its name.") from e
+    return raw
+
+
+def decode_text(source: CalibSource, path: Path, raw: bytes) -> str:
+    """`raw` as UTF-8 text; binary data (NUL bytes, invalid UTF-8) is refused with the file's name."""
+    what = f"{source.flag} {source.name}: {path}"
+    if raw[:2] == b"\x1f\x8b":
+        raise MoePruneError(f"{what} is gzip-compressed data; name it *.gz (e.g. .txt.gz, .jsonl.gz) or decompress it.")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise MoePruneError(f"{what} is not text (NUL byte at offset {nul}); pass UTF-8 text files (.txt, .jsonl, or "
+                            "the same gzipped as .gz).")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MoePruneError(f"{what} is not UTF-8 text (invalid byte {raw[e.start]:#04x} at offset {e.start}); "
+                            "convert it to UTF-8 (e.g. `iconv -t utf-8`) or pass another file.") from e
+
+
+def _jsonl_documents(source: CalibSource, text: str, text_field: str, chat_template: bool, tokenizer) -> list[str]:
     docs = []
-    for lineno, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -63,7 +63,7 @@ def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: st
             overwrite: bool = False) -> Comparison:
     src, dst = Checkpoint.open(original), Checkpoint.open(pruned)
     out_path = check_output(out, [src.path, dst.path], overwrite)
-    opts = opts.for_model(src.path)
+    opts = opts.for_model(src.path, dst.path)
     opts.data_config()  # sources exist before anything loads
     report = read_report(dst.path) or {}
     title = f"{dst.path.name} vs {src.path.name}"

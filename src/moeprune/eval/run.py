@@ -1,8 +1,9 @@
 """`moeprune eval`: checkpoint + held-out text per domain -> perplexity / accuracy table, JSON and samples.
 
 Every check runs before the model is loaded: data sources, options, the JSON output folder, the tokenizer, all
-held-out text tokenised into windows. Without `--data`, the testbed's held-out domains are used: the testbed the
-model was made from (its `testbed.json` travels with pruned copies), else the cached default testbed.
+held-out text tokenised into windows. Without `--data`, the testbed's held-out domains are used, but only for the
+testbed itself and the models made from it (folders holding its `testbed.json`, which every export copies along;
+see `testbed.build.find_testbed`); any other model must name its data with `--data NAME=PATH`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, parse_dtype
 from moeprune.io.report import write_json_atomic
 from moeprune.log import logger
-from moeprune.testbed.build import find_testbed
+from moeprune.testbed.build import Testbed, find_testbed
 
 DEFAULT_SEQ_LEN = 512
 
@@ -43,23 +44,36 @@ class EvalOptions:
             raise MoePruneError("--seq-len must be >= 2.")
         parse_dtype(self.dtype)
 
-    def for_model(self, model: str | Path) -> EvalOptions:
-        """Fill the defaults for `model`: no data -> the testbed's held-out domains, no seq_len -> its length."""
-        if self.data and self.seq_len is not None:
-            return self
-        tb = find_testbed(model)
-        if not self.data and tb is None:
-            raise MoePruneError("no evaluation data: pass --data NAME=PATH (held-out text, repeatable), or build the "
-                                "testbed (`moeprune testbed build`), whose held-out domains are the default.")
-        data = self.data or tb.specs("heldout")
-        seq_len = self.seq_len or (tb.seq_len if tb is not None and not self.data else DEFAULT_SEQ_LEN)
-        return replace(self, data=data, seq_len=seq_len)
+    def for_model(self, *models: str | Path) -> EvalOptions:
+        """Fill the defaults for `models` (one for eval, two for compare): no data -> the held-out domains of the
+        testbed they all are or were made from, no seq_len -> its training length (else 512)."""
+        if self.data:
+            return replace(self, seq_len=self.seq_len or DEFAULT_SEQ_LEN)
+        tb = default_testbed(models)
+        return replace(self, data=tb.specs("heldout"), seq_len=self.seq_len or tb.seq_len)
 
     def data_config(self) -> CalibConfig:
         if not self.data or self.seq_len is None:
             raise MoePruneError("internal: EvalOptions.data_config() before for_model() filled the defaults.")
         return CalibConfig(tuple(CalibSource.parse(d, flag="--data") for d in self.data),
                            samples=self.max_sequences, seq_len=self.seq_len, warn_short=False)
+
+
+def default_testbed(models: tuple[str | Path, ...]) -> Testbed:
+    """The testbed whose held-out text is the default data for `models`: each must be that testbed or made from it
+    (its `testbed.json`); otherwise a MoePruneError asks for `--data` (never the cached testbed's text for a model
+    that has nothing to do with it)."""
+    found = [(Path(m), find_testbed(m)) for m in models]
+    for model, tb in found:
+        if tb is None:
+            raise MoePruneError(f"no evaluation data for {model}: without --data only the moeprune testbed and models "
+                                "pruned from it (folders with its testbed.json) have default data. Pass --data "
+                                "NAME=PATH (held-out text of the model's domains, repeatable).")
+    homes = {str(tb.home) for _, tb in found}
+    if len(homes) > 1:
+        raise MoePruneError(f"{' and '.join(str(m) for m, _ in found)} come from different testbeds "
+                            f"({', '.join(sorted(homes))}); pass --data NAME=PATH so both are scored on the same text.")
+    return found[0][1]
 
 
 @dataclass

@@ -20,7 +20,10 @@ from moeprune.io.safetensors_io import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "moeprune_report.json"}
+# measurements of the source model, wrong for a smaller copy: the testbed's routing heat map (its testbed.json is
+# copied: it marks the copy as made from the testbed and points at its data, see testbed.build.find_testbed)
+SOURCE_MEASUREMENTS = {"routing.png"}
+NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "moeprune_report.json", *SOURCE_MEASUREMENTS}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.io.atomic import atomic_dir
+from moeprune.io.atomic import atomic_dir, check_replaceable
 from moeprune.log import logger
 from moeprune.testbed.corpus import build_corpus
 from moeprune.testbed.routing import format_routing, plot_routing, routing_shares, specialisation
@@ -100,11 +100,15 @@ class Testbed:
 
 
 def find_testbed(model: str | Path | None = None) -> Testbed | None:
-    """The testbed that `model` was made from (its copied testbed.json), else the cached default, else None."""
-    for cand in ([Path(model).expanduser()] if model is not None else []) + [default_dir()]:
-        if (cand / TESTBED_FILE).is_file():
-            return Testbed.load(cand)
-    return None
+    """The testbed that the folder `model` is or was made from, else None; with no `model`, the cached default.
+
+    A folder counts as the testbed or one of its derivatives when it holds `testbed.json`: the build writes it,
+    and every export (prune, apply, merge, neuron pruning) copies it along as a side file, so the mark survives
+    chains of exports and copies of the folder. (Config provenance `moeprune.source` is not used: it names only the
+    previous step and goes stale when a folder moves.) Any other model gets None, never the cached default: its
+    domains are unknown, so scoring it on the testbed's text would mean nothing."""
+    cand = Path(model).expanduser() if model is not None else default_dir()
+    return Testbed.load(cand) if (cand / TESTBED_FILE).is_file() else None
 
 
 def _token_stream(tokenizer, text: str) -> torch.Tensor:
@@ -134,9 +138,12 @@ def build_testbed(out: str | Path | None = None, force: bool = False, cfg: Testb
                                     " pass --force to rebuild it or choose another --out.")
             logger.info("reusing the testbed in %s (pass --force to rebuild)", target)
             return tb
-        raise MoePruneError(f"{target} exists and is not a testbed; choose another --out or pass --force.")
+        raise MoePruneError(f"{target} exists and is not a testbed; choose another --out (--force replaces only an "
+                            "empty folder or a previous moeprune output).")
     if target.exists() and not target.is_dir():
         raise MoePruneError(f"{target} exists and is not a folder.")
+    if target.exists():
+        check_replaceable(target)  # --force: never delete someone else's files
     if out is None:
         target.parent.mkdir(parents=True, exist_ok=True)
     elif not target.parent.is_dir():
