@@ -73,6 +73,6 @@ def test_output_folder_mode_follows_the_umask(model, tmp_path, umask, mode):
     assert file_mode == mode & 0o666
     for name in ("plain", "pruned", "streamed", "reference"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
-        for f in (tmp_path / name).iterdir():
-            assert stat.S_IMODE(f.stat().st_mode) == file_mode, f
+        for f in (tmp_path / name).rglob("*"):  # files get the file mode, folders (moeprune_plans/) the folder's
+            assert stat.S_IMODE(f.stat().st_mode) == (mode if f.is_dir() else file_mode), f
     assert {f.name for f in (tmp_path / "pruned").iterdir()} >= {"model.safetensors", "config.json"}

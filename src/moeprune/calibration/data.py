@@ -11,7 +11,9 @@ with replacement characters.
 
 Sampling (per source, seeded): each document is tokenised and followed by EOS (when the tokenizer has one); the
 documents are concatenated into one stream of S tokens, cut into ⌊S / L⌋ disjoint windows of L tokens, and N of
-them are drawn without replacement (`torch.randperm` under the seed). With fewer than N full windows, all are used
+them are drawn without replacement (`torch.randperm` under the seed); the next `held_out` windows of the same
+permutation are kept apart (never scored) for the quality check after a prune. With fewer than N full windows,
+all are used
 and the remaining tail (if any) becomes one last sequence right-padded to L with `attention_mask = 0`; every
 statistic must ignore those positions. The content hash covers the (decompressed) source bytes and the sampling
 parameters.
@@ -63,6 +65,7 @@ class CalibConfig:
     text_field: str = "text"
     chat_template: bool = False
     warn_short: bool = True  # evaluation takes "all windows up to `samples`" and does not warn
+    held_out: int = 0  # full windows kept apart from the sampled ones (never scored) for a quality check
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -89,6 +92,7 @@ class CalibSet:
     documents: int
     stream_tokens: int
     meta: dict[str, Any] = field(default_factory=dict)
+    held_out_ids: torch.Tensor | None = None  # [M, L] full windows the sampling did not draw (quality check)
 
     @property
     def tokens(self) -> int:
@@ -192,7 +196,9 @@ def build_set(source: CalibSource, tokenizer: Any, cfg: CalibConfig) -> CalibSet
     ids = torch.tensor(stream, dtype=torch.long)  # [S]
     full = len(stream) // L
     g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(full, generator=g)[: min(N, full)].sort().values  # chosen window indices
+    perm = torch.randperm(full, generator=g)
+    order = perm[: min(N, full)].sort().values  # chosen window indices
+    apart = perm[min(N, full) : min(N, full) + cfg.held_out].sort().values  # never drawn: held apart
     rows = [ids[i * L : (i + 1) * L] for i in order.tolist()]
     masks = [torch.ones(L, dtype=torch.long) for _ in rows]
     tail = ids[full * L :]
@@ -206,8 +212,9 @@ def build_set(source: CalibSource, tokenizer: Any, cfg: CalibConfig) -> CalibSet
                        source.name, len(stream), len(rows), L, N)
     digest = hashlib.sha256(raw)
     digest.update(json.dumps([L, N, cfg.seed, cfg.text_field, cfg.chat_template]).encode())
+    held = torch.stack([ids[i * L : (i + 1) * L] for i in apart.tolist()]) if len(apart) else None  # [M, L]
     return CalibSet(source.name, torch.stack(rows), torch.stack(masks), digest.hexdigest(), str(source.path),
-                    len(docs), len(stream))
+                    len(docs), len(stream), held_out_ids=held)
 
 
 def build_sets(cfg: CalibConfig, tokenizer: Any) -> list[CalibSet]:

@@ -47,10 +47,13 @@ class CalibrateOptions:
     dtype: str = "auto"
     lazy: bool = False
     probe_stride: int | None = None  # every-expert output probes on 1 token in N (merge grouping); None: ⌈8E/k⌉
+    held_out: int = 8  # windows per set kept apart from calibration, for the quality figure after a prune
 
     def __post_init__(self) -> None:
         if self.probe_stride is not None and self.probe_stride < 1:
             raise MoePruneError(f"--probe-stride must be >= 1, got {self.probe_stride}.")
+        if self.held_out < 0:
+            raise MoePruneError(f"--held-out must be >= 0, got {self.held_out}.")
         if self.batch_size < 1:
             raise MoePruneError(f"--batch-size must be >= 1, got {self.batch_size}.")
         if self.dtype != "auto":
@@ -64,7 +67,7 @@ class CalibrateOptions:
     def calib_config(self) -> CalibConfig:
         return CalibConfig(tuple(CalibSource.parse(c) for c in self.calib), samples=self.samples,
                            seq_len=self.seq_len, seed=self.seed, text_field=self.text_field,
-                           chat_template=self.chat_template)
+                           chat_template=self.chat_template, held_out=self.held_out)
 
 
 def load_tokenizer(model_path: Path, tokenizer: str | None):
@@ -97,10 +100,15 @@ def prepare(model: str | Path, opts: CalibrateOptions) -> tuple[Checkpoint, MoEA
 
 
 def calibrate(model: str | Path, opts: CalibrateOptions, out: str | Path | None = None, *,
-              overwrite: bool = False, decide: Decide | None = None) -> ExpertStats:
-    """Run calibration and return the statistics (written to `out` by rank 0 when given)."""
+              overwrite: bool = False, decide: Decide | None = None,
+              sets: list[CalibSet] | None = None) -> ExpertStats:
+    """Run calibration and return the statistics (written to `out` by rank 0 when given). `sets` = the
+    tokenised sets when the caller has them already (`prepare`)."""
     out_path = check_stats_output(out, overwrite) if out is not None else None
-    ckpt, _, sets = prepare(model, opts)
+    if sets is None:
+        ckpt, _, sets = prepare(model, opts)
+    else:
+        ckpt = Checkpoint.open(model)
     rank = current_rank()
     if decide is not None and rank.world > 1:
         raise MoePruneError("prune-as-you-go and NAEE choose experts from one process's statistics; run them "

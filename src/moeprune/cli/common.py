@@ -41,7 +41,7 @@ def calib_options(args):
     return CalibrateOptions(tuple(args.calib), samples=args.samples, seq_len=args.seq_len, seed=args.calib_seed,
                             text_field=args.text_field, chat_template=args.chat_template, tokenizer=args.tokenizer,
                             batch_size=args.batch_size, device=args.device, dtype=args.dtype, lazy=args.lazy,
-                            probe_stride=args.probe_stride)
+                            probe_stride=args.probe_stride, held_out=args.held_out)
 
 
 def verify_exit(result) -> int:
@@ -92,6 +92,9 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--probe-stride", type=int, default=None, metavar="N",
                    help="record every expert's output on 1 real token in N, for merge grouping "
                         "(default ceil(8E/k): an eighth of the routed expert work)")
+    g.add_argument("--held-out", type=int, default=8, metavar="N",
+                   help="windows per calibration set kept apart from scoring; `prune` reports the perplexity "
+                        "change on them (0: no quality figure)")
 
 
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused

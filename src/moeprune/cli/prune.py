@@ -44,9 +44,14 @@ def run(args) -> int:
                  if getattr(args, k, None) not in (None, False, [])]
         raise MoePruneError(f"--recipe lists the stages and their options; drop {', '.join(given)} (or write them "
                             "into the recipe).")
-    _, result = api.prune(args.model, args.out, args.recipe, method=args.method, ratio=args.ratio,
+    applied, result = api.prune(args.model, args.out, args.recipe, method=args.method, ratio=args.ratio,
                           calib=calib_options(args) if args.calib else None, streaming=args.streaming,
                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, run_verify=not args.no_verify,
                           verify_dtype=args.verify_dtype, expert_method=args.expert_method,
                           expert_ratio=args.expert_ratio, **({} if args.recipe else options))
+    from moeprune.pipeline.quality import format_split
+
+    split = format_split(applied.report.get("calibration_split") or {})
+    if split:
+        print(split)
     return verify_exit(result)

@@ -23,7 +23,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 # measurements of the source model, wrong for a smaller copy: the testbed's routing heat map (its testbed.json is
 # copied: it marks the copy as made from the testbed and points at its data, see testbed.build.find_testbed)
 SOURCE_MEASUREMENTS = {"routing.png"}
-NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", "moeprune_report.json", *SOURCE_MEASUREMENTS}
+# what an export of this folder writes itself: a parent export's plans must not pass for the child's
+MOEPRUNE_OUTPUTS = {"moeprune_report.json", "moeprune_recipe.json", "moeprune_merge.json", "moeprune_neurons.json"}
+NOT_COPIED = {"config.json", INDEX_NAME, "pytorch_model.bin.index.json", *MOEPRUNE_OUTPUTS, *SOURCE_MEASUREMENTS}
 
 
 @dataclass

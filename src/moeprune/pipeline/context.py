@@ -74,7 +74,7 @@ class StageContext:
                                 "NAME=PATH --out stats.safetensors` and plan from that file, or use `moeprune prune "
                                 "--calib ...`.")
         if not self.previous:
-            stats = calibrate(self.ckpt.path, self.calib, decide=decide)
+            stats = calibrate(self.ckpt.path, self.calib, decide=decide, sets=self.sets)
         else:
             model = self.model(dtype=self.calib.dtype)
             stats = calibrate_model(model, self.sets, self.calib, source=self.ckpt.path, decide=decide)

@@ -22,6 +22,7 @@ from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.pipeline.context import StageContext
 from moeprune.pipeline.export import ApplyResult, export, parse_size
+from moeprune.pipeline.quality import calibration_split
 from moeprune.pipeline.recipe import (
     REPORT_NAME,
     Chain,
@@ -49,7 +50,7 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
         tolerance(verify_dtype)
     adapters = check_chain(specs, adapter)
     _check_run(specs, calib, streaming)
-    sets = prepare(model, calib)[2] if calib is not None and _needs_sets(specs) else None
+    sets = prepare(model, calib)[2] if calib is not None else None  # read, checked and tokenised up front
 
     chain: Chain = []
     stats = []
@@ -74,6 +75,9 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
     if run_verify:
         result = verify(model, applied.out, chain, dtype=verify_dtype)
         applied.report["verify"] = result.to_dict()
+    if sets is not None and calib.held_out:
+        applied.report["calibration_split"] = calibration_split(model, applied.out, sets,
+                                                                batch_size=calib.batch_size, device=calib.device)
     write_json_atomic(applied.out / REPORT_NAME, applied.report)
     return applied, result
 
@@ -90,13 +94,6 @@ def apply(model: str | Path, plans: str | Path | Chain, out: str | Path, *, stre
         _refuse_in_memory([stage for stage, _ in chain], [f"plan {n} ({s.kind})" for n, (s, _) in
                                                           enumerate(chain, 1)])
     return export(ckpt, adapters, chain, out_path, streaming=streaming, max_shard_size=max_shard_size)
-
-
-def _needs_sets(specs: list[StageSpec]) -> bool:
-    """Tokenised sets are needed up front unless the only calibrated stage is the first (it calibrates the
-    checkpoint itself, as `moeprune calibrate` does)."""
-    calibrated = [n for n, s in enumerate(specs) if any(need.calibrated for need in s.needs)]
-    return any(n > 0 for n in calibrated) or any(Need.NEURONS in s.needs for s in specs)
 
 
 def _check_run(specs: list[StageSpec], calib: CalibrateOptions | None, streaming: bool) -> None:
