@@ -18,7 +18,6 @@ import torch
 
 from moeprune.merge.average import merge_average
 from moeprune.merge.dern import merge_dern
-from moeprune.merge.plan import MergePlan
 from moeprune.merge.svd import merge_svd
 from moeprune.registry import Registry
 
@@ -37,7 +36,8 @@ def per_group(fn: GroupMerge) -> LayerMerge:
     return layer
 
 
-MERGES: Registry[Callable[[MergePlan], LayerMerge]] = Registry("merge", "average, svd or dern.")
+# name -> (MergePlan -> layer merge); plan.py checks merge names against this registry
+MERGES: Registry[Callable[..., LayerMerge]] = Registry("merge")
 MERGES.register("average", lambda plan: per_group(merge_average))
 MERGES.register("svd", lambda plan: per_group(partial(merge_svd, rank=plan.rank)))
 MERGES.register("dern", lambda plan: partial(merge_dern, threshold=plan.threshold))

@@ -33,7 +33,6 @@ from moeprune.models.base import MoEAdapter
 from moeprune.registry import Registry
 
 if TYPE_CHECKING:
-    from moeprune.pipeline.context import StageContext
     from moeprune.stages.reference import Reference
 
 
@@ -121,7 +120,8 @@ class Stage:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ plans
-    def plan(self, options: StageOptions, ctx: StageContext):
+    def plan(self, options: StageOptions, ctx):
+        """`ctx` is a `pipeline.context.StageContext`: the model as earlier stages left it, and the data."""
         raise NotImplementedError
 
     def load_plan(self, raw: dict, source: str):
