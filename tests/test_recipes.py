@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+import moeprune
 from moeprune import api
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.cli import main
@@ -87,7 +88,7 @@ def hand_reference(src, plans, inputs) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_export_replay_and_tamper(root, tmp_path, family, name):
     src, out = root / family, tmp_path / "out"
-    applied, result = api.prune(src, out, RECIPES[name], calib=calib(root))
+    applied, result = moeprune.prune(src, out, recipe=RECIPES[name], calib=calib(root))
     assert result.passed and result.max_abs_diff < 1e-4 * result.max_abs_logit, result
 
     # the export holds the recipe, each stage's plan and a report per stage

@@ -13,4 +13,12 @@ def load_model(path, dtype: str = "auto", device: str = "cpu"):
     return _load(path, dtype=dtype, device=device)
 
 
-__all__ = ["MoePruneError", "__version__", "load_model"]
+def prune(model, out, recipe=None, **kwargs):
+    """`moeprune.prune(model, out, recipe=[{"method": "tcess_top1", "ratio": 0.25}, ...], calib=...)`: see
+    `moeprune.api.prune` (one stage's `method=`/`ratio=` work too)."""
+    from moeprune.api import prune as _prune
+
+    return _prune(model, out, recipe, **kwargs)
+
+
+__all__ = ["MoePruneError", "__version__", "load_model", "prune"]
