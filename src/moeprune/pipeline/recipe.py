@@ -21,6 +21,7 @@ from typing import Any
 
 import moeprune.stages  # noqa: F401  (registers the stages)
 from moeprune.errors import MoePruneError
+from moeprune.io.report import REPORT_NAME
 from moeprune.models.base import MoEAdapter
 from moeprune.select.plan import PLAN_FORMAT, PrunePlan, read_plan_json
 from moeprune.stages.base import Need, Stage, StageOptions, adapter_after, stage_for_format, stage_for_method
@@ -28,7 +29,6 @@ from moeprune.stages.base import Need, Stage, StageOptions, adapter_after, stage
 RECIPE_FORMAT = "moeprune.recipe/1"
 RECIPE_NAME = "moeprune_recipe.json"
 PLANS_DIR = "moeprune_plans"
-REPORT_NAME = "moeprune_report.json"
 META_KEYS = ("kind", "plan")  # written into exports' recipes next to the options
 
 
