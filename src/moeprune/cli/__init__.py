@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeprune", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (`moeprune COMMAND -h` for its flags and an example)")
     for verb in VERBS:
         verb.add_parser(sub)
     return parser

@@ -68,7 +68,9 @@ def add_apply_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming", action="store_true",
                    help="edit the safetensors shards directly, without loading the model (expert removal only; "
                         "for models larger than memory)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest output shard, e.g. 5GB or 500MB (1KB = 1000 bytes), counted in tensor bytes as "
+                        "transformers does: each file adds its small safetensors header")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if it is empty or an earlier moeprune output")
 

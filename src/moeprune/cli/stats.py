@@ -7,8 +7,10 @@ from moeprune.log import logger
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("stats", help="statistics files: merge", description="statistics files: merge")
-    stats_sub = p.add_subparsers(dest="stats_command", required=True)
+    p = add_verb(sub, "stats", "statistics files: merge",
+                 "moeprune stats merge rank0.safetensors rank1.safetensors --out all.safetensors")
+    stats_sub = p.add_subparsers(dest="stats_command", required=True, metavar="ACTION",
+                                 help="what to do with the files (`moeprune stats ACTION -h` for its flags)")
     m = add_verb(stats_sub, "merge", "add up statistics files of the same model",
                  "moeprune stats merge rank0.safetensors rank1.safetensors --out all.safetensors")
     m.add_argument("files", nargs="+", help="statistics files (*.safetensors) from `moeprune calibrate`")

@@ -28,9 +28,10 @@ def cmd_testbed_path(args) -> int:
 
 
 def add_parser(sub) -> None:
-    tb = sub.add_parser("testbed", help="the trained multi-domain Qwen3-MoE used by the demo and the benchmarks",
-                        description="the trained multi-domain Qwen3-MoE used by the demo and the benchmarks")
-    tbs = tb.add_subparsers(dest="testbed_command", required=True)
+    tb = add_verb(sub, "testbed", "the trained multi-domain Qwen3-MoE used by the demo and the benchmarks",
+                  "moeprune testbed build && moeprune testbed info")
+    tbs = tb.add_subparsers(dest="testbed_command", required=True, metavar="ACTION",
+                            help="build it, describe it, or print its folder (`moeprune testbed ACTION -h`)")
     p = add_verb(tbs, "build", "train it (about 7 min on one CPU core) or reuse the cached one",
                  "moeprune testbed build --out ./testbed")
     p.add_argument("--out", help="folder (default: the user cache, $MOEPRUNE_CACHE or ~/.cache/moeprune)")

@@ -30,7 +30,7 @@ NAEE = "naee"  # NAEE's reconstruction search (needs no criterion); plans record
 
 @dataclass(frozen=True)
 class ExpertOptions(StageOptions):
-    seed: int = 0
+    seed: int | None = None  # random control only; 0 when not given (None, so a given --seed 0 is refused too)
     policy: str = "uniform"
     floor: int | None = None
     protect: tuple[str, ...] = ()
@@ -71,7 +71,7 @@ class ExpertStage(Stage):
         if o.method != NAEE:
             POLICIES.get(o.policy)
         crit = None if o.method == NAEE else CRITERIA.get(o.method)
-        if o.seed != 0 and (crit is None or crit.needs != "none"):
+        if o.seed is not None and (crit is None or crit.needs != "none"):
             raise MoePruneError(f"--seed only applies to the random control criterion; {o.method!r} is "
                                 "deterministic. Drop --seed.")
         if o.floor is not None and o.policy != "global":
@@ -134,7 +134,7 @@ class ExpertStage(Stage):
             return plan
         needs = self.needs(o)
         source = ctx.routed_stats() if Need.ROUTED in needs else ctx.weights_source()
-        return build_plan(source, o.method, o.ratio, o.seed, calib_set=list(o.calib_set) if o.calib_set else None,
+        return build_plan(source, o.method, o.ratio, o.seed or 0, calib_set=list(o.calib_set) if o.calib_set else None,
                           policy=o.policy, floor=o.floor, protect=o.protect, protect_super=o.protect_super)
 
     def load_plan(self, raw: dict, source: str) -> PrunePlan:
