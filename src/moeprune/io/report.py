@@ -1,4 +1,9 @@
-"""`moeprune_report.json` (what changed, from what, how) and the provenance block stored in config.json."""
+"""JSON files of output folders: `write_json_atomic` (temporary sibling, then rename) and `read_report` (a folder's
+`moeprune_report.json`).
+
+An export's report and the provenance block in its config.json are built stage by stage in `pipeline/export.py`
+(`build_report`, `provenance`). `provenance` and `build_report` here are the older builders for one expert plan;
+nothing in the package calls them now."""
 
 from __future__ import annotations
 
