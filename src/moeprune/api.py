@@ -9,7 +9,8 @@
                                  {"method": "heapr", "ratio": 0.25}], calib=CalibrateOptions(...))
     prune("ckpt", "out", method="aimer", ratio=0.25)                     moeprune prune --method (one stage)
     verify("ckpt", "out")                                                moeprune verify
-    evaluate / compare / analyze / run_lm_eval                           moeprune eval / compare / analyze / lm-eval
+    evaluate / compare / analyze                                         moeprune eval / compare / analyze
+(`moeprune lm-eval` is `moeprune.eval.lm_eval_adapter.run_lm_eval`, an optional extra.)
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Pure tensor math on experts in the canonical role orientation (gate/up [I, H], d
 - `dern`: DERN neuron recombination of dropped experts into any survivor;
 - `methods`: registry plan.merge -> layer-level merge; `grouping`: which experts merge (msmoe, hcsmoe, submoe, dern)
   from calibration statistics; `plan`: the JSON merge plan; `build`: plans from statistics.
-Surgery on a model: `surgery/merge.py`; checkpoint-level API: `moeprune.merge_api`.
+Surgery on a model: `surgery/merge.py`; merging as a recipe stage (options, plan, apply, verification
+reference): `stages/merge.py`.
 """
 
 from moeprune.merge.align import align_group, permutation_to, permute, similarity

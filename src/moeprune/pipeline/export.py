@@ -6,8 +6,10 @@
       moeprune_recipe.json         {"format": "moeprune.recipe/1", "stages": [{kind, method, ratio, ..., plan}]}
       moeprune_plans/N-KIND.json   stage N's plan; N-KIND.stats.safetensors its routed statistics (if any)
       moeprune_report.json         what changed: the final state, then one report per stage ("stages")
-A one-stage export also carries its plan and statistics under the names of earlier releases
-(moeprune_merge.json, moeprune_neurons.json, moeprune_stats.safetensors).
+Older readers' names are kept too: a stage whose kind occurs once in the chain also saves its plan as
+moeprune_merge.json or moeprune_neurons.json (`Stage.legacy_plan_name`; expert removal has none, its plan is the
+report's kept_experts), and a run that collected exactly one routed statistics file also saves it as
+moeprune_stats.safetensors.
 """
 
 from __future__ import annotations

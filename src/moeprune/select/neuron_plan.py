@@ -1,14 +1,15 @@
 """`NeuronPlan`: which neurons each routed expert keeps (intra-expert pruning) — plain data, saved as JSON.
 
     {"format": "moeprune.neurons/1", "model_type": "qwen3_moe", "width": 768, "method": "heapr",
-     "ratio": 0.25, "budget": "uniform",
+     "ratio": 0.25, "budget": "expert",
      "kept_neurons": {"1": {"0": [0, 3, 4, ...], "1": [...], ...}, "2": {...}}}
 
 Neuron k of expert j is row k of the gate and up projections (gate/up [E, I, H]) and column k of the down
 projection (down [E, H, I]). `kept_neurons[layer][j]` lists, ascending, the original neuron indices 0..width-1
 that expert j keeps; kept neurons are renumbered 0..I'-1 in that order. Experts are numbered as in the model the
 plan is applied to, i.e. *after* any expert removal (`to_original` maps a plan back through a `PrunePlan`).
-`ratio` is the fraction of neurons removed; `budget` names how the removal was spread ("uniform", "global", ...).
+`ratio` is the fraction of neurons removed; `budget` names how the removal was spread (`select/neurons.py`:
+"expert", "layer", "global"; a plan built by hand without one says "uniform").
 """
 
 from __future__ import annotations
