@@ -142,8 +142,8 @@ def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *
         widths = sorted({len(v) for ex in plan.kept_neurons.values() for v in ex.values()})
         raise MoePruneError(
             f"the neuron plan keeps different widths per expert ({widths[0]}..{widths[-1]}); stock configs hold one "
-            "expert width, so non-uniform widths are written by apply_neuron_plan_padded and loaded with "
-            "moeprune.load_model; here use a uniform budget."
+            "expert width, so non-uniform widths need moeprune's own loader (written by apply_neuron_plan_padded, "
+            "loaded by moeprune.load_model); here use a uniform budget."
         )
     config = text_config(model.config)
     old = plan.width
