@@ -31,7 +31,7 @@ from moeprune.pipeline.run import apply as _apply
 from moeprune.pipeline.run import prune as _prune
 from moeprune.pipeline.verify import DEFAULT_TOL, VerifyResult, as_chain  # noqa: F401  (public API)
 from moeprune.pipeline.verify import verify as _verify
-from moeprune.stages.base import stage_for_method
+from moeprune.stages.base import Need, stage_for_method
 from moeprune.stats.store import ExpertStats
 
 
@@ -48,7 +48,7 @@ def make_plan(source: str | Path | ExpertStats, method: str, ratio: float, *, ca
     path = None if stats is not None else Path(source)
     if path is not None and path.is_file() and path.suffix == ".safetensors":
         stats = ExpertStats.load(path)
-    if calib is not None and spec.stage.kind != "neurons":
+    if calib is not None and Need.NEURONS not in spec.needs:  # other stages plan from a statistics file
         raise MoePruneError("plan reads expert statistics from a file made by `moeprune calibrate`; --calib is for "
                             "the neuron methods (heapr, camera). Pass the statistics file as MODEL.")
     return spec.stage.plan(spec.options, StageContext.for_source(path if stats is None else None, stats, calib,

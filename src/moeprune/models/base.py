@@ -198,6 +198,11 @@ class MoEAdapter:
         target = config.get_text_config() if hasattr(config, "get_text_config") else config
         setattr(target, self.count_key, num_experts)
 
+    def set_config_width(self, config: Any, width: int) -> None:
+        """Write the new routed-expert width I' into a config object (text sub-config when nested)."""
+        target = config.get_text_config() if hasattr(config, "get_text_config") else config
+        setattr(target, self.intermediate_key, width)
+
     def set_config_dict_experts(self, config: dict, num_experts: int) -> None:
         """Same on a raw config.json dict (streaming apply never builds a config object).
 

@@ -24,7 +24,7 @@ from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.pipeline.recipe import check_chain
-from moeprune.stages.base import Need
+from moeprune.stages.base import Need, apply_chain
 from moeprune.stats.store import ExpertStats, StatsView
 
 
@@ -57,10 +57,7 @@ class StageContext:
 
     def model(self, dtype: str = "auto", device: str | None = None) -> nn.Module:
         device = device or (self.calib.device if self.calib is not None else "cpu")
-        model = load_model(self.ckpt.path, dtype=dtype, device=device)
-        for stage, plan in self.previous:
-            stage.apply(model, get_adapter(model.config, model=model), plan)
-        return model
+        return apply_chain(load_model(self.ckpt.path, dtype=dtype, device=device), self.previous)
 
     def routed_stats(self, decide=None) -> ExpertStats:
         if decide is not None and self.calib is None:

@@ -30,7 +30,7 @@ from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.pipeline.recipe import PLANS_DIR, RECIPE_FORMAT, RECIPE_NAME, REPORT_NAME, Chain, plan_file
-from moeprune.stages.base import original_experts
+from moeprune.stages.base import apply_chain, original_experts
 from moeprune.stats.store import ExpertStats
 
 STATS_NAME = "moeprune_stats.safetensors"
@@ -59,8 +59,7 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
         else:
             model = load_model(ckpt.path, dtype="auto")
             match_disk_dtypes(model, ckpt.torch_dtypes())
-            for stage, plan in chain:
-                stage.apply(model, get_adapter(model.config, model=model), plan)
+            apply_chain(model, chain)
             model.config.moeprune = prov
             model.save_pretrained(tmp, max_shard_size=max_bytes)
             del model

@@ -85,10 +85,9 @@ def check_chain(specs: list[StageSpec], adapter: MoEAdapter) -> list[MoEAdapter]
     """Adapters of the model before each stage and after the last; refuses a chain that cannot work."""
     adapters = [adapter]
     for prev, spec in zip([None, *specs[:-1]], specs, strict=True):
-        if prev is not None and prev.stage.final_only(prev.options):
-            raise MoePruneError(f"{spec.where}: follows {prev.where}, whose {prev.options.budget!r} budget leaves "
-                                "experts of different widths that no later stage can take. Make it the last stage "
-                                "or give it budget: expert.")
+        reason = prev.stage.final_only(prev.options) if prev is not None else None
+        if reason:
+            raise MoePruneError(f"{spec.where}: follows {prev.where}, whose {reason}.")
         adapters.append(next_adapter(spec, adapters[-1]))
     return adapters
 

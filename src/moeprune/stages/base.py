@@ -58,6 +58,15 @@ class StageOptions:
 
     method: str
     ratio: float
+    lists: ClassVar[tuple[str, ...]] = ()  # repeatable options: a string or a list becomes a tuple
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
+            raise MoePruneError(f"ratio must be a number like 0.25, got {self.ratio!r}.")
+        for name in self.lists:
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
 
     def given(self) -> dict[str, Any]:
         """Options that differ from their defaults (what a recipe file needs to say)."""
@@ -111,9 +120,9 @@ class Stage:
     def needs(self, options: StageOptions) -> set[Need]:
         raise NotImplementedError
 
-    def final_only(self, options: StageOptions) -> bool:
-        """True when no stage can follow this one (e.g. non-uniform expert widths)."""
-        return False
+    def final_only(self, options: StageOptions) -> str | None:
+        """Why no stage can follow this one (e.g. non-uniform expert widths), or None when one can."""
+        return None
 
     def check(self, options: StageOptions, adapter: MoEAdapter) -> Any:
         """Refuse options that cannot work on this model (before any work); return the config it leaves."""
@@ -161,6 +170,15 @@ class Stage:
 
     def describe(self, plan) -> str:
         return f"{self.kind} ({plan.method})"
+
+
+def apply_chain(model: nn.Module, chain: list[tuple[Stage, Any]]) -> nn.Module:
+    """Apply every plan in order, in memory; each stage sees the adapter of the model as the plans before left it."""
+    from moeprune.models import get_adapter
+
+    for stage, plan in chain:
+        stage.apply(model, get_adapter(model.config, model=model), plan)
+    return model
 
 
 def original_experts(chain: list[tuple[Stage, Any]], layers: list[int], num_experts: int) -> dict[int, list[int]]:

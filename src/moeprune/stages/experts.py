@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
@@ -38,11 +38,7 @@ class ExpertOptions(StageOptions):
     as_you_go: bool = False
     calib_set: tuple[str, ...] | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("protect", "calib_set"):
-            value = getattr(self, name)
-            if isinstance(value, (list, str)):
-                object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
+    lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
     @property
     def progressive(self) -> bool:
@@ -61,7 +57,6 @@ class ExpertStage(Stage):
 
     # ------------------------------------------------------------------ options
     def validate_options(self, o: ExpertOptions) -> None:
-        _number(o.ratio, "ratio")
         if o.policy == "reconstruction" and o.method != NAEE:
             raise MoePruneError(f"--policy reconstruction is NAEE's search and replaces the criterion: drop "
                                 f"--method {o.method} (or use method {NAEE!r}), or choose --policy uniform.")
@@ -184,11 +179,6 @@ class ExpertStage(Stage):
 
     def describe(self, plan: PrunePlan) -> str:
         return f"experts ({plan.method}): {plan.num_experts} -> {plan.kept_count} per MoE layer"
-
-
-def _number(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MoePruneError(f"{name} must be a number like 0.25, got {value!r}.")
 
 
 EXPERTS = register_stage(ExpertStage())

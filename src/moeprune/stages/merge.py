@@ -10,7 +10,7 @@ in the original's own router (`stages/reference.py`), so slicing and renumbering
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from moeprune.errors import MoePruneError
 from moeprune.merge.build import BUDGETS, make_merge_plan
@@ -33,10 +33,7 @@ class MergeOptions(StageOptions):
     threshold: float | None = None
     calib_set: tuple[str, ...] | None = None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.calib_set, (list, str)):
-            value = [self.calib_set] if isinstance(self.calib_set, str) else self.calib_set
-            object.__setattr__(self, "calib_set", tuple(value))
+    lists: ClassVar[tuple[str, ...]] = ("calib_set",)
 
 
 class MergeStage(Stage):

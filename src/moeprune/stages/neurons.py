@@ -44,9 +44,12 @@ class NeuronStage(Stage):
     def methods(cls) -> list[str]:
         return list(NEURON_CRITERIA)
 
-    def final_only(self, o: NeuronOptions) -> bool:
+    def final_only(self, o: NeuronOptions) -> str | None:
         """Layer/global budgets give per-expert widths that no later stage (nor a stock config) can take."""
-        return o.budget != "expert"
+        if o.budget == "expert":
+            return None
+        return (f"{o.budget!r} budget leaves experts of different widths that no later stage can take. Make it "
+                "the last stage or give it budget: expert")
 
     # ------------------------------------------------------------------ options
     def validate_options(self, o: NeuronOptions) -> None:
@@ -67,8 +70,7 @@ class NeuronStage(Stage):
                      num_layers=len(adapter.moe_layers()))
         cfg = config_copy(adapter)
         if o.budget == "expert":
-            text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-            setattr(text, adapter.intermediate_key, expert_width_kept(o.ratio, width, o.min_width, ALIGN))
+            adapter.set_config_width(cfg, expert_width_kept(o.ratio, width, o.min_width, ALIGN))
         return cfg
 
     # ------------------------------------------------------------------ plans
@@ -97,8 +99,7 @@ class NeuronStage(Stage):
     def next_config(self, plan: NeuronPlan, adapter: MoEAdapter) -> Any:
         cfg = config_copy(adapter)
         if plan.uniform_width is not None:
-            text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-            setattr(text, adapter.intermediate_key, plan.uniform_width)
+            adapter.set_config_width(cfg, plan.uniform_width)
         return cfg
 
     # ------------------------------------------------------------------ surgery

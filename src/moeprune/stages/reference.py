@@ -58,10 +58,9 @@ class Reference:
         """down[:, k] = 0 for every position k that no current neuron of its slot occupies (`mask_neurons`)."""
         from moeprune.surgery.neurons import mask_neurons
 
-        E = self.adapter.num_experts
-        kept = {layer: {s: self.pos(layer, s) if s in set(self.slots[layer]) else list(range(self.width))
-                        for s in range(E)} for layer in self.slots}
-        kept = {layer: {s: sorted(v) for s, v in d.items()} for layer, d in kept.items()}
+        E = self.adapter.num_experts  # masked slots keep every neuron: they are never routed to
+        kept = {layer: {s: sorted(self.pos(layer, s)) if s in set(live) else list(range(self.width)) for s in range(E)}
+                for layer, live in self.slots.items()}
         mask_neurons(self.model, self.adapter, NeuronPlan(kept, self.width, model_type=self.adapter.model_type))
 
     def _block(self, layer: int) -> nn.Module:

@@ -167,7 +167,7 @@ def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *
         else:
             _slice_fused(experts, adapter.fused_style, idx, old)
         changed.update(_set_width_attrs(experts, old, new))
-    setattr(config, adapter.intermediate_key, new)
+    adapter.set_config_width(model.config, new)
     if shared is not None:
         logger.info("%s: %s %d -> %d so the shared experts keep width %d", adapter.model_type, SHARED_COUNT_KEY,
                     getattr(config, SHARED_COUNT_KEY), shared, old * getattr(config, SHARED_COUNT_KEY))
