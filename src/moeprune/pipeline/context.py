@@ -32,7 +32,6 @@ from moeprune.stats.store import ExpertStats, StatsView
 class StageContext:
     ckpt: Checkpoint | None  # None when planning from a statistics file
     adapter: MoEAdapter  # the model as earlier stages leave it (config level)
-    index: int  # 1-based position in the recipe
     previous: list[tuple[Any, Any]]  # (stage, plan) of the earlier stages
     calib: CalibrateOptions | None = None
     sets: list[CalibSet] | None = None
@@ -44,7 +43,7 @@ class StageContext:
                    spec) -> StageContext:
         """`moeprune plan`: one stage planned from a checkpoint folder (+ calibration text) or a statistics file."""
         if stats is not None:
-            return cls(None, StatsView(stats), 1, [], given=stats)
+            return cls(None, StatsView(stats), [], given=stats)
         ckpt = Checkpoint.open(path)
         adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
         check_chain([spec], adapter)
@@ -52,8 +51,8 @@ class StageContext:
             if calib is None:
                 raise MoePruneError(f"--method {spec.options.method} scores neurons from calibration text: pass "
                                     "--calib NAME=PATH and the checkpoint folder as MODEL.")
-            return cls(ckpt, adapter, 1, [], calib, prepare(path, calib)[2])
-        return cls(ckpt, adapter, 1, [], calib)
+            return cls(ckpt, adapter, [], calib, prepare(path, calib)[2])
+        return cls(ckpt, adapter, [], calib)
 
     def model(self, dtype: str = "auto", device: str | None = None) -> nn.Module:
         device = device or (self.calib.device if self.calib is not None else "cpu")

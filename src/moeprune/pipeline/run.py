@@ -60,7 +60,7 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
             adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
                                                                                                  adapters[n - 1])))
         logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
-        ctx = StageContext(ckpt, adapters[n], n + 1, list(chain), calib, sets)
+        ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets)
         plan = spec.stage.plan(spec.options, ctx)
         chain.append((spec.stage, plan))
         stats.append(ctx.stats)
