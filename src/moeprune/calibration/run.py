@@ -45,7 +45,7 @@ class CalibrateOptions:
     batch_size: int = 8
     device: str = "cpu"
     dtype: str = "auto"
-    lazy: bool = False
+    lazy: bool | None = None  # None: layer by layer only when the model does not fit (`io.fit.choose_lazy`)
     probe_stride: int | None = None  # every-expert output probes on 1 token in N (merge grouping); None: ⌈8E/k⌉
     held_out: int = 8  # windows per set kept apart from calibration, for the quality figure after a prune
 
@@ -162,7 +162,9 @@ def quiet_unless_main(is_main: bool) -> Iterator[None]:
 
 
 def _load(ckpt: Checkpoint, opts: CalibrateOptions):
-    if opts.lazy:
+    from moeprune.io.fit import choose_lazy
+
+    if choose_lazy(opts.lazy, ckpt, opts.dtype):
         from moeprune.io.lazy import load_lazy
 
         lazy = load_lazy(ckpt.path, dtype=opts.dtype)

@@ -75,6 +75,12 @@ def add_apply_flags(p: argparse.ArgumentParser) -> None:
                    help="replace --out if it is empty or an earlier moeprune output")
 
 
+def add_lazy_flag(p) -> None:
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
+                   help="--lazy: one decoder layer in memory at a time (read from disk); --no-lazy: load the model "
+                        "whole; default: layer by layer only when the model does not fit in available memory")
+
+
 def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--calib", action="append", default=[], metavar="NAME=PATH",
@@ -89,8 +95,7 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     g.add_argument("--device", default="cpu", help="where each decoder layer runs (cpu, cuda, cuda:1)")
     g.add_argument("--dtype", default="auto", help="calibration dtype (auto = the checkpoint's)")
-    g.add_argument("--lazy", action="store_true",
-                   help="load one decoder layer at a time from disk (models larger than host memory)")
+    add_lazy_flag(g)
     g.add_argument("--probe-stride", type=int, default=None, metavar="N",
                    help="record every expert's output on 1 real token in N, for merge grouping "
                         "(default ceil(8E/k): an eighth of the routed expert work)")
