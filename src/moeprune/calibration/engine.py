@@ -7,8 +7,10 @@ input is the embedding output. The *model's own* code builds those arguments, pe
 class of silent error where a tracer calibrates with bidirectional attention.
 
 Run: layer i is moved to `device`, fed every cached batch with layer i's own kwargs, its output becomes layer
-i+1's input (kept on CPU between layers), and `on_layer(i, layer)` runs before the layer so callers can attach
-hooks (statistics, prune-as-you-go). No grad, no KV cache.
+i+1's input, and `on_layer(i, layer)` runs before the layer so callers can attach hooks (statistics,
+prune-as-you-go). No grad, no KV cache. Between layers the hidden states stay on the accelerator when they fit
+(`pick_cache_device`: within a quarter of its free memory), so a GPU run copies nothing to the host per batch;
+otherwise (and always on CPU runs) they wait in host memory.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def run_layers(
     on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None = None,
     layer_context: Callable[[int], AbstractContextManager] | None = None,
     on_batch: Callable[[LayerInputs], None] | None = None,
+    cache_device: str | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """Yield (layer index, outputs per batch [B, S, H]) layer by layer; `batches` hidden states advance in place.
 
@@ -103,22 +106,35 @@ def run_layers(
     `device` and may return a clean-up callable, called after layer i has seen every batch. The caller may
     replace the yielded outputs' contents before resuming (prune-as-you-go re-runs a layer with experts removed).
     `on_batch(batch)` runs before each batch enters the layer (collectors switch to the batch's set and mask).
+    `cache_device`: where outputs wait for the next layer (None: `device` when they fit there, see `pick_cache_device`).
     """
     layers = adapter.decoder_layers(model)
+    cache = cache_device or pick_cache_device(batches, device)
     bar = tqdm(range(len(layers)), leave=False)
     for i in bar:
         bar.set_description(f"calibrating (layer {i + 1}/{len(layers)})")
         with layer_context(i) if layer_context is not None else nullcontext():
-            outputs = run_one(layers[i], i, batches, device, on_layer, on_batch)
+            outputs = run_one(layers[i], i, batches, device, on_layer, on_batch, cache)
             yield i, outputs
         for b, out in zip(batches, outputs, strict=True):
             b.hidden = out
 
 
+def pick_cache_device(batches: list[LayerInputs], device: str) -> str:
+    """`device` when it is an accelerator with room for every batch's hidden states twice (inputs and outputs of
+    a layer) within a quarter of its free memory; else "cpu"."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return "cpu"
+    need = 2 * sum(b.hidden.numel() * b.hidden.element_size() for b in batches)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return str(device) if need <= free // 4 else "cpu"
+
+
 def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
             on_layer: Callable[[int, nn.Module], Callable[[], None] | None] | None = None,
-            on_batch: Callable[[LayerInputs], None] | None = None) -> list[torch.Tensor]:
-    """Layer i on `device` over every batch; outputs [B, S, H] on CPU; the layer goes back where it was."""
+            on_batch: Callable[[LayerInputs], None] | None = None,
+            cache_device: str = "cpu") -> list[torch.Tensor]:
+    """Layer i on `device` over every batch; outputs [B, S, H] on `cache_device`; the layer goes back where it was."""
     home = next(layer.parameters()).device
     layer.to(device)
     cleanup = on_layer(i, layer) if on_layer is not None else None
@@ -129,7 +145,7 @@ def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
                 on_batch(b)
             out = layer(b.hidden.to(device), **_to(b.kwargs[i], device))
             out = out[0] if isinstance(out, tuple) else out  # [B, S, H]
-            outputs.append(out.detach().cpu())
+            outputs.append(out.detach().to(cache_device))
     finally:
         if cleanup is not None:
             cleanup()

@@ -1,0 +1,254 @@
+"""GPU check: what moeprune costs and whether it works on one CUDA device. Run by `benchmarks/gpu_check.sh OUT`.
+
+Sections (each timed and guarded; a failure is recorded and the next section runs):
+  calib   bf16 qwen3_moe-shaped model on the GPU (H=2048, expert width 768, 64 experts, top-8, 8 layers, every
+          layer MoE, vocab 32k): (a) plain whole-model forward with the default experts kernel, (a') the same
+          with eager experts, (b) `collect` (every routed statistic, probes on), same tokens and batches.
+          Medians of 3 after a warm-up; torch.cuda.synchronize around each.
+  depth   peak device memory of a lazy (layer-by-layer) calibration on checkpoints of 2 and of 8 decoder layers
+          of the same size: flat in depth means one layer plus the activation cache is resident.
+  prune   `moeprune prune --method reap --ratio 0.5 --device cuda` then `moeprune verify` for three families
+          (qwen3_moe, deepseek_v3, gpt_oss), as a user runs them (subprocesses); exit codes, wall times and the
+          verify line.
+  vllm    whether vLLM imports here (no network on the device: it cannot be pip-installed); if it does, load each
+          export and generate 8 tokens.
+Writes OUT/gpu_check.md (tables) and OUT/gpu_check.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+RESULTS: dict = {}
+LINES: list[str] = []
+
+
+def section(name: str):
+    def wrap(fn):
+        def run(*args):
+            t0 = time.perf_counter()
+            print(f"== {name}", flush=True)
+            try:
+                RESULTS[name] = fn(*args)
+            except Exception as e:  # a failed section is a result too
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+                LINES.append(f"\n### {name}: FAILED\n```\n{RESULTS[name]['trace']}\n```")
+            RESULTS.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+            print(f"== {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        return run
+    return wrap
+
+
+def calib_set(n: int, length: int, vocab: int, seed: int = 0):
+    from moeprune.calibration.data import CalibSet
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return CalibSet("bench", ids, torch.ones_like(ids), "", "random", 1, ids.numel())
+
+
+SHAPE = dict(hidden_size=2048, moe_intermediate_size=512, intermediate_size=512, num_experts=64,
+             num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=4, head_dim=128, vocab_size=32000,
+             mlp_only_layers=[], decoder_sparse_step=1, max_position_embeddings=4096)
+DEPTH_SHAPE = {**SHAPE, "num_experts": 32}
+if os.environ.get("GPU_CHECK_SMALL"):  # a dry run of the script itself on a CPU machine
+    SHAPE.update(hidden_size=64, moe_intermediate_size=32, intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    DEPTH_SHAPE = {**SHAPE}
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> None:
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if CUDA else float("nan")
+
+
+def timed(fn, reps: int = 3) -> float:
+    fn()
+    sync()
+    out = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+@section("calib")
+def calib(dev: str) -> dict:
+    from moeprune.calibration.session import collect, eager_experts
+    from moeprune.io.stock import auto_class
+    from moeprune.models import get_adapter
+    from moeprune.tiny import tiny_config
+
+    config = tiny_config("qwen3_moe", num_hidden_layers=8, **SHAPE)
+    torch.manual_seed(0)
+    with torch.device(dev):  # random init on the device: seconds, not minutes
+        model = auto_class(config).from_config(config, dtype=torch.bfloat16).eval()
+    adapter = get_adapter(model.config, model=model)
+    cs = calib_set(64, 512, SHAPE["vocab_size"])
+    B = 16
+
+    @torch.no_grad()
+    def plain():
+        for s in range(0, 64, B):
+            model(input_ids=cs.input_ids[s:s + B].to(dev), attention_mask=cs.attention_mask[s:s + B].to(dev),
+                  use_cache=False)
+
+    def eager():
+        with eager_experts(model):
+            plain()
+
+    def ours():
+        collect(model, adapter, [cs], device=dev, batch_size=B)
+
+    a, a2, b = timed(plain), timed(eager), timed(ours)
+    reset_peak()
+    ours()
+    peak = peak_gib()
+    tokens = cs.input_ids.numel()
+    r = {"tokens": tokens, "plain_s": a, "eager_s": a2, "collect_s": b, "collect_over_plain": b / a,
+         "collect_over_eager": b / a2, "collect_peak_GiB": peak,
+         "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    LINES.append("\n### Calibration vs a plain forward (bf16, one GPU)\n"
+                 f"{r["params_M"]:.0f} M parameters, 8 layers x {SHAPE["num_experts"]} experts, {tokens} tokens, batch {B}.\n\n"
+                 "| (a) plain forward | (a') eager experts | (b) collect, every statistic | (b)/(a) | (b)/(a') "
+                 "| peak GiB (b) |\n|---|---|---|---|---|---|\n"
+                 f"| {a:.3f} s | {a2:.3f} s | {b:.3f} s | {b / a:.2f} | {b / a2:.2f} | {peak:.2f} |")
+    return r
+
+
+@section("depth")
+def depth(dev: str, work: Path) -> dict:
+    from moeprune.calibration.session import collect
+    from moeprune.io.lazy import load_lazy
+    from moeprune.models import get_adapter
+    from moeprune.tiny import tiny_model
+
+    rows = {}
+    for layers in (2, 8):
+        path = work / f"depth{layers}"
+        if not path.exists():
+            tiny_model("qwen3_moe", num_hidden_layers=layers, **DEPTH_SHAPE).to(torch.bfloat16).save_pretrained(path)
+        reset_peak()
+        lazy = load_lazy(path)
+        adapter = get_adapter(lazy.model.config, model=lazy.model)
+        layer_mib = lazy.layer_bytes(0) / 2**20
+        t0 = time.perf_counter()
+        collect(lazy.model, adapter, [calib_set(32, 512, SHAPE["vocab_size"])], device=dev, batch_size=16,
+                layer_context=lazy.layer)
+        sync()
+        rows[layers] = {"peak_GiB": peak_gib(), "s": time.perf_counter() - t0,
+                        "layer_MiB": layer_mib}
+        del lazy
+    LINES.append("\n### Peak device memory of layer-by-layer calibration, 2 vs 8 layers (bf16)\n\n"
+                 "| layers | one layer MiB | peak GiB | seconds |\n|---|---|---|---|\n"
+                 + "\n".join(f"| {n} | {v['layer_MiB']:.0f} | {v['peak_GiB']:.3f} | {v['s']:.1f} |"
+                             for n, v in rows.items())
+                 + f"\n\nratio 8/2 layers: {rows[8]['peak_GiB'] / rows[2]['peak_GiB']:.2f}")
+    return rows
+
+
+def cli(*args: str, timeout: int = 240) -> tuple[int, float, str, str]:
+    """Exit code, seconds, stdout, the end of stderr."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "moeprune", *args], capture_output=True, text=True, timeout=timeout)
+    return p.returncode, time.perf_counter() - t0, p.stdout, p.stderr[-1500:]
+
+
+@section("prune")
+def prune(dev: str, work: Path) -> dict:
+    from moeprune.tiny import save_tiny
+
+    words = "the of and to in is was for on that with as by at from his her an which".split()
+    g = torch.Generator().manual_seed(0)
+    text = work / "web.txt"
+    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (20000,), generator=g)))
+    rows = {}
+    for family in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+        src = save_tiny(family, work / f"src-{family}", dtype=torch.bfloat16, with_tokenizer=True)
+        out = work / f"out-{family}"
+        rc, s, _, log = cli("prune", str(src), "--method", "reap", "--ratio", "0.5", "--calib", f"web={text}",
+                         "--device", dev, "--samples", "16", "--seq-len", "64", "--out", str(out), "--overwrite")
+        rv, sv, vline, vlog = cli("verify", str(src), str(out), "--dtype", "float32")
+        rows[family] = {"prune_rc": rc, "prune_s": s, "verify_rc": rv, "verify_s": sv, "verify": vline.strip(),
+                        "log": (log if rc else vlog if rv else "")[-600:]}
+    LINES.append("\n### prune (reap 50 %, calibrated on the GPU) + verify, three families\n\n"
+                 "| family | prune exit | prune s | verify exit | verify s | verify line |\n|---|---|---|---|---|---|\n"
+                 + "\n".join(f"| {f} | {v['prune_rc']} | {v['prune_s']:.1f} | {v['verify_rc']} | {v['verify_s']:.1f} "
+                             f"| {v['verify'][:110]} |" for f, v in rows.items()))
+    return rows
+
+
+@section("vllm")
+def vllm(work: Path) -> dict:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        LINES.append(f"\n### vLLM\nnot importable here ({e}); the device has no network, so `pip install vllm` "
+                     "cannot run. Nothing loaded.")
+        return {"available": False, "error": str(e)}
+    from vllm import LLM, SamplingParams
+
+    rows = {}
+    for out in sorted(work.glob("out-*")):
+        try:
+            llm = LLM(model=str(out), dtype="bfloat16", enforce_eager=True, gpu_memory_utilization=0.3)
+            text = llm.generate(["the of and"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+            rows[out.name] = {"ok": True, "text": text}
+            del llm
+        except Exception as e:
+            rows[out.name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+    LINES.append("\n### vLLM load + generate\n\n| export | result |\n|---|---|\n"
+                 + "\n".join(f"| {k} | {v} |" for k, v in rows.items()))
+    return rows
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check_out")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check_work"))
+    work.mkdir(parents=True, exist_ok=True)
+    dev = os.environ.get("GPU_CHECK_DEVICE", "cuda")
+    if dev.startswith("cuda") and not CUDA:
+        sys.exit("gpu_check: no CUDA device is visible (GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 for a dry run)")
+    import transformers
+
+    import moeprune
+
+    RESULTS["env"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                      "moeprune": moeprune.__file__, "device": torch.cuda.get_device_name(0) if CUDA else "cpu"}
+    LINES.append(f"# moeprune GPU check\n{json.dumps(RESULTS['env'])}")
+    only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,vllm").split(","))
+    for name, run in (("calib", lambda: calib(dev)), ("depth", lambda: depth(dev, work)),
+                      ("prune", lambda: prune(dev, work)), ("vllm", lambda: vllm(work))):
+        if name in only:
+            run()
+            (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+            (out / "gpu_check.md").write_text("\n".join(LINES) + f"\n\nseconds per section: {RESULTS['seconds']}\n")
+    print("\n".join(LINES))
+
+
+if __name__ == "__main__":
+    main()
