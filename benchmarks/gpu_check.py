@@ -132,7 +132,8 @@ def calib(dev: str) -> dict:
          "collect_over_eager": b / a2, "collect_peak_GiB": peak,
          "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
     LINES.append("\n### Calibration vs a plain forward (bf16, one GPU)\n"
-                 f"{r["params_M"]:.0f} M parameters, 8 layers x {SHAPE["num_experts"]} experts, {tokens} tokens, batch {B}.\n\n"
+                 f"{r['params_M']:.0f} M parameters, 8 layers x {SHAPE['num_experts']} experts, {tokens} tokens, "
+                 f"batch {B}.\n\n"
                  "| (a) plain forward | (a') eager experts | (b) collect, every statistic | (b)/(a) | (b)/(a') "
                  "| peak GiB (b) |\n|---|---|---|---|---|---|\n"
                  f"| {a:.3f} s | {a2:.3f} s | {b:.3f} s | {b / a:.2f} | {b / a2:.2f} | {peak:.2f} |")
