@@ -63,10 +63,11 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
 
         return forward
 
+    home = model.get_input_embeddings().weight.device  # the ids go where the embedding is (CPU, or a GPU)
     try:
         for i, layer in enumerate(layers):
             layer.forward = recorder(i)
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids.to(home), attention_mask=attention_mask.to(home), use_cache=False)
     except _StopForward:
         pass
     finally:
