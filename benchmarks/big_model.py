@@ -252,7 +252,7 @@ def main() -> None:
     text = work / "web.txt"
     if not text.exists():
         g = torch.Generator().manual_seed(0)
-        text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (400000,), generator=g)))
+        text.write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (20000,), generator=g)))
     mult = {"G": 2**30, "M": 2**20}
     limit_bytes = int(float(a.limit[:-1]) * mult[a.limit[-1]]) if a.limit[-1] in mult else int(a.limit)
     limit = MemoryLimit(limit_bytes, f"moeprune-big-{os.getpid()}") if limit_bytes else None
@@ -279,7 +279,8 @@ def main() -> None:
     table = [f"checkpoint {size / 1e9:.2f} GB ({a.layers} layers x {a.experts} experts, H={a.hidden}, width "
              f"{a.expert_width}, top-{a.top_k}), decoder layer {layer / 1e9:.3f} GB, limit {a.limit} "
              f"({limit.kind if limit else 'none'}), {a.samples} x {a.seq_len} tokens, 1 thread",
-             "", "| step | exit | peak RSS GB | target GB | seconds | x forward | target x |", "|---|---|---|---|---|---|---|"]
+             "", "| step | exit | peak RSS GB | target GB | seconds | x forward | target x |",
+             "|---|---|---|---|---|---|---|"]
     for name, rc, rss, wall, ratio, target, _ in rows:
         table.append(f"| {name} | {rc} | {rss:.2f} | {(3 * layer + 2**30) / 1e9:.2f} | {wall:.0f} | {ratio:.2f} "
                      f"| {target:.0f} |")
