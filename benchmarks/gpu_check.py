@@ -202,6 +202,31 @@ def prune(dev: str, work: Path) -> dict:
     return rows
 
 
+@section("nccl")
+def nccl(dev: str, work: Path) -> dict:
+    """torchrun (NCCL process group, one rank per GPU) calibration == the single-process calibration."""
+    from moeprune.stats.store import ExpertStats
+
+    src, text = work / "src-qwen3_moe", work / "web.txt"
+    args = ["calibrate", str(src), "--calib", f"web={text}", "--samples", "16", "--seq-len", "64", "--device", dev,
+            "--overwrite"]
+    t0 = time.perf_counter()
+    p = subprocess.run(["torchrun", "--nproc-per-node", str(torch.cuda.device_count()), "-m", "moeprune", *args,
+                        "--out", str(work / "ddp.safetensors")], capture_output=True, text=True, timeout=240)
+    ddp_s = time.perf_counter() - t0
+    rc, one_s, _, _ = cli(*args, "--out", str(work / "one.safetensors"))
+    if p.returncode or rc:
+        raise RuntimeError(f"torchrun exit {p.returncode}, single exit {rc}: {p.stderr[-800:]}")
+    a, b = ExpertStats.load(work / "ddp.safetensors"), ExpertStats.load(work / "one.safetensors")
+    diff = max(float((a.sets[s][layer].sums[f] - b.sets[s][layer].sums[f]).abs().max())
+               for s in a.sets for layer in a.sets[s] for f in a.sets[s][layer].sums)
+    r = {"gpus": torch.cuda.device_count(), "world_size": a.meta.get("world_size"), "ddp_s": ddp_s,
+         "single_s": one_s, "max_abs_diff": diff}
+    LINES.append(f"\n### torchrun (NCCL) calibration, {r['gpus']} GPU(s)\n\nworld size {r['world_size']}, "
+                 f"{ddp_s:.1f} s vs {one_s:.1f} s single-process; max |Δ| of every statistic: {diff:.2e}")
+    return r
+
+
 @section("vllm")
 def vllm(work: Path) -> dict:
     try:
@@ -241,9 +266,10 @@ def main() -> None:
     RESULTS["env"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                       "moeprune": moeprune.__file__, "device": torch.cuda.get_device_name(0) if CUDA else "cpu"}
     LINES.append(f"# moeprune GPU check\n{json.dumps(RESULTS['env'])}")
-    only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,vllm").split(","))
+    only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,nccl,vllm").split(","))
     for name, run in (("calib", lambda: calib(dev)), ("depth", lambda: depth(dev, work)),
-                      ("prune", lambda: prune(dev, work)), ("vllm", lambda: vllm(work))):
+                      ("prune", lambda: prune(dev, work)), ("nccl", lambda: nccl(dev, work)),
+                      ("vllm", lambda: vllm(work))):
         if name in only:
             run()
             (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))

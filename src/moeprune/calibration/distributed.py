@@ -39,6 +39,15 @@ def current_rank() -> Rank:
     return Rank()
 
 
+def rank_device(device: str) -> str:
+    """`--device cuda` under torchrun means this rank's own GPU: cuda:LOCAL_RANK (an explicit index is kept)."""
+    local = os.environ.get("LOCAL_RANK")
+    if device == "cuda" and local is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = f"cuda:{int(local)}"
+        torch.cuda.set_device(int(local))
+    return device
+
+
 def shard(sets: list[CalibSet], rank: Rank) -> list[CalibSet]:
     """Rows rank, rank + world, ... of every set ([N, L] -> [⌈(N − rank)/world⌉, L])."""
     if rank.world == 1:

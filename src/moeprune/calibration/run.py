@@ -17,7 +17,7 @@ from pathlib import Path
 
 from moeprune import __version__
 from moeprune.calibration.data import CalibConfig, CalibSet, CalibSource, build_sets
-from moeprune.calibration.distributed import all_reduce_stats, current_rank, shard
+from moeprune.calibration.distributed import all_reduce_stats, current_rank, rank_device, shard
 from moeprune.calibration.session import Decide, collect
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
@@ -127,10 +127,11 @@ def calibrate_model(model_obj, sets: list[CalibSet], opts: CalibrateOptions, *, 
     """Routed statistics of an in-memory model (e.g. as earlier stages of a recipe left it), this rank's shard of
     `sets`, reduced across data-parallel ranks."""
     rank = current_rank()
+    opts = dataclasses.replace(opts, device=rank_device(opts.device))  # under torchrun: this rank's GPU
     adapter = get_adapter(model_obj.config, model=model_obj)
     result = collect(model_obj, adapter, shard(sets, rank), device=opts.device, batch_size=opts.batch_size,
                      layer_context=layer_context, decide=decide, probe_stride=opts.probe_stride)
-    all_reduce_stats(result.stats, "cuda" if opts.device.startswith("cuda") else "cpu")
+    all_reduce_stats(result.stats, opts.device if opts.device.startswith("cuda") else "cpu")
     routing = dataclasses.asdict(adapter.routing())
     return ExpertStats(
         adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), result.router_sha256,
