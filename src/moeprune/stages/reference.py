@@ -30,7 +30,6 @@ from torch import nn
 from moeprune.models.base import MoEAdapter, expert_indexed
 from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.models.masking import masked_experts
-from moeprune.select.neuron_plan import NeuronPlan
 
 Expert = dict[str, torch.Tensor]  # canonical roles: gate/up [I, H], down [H, I], gate/up_bias [I], down_bias [H]
 
@@ -87,16 +86,14 @@ class Reference:
     # ------------------------------------------------------------------ tensors
     @torch.no_grad()
     def zero_removed_neurons(self) -> None:
-        """down[:, k] = 0 for every position k that no current neuron of its slot occupies (`mask_neurons`), in the
-        layers in scope (the plan keeps every neuron of the others, so `mask_neurons` leaves them alone)."""
-        from moeprune.surgery.neurons import mask_neurons
-
-        E, every = self.adapter.num_experts, list(range(self.width))  # masked slots keep every neuron: never routed
-        scope = set(self.scope(self.slots))
-        kept = {layer: {s: sorted(self.pos(layer, s)) if s in set(live) and layer in scope else every
-                        for s in range(E)}
-                for layer, live in self.slots.items()}
-        mask_neurons(self.model, self.adapter, NeuronPlan(kept, self.width, model_type=self.adapter.model_type))
+        """down[:, k] = 0 for every position k that no current neuron of its slot occupies, in the layers in scope
+        (the zeros of `surgery.neurons.mask_neurons`); masked slots keep every neuron: they are never routed to."""
+        for layer in self.scope(self.slots):
+            for slot in self.slots[layer]:
+                kept = set(self.pos(layer, slot))
+                drop = [k for k in range(self.width) if k not in kept]
+                if drop:
+                    self._views(layer, slot)["down"][:, drop] = 0  # [H, I] columns
 
     def _block(self, layer: int) -> nn.Module:
         return self.adapter.block(self.model, layer)
@@ -122,17 +119,7 @@ class Reference:
         """Write `expert` (current width) into current expert i's slot at its neuron positions."""
         slot = self.slots[layer][i]
         p = torch.tensor(self.pos(layer, slot))
-        experts = self.adapter.experts(self._block(layer))
-        if layout_of(experts) is ModuleListLayout:
-            mlp = experts[slot]
-            views = {}
-            for role, names in MLP_NAMES.items():
-                lin = getattr(mlp, next(n for n in names if hasattr(mlp, n)))
-                views[role] = lin.weight
-                if lin.bias is not None:
-                    views[f"{role}_bias"] = lin.bias
-        else:
-            views = {role: t[slot] for role, t in self.adapter.expert_roles(self._block(layer)).items()}
+        views = self._views(layer, slot)
         for role, value in expert.items():
             target = views[role]
             value = value.to(target.dtype)
@@ -142,6 +129,20 @@ class Reference:
                 target[:, p] = value  # [H, I'] columns
             else:
                 target.copy_(value)  # down bias [H]
+
+    def _views(self, layer: int, slot: int) -> Expert:
+        """Slot `slot`'s tensors by canonical role, as views that write through to the model (gate/up [I, H],
+        down [H, I], biases)."""
+        experts = self.adapter.experts(self._block(layer))
+        if layout_of(experts) is not ModuleListLayout:
+            return {role: t[slot] for role, t in self.adapter.expert_roles(self._block(layer)).items()}
+        mlp, views = experts[slot], {}
+        for role, names in MLP_NAMES.items():
+            lin = getattr(mlp, next(n for n in names if hasattr(mlp, n)))
+            views[role] = lin.weight
+            if lin.bias is not None:
+                views[f"{role}_bias"] = lin.bias
+        return views
 
     @torch.no_grad()
     def weighted_router_rows(self, layer: int, groups: list[list[int]], weights: list[list[float]]) -> None:
