@@ -17,6 +17,9 @@ r_L and x_L into logits, compared exactly as the whole-model verify compares the
 is the same figure. The running divergence max |x_{i+1} − r_{i+1}| is reported per layer.
 
 Passes ⇔ the logits pass and every layer passes.
+
+Memory: one decoder layer (of one model) at a time, both models' embeddings, final norms and heads, the hidden
+states r_i, r_{i+1} and x_i of every chunk, one chunk's export outputs, and at the end one chunk's logits per model.
 """
 
 from __future__ import annotations
@@ -80,17 +83,18 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
             reference = Reference.of_chain(orig.model, adapter, chain, layers=[i])
             with reference.routing():
                 want = run_one(layer, i, refs, "cpu")  # r_{i+1}: [B, S, H] per chunk
+        err, run_err = torch.zeros(()), torch.zeros(())  # max over chunks; one chunk's outputs held at a time
         with exp.layer(i) as layer:
-            on_ref = [LayerInputs(r.hidden, x.kwargs, x.attention_mask) for r, x in zip(refs, runs, strict=True)]
-            got = run_one(layer, i, on_ref, "cpu")  # y_i
-            own = run_one(layer, i, runs, "cpu")  # x_{i+1}
-        errors.append(_max_abs(want, got, masks))
-        scales.append(torch.stack([w[m].abs().max().float() for w, m in zip(want, masks, strict=True)]).max().item())
-        running.append(_max_abs(want, own, masks))
-        for r, w in zip(refs, want, strict=True):
-            r.hidden = w
-        for x, o in zip(runs, own, strict=True):
-            x.hidden = o
+            for r, x, w, m in zip(refs, runs, want, masks, strict=True):
+                y = run_one(layer, i, [LayerInputs(r.hidden, x.kwargs, x.attention_mask)], "cpu")[0]  # y_i
+                x.hidden = run_one(layer, i, [x], "cpu")[0]  # x_{i+1}
+                err = torch.maximum(err, _max_abs(w, y, m))
+                run_err = torch.maximum(run_err, _max_abs(w, x.hidden, m))
+                r.hidden = w  # r_{i+1}
+        errors.append(err.item())
+        running.append(run_err.item())
+        scales.append(max(w[m].abs().max().float().item() for w, m in zip(want, masks, strict=True)))
+        del want
         logger.debug("verify: decoder layer %d: max |Δ| %.3e of max |h| %.3g (running %.3e)", i, errors[-1],
                      scales[-1], running[-1])
     results = [compare(_head_logits(orig.model, adapter, x, r.hidden),  # reference: r_L
@@ -105,10 +109,9 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
     return result
 
 
-def _max_abs(a: list[torch.Tensor], b: list[torch.Tensor], masks: list[torch.Tensor]) -> float:
-    """max |a − b| over the non-padding positions of every chunk (NaN propagates: it fails the check)."""
-    diffs = [(x.float() - y.float())[m].abs().max() for x, y, m in zip(a, b, masks, strict=True)]
-    return torch.stack(diffs).max().item()
+def _max_abs(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """max |a − b| over the non-padding positions (NaN propagates through torch.maximum: it fails the check)."""
+    return (a.float() - b.float())[mask].abs().max()
 
 
 @contextmanager
