@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moeprune
+from moeprune import api
 from moeprune.calibration.data import CalibConfig, CalibSource, build_sets
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.cli import main
@@ -27,7 +28,7 @@ from moeprune.models import get_adapter
 from moeprune.pipeline.recipe import read_chain
 from moeprune.pipeline.verify import verify
 from moeprune.stages.reference import Reference
-from moeprune.tiny import save_tiny, tiny_tokenizer
+from moeprune.tiny import FAMILY_CONFIGS, save_tiny, tiny_tokenizer
 
 FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral")
 CASES = {  # id -> (family, recipe)
@@ -102,6 +103,14 @@ def test_layered_passes_honest_exports_with_the_whole_model_figure(root, exports
     exported = load_model(out)
     x = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(5))
     assert (original(x).logits - exported(x).logits).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_layered_on_every_family(tmp_path, family):
+    """A data-free expert removal on every supported family (shared experts, nested VL config, groups)."""
+    src = save_tiny(family, tmp_path / "src", seed=1)
+    out = api.apply_plan(src, api.make_plan(src, "aimer", 0.25), tmp_path / "out").out
+    _assert_same_figure(verify(src, out, lazy=True), verify(src, out))
 
 
 @pytest.mark.parametrize("family,layer", [("qwen3_moe", 1), ("deepseek_v3", 1), ("gpt_oss", 1), ("mixtral", 1)])
