@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from moeprune.cli.common import add_verb, verify_exit
 
 
@@ -18,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tol", type=float, default=None,
                    help="relative tolerance (default by dtype: 1e-4 float32, 1e-2 float16, 3e-2 bfloat16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input tokens")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
+                   help="layer by layer, one decoder layer in memory; names the layers that differ")
     p.set_defaults(func=run)
 
 
@@ -26,4 +30,5 @@ def run(args) -> int:
     from moeprune.pipeline.verify import verify
 
     plans = read_chain(args.plan) if args.plan else None
-    return verify_exit(verify(args.original, args.pruned, plans, dtype=args.dtype, tol=args.tol, seed=args.seed))
+    return verify_exit(verify(args.original, args.pruned, plans, dtype=args.dtype, tol=args.tol, seed=args.seed,
+                              lazy=args.lazy))

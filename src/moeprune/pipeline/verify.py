@@ -7,10 +7,17 @@ compute what the ORIGINAL computes with every stage's reference applied (`stages
 The reference never uses the surgery that made the export: expert removal is masking in the original's own
 router, neuron removal is zeroing down-projection columns, merging writes each merged expert into its dominant's
 slot. The export's config must also hold the counts and widths the plans predict.
+
+Inputs: the seeded ids (default), or real tokens (`tokens`: ids [N, L] or {"input_ids", "attention_mask"};
+`sets`: calibration sets, `calibration/data.py: CalibSet`), run `chunk` rows at a time; the figures are maxima over
+every chunk. `lazy=True` runs the same comparison one decoder layer at a time with both models loaded lazily
+(`pipeline/verify_layered.py`): memory for one layer instead of two whole models, and a per-layer error that names
+the layer where an export departs from its reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,6 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
-from moeprune.models.masking import masked_experts
 from moeprune.pipeline.recipe import Chain, chain_adapters, is_export, read_chain
 from moeprune.stages.base import stage_for_format
 from moeprune.stages.reference import Reference
@@ -38,17 +44,40 @@ class VerifyResult:
     tolerance: float
     tokens: int
     passed: bool
+    # layer by layer (lazy) only, per decoder layer: max |export block − reference block| on the same (reference)
+    # input, max |reference block output|, and the export's own running forward vs the reference after that layer
+    layer_max_abs_diff: list[float] | None = None
+    layer_max_abs: list[float] | None = None
+    running_max_abs_diff: list[float] | None = None
 
     @property
     def relative(self) -> float:
         return self.max_abs_diff / max(self.max_abs_logit, 1e-30)
 
+    @property
+    def layer_relative(self) -> list[float] | None:
+        if self.layer_max_abs_diff is None:
+            return None
+        return [d / max(s, 1e-30) for d, s in zip(self.layer_max_abs_diff, self.layer_max_abs or [], strict=True)]
+
+    @property
+    def failed_layers(self) -> list[int]:
+        """Decoder layers whose block output departs from the reference's beyond tolerance (layered verify)."""
+        return [i for i, r in enumerate(self.layer_relative or []) if not r <= self.tolerance]
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"relative": self.relative}
+        return asdict(self) | {"relative": self.relative, "layer_relative": self.layer_relative,
+                               "failed_layers": self.failed_layers}
 
     def line(self) -> str:
-        return (f"max abs logit difference: {self.max_abs_diff:.3e} (relative {self.relative:.3e}, tolerance "
-                f"{self.tolerance:.1e} x max |logit| {self.max_abs_logit:.3g}) -> {'PASS' if self.passed else 'FAIL'}")
+        text = (f"max abs logit difference: {self.max_abs_diff:.3e} (relative {self.relative:.3e}, tolerance "
+                f"{self.tolerance:.1e} x max |logit| {self.max_abs_logit:.3g})")
+        if self.layer_relative:
+            worst = max(range(len(self.layer_relative)), key=lambda i: self.layer_relative[i])
+            text += f"; worst decoder layer {worst}: relative {self.layer_relative[worst]:.3e}"
+        if self.failed_layers:
+            text += f"; decoder layers {self.failed_layers} differ from the reference beyond tolerance"
+        return f"{text} -> {'PASS' if self.passed else 'FAIL'}"
 
 
 def tolerance(dtype: str, tol: float | None = None) -> float:
@@ -82,6 +111,43 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor
     return result
 
 
+def combine(results: Sequence[VerifyResult], tol: float) -> VerifyResult:
+    """One result over several chunks: the largest difference against the largest |logit|, tokens summed."""
+    diff, scale = max(r.max_abs_diff for r in results), max(r.max_abs_logit for r in results)
+    return VerifyResult(diff, scale, tol, sum(r.tokens for r in results), bool(diff <= tol * scale))
+
+
+def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+                  sets: Sequence[Any] | None = None, batch: int = 2, seq_len: int = 32, seed: int = 0,
+                  chunk: int = 8) -> list[dict[str, torch.Tensor]]:
+    """The inputs both models run on, `chunk` rows per forward: the seeded ids unless `tokens` or `sets` (CalibSet)
+    are given. Token ids must lie in 0..vocab_size-1 (checked here, before any model is loaded)."""
+    if tokens is not None and sets is not None:
+        raise MoePruneError("give verify either tokens or calibration sets, not both.")
+    if chunk < 1:
+        raise MoePruneError(f"chunk={chunk}: verify runs at least one row per forward; give chunk >= 1.")
+    if tokens is None and sets is None:
+        return [seeded_inputs(vocab_size, batch, seq_len, seed)]
+    if tokens is not None:
+        named = tokens if isinstance(tokens, Mapping) else {"input_ids": tokens}
+        pairs = [("tokens", named["input_ids"], named.get("attention_mask"))]
+    else:
+        pairs = [(s.name, s.input_ids, s.attention_mask) for s in sets]
+    out = []
+    for name, ids, mask in pairs:
+        ids = torch.as_tensor(ids, dtype=torch.long)  # [N, L]
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)  # [N, L]
+        if ids.dim() != 2 or mask.shape != ids.shape or ids.numel() == 0:
+            raise MoePruneError(f"verify inputs {name!r}: input_ids {tuple(ids.shape)} and attention_mask "
+                                f"{tuple(mask.shape)} must be the same non-empty [rows, length].")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise MoePruneError(f"verify inputs {name!r}: token ids {int(ids.min())}..{int(ids.max())} fall outside "
+                                f"the model's vocabulary 0..{vocab_size - 1}; tokenize with the model's tokenizer.")
+        out += [{"input_ids": ids[i : i + chunk], "attention_mask": mask[i : i + chunk]}
+                for i in range(0, ids.shape[0], chunk)]
+    return out
+
+
 def as_chain(plans: list[Any]) -> Chain:
     """Plan objects (PrunePlan, MergePlan, NeuronPlan, ...) -> (stage, plan) pairs, by their JSON format."""
     return [(stage_for_format(p.to_dict().get("format"), type(p).__name__), p) for p in plans]
@@ -89,9 +155,13 @@ def as_chain(plans: list[Any]) -> Chain:
 
 def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | None = None, *,
            dtype: str = "float32", tol: float | None = None, seed: int = 0, batch: int = 2,
-           seq_len: int = 32) -> VerifyResult:
+           seq_len: int = 32, lazy: bool | None = None, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+           sets: Sequence[Any] | None = None, chunk: int = 8) -> VerifyResult:
     """Compare the reloaded EXPORT with ORIGINAL under the chained references of its plans (read from EXPORT by
-    default: its moeprune_recipe.json, or the single plan of an older export)."""
+    default: its moeprune_recipe.json, or the single plan of an older export).
+
+    `lazy`: True = layer by layer (`verify_layered`), one decoder layer in memory; False or None = both models
+    whole. `tokens`/`sets` replace the seeded inputs (`verify_inputs`)."""
     tol = tolerance(dtype, tol)
     src, dst = Checkpoint.open(original), Checkpoint.open(export)
     if plans is None:
@@ -104,22 +174,24 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     final = chain_adapters(chain, adapter)[-1]
     _check_config(dst, final)
 
-    inputs = seeded_inputs(src.config.get_text_config().vocab_size, batch, seq_len, seed)
+    inputs = verify_inputs(src.config.get_text_config().vocab_size, tokens=tokens, sets=sets, batch=batch,
+                           seq_len=seq_len, seed=seed, chunk=chunk)
+    if lazy:
+        from moeprune.pipeline.verify_layered import verify_layered
+
+        return verify_layered(src.path, dst.path, chain, adapter, inputs, dtype=dtype, tol=tol)
     logger.info("verify: loading %s%s", dst.path, "" if nonuniform.is_nonuniform(dst.config_dict) else
                 " with stock from_pretrained")
     model = load_model(dst.path, dtype=dtype)
-    got = logits_of(model, inputs)
+    got = [logits_of(model, x) for x in inputs]
     del model
     logger.info("verify: original %s with the references of %s", src.path,
                 " → ".join(stage.describe(plan) for stage, plan in chain))
-    reference = Reference(load_model(src.path, dtype=dtype), adapter)
-    for stage, plan in chain:
-        stage.reference(reference, plan)
-        for layer, kept in (stage.survivors(plan) or {}).items():
-            reference.keep_experts(layer, kept)
-    with masked_experts(reference.model, adapter, reference.masked()):
-        want = logits_of(reference.model, inputs)
-    return compare(want, got, inputs["attention_mask"], tol)
+    reference = Reference.of_chain(load_model(src.path, dtype=dtype), adapter, chain)
+    with reference.routing():
+        results = [compare(logits_of(reference.model, x), g, x["attention_mask"], tol)
+                   for x, g in zip(inputs, got, strict=True)]
+    return results[0] if len(results) == 1 else combine(results, tol)
 
 
 def _check_config(dst: Checkpoint, final) -> None:

@@ -158,7 +158,8 @@ class Stage:
         return None
 
     def reference(self, ref: Reference, plan) -> None:
-        """Write this stage's change onto the reference (current numbering; `survivors` renumbers after)."""
+        """Write this stage's change onto the reference (current numbering; `survivors` renumbers after); change
+        tensors only of the layers in `ref.scope(plan.layers)` (a layer-by-layer verify materialises one)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ reports

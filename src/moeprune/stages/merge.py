@@ -104,7 +104,7 @@ class MergeStage(Stage):
 
     def reference(self, ref, plan: MergePlan) -> None:
         layer_merge = MERGES.get(plan.merge)(plan)
-        for layer in plan.layers:
+        for layer in ref.scope(plan.layers):
             current = [ref.read_expert(layer, i) for i in range(len(ref.slots[layer]))]
             merged = layer_merge(current, plan.groups[layer], plan.weights[layer])
             if plan.router == "weighted":

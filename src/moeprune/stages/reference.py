@@ -11,28 +11,59 @@ Each stage writes its change onto this one model in its own way, never through t
                       r[slot(d)] = Σ_i f_i r[slot(m_i)] / Σ_i f_i;  slots ← slots[dominants]
 and finally every slot not in `slots` is masked out of the original's own router (`models/masking.py`).
 The export, reloaded by stock `from_pretrained`, must compute the same function (`pipeline/verify.py`).
+
+`Reference.of_chain(model, adapter, chain, layers=...)` writes a whole recipe: `layers=None` changes every layer
+(the whole-model verify); `layers=[i]` changes decoder layer i only and never touches another layer's tensors
+(the layer-by-layer verify, where the other layers are on `meta`). The bookkeeping (`slots`, `positions`) always
+covers every MoE layer; stages change tensors only in `scope(plan.layers)`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from moeprune.models.base import MoEAdapter, expert_indexed
 from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
-from moeprune.select.neuron_plan import NeuronPlan
+from moeprune.models.masking import masked_experts
 
 Expert = dict[str, torch.Tensor]  # canonical roles: gate/up [I, H], down [H, I], gate/up_bias [I], down_bias [H]
 
 
 class Reference:
-    def __init__(self, model: nn.Module, adapter: MoEAdapter):
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, layers: Sequence[int] | None = None):
         self.model, self.adapter = model, adapter
         self.width = adapter.expert_width
         self.slots: dict[int, list[int]] = {layer: list(range(adapter.num_experts)) for layer in adapter.moe_layers()}
         self.positions: dict[int, dict[int, list[int]]] = {layer: {} for layer in adapter.moe_layers()}
+        self.layers = None if layers is None else frozenset(layers)  # decoder layers whose tensors change
+
+    @classmethod
+    def of_chain(cls, model: nn.Module, adapter: MoEAdapter, chain: Sequence[tuple[Any, Any]],
+                 layers: Sequence[int] | None = None) -> Reference:
+        """Every (stage, plan) of `chain` written in order onto `model` (only `layers`, when given)."""
+        ref = cls(model, adapter, layers)
+        for stage, plan in chain:
+            stage.reference(ref, plan)
+            for layer, kept in (stage.survivors(plan) or {}).items():
+                ref.keep_experts(layer, kept)
+        return ref
+
+    @contextmanager
+    def routing(self) -> Iterator[dict]:
+        """Inside: the masked slots (`masked`) of the layers in scope can never be routed to."""
+        with masked_experts(self.model, self.adapter, self.masked()) as counters:
+            yield counters
 
     # ------------------------------------------------------------------ bookkeeping
+    def scope(self, layers: Sequence[int]) -> list[int]:
+        """The MoE layers among `layers` whose tensors this reference changes."""
+        return [layer for layer in layers if self.layers is None or layer in self.layers]
+
     def pos(self, layer: int, slot: int) -> list[int]:
         return self.positions[layer].get(slot, list(range(self.width)))
 
@@ -48,20 +79,21 @@ class Reference:
             self.positions[layer][slot] = [p[k] for k in neurons]
 
     def masked(self) -> dict[int, list[int]]:
-        """Slots no current expert occupies: masked out of routing in the reference."""
+        """Slots no current expert occupies, per layer in scope: masked out of routing in the reference."""
         E = self.adapter.num_experts
-        return {layer: [s for s in range(E) if s not in set(kept)] for layer, kept in self.slots.items()}
+        return {layer: [s for s in range(E) if s not in set(self.slots[layer])] for layer in self.scope(self.slots)}
 
     # ------------------------------------------------------------------ tensors
     @torch.no_grad()
     def zero_removed_neurons(self) -> None:
-        """down[:, k] = 0 for every position k that no current neuron of its slot occupies (`mask_neurons`)."""
-        from moeprune.surgery.neurons import mask_neurons
-
-        E = self.adapter.num_experts  # masked slots keep every neuron: they are never routed to
-        kept = {layer: {s: sorted(self.pos(layer, s)) if s in set(live) else list(range(self.width)) for s in range(E)}
-                for layer, live in self.slots.items()}
-        mask_neurons(self.model, self.adapter, NeuronPlan(kept, self.width, model_type=self.adapter.model_type))
+        """down[:, k] = 0 for every position k that no current neuron of its slot occupies, in the layers in scope
+        (the zeros of `surgery.neurons.mask_neurons`); masked slots keep every neuron: they are never routed to."""
+        for layer in self.scope(self.slots):
+            for slot in self.slots[layer]:
+                kept = set(self.pos(layer, slot))
+                drop = [k for k in range(self.width) if k not in kept]
+                if drop:
+                    self._views(layer, slot)["down"][:, drop] = 0  # [H, I] columns
 
     def _block(self, layer: int) -> nn.Module:
         return self.adapter.block(self.model, layer)
@@ -87,17 +119,7 @@ class Reference:
         """Write `expert` (current width) into current expert i's slot at its neuron positions."""
         slot = self.slots[layer][i]
         p = torch.tensor(self.pos(layer, slot))
-        experts = self.adapter.experts(self._block(layer))
-        if layout_of(experts) is ModuleListLayout:
-            mlp = experts[slot]
-            views = {}
-            for role, names in MLP_NAMES.items():
-                lin = getattr(mlp, next(n for n in names if hasattr(mlp, n)))
-                views[role] = lin.weight
-                if lin.bias is not None:
-                    views[f"{role}_bias"] = lin.bias
-        else:
-            views = {role: t[slot] for role, t in self.adapter.expert_roles(self._block(layer)).items()}
+        views = self._views(layer, slot)
         for role, value in expert.items():
             target = views[role]
             value = value.to(target.dtype)
@@ -107,6 +129,20 @@ class Reference:
                 target[:, p] = value  # [H, I'] columns
             else:
                 target.copy_(value)  # down bias [H]
+
+    def _views(self, layer: int, slot: int) -> Expert:
+        """Slot `slot`'s tensors by canonical role, as views that write through to the model (gate/up [I, H],
+        down [H, I], biases)."""
+        experts = self.adapter.experts(self._block(layer))
+        if layout_of(experts) is not ModuleListLayout:
+            return {role: t[slot] for role, t in self.adapter.expert_roles(self._block(layer)).items()}
+        mlp, views = experts[slot], {}
+        for role, names in MLP_NAMES.items():
+            lin = getattr(mlp, next(n for n in names if hasattr(mlp, n)))
+            views[role] = lin.weight
+            if lin.bias is not None:
+                views[f"{role}_bias"] = lin.bias
+        return views
 
     @torch.no_grad()
     def weighted_router_rows(self, layer: int, groups: list[list[int]], weights: list[list[float]]) -> None:
