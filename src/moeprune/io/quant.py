@@ -24,18 +24,19 @@ Loading dequantizes with transformers' own ops: `hf_dequantize_config()` is the 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.io.safetensors_io import TensorEntry, read_tensor
+from moeprune.io.safetensors_io import OutTensor, TensorEntry, read_tensor
 from moeprune.registry import Registry
 
 FP8_WEIGHT = "F8_E4M3"
 FP8_SCALE = "weight_scale_inv"
 FP8_SCALE_DTYPES = {"float": ("F32", "BF16"), "ue8m0": ("U8", "E8M0", "F8_E8M0")}
+SCALE_ENDS = ("_scale_inv", "_scales")  # how scale tensors of the supported formats are named
 MX_BLOCK = 32  # values per MXFP4 scale
 E8M0_NAN = 255  # the e8m0 byte that encodes NaN
 
@@ -50,7 +51,8 @@ class QuantFormat:
     values: Callable[[QuantFormat, dict[str, TensorEntry]], None]  # value checks (reads scale tensors)
     hf_class: str  # transformers' config class, built with dequantize=True
 
-    def check_headers(self, entries: list[TensorEntry]) -> None:
+    def check_headers(self, entries: Sequence[TensorEntry | OutTensor]) -> None:
+        """Header checks on tensors (name, dtype, shape): read checkpoint entries, or tensors about to be written."""
         self.check(self, {e.name: e for e in entries})
 
     def check_values(self, entries: list[TensorEntry]) -> None:
