@@ -189,6 +189,12 @@ def test_lazy_layers_equal_transformers_dequantized(case):
     family, fmt, path = case
     ref, lazy = load_dequantized(path), load_lazy(path)
     assert getattr(lazy.model.config, "quantization_config", None) is None
+    # each layer's group holds that layer's keys, its scales / blocks included; nothing but the head is left out
+    names = Checkpoint.open(path).names()
+    for i in range(len(lazy.layers)):
+        assert all(k.startswith(f"model.layers.{i}.") for k in lazy.keys[i])
+        assert any(k.endswith(("_scale_inv", "_scales")) for k in lazy.keys[i])
+    assert sorted(k for group in lazy.keys.values() for k in group) == sorted(k for k in names if "lm_head" not in k)
     prefix = lazy.layer_prefix + "."
     rest = {n: t for n, t in list(lazy.model.named_parameters()) + list(lazy.model.named_buffers())
             if not n.startswith((prefix, "lm_head."))}
@@ -283,6 +289,30 @@ def test_streaming_removal_keeps_the_format(case, tmp_path):
     assert (full[mask] - ref[mask]).abs().max() > 1e-3  # the removal changed something: the test can fail
 
 
+def test_prune_streaming_with_lazy_calibration_end_to_end(root, tmp_path):
+    """`moeprune prune --lazy --streaming` on an FP8 DeepSeek-V3: lazy calibration on the quantized weights, plan,
+    streaming apply, and the package's own verification (stock reload == masked original) passes; the output is
+    FP8 with its quantization_config."""
+    from moeprune import api
+    from moeprune.calibration.run import CalibrateOptions
+    from moeprune.tiny import tiny_tokenizer
+
+    family, fmt, overrides = CASES["fp8-deepseek_v3"]
+    path = quantized_checkpoint(family, fmt, tmp_path / "model", **overrides)
+    tiny_tokenizer().save_pretrained(path)
+    text = tmp_path / "web.txt"
+    text.write_text(" ".join(f"the fox {i} jumps over dog {i * 7}." for i in range(300)))
+    calib = CalibrateOptions((f"web={text}",), samples=4, seq_len=24, lazy=True)
+    result, verified = api.prune(path, tmp_path / "out", method="frequency", ratio=0.25, calib=calib, streaming=True)
+    assert verified is not None and verified.passed and verified.max_abs_logit > 0
+    out = Checkpoint.open(result.out)
+    assert out.quantization.method == "fp8" and out.config_dict["n_routed_experts"] == 6
+    assert out.config_dict["quantization_config"] == json.loads((path / "config.json").read_text())[
+        "quantization_config"]
+    experts = [e for e in out.entries if re.search(r"\.experts\.\d+\.up_proj\.weight$", e.name)]
+    assert len(experts) == 6 * 2 and all(e.dtype == "F8_E4M3" for e in experts)
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 
@@ -356,6 +386,17 @@ def test_corrupted_scales_are_refused_before_work(corruption, root, tmp_path, mo
     else:  # headers: every command opens the checkpoint first
         with pytest.raises(MoePruneError, match=match):
             Checkpoint.open(path)
+
+
+def test_unavailable_device_refused_before_work(case, monkeypatch):
+    from moeprune.io import lazy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(lazy, "load_keys", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(MoePruneError, match="no such CUDA device"):
+        load_lazy(case[2], device="cuda:0")
+    with pytest.raises(MoePruneError, match="not a torch device name"):
+        load_lazy(case[2], device="gpu0")
 
 
 def test_unknown_quant_method_refused_before_work(root, tmp_path, no_work):

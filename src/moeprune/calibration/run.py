@@ -165,6 +165,6 @@ def _load(ckpt: Checkpoint, opts: CalibrateOptions):
     if opts.lazy:
         from moeprune.io.lazy import load_lazy
 
-        lazy = load_lazy(ckpt.path, dtype=opts.dtype)
+        lazy = load_lazy(ckpt.path, dtype=opts.dtype, device=opts.device)
         return lazy.model, lazy.layer
     return load_model(ckpt.path, dtype=opts.dtype), None

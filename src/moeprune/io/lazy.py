@@ -116,13 +116,15 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
         rename_source_key,
     )
 
-    device = str(torch.device(device))  # a clear torch error for a malformed name, before any work
+    device = _check_device(device)
     ckpt = Checkpoint.open(path)  # refuses unknown quant_methods and scale tensors that do not fit their weights
     config = copy.deepcopy(config if config is not None else ckpt.config)
     quant = ckpt.quantization
     hf_quantizer = None
     if quant is not None:
         quant.check_values(ckpt.entries)  # reads the scale tensors only
+        if getattr(config, "quantization_config", None) is None:  # a given config (non-uniform) may lack it: the
+            config.quantization_config = dict(quant.config)  # quantizer must know the weights are pre-quantized
         # as from_pretrained(..., quantization_config=<format>Config(dequantize=True)) builds it
         hf_quantizer, config, _ = get_hf_quantizer(config, quant.hf_dequantize_config(), None, True, {})
     cls = get_model_class(config, auto_class(config)._model_mapping)
@@ -186,6 +188,17 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     logger.info("lazy model %s: %d decoder layers on meta, ~%.1f MB per layer (layer %d)", cls.__name__, len(layers),
                 lazy.layer_bytes(len(layers) - 1) / 2**20, len(layers) - 1)
     return lazy
+
+
+def _check_device(device: str) -> str:
+    """The device name, refused before any work when malformed or not visible."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MoePruneError(f"device {device!r} is not a torch device name ({e}); use e.g. cpu or cuda:0.") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MoePruneError(f"device {device!r}: no such CUDA device is visible; use cpu.")
+    return str(dev)
 
 
 @torch.no_grad()
