@@ -48,12 +48,14 @@ DROPPED = ([2, 5], [0, 7], [3, 4])
 # ----------------------------------------------------------------------------------------------- building
 
 
-def fp8_quantize(name: str, t: torch.Tensor, block: list[int]) -> dict[str, torch.Tensor] | None:
-    """transformers' Fp8Quantize on the linear weights a FP8 release quantizes (not embeddings, head, routers)."""
+def fp8_quantize(name: str, t: torch.Tensor, block: list[int], routers: bool = False) -> dict[str, torch.Tensor] | None:
+    """transformers' Fp8Quantize on the linear weights a FP8 release quantizes (not embeddings, head, and routers
+    unless `routers`)."""
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
-    if t.dim() != 2 or not name.endswith(".weight") or re.search(r"embed_tokens|lm_head|\.mlp\.gate\.", name):
+    skip = r"embed_tokens|lm_head" if routers else r"embed_tokens|lm_head|\.mlp\.gate\."
+    if t.dim() != 2 or not name.endswith(".weight") or re.search(skip, name):
         return None
     out = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=block))).convert({name: t})
     return out if len(out) == 2 else None  # Fp8Quantize leaves shapes that are not whole blocks unquantized
@@ -72,8 +74,10 @@ def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous(), (exp + 127).to(torch.uint8).contiguous()
 
 
-def quantized_checkpoint(family: str, fmt: str, dst: Path, **overrides) -> Path:
-    """A tiny bf16 checkpoint of `family` (two shards), re-written in format `fmt` with its quantization_config."""
+def quantized_checkpoint(family: str, fmt: str, dst: Path, block: list[int] = FP8_BLOCK, routers: bool = False,
+                         **overrides) -> Path:
+    """A tiny bf16 checkpoint of `family` (two shards), re-written in format `fmt` with its quantization_config
+    (FP8: `block`, routers quantized too when `routers`)."""
     src = save_tiny(family, dst.parent / f"{dst.name}-bf16", seed=1, dtype=torch.bfloat16, max_shard_size="60KB",
                     **overrides)
     shutil.copytree(src, dst)
@@ -82,7 +86,7 @@ def quantized_checkpoint(family: str, fmt: str, dst: Path, **overrides) -> Path:
         tensors = {}
         for name, t in load_file(str(shard)).items():
             if fmt == "fp8":
-                q = fp8_quantize(name, t, FP8_BLOCK)
+                q = fp8_quantize(name, t, block, routers)
                 if q is None and t.dim() == 2 and name.endswith(".weight"):
                     not_converted.append(name.removesuffix(".weight"))
             else:
@@ -99,7 +103,7 @@ def quantized_checkpoint(family: str, fmt: str, dst: Path, **overrides) -> Path:
     config = json.loads((dst / "config.json").read_text())
     if fmt == "fp8":
         config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                         "weight_block_size": FP8_BLOCK, "modules_to_not_convert": not_converted}
+                                         "weight_block_size": block, "modules_to_not_convert": not_converted}
     else:
         config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
             "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
@@ -311,6 +315,23 @@ def test_prune_streaming_with_lazy_calibration_end_to_end(root, tmp_path):
         "quantization_config"]
     experts = [e for e in out.entries if re.search(r"\.experts\.\d+\.up_proj\.weight$", e.name)]
     assert len(experts) == 6 * 2 and all(e.dtype == "F8_E4M3" for e in experts)
+
+
+def test_block_quantized_router_refused_by_streaming(tmp_path):
+    """A router quantized in [8, 8] blocks: one scale covers 8 experts' rows, so no expert can be cut out of it on
+    the shards; refused before any byte is written (the lazy loader still reads it, dequantized)."""
+    path = quantized_checkpoint("qwen3_moe", "fp8", tmp_path / "model", block=[8, 8], routers=True)
+    ckpt = Checkpoint.open(path)
+    assert ckpt.torch_dtypes()["model.layers.1.mlp.gate.weight"] == torch.float8_e4m3fn
+    adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
+    plan = PrunePlan({layer: [0, 1, 3, 4, 6, 7] for layer in adapter.moe_layers()}, 8)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MoePruneError, match=r"model\.layers\.1\.mlp\.gate\.weight(_scale_inv)? is a quantized router"):
+        streaming.apply_plan_streaming(ckpt, adapter, plan, tmp_path / "out", 60_000)
+    assert not any((tmp_path / "out").iterdir())
+    ref, lazy = load_dequantized(path), load_lazy(path)
+    with lazy.layer(1) as layer:
+        assert torch.equal(layer.mlp.gate.weight, ref.model.layers[1].mlp.gate.weight)
 
 
 # ----------------------------------------------------------------------------------------------- refusals

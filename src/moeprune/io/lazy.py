@@ -203,11 +203,10 @@ def _check_device(device: str) -> str:
 
 @torch.no_grad()
 def load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = (), device: str = "cpu") -> None:
-    """Load `keys` from the shards onto `device` through transformers' converters (dequantizing quantized
-    weights), then give every tensor of
-    `scope` (a module path, "" = whole model minus `skip`) still on meta its value: non-persistent buffers via
-    `_init_weights`; a missing weight is an error for a decoder layer and random-initialised (with a warning,
-    as `from_pretrained` does) elsewhere."""
+    """Load `keys` from the shards onto `device` through transformers' converters (which dequantize quantized
+    weights), then give every tensor of `scope` (a module path, "" = whole model minus `skip`) still on meta its
+    value: non-persistent buffers via `_init_weights`; a missing weight is an error for a decoder layer and
+    random-initialised (with a warning, as `from_pretrained` does) elsewhere."""
     from transformers.utils import logging as hf_logging
 
     from moeprune.compat import convert_and_load_state_dict_in_model
