@@ -48,16 +48,24 @@ DROPPED = ([2, 5], [0, 7], [3, 4])
 # ----------------------------------------------------------------------------------------------- building
 
 
-def fp8_quantize(name: str, t: torch.Tensor, block: list[int], routers: bool = False) -> dict[str, torch.Tensor] | None:
+def fp8_quantize(name: str, t: torch.Tensor, block: list[int], routers: bool = False,
+                 pad: bool = False) -> dict[str, torch.Tensor] | None:
     """transformers' Fp8Quantize on the linear weights a FP8 release quantizes (not embeddings, head, and routers
-    unless `routers`)."""
+    unless `routers`); with `pad`, matrices that end in a partial block too (scales [ceil(rows/b0), ceil(cols/b1)])."""
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
     from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
     skip = r"embed_tokens|lm_head" if routers else r"embed_tokens|lm_head|\.mlp\.gate\."
     if t.dim() != 2 or not name.endswith(".weight") or re.search(skip, name):
         return None
-    out = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=block))).convert({name: t})
+    op = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=block)))
+    rows, cols = t.shape
+    if pad:  # quantize as if zero-padded to whole blocks (zeros change no block's max), then crop: DeepSeek's way
+        padded = torch.nn.functional.pad(t, (0, -cols % block[1], 0, -rows % block[0]))
+        out = op.convert({name: padded})
+        out[name] = out[name][:rows, :cols].contiguous()
+    else:
+        out = op.convert({name: t})
     return out if len(out) == 2 else None  # Fp8Quantize leaves shapes that are not whole blocks unquantized
 
 
@@ -75,9 +83,9 @@ def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantized_checkpoint(family: str, fmt: str, dst: Path, block: list[int] = FP8_BLOCK, routers: bool = False,
-                         **overrides) -> Path:
+                         pad: bool = False, **overrides) -> Path:
     """A tiny bf16 checkpoint of `family` (two shards), re-written in format `fmt` with its quantization_config
-    (FP8: `block`, routers quantized too when `routers`)."""
+    (FP8: `block`, routers quantized too when `routers`, partial blocks when `pad`)."""
     src = save_tiny(family, dst.parent / f"{dst.name}-bf16", seed=1, dtype=torch.bfloat16, max_shard_size="60KB",
                     **overrides)
     shutil.copytree(src, dst)
@@ -86,7 +94,7 @@ def quantized_checkpoint(family: str, fmt: str, dst: Path, block: list[int] = FP
         tensors = {}
         for name, t in load_file(str(shard)).items():
             if fmt == "fp8":
-                q = fp8_quantize(name, t, block, routers)
+                q = fp8_quantize(name, t, block, routers, pad)
                 if q is None and t.dim() == 2 and name.endswith(".weight"):
                     not_converted.append(name.removesuffix(".weight"))
             else:
@@ -220,6 +228,27 @@ def test_lazy_layers_equal_transformers_dequantized(case):
                 err = (got[k].float() - t.float()).abs().max()
                 assert err <= (0.07 if fmt == "fp8" else 0.35) * t.float().abs().max() + 1e-6, (k, float(err))
         assert all(t.is_meta for t in lazy.layers[i].state_dict().values())
+
+
+def test_fp8_partial_blocks_follow_the_format(tmp_path):
+    """DeepSeek-V3's kv_a_proj_with_mqa ends in a partial block (576 rows = 4.5 x 128 on the Hub; here 24 rows in
+    16-row blocks): its scale has ceil(24/16) = 2 rows. The lazy layer equals the format's definition computed by
+    brute force from the files, W[r, c] * S[r // 16, c // 16], and is close to the bf16 source."""
+    path = quantized_checkpoint("deepseek_v3", "fp8", tmp_path / "model", pad=True)
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    disk = tensors_of(path)
+    q, s = disk[name], disk[name.removesuffix("weight") + "weight_scale_inv"]
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (24, 32) and s.shape == (2, 2)
+    rows, cols = torch.arange(24)[:, None] // 16, torch.arange(32)[None, :] // 16  # [24, 1], [1, 32]
+    want = (q.float() * s[rows, cols]).to(torch.bfloat16)  # [24, 32]
+    src = tensors_of(tmp_path / "model-bf16")[name].float()
+    lazy = load_lazy(path)
+    with lazy.layer(1) as layer:
+        got = layer.self_attn.kv_a_proj_with_mqa.weight
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        assert (got.float() - src).abs().max() <= 0.07 * src.abs().max()
+        whole = layer.self_attn.q_b_proj.weight  # whole blocks: transformers' own op, unchanged
+        assert torch.equal(whole, load_dequantized(path).model.layers[1].self_attn.q_b_proj.weight)
 
 
 def test_lazy_routed_statistics_equal_dequantized_in_memory(case):

@@ -31,9 +31,11 @@ read DEQUANTIZED, exactly as `from_pretrained(..., quantization_config=FineGrain
 `Mxfp4Config(dequantize=True)` reads them: transformers' quantizer is built with `dequantize=True`, it leaves the
 meta model plain (nn.Linear, plain experts) and adds its conversions (`Fp8Dequantize` before each per-expert merge,
 `Mxfp4Dequantize` for `*_blocks`/`*_scales`), so each layer's scale tensors are grouped with their weights and the
-layer arrives in the model's dtype ("auto" = config dtype; bf16 if that would be a float8 storage type). Memory
-stays one layer (plus the float8 copy of the layer's weights while it is dequantized). The model's config loses its
-quantization_config, as from_pretrained's does, so the rest of moeprune sees an ordinary model.
+layer arrives in the model's dtype ("auto" = config dtype; bf16 if that would be a float8 storage type). One
+deviation: FP8 matrices that end in a partial block (DeepSeek-V3's kv_a_proj_with_mqa) are dequantized by the
+format's definition, which transformers gets wrong (`io/quant_ops.py`). Memory stays one layer (plus the float8
+copy of the layer's weights while it is dequantized). The model's config loses its quantization_config, as
+from_pretrained's does, so the rest of moeprune sees an ordinary model.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.quant import is_quantized_dtype
+from moeprune.io.quant_ops import fix_quantizer
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
 from moeprune.io.stock import auto_class, parse_dtype
 from moeprune.log import logger
@@ -127,6 +130,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
             config.quantization_config = dict(quant.config)  # quantizer must know the weights are pre-quantized
         # as from_pretrained(..., quantization_config=<format>Config(dequantize=True)) builds it
         hf_quantizer, config, _ = get_hf_quantizer(config, quant.hf_dequantize_config(), None, True, {})
+        fix_quantizer(quant.method, hf_quantizer)  # FP8 matrices ending in a partial block (DeepSeek-V3)
     cls = get_model_class(config, auto_class(config)._model_mapping)
     index = ckpt.path / INDEX_NAME
     sharded = json.loads(index.read_text()).get("metadata", {}) if index.is_file() else None
