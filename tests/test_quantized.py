@@ -192,6 +192,17 @@ def test_checkpoints_are_really_quantized(case):
     assert Checkpoint.open(path).quantization.method == fmt
 
 
+def test_info_counts_parameters_not_stored_elements(case):
+    """`moeprune info` on a quantized checkpoint: the same parameter counts as its bf16 source (scales are no
+    parameters, an MXFP4 byte holds two), fewer bytes."""
+    from moeprune.models.summary import summarize
+
+    family, fmt, path = case
+    quantized, source = summarize(str(path)), summarize(str(path.parent / f"{path.name}-bf16"))
+    assert quantized.params == source.params and quantized.per_layer_expert_params == source.per_layer_expert_params
+    assert quantized.routed_bytes < 0.6 * source.routed_bytes and quantized.routed_params > 0
+
+
 # ----------------------------------------------------------------------------------------------- lazy loading
 
 

@@ -58,6 +58,12 @@ class QuantFormat:
     def check_values(self, entries: list[TensorEntry]) -> None:
         self.values(self, {e.name: e for e in entries})
 
+    def params(self, entry: TensorEntry) -> int:
+        """Model parameters a stored tensor holds: scales hold none, an MXFP4 byte holds two."""
+        if entry.name.endswith(SCALE_ENDS):
+            return 0
+        return entry.numel * 2 if self.method == "mxfp4" and entry.name.endswith("_blocks") else entry.numel
+
     def hf_dequantize_config(self):
         """transformers' quantization config for this checkpoint, with `dequantize=True`."""
         import transformers
