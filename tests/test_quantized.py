@@ -203,6 +203,25 @@ def test_info_counts_parameters_not_stored_elements(case):
     assert quantized.routed_bytes < 0.6 * source.routed_bytes and quantized.routed_params > 0
 
 
+def test_data_free_weight_summaries_read_dequantized_weights(case):
+    """Data-free criteria summarise expert weights straight from the shards: on a quantized checkpoint they must
+    see the dequantized weights, as transformers' dequantized model holds them (tolerance: bf16 rounding of the
+    model's copy, rtol 1e-2; element counts exact)."""
+    from moeprune.criteria.weights import summarize_checkpoint, summarize_model
+
+    family, fmt, path = case
+    ckpt = Checkpoint.open(path)
+    got = summarize_checkpoint(ckpt, get_adapter(ckpt.config, weight_keys=ckpt.names()))
+    model = load_dequantized(path, torch.float32)
+    want = summarize_model(model, get_adapter(model.config, model=model))
+    assert got.keys() == want.keys() and got
+    for layer, w in want.items():
+        assert torch.equal(got[layer].numel, w.numel), layer
+        torch.testing.assert_close(got[layer].abs_sum, w.abs_sum, rtol=1e-2, atol=0)
+        torch.testing.assert_close(got[layer].sq_sum, w.sq_sum, rtol=1e-2, atol=0)
+        assert w.abs_sum.min() > 0
+
+
 # ----------------------------------------------------------------------------------------------- lazy loading
 
 

@@ -18,7 +18,9 @@ has no weight, the wrong shape or the wrong dtype (both run by `Checkpoint.open`
 `QuantFormat.check_values(entries)` reads the scale tensors only (1/16384 of an FP8 checkpoint, 1/16 of MXFP4
 blocks) and refuses non-finite or non-positive scales (run where weights are read: lazy loading, streaming apply).
 Loading dequantizes with transformers' own ops: `hf_dequantize_config()` is the `FineGrainedFP8Config` /
-`Mxfp4Config` with `dequantize=True` that `io/lazy.py` hands to transformers' quantizer.
+`Mxfp4Config` with `dequantize=True` that `io/lazy.py` hands to transformers' quantizer. `QuantFormat.read` gives
+one weight dequantized (tensor by tensor, for data-free criteria); `QuantFormat.params` counts what a stored tensor
+holds (scales: none; an MXFP4 byte: two).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class QuantFormat:
     check: Callable[[QuantFormat, dict[str, TensorEntry]], None]  # header checks
     values: Callable[[QuantFormat, dict[str, TensorEntry]], None]  # value checks (reads scale tensors)
     hf_class: str  # transformers' config class, built with dequantize=True
+    reader: Callable[[QuantFormat, TensorEntry, dict[str, TensorEntry]], torch.Tensor]  # one weight, dequantized
 
     def check_headers(self, entries: Sequence[TensorEntry | OutTensor]) -> None:
         """Header checks on tensors (name, dtype, shape): read checkpoint entries, or tensors about to be written."""
@@ -63,6 +66,13 @@ class QuantFormat:
         if entry.name.endswith(SCALE_ENDS):
             return 0
         return entry.numel * 2 if self.method == "mxfp4" and entry.name.endswith("_blocks") else entry.numel
+
+    def read(self, entry: TensorEntry, entries: dict[str, TensorEntry]) -> torch.Tensor | None:
+        """One checkpoint tensor as the model's values (float32 where it is quantized), None for a scale tensor
+        (it belongs to its weight). Reads that tensor and its scale only."""
+        if entry.name.endswith(SCALE_ENDS):
+            return None
+        return self.reader(self, entry, entries)
 
     def hf_dequantize_config(self):
         """transformers' quantization config for this checkpoint, with `dequantize=True`."""
@@ -159,6 +169,17 @@ def _values_fp8(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
                                 f"{s[bad].flatten()[:3].tolist()}): the scale tensor is corrupted (re-download it).")
 
 
+def _read_fp8(fmt: QuantFormat, entry: TensorEntry, entries: dict[str, TensorEntry]) -> torch.Tensor:
+    """W * S per block (the format's definition, partial edge blocks included), float32."""
+    from moeprune.io.quant_ops import fp8_dequantize_partial
+
+    scale = entries.get(entry.name.removesuffix(".weight") + "." + FP8_SCALE)
+    if entry.dtype != FP8_WEIGHT or scale is None:
+        return read_tensor(entry)
+    block = _fp8_block(fmt) or tuple(entry.shape[-2:])
+    return fp8_dequantize_partial(read_tensor(entry), read_tensor(scale), block, torch.float32)
+
+
 # --------------------------------------------------------------------------------------------- mxfp4
 
 
@@ -191,8 +212,19 @@ def _values_mxfp4(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
                                     "tensor is corrupted (re-download it).")
 
 
-FORMATS.register("fp8", dict(check=_check_fp8, values=_values_fp8, hf_class="FineGrainedFP8Config"))
-FORMATS.register("mxfp4", dict(check=_check_mxfp4, values=_values_mxfp4, hf_class="Mxfp4Config"))
+def _read_mxfp4(fmt: QuantFormat, entry: TensorEntry, entries: dict[str, TensorEntry]) -> torch.Tensor:
+    """Blocks [E, out, G, 16] + scales -> the in-memory weight [E, in, out], float32, by transformers' unpacking."""
+    if not entry.name.endswith("_blocks"):
+        return read_tensor(entry)
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    scales = entries[entry.name.removesuffix("_blocks") + "_scales"]
+    return convert_moe_packed_tensors(read_tensor(entry), read_tensor(scales), dtype=torch.float32)
+
+
+FORMATS.register("fp8", dict(check=_check_fp8, values=_values_fp8, hf_class="FineGrainedFP8Config", reader=_read_fp8))
+FORMATS.register("mxfp4", dict(check=_check_mxfp4, values=_values_mxfp4, hf_class="Mxfp4Config",
+                               reader=_read_mxfp4))
 
 
 def is_quantized_dtype(dtype: torch.dtype) -> bool:
