@@ -393,6 +393,31 @@ def test_block_quantized_router_refused_by_streaming(tmp_path):
         assert torch.equal(layer.mlp.gate.weight, ref.model.layers[1].mlp.gate.weight)
 
 
+def test_in_memory_prune_writes_a_dequantized_checkpoint(root, tmp_path):
+    """Without --streaming the model is pruned dequantized (bf16) in memory and saved so: no quantization_config,
+    no float8 weight cast back without its scale. Its stock reload equals the original dequantized to bf16 by
+    transformers with the removed experts masked (both run in float32; tolerance 1e-4). The data-free method's
+    weight summaries come from the dequantized weights too. (The package's float32 verification compares with the
+    float32 dequantization and sees the bf16 rounding, ~1e-2 of the logits: not asserted here.)"""
+    from moeprune import api
+
+    family, fmt, overrides = CASES["fp8-deepseek_v3"]
+    path = quantized_checkpoint(family, fmt, tmp_path / "model", **overrides)
+    result, _ = api.prune(path, tmp_path / "out", method="weight_norm", ratio=0.25, run_verify=False)
+    out = Checkpoint.open(result.out)
+    assert out.quantization is None and {e.dtype for e in out.entries} <= {"BF16", "F32"}
+    dropped = {int(k): v for k, v in result.report["dropped_experts"].items()}
+    assert all(len(v) == 2 for v in dropped.values())
+    original, pruned = load_dequantized(path).float(), auto_class(out.config).from_pretrained(str(result.out)).float()
+    inputs = seeded_inputs(96, batch=2, seq_len=24, seed=5)
+    with torch.no_grad():
+        with masked_experts(original, get_adapter(original.config, model=original), dropped):
+            ref = original(**inputs).logits
+        logits = pruned(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits[mask], ref[mask], rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 
 

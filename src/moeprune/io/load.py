@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from moeprune.io import nonuniform
-from moeprune.io.quant import quant_format
+from moeprune.io.quant import is_quantized_dtype, quant_format
 from moeprune.io.stock import DTYPES, auto_class, parse_dtype
 
 __all__ = ["DTYPES", "auto_class", "load_model", "match_disk_dtypes", "parse_dtype"]
@@ -20,11 +20,13 @@ __all__ = ["DTYPES", "auto_class", "load_model", "match_disk_dtypes", "parse_dty
 @torch.no_grad()
 def match_disk_dtypes(model, disk_dtypes: dict[str, torch.dtype]) -> list[str]:
     """Cast parameters/buffers back to the dtype their checkpoint stores (transformers upcasts some, e.g.
-    DeepSeek's e_score_correction_bias to float32), so saving the model preserves every tensor's dtype."""
+    DeepSeek's e_score_correction_bias to float32), so saving the model preserves every tensor's dtype.
+    Quantized storage (float8 weights of an FP8 checkpoint, which the model holds dequantized) is not a dtype to
+    cast back to: those stay in the model's dtype (the in-memory path writes a dequantized checkpoint)."""
     changed = []
     for name, t in list(model.state_dict(keep_vars=True).items()):
         want = disk_dtypes.get(name)
-        if want is not None and t.dtype != want and t.is_floating_point():
+        if want is not None and t.dtype != want and t.is_floating_point() and not is_quantized_dtype(want):
             t.data = t.data.to(want)
             changed.append(name)
     return changed
