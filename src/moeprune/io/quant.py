@@ -15,7 +15,7 @@ Supported formats (`FORMATS`, a registry):
 `quant_format(config_dict)` refuses an unknown or unsupported `quant_method` (naming the supported ones);
 `QuantFormat.check_headers(entries)` refuses, from the safetensors headers only, a scale tensor that is missing,
 has no weight, the wrong shape or the wrong dtype (both run by `Checkpoint.open`, before any work);
-`QuantFormat.check_values(entries)` reads the scale tensors only (1/16384 of an FP8 checkpoint, 1/16 of MXFP4
+`QuantFormat.check_values(entries)` reads the scale tensors only (1/4096 of an FP8 checkpoint's bytes, 1/16 of MXFP4
 blocks) and refuses non-finite or non-positive scales (run where weights are read: lazy loading, streaming apply).
 Loading dequantizes with transformers' own ops: `hf_dequantize_config()` is the `FineGrainedFP8Config` /
 `Mxfp4Config` with `dequantize=True` that `io/lazy.py` hands to transformers' quantizer. `QuantFormat.read` gives
@@ -26,13 +26,13 @@ holds (scales: none; an MXFP4 byte: two).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.io.safetensors_io import OutTensor, TensorEntry, read_tensor
+from moeprune.io.safetensors_io import DTYPES, OutTensor, TensorEntry, read_tensor
 from moeprune.registry import Registry
 
 FP8_WEIGHT = "F8_E4M3"
@@ -158,15 +158,42 @@ def _check_fp8(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
                             "the scale tensors are missing (re-download them).")
 
 
+def _read_by_file(entries: list[TensorEntry]) -> Iterator[list[tuple[TensorEntry, torch.Tensor]]]:
+    """Many small tensors (scales), one file's worth at a time, each file opened once."""
+    by_file: dict[str, list[TensorEntry]] = {}
+    for e in entries:
+        by_file.setdefault(str(e.file), []).append(e)
+    for file, group in sorted(by_file.items()):
+        out = []
+        with open(file, "rb") as f:
+            for e in sorted(group, key=lambda e: e.begin):
+                f.seek(e.begin)
+                raw = bytearray(f.read(e.nbytes))
+                out.append((e, torch.frombuffer(raw, dtype=DTYPES[e.dtype][1]) if raw else torch.empty(0)))
+        yield out
+
+
+def _refuse_bad(entries: list[TensorEntry], is_bad: Callable[[TensorEntry, torch.Tensor], torch.Tensor],
+                what: str) -> None:
+    """Check all values of `entries` file by file (one vectorised test per file); name the first bad tensor."""
+    for group in _read_by_file(entries):
+        flags = torch.cat([is_bad(e, t) for e, t in group])  # [all values of this file's scales]
+        if bool(flags.any()):
+            e, t = next((e, t) for e, t in group if bool(is_bad(e, t).any()))
+            bad = is_bad(e, t)
+            raise MoePruneError(f"{e.name} holds {int(bad.sum())} {what} (e.g. {t[bad][:3].tolist()}): the scale "
+                                "tensor is corrupted (re-download it).")
+
+
 def _values_fp8(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
-    for name, e in entries.items():
-        if not name.endswith("." + FP8_SCALE):
-            continue
-        s = read_tensor(e)
-        bad = s == E8M0_NAN if e.dtype == "U8" else ~(s.float().isfinite() & (s.float() > 0))
-        if bool(bad.any()):
-            raise MoePruneError(f"{name} holds {int(bad.sum())} non-finite or non-positive scales (e.g. "
-                                f"{s[bad].flatten()[:3].tolist()}): the scale tensor is corrupted (re-download it).")
+    def is_bad(e: TensorEntry, t: torch.Tensor) -> torch.Tensor:
+        if e.dtype == "U8":  # ue8m0 exponent bytes
+            return t == E8M0_NAN
+        t = t.float()
+        return ~(t.isfinite() & (t > 0))
+
+    _refuse_bad([e for n, e in entries.items() if n.endswith("." + FP8_SCALE)], is_bad,
+                "non-finite or non-positive scales")
 
 
 def _read_fp8(fmt: QuantFormat, entry: TensorEntry, entries: dict[str, TensorEntry]) -> torch.Tensor:
@@ -204,12 +231,8 @@ def _check_mxfp4(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
 
 
 def _values_mxfp4(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
-    for name, e in entries.items():
-        if name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" in entries:
-            nan = read_tensor(e) == E8M0_NAN
-            if bool(nan.any()):
-                raise MoePruneError(f"{name} holds {int(nan.sum())} NaN scales (e8m0 byte {E8M0_NAN}): the scale "
-                                    "tensor is corrupted (re-download it).")
+    scales = [e for n, e in entries.items() if n.endswith("_scales") and n[: -len("_scales")] + "_blocks" in entries]
+    _refuse_bad(scales, lambda e, t: t == E8M0_NAN, f"NaN scales (e8m0 byte {E8M0_NAN})")
 
 
 def _read_mxfp4(fmt: QuantFormat, entry: TensorEntry, entries: dict[str, TensorEntry]) -> torch.Tensor:
