@@ -15,6 +15,8 @@ does not import transformers) — `EXPORTS`, moeprune's name -> (transformers mo
     LoadStateDictConfig                   transformers.modeling_utils.LoadStateDictConfig
     get_dtype                             transformers.modeling_utils._get_dtype
     get_hf_quantizer                      transformers.quantizers.auto.get_hf_quantizer (quantized lazy loads)
+    Fp8Dequantize                         transformers.integrations.finegrained_fp8.Fp8Dequantize (io/quant_ops.py)
+    convert_moe_packed_tensors            transformers.integrations.mxfp4.convert_moe_packed_tensors (io/quant.py)
     get_model_class                       transformers.models.auto.auto_factory._get_model_class
     ContextManagers                       transformers.utils.generic.ContextManagers
     guard_torch_init_functions            transformers.initialization.guard_torch_init_functions
@@ -45,6 +47,8 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "LoadStateDictConfig": ("transformers.modeling_utils", "LoadStateDictConfig"),
     "get_dtype": ("transformers.modeling_utils", "_get_dtype"),
     "get_hf_quantizer": ("transformers.quantizers.auto", "get_hf_quantizer"),
+    "Fp8Dequantize": ("transformers.integrations.finegrained_fp8", "Fp8Dequantize"),
+    "convert_moe_packed_tensors": ("transformers.integrations.mxfp4", "convert_moe_packed_tensors"),
     "get_model_class": ("transformers.models.auto.auto_factory", "_get_model_class"),
     "ContextManagers": ("transformers.utils.generic", "ContextManagers"),
     "guard_torch_init_functions": ("transformers.initialization", "guard_torch_init_functions"),

@@ -239,7 +239,7 @@ def _read_mxfp4(fmt: QuantFormat, entry: TensorEntry, entries: dict[str, TensorE
     """Blocks [E, out, G, 16] + scales -> the in-memory weight [E, in, out], float32, by transformers' unpacking."""
     if not entry.name.endswith("_blocks"):
         return read_tensor(entry)
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from moeprune.compat import convert_moe_packed_tensors
 
     scales = entries[entry.name.removesuffix("_blocks") + "_scales"]
     return convert_moe_packed_tensors(read_tensor(entry), read_tensor(scales), dtype=torch.float32)

@@ -36,7 +36,7 @@ def fp8_dequantize_partial(quantized: torch.Tensor, scales: torch.Tensor, block:
 
 
 def _fp8_ops(hf_quantizer) -> None:
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    from moeprune.compat import Fp8Dequantize
 
     class PartialBlockFp8Dequantize(Fp8Dequantize):
         """transformers' Fp8Dequantize, right for matrices that end in a partial block."""
