@@ -16,7 +16,12 @@ Expectation: lazy peak above imports ~ embeddings + one layer + transformers' co
 per-expert tensors into fused ones briefly holds ~1/3 to 2/3 of a layer twice) + glibc heap retention; eager
 ~ the whole model (from_pretrained's own peak is larger than the checkpoint).
 
-Run:  python benchmarks/lazy_memory.py [--layers 8] [--batches 2] [--seq-len 128]
+With --fp8 the checkpoint is then re-written FP8 block-quantized as DeepSeek-V3 / Qwen3-FP8 ship (float8_e4m3fn
+linear weights in [128, 128] blocks with float32 `weight_scale_inv`, by transformers' `Fp8Quantize`; embeddings,
+head and routers left bf16), and eager loading dequantizes it as transformers does on CPU (`load_model` =
+from_pretrained, which falls back to `dequantize=True` without a GPU), lazy loading layer by layer.
+
+Run:  python benchmarks/lazy_memory.py [--layers 8] [--batches 2] [--seq-len 128] [--fp8]
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ def child(mode: str, path: Path, out: Path, opts: dict) -> None:
     if mode == "build":
         save_tiny("qwen3_moe", path, dtype=torch.bfloat16, max_shard_size="500MB",
                   num_hidden_layers=opts["layers"], **SHAPE)
+        if opts["fp8"]:
+            to_fp8(path)
         return
     import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401  (~150 MB of code, in both modes)
 
@@ -78,6 +85,33 @@ def child(mode: str, path: Path, out: Path, opts: dict) -> None:
                                                       load_s=t_load, wall_s=wall)))
 
 
+def to_fp8(path: Path, block: tuple[int, int] = (128, 128)) -> None:
+    """Re-write a saved checkpoint FP8 block-quantized, shard by shard, and add its quantization_config."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    op = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=list(block))))
+    weight_map = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors = {}
+        for name, t in load_file(str(shard)).items():
+            linear = t.dim() == 2 and name.endswith(".weight") and not re.search(r"embed|lm_head|\.mlp\.gate\.", name)
+            tensors.update(op.convert({name: t}) if linear else {name: t})
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def run_child(mode: str, path: Path, out: Path, opts: dict) -> None:
     subprocess.run([sys.executable, __file__, "--child", mode, str(path), str(out), json.dumps(opts)], check=True)
 
@@ -87,6 +121,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batches", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--fp8", action="store_true", help="FP8 block-quantized checkpoint (dequantized on load)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -101,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moeprune-lazy-") as tmp:
         ckpt, out = Path(tmp) / "ckpt", Path(tmp) / "out"
         out.mkdir()
-        opts = dict(layers=args.layers, batches=args.batches, seq_len=args.seq_len)
+        opts = dict(layers=args.layers, batches=args.batches, seq_len=args.seq_len, fp8=args.fp8)
         run_child("build", ckpt, out, opts)
         total = Checkpoint.open(ckpt).total_bytes / 2**20
         layer = sum(e.nbytes for e in Checkpoint.open(ckpt).entries if ".layers.1." in e.name) / 2**20
@@ -110,7 +145,8 @@ def main() -> None:
         res = {m: json.loads((out / f"{m}.json").read_text()) for m in ("eager", "lazy")}
         same = all(torch.equal(a, b) for a, b in zip(torch.load(out / "eager.pt"), torch.load(out / "lazy.pt"),
                                                     strict=True))
-    print(f"checkpoint: qwen3_moe bf16, {args.layers} MoE layers, {total:.0f} MB in all, {layer:.0f} MB per "
+    fmt = "FP8 [128, 128] blocks" if args.fp8 else "bf16"
+    print(f"checkpoint: qwen3_moe {fmt}, {args.layers} MoE layers, {total:.0f} MB in all, {layer:.0f} MB per "
           f"decoder layer; {args.batches} batches x 2 x {args.seq_len} tokens")
     print(f"{'mode':<6} {'after imports':>14} {'after load':>11} {'peak':>8} {'peak above imports':>19} "
           f"{'load s':>7} {'total s':>8}")

@@ -14,6 +14,9 @@ does not import transformers) — `EXPORTS`, moeprune's name -> (transformers mo
       rename_source_key, convert_and_load_state_dict_in_model
     LoadStateDictConfig                   transformers.modeling_utils.LoadStateDictConfig
     get_dtype                             transformers.modeling_utils._get_dtype
+    get_hf_quantizer                      transformers.quantizers.auto.get_hf_quantizer (quantized lazy loads)
+    Fp8Dequantize                         transformers.integrations.finegrained_fp8.Fp8Dequantize (io/quant_ops.py)
+    convert_moe_packed_tensors            transformers.integrations.mxfp4.convert_moe_packed_tensors (io/quant.py)
     get_model_class                       transformers.models.auto.auto_factory._get_model_class
     ContextManagers                       transformers.utils.generic.ContextManagers
     guard_torch_init_functions            transformers.initialization.guard_torch_init_functions
@@ -23,6 +26,7 @@ Used in place, as attributes of transformers objects — `ATTRIBUTES`, checked b
     Auto*._model_mapping                              io/stock.py (auto_class), io/lazy.py
     PreTrainedModel.get_init_context, ._get_dtype_plan, ._init_weights, .named_non_persistent_buffers,
       .tie_weights(missing_keys=, recompute_mapping=)  io/lazy.py
+    HfQuantizer.preprocess_model, .postprocess_model  io/lazy.py (quantized checkpoints, dequantize=True)
     PretrainedConfig._experts_implementation          calibration/session.py (eager experts while calibrating);
                                                       also set by benchmarks/calibration_cost.py
 """
@@ -42,6 +46,9 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "convert_and_load_state_dict_in_model": ("transformers.core_model_loading", "convert_and_load_state_dict_in_model"),
     "LoadStateDictConfig": ("transformers.modeling_utils", "LoadStateDictConfig"),
     "get_dtype": ("transformers.modeling_utils", "_get_dtype"),
+    "get_hf_quantizer": ("transformers.quantizers.auto", "get_hf_quantizer"),
+    "Fp8Dequantize": ("transformers.integrations.finegrained_fp8", "Fp8Dequantize"),
+    "convert_moe_packed_tensors": ("transformers.integrations.mxfp4", "convert_moe_packed_tensors"),
     "get_model_class": ("transformers.models.auto.auto_factory", "_get_model_class"),
     "ContextManagers": ("transformers.utils.generic", "ContextManagers"),
     "guard_torch_init_functions": ("transformers.initialization", "guard_torch_init_functions"),
@@ -54,6 +61,8 @@ ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("transformers", "PreTrainedModel._init_weights"),
     ("transformers", "PreTrainedModel.named_non_persistent_buffers"),
     ("transformers", "PreTrainedModel.tie_weights"),
+    ("transformers.quantizers", "HfQuantizer.preprocess_model"),
+    ("transformers.quantizers", "HfQuantizer.postprocess_model"),
     ("transformers", "PretrainedConfig._experts_implementation"),
 )
 # every (module, attribute path) moeprune needs from transformers

@@ -168,6 +168,6 @@ def _load(ckpt: Checkpoint, opts: CalibrateOptions):
     if choose_lazy(opts.lazy, ckpt, opts.dtype):
         from moeprune.io.lazy import load_lazy
 
-        lazy = load_lazy(ckpt.path, dtype=opts.dtype)
+        lazy = load_lazy(ckpt.path, dtype=opts.dtype, device=opts.device)
         return lazy.model, lazy.layer
     return load_model(ckpt.path, dtype=opts.dtype), None

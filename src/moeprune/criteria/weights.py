@@ -2,7 +2,8 @@
 
 For expert j of a layer, over all of its parameters θ_j (gate, up, down and their biases, concatenated):
     abs_sum[j] = Σ|θ_j|,   sq_sum[j] = Σ θ_j²,   numel[j] = |θ_j|     (float64)
-Reading from disk goes tensor by tensor, so memory stays at one tensor whatever the model size.
+Reading from disk goes tensor by tensor, so memory stays at one tensor whatever the model size; quantized
+checkpoints (FP8, MXFP4) are summarised on their dequantized weights (`io.quant.QuantFormat.read`).
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ def summarize_checkpoint(ckpt: Checkpoint, adapter: MoEAdapter) -> dict[int, Wei
     out = {layer: WeightSummary.zeros(adapter.num_experts) for layer in adapter.moe_layers()}
     experts = [(e, adapter.classify_key(e.name)) for e in ckpt.entries]
     experts = [(e, r) for e, r in experts if r.kind in ("expert", "fused")]
+    quant, entries = ckpt.quantization, {e.name: e for e in ckpt.entries}
     for entry, role in tqdm(experts, desc="reading expert weights", unit="tensor", leave=False):
-        out[role.layer].add(role.expert if role.kind == "expert" else slice(None), read_tensor(entry))
+        # FP8 / MXFP4: the dequantized weight (its scale read with it, not summed on its own)
+        t = read_tensor(entry) if quant is None else quant.read(entry, entries)
+        if t is not None:
+            out[role.layer].add(role.expert if role.kind == "expert" else slice(None), t)
     return out
 
 

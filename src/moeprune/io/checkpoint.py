@@ -2,7 +2,8 @@
 
 `Checkpoint.open(path)` validates what every command needs before expensive work: the folder exists, has a
 config.json and safetensors weights whose headers parse and whose files are not truncated, and the index (when
-sharded) names only files that exist.
+sharded) names only files that exist, and, for a quantized checkpoint, that its format is supported and its scale
+tensors fit their weights (headers only: `io.quant`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.io.nonuniform_config import is_nonuniform, restored_config
+from moeprune.io.quant import QuantFormat, quant_format
 from moeprune.io.safetensors_io import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -58,7 +60,15 @@ class Checkpoint:
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise MoePruneError(f"{path}: the same tensor name appears in several shards; the checkpoint is broken.")
+        quant = quant_format(config_dict, str(cfg_file))  # unknown quant_method: refused here
+        if quant is not None:
+            quant.check_headers(entries)
         return cls(path.resolve(), config_dict, entries)
+
+    @property
+    def quantization(self) -> QuantFormat | None:
+        """The quantized format (FP8 blocks, MXFP4) of the weights, None when unquantized."""
+        return quant_format(self.config_dict)
 
     @cached_property
     def config(self) -> Any:

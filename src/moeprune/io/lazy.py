@@ -24,12 +24,24 @@ Memory: one layer, plus transformers' conversion temporaries while a fused tenso
 tensors then concatenating gate and up holds ~1/3 of the layer in two copies at once), plus the embeddings.
 
 The head (`lm_head`) stays on `meta` unless `head=True`: layer-by-layer calibration never computes logits.
-Quantized checkpoints (`quantization_config`, e.g. gpt-oss MXFP4, DeepSeek FP8) are refused for now.
+Decoder layers are materialised on `device` (default cpu; the engine runs them there anyway), the rest on CPU.
+
+Quantized checkpoints (`io/quant.py`: FP8 block-quantized DeepSeek-V3/Qwen3-FP8/GLM-4.5-FP8, MXFP4 gpt-oss) are
+read DEQUANTIZED, exactly as `from_pretrained(..., quantization_config=FineGrainedFP8Config(dequantize=True))` /
+`Mxfp4Config(dequantize=True)` reads them: transformers' quantizer is built with `dequantize=True`, it leaves the
+meta model plain (nn.Linear, plain experts) and adds its conversions (`Fp8Dequantize` before each per-expert merge,
+`Mxfp4Dequantize` for `*_blocks`/`*_scales`), so each layer's scale tensors are grouped with their weights and the
+layer arrives in the model's dtype ("auto" = config dtype; bf16 if that would be a float8 storage type). One
+deviation: FP8 matrices that end in a partial block (DeepSeek-V3's kv_a_proj_with_mqa) are dequantized by the
+format's definition, which transformers gets wrong (`io/quant_ops.py`). Memory stays one layer (plus the float8
+copy of the layer's weights while it is dequantized). The model's config loses its quantization_config, as
+from_pretrained's does, so the rest of moeprune sees an ordinary model.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -44,6 +56,8 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.quant import is_quantized_dtype
+from moeprune.io.quant_ops import fix_quantizer
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
 from moeprune.io.stock import auto_class, parse_dtype
 from moeprune.log import logger
@@ -62,6 +76,7 @@ class LazyModel:
     layer_prefix: str  # e.g. "model.layers" or "model.language_model.layers"
     keys: dict[int, list[str]] = field(repr=False)  # layer index (or REST) -> checkpoint keys feeding it
     load_config: object = field(repr=False)  # transformers' LoadStateDictConfig (dtype, plan, conversions)
+    device: str = "cpu"  # where decoder layers are materialised (and dequantized)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -72,7 +87,7 @@ class LazyModel:
         """Decoder layer i with its weights read from disk; back on `meta` (memory released) on exit."""
         module = self.layers[i]
         try:
-            load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}")
+            load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}", device=self.device)
             yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
@@ -83,12 +98,14 @@ class LazyModel:
 
 
 def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, config=None,
-              prepare=None) -> LazyModel:
+              prepare=None, device: str = "cpu") -> LazyModel:
     """Build the model on `meta` and materialise all but its decoder layers (and head, unless `head`) on CPU.
 
     `dtype` is resolved as in `io.load.load_model` ("auto" = the checkpoint's dtype), so every materialised
     tensor has the dtype the eager model would have. `config` replaces the checkpoint's config object;
     `prepare(model)` may reshape meta parameters before anything is read (non-uniform expert widths).
+    `device`: where `layer(i)` materialises (and dequantizes) decoder layers.
+    A quantized checkpoint (FP8, MXFP4) is dequantized layer by layer; its scales are checked first.
     """
     from moeprune.compat import (
         ContextManagers,
@@ -96,33 +113,46 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
         WeightConverter,
         WeightRenaming,
         get_dtype,
+        get_hf_quantizer,
         get_model_class,
         get_model_conversion_mapping,
         rename_source_key,
     )
 
-    ckpt = Checkpoint.open(path)
-    config = config if config is not None else ckpt.config
-    if getattr(config, "quantization_config", None) is not None:
-        raise MoePruneError(
-            f"{ckpt.path} is a quantized checkpoint ({config.quantization_config}); lazy loading supports "
-            "unquantized safetensors only. Use `load_model` (it dequantizes in memory) or a bf16 checkpoint."
-        )
+    device = _check_device(device)
+    ckpt = Checkpoint.open(path)  # refuses unknown quant_methods and scale tensors that do not fit their weights
+    config = copy.deepcopy(config if config is not None else ckpt.config)
+    quant = ckpt.quantization
+    hf_quantizer = None
+    if quant is not None:
+        quant.check_values(ckpt.entries)  # reads the scale tensors only
+        if getattr(config, "quantization_config", None) is None:  # a given config (non-uniform) may lack it: the
+            config.quantization_config = dict(quant.config)  # quantizer must know the weights are pre-quantized
+        # as from_pretrained(..., quantization_config=<format>Config(dequantize=True)) builds it
+        hf_quantizer, config, _ = get_hf_quantizer(config, quant.hf_dequantize_config(), None, True, {})
+        fix_quantizer(quant.method, hf_quantizer)  # FP8 matrices ending in a partial block (DeepSeek-V3)
     cls = get_model_class(config, auto_class(config)._model_mapping)
     index = ckpt.path / INDEX_NAME
     sharded = json.loads(index.read_text()).get("metadata", {}) if index.is_file() else None
     files = ckpt.files
     # exactly what from_pretrained does: resolve dtype ("auto": config, then first float tensor), then build
-    config, torch_dtype = get_dtype(parse_dtype(dtype), [str(f) for f in files], config, sharded, None, True)
+    config, torch_dtype = get_dtype(parse_dtype(dtype), [str(f) for f in files], config, sharded, None, True,
+                                    hf_quantizer)
+    if is_quantized_dtype(torch_dtype):  # "auto" on a float8 checkpoint without a config dtype
+        config, torch_dtype = get_dtype(torch.bfloat16, None, config, None, None, True, hf_quantizer)
     config = copy.deepcopy(config)
-    with ContextManagers(cls.get_init_context(torch_dtype, False, False, None)):
+    with ContextManagers(cls.get_init_context(torch_dtype, hf_quantizer is not None, False, None)):
         model = cls(config)  # every tensor on meta, in the dtypes from_pretrained would give
+        if hf_quantizer is not None:  # with dequantize=True: the modules stay plain (no FP8Linear / Mxfp4 experts)
+            hf_quantizer.preprocess_model(model=model, dtype=torch_dtype, device_map=None,
+                                          checkpoint_files=[str(f) for f in files], use_kernels=False)
     model.eval()
     if prepare is not None:
         prepare(model)
-    conversions = get_model_conversion_mapping(model, None, None)
+    conversions = get_model_conversion_mapping(model, None, hf_quantizer)
     load_config = LoadStateDictConfig(pretrained_model_name_or_path=str(ckpt.path), dtype=torch_dtype,
-                                      dtype_plan=model._get_dtype_plan(torch_dtype), weight_mapping=conversions)
+                                      dtype_plan=model._get_dtype_plan(torch_dtype), weight_mapping=conversions,
+                                      hf_quantizer=hf_quantizer)
 
     layers = get_adapter(config).decoder_layers(model)
     prefix = next(name for name, m in model.named_modules() if m is layers)
@@ -150,24 +180,37 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     if ignored:
         logger.info("lazy load of %s: %d checkpoint tensors match nothing in %s and are not read, e.g. %s",
                     ckpt.path, len(ignored), cls.__name__, ignored[:3])
-    lazy = LazyModel(model, {e.name: e for e in ckpt.entries}, prefix, dict(keys), load_config)
+    lazy = LazyModel(model, {e.name: e for e in ckpt.entries}, prefix, dict(keys), load_config, device)
     load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
     if head and head_name is not None and _meta_names(model.get_submodule(head_name), head_name):
         # a tied head is not in the checkpoint: tie it to the embedding, as from_pretrained does
         model.tie_weights(missing_keys=set(_meta_names(model, "")), recompute_mapping=False)
         if still := _meta_names(model.get_submodule(head_name), head_name):
             _initialise(model, still, strict=False)
+    if hf_quantizer is not None:
+        hf_quantizer.postprocess_model(model)  # drops quantization_config from model.config, as from_pretrained does
     logger.info("lazy model %s: %d decoder layers on meta, ~%.1f MB per layer (layer %d)", cls.__name__, len(layers),
                 lazy.layer_bytes(len(layers) - 1) / 2**20, len(layers) - 1)
     return lazy
 
 
+def _check_device(device: str) -> str:
+    """The device name, refused before any work when malformed or not visible."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise MoePruneError(f"device {device!r} is not a torch device name ({e}); use e.g. cpu or cuda:0.") from e
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise MoePruneError(f"device {device!r}: no such CUDA device is visible; use cpu.")
+    return str(dev)
+
+
 @torch.no_grad()
-def load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = ()) -> None:
-    """Load `keys` from the shards into the model through transformers' converters, then give every tensor of
-    `scope` (a module path, "" = whole model minus `skip`) still on meta its value: non-persistent buffers via
-    `_init_weights`; a missing weight is an error for a decoder layer and random-initialised (with a warning,
-    as `from_pretrained` does) elsewhere."""
+def load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...] = (), device: str = "cpu") -> None:
+    """Load `keys` from the shards onto `device` through transformers' converters (which dequantize quantized
+    weights), then give every tensor of `scope` (a module path, "" = whole model minus `skip`) still on meta its
+    value: non-persistent buffers via `_init_weights`; a missing weight is an error for a decoder layer and
+    random-initialised (with a warning, as `from_pretrained` does) elsewhere."""
     from transformers.utils import logging as hf_logging
 
     from moeprune.compat import convert_and_load_state_dict_in_model
@@ -180,7 +223,8 @@ def load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...
     os.environ[SYNC_ENV] = "1"
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per layer would drown the engine's bar
     try:
-        info, _ = convert_and_load_state_dict_in_model(model, state, lazy.load_config)
+        load_config = dataclasses.replace(lazy.load_config, device_map={"": device})
+        info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -194,7 +238,7 @@ def load_keys(lazy: LazyModel, keys: list[str], scope: str, skip: tuple[str, ...
     root = model.get_submodule(scope) if scope else model
     missing = [n for n in _meta_names(root, scope) if not n.startswith(tuple(s + "." for s in skip))]
     if missing:
-        _initialise(model, missing, strict=bool(scope))
+        _initialise(model, missing, strict=bool(scope), device=device)
 
 
 class _OnDisk:
@@ -209,6 +253,10 @@ class _OnDisk:
             raise NotImplementedError(f"only t[...] is supported, got t[{index!r}]")
         return read_tensor(self.entry)  # fresh CPU tensor, shape and dtype as stored
 
+    def get_dtype(self) -> str:
+        """The safetensors dtype name ("BF16", "F8_E4M3", ...), as a safetensors slice reports it."""
+        return self.entry.dtype
+
 
 def _meta_names(module: nn.Module, prefix: str) -> list[str]:
     dot = prefix + "." if prefix else ""
@@ -216,8 +264,8 @@ def _meta_names(module: nn.Module, prefix: str) -> list[str]:
     return [dot + n for n, t in named if t is not None and t.is_meta]
 
 
-def _initialise(model: nn.Module, names: list[str], strict: bool) -> None:
-    """Materialise `names` (full dotted names, on meta) empty on CPU, then run the owning model's
+def _initialise(model: nn.Module, names: list[str], strict: bool, device: str = "cpu") -> None:
+    """Materialise `names` (full dotted names, on meta) empty on `device`, then run the owning model's
     `_init_weights` on their modules: it computes non-persistent buffers such as rotary `inv_freq`."""
     from transformers import PreTrainedModel
 
@@ -238,7 +286,7 @@ def _initialise(model: nn.Module, names: list[str], strict: bool) -> None:
         mod_name, _, attr = name.rpartition(".")
         module = model.get_submodule(mod_name)
         old = getattr(module, attr)
-        new = torch.empty_like(old, device="cpu")  # [same shape and dtype]
+        new = torch.empty_like(old, device=device)  # [same shape and dtype]
         if attr in module._buffers:
             module._buffers[attr] = new
         else:

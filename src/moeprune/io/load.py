@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from moeprune.io import nonuniform
+from moeprune.io.quant import is_quantized_dtype, quant_format
 from moeprune.io.stock import DTYPES, auto_class, parse_dtype
 
 __all__ = ["DTYPES", "auto_class", "load_model", "match_disk_dtypes", "parse_dtype"]
@@ -19,11 +20,13 @@ __all__ = ["DTYPES", "auto_class", "load_model", "match_disk_dtypes", "parse_dty
 @torch.no_grad()
 def match_disk_dtypes(model, disk_dtypes: dict[str, torch.dtype]) -> list[str]:
     """Cast parameters/buffers back to the dtype their checkpoint stores (transformers upcasts some, e.g.
-    DeepSeek's e_score_correction_bias to float32), so saving the model preserves every tensor's dtype."""
+    DeepSeek's e_score_correction_bias to float32), so saving the model preserves every tensor's dtype.
+    Quantized storage (float8 weights of an FP8 checkpoint, which the model holds dequantized) is not a dtype to
+    cast back to: those stay in the model's dtype (the in-memory path writes a dequantized checkpoint)."""
     changed = []
     for name, t in list(model.state_dict(keep_vars=True).items()):
         want = disk_dtypes.get(name)
-        if want is not None and t.dtype != want and t.is_floating_point():
+        if want is not None and t.dtype != want and t.is_floating_point() and not is_quantized_dtype(want):
             t.data = t.data.to(want)
             changed.append(name)
     return changed
@@ -33,7 +36,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     """`Auto*.from_pretrained(path)` (the stock class for this config) from local files only, in eval mode.
 
     Loads any moeprune output: non-uniform expert widths (which stock `from_pretrained` refuses by design) go
-    through `io.nonuniform.load_nonuniform`."""
+    through `io.nonuniform.load_nonuniform`. Quantized checkpoints (FP8, MXFP4: `io.quant`) are dequantized."""
     from transformers import AutoConfig
 
     cfg_file = Path(path) / "config.json"
@@ -41,5 +44,9 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
         return nonuniform.load_nonuniform(path, dtype).to(device).eval()
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True)
+    kwargs = {}
+    if cfg_file.is_file() and (quant := quant_format(json.loads(cfg_file.read_text()), str(cfg_file))) is not None:
+        # FP8 / MXFP4: always the dequantized plain model (on a GPU transformers would keep FP8 / MXFP4 modules)
+        kwargs["quantization_config"] = quant.hf_dequantize_config()
+    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True, **kwargs)
     return model.to(device).eval()

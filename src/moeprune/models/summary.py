@@ -59,12 +59,14 @@ def summarize(path: str) -> ModelSummary:
     params = dict.fromkeys(KINDS, 0)
     nbytes = dict.fromkeys(KINDS, 0)
     per_layer: dict[int, int] = dict.fromkeys(adapter.moe_layers(), 0)
+    quant = ckpt.quantization
     for e in ckpt.entries:
         role = adapter.classify_key(e.name)
-        params[role.kind] += e.numel
+        n = quant.params(e) if quant is not None else e.numel  # FP8 / MXFP4: scales are no params, 2 per byte
+        params[role.kind] += n
         nbytes[role.kind] += e.nbytes
         if role.kind in ("expert", "fused"):
-            per_layer[role.layer] += e.numel
+            per_layer[role.layer] += n
     routing = adapter.routing()
     summary = ModelSummary(
         path=str(ckpt.path), model_type=adapter.model_type, family=adapter.family, num_layers=adapter.num_layers,

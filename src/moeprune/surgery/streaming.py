@@ -8,6 +8,13 @@ Every tensor is classified by the adapter (`classify_key`) on its on-disk name:
 Bytes are copied range by range (rows of dim 0 are contiguous), so the result is bit-identical to slicing the
 tensors, works for every dtype, and memory stays at one copy buffer whatever the shard size. Output shards are
 re-packed to `max_shard_size`.
+
+Quantized checkpoints keep their format (`io/quant.py`): an FP8 expert's `experts.J.<proj>.weight_scale_inv` is an
+"expert" key like its weight, so it is dropped or renamed with expert J; MXFP4 `experts.<proj>_blocks` [E, ...]
+and `_scales` [E, ...] are "fused" and lose the same rows of dim 0 as the other fused tensors. config.json keeps
+its quantization_config unchanged. A router quantized in blocks cannot lose rows (a scale covers b0 experts'
+rows at once) and is refused; the written tensors are re-checked against their scales before any byte is written,
+and the scale values are checked before anything is planned.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.quant import FP8_WEIGHT, SCALE_ENDS
 from moeprune.io.safetensors_io import OutTensor, TensorEntry, row_ranges, write_file
 from moeprune.models.base import MoEAdapter
 from moeprune.select.plan import PrunePlan
@@ -35,6 +43,7 @@ class StreamingResult:
 def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list[OutTensor]:
     """What to write: each surviving tensor with its (possibly new) name, shape and source byte ranges."""
     E = adapter.num_experts
+    quant = ckpt.quantization
     new_index = {layer: {old: new for new, old in enumerate(kept)} for layer, kept in plan.kept_experts.items()}
     seen: dict[int, set[str]] = {layer: set() for layer in plan.layers}
     out: list[OutTensor] = []
@@ -48,6 +57,12 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
             continue
         if role.kind in ("fused", "router"):
             seen[role.layer].add("experts" if role.kind == "fused" else "router")
+            if role.kind == "router" and quant is not None and (e.dtype == FP8_WEIGHT or e.name.endswith(SCALE_ENDS)):
+                raise MoePruneError(
+                    f"{e.name} is a quantized router tensor ({e.dtype} {list(e.shape)}): its block scales cover "
+                    "several experts' rows, so experts cannot be removed from it on the shards. Keep routers "
+                    "unquantized (quantization_config.modules_to_not_convert) or use the in-memory path."
+                )
             out.append(_rows(e, plan.kept_experts[role.layer], E))
             continue
         out.append(OutTensor(e.name, e.dtype, e.shape, e.file, ((e.begin, e.end),)))
@@ -58,6 +73,8 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
             f"those MoE layers (looked for '.{'|'.join(adapter.disk_block_names)}.{adapter.experts_name}.' and "
             f"'.{adapter.router_name}.'). Use the in-memory path (without --streaming) or fix the adapter."
         )
+    if quant is not None:  # every kept weight still has its scale, of the right shape (a bug here would be silent)
+        quant.check_headers(out)
     return out
 
 
@@ -85,6 +102,8 @@ def apply_plan_streaming(
 ) -> StreamingResult:
     """Write the pruned weights and config.json into `out_dir` (an empty temporary folder)."""
     plan.validate(adapter)
+    if ckpt.quantization is not None:
+        ckpt.quantization.check_values(ckpt.entries)  # reads the scale tensors only
     tensors = plan_tensors(ckpt, adapter, plan)
     shards = pack_shards(tensors, max_shard_bytes)
     n = len(shards)
