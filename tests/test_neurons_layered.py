@@ -163,3 +163,12 @@ def test_stage_entry_point(checkpoints):
     ctx = SimpleNamespace(ckpt=SimpleNamespace(path=path), calib=SimpleNamespace(batch_size=BATCH, device="cpu"),
                           sets=SETS, previous=[])
     _assert_same_stats(neuron_stats(ctx, gradients=True), _in_memory(path, gradients=True), gradients=True)
+
+
+def test_in_memory_module_input(checkpoints):
+    """An in-memory model is accepted too (no lazy loading): same statistics as the whole-model pass."""
+    path = checkpoints["deepseek_v3"]
+    model = load_model(path, dtype="float32")
+    got = collect_neuron_stats_layered(model, SETS, gradients=True, batch_size=BATCH)
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    _assert_same_stats(got, _in_memory(path, gradients=True), gradients=True)

@@ -17,6 +17,9 @@ By the chain rule g_i is what a whole-model backward gives at layer i's input, s
 Memory: one layer, the boundary cache (≤ budget, default half the available memory), two layers' worth of
 gradients g_{i+1}, g_i (N_tokens · H each, on CPU), one batch's activations; sums (5 · E · I float64 per MoE layer)
 stay on `device` until the end. A lazy checkpoint's layers are read twice (up, down) for HEAPr, once for CAMERA-P.
+Measured on an H200 (qwen3_moe-shaped, H=1024, 32 experts, 12 layers, float32, 16 x 512 tokens): peak GPU memory
+1.18 GiB layered vs 6.04 GiB whole-model, 3.7x the time (two forwards, lazy reads); forward sums bit-identical to
+the whole-model pass on the same device, grad_sq within 2e-6 (the run-to-run noise of CUDA's atomic adds).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
     model.eval()
     try:
         with eager_experts(model), torch.no_grad():
-            ids, batches = _capture(model, adapter, sets, batch_size)
+            ids, batches = _capture(model, adapter, sets, batch_size, device)
             if not gradients:
                 stats = _forward(model, adapter, batches, device, context, cache=None)
             else:
@@ -109,13 +112,21 @@ def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
 # ---------------------------------------------------------------------------------------------------- passes
 
 
-def _capture(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet],
-             batch_size: int) -> tuple[list[torch.Tensor], list[LayerInputs]]:
-    """The windows of `collect_neuron_stats`, batch for batch: input ids and layer-0 inputs + per-layer kwargs."""
+def _capture(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_size: int,
+             device: str) -> tuple[list[torch.Tensor], list[LayerInputs]]:
+    """The windows of `collect_neuron_stats`, batch for batch: input ids and layer-0 inputs + per-layer kwargs.
+
+    The modules around the decoder layers (embeddings, rotary embedding) run on `device`, as they do for a model
+    loaded there: rotary cos/sin computed on a CPU differ from a GPU's by an ulp, enough to flip near-tied routing
+    decisions (measured: 0.2% of expert assignments on a random 12-layer model). Kwargs are then kept on CPU."""
     ids, batches = [], []
-    for input_ids, mask in windows(sets, batch_size):
-        ids.append(input_ids)
-        batches.append(capture(model, adapter, input_ids, mask))
+    with _around_layers_on(model, adapter.decoder_layers(model), device):
+        home = model.get_input_embeddings().weight.device
+        for input_ids, mask in windows(sets, batch_size):
+            ids.append(input_ids)
+            b = capture(model, adapter, input_ids.to(home), mask.to(home))
+            b.kwargs, b.attention_mask = _to(b.kwargs, "cpu"), b.attention_mask.cpu()
+            batches.append(b)
     return ids, batches
 
 
@@ -234,6 +245,32 @@ def _on_device(module: nn.Module, device: str) -> Iterator[None]:
         yield
     finally:
         module.to(home)
+
+
+@contextmanager
+def _around_layers_on(model: nn.Module, layers: nn.ModuleList, device: str) -> Iterator[None]:
+    """Every materialised module outside the decoder layers on `device`, then back (a lazy model's layers, and its
+    head unless loaded, stay on meta)."""
+    moved: list[tuple[nn.Module, torch.device]] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            tensors = list(child.parameters()) + list(child.buffers())
+            if child is layers or not tensors:
+                continue
+            if any(m is layers for m in child.modules()) or any(t.is_meta for t in tensors):
+                visit(child)
+            else:
+                moved.append((child, tensors[0].device))
+
+    visit(model)
+    try:
+        for module, _ in moved:
+            module.to(device)
+        yield
+    finally:
+        for module, home in moved:
+            module.to(home)
 
 
 @contextmanager
