@@ -83,6 +83,15 @@ class NeuronLayerStats:
         return NeuronLayerStats(self.num_experts, self.width, out)
 
 
+def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
+    """Layer `layer`'s experts container, refused unless fused 3-D (works on meta modules: nothing is read)."""
+    experts = adapter.experts(adapter.block(model, layer))
+    if layout_of(experts) is not FusedLayout:
+        raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D experts; "
+                            f"{type(experts).__name__} is a ModuleList (not supported yet).")
+    return experts
+
+
 class NeuronCollector:
     """Context manager: every MoE layer's fused experts (or only `layers`' — the layer-by-layer path instruments
     the one materialised layer) run an instrumented eager forward that feeds `stats[layer]` (and, when the graph
@@ -101,10 +110,7 @@ class NeuronCollector:
     def __enter__(self) -> NeuronCollector:
         for layer in self.layers:
             block = self.adapter.block(self.model, layer)
-            experts = self.adapter.experts(block)
-            if layout_of(experts) is not FusedLayout:
-                raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D experts; "
-                                    f"{type(experts).__name__} is a ModuleList (not supported yet).")
+            experts = check_fused(self.adapter, self.model, layer)
             down = self.adapter.expert_roles(block)["down"].detach()  # [E, H, I]
             stats = NeuronLayerStats(down.shape[0], down.shape[-1], device=down.device)
             stats.sums["down_sq"] = down.double().square().sum(dim=1)  # [E, I]

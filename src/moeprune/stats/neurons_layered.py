@@ -41,7 +41,7 @@ from moeprune.io.stock import parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
-from moeprune.stats.neurons import NeuronCollector, NeuronLayerStats, summed_nll, windows
+from moeprune.stats.neurons import NeuronCollector, NeuronLayerStats, check_fused, summed_nll, windows
 from moeprune.stats.neurons_cache import BoundaryCache, check_budget
 
 LayerContext = Callable[[int], AbstractContextManager]
@@ -73,6 +73,8 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
         lazy = path_or_lazy if isinstance(path_or_lazy, LazyModel) else load_lazy(path_or_lazy, dtype, head=gradients)
         model, default_context = lazy.model, lazy.layer
     adapter = get_adapter(model.config, model=model)
+    for layer in adapter.moe_layers():
+        check_fused(adapter, model, layer)
     if gradients:
         _check_head(model, adapter)
     context = layer_context or default_context or (lambda i: nullcontext())
