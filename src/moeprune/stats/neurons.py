@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,19 +44,24 @@ class NeuronLayerStats:
     num_experts: int
     width: int
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    device: InitVar[torch.device | str] = "cpu"  # where new sums live (the experts' device: no host sync per batch)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, device: torch.device | str) -> None:
         E, I = self.num_experts, self.width
         for name in FIELDS:
-            self.sums.setdefault(name, torch.zeros(E, I, dtype=torch.float64))
+            self.sums.setdefault(name, torch.zeros(E, I, dtype=torch.float64, device=device))
         for name in ("count", "grad_count"):
-            self.sums.setdefault(name, torch.zeros(E, dtype=torch.float64))
+            self.sums.setdefault(name, torch.zeros(E, dtype=torch.float64, device=device))
+
+    def to(self, device: torch.device | str) -> NeuronLayerStats:
+        return NeuronLayerStats(self.num_experts, self.width, {k: v.to(device) for k, v in self.sums.items()})
 
     def update_forward(self, j: int, h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor) -> None:
         """h: [n, I] activations of expert j, w: [n] routing weights, valid: [n] 1.0 = real token."""
-        hd = h.double()
+        dev = self.sums["count"].device
+        hd, valid = h.to(dev, torch.float64), valid.to(dev, torch.float64)
         sq = hd.square() * valid[:, None]  # [n, I]
-        gsq = sq * w.double().square()[:, None]  # [n, I]
+        gsq = sq * w.to(dev, torch.float64).square()[:, None]  # [n, I]
         s = self.sums
         s["count"][j] += valid.sum()
         s["act_sq"][j] += sq.sum(dim=0)
@@ -67,7 +72,8 @@ class NeuronLayerStats:
     def update_grad(self, j: int, grad: torch.Tensor, valid: torch.Tensor) -> None:
         """grad: [n, I] = ∂L/∂h for expert j's routed tokens."""
         s = self.sums
-        s["grad_sq"][j] += (grad.double().square() * valid[:, None]).sum(dim=0)
+        grad, valid = grad.to(s["count"].device, torch.float64), valid.to(s["count"].device, torch.float64)
+        s["grad_sq"][j] += (grad.square() * valid[:, None]).sum(dim=0)
         s["grad_count"][j] += valid.sum()
 
     def merge(self, other: NeuronLayerStats) -> NeuronLayerStats:
@@ -77,29 +83,37 @@ class NeuronLayerStats:
         return NeuronLayerStats(self.num_experts, self.width, out)
 
 
-class NeuronCollector:
-    """Context manager: every MoE layer's fused experts run an instrumented eager forward that feeds
-    `stats[layer]` (and, when the graph requires grad, registers hooks for ∂L/∂h). Set `valid` ([T] bool, the
-    flattened non-padding mask) before each forward. The forward is the family's eager computation written out
-    with the canonical role views (`MoEAdapter.expert_roles`), so outputs match the stock module."""
+def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
+    """Layer `layer`'s experts container, refused unless fused 3-D (works on meta modules: nothing is read)."""
+    experts = adapter.experts(adapter.block(model, layer))
+    if layout_of(experts) is not FusedLayout:
+        raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D experts; "
+                            f"{type(experts).__name__} is a ModuleList (not supported yet).")
+    return experts
 
-    def __init__(self, model: nn.Module, adapter: MoEAdapter, gradients: bool = False):
+
+class NeuronCollector:
+    """Context manager: every MoE layer's fused experts (or only `layers`' — the layer-by-layer path instruments
+    the one materialised layer) run an instrumented eager forward that feeds `stats[layer]` (and, when the graph
+    requires grad, registers hooks for ∂L/∂h). Set `valid` ([T] bool, the flattened non-padding mask) before each
+    forward. The forward is the family's eager computation written out with the canonical role views
+    (`MoEAdapter.expert_roles`), so outputs match the stock module. Sums live on the experts' device."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, gradients: bool = False,
+                 layers: list[int] | None = None):
         self.model, self.adapter, self.gradients = model, adapter, gradients
+        self.layers = adapter.moe_layers() if layers is None else layers
         self.valid: torch.Tensor | None = None
         self.stats: dict[int, NeuronLayerStats] = {}
         self._patched: list[nn.Module] = []
 
     def __enter__(self) -> NeuronCollector:
-        E = self.adapter.num_experts
-        for layer in self.adapter.moe_layers():
+        for layer in self.layers:
             block = self.adapter.block(self.model, layer)
-            experts = self.adapter.experts(block)
-            if layout_of(experts) is not FusedLayout:
-                raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D experts; "
-                                    f"{type(experts).__name__} is a ModuleList (not supported yet).")
-            roles = self.adapter.expert_roles(block)
-            stats = NeuronLayerStats(E, roles["down"].shape[-1])
-            stats.sums["down_sq"] = roles["down"].detach().double().square().sum(dim=1).cpu()  # [E, I]
+            experts = check_fused(self.adapter, self.model, layer)
+            down = self.adapter.expert_roles(block)["down"].detach()  # [E, H, I]
+            stats = NeuronLayerStats(down.shape[0], down.shape[-1], device=down.device)
+            stats.sums["down_sq"] = down.double().square().sum(dim=1)  # [E, I]
             self.stats[layer] = stats
             experts.forward = self._forward_for(block, experts, stats)
             self._patched.append(experts)
@@ -111,14 +125,14 @@ class NeuronCollector:
         self._patched.clear()
 
     def _forward_for(self, block: nn.Module, experts: nn.Module, stats: NeuronLayerStats):
-        adapter, glu, E = self.adapter, self.adapter.expert_glu(experts), self.adapter.num_experts
+        adapter, glu, E = self.adapter, self.adapter.expert_glu(experts), stats.num_experts
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             roles = adapter.expert_roles(block)  # fresh views each call: gate/up [E, I, H], down [E, H, I]
             out = torch.zeros_like(hidden_states)  # [T, H]
             T = hidden_states.shape[0]
             valid = (self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)).to(
-                hidden_states.device, torch.float64)  # [T]
+                stats.sums["count"].device, torch.float64)  # [T]
             for j in top_k_index.unique().tolist():
                 if j >= E:  # a masked slot
                     continue
@@ -128,10 +142,10 @@ class NeuronCollector:
                 u = F.linear(x, roles["up"][j], roles["up_bias"][j] if "up_bias" in roles else None)
                 h = glu(g, u)  # [n, I]
                 w = top_k_weights[tok, slot]  # [n]
-                v = valid[tok]
-                stats.update_forward(j, h.detach().cpu(), w.detach().cpu(), v.cpu())
+                v = valid[tok.to(valid.device)]  # [n]
+                stats.update_forward(j, h.detach(), w.detach(), v)
                 if self.gradients and h.requires_grad:
-                    h.register_hook(lambda grad, j=j, v=v: stats.update_grad(j, grad.detach().cpu(), v.cpu()))
+                    h.register_hook(lambda grad, j=j, v=v: stats.update_grad(j, grad.detach(), v))
                 y = F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None)
                 out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
             return out
@@ -161,6 +175,12 @@ def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: to
     return nll[keep].sum()
 
 
+def windows(sets: list[CalibSet], batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids [B, S], attention_mask [B, S]) of `batch_size` windows at a time, set after set."""
+    return [(s.input_ids[i:i + batch_size], s.attention_mask[i:i + batch_size])
+            for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]
+
+
 def collect_neuron_stats(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], *, gradients: bool,
                          batch_size: int = 8) -> dict[int, NeuronLayerStats]:
     """One pass over every set's windows (forward, plus backward of the summed NLL when `gradients`).
@@ -168,8 +188,7 @@ def collect_neuron_stats(model: nn.Module, adapter: MoEAdapter, sets: list[Calib
     Returns {MoE layer: NeuronLayerStats} summed over all sets. The model is left unchanged (no parameter ever
     receives a gradient)."""
     device = next(model.parameters()).device
-    batches = [(s.input_ids[i:i + batch_size], s.attention_mask[i:i + batch_size])
-               for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]
+    batches = windows(sets, batch_size)
     was_training = model.training
     model.eval()
     grad_ctx = _embeddings_require_grad(model) if gradients else nullcontext()
@@ -186,6 +205,6 @@ def collect_neuron_stats(model: nn.Module, adapter: MoEAdapter, sets: list[Calib
                 else:
                     with torch.no_grad():
                         model(input_ids=ids, attention_mask=mask)
-            return col.stats
+            return {layer: s.to("cpu") for layer, s in col.stats.items()}
     finally:
         model.train(was_training)
