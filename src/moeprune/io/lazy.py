@@ -56,6 +56,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.memory import release_freed_memory, trim
 from moeprune.io.quant import is_quantized_dtype
 from moeprune.io.quant_ops import fix_quantizer
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
@@ -91,6 +92,7 @@ class LazyModel:
             yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
+            trim()  # and the allocator gives the freed pages back (io/memory.py)
 
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i occupies once materialised."""
@@ -121,6 +123,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
 
     device = _check_device(device)
     ckpt = Checkpoint.open(path)  # refuses unknown quant_methods and scale tensors that do not fit their weights
+    release_freed_memory()
     config = copy.deepcopy(config if config is not None else ckpt.config)
     quant = ckpt.quantization
     hf_quantizer = None
