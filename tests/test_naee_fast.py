@@ -177,3 +177,13 @@ def test_beam_respects_groups_and_protection_and_refuses_bad_widths():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(MoePruneError, match="beam"):
             search(evaluate, 12, 6, beam=bad)
+
+
+def test_stage_beam_option_is_for_naee_only():
+    from moeprune.stages.experts import EXPERTS
+
+    assert EXPERTS.parse({"method": "naee", "ratio": 0.25, "beam": 8}, "recipe stage 1").beam == 8
+    for raw, msg in (({"method": "reap", "ratio": 0.25, "beam": 8}, "width of NAEE"),
+                     ({"method": "naee", "ratio": 0.25, "beam": 0}, "integer >= 1")):
+        with pytest.raises(MoePruneError, match=msg):
+            EXPERTS.parse(raw, "recipe stage 1")

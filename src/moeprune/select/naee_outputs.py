@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
@@ -175,17 +176,48 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     return out
 
 
+class _ReplayLinear(TorchFunctionMode):
+    """Serves `F.linear` calls whose tensor arguments all lie in `alive` (the cached router inputs and the router's
+    own parameters, which stay alive and unchanged during a search) from the result of the first such call.
+
+    The router logits do not depend on D, so each evaluation replays them instead of redoing the [c, H]×[H, E]
+    product; the router still runs every other op of its own code, and `masked_experts` (the inner mode) adds its
+    mask to a copy. Any other linear (e.g. on a dtype-converted copy of the input) is computed as usual."""
+
+    def __init__(self, alive: set[int]):
+        super().__init__()
+        self.alive, self.cache = alive, {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "linear" or kwargs:
+            return func(*args, **kwargs)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if len(tensors) != len([a for a in args if a is not None]) or any(t.data_ptr() not in self.alive
+                                                                           for t in tensors):
+            return func(*args, **kwargs)
+        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in tensors)
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = func(*args, **kwargs)
+        return hit.clone()  # the router may write into what it gets; the cache stays as recorded
+
+
 def fast_evaluator(model: nn.Module, adapter: MoEAdapter, layer: int, outputs: ExpertOutputs):
-    """err(D) (module docstring) from precomputed `outputs`: the layer's own router under the mask, a gather of
-    the selected experts' outputs, float64 accumulation. Returns a callable D -> float for `reconstruction.search`."""
+    """err(D) (module docstring) from precomputed `outputs`: the layer's own router under the mask (its
+    D-independent logits replayed, `_ReplayLinear`), gathers of G and A, float64 accumulation. Returns a callable
+    D -> float for `reconstruction.search`."""
     router = adapter.router(adapter.block(model, layer))
     k = adapter.top_k
+    replay = _ReplayLinear({t.data_ptr() for t in [*outputs.x, *router.parameters(), *router.buffers()]})
+    # flat offsets of token t's block in G [c·E·E]
+    bases = [(torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2)[:, None, None] for g in outputs.gram]
 
     @torch.no_grad()
     def evaluate(dropped: tuple[int, ...]) -> float:
         err = torch.zeros((), dtype=torch.float64, device=outputs.gram[0].device)
-        with masked_experts(model, adapter, {layer: list(dropped)}):
-            for x, gram, cross in zip(outputs.x, outputs.gram, outputs.cross, strict=True):
+        with replay, masked_experts(model, adapter, {layer: list(dropped)}):
+            for x, gram, cross, base in zip(outputs.x, outputs.gram, outputs.cross, bases, strict=True):
                 c, E, _ = gram.shape
                 routed = router(x)
                 w, idx = routed[1].double(), routed[2]  # [c, k] gate weights, [c, k] expert indices (the model's own)
@@ -193,8 +225,7 @@ def fast_evaluator(model: nn.Module, adapter: MoEAdapter, layer: int, outputs: E
                     raise MoePruneError(f"router of layer {layer} returned indices of shape {tuple(idx.shape)}, "
                                         f"expected [{c}, {k}]: NAEE's fast evaluator cannot read it.")
                 a = cross.gather(1, idx)  # [c, k] ⟨U, y_{i_s}⟩
-                rows = (idx + torch.arange(c, device=idx.device)[:, None] * E)[:, :, None] * E  # [c, k, 1]
-                g = gram.reshape(-1)[(rows + idx[:, None, :]).reshape(-1)].view(c, k, k)  # [c, k, k] ⟨y_is, y_is'⟩
+                g = gram.view(-1)[base + idx[:, :, None] * E + idx[:, None, :]]  # [c, k, k] ⟨y_{i_s}, y_{i_s'}⟩
                 err += (g * w[:, :, None] * w[:, None, :]).sum() - 2 * (w * a).sum()
         return float(err) + outputs.target_sq
 
