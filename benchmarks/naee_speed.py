@@ -2,14 +2,15 @@
 cache per evaluated subset) against the precomputed-outputs evaluator (`naee_outputs.fast_evaluator`, every expert's
 output once per layer, then a router forward + gather per subset), inside one prune-as-you-go calibration pass.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/naee_speed.py [--samples 8] [--ratio 0.25] [--beam 4]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/naee_speed.py [--samples 2] [--ratio 0.25] [--beam 4]
 
 Cases: (a) the trained testbed (16 experts, top-2; 25 %: C(16, 4) = 1820 subsets per layer, exhaustive), calibrated
-on `--samples` windows per domain; (b) a random tiny Qwen3-MoE with 32 experts, top-4 (25 %: 8 of 32, beyond the
-exhaustive limit: beam search of width `--beam`, the same search for both evaluators), on random tokens with some
-padding. Per MoE layer both evaluators search the same cached X / Z / real-token mask (the same error: padding
-excluded); the layer is then pruned with the fast choice. Prints seconds per layer for each, the speed-up measured
-in this run, and whether the chosen subsets are identical. torch runs on one thread.
+on `--samples` windows per domain; (b) a random Qwen3-MoE from `moeprune.tiny` with 32 experts, top-4, H = 128
+(25 %: 8 of 32, beyond the exhaustive limit: beam search of width `--beam`, the same search for both evaluators),
+on random tokens with some padding. Per MoE layer both evaluators search the same cached X / Z / real-token mask
+(the same error: padding excluded); the layer is then pruned with the fast choice. Prints seconds per layer for
+each (new = precompute + search; the precompute alone in brackets), the speed-up measured in this run, and whether
+the chosen subsets are identical. torch runs on one thread.
 """
 
 from __future__ import annotations
@@ -86,9 +87,11 @@ def testbed_case(args):
 
 
 def random_case(args):
-    model = tiny_model("qwen3_moe", seed=0, num_experts=32, num_experts_per_tok=4)
+    """Random Qwen3-MoE, 32 experts top-4, at the testbed's width (H = 128) with expert width 64."""
+    model = tiny_model("qwen3_moe", seed=0, num_experts=32, num_experts_per_tok=4, hidden_size=128,
+                       moe_intermediate_size=64, num_attention_heads=4, head_dim=32)
     g = torch.Generator().manual_seed(0)
-    n, L = 4 * args.samples, 64
+    n, L = 8 * args.samples, 64
     ids = torch.randint(3, model.config.vocab_size, (n, L), generator=g)  # [N, L]
     mask = torch.ones(n, L, dtype=torch.long)
     mask[::3, L - 16:] = 0  # some right padding, excluded from the error
@@ -98,7 +101,7 @@ def random_case(args):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--testbed", help="testbed folder (default: the cached one, built when missing)")
-    ap.add_argument("--samples", type=int, default=8, help="calibration windows per testbed domain (random: ×4)")
+    ap.add_argument("--samples", type=int, default=2, help="windows per testbed domain (random: 8× as many)")
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--beam", type=int, default=4, help="beam width beyond the exhaustive limit")
     ap.add_argument("--max-exhaustive", type=int, default=5000)
