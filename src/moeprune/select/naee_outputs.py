@@ -28,10 +28,11 @@ per-expert Python loop. (Gathering y [T, k, H] per evaluation instead would cost
 values in memory; the Gram form is the same quantity, exact in float64, smaller whenever 8·E < H·s.)
 
 Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of the experts' output / the input):
-    kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖², router inputs x)
-    precompute:  per chunk of c = `chunk_tokens` tokens (default 2048): y c·E·H·(s + 8) + the experts' own
-                 temporaries on c·E rows (≈ c·E·(H + 3·I)·s)
-    evaluation:  c·E·4 (router) + c·k²·8 temporaries
+    kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖² per token, router inputs x)
+    precompute:  ≤ 1 GiB (`PRECOMPUTE_BYTES`) of temporaries: the experts run on n tokens × E at a time, n chosen
+                 so that n·E·(H·(2s + 16) + 3·I·s) fits (repeated rows, y and its float64 copy, the experts'
+                 own intermediates), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
+    evaluation:  per chunk of c tokens: c·E·4 (router) + c·k²·8 temporaries
 Token budget: when the kept bytes exceed `max_bytes` (default 4 GiB) or T exceeds `max_tokens`, an evenly strided
 subset of the real tokens is kept (every ⌈T/cap⌉-th in cache order) and a warning says how many; the search then
 minimises the error on that subset.
@@ -53,8 +54,9 @@ from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
 
-DEFAULT_MAX_BYTES = 4 << 30  # y may take 4 GiB before tokens are subsampled
-DEFAULT_CHUNK = 2048  # tokens per router call / per precompute call
+DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before tokens are subsampled
+DEFAULT_CHUNK = 2048  # tokens per router call (and per stored chunk)
+PRECOMPUTE_BYTES = 1 << 30  # bound on the temporaries of one call of the experts on every expert
 
 
 @dataclass
@@ -79,23 +81,10 @@ class ExpertOutputs:
 
 
 @contextmanager
-def _experts_answering(experts: nn.Module, num_experts: int, sink: list[torch.Tensor] | None,
-                       chunk: int) -> Iterator[None]:
-    """While active the experts module returns zeros; with a `sink`, it first appends every expert's output
-    [T, E, H] (weight 1, the model's own experts code, `chunk` tokens per call) for the tokens it was given."""
-    original = experts.forward
+def _experts_silenced(experts: nn.Module) -> Iterator[None]:
+    """While active the experts module returns zeros: the block's output is then its expert-independent rest R."""
 
-    def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-        if sink is not None:
-            E = num_experts
-            parts = []
-            for start in range(0, hidden_states.shape[0], chunk):
-                h = hidden_states[start:start + chunk]  # [c, H]
-                c = h.shape[0]
-                every = torch.arange(E, device=h.device).repeat(c).view(-1, 1)  # [c·E, 1]
-                one = torch.ones(c * E, 1, dtype=top_k_weights.dtype, device=h.device)  # gate weight 1
-                parts.append(original(h.repeat_interleave(E, dim=0), every, one, *args, **kwargs).view(c, E, -1))
-            sink.append(torch.cat(parts) if parts else hidden_states.new_zeros(0, E, hidden_states.shape[-1]))
+    def forward(hidden_states, *args, **kwargs):
         return torch.zeros_like(hidden_states)
 
     experts.forward = forward
@@ -103,6 +92,14 @@ def _experts_answering(experts: nn.Module, num_experts: int, sink: list[torch.Te
         yield
     finally:
         del experts.forward  # back to the class's forward
+
+
+def _every_expert(experts: nn.Module, h: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[n, H] tokens -> [n, E, H] every expert's output with gate weight 1, by the model's own experts code."""
+    n, E = h.shape[0], num_experts
+    every = torch.arange(E, device=h.device).repeat(n).view(-1, 1)  # [n·E, 1] expert of each row
+    one = torch.ones(n * E, 1, dtype=h.dtype, device=h.device)  # gate weight 1
+    return experts(h.repeat_interleave(E, dim=0), every, one).view(n, E, -1)  # [n, E, H]
 
 
 def _keep_mask(total: int, cap: int) -> tuple[int, int]:
@@ -116,8 +113,8 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
                    valid: list[torch.Tensor] | None = None, *, max_tokens: int | None = None,
                    max_bytes: int = DEFAULT_MAX_BYTES, chunk_tokens: int = DEFAULT_CHUNK) -> ExpertOutputs:
     """Precompute G, A, ‖U‖² (see module docstring) on the real tokens of cached block inputs X / outputs Z ([B, S, H]
-    per batch; `valid` [B, S] bool per batch, None = every token is real). Runs on the block's device; the
-    experts module must run its eager code path (`calibration.session.eager_experts`, as calibration does)."""
+    per batch; `valid` [B, S] bool per batch, None = every token is real). Runs on the block's device, the experts
+    on their eager code path (`calibration.session.eager_experts`, as calibration runs them)."""
     from moeprune.calibration.session import eager_experts
 
     if len(X) != len(Z) or not X or (valid is not None and len(valid) != len(X)):
@@ -157,20 +154,26 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
         rows.append(x.reshape(-1, H)[keep])  # [t_b, H]
         zrows.append(z.reshape(-1, H)[keep])  # [t_b, H]
     xs, zs = torch.cat(rows), torch.cat(zrows)  # [T, H] each: batches share chunks (fewer router calls)
+    item = next(experts.parameters()).element_size()
+    width = adapter.expert_width or H
+    sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (E * (H * (2 * item + 16) + 3 * width * item))))
     out = ExpertOutputs(total_tokens=total)
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
     with eager_experts(model):
         for start in range(0, xs.shape[0], chunk_tokens):
             xr = xs[start:start + chunk_tokens].to(device)  # [c, H]
-            sink: list[torch.Tensor] = []
-            with _experts_answering(experts, E, sink, chunk_tokens):
+            with _experts_silenced(experts):
                 rest = block(xr[None])  # [1, c, H] the block with the routed part zeroed
             rest = rest[0] if isinstance(rest, tuple) else rest  # gpt-oss also returns router scores
-            y = sink[0].double()  # [c, E, H] every expert's output, weight 1
             u = zs[start:start + chunk_tokens].to(device).double() - rest.reshape(-1, H).double()  # [c, H] Z − R
+            grams, crosses = [], []
+            for s0 in range(0, xr.shape[0], sub):  # bounded temporaries: [n, E, H] per call
+                y = _every_expert(experts, xr[s0:s0 + sub], E).double()  # [n, E, H]
+                grams.append(torch.bmm(y, y.transpose(1, 2)))  # [n, E, E] ⟨y_i, y_j⟩
+                crosses.append(torch.bmm(y, u[s0:s0 + sub, :, None])[..., 0])  # [n, E] ⟨U, y_j⟩
             out.x.append(xr)
-            out.gram.append(torch.bmm(y, y.transpose(1, 2)))  # [c, E, E] ⟨y_i, y_j⟩
-            out.cross.append(torch.bmm(y, u[:, :, None])[..., 0])  # [c, E] ⟨U, y_j⟩
+            out.gram.append(torch.cat(grams))  # [c, E, E]
+            out.cross.append(torch.cat(crosses))  # [c, E]
             target_sq += u.square().sum()
     out.target_sq = float(target_sq)
     return out

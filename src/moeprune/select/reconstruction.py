@@ -18,7 +18,12 @@ Per evaluation (T cached real tokens, H hidden, I expert width): the block-forwa
 costs T·(2·H·E + 6·k·H·I) FLOPs plus the block's per-expert loop; NAEE's own path (`select/naee_outputs.py`,
 `fast_evaluator`) precomputes every expert's output once per layer and then costs T·(2·H·E + O(k²)) — a router
 forward and a few gathers.
-DEFAULT_BEAM = 4: BEAM_NOTE
+DEFAULT_BEAM = 4, the knee of cost against quality measured on error landscapes with pairwise interactions
+(E=16, n_drop=4, 40 random landscapes, brute force C(16, 4) = 1 820): the optimum was found 14/25/33/38 times out
+of 40 with b = 1/2/4/8, for 58/102/173/302 evaluations on average (mean excess error 0.23/0.088/0.024/0.004).
+On the trained testbed at 50 % (C(16, 8) = 12 870) greedy already reaches the optimum in all 4 layers, and b=2..8
+choose the same set on a random 32-expert top-4 model at 25 %: there the beam costs ≈3.2× greedy's evaluations
+and changes nothing, which the fast evaluator makes cheap (benchmarks/naee_speed.py).
 """
 
 from __future__ import annotations
