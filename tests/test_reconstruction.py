@@ -81,7 +81,7 @@ def test_greedy_beats_frequency_and_random_drops(qwen):
     model, adapter, X, Z = qwen
     block = adapter.block(model, LAYER)
     evaluate = block_evaluator(model, adapter, LAYER, X, Z)
-    greedy = search(evaluate, 8, 4, max_exhaustive=0)
+    greedy = search(evaluate, 8, 4, max_exhaustive=0, beam=1)
     assert not greedy.exhaustive and greedy.evaluated == 8 + 7 + 6 + 5 and len(greedy.dropped) == 4
     singles = {j: hand_error(block, X, Z, (j,)) for j in range(8)}
     assert min(singles, key=singles.get) in greedy.dropped  # greedy's first step is the best single drop
@@ -127,7 +127,7 @@ def test_search_against_brute_force_with_groups_and_protection():
     weights = torch.rand(12, generator=g).tolist()
     additive = lambda D: sum(weights[j] for j in D)  # noqa: E731  greedy is exact for additive errors
     for groups, protected in ((1, frozenset()), (3, frozenset({0, 5}))):
-        greedy = search(additive, 12, 6, groups=groups, protected=protected, max_exhaustive=0)
+        greedy = search(additive, 12, 6, groups=groups, protected=protected, max_exhaustive=0, beam=1)
         exact = search(additive, 12, 6, groups=groups, protected=protected)
         assert exact.exhaustive and not greedy.exhaustive and greedy.dropped == exact.dropped
         assert exact.evaluated == (math.comb(12, 6) if groups == 1 else 3 * 3 * 6)  # C(3,2)·C(3,2)·C(4,2)

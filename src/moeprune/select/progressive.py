@@ -3,17 +3,21 @@ layer i saw, and removed (masked in the model's own router) before layer i+1 is 
 is scored on the inputs the pruned model will really give it.
 
 - `criterion_decider`: any calibrated criterion on layer i's statistics (all sets combined), uniform policy.
-- `reconstruction_decider`: NAEE — the dropped set D minimising Σ‖Z − MoE_{E∖D}(X)‖_F² over layer i's cached
-  MoE-block inputs X / outputs Z (non-padding tokens and padding alike), exhaustive when small, greedy beyond;
-  progressive as in NAEE's layer-wise variant, since X of layer i+1 comes from the already-pruned layer i.
+- `reconstruction_decider`: NAEE — the dropped set D minimising Σ_t ‖Z_t − MoE_{E∖D}(X_t)‖² over the real
+  (non-padding) tokens of layer i's cached MoE-block inputs X / outputs Z, exhaustive when small, beam search
+  beyond (`select/reconstruction.py`); each evaluation reuses every expert's output computed once per layer
+  (`select/naee_outputs.py`) and runs only the router. Progressive as in NAEE's layer-wise variant, since X of
+  layer i+1 comes from the already-pruned layer i.
 """
 
 from __future__ import annotations
 
 from moeprune.criteria.base import Criterion
+from moeprune.errors import MoePruneError
 from moeprune.models.routing import RoutingSpec
+from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, expert_outputs, fast_evaluator
 from moeprune.select.policies import select
-from moeprune.select.reconstruction import block_evaluator, search
+from moeprune.select.reconstruction import DEFAULT_BEAM, search
 from moeprune.select.uniform import drop_count
 from moeprune.stats.routed import RoutedStats
 
@@ -40,15 +44,23 @@ def criterion_decider(crit: Criterion, ratio: float, routing: RoutingSpec, num_e
 
 
 def reconstruction_decider(ratio: float, routing: RoutingSpec, num_experts: int,
-                           protected: dict[int, set[int]] | None = None, max_exhaustive: int = 5000):
+                           protected: dict[int, set[int]] | None = None, max_exhaustive: int = 5000,
+                           beam: int = DEFAULT_BEAM, max_tokens: int | None = None,
+                           max_bytes: int = DEFAULT_MAX_BYTES):
+    """NAEE decider; `beam`, `max_tokens`, `max_bytes`: see `select/reconstruction.py` and `naee_outputs.py`."""
     n_drop = drop_count(ratio, num_experts, routing)
     groups = routing.n_group if routing.group_limited else 1
+    prot = {layer: frozenset(v) for layer, v in (protected or {}).items()}
+    for name, v in (("beam", beam), ("max_tokens", 1 if max_tokens is None else max_tokens), ("max_bytes", max_bytes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:  # refused before any calibration work
+            raise MoePruneError(f"NAEE: {name} must be a positive integer, got {v!r}.")
 
     def decide(model, adapter, layer, stats, io) -> list[int]:
-        evaluate = block_evaluator(model, adapter, layer, io.inputs, io.outputs)
-        result = search(evaluate, num_experts, n_drop, groups=groups,
-                        protected=frozenset((protected or {}).get(layer, set())), max_exhaustive=max_exhaustive,
-                        desc=f"NAEE search (layer {layer})")
+        outputs = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=max_tokens,
+                                 max_bytes=max_bytes)
+        evaluate = fast_evaluator(model, adapter, layer, outputs)
+        result = search(evaluate, num_experts, n_drop, groups=groups, protected=prot.get(layer, frozenset()),
+                        max_exhaustive=max_exhaustive, beam=beam, desc=f"NAEE search (layer {layer})")
         return list(result.dropped)
 
     return decide

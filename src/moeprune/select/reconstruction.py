@@ -5,11 +5,25 @@
 over cached MoE-block inputs X and original outputs Z (P: protected experts). Group-limited routers (g groups)
 only allow group-equal sets: n_drop/g experts from every group.
 
-Cost (E' = unprotected experts, d = n_drop/g per group, one evaluation = one block forward over the cache):
-- exhaustive: Π_g C(E'_g, d) evaluations, exact (C(8, 2) = 28; C(64, 16) ≈ 5·10^14 is out of reach);
-- greedy, used when that count exceeds `max_exhaustive`: start from D = ∅ and n_drop times add the single
-  expert whose extra removal gives the least error (groups already holding d are closed):
-  Σ_{i<n_drop} (E' − i) ≤ n_drop · E' evaluations, e.g. 3 600 for E=128, n_drop=32. Not guaranteed optimal.
+Search (E' = unprotected experts, d = n_drop/g per group, b = `beam`):
+- exhaustive: Π_g C(E'_g, d) evaluations, exact (C(8, 2) = 28; C(16, 4) = 1 820; C(64, 16) ≈ 5·10^14 is out of
+  reach); used while that count is ≤ `max_exhaustive` (default 5 000);
+- beam search beyond: keep the b lowest-error partial sets (plus the plain greedy chain, so the result is never
+  worse than greedy), extend each by one more droppable expert (groups already holding d are closed), n_drop
+  times; children shared by two parents are evaluated once. Evaluations ≤ Σ_{i<n_drop} min(b + 1, C(E', i))·(E' − i)
+  ≤ (b + 1)·n_drop·E' (in practice ≈ b·n_drop·E', the greedy chain is usually in the beam): e.g. E=128, n_drop=32,
+  b=4: ≤ 18 000; E=32, n_drop=8, b=4: ≤ 1 140. b=1 is plain greedy (Σ_{i<n_drop}(E' − i) evaluations).
+  Not guaranteed optimal; a width ≥ max_i C(E', i) keeps every partial set and is exhaustive.
+Per evaluation (T cached real tokens, H hidden, I expert width): the block-forward reference `block_evaluator`
+costs T·(2·H·E + 6·k·H·I) FLOPs plus the block's per-expert loop; NAEE's own path (`select/naee_outputs.py`,
+`fast_evaluator`) precomputes every expert's output once per layer and then costs T·(2·H·E + O(k²)) — a router
+forward and a few gathers.
+DEFAULT_BEAM = 4, the knee of cost against quality measured on error landscapes with pairwise interactions
+(E=16, n_drop=4, 40 random landscapes, brute force C(16, 4) = 1 820): the optimum was found 14/25/33/38 times out
+of 40 with b = 1/2/4/8, for 58/102/173/302 evaluations on average (mean excess error 0.23/0.088/0.024/0.004).
+On the trained testbed at 50 % (C(16, 8) = 12 870) greedy already reaches the optimum in all 4 layers, and b=2..8
+choose the same set on a random 32-expert top-4 model at 25 %: there the beam costs ≈3.2× greedy's evaluations
+and changes nothing, which the fast evaluator makes cheap (benchmarks/naee_speed.py).
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from moeprune.errors import MoePruneError
 from moeprune.models.masking import masked_experts
 
 Evaluate = Callable[[tuple[int, ...]], float]
+DEFAULT_BEAM = 4  # see the module docstring for why
 
 
 @dataclass(frozen=True)
@@ -70,12 +85,15 @@ def _err(evaluate: Evaluate, dropped: tuple[int, ...]) -> float:
 
 def search(evaluate: Evaluate, num_experts: int, n_drop: int, *, groups: int = 1,
            protected: frozenset[int] | set[int] = frozenset(), max_exhaustive: int = 5000,
-           desc: str = "NAEE search") -> SearchResult:
-    """Minimise `evaluate(D)` over group-equal sets D of `n_drop` unprotected experts (see module docstring).
+           beam: int = DEFAULT_BEAM, desc: str = "NAEE search") -> SearchResult:
+    """Minimise `evaluate(D)` over group-equal sets D of `n_drop` unprotected experts (see module docstring):
+    exhaustive up to `max_exhaustive` subsets, beam search of width `beam` beyond (beam=1: plain greedy).
 
-    `evaluate` gets D as an ascending tuple. Ties keep the first set found (lexicographic / lowest index).
+    `evaluate` gets D as an ascending tuple. Ties keep the lowest set in lexicographic order.
     """
     cands = _check(num_experts, n_drop, groups, set(protected), max_exhaustive)
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+        raise MoePruneError(f"reconstruction search: beam must be an integer >= 1, got {beam!r}.")
     d = n_drop // groups
     n_subsets = math.prod(math.comb(len(c), d) for c in cands)
     best: tuple[float, tuple[int, ...]] | None = None
@@ -91,48 +109,63 @@ def search(evaluate: Evaluate, num_experts: int, n_drop: int, *, groups: int = 1
                     best = (e, D)
         return SearchResult(best[1], best[0], evaluated, True)
     size = num_experts // groups
-    total = sum(sum(len(c) for c in cands) - i for i in range(n_drop))
-    D: tuple[int, ...] = ()
-    with tqdm(total=total, desc=f"{desc} (greedy)", leave=False, disable=total < 64) as bar:
+    n_cands = sum(len(c) for c in cands)
+    bound = sum(min(beam + 1, math.comb(n_cands, i)) * (n_cands - i) for i in range(n_drop))
+    beams: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
+    chain: tuple[int, ...] = ()  # the plain greedy path, always expanded: the result is never worse than greedy
+    with tqdm(total=bound, desc=f"{desc} (beam {beam})", leave=False, disable=bound < 64) as bar:
         for _ in range(n_drop):
-            taken = [sum(1 for j in D if j // size == g) for g in range(groups)]
-            step = None
-            for j in (j for g, c in enumerate(cands) if taken[g] < d for j in c if j not in D):
-                trial = tuple(sorted((*D, j)))
-                e = _err(evaluate, trial)
-                evaluated += 1
-                bar.update()
-                if step is None or e < step[0]:
-                    step = (e, trial)
-            best = step
-            D = step[1]
-    return SearchResult(best[1], best[0], evaluated, False)
+            children: dict[tuple[int, ...], float] = {}
+            chain_children: list[tuple[float, tuple[int, ...]]] = []
+            parents = [D for _, D in beams] + ([chain] if chain not in {D for _, D in beams} else [])
+            for D in parents:
+                taken = [sum(1 for j in D if j // size == g) for g in range(groups)]
+                for j in (j for g, c in enumerate(cands) if taken[g] < d for j in c if j not in D):
+                    trial = tuple(sorted((*D, j)))
+                    if trial not in children:  # two parents can share a child: evaluate it once
+                        children[trial] = _err(evaluate, trial)
+                        evaluated += 1
+                        bar.update()
+                    if D == chain:
+                        chain_children.append((children[trial], trial))
+            ranked = sorted((e, D) for D, e in children.items())  # (error, then lexicographic) order
+            chain = min(chain_children)[1]
+            beams = ranked[:beam] + [(children[chain], chain)] * (chain not in {D for _, D in ranked[:beam]})
+    beams.sort()
+    return SearchResult(beams[0][1], beams[0][0], evaluated, False)
 
 
 def block_evaluator(model: torch.nn.Module, adapter, layer: int, X: list[torch.Tensor],
-                    Z: list[torch.Tensor]) -> Evaluate:
+                    Z: list[torch.Tensor], valid: list[torch.Tensor] | None = None) -> Evaluate:
     """err(D) = Σ_b ‖Z_b − block_{E∖D}(X_b)‖_F², accumulated in float64, where block_{E∖D} is the model's own MoE
     block of `layer` run with experts D masked inside its own router (`models.masking.masked_experts`).
 
     X_b, Z_b: the block's cached input / output for batch b (same shape, e.g. [B, T, H]); moved to the block's
     device per call. Shared experts are part of Z and of the block output, so they cancel out of the error.
+    `valid` ([B, T] bool per batch): sum over real tokens only (the block is per token, so padding rows do not
+    change the others); None: every row counts. This is the reference the fast evaluator
+    (`select/naee_outputs.py`) is tested and benchmarked against.
     """
     if len(X) != len(Z) or not X:
         raise MoePruneError(f"reconstruction needs one cached output per input batch, got {len(X)} and {len(Z)}.")
     bad = [b for b, (x, z) in enumerate(zip(X, Z, strict=True)) if x.shape != z.shape]
     if bad:
         raise MoePruneError(f"cached MoE inputs and outputs differ in shape for batches {bad}; re-capture them.")
+    if valid is not None and [tuple(v.shape) for v in valid] != [tuple(x.shape[:-1]) for x in X]:
+        raise MoePruneError("reconstruction: the valid masks must be [B, T] for every cached batch.")
     block = adapter.block(model, layer)
     device = next(block.parameters()).device
+    weights = [None] * len(X) if valid is None else [v.to(device, torch.float64) for v in valid]
 
     @torch.no_grad()
     def evaluate(dropped: tuple[int, ...]) -> float:
         err = torch.zeros((), dtype=torch.float64, device=device)
         with masked_experts(model, adapter, {layer: list(dropped)}):
-            for x, z in zip(X, Z, strict=True):
+            for x, z, w in zip(X, Z, weights, strict=True):
                 out = block(x.to(device))
                 out = out[0] if isinstance(out, tuple) else out  # some blocks also return router logits
-                err += (z.to(device).double() - out.double()).square().sum()  # ‖·‖_F², float64
+                sq = (z.to(device).double() - out.double()).square().sum(dim=-1)  # [B, T] ‖·‖², float64
+                err += sq.sum() if w is None else (sq * w).sum()
         return float(err)
 
     return evaluate

@@ -37,6 +37,7 @@ class ExpertOptions(StageOptions):
     protect_super: bool = False
     as_you_go: bool = False
     calib_set: tuple[str, ...] | None = None
+    beam: int | None = None  # NAEE's beam width beyond the exhaustive limit (None: `reconstruction.DEFAULT_BEAM`)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
@@ -63,6 +64,10 @@ class ExpertStage(Stage):
         if o.method == NAEE and o.policy not in ("uniform", "reconstruction"):
             raise MoePruneError(f"method {NAEE!r} searches layer by layer with a uniform count; drop --policy "
                                 f"{o.policy}.")
+        if o.beam is not None and (o.method != NAEE or isinstance(o.beam, bool) or not isinstance(o.beam, int)
+                                   or o.beam < 1):
+            raise MoePruneError(f"beam is the width of NAEE's search (method {NAEE!r}): an integer >= 1, got "
+                                f"{o.beam!r} with method {o.method!r}. Drop it or fix it.")
         if o.method != NAEE:
             POLICIES.get(o.policy)
         crit = None if o.method == NAEE else CRITERIA.get(o.method)
@@ -113,7 +118,8 @@ class ExpertStage(Stage):
         if o.progressive:
             E, routing = adapter.num_experts, adapter.routing()
             if o.method == NAEE:
-                decide, method = reconstruction_decider(o.ratio, routing, E, protected), "naee_reconstruction"
+                beam = {} if o.beam is None else {"beam": o.beam}
+                decide, method = reconstruction_decider(o.ratio, routing, E, protected, **beam), "naee_reconstruction"
             else:
                 decide, method = criterion_decider(CRITERIA.get(o.method), o.ratio, routing, E, protected), o.method
             stats = ctx.routed_stats(decide=decide)
