@@ -69,13 +69,19 @@ class LazyModel:
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
-        """Decoder layer i with its weights read from disk; back on `meta` (memory released) on exit."""
+        """Decoder layer i with its weights read from disk; on exit the pristine meta module (a copy taken before
+        loading) is put back, so a layer changed in memory (surgery) is read from the checkpoint again next time."""
+        from transformers import PretrainedConfig
+
         module = self.layers[i]
+        configs = {id(v): v for m in module.modules() for v in vars(m).values() if isinstance(v, PretrainedConfig)}
+        pristine = copy.deepcopy(module, memo=configs)  # on meta: no memory; configs stay shared with the model
         try:
             load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}")
             yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
+            self.layers[i] = pristine
 
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i occupies once materialised."""
