@@ -82,7 +82,9 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
             model.save_pretrained(tmp, max_shard_size=max_bytes)
             del model
         last_stage, last_plan = chain[-1]
-        last_stage.finish_export(tmp, adapters[0].model_type, last_plan)
+        # the checkpoint's own model_type (a vision-language model's, not its text decoder's: qwen3_vl_moe)
+        last_stage.finish_export(tmp, getattr(adapters[0].root_config, "model_type", None) or adapters[0].model_type,
+                                 last_plan)
         bytes_after = Checkpoint.open(tmp).total_bytes
         ckpt.copy_side_files(tmp)
         _write_plans(tmp, chain, options, stats or [[] for _ in chain])
