@@ -199,3 +199,17 @@ def test_quantized_source_config_is_written_unquantized(source, tmp_path):
     assert method == "fp8" and "quantization_config" not in written
     assert written["moeprune"] == {"version": "x"} and written["dtype"] == "bfloat16"
     assert config.quantization_config["quant_method"] == "fp8"  # the adapter's config is left as it was
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "qwen3_vl_moe"])
+def test_lazy_prune_equals_in_memory_prune(source, root, tmp_path, family):
+    """`prune(lazy=True)`: every stage calibrated lazily (stage 2 on stage 1 applied layer by layer), exported layer
+    by layer, verified; the same plans and tensors as the in-memory run."""
+    src, _ = source(family)
+    recipe = [{"method": "reap", "ratio": 0.25}, {"method": "hcsmoe", "ratio": 0.34}]
+    mem = prune(src, tmp_path / "mem", recipe, calib=calib(root), run_verify=False)[0].out
+    applied, result = prune(src, tmp_path / "lay", recipe, calib=calib(root), lazy=True)
+    assert result.passed
+    for f in sorted((mem / "moeprune_plans").glob("*.json")):
+        assert json.loads(f.read_text()) == json.loads((applied.out / "moeprune_plans" / f.name).read_text()), f.name
+    assert_same_export(mem, applied.out)
