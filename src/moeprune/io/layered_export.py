@@ -7,15 +7,16 @@ than memory and for stages that cannot work on the shards' bytes (merges, neuron
             disk dtypes restored, apply_chain_layer(i)       every stage's `apply_layer`, in recipe order
             tensors = revert_weight_conversion(layer i)      in-memory names -> on-disk names (transformers' own
                                                              inverse of its loading conversions, as save_pretrained)
-            queued for the current output shard              written once it would exceed max_shard_size
+            bytes appended to the current shard's spill file   the shard is written (byte copies) when full
     embeddings, final norm, head, vision tower               copied byte for byte from the source (`OutTensor`)
     config.json = the config the chain leaves                (+ index json when sharded)
 
 The result holds the tensors the in-memory export writes (`load_model` + `apply_chain` + `save_pretrained`):
 same names, shapes, dtypes and values (tests/test_layered.py, every family). Peak memory: the non-layer tensors
-that `load_lazy` materialises, one decoder layer (and transformers' conversion temporaries), plus the tensors
-queued for one output shard (≤ max_shard_size). A quantized source (FP8, MXFP4) is dequantized by the lazy loader,
-so this export is written in the loader's dtype and its config drops `quantization_config`.
+that `load_lazy` materialises, one decoder layer (and transformers' conversion temporaries, and the stage's own,
+e.g. a merge's copies of the layer's experts); output shards are assembled on disk, not in memory. A quantized
+source (FP8, MXFP4) is dequantized by the lazy loader, so this export is written in the loader's dtype and its
+config drops `quantization_config`.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
-from moeprune.io.safetensors_io import OutTensor, write_file
+from moeprune.io.safetensors_io import TORCH_TO_ST, OutTensor, write_file
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 
@@ -47,36 +47,56 @@ class LayeredResult:
 
 @dataclass
 class ShardWriter:
-    """Tensors written in order to shards of at most `max_bytes` (one tensor larger than that gets its own); shards
-    are written under temporary names as they fill and renamed `model-0000k-of-0000N.safetensors` at `close`."""
+    """Tensors written in order to shards of at most `max_bytes` (one tensor larger than that gets its own), with
+    memory bounded by one tensor: an in-memory tensor's bytes go straight to a spill file next to the shard, and
+    each full shard is written by byte copies (`write_file`) from the spill file and the source checkpoint. Shards
+    get temporary names until `close` renames them `model-0000k-of-0000N.safetensors`."""
 
     folder: Path
     max_bytes: int
-    pending: list[tuple[str, torch.Tensor | OutTensor]] = field(default_factory=list)
+    pending: list[OutTensor] = field(default_factory=list)
     pending_bytes: int = 0
     written: list[tuple[Path, list[str]]] = field(default_factory=list)
     total: int = 0
+    _spill: Any = None  # open file of the current shard's in-memory tensors
 
-    def add(self, name: str, tensor: torch.Tensor | OutTensor) -> None:
-        nbytes = tensor.nbytes if isinstance(tensor, OutTensor) else tensor.numel() * tensor.element_size()
-        if self.pending and (self.pending_bytes + nbytes > self.max_bytes
-                             or isinstance(self.pending[-1][1], OutTensor) != isinstance(tensor, OutTensor)):
+    def _queue(self, out: OutTensor) -> None:
+        if self.pending and self.pending_bytes + out.nbytes > self.max_bytes:
             self.flush()
-        self.pending.append((name, tensor))
-        self.pending_bytes += nbytes
-        self.total += nbytes
+        self.pending.append(out)
+        self.pending_bytes += out.nbytes
+        self.total += out.nbytes
+
+    def add_copy(self, name: str, entry) -> None:
+        """A source tensor (`TensorEntry`), copied byte for byte under `name`."""
+        self._queue(OutTensor(name, entry.dtype, tuple(entry.shape), entry.file, ((entry.begin, entry.end),)))
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """An in-memory tensor: its bytes are written to the spill file now (memory is not held)."""
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self.flush()
+        if self._spill is None:
+            self._spill = open(self.folder / f".spill-{len(self.written):05d}", "wb")  # noqa: SIM115
+        begin = self._spill.tell()
+        if nbytes:
+            self._spill.write(t.reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as safetensors
+        self._queue(OutTensor(name, TORCH_TO_ST[t.dtype], tuple(t.shape), Path(self._spill.name),
+                              ((begin, begin + nbytes),)))
 
     def flush(self) -> None:
-        """Write the queued tensors as one shard: byte copies from the source (`write_file`, one copy buffer of
-        memory) or in-memory tensors (`save_file`); a shard holds one kind."""
         if not self.pending:
             return
+        spill = None
+        if self._spill is not None:
+            self._spill.close()
+            spill, self._spill = Path(self._spill.name), None
         path = self.folder / f".part-{len(self.written):05d}.safetensors"
-        if isinstance(self.pending[0][1], OutTensor):
-            write_file(path, [t for _, t in self.pending])
-        else:
-            save_file(dict(self.pending), str(path), metadata={"format": "pt"})
-        self.written.append((path, [n for n, _ in self.pending]))
+        write_file(path, self.pending)
+        if spill is not None:
+            spill.unlink()
+        self.written.append((path, [t.name for t in self.pending]))
         self.pending, self.pending_bytes = [], 0
 
     def close(self) -> list[str]:
@@ -92,7 +112,6 @@ class ShardWriter:
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return names
 
-
 def export_layered(ckpt: Checkpoint, chain: list, adapters: list[MoEAdapter], folder: Path, max_bytes: int,
                    provenance: dict) -> LayeredResult:
     """Write the chain's result into `folder` (an empty temporary folder): shards, index and config.json."""
@@ -106,8 +125,7 @@ def export_layered(ckpt: Checkpoint, chain: list, adapters: list[MoEAdapter], fo
     disk = ckpt.torch_dtypes()
     writer = ShardWriter(folder, max_bytes)
     for entry in _non_layer_entries(ckpt, lazy, REST, (WeightRenaming, WeightConverter), rename_source_key):
-        writer.add(entry.name, OutTensor(entry.name, entry.dtype, entry.shape, entry.file, ((entry.begin,
-                                                                                              entry.end),)))
+        writer.add_copy(entry.name, entry)
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_save", None) or [])]
     n = len(lazy.layers)
     for i in (bar := tqdm(range(n), leave=False)):
@@ -120,7 +138,7 @@ def export_layered(ckpt: Checkpoint, chain: list, adapters: list[MoEAdapter], fo
             state = {prefix + k: t for k, t in layer.state_dict().items()}
             state = {k: t for k, t in state.items() if not any(p.search(k) for p in ignore)}
             for name, t in revert_weight_conversion(model, state).items():
-                writer.add(name, t.detach().contiguous().clone())  # own storage: the layer is freed on exit
+                writer.add_tensor(name, t)
             del state
     files = writer.close()
     quant = _write_config(ckpt, adapters[-1], folder, provenance, model.dtype)
