@@ -213,3 +213,19 @@ def test_lazy_prune_equals_in_memory_prune(source, root, tmp_path, family):
     for f in sorted((mem / "moeprune_plans").glob("*.json")):
         assert json.loads(f.read_text()) == json.loads((applied.out / "moeprune_plans" / f.name).read_text()), f.name
     assert_same_export(mem, applied.out)
+
+
+def test_bf16_sharded_source(root, tmp_path):
+    """bf16 bytes through the spill files, a sharded source, and the non-layer tensors copied byte for byte."""
+    src = save_tiny("deepseek_v3", tmp_path / "src", seed=4, dtype=torch.bfloat16, max_shard_size="60KB",
+                    with_tokenizer=True)
+    assert len(Checkpoint.open(src).files) > 1  # precondition: sharded
+    stats = calibrate(src, calib(root, dtype="float32"))
+    chain = [(MERGE, make_merge_plan(stats, "submoe", 0.25))]
+    mem = apply(src, chain, tmp_path / "mem").out
+    lay = apply(src, chain, tmp_path / "lay", lazy=True, max_shard_size="50KB").out
+    a, b = _disk(mem), _disk(lay)
+    assert sorted(a) == sorted(b) and {t.dtype for t in b.values()} >= {torch.bfloat16}
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    original = _disk(src)
+    assert torch.equal(b["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
