@@ -55,6 +55,12 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
     max_bytes = parse_size(max_shard_size)
     prov = provenance(chain, ckpt.path)
     mode = export_mode(chain, streaming, lazy)
+    if mode == "layered":  # the whole-model apply checks the model; layer by layer, check the plans first
+        for n, ((stage, plan), adapter) in enumerate(zip(chain, adapters, strict=False), 1):
+            try:
+                stage.check_apply(None, adapter, plan)
+            except MoePruneError as e:
+                raise MoePruneError(f"plan {n} ({stage.kind}, {plan.method}): {e}") from None
     notes = []
     with atomic_dir(out) as tmp:
         if mode == "streaming":
@@ -65,11 +71,6 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
         elif mode == "layered":
             from moeprune.io.layered_export import export_layered
 
-            for n, ((stage, plan), adapter) in enumerate(zip(chain, adapters, strict=False), 1):
-                try:
-                    stage.check_apply(None, adapter, plan)
-                except MoePruneError as e:
-                    raise MoePruneError(f"plan {n} ({stage.kind}, {plan.method}): {e}") from None
             result = export_layered(ckpt, chain, adapters, tmp, max_bytes, prov)
             if result.dequantized:
                 notes.append(f"the source is quantized ({result.dequantized}); this export was written "
