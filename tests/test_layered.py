@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from moeprune import api
 from moeprune.calibration.run import CalibrateOptions, calibrate, prepare
+from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.layered_export import _write_config
 from moeprune.io.lazy import load_lazy
@@ -229,3 +230,16 @@ def test_bf16_sharded_source(root, tmp_path):
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     original = _disk(src)
     assert torch.equal(b["model.embed_tokens.weight"], original["model.embed_tokens.weight"])
+
+
+def test_layered_refuses_a_bad_plan_before_work(source, tmp_path, monkeypatch):
+    """A uniform neuron plan whose width the experts kernel cannot run is refused before anything is read or written."""
+    from moeprune.io import layered_export
+    from moeprune.select.neuron_plan import NeuronPlan
+
+    src, _ = source("qwen3_moe")
+    plan = NeuronPlan({layer: {j: list(range(12)) for j in range(8)} for layer in (1, 2)}, 16)
+    monkeypatch.setattr(layered_export, "export_layered", lambda *a, **k: pytest.fail("export ran"))
+    with pytest.raises(MoePruneError, match="kept width 12 is not a multiple of 8"):
+        apply(src, [(NEURONS, plan)], tmp_path / "out", lazy=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))
