@@ -4,7 +4,8 @@
 dtype resolution) but with every tensor on the `meta` device, then materialises on CPU everything except the
 decoder layers and the output head: embeddings, final norm, rotary embedding, vision tower. `LazyModel.layer(i)`
 is a context manager that reads decoder layer i's tensors from the safetensors shards, and moves them back to
-`meta` on exit so their memory is freed. It plugs into the engine as
+`meta` on exit so their memory is freed (putting back a pristine copy of the meta layer, so a layer changed in
+memory, e.g. by surgery, is read from the checkpoint again next time). It plugs into the engine as
 `run_layers(model, adapter, batches, layer_context=lazy.layer)`; `capture()` needs no layer weights.
 
 Approach: on-disk names differ from in-memory ones in transformers 5 (per-expert `experts.J.gate_proj.weight`
