@@ -93,7 +93,8 @@ def no_work(monkeypatch):
     from moeprune.surgery import in_memory, streaming
 
     for module, name in ((export, "load_model"), (context, "load_model"), (in_memory, "apply_plan"),
-                         (streaming, "apply_plan_streaming"), (export, "atomic_dir"), (verify, "load_model")):
+                         (in_memory, "prune_layer"), (streaming, "apply_plan_streaming"), (export, "atomic_dir"),
+                         (verify, "load_model")):
         monkeypatch.setattr(module, name, forbid(f"{module.__name__}.{name}"))
     from moeprune.calibration import run
 

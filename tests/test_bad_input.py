@@ -180,7 +180,7 @@ def test_failure_midway_leaves_nothing(qwen, tmp_path, monkeypatch):
 
     from moeprune.surgery import in_memory
 
-    monkeypatch.setattr(in_memory, "apply_plan", boom)
+    monkeypatch.setattr(in_memory, "prune_layer", boom)
     out = tmp_path / "out"
     assert_refused(
         lambda: api.prune(qwen, out, method="aimer", ratio=0.25), "simulated failure", inputs=[qwen], out=out

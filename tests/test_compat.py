@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from moeprune import compat
@@ -87,3 +88,22 @@ def _internal_imports(path: Path) -> list[str]:
 def test_only_compat_imports_transformers_internals():
     found = [hit for path in sorted(SRC.rglob("*.py")) if path.name != "compat.py" for hit in _internal_imports(path)]
     assert not found, f"import these through moeprune.compat instead: {found}"
+
+
+def test_revert_weight_conversion_gives_the_names_save_pretrained_writes(tmp_path):
+    """The layer-by-layer export writes what `revert_weight_conversion` returns: for a model whose experts are fused
+    in memory, it must give exactly the on-disk tensors (names, shapes, values) that save_pretrained writes."""
+    from safetensors.torch import load_file
+
+    from moeprune.compat import revert_weight_conversion
+    from moeprune.tiny import tiny_model
+
+    model = tiny_model("mixtral", seed=3)
+    assert any(n.endswith("experts.gate_up_proj") for n in model.state_dict())  # precondition: fused in memory
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    reverted = revert_weight_conversion(model, dict(model.state_dict()))
+    assert sorted(reverted) == sorted(saved)
+    assert any(".block_sparse_moe.experts.0.w1.weight" in k for k in reverted)
+    for name, t in saved.items():
+        assert torch.equal(reverted[name].contiguous(), t), name

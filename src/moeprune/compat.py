@@ -11,7 +11,8 @@ does not import transformers) — `EXPORTS`, moeprune's name -> (transformers mo
 
     get_model_conversion_mapping          transformers.conversion_mapping.get_model_conversion_mapping
     WeightConverter, WeightRenaming,      transformers.core_model_loading.*
-      rename_source_key, convert_and_load_state_dict_in_model
+      rename_source_key, convert_and_load_state_dict_in_model,
+      revert_weight_conversion            (in-memory names -> on-disk names, as save_pretrained writes them)
     LoadStateDictConfig                   transformers.modeling_utils.LoadStateDictConfig
     get_dtype                             transformers.modeling_utils._get_dtype
     get_hf_quantizer                      transformers.quantizers.auto.get_hf_quantizer (quantized lazy loads)
@@ -44,6 +45,7 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "WeightRenaming": ("transformers.core_model_loading", "WeightRenaming"),
     "rename_source_key": ("transformers.core_model_loading", "rename_source_key"),
     "convert_and_load_state_dict_in_model": ("transformers.core_model_loading", "convert_and_load_state_dict_in_model"),
+    "revert_weight_conversion": ("transformers.core_model_loading", "revert_weight_conversion"),
     "LoadStateDictConfig": ("transformers.modeling_utils", "LoadStateDictConfig"),
     "get_dtype": ("transformers.modeling_utils", "_get_dtype"),
     "get_hf_quantizer": ("transformers.quantizers.auto", "get_hf_quantizer"),

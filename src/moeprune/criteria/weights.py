@@ -59,10 +59,11 @@ def summarize_checkpoint(ckpt: Checkpoint, adapter: MoEAdapter) -> dict[int, Wei
 
 
 @torch.no_grad()
-def summarize_model(model: torch.nn.Module, adapter: MoEAdapter) -> dict[int, WeightSummary]:
-    """The same summaries from an in-memory model."""
+def summarize_model(model: torch.nn.Module, adapter: MoEAdapter,
+                    layers: list[int] | None = None) -> dict[int, WeightSummary]:
+    """The same summaries from an in-memory model (of `layers` only, when given: e.g. one materialised layer)."""
     out = {}
-    for layer in adapter.moe_layers():
+    for layer in adapter.moe_layers() if layers is None else layers:
         experts = adapter.experts(adapter.block(model, layer))
         layout = layout_of(experts)
         summary = WeightSummary.zeros(layout.num_experts(experts))

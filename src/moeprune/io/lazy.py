@@ -4,7 +4,8 @@
 dtype resolution) but with every tensor on the `meta` device, then materialises on CPU everything except the
 decoder layers and the output head: embeddings, final norm, rotary embedding, vision tower. `LazyModel.layer(i)`
 is a context manager that reads decoder layer i's tensors from the safetensors shards, and moves them back to
-`meta` on exit so their memory is freed. It plugs into the engine as
+`meta` on exit so their memory is freed (putting back a pristine copy of the meta layer, so a layer changed in
+memory, e.g. by surgery, is read from the checkpoint again next time). It plugs into the engine as
 `run_layers(model, adapter, batches, layer_context=lazy.layer)`; `capture()` needs no layer weights.
 
 Approach: on-disk names differ from in-memory ones in transformers 5 (per-expert `experts.J.gate_proj.weight`
@@ -85,13 +86,19 @@ class LazyModel:
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
-        """Decoder layer i with its weights read from disk; back on `meta` (memory released) on exit."""
+        """Decoder layer i with its weights read from disk; on exit the pristine meta module (a copy taken before
+        loading) is put back, so a layer changed in memory (surgery) is read from the checkpoint again next time."""
+        from transformers import PretrainedConfig
+
         module = self.layers[i]
+        configs = {id(v): v for m in module.modules() for v in vars(m).values() if isinstance(v, PretrainedConfig)}
+        pristine = copy.deepcopy(module, memo=configs)  # on meta: no memory; configs stay shared with the model
         try:
             load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}", device=self.device)
             yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
+            self.layers[i] = pristine
             trim()  # and the allocator gives the freed pages back (io/memory.py)
 
     def layer_bytes(self, i: int) -> int:

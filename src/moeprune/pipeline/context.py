@@ -5,16 +5,21 @@
     ctx.weights_source()            where data-free criteria read expert weights from
 
 For the first stage these read the checkpoint itself (so `--lazy` and torchrun work as in `moeprune calibrate`);
-later stages replay the earlier plans on a freshly loaded copy (one model in memory at a time).
+later stages replay the earlier plans on a freshly loaded copy (one model in memory at a time), or, when `lazy`,
+on the original loaded lazily: layer i's context materialises it from the checkpoint and applies plans 1..n-1 to
+it (`stages.base.apply_chain_layer`), the model's config says what those plans leave (`sync_chain_config`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.run import CalibrateOptions, calibrate, calibrate_model, prepare
@@ -24,7 +29,7 @@ from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.pipeline.recipe import check_chain
-from moeprune.stages.base import Need, apply_chain
+from moeprune.stages.base import Need, apply_chain, apply_chain_layer, sync_chain_config
 from moeprune.stats.store import ExpertStats, StatsView
 
 
@@ -37,6 +42,7 @@ class StageContext:
     sets: list[CalibSet] | None = None
     stats: list[ExpertStats] = field(default_factory=list)  # routed statistics this stage collected
     given: ExpertStats | None = None  # statistics read from a file (`moeprune plan STATS`) instead of calibrating
+    lazy: bool = False  # later stages replay the earlier plans one decoder layer at a time (checkpoints > memory)
 
     @classmethod
     def for_source(cls, path: Path | None, stats: ExpertStats | None, calib: CalibrateOptions | None,
@@ -71,12 +77,35 @@ class StageContext:
                                 "--calib ...`.")
         if not self.previous:
             stats = calibrate(self.ckpt.path, self.calib, decide=decide, sets=self.sets)
+        elif self.lazy:
+            lazy, layer_context = self.lazy_model(dtype=self.calib.dtype)
+            stats = calibrate_model(lazy.model, self.sets, self.calib, source=self.ckpt.path, decide=decide,
+                                    layer_context=layer_context)
+            del lazy
         else:
             model = self.model(dtype=self.calib.dtype)
             stats = calibrate_model(model, self.sets, self.calib, source=self.ckpt.path, decide=decide)
             del model
         self.stats.append(stats)
         return stats
+
+    def lazy_model(self, dtype: str = "auto"):
+        """(LazyModel of the original, layer_context): `layer_context(i)` materialises decoder layer i and applies
+        every earlier plan to it; the model's config is the one those plans leave."""
+        from moeprune.io.lazy import load_lazy
+        from moeprune.pipeline.recipe import chain_adapters
+
+        lazy = load_lazy(self.ckpt.path, dtype=dtype)
+        adapters = chain_adapters(self.previous, get_adapter(self.ckpt.config, weight_keys=self.ckpt.names()))
+        sync_chain_config(lazy.model, self.previous, adapters)
+
+        @contextmanager
+        def layer_context(i: int) -> Iterator[nn.Module]:
+            with lazy.layer(i) as module:
+                apply_chain_layer(lazy.model, self.previous, i, adapters)
+                yield module
+
+        return lazy, layer_context
 
     def weights_source(self):
         """The checkpoint folder, or (after earlier stages) the weight summaries of the model they left."""
@@ -87,6 +116,16 @@ class StageContext:
         from moeprune.criteria.weights import summarize_model
         from moeprune.select.build import InMemoryWeights
 
+        if self.lazy:  # one decoder layer at a time; summaries are per layer
+            lazy, layer_context = self.lazy_model()
+            adapter = get_adapter(lazy.model.config, model=lazy.model)
+            summaries = {}
+            moe = adapter.moe_layers()
+            for n, layer in enumerate(bar := tqdm(moe, leave=False)):
+                bar.set_description(f"expert weight summaries (layer {n + 1}/{len(moe)})")
+                with layer_context(layer):
+                    summaries[layer] = summarize_model(lazy.model, adapter, layers=[layer])[layer]
+            return InMemoryWeights(adapter, summaries)
         model = self.model()
         adapter = get_adapter(model.config, model=model)
         return InMemoryWeights(adapter, summarize_model(model, adapter))

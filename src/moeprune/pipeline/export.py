@@ -1,7 +1,9 @@
 """Write an export: the checkpoint with every plan of a chain applied, its recipe, plans, statistics and report.
 
     OUT/                        written atomically (temporary sibling, renamed when complete)
-      config.json, *.safetensors   stock layout; config.json["moeprune"] = provenance
+      config.json, *.safetensors   stock layout; config.json["moeprune"] = provenance; written in memory
+                                   (load, apply_chain, save_pretrained), on the shards (expert removal, --streaming)
+                                   or layer by layer (lazy, or --streaming with merges/neurons; io/layered_export.py)
       tokenizer and side files     copied from the source
       moeprune_recipe.json         {"format": "moeprune.recipe/1", "stages": [{kind, method, ratio, ..., plan}]}
       moeprune_plans/N-KIND.json   stage N's plan; N-KIND.stats.safetensors its routed statistics (if any)
@@ -43,19 +45,36 @@ class ApplyResult:
 
 
 def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path, *, streaming: bool = False,
-           max_shard_size: str | int = "5GB", options: list[dict] | None = None,
+           lazy: bool = False, max_shard_size: str | int = "5GB", options: list[dict] | None = None,
            stats: list[list[ExpertStats]] | None = None) -> ApplyResult:
     """Apply `chain` (validated: `adapters` = the model before each plan and after the last) and save to `out`.
 
+    How (`export_mode`): `streaming` with stages that all edit shards -> byte copies, stage by stage; `streaming`
+    with other stages (merges, neurons) or `lazy` -> layer by layer (`io/layered_export.py`); else in memory.
     `options` are the recipe's stage options (None when plans are replayed), `stats` each stage's statistics."""
     max_bytes = parse_size(max_shard_size)
     prov = provenance(chain, ckpt.path)
+    mode = export_mode(chain, streaming, lazy)
+    if mode == "layered":  # the whole-model apply checks the model; layer by layer, check the plans first
+        for n, ((stage, plan), adapter) in enumerate(zip(chain, adapters, strict=False), 1):
+            try:
+                stage.check_apply(None, adapter, plan)
+            except MoePruneError as e:
+                raise MoePruneError(f"plan {n} ({stage.kind}, {plan.method}): {e}") from None
+    notes = []
     with atomic_dir(out) as tmp:
-        if streaming:
+        if mode == "streaming":
             _apply_shards(ckpt, chain, tmp, max_bytes)
             cfg = json.loads((tmp / "config.json").read_text())
             cfg["moeprune"] = prov
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        elif mode == "layered":
+            from moeprune.io.layered_export import export_layered
+
+            result = export_layered(ckpt, chain, adapters, tmp, max_bytes, prov)
+            if result.dequantized:
+                notes.append(f"the source is quantized ({result.dequantized}); this export was written "
+                             "layer by layer, dequantized, without quantization_config")
         else:
             model = load_model(ckpt.path, dtype="auto")
             match_disk_dtypes(model, ckpt.torch_dtypes())
@@ -64,14 +83,25 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
             model.save_pretrained(tmp, max_shard_size=max_bytes)
             del model
         last_stage, last_plan = chain[-1]
-        last_stage.finish_export(tmp, adapters[0].model_type, last_plan)
+        # the checkpoint's own model_type (a vision-language model's, not its text decoder's: qwen3_vl_moe)
+        last_stage.finish_export(tmp, getattr(adapters[0].root_config, "model_type", None) or adapters[0].model_type,
+                                 last_plan)
         bytes_after = Checkpoint.open(tmp).total_bytes
         ckpt.copy_side_files(tmp)
         _write_plans(tmp, chain, options, stats or [[] for _ in chain])
-        report = build_report(ckpt, adapters, chain, "streaming" if streaming else "in-memory", bytes_after)
+        report = build_report(ckpt, adapters, chain, mode, bytes_after)
+        if notes:
+            report["notes"] = notes
         write_json_atomic(tmp / REPORT_NAME, report)
     logger.info("wrote %s (%.1f%% of the original weight bytes)", out, 100 * bytes_after / ckpt.total_bytes)
     return ApplyResult(out, report)
+
+
+def export_mode(chain: Chain, streaming: bool, lazy: bool) -> str:
+    """"streaming" (byte copies on the shards), "layered" (one decoder layer at a time) or "in-memory"."""
+    if streaming and all(stage.applies_to_shards for stage, _ in chain):
+        return "streaming"
+    return "layered" if streaming or lazy else "in-memory"
 
 
 def _apply_shards(ckpt: Checkpoint, chain: Chain, tmp: Path, max_bytes: int) -> None:

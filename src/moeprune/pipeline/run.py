@@ -3,13 +3,15 @@
     specs    = parse_recipe(recipe)                        unknown methods / options refused, naming the stage
     adapters = check_chain(specs, adapter)                 each stage on the model as the stages before leave it
     for each stage n:  plan_n = stage.plan(ctx_n)          calibrated on the original with plans 1..n-1 applied
-    export(original, [plan_1 .. plan_N])                   one load, every plan applied in order, saved atomically
+    export(original, [plan_1 .. plan_N])                   one load (or one layer at a time: lazy), every plan
+                                                           applied in order, saved atomically
     verify(original, export, chain)                        stock reload == original with the chained references
 Every check that can fail runs before the first calibration or load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -37,10 +39,14 @@ from moeprune.stages.base import Need, adapter_after
 
 
 def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Sequence, *, source: str = "recipe",
-          calib: CalibrateOptions | None = None, streaming: bool = False, max_shard_size: str | int = "5GB",
-          overwrite: bool = False, run_verify: bool = True,
+          calib: CalibrateOptions | None = None, streaming: bool = False, lazy: bool = False,
+          max_shard_size: str | int = "5GB", overwrite: bool = False, run_verify: bool = True,
           verify_dtype: str = "float32") -> tuple[ApplyResult, VerifyResult | None]:
-    """[calibrate +] plan every stage + apply + save + verify; every option is checked before any work."""
+    """[calibrate +] plan every stage + apply + save + verify; every option is checked before any work.
+
+    `lazy`: one decoder layer in memory at a time: every stage calibrates on the original read lazily with the
+    earlier plans applied layer by layer, and the export is written layer by layer (so is `calib.lazy`'s
+    calibration; `lazy` implies it)."""
     specs = parse_recipe(recipe, source)
     ckpt = Checkpoint.open(model)
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
@@ -49,7 +55,9 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
     if run_verify:
         tolerance(verify_dtype)
     adapters = check_chain(specs, adapter)
-    _check_run(specs, calib, streaming)
+    if lazy and calib is not None and not calib.lazy:
+        calib = dataclasses.replace(calib, lazy=True)
+    _check_run(specs, calib)
     sets = prepare(model, calib)[2] if calib is not None else None  # read, checked and tokenised up front
 
     chain: Chain = []
@@ -60,13 +68,14 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
             adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
                                                                                                  adapters[n - 1])))
         logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
-        ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets)
+        ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy or (calib is not None and
+                                                                             calib.lazy))
         plan = spec.stage.plan(spec.options, ctx)
         chain.append((spec.stage, plan))
         stats.append(ctx.stats)
         logger.info("%s: %s", spec.where, spec.stage.describe(plan))
     adapters = chain_adapters(chain, adapter)
-    applied = export(ckpt, adapters, chain, out_path, streaming=streaming, max_shard_size=max_shard_size,
+    applied = export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy, max_shard_size=max_shard_size,
                      options=[s.to_dict() for s in specs], stats=stats)
     calibration = next((st.meta["calibration"] for stage_stats in stats for st in stage_stats), None)
     if calibration is not None:
@@ -83,20 +92,18 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
 
 
 def apply(model: str | Path, plans: str | Path | Chain, out: str | Path, *, streaming: bool = False,
-          max_shard_size: str | int = "5GB", overwrite: bool = False) -> ApplyResult:
-    """Replay plans (an export folder, its recipe, one plan file, or (stage, plan) pairs) onto MODEL."""
+          lazy: bool = False, max_shard_size: str | int = "5GB", overwrite: bool = False) -> ApplyResult:
+    """Replay plans (an export folder, its recipe, one plan file, or (stage, plan) pairs) onto MODEL: in memory, on
+    the shards (`streaming`, expert removal only) or layer by layer (`lazy`, or `streaming` with other stages)."""
     ckpt = Checkpoint.open(model)
     out_path = check_output(out, [ckpt.path], overwrite)
     chain = read_chain(plans) if isinstance(plans, (str, Path)) else list(plans)
     adapters = chain_adapters(chain, get_adapter(ckpt.config, weight_keys=ckpt.names()))
     parse_size(max_shard_size)
-    if streaming:
-        _refuse_in_memory([stage for stage, _ in chain], [f"plan {n} ({s.kind})" for n, (s, _) in
-                                                          enumerate(chain, 1)])
-    return export(ckpt, adapters, chain, out_path, streaming=streaming, max_shard_size=max_shard_size)
+    return export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy, max_shard_size=max_shard_size)
 
 
-def _check_run(specs: list[StageSpec], calib: CalibrateOptions | None, streaming: bool) -> None:
+def _check_run(specs: list[StageSpec], calib: CalibrateOptions | None) -> None:
     calibrated = [s for s in specs if any(need.calibrated for need in s.needs)]
     if calibrated and calib is None:
         s = calibrated[0]
@@ -108,18 +115,8 @@ def _check_run(specs: list[StageSpec], calib: CalibrateOptions | None, streaming
                             "calibrated method (e.g. reap, ean_mean, frequency).")
     if calib is not None:
         calib.calib_config()  # the sources exist and the options are sane
-        for n, s in enumerate(specs):
-            if calib.lazy and ((n > 0 and s in calibrated) or Need.NEURONS in s.needs):
+        for s in specs:
+            if calib.lazy and Need.NEURONS in s.needs:
                 raise MoePruneError(f"{s.where}: --lazy loads one decoder layer at a time from the checkpoint on "
-                                    "disk, but this stage calibrates "
-                                    + ("the model as the stages before it leave it (in memory)" if n else
-                                       "the whole model at once (neuron statistics)") + "; drop --lazy.")
-    if streaming:
-        _refuse_in_memory([s.stage for s in specs], [s.where for s in specs])
-
-
-def _refuse_in_memory(stages, names: list[str]) -> None:
-    for stage, name in zip(stages, names, strict=True):
-        if not stage.applies_to_shards:
-            raise MoePruneError(f"{name}: --streaming apply to expert removal only ({stage.kind} stages are "
-                                "applied in memory); drop --streaming.")
+                                    "disk, but this stage calibrates the whole model at once (neuron statistics); "
+                                    "drop --lazy.")

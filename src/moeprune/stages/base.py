@@ -5,7 +5,9 @@
                                                      leave it* (counts, widths, top-k) — before any work —
                                                      and returns the config the stage will leave behind
     plan     = stage.plan(options, ctx)              statistics -> plan (JSON data, versioned by `plan_format`)
-    stage.apply(model, adapter, plan)                surgery on in-memory modules (and `apply_shards` on disk)
+    stage.apply(model, adapter, plan)                surgery on in-memory modules: `apply_layer` on every decoder
+                                                     layer, then `update_config` once (and `apply_shards` on disk)
+    stage.apply_layer(model, adapter, plan, i)       surgery on decoder layer i only (lazy, layer-by-layer export)
     stage.reference(ref, plan)                       the same change expressed on the ORIGINAL model, which keeps
                                                      every expert slot and full width: masking, zeroing, or the
                                                      merge written into the dominant's slot (`stages/reference.py`)
@@ -27,8 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
+from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.registry import Registry
 
@@ -145,7 +149,31 @@ class Stage:
 
     # ------------------------------------------------------------------ surgery
     def apply(self, model: nn.Module, adapter: MoEAdapter, plan) -> None:
+        """Whole model in memory: `check_apply`, then `apply_layer` on every decoder layer, then the config once."""
+        self.check_apply(model, adapter, plan)
+        n = len(adapter.decoder_layers(model))
+        for i in (bar := tqdm(range(n), leave=False)):
+            bar.set_description(f"{self.kind} surgery (layer {i + 1}/{n})")
+            self.apply_layer(model, adapter, plan, i)
+        self.update_config(model.config, adapter, plan)
+        logger.info("applied %s", self.describe(plan))
+
+    def check_apply(self, model: nn.Module | None, adapter: MoEAdapter, plan) -> None:
+        """Every refusal before a tensor changes (`model` None: config level only, for layer-by-layer apply)."""
+        self.validate_plan(plan, adapter)
+
+    def apply_layer(self, model: nn.Module, adapter: MoEAdapter, plan, layer: int) -> None:
+        """Surgery on decoder layer `layer` only (materialised; the others may be on meta); a no-op for layers the
+        plan does not touch. `adapter` describes the model before this stage; `model.config` is not changed."""
         raise NotImplementedError
+
+    def update_config(self, config: Any, adapter: MoEAdapter, plan) -> None:
+        """Write into `config` (in place: modules keep their reference) what `next_config` changes."""
+        before, after = _text(adapter.root_config), _text(self.next_config(plan, adapter))
+        target = _text(config)
+        for key, value in vars(after).items():
+            if not key.startswith("_") and getattr(before, key, None) != value:
+                setattr(target, key, copy.deepcopy(value))
 
     def apply_shards(self, ckpt, adapter: MoEAdapter, plan, out_dir: Path, max_shard_bytes: int) -> None:
         raise MoePruneError(f"{self.kind} stages are applied in memory; drop --streaming.")
@@ -180,6 +208,26 @@ def apply_chain(model: nn.Module, chain: list[tuple[Stage, Any]]) -> nn.Module:
     for stage, plan in chain:
         stage.apply(model, get_adapter(model.config, model=model), plan)
     return model
+
+
+def apply_chain_layer(model: nn.Module, chain: list[tuple[Stage, Any]], layer: int,
+                      adapters: list[MoEAdapter]) -> nn.Module:
+    """Apply every plan of `chain` to decoder layer `layer` only (e.g. one layer of a lazily loaded model);
+    `adapters[n]` = the model as plans 1..n left it (`pipeline.recipe.chain_adapters`), plans already validated.
+    The model's config is not changed (see `sync_chain_config`)."""
+    for (stage, plan), adapter in zip(chain, adapters, strict=False):
+        stage.apply_layer(model, adapter, plan, layer)
+    return model
+
+
+def sync_chain_config(model: nn.Module, chain: list[tuple[Stage, Any]], adapters: list[MoEAdapter]) -> None:
+    """`model.config` as the chain leaves it (once, for a model whose layers `apply_chain_layer` changes)."""
+    for (stage, plan), adapter in zip(chain, adapters, strict=False):
+        stage.update_config(model.config, adapter, plan)
+
+
+def _text(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def original_experts(chain: list[tuple[Stage, Any]], layers: list[int], num_experts: int) -> dict[int, list[int]]:

@@ -147,10 +147,10 @@ class ExpertStage(Stage):
         return cfg
 
     # ------------------------------------------------------------------ surgery
-    def apply(self, model, adapter: MoEAdapter, plan: PrunePlan) -> None:
-        from moeprune.surgery.in_memory import apply_plan
+    def apply_layer(self, model, adapter: MoEAdapter, plan: PrunePlan, layer: int) -> None:
+        from moeprune.surgery.in_memory import prune_layer
 
-        apply_plan(model, adapter, plan)
+        prune_layer(model, adapter, plan, layer)
 
     def apply_shards(self, ckpt, adapter: MoEAdapter, plan: PrunePlan, out_dir: Path, max_shard_bytes: int) -> None:
         from moeprune.surgery.streaming import apply_plan_streaming

@@ -97,10 +97,10 @@ class MergeStage(Stage):
         return cfg
 
     # ------------------------------------------------------------------ surgery
-    def apply(self, model, adapter: MoEAdapter, plan: MergePlan) -> None:
-        from moeprune.surgery.merge import apply_merge_plan
+    def apply_layer(self, model, adapter: MoEAdapter, plan: MergePlan, layer: int) -> None:
+        from moeprune.surgery.merge import merge_layer
 
-        apply_merge_plan(model, adapter, plan)
+        merge_layer(model, adapter, plan, layer)
 
     def reference(self, ref, plan: MergePlan) -> None:
         layer_merge = MERGES.get(plan.merge)(plan)

@@ -97,23 +97,39 @@ class NeuronStage(Stage):
         return NeuronPlan.from_dict(raw, source=source)
 
     def next_config(self, plan: NeuronPlan, adapter: MoEAdapter) -> Any:
+        from moeprune.surgery.neurons import check_uniform, set_neuron_config
+
         cfg = config_copy(adapter)
         if plan.uniform_width is not None:
-            adapter.set_config_width(cfg, plan.uniform_width)
+            set_neuron_config(cfg, adapter, plan, check_uniform(cfg, adapter, plan, ALIGN))
         return cfg
 
     # ------------------------------------------------------------------ surgery
-    def apply(self, model, adapter: MoEAdapter, plan: NeuronPlan) -> None:
-        from moeprune.surgery.neurons import apply_neuron_plan
-        from moeprune.surgery.neurons_padded import apply_neuron_plan_padded
+    def check_apply(self, model, adapter: MoEAdapter, plan: NeuronPlan) -> None:
+        from moeprune.surgery.neurons import check_uniform
+        from moeprune.surgery.neurons_padded import check_padded
 
+        plan.validate(adapter, model)
         if plan.uniform_width is not None:
-            apply_neuron_plan(model, adapter, plan, align=ALIGN)
+            check_uniform(adapter.root_config, adapter, plan, ALIGN)
+            return
+        if model is not None:
+            check_padded(model, adapter, plan, plan.layers)
+        logger.warning("the neuron plan (%s budget) keeps different widths per expert: the export is NOT "
+                       "loadable by stock transformers/vLLM; load it with moeprune.load_model (see the "
+                       "report)", plan.budget)
+
+    def apply_layer(self, model, adapter: MoEAdapter, plan: NeuronPlan, layer: int) -> None:
+        from moeprune.surgery.neurons import slice_layer
+        from moeprune.surgery.neurons_padded import check_padded, pad_layer
+
+        if layer not in plan.kept_neurons:
+            return
+        if plan.uniform_width is not None:
+            slice_layer(model, adapter, plan, layer)
         else:
-            logger.warning("the neuron plan (%s budget) keeps different widths per expert: the export is NOT "
-                           "loadable by stock transformers/vLLM; load it with moeprune.load_model (see the "
-                           "report)", plan.budget)
-            apply_neuron_plan_padded(model, adapter, plan, align=ALIGN)
+            check_padded(model, adapter, plan, [layer])
+            pad_layer(model, adapter, plan, layer, ALIGN)
 
     def finish_export(self, folder: Path, model_type: str, plan: NeuronPlan) -> None:
         from moeprune.io import nonuniform

@@ -44,23 +44,33 @@ def _update_counts(modules: list[nn.Module], attrs: tuple[str, ...], old: int, n
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> nn.Module:
-    """Remove the experts `plan` drops, in place; updates module attributes and `model.config`."""
-    plan.validate(adapter)
+def prune_layer(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, layer: int) -> None:
+    """Remove the experts `plan` drops from decoder layer `layer` only (no-op for a layer the plan does not list);
+    module attributes follow, `model.config` does not (the caller updates it once for the whole model)."""
+    if layer not in plan.kept_experts:
+        return
     E = adapter.num_experts
+    kept = torch.tensor(plan.kept_experts[layer], dtype=torch.long)  # [K]
+    block = adapter.block(model, layer)
+    experts = adapter.experts(block)
+    layout = layout_of(experts)
+    if layout.num_experts(experts) != E:
+        raise MoePruneError(f"layer {layer} holds {layout.num_experts(experts)} experts, config says {E}.")
+    new_experts = layout.keep(experts, kept)
+    if new_experts is not experts:
+        setattr(block, adapter.experts_name, new_experts)
+    router = adapter.router(block)
+    slice_router(router, kept, E)
+    _update_counts([block, router, new_experts], adapter.count_attrs, E, len(kept))
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> nn.Module:
+    """Remove the experts `plan` drops, in place: `prune_layer` on every MoE layer, then `model.config` once."""
+    plan.validate(adapter)
     for layer in plan.layers:
-        kept = torch.tensor(plan.kept_experts[layer], dtype=torch.long)  # [K]
-        block = adapter.block(model, layer)
-        experts = adapter.experts(block)
-        layout = layout_of(experts)
-        if layout.num_experts(experts) != E:
-            raise MoePruneError(f"layer {layer} holds {layout.num_experts(experts)} experts, config says {E}.")
-        new_experts = layout.keep(experts, kept)
-        if new_experts is not experts:
-            setattr(block, adapter.experts_name, new_experts)
-        router = adapter.router(block)
-        slice_router(router, kept, E)
-        _update_counts([block, router, new_experts], adapter.count_attrs, E, len(kept))
+        prune_layer(model, adapter, plan, layer)
     adapter.set_config_experts(model.config, plan.kept_count)
+    E = adapter.num_experts
     logger.info("removed %d of %d experts in %d MoE layers", E - plan.kept_count, E, len(plan.layers))
     return model

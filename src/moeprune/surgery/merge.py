@@ -1,7 +1,7 @@
 """Expert merging on an in-memory model: fewer expert slots, merged weights, one router row per merged expert.
 
 For each MoE layer and merge group G_g = [d, m_1, ...] (dominant d first) with usage weights f:
-    structure: the dominants are kept exactly as expert removal keeps experts (`surgery.in_memory.apply_plan`:
+    structure: the dominants are kept exactly as expert removal keeps experts (`surgery.in_memory.prune_layer`:
                expert tensors, router weight/bias/correction bias sliced, every count updated), so merged expert g
                sits at slot g;
     weights:   merged experts := the plan's layer merge (`merge.methods.MERGES[plan.merge]`: per group
@@ -26,7 +26,7 @@ from moeprune.merge.methods import MERGES, per_group
 from moeprune.merge.plan import MergePlan
 from moeprune.models.base import MoEAdapter, expert_indexed
 from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
-from moeprune.surgery.in_memory import apply_plan
+from moeprune.surgery.in_memory import prune_layer
 
 Expert = dict[str, torch.Tensor]
 MergeFn = Callable[[list[Expert], Sequence[float]], Expert]
@@ -48,39 +48,51 @@ def _write_modulelist(experts: nn.ModuleList, g: int, merged: Expert) -> None:
 
 
 @torch.no_grad()
+def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: int, layer_merge=None) -> None:
+    """Merge decoder layer `layer`'s groups in place (no-op for a layer the plan does not list); `model.config` is
+    left to the caller. `layer_merge` = the plan's layer merge (built once by the caller, or here)."""
+    if layer not in plan.groups:
+        return
+    layer_merge = layer_merge or MERGES.get(plan.merge)(plan)
+    E = adapter.num_experts
+    block = adapter.block(model, layer)
+    roles = adapter.expert_roles(block)
+    merged = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer], plan.weights[layer])
+    rows = {n: t.detach().clone() for n, t in expert_indexed(adapter.router(block), E).items()}  # original rows
+    del roles
+    prune_layer(model, adapter, plan.as_prune_plan(), layer)  # keep the dominants: structure, router, counts
+    block = adapter.block(model, layer)
+    experts = adapter.experts(block)
+    modulelist = layout_of(experts) is ModuleListLayout
+    views = None if modulelist else adapter.expert_roles(block)  # views into the fused parameters
+    for g, m in enumerate(merged):
+        if modulelist:
+            _write_modulelist(experts, g, m)
+        else:
+            for role, t in m.items():
+                views[role][g].copy_(t.to(views[role].dtype))
+    if plan.router == "weighted":
+        router = adapter.router(block)
+        for name, t in expert_indexed(router, len(plan.groups[layer])).items():
+            for g, (group, w) in enumerate(zip(plan.groups[layer], plan.weights[layer], strict=True)):
+                f = torch.tensor(w, dtype=torch.float64)
+                src = rows[name][group].double()  # [n, ...]
+                t.data[g] = ((f.view(-1, *[1] * (src.dim() - 1)) * src).sum(0) / f.sum()).to(t.dtype)
+
+
+@torch.no_grad()
 def apply_merge_plan(model: nn.Module, adapter: MoEAdapter, plan: MergePlan,
                      merge_fn: MergeFn | None = None) -> nn.Module:
-    """Merge every layer's groups in place; the model ends with len(groups) experts per MoE layer."""
+    """Merge every layer's groups in place (`merge_layer`, each from that layer's original weights), then the
+    config once; the model ends with len(groups) experts per MoE layer."""
     plan.validate(adapter)
     layer_merge = per_group(merge_fn) if merge_fn is not None else MERGES.get(plan.merge)(plan)
     E = adapter.num_experts
-    merged: dict[int, list[Expert]] = {}
-    rows: dict[int, dict[str, torch.Tensor]] = {}
-    for layer in tqdm(plan.layers, desc=f"merging ({plan.merge})", leave=False):  # from the original weights
-        block = adapter.block(model, layer)
-        roles = adapter.expert_roles(block)
-        merged[layer] = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer],
-                                    plan.weights[layer])
-        rows[layer] = {n: t.detach().clone() for n, t in expert_indexed(adapter.router(block), E).items()}
-    apply_plan(model, adapter, plan.as_prune_plan())  # keep the dominants: structure, router, counts, config
-    for layer in plan.layers:
-        block = adapter.block(model, layer)
-        experts = adapter.experts(block)
-        modulelist = layout_of(experts) is ModuleListLayout
-        views = None if modulelist else adapter.expert_roles(block)  # views into the fused parameters
-        for g, m in enumerate(merged[layer]):
-            if modulelist:
-                _write_modulelist(experts, g, m)
-            else:
-                for role, t in m.items():
-                    views[role][g].copy_(t.to(views[role].dtype))
-        if plan.router == "weighted":
-            router = adapter.router(block)
-            for name, t in expert_indexed(router, len(plan.groups[layer])).items():
-                for g, (group, w) in enumerate(zip(plan.groups[layer], plan.weights[layer], strict=True)):
-                    f = torch.tensor(w, dtype=torch.float64)
-                    src = rows[layer][name][group].double()  # [n, ...]
-                    t.data[g] = ((f.view(-1, *[1] * (src.dim() - 1)) * src).sum(0) / f.sum()).to(t.dtype)
+    L = len(plan.layers)
+    for n, layer in enumerate(bar := tqdm(plan.layers, leave=False)):
+        bar.set_description(f"merging ({plan.merge}, layer {n + 1}/{L})")
+        merge_layer(model, adapter, plan, layer, layer_merge)
+    adapter.set_config_experts(model.config, len(next(iter(plan.groups.values()))))
     logger.info("merged %d experts into %d per MoE layer (%s merge, %s router rows)", E,
                 len(next(iter(plan.groups.values()))), plan.merge, plan.router)
     return model

@@ -130,13 +130,9 @@ def _prepare(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> None:
     plan.validate(adapter, model)
 
 
-@torch.no_grad()
-def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *, align: int = 8) -> nn.Module:
-    """Keep only the plan's neurons in every routed expert, in place; updates module attributes and config.
-
-    Every check (plan shape, uniform width, alignment, shared-expert coupling) runs before any tensor is modified.
-    """
-    _prepare(model, adapter, plan)
+def check_uniform(config, adapter: MoEAdapter, plan: NeuronPlan, align: int) -> int | None:
+    """Every refusal of `apply_neuron_plan` that needs no tensor (uniform width, alignment, shared-expert coupling);
+    returns the new n_shared_experts (DeepSeek-style configs) or None."""
     new = plan.uniform_width
     if new is None:
         widths = sorted({len(v) for ex in plan.kept_neurons.values() for v in ex.values()})
@@ -145,7 +141,6 @@ def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *
             "expert width, so non-uniform widths need moeprune's own loader (written by apply_neuron_plan_padded, "
             "loaded by moeprune.load_model); here use a uniform budget."
         )
-    config = text_config(model.config)
     old = plan.width
     if new != old and new % align:
         lo = new - new % align
@@ -156,22 +151,49 @@ def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *
             f"its first forward. Keep a multiple of {align} neurons per expert (nearest: {near}), or pass align=1 "
             "and run the model with experts_implementation='eager'."
         )
-    shared = _shared_count(config, adapter, old, new, align)
+    return _shared_count(text_config(config), adapter, old, new, align)
+
+
+@torch.no_grad()
+def slice_layer(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layer: int) -> list[str]:
+    """Keep only the plan's neurons in decoder layer `layer`'s routed experts (no-op for a layer the plan does not
+    list); returns the width attributes changed. Config untouched; `check_uniform` must have passed."""
+    if layer not in plan.kept_neurons:
+        return []
+    experts = adapter.experts(adapter.block(model, layer))
+    E = len(plan.kept_neurons[layer])
+    idx = torch.tensor([plan.kept_neurons[layer][j] for j in range(E)], dtype=torch.long)  # [E, I']
+    if layout_of(experts) is ModuleListLayout:
+        _slice_modulelist(experts, idx)
+    else:
+        _slice_fused(experts, adapter.fused_style, idx, plan.width)
+    return _set_width_attrs(experts, plan.width, plan.uniform_width)
+
+
+def set_neuron_config(config, adapter: MoEAdapter, plan: NeuronPlan, shared: int | None) -> None:
+    """The config once a uniform plan is applied: the new width (and n_shared_experts, see the module docstring)."""
+    adapter.set_config_width(config, plan.uniform_width)
+    if shared is not None:
+        setattr(text_config(config), SHARED_COUNT_KEY, shared)
+
+
+@torch.no_grad()
+def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *, align: int = 8) -> nn.Module:
+    """Keep only the plan's neurons in every routed expert, in place: `slice_layer` on every MoE layer, then the
+    config once. Every check (plan shape, uniform width, alignment, shared-expert coupling) runs before any tensor
+    is modified.
+    """
+    _prepare(model, adapter, plan)
+    shared = check_uniform(model.config, adapter, plan, align)
+    old, new = plan.width, plan.uniform_width
     changed: set[str] = set()
     for layer in plan.layers:
-        experts = adapter.experts(adapter.block(model, layer))
-        E = len(plan.kept_neurons[layer])
-        idx = torch.tensor([plan.kept_neurons[layer][j] for j in range(E)], dtype=torch.long)  # [E, I']
-        if layout_of(experts) is ModuleListLayout:
-            _slice_modulelist(experts, idx)
-        else:
-            _slice_fused(experts, adapter.fused_style, idx, old)
-        changed.update(_set_width_attrs(experts, old, new))
-    adapter.set_config_width(model.config, new)
+        changed.update(slice_layer(model, adapter, plan, layer))
     if shared is not None:
         logger.info("%s: %s %d -> %d so the shared experts keep width %d", adapter.model_type, SHARED_COUNT_KEY,
-                    getattr(config, SHARED_COUNT_KEY), shared, old * getattr(config, SHARED_COUNT_KEY))
-        setattr(config, SHARED_COUNT_KEY, shared)
+                    getattr(text_config(model.config), SHARED_COUNT_KEY), shared,
+                    old * getattr(text_config(model.config), SHARED_COUNT_KEY))
+    set_neuron_config(model.config, adapter, plan, shared)
     logger.info("kept %d of %d neurons per expert in %d MoE layers (width attributes: %s)", new, old,
                 len(plan.layers), ", ".join(sorted(changed)) or "none")
     return model

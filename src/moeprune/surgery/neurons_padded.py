@@ -48,25 +48,38 @@ def layer_widths(plan: NeuronPlan, align: int) -> dict[int, int]:
     return out
 
 
+def check_padded(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layers: list[int]) -> None:
+    """Refuse experts stored as a ModuleList (non-uniform widths are stored for fused experts only)."""
+    for layer in layers:
+        if layout_of(adapter.experts(adapter.block(model, layer))) is ModuleListLayout:
+            raise MoePruneError("non-uniform neuron widths are supported for fused experts only (this model "
+                                "stores its experts as a ModuleList); use --budget expert.")
+
+
+@torch.no_grad()
+def pad_layer(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layer: int, align: int = 8) -> None:
+    """Slice decoder layer `layer`'s experts to the layer's width I_l, narrower experts zero-padded (no-op for a
+    layer the plan does not list). The config keeps the original width."""
+    if layer not in plan.kept_neurons:
+        return
+    inter = plan.width
+    experts = adapter.experts(adapter.block(model, layer))
+    W, E = layer_widths(plan, align)[layer], len(plan.kept_neurons[layer])
+    idx = torch.full((E, W), inter, dtype=torch.long)  # [E, I_l]; index `inter` = the zero neuron
+    for j in range(E):
+        kept = plan.kept_neurons[layer][j]
+        idx[j, : len(kept)] = torch.tensor(kept, dtype=torch.long)
+    _append_zero_neuron(experts, adapter.fused_style, inter)
+    _slice_fused(experts, adapter.fused_style, idx, inter + 1)
+    _set_width_attrs(experts, inter, W)
+
+
 @torch.no_grad()
 def apply_neuron_plan_padded(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *,
                              align: int = 8) -> dict[int, int]:
     """Slice every MoE layer to its own width I_l (experts zero-padded to it), in place; returns {layer: I_l}."""
     _prepare(model, adapter, plan)
-    widths = layer_widths(plan, align)
+    check_padded(model, adapter, plan, plan.layers)
     for layer in plan.layers:
-        if layout_of(adapter.experts(adapter.block(model, layer))) is ModuleListLayout:
-            raise MoePruneError("non-uniform neuron widths are supported for fused experts only (this model "
-                                "stores its experts as a ModuleList); use --budget expert.")
-    inter = plan.width
-    for layer in plan.layers:
-        experts = adapter.experts(adapter.block(model, layer))
-        W, E = widths[layer], len(plan.kept_neurons[layer])
-        idx = torch.full((E, W), inter, dtype=torch.long)  # [E, I_l]; index `inter` = the zero neuron
-        for j in range(E):
-            kept = plan.kept_neurons[layer][j]
-            idx[j, : len(kept)] = torch.tensor(kept, dtype=torch.long)
-        _append_zero_neuron(experts, adapter.fused_style, inter)
-        _slice_fused(experts, adapter.fused_style, idx, inter + 1)
-        _set_width_attrs(experts, inter, W)
-    return widths
+        pad_layer(model, adapter, plan, layer, align)
+    return layer_widths(plan, align)
