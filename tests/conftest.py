@@ -99,3 +99,9 @@ def no_work(monkeypatch):
 
     for name in ("load_model", "collect"):
         monkeypatch.setattr(run, name, forbid(f"calibration.run.{name}"))
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path_factory, monkeypatch):
+    """Token-id caches go to a temporary folder (tests leave no files behind, and never read a user's cache)."""
+    monkeypatch.setenv("MOEPRUNE_TOKEN_CACHE", str(tmp_path_factory.mktemp("token-cache")))
