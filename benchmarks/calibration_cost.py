@@ -43,6 +43,7 @@ depth.
 
 Run:  python benchmarks/calibration_cost.py [--preset default|small] [--repeats 5] [--layers 4] [--seqs 8]
           [--seq-len 256] [--batch 4] [--threads 1] [--rss-layers 2 8] [--no-rss] [--profile] [--json out.json]
+          [--device cuda --sync-check]
 """
 
 from __future__ import annotations
@@ -243,6 +244,43 @@ def timing(args: argparse.Namespace) -> dict:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def sync_check(args: argparse.Namespace) -> str:
+    """CUDA only: one (b) run with the statistics code (RoutedStats.update, update_grouping, the collector's probe
+    indices) under torch.cuda.set_sync_debug_mode("error"): any host-device sync there raises. The engine's own
+    per-batch copies of activations to and from the host are outside the checked code (they are the design)."""
+    import torch
+
+    from moeprune.calibration.session import collect
+    from moeprune.models import get_adapter
+    from moeprune.stats import routed
+    from moeprune.tiny import tiny_model
+
+    model = tiny_model("qwen3_moe", seed=0, **shape(args, args.layers)).to(args.device)
+    cs = tokens(args.seqs, args.seq_len, args.vocab)
+    originals = {name: getattr(routed.RoutedStats, name) for name in ("update", "update_grouping")}
+    originals["_probe_rows"] = routed.RoutedCollector._probe_rows
+
+    def strict(fn):
+        def run(*a, **kw):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*a, **kw)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+
+    try:
+        for name, fn in originals.items():
+            setattr(routed.RoutedCollector if name == "_probe_rows" else routed.RoutedStats, name, strict(fn))
+        collect(model, get_adapter(model.config), [cs], device=args.device, batch_size=args.batch)
+        return "no host-device sync in the statistics code (update, update_grouping, probe indices)"
+    except RuntimeError as e:
+        return f"SYNC in the statistics code: {e}"
+    finally:
+        for name, fn in originals.items():
+            setattr(routed.RoutedCollector if name == "_probe_rows" else routed.RoutedStats, name, fn)
+
+
 def profile_b(run_b, args: argparse.Namespace) -> str:
     """Top operators of one (b) run by self CPU time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -341,6 +379,8 @@ def main() -> None:
     ap.add_argument("--rss-layers", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocess runs")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one (b) run")
+    ap.add_argument("--sync-check", action="store_true",
+                    help="with --device cuda: run the statistics code under torch.cuda.set_sync_debug_mode('error')")
     ap.add_argument("--json", type=Path, help="dump the numbers here")
     args = ap.parse_args()
     for key, value in PRESETS[args.preset].items():
@@ -361,6 +401,10 @@ def main() -> None:
 
     sh = shape(args, args.layers)
     print(f"qwen3_moe via tiny_config: {json.dumps(sh)}", file=sys.stderr)
+    if args.sync_check:
+        if not args.device.startswith("cuda"):
+            sys.exit("--sync-check needs --device cuda")
+        print(f"sync check: {sync_check(args)}")
     t = timing(args)
     runs = t["runs"]
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("wall", "cpu", "update")} for m, rs in runs.items()}

@@ -108,6 +108,7 @@ def collect(
         result.traces = {s.name: {layer: [] for layer in sorted(moe)} for s in sets}
     current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
     io = BlockIO()
+    on_cuda = torch.device(device).type == "cuda"
 
     def on_layer(i: int, layer: nn.Module):
         if i not in moe:
@@ -137,7 +138,10 @@ def collect(
         col = current["collector"]
         if col is not None:
             col.stats = stats[b.tag][col.layer]
-            col.valid = b.attention_mask.reshape(-1).bool().to(device, non_blocking=True)  # [T]
+            valid = b.attention_mask.reshape(-1).bool()  # [T]
+            if on_cuda and valid.device.type == "cpu":
+                valid = valid.pin_memory().to(device, non_blocking=True)  # page-locked: an asynchronous copy
+            col.valid = valid
             col.probe = probe_mask(b.attention_mask.cpu(), stride)  # [T] on the host: indices without a sync
             if trace:
                 col.trace, col.rows = result.traces[b.tag][col.layer], b.attention_mask

@@ -139,7 +139,7 @@ class RoutedStats:
             s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak.reshape(-1), reduce="amax")
         pair = (idx[:, :, None] * E + idx[:, None, :]).reshape(-1)  # [T·k·k] flat (i, j) of co-routed experts
         weight = wk[:, :, None].expand(T, k, k).reshape(-1)  # [T·k·k]
-        s["coact"] += torch.bincount(pair, weights=weight, minlength=E * E).view(E, E)  # exact integer counts
+        s["coact"].view(-1).index_add_(0, pair, weight)  # exact integer counts (bincount would sync on CUDA)
         s["tokens"] += w.sum()
         if probs is not None:
             s["prob_sum"] += p.sum(dim=0)
@@ -250,6 +250,8 @@ class RoutedCollector:
         where = self.probe.nonzero().view(-1)  # [P]
         if where.shape[0] == 0:
             return None
+        if device.type == "cuda":
+            where = where.pin_memory()  # an asynchronous copy needs page-locked memory
         return where.to(device, non_blocking=True)
 
     def __exit__(self, *exc) -> None:
