@@ -120,7 +120,8 @@ def dense(model, adapter, cs, batch: int) -> dict:
     from moeprune.stats.routed import RoutedStats, router_probs
 
     E, kind = adapter.num_experts, adapter.routing().kind
-    stats = {i: RoutedStats(E) for i in adapter.moe_layers()}
+    device = next(model.parameters()).device
+    stats = {i: RoutedStats(E).to(device) for i in adapter.moe_layers()}
     state: dict = {"valid": None}
     undo = []
 
@@ -158,12 +159,12 @@ def dense(model, adapter, cs, batch: int) -> dict:
         with torch.no_grad(), eager_experts(model):
             for s in range(0, cs.input_ids.shape[0], batch):
                 mask = cs.attention_mask[s : s + batch]  # [B, L]
-                state["valid"] = mask.reshape(-1).bool()  # [T]
+                state["valid"] = mask.reshape(-1).bool().to(device)  # [T]
                 model(input_ids=cs.input_ids[s : s + batch], attention_mask=mask, use_cache=False)
     finally:
         for u in reversed(undo):
             u()
-    return stats
+    return {i: st.to("cpu") for i, st in stats.items()}
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
@@ -255,7 +256,8 @@ def sync_check(args: argparse.Namespace) -> str:
     from moeprune.stats import routed
     from moeprune.tiny import tiny_model
 
-    model = tiny_model("qwen3_moe", seed=0, **shape(args, args.layers)).to(args.device)
+    # as `calibrate` runs it: model and token ids on the host, each decoder layer moved to the device in turn
+    model = tiny_model("qwen3_moe", seed=0, **shape(args, args.layers))
     cs = tokens(args.seqs, args.seq_len, args.vocab)
     originals = {name: getattr(routed.RoutedStats, name) for name in ("update", "update_grouping")}
     originals["_probe_rows"] = routed.RoutedCollector._probe_rows
@@ -275,7 +277,10 @@ def sync_check(args: argparse.Namespace) -> str:
         collect(model, get_adapter(model.config), [cs], device=args.device, batch_size=args.batch)
         return "no host-device sync in the statistics code (update, update_grouping, probe indices)"
     except RuntimeError as e:
-        return f"SYNC in the statistics code: {e}"
+        import traceback
+
+        where = "".join(traceback.format_exception(e)[-6:])
+        return f"FAILED in the statistics code ({'sync' if 'synchroniz' in str(e) else 'error'}): {e}\n{where}"
     finally:
         for name, fn in originals.items():
             setattr(routed.RoutedCollector if name == "_probe_rows" else routed.RoutedStats, name, fn)
