@@ -206,14 +206,15 @@ class RoutedCollector:
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             T, k = top_k_index.shape
             dev = hidden_states.device
-            rows = hidden_states.repeat_interleave(k, dim=0)  # [T·k, H]: one row per (token, slot)
+            token = torch.arange(T, device=dev).repeat_interleave(k, output_size=T * k)  # [T·k]: (token, slot)
             experts = top_k_index.reshape(-1, 1)  # [T·k, 1]
             probe = self._probe_rows(dev)  # [P] token indices (None: no probe token in this batch)
             if probe is not None:  # every expert on each probe token, in the same call (one pass over the experts)
-                E = self.stats.num_experts
-                rows = torch.cat([rows, hidden_states.index_select(0, probe).repeat_interleave(E, dim=0)])
-                every = torch.arange(E, device=dev).repeat(probe.shape[0]).view(-1, 1)  # [P·E, 1]
+                E, P = self.stats.num_experts, probe.shape[0]
+                token = torch.cat([token, probe.repeat_interleave(E, output_size=P * E)])  # [T·k + P·E]
+                every = torch.arange(E, device=dev).repeat(P).view(-1, 1)  # [P·E, 1]
                 experts = torch.cat([experts, every.to(experts.dtype)])  # [T·k + P·E, 1]
+            rows = hidden_states.index_select(0, token)  # [T·k (+ P·E), H]: one gather, no intermediate copies
             one = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
             fa = original(rows, experts, one, *args, **kwargs).detach()  # [T·k (+ P·E), H], gate weight 1
             f = fa[: T * k].view(T, k, -1)  # [T, k, H]
