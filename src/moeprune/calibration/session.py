@@ -95,7 +95,8 @@ def collect(
     trace: bool = False,
     eager: bool = False,
 ) -> CollectResult:
-    """Routed statistics of every set (and, with `trace`, every sequence's top-k routing per MoE layer)."""
+    """Routed statistics of every set (and, with `trace`, every sequence's top-k routing per MoE layer); `eager`
+    forces the per-expert reference loop instead of the model's configured experts kernel."""
     moe = set(adapter.moe_layers())
     kind = adapter.routing().kind
     hidden = int(adapter.config.hidden_size)
