@@ -97,8 +97,8 @@ class CalibSet:
     sha256: str
     source: str
     documents: int
-    stream_tokens: int
-    meta: dict[str, Any] = field(default_factory=dict)
+    stream_tokens: int  # tokens of the stream the windows were cut from (sampled sources: tokens tokenised)
+    meta: dict[str, Any] = field(default_factory=dict)  # "sampled": windows from random text pieces
     held_out_ids: torch.Tensor | None = None  # [M, L] full windows the sampling did not draw (quality check)
 
     @property
@@ -108,7 +108,7 @@ class CalibSet:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "sha256": self.sha256, "sequences": int(self.input_ids.shape[0]),
                 "seq_len": int(self.input_ids.shape[1]), "tokens": self.tokens, "documents": self.documents,
-                "stream_tokens": self.stream_tokens}
+                "stream_tokens": self.stream_tokens, "sampled": bool(self.meta.get("sampled", False))}
 
 
 def read_documents(source: CalibSource, text_field: str = "text", chat_template: bool = False,
