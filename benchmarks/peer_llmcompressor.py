@@ -159,8 +159,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     sys.path.insert(0, str(SRC))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(SRC),
-           "MOEPRUNE_TOKEN_CACHE": os.environ.get("MOEPRUNE_TOKEN_CACHE", "off")}
+    os.environ.setdefault("MOEPRUNE_TOKEN_CACHE", "off")  # calibrate pays its tokenisation (the peer gets ids)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(SRC)}
     rows: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="moeprune-peer-") as tmp:
         work = Path(tmp)
