@@ -100,3 +100,12 @@ def no_work(monkeypatch):
 
     for name in ("load_model", "collect"):
         monkeypatch.setattr(run, name, forbid(f"calibration.run.{name}"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _token_cache(tmp_path_factory):
+    """Token-id caches go to a temporary folder (tests leave no files behind, and never read a user's cache);
+    session scope, so module and session fixtures that build calibration sets see it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEPRUNE_TOKEN_CACHE", str(tmp_path_factory.mktemp("token-cache")))
+        yield

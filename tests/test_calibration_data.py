@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from moeprune.calibration import CalibConfig, CalibSource, build_sets
-from moeprune.calibration.data import build_set
+from moeprune.calibration.data import SAMPLE_ABOVE, build_set, split_pieces
 from moeprune.errors import MoePruneError
 
 EOS = 100
@@ -35,22 +35,24 @@ def words(ids):
 
 
 def test_windows_are_disjoint_seeded_slices_of_the_stream(tok, tmp_path):
+    """A small source (at most SAMPLE_ABOVE characters per needed token) is tokenised whole, in document order."""
     docs = [list(range(i, i + 37)) for i in range(0, 60, 7)]
     (tmp_path / "d").mkdir()
     for k, d in enumerate(docs):
         (tmp_path / "d" / f"{k:02d}.txt").write_text(words(d))
     stream = [t for d in docs for t in d + [EOS]]  # brute force: documents, each followed by EOS
-    cfg = CalibConfig((CalibSource.parse(f"mix={tmp_path / 'd'}"),), samples=5, seq_len=16, seed=3)
+    cfg = CalibConfig((CalibSource.parse(f"mix={tmp_path / 'd'}"),), samples=6, seq_len=16, seed=3)
+    assert sum(len(words(d)) for d in docs) <= SAMPLE_ABOVE * 6 * 16  # the small-source rule applies
     s = build_sets(cfg, tok)[0]
-    assert s.input_ids.shape == (5, 16) and bool(s.attention_mask.all())
+    assert s.input_ids.shape == (6, 16) and bool(s.attention_mask.all()) and not s.meta["sampled"]
     starts = []
     for row in s.input_ids.tolist():
         hits = [i for i in range(0, len(stream) - 15, 16) if stream[i : i + 16] == row]
         assert len(hits) == 1
         starts.append(hits[0])
-    assert len(set(starts)) == 5 and starts == sorted(starts)
+    assert len(set(starts)) == 6 and starts == sorted(starts)
     again = build_sets(cfg, tok)[0]
-    other = build_sets(CalibConfig(cfg.sources, samples=5, seq_len=16, seed=4), tok)[0]
+    other = build_sets(CalibConfig(cfg.sources, samples=6, seq_len=16, seed=4), tok)[0]
     assert torch.equal(again.input_ids, s.input_ids) and again.sha256 == s.sha256
     assert not torch.equal(other.input_ids, s.input_ids) and other.sha256 != s.sha256
     assert s.stream_tokens == len(stream) and s.documents == len(docs)
@@ -164,3 +166,86 @@ def test_gzipped_files_read_like_plain_ones(tok, tmp_path):
         assert (p.documents, p.stream_tokens, p.sha256) == (g.documents, g.stream_tokens, g.sha256)
     # against the words themselves: the gzipped text file is the stream 0..36 then EOS
     assert sets(packed, ".gz")[0].input_ids.flatten().tolist()[:38] == list(range(37)) + [EOS]
+
+
+class Spy:
+    """The tokenizer, counting the characters it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.chars = tokenizer, 0
+
+    def __call__(self, text, **kw):
+        self.chars += len(text)
+        return self.tokenizer(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.fixture(scope="module")
+def big_tok():
+    """Word-level tokenizer with 6000 distinct words: in the test text, a token id is its position in the source."""
+    vocab = {f"u{i}": i for i in range(6000)} | {"</s>": 6000, "<unk>": 6001, "<pad>": 6002}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_large_sources_tokenise_only_sampled_pieces(big_tok, tmp_path, monkeypatch):
+    """A large source: windows are runs of consecutive source tokens (contiguous text pieces), disjoint from each
+    other and from the held-out windows, seeded, drawn from all over the text, and only a small share of the text
+    is tokenised; a second run reads every id from the cache (no tokenisation) and gives the same windows."""
+    lines = [" ".join(f"u{i}" for i in range(r * 20, r * 20 + 20)) for r in range(300)]  # 6000 tokens, 1 document
+    (tmp_path / "big.txt").write_text("\n".join(lines))
+    text_chars = len("\n".join(lines))
+    L, N, held = 16, 8, 4
+    cfg = CalibConfig((CalibSource("big", tmp_path / "big.txt"),), samples=N, seq_len=L, seed=5, held_out=held)
+    assert text_chars > SAMPLE_ABOVE * (N + held) * L  # the sampled path applies
+    spy = Spy(big_tok)
+    s = build_sets(cfg, spy)[0]
+    assert s.meta["sampled"] and s.input_ids.shape == (N, L) and bool(s.attention_mask.all())
+    assert s.held_out_ids.shape == (held, L)
+    assert spy.chars < text_chars / 4, "most of the text must stay untokenised"
+    rows = s.input_ids.tolist() + s.held_out_ids.tolist()
+    every = [t for row in rows for t in row if t != 6000]
+    assert len(every) == len(set(every)), "windows overlap"
+    for row in rows:  # brute force: each window is runs of consecutive source tokens, one jump per piece boundary
+        jumps = sum(1 for a, b in zip(row[:-1], row[1:], strict=True) if b != a + 1 and 6000 not in (a, b))
+        assert jumps <= 1, row
+    assert max(every) - min(every) > 6000 // 2, "windows come from all over the text"
+    again = Spy(big_tok)
+    assert torch.equal(build_sets(cfg, again)[0].input_ids, s.input_ids) and again.chars == 0  # all from the cache
+    monkeypatch.setenv("MOEPRUNE_TOKEN_CACHE", "off")
+    uncached = Spy(big_tok)
+    assert torch.equal(build_sets(cfg, uncached)[0].input_ids, s.input_ids) and uncached.chars == spy.chars
+    other = build_sets(CalibConfig(cfg.sources, samples=N, seq_len=L, seed=6, held_out=held), big_tok)[0]
+    assert not torch.equal(other.input_ids, s.input_ids) and other.sha256 != s.sha256
+
+
+def test_token_cache_key_follows_content_and_tokenizer(tok, big_tok, tmp_path, monkeypatch):
+    """The cache never serves ids of other text or of another tokenizer; files are whole (written atomically)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MOEPRUNE_TOKEN_CACHE", str(cache))
+    f = tmp_path / "a.txt"
+    f.write_text(words(range(40)))
+    cfg = CalibConfig((CalibSource("a", f),), samples=2, seq_len=8)
+    first = build_sets(cfg, tok)[0]
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 1 and not list(cache.glob(".tmp-*"))
+    f.write_text(words(range(1, 41)))
+    second = build_sets(cfg, tok)[0]
+    assert second.input_ids.tolist() != first.input_ids.tolist()  # new text, new ids (not the cached ones)
+    stream = list(range(1, 41)) + [EOS]  # brute force: the new text's tokens
+    assert all(any(stream[i : i + 8] == row for i in range(0, 41, 8)) for row in second.input_ids.tolist())
+    other = Spy(big_tok)
+    build_sets(cfg, other)
+    assert other.chars > 0 and len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_split_pieces_are_contiguous_and_cut_after_newlines():
+    doc = "\n".join(f"line {i} " + "x" * (i % 7) for i in range(200))
+    pieces = split_pieces([doc, "short"], 100)
+    assert "".join(t for t, _ in pieces[:-1]) == doc and pieces[-1] == ("short", True)
+    assert [end for _, end in pieces].count(True) == 2
+    assert all(t.endswith("\n") for t, end in pieces if not end)
+    assert all(100 <= len(t) <= 200 for t, end in pieces if not end)

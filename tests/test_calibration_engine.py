@@ -69,9 +69,10 @@ def test_a_lost_mask_would_be_caught():
     assert not torch.equal(masked[1][0][-1], unmasked[1][0][-1])  # the padded row sees different context
 
 
-def test_calibration_forces_the_eager_experts_path(monkeypatch):
-    """transformers dispatches experts on config._experts_implementation (grouped_mm by default); calibration must
-    run the eager per-expert code, and give the setting back afterwards."""
+def test_calibration_uses_the_model_experts_impl_and_eager_on_request(monkeypatch):
+    """transformers dispatches experts on config._experts_implementation (grouped_mm by default); calibration runs
+    the model's own setting (the kernel a plain forward uses), `eager=True` forces the per-expert loop, and the
+    setting is given back afterwards either way."""
     from transformers.integrations import moe
 
     from moeprune.calibration.data import CalibSet
@@ -92,7 +93,11 @@ def test_calibration_forces_the_eager_experts_path(monkeypatch):
     with torch.no_grad():
         model(**inputs, use_cache=False)
     assert calls, "the spy must see ordinary forwards, or this test proves nothing"
+    sets = [CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)]
     calls.clear()
-    collect(model, adapter, [CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)])
+    collect(model, adapter, sets)
+    assert len(calls) == len(adapter.moe_layers())  # one experts call per MoE layer and batch (probes ride along)
+    calls.clear()
+    collect(model, adapter, sets, eager=True)
     assert not calls
     assert model.config._experts_implementation == "grouped_mm"

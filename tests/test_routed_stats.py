@@ -101,20 +101,22 @@ def brute_force(model, adapter, inputs):
     return want
 
 
-def collect(model, adapter, inputs, batch_size=8, name="s"):
+def collect(model, adapter, inputs, batch_size=8, name="s", eager=False):
     """The real engine path: layer by layer, batches of `batch_size` rows, collectors on every MoE layer."""
     calib = CalibSet(name, inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
     return session.collect(model, adapter, [calib], batch_size=batch_size,
-                           probe_stride=PROBE_STRIDE).stats[name]
+                           probe_stride=PROBE_STRIDE, eager=eager).stats[name]
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["model-impl", "eager"])
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
-def test_routed_criteria_match_brute_force(family):
+def test_routed_criteria_match_brute_force(family, eager):
+    """Either experts implementation (the model's configured kernel, or the forced eager loop) gives the sums."""
     model = tiny_model(family, seed=2)
     adapter = get_adapter(model.config)
     inputs = seeded_inputs(96, batch=3, seq_len=20, seed=4)
     want = brute_force(model, adapter, inputs)
-    got = collect(model, adapter, inputs, batch_size=2)  # 2 batches: sums must carry across them
+    got = collect(model, adapter, inputs, batch_size=2, eager=eager)  # 2 batches: sums must carry across them
     calibrated = [name for name, c in CRITERIA.items() if c.needs == "calibration"]
     for layer, (formulas, coact, grouping) in want.items():
         assert formulas["frequency"].sum() == inputs["attention_mask"].sum() * adapter.top_k

@@ -9,14 +9,20 @@ A name ending in `.gz` (`.txt.gz`, `.jsonl.gz`) is decompressed with gzip first.
 NUL bytes or invalid UTF-8 (binary data, a compressed file without `.gz`) is refused with its name, never decoded
 with replacement characters.
 
-Sampling (per source, seeded): each document is tokenised and followed by EOS (when the tokenizer has one); the
-documents are concatenated into one stream of S tokens, cut into ⌊S / L⌋ disjoint windows of L tokens, and N of
-them are drawn without replacement (`torch.randperm` under the seed); the next `held_out` windows of the same
-permutation are kept apart (never scored) for the quality check after a prune. With fewer than N full windows,
-all are used
-and the remaining tail (if any) becomes one last sequence right-padded to L with `attention_mask = 0`; every
-statistic must ignore those positions. The content hash covers the (decompressed) source bytes and the sampling
-parameters.
+Sampling (per source, seeded). Small sources (at most SAMPLE_ABOVE = 16 characters of text per token the scored
+windows need, N·L): each document is tokenised and followed by EOS (when the tokenizer has one); the
+documents are concatenated into one stream of S tokens in their order. Large sources are not tokenised whole: the
+documents are cut into pieces of about 8·L characters (after a newline where there is one, `split_pieces`), the
+pieces are put in a seeded random order and tokenised one after another (EOS after a document's last piece) until
+the stream holds N·L tokens: its N consecutive windows are the sample; tokenising goes on in the same order for the
+`held_out` windows kept apart (never scored), so `held_out` never changes the scored windows. Pieces are contiguous
+text, so windows are runs of real text (a window may span two pieces, as it may span two documents). If all pieces
+together give fewer than N·L tokens, the source is used as a small one. A small source's stream is cut into ⌊S / L⌋
+disjoint windows of L tokens, and N of them are drawn without replacement (`torch.randperm` under the seed); the
+next `held_out` windows of the same permutation are kept apart. With fewer than N full windows, all are used and the
+remaining tail (if any) becomes one last sequence right-padded to L with `attention_mask = 0`; every statistic must
+ignore those positions. Token ids are cached per piece by content and tokenizer
+(`token_cache.py`). The content hash covers the (decompressed) source bytes and the sampling parameters.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 
 import torch
 
+from moeprune.calibration.token_cache import TokenCache
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 
@@ -90,8 +97,8 @@ class CalibSet:
     sha256: str
     source: str
     documents: int
-    stream_tokens: int
-    meta: dict[str, Any] = field(default_factory=dict)
+    stream_tokens: int  # tokens of the stream the windows were cut from (sampled sources: tokens tokenised)
+    meta: dict[str, Any] = field(default_factory=dict)  # "sampled": windows from random text pieces
     held_out_ids: torch.Tensor | None = None  # [M, L] full windows the sampling did not draw (quality check)
 
     @property
@@ -101,7 +108,7 @@ class CalibSet:
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "sha256": self.sha256, "sequences": int(self.input_ids.shape[0]),
                 "seq_len": int(self.input_ids.shape[1]), "tokens": self.tokens, "documents": self.documents,
-                "stream_tokens": self.stream_tokens}
+                "stream_tokens": self.stream_tokens, "sampled": bool(self.meta.get("sampled", False))}
 
 
 def read_documents(source: CalibSource, text_field: str = "text", chat_template: bool = False,
@@ -181,16 +188,86 @@ def _jsonl_documents(source: CalibSource, text: str, text_field: str, chat_templ
     return docs
 
 
+SAMPLE_ABOVE = 16  # characters of text per needed token above which windows are sampled from random pieces
+
+
+def split_pieces(docs: list[str], chars: int) -> list[tuple[str, bool]]:
+    """Documents -> contiguous pieces of about `chars` characters, cut after a newline (else after a space, else
+    anywhere) at or after each multiple of `chars`; (text, ends its document)."""
+    out = []
+    for doc in docs:
+        start = 0
+        while len(doc) - start > 2 * chars:
+            cut = next((c + 1 for c in (doc.find(sep, start + chars, start + 2 * chars) for sep in ("\n", " "))
+                        if c >= 0), start + chars)
+            out.append((doc[start:cut], False))
+            start = cut
+        out.append((doc[start:], True))
+    return out
+
+
+def _tokenise(pieces: list[tuple[str, bool]], order: list[int], tokenizer: Any, eos: int | None,
+              cache: TokenCache, stop: int | None = None) -> tuple[list[int], int]:
+    """Concatenate the ids of pieces in `order` (EOS after a document's last piece) until `stop` tokens; returns
+    (stream, pieces used). Ids come from `cache` when there, are tokenised and cached otherwise."""
+    stream: list[int] = []
+    used = 0
+    for i in order:
+        ids = cache.get(i)
+        if ids is None:
+            ids = tokenizer(pieces[i][0], add_special_tokens=False)["input_ids"]
+            cache.put(i, ids)
+        stream.extend(ids)
+        if pieces[i][1] and eos is not None:
+            stream.append(int(eos))
+        used += 1
+        if stop is not None and len(stream) >= stop:
+            break
+    cache.save()
+    return stream, used
+
+
+def _sampled_windows(source: CalibSource, docs: list[str], content: str, tokenizer: Any, cfg: CalibConfig,
+                     options: dict) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+    """Large sources: ([N, L] windows, [M, L] held-out windows or None, tokens tokenised), or None when all the
+    pieces give fewer than N·L tokens. Scored windows come first in the seeded piece order, held-out ones after,
+    so `held_out` never changes the scored windows."""
+    L, N = cfg.seq_len, cfg.samples
+    eos = options["eos"]
+    pieces = split_pieces(docs, 8 * L)
+    cache = TokenCache(TokenCache.key(content, tokenizer, {**options, "pieces": 8 * L}))
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    stream, used = _tokenise(pieces, order, tokenizer, eos, cache, stop=N * L)
+    if len(stream) < N * L:
+        return None
+    rest, more = _tokenise(pieces, order[used:], tokenizer, eos, cache, stop=cfg.held_out * L) if cfg.held_out \
+        else ([], 0)
+    after = torch.tensor(stream[N * L :] + rest, dtype=torch.long)  # [S'] tokens after the scored windows
+    held = after[: min(cfg.held_out, len(after) // L) * L].view(-1, L)  # [M, L]
+    logger.info("calibration set %r: %d of %d text pieces tokenised (%d tokens) for %d + %d windows of %d",
+                source.name, used + more, len(pieces), len(stream) + len(rest), N, held.shape[0], L)
+    windows = torch.tensor(stream[: N * L], dtype=torch.long).view(N, L)  # [N, L]
+    return windows, (held if held.shape[0] else None), len(stream) + len(rest)
+
+
 def build_set(source: CalibSource, tokenizer: Any, cfg: CalibConfig) -> CalibSet:
     """Tokenise, sample and pad one source (see the module docstring for the exact rule)."""
     docs, raw = read_documents(source, cfg.text_field, cfg.chat_template, tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
-    for doc in docs:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            stream.append(int(eos))
     L, N = cfg.seq_len, cfg.samples
+    content = hashlib.sha256(raw).hexdigest()
+    options = {"text_field": cfg.text_field, "chat_template": cfg.chat_template, "eos": eos}
+    digest = hashlib.sha256(raw)
+    digest.update(json.dumps([L, N, cfg.seed, cfg.text_field, cfg.chat_template]).encode())
+    if sum(len(d) for d in docs) > SAMPLE_ABOVE * N * L:  # not held_out: it must not change the scored windows
+        got = _sampled_windows(source, docs, content, tokenizer, cfg, options)
+        if got is not None:
+            windows, held, tokenised = got
+            digest.update(json.dumps(["pieces", 8 * L]).encode())  # another rule, other windows
+            return CalibSet(source.name, windows, torch.ones_like(windows), digest.hexdigest(), str(source.path),
+                            len(docs), tokenised, meta={"sampled": True}, held_out_ids=held)
+    cache = TokenCache(TokenCache.key(content, tokenizer, {**options, "pieces": 0}))
+    stream, _ = _tokenise([(d, True) for d in docs], list(range(len(docs))), tokenizer, eos, cache)
     if len(stream) < 2:
         raise MoePruneError(f"{source.flag} {source.name}: {source.path} gives only {len(stream)} token(s); add text.")
     ids = torch.tensor(stream, dtype=torch.long)  # [S]
@@ -210,11 +287,9 @@ def build_set(source: CalibSource, tokenizer: Any, cfg: CalibConfig) -> CalibSet
     if len(rows) < N and cfg.warn_short:
         logger.warning("calibration set %r: %d tokens give %d sequence(s) of %d, fewer than --samples %d",
                        source.name, len(stream), len(rows), L, N)
-    digest = hashlib.sha256(raw)
-    digest.update(json.dumps([L, N, cfg.seed, cfg.text_field, cfg.chat_template]).encode())
     held = torch.stack([ids[i * L : (i + 1) * L] for i in apart.tolist()]) if len(apart) else None  # [M, L]
     return CalibSet(source.name, torch.stack(rows), torch.stack(masks), digest.hexdigest(), str(source.path),
-                    len(docs), len(stream), held_out_ids=held)
+                    len(docs), len(stream), meta={"sampled": False}, held_out_ids=held)
 
 
 def build_sets(cfg: CalibConfig, tokenizer: Any) -> list[CalibSet]:

@@ -3,8 +3,10 @@
 All sets travel together, so each decoder layer is loaded (and moved to the device) once whatever the number of
 sets. Per MoE layer a `RoutedCollector` wraps the experts; before each batch it is pointed at that batch's set and
 non-padding mask and probe-token mask (every `probe_stride`-th real token of each row: all experts' outputs are
-recorded there for merge grouping). The experts run their eager code path (`config._experts_implementation =
-"eager"`) so the statistics see exactly the per-expert computation of the reference implementation.
+recorded there for merge grouping). The experts run the model's configured implementation (transformers 5:
+`grouped_mm` by default, the kernel a plain forward uses), so the pass costs a forward plus the statistics;
+`eager=True` forces the per-expert reference loop (`config._experts_implementation = "eager"`) instead. Both
+compute the same f_j(t) up to float rounding (tests/test_routed_stats.py checks either against weights by hand).
 
 Optional `decide(model, adapter, layer, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
 drop from that layer, and the layer is re-run with them masked in the model's own router before the next layer
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -91,12 +93,15 @@ def collect(
     decide: Decide | None = None,
     probe_stride: int | None = None,
     trace: bool = False,
+    eager: bool = False,
 ) -> CollectResult:
-    """Routed statistics of every set (and, with `trace`, every sequence's top-k routing per MoE layer)."""
+    """Routed statistics of every set (and, with `trace`, every sequence's top-k routing per MoE layer); `eager`
+    forces the per-expert reference loop instead of the model's configured experts kernel."""
     moe = set(adapter.moe_layers())
     kind = adapter.routing().kind
     hidden = int(adapter.config.hidden_size)
-    stats = {s.name: {layer: RoutedStats(adapter.num_experts, hidden=hidden) for layer in sorted(moe)} for s in sets}
+    stats = {s.name: {layer: RoutedStats(adapter.num_experts, hidden=hidden).to(device) for layer in sorted(moe)}
+             for s in sets}  # sums live on the device during the pass; moved to the host once at the end
     stride = probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k)
     router_hash = hashlib.sha256()
     result = CollectResult(stats, "")
@@ -104,6 +109,7 @@ def collect(
         result.traces = {s.name: {layer: [] for layer in sorted(moe)} for s in sets}
     current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
     io = BlockIO()
+    on_cuda = torch.device(device).type == "cuda"
 
     def on_layer(i: int, layer: nn.Module):
         if i not in moe:
@@ -133,14 +139,17 @@ def collect(
         col = current["collector"]
         if col is not None:
             col.stats = stats[b.tag][col.layer]
-            col.valid = b.attention_mask.reshape(-1).bool()
-            col.probe = probe_mask(b.attention_mask, stride)
+            valid = b.attention_mask.reshape(-1).bool()  # [T]
+            if on_cuda and valid.device.type == "cpu":
+                valid = valid.pin_memory().to(device, non_blocking=True)  # page-locked: an asynchronous copy
+            col.valid = valid
+            col.probe = probe_mask(b.attention_mask.cpu(), stride)  # [T] on the host: indices without a sync
             if trace:
                 col.trace, col.rows = result.traces[b.tag][col.layer], b.attention_mask
             io.valid.append(b.attention_mask.bool())
             io.tags.append(b.tag)
 
-    with eager_experts(model):
+    with eager_experts(model) if eager else nullcontext():
         batches = make_batches(model, adapter, sets, batch_size)
         layers = adapter.decoder_layers(model)
         for i, outputs in run_layers(model, adapter, batches, device=device, on_layer=on_layer,
@@ -153,5 +162,8 @@ def collect(
                         outputs[:] = run_one(layers[i], i, batches, device)
             for cache in (io.inputs, io.outputs, io.valid, io.tags):
                 cache.clear()
+    for per_layer in stats.values():
+        for st in per_layer.values():
+            st.to("cpu")  # one device->host copy per layer and set, after the pass
     result.router_sha256 = router_hash.hexdigest()
     return result

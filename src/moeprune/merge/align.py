@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from moeprune.errors import MoePruneError
 
@@ -106,6 +105,8 @@ def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, to
     `other` neuron π(k) is matched to `reference` neuron k. If other = permute(reference, σ), then π = σ⁻¹ and
     permute(other, π) == reference exactly (up to ties between identical neurons).
     """
+    from scipy.optimize import linear_sum_assignment  # imported here: scipy would cost every CLI start-up ~0.5 s
+
     scores = similarity(reference, other).numpy()  # [I, I] float64
     rows, cols = linear_sum_assignment(scores, maximize=True)  # rows == arange(I)
     perm = torch.empty(len(rows), dtype=torch.long)

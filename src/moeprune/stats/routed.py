@@ -3,8 +3,9 @@
 The collector wraps a MoE block's experts module. The block calls it with the real routing — indices and
 weights after softmax/sigmoid, correction bias, groups, renormalisation and scaling — so nothing is recomputed.
 For the T·k (token, slot) pairs it calls the model's own experts code once with one-hot routing (weight 1), which
-returns f_j(t), expert j's output before the gate multiply, for every pair; the block output is then rebuilt as
-r_t = Σ_slots g·f (same experts work as the normal forward, summed in another order). A forward hook on the
+returns f_j(t), expert j's output before the gate multiply, for every pair — the probe rows below ride in the same
+call, so the experts' loop runs once per batch; the block output is then rebuilt as r_t = Σ_slots g·f (same experts
+work as the normal forward, summed in another order). A forward hook on the
 router keeps its logits for the router-probability statistics.
 
 Per expert j, over non-padding tokens t (A_j = tokens routed to j; h_t = the MoE block input; float64 sums):
@@ -30,7 +31,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 EXPERT_FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "max_abs", "easy_ep_sum",
@@ -38,6 +38,7 @@ EXPERT_FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum"
 GROUPING_FIELDS = ("logit_gram", "out_sum", "out_gram", "probe_tokens")  # absent from files before merging existed
 FIELDS = (*EXPERT_FIELDS, "coact", "tokens", *GROUPING_FIELDS)
 MAX_FIELDS = frozenset({"max_abs"})  # merged by max; every other field by addition
+PAIR_SUMS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "easy_ep_sum", "prob_topk_sum")
 
 
 def field_shape(name: str, num_experts: int, hidden: int = 0) -> tuple[int, ...]:
@@ -83,21 +84,22 @@ class RoutedStats:
 
     def update_grouping(self, logits: torch.Tensor | None, valid: torch.Tensor, probe_out: torch.Tensor | None) -> None:
         """logits: [T, E] router logits (None: not collected); valid: [T] bool; probe_out: [P, E, H] every expert's
-        output on the probe tokens (None: no probe token in this batch)."""
+        output on the probe tokens (None: no probe token in this batch). No host-device sync."""
         s = self.sums
         if logits is not None:
-            lg = logits.double() * valid.to(logits.device, torch.float64)[:, None]  # [T, E], 0 on padding
-            s["logit_gram"] += lg.T @ lg  # [E, E]
+            lg = logits.double() * valid.to(logits.device, torch.float64, non_blocking=True)[:, None]  # [T, E]
+            s["logit_gram"].addmm_(lg.T, lg)  # [E, E]
         if probe_out is not None and probe_out.shape[0]:
-            fp = probe_out.double()  # [P, E, H]
-            if s["out_sum"].shape[1] != fp.shape[2]:
-                if s["probe_tokens"].item():
-                    raise ValueError(f"probe outputs of width {fp.shape[2]} added to sums of width "
-                                     f"{s['out_sum'].shape[1]}")
-                s["out_sum"] = torch.zeros(self.num_experts, fp.shape[2], dtype=torch.float64, device=fp.device)
-            s["out_sum"] += fp.sum(dim=0)
-            s["out_gram"] += torch.einsum("pih,pjh->ij", fp, fp)
-            s["probe_tokens"] += fp.shape[0]
+            P, E, H = probe_out.shape
+            fp = probe_out.double().reshape(P, E * H)  # [P, E·H]
+            if s["out_sum"].shape[1] != H:
+                if s["out_sum"].shape[1]:
+                    raise ValueError(f"probe outputs of width {H} added to sums of width {s['out_sum'].shape[1]}")
+                s["out_sum"] = torch.zeros(E, H, dtype=torch.float64, device=fp.device)
+            s["out_sum"] += fp.sum(dim=0).view(E, H)
+            fe = fp.view(P, E, H).transpose(0, 1).reshape(E, P * H)  # [E, P·H]
+            s["out_gram"].addmm_(fe, fe.T)  # [E, E] = Σ_p f_i(p)·f_j(p)
+            s["probe_tokens"] += P
 
     def update(self, idx: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, valid: torch.Tensor,
                h: torch.Tensor, probs: torch.Tensor | None, r: torch.Tensor | None = None) -> None:
@@ -106,38 +108,43 @@ class RoutedStats:
         r: [T, H] routed output Σ_k g·f when the caller has it already.
 
         Per-element work on [T, k, H] stays in float32 (norms, maxima); the EASY-EP cosine is float64 on [T, H];
-        per-token results are summed in float64. Padding rows get weight 0 (no copies)."""
+        per-pair results are summed in float64, the PAIR_SUMS by one index_add over [T·k, 7]. Padding
+        rows get weight 0 (no copies). Every op is a device op: no host-device sync."""
         E, s = self.num_experts, self.sums
-        w = valid.to(idx.device, torch.float64)  # [T] 1 = real token
+        T, k = idx.shape
+        w = valid.to(idx.device, torch.float64, non_blocking=True)  # [T] 1 = real token
         if r is None:
             r = (f * gate[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
         ff = f.float()
-        norm = torch.linalg.vector_norm(ff, dim=-1).double()  # [T, k]
         peak = torch.maximum(ff.amax(dim=-1), -ff.amin(dim=-1)).double() * w[:, None]  # [T, k] max |f|; 0 neutral
-        hd = h.double()  # 1 − cos is a small difference of numbers near 1: float64 on [T, H]
-        novelty = (1 - F.cosine_similarity(hd, hd + r.double(), dim=-1)).clamp_min(0) * w  # [T]
+        norm = torch.linalg.vector_norm(ff, dim=-1).double()  # [T, k]
+        hd, rd = h.double(), r.double()  # 1 − cos is a small difference of numbers near 1: float64 on [T, H]
+        hh, hr, rr = (hd * hd).sum(-1), (hd * rd).sum(-1), (rd * rd).sum(-1)  # [T] each
+        eps = torch.finfo(torch.float64).eps  # as F.cosine_similarity: each norm clamped at eps
+        cos = (hh + hr) / ((hh.sqrt().clamp_min(eps)) * (hh + 2 * hr + rr).clamp_min(0).sqrt().clamp_min(eps))
+        novelty = (1 - cos).clamp_min(0) * w  # [T]
         g = gate.double() * w[:, None]  # [T, k] gate, 0 on padding
-        j = idx.reshape(-1)  # [M = T·k]
-        n = norm.reshape(-1)  # [M]
-        wk = w[:, None].expand_as(norm).reshape(-1)  # [M]
-        s["count"] += torch.bincount(j, weights=wk, minlength=E)
-        s["gate_sum"].index_add_(0, j, g.reshape(-1))
-        s["norm_sum"].index_add_(0, j, n * wk)
-        s["sq_norm_sum"].index_add_(0, j, n.square() * wk)
-        s["gate_norm_sum"].index_add_(0, j, (g * norm).reshape(-1))
-        s["easy_ep_sum"].index_add_(0, j, (g * norm * novelty[:, None]).reshape(-1))
-        if j.numel():
-            s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak.reshape(-1), reduce="amax")
-        onehot = torch.zeros(idx.shape[0], E, dtype=torch.float64, device=idx.device)  # [T, E]
-        onehot.scatter_(1, idx, 1.0)
-        s["coact"] += (onehot * w[:, None]).T @ onehot  # [E, E]
-        s["tokens"] += w.sum()
+        gn = g * norm  # [T, k]
+        wk = w[:, None].expand(T, k)  # [T, k]
+        cols = [wk, g, norm * wk, norm.square() * wk, gn, gn * novelty[:, None]]  # per (token, slot) pair
         if probs is not None:
             p = probs.double() * w[:, None]  # [T, E]
+            cols.append(p.gather(1, idx))  # [T, k] p_j(t) of the routed experts
+        j = idx.reshape(-1)  # [M = T·k]
+        per = torch.zeros(E, len(cols), dtype=torch.float64, device=idx.device)
+        per.index_add_(0, j, torch.stack(cols, dim=-1).reshape(-1, len(cols)))  # [E, 6 or 7]
+        for c, name in enumerate(PAIR_SUMS[: len(cols)]):
+            s[name] += per[:, c]
+        if j.numel():  # shape only: no sync
+            s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak.reshape(-1), reduce="amax")
+        pair = (idx[:, :, None] * E + idx[:, None, :]).reshape(-1)  # [T·k·k] flat (i, j) of co-routed experts
+        weight = wk[:, :, None].expand(T, k, k).reshape(-1)  # [T·k·k]
+        s["coact"].view(-1).index_add_(0, pair, weight)  # exact integer counts (bincount would sync on CUDA)
+        s["tokens"] += w.sum()
+        if probs is not None:
             s["prob_sum"] += p.sum(dim=0)
-            s["prob_topk_sum"] += (p * onehot).sum(dim=0)
-            top1 = torch.zeros_like(p).scatter_(1, p.argmax(dim=-1, keepdim=True), 1.0)  # [T, E]
-            s["prob_top1_sum"] += (p * top1).sum(dim=0)
+            best = p.max(dim=-1)  # [T] each: the top-1 probability and its expert
+            s["prob_top1_sum"].index_add_(0, best.indices, best.values)
 
     def merge(self, other: RoutedStats) -> RoutedStats:
         """Statistics of the union of both data sets (sums add, maxima take the max)."""
@@ -165,10 +172,12 @@ def router_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
 class RoutedCollector:
     """Context manager: while active, the experts module's forward (and the router's logits) feed `stats`.
 
-    `valid` must be set to the current batch's flattened non-padding mask [T] before each forward, and `probe`
-    to its probe-token mask [T] (`probe_mask`; None: no probes). With `router=None` the router-probability and
-    logit fields stay zero. Routing traces: when `trace` is a list and `rows` the batch's [B, S] attention mask,
-    each forward appends one LongTensor [n_real, k] per row — its real tokens' expert indices, in order.
+    `valid` must be set to the current batch's flattened non-padding mask [T] before each forward (on the device,
+    or on the host: it is copied without blocking), and `probe` to its probe-token mask [T] (`probe_mask`; None: no
+    probes), kept on the host so that its indices are found without a device sync. With `router=None` the
+    router-probability and logit fields stay zero. Routing traces: when `trace` is a list and `rows` the batch's
+    [B, S] attention mask, each forward appends one LongTensor [n_real, k] per row — its real tokens' expert
+    indices, in order.
     """
 
     def __init__(self, experts: nn.Module, stats: RoutedStats, router: nn.Module | None = None,
@@ -196,16 +205,28 @@ class RoutedCollector:
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             T, k = top_k_index.shape
-            rows = hidden_states.repeat_interleave(k, dim=0)  # [T*k, H]
-            one = torch.ones(T * k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-            f = original(rows, top_k_index.reshape(-1, 1), one, *args, **kwargs).view(T, k, -1)  # [T, k, H]
-            valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)
+            dev = hidden_states.device
+            token = torch.arange(T, device=dev).repeat_interleave(k, output_size=T * k)  # [T·k]: (token, slot)
+            experts = top_k_index.reshape(-1, 1)  # [T·k, 1]
+            probe = self._probe_rows(dev)  # [P] token indices (None: no probe token in this batch)
+            if probe is not None:  # every expert on each probe token, in the same call (one pass over the experts)
+                E, P = self.stats.num_experts, probe.shape[0]
+                token = torch.cat([token, probe.repeat_interleave(E, output_size=P * E)])  # [T·k + P·E]
+                every = torch.arange(E, device=dev).repeat(P).view(-1, 1)  # [P·E, 1]
+                experts = torch.cat([experts, every.to(experts.dtype)])  # [T·k + P·E, 1]
+            rows = hidden_states.index_select(0, token)  # [T·k (+ P·E), H]: one gather, no intermediate copies
+            one = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
+            fa = original(rows, experts, one, *args, **kwargs).detach()  # [T·k (+ P·E), H], gate weight 1
+            f = fa[: T * k].view(T, k, -1)  # [T, k, H]
+            probe_out = fa[T * k :].view(-1, self.stats.num_experts, fa.shape[-1]) if probe is not None else None
+            valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=dev)
+            valid = valid.to(dev, non_blocking=True)
             logits, self._logits = self._logits, None
             probs = router_probs(logits, self.kind) if logits is not None else None
             out = (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
-            self.stats.to(f.device).update(top_k_index, top_k_weights.detach(), f.detach(), valid,
-                                           hidden_states.detach(), probs, out.detach())
-            self.stats.update_grouping(logits, valid, self._probe_outputs(original, hidden_states, args, kwargs))
+            self.stats.to(dev).update(top_k_index, top_k_weights.detach(), f, valid, hidden_states.detach(), probs,
+                                      out)
+            self.stats.update_grouping(logits, valid, probe_out)
             if self.trace is not None:
                 self._record_trace(top_k_index)
             return out
@@ -214,25 +235,25 @@ class RoutedCollector:
         return self
 
     def _record_trace(self, top_k_index: torch.Tensor) -> None:
-        """Append each row's real-token routing [n_real, k] (int64, CPU) to `trace`."""
+        """Append each row's real-token routing [n_real, k] (int64, CPU) to `trace` (a device->host copy: traces
+        are for routing analysis, not the statistics path)."""
         if self.rows is None:
             raise RuntimeError("routing traces need `rows`, the batch's [B, S] attention mask")
         rows = self.rows.bool().cpu()  # [B, S]
         idx = top_k_index.detach().cpu().long().view(*rows.shape, -1)  # [B, S, k]
         self.trace.extend(idx[b][rows[b]].clone() for b in range(rows.shape[0]))
 
-    @torch.no_grad()
-    def _probe_outputs(self, original, hidden_states: torch.Tensor, args, kwargs) -> torch.Tensor | None:
-        """[P, E, H]: every expert's output (gate weight 1) on the probe tokens, by the model's own experts code."""
+    def _probe_rows(self, device: torch.device) -> torch.Tensor | None:
+        """[P] indices of the probe tokens on `device`, or None without any. The mask is turned into indices where
+        it lives (on the host, as the session passes it: no sync), then copied without blocking."""
         if self.probe is None:
             return None
-        rows = hidden_states[self.probe.to(hidden_states.device)]  # [P, H]
-        P, E = rows.shape[0], self.stats.num_experts
-        if P == 0:
+        where = self.probe.nonzero().view(-1)  # [P]
+        if where.shape[0] == 0:
             return None
-        every = torch.arange(E, device=rows.device).repeat(P).view(-1, 1)  # [P·E, 1]
-        one = torch.ones(P * E, 1, dtype=rows.dtype, device=rows.device)
-        return original(rows.repeat_interleave(E, dim=0), every, one, *args, **kwargs).view(P, E, -1).detach()
+        if device.type == "cuda":
+            where = where.pin_memory()  # an asynchronous copy needs page-locked memory
+        return where.to(device, non_blocking=True)
 
     def __exit__(self, *exc) -> None:
         del self.experts.forward
