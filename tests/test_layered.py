@@ -243,3 +243,25 @@ def test_layered_refuses_a_bad_plan_before_work(source, tmp_path, monkeypatch):
     with pytest.raises(MoePruneError, match="kept width 12 is not a multiple of 8"):
         apply(src, [(NEURONS, plan)], tmp_path / "out", lazy=True)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_lazy_neuron_recipe_equals_in_memory(source, root, tmp_path, family):
+    """`prune(lazy=True)` with neuron stages (HEAPr after expert removal: the gradients are backpropagated one
+    decoder layer at a time over stage 1 applied layer by layer): the in-memory run's plans and tensors, and the
+    calibration-split perplexities computed layer by layer equal the whole-model ones."""
+    src, _ = source(family)
+    recipe = [{"method": "reap", "ratio": 0.25}, {"method": "heapr", "ratio": 0.5}]
+    opts = calib(root, held_out=2)
+    mem = prune(src, tmp_path / "mem", recipe, calib=opts, lazy=False, run_verify=False)[0]
+    lay, result = prune(src, tmp_path / "lay", recipe, calib=opts, lazy=True)
+    assert result.passed and result.layer_max_abs_diff  # verified layer by layer
+    for f in sorted((mem.out / "moeprune_plans").glob("*.json")):
+        assert json.loads(f.read_text()) == json.loads((lay.out / "moeprune_plans" / f.name).read_text()), f.name
+    assert_same_export(mem.out, lay.out)
+    want, got = mem.report["calibration_split"]["sets"], lay.report["calibration_split"]["sets"]
+    assert want and want.keys() == got.keys()
+    for name in want:
+        for key in ("perplexity_before", "perplexity_after"):
+            assert got[name][key] == pytest.approx(want[name][key], rel=1e-5), (name, key)
+        assert got[name]["tokens"] == want[name]["tokens"]

@@ -87,7 +87,6 @@ def test_neuron_prune_refusals_before_work(setup, monkeypatch):
     base = ["prune", str(ckpt), "--method", "heapr", "--ratio", "0.5", "--out", str(root / "x")]
     cases = [
         ([], "pass --calib"),
-        (["--calib", f"web={calib}", "--lazy"], "neuron statistics.*drop --lazy"),
         (["--calib", f"web={calib}", "--rho", "0.5"], "method heapr has none. Drop --rho"),
         (["--calib", f"web={calib}", "--expert-method", "aimer"], "--expert-method and --expert-ratio together"),
         (["--calib", f"web={calib}", "--min-width", "17"], "--min-width 17"),

@@ -55,16 +55,18 @@ def make_plan(source: str | Path | ExpertStats, method: str, ratio: float, *, ca
                                                                  spec))
 
 
-def apply_plan(model: str | Path, plan: Any, out: str | Path, *, streaming: bool = False,
+def apply_plan(model: str | Path, plan: Any, out: str | Path, *, streaming: bool = False, lazy: bool | None = None,
                max_shard_size: str | int = "5GB", overwrite: bool = False) -> ApplyResult:
-    """Apply a plan object, plan file, recipe file or an export's plans (folder) to `model`; save to `out`."""
+    """Apply a plan object, plan file, recipe file or an export's plans (folder) to `model`; save to `out`.
+    `lazy` (None: when the model does not fit in memory): one decoder layer in memory at a time."""
     plans: str | Path | Chain = plan if isinstance(plan, (str, Path)) else as_chain([plan])
-    return _apply(model, plans, out, streaming=streaming, max_shard_size=max_shard_size, overwrite=overwrite)
+    return _apply(model, plans, out, streaming=streaming, lazy=lazy, max_shard_size=max_shard_size,
+                  overwrite=overwrite)
 
 
 def prune(model: str | Path, out: str | Path, recipe: Any = None, *, method: str | None = None,
           ratio: float | None = None, calib: CalibrateOptions | None = None, streaming: bool = False,
-          max_shard_size: str | int = "5GB", overwrite: bool = False, run_verify: bool = True,
+          lazy: bool | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False, run_verify: bool = True,
           verify_dtype: str = "float32", expert_method: str | None = None, expert_ratio: float | None = None,
           **options: Any) -> tuple[ApplyResult, VerifyResult | None]:
     """[calibrate +] plan every stage + apply + save + verify. Give a `recipe` (list of stage dicts or a YAML/JSON
@@ -75,8 +77,8 @@ def prune(model: str | Path, out: str | Path, recipe: Any = None, *, method: str
         recipe = shorthand(method, ratio, options, expert_method, expert_ratio)
     elif method is not None or ratio is not None or options or expert_method or expert_ratio:
         raise MoePruneError("give either a recipe or --method/--ratio and their options, not both.")
-    return _prune(model, out, recipe, source=source, calib=calib, streaming=streaming, max_shard_size=max_shard_size,
-                  overwrite=overwrite, run_verify=run_verify, verify_dtype=verify_dtype)
+    return _prune(model, out, recipe, source=source, calib=calib, streaming=streaming, lazy=lazy,
+                  max_shard_size=max_shard_size, overwrite=overwrite, run_verify=run_verify, verify_dtype=verify_dtype)
 
 
 def shorthand(method: str | None, ratio: float | None, options: dict, expert_method: str | None = None,
@@ -99,11 +101,12 @@ def shorthand(method: str | None, ratio: float | None, options: dict, expert_met
 
 
 def verify(original: str | Path, pruned: str | Path, plan: Any = None, *, dtype: str = "float32",
-           tol: float | None = None, seed: int = 0, batch: int = 2, seq_len: int = 32) -> VerifyResult:
+           tol: float | None = None, seed: int = 0, batch: int = 2, seq_len: int = 32,
+           lazy: bool | None = None) -> VerifyResult:
     """The reloaded export == the original under the chained references of its plans (read from the export
     unless `plan` gives a plan object, a list of them, or (stage, plan) pairs)."""
     plans = None if plan is None else (plan if isinstance(plan, list) else [plan])
-    return _verify(original, pruned, plans, dtype=dtype, tol=tol, seed=seed, batch=batch, seq_len=seq_len)
+    return _verify(original, pruned, plans, dtype=dtype, tol=tol, seed=seed, batch=batch, seq_len=seq_len, lazy=lazy)
 
 
 __all__ = ["CalibrateOptions", "EvalOptions", "analyze", "apply_plan", "calibrate", "check_chain", "compare",

@@ -16,7 +16,7 @@ otherwise (and always on CPU runs) they wait in host memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,3 +152,26 @@ def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
             cleanup()
         layer.to(home)
     return outputs
+
+
+@contextmanager
+def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
+    """Every decoder layer's forward returns `hidden` (the last layer's output): the model's own code then applies
+    its final norm, head and any logit post-processing."""
+    layers = adapter.decoder_layers(model)
+    for layer in layers:
+        layer.forward = lambda *args, **kwargs: hidden
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def head_logits(model: nn.Module, adapter: MoEAdapter, inputs: dict[str, torch.Tensor],
+                hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [B, S, V] from the last decoder layer's output `hidden` [B, S, H] through the model's own final norm,
+    head and logit post-processing (its forward, with every decoder layer returning `hidden`)."""
+    with layers_return(model, adapter, hidden):
+        out = model(**inputs, use_cache=False)
+    return out.logits.float()  # [B, S, V]

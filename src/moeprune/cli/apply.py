@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeprune.cli.common import add_apply_flags, add_verb
+from moeprune.cli.common import add_apply_flags, add_lazy_flag, add_verb
 from moeprune.errors import MoePruneError
 
 
@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
     g.add_argument("--recipe", help="an export folder (its moeprune_recipe.json and moeprune_plans/) or that "
                                     "recipe file: every stage's plan is applied in order")
     add_apply_flags(p)
+    add_lazy_flag(p)
     p.set_defaults(func=run)
 
 
@@ -24,6 +25,6 @@ def run(args) -> int:
     source = args.plan or args.recipe
     if args.plan and not str(args.plan).endswith(".json"):
         raise MoePruneError(f"--plan {args.plan}: give a plan .json file; for an export folder use --recipe.")
-    api.apply_plan(args.model, source, args.out, streaming=args.streaming, max_shard_size=args.max_shard_size,
-                   overwrite=args.overwrite)
+    api.apply_plan(args.model, source, args.out, streaming=args.streaming, lazy=args.lazy,
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     return 0

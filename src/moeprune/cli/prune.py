@@ -45,7 +45,7 @@ def run(args) -> int:
         raise MoePruneError(f"--recipe lists the stages and their options; drop {', '.join(given)} (or write them "
                             "into the recipe).")
     applied, result = api.prune(args.model, args.out, args.recipe, method=args.method, ratio=args.ratio,
-                          calib=calib_options(args) if args.calib else None, streaming=args.streaming,
+                          calib=calib_options(args) if args.calib else None, streaming=args.streaming, lazy=args.lazy,
                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, run_verify=not args.no_verify,
                           verify_dtype=args.verify_dtype, expert_method=args.expert_method,
                           expert_ratio=args.expert_ratio, **({} if args.recipe else options))

@@ -39,7 +39,12 @@ def score_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     """(NLL sum, correct predictions, counted positions) of one batch [B, L]."""
     device = next(model.parameters()).device
     ids, mask = input_ids.to(device), attention_mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]
+    return score_logits(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
+
+
+def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
+    """(NLL sum, correct predictions, counted positions) of logits [B, L, V] for ids / mask [B, L]."""
+    ids, mask = ids.to(logits.device), mask.to(logits.device)
     pred, target = logits[:, :-1].double(), ids[:, 1:]  # [B, L-1, V], [B, L-1]
     counted = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
     nll = F.cross_entropy(pred[counted], target[counted], reduction="sum")
@@ -51,12 +56,14 @@ def evaluate_sets(model: nn.Module, sets: list[CalibSet], batch_size: int = 8) -
     """{set name: DomainScore} over every window of every set."""
     out = {}
     for s in sets:
-        nll, correct, n = 0.0, 0, 0
         starts = range(0, s.input_ids.shape[0], batch_size)
-        for start in tqdm(starts, desc=f"evaluating {s.name}", leave=False):
-            b_nll, b_correct, b_n = score_batch(model, s.input_ids[start : start + batch_size],
+        out[s.name] = domain_score([score_batch(model, s.input_ids[start : start + batch_size],
                                                 s.attention_mask[start : start + batch_size])
-            nll, correct, n = nll + b_nll, correct + b_correct, n + b_n
-        out[s.name] = DomainScore(math.exp(nll / n) if n else float("nan"), correct / n if n else float("nan"), n,
-                                  nll)
+                                    for start in tqdm(starts, desc=f"evaluating {s.name}", leave=False)])
     return out
+
+
+def domain_score(batches: list[tuple[float, int, int]]) -> DomainScore:
+    """Sum the (NLL, correct, counted) of a set's batches into its score."""
+    nll, correct, n = (sum(b[k] for b in batches) for k in range(3))
+    return DomainScore(math.exp(nll / n) if n else float("nan"), correct / n if n else float("nan"), n, nll)

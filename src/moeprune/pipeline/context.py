@@ -89,13 +89,13 @@ class StageContext:
         self.stats.append(stats)
         return stats
 
-    def lazy_model(self, dtype: str = "auto"):
+    def lazy_model(self, dtype: str = "auto", head: bool = False):
         """(LazyModel of the original, layer_context): `layer_context(i)` materialises decoder layer i and applies
         every earlier plan to it; the model's config is the one those plans leave."""
         from moeprune.io.lazy import load_lazy
         from moeprune.pipeline.recipe import chain_adapters
 
-        lazy = load_lazy(self.ckpt.path, dtype=dtype)
+        lazy = load_lazy(self.ckpt.path, dtype=dtype, head=head)
         adapters = chain_adapters(self.previous, get_adapter(self.ckpt.config, weight_keys=self.ckpt.names()))
         sync_chain_config(lazy.model, self.previous, adapters)
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from moeprune.calibration.data import CalibSet
-from moeprune.eval.perplexity import evaluate_sets
+from moeprune.eval.perplexity import DomainScore, domain_score, evaluate_sets, score_logits
 from moeprune.io.load import load_model
 from moeprune.log import logger
+from moeprune.models import get_adapter
 
 
 def held_apart(sets: list[CalibSet]) -> list[CalibSet]:
@@ -31,8 +32,9 @@ def held_apart(sets: list[CalibSet]) -> list[CalibSet]:
 
 
 def calibration_split(original: str | Path, export: str | Path, sets: list[CalibSet], *, batch_size: int = 8,
-                      device: str = "cpu") -> dict:
-    """{"sets": {name: {perplexity_before, perplexity_after, ratio, windows, tokens}}, "note": ...}."""
+                      device: str = "cpu", lazy: bool = False) -> dict:
+    """{"sets": {name: {perplexity_before, perplexity_after, ratio, windows, tokens}}, "note": ...}; `lazy`: each
+    model one decoder layer at a time (`layered_scores`)."""
     apart = held_apart(sets)
     missing = [s.name for s in sets if s.name not in {a.name for a in apart}]
     result: dict = {"sets": {}, "note": "perplexity on calibration text held apart from the scored windows "
@@ -45,6 +47,9 @@ def calibration_split(original: str | Path, export: str | Path, sets: list[Calib
         return result
     scores = []
     for path in (original, export):
+        if lazy:
+            scores.append(layered_scores(path, apart, batch_size, device))
+            continue
         model = load_model(path, dtype="float32", device=device)
         scores.append(evaluate_sets(model, apart, batch_size))
         del model
@@ -54,6 +59,27 @@ def calibration_split(original: str | Path, export: str | Path, sets: list[Calib
                                   "ratio": after.perplexity / before.perplexity, "windows": int(s.input_ids.shape[0]),
                                   "tokens": before.tokens}
     return result
+
+
+@torch.no_grad()
+def layered_scores(path: str | Path, sets: list[CalibSet], batch_size: int = 8,
+                   device: str = "cpu") -> dict[str, DomainScore]:
+    """`evaluate_sets` with one decoder layer in memory at a time: the same windows and batches through the
+    layer-by-layer engine, then the model's own final norm and head (`engine.head_logits`)."""
+    from moeprune.calibration.engine import capture, head_logits, run_layers
+    from moeprune.pipeline.verify_layered import load_export_lazy
+
+    lazy = load_export_lazy(path, "float32")
+    adapter = get_adapter(lazy.model.config, model=lazy.model)
+    windows = [(s.name, s.input_ids[i : i + batch_size], s.attention_mask[i : i + batch_size])
+               for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]  # [B, L] each
+    batches = [capture(lazy.model, adapter, ids, mask) for _, ids, mask in windows]
+    for _ in run_layers(lazy.model, adapter, batches, device=device, layer_context=lazy.layer):
+        pass
+    scored = [(name, score_logits(head_logits(lazy.model, adapter, {"input_ids": ids, "attention_mask": mask},
+                                              b.hidden.cpu()), ids, mask))
+              for (name, ids, mask), b in zip(windows, batches, strict=True)]
+    return {s.name: domain_score([r for name, r in scored if name == s.name]) for s in sets}
 
 
 def format_split(split: dict) -> str:

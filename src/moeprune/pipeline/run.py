@@ -19,6 +19,7 @@ from moeprune.calibration.run import CalibrateOptions, prepare
 from moeprune.errors import MoePruneError
 from moeprune.io.atomic import check_output
 from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.fit import choose_lazy
 from moeprune.io.report import write_json_atomic
 from moeprune.log import logger
 from moeprune.models import get_adapter
@@ -35,18 +36,19 @@ from moeprune.pipeline.recipe import (
     read_chain,
 )
 from moeprune.pipeline.verify import VerifyResult, tolerance, verify
-from moeprune.stages.base import Need, adapter_after
+from moeprune.stages.base import adapter_after
 
 
 def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Sequence, *, source: str = "recipe",
-          calib: CalibrateOptions | None = None, streaming: bool = False, lazy: bool = False,
+          calib: CalibrateOptions | None = None, streaming: bool = False, lazy: bool | None = None,
           max_shard_size: str | int = "5GB", overwrite: bool = False, run_verify: bool = True,
           verify_dtype: str = "float32") -> tuple[ApplyResult, VerifyResult | None]:
     """[calibrate +] plan every stage + apply + save + verify; every option is checked before any work.
 
     `lazy`: one decoder layer in memory at a time: every stage calibrates on the original read lazily with the
-    earlier plans applied layer by layer, and the export is written layer by layer (so is `calib.lazy`'s
-    calibration; `lazy` implies it)."""
+    earlier plans applied layer by layer, the export is written layer by layer and verified layer by layer.
+    None (and `calib.lazy` None): chosen by whether the model fits in available memory (`io.fit.choose_lazy`);
+    `calib.lazy` given and `lazy` None: that choice."""
     specs = parse_recipe(recipe, source)
     ckpt = Checkpoint.open(model)
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
@@ -55,9 +57,11 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
     if run_verify:
         tolerance(verify_dtype)
     adapters = check_chain(specs, adapter)
-    if lazy and calib is not None and not calib.lazy:
-        calib = dataclasses.replace(calib, lazy=True)
     _check_run(specs, calib)
+    lazy = choose_lazy(calib.lazy if lazy is None and calib is not None else lazy, ckpt,
+                       calib.dtype if calib is not None else "auto")
+    if calib is not None:
+        calib = dataclasses.replace(calib, lazy=lazy)
     sets = prepare(model, calib)[2] if calib is not None else None  # read, checked and tokenised up front
 
     chain: Chain = []
@@ -68,8 +72,7 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
             adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
                                                                                                  adapters[n - 1])))
         logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
-        ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy or (calib is not None and
-                                                                             calib.lazy))
+        ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy)
         plan = spec.stage.plan(spec.options, ctx)
         chain.append((spec.stage, plan))
         stats.append(ctx.stats)
@@ -82,17 +85,17 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
         applied.report["calibration"] = calibration
     result = None
     if run_verify:
-        result = verify(model, applied.out, chain, dtype=verify_dtype)
+        result = verify(model, applied.out, chain, dtype=verify_dtype, lazy=lazy)
         applied.report["verify"] = result.to_dict()
     if sets is not None and calib.held_out:
-        applied.report["calibration_split"] = calibration_split(model, applied.out, sets,
-                                                                batch_size=calib.batch_size, device=calib.device)
+        applied.report["calibration_split"] = calibration_split(model, applied.out, sets, batch_size=calib.batch_size,
+                                                                device=calib.device, lazy=lazy)
     write_json_atomic(applied.out / REPORT_NAME, applied.report)
     return applied, result
 
 
 def apply(model: str | Path, plans: str | Path | Chain, out: str | Path, *, streaming: bool = False,
-          lazy: bool = False, max_shard_size: str | int = "5GB", overwrite: bool = False) -> ApplyResult:
+          lazy: bool | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False) -> ApplyResult:
     """Replay plans (an export folder, its recipe, one plan file, or (stage, plan) pairs) onto MODEL: in memory, on
     the shards (`streaming`, expert removal only) or layer by layer (`lazy`, or `streaming` with other stages)."""
     ckpt = Checkpoint.open(model)
@@ -100,6 +103,7 @@ def apply(model: str | Path, plans: str | Path | Chain, out: str | Path, *, stre
     chain = read_chain(plans) if isinstance(plans, (str, Path)) else list(plans)
     adapters = chain_adapters(chain, get_adapter(ckpt.config, weight_keys=ckpt.names()))
     parse_size(max_shard_size)
+    lazy = choose_lazy(lazy, ckpt)
     return export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy, max_shard_size=max_shard_size)
 
 
@@ -115,8 +119,3 @@ def _check_run(specs: list[StageSpec], calib: CalibrateOptions | None) -> None:
                             "calibrated method (e.g. reap, ean_mean, frequency).")
     if calib is not None:
         calib.calib_config()  # the sources exist and the options are sane
-        for s in specs:
-            if calib.lazy and Need.NEURONS in s.needs:
-                raise MoePruneError(f"{s.where}: --lazy loads one decoder layer at a time from the checkpoint on "
-                                    "disk, but this stage calibrates the whole model at once (neuron statistics); "
-                                    "drop --lazy.")

@@ -27,6 +27,7 @@ import torch
 from moeprune.errors import MoePruneError
 from moeprune.io import nonuniform
 from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.fit import choose_lazy
 from moeprune.io.load import load_model, parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
@@ -160,8 +161,9 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     """Compare the reloaded EXPORT with ORIGINAL under the chained references of its plans (read from EXPORT by
     default: its moeprune_recipe.json, or the single plan of an older export).
 
-    `lazy`: True = layer by layer (`verify_layered`), one decoder layer in memory; False or None = both models
-    whole. `tokens`/`sets` replace the seeded inputs (`verify_inputs`)."""
+    `lazy`: True = layer by layer (`verify_layered`), one decoder layer in memory; False = both models whole;
+    None = layer by layer when the original does not fit in memory (`io.fit.choose_lazy`). `tokens`/`sets` replace
+    the seeded inputs (`verify_inputs`)."""
     tol = tolerance(dtype, tol)
     src, dst = Checkpoint.open(original), Checkpoint.open(export)
     if plans is None:
@@ -176,7 +178,7 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
 
     inputs = verify_inputs(src.config.get_text_config().vocab_size, tokens=tokens, sets=sets, batch=batch,
                            seq_len=seq_len, seed=seed, chunk=chunk)
-    if lazy:
+    if choose_lazy(lazy, src, dtype, "verify"):
         from moeprune.pipeline.verify_layered import verify_layered
 
         return verify_layered(src.path, dst.path, chain, adapter, inputs, dtype=dtype, tol=tol)

@@ -24,14 +24,13 @@ states r_i, r_{i+1} and x_i of every chunk, one chunk's export outputs, and at t
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from moeprune.calibration.engine import LayerInputs, capture, run_one
+from moeprune.calibration.engine import LayerInputs, capture, head_logits, run_one
 from moeprune.errors import MoePruneError
 from moeprune.io import nonuniform
 from moeprune.io.checkpoint import Checkpoint
@@ -97,8 +96,8 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
         del want
         logger.debug("verify: decoder layer %d: max |Δ| %.3e of max |h| %.3g (running %.3e)", i, errors[-1],
                      scales[-1], running[-1])
-    results = [compare(_head_logits(orig.model, adapter, x, r.hidden),  # reference: r_L
-                       _head_logits(exp.model, exp_adapter, x, o.hidden),  # export: x_L
+    results = [compare(head_logits(orig.model, adapter, x, r.hidden),  # reference: r_L
+                       head_logits(exp.model, exp_adapter, x, o.hidden),  # export: x_L
                        x["attention_mask"], tol) for x, r, o in zip(inputs, refs, runs, strict=True)]
     result = results[0] if len(results) == 1 else combine(results, tol)
     result.layer_max_abs_diff, result.layer_max_abs, result.running_max_abs_diff = errors, scales, running
@@ -112,24 +111,3 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
 def _max_abs(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """max |a − b| over the non-padding positions (NaN propagates through torch.maximum: it fails the check)."""
     return (a.float() - b.float())[mask].abs().max()
-
-
-@contextmanager
-def _layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
-    """Every decoder layer's forward returns `hidden` (the last layer's output): the model's own code then applies
-    its final norm, head and any logit post-processing."""
-    layers = adapter.decoder_layers(model)
-    for layer in layers:
-        layer.forward = lambda *args, **kwargs: hidden
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def _head_logits(model: nn.Module, adapter: MoEAdapter, inputs: dict[str, torch.Tensor],
-                 hidden: torch.Tensor) -> torch.Tensor:
-    with _layers_return(model, adapter, hidden):
-        out = model(**inputs, use_cache=False)
-    return out.logits.float()  # [B, S, V]

@@ -79,11 +79,20 @@ class NeuronStage(Stage):
 
         crit = NEURON_CRITERIA.get(o.method)
         width = ctx.adapter.expert_width
-        model = ctx.model(dtype="float32")
-        adapter = get_adapter(model.config, model=model)
-        stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=crit.needs_gradients,
-                                     batch_size=ctx.calib.batch_size)
-        del model
+        adapter = ctx.adapter
+        if ctx.lazy:  # one decoder layer in memory at a time; HEAPr backpropagates layer by layer, top down
+            from moeprune.stats.neurons_layered import neuron_stats
+
+            lazy, layer_context = (ctx.lazy_model(dtype="float32", head=crit.needs_gradients) if ctx.previous
+                                   else (None, None))
+            stats = neuron_stats(ctx, crit.needs_gradients, lazy=lazy, layer_context=layer_context)
+            del lazy
+        else:
+            model = ctx.model(dtype="float32")
+            adapter = get_adapter(model.config, model=model)
+            stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=crit.needs_gradients,
+                                         batch_size=ctx.calib.batch_size)
+            del model
         scores = neuron_scores(o.method, stats, **({"rho": 0.9 if o.rho is None else o.rho}
                                                    if o.method == "camera" else {}))
         kept = select_neurons(scores, o.ratio, o.budget, o.min_width, align=ALIGN)
