@@ -95,7 +95,7 @@ def _disk(folder) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_export(mem, lay):
+def assert_same_export(mem, lay, mode="layered"):
     """`lay` (layer by layer) holds what `mem` (in memory) holds: on disk, in config.json, reloaded, in logits."""
     a, b = _disk(mem), _disk(lay)
     assert sorted(a) == sorted(b)
@@ -105,7 +105,7 @@ def assert_same_export(mem, lay):
     ca.pop("transformers_version", None), cb.pop("transformers_version", None)
     assert ca == cb
     report = json.loads((lay / "moeprune_report.json").read_text())
-    assert report["apply_mode"] == "layered"
+    assert report["apply_mode"] == mode
     # stock from_pretrained (moeprune's loader for non-uniform widths, which stock transformers refuses by design)
     ma, mb = load_model(mem, dtype="float32"), load_model(lay, dtype="float32")
     sa, sb = ma.state_dict(), mb.state_dict()
@@ -125,7 +125,8 @@ def test_layered_export_equals_in_memory(source, root, tmp_path, family, case):
     lay = apply(src, chain, tmp_path / "lay", lazy=True, max_shard_size="30KB").out
     assert len(list(lay.glob("model-*.safetensors"))) > 1  # re-packed to the shard size, with an index
     assert (lay / "model.safetensors.index.json").is_file()
-    assert_same_export(mem, lay)
+    # a model that does not fit: expert removal alone is edited on the shards (byte copies), the rest layer by layer
+    assert_same_export(mem, lay, "streaming" if case == "reap" else "layered")
     if case == "camera_layer":  # per-layer widths (padded to multiples of 8: on tiny experts, maybe no smaller)
         assert is_nonuniform(json.loads((lay / "config.json").read_text()))
     else:

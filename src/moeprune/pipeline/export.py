@@ -98,8 +98,10 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
 
 
 def export_mode(chain: Chain, streaming: bool, lazy: bool) -> str:
-    """"streaming" (byte copies on the shards), "layered" (one decoder layer at a time) or "in-memory"."""
-    if streaming and all(stage.applies_to_shards for stage, _ in chain):
+    """"streaming" (byte copies on the shards), "layered" (one decoder layer at a time) or "in-memory". A model
+    that does not fit (`lazy`) whose every stage is expert removal is edited on the shards: no tensor is even
+    decoded, kept bytes stay bit-identical and a quantized checkpoint keeps its format."""
+    if (streaming or lazy) and all(stage.applies_to_shards for stage, _ in chain):
         return "streaming"
     return "layered" if streaming or lazy else "in-memory"
 
