@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.engine import LayerInputs, capture, run_layers, run_one
+from moeprune.calibration.engine import LayerInputs, around_layers_on, capture, run_layers, run_one, to_device
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
 from moeprune.stats.routed import RoutedCollector, RoutedStats, default_probe_stride, probe_mask
@@ -68,16 +68,20 @@ def eager_experts(model: nn.Module) -> Iterator[None]:
         config._experts_implementation = before
 
 
-def make_batches(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_size: int) -> list[LayerInputs]:
-    """Capture layer-0 inputs and every layer's kwargs for `batch_size` rows at a time of every set."""
+def make_batches(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_size: int,
+                 device: str = "cpu") -> list[LayerInputs]:
+    """Capture layer-0 inputs and every layer's kwargs for `batch_size` rows at a time of every set, with the
+    modules around the decoder layers on `device` (`engine.around_layers_on`); kwargs are kept on CPU."""
     batches = []
-    for s in sets:
-        for start in range(0, s.input_ids.shape[0], batch_size):
-            ids = s.input_ids[start : start + batch_size]  # [B, L]
-            mask = s.attention_mask[start : start + batch_size]  # [B, L]
-            b = capture(model, adapter, ids, mask)
-            b.tag = s.name
-            batches.append(b)
+    with around_layers_on(model, adapter.decoder_layers(model), device):
+        for s in sets:
+            for start in range(0, s.input_ids.shape[0], batch_size):
+                ids = s.input_ids[start : start + batch_size]  # [B, L]
+                mask = s.attention_mask[start : start + batch_size]  # [B, L]
+                b = capture(model, adapter, ids, mask)
+                b.kwargs = to_device(b.kwargs, "cpu")
+                b.tag = s.name
+                batches.append(b)
     return batches
 
 
@@ -150,7 +154,7 @@ def collect(
             io.tags.append(b.tag)
 
     with eager_experts(model) if eager else nullcontext():
-        batches = make_batches(model, adapter, sets, batch_size)
+        batches = make_batches(model, adapter, sets, batch_size, device)
         layers = adapter.decoder_layers(model)
         for i, outputs in run_layers(model, adapter, batches, device=device, on_layer=on_layer,
                                      layer_context=layer_context, on_batch=on_batch):

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.engine import LayerInputs, _to, capture, run_layers
+from moeprune.calibration.engine import LayerInputs, around_layers_on, capture, run_layers, to_device
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.io.lazy import LazyModel, load_lazy
@@ -122,12 +122,12 @@ def _capture(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_
     loaded there: rotary cos/sin computed on a CPU differ from a GPU's by an ulp, enough to flip near-tied routing
     decisions (measured: 0.2% of expert assignments on a random 12-layer model). Kwargs are then kept on CPU."""
     ids, batches = [], []
-    with _around_layers_on(model, adapter.decoder_layers(model), device):
+    with around_layers_on(model, adapter.decoder_layers(model), device):
         home = model.get_input_embeddings().weight.device
         for input_ids, mask in windows(sets, batch_size):
             ids.append(input_ids)
             b = capture(model, adapter, input_ids.to(home), mask.to(home))
-            b.kwargs, b.attention_mask = _to(b.kwargs, "cpu"), b.attention_mask.cpu()
+            b.kwargs, b.attention_mask = to_device(b.kwargs, "cpu"), b.attention_mask.cpu()
             batches.append(b)
     return ids, batches
 
@@ -203,7 +203,7 @@ def _backward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs],
                     if col is not None:
                         col.valid = b.attention_mask.reshape(-1).bool()
                     h = h_in.to(device).detach().requires_grad_(True)  # [B, S, H]
-                    out = layer(h, **_to(b.kwargs[i], device))
+                    out = layer(h, **to_device(b.kwargs[i], device))
                     out = out[0] if isinstance(out, tuple) else out  # [B, S, H]
                     out.backward(g_out.to(device))
                     next_grads.append(h.grad.cpu())
@@ -247,32 +247,6 @@ def _on_device(module: nn.Module, device: str) -> Iterator[None]:
         yield
     finally:
         module.to(home)
-
-
-@contextmanager
-def _around_layers_on(model: nn.Module, layers: nn.ModuleList, device: str) -> Iterator[None]:
-    """Every materialised module outside the decoder layers on `device`, then back (a lazy model's layers, and its
-    head unless loaded, stay on meta)."""
-    moved: list[tuple[nn.Module, torch.device]] = []
-
-    def visit(module: nn.Module) -> None:
-        for child in module.children():
-            tensors = list(child.parameters()) + list(child.buffers())
-            if child is layers or not tensors:
-                continue
-            if any(m is layers for m in child.modules()) or any(t.is_meta for t in tensors):
-                visit(child)
-            else:
-                moved.append((child, tensors[0].device))
-
-    visit(model)
-    try:
-        for module, _ in moved:
-            module.to(device)
-        yield
-    finally:
-        for module, home in moved:
-            module.to(home)
 
 
 @contextmanager
