@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from moeprune.cli import build_parser, main
@@ -118,3 +119,20 @@ def test_cli_plan_then_apply_neuron_plan(setup):
         args = build_parser().parse_args(["plan", str(ckpt), "--method", "aimer", "--ratio", "0.5",
                                           "--calib", f"web={calib}"])
         args.func(args)
+
+
+@pytest.mark.parametrize("method", ["camera", "heapr"])
+def test_cli_plan_lazy_equals_whole(setup, method):
+    """`plan MODEL --calib --lazy` scores neurons one decoder layer at a time (HEAPr: top-down backward) and writes
+    the plan the whole-model run writes; `apply --lazy` then exports it layer by layer, tensor for tensor."""
+    root, ckpt, calib = setup
+    files = {mode: root / f"{method}-{mode}.json" for mode in ("--lazy", "--no-lazy")}
+    for mode, f in files.items():
+        assert main(["plan", str(ckpt), "--method", method, "--ratio", "0.5", "--calib", f"web={calib}", "--samples",
+                     "8", "--seq-len", "32", mode, "--out", str(f)]) == 0
+    assert json.loads(files["--lazy"].read_text()) == json.loads(files["--no-lazy"].read_text())
+    outs = {mode: root / f"{method}-applied{mode}" for mode in files}
+    for mode, out in outs.items():
+        assert main(["apply", str(ckpt), "--plan", str(files["--lazy"]), mode, "--out", str(out)]) == 0
+    a, b = (AutoModelForCausalLM.from_pretrained(o).state_dict() for o in outs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

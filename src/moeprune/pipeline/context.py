@@ -25,6 +25,7 @@ from moeprune.calibration.data import CalibSet
 from moeprune.calibration.run import CalibrateOptions, calibrate, calibrate_model, prepare
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.fit import choose_lazy
 from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
@@ -57,7 +58,8 @@ class StageContext:
             if calib is None:
                 raise MoePruneError(f"--method {spec.options.method} scores neurons from calibration text: pass "
                                     "--calib NAME=PATH and the checkpoint folder as MODEL.")
-            return cls(ckpt, adapter, [], calib, prepare(path, calib)[2])
+            sets = prepare(path, calib)[2]
+            return cls(ckpt, adapter, [], calib, sets, lazy=choose_lazy(calib.lazy, ckpt, calib.dtype))
         return cls(ckpt, adapter, [], calib)
 
     def model(self, dtype: str = "auto", device: str | None = None) -> nn.Module:
