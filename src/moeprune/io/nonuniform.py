@@ -28,13 +28,13 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.lazy import load_keys, load_lazy
+from moeprune.io.lazy import LazyModel, load_keys, load_lazy
 from moeprune.io.nonuniform_config import KEY, SENTINEL, is_nonuniform, mark, restored_config, widths
 from moeprune.models import get_adapter
 from moeprune.models.layouts import WIDTH_ATTRS
 
-__all__ = ["KEY", "SENTINEL", "is_nonuniform", "load_nonuniform", "mark", "resize_experts", "restored_config",
-           "widths"]
+__all__ = ["KEY", "SENTINEL", "is_nonuniform", "load_lazy_any", "load_nonuniform", "mark", "resize_experts",
+           "restored_config", "widths"]
 
 
 def resize_experts(experts: nn.Module, style: str, width: int) -> None:
@@ -63,9 +63,12 @@ def resize_experts(experts: nn.Module, style: str, width: int) -> None:
             setattr(experts, a, width)
 
 
-def load_nonuniform(path: str | Path, dtype: str = "auto"):
-    """A non-uniform moeprune checkpoint as the stock model class with per-layer expert widths, in eval mode."""
+def load_lazy_any(path: str | Path, dtype: str = "auto", *, head: bool = True) -> LazyModel:
+    """Any checkpoint moeprune reads or writes as a `LazyModel` (decoder layers on meta until used): a non-uniform
+    one with each MoE layer's expert parameters reshaped to its width first."""
     ckpt = Checkpoint.open(path)
+    if not is_nonuniform(ckpt.config_dict):
+        return load_lazy(ckpt.path, dtype, head=head)
     config = restored_config(ckpt.config_dict)
     adapter = get_adapter(config)
     layer_widths = widths(ckpt.config_dict)
@@ -74,7 +77,12 @@ def load_nonuniform(path: str | Path, dtype: str = "auto"):
         for layer, width in layer_widths.items():
             resize_experts(adapter.experts(adapter.block(model, layer)), adapter.fused_style, width)
 
-    lazy = load_lazy(ckpt.path, dtype, head=True, config=config, prepare=prepare)
+    return load_lazy(ckpt.path, dtype, head=head, config=config, prepare=prepare)
+
+
+def load_nonuniform(path: str | Path, dtype: str = "auto"):
+    """A non-uniform moeprune checkpoint as the stock model class with per-layer expert widths, in eval mode."""
+    lazy = load_lazy_any(path, dtype)
     for i in range(len(lazy.layers)):
         load_keys(lazy, lazy.keys.get(i, []), f"{lazy.layer_prefix}.{i}")
     return lazy.model.eval()

@@ -67,9 +67,9 @@ def layered_scores(path: str | Path, sets: list[CalibSet], batch_size: int = 8,
     """`evaluate_sets` with one decoder layer in memory at a time: the same windows and batches through the
     layer-by-layer engine, then the model's own final norm and head (`engine.head_logits`)."""
     from moeprune.calibration.engine import capture, head_logits, run_layers
-    from moeprune.pipeline.verify_layered import load_export_lazy
+    from moeprune.io.nonuniform import load_lazy_any
 
-    lazy = load_export_lazy(path, "float32")
+    lazy = load_lazy_any(path, "float32")
     adapter = get_adapter(lazy.model.config, model=lazy.model)
     windows = [(s.name, s.input_ids[i : i + batch_size], s.attention_mask[i : i + batch_size])
                for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]  # [B, L] each

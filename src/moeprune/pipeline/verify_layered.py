@@ -27,35 +27,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.engine import LayerInputs, capture, head_logits, run_one
 from moeprune.errors import MoePruneError
-from moeprune.io import nonuniform
-from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.lazy import LazyModel, load_lazy
+from moeprune.io.lazy import load_lazy
+from moeprune.io.nonuniform import load_lazy_any
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
-from moeprune.pipeline.verify import VerifyResult, combine, compare
+from moeprune.pipeline.compare import VerifyResult, combine, compare
 from moeprune.stages.reference import Reference
-
-
-def load_export_lazy(path: str | Path, dtype: str) -> LazyModel:
-    """An export, lazily, head included; non-uniform widths reshaped as `io.nonuniform.load_nonuniform` does."""
-    ckpt = Checkpoint.open(path)
-    if not nonuniform.is_nonuniform(ckpt.config_dict):
-        return load_lazy(ckpt.path, dtype, head=True)
-    config = nonuniform.restored_config(ckpt.config_dict)
-    adapter = get_adapter(config)
-    widths = nonuniform.widths(ckpt.config_dict)
-
-    def prepare(model: nn.Module) -> None:
-        for layer, width in widths.items():
-            nonuniform.resize_experts(adapter.experts(adapter.block(model, layer)), adapter.fused_style, width)
-
-    return load_lazy(ckpt.path, dtype, head=True, config=config, prepare=prepare)
 
 
 @torch.no_grad()
@@ -63,7 +45,7 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
                    *, dtype: str, tol: float) -> VerifyResult:
     """See the module docstring. `adapter` describes ORIGINAL; `chain` is already validated against it."""
     orig = load_lazy(original, dtype, head=True)
-    exp = load_export_lazy(export, dtype)
+    exp = load_lazy_any(export, dtype)
     exp_adapter = get_adapter(exp.model.config, model=exp.model)
     L = len(orig.layers)
     if len(exp.layers) != L:
