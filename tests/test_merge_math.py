@@ -268,3 +268,28 @@ def test_bad_anchor_rank_and_permutation_are_refused():
             permute(e, perm)
     with pytest.raises(MoePruneError, match="same shapes"):
         permutation_to(e, make_expert(45, inter=I - 8))
+
+
+@pytest.mark.parametrize("n_survivors", [3, 19])  # one block, and several blocks of survivors
+def test_dern_assignment_equals_one_argmax_over_every_survivor(n_survivors):
+    """DERN scans survivors block by block; the reference takes one argmax of the full cosine matrix."""
+    from moeprune.merge.dern import dern_assign
+
+    g = torch.Generator().manual_seed(n_survivors)
+    I, H, E = 6, 5, n_survivors + 4
+    experts = [{"gate": torch.randn(I, H, generator=g), "up": torch.randn(I, H, generator=g),
+                "down": torch.randn(H, I, generator=g)} for _ in range(E)]
+    survivors, dropped = list(range(n_survivors)), list(range(n_survivors, E))
+    got = dern_assign(experts, survivors, dropped, threshold=0.1)
+
+    def feats(e):  # [I, 3H] unit rows, float64
+        f = torch.cat([e["gate"], e["up"], e["down"].t()], dim=1).double()
+        return f / f.norm(dim=1, keepdim=True)
+
+    every = torch.cat([feats(experts[s]) for s in survivors])  # [n·I, 3H]
+    for d in dropped:
+        best, flat = (feats(experts[d]) @ every.T).max(dim=1)
+        keep = (best >= 0.1).nonzero().squeeze(1)
+        k, pos, target = got[d]
+        assert torch.equal(k, keep) and torch.equal(pos, flat[keep] // I) and torch.equal(target, flat[keep] % I)
+        assert k.numel() > 0

@@ -29,20 +29,37 @@ Expert = Mapping[str, torch.Tensor]
 NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")
 
 
+SURVIVOR_BLOCK = 8  # survivors whose neuron features are held at once while assigning (memory: block·I·3H float64)
+
+
+def _unit_features(expert: Expert) -> torch.Tensor:
+    """[I, D] float64 neuron features (`neuron_features`), each row scaled to unit norm in place."""
+    f = neuron_features(expert)
+    return f.div_(f.norm(dim=1, keepdim=True).clamp_min(1e-300))
+
+
 def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[int],
                 threshold: float) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """For each dropped expert d: (kept neuron indices [m], survivor position [m] (into `survivors`), target neuron
-    [m]) of the segments whose best cosine is >= threshold."""
+    [m]) of the segments whose best cosine is >= threshold.
+
+    The survivors are scanned SURVIVOR_BLOCK at a time (running maximum per dropped neuron; ties keep the lowest
+    flat index, as one argmax over all of them does), so memory is a block's features, not the layer's."""
     I = experts[survivors[0]]["gate"].shape[0]
-    feats = torch.cat([neuron_features(experts[s]) for s in survivors])  # [n·I, D]
-    feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    best = {d: torch.full((I,), -torch.inf, dtype=torch.float64) for d in dropped}  # [I] per dropped expert
+    where = {d: torch.zeros(I, dtype=torch.long) for d in dropped}  # [I] flat index into n·I
+    for start in range(0, len(survivors), SURVIVOR_BLOCK):
+        block = torch.cat([_unit_features(experts[s]) for s in survivors[start : start + SURVIVOR_BLOCK]])  # [b·I, D]
+        for d in dropped:
+            top, arg = (_unit_features(experts[d]) @ block.T).max(dim=1)  # [I] best cosine in the block, its index
+            better = top > best[d]  # strict: an earlier block wins a tie
+            best[d] = torch.where(better, top, best[d])
+            where[d] = torch.where(better, arg + start * I, where[d])
+        del block
     out = {}
     for d in dropped:
-        fd = neuron_features(experts[d])
-        fd = fd / fd.norm(dim=1, keepdim=True).clamp_min(1e-300)  # [I, D]
-        best, where = (fd @ feats.T).max(dim=1)  # [I] best cosine, [I] flat index into n·I
-        keep = (best >= threshold).nonzero().squeeze(1)  # [m]
-        out[d] = (keep, where[keep] // I, where[keep] % I)
+        keep = (best[d] >= threshold).nonzero().squeeze(1)  # [m]
+        out[d] = (keep, where[d][keep] // I, where[d][keep] % I)
     return out
 
 
@@ -50,38 +67,38 @@ def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[i
 def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list[list[float]],
                threshold: float = 0.4) -> list[dict[str, torch.Tensor]]:
     """experts: every expert of the layer (canonical roles); groups: survivor first; weights: usage per member.
-    Returns one expert per group (the survivor with its recombined neurons)."""
+    Returns one expert per group (the survivor with its recombined neurons). Survivors are recombined one at a
+    time (one expert's float64 accumulators in memory)."""
     check_group(list(experts))
     survivors = [g[0] for g in groups]
     usage = {j: float(w) for g, ws in zip(groups, weights, strict=True) for j, w in zip(g, ws, strict=True)}
     dropped = sorted(j for g in groups for j in g[1:])
     assign = dern_assign(experts, survivors, dropped, threshold)
-    acc, norm = [], []
-    for s in survivors:
-        fs = usage[s] if usage[s] > 0 else 1.0
-        acc.append({r: experts[s][r].detach().double() * fs for r in experts[s] if r != "down_bias"})
-        norm.append(torch.full((experts[s]["gate"].shape[0],), fs, dtype=torch.float64))
-    moved = 0
-    for d, (k, pos, target) in assign.items():
-        fd, src = usage[d], experts[d]
-        moved += k.numel()
+    incoming: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {p: [] for p in range(len(survivors))}
+    for d, (k, pos, target) in assign.items():  # (dropped expert, its neurons, their targets) per survivor
         for p in pos.unique().tolist():
             sel = pos == p
-            kk, tt = k[sel], target[sel]
-            for r in NEURON_ROWS:
-                if r in acc[p]:
-                    acc[p][r].index_add_(0, tt, fd * src[r].detach().double()[kk])
-            acc[p]["down"].index_add_(1, tt, fd * src["down"].detach().double()[:, kk])
-            norm[p].index_add_(0, tt, torch.full((tt.numel(),), fd, dtype=torch.float64))
-    logger.info("DERN: %d of %d neuron segments of %d dropped experts recombined (cos >= %.2f), rest dropped",
-                moved, len(dropped) * experts[survivors[0]]["gate"].shape[0], len(dropped), threshold)
+            incoming[p].append((d, k[sel], target[sel]))
+    moved = sum(k.numel() for k, _, _ in assign.values())
     merged = []
-    for s, a, z in zip(survivors, acc, norm, strict=True):
+    for p, s in enumerate(survivors):
+        fs = usage[s] if usage[s] > 0 else 1.0
+        acc = {r: experts[s][r].detach().double() * fs for r in experts[s] if r != "down_bias"}
+        norm = torch.full((experts[s]["gate"].shape[0],), fs, dtype=torch.float64)
+        for d, kk, tt in incoming[p]:
+            fd, src = usage[d], experts[d]
+            for r in NEURON_ROWS:
+                if r in acc:
+                    acc[r].index_add_(0, tt, fd * src[r].detach()[kk].double())
+            acc["down"].index_add_(1, tt, fd * src["down"].detach()[:, kk].double())
+            norm.index_add_(0, tt, torch.full((tt.numel(),), fd, dtype=torch.float64))
         out = {}
-        for r, t in a.items():
-            scale = z[None, :] if r == "down" else z.view(-1, *[1] * (t.dim() - 1))
+        for r, t in acc.items():
+            scale = norm[None, :] if r == "down" else norm.view(-1, *[1] * (t.dim() - 1))
             out[r] = (t / scale).to(experts[s][r].dtype)
         if "down_bias" in experts[s]:
             out["down_bias"] = experts[s]["down_bias"].detach().clone()
         merged.append(out)
+    logger.info("DERN: %d of %d neuron segments of %d dropped experts recombined (cos >= %.2f), rest dropped",
+                moved, len(dropped) * experts[survivors[0]]["gate"].shape[0], len(dropped), threshold)
     return merged
