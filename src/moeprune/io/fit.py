@@ -103,6 +103,10 @@ def choose_lazy(flag: bool | None, ckpt, dtype: str = "auto", what: str = "the m
         return flag
     need, room = loaded_bytes(ckpt, dtype), available()
     lazy = need * HEADROOM + RESERVE > room
-    logger.info("%s needs ~%.1f GB loaded, %.1f GB available: %s (--lazy / --no-lazy to choose)", what,
-                need / 1e9, room / 1e9, "one decoder layer at a time" if lazy else "loading it whole")
+    logger.info("%s needs ~%s loaded, %s available: %s (--lazy / --no-lazy to choose)", what, _size(need),
+                _size(room), "one decoder layer at a time" if lazy else "loading it whole")
     return lazy
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
