@@ -199,3 +199,11 @@ def test_one_layer_of_each_model_at_a_time(root, exports, monkeypatch):
     assert result.passed and peak[0] == 1 and not open_now
     models = sorted({m for m, _ in seen})
     assert len(models) == 2 and all(sorted(i for m2, i in seen if m2 == m) == [0, 1, 2] for m in models)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA device")
+def test_verify_on_a_missing_gpu_is_refused_before_loading(tmp_path, capsys):
+    from moeprune.cli import main
+
+    assert main(["verify", str(tmp_path / "a"), str(tmp_path / "b"), "--device", "cuda"]) == 2
+    assert "no CUDA device is visible; use --device cpu" in capsys.readouterr().err

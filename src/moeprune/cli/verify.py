@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
                    help="relative tolerance (default by dtype: 1e-4 float32, 1e-2 float16, 3e-2 bfloat16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random input tokens")
     p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
-                   help="layer by layer, one decoder layer in memory; names the layers that differ")
+                   help="layer by layer, one decoder layer in memory; names the layers that differ (default: when "
+                        "the original does not fit in available memory)")
+    p.add_argument("--device", default="cpu", help="where the models (or each decoder layer) run: cpu, cuda, cuda:1")
     p.set_defaults(func=run)
 
 
@@ -31,4 +33,4 @@ def run(args) -> int:
 
     plans = read_chain(args.plan) if args.plan else None
     return verify_exit(verify(args.original, args.pruned, plans, dtype=args.dtype, tol=args.tol, seed=args.seed,
-                              lazy=args.lazy))
+                              lazy=args.lazy, device=args.device))

@@ -85,7 +85,8 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
         applied.report["calibration"] = calibration
     result = None
     if run_verify:
-        result = verify(model, applied.out, chain, dtype=verify_dtype, lazy=lazy)
+        result = verify(model, applied.out, chain, dtype=verify_dtype, lazy=lazy,
+                        device=calib.device if calib is not None else "cpu")
         applied.report["verify"] = result.to_dict()
     if sets is not None and calib.held_out:
         applied.report["calibration_split"] = calibration_split(model, applied.out, sets, batch_size=calib.batch_size,

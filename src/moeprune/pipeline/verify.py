@@ -48,8 +48,9 @@ def seeded_inputs(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict[
 
 @torch.no_grad()
 def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(**inputs, use_cache=False)
-    return out.logits.float()  # [B, S, V]
+    device = next(model.parameters()).device
+    out = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
+    return out.logits.float().cpu()  # [B, S, V]
 
 
 def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
@@ -91,7 +92,7 @@ def as_chain(plans: list[Any]) -> Chain:
 def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | None = None, *,
            dtype: str = "float32", tol: float | None = None, seed: int = 0, batch: int = 2,
            seq_len: int = 32, lazy: bool | None = None, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
-           sets: Sequence[Any] | None = None, chunk: int = 8) -> VerifyResult:
+           sets: Sequence[Any] | None = None, chunk: int = 8, device: str = "cpu") -> VerifyResult:
     """Compare the reloaded EXPORT with ORIGINAL under the chained references of its plans (read from EXPORT by
     default: its moeprune_recipe.json, or the single plan of an older export).
 
@@ -99,6 +100,8 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     None = layer by layer when the original does not fit in memory (`io.fit.choose_lazy`). `tokens`/`sets` replace
     the seeded inputs (`verify_inputs`)."""
     tol = tolerance(dtype, tol)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MoePruneError(f"verify --device {device}: no CUDA device is visible; use --device cpu.")
     src, dst = Checkpoint.open(original), Checkpoint.open(export)
     if plans is None:
         if not is_export(dst.path) and is_export(src.path):
@@ -115,15 +118,15 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     if choose_lazy(lazy, src, dtype, "verify"):
         from moeprune.pipeline.verify_layered import verify_layered
 
-        return verify_layered(src.path, dst.path, chain, adapter, inputs, dtype=dtype, tol=tol)
+        return verify_layered(src.path, dst.path, chain, adapter, inputs, dtype=dtype, tol=tol, device=device)
     logger.info("verify: loading %s%s", dst.path, "" if nonuniform.is_nonuniform(dst.config_dict) else
                 " with stock from_pretrained")
-    model = load_model(dst.path, dtype=dtype)
+    model = load_model(dst.path, dtype=dtype, device=device)
     got = [logits_of(model, x) for x in inputs]
     del model
     logger.info("verify: original %s with the references of %s", src.path,
                 " → ".join(stage.describe(plan) for stage, plan in chain))
-    reference = Reference.of_chain(load_model(src.path, dtype=dtype), adapter, chain)
+    reference = Reference.of_chain(load_model(src.path, dtype=dtype, device=device), adapter, chain)
     with reference.routing():
         results = [compare(logits_of(reference.model, x), g, x["attention_mask"], tol)
                    for x, g in zip(inputs, got, strict=True)]

@@ -42,7 +42,7 @@ from moeprune.stages.reference import Reference
 
 @torch.no_grad()
 def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inputs: list[dict[str, torch.Tensor]],
-                   *, dtype: str, tol: float) -> VerifyResult:
+                   *, dtype: str, tol: float, device: str = "cpu") -> VerifyResult:
     """See the module docstring. `adapter` describes ORIGINAL; `chain` is already validated against it."""
     orig = load_lazy(original, dtype, head=True)
     exp = load_lazy_any(export, dtype)
@@ -63,12 +63,12 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
         with orig.layer(i) as layer:
             reference = Reference.of_chain(orig.model, adapter, chain, layers=[i])
             with reference.routing():
-                want = run_one(layer, i, refs, "cpu")  # r_{i+1}: [B, S, H] per chunk
+                want = run_one(layer, i, refs, device)  # r_{i+1}: [B, S, H] per chunk (on CPU)
         err, run_err = torch.zeros(()), torch.zeros(())  # max over chunks; one chunk's outputs held at a time
         with exp.layer(i) as layer:
             for r, x, w, m in zip(refs, runs, want, masks, strict=True):
-                y = run_one(layer, i, [LayerInputs(r.hidden, x.kwargs, x.attention_mask)], "cpu")[0]  # y_i
-                x.hidden = run_one(layer, i, [x], "cpu")[0]  # x_{i+1}
+                y = run_one(layer, i, [LayerInputs(r.hidden, x.kwargs, x.attention_mask)], device)[0]  # y_i
+                x.hidden = run_one(layer, i, [x], device)[0]  # x_{i+1}
                 err = torch.maximum(err, _max_abs(w, y, m))
                 run_err = torch.maximum(run_err, _max_abs(w, x.hidden, m))
                 r.hidden = w  # r_{i+1}
