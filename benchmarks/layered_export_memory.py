@@ -25,15 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SHAPE = dict(hidden_size=1024, moe_intermediate_size=384, num_experts=64, num_experts_per_tok=4,
-             num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=32768, mlp_only_layers=[])
-
-
-def vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+from lazy_memory import SHAPE, vm_hwm_mb  # noqa: E402  (same model shape and peak-RSS reader; run from benchmarks/)
 
 
 def child(mode: str, path: Path, out: Path, opts: dict) -> None:
