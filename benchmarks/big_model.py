@@ -197,10 +197,13 @@ for _ in run_layers(lazy.model, adapter, batches, layer_context=lazy.layer):
 """
 
 
-def steps(model: Path, calib: str, work: Path, samples: int, seq: int) -> list[tuple[str, list[str], float]]:
-    """(name, command, time target in x forward)."""
+def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
+          lazy: bool = False) -> list[tuple[str, list[str], float]]:
+    """(name, command, time target in x forward). lazy: pass --lazy to every moeprune step (a model that would
+    fit, e.g. a few layers to profile, still takes the layer-by-layer path)."""
     m = [sys.executable, "-m", "moeprune"]
-    c = ["--calib", calib, "--samples", str(samples), "--seq-len", str(seq), "--held-out", "0"]
+    c = ["--calib", calib, "--samples", str(samples), "--seq-len", str(seq), "--held-out", "0",
+         *(["--lazy"] if lazy else [])]
     o = lambda name: ["--out", str(work / "out" / name), "--overwrite"]  # noqa: E731
     recipe = work / "recipe.yaml"
     recipe.write_text("stages:\n  - {method: reap, ratio: 0.25}\n  - {method: camera, ratio: 0.25}\n")
@@ -209,8 +212,8 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int) -> list[t
          1.0),
         ("calibrate", [*m, "calibrate", str(model), *c, "--out", str(work / "out" / "stats.safetensors"),
                        "--overwrite"], 2.0),
-        ("prune reap 25% (+ verify)", [*m, "prune", str(model), "--method", "reap", "--ratio", "0.25", *c,
-                                       *o("reap")], 2.0),
+        ("prune reap 25%", [*m, "prune", str(model), "--method", "reap", "--ratio", "0.25", *c, *o("reap"),
+                            "--no-verify"], 2.0),
         ("NAEE 25%", [*m, "prune", str(model), "--method", "naee", "--ratio", "0.25", *c, *o("naee"),
                       "--no-verify"], 2.0),
         ("DERN merge 25%", [*m, "prune", str(model), "--method", "dern", "--ratio", "0.25", *c, *o("dern"),
@@ -224,7 +227,8 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int) -> list[t
         ("recipe reap 25% -> camera 25%", [*m, "prune", str(model), "--recipe", str(recipe), *c, *o("recipe"),
                                            "--no-verify"], 2.0),
         ("analyze", [*m, "analyze", str(model), *c, "--out", str(work / "out" / "analysis"), "--overwrite"], 2.0),
-        ("verify (reap export)", [*m, "verify", str(model), str(work / "out" / "reap"), "--dtype", "bfloat16"], 2.0),
+        ("verify (reap export)", [*m, "verify", str(model), str(work / "out" / "reap"), "--dtype", "bfloat16",
+                                  *(["--lazy"] if lazy else [])], 2.0),
     ]
 
 
@@ -240,6 +244,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", default="all", help="comma-separated step-name prefixes, or all")
+    ap.add_argument("--lazy", action="store_true", help="pass --lazy to every step (for a model that would fit)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run each step under `py-spy record` (must be installed); flame graphs in --work/out")
     a = ap.parse_args()
     work = a.work.resolve()
     (work / "out").mkdir(parents=True, exist_ok=True)
@@ -262,10 +269,13 @@ def main() -> None:
     rows, base = [], None
     wanted = None if a.steps == "all" else [s.strip() for s in a.steps.split(",")]
     try:
-        for name, cmd, target in steps(model, f"web={text}", work, a.samples, a.seq_len):
+        for name, cmd, target in steps(model, f"web={text}", work, a.samples, a.seq_len, a.lazy):
             if wanted and not any(name.startswith(w) for w in wanted):
                 continue
             log = work / "out" / (name.split()[0].lower() + ".log")
+            if a.profile:
+                cmd = ["py-spy", "record", "--rate", "20", "--format", "raw", "-o",
+                       str(log.with_suffix(".pyspy.txt")), "--", *cmd]
             rc, wall, rss = run_step(cmd, limit, log)
             if name.startswith("forward") and rc == 0:
                 base = wall

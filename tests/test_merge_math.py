@@ -293,3 +293,39 @@ def test_dern_assignment_equals_one_argmax_over_every_survivor(n_survivors):
         k, pos, target = got[d]
         assert torch.equal(k, keep) and torch.equal(pos, flat[keep] // I) and torch.equal(target, flat[keep] % I)
         assert k.numel() > 0
+
+
+def test_dern_float32_scan_settles_near_ties_in_float64():
+    """DERN scores in float32 and re-settles close rows in float64. Survivor neurons are built at cosines
+    0.5 + U(0, 1e-8) to the dropped neurons: float32 cannot order them, float64 can; the assignment must still equal
+    the float64 argmax."""
+    from moeprune.merge.dern import dern_assign, float32_margin
+
+    g = torch.Generator().manual_seed(7)
+    I, H, n = 8, 16, 10
+    D = 3 * H
+
+    def expert(f):  # [I, 3H] neuron features -> canonical roles
+        return {"gate": f[:, :H].clone(), "up": f[:, H:2 * H].clone(), "down": f[:, 2 * H:].t().clone()}
+
+    u = torch.nn.functional.normalize(torch.randn(I, D, generator=g, dtype=torch.float64), dim=1)  # dropped
+    survivors = []
+    for _ in range(n):
+        w = torch.randn(I, D, generator=g, dtype=torch.float64)
+        w = torch.nn.functional.normalize(w - (w * u).sum(1, keepdim=True) * u, dim=1)  # ⊥ u per row
+        c = 0.5 + 1e-8 * torch.rand(I, 1, generator=g, dtype=torch.float64)
+        survivors.append(expert(c * u + (1 - c ** 2).sqrt() * w))
+    experts = [*survivors, expert(u)]
+    got = dern_assign(experts, list(range(n)), [n], threshold=0.4)
+
+    def feats(e):  # [I, 3H] unit rows, float64
+        f = torch.cat([e["gate"], e["up"], e["down"].t()], dim=1)
+        return f / f.norm(dim=1, keepdim=True)
+
+    cos = feats(experts[n]) @ torch.cat([feats(e) for e in survivors]).T  # [I, n·I]
+    top2 = cos.topk(2, dim=1).values
+    gap = top2[:, 0] - top2[:, 1]
+    assert ((gap > 1e-13) & (gap < float32_margin(D) / 100)).all()  # float64 orders them, float32 cannot
+    best, flat = cos.max(dim=1)
+    k, pos, target = got[n]
+    assert torch.equal(k, torch.arange(I)) and torch.equal(pos, flat // I) and torch.equal(target, flat % I)
