@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from moeprune.analysis.lrc import sch_curve, srp
+from moeprune.analysis.lrc import srp_sch
 from moeprune.errors import MoePruneError
 
 N_SHUFFLES = 4  # one shuffle's SCH(16, 2k) varies by ~0.0006 (std) on the testbed's 32k tokens: 4 are plenty
@@ -75,8 +75,9 @@ def _mean_scores(shuffled: list[list[torch.Tensor]], E: int, L: int) -> tuple[fl
     """Mean SRP(L) and mean SCH curve [E] over shuffled copies of the traces."""
     total, curve = 0.0, torch.zeros(E, dtype=torch.float64)
     for shuf in shuffled:
-        total += srp(shuf, E, L)
-        curve += sch_curve(shuf, E, L)
+        s, c = srp_sch(shuf, E, L)
+        total += s
+        curve += c
     return total / len(shuffled), curve / len(shuffled)
 
 
@@ -104,10 +105,10 @@ def layer_locality(traces: list[torch.Tensor], counts: torch.Tensor, lengths: li
     within, across = _shuffles(traces, n_shuffles, seed, False), _shuffles(traces, n_shuffles, seed, True)
     out: dict[str, Any] = {"lengths": used, **{key: [] for key in KEYS}}
     for L in used:
-        curve = sch_curve(traces, E, L)  # [E]
+        own, curve = srp_sch(traces, E, L)  # SRP, SCH curve [E]
         base_srp, base_curve = _mean_scores(within, E, L)
         glob_srp, glob_curve = _mean_scores(across, E, L)
-        out["srp"].append(srp(traces, E, L))
+        out["srp"].append(own)
         out["srp_baseline"].append(base_srp)
         out["srp_global"].append(glob_srp)
         out["sch"].append([float(curve[m - 1]) for m in sizes])

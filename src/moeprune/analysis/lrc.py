@@ -146,9 +146,17 @@ def srp(idx: Traces, num_experts: int, seg_len: int) -> float:
     """
     traces = _as_list(idx, num_experts)
     _check_int("L", seg_len, 1)
-    f = _pooled_counts(traces, num_experts, seg_len)  # [W, E]
-    hist = torch.bincount(f.flatten(), minlength=seg_len + 1)  # [L+1]
-    return float(_best_f1(hist, seg_len))
+    return _srp_of(_pooled_counts(traces, num_experts, seg_len), seg_len)
+
+
+def _srp_of(f: torch.Tensor, seg_len: int) -> float:
+    """SRP from pooled window counts f [W, E]."""
+    return float(_best_f1(torch.bincount(f.flatten(), minlength=seg_len + 1), seg_len))  # hist [L+1]
+
+
+def _sch_of(f: torch.Tensor) -> torch.Tensor:
+    """SCH curve [E] from pooled window counts f [W, E]: Σ_p (top-m sum of f[p]) / Σ f, m = 1..E."""
+    return f.sort(dim=1, descending=True).values.cumsum(1).sum(0).double() / f.sum()
 
 
 def srp_per_expert(idx: Traces, num_experts: int, seg_len: int) -> torch.Tensor:
@@ -165,9 +173,15 @@ def sch_curve(idx: Traces, num_experts: int, seg_len: int) -> torch.Tensor:
     """SCH(L, m) for every cache size m = 1 .. E. Returns [E] float64 (entry m−1), non-decreasing, last = 1."""
     traces = _as_list(idx, num_experts)
     _check_int("L", seg_len, 1)
+    return _sch_of(_pooled_counts(traces, num_experts, seg_len))
+
+
+def srp_sch(idx: Traces, num_experts: int, seg_len: int) -> tuple[float, torch.Tensor]:
+    """(`srp`, `sch_curve`) of the same traces from one pooled count matrix [W, E] (each alone builds its own)."""
+    traces = _as_list(idx, num_experts)
+    _check_int("L", seg_len, 1)
     f = _pooled_counts(traces, num_experts, seg_len)  # [W, E]
-    hits = f.sort(dim=1, descending=True).values.cumsum(1).sum(0)  # [E]  Σ_p top-m sums
-    return hits.double() / f.sum()
+    return _srp_of(f, seg_len), _sch_of(f)
 
 
 def sch(idx: Traces, num_experts: int, seg_len: int, cache_size: int) -> float:

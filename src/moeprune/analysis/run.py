@@ -27,7 +27,7 @@ from moeprune import __version__
 from moeprune.analysis import plots
 from moeprune.analysis.html import render_html
 from moeprune.analysis.locality import check_lengths, locality
-from moeprune.analysis.probe import CLIFF, MeasuredProbe, check_ratios, cliff, predictions
+from moeprune.analysis.probe import CLIFF, PROBE_TOKENS, MeasuredProbe, check_ratios, cliff, predictions
 from moeprune.analysis.results import check_results, results_sections
 from moeprune.analysis.sections import build_sections
 from moeprune.analysis.usage import balance, coactivation, specialisation, supers, usage
@@ -139,6 +139,7 @@ def add_measured(data: dict[str, Any], probe: MeasuredProbe, threshold: float) -
     p["measured"] = [probe.measured(layer) for layer in layers]
     p["measured_per_domain"] = {d: [probe.measured(layer, d) for layer in layers] for d in data["domains"]}
     p["cliff_threshold"] = threshold
+    p["probe_tokens"] = probe.max_tokens or None  # per domain and layer; None: every real token
     p["cliff"] = [cliff(p["ratios"], m, threshold) for m in p["measured"]]
     assert [probe.dropped[layer] for layer in layers] == p["dropped"], "probe and prediction chose other experts"
 
@@ -150,12 +151,12 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
                  ratios: Sequence[float] = RATIOS, lengths: Sequence[int] = LENGTHS,
                  criteria: Sequence[str] | None = None, cliff_threshold: float = CLIFF, device: str = "cpu",
                  batch_size: int = 8, layer_context=None, probe_stride: int | None = None,
-                 meta: dict[str, Any] | None = None) -> AnalysisResult:
+                 meta: dict[str, Any] | None = None, probe_tokens: int | None = PROBE_TOKENS) -> AnalysisResult:
     """One calibration pass of a loaded model over `sets` with traces and the measured probe; nothing written."""
     routing: RoutingSpec = adapter.routing()
     usable, _ = check_ratios(ratios, adapter.num_experts, routing)
     lengths, criteria = check_lengths(lengths), check_criteria(criteria)
-    probe = MeasuredProbe(usable, routing, device)
+    probe = MeasuredProbe(usable, routing, device, probe_tokens)
     start = time.perf_counter()
     run = collect(model, adapter, sets, device=device, batch_size=batch_size, layer_context=layer_context,
                   decide=probe, probe_stride=probe_stride, trace=True)
@@ -176,7 +177,8 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
 
 def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[float] = RATIOS,
             lengths: Sequence[int] = LENGTHS, criteria: Sequence[str] | None = None, cliff_threshold: float = CLIFF,
-            overwrite: bool = False, results: Sequence[str | Path] = ()) -> AnalysisResult:
+            overwrite: bool = False, results: Sequence[str | Path] = (),
+            probe_tokens: int | None = PROBE_TOKENS) -> AnalysisResult:
     """Checkpoint + `CalibrateOptions` -> DIR with the analysis (module docstring). Refusals come first."""
     from moeprune.calibration import run as calib_run
     from moeprune.calibration.distributed import current_rank
@@ -188,6 +190,9 @@ def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[f
     check_lengths(lengths)
     check_criteria(criteria)
     _check_cliff(cliff_threshold)
+    if probe_tokens is not None and (isinstance(probe_tokens, bool) or not isinstance(probe_tokens, int)
+                                     or probe_tokens < 0):
+        raise MoePruneError(f"--probe-tokens {probe_tokens!r}: give a number of tokens >= 1, or 0 for every token.")
     if current_rank().world > 1:
         raise MoePruneError("analyze measures the probe in one process; run it without torchrun.")
     ckpt = Checkpoint.open(model)  # config only: the ratios this router can express, before any tokenising
@@ -200,7 +205,7 @@ def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[f
     result = analyze_sets(model_obj, adapter, sets, ratios=ratios, lengths=lengths, criteria=criteria,
                           cliff_threshold=cliff_threshold, device=calib.device, batch_size=calib.batch_size,
                           layer_context=layer_context, probe_stride=calib.probe_stride,
-                          meta={"model": str(ckpt.path)})
+                          meta={"model": str(ckpt.path)}, probe_tokens=probe_tokens)
     result.data["wall_s"] = round(time.perf_counter() - start, 2)
     write(result, out, stats_file=True, results=results)
     return result

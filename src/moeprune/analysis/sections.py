@@ -178,6 +178,9 @@ def probe_section(a: dict[str, Any], images: dict[str, str]) -> Section:
              "the share of that mass removed; measured cost = ‖Z − MoE_S(X)‖² / ‖Z‖², the relative squared error of "
              "the layer's MoE output with those experts masked in its own router (their tokens re-route), on the "
              "block inputs cached during the calibration pass; each layer alone."]
+    if measured and p.get("probe_tokens"):
+        paras.append(f"Measured on at most {p['probe_tokens']} real tokens per domain and layer (an evenly strided "
+                     "subset; `--probe-tokens 0` measures on every token).")
     if measured:
         paras.append(f"Cliff = the first ratio whose measured error exceeds {p['cliff_threshold']:g}. "
                      + "; ".join(f"layer {layer}: {'none' if c is None else c}" for layer, c in

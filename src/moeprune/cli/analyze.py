@@ -21,6 +21,7 @@ def _numbers(text: str, flag: str, kind: type) -> list:
 
 
 def run(args) -> int:
+    from moeprune.analysis.probe import PROBE_TOKENS
     from moeprune.analysis.run import analyze, analyze_stats
 
     ratios = _numbers(args.ratios, "--ratios", float)
@@ -32,6 +33,9 @@ def run(args) -> int:
     if args.stats:
         if args.calib:
             raise MoePruneError("--stats analyses a statistics file; --calib needs MODEL instead. Drop one of them.")
+        if args.probe_tokens is not None:
+            raise MoePruneError("--probe-tokens sets the measured probe, which needs MODEL with --calib; a "
+                                "statistics file has no block inputs to probe. Drop --probe-tokens.")
         result = analyze_stats(args.stats, args.out, ratios=ratios, criteria=criteria, overwrite=args.overwrite,
                                results=args.results)
     else:
@@ -42,7 +46,8 @@ def run(args) -> int:
                                 "analyze a statistics file with --stats FILE.")
         result = analyze(args.model, calib_options(args), args.out, ratios=ratios, lengths=lengths,
                          criteria=criteria, cliff_threshold=args.cliff, overwrite=args.overwrite,
-                         results=args.results)
+                         results=args.results,
+                         probe_tokens=PROBE_TOKENS if args.probe_tokens is None else args.probe_tokens)
     for para in result.sections()["sections"][0]["paragraphs"]:
         print(para)
     logger.info("open %s/report.html (or report.json / analysis.json)", result.out_dir)
@@ -63,6 +68,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lengths", default="4,16,64,256", help="segment lengths L of SRP/SCH (comma-separated)")
     p.add_argument("--criteria", help="criteria in the agreement matrix (comma-separated; default: every "
                                       "calibrated criterion and the random control)")
+    p.add_argument("--probe-tokens", type=int, metavar="N",
+                   help="real tokens per domain and layer the measured probe uses (an evenly strided subset; "
+                        "default 1024, 0 = every token): each probed ratio costs one MoE-block forward over them")
     p.add_argument("--cliff", type=float, default=0.1,
                    help="measured relative output error that marks a layer's cliff (default 0.1)")
     p.add_argument("--results", action="append", default=[], metavar="DIR",
