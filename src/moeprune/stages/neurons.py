@@ -80,15 +80,16 @@ class NeuronStage(Stage):
         crit = NEURON_CRITERIA.get(o.method)
         width = ctx.adapter.expert_width
         adapter = ctx.adapter
+        dtype = ctx.calib.dtype if ctx.calib is not None else "auto"  # --dtype, as routed statistics use it
         if ctx.lazy:  # one decoder layer in memory at a time; HEAPr backpropagates layer by layer, top down
             from moeprune.stats.neurons_layered import neuron_stats
 
-            lazy, layer_context = (ctx.lazy_model(dtype="float32", head=crit.needs_gradients) if ctx.previous
+            lazy, layer_context = (ctx.lazy_model(dtype=dtype, head=crit.needs_gradients) if ctx.previous
                                    else (None, None))
-            stats = neuron_stats(ctx, crit.needs_gradients, lazy=lazy, layer_context=layer_context)
+            stats = neuron_stats(ctx, crit.needs_gradients, lazy=lazy, layer_context=layer_context, dtype=dtype)
             del lazy
         else:
-            model = ctx.model(dtype="float32")
+            model = ctx.model(dtype=dtype)
             adapter = get_adapter(model.config, model=model)
             stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=crit.needs_gradients,
                                          batch_size=ctx.calib.batch_size)

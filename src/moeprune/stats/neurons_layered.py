@@ -96,9 +96,9 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
 
 
 def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
-                 layer_context: LayerContext | None = None) -> dict[int, NeuronLayerStats]:
+                 layer_context: LayerContext | None = None, dtype: str = "float32") -> dict[int, NeuronLayerStats]:
     """The neuron stage's statistics in a lazy run: the stage context's checkpoint, calibration sets, batch size and
-    device, in float32. After earlier recipe stages the caller passes the `lazy` model it loaded and a
+    device, in `dtype` (of a checkpoint loaded here; a given `lazy` model has its own). After earlier recipe stages the caller passes the `lazy` model it loaded and a
     `layer_context` that materialises layer i of it with those stages applied; without one that is refused (the
     statistics would be those of the original model)."""
     if ctx.calib is None or not ctx.sets:
@@ -108,7 +108,7 @@ def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
                             "each materialised layer; without one, run the recipe without --lazy.")
     source = lazy if lazy is not None else ctx.ckpt.path
     return collect_neuron_stats_layered(source, ctx.sets, gradients=gradients, batch_size=ctx.calib.batch_size,
-                                        device=ctx.calib.device, dtype="float32", layer_context=layer_context)
+                                        device=ctx.calib.device, dtype=dtype, layer_context=layer_context)
 
 
 # ---------------------------------------------------------------------------------------------------- passes
