@@ -99,15 +99,21 @@ def similarity(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.
     return neuron_features(reference) @ neuron_features(other).t()  # [I, I]
 
 
-def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                   reference_features: torch.Tensor | None = None) -> torch.Tensor:
     """π (LongTensor [I]) maximising Σ_k sim(reference_k, other_{π(k)}); `permute(other, π)` is aligned to reference.
 
     `other` neuron π(k) is matched to `reference` neuron k. If other = permute(reference, σ), then π = σ⁻¹ and
-    permute(other, π) == reference exactly (up to ties between identical neurons).
+    permute(other, π) == reference exactly (up to ties between identical neurons). `reference_features`: the
+    reference's `neuron_features`, when the caller aligns several experts to it (built once instead of per call).
     """
     from scipy.optimize import linear_sum_assignment  # imported here: scipy would cost every CLI start-up ~0.5 s
 
-    scores = similarity(reference, other).numpy()  # [I, I] float64
+    if reference_features is None:
+        scores = similarity(reference, other).numpy()  # [I, I] float64
+    else:
+        check_group([reference, other])
+        scores = (reference_features @ neuron_features(other).t()).numpy()  # [I, I] float64
     rows, cols = linear_sum_assignment(scores, maximize=True)  # rows == arange(I)
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
@@ -144,4 +150,5 @@ def align_group(experts: list[Mapping[str, torch.Tensor]], anchor: int) -> list[
     if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < len(experts):
         raise MoePruneError(f"anchor {anchor!r} must be a member index 0..{len(experts) - 1}.")
     ref = experts[anchor]
-    return [dict(e) if i == anchor else permute(e, permutation_to(ref, e)) for i, e in enumerate(experts)]
+    features = neuron_features(ref) if len(experts) > 2 else None  # [I, 3H] shared by every member's matching
+    return [dict(e) if i == anchor else permute(e, permutation_to(ref, e, features)) for i, e in enumerate(experts)]
