@@ -29,7 +29,7 @@ Expert = Mapping[str, torch.Tensor]
 NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")
 
 
-SURVIVOR_BLOCK = 8  # survivors whose neuron features are held at once while assigning (memory: block·I·3H·12 B)
+SURVIVOR_BLOCK = 8  # survivors whose neuron features are held at once while assigning (memory: (block+1)·I·3H·12 B)
 
 
 def _unit_features(expert: Expert) -> torch.Tensor:
@@ -73,16 +73,14 @@ def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[i
     is scored in float32 and its near-ties settled in float64 (`_block_best`): the same assignment as an all-float64
     argmax, at about half its cost (the scan is E_d·E_s·I²·D multiply-adds, D = 3H (+2))."""
     I = experts[survivors[0]]["gate"].shape[0]
-    mine = {d: _unit_features(experts[d]) for d in dropped}  # [I, D] float64 per dropped expert
-    mine32 = {d: f.float() for d, f in mine.items()}
-    margin = float32_margin(next(iter(mine.values())).shape[1]) if mine else 0.0
     best = {d: torch.full((I,), -torch.inf, dtype=torch.float64) for d in dropped}  # [I] per dropped expert
     where = {d: torch.zeros(I, dtype=torch.long) for d in dropped}  # [I] flat index into n·I
     for start in range(0, len(survivors), SURVIVOR_BLOCK):
         block = torch.cat([_unit_features(experts[s]) for s in survivors[start : start + SURVIVOR_BLOCK]])  # [b·I, D]
-        block32 = block.float()
-        for d in dropped:
-            top, arg = _block_best(mine[d], mine32[d], block, block32, margin)  # [I] best cosine in the block, index
+        block32, margin = block.float(), float32_margin(block.shape[1])
+        for d in dropped:  # a dropped expert's features are rebuilt per block (cheap next to the scan): one in memory
+            mine = _unit_features(experts[d])  # [I, D] float64
+            top, arg = _block_best(mine, mine.float(), block, block32, margin)  # [I] best cosine in the block, index
             better = top > best[d]  # strict: an earlier block wins a tie
             best[d] = torch.where(better, top, best[d])
             where[d] = torch.where(better, arg + start * I, where[d])
