@@ -164,3 +164,18 @@ def test_heapr_without_gradients_is_refused():
         neuron_scores("heapr", stats)
     with pytest.raises(MoePruneError, match="rho"):
         neuron_scores("camera", stats, rho=1.5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 8 * 7 * 3 * 2, 1 << 30])
+def test_column_sq_in_chunks_equals_the_float64_sum(monkeypatch, chunk_bytes):
+    """down_sq is summed a few experts at a time (bounded float64 temporaries); every chunking gives Σ_h down² as
+    computed one column at a time in float64."""
+    from moeprune.stats import neurons
+
+    monkeypatch.setattr(neurons, "DOWN_SQ_CHUNK_BYTES", chunk_bytes)
+    down = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(3)).bfloat16()  # [E, H, I]
+    want = torch.tensor([[sum(float(down[e, h, i]) ** 2 for h in range(7)) for i in range(3)] for e in range(5)],
+                        dtype=torch.float64)
+    got = neurons.column_sq(down)
+    assert got.dtype == torch.float64 and got.shape == (5, 3)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)

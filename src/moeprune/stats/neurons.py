@@ -92,6 +92,18 @@ def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
     return experts
 
 
+DOWN_SQ_CHUNK_BYTES = 32 << 20  # float64 temporaries of `column_sq` per step
+
+
+def column_sq(down: torch.Tensor) -> torch.Tensor:
+    """[E, H, I] -> [E, I] float64: Σ_h down[e, h, i]², a few experts at a time, so the float64 temporaries stay
+    under DOWN_SQ_CHUNK_BYTES (the whole tensor in float64 would be 8·E·H·I bytes: 470 MB at E=128, H=1024,
+    I=448, twice, on every layer)."""
+    E, H, I = down.shape
+    step = max(1, DOWN_SQ_CHUNK_BYTES // max(1, 8 * H * I))
+    return torch.cat([down[e:e + step].double().square().sum(dim=1) for e in range(0, E, step)])
+
+
 class NeuronCollector:
     """Context manager: every MoE layer's fused experts (or only `layers`' — the layer-by-layer path instruments
     the one materialised layer) run an instrumented eager forward that feeds `stats[layer]` (and, when the graph
@@ -113,7 +125,7 @@ class NeuronCollector:
             experts = check_fused(self.adapter, self.model, layer)
             down = self.adapter.expert_roles(block)["down"].detach()  # [E, H, I]
             stats = NeuronLayerStats(down.shape[0], down.shape[-1], device=down.device)
-            stats.sums["down_sq"] = down.double().square().sum(dim=1)  # [E, I]
+            stats.sums["down_sq"] = column_sq(down)  # [E, I]
             self.stats[layer] = stats
             experts.forward = self._forward_for(block, experts, stats)
             self._patched.append(experts)

@@ -98,7 +98,8 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
 def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
                  layer_context: LayerContext | None = None, dtype: str = "float32") -> dict[int, NeuronLayerStats]:
     """The neuron stage's statistics in a lazy run: the stage context's checkpoint, calibration sets, batch size and
-    device, in `dtype` (of a checkpoint loaded here; a given `lazy` model has its own). After earlier recipe stages the caller passes the `lazy` model it loaded and a
+    device, in `dtype` (of a checkpoint loaded here; a given `lazy` model has its own). After earlier recipe stages
+    the caller passes the `lazy` model it loaded and a
     `layer_context` that materialises layer i of it with those stages applied; without one that is refused (the
     statistics would be those of the original model)."""
     if ctx.calib is None or not ctx.sets:
