@@ -32,7 +32,8 @@ Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of 
     precompute:  ≤ 1 GiB (`PRECOMPUTE_BYTES`) of temporaries: the experts run on n tokens × E at a time, n chosen
                  so that n·E·(H·(2s + 16) + 3·I·s) fits (repeated rows, y and its float64 copy, the experts'
                  own intermediates), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
-    evaluation:  per chunk of c tokens: c·E·4 (router) + c·k²·8 temporaries
+    evaluation:  one set: per chunk of c tokens c·(E·16 + k²·24) temporaries; b sets at once (`FastEvaluator.many`,
+                 what the search uses): ≈ `EVAL_BYTES` (256 MiB), b chosen to fit (class docstring)
 Token budget: when the kept bytes exceed `max_bytes` (default 4 GiB) or T exceeds `max_tokens`, an evenly strided
 subset of the real tokens is kept (every ⌈T/cap⌉-th in cache order) and a warning says how many; the search then
 minimises the error on that subset.
@@ -52,11 +53,13 @@ from torch.overrides import TorchFunctionMode
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
-from moeprune.models.masking import masked_experts
+from moeprune.models.masking import masked_experts, masked_rows
 
 DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before tokens are subsampled
 DEFAULT_CHUNK = 2048  # tokens per router call (and per stored chunk)
 PRECOMPUTE_BYTES = 1 << 30  # bound on the temporaries of one call of the experts on every expert
+EVAL_BYTES = 256 << 20  # bound on the temporaries of one batched router call (`FastEvaluator.many`)
+ROW_ALIGN = 64  # router calls see a multiple of this many rows (`FastEvaluator`: no vector-tail rounding)
 
 
 @dataclass
@@ -180,56 +183,183 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
 
 
 class _ReplayLinear(TorchFunctionMode):
-    """Serves `F.linear` calls whose tensor arguments all lie in `alive` (the cached router inputs and the router's
-    own parameters, which stay alive and unchanged during a search) from the result of the first such call.
+    """Serves the router's `F.linear` on the cached router inputs from one recorded result per chunk.
 
     The router logits do not depend on D, so each evaluation replays them instead of redoing the [c, H]×[H, E]
-    product; the router still runs every other op of its own code, and `masked_experts` (the inner mode) adds its
-    mask to a copy. Any other linear (e.g. on a dtype-converted copy of the input) is computed as usual."""
+    product; the router still runs every other op of its own code, and the mask mode (the inner mode) adds its
+    mask to a copy. A call is served when its weight / bias are the router's own parameters or buffers (`params`:
+    alive and unchanged during a search) and its input is a cached chunk x [c, H], or the evaluator's repeat
+    buffer while it holds `rows_of` = (x, b): x repeated b times ([b·c, H]; served as the recorded [c, E] result
+    repeated b times, which is exactly what b one-at-a-time calls get). Dtype conversions of those inputs and
+    parameters inside the router (DeepSeek-V3 / GLM-4 compute their logits in float32) are followed for the
+    duration of one router call, so such linears are replayed too (on x converted the same way). Any other linear
+    is computed as usual."""
 
-    def __init__(self, alive: set[int]):
+    CONVERT = frozenset({"type", "to", "float", "double", "half", "bfloat16"})
+
+    def __init__(self, chunks: list[torch.Tensor], params: list[torch.Tensor]):
         super().__init__()
-        self.alive, self.cache = alive, {}
+        self.chunks = {x.data_ptr(): x for x in chunks}
+        self.params = {t.data_ptr(): t for t in params}
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.buffer: torch.Tensor | None = None  # the evaluator's repeat buffer
+        self.rows_of: tuple[torch.Tensor, int] | None = None  # (x, b): the buffer's first b·c rows are x, b times
+        self.derived: dict[int, tuple[torch.Tensor, tuple]] = {}  # converted copy's ptr -> (copy, its origin)
+
+    def _origin(self, t: torch.Tensor) -> tuple | None:
+        """("x", x, b, dtype): x repeated b times, in dtype; ("p", param, dtype); None: not a replayable tensor."""
+        ptr = t.data_ptr()
+        if ptr in self.derived:
+            copy, origin = self.derived[ptr]
+            return origin if copy is t or (copy.shape == t.shape and copy.stride() == t.stride()
+                                           and copy.dtype == t.dtype) else None
+        if ptr in self.params:
+            p = self.params[ptr]
+            return ("p", p, p.dtype) if (t.shape, t.stride(), t.dtype) == (p.shape, p.stride(), p.dtype) else None
+        if ptr in self.chunks:
+            x = self.chunks[ptr]
+            return ("x", x, 1, x.dtype) if (t.shape, t.stride(), t.dtype) == (x.shape, x.stride(), x.dtype) else None
+        if self.buffer is not None and self.rows_of is not None and ptr == self.buffer.data_ptr():
+            x, b = self.rows_of
+            ok = t.shape == (b * x.shape[0], x.shape[1]) and t.is_contiguous() and t.dtype == x.dtype
+            return ("x", x, b, x.dtype) if ok else None
+        return None
+
+    def __exit__(self, *exc):
+        self.derived.clear()  # converted copies are followed within one router call only
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") != "linear" or kwargs:
+        name = getattr(func, "__name__", "")
+        if name in self.CONVERT and args and isinstance(args[0], torch.Tensor):
+            out = func(*args, **kwargs)
+            origin = self._origin(args[0])
+            if origin is not None and isinstance(out, torch.Tensor) and out.data_ptr() != args[0].data_ptr() \
+                    and out.shape == args[0].shape:
+                self.derived[out.data_ptr()] = (out, (*origin[:-1], out.dtype))  # held: its address stays its own
+            return out
+        if name != "linear" or kwargs or not args or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if len(tensors) != len([a for a in args if a is not None]) or any(t.data_ptr() not in self.alive
-                                                                           for t in tensors):
+        rest = [a for a in args[1:] if a is not None]
+        origins = [self._origin(t) if isinstance(t, torch.Tensor) else None for t in rest]
+        source = self._origin(args[0])
+        if source is None or source[0] != "x" or any(o is None or o[0] != "p" for o in origins):
             return func(*args, **kwargs)
-        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in tensors)
+        _, x, b, dtype = source
+        key = (x.data_ptr(), dtype, *((o[1].data_ptr(), o[2]) for o in origins))
         hit = self.cache.get(key)
         if hit is None:
-            hit = self.cache[key] = func(*args, **kwargs)
-        return hit.clone()  # the router may write into what it gets; the cache stays as recorded
+            params = iter(o[1].to(o[2]) for o in origins)
+            call = [x.to(dtype), *(next(params) if a is not None else None for a in args[1:])]
+            hit = self.cache[key] = func(*call)  # [c, E]
+        return hit.clone() if b == 1 else hit.repeat(b, 1)  # a copy: the router may write into what it gets
 
 
-def fast_evaluator(model: nn.Module, adapter: MoEAdapter, layer: int, outputs: ExpertOutputs):
+class FastEvaluator:
     """err(D) (module docstring) from precomputed `outputs`: the layer's own router under the mask (its
-    D-independent logits replayed, `_ReplayLinear`), gathers of G and A, float64 accumulation. Returns a callable
-    D -> float for `reconstruction.search`."""
-    router = adapter.router(adapter.block(model, layer))
-    k = adapter.top_k
-    replay = _ReplayLinear({t.data_ptr() for t in [*outputs.x, *router.parameters(), *router.buffers()]})
-    # flat offsets of token t's block in G [c·E·E]
-    bases = [(torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2)[:, None, None] for g in outputs.gram]
+    D-independent logits replayed, `_ReplayLinear`), gathers of G and A, float64 accumulation.
+
+    `evaluator(D)` scores one set D (the router on each chunk of c tokens under the plain [E] mask,
+    `models.masking.masked_experts`). `evaluator.many([D_1 … D_n])` scores n sets with one router call per chunk
+    and group of b ≤ n sets: the chunk's inputs repeated b times ([b·c, H], a buffer filled once per chunk and
+    call) under a per-row-block mask [b, E] (`models.masking.masked_rows`), then the gathers in token-major order
+    ([c, b, k, k]: the b sets' indices into token t's G block are mostly the same, so they hit the same cache
+    lines). b = max(1, ⌊`batch_bytes` / (c·(H·s_x + 16·E + 24·k² + 40·k))⌋) bounds the temporaries of one call
+    to ≈ `batch_bytes` (default 256 MiB: router input copy, logits / probabilities, gathered indices and values);
+    the buffer is part of that bound (`batch` sets b directly).
+
+    Both give the same numbers up to float64 summation order: the router's rows are computed independently and its
+    logits are the same recorded [c, E] result. To keep that true of its elementwise ops too (a vectorised kernel
+    computes a tensor's last N mod V elements on a scalar path, e.g. sigmoid rounding differently there), the
+    router always sees a multiple of `ROW_ALIGN` rows: each chunk's inputs are padded with copies of its last row,
+    whose results are not read. (With several CPU threads a kernel's per-thread split can still move such
+    boundaries; the tests run on one.)"""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, layer: int, outputs: ExpertOutputs,
+                 batch_bytes: int = EVAL_BYTES, batch: int | None = None):
+        self.model, self.adapter, self.layer, self.outputs = model, adapter, layer, outputs
+        self.router = adapter.router(adapter.block(model, layer))
+        self.k = adapter.top_k
+        self.xs = [_pad_rows(x, ROW_ALIGN) for x in outputs.x]  # [c', H], c' = c rounded up to ROW_ALIGN
+        self.replay = _ReplayLinear(self.xs, [*self.router.parameters(), *self.router.buffers()])
+        # flat offsets of token t's block in G [c·E·E]
+        self.bases = [torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2 for g in outputs.gram]  # [c]
+        c = max(x.shape[0] for x in self.xs)
+        E, H = outputs.gram[0].shape[1], outputs.x[0].shape[1]
+        per_row = H * outputs.x[0].element_size() + 16 * E + 24 * self.k ** 2 + 40 * self.k
+        self.batch = batch or max(1, batch_bytes // (c * per_row))  # sets per router call in `many`
+
+    def _route(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        routed = self.router(x)
+        w, idx = routed[1], routed[2]  # [rows, k] gate weights, [rows, k] expert indices (the model's own)
+        if idx.shape != (rows, self.k) or w.shape != (rows, self.k):
+            raise MoePruneError(f"router of layer {self.layer} returned indices of shape {tuple(idx.shape)}, "
+                                f"expected [{rows}, {self.k}]: NAEE's fast evaluator cannot read it.")
+        return w.double(), idx
+
+    @staticmethod
+    def _partial(gram, cross, base, w, idx) -> torch.Tensor:
+        """Σ_t (wᵀ G_t[i, i] w − 2 wᵀ A_t[i]) per set: w, idx [c, b, k] -> [b] (float64)."""
+        w, idx = w.contiguous(), idx.contiguous()
+        c, b, k = idx.shape
+        E = gram.shape[1]
+        a = cross.view(-1).index_select(0, ((base // E)[:, None, None] + idx).view(-1)).view(c, b, k)  # ⟨U, y_i⟩
+        rows = base[:, None, None] + idx * E  # [c, b, k] offset of row i_s of token t's G block
+        flat = rows[..., :, None] + idx[..., None, :]  # [c, b, k, k]
+        g = gram.view(-1).index_select(0, flat.view(-1)).view(c, b, k, k)  # ⟨y_{i_s}, y_{i_s'}⟩
+        quad = (torch.matmul(g, w[..., None])[..., 0] * w).sum((0, 2))  # [b] wᵀ G w
+        return quad - 2 * (w * a).sum((0, 2))
 
     @torch.no_grad()
-    def evaluate(dropped: tuple[int, ...]) -> float:
-        err = torch.zeros((), dtype=torch.float64, device=outputs.gram[0].device)
-        with replay, masked_experts(model, adapter, {layer: list(dropped)}):
-            for x, gram, cross, base in zip(outputs.x, outputs.gram, outputs.cross, bases, strict=True):
-                c, E, _ = gram.shape
-                routed = router(x)
-                w, idx = routed[1].double(), routed[2]  # [c, k] gate weights, [c, k] expert indices (the model's own)
-                if idx.shape != (c, k):
-                    raise MoePruneError(f"router of layer {layer} returned indices of shape {tuple(idx.shape)}, "
-                                        f"expected [{c}, {k}]: NAEE's fast evaluator cannot read it.")
-                a = cross.gather(1, idx)  # [c, k] ⟨U, y_{i_s}⟩
-                g = gram.view(-1)[base + idx[:, :, None] * E + idx[:, None, :]]  # [c, k, k] ⟨y_{i_s}, y_{i_s'}⟩
-                err += (g * w[:, :, None] * w[:, None, :]).sum() - 2 * (w * a).sum()
-        return float(err) + outputs.target_sq
+    def __call__(self, dropped: tuple[int, ...]) -> float:
+        o = self.outputs
+        err = torch.zeros((), dtype=torch.float64, device=o.gram[0].device)
+        with self.replay, masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
+            for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
+                c = gram.shape[0]
+                w, idx = self._route(x, x.shape[0])  # [c', k] each
+                err += self._partial(gram, cross, base, w[:c, None], idx[:c, None])[0]
+        return float(err) + o.target_sq
 
-    return evaluate
+    @torch.no_grad()
+    def many(self, drops: list[tuple[int, ...]]) -> list[float]:
+        o, n = self.outputs, len(drops)
+        if n == 0:
+            return []
+        errs = torch.zeros(n, dtype=torch.float64, device=o.gram[0].device)  # [n]
+        b_max = min(self.batch, n)
+        rows = max(x.shape[0] for x in self.xs) * b_max
+        if self.replay.buffer is None or self.replay.buffer.shape[0] < rows:
+            x0 = self.xs[0]
+            self.replay.buffer = torch.empty(rows, x0.shape[1], dtype=x0.dtype, device=x0.device)
+        buffer = self.replay.buffer
+        for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
+            c, cp = gram.shape[0], x.shape[0]  # real tokens, padded rows
+            buffer[:b_max * cp].view(b_max, cp, -1).copy_(x[None].expand(b_max, cp, -1))  # x, b_max times
+            for s0 in range(0, n, b_max):
+                group = drops[s0:s0 + b_max]
+                b = len(group)
+                self.replay.rows_of = (x, b)
+                try:
+                    with self.replay, masked_rows(self.model, self.adapter, self.layer, group):
+                        w, idx = self._route(buffer[:b * cp], b * cp)  # [b·c', k] each, set-major rows
+                finally:
+                    self.replay.rows_of = None
+                w = w.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
+                idx = idx.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
+                errs[s0:s0 + b] += self._partial(gram, cross, base, w, idx)
+        return (errs + o.target_sq).tolist()
+
+
+def _pad_rows(x: torch.Tensor, align: int) -> torch.Tensor:
+    """x [c, H] -> [c', H], c' = c rounded up to a multiple of `align`, the new rows copies of x's last row."""
+    pad = -x.shape[0] % align
+    return x if pad == 0 else torch.cat([x, x[-1:].expand(pad, -1)])
+
+
+def fast_evaluator(model: nn.Module, adapter: MoEAdapter, layer: int, outputs: ExpertOutputs,
+                   batch_bytes: int = EVAL_BYTES, batch: int | None = None) -> FastEvaluator:
+    """The evaluator of `reconstruction.search` for this layer: callable on one D, and `.many` (see
+    `FastEvaluator`)."""
+    return FastEvaluator(model, adapter, layer, outputs, batch_bytes, batch)
