@@ -13,9 +13,10 @@ routed part)
 
 over the real tokens t of the cached block inputs X / outputs Z (padding rows are dropped with the cached
 [B, S] valid mask). Precomputation (`expert_outputs`), once per layer, by the model's own code:
-- y: the experts module is called with `top_k_index` = every expert and weight 1 (as
-  `stats/routed.py:RoutedCollector._probe_outputs` does): E/k times the routed expert work of one forward; each
-  chunk of y [c, E, H] is reduced to A, G, ‖U‖² (c·E²·H float64 multiply-adds) and dropped;
+- y: the experts module is called once per expert j with every token routed to j and gate weight 1 (its own
+  eager code; no [n·E, H] repeated input): E/k times the routed expert work of one forward, 6·E·H·I FLOPs per
+  token in the model's dtype; y [n, E, H] is reduced to A, G (E²·H + E·H float64 multiply-adds per token, two
+  tokens at a time so their float64 copy stays in cache) and ‖U‖², then dropped;
 - R: one block forward with the experts module answering zeros, so whatever else the block adds (Qwen2-MoE's
   sigmoid-gated shared expert, DeepSeek/GLM shared experts, ...) is exactly what the block computes. This relies
   on the block adding the experts' output to the rest, which holds for every supported family (checked per family
@@ -29,9 +30,9 @@ values in memory; the Gram form is the same quantity, exact in float64, smaller 
 
 Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of the experts' output / the input):
     kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖² per token, router inputs x)
-    precompute:  ≤ 1 GiB (`PRECOMPUTE_BYTES`) of temporaries: the experts run on n tokens × E at a time, n chosen
-                 so that n·E·(H·(2s + 16) + 3·I·s) fits (repeated rows, y and its float64 copy, the experts'
-                 own intermediates), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
+    precompute:  ≤ 1 GiB (`PRECOMPUTE_BYTES`) of temporaries: y on n tokens at a time, n chosen so that
+                 n·(E·H·s + 4·H·s + 3·I·s + 8·E) fits (y, one expert call's intermediates), + 2·E·H·8 (the
+                 float64 copy), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
     evaluation:  one set: per chunk of c tokens c·(E·16 + k²·24) temporaries; b sets at once (`FastEvaluator.many`,
                  what the search uses): ≈ `EVAL_BYTES` (256 MiB), b chosen to fit (class docstring)
 Token budget: when the kept bytes exceed `max_bytes` (default 4 GiB) or T exceeds `max_tokens`, an evenly strided
@@ -59,6 +60,7 @@ DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before toke
 DEFAULT_CHUNK = 2048  # tokens per router call (and per stored chunk)
 PRECOMPUTE_BYTES = 1 << 30  # bound on the temporaries of one call of the experts on every expert
 EVAL_BYTES = 256 << 20  # bound on the temporaries of one batched router call (`FastEvaluator.many`)
+GRAM_TOKENS = 2  # tokens per float64 Gram product in the precompute (their float64 outputs stay in cache)
 ROW_ALIGN = 64  # router calls see a multiple of this many rows (`FastEvaluator`: no vector-tail rounding)
 
 
@@ -97,12 +99,22 @@ def _experts_silenced(experts: nn.Module) -> Iterator[None]:
         del experts.forward  # back to the class's forward
 
 
-def _every_expert(experts: nn.Module, h: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[n, H] tokens -> [n, E, H] every expert's output with gate weight 1, by the model's own experts code."""
-    n, E = h.shape[0], num_experts
-    every = torch.arange(E, device=h.device).repeat(n).view(-1, 1)  # [n·E, 1] expert of each row
-    one = torch.ones(n * E, 1, dtype=h.dtype, device=h.device)  # gate weight 1
-    return experts(h.repeat_interleave(E, dim=0), every, one).view(n, E, -1)  # [n, E, H]
+def _every_expert(experts: nn.Module, h: torch.Tensor, out: torch.Tensor) -> None:
+    """h [n, H] tokens -> out [n, E, H]: every expert's output with gate weight 1, by the model's own experts code,
+    one call per expert with every token routed to it (no [n·E, H] repeated input, no [n·E, E] one-hot)."""
+    n, E = out.shape[:2]
+    one = torch.ones(n, 1, dtype=h.dtype, device=h.device)  # gate weight 1
+    for j in range(E):
+        out[:, j] = experts(h, torch.full((n, 1), j, device=h.device), one)  # [n, H]
+
+
+def _reduce(y: torch.Tensor, u: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> None:
+    """y [n, E, H] (model dtype), u [n, H] float64 -> gram [n, E, E] = ⟨y_i, y_j⟩, cross [n, E] = ⟨u, y_j⟩ (float64),
+    GRAM_TOKENS tokens at a time: their float64 copy (E·H·8 bytes each) stays in cache for the two products."""
+    for s in range(0, y.shape[0], GRAM_TOKENS):
+        yd = y[s:s + GRAM_TOKENS].double()  # [g, E, H]
+        torch.bmm(yd, yd.transpose(1, 2), out=gram[s:s + GRAM_TOKENS])  # [g, E, E]
+        torch.bmm(yd, u[s:s + GRAM_TOKENS, :, None], out=cross[s:s + GRAM_TOKENS, :, None])  # [g, E, 1]
 
 
 def _keep_mask(total: int, cap: int) -> tuple[int, int]:
@@ -159,7 +171,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     xs, zs = torch.cat(rows), torch.cat(zrows)  # [T, H] each: batches share chunks (fewer router calls)
     item = next(experts.parameters()).element_size()
     width = adapter.expert_width or H
-    sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (E * (H * (2 * item + 16) + 3 * width * item))))
+    sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (E * H * item + 4 * H * item + 3 * width * item + 8 * E)))
     out = ExpertOutputs(total_tokens=total)
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
     with eager_experts(model):
@@ -169,14 +181,19 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
                 rest = block(xr[None])  # [1, c, H] the block with the routed part zeroed
             rest = rest[0] if isinstance(rest, tuple) else rest  # gpt-oss also returns router scores
             u = zs[start:start + chunk_tokens].to(device).double() - rest.reshape(-1, H).double()  # [c, H] Z − R
-            grams, crosses = [], []
-            for s0 in range(0, xr.shape[0], sub):  # bounded temporaries: [n, E, H] per call
-                y = _every_expert(experts, xr[s0:s0 + sub], E).double()  # [n, E, H]
-                grams.append(torch.bmm(y, y.transpose(1, 2)))  # [n, E, E] ⟨y_i, y_j⟩
-                crosses.append(torch.bmm(y, u[s0:s0 + sub, :, None])[..., 0])  # [n, E] ⟨U, y_j⟩
+            c = xr.shape[0]
+            gram = torch.empty(c, E, E, dtype=torch.float64, device=device)  # [c, E, E]
+            cross = torch.empty(c, E, dtype=torch.float64, device=device)  # [c, E]
+            y = None
+            for s0 in range(0, c, sub):  # bounded temporaries: y [n, E, H] per pass
+                h = xr[s0:s0 + sub]  # [n, H]
+                if y is None or y.shape[0] != h.shape[0]:
+                    y = torch.empty(h.shape[0], E, H, dtype=xr.dtype, device=device)
+                _every_expert(experts, h, y)
+                _reduce(y, u[s0:s0 + sub], gram[s0:s0 + sub], cross[s0:s0 + sub])
             out.x.append(xr)
-            out.gram.append(torch.cat(grams))  # [c, E, E]
-            out.cross.append(torch.cat(crosses))  # [c, E]
+            out.gram.append(gram)
+            out.cross.append(cross)
             target_sq += u.square().sum()
     out.target_sq = float(target_sq)
     return out
