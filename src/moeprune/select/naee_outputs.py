@@ -35,9 +35,33 @@ Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of 
                  float64 copy), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
     evaluation:  one set: per chunk of c tokens c·(E·16 + k²·24) temporaries; b sets at once (`FastEvaluator.many`,
                  what the search uses): ≈ `EVAL_BYTES` (256 MiB), b chosen to fit (class docstring)
-Token budget: when the kept bytes exceed `max_bytes` (default 4 GiB) or T exceeds `max_tokens`, an evenly strided
-subset of the real tokens is kept (every ⌈T/cap⌉-th in cache order) and a warning says how many; the search then
-minimises the error on that subset.
+Token budget: the search costs (tokens kept) × (evaluations) × 0.4–2 µs (`reconstruction.py`), so the NAEE decider
+keeps at most `DEFAULT_SEARCH_TOKENS` = 2 048 real tokens per layer (stage option `search_tokens`, `prune
+--search-tokens`; 0 = every token), and `max_bytes` (default 4 GiB) bounds what is kept. Beyond either cap an
+evenly strided subset of the real tokens is kept (every ⌈T/cap⌉-th in cache order, so every batch and domain is
+represented) and a warning says how many; the search then minimises the error on that subset, as a calibration of
+that many tokens would. The default is measured (`benchmarks/naee_tokens.py`: progressive runs; per layer the
+capped search against the uncapped one on the same cache, exhaustive where C(E, n_drop) ≤ 20 000, else beam 16;
+same = layers choosing the reference's set; excess = err(D) / err(D_ref) − 1 on every cached token, mean / worst
+over layers; ppl = held-out perplexity ratio of the capped run's own plan, geo-mean over 4 domains; beam 4):
+
+    tokens kept   testbed 25 % (E=16, top-2)    testbed 50 %                   random 32-expert top-4, 25 %
+    all (≈8 k)    4/4  0     / 0      1.048     4/4  0     / 0      2.083      2/2  0     / 0
+    4 096         4/4  0     / 0      1.048     3/4  +0.2 % / +1.0 %  2.130    1/2  +0.7 % / +1.5 %
+    2 048         3/4  +1.5 % / +5.9 %  1.048   2/4  +1.7 % / +5.7 %  2.127    1/2  +0.7 % / +1.5 %
+    1 024         4/4  0     / 0      1.048     2/4  +1.9 % / +5.7 %  2.134    0/2  +7.1 % / +12.7 %
+      512         2/4  +12 % / +35 %  1.056     1/4  +8.7 % / +18 %   1.857    0/2  +6.1 % / +9.5 %
+      256         1/4  +49 % / +169 % 1.054     0/4  +17 % / +34 %    1.938    0/2  +7.4 % / +8.6 %
+
+No cap below "all" keeps every choice (near-ties are decided by which tokens are sampled, as with a smaller
+calibration); ≥ 2 048 tokens keeps the excess ≤ 6 % (mean ≤ 2 %) and the perplexity where it is with every token at
+25 % and within the spread between equally good plans at 50 % (1.86–2.13 there: reconstruction error is a loose
+proxy for perplexity at 50 %); 1 024 lets it reach 13 % on the random model, ≤ 512 12–49 % on average. At E=128
+top-8, 2 048 tokens cost ≈ 60 s per layer at beam 4 on one CPU thread (4 096: ≈ 150 s). On the generated 128-expert
+checkpoint of `benchmarks/big_model.py` (random weights: 19 of 128 experts unused and 37 used ≤ 3 times on 4 096
+tokens, 8 experts take 42 % of the routings) every cap changes both layers tried (at 2 048 their error on all 4 096
+tokens is 3.7× / 6.5× the reference's): the best sets' error there comes from a handful of tokens, so any subset
+moves it. Where the choice matters more than the time, keep every token (`--search-tokens 0`).
 """
 
 from __future__ import annotations
@@ -56,6 +80,7 @@ from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts, masked_rows
 
+DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
 DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before tokens are subsampled
 DEFAULT_CHUNK = 2048  # tokens per router call (and per stored chunk)
 PRECOMPUTE_BYTES = 1 << 30  # bound on the temporaries of one call of the experts on every expert
@@ -157,9 +182,11 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     cap = min(max_tokens or total, max(1, max_bytes // per_token))
     stride, kept = _keep_mask(total, cap)
     if stride > 1:
-        logger.warning("NAEE layer %d: the expert-output Gram matrices of %d tokens would take %.1f GiB; using %d "
-                       "tokens (every %d-th real token). Raise max_bytes / max_tokens to use them all.", layer,
-                       total, total * per_token / 2**30, kept, stride)
+        why = (f"the token budget is {max_tokens} (search_tokens; 0 = every token)"
+               if max_tokens is not None and max_tokens <= max_bytes // per_token else
+               f"their Gram matrices would take {total * per_token / 2**30:.1f} GiB (max_bytes)")
+        logger.warning("NAEE layer %d: searching on %d of %d real tokens (every %d-th): %s.", layer, kept, total,
+                       stride, why)
     rows, zrows, seen = [], [], 0
     for x, z, m in zip(X, Z, masks, strict=True):
         m = m.reshape(-1)  # [B·S]

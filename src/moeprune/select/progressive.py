@@ -15,7 +15,7 @@ from __future__ import annotations
 from moeprune.criteria.base import Criterion
 from moeprune.errors import MoePruneError
 from moeprune.models.routing import RoutingSpec
-from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, expert_outputs, fast_evaluator
+from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, DEFAULT_SEARCH_TOKENS, expert_outputs, fast_evaluator
 from moeprune.select.policies import select
 from moeprune.select.reconstruction import DEFAULT_BEAM, search
 from moeprune.select.uniform import drop_count
@@ -45,9 +45,10 @@ def criterion_decider(crit: Criterion, ratio: float, routing: RoutingSpec, num_e
 
 def reconstruction_decider(ratio: float, routing: RoutingSpec, num_experts: int,
                            protected: dict[int, set[int]] | None = None, max_exhaustive: int = 5000,
-                           beam: int = DEFAULT_BEAM, max_tokens: int | None = None,
+                           beam: int = DEFAULT_BEAM, max_tokens: int | None = DEFAULT_SEARCH_TOKENS,
                            max_bytes: int = DEFAULT_MAX_BYTES):
-    """NAEE decider; `beam`, `max_tokens`, `max_bytes`: see `select/reconstruction.py` and `naee_outputs.py`."""
+    """NAEE decider; `beam`, `max_tokens` (None: every token), `max_bytes`: see `select/reconstruction.py` and
+    `naee_outputs.py`."""
     n_drop = drop_count(ratio, num_experts, routing)
     groups = routing.n_group if routing.group_limited else 1
     prot = {layer: frozenset(v) for layer, v in (protected or {}).items()}
