@@ -359,10 +359,11 @@ class FastEvaluator:
     def __call__(self, dropped: tuple[int, ...]) -> float:
         o = self.outputs
         err = torch.zeros((), dtype=torch.float64, device=o.gram[0].device)
-        with self.replay, masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
+        with masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
             for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
                 c = gram.shape[0]
-                w, idx = self._route(x, x.shape[0])  # [c', k] each
+                with self.replay:  # one router call per entry: converted copies are released after each
+                    w, idx = self._route(x, x.shape[0])  # [c', k] each
                 err += self._partial(gram, cross, base, w[:c, None], idx[:c, None])[0]
         return float(err) + o.target_sq
 
