@@ -30,7 +30,7 @@ values in memory; the Gram form is the same quantity, exact in float64, smaller 
 
 Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of the experts' output / the input):
     kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖² per token, router inputs x)
-    precompute:  ≤ 1 GiB (`PRECOMPUTE_BYTES`) of temporaries: y on n tokens at a time, n chosen so that
+    precompute:  ≤ 256 MiB (`PRECOMPUTE_BYTES`) of temporaries: y on n tokens at a time, n chosen so that
                  n·(E·H·s + 4·H·s + 3·I·s + 8·E) fits (y, one expert call's intermediates), + 2·E·H·8 (the
                  float64 copy), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
     evaluation:  one set: per chunk of c tokens c·(E·16 + k²·24) temporaries; b sets at once (`FastEvaluator.many`,
@@ -83,7 +83,7 @@ from moeprune.models.masking import masked_experts, masked_rows
 DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
 DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before tokens are subsampled
 DEFAULT_CHUNK = 2048  # tokens per router call (and per stored chunk)
-PRECOMPUTE_BYTES = 1 << 30  # bound on the temporaries of one call of the experts on every expert
+PRECOMPUTE_BYTES = 256 << 20  # bound on y and the expert calls' temporaries (E=128: 1 GiB was no faster, +270 MB RSS)
 EVAL_BYTES = 256 << 20  # bound on the temporaries of one batched router call (`FastEvaluator.many`)
 GRAM_TOKENS = 2  # tokens per float64 Gram product in the precompute (their float64 outputs stay in cache)
 ROW_ALIGN = 64  # router calls see a multiple of this many rows (`FastEvaluator`: no vector-tail rounding)
