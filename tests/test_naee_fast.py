@@ -192,3 +192,33 @@ def test_stage_beam_option_is_for_naee_only():
                      ({"method": "naee", "ratio": 0.25, "beam": 0}, "integer >= 1")):
         with pytest.raises(MoePruneError, match=msg):
             EXPERTS.parse(raw, "recipe stage 1")
+
+
+def test_stage_search_tokens_option_is_for_naee_only_and_reaches_the_search(tmp_path, monkeypatch):
+    from moeprune import api
+    from moeprune.cli import build_parser
+    from moeprune.select import progressive
+    from moeprune.select.naee_outputs import DEFAULT_SEARCH_TOKENS
+    from moeprune.stages.experts import EXPERTS
+    from moeprune.tiny import save_tiny
+
+    assert EXPERTS.parse({"method": "naee", "ratio": 0.25, "search_tokens": 0}, "s").search_tokens == 0
+    prune = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("prune"))
+    flag = next(a for a in prune._actions if a.dest == "search_tokens")
+    assert f"default {DEFAULT_SEARCH_TOKENS};" in flag.help  # the help (no torch import) states the real default
+    for raw, msg in (({"method": "reap", "ratio": 0.25, "search_tokens": 512}, "tokens NAEE's search keeps"),
+                     ({"method": "naee", "ratio": 0.25, "search_tokens": -1}, "or 0 for every token"),
+                     ({"method": "naee", "ratio": 0.25, "search_tokens": True}, "or 0 for every token")):
+        with pytest.raises(MoePruneError, match=msg):
+            EXPERTS.parse(raw, "recipe stage 1")
+    seen = []
+    real = progressive.expert_outputs
+    monkeypatch.setattr(progressive, "expert_outputs", lambda *a, **kw: seen.append(kw["max_tokens"]) or real(*a, **kw))
+    ckpt = save_tiny("qwen3_moe", tmp_path / "m", with_tokenizer=True)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 37} and more text {i}" for i in range(400)))
+    calib = api.CalibrateOptions((f"web={text}",), samples=4, seq_len=32)
+    for option, want in (({}, DEFAULT_SEARCH_TOKENS), ({"search_tokens": 0}, None), ({"search_tokens": 40}, 40)):
+        seen.clear()
+        api.prune(ckpt, tmp_path / f"out{want}", method="naee", ratio=0.25, calib=calib, run_verify=False, **option)
+        assert seen == [want] * 2  # both MoE layers

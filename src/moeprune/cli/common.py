@@ -106,7 +106,7 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
-               "rho", "merge", "router", "rank", "threshold", "beam")
+               "rho", "merge", "router", "rank", "threshold", "beam", "search_tokens")
 
 
 def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
@@ -132,6 +132,9 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
                        help="prune each layer during calibration, before the next layer is calibrated")
         g.add_argument("--beam", type=int, help="naee: beam width of the search above the exhaustive size (default "
                                                 "4; 1 = greedy); costs about (b+1)·n_drop·E router evaluations")
+        g.add_argument("--search-tokens", type=int, metavar="N",
+                       help="naee: real tokens its search keeps per layer, evenly strided (default 2048; 0 = every "
+                            "token); the search costs tokens x evaluations")
     g = p.add_argument_group("neuron removal (heapr, camera; needs --calib) and merge budgets")
     g.add_argument("--budget", help="neurons: expert (default; uniform width, stock-loadable), layer or global "
                                     "(non-uniform widths: load the export with moeprune.load_model); merges: "

@@ -10,6 +10,9 @@ This is the reference a pruned checkpoint must equal. While a router's forward r
 
 Everything else — renormalisation, group limits, scaling, biases, dtypes — is whatever the model's code does,
 so no router is re-implemented here.
+
+`masked_rows` is the same with one mask per block of rows: G dropped sets for a router call on N = G·c rows, set g
+masking rows g·c..(g+1)·c (NAEE scores G candidate sets in one router call on its cached inputs repeated G times).
 """
 
 from __future__ import annotations
@@ -31,16 +34,28 @@ class _MaskColumns(TorchFunctionMode):
     def __init__(self, op: str, mask: torch.Tensor):
         super().__init__()
         self.names = _OPS[op]
-        self.mask = mask  # [E]: 0 for kept, -inf for removed
+        self.mask = mask  # [E] (every row) or [G, E] (row block g of G equal blocks): 0 kept, -inf removed
         self.hits = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if getattr(func, "__name__", "") in self.names and isinstance(out, torch.Tensor):
-            if out.shape[-1] == self.mask.numel():
+            E = self.mask.shape[-1]
+            if out.shape[-1] == E and self.mask.dim() == 1:
                 self.hits += 1
                 return out + self.mask.to(device=out.device, dtype=out.dtype)
+            if out.shape[-1] == E and out.numel() % (self.mask.numel()) == 0:  # [N, E], N = G·c rows
+                self.hits += 1
+                mask = self.mask.to(device=out.device, dtype=out.dtype)
+                return (out.reshape(self.mask.shape[0], -1, E) + mask[:, None, :]).view(out.shape)
         return out
+
+
+def _mask(num_experts: int, drop) -> torch.Tensor:
+    """[E]: -inf on the experts in `drop`, 0 elsewhere."""
+    mask = torch.zeros(num_experts)
+    mask[list(drop)] = float("-inf")
+    return mask
 
 
 def _wrap(router: nn.Module, op: str, mask: torch.Tensor):
@@ -74,14 +89,31 @@ def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, lis
             if not drop:
                 continue
             router = adapter.router(adapter.block(model, layer))
-            mask = torch.zeros(adapter.num_experts)
-            mask[list(drop)] = float("-inf")
-            counters[layer] = _wrap(router, op, mask)
+            counters[layer] = _wrap(router, op, _mask(adapter.num_experts, drop))
             patched.append(router)
         yield counters
     finally:
         for router in patched:
             del router.forward  # drop the instance attribute, back to the class's forward
+    _check_hits(counters, op)
+
+
+@contextmanager
+def masked_rows(model: nn.Module, adapter: MoEAdapter, layer: int, drops: list[tuple[int, ...]]) -> Iterator[dict]:
+    """Inside the context, a router call of `layer` on N rows masks `drops[g]` on rows g·c..(g+1)·c, c = N / G
+    (G = len(drops); N must be a multiple of G). Yields the layer's hit counter; raises as `masked_experts`."""
+    op = adapter.routing().masked_op
+    router = adapter.router(adapter.block(model, layer))
+    mask = torch.stack([_mask(adapter.num_experts, drop) for drop in drops])  # [G, E]
+    counter = _wrap(router, op, mask)
+    try:
+        yield counter
+    finally:
+        del router.forward
+    _check_hits({layer: counter}, op)
+
+
+def _check_hits(counters: dict[int, dict], op: str) -> None:
     silent = [layer for layer, c in counters.items() if c["calls"] and c["hits"] < c["calls"]]
     if silent:
         raise MoePruneError(f"expert mask found no '{op}' output of width E in the routers of layers {silent}")

@@ -13,9 +13,10 @@ routed part)
 
 over the real tokens t of the cached block inputs X / outputs Z (padding rows are dropped with the cached
 [B, S] valid mask). Precomputation (`expert_outputs`), once per layer, by the model's own code:
-- y: the experts module is called with `top_k_index` = every expert and weight 1 (as
-  `stats/routed.py:RoutedCollector._probe_outputs` does): E/k times the routed expert work of one forward; each
-  chunk of y [c, E, H] is reduced to A, G, ‖U‖² (c·E²·H float64 multiply-adds) and dropped;
+- y: the experts module is called once per expert j with every token routed to j and gate weight 1 (its own
+  eager code; no [n·E, H] repeated input): E/k times the routed expert work of one forward, 6·E·H·I FLOPs per
+  token in the model's dtype; y [n, E, H] is reduced to A, G (E²·H + E·H float64 multiply-adds per token, two
+  tokens at a time so their float64 copy stays in cache) and ‖U‖², then dropped;
 - R: one block forward with the experts module answering zeros, so whatever else the block adds (Qwen2-MoE's
   sigmoid-gated shared expert, DeepSeek/GLM shared experts, ...) is exactly what the block computes. This relies
   on the block adding the experts' output to the rest, which holds for every supported family (checked per family
@@ -29,13 +30,38 @@ values in memory; the Gram form is the same quantity, exact in float64, smaller 
 
 Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of the experts' output / the input):
     kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖² per token, router inputs x)
-    precompute:  ≤ 1 GiB (`PRECOMPUTE_BYTES`) of temporaries: the experts run on n tokens × E at a time, n chosen
-                 so that n·E·(H·(2s + 16) + 3·I·s) fits (repeated rows, y and its float64 copy, the experts'
-                 own intermediates), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
-    evaluation:  per chunk of c tokens: c·E·4 (router) + c·k²·8 temporaries
-Token budget: when the kept bytes exceed `max_bytes` (default 4 GiB) or T exceeds `max_tokens`, an evenly strided
-subset of the real tokens is kept (every ⌈T/cap⌉-th in cache order) and a warning says how many; the search then
-minimises the error on that subset.
+    precompute:  ≤ 256 MiB (`PRECOMPUTE_BYTES`) of temporaries: y on n tokens at a time, n chosen so that
+                 n·(E·H·s + 4·H·s + 3·I·s + 8·E) fits (y, one expert call's intermediates), + 2·E·H·8 (the
+                 float64 copy), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
+    evaluation:  one set: per chunk of c tokens c·(E·16 + k²·24) temporaries; b sets at once (`FastEvaluator.many`,
+                 what the search uses): ≈ `EVAL_BYTES` (256 MiB), b chosen to fit (class docstring)
+Token budget: the search costs (tokens kept) × (evaluations) × 0.4–2 µs (`reconstruction.py`), so the NAEE decider
+keeps at most `DEFAULT_SEARCH_TOKENS` = 2 048 real tokens per layer (stage option `search_tokens`, `prune
+--search-tokens`; 0 = every token), and `max_bytes` (default 4 GiB) bounds what is kept. Beyond either cap an
+evenly strided subset of the real tokens is kept (every ⌈T/cap⌉-th in cache order, so every batch and domain is
+represented) and a warning says how many; the search then minimises the error on that subset, as a calibration of
+that many tokens would. The default is measured (`benchmarks/naee_tokens.py`: progressive runs; per layer the
+capped search against the uncapped one on the same cache, exhaustive where C(E, n_drop) ≤ 20 000, else beam 16;
+same = layers choosing the reference's set; excess = err(D) / err(D_ref) − 1 on every cached token, mean / worst
+over layers; ppl = held-out perplexity ratio of the capped run's own plan, geo-mean over 4 domains; beam 4):
+
+    tokens kept   testbed 25 % (E=16, top-2)    testbed 50 %                   random 32-expert top-4, 25 %
+    all (≈8 k)    4/4  0     / 0      1.048     4/4  0     / 0      2.083      2/2  0     / 0
+    4 096         4/4  0     / 0      1.048     3/4  +0.2 % / +1.0 %  2.130    1/2  +0.7 % / +1.5 %
+    2 048         3/4  +1.5 % / +5.9 %  1.048   2/4  +1.7 % / +5.7 %  2.127    1/2  +0.7 % / +1.5 %
+    1 024         4/4  0     / 0      1.048     2/4  +1.9 % / +5.7 %  2.134    0/2  +7.1 % / +12.7 %
+      512         2/4  +12 % / +35 %  1.056     1/4  +8.7 % / +18 %   1.857    0/2  +6.1 % / +9.5 %
+      256         1/4  +49 % / +169 % 1.054     0/4  +17 % / +34 %    1.938    0/2  +7.4 % / +8.6 %
+
+No cap below "all" keeps every choice (near-ties are decided by which tokens are sampled, as with a smaller
+calibration); ≥ 2 048 tokens keeps the excess ≤ 6 % (mean ≤ 2 %) and the perplexity where it is with every token at
+25 % and within the spread between equally good plans at 50 % (1.86–2.13 there: reconstruction error is a loose
+proxy for perplexity at 50 %); 1 024 lets it reach 13 % on the random model, ≤ 512 12–49 % on average. At E=128
+top-8, 2 048 tokens cost ≈ 60 s per layer at beam 4 on one CPU thread (4 096: ≈ 150 s). On the generated 128-expert
+checkpoint of `benchmarks/big_model.py` (random weights: 19 of 128 experts unused and 37 used ≤ 3 times on 4 096
+tokens, 8 experts take 42 % of the routings) every cap changes both layers tried (at 2 048 their error on all 4 096
+tokens is 3.7× / 6.5× the reference's): the best sets' error there comes from a handful of tokens, so any subset
+moves it. Where the choice matters more than the time, keep every token (`--search-tokens 0`).
 """
 
 from __future__ import annotations
@@ -52,11 +78,15 @@ from torch.overrides import TorchFunctionMode
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
-from moeprune.models.masking import masked_experts
+from moeprune.models.masking import masked_experts, masked_rows
 
+DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
 DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before tokens are subsampled
 DEFAULT_CHUNK = 2048  # tokens per router call (and per stored chunk)
-PRECOMPUTE_BYTES = 1 << 30  # bound on the temporaries of one call of the experts on every expert
+PRECOMPUTE_BYTES = 256 << 20  # bound on y and the expert calls' temporaries (E=128: 1 GiB was no faster, +270 MB RSS)
+EVAL_BYTES = 256 << 20  # bound on the temporaries of one batched router call (`FastEvaluator.many`)
+GRAM_TOKENS = 2  # tokens per float64 Gram product in the precompute (their float64 outputs stay in cache)
+ROW_ALIGN = 64  # router calls see a multiple of this many rows (`FastEvaluator`: no vector-tail rounding)
 
 
 @dataclass
@@ -94,12 +124,22 @@ def _experts_silenced(experts: nn.Module) -> Iterator[None]:
         del experts.forward  # back to the class's forward
 
 
-def _every_expert(experts: nn.Module, h: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """[n, H] tokens -> [n, E, H] every expert's output with gate weight 1, by the model's own experts code."""
-    n, E = h.shape[0], num_experts
-    every = torch.arange(E, device=h.device).repeat(n).view(-1, 1)  # [n·E, 1] expert of each row
-    one = torch.ones(n * E, 1, dtype=h.dtype, device=h.device)  # gate weight 1
-    return experts(h.repeat_interleave(E, dim=0), every, one).view(n, E, -1)  # [n, E, H]
+def _every_expert(experts: nn.Module, h: torch.Tensor, out: torch.Tensor) -> None:
+    """h [n, H] tokens -> out [n, E, H]: every expert's output with gate weight 1, by the model's own experts code,
+    one call per expert with every token routed to it (no [n·E, H] repeated input, no [n·E, E] one-hot)."""
+    n, E = out.shape[:2]
+    one = torch.ones(n, 1, dtype=h.dtype, device=h.device)  # gate weight 1
+    for j in range(E):
+        out[:, j] = experts(h, torch.full((n, 1), j, device=h.device), one)  # [n, H]
+
+
+def _reduce(y: torch.Tensor, u: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> None:
+    """y [n, E, H] (model dtype), u [n, H] float64 -> gram [n, E, E] = ⟨y_i, y_j⟩, cross [n, E] = ⟨u, y_j⟩ (float64),
+    GRAM_TOKENS tokens at a time: their float64 copy (E·H·8 bytes each) stays in cache for the two products."""
+    for s in range(0, y.shape[0], GRAM_TOKENS):
+        yd = y[s:s + GRAM_TOKENS].double()  # [g, E, H]
+        torch.bmm(yd, yd.transpose(1, 2), out=gram[s:s + GRAM_TOKENS])  # [g, E, E]
+        torch.bmm(yd, u[s:s + GRAM_TOKENS, :, None], out=cross[s:s + GRAM_TOKENS, :, None])  # [g, E, 1]
 
 
 def _keep_mask(total: int, cap: int) -> tuple[int, int]:
@@ -142,9 +182,11 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     cap = min(max_tokens or total, max(1, max_bytes // per_token))
     stride, kept = _keep_mask(total, cap)
     if stride > 1:
-        logger.warning("NAEE layer %d: the expert-output Gram matrices of %d tokens would take %.1f GiB; using %d "
-                       "tokens (every %d-th real token). Raise max_bytes / max_tokens to use them all.", layer,
-                       total, total * per_token / 2**30, kept, stride)
+        why = (f"the token budget is {max_tokens} (search_tokens; 0 = every token)"
+               if max_tokens is not None and max_tokens <= max_bytes // per_token else
+               f"their Gram matrices would take {total * per_token / 2**30:.1f} GiB (max_bytes)")
+        logger.warning("NAEE layer %d: searching on %d of %d real tokens (every %d-th): %s.", layer, kept, total,
+                       stride, why)
     rows, zrows, seen = [], [], 0
     for x, z, m in zip(X, Z, masks, strict=True):
         m = m.reshape(-1)  # [B·S]
@@ -156,7 +198,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     xs, zs = torch.cat(rows), torch.cat(zrows)  # [T, H] each: batches share chunks (fewer router calls)
     item = next(experts.parameters()).element_size()
     width = adapter.expert_width or H
-    sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (E * (H * (2 * item + 16) + 3 * width * item))))
+    sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (E * H * item + 4 * H * item + 3 * width * item + 8 * E)))
     out = ExpertOutputs(total_tokens=total)
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
     with eager_experts(model):
@@ -166,70 +208,203 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
                 rest = block(xr[None])  # [1, c, H] the block with the routed part zeroed
             rest = rest[0] if isinstance(rest, tuple) else rest  # gpt-oss also returns router scores
             u = zs[start:start + chunk_tokens].to(device).double() - rest.reshape(-1, H).double()  # [c, H] Z − R
-            grams, crosses = [], []
-            for s0 in range(0, xr.shape[0], sub):  # bounded temporaries: [n, E, H] per call
-                y = _every_expert(experts, xr[s0:s0 + sub], E).double()  # [n, E, H]
-                grams.append(torch.bmm(y, y.transpose(1, 2)))  # [n, E, E] ⟨y_i, y_j⟩
-                crosses.append(torch.bmm(y, u[s0:s0 + sub, :, None])[..., 0])  # [n, E] ⟨U, y_j⟩
+            c = xr.shape[0]
+            gram = torch.empty(c, E, E, dtype=torch.float64, device=device)  # [c, E, E]
+            cross = torch.empty(c, E, dtype=torch.float64, device=device)  # [c, E]
+            y = None
+            for s0 in range(0, c, sub):  # bounded temporaries: y [n, E, H] per pass
+                h = xr[s0:s0 + sub]  # [n, H]
+                if y is None or y.shape[0] != h.shape[0]:
+                    y = torch.empty(h.shape[0], E, H, dtype=xr.dtype, device=device)
+                _every_expert(experts, h, y)
+                _reduce(y, u[s0:s0 + sub], gram[s0:s0 + sub], cross[s0:s0 + sub])
             out.x.append(xr)
-            out.gram.append(torch.cat(grams))  # [c, E, E]
-            out.cross.append(torch.cat(crosses))  # [c, E]
+            out.gram.append(gram)
+            out.cross.append(cross)
             target_sq += u.square().sum()
     out.target_sq = float(target_sq)
     return out
 
 
 class _ReplayLinear(TorchFunctionMode):
-    """Serves `F.linear` calls whose tensor arguments all lie in `alive` (the cached router inputs and the router's
-    own parameters, which stay alive and unchanged during a search) from the result of the first such call.
+    """Serves the router's `F.linear` on the cached router inputs from one recorded result per chunk.
 
     The router logits do not depend on D, so each evaluation replays them instead of redoing the [c, H]×[H, E]
-    product; the router still runs every other op of its own code, and `masked_experts` (the inner mode) adds its
-    mask to a copy. Any other linear (e.g. on a dtype-converted copy of the input) is computed as usual."""
+    product; the router still runs every other op of its own code, and the mask mode (the inner mode) adds its
+    mask to a copy. A call is served when its weight / bias are the router's own parameters or buffers (`params`:
+    alive and unchanged during a search) and its input is a cached chunk x [c, H], or the evaluator's repeat
+    buffer while it holds `rows_of` = (x, b): x repeated b times ([b·c, H]; served as the recorded [c, E] result
+    repeated b times, which is exactly what b one-at-a-time calls get). Dtype conversions of those inputs and
+    parameters inside the router (DeepSeek-V3 / GLM-4 compute their logits in float32) are followed for the
+    duration of one router call, so such linears are replayed too (on x converted the same way). Any other linear
+    is computed as usual."""
 
-    def __init__(self, alive: set[int]):
+    CONVERT = frozenset({"type", "to", "float", "double", "half", "bfloat16"})
+
+    def __init__(self, chunks: list[torch.Tensor], params: list[torch.Tensor]):
         super().__init__()
-        self.alive, self.cache = alive, {}
+        self.chunks = {x.data_ptr(): x for x in chunks}
+        self.params = {t.data_ptr(): t for t in params}
+        self.cache: dict[tuple, torch.Tensor] = {}
+        self.buffer: torch.Tensor | None = None  # the evaluator's repeat buffer
+        self.rows_of: tuple[torch.Tensor, int] | None = None  # (x, b): the buffer's first b·c rows are x, b times
+        self.derived: dict[int, tuple[torch.Tensor, tuple]] = {}  # converted copy's ptr -> (copy, its origin)
+
+    def _origin(self, t: torch.Tensor) -> tuple | None:
+        """("x", x, b, dtype): x repeated b times, in dtype; ("p", param, dtype); None: not a replayable tensor."""
+        ptr = t.data_ptr()
+        if ptr in self.derived:
+            copy, origin = self.derived[ptr]
+            return origin if copy is t or (copy.shape == t.shape and copy.stride() == t.stride()
+                                           and copy.dtype == t.dtype) else None
+        if ptr in self.params:
+            p = self.params[ptr]
+            return ("p", p, p.dtype) if (t.shape, t.stride(), t.dtype) == (p.shape, p.stride(), p.dtype) else None
+        if ptr in self.chunks:
+            x = self.chunks[ptr]
+            return ("x", x, 1, x.dtype) if (t.shape, t.stride(), t.dtype) == (x.shape, x.stride(), x.dtype) else None
+        if self.buffer is not None and self.rows_of is not None and ptr == self.buffer.data_ptr():
+            x, b = self.rows_of
+            ok = t.shape == (b * x.shape[0], x.shape[1]) and t.is_contiguous() and t.dtype == x.dtype
+            return ("x", x, b, x.dtype) if ok else None
+        return None
+
+    def __exit__(self, *exc):
+        self.derived.clear()  # converted copies are followed within one router call only
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") != "linear" or kwargs:
+        name = getattr(func, "__name__", "")
+        if name in self.CONVERT and args and isinstance(args[0], torch.Tensor):
+            out = func(*args, **kwargs)
+            origin = self._origin(args[0])
+            if origin is not None and isinstance(out, torch.Tensor) and out.data_ptr() != args[0].data_ptr() \
+                    and out.shape == args[0].shape:
+                self.derived[out.data_ptr()] = (out, (*origin[:-1], out.dtype))  # held: its address stays its own
+            return out
+        if name != "linear" or kwargs or not args or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if len(tensors) != len([a for a in args if a is not None]) or any(t.data_ptr() not in self.alive
-                                                                           for t in tensors):
+        rest = [a for a in args[1:] if a is not None]
+        origins = [self._origin(t) if isinstance(t, torch.Tensor) else None for t in rest]
+        source = self._origin(args[0])
+        if source is None or source[0] != "x" or any(o is None or o[0] != "p" for o in origins):
             return func(*args, **kwargs)
-        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in tensors)
+        _, x, b, dtype = source
+        key = (x.data_ptr(), dtype, *((o[1].data_ptr(), o[2]) for o in origins))
         hit = self.cache.get(key)
         if hit is None:
-            hit = self.cache[key] = func(*args, **kwargs)
-        return hit.clone()  # the router may write into what it gets; the cache stays as recorded
+            params = iter(o[1].to(o[2]) for o in origins)
+            call = [x.to(dtype), *(next(params) if a is not None else None for a in args[1:])]
+            hit = self.cache[key] = func(*call)  # [c, E]
+        return hit.clone() if b == 1 else hit.repeat(b, 1)  # a copy: the router may write into what it gets
 
 
-def fast_evaluator(model: nn.Module, adapter: MoEAdapter, layer: int, outputs: ExpertOutputs):
+class FastEvaluator:
     """err(D) (module docstring) from precomputed `outputs`: the layer's own router under the mask (its
-    D-independent logits replayed, `_ReplayLinear`), gathers of G and A, float64 accumulation. Returns a callable
-    D -> float for `reconstruction.search`."""
-    router = adapter.router(adapter.block(model, layer))
-    k = adapter.top_k
-    replay = _ReplayLinear({t.data_ptr() for t in [*outputs.x, *router.parameters(), *router.buffers()]})
-    # flat offsets of token t's block in G [c·E·E]
-    bases = [(torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2)[:, None, None] for g in outputs.gram]
+    D-independent logits replayed, `_ReplayLinear`), gathers of G and A, float64 accumulation.
+
+    `evaluator(D)` scores one set D (the router on each chunk of c tokens under the plain [E] mask,
+    `models.masking.masked_experts`). `evaluator.many([D_1 … D_n])` scores n sets with one router call per chunk
+    and group of b ≤ n sets: the chunk's inputs repeated b times ([b·c, H], a buffer filled once per chunk and
+    call) under a per-row-block mask [b, E] (`models.masking.masked_rows`), then the gathers in token-major order
+    ([c, b, k, k]: the b sets' indices into token t's G block are mostly the same, so they hit the same cache
+    lines). b = max(1, ⌊`batch_bytes` / (c·(H·s_x + 16·E + 24·k² + 40·k))⌋) bounds the temporaries of one call
+    to ≈ `batch_bytes` (default 256 MiB: router input copy, logits / probabilities, gathered indices and values);
+    the buffer is part of that bound (`batch` sets b directly).
+
+    Both give the same numbers up to float64 summation order: the router's rows are computed independently and its
+    logits are the same recorded [c, E] result. To keep that true of its elementwise ops too (a vectorised kernel
+    computes a tensor's last N mod V elements on a scalar path, e.g. sigmoid rounding differently there), the
+    router always sees a multiple of `ROW_ALIGN` rows: each chunk's inputs are padded with copies of its last row,
+    whose results are not read. (With several CPU threads a kernel's per-thread split can still move such
+    boundaries; the tests run on one.)"""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, layer: int, outputs: ExpertOutputs,
+                 batch_bytes: int = EVAL_BYTES, batch: int | None = None):
+        self.model, self.adapter, self.layer, self.outputs = model, adapter, layer, outputs
+        self.router = adapter.router(adapter.block(model, layer))
+        self.k = adapter.top_k
+        self.xs = [_pad_rows(x, ROW_ALIGN) for x in outputs.x]  # [c', H], c' = c rounded up to ROW_ALIGN
+        self.replay = _ReplayLinear(self.xs, [*self.router.parameters(), *self.router.buffers()])
+        # flat offsets of token t's block in G [c·E·E]
+        self.bases = [torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2 for g in outputs.gram]  # [c]
+        c = max(x.shape[0] for x in self.xs)
+        E, H = outputs.gram[0].shape[1], outputs.x[0].shape[1]
+        per_row = H * outputs.x[0].element_size() + 16 * E + 24 * self.k ** 2 + 40 * self.k
+        self.batch = batch or max(1, batch_bytes // (c * per_row))  # sets per router call in `many`
+
+    def _route(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        routed = self.router(x)
+        w, idx = routed[1], routed[2]  # [rows, k] gate weights, [rows, k] expert indices (the model's own)
+        if idx.shape != (rows, self.k) or w.shape != (rows, self.k):
+            raise MoePruneError(f"router of layer {self.layer} returned indices of shape {tuple(idx.shape)}, "
+                                f"expected [{rows}, {self.k}]: NAEE's fast evaluator cannot read it.")
+        return w.double(), idx
+
+    @staticmethod
+    def _partial(gram, cross, base, w, idx) -> torch.Tensor:
+        """Σ_t (wᵀ G_t[i, i] w − 2 wᵀ A_t[i]) per set: w, idx [c, b, k] -> [b] (float64)."""
+        w, idx = w.contiguous(), idx.contiguous()
+        c, b, k = idx.shape
+        E = gram.shape[1]
+        a = cross.view(-1).index_select(0, ((base // E)[:, None, None] + idx).view(-1)).view(c, b, k)  # ⟨U, y_i⟩
+        rows = base[:, None, None] + idx * E  # [c, b, k] offset of row i_s of token t's G block
+        flat = rows[..., :, None] + idx[..., None, :]  # [c, b, k, k]
+        g = gram.view(-1).index_select(0, flat.view(-1)).view(c, b, k, k)  # ⟨y_{i_s}, y_{i_s'}⟩
+        quad = (torch.matmul(g, w[..., None])[..., 0] * w).sum((0, 2))  # [b] wᵀ G w
+        return quad - 2 * (w * a).sum((0, 2))
 
     @torch.no_grad()
-    def evaluate(dropped: tuple[int, ...]) -> float:
-        err = torch.zeros((), dtype=torch.float64, device=outputs.gram[0].device)
-        with replay, masked_experts(model, adapter, {layer: list(dropped)}):
-            for x, gram, cross, base in zip(outputs.x, outputs.gram, outputs.cross, bases, strict=True):
-                c, E, _ = gram.shape
-                routed = router(x)
-                w, idx = routed[1].double(), routed[2]  # [c, k] gate weights, [c, k] expert indices (the model's own)
-                if idx.shape != (c, k):
-                    raise MoePruneError(f"router of layer {layer} returned indices of shape {tuple(idx.shape)}, "
-                                        f"expected [{c}, {k}]: NAEE's fast evaluator cannot read it.")
-                a = cross.gather(1, idx)  # [c, k] ⟨U, y_{i_s}⟩
-                g = gram.view(-1)[base + idx[:, :, None] * E + idx[:, None, :]]  # [c, k, k] ⟨y_{i_s}, y_{i_s'}⟩
-                err += (g * w[:, :, None] * w[:, None, :]).sum() - 2 * (w * a).sum()
-        return float(err) + outputs.target_sq
+    def __call__(self, dropped: tuple[int, ...]) -> float:
+        o = self.outputs
+        err = torch.zeros((), dtype=torch.float64, device=o.gram[0].device)
+        with masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
+            for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
+                c = gram.shape[0]
+                with self.replay:  # one router call per entry: converted copies are released after each
+                    w, idx = self._route(x, x.shape[0])  # [c', k] each
+                err += self._partial(gram, cross, base, w[:c, None], idx[:c, None])[0]
+        return float(err) + o.target_sq
 
-    return evaluate
+    @torch.no_grad()
+    def many(self, drops: list[tuple[int, ...]]) -> list[float]:
+        o, n = self.outputs, len(drops)
+        if n == 0:
+            return []
+        errs = torch.zeros(n, dtype=torch.float64, device=o.gram[0].device)  # [n]
+        b_max = min(self.batch, n)
+        rows = max(x.shape[0] for x in self.xs) * b_max
+        if self.replay.buffer is None or self.replay.buffer.shape[0] < rows:
+            x0 = self.xs[0]
+            self.replay.buffer = torch.empty(rows, x0.shape[1], dtype=x0.dtype, device=x0.device)
+        buffer = self.replay.buffer
+        for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
+            c, cp = gram.shape[0], x.shape[0]  # real tokens, padded rows
+            buffer[:b_max * cp].view(b_max, cp, -1).copy_(x[None].expand(b_max, cp, -1))  # x, b_max times
+            for s0 in range(0, n, b_max):
+                group = drops[s0:s0 + b_max]
+                b = len(group)
+                self.replay.rows_of = (x, b)
+                try:
+                    with self.replay, masked_rows(self.model, self.adapter, self.layer, group):
+                        w, idx = self._route(buffer[:b * cp], b * cp)  # [b·c', k] each, set-major rows
+                finally:
+                    self.replay.rows_of = None
+                w = w.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
+                idx = idx.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
+                errs[s0:s0 + b] += self._partial(gram, cross, base, w, idx)
+        return (errs + o.target_sq).tolist()
+
+
+def _pad_rows(x: torch.Tensor, align: int) -> torch.Tensor:
+    """x [c, H] -> [c', H], c' = c rounded up to a multiple of `align`, the new rows copies of x's last row."""
+    pad = -x.shape[0] % align
+    return x if pad == 0 else torch.cat([x, x[-1:].expand(pad, -1)])
+
+
+def fast_evaluator(model: nn.Module, adapter: MoEAdapter, layer: int, outputs: ExpertOutputs,
+                   batch_bytes: int = EVAL_BYTES, batch: int | None = None) -> FastEvaluator:
+    """The evaluator of `reconstruction.search` for this layer: callable on one D, and `.many` (see
+    `FastEvaluator`)."""
+    return FastEvaluator(model, adapter, layer, outputs, batch_bytes, batch)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from moeprune.criteria.base import Criterion
 from moeprune.errors import MoePruneError
+from moeprune.io.memory import reuse_freed_memory
 from moeprune.models.routing import RoutingSpec
-from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, expert_outputs, fast_evaluator
+from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, DEFAULT_SEARCH_TOKENS, expert_outputs, fast_evaluator
 from moeprune.select.policies import select
 from moeprune.select.reconstruction import DEFAULT_BEAM, search
 from moeprune.select.uniform import drop_count
@@ -45,9 +46,10 @@ def criterion_decider(crit: Criterion, ratio: float, routing: RoutingSpec, num_e
 
 def reconstruction_decider(ratio: float, routing: RoutingSpec, num_experts: int,
                            protected: dict[int, set[int]] | None = None, max_exhaustive: int = 5000,
-                           beam: int = DEFAULT_BEAM, max_tokens: int | None = None,
+                           beam: int = DEFAULT_BEAM, max_tokens: int | None = DEFAULT_SEARCH_TOKENS,
                            max_bytes: int = DEFAULT_MAX_BYTES):
-    """NAEE decider; `beam`, `max_tokens`, `max_bytes`: see `select/reconstruction.py` and `naee_outputs.py`."""
+    """NAEE decider; `beam`, `max_tokens` (None: every token), `max_bytes`: see `select/reconstruction.py` and
+    `naee_outputs.py`."""
     n_drop = drop_count(ratio, num_experts, routing)
     groups = routing.n_group if routing.group_limited else 1
     prot = {layer: frozenset(v) for layer, v in (protected or {}).items()}
@@ -56,11 +58,12 @@ def reconstruction_decider(ratio: float, routing: RoutingSpec, num_experts: int,
             raise MoePruneError(f"NAEE: {name} must be a positive integer, got {v!r}.")
 
     def decide(model, adapter, layer, stats, io) -> list[int]:
-        outputs = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=max_tokens,
-                                 max_bytes=max_bytes)
-        evaluate = fast_evaluator(model, adapter, layer, outputs)
-        result = search(evaluate, num_experts, n_drop, groups=groups, protected=prot.get(layer, frozenset()),
-                        max_exhaustive=max_exhaustive, beam=beam, desc=f"NAEE search (layer {layer})")
+        with reuse_freed_memory():  # the expert calls and batched router calls reallocate the same temporaries
+            outputs = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=max_tokens,
+                                     max_bytes=max_bytes)
+            evaluate = fast_evaluator(model, adapter, layer, outputs)
+            result = search(evaluate, num_experts, n_drop, groups=groups, protected=prot.get(layer, frozenset()),
+                            max_exhaustive=max_exhaustive, beam=beam, desc=f"NAEE search (layer {layer})")
         return list(result.dropped)
 
     return decide

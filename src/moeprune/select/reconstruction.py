@@ -16,14 +16,25 @@ Search (E' = unprotected experts, d = n_drop/g per group, b = `beam`):
   Not guaranteed optimal; a width ≥ max_i C(E', i) keeps every partial set and is exhaustive.
 Per evaluation (T cached real tokens, H hidden, I expert width): the block-forward reference `block_evaluator`
 costs T·(2·H·E + 6·k·H·I) FLOPs plus the block's per-expert loop; NAEE's own path (`select/naee_outputs.py`,
-`fast_evaluator`) precomputes every expert's output once per layer and then costs T·(2·H·E + O(k²)) — a router
-forward and a few gathers.
+`fast_evaluator`) precomputes every expert's output once per layer (E/k times a forward's expert work, plus the
+T·E²·H float64 Gram) and then costs per token only the router's own ops after its replayed linear (softmax or
+sigmoid over E, top-k, the mask) and k² gathers: measured on one CPU thread ≈ 0.4 µs per token and set at E=16
+top-2, 0.7 µs at E=32 top-4, 1.8–2 µs at E=128 top-8 (two thirds of it `torch.topk`). A layer's search thus costs
+≈ evaluations × T × that, and the NAEE decider keeps T ≤ `naee_outputs.DEFAULT_SEARCH_TOKENS` (2 048, measured
+there): E=128, n_drop=32, b=4 ≈ 15 000 evaluations × 2 048 tokens ≈ 60 s per layer. `search` hands an evaluator
+with a `.many` method every child of a beam step (and the exhaustive subsets, `EXHAUSTIVE_BATCH` at a time) in one
+call; the fast evaluator scores them b at a time in one router call per chunk (same numbers; at E=128 on 4 096
+tokens: 124 evaluations/s, against 56/s before with one router call and one scattered G gather per set).
 DEFAULT_BEAM = 4, the knee of cost against quality measured on error landscapes with pairwise interactions
 (E=16, n_drop=4, 40 random landscapes, brute force C(16, 4) = 1 820): the optimum was found 14/25/33/38 times out
 of 40 with b = 1/2/4/8, for 58/102/173/302 evaluations on average (mean excess error 0.23/0.088/0.024/0.004).
-On the trained testbed at 50 % (C(16, 8) = 12 870) greedy already reaches the optimum in all 4 layers, and b=2..8
-choose the same set on a random 32-expert top-4 model at 25 %: there the beam costs ≈3.2× greedy's evaluations
-and changes nothing, which the fast evaluator makes cheap (benchmarks/naee_speed.py).
+On the trained testbed at 50 % (C(16, 8) = 12 870) b = 1, 2, 4 and 8 all reach the exhaustive optimum in all 4
+layers, and on a random 32-expert top-4 model at 25 % they choose the same set as b = 16 in both layers, on every
+token and on 2 048 (`benchmarks/naee_tokens.py`). The width is not shrunk at large E, measured: on layer 0 of the
+generated 128-expert top-8 checkpoint (`benchmarks/big_model.py`, random weights, 4 096 tokens, n_drop = 32) the
+error of the set found keeps falling with the width: b = 1/2/8 end +12 % / +3.5 % / −15 % against b = 4 (3 600 /
+8 522 / 29 489 evaluations against 15 401). `--beam 1` (plain greedy, ≈4× fewer evaluations at E=128) is there
+for when time matters more.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +52,17 @@ from moeprune.errors import MoePruneError
 from moeprune.models.masking import masked_experts
 
 Evaluate = Callable[[tuple[int, ...]], float]
+
+
+class BatchEvaluate(Protocol):
+    """An evaluator that also scores many sets at once (`naee_outputs.FastEvaluator`)."""
+
+    def __call__(self, dropped: tuple[int, ...]) -> float: ...
+
+    def many(self, drops: list[tuple[int, ...]]) -> list[float]: ...
+
+
+EXHAUSTIVE_BATCH = 1024  # subsets handed to the evaluator at once during the exhaustive enumeration
 DEFAULT_BEAM = 4  # see the module docstring for why
 
 
@@ -47,7 +70,7 @@ DEFAULT_BEAM = 4  # see the module docstring for why
 class SearchResult:
     dropped: tuple[int, ...]  # ascending original indices
     error: float  # err(dropped)
-    evaluated: int  # calls to `evaluate`
+    evaluated: int  # sets scored
     exhaustive: bool  # True: proven optimum over all group-equal subsets
 
 
@@ -76,20 +99,34 @@ def _check(num_experts, n_drop, groups, protected, max_exhaustive) -> list[list[
     return cands
 
 
-def _err(evaluate: Evaluate, dropped: tuple[int, ...]) -> float:
-    e = float(evaluate(dropped))
-    if not math.isfinite(e):
-        raise MoePruneError(f"reconstruction error is {e} when dropping experts {list(dropped)}; check the cache.")
-    return e
+def _batched(evaluate: Evaluate | BatchEvaluate) -> Callable[[list[tuple[int, ...]]], list[float]]:
+    """Sets -> errors: the evaluator's own batched entry point `.many` when it has one, else one call per set."""
+    many = getattr(evaluate, "many", None)
+    if many is None:
+        return lambda drops: [evaluate(D) for D in drops]
+    return many
 
 
-def search(evaluate: Evaluate, num_experts: int, n_drop: int, *, groups: int = 1,
+def _errs(many, drops: list[tuple[int, ...]]) -> list[float]:
+    out = [float(e) for e in many(drops)]
+    if len(out) != len(drops):
+        raise MoePruneError(f"reconstruction evaluator returned {len(out)} errors for {len(drops)} sets.")
+    bad = next((i for i, e in enumerate(out) if not math.isfinite(e)), None)
+    if bad is not None:
+        raise MoePruneError(f"reconstruction error is {out[bad]} when dropping experts {list(drops[bad])}; check the "
+                            f"cache.")
+    return out
+
+
+def search(evaluate: Evaluate | BatchEvaluate, num_experts: int, n_drop: int, *, groups: int = 1,
            protected: frozenset[int] | set[int] = frozenset(), max_exhaustive: int = 5000,
            beam: int = DEFAULT_BEAM, desc: str = "NAEE search") -> SearchResult:
     """Minimise `evaluate(D)` over group-equal sets D of `n_drop` unprotected experts (see module docstring):
     exhaustive up to `max_exhaustive` subsets, beam search of width `beam` beyond (beam=1: plain greedy).
 
-    `evaluate` gets D as an ascending tuple. Ties keep the lowest set in lexicographic order.
+    `evaluate` gets D as an ascending tuple; an evaluator with a `.many(list of D) -> list of errors` method gets
+    every child of a beam step (and the exhaustive subsets, `EXHAUSTIVE_BATCH` at a time) in one call instead.
+    Ties keep the lowest set in lexicographic order.
     """
     cands = _check(num_experts, n_drop, groups, set(protected), max_exhaustive)
     if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
@@ -98,15 +135,17 @@ def search(evaluate: Evaluate, num_experts: int, n_drop: int, *, groups: int = 1
     n_subsets = math.prod(math.comb(len(c), d) for c in cands)
     best: tuple[float, tuple[int, ...]] | None = None
     evaluated = 0
+    many = _batched(evaluate)
     if n_subsets <= max_exhaustive:
+        subsets = (tuple(sorted(itertools.chain.from_iterable(parts)))
+                   for parts in itertools.product(*(itertools.combinations(c, d) for c in cands)))
         with tqdm(total=n_subsets, desc=f"{desc} (exhaustive)", leave=False, disable=n_subsets < 64) as bar:
-            for parts in itertools.product(*(itertools.combinations(c, d) for c in cands)):
-                D = tuple(sorted(itertools.chain.from_iterable(parts)))
-                e = _err(evaluate, D)
-                evaluated += 1
-                bar.update()
-                if best is None or e < best[0]:
-                    best = (e, D)
+            while batch := list(itertools.islice(subsets, EXHAUSTIVE_BATCH)):
+                for D, e in zip(batch, _errs(many, batch), strict=True):
+                    if best is None or e < best[0]:
+                        best = (e, D)
+                evaluated += len(batch)
+                bar.update(len(batch))
         return SearchResult(best[1], best[0], evaluated, True)
     size = num_experts // groups
     n_cands = sum(len(c) for c in cands)
@@ -115,19 +154,22 @@ def search(evaluate: Evaluate, num_experts: int, n_drop: int, *, groups: int = 1
     chain: tuple[int, ...] = ()  # the plain greedy path, always expanded: the result is never worse than greedy
     with tqdm(total=bound, desc=f"{desc} (beam {beam})", leave=False, disable=bound < 64) as bar:
         for _ in range(n_drop):
-            children: dict[tuple[int, ...], float] = {}
-            chain_children: list[tuple[float, tuple[int, ...]]] = []
+            children: dict[tuple[int, ...], float] = {}  # two parents can share a child: evaluated once
+            chain_trials: list[tuple[int, ...]] = []
             parents = [D for _, D in beams] + ([chain] if chain not in {D for _, D in beams} else [])
             for D in parents:
                 taken = [sum(1 for j in D if j // size == g) for g in range(groups)]
                 for j in (j for g, c in enumerate(cands) if taken[g] < d for j in c if j not in D):
                     trial = tuple(sorted((*D, j)))
-                    if trial not in children:  # two parents can share a child: evaluate it once
-                        children[trial] = _err(evaluate, trial)
-                        evaluated += 1
-                        bar.update()
+                    children.setdefault(trial, math.nan)
                     if D == chain:
-                        chain_children.append((children[trial], trial))
+                        chain_trials.append(trial)
+            trials = list(children)  # every child of the step, scored in one batched call
+            for trial, e in zip(trials, _errs(many, trials), strict=True):
+                children[trial] = e
+            evaluated += len(trials)
+            bar.update(len(trials))
+            chain_children = [(children[t], t) for t in chain_trials]
             ranked = sorted((e, D) for D, e in children.items())  # (error, then lexicographic) order
             chain = min(chain_children)[1]
             beams = ranked[:beam] + [(children[chain], chain)] * (chain not in {D for _, D in ranked[:beam]})

@@ -38,6 +38,8 @@ class ExpertOptions(StageOptions):
     as_you_go: bool = False
     calib_set: tuple[str, ...] | None = None
     beam: int | None = None  # NAEE's beam width beyond the exhaustive limit (None: `reconstruction.DEFAULT_BEAM`)
+    search_tokens: int | None = None  # NAEE: real tokens kept per layer (None: `naee_outputs.DEFAULT_SEARCH_TOKENS`,
+    # 0: every token, up to the memory budget)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
@@ -68,6 +70,11 @@ class ExpertStage(Stage):
                                    or o.beam < 1):
             raise MoePruneError(f"beam is the width of NAEE's search (method {NAEE!r}): an integer >= 1, got "
                                 f"{o.beam!r} with method {o.method!r}. Drop it or fix it.")
+        if o.search_tokens is not None and (o.method != NAEE or isinstance(o.search_tokens, bool)
+                                            or not isinstance(o.search_tokens, int) or o.search_tokens < 0):
+            raise MoePruneError(f"search_tokens is the number of tokens NAEE's search keeps per layer (method "
+                                f"{NAEE!r}): an integer >= 1, or 0 for every token; got {o.search_tokens!r} with "
+                                f"method {o.method!r}. Drop it or fix it.")
         if o.method != NAEE:
             POLICIES.get(o.policy)
         crit = None if o.method == NAEE else CRITERIA.get(o.method)
@@ -118,8 +125,10 @@ class ExpertStage(Stage):
         if o.progressive:
             E, routing = adapter.num_experts, adapter.routing()
             if o.method == NAEE:
-                beam = {} if o.beam is None else {"beam": o.beam}
-                decide, method = reconstruction_decider(o.ratio, routing, E, protected, **beam), "naee_reconstruction"
+                extra = {} if o.beam is None else {"beam": o.beam}
+                if o.search_tokens is not None:
+                    extra["max_tokens"] = o.search_tokens or None  # 0: every token (the byte budget still holds)
+                decide, method = reconstruction_decider(o.ratio, routing, E, protected, **extra), "naee_reconstruction"
             else:
                 decide, method = criterion_decider(CRITERIA.get(o.method), o.ratio, routing, E, protected), o.method
             stats = ctx.routed_stats(decide=decide)

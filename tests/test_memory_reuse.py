@@ -1,0 +1,35 @@
+"""`io.memory.reuse_freed_memory`: inside, large temporaries may come from the heap; after, the fixed mmap
+threshold that layer-by-layer runs rely on is back and the heap is trimmed (glibc calls recorded on a fake)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeprune.io import memory
+
+
+class FakeLibc:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_reuse_restores_the_fixed_threshold_and_trims(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    monkeypatch.setattr(memory, "_FIXED", [])
+    with memory.reuse_freed_memory():  # threshold never fixed here: glibc's own dynamic threshold stays
+        pass
+    assert libc.calls == []
+    monkeypatch.setattr(memory, "_FIXED", [True])
+    with pytest.raises(RuntimeError), memory.reuse_freed_memory():
+        assert libc.calls == [("mallopt", memory.M_MMAP_THRESHOLD, memory.REUSE_THRESHOLD)]
+        raise RuntimeError  # restored on the way out of an error too
+    assert libc.calls[1:] == [("mallopt", memory.M_MMAP_THRESHOLD, memory.THRESHOLD), ("malloc_trim", 0)]
