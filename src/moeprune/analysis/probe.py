@@ -33,6 +33,7 @@ from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.routing import RoutingSpec
+from moeprune.select.naee_outputs import keep_stride
 from moeprune.select.reconstruction import block_evaluator
 from moeprune.select.uniform import drop_count, select_uniform
 from moeprune.stats.routed import RoutedStats
@@ -114,9 +115,8 @@ def sample(x: torch.Tensor, z: torch.Tensor, cap: int | None) -> tuple[torch.Ten
     n = x.shape[0]
     if not cap or n <= cap:
         return x, z, 1.0
-    stride = -(-n // cap)
-    x, z = x[::stride], z[::stride]
-    return x, z, n / x.shape[0]
+    stride, kept = keep_stride(n, cap)  # the same evenly strided subset NAEE's search keeps
+    return x[::stride], z[::stride], n / kept
 
 
 @dataclass

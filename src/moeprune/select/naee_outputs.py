@@ -142,7 +142,7 @@ def _reduce(y: torch.Tensor, u: torch.Tensor, gram: torch.Tensor, cross: torch.T
         torch.bmm(yd, u[s:s + GRAM_TOKENS, :, None], out=cross[s:s + GRAM_TOKENS, :, None])  # [g, E, 1]
 
 
-def _keep_mask(total: int, cap: int) -> tuple[int, int]:
+def keep_stride(total: int, cap: int) -> tuple[int, int]:
     """(stride, kept): keep every stride-th real token so that at most `cap` remain."""
     stride = max(1, math.ceil(total / max(cap, 1)))
     return stride, -(-total // stride)
@@ -180,7 +180,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     device = next(block.parameters()).device
     per_token = (E * E + E + 1) * 8 + H * X[0].element_size()  # bytes kept per token
     cap = min(max_tokens or total, max(1, max_bytes // per_token))
-    stride, kept = _keep_mask(total, cap)
+    stride, kept = keep_stride(total, cap)
     if stride > 1:
         why = (f"the token budget is {max_tokens} (search_tokens; 0 = every token)"
                if max_tokens is not None and max_tokens <= max_bytes // per_token else
