@@ -31,6 +31,7 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.lazy import LazyModel, load_keys, load_lazy
 from moeprune.io.nonuniform_config import KEY, SENTINEL, is_nonuniform, mark, restored_config, widths
 from moeprune.models import get_adapter
+from moeprune.models.fused_styles import style_of
 from moeprune.models.layouts import WIDTH_ATTRS
 
 __all__ = ["KEY", "SENTINEL", "is_nonuniform", "load_lazy_any", "load_nonuniform", "mark", "resize_experts",
@@ -48,16 +49,10 @@ def resize_experts(experts: nn.Module, style: str, width: int) -> None:
 
     if isinstance(experts, nn.ModuleList):
         raise MoePruneError("non-uniform widths are stored for fused experts only.")
-    gu, down = experts.gate_up_proj, experts.down_proj
-    old = down.shape[2] if style == "concat" else down.shape[1]
-    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
-        new("gate_up_proj", [gu.shape[0], 2 * width, gu.shape[2]])
-        new("down_proj", [down.shape[0], down.shape[1], width])
-    else:  # interleaved_t: gate_up [E, H, 2I], down [E, I, H]
-        new("gate_up_proj", [gu.shape[0], gu.shape[1], 2 * width])
-        new("down_proj", [down.shape[0], width, down.shape[2]])
-    if getattr(experts, "gate_up_proj_bias", None) is not None:
-        new("gate_up_proj_bias", [experts.gate_up_proj_bias.shape[0], 2 * width])
+    fused = style_of(experts, style)
+    old = fused.width(experts)
+    for name, shape in fused.resized_shapes(experts, width).items():
+        new(name, shape)
     for a in WIDTH_ATTRS:
         if getattr(experts, a, None) == old:
             setattr(experts, a, width)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.models.fused_styles import style_of
 from moeprune.registry import Registry
 
 
@@ -53,32 +54,12 @@ class FusedLayout:
 
     @staticmethod
     def roles(experts: nn.Module, style: str) -> dict[str, torch.Tensor]:
-        gu, down = experts.gate_up_proj, experts.down_proj
-        out: dict[str, torch.Tensor] = {}
-        if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
-            inter = gu.shape[1] // 2
-            out["gate"], out["up"], out["down"] = gu[:, :inter], gu[:, inter:], down
-            bias = getattr(experts, "gate_up_proj_bias", None)
-            if bias is not None:
-                out["gate_bias"], out["up_bias"] = bias[:, :inter], bias[:, inter:]
-        elif style == "interleaved_t":  # gate_up [E, H, 2I] (gate even, up odd), down [E, I, H]
-            out["gate"], out["up"] = gu[..., ::2].transpose(1, 2), gu[..., 1::2].transpose(1, 2)  # [E, I, H]
-            out["down"] = down.transpose(1, 2)  # [E, H, I]
-            bias = getattr(experts, "gate_up_proj_bias", None)
-            if bias is not None:
-                out["gate_bias"], out["up_bias"] = bias[:, ::2], bias[:, 1::2]  # [E, I]
-        else:
-            raise ValueError(f"unknown fused style {style!r}")
-        down_bias = getattr(experts, "down_proj_bias", None)
-        if down_bias is not None:
-            out["down_bias"] = down_bias  # [E, H]
-        return out
+        return style_of(experts, style).roles(experts)
 
 
 MLP_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
 # integer module attributes that store the expert width and must follow surgery
 WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size")
-FUSED_PARAMS = {"gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"}
 
 
 def mlp_name(expert: nn.Module, role: str) -> str:
@@ -146,19 +127,16 @@ def experts_shape(adapter, experts: nn.Module) -> tuple[int, int]:
         if len(widths) != 1:
             raise MoePruneError(f"the experts of this layer already have different widths {sorted(widths)}.")
         return len(experts), widths.pop()
+    style = style_of(experts, adapter.fused_style)
     names = {n for n, _ in experts.named_parameters(recurse=False)}
-    if not {"gate_up_proj", "down_proj"} <= names or names - FUSED_PARAMS:
+    known = {style.in_name, style.in_bias_name, "down_proj", "down_proj_bias"}
+    if not {style.in_name, "down_proj"} <= names or names - known:
         raise MoePruneError(f"fused experts {type(experts).__name__} hold {sorted(names)}; neuron surgery knows "
-                            f"{sorted(FUSED_PARAMS)} (gate_up_proj and down_proj required).")
-    gu, down = experts.gate_up_proj, experts.down_proj
-    style = adapter.fused_style
-    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
-        E, inter, ok = down.shape[0], down.shape[2], gu.shape[1] == 2 * down.shape[2]
-    elif style == "interleaved_t":  # gate_up [E, H, 2I], down [E, I, H]
-        E, inter, ok = down.shape[0], down.shape[1], gu.shape[2] == 2 * down.shape[1]
-    else:
-        raise MoePruneError(f"unknown fused style {style!r}")
-    if not ok:
-        raise MoePruneError(f"{type(experts).__name__}: gate_up_proj {tuple(gu.shape)} and down_proj "
-                            f"{tuple(down.shape)} do not agree on one width for style {style!r}.")
+                            f"{sorted(known)} for style {style.name!r}.")
+    gates = 2 if style.gated else 1
+    stored = getattr(experts, style.in_name)
+    E, inter = stored.shape[0], style.width(experts)
+    if stored.shape[2 if style.transposed else 1] != gates * inter:
+        raise MoePruneError(f"{type(experts).__name__}: {style.in_name} {tuple(stored.shape)} and down_proj "
+                            f"{tuple(experts.down_proj.shape)} do not agree on one width for style {style.name!r}.")
     return E, inter

@@ -4,14 +4,10 @@ Neuron k of routed expert j is row k of gate and up and column k of down (canoni
 down [E, H, I]); the expert computes  y = Σ_k down[:, k] · h_k (+ down bias),  h_k = act(gate_k·x) · (up_k·x).
 For kept neurons K_j (ascending, |K_j| = I' for every expert), expert by expert:
 
-  fused "concat" (qwen3/qwen2/qwen3-vl MoE, mixtral, olmoe, deepseek-v3, glm4-moe):
-      gate_up_proj      [E, 2I, H] -> [E, 2I', H]  rows K_j then I + K_j   (gate block, then up block)
-      gate_up_proj_bias [E, 2I]    -> [E, 2I']     same rows (when present)
-      down_proj         [E, H, I]  -> [E, H, I']   columns K_j
-  fused "interleaved_t" (gpt-oss):
-      gate_up_proj      [E, H, 2I] -> [E, H, 2I']  columns 2k, 2k+1 for k in K_j  (gate even, up odd)
-      gate_up_proj_bias [E, 2I]    -> [E, 2I']     same columns
-      down_proj         [E, I, H]  -> [E, I', H]   rows K_j;   down_proj_bias [E, H] unchanged
+  fused (every style of `models/fused_styles.py`: concatenated or interleaved gate/up, transposed or not, gated
+  or up-only): the input projection keeps neurons K_j on its 2I (or I) axis, gate and up alike, with its bias;
+  down_proj keeps the same neurons on its I axis; down_proj_bias [E, H] is unchanged. E.g. "concat":
+      gate_up_proj [E, 2I, H] -> [E, 2I', H] rows K_j then I + K_j;  down_proj [E, H, I] -> [E, H, I'] columns K_j
   modulelist (`experts.J.gate_proj/up_proj/down_proj` or `w1/w3/w2` nn.Linear):
       gate, up weight [I, H] -> [I', H] (bias [I] -> [I']);  down weight [H, I] -> [H, I'];  in/out_features follow
 
@@ -40,6 +36,7 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
+from moeprune.models.fused_styles import replace_param, style_of
 from moeprune.models.layouts import WIDTH_ATTRS, ModuleListLayout, layout_of, mlp_name
 from moeprune.select.neuron_plan import NeuronPlan
 
@@ -50,33 +47,9 @@ def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _select(t: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    """out[e] = t[e].index_select(dim - 1, index[e]):  t [E, ...], index [E, n] -> size n on `dim`."""
-    shape = list(t.shape)
-    shape[dim] = index.shape[1]
-    out = t.new_empty(shape)
-    for e in range(t.shape[0]):
-        out[e] = t[e].index_select(dim - 1, index[e].to(t.device))
-    return out
-
-
-def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
-def _slice_fused(experts: nn.Module, style: str, idx: torch.Tensor, inter: int) -> None:
-    """idx [E, I'] kept neurons per expert; see the module docstring for the formulas."""
-    if style == "concat":
-        rows = torch.cat([idx, idx + inter], dim=1)  # [E, 2I']: gate rows, then up rows
-        _replace(experts, "gate_up_proj", _select(experts.gate_up_proj, 1, rows))  # [E, 2I', H]
-        _replace(experts, "down_proj", _select(experts.down_proj, 2, idx))  # [E, H, I']
-    else:  # interleaved_t
-        rows = torch.stack([2 * idx, 2 * idx + 1], dim=-1).reshape(idx.shape[0], -1)  # [E, 2I']: g0 u0 g1 u1 ..
-        _replace(experts, "gate_up_proj", _select(experts.gate_up_proj, 2, rows))  # [E, H, 2I']
-        _replace(experts, "down_proj", _select(experts.down_proj, 1, idx))  # [E, I', H]
-    if getattr(experts, "gate_up_proj_bias", None) is not None:
-        _replace(experts, "gate_up_proj_bias", _select(experts.gate_up_proj_bias, 1, rows))  # [E, 2I']
+def _slice_fused(experts: nn.Module, style: str, idx: torch.Tensor) -> None:
+    """idx [E, I'] kept neurons per expert, through the module's fused style (`models/fused_styles.py`)."""
+    style_of(experts, style).take_neurons(experts, idx)
 
 
 def _slice_modulelist(experts: nn.ModuleList, idx: torch.Tensor) -> None:
@@ -84,12 +57,12 @@ def _slice_modulelist(experts: nn.ModuleList, idx: torch.Tensor) -> None:
         keep = idx[j]
         for role in ("gate", "up"):
             lin = getattr(expert, mlp_name(expert, role))
-            _replace(lin, "weight", lin.weight.index_select(0, keep.to(lin.weight.device)))  # [I', H]
+            replace_param(lin, "weight", lin.weight.index_select(0, keep.to(lin.weight.device)))  # [I', H]
             if lin.bias is not None:
-                _replace(lin, "bias", lin.bias.index_select(0, keep.to(lin.bias.device)))  # [I']
+                replace_param(lin, "bias", lin.bias.index_select(0, keep.to(lin.bias.device)))  # [I']
             lin.out_features = len(keep)
         lin = getattr(expert, mlp_name(expert, "down"))
-        _replace(lin, "weight", lin.weight.index_select(1, keep.to(lin.weight.device)))  # [H, I']
+        replace_param(lin, "weight", lin.weight.index_select(1, keep.to(lin.weight.device)))  # [H, I']
         lin.in_features = len(keep)
 
 
@@ -166,7 +139,7 @@ def slice_layer(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layer: 
     if layout_of(experts) is ModuleListLayout:
         _slice_modulelist(experts, idx)
     else:
-        _slice_fused(experts, adapter.fused_style, idx, plan.width)
+        _slice_fused(experts, adapter.fused_style, idx)
     return _set_width_attrs(experts, plan.width, plan.uniform_width)
 
 
@@ -215,8 +188,6 @@ def mask_neurons(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> nn.
                 continue
             if modulelist:
                 getattr(experts[j], mlp_name(experts[j], "down")).weight[:, drop] = 0  # [H, I]
-            elif adapter.fused_style == "concat":
-                experts.down_proj[j][:, drop] = 0  # [H, I]
             else:
-                experts.down_proj[j][drop, :] = 0  # [I, H]
+                style_of(experts, adapter.fused_style).down(experts)[j][:, drop] = 0  # view [H, I]
     return model

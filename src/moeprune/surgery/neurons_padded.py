@@ -15,28 +15,10 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
+from moeprune.models.fused_styles import style_of
 from moeprune.models.layouts import ModuleListLayout, layout_of
 from moeprune.select.neuron_plan import NeuronPlan
-from moeprune.surgery.neurons import _prepare, _replace, _set_width_attrs, _slice_fused
-
-
-def _append_zero_neuron(experts: nn.Module, style: str, inter: int) -> None:
-    """Width I -> I + 1 with neuron I all zeros (gate, up, bias and down)."""
-    gu, down = experts.gate_up_proj, experts.down_proj
-    if style == "concat":  # gate_up [E, 2I, H], down [E, H, I]
-        z = gu.new_zeros(gu.shape[0], 1, gu.shape[2])
-        _replace(experts, "gate_up_proj", torch.cat([gu[:, :inter], z, gu[:, inter:], z], dim=1))
-        _replace(experts, "down_proj", torch.cat([down, down.new_zeros(*down.shape[:2], 1)], dim=2))
-    else:  # interleaved_t: gate_up [E, H, 2I], down [E, I, H]
-        _replace(experts, "gate_up_proj", torch.cat([gu, gu.new_zeros(*gu.shape[:2], 2)], dim=2))
-        _replace(experts, "down_proj", torch.cat([down, down.new_zeros(down.shape[0], 1, down.shape[2])], dim=1))
-    bias = getattr(experts, "gate_up_proj_bias", None)
-    if bias is not None:
-        if style == "concat":
-            z = bias.new_zeros(bias.shape[0], 1)
-            _replace(experts, "gate_up_proj_bias", torch.cat([bias[:, :inter], z, bias[:, inter:], z], dim=1))
-        else:
-            _replace(experts, "gate_up_proj_bias", torch.cat([bias, bias.new_zeros(bias.shape[0], 2)], dim=1))
+from moeprune.surgery.neurons import _prepare, _set_width_attrs, _slice_fused
 
 
 def layer_widths(plan: NeuronPlan, align: int) -> dict[int, int]:
@@ -69,8 +51,8 @@ def pad_layer(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layer: in
     for j in range(E):
         kept = plan.kept_neurons[layer][j]
         idx[j, : len(kept)] = torch.tensor(kept, dtype=torch.long)
-    _append_zero_neuron(experts, adapter.fused_style, inter)
-    _slice_fused(experts, adapter.fused_style, idx, inter + 1)
+    style_of(experts, adapter.fused_style).append_zero_neuron(experts)  # width I + 1, neuron I all zeros
+    _slice_fused(experts, adapter.fused_style, idx)
     _set_width_attrs(experts, inter, W)
 
 
