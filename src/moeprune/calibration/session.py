@@ -121,7 +121,8 @@ def collect(
             return None
         block = adapter.block(model, i)
         router = adapter.router(block)
-        router_hash.update(router.weight.detach().float().cpu().numpy().tobytes())
+        for t in adapter.router_tensors(block).values():
+            router_hash.update(t.detach().float().cpu().numpy().tobytes())
         col = RoutedCollector(adapter.experts(block), stats[sets[0].name][i], router, kind).__enter__()
         col.layer = i
         current["collector"] = col

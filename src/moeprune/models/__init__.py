@@ -2,6 +2,7 @@
 
 from moeprune.models import (  # noqa: F401  (registration side effects)
     deepseek_v3,
+    families,
     glm4_moe,
     gpt_oss,
     mixtral,

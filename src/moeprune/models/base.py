@@ -43,10 +43,30 @@ class KeyRole:
         return f"{self.prefix}{new_index}{self.suffix}"
 
 
-def expert_indexed(module: nn.Module, num_experts: int) -> dict[str, torch.Tensor]:
-    """A module's own parameters and buffers whose dim 0 has one row per expert."""
-    named = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-    return {n: t for n, t in named if t is not None and t.dim() >= 1 and t.shape[0] == num_experts}
+def expert_axis(t: torch.Tensor | None, num_experts: int) -> int | None:
+    """The axis of `t` that indexes experts: 0 when dim 0 has E entries, the last one for [1, ..., 1, E]
+    (ERNIE's [1, E] correction bias), else None."""
+    if t is None or t.dim() == 0:
+        return None
+    if t.shape[0] == num_experts:
+        return 0
+    if t.dim() >= 2 and t.shape[-1] == num_experts and all(s == 1 for s in t.shape[:-1]):
+        return t.dim() - 1
+    return None
+
+
+def expert_indexed(module: nn.Module, num_experts: int, prefix: str = "", recurse: bool = True
+                   ) -> dict[str, torch.Tensor]:
+    """Parameters and buffers under `module` that index experts, as views with experts on dim 0 ([E, ...]),
+    keyed by name (prefixed with `prefix.`)."""
+    dot = prefix + "." if prefix else ""
+    named = list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse))
+    out = {}
+    for n, t in named:
+        axis = expert_axis(t, num_experts)
+        if axis is not None:
+            out[dot + n] = t if axis == 0 else t.movedim(axis, 0)
+    return out
 
 
 class MoEAdapter:
@@ -175,9 +195,30 @@ class MoEAdapter:
     def experts(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.experts_name)
 
-    def router_tensors(self, block: nn.Module) -> dict[str, torch.Tensor]:
-        """Router tensors whose dim 0 indexes experts: weight [E, H], and bias / e_score_correction_bias [E]."""
-        return expert_indexed(self.router(block), self.num_experts)
+    def router_tensors(self, block: nn.Module, num_experts: int | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor that routes by expert, as a view [E, ...] keyed by its name under the block: the router's
+        (recursively: weight [E, H], bias / e_score_correction_bias [E], [1, E] biases of a sub-module) and
+        selection biases kept on the block itself (afmoe, lfm2_moe `expert_bias`). Experts and shared experts
+        are not included. `num_experts`: the count the block holds now (default: the config's E)."""
+        E = self.num_experts if num_experts is None else num_experts
+        out = expert_indexed(self.router(block), E, self.router_name)
+        out.update(expert_indexed(block, E, recurse=False))
+        return out
+
+    def set_router_tensor(self, block: nn.Module, name: str, rows: torch.Tensor) -> None:
+        """Replace router tensor `name` (as `router_tensors` names it) by `rows` [K, ...] (experts on dim 0),
+        stored on the original axis; an nn.Linear owner gets out_features = K."""
+        path, _, attr = name.rpartition(".")
+        owner = block.get_submodule(path) if path else block
+        old = getattr(owner, attr)
+        axis = expert_axis(old, self.num_experts)
+        value = (rows if axis == 0 else rows.movedim(0, axis)).contiguous()
+        if attr in owner._parameters:
+            setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+        else:
+            owner._buffers[attr] = value
+        if isinstance(owner, nn.Linear) and attr == "weight":
+            owner.out_features = rows.shape[0]
 
     def expert_roles(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Expert weights by role in canonical orientation (gate/up [E, I, H], down [E, H, I], biases)."""

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 
-_OPS = {"linear": {"linear"}, "sigmoid": {"sigmoid", "expit", "sigmoid_"}}
+_OPS = {"linear": {"linear"}, "sigmoid": {"sigmoid", "expit", "sigmoid_"}, "softmax": {"softmax", "_softmax"}}
 
 
 class _MaskColumns(TorchFunctionMode):

@@ -39,7 +39,11 @@ def get_adapter(config: Any, model: Any = None, weight_keys: list[str] | None = 
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text, "model_type", None) or getattr(config, "model_type", "?")
+    from moeprune.models.families import REFUSED
+
     for candidate in (model_type, getattr(config, "model_type", None)):
+        if candidate in REFUSED:
+            raise MoePruneError(f"model_type {candidate!r} cannot be pruned by moeprune: {REFUSED[candidate]}")
         if candidate in ADAPTERS:
             return ADAPTERS.get(candidate)(config)
     if not looks_like_moe(config):

@@ -12,13 +12,19 @@ Kinds (T tokens, E experts, ℓ = router logits [T, E]):
 - ``sigmoid_grouped`` (DeepSeek-V3, GLM-4.5): s = σ(ℓ); c = s + e_score_correction_bias; experts split into
   ``n_group`` contiguous groups, group score = sum of the top-2 c in the group; keep ``topk_group`` groups;
   idx = topk(c restricted to kept groups, k); w = s[idx] (÷ Σ w when ``norm_topk_prob``) × routed_scaling_factor.
+- ``softmax_grouped`` (DeepSeek-V2 group-limited greedy): p = softmax(ℓ); group score = max p in the group; keep
+  ``topk_group`` groups; idx = topk(p in kept groups, k).
+- ``softmax_bias`` (ERNIE-4.5, LongCat): p = softmax(ℓ); idx = topk(p + correction bias, k); w = p[idx]. Masked at
+  the softmax output (a masked logit gives p = 0, which the bias could still lift into the top-k).
+- ``sigmoid_topk`` (Llama-4, Flint): sigmoid of the logits, before or after top-k, no selection bias; masked at the
+  logits (σ(-inf) = 0 is never above a kept expert's score, and a top-k over logits never picks -inf).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUTING_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_grouped")
+ROUTING_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_grouped", "softmax_grouped", "softmax_bias", "sigmoid_topk")
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,11 @@ class RoutingSpec:
     @property
     def masked_op(self) -> str:
         """Which tensor inside the router gets -inf for removed experts: the logits or the sigmoid scores."""
-        return "sigmoid" if self.kind == "sigmoid_grouped" else "linear"
+        return {"sigmoid_grouped": "sigmoid", "softmax_bias": "softmax"}.get(self.kind, "linear")
 
     @property
     def group_limited(self) -> bool:
-        return self.kind == "sigmoid_grouped" and self.n_group > 1
+        return self.kind in ("sigmoid_grouped", "softmax_grouped") and self.n_group > 1
 
     def min_experts_per_group(self) -> int:
         """Smallest number of experts each group must keep for the stock router to still run and reach top_k.
@@ -60,7 +66,7 @@ class RoutingSpec:
         parts = [self.kind, f"top-{self.top_k}"]
         if self.norm_topk_prob:
             parts.append("renormalised")
-        if self.kind == "sigmoid_grouped":
+        if self.group_limited:
             parts.append(f"groups {self.topk_group}/{self.n_group}")
             if self.routed_scaling_factor != 1.0:
                 parts.append(f"scale {self.routed_scaling_factor:g}")

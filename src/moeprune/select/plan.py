@@ -156,7 +156,7 @@ def _check_layer(layer: int, kept: list[int], E: int, routing) -> None:
             f"{where}: keeps {len(kept)} experts but the router selects top-{routing.top_k}; keep at least "
             f"{routing.top_k}."
         )
-    if routing.kind == "sigmoid_grouped" and routing.n_group > 1:
+    if routing.group_limited:
         if E % routing.n_group:
             raise MoePruneError(f"{where}: {E} experts do not split into {routing.n_group} equal router groups.")
         size = E // routing.n_group

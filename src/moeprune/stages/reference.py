@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeprune.models.base import MoEAdapter, expert_indexed
+from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.models.masking import masked_experts
 
@@ -147,9 +147,8 @@ class Reference:
     @torch.no_grad()
     def weighted_router_rows(self, layer: int, groups: list[list[int]], weights: list[list[float]]) -> None:
         """Every expert-indexed router tensor t: t[slot(d)] = Σ_i f_i t[slot(m_i)] / Σ_i f_i (from the old rows)."""
-        router = self.adapter.router(self._block(layer))
         slots = self.slots[layer]
-        for t in expert_indexed(router, self.adapter.num_experts).values():
+        for t in self.adapter.router_tensors(self._block(layer)).values():
             old = t.detach().clone().double()  # [E, ...]
             for group, w in zip(groups, weights, strict=True):
                 f = torch.tensor(w, dtype=torch.float64)

@@ -163,7 +163,7 @@ class RoutedStats:
 
 def router_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """[T, E] logits -> [T, E] distribution over experts (see module docstring)."""
-    if kind == "sigmoid_grouped":
+    if kind in ("sigmoid_grouped", "sigmoid_topk"):
         scores = torch.sigmoid(logits.double())
         return scores / scores.sum(dim=-1, keepdim=True)
     return torch.softmax(logits.double(), dim=-1)

@@ -14,26 +14,20 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
-from moeprune.models.base import MoEAdapter, expert_indexed
+from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import layout_of
 from moeprune.select.plan import PrunePlan
 
 
 @torch.no_grad()
-def slice_router(router: nn.Module, kept: torch.Tensor, num_experts: int) -> None:
-    """Slice every router parameter/buffer whose dim 0 indexes experts (weight, bias, correction bias)."""
-    touched = []
-    for name, t in expert_indexed(router, num_experts).items():
-        sliced = t.data.index_select(0, kept.to(t.device)).contiguous()  # [K, ...]
-        if isinstance(t, nn.Parameter):
-            setattr(router, name, nn.Parameter(sliced, requires_grad=t.requires_grad))
-        else:
-            router._buffers[name] = sliced
-        touched.append(name)
-    if "weight" not in touched:
-        raise MoePruneError(f"router {type(router).__name__} has no weight with {num_experts} rows to slice.")
-    if isinstance(router, nn.Linear):
-        router.out_features = len(kept)
+def slice_router(adapter: MoEAdapter, block: nn.Module, kept: torch.Tensor) -> None:
+    """Slice every tensor that routes by expert (`MoEAdapter.router_tensors`: weight, biases, correction bias)."""
+    tensors = adapter.router_tensors(block)
+    if not any(n.endswith("weight") and t.dim() == 2 for n, t in tensors.items()):
+        raise MoePruneError(f"router {type(adapter.router(block)).__name__} has no weight with "
+                            f"{adapter.num_experts} rows to slice.")
+    for name, t in tensors.items():
+        adapter.set_router_tensor(block, name, t.data.index_select(0, kept.to(t.device)))  # [K, ...]
 
 
 def _update_counts(modules: list[nn.Module], attrs: tuple[str, ...], old: int, new: int) -> None:
@@ -59,9 +53,8 @@ def prune_layer(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, layer: i
     new_experts = layout.keep(experts, kept)
     if new_experts is not experts:
         setattr(block, adapter.experts_name, new_experts)
-    router = adapter.router(block)
-    slice_router(router, kept, E)
-    _update_counts([block, router, new_experts], adapter.count_attrs, E, len(kept))
+    slice_router(adapter, block, kept)
+    _update_counts([block, *adapter.router(block).modules(), new_experts], adapter.count_attrs, E, len(kept))
 
 
 @torch.no_grad()

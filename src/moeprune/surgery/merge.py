@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from moeprune.log import logger
 from moeprune.merge.methods import MERGES, per_group
 from moeprune.merge.plan import MergePlan
-from moeprune.models.base import MoEAdapter, expert_indexed
+from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.surgery.in_memory import prune_layer
 
@@ -58,7 +58,7 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     block = adapter.block(model, layer)
     roles = adapter.expert_roles(block)
     merged = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer], plan.weights[layer])
-    rows = {n: t.detach().clone() for n, t in expert_indexed(adapter.router(block), E).items()}  # original rows
+    rows = {n: t.detach().clone() for n, t in adapter.router_tensors(block).items()}  # original rows [E, ...]
     del roles
     prune_layer(model, adapter, plan.as_prune_plan(), layer)  # keep the dominants: structure, router, counts
     block = adapter.block(model, layer)
@@ -72,8 +72,7 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
             for role, t in m.items():
                 views[role][g].copy_(t.to(views[role].dtype))
     if plan.router == "weighted":
-        router = adapter.router(block)
-        for name, t in expert_indexed(router, len(plan.groups[layer])).items():
+        for name, t in adapter.router_tensors(block, len(plan.groups[layer])).items():
             for g, (group, w) in enumerate(zip(plan.groups[layer], plan.weights[layer], strict=True)):
                 f = torch.tensor(w, dtype=torch.float64)
                 src = rows[name][group].double()  # [n, ...]

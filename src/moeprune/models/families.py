@@ -1,0 +1,75 @@
+"""The MoE families moeprune supports through `StructuralAdapter`, as data: one `FamilySpec` row each.
+
+A row says only what the structure cannot: the routing kind when reading it off the router's source is ambiguous,
+extra config keys, or why the family is refused. Everything else (MoE layers, names, counts, layouts) is found on
+the stock model (`models/structure.py`). The eight families with hand-written adapters (`models/<family>.py`) are
+not listed here. Each row is verified by `tests/test_family_matrix.py` / `benchmarks/families.py`; a family of a
+newer transformers that is not listed is reported there as unsupported until a row is added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeprune.models.registry import ADAPTERS
+from moeprune.models.structural import StructuralAdapter
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    family: str
+    model_types: tuple[str, ...]
+    routing: str | None = None  # a RoutingSpec kind; None: inferred (models/structural.py)
+    count_keys: tuple[str, ...] = ()
+    top_k_keys: tuple[str, ...] = ()
+    width_keys: tuple[str, ...] = ()
+    note: str = ""
+
+
+# families that cannot be pruned correctly, with the reason (checked before any work)
+REFUSED: dict[str, str] = {
+    "deepseek_v4": "its first layers route by a hash of the token id (DeepseekV4HashRouter), not by router scores: "
+                   "removing an expert would re-hash tokens, which no router mask can express.",
+}
+
+FAMILIES: tuple[FamilySpec, ...] = (
+    FamilySpec("afmoe", ("afmoe",)),
+    FamilySpec("aria", ("aria", "aria_text")),
+    FamilySpec("cohere2_moe", ("cohere2_moe",)),
+    FamilySpec("ernie4_5_moe", ("ernie4_5_moe",)),
+    FamilySpec("exaone_moe", ("exaone_moe",)),
+    FamilySpec("flint", ("flint",)),
+    FamilySpec("granitemoe", ("granitemoe",)),
+    FamilySpec("granitemoe_swa", ("granitemoe_swa",)),
+    FamilySpec("granitemoeshared", ("granitemoeshared",)),
+    FamilySpec("hy_v3", ("hy_v3",)),
+    FamilySpec("inkling", ("inkling_text",)),
+    FamilySpec("inkling2", ("inkling2_text", "inkling2_loop_text")),
+    FamilySpec("kolibri1", ("kolibri1",)),
+    FamilySpec("laguna", ("laguna",)),
+    FamilySpec("lara_mini", ("lara_mini",)),
+    FamilySpec("llama4", ("llama4_text",)),
+    FamilySpec("mellum", ("mellum",)),
+    FamilySpec("mimo_v2_flash", ("mimo_v2_flash",)),
+    FamilySpec("minimax", ("minimax",)),
+    FamilySpec("minimax_m2", ("minimax_m2",)),
+    FamilySpec("minimax_m3_vl", ("minimax_m3_vl_text",)),
+    FamilySpec("nemotron_h", ("nemotron_h",)),
+    FamilySpec("phimoe", ("phimoe",)),
+    FamilySpec("qwen3_5_moe", ("qwen3_5_moe_text",)),
+    FamilySpec("qwen3_next", ("qwen3_next",)),
+    FamilySpec("qwen3_omni_moe", ("qwen3_omni_moe_thinker",)),
+    FamilySpec("solar_open", ("solar_open",)),
+)
+
+
+def _register(spec: FamilySpec) -> None:
+    cls = type(f"{spec.family.title().replace('_', '')}Adapter", (StructuralAdapter,),
+               {"family": spec.family, "model_types": spec.model_types, "spec": spec,
+                "__doc__": f"{spec.family}: found by structure ({spec.note or 'see models/families.py'})."})
+    for model_type in spec.model_types:
+        ADAPTERS.register(model_type, cls)
+
+
+for _spec in FAMILIES:
+    _register(_spec)

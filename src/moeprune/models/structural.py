@@ -1,0 +1,157 @@
+"""`StructuralAdapter`: a family described by what `models/structure.py` finds on its meta model, plus a few
+facts as data (`FamilySpec` in `models/families.py`).
+
+Everything an adapter answers is taken from the stock model's structure:
+- MoE layers, block / router / experts / shared-expert names: `discover(config)`;
+- the config keys holding E, k and the expert width I: the first alias (`models/keys.py`, then the family's own
+  keys) whose value equals what the tensors say (E from the experts, I from their width);
+- how a checkpoint key is used: `target_of` (transformers' conversion mapping), then its place in the structure;
+- the routing kind: the family's `FamilySpec.routing` when given, else read off the router's forward source:
+
+    selection bias ([E] or [1, E], named *correction* or *expert_bias*, in the block) + sigmoid -> sigmoid_grouped
+    correction bias + softmax -> softmax_bias;   n_group + softmax -> softmax_grouped
+    sigmoid without a selection bias -> sigmoid_topk;   otherwise softmax_topk
+
+  Group counts, top-k renormalisation and the scaling factor come from the config (`n_group`, `topk_group`,
+  `norm_topk_prob`, `routed_scaling_factor`). The reference (`masking.py`) masks inside the model's own router,
+  so a wrong kind shows up as a failed `verify` (every family is checked in `tests/test_family_matrix.py`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+from torch import nn
+
+from moeprune.errors import MoePruneError
+from moeprune.models.base import KeyRole, MoEAdapter
+from moeprune.models.keys import COUNT_KEYS, TOP_K_KEYS
+from moeprune.models.routing import RoutingSpec
+from moeprune.models.structure import PER_EXPERT, Structure, discover, target_of
+
+WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "moe_ffn_hidden_size", "intermediate_size",
+              "ffn_hidden_size")
+SELECTION_BIAS = re.compile(r"(correction|expert_bias)")
+
+
+class StructuralAdapter(MoEAdapter):
+    family = "structural"
+    spec: Any = None  # the FamilySpec this adapter was made from (set by families.py)
+
+    def __init__(self, config: Any):
+        spec = self.spec
+        self.structure: Structure = discover(config)
+        s = self.structure
+        self.block_name, self.router_name, self.experts_name = s.block_name, s.router_name, s.experts_name
+        self.disk_block_names = (s.block_name,)
+        self.shared_names = s.shared_names
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        extra = tuple(getattr(spec, "count_keys", ()) or ())
+        self.count_key = _key_equal(text, (*extra, *COUNT_KEYS), s.num_experts) or ""
+        self.top_k_key = next((k for k in (*tuple(getattr(spec, "top_k_keys", ()) or ()), *TOP_K_KEYS)
+                               if isinstance(getattr(text, k, None), int)), "")
+        width = _key_equal(text, (*tuple(getattr(spec, "width_keys", ()) or ()), *WIDTH_KEYS), s.width)
+        self.intermediate_key = width or "moe_intermediate_size"
+        if not self.count_key:
+            raise MoePruneError(f"{type(text).__name__} holds no expert count equal to the {s.num_experts} experts "
+                                f"of {s.experts_class} under {', '.join((*extra, *COUNT_KEYS))}.")
+        super().__init__(config)
+        self.family = getattr(spec, "family", None) or self.model_type
+
+    def moe_layers(self) -> list[int]:
+        return list(self.structure.moe_layers)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        try:
+            return model.get_submodule(self.structure.layers_path)
+        except AttributeError:
+            return super().decoder_layers(model)
+
+    def block(self, model: nn.Module, layer: int) -> nn.Module:
+        try:
+            block = self.decoder_layers(model)[layer].get_submodule(self.block_name)
+        except AttributeError:
+            block = None
+        if block is None or not hasattr(block, self.experts_name):
+            raise MoePruneError(f"decoder layer {layer} of {type(model).__name__} has no MoE block at "
+                                f"'.{self.block_name}.{self.experts_name}'.")
+        return block
+
+    def classify_key(self, key: str) -> KeyRole:
+        target = target_of(self.structure, key)
+        m = re.match(rf"^{re.escape(self.structure.layers_path)}\.(\d+)\.{re.escape(self.block_name)}\.(.+)$",
+                     target)
+        if m is None:
+            layer = re.search(rf"^{re.escape(self.structure.layers_path)}\.(\d+)\.", target)
+            return KeyRole("other", int(layer.group(1)) if layer else None)
+        layer, rest = int(m.group(1)), m.group(2)
+        if layer not in self._moe_layer_set():
+            return KeyRole("other", layer)
+        if rest.startswith(self.experts_name + "."):
+            per = PER_EXPERT.match(key)
+            if per:
+                return KeyRole("expert", layer, int(per.group("j")), per.group("prefix"), per.group("suffix"))
+            return KeyRole("fused", layer)
+        if rest.startswith(self.router_name + "."):
+            return KeyRole("router", layer)
+        if any(rest.startswith(s + ".") for s in self.shared_names):
+            return KeyRole("shared", layer)
+        if SELECTION_BIAS.search(rest):
+            return KeyRole("router", layer)  # a selection bias kept on the block (afmoe, lfm2_moe)
+        return KeyRole("other", layer)
+
+    def routing(self) -> RoutingSpec:
+        c = self.config
+        kind = getattr(self.spec, "routing", None) or infer_kind(self.structure)
+        n_group = int(getattr(c, "n_group", None) or 1)
+        return RoutingSpec(
+            kind=kind, top_k=self.top_k, norm_topk_prob=bool(getattr(c, "norm_topk_prob", False)),
+            n_group=n_group if kind in ("sigmoid_grouped", "softmax_grouped") else 1,
+            topk_group=int(getattr(c, "topk_group", None) or 1),
+            routed_scaling_factor=float(getattr(c, "routed_scaling_factor", None) or 1.0),
+            correction_bias=kind in ("sigmoid_grouped", "softmax_bias"),
+        )
+
+
+def _key_equal(config: Any, keys: tuple[str, ...], value: int | None) -> str | None:
+    """The first key whose int value equals `value` (any int key when value is None)."""
+    for k in keys:
+        v = getattr(config, k, None)
+        if isinstance(v, int) and not isinstance(v, bool) and (value is None or v == value):
+            return k
+    return None
+
+
+def infer_kind(structure: Structure) -> str:
+    """The routing kind read off the router's forward source and the block's tensors (module docstring)."""
+    model = structure.meta
+    layers = model.get_submodule(structure.layers_path)
+    block = layers[structure.moe_layers[0]].get_submodule(structure.block_name)
+    router = getattr(block, structure.router_name)
+    source = _source(type(router)) + _source(type(block))
+    E = structure.num_experts
+    skip = (structure.experts_name + ".", *(s + "." for s in structure.shared_names))
+    tensors = [(n, t) for n, t in (*block.named_parameters(), *block.named_buffers()) if not n.startswith(skip)]
+    has_bias = any(SELECTION_BIAS.search(n) and t.shape[-1] == E for n, t in tensors)
+    softmax, sigmoid = "softmax" in source, "sigmoid" in source
+    if has_bias and sigmoid and not softmax:
+        return "sigmoid_grouped"
+    if has_bias and softmax and not sigmoid:
+        return "softmax_bias"
+    if has_bias:
+        raise MoePruneError(f"{type(router).__name__} uses a selection bias with both softmax and sigmoid in its "
+                            "code; declare the family's routing kind in models/families.py.")
+    if "n_group" in source and softmax:
+        return "softmax_grouped"
+    if sigmoid and not softmax:
+        return "sigmoid_topk"
+    return "softmax_topk"
+
+
+def _source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):
+        return ""

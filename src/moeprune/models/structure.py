@@ -1,0 +1,176 @@
+"""Where a model keeps its MoE blocks, found from the config alone by building the stock model on `meta`.
+
+transformers 5 ships ~60 MoE families whose blocks sit under different names (`mlp`, `feed_forward`, `mixer`,
+`block_sparse_moe`), with routers called `gate`, `router`, ..., hybrid stacks where only some layers are MoE
+(attention/SSM, `first_k_dense_replace`, `mlp_only_layers`, `decoder_sparse_step`, `layer_types`), and
+multimodal wrappers nesting the text decoder. Rather than one rule per family, `discover(config)` builds the stock
+model class on the `meta` device (no memory, no weights) and reads the structure off it:
+
+- decoder layers: the `ModuleList` named `*layers` with `num_hidden_layers` entries (of the text config);
+- MoE block of layer i: the shallowest module under it with an `experts` child; MoE layers are those that have one;
+- router: the block's child (not experts, not shared) owning a parameter with E rows, E = the experts' count
+  (fused: dim 0 of every parameter; ModuleList: its length);
+- shared experts: the block's children whose name contains "shared";
+- the checkpoint name of every in-memory tensor, through transformers' own conversion mapping
+  (`rename_source_key`), so a checkpoint key can be classified by what it feeds (`target_of`).
+
+Results are cached per config (its JSON), so adapters can ask repeatedly.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeprune.errors import MoePruneError
+
+EXPERTS_NAME = "experts"
+
+
+@dataclass(frozen=True)
+class Structure:
+    layers_path: str  # e.g. "model.layers" or "model.language_model.layers"
+    moe_layers: tuple[int, ...]
+    block_name: str  # module path under a decoder layer, e.g. "mlp", "feed_forward", "mixer"
+    router_name: str  # child of the block
+    experts_name: str
+    shared_names: tuple[str, ...]
+    num_experts: int
+    width: int | None  # expert width I read from the experts' tensors (None when not readable)
+    router_class: str
+    experts_class: str
+    meta: Any = field(repr=False, compare=False, default=None)  # the meta model (for names and conversions)
+
+
+def build_meta(config: Any) -> nn.Module:
+    """The stock model of `config` on the meta device (nothing allocated)."""
+    import copy
+
+    from moeprune.io.stock import auto_class
+
+    config = copy.deepcopy(config)
+    with torch.device("meta"):
+        return auto_class(config).from_config(config, dtype=torch.float32)
+
+
+def _text(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _decoder_layers(model: nn.Module, n: int) -> tuple[str, nn.ModuleList]:
+    found = [(name, m) for name, m in model.named_modules()
+             if name.endswith("layers") and isinstance(m, nn.ModuleList) and len(m) == n]
+    with_experts = [(name, m) for name, m in found if any(s.endswith("." + EXPERTS_NAME) or s == EXPERTS_NAME
+                                                          for s, _ in m.named_modules())]
+    if not (with_experts or found):
+        raise MoePruneError(f"{type(model).__name__} has no ModuleList '*layers' of {n} decoder layers.")
+    return (with_experts or found)[0]
+
+
+def _experts_count(experts: nn.Module) -> int | None:
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    sizes = {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() >= 2}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _width(experts: nn.Module) -> int | None:
+    from moeprune.models.fused_styles import style_of
+
+    if isinstance(experts, nn.ModuleList):
+        first = experts[0]
+        lin = next((getattr(first, n) for n in ("gate_proj", "w1", "up_proj", "w3") if hasattr(first, n)), None)
+        return int(lin.weight.shape[0]) if lin is not None else None
+    if getattr(experts, "down_proj", None) is None or getattr(experts.down_proj, "dim", lambda: 0)() != 3:
+        return None
+    return style_of(experts).width(experts)
+
+
+def _router(block: nn.Module, skip: set[str], E: int) -> str | None:
+    """The block child owning a parameter with E rows ("gate"/"router" first)."""
+    names = sorted((n for n, _ in block.named_children() if n not in skip),
+                   key=lambda n: (n not in ("gate", "router"), n))
+    for name in names:
+        child = getattr(block, name)
+        if any(p.dim() == 2 and p.shape[0] == E for p in child.parameters()):
+            return name
+    return None
+
+
+def _scan(model: nn.Module, config: Any) -> Structure:
+    text = _text(config)
+    path, layers = _decoder_layers(model, int(text.num_hidden_layers))
+    found: dict[int, tuple[str, nn.Module]] = {}
+    for i, layer in enumerate(layers):
+        for name, module in layer.named_modules():
+            if name and isinstance(getattr(module, EXPERTS_NAME, None), nn.Module):
+                found[i] = (name, module)
+                break
+    if not found:
+        raise MoePruneError(f"{type(model).__name__}: no decoder layer has a module with an '{EXPERTS_NAME}' child.")
+    names = {name for name, _ in found.values()}
+    if len(names) != 1:
+        raise MoePruneError(f"{type(model).__name__}: MoE blocks sit under different names {sorted(names)}.")
+    block_name = names.pop()
+    block = next(iter(found.values()))[1]
+    experts = getattr(block, EXPERTS_NAME)
+    E = _experts_count(experts)
+    if not E:
+        raise MoePruneError(f"{type(experts).__name__}: cannot read the number of experts from its tensors.")
+    shared = tuple(n for n, _ in block.named_children() if "shared" in n)
+    router = _router(block, {EXPERTS_NAME, *shared}, E)
+    if router is None:
+        raise MoePruneError(f"{type(block).__name__}: no child of the MoE block has a weight with {E} rows "
+                            "(no router found).")
+    return Structure(path, tuple(sorted(found)), block_name, router, EXPERTS_NAME, shared, E, _width(experts),
+                     type(getattr(block, router)).__name__, type(experts).__name__, model)
+
+
+@functools.lru_cache(maxsize=32)
+def _discover_json(config_json: str, config_class: type) -> Structure:
+    config = config_class.from_dict(__import__("json").loads(config_json))
+    return _scan(build_meta(config), config)
+
+
+def discover(config: Any) -> Structure:
+    """The MoE structure of `config`'s stock model (see the module docstring). Raises MoePruneError."""
+    try:
+        return _discover_json(config.to_json_string(use_diff=False), type(config))
+    except MoePruneError:
+        raise
+    except Exception as e:  # the stock class cannot be built from this config
+        raise MoePruneError(f"cannot build {type(config).__name__} on meta to find its MoE blocks: "
+                            f"{type(e).__name__}: {e}") from e
+
+
+def target_of(structure: Structure, key: str) -> str:
+    """The in-memory tensor name a checkpoint key feeds, as transformers' loader decides (renamings and
+    converters of the model's conversion mapping); the key itself when nothing renames it."""
+    targets = _targets(id(structure.meta), structure)
+    return targets(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _targets(_: int, structure: Structure):
+    from moeprune.compat import WeightConverter, WeightRenaming, get_model_conversion_mapping, rename_source_key
+
+    model = structure.meta
+    conversions = get_model_conversion_mapping(model, None, None)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta_sd = {k: None for k in model.state_dict()}
+
+    @functools.cache
+    def one(key: str) -> str:
+        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+        return key if target not in meta_sd and key in meta_sd else target
+
+    return one
+
+
+PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts\.)(?P<j>\d+)(?P<suffix>\..+)$")
