@@ -31,6 +31,7 @@ from moeprune.cli import (
 )
 from moeprune.cli.common import HelpFormatter
 from moeprune.errors import MoePruneError
+from moeprune.io.remote import FLAG, trust_remote_code
 from moeprune.log import configure
 
 # in the order `moeprune -h` lists them: the usual path first, then the tools around it
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeprune", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(FLAG, action="store_true",
+                        help="load checkpoints whose config.json maps to Python code in their folder (auto_map); "
+                             "this RUNS that code. Accepted anywhere on the command line.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="what to do (`moeprune COMMAND -h` for its flags and an example)")
     for verb in VERBS:
@@ -51,10 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trust = FLAG in argv  # accepted after the command too: `moeprune prune MODEL ... --trust-remote-code`
+    args = build_parser().parse_args([a for a in argv if a != FLAG])
     configure(args.verbose)
     try:
-        return args.func(args)
+        with trust_remote_code(trust):
+            return args.func(args)
     except MoePruneError as e:
         print(f"moeprune: error: {e}", file=sys.stderr)
         return 2

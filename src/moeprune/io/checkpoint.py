@@ -18,6 +18,7 @@ from typing import Any
 from moeprune.errors import MoePruneError
 from moeprune.io.nonuniform_config import is_nonuniform, restored_config
 from moeprune.io.quant import QuantFormat, quant_format
+from moeprune.io.remote import check_remote, trusted
 from moeprune.io.safetensors_io import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,6 +54,7 @@ class Checkpoint:
             config_dict = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
             raise MoePruneError(f"{cfg_file} is not valid JSON ({e}).") from e
+        check_remote(config_dict, path)  # remote code runs only after --trust-remote-code
         files = _weight_files(path)
         entries: list[TensorEntry] = []
         for f in files:
@@ -78,12 +80,9 @@ class Checkpoint:
         if is_nonuniform(self.config_dict):  # per-layer expert widths: the real config, restored
             return restored_config(self.config_dict)
         try:
-            return AutoConfig.from_pretrained(str(self.path), local_files_only=True)
+            return AutoConfig.from_pretrained(str(self.path), local_files_only=True, trust_remote_code=trusted())
         except (ValueError, KeyError, OSError) as e:
-            raise MoePruneError(
-                f"transformers cannot read {self.path / 'config.json'}: {e}. Remote-code models are not "
-                "supported by this path yet."
-            ) from e
+            raise MoePruneError(f"transformers cannot read {self.path / 'config.json'}: {e}.") from e
 
     @property
     def files(self) -> list[Path]:

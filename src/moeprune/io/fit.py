@@ -98,9 +98,16 @@ def loaded_bytes(ckpt, dtype: str = "auto") -> int:
 
 
 def choose_lazy(flag: bool | None, ckpt, dtype: str = "auto", what: str = "the model") -> bool:
-    """`flag` when given (--lazy / --no-lazy); else layer by layer iff the loaded model would not fit."""
+    """`flag` when given (--lazy / --no-lazy); else layer by layer iff the loaded model would not fit.
+    Remote-code models are always loaded whole (`io/remote.py`)."""
+    from moeprune.io.remote import is_remote, refuse_lazy
+
+    if flag:
+        refuse_lazy(ckpt.config_dict)
     if flag is not None:
         return flag
+    if is_remote(ckpt.config_dict):
+        return False
     need, room = loaded_bytes(ckpt, dtype), available()
     lazy = need * HEADROOM + RESERVE > room
     logger.info("%s needs ~%s loaded, %s available: %s (--lazy / --no-lazy to choose)", what, _size(need),

@@ -60,6 +60,7 @@ from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.memory import release_freed_memory, trim
 from moeprune.io.quant import is_quantized_dtype
 from moeprune.io.quant_ops import fix_quantizer
+from moeprune.io.remote import refuse_lazy
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
 from moeprune.io.stock import auto_class, parse_dtype
 from moeprune.log import logger
@@ -130,6 +131,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
 
     device = _check_device(device)
     ckpt = Checkpoint.open(path)  # refuses unknown quant_methods and scale tensors that do not fit their weights
+    refuse_lazy(ckpt.config_dict)
     release_freed_memory()
     config = copy.deepcopy(config if config is not None else ckpt.config)
     quant = ckpt.quantization

@@ -12,6 +12,7 @@ import torch
 
 from moeprune.io import nonuniform
 from moeprune.io.quant import is_quantized_dtype, quant_format
+from moeprune.io.remote import trusted
 from moeprune.io.stock import DTYPES, auto_class, parse_dtype
 
 __all__ = ["DTYPES", "auto_class", "load_model", "match_disk_dtypes", "parse_dtype"]
@@ -43,10 +44,12 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     if cfg_file.is_file() and nonuniform.is_nonuniform(json.loads(cfg_file.read_text())):
         return nonuniform.load_nonuniform(path, dtype).to(device).eval()
 
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trusted())
     kwargs = {}
     if cfg_file.is_file() and (quant := quant_format(json.loads(cfg_file.read_text()), str(cfg_file))) is not None:
         # FP8 / MXFP4: always the dequantized plain model (on a GPU transformers would keep FP8 / MXFP4 modules)
         kwargs["quantization_config"] = quant.hf_dequantize_config()
+    if trusted():
+        kwargs["trust_remote_code"] = True
     model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True, **kwargs)
     return model.to(device).eval()

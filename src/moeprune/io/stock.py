@@ -23,6 +23,8 @@ def auto_class(config):
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping:
             return auto
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):  # remote code (io/remote.py)
+        return AutoModelForCausalLM
     raise MoePruneError(
         f"stock transformers has no causal-LM or image-text-to-text class for {type(config).__name__}; "
         "moeprune cannot load it."
