@@ -20,6 +20,7 @@ Results are cached per config (its JSON), so adapters can ask repeatedly.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,20 +133,32 @@ def _scan(model: nn.Module, config: Any) -> Structure:
 
 
 @functools.lru_cache(maxsize=32)
-def _discover_json(config_json: str, config_class: type) -> Structure:
-    config = config_class.from_dict(__import__("json").loads(config_json))
-    return _scan(build_meta(config), config)
+def _meta_json(config_json: str, config_class: type) -> tuple[Any, nn.Module]:
+    config = config_class.from_dict(json.loads(config_json))
+    return config, build_meta(config)
 
 
-def discover(config: Any) -> Structure:
-    """The MoE structure of `config`'s stock model (see the module docstring). Raises MoePruneError."""
+def meta_model(config: Any) -> nn.Module:
+    """The stock model of `config` on meta, cached per config JSON. Raises MoePruneError when it cannot be built."""
     try:
-        return _discover_json(config.to_json_string(use_diff=False), type(config))
+        return _meta_json(config.to_json_string(use_diff=False), type(config))[1]
     except MoePruneError:
         raise
     except Exception as e:  # the stock class cannot be built from this config
         raise MoePruneError(f"cannot build {type(config).__name__} on meta to find its MoE blocks: "
                             f"{type(e).__name__}: {e}") from e
+
+
+@functools.lru_cache(maxsize=32)
+def _discover_json(config_json: str, config_class: type) -> Structure:
+    config, model = _meta_json(config_json, config_class)
+    return _scan(model, config)
+
+
+def discover(config: Any) -> Structure:
+    """The MoE structure of `config`'s stock model (see the module docstring). Raises MoePruneError."""
+    meta_model(config)  # a build failure becomes a MoePruneError here
+    return _discover_json(config.to_json_string(use_diff=False), type(config))
 
 
 def target_of(structure: Structure, key: str) -> str:

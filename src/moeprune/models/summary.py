@@ -29,6 +29,7 @@ class ModelSummary:
     per_layer_expert_params: dict[int, int]
     savings: dict[str, dict] = field(default_factory=dict)
     layer_widths: dict[int, int] | None = None  # non-uniform expert widths (moeprune loader only), else None
+    verbs: dict[str, str | None] = field(default_factory=dict)  # verb -> None (supported) or why not
 
     @property
     def routed_params(self) -> int:
@@ -75,6 +76,11 @@ def summarize(path: str) -> ModelSummary:
         per_layer_expert_params=per_layer,
     )
     from moeprune.io.nonuniform_config import is_nonuniform, widths
+    from moeprune.models.capabilities import meta_experts, problems
+
+    experts = meta_experts(adapter)
+    if experts is not None:
+        summary.verbs = problems(adapter, experts, ckpt.config_dict)
 
     if is_nonuniform(ckpt.config_dict):
         summary.layer_widths = widths(ckpt.config_dict)
@@ -108,6 +114,10 @@ def format_summary(s: ModelSummary) -> str:
         f"experts      E={s.num_experts} routed per MoE layer, top-{s.top_k}, width {s.expert_width}",
         f"routing      {s.routing}",
     ]
+    if s.verbs:
+        ok = [v for v, why in s.verbs.items() if why is None]
+        lines.append(f"methods      {', '.join(ok)}" + "".join(f"; no {v}: {why}" for v, why in s.verbs.items()
+                                                           if why is not None))
     if s.layer_widths:
         lines.append(f"NON-UNIFORM  expert width per layer {s.layer_widths}: load with moeprune.load_model; stock "
                      "from_pretrained and vLLM refuse this folder")

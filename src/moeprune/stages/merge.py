@@ -72,6 +72,9 @@ class MergeStage(Stage):
         return {Need.ROUTED, Need.PROBES}
 
     def check(self, o: MergeOptions, adapter: MoEAdapter) -> Any:
+        from moeprune.models.capabilities import require
+
+        require(adapter, "merge")
         n_drop = drop_count(o.ratio, adapter.num_experts, adapter.routing())
         cfg = config_copy(adapter)
         adapter.set_config_experts(cfg, adapter.num_experts - n_drop)

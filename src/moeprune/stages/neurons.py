@@ -63,6 +63,9 @@ class NeuronStage(Stage):
         return {Need.NEURONS} | ({Need.GRADIENTS} if NEURON_CRITERIA.get(o.method).needs_gradients else set())
 
     def check(self, o: NeuronOptions, adapter: MoEAdapter) -> Any:
+        from moeprune.models.capabilities import require
+
+        require(adapter, "neurons")
         width = adapter.expert_width
         if width is None:
             raise MoePruneError(f"config has no expert width ({adapter.intermediate_key}); cannot plan neurons.")

@@ -1,0 +1,66 @@
+"""Which verbs a family's layout allows, decided in one place (used by `moeprune info` and by the stages, which
+raise `UnsupportedLayout` with the same reason before any work).
+
+Verbs: `experts` (criterion / NAEE expert removal, in memory and streaming), `neurons` (HEAPr, CAMERA-P),
+`merge` (M-SMoE, HC-SMoE, Sub-MoE, DERN), `lazy` (layer-by-layer loading). A problem is a sentence saying why the
+verb cannot run; None means supported. The checks read the experts module (meta is enough: shapes and flags).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moeprune.errors import UnsupportedLayout
+from moeprune.models.base import MoEAdapter
+from moeprune.models.layouts import ModuleListLayout, layout_of
+
+VERBS = ("experts", "neurons", "merge", "lazy")
+
+
+def _experts_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
+    """Why the expert weights cannot be handled neuron by neuron (neurons, merge), or None."""
+    from moeprune.models.fused_styles import style_of
+
+    if adapter.expert_width is None:
+        return f"the config has no expert width under {adapter.intermediate_key!r}"
+    if layout_of(experts) is ModuleListLayout:
+        return None
+    if getattr(experts, "has_post_expert_norm", False):
+        return f"{type(experts).__name__} normalises each expert's output, which neuron and merge surgery do not model"
+    if not style_of(experts, adapter.fused_style).gated:
+        return f"{type(experts).__name__} has up-only experts (no gate projection)"
+    return None
+
+
+def problems(adapter: MoEAdapter, experts: nn.Module, config_dict: dict | None = None) -> dict[str, str | None]:
+    """verb -> None (supported) or the reason it is not."""
+    from moeprune.io.remote import is_remote
+
+    weights = _experts_problem(adapter, experts)
+    return {
+        "experts": None,
+        "neurons": weights,
+        "merge": weights,
+        "lazy": "remote-code models are loaded whole" if config_dict is not None and is_remote(config_dict) else None,
+    }
+
+
+def meta_experts(adapter: MoEAdapter) -> nn.Module | None:
+    """The experts module of the adapter's first MoE layer, on meta (None when the stock class cannot be built,
+    e.g. remote code: its verbs are then decided when the model is loaded)."""
+    from moeprune.errors import MoePruneError
+    from moeprune.models.structure import meta_model
+
+    try:
+        model = meta_model(adapter.root_config)
+        return adapter.experts(adapter.block(model, adapter.moe_layers()[0]))
+    except (MoePruneError, IndexError):
+        return None
+
+
+def require(adapter: MoEAdapter, verb: str) -> None:
+    """Raise UnsupportedLayout when the layout does not allow `verb` (checked on the meta model, before work)."""
+    experts = meta_experts(adapter)
+    why = None if experts is None else problems(adapter, experts).get(verb)
+    if why:
+        raise UnsupportedLayout(f"{adapter.family} ({adapter.model_type}) cannot run {verb} methods: {why}.")
