@@ -36,6 +36,9 @@ EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "share
                      "moe_ffn_hidden_size")
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k")
+# linear-attention (gated delta net) heads, where a family has them
+LINEAR_ATTENTION = dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                        linear_num_value_heads=4)
 TINY_LAYERS = 4
 # towers (vision / audio / ...) of multimodal wrappers: small enough to cost nothing, never run by a text forward
 TOWER = dict(hidden_size=16, intermediate_size=32, num_heads=2, num_attention_heads=2, num_key_value_heads=2,
@@ -47,47 +50,80 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _cut_layer_lists(cfg, layers: int) -> dict:
-    """Every per-layer list of `cfg` (length == its num_hidden_layers) cut to `layers` entries. `layer_types`
-    keeps one layer of each kind when the prefix would miss a kind (hybrid models need both)."""
-    depth = getattr(cfg, "num_hidden_layers", None)
-    out = {}
-    if not _is_int(depth):
-        return out
-    for key, value in cfg.to_dict().items():
-        if not isinstance(value, list) or len(value) != depth or key.endswith("_config"):
-            continue
-        prefix = value[:layers]
-        if key == "layer_types":
-            kinds = list(dict.fromkeys(value))
-            missing = [k for k in kinds if k not in prefix]
-            prefix = prefix[: layers - len(missing)] + missing if missing else prefix
-        out[key] = prefix
-    return out
+def _layer_lists(fields: dict) -> dict[str, list]:
+    """The per-layer lists of a config's `fields`: lists as long as its num_hidden_layers."""
+    depth = fields.get("num_hidden_layers")
+    if not _is_int(depth) or depth < 2:
+        return {}
+    return {k: v for k, v in fields.items() if isinstance(v, list) and len(v) == depth and not k.endswith("_config")}
 
 
-def _shrink_text(cfg, layers: int) -> dict:
-    """The generic tiny kwargs for a decoder config (only for fields it has)."""
-    out = {k: v for k, v in GENERIC.items() if hasattr(cfg, k) and _is_int(getattr(cfg, k, None))}
-    if hasattr(cfg, "initializer_range"):
-        out["initializer_range"] = GENERIC["initializer_range"]
-    out |= {k: 16 for k in EXPERT_WIDTH_KEYS if _is_int(getattr(cfg, k, None))}
-    out |= {k: 8 for k in EXPERT_COUNT_KEYS if _is_int(getattr(cfg, k, None))}
-    out |= {k: 2 for k in TOP_K_KEYS if _is_int(getattr(cfg, k, None))}
-    if _is_int(getattr(cfg, "n_group", None)):
+def _pick_layers(lists: dict[str, list], depth: int, want: int = TINY_LAYERS, most: int = 6) -> list[int]:
+    """Indices of the full model's layers the tiny one keeps: the first two layers of every distinct pattern
+    (the tuple of per-layer values: attention kind x MLP kind ...), so a hybrid keeps each kind and at least two
+    MoE layers; at most `most`, padded to `want` with the next layers. Index-like lists (all values distinct)
+    do not define patterns."""
+    keys = [k for k, v in lists.items() if len({repr(x) for x in v}) < len(v)]
+    sigs = [repr(tuple(lists[k][i] for k in keys)) for i in range(depth)]
+    firsts = [sigs.index(s) for s in dict.fromkeys(sigs)]
+    seconds = [i for i in range(depth) if i not in firsts and sigs[:i].count(sigs[i]) == 1]
+    picked = firsts[:most]
+    picked += [i for i in seconds if i not in picked][: most - len(picked)]
+    picked += [i for i in range(depth) if i not in picked][: max(0, want - len(picked))]
+    return sorted(picked)
+
+
+def _cut_layer_lists(fields: dict, layers: int | None) -> tuple[int, dict]:
+    """(tiny depth, per-layer lists cut to it): a prefix of `layers` when the family fixes the depth, else the
+    layers `_pick_layers` keeps."""
+    lists = _layer_lists(fields)
+    if layers is not None or not lists:
+        n = layers or TINY_LAYERS
+        return n, {k: v[:n] for k, v in lists.items()}
+    keep = _pick_layers(lists, fields["num_hidden_layers"])
+    return len(keep), {k: [v[i] for i in keep] for k, v in lists.items()}
+
+
+def _shrink_text(fields: dict, layers: int | None) -> dict:
+    """The generic tiny kwargs for a decoder config, from its `to_dict()` fields (only for fields it has)."""
+    def has_int(k, none_too=False):
+        return k in fields and (_is_int(fields[k]) or (none_too and fields[k] is None))
+
+    out = {k: v for k, v in GENERIC.items() if has_int(k)}
+    out |= {k: v for k, v in LINEAR_ATTENTION.items() if has_int(k)}
+    out |= {k: 16 for k in EXPERT_WIDTH_KEYS if has_int(k)}
+    # counts that default to None (dots1, deepseek_v2) are set too: None there means "take it from the checkpoint"
+    out |= {k: 8 for k in EXPERT_COUNT_KEYS if has_int(k, none_too=True)}
+    out |= {k: 2 for k in TOP_K_KEYS if has_int(k, none_too=True)}
+    if has_int("n_group"):
         out |= dict(n_group=2, topk_group=1)
-    if hasattr(cfg, "tie_word_embeddings"):
-        out["tie_word_embeddings"] = False
-    if hasattr(cfg, "pad_token_id"):
-        out["pad_token_id"] = 0
-    if hasattr(cfg, "num_hidden_layers"):
-        out["num_hidden_layers"] = layers
-        out |= _cut_layer_lists(cfg, layers)
+    out |= {k: v for k, v in dict(tie_word_embeddings=False, pad_token_id=0, initializer_range=0.1).items()
+            if k in fields}
+    if has_int("kv_lora_rank"):  # multi-head latent attention: one kv head per query head
+        out |= dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
+        if has_int("q_lora_rank"):
+            out["q_lora_rank"] = 16
+    for key in ("first_k_dense_replace", "num_dense_layers"):  # a leading dense layer, then MoE layers
+        if has_int(key) and fields[key] > 0:
+            out[key] = 1
+    if fields.get("mlp_only_layers"):
+        out["mlp_only_layers"] = [0]
+    if "num_hidden_layers" in fields:
+        out["num_hidden_layers"], lists = _cut_layer_lists(fields, layers)
+        out |= lists
     return out
 
 
-def _shrink_tower(cfg) -> dict:
-    return {k: v for k, v in TOWER.items() if _is_int(getattr(cfg, k, None))} | _cut_layer_lists(cfg, 1)
+def _shrink_tower(fields: dict) -> dict:
+    return {k: v for k, v in TOWER.items() if _is_int(fields.get(k))} | _cut_layer_lists(fields, 1)[1]
+
+
+def _fields(cfg) -> dict:
+    """A config's fields without derived per-layer settings (regenerated for the tiny depth)."""
+    fields = cfg.to_dict()
+    fields.pop("per_layer_config", None)
+    fields.pop("model_type", None)
+    return fields
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -101,22 +137,26 @@ def _merge(base: dict, over: dict) -> dict:
 def _tiny_kwargs(cfg, text, over: dict) -> dict:
     """Generic tiny kwargs of `cfg` (recursing into sub-configs), merged with the family overrides `over`."""
     if cfg is text:
-        layers = over.get("num_hidden_layers", TINY_LAYERS)
-        return _merge(_shrink_text(cfg, layers), over)
+        return _merge(_shrink_text(_fields(cfg), over.get("num_hidden_layers")), over)
     out = {}
     for key in getattr(cfg, "sub_configs", {}):
         sub = getattr(cfg, key, None)
         if sub is None:
             continue
-        if _contains(sub, text):
-            out[key] = sub.to_dict() | _tiny_kwargs(sub, text, over.get(key, {}))
+        if _contains(sub, text) or _is_decoder(sub):
+            out[key] = _fields(sub) | _tiny_kwargs(sub, text if _contains(sub, text) else sub, over.get(key, {}))
         else:
-            out[key] = sub.to_dict() | _merge(_shrink_tower(sub), over.get(key, {}))
-        out[key].pop("model_type", None)
+            out[key] = _fields(sub) | _merge(_shrink_tower(_fields(sub)), over.get(key, {}))
     top = {k: v for k, v in over.items() if k not in out}
-    if hasattr(cfg, "tie_word_embeddings"):
+    if "tie_word_embeddings" in cfg.to_dict():
         top.setdefault("tie_word_embeddings", False)
     return out | top
+
+
+def _is_decoder(cfg) -> bool:
+    """A sub-config that is itself a language decoder (an omni model's thinker and talker): shrunk like text."""
+    fields = cfg.to_dict()
+    return "vocab_size" in fields and "num_hidden_layers" in fields and not getattr(cfg, "sub_configs", None)
 
 
 def _contains(cfg, text) -> bool:

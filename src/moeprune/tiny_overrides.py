@@ -1,8 +1,45 @@
 """Per-family corrections to the generic tiny shrink of `moeprune.tiny_families` (what a generic rule cannot
-know), and the families that cannot be built tiny here, with the reason."""
+know), and the families that cannot be built tiny here, with the reason.
+
+An entry holds config kwargs; a nested dict (`text_config`, `vision_config`, ...) updates that sub-config.
+"""
 
 from __future__ import annotations
 
-TINY_OVERRIDES: dict[str, dict] = {}
+# mamba2 mixer: heads x head dim must equal expand x hidden (2 x 32)
+_MAMBA2 = dict(mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16)
+# indexed (DSA-style) sparse attention: a tiny indexer
+_INDEXER = dict(index_head_dim=8, index_n_heads=2, index_topk=16)
+
+TINY_OVERRIDES: dict[str, dict] = {
+    # one attention layer among the mamba ones (the cache needs one; the defaults are all-mamba)
+    "bamba": _MAMBA2 | dict(attn_layer_indices=[1]),
+    "granitemoehybrid": _MAMBA2 | dict(shared_intermediate_size=24, layer_types=[
+        "linear_attention", "full_attention", "linear_attention", "linear_attention"]),
+    "dots1": dict(n_shared_experts=1),  # defaults to None, which the shared-expert width multiplies
+    "hunyuan_v1_moe": dict(head_dim=8),  # the field defaults to None, which the attention reads as-is
+    # mamba / attention and dense / MoE layers interleave by period: 0 mamba+dense, 1 mamba+MoE, 2 attention+dense,
+    # 3 mamba+MoE
+    "jamba": dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1,
+                  use_mamba_kernels=False, mamba_dt_rank=8),
+    # layer_types defaults to None (the modeling indexes it): conv and attention layers, the first one dense
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "mistral4": dict(head_dim=16, qk_head_dim=16),  # head_dim = nope + rope dims (rope covers half of it)
+    "zaya": dict(num_experts_per_tok=1, router_hidden_size=16),  # ZAYA validates top-1 routing only
+    "glm4v_moe": dict(text_config=dict(rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[1, 1, 0]))),
+    "inkling2": dict(vision_config=dict(text_hidden_size=32)),
+    "inkling2_loop": dict(vision_config=dict(text_hidden_size=32)),
+}
+_QWEN4 = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=4,
+              hc_lowrank=8)
+TINY_OVERRIDES |= {
+    "qwen4_exp_text": _QWEN4,
+    "qwen4_exp": dict(text_config=_QWEN4),
+    # the talker's MoE block reads shared_expert_intermediate_size, which its config class does not define
+    "qwen3_omni_moe": dict(talker_config=dict(text_config=dict(shared_expert_intermediate_size=16))),
+    "step3p7": dict(text_config=dict(sliding_window=16)),
+    "glm5_next": dict(text_config=_INDEXER | dict(qk_rope_head_dim=0, linear_head_dim=8, linear_num_heads=4)),
+}
 
 NOT_BUILDABLE: dict[str, str] = {}
