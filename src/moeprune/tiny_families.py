@@ -35,10 +35,18 @@ GENERIC = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_
 EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "shared_expert_intermediate_size",
                      "moe_ffn_hidden_size")
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k", "top_k_experts",
+              "num_experts_per_token")
+GROUP_KEYS = ("n_group", "num_expert_group", "moe_n_group")  # group-limited routing: 2 groups, the best one kept
 # linear-attention (gated delta net) heads, where a family has them
 LINEAR_ATTENTION = dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                         linear_num_value_heads=4)
+# other weight dimensions families name their own way (dense / shared-expert widths, sparse-attention indexers,
+# low-rank projections), shrunk wherever a text config has them
+AUX_DIMS = dict(intermediate_size_mlp=48, dense_intermediate_size=48, ffn_hidden_size=48, shared_intermediate_size=16,
+                shared_experts_intermediate_size=16, share_expert_dim=16, moe_shared_expert_intermediate_size=16,
+                expert_ffn_hidden_size=16, moe_hidden_size=16, index_head_dim=8, index_n_heads=2, q_lora_rank=16,
+                o_lora_rank=16, linear_head_dim=8, swa_head_dim=8, kv_channels=8)
 TINY_LAYERS = 4
 # towers (vision / audio / ...) of multimodal wrappers: small enough to cost nothing, never run by a text forward
 TOWER = dict(hidden_size=16, intermediate_size=32, num_heads=2, num_attention_heads=2, num_key_value_heads=2,
@@ -58,12 +66,17 @@ def _layer_lists(fields: dict) -> dict[str, list]:
     return {k: v for k, v in fields.items() if isinstance(v, list) and len(v) == depth and not k.endswith("_config")}
 
 
+def _is_layer_index(values: list) -> bool:
+    """A list naming, per layer, an earlier layer (kv_source_layers: where a layer reads its KV cache from)."""
+    return all(_is_int(v) and 0 <= v <= i for i, v in enumerate(values))
+
+
 def _pick_layers(lists: dict[str, list], depth: int, want: int = TINY_LAYERS, most: int = 6) -> list[int]:
     """Indices of the full model's layers the tiny one keeps: the first two layers of every distinct pattern
     (the tuple of per-layer values: attention kind x MLP kind ...), so a hybrid keeps each kind and at least two
-    MoE layers; at most `most`, padded to `want` with the next layers. Index-like lists (all values distinct)
-    do not define patterns."""
-    keys = [k for k, v in lists.items() if len({repr(x) for x in v}) < len(v)]
+    MoE layers; at most `most`, padded to `want` with the next layers. Lists of layer indices do not define
+    patterns."""
+    keys = [k for k, v in lists.items() if len({repr(x) for x in v}) < len(v) and not _is_layer_index(v)]
     sigs = [repr(tuple(lists[k][i] for k in keys)) for i in range(depth)]
     firsts = [sigs.index(s) for s in dict.fromkeys(sigs)]
     seconds = [i for i in range(depth) if i not in firsts and sigs[:i].count(sigs[i]) == 1]
@@ -73,15 +86,22 @@ def _pick_layers(lists: dict[str, list], depth: int, want: int = TINY_LAYERS, mo
     return sorted(picked)
 
 
+def _take(values: list, keep: list[int]) -> list:
+    """`values` at the kept layers; a layer-index list is renumbered (a layer whose source was dropped becomes its
+    own source)."""
+    if not _is_layer_index(values):
+        return [values[i] for i in keep]
+    return [keep.index(values[i]) if values[i] in keep else j for j, i in enumerate(keep)]
+
+
 def _cut_layer_lists(fields: dict, layers: int | None) -> tuple[int, dict]:
     """(tiny depth, per-layer lists cut to it): a prefix of `layers` when the family fixes the depth, else the
     layers `_pick_layers` keeps."""
     lists = _layer_lists(fields)
-    if layers is not None or not lists:
-        n = layers or TINY_LAYERS
-        return n, {k: v[:n] for k, v in lists.items()}
-    keep = _pick_layers(lists, fields["num_hidden_layers"])
-    return len(keep), {k: [v[i] for i in keep] for k, v in lists.items()}
+    keep = list(range(layers or TINY_LAYERS))
+    if layers is None and lists:
+        keep = _pick_layers(lists, fields["num_hidden_layers"])
+    return len(keep), {k: _take(v, keep) for k, v in lists.items()}
 
 
 def _shrink_text(fields: dict, layers: int | None) -> dict:
@@ -90,19 +110,21 @@ def _shrink_text(fields: dict, layers: int | None) -> dict:
         return k in fields and (_is_int(fields[k]) or (none_too and fields[k] is None))
 
     out = {k: v for k, v in GENERIC.items() if has_int(k)}
-    out |= {k: v for k, v in LINEAR_ATTENTION.items() if has_int(k)}
+    out |= {k: v for k, v in (LINEAR_ATTENTION | AUX_DIMS).items() if has_int(k)}
     out |= {k: 16 for k in EXPERT_WIDTH_KEYS if has_int(k)}
     # counts that default to None (dots1, deepseek_v2) are set too: None there means "take it from the checkpoint"
     out |= {k: 8 for k in EXPERT_COUNT_KEYS if has_int(k, none_too=True)}
     out |= {k: 2 for k in TOP_K_KEYS if has_int(k, none_too=True)}
-    if has_int("n_group"):
-        out |= dict(n_group=2, topk_group=1)
+    for key in GROUP_KEYS:
+        if has_int(key):
+            out |= {key: 2, "topk_group": 1}
     out |= {k: v for k, v in dict(tie_word_embeddings=False, pad_token_id=0, initializer_range=0.1).items()
             if k in fields}
+    out |= {k: v for k, v in dict(bos_token_id=1, eos_token_id=2).items() if fields.get(k) is not None}
     if has_int("kv_lora_rank"):  # multi-head latent attention: one kv head per query head
         out |= dict(kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4)
-        if has_int("q_lora_rank"):
-            out["q_lora_rank"] = 16
+        if has_int("qk_head_dim"):
+            out["qk_head_dim"] = 16
     for key in ("first_k_dense_replace", "num_dense_layers"):  # a leading dense layer, then MoE layers
         if has_int(key) and fields[key] > 0:
             out[key] = 1

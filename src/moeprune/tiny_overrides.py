@@ -16,6 +16,14 @@ TINY_OVERRIDES: dict[str, dict] = {
     "bamba": _MAMBA2 | dict(attn_layer_indices=[1]),
     "granitemoehybrid": _MAMBA2 | dict(shared_intermediate_size=24, layer_types=[
         "linear_attention", "full_attention", "linear_attention", "linear_attention"]),
+    # dbrx names its sizes d_model / n_heads / n_layers and keeps attention and experts in sub-configs; its
+    # attention still reads attn_config.rope_theta, a field the config class no longer defines, and clamps with
+    # clip_qkv, which must not be None (DBRX checkpoints use 8)
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=4, max_seq_len=128, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
+    # num_hidden_layers is a property (2 x num_layers: each layer holds two attention + dense sublayers and one MoE);
+    # zero experts (identity outputs the router may pick) are kept, but few
+    "longcat_flash": dict(num_layers=2, zero_expert_num=2),
     "dots1": dict(n_shared_experts=1),  # defaults to None, which the shared-expert width multiplies
     "hunyuan_v1_moe": dict(head_dim=8),  # the field defaults to None, which the attention reads as-is
     # mamba / attention and dense / MoE layers interleave by period: 0 mamba+dense, 1 mamba+MoE, 2 attention+dense,
@@ -33,7 +41,17 @@ TINY_OVERRIDES: dict[str, dict] = {
 }
 _QWEN4 = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=4,
               hc_lowrank=8)
+# the default Gemma-4 is dense: turn the MoE block on (as the 26B-A4B checkpoint does); global_head_dim feeds the
+# per-layer config of the full-attention layers
+_GEMMA4 = dict(enable_moe_block=True, moe_intermediate_size=16, global_head_dim=16, hidden_size_per_layer_input=8,
+               vocab_size_per_layer_input=96)
 TINY_OVERRIDES |= {
+    # ernie's rotary interleaves equal height and width sections, then time: over head_dim / 2 = 4 frequencies
+    "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 16], rope_parameters=dict(
+        mrope_section=[1, 1, 2]))),
+    "hy_v4_vl": dict(text_config=dict(rope_parameters=dict(mrope_section=[1, 1, 2]))),  # sums to rope dim / 2
+    "gemma4_text": _GEMMA4,
+    "gemma4": dict(text_config=_GEMMA4),
     "qwen4_exp_text": _QWEN4,
     "qwen4_exp": dict(text_config=_QWEN4),
     # the talker's MoE block reads shared_expert_intermediate_size, which its config class does not define
