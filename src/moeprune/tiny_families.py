@@ -46,11 +46,15 @@ LINEAR_ATTENTION = dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_n
 AUX_DIMS = dict(intermediate_size_mlp=48, dense_intermediate_size=48, ffn_hidden_size=48, shared_intermediate_size=16,
                 shared_experts_intermediate_size=16, share_expert_dim=16, moe_shared_expert_intermediate_size=16,
                 expert_ffn_hidden_size=16, moe_hidden_size=16, index_head_dim=8, index_n_heads=2, q_lora_rank=16,
-                o_lora_rank=16, linear_head_dim=8, swa_head_dim=8, kv_channels=8)
+                o_lora_rank=16, linear_head_dim=8, swa_head_dim=8, kv_channels=8, unpadded_vocab_size=96)
+# a multimodal wrapper's own projector widths (projector output = the text hidden size)
+WRAPPER_DIMS = dict(projector_hidden_size=32, out_hidden_size=32)
 TINY_LAYERS = 4
 # towers (vision / audio / ...) of multimodal wrappers: small enough to cost nothing, never run by a text forward
 TOWER = dict(hidden_size=16, intermediate_size=32, num_heads=2, num_attention_heads=2, num_key_value_heads=2,
-             depth=1, num_hidden_layers=1, num_layers=1, encoder_layers=1, out_hidden_size=32, head_dim=8)
+             depth=1, num_hidden_layers=1, num_layers=1, encoder_layers=1, out_hidden_size=32, head_dim=8,
+             d_model=16, encoder_ffn_dim=32, encoder_attention_heads=2, output_dim=32, downsample_hidden_size=16,
+             mlp_dim=32, output_channels=16, n_layers=1)
 ROUTER_NAMES = ("gate", "router", "gating", "wg")
 
 
@@ -163,16 +167,27 @@ def _tiny_kwargs(cfg, text, over: dict) -> dict:
     out = {}
     for key in getattr(cfg, "sub_configs", {}):
         sub = getattr(cfg, key, None)
-        if sub is None:
+        if sub is None or not hasattr(sub, "to_dict"):
             continue
         if _contains(sub, text) or _is_decoder(sub):
             out[key] = _fields(sub) | _tiny_kwargs(sub, text if _contains(sub, text) else sub, over.get(key, {}))
         else:
-            out[key] = _fields(sub) | _merge(_shrink_tower(_fields(sub)), over.get(key, {}))
-    top = {k: v for k, v in over.items() if k not in out}
-    if "tie_word_embeddings" in cfg.to_dict():
-        top.setdefault("tie_word_embeddings", False)
-    return out | top
+            out[key] = _fields(sub) | _tiny_tower(sub, over.get(key, {}))
+    fields = cfg.to_dict()
+    top = {k: v for k, v in WRAPPER_DIMS.items() if _is_int(fields.get(k))}
+    if "tie_word_embeddings" in fields:
+        top["tie_word_embeddings"] = False
+    return out | top | {k: v for k, v in over.items() if k not in out}
+
+
+def _tiny_tower(cfg, over: dict) -> dict:
+    """A vision / audio tower (and its own sub-configs): one narrow layer."""
+    out = _shrink_tower(_fields(cfg))
+    for key in getattr(cfg, "sub_configs", {}):
+        sub = getattr(cfg, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            out[key] = _fields(sub) | _tiny_tower(sub, over.get(key, {}))
+    return _merge(out, over)
 
 
 def _is_decoder(cfg) -> bool:

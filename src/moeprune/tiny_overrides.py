@@ -24,6 +24,9 @@ TINY_OVERRIDES: dict[str, dict] = {
     # num_hidden_layers is a property (2 x num_layers: each layer holds two attention + dense sublayers and one MoE);
     # zero experts (identity outputs the router may pick) are kept, but few
     "longcat_flash": dict(num_layers=2, zero_expert_num=2),
+    # mamba2 heads x head dim = 2 x hidden; the block pattern keeps mamba, attention and two MoE layers
+    "nemotron_h": dict(mamba_num_heads=4, mamba_head_dim=16, n_groups=1, ssm_state_size=16, chunk_size=16,
+                       layers_block_type=["linear_attention", "moe", "full_attention", "moe"]),
     "dots1": dict(n_shared_experts=1),  # defaults to None, which the shared-expert width multiplies
     "hunyuan_v1_moe": dict(head_dim=8),  # the field defaults to None, which the attention reads as-is
     # mamba / attention and dense / MoE layers interleave by period: 0 mamba+dense, 1 mamba+MoE, 2 attention+dense,
@@ -36,6 +39,9 @@ TINY_OVERRIDES: dict[str, dict] = {
     "zaya": dict(num_experts_per_tok=1, router_hidden_size=16),  # ZAYA validates top-1 routing only
     "glm4v_moe": dict(text_config=dict(rope_parameters=dict(
         rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[1, 1, 0]))),
+    # mlp_layer_types defaults to None, which the decoder indexes: one dense layer, then MoE (as DeepSeek-V2)
+    "deepseek_ocr2": dict(text_config=dict(mlp_layer_types=["dense", "sparse", "sparse", "sparse"])),
+    "inkling_mm_model": dict(vision_config=dict(text_hidden_size=32, patch_size=4)),
     "inkling2": dict(vision_config=dict(text_hidden_size=32)),
     "inkling2_loop": dict(vision_config=dict(text_hidden_size=32)),
 }
@@ -45,19 +51,31 @@ _QWEN4 = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer
 # per-layer config of the full-attention layers
 _GEMMA4 = dict(enable_moe_block=True, moe_intermediate_size=16, global_head_dim=16, hidden_size_per_layer_input=8,
                vocab_size_per_layer_input=96)
+# Dots-3 sliding-window layers take their MLA sizes from swa_* kwargs (head_dim = nope + rope)
+_DOTS3 = dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16,
+              swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8)
 TINY_OVERRIDES |= {
+    "dots3_note_text": _DOTS3,
+    # its vision adapter maps the tower width to the text width
+    "dots3_note": dict(text_config=_DOTS3, vision_config=dict(adapter_in_dim=16, adapter_out_dim=32),
+                       audio_config=dict(adapter_input_size=16, adapter_out_dim=32)),
     # ernie's rotary interleaves equal height and width sections, then time: over head_dim / 2 = 4 frequencies
     "ernie4_5_vl_moe": dict(text_config=dict(moe_intermediate_size=[16, 16], rope_parameters=dict(
         mrope_section=[1, 1, 2]))),
     "hy_v4_vl": dict(text_config=dict(rope_parameters=dict(mrope_section=[1, 1, 2]))),  # sums to rope dim / 2
     "gemma4_text": _GEMMA4,
     "gemma4": dict(text_config=_GEMMA4),
+    "diffusion_gemma": dict(text_config=_GEMMA4),
     "qwen4_exp_text": _QWEN4,
     "qwen4_exp": dict(text_config=_QWEN4),
-    # the talker's MoE block reads shared_expert_intermediate_size, which its config class does not define
-    "qwen3_omni_moe": dict(talker_config=dict(text_config=dict(shared_expert_intermediate_size=16))),
+    # the talker reads shared_expert_intermediate_size and spatial_merge_size, which its config classes do not define
+    "qwen3_omni_moe": dict(talker_config=dict(spatial_merge_size=2,
+                                              text_config=dict(shared_expert_intermediate_size=16))),
     "step3p7": dict(text_config=dict(sliding_window=16)),
     "glm5_next": dict(text_config=_INDEXER | dict(qk_rope_head_dim=0, linear_head_dim=8, linear_num_heads=4)),
 }
 
-NOT_BUILDABLE: dict[str, str] = {}
+NOT_BUILDABLE: dict[str, str] = {
+    "qwen3_omni_moe": "builds, but the omni wrapper has no forward (generate only, thinker and talker run apart); "
+                      "its MoE decoder is covered by qwen3_omni_moe_thinker",
+}
