@@ -25,10 +25,10 @@ import torch
 
 from moeprune.log import logger
 from moeprune.tiny import sharpen_routers
-from moeprune.tiny_overrides import NOT_BUILDABLE, TINY_OVERRIDES
+from moeprune.tiny_overrides import MIXED_LAYERS, NOT_BUILDABLE, TINY_OVERRIDES
 
-__all__ = ["GENERIC", "NOT_BUILDABLE", "TINY_OVERRIDES", "moe_blocks", "moe_model_types", "tiny_family_config",
-           "tiny_family_model"]
+__all__ = ["GENERIC", "MIXED_LAYERS", "NOT_BUILDABLE", "TINY_OVERRIDES", "moe_blocks", "moe_model_types",
+           "tiny_family_config", "tiny_family_model"]
 
 GENERIC = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                vocab_size=96, max_position_embeddings=128, initializer_range=0.1)

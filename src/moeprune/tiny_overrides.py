@@ -19,7 +19,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     # dbrx names its sizes d_model / n_heads / n_layers and keeps attention and experts in sub-configs; its
     # attention still reads attn_config.rope_theta, a field the config class no longer defines, and clamps with
     # clip_qkv, which must not be None (DBRX checkpoints use 8)
-    "dbrx": dict(d_model=32, n_heads=4, n_layers=4, max_seq_len=128, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=4, max_seq_len=128,
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
     # num_hidden_layers is a property (2 x num_layers: each layer holds two attention + dense sublayers and one MoE);
     # zero experts (identity outputs the router may pick) are kept, but few
@@ -32,7 +33,7 @@ TINY_OVERRIDES: dict[str, dict] = {
     # mamba / attention and dense / MoE layers interleave by period: 0 mamba+dense, 1 mamba+MoE, 2 attention+dense,
     # 3 mamba+MoE
     "jamba": dict(attn_layer_period=4, attn_layer_offset=2, expert_layer_period=2, expert_layer_offset=1,
-                  use_mamba_kernels=False, mamba_dt_rank=8),
+                  mamba_dt_rank=8),
     # layer_types defaults to None (the modeling indexes it): conv and attention layers, the first one dense
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
     "mistral4": dict(head_dim=16, qk_head_dim=16),  # head_dim = nope + rope dims (rope covers half of it)
@@ -65,7 +66,7 @@ TINY_OVERRIDES |= {
     "hy_v4_vl": dict(text_config=dict(rope_parameters=dict(mrope_section=[1, 1, 2]))),  # sums to rope dim / 2
     "gemma4_text": _GEMMA4,
     "gemma4": dict(text_config=_GEMMA4),
-    "diffusion_gemma": dict(text_config=_GEMMA4),
+    "diffusion_gemma": dict(text_config=_GEMMA4, canvas_length=16),  # the diffusion canvas it denoises
     "qwen4_exp_text": _QWEN4,
     "qwen4_exp": dict(text_config=_QWEN4),
     # the talker reads shared_expert_intermediate_size and spatial_merge_size, which its config classes do not define
@@ -74,6 +75,15 @@ TINY_OVERRIDES |= {
     "step3p7": dict(text_config=dict(sliding_window=16)),
     "glm5_next": dict(text_config=_INDEXER | dict(qk_rope_head_dim=0, linear_head_dim=8, linear_num_heads=4)),
 }
+
+# families whose default config mixes MoE decoder layers with dense / mamba / conv layers (first_k_dense_replace,
+# mlp_layer_types, hybrid block patterns): their tiny model keeps at least one non-MoE decoder layer
+MIXED_LAYERS = frozenset({
+    "afmoe", "axk1", "axk2", "bailing_hybrid", "beam", "deepseek_ocr2", "deepseek_v3", "deepseek_v32", "dots3_note",
+    "dots3_note_text", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite",
+    "glm4v_moe", "glm5_next", "glm_moe_dsa", "hy_v3", "hy_v4", "hy_v4_vl", "jamba", "kimi_linear", "laguna",
+    "lfm2_moe", "mimo_v2_flash", "mistral_large4", "nemotron_h", "step3p7", "unlimited_ocr",
+})
 
 NOT_BUILDABLE: dict[str, str] = {
     "qwen3_omni_moe": "builds, but the omni wrapper has no forward (generate only, thinker and talker run apart); "
