@@ -290,17 +290,20 @@ def _mapped_model_types() -> list[str]:
 
 
 def _has_routed_experts(model_type: str) -> bool:
-    """Build the tiny model on the meta device (no memory, no init) and look for routed experts."""
+    """Build the tiny model on the meta device (no memory, no init; on the CPU if meta fails) and look for routed
+    experts. A family whose tiny model does not build counts when `NOT_BUILDABLE` names it."""
     from moeprune.io.stock import auto_class
 
-    try:
-        config = tiny_family_config(model_type)
-        with torch.device("meta"):
-            model = auto_class(config).from_config(config)
-    except Exception as exc:  # noqa: BLE001 - a family that cannot build tiny is judged by NOT_BUILDABLE
-        logger.debug("tiny %s does not build: %s", model_type, exc)
-        return model_type in NOT_BUILDABLE
-    return bool(moe_blocks(model))
+    for device in ("meta", "cpu"):
+        try:
+            config = tiny_family_config(model_type)
+            with torch.device(device):
+                model = auto_class(config).from_config(config)
+        except Exception as exc:  # noqa: BLE001 - judged below
+            logger.debug("tiny %s does not build on %s: %s", model_type, device, exc)
+            continue
+        return bool(moe_blocks(model))
+    return model_type in NOT_BUILDABLE
 
 
 def moe_model_types() -> list[str]:
