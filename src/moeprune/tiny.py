@@ -68,15 +68,36 @@ def tiny_model(family: str, seed: int = 0, router_scale: float = 4.0, **override
     torch.manual_seed(seed)
     config = tiny_config(family, **overrides)
     model = auto_class(config).from_config(config, dtype=torch.float32).eval()
+    sharpen_routers(model, router_scale)
+    return model
+
+
+@torch.no_grad()
+def sharpen_routers(model: torch.nn.Module, router_scale: float = 4.0, routers=()) -> set[int]:
+    """Re-draw router weights at std `router_scale / sqrt(H)` (routing far from uniform, so top-k choices are not
+    fragile ties) and give biases non-zero values; return the ids of the tensors it touched.
+
+    Router weights are the 2-D parameters named `*gate.weight` / `*router.weight` (not shared-expert gates), plus
+    any extra 2-D `routers` tensors a caller found structurally (`moeprune.tiny_families`); biases are parameters
+    named `*router.bias` / `*_bias` (N(0, 0.1)) and `e_score_correction_bias` buffers (N(0, 0.05)).
+    """
+    touched: set[int] = set()
     for name, p in model.named_parameters():
         if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and "shared" not in name:
             p.normal_(0, router_scale / p.shape[1] ** 0.5)
+            touched.add(id(p))
         elif name.endswith(("router.bias", "_bias")) and p.dim() in (1, 2):
             p.normal_(0, 0.1)
+            touched.add(id(p))
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.normal_(0, 0.05)
-    return model
+            touched.add(id(b))
+    for w in routers:
+        if id(w) not in touched and w.dim() == 2:
+            w.normal_(0, router_scale / w.shape[1] ** 0.5)
+            touched.add(id(w))
+    return touched
 
 
 def tiny_tokenizer():

@@ -17,10 +17,11 @@ def parse_dtype(name: str):
 
 def auto_class(config):
     """The stock Auto class that builds this config's generative model: CausalLM, else image-text-to-text
-    (vision-language MoEs such as Qwen3-VL-MoE nest their text decoder under `text_config`)."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    (vision-language MoEs such as Qwen3-VL-MoE nest their text decoder under `text_config`), else the multimodal
+    LM class (omni models such as Qwen3-Omni-MoE)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM
 
-    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM):
         if type(config) in auto._model_mapping:
             return auto
     if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):  # remote code (io/remote.py)
