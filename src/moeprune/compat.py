@@ -54,6 +54,15 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "get_model_class": ("transformers.models.auto.auto_factory", "_get_model_class"),
     "ContextManagers": ("transformers.utils.generic", "ContextManagers"),
     "guard_torch_init_functions": ("transformers.initialization", "guard_torch_init_functions"),
+    # the model registry, to enumerate the installed MoE families (tiny_families.moe_model_types)
+    "CONFIG_MAPPING_NAMES": ("transformers.models.auto.configuration_auto", "CONFIG_MAPPING_NAMES"),
+    "model_type_to_module_name": ("transformers.models.auto.configuration_auto", "model_type_to_module_name"),
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": ("transformers.models.auto.modeling_auto",
+                                          "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": ("transformers.models.auto.modeling_auto",
+                                                   "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+    "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES": ("transformers.models.auto.modeling_auto",
+                                              "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"),
 }
 ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("transformers", "AutoModelForCausalLM._model_mapping"),

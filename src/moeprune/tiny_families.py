@@ -273,17 +273,23 @@ def _mapped_model_types() -> list[str]:
     """model_types with a causal-LM / image-text-to-text / multimodal-LM mapping whose modeling source mentions
     experts (the cheap prefilter)."""
     import transformers
-    from transformers.models.auto import configuration_auto as ca
-    from transformers.models.auto import modeling_auto as ma
 
-    mapped = set(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
-    mapped |= set(getattr(ma, "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES", {}))
+    from moeprune.compat import (
+        CONFIG_MAPPING_NAMES,
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+        MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES,
+        model_type_to_module_name,
+    )
+
+    mapped = (set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+              | set(MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES))
     root = Path(transformers.__file__).parent / "models"
     out = []
-    for model_type in ca.CONFIG_MAPPING_NAMES:
+    for model_type in CONFIG_MAPPING_NAMES:
         if model_type not in mapped:
             continue
-        folder = root / ca.model_type_to_module_name(model_type)
+        folder = root / model_type_to_module_name(model_type)
         if any("experts" in f.read_text() for f in folder.glob("modeling_*.py")):
             out.append(model_type)
     return out
