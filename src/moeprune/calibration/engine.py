@@ -11,13 +11,20 @@ i+1's input, and `on_layer(i, layer)` runs before the layer so callers can attac
 prune-as-you-go). No grad, no KV cache. Between layers the hidden states stay on the accelerator when they fit
 (`pick_cache_device`: within a quarter of its free memory), so a GPU run copies nothing to the host per batch;
 otherwise (and always on CPU runs) they wait in host memory.
+
+Carried outputs: some decoder layers return more than their hidden states, and the model feeds the extra outputs
+to the next layer (DeepSeek-sparse-attention families return `(hidden, topk_indices)` and take
+`prev_topk_indices`). The arity is read from the layer's return annotation (`tuple[...]`); during capture the
+recorder returns a unique marker in each extra position, and a next layer's kwarg holding a marker is recorded as
+carried (`LayerInputs.carries`). When layer i runs, its extra outputs are written into layer i+1's kwargs.
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +42,25 @@ class LayerInputs:
     kwargs: list[dict[str, Any]]  # per decoder layer
     attention_mask: torch.Tensor  # [B, S] (1 = real token)
     tag: str = ""  # which calibration set the rows come from
+    carries: dict[int, dict[str, int]] = field(default_factory=dict)  # layer -> {kwarg: output index of layer-1}
+
+
+class _Carried:
+    """Marker a recorder returns in place of a decoder layer's extra output `index` (see module docstring)."""
+
+    def __init__(self, layer: int, index: int):
+        self.layer, self.index = layer, index
+
+
+def output_arity(layer: nn.Module) -> int:
+    """How many values the decoder layer's forward returns: the length of a `tuple[...]` return annotation
+    (1 for a tensor, or when unannotated)."""
+    try:
+        hint = typing.get_type_hints(type(layer).forward).get("return")
+    except Exception:  # noqa: BLE001  (unresolvable annotations: a plain tensor)
+        return 1
+    args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+    return len(args) if args and Ellipsis not in args else 1
 
 
 class _StopForward(Exception):
@@ -48,25 +74,31 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
     layers = adapter.decoder_layers(model)
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
+    carries: dict[int, dict[str, int]] = {}
     originals = [layer.forward for layer in layers]
 
-    def recorder(index: int):
+    def recorder(index: int, arity: int):
         def forward(hidden_states, *args, **kw):
             if args:
                 raise TypeError(f"decoder layer {index} got positional arguments beyond hidden_states")
             if index == 0:
                 hidden.append(hidden_states.detach().cpu())
-            kwargs.append({k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")})
+            kept = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+            for k, v in list(kept.items()):
+                if isinstance(v, _Carried):  # an extra output of the previous layer, fed back to this one
+                    carries.setdefault(index, {})[k] = v.index
+                    kept[k] = None
+            kwargs.append(kept)
             if index == len(layers) - 1:
                 raise _StopForward
-            return hidden_states
+            return hidden_states if arity == 1 else (hidden_states, *(_Carried(index, j) for j in range(1, arity)))
 
         return forward
 
     home = model.get_input_embeddings().weight.device  # the ids go where the embedding is (CPU, or a GPU)
     try:
         for i, layer in enumerate(layers):
-            layer.forward = recorder(i)
+            layer.forward = recorder(i, output_arity(layer))
         model(input_ids=input_ids.to(home), attention_mask=attention_mask.to(home), use_cache=False)
     except _StopForward:
         pass
@@ -75,7 +107,7 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
             if layer.forward is not original:
                 del layer.forward
     assert len(kwargs) == len(layers), (len(kwargs), len(layers))
-    return LayerInputs(hidden[0], kwargs, attention_mask)
+    return LayerInputs(hidden[0], kwargs, attention_mask, carries=carries)
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -145,7 +177,10 @@ def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
             if on_batch is not None:
                 on_batch(b)
             out = layer(b.hidden.to(device), **to_device(b.kwargs[i], device))
-            out = out[0] if isinstance(out, tuple) else out  # [B, S, H]
+            if isinstance(out, tuple):
+                for name, j in b.carries.get(i + 1, {}).items():  # extra outputs the next layer takes
+                    b.kwargs[i + 1][name] = to_device(out[j], cache_device)
+                out = out[0]  # [B, S, H]
             outputs.append(out.detach().to(cache_device))
     finally:
         if cleanup is not None:

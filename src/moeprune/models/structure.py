@@ -19,8 +19,8 @@ Results are cached per config (its JSON), so adapters can ask repeatedly.
 
 from __future__ import annotations
 
+import copy
 import functools
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +50,6 @@ class Structure:
 
 def build_meta(config: Any) -> nn.Module:
     """The stock model of `config` on the meta device (nothing allocated)."""
-    import copy
-
     from moeprune.io.stock import auto_class
 
     config = copy.deepcopy(config)
@@ -132,33 +130,39 @@ def _scan(model: nn.Module, config: Any) -> Structure:
                      type(getattr(block, router)).__name__, type(experts).__name__, model)
 
 
-@functools.lru_cache(maxsize=32)
-def _meta_json(config_json: str, config_class: type) -> tuple[Any, nn.Module]:
-    config = config_class.from_dict(json.loads(config_json))
-    return config, build_meta(config)
+_META: dict[str, tuple[Any, nn.Module, Structure | None]] = {}  # config JSON -> (config, meta model, structure)
+_CACHE_SIZE = 32
+
+
+def _entry(config: Any) -> tuple[str, tuple[Any, nn.Module, Structure | None]]:
+    """The cache entry of `config` (built on first use; the oldest entry goes when the cache is full)."""
+    key = config.to_json_string(use_diff=False)
+    if key not in _META:
+        try:
+            model = build_meta(config)
+        except MoePruneError:
+            raise
+        except Exception as e:  # the stock class cannot be built from this config
+            raise MoePruneError(f"cannot build {type(config).__name__} on meta to find its MoE blocks: "
+                                f"{type(e).__name__}: {e}") from e
+        if len(_META) >= _CACHE_SIZE:
+            del _META[next(iter(_META))]
+        _META[key] = (copy.deepcopy(config), model, None)
+    return key, _META[key]
 
 
 def meta_model(config: Any) -> nn.Module:
     """The stock model of `config` on meta, cached per config JSON. Raises MoePruneError when it cannot be built."""
-    try:
-        return _meta_json(config.to_json_string(use_diff=False), type(config))[1]
-    except MoePruneError:
-        raise
-    except Exception as e:  # the stock class cannot be built from this config
-        raise MoePruneError(f"cannot build {type(config).__name__} on meta to find its MoE blocks: "
-                            f"{type(e).__name__}: {e}") from e
-
-
-@functools.lru_cache(maxsize=32)
-def _discover_json(config_json: str, config_class: type) -> Structure:
-    config, model = _meta_json(config_json, config_class)
-    return _scan(model, config)
+    return _entry(config)[1][1]
 
 
 def discover(config: Any) -> Structure:
     """The MoE structure of `config`'s stock model (see the module docstring). Raises MoePruneError."""
-    meta_model(config)  # a build failure becomes a MoePruneError here
-    return _discover_json(config.to_json_string(use_diff=False), type(config))
+    key, (cfg, model, structure) = _entry(config)
+    if structure is None:
+        structure = _scan(model, cfg)
+        _META[key] = (cfg, model, structure)
+    return structure
 
 
 def target_of(structure: Structure, key: str) -> str:
