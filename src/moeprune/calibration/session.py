@@ -103,7 +103,8 @@ def collect(
     forces the per-expert reference loop instead of the model's configured experts kernel."""
     moe = set(adapter.moe_layers())
     kind = adapter.routing().kind
-    hidden = int(adapter.config.hidden_size)
+    first = adapter.block(model, min(moe))  # on meta in a lazy model: shapes only
+    hidden = int(adapter.expert_roles(first)["down"].shape[1])  # the experts' output width ([E, H, I] canonical)
     stats = {s.name: {layer: RoutedStats(adapter.num_experts, hidden=hidden).to(device) for layer in sorted(moe)}
              for s in sets}  # sums live on the device during the pass; moved to the host once at the end
     stride = probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k)

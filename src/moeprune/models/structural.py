@@ -19,6 +19,7 @@ Everything an adapter answers is taken from the stock model's structure:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from typing import Any
@@ -93,6 +94,8 @@ class StructuralAdapter(MoEAdapter):
             per = PER_EXPERT.match(key)
             if per:
                 return KeyRole("expert", layer, int(per.group("j")), per.group("prefix"), per.group("suffix"))
+            if not self._expert_indexed(target):
+                return KeyRole("other", layer)  # e.g. a norm shared by every expert (muse_spark post_expert_norm)
             return KeyRole("fused", layer)
         if rest.startswith(self.router_name + "."):
             return KeyRole("router", layer)
@@ -101,6 +104,12 @@ class StructuralAdapter(MoEAdapter):
         if SELECTION_BIAS.search(rest):
             return KeyRole("router", layer)  # a selection bias kept on the block (afmoe, lfm2_moe)
         return KeyRole("other", layer)
+
+    def _expert_indexed(self, target: str) -> bool:
+        """Whether the in-memory tensor `target` has one row per expert (unknown names: assumed yes)."""
+        shapes = _meta_shapes(id(self.structure.meta), self.structure)
+        shape = shapes.get(target)
+        return shape is None or (len(shape) >= 1 and shape[0] == self.structure.num_experts)
 
     def routing(self) -> RoutingSpec:
         c = self.config
@@ -113,6 +122,11 @@ class StructuralAdapter(MoEAdapter):
             routed_scaling_factor=float(getattr(c, "routed_scaling_factor", None) or 1.0),
             correction_bias=kind in ("sigmoid_grouped", "softmax_bias"),
         )
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_shapes(_: int, structure: Structure) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in structure.meta.state_dict().items()}
 
 
 def _key_equal(config: Any, keys: tuple[str, ...], value: int | None) -> str | None:

@@ -171,8 +171,9 @@ class Stage:
         """Write into `config` (in place: modules keep their reference) what `next_config` changes."""
         before, after = _text(adapter.root_config), _text(self.next_config(plan, adapter))
         target = _text(config)
+        stored = vars(before)  # raw attributes: per-layer configs (dots3) refuse getattr of a per-layer key
         for key, value in vars(after).items():
-            if not key.startswith("_") and getattr(before, key, None) != value:
+            if not key.startswith("_") and stored.get(key) != value:
                 setattr(target, key, copy.deepcopy(value))
 
     def apply_shards(self, ckpt, adapter: MoEAdapter, plan, out_dir: Path, max_shard_bytes: int) -> None:
