@@ -52,6 +52,15 @@ class _Carried:
         self.layer, self.index = layer, index
 
 
+POSITIONAL = "__positional__"  # key of a layer's positional arguments after hidden_states (Gemma-4: per_layer_input)
+
+
+def call_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], device) -> Any:
+    """layer(hidden, *positional, **kwargs) with the recorded arguments moved to `device`; the raw output."""
+    kw = to_device(kwargs, device)
+    return layer(hidden, *kw.pop(POSITIONAL, ()), **kw)
+
+
 def output_arity(layer: nn.Module) -> int:
     """How many values the decoder layer's forward returns: the length of a `tuple[...]` return annotation
     (1 for a tensor, or when unannotated)."""
@@ -79,11 +88,11 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
 
     def recorder(index: int, arity: int):
         def forward(hidden_states, *args, **kw):
-            if args:
-                raise TypeError(f"decoder layer {index} got positional arguments beyond hidden_states")
             if index == 0:
                 hidden.append(hidden_states.detach().cpu())
             kept = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
+            if args:
+                kept[POSITIONAL] = args
             for k, v in list(kept.items()):
                 if isinstance(v, _Carried):  # an extra output of the previous layer, fed back to this one
                     carries.setdefault(index, {})[k] = v.index
@@ -117,6 +126,8 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
         return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_device(v, device) for v in obj]
     return obj
 
 
@@ -176,7 +187,7 @@ def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
         for b in batches:
             if on_batch is not None:
                 on_batch(b)
-            out = layer(b.hidden.to(device), **to_device(b.kwargs[i], device))
+            out = call_layer(layer, b.hidden.to(device), b.kwargs[i], device)
             if isinstance(out, tuple):
                 for name, j in b.carries.get(i + 1, {}).items():  # extra outputs the next layer takes
                     b.kwargs[i + 1][name] = to_device(out[j], cache_device)

@@ -24,10 +24,11 @@ import inspect
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.models.base import KeyRole, MoEAdapter
+from moeprune.models.base import KeyRole, MoEAdapter, expert_axis
 from moeprune.models.keys import COUNT_KEYS, TOP_K_KEYS
 from moeprune.models.routing import RoutingSpec
 from moeprune.models.structure import PER_EXPERT, Structure, discover, target_of
@@ -72,7 +73,7 @@ class StructuralAdapter(MoEAdapter):
 
     def block(self, model: nn.Module, layer: int) -> nn.Module:
         try:
-            block = self.decoder_layers(model)[layer].get_submodule(self.block_name)
+            block = self.decoder_layers(model)[layer].get_submodule(self.block_name)  # "" -> the layer itself
         except AttributeError:
             block = None
         if block is None or not hasattr(block, self.experts_name):
@@ -82,8 +83,8 @@ class StructuralAdapter(MoEAdapter):
 
     def classify_key(self, key: str) -> KeyRole:
         target = target_of(self.structure, key)
-        m = re.match(rf"^{re.escape(self.structure.layers_path)}\.(\d+)\.{re.escape(self.block_name)}\.(.+)$",
-                     target)
+        block = re.escape(self.block_name) + r"\." if self.block_name else ""
+        m = re.match(rf"^{re.escape(self.structure.layers_path)}\.(\d+)\.{block}(.+)$", target)
         if m is None:
             layer = re.search(rf"^{re.escape(self.structure.layers_path)}\.(\d+)\.", target)
             return KeyRole("other", int(layer.group(1)) if layer else None)
@@ -97,19 +98,21 @@ class StructuralAdapter(MoEAdapter):
             if not self._expert_indexed(target):
                 return KeyRole("other", layer)  # e.g. a norm shared by every expert (muse_spark post_expert_norm)
             return KeyRole("fused", layer)
-        if rest.startswith(self.router_name + "."):
-            return KeyRole("router", layer)
+        if rest.startswith(self.router_name + "."):  # its [E]-indexed tensors; others (Gemma-4's scale [H]) stay
+            return KeyRole("router" if self._expert_indexed(target, strict=True) else "other", layer)
         if any(rest.startswith(s + ".") for s in self.shared_names):
             return KeyRole("shared", layer)
         if SELECTION_BIAS.search(rest):
             return KeyRole("router", layer)  # a selection bias kept on the block (afmoe, lfm2_moe)
         return KeyRole("other", layer)
 
-    def _expert_indexed(self, target: str) -> bool:
-        """Whether the in-memory tensor `target` has one row per expert (unknown names: assumed yes)."""
-        shapes = _meta_shapes(id(self.structure.meta), self.structure)
-        shape = shapes.get(target)
-        return shape is None or (len(shape) >= 1 and shape[0] == self.structure.num_experts)
+    def _expert_indexed(self, target: str, strict: bool = False) -> bool:
+        """Whether the in-memory tensor `target` indexes experts (`models/base.expert_axis`: dim 0, or the last dim
+        of a [1, E] tensor); names the meta model lacks count as expert-indexed unless `strict`."""
+        shape = _meta_shapes(id(self.structure.meta), self.structure).get(target)
+        if shape is None:
+            return not strict
+        return expert_axis(torch.empty(shape, device="meta"), self.structure.num_experts) is not None
 
     def routing(self) -> RoutingSpec:
         c = self.config

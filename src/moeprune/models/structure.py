@@ -7,7 +7,9 @@ multimodal wrappers nesting the text decoder. Rather than one rule per family, `
 model class on the `meta` device (no memory, no weights) and reads the structure off it:
 
 - decoder layers: the `ModuleList` named `*layers` with `num_hidden_layers` entries (of the text config);
-- MoE block of layer i: the shallowest module under it with an `experts` child; MoE layers are those that have one;
+- MoE block of layer i: the shallowest module under it with an `experts` child (the decoder layer itself for
+  Gemma-4, whose router and experts sit next to its dense MLP; `block_name` is then ""); MoE layers are those
+  that have one;
 - router: the block's child (not experts, not shared) owning a parameter with E rows, E = the experts' count
   (fused: dim 0 of every parameter; ModuleList: its length);
 - shared experts: the block's children whose name contains "shared";
@@ -106,8 +108,8 @@ def _scan(model: nn.Module, config: Any) -> Structure:
     path, layers = _decoder_layers(model, int(text.num_hidden_layers))
     found: dict[int, tuple[str, nn.Module]] = {}
     for i, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if name and isinstance(getattr(module, EXPERTS_NAME, None), nn.Module):
+        for name, module in layer.named_modules():  # "" first: the decoder layer itself may be the block (gemma4)
+            if isinstance(getattr(module, EXPERTS_NAME, None), nn.Module):
                 found[i] = (name, module)
                 break
     if not found:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.engine import LayerInputs, around_layers_on, capture, run_layers, to_device
+from moeprune.calibration.engine import LayerInputs, around_layers_on, call_layer, capture, run_layers, to_device
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.io.lazy import LazyModel, load_lazy
@@ -204,7 +204,7 @@ def _backward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs],
                     if col is not None:
                         col.valid = b.attention_mask.reshape(-1).bool()
                     h = h_in.to(device).detach().requires_grad_(True)  # [B, S, H]
-                    out = layer(h, **to_device(b.kwargs[i], device))
+                    out = call_layer(layer, h, b.kwargs[i], device)
                     out = out[0] if isinstance(out, tuple) else out  # [B, S, H]
                     out.backward(g_out.to(device))
                     next_grads.append(h.grad.cpu())
