@@ -150,7 +150,8 @@ class NeuronCollector:
                     continue
                 tok, slot = torch.where(top_k_index == j)  # routed tokens of j and their top-k position
                 x = hidden_states[tok]  # [n, H]
-                g = F.linear(x, roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
+                g = (F.linear(x, roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
+                     if "gate" in roles else None)  # [n, I]; None for up-only experts
                 u = F.linear(x, roles["up"][j], roles["up_bias"][j] if "up_bias" in roles else None)
                 h = glu(g, u)  # [n, I]
                 w = top_k_weights[tok, slot]  # [n]
