@@ -87,6 +87,7 @@ class MoEAdapter:
     # how the fused gate/up tensor is laid out (see models/layouts.py): "concat" [E, 2I, H] or
     # "interleaved_t" [E, H, 2I] with gate at even and up at odd columns (gpt-oss)
     fused_style: ClassVar[str] = "concat"
+    router_logits_at: ClassVar[int] = 0  # the element of the router's output tuple that holds the logits [T, E]
 
     def __init__(self, config: Any):
         self.root_config = config

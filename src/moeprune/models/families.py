@@ -23,6 +23,9 @@ class FamilySpec:
     count_keys: tuple[str, ...] = ()
     top_k_keys: tuple[str, ...] = ()
     width_keys: tuple[str, ...] = ()
+    # fused experts without transformers' layout flags (`is_transposed`, ...): their style (models/fused_styles.py)
+    fused_style: str | None = None
+    router_logits_at: int = 0  # the element of the router's output tuple holding the logits
     note: str = ""
 
 
@@ -48,7 +51,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("kolibri1", ("kolibri1",)),
     FamilySpec("laguna", ("laguna",)),
     FamilySpec("lara_mini", ("lara_mini",)),
-    FamilySpec("llama4", ("llama4_text",)),
+    FamilySpec("llama4", ("llama4_text",), width_keys=("intermediate_size",), fused_style="concat_t",
+               router_logits_at=1, note="Llama4TextExperts: gate_up [E, H, 2I], down [E, I, H], no layout flags; the "
+               "block pre-scales the experts' input by sigmoid(top-k logits); the router returns (scores, logits)"),
     FamilySpec("mellum", ("mellum",)),
     FamilySpec("mimo_v2_flash", ("mimo_v2_flash",)),
     FamilySpec("minimax", ("minimax",)),

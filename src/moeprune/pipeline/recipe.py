@@ -97,7 +97,8 @@ def next_adapter(spec: StageSpec, adapter: MoEAdapter) -> MoEAdapter:
         return adapter_after(adapter, spec.stage.check(spec.options, adapter))
     except MoePruneError as e:
         shape = f"{adapter.num_experts} experts (top-{adapter.top_k}), width {adapter.expert_width}"
-        raise MoePruneError(f"{spec.where}, on the model as the stages before leave it ({shape}): {e}") from None
+        # same class (UnsupportedLayout stays one: the family x verb table shows it as n/a)
+        raise type(e)(f"{spec.where}, on the model as the stages before leave it ({shape}): {e}") from None
 
 
 def chain_adapters(chain: Chain, adapter: MoEAdapter) -> list[MoEAdapter]:
