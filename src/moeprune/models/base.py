@@ -88,6 +88,7 @@ class MoEAdapter:
     # "interleaved_t" [E, H, 2I] with gate at even and up at odd columns (gpt-oss)
     fused_style: ClassVar[str] = "concat"
     router_logits_at: ClassVar[int] = 0  # the element of the router's output tuple that holds the logits [T, E]
+    gated_experts: ClassVar[bool] = True  # False: up-only experts y = down·act(up·x) (nemotron_h)
 
     def __init__(self, config: Any):
         self.root_config = config

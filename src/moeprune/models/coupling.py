@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import re
 from typing import Any
 
@@ -41,9 +40,9 @@ def _with(config: Any, **values: int) -> Any:
 
 @functools.lru_cache(maxsize=64)
 def _shapes_json(config_json: str, config_class: type) -> dict[str, tuple[int, ...]]:
-    from moeprune.models.structure import build_meta
+    from moeprune.models.structure import build_meta, config_from_json
 
-    config = config_class.from_dict(json.loads(config_json))
+    config = config_from_json(config_json, config_class)
     return {k: tuple(v.shape) for k, v in build_meta(config).state_dict().items()}
 
 

@@ -55,6 +55,7 @@ class StructuralAdapter(MoEAdapter):
         self.fused_style = getattr(spec, "fused_style", None) or self.fused_style
         self.router_logits_at = getattr(spec, "router_logits_at", 0)
         width = _key_equal(text, (*tuple(getattr(spec, "width_keys", ()) or ()), *WIDTH_KEYS), self._width(s))
+        self.gated_experts = self._gated(s)
         self.intermediate_key = width or "moe_intermediate_size"
         if not self.count_key:
             raise MoePruneError(f"{type(text).__name__} holds no expert count equal to the {s.num_experts} experts "
@@ -62,15 +63,30 @@ class StructuralAdapter(MoEAdapter):
         super().__init__(config)
         self.family = getattr(spec, "family", None) or self.model_type
 
+    @staticmethod
+    def _meta_experts(s: Structure) -> nn.Module:
+        layers = s.meta.get_submodule(s.layers_path)
+        return getattr(layers[s.moe_layers[0]].get_submodule(s.block_name), s.experts_name)
+
     def _width(self, s: Structure) -> int | None:
         """I read from the meta experts in the family's declared fused style (modules with layout flags: theirs)."""
         if getattr(self.spec, "fused_style", None) is None:
             return s.width
         from moeprune.models.fused_styles import style_of
 
-        layers = s.meta.get_submodule(s.layers_path)
-        experts = getattr(layers[s.moe_layers[0]].get_submodule(s.block_name), s.experts_name)
+        experts = self._meta_experts(s)
         return style_of(experts, self.fused_style).width(experts)
+
+    def _gated(self, s: Structure) -> bool:
+        """False for fused up-only experts (`has_gate=False`: a lone `up_proj`)."""
+        from moeprune.models.layouts import FusedLayout, layout_of
+
+        experts = self._meta_experts(s)
+        if layout_of(experts) is not FusedLayout:
+            return True
+        from moeprune.models.fused_styles import style_of
+
+        return style_of(experts, self.fused_style).gated
 
     def moe_layers(self) -> list[int]:
         return list(self.structure.moe_layers)

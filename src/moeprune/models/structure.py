@@ -131,9 +131,31 @@ def _scan(model: nn.Module, config: Any) -> Structure:
                      type(getattr(block, router)).__name__, type(experts).__name__, model)
 
 
+_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _floats(obj: Any) -> Any:
+    """Undo the config JSON's tagging of non-finite floats ({"__float__": "Infinity"}: nemotron_h's
+    time_step_limit), which `from_dict` does not decode."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _FLOATS:
+            return _FLOATS[obj["__float__"]]
+        return {k: _floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_floats(v) for v in obj]
+    return obj
+
+
+def config_from_json(config_json: str, config_class: type) -> Any:
+    """The config a `to_json_string()` describes (the cache keys of this module and `models/coupling.py`)."""
+    import json
+
+    return config_class.from_dict(_floats(json.loads(config_json)))
+
+
 @functools.lru_cache(maxsize=32)
 def _discover_json(config_json: str, config_class: type) -> Structure:
-    config = config_class.from_dict(__import__("json").loads(config_json))
+    config = config_from_json(config_json, config_class)
     return _scan(build_meta(config), config)
 
 

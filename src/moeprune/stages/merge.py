@@ -72,6 +72,12 @@ class MergeStage(Stage):
         return {Need.ROUTED, Need.PROBES}
 
     def check(self, o: MergeOptions, adapter: MoEAdapter) -> Any:
+        if not adapter.gated_experts:
+            from moeprune.errors import UnsupportedLayout
+
+            raise UnsupportedLayout(f"{adapter.model_type}'s experts are up-only (y = down·act(up·x), no gate "
+                                    "projection); expert merging aligns and averages gate, up and down and does not "
+                                    "support up-only experts yet.")
         n_drop = drop_count(o.ratio, adapter.num_experts, adapter.routing())
         cfg = config_copy(adapter)
         adapter.set_config_experts(cfg, adapter.num_experts - n_drop)
