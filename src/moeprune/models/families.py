@@ -33,6 +33,13 @@ class FamilySpec:
 REFUSED: dict[str, str] = {
     "deepseek_v4": "its first layers route by a hash of the token id (DeepseekV4HashRouter), not by router scores: "
                    "removing an expert would re-hash tokens, which no router mask can express.",
+    "jetmoe": "one config key (num_local_experts) sizes two different expert sets per layer: the mixture-of-attention "
+              "experts (self_attention.experts, JetMoeMoA) and the MLP experts (mlp.input_linear/output_linear, "
+              "JetMoeParallelExperts, routed by mlp.router without an 'experts' container); removing experts from "
+              "one set cannot be written into a stock config, and neither set has a supported experts layout.",
+    "dbrx": "its experts are flattened 2-D tensors (experts.mlp.w1/v1/w2 [E·I, H], w2 stored un-transposed) and its "
+            "counts live in the ffn_config sub-config (moe_num_experts, moe_top_k, ffn_hidden_size), not in the text "
+            "config; neither that layout nor sub-config keys are supported.",
 }
 
 FAMILIES: tuple[FamilySpec, ...] = (
