@@ -124,7 +124,8 @@ def collect(
         router = adapter.router(block)
         for t in adapter.router_tensors(block).values():
             router_hash.update(t.detach().float().cpu().numpy().tobytes())
-        col = RoutedCollector(adapter.experts(block), stats[sets[0].name][i], router, kind).__enter__()
+        col = RoutedCollector(adapter.experts(block), stats[sets[0].name][i], router, kind, block=block,
+                              top_k=adapter.top_k, logits_at=adapter.router_logits_at).__enter__()
         col.layer = i
         current["collector"] = col
         hook = block.register_forward_hook(_record_io) if decide is not None else None

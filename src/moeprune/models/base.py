@@ -87,6 +87,8 @@ class MoEAdapter:
     # how the fused gate/up tensor is laid out (see models/layouts.py): "concat" [E, 2I, H] or
     # "interleaved_t" [E, H, 2I] with gate at even and up at odd columns (gpt-oss)
     fused_style: ClassVar[str] = "concat"
+    router_logits_at: ClassVar[int] = 0  # the element of the router's output tuple that holds the logits [T, E]
+    gated_experts: ClassVar[bool] = True  # False: up-only experts y = down·act(up·x) (nemotron_h)
 
     def __init__(self, config: Any):
         self.root_config = config
@@ -226,8 +228,27 @@ class MoEAdapter:
         return layout_of(experts).roles(experts, self.fused_style)
 
     def expert_glu(self, experts: nn.Module):
-        """(gate_out [n, I], up_out [n, I]) -> the activation that enters the down projection, as the family's
-        experts compute it (default SwiGLU-style `act_fn(gate) * up`)."""
+        """(gate_out [n, I] or None, up_out [n, I]) -> the activation h [n, I] that enters the down projection, as
+        the experts module itself computes it:
+
+        - up-only experts (fused style with gated=False, e.g. nemotron_h): h = act_fn(up);
+        - a module with `_apply_gate` (transformers' `use_experts_implementation`, gpt-oss, MiniMax-M3 clamped
+          SwiGLU, ...): h = _apply_gate(gate_up) on the [n, 2I] activations re-joined in the module's own order
+          (concatenated [gate | up] or interleaved [g0 u0 g1 u1 ..], from its fused style);
+        - else SwiGLU-style h = act_fn(gate) * up.
+        """
+        from moeprune.models.fused_styles import style_of
+
+        fused = layout_of(experts).name == "fused"
+        style = style_of(experts, self.fused_style) if fused else None
+        if style is not None and not style.gated:
+            act = experts.act_fn
+            return lambda g, u: act(u)
+        apply_gate = getattr(experts, "_apply_gate", None) if fused else None
+        if apply_gate is not None:
+            if style.interleaved:
+                return lambda g, u: apply_gate(torch.stack([g, u], dim=-1).flatten(-2))  # [n, 2I]: g0 u0 g1 u1 ..
+            return lambda g, u: apply_gate(torch.cat([g, u], dim=-1))  # [n, 2I]: gate | up
         act = experts.act_fn
         return lambda g, u: act(g) * u
 

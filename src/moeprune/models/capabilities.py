@@ -19,16 +19,22 @@ VERBS = ("experts", "neurons", "merge", "lazy")
 
 def _experts_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
     """Why the expert weights cannot be handled neuron by neuron (neurons, merge), or None."""
-    from moeprune.models.fused_styles import style_of
-
     if adapter.expert_width is None:
         return f"the config has no expert width under {adapter.intermediate_key!r}"
     if layout_of(experts) is ModuleListLayout:
         return None
     if getattr(experts, "has_post_expert_norm", False):
         return f"{type(experts).__name__} normalises each expert's output, which neuron and merge surgery do not model"
-    if not style_of(experts, adapter.fused_style).gated:
-        return f"{type(experts).__name__} has up-only experts (no gate projection)"
+    return None
+
+
+def _merge_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
+    """Merging aligns and averages gate, up and down: up-only experts are not supported yet."""
+    from moeprune.models.fused_styles import style_of
+
+    if layout_of(experts) is not ModuleListLayout and not style_of(experts, adapter.fused_style).gated:
+        return (f"{type(experts).__name__} has up-only experts (y = down·act(up·x)); merging aligns and averages "
+                "gate, up and down")
     return None
 
 
@@ -40,7 +46,7 @@ def problems(adapter: MoEAdapter, experts: nn.Module, config_dict: dict | None =
     return {
         "experts": None,
         "neurons": weights,
-        "merge": weights,
+        "merge": weights or _merge_problem(adapter, experts),
         "lazy": "remote-code models are loaded whole" if config_dict is not None and is_remote(config_dict) else None,
     }
 

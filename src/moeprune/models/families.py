@@ -23,6 +23,9 @@ class FamilySpec:
     count_keys: tuple[str, ...] = ()
     top_k_keys: tuple[str, ...] = ()
     width_keys: tuple[str, ...] = ()
+    # fused experts without transformers' layout flags (`is_transposed`, ...): their style (models/fused_styles.py)
+    fused_style: str | None = None
+    router_logits_at: int = 0  # the element of the router's output tuple holding the logits
     note: str = ""
 
 
@@ -30,6 +33,13 @@ class FamilySpec:
 REFUSED: dict[str, str] = {
     "deepseek_v4": "its first layers route by a hash of the token id (DeepseekV4HashRouter), not by router scores: "
                    "removing an expert would re-hash tokens, which no router mask can express.",
+    "jetmoe": "one config key (num_local_experts) sizes two different expert sets per layer: the mixture-of-attention "
+              "experts (self_attention.experts, JetMoeMoA) and the MLP experts (mlp.input_linear/output_linear, "
+              "JetMoeParallelExperts, routed by mlp.router without an 'experts' container); removing experts from "
+              "one set cannot be written into a stock config, and neither set has a supported experts layout.",
+    "dbrx": "its experts are flattened 2-D tensors (experts.mlp.w1/v1/w2 [E·I, H], w2 stored un-transposed) and its "
+            "counts live in the ffn_config sub-config (moe_num_experts, moe_top_k, ffn_hidden_size), not in the text "
+            "config; neither that layout nor sub-config keys are supported.",
 }
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -48,7 +58,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("kolibri1", ("kolibri1",)),
     FamilySpec("laguna", ("laguna",)),
     FamilySpec("lara_mini", ("lara_mini",)),
-    FamilySpec("llama4", ("llama4_text",)),
+    FamilySpec("llama4", ("llama4_text",), width_keys=("intermediate_size",), fused_style="concat_t",
+               router_logits_at=1, note="Llama4TextExperts: gate_up [E, H, 2I], down [E, I, H], no layout flags; the "
+               "block pre-scales the experts' input by sigmoid(top-k logits); the router returns (scores, logits)"),
     FamilySpec("mellum", ("mellum",)),
     FamilySpec("mimo_v2_flash", ("mimo_v2_flash",)),
     FamilySpec("minimax", ("minimax",)),

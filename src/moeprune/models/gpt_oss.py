@@ -1,7 +1,8 @@
 """gpt-oss: router `mlp.router` with a bias; routing takes the top-k *logits* and softmaxes over them
 (w = softmax(ℓ[topk(ℓ)])). Experts are fused on disk too and transposed with biases:
 gate_up_proj [E, H, 2I] (gate = even columns, up = odd), gate_up_proj_bias [E, 2I],
-down_proj [E, I, H], down_proj_bias [E, H]."""
+down_proj [E, I, H], down_proj_bias [E, H]. The clamped GLU is the experts' own `_apply_gate`
+(`MoEAdapter.expert_glu`)."""
 
 from moeprune.models.base import MoEAdapter
 from moeprune.models.registry import register_adapter
@@ -19,15 +20,3 @@ class GptOssAdapter(MoEAdapter):
 
     def routing(self) -> RoutingSpec:
         return RoutingSpec(kind="topk_softmax", top_k=self.top_k, router_bias=True)
-
-    def expert_glu(self, experts):
-        """gpt-oss: clamp gate above and up both sides at `limit`, then (up + 1) · gate · σ(α · gate)."""
-        import torch
-
-        alpha, limit = experts.alpha, experts.limit
-
-        def glu(g, u):
-            g = g.clamp(max=limit)
-            return (u.clamp(min=-limit, max=limit) + 1) * (g * torch.sigmoid(g * alpha))
-
-        return glu

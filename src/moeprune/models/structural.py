@@ -54,13 +54,41 @@ class StructuralAdapter(MoEAdapter):
         self.count_key = _key_equal(text, (*extra, *COUNT_KEYS), s.num_experts) or ""
         self.top_k_key = next((k for k in (*tuple(getattr(spec, "top_k_keys", ()) or ()), *TOP_K_KEYS)
                                if isinstance(getattr(text, k, None), int)), "")
-        width = _key_equal(text, (*tuple(getattr(spec, "width_keys", ()) or ()), *WIDTH_KEYS), s.width)
+        self.fused_style = getattr(spec, "fused_style", None) or self.fused_style
+        self.router_logits_at = getattr(spec, "router_logits_at", 0)
+        width = _key_equal(text, (*tuple(getattr(spec, "width_keys", ()) or ()), *WIDTH_KEYS), self._width(s))
+        self.gated_experts = self._gated(s)
         self.intermediate_key = width or "moe_intermediate_size"
         if not self.count_key:
             raise MoePruneError(f"{type(text).__name__} holds no expert count equal to the {s.num_experts} experts "
                                 f"of {s.experts_class} under {', '.join((*extra, *COUNT_KEYS))}.")
         super().__init__(config)
         self.family = getattr(spec, "family", None) or self.model_type
+
+    @staticmethod
+    def _meta_experts(s: Structure) -> nn.Module:
+        layers = s.meta.get_submodule(s.layers_path)
+        return getattr(layers[s.moe_layers[0]].get_submodule(s.block_name), s.experts_name)
+
+    def _width(self, s: Structure) -> int | None:
+        """I read from the meta experts in the family's declared fused style (modules with layout flags: theirs)."""
+        if getattr(self.spec, "fused_style", None) is None:
+            return s.width
+        from moeprune.models.fused_styles import style_of
+
+        experts = self._meta_experts(s)
+        return style_of(experts, self.fused_style).width(experts)
+
+    def _gated(self, s: Structure) -> bool:
+        """False for fused up-only experts (`has_gate=False`: a lone `up_proj`)."""
+        from moeprune.models.layouts import FusedLayout, layout_of
+
+        experts = self._meta_experts(s)
+        if layout_of(experts) is not FusedLayout:
+            return True
+        from moeprune.models.fused_styles import style_of
+
+        return style_of(experts, self.fused_style).gated
 
     def moe_layers(self) -> list[int]:
         return list(self.structure.moe_layers)

@@ -158,6 +158,28 @@ def meta_model(config: Any) -> nn.Module:
     return _entry(config)[1][1]
 
 
+_FLOATS = {"Infinity": float("inf"), "-Infinity": float("-inf"), "NaN": float("nan")}
+
+
+def _floats(obj: Any) -> Any:
+    """Undo the config JSON's tagging of non-finite floats ({"__float__": "Infinity"}: nemotron_h's
+    time_step_limit), which `from_dict` does not decode."""
+    if isinstance(obj, dict):
+        if set(obj) == {"__float__"} and obj["__float__"] in _FLOATS:
+            return _FLOATS[obj["__float__"]]
+        return {k: _floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_floats(v) for v in obj]
+    return obj
+
+
+def config_from_json(config_json: str, config_class: type) -> Any:
+    """The config a `to_json_string()` describes (the cache keys of this module and `models/coupling.py`)."""
+    import json
+
+    return config_class.from_dict(_floats(json.loads(config_json)))
+
+
 def discover(config: Any) -> Structure:
     """The MoE structure of `config`'s stock model (see the module docstring). Raises MoePruneError."""
     key, (cfg, model, structure) = _entry(config)

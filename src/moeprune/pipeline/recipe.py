@@ -97,6 +97,7 @@ def next_adapter(spec: StageSpec, adapter: MoEAdapter) -> MoEAdapter:
         return adapter_after(adapter, spec.stage.check(spec.options, adapter))
     except MoePruneError as e:
         shape = f"{adapter.num_experts} experts (top-{adapter.top_k}), width {adapter.expert_width}"
+        # same class (UnsupportedLayout stays one: the family x verb table shows it as n/a)
         raise type(e)(f"{spec.where}, on the model as the stages before leave it ({shape}): {e}") from None
 
 

@@ -73,7 +73,13 @@ class NeuronStage(Stage):
                      num_layers=len(adapter.moe_layers()))
         cfg = config_copy(adapter)
         if o.budget == "expert":
-            adapter.set_config_width(cfg, expert_width_kept(o.ratio, width, o.min_width, ALIGN))
+            from moeprune.surgery.neurons import companions
+
+            kept = expert_width_kept(o.ratio, width, o.min_width, ALIGN)
+            extra = companions(cfg, adapter, kept, ALIGN)  # refuses widths no stock config can describe
+            adapter.set_config_width(cfg, kept)
+            for key, value in extra.items():
+                setattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, key, value)
         return cfg
 
     # ------------------------------------------------------------------ plans

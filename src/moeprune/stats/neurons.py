@@ -34,6 +34,7 @@ from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import FusedLayout, layout_of
+from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
 
 FIELDS = ("act_sq", "gact_sq", "gact_max", "grad_sq", "down_sq")
 MAX_FIELDS = {"gact_max"}
@@ -118,6 +119,7 @@ class NeuronCollector:
         self.valid: torch.Tensor | None = None
         self.stats: dict[int, NeuronLayerStats] = {}
         self._patched: list[nn.Module] = []
+        self._inputs: list[BlockInput] = []
 
     def __enter__(self) -> NeuronCollector:
         for layer in self.layers:
@@ -127,14 +129,52 @@ class NeuronCollector:
             stats = NeuronLayerStats(down.shape[0], down.shape[-1], device=down.device)
             stats.sums["down_sq"] = column_sq(down)  # [E, I]
             self.stats[layer] = stats
-            experts.forward = self._forward_for(block, experts, stats)
+            if is_prescaled(experts):
+                seen = BlockInput(block).__enter__()
+                self._inputs.append(seen)
+                experts.forward = self._prescaled_for(block, experts, stats, seen)
+            else:
+                experts.forward = self._forward_for(block, experts, stats)
             self._patched.append(experts)
         return self
 
     def __exit__(self, *exc) -> None:
         for experts in self._patched:
             del experts.forward
+        for seen in self._inputs:
+            seen.__exit__()
         self._patched.clear()
+        self._inputs.clear()
+
+    def _prescaled_for(self, block: nn.Module, experts: nn.Module, stats: NeuronLayerStats, seen: BlockInput):
+        """Instrumented forward for a block that pre-scales the experts' input (`stats/prescaled.py`): each expert
+        runs on its E·T-row share as the model does; tokens with a non-zero score are its routed tokens, and their
+        activations h(s·x) enter the sums with weight 1 (the scaling is inside h)."""
+        adapter, glu, E = self.adapter, self.adapter.expert_glu(experts), stats.num_experts
+
+        def forward(routed_in, *args, **kwargs):
+            roles = adapter.expert_roles(block)  # gate/up [E, I, H], down [E, H, I]
+            x = seen.x  # [T, H]
+            T = x.shape[0]
+            routed = dense_scores(routed_in, x) > 0  # [T, E]
+            rows = routed_in.view(E, T, -1)  # [E, T, H]
+            valid = (self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)).to(
+                stats.sums["count"].device, torch.float64)  # [T]
+            outs = []
+            for j in range(E):
+                g = (F.linear(rows[j], roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
+                     if "gate" in roles else None)  # [T, I]
+                u = F.linear(rows[j], roles["up"][j], roles["up_bias"][j] if "up_bias" in roles else None)
+                h = glu(g, u)  # [T, I]
+                tok = routed[:, j].nonzero().view(-1).to(h.device)  # [n] routed tokens of j
+                v = valid[tok.to(valid.device)]  # [n]
+                stats.update_forward(j, h.detach()[tok], torch.ones(tok.shape[0], device=h.device), v)
+                if self.gradients and h.requires_grad:
+                    h.register_hook(lambda grad, j=j, v=v, tok=tok: stats.update_grad(j, grad.detach()[tok], v))
+                outs.append(F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None))
+            return torch.cat(outs).to(routed_in.dtype)  # [E·T, H]
+
+        return forward
 
     def _forward_for(self, block: nn.Module, experts: nn.Module, stats: NeuronLayerStats):
         adapter, glu, E = self.adapter, self.adapter.expert_glu(experts), stats.num_experts
@@ -150,7 +190,8 @@ class NeuronCollector:
                     continue
                 tok, slot = torch.where(top_k_index == j)  # routed tokens of j and their top-k position
                 x = hidden_states[tok]  # [n, H]
-                g = F.linear(x, roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
+                g = (F.linear(x, roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
+                     if "gate" in roles else None)  # [n, I]; None for up-only experts
                 u = F.linear(x, roles["up"][j], roles["up_bias"][j] if "up_bias" in roles else None)
                 h = glu(g, u)  # [n, I]
                 w = top_k_weights[tok, slot]  # [n]

@@ -1,6 +1,7 @@
 """Routed-expert statistics from the routing the model actually applies.
 
-The collector wraps a MoE block's experts module. The block calls it with the real routing — indices and
+The collector wraps a MoE block's experts module (blocks that pre-scale the experts' input, llama4, are read
+through `stats/prescaled.py`). The block calls it with the real routing — indices and
 weights after softmax/sigmoid, correction bias, groups, renormalisation and scaling — so nothing is recomputed.
 For the T·k (token, slot) pairs it calls the model's own experts code once with one-hot routing (weight 1), which
 returns f_j(t), expert j's output before the gate multiply, for every pair — the probe rows below ride in the same
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
 
 EXPERT_FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "max_abs", "easy_ep_sum",
                  "prob_sum", "prob_topk_sum", "prob_top1_sum")
@@ -181,8 +184,16 @@ class RoutedCollector:
     """
 
     def __init__(self, experts: nn.Module, stats: RoutedStats, router: nn.Module | None = None,
-                 routing_kind: str = "softmax_topk"):
+                 routing_kind: str = "softmax_topk", *, block: nn.Module | None = None, top_k: int | None = None,
+                 logits_at: int = 0):
         self.experts, self.stats, self.router, self.kind = experts, stats, router, routing_kind
+        self.logits_at = logits_at  # which element of the router's output tuple holds the logits [T, E]
+        self.prescaled = is_prescaled(experts)  # the block pre-scales the experts' input (`stats/prescaled.py`)
+        if self.prescaled and (block is None or top_k is None):
+            raise ValueError(f"{type(experts).__name__} takes pre-scaled inputs: the collector needs the block and "
+                             "top_k to read the routing off its call")
+        self.top_k = top_k
+        self._input = BlockInput(block) if self.prescaled else None
         self.valid: torch.Tensor | None = None
         self.probe: torch.Tensor | None = None
         self.layer = -1  # decoder-layer index, for callers that switch `stats` per batch
@@ -192,7 +203,7 @@ class RoutedCollector:
         self._hook = None
 
     def _keep_logits(self, module, args, output) -> None:
-        logits = output[0] if isinstance(output, tuple) else output
+        logits = output[self.logits_at] if isinstance(output, tuple) else output
         E = self.stats.num_experts
         if not isinstance(logits, torch.Tensor) or logits.shape[-1] != E:
             raise RuntimeError(f"router {type(module).__name__} did not return [T, {E}] logits first")
@@ -231,8 +242,38 @@ class RoutedCollector:
                 self._record_trace(top_k_index)
             return out
 
-        self.experts.forward = forward
+        self.experts.forward = self._prescaled_forward(original) if self.prescaled else forward
         return self
+
+    def _prescaled_forward(self, original):
+        """The experts' forward for a block that pre-scales their input (`stats/prescaled.py`): the model's own call
+        runs unchanged; routing (top-k of the dense scores), f = o / g and the probes are read off it."""
+        self._input.__enter__()
+
+        def forward(routed_in, *args, **kwargs):
+            out = original(routed_in, *args, **kwargs)  # [E·T, H] the block's own computation
+            x = self._input.x  # [T, H]
+            T, E, dev = x.shape[0], self.stats.num_experts, x.device
+            per = out.detach().view(E, T, -1)  # [E, T, H]: o_e(t) = f_e(s_e(t)·x_t)
+            g, idx = dense_scores(routed_in, x).topk(self.top_k, dim=-1)  # [T, k] each
+            o = per[idx, torch.arange(T, device=dev)[:, None]]  # [T, k, H]
+            f = o / g.clamp_min(torch.finfo(torch.float64).tiny)[..., None].to(o.dtype)  # [T, k, H]
+            probe = self._probe_rows(dev)  # [P] (None: no probe token)
+            probe_out = None
+            if probe is not None:  # every expert at weight 1 on the probe tokens: input rows x_p for each expert
+                rows = x.index_select(0, probe).repeat(E, 1)  # [E·P, H]
+                probe_out = original(rows, *args, **kwargs).detach().view(E, probe.shape[0], -1).transpose(0, 1)
+            valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=dev)
+            valid = valid.to(dev, non_blocking=True)
+            logits, self._logits = self._logits, None
+            probs = router_probs(logits, self.kind) if logits is not None else None
+            self.stats.to(dev).update(idx, g, f, valid, x, probs, per.sum(dim=0))
+            self.stats.update_grouping(logits, valid, probe_out)
+            if self.trace is not None:
+                self._record_trace(idx)
+            return out
+
+        return forward
 
     def _record_trace(self, top_k_index: torch.Tensor) -> None:
         """Append each row's real-token routing [n_real, k] (int64, CPU) to `trace` (a device->host copy: traces
@@ -257,6 +298,8 @@ class RoutedCollector:
 
     def __exit__(self, *exc) -> None:
         del self.experts.forward
+        if self._input is not None:
+            self._input.__exit__()
         if self._hook is not None:
             self._hook.remove()
         self.stats.to("cpu")

@@ -14,9 +14,10 @@ For kept neurons K_j (ascending, |K_j| = I' for every expert), expert by expert:
 Afterwards I' is written to `config.<adapter.intermediate_key>` (text sub-config when nested) and to every
 integer attribute in `WIDTH_ATTRS` equal to I on the experts container and its expert MLPs
 (transformers 5: `intermediate_dim` on the fused experts of the concat families, `intermediate_size` on gpt-oss
-experts and on ModuleList MLPs). DeepSeek-style configs size the shared experts as
-moe_intermediate_size × n_shared_experts = S; to keep them loadable `n_shared_experts` becomes S / I', which must be
-an integer (else the plan is refused).
+experts and on ModuleList MLPs). Configs that size the shared experts from the routed width (DeepSeek
+moe_intermediate_size × n_shared_experts = S, afmoe `num_shared_experts`, aria / ernie `moe_num_shared_experts`,
+...) get that companion key rewritten to S / I', which must be an integer (else the plan is refused); the key is
+found on the meta model (`models/coupling.py`), so the export reloads in stock transformers.
 
 Kept widths must be multiples of `align` (default 8): transformers' default `grouped_mm` experts kernel needs every
 activation row [·, I'] to span a multiple of 16 bytes, i.e. I' % 8 == 0 in bf16/fp16 (I' % 4 in fp32), else a
@@ -39,8 +40,6 @@ from moeprune.models.base import MoEAdapter
 from moeprune.models.fused_styles import replace_param, style_of
 from moeprune.models.layouts import WIDTH_ATTRS, ModuleListLayout, layout_of, mlp_name
 from moeprune.select.neuron_plan import NeuronPlan
-
-SHARED_COUNT_KEY = "n_shared_experts"  # DeepSeek-style: shared width = moe_intermediate_size × n_shared_experts
 
 
 def text_config(config):
@@ -77,22 +76,13 @@ def _set_width_attrs(experts: nn.Module, old: int, new: int) -> list[str]:
     return sorted(set(changed))
 
 
-def _shared_count(config, adapter: MoEAdapter, old: int, new: int, align: int) -> int | None:
-    """New n_shared_experts keeping the shared width S = old × n (DeepSeek-style configs), else None."""
-    n = getattr(config, SHARED_COUNT_KEY, None)
-    if adapter.intermediate_key != "moe_intermediate_size" or not isinstance(n, int) or n < 1:
-        return None
-    shared = old * n
-    if shared % new:
-        ok = [d for d in range(1, old + 1) if shared % d == 0 and d % align == 0]
-        near = sorted(ok, key=lambda d: abs(d - new))[:4]
-        raise MoePruneError(
-            f"{adapter.model_type} sizes its shared experts as {adapter.intermediate_key} × {SHARED_COUNT_KEY} "
-            f"= {old} × {n} = {shared}; a kept width of {new} does not divide {shared}, so a stock config cannot "
-            f"describe the shared experts any more. Keep a width that divides {shared}"
-            f"{f' and is a multiple of {align}' if align > 1 else ''} (nearest: {sorted(near)})."
-        )
-    return shared // new
+def companions(config, adapter: MoEAdapter, new: int, align: int) -> dict[str, int]:
+    """Config values that keep the shared experts' (and every other non-routed tensor's) shape at width I' = new
+    (`models/coupling.py`): {} when nothing else is sized from the width."""
+    from moeprune.models.coupling import companion_updates, routed_pattern
+
+    routed = routed_pattern(adapter.block_name, adapter.experts_name)
+    return companion_updates(config, adapter.intermediate_key, new, routed, align)
 
 
 def _prepare(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> None:
@@ -103,9 +93,9 @@ def _prepare(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> None:
     plan.validate(adapter, model)
 
 
-def check_uniform(config, adapter: MoEAdapter, plan: NeuronPlan, align: int) -> int | None:
+def check_uniform(config, adapter: MoEAdapter, plan: NeuronPlan, align: int) -> dict[str, int]:
     """Every refusal of `apply_neuron_plan` that needs no tensor (uniform width, alignment, shared-expert coupling);
-    returns the new n_shared_experts (DeepSeek-style configs) or None."""
+    returns the companion config values to write with the new width ({} when none, see `companions`)."""
     new = plan.uniform_width
     if new is None:
         widths = sorted({len(v) for ex in plan.kept_neurons.values() for v in ex.values()})
@@ -124,7 +114,7 @@ def check_uniform(config, adapter: MoEAdapter, plan: NeuronPlan, align: int) -> 
             f"its first forward. Keep a multiple of {align} neurons per expert (nearest: {near}), or pass align=1 "
             "and run the model with experts_implementation='eager'."
         )
-    return _shared_count(text_config(config), adapter, old, new, align)
+    return companions(config, adapter, new, align)
 
 
 @torch.no_grad()
@@ -143,11 +133,11 @@ def slice_layer(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layer: 
     return _set_width_attrs(experts, plan.width, plan.uniform_width)
 
 
-def set_neuron_config(config, adapter: MoEAdapter, plan: NeuronPlan, shared: int | None) -> None:
-    """The config once a uniform plan is applied: the new width (and n_shared_experts, see the module docstring)."""
+def set_neuron_config(config, adapter: MoEAdapter, plan: NeuronPlan, extra: dict[str, int]) -> None:
+    """The config once a uniform plan is applied: the new width and its companion keys (module docstring)."""
     adapter.set_config_width(config, plan.uniform_width)
-    if shared is not None:
-        setattr(text_config(config), SHARED_COUNT_KEY, shared)
+    for key, value in extra.items():
+        setattr(text_config(config), key, value)
 
 
 @torch.no_grad()
@@ -157,16 +147,15 @@ def apply_neuron_plan(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, *
     is modified.
     """
     _prepare(model, adapter, plan)
-    shared = check_uniform(model.config, adapter, plan, align)
+    extra = check_uniform(model.config, adapter, plan, align)
     old, new = plan.width, plan.uniform_width
     changed: set[str] = set()
     for layer in plan.layers:
         changed.update(slice_layer(model, adapter, plan, layer))
-    if shared is not None:
-        logger.info("%s: %s %d -> %d so the shared experts keep width %d", adapter.model_type, SHARED_COUNT_KEY,
-                    getattr(text_config(model.config), SHARED_COUNT_KEY), shared,
-                    old * getattr(text_config(model.config), SHARED_COUNT_KEY))
-    set_neuron_config(model.config, adapter, plan, shared)
+    for key, value in extra.items():
+        logger.info("%s: %s %d -> %d so the shared experts keep their width", adapter.model_type, key,
+                    getattr(text_config(model.config), key), value)
+    set_neuron_config(model.config, adapter, plan, extra)
     logger.info("kept %d of %d neurons per expert in %d MoE layers (width attributes: %s)", new, old,
                 len(plan.layers), ", ".join(sorted(changed)) or "none")
     return model
