@@ -58,13 +58,13 @@ def _calib(text: Path, **kw):
     return CalibrateOptions((f"web={text}",), samples=4, seq_len=32, held_out=0, **kw)
 
 
-def _load(path: Path):
+def _load(path: Path, **kwargs):
     from transformers import AutoConfig
 
     from moeprune.io.stock import auto_class
 
     config = AutoConfig.from_pretrained(str(path))
-    return auto_class(config).from_pretrained(str(path), dtype=torch.float32).eval()
+    return auto_class(config).from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -115,6 +115,8 @@ def check_prune(ctx: dict) -> str:
         want = logits_of(model, inputs)
     assert all(c["hits"] >= 1 for c in hits.values()), f"mask never hit: {hits}"
     keep = inputs["attention_mask"].bool()
+    if want.shape[:2] != keep.shape:  # a block-diffusion model scores its canvas, not the prompt positions
+        keep = torch.ones(want.shape[:2], dtype=torch.bool)
     scale = want[keep].abs().max()
     got_model = _load(mem)
     got = logits_of(got_model, inputs)
@@ -123,10 +125,16 @@ def check_prune(ctx: dict) -> str:
     assert float(got.abs().max()) > 0.1, "outputs are all ~zero"
     assert float((unmasked - want)[keep].abs().max()) > 100 * TOL * scale, "removing experts changed nothing"
     assert get_adapter(got_model.config).num_experts == plan.kept_count, "config count not updated"
-    # keep-all: bit-exact
+    # keep-all: bit-exact. Both sides on freshly allocated copies of the weights: a CPU matmul's last bits can
+    # depend on the alignment of its operands, and loaded (memory-mapped) tensors may sit at other offsets than
+    # the copies surgery makes (Gemma-4: 8e-7 between the loaded experts and identical copies of them)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    before = logits_of(model, inputs)
     keep_all = PrunePlan({layer: list(range(plan.num_experts)) for layer in plan.layers}, plan.num_experts)
     apply_plan(model, adapter, keep_all)
-    assert torch.equal(logits_of(model, inputs), unmasked), "keep-all plan changed the logits"
+    assert torch.equal(logits_of(model, inputs), before), "keep-all plan changed the logits"
     return f"max|Δ| {diff / float(scale):.1e} of scale"
 
 
