@@ -129,9 +129,10 @@ def read_tensor(entry: TensorEntry, rows: Iterable[int] | None = None) -> torch.
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
 
 
-def row_ranges(entry: TensorEntry, rows: list[int]) -> list[tuple[int, int]]:
-    """Absolute byte ranges of the given dim-0 rows, adjacent rows merged."""
-    row_bytes = entry.nbytes // entry.shape[0]
+def row_ranges(entry: TensorEntry, rows: list[int], num_rows: int | None = None) -> list[tuple[int, int]]:
+    """Absolute byte ranges of the given rows, the tensor's bytes seen as `num_rows` equal rows (default: dim 0),
+    adjacent rows merged."""
+    row_bytes = entry.nbytes // (num_rows or entry.shape[0])
     out: list[tuple[int, int]] = []
     for r in rows:
         b = entry.begin + r * row_bytes

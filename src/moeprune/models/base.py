@@ -46,12 +46,17 @@ class KeyRole:
 def expert_axis(t: torch.Tensor | None, num_experts: int) -> int | None:
     """The axis of `t` that indexes experts: 0 when dim 0 has E entries, the last one for [1, ..., 1, E]
     (ERNIE's [1, E] correction bias), else None."""
-    if t is None or t.dim() == 0:
+    return None if t is None else shape_expert_axis(tuple(t.shape), num_experts)
+
+
+def shape_expert_axis(shape: tuple[int, ...], num_experts: int) -> int | None:
+    """`expert_axis` of a tensor of this shape (for on-disk tensors, which have a shape and no data)."""
+    if not shape:
         return None
-    if t.shape[0] == num_experts:
+    if shape[0] == num_experts:
         return 0
-    if t.dim() >= 2 and t.shape[-1] == num_experts and all(s == 1 for s in t.shape[:-1]):
-        return t.dim() - 1
+    if len(shape) >= 2 and shape[-1] == num_experts and all(s == 1 for s in shape[:-1]):
+        return len(shape) - 1
     return None
 
 

@@ -10,7 +10,9 @@ newer transformers that is not listed is reported there as unsupported until a r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from moeprune.errors import MoePruneError
 from moeprune.models.registry import ADAPTERS
 from moeprune.models.structural import StructuralAdapter
 
@@ -26,7 +28,22 @@ class FamilySpec:
     # fused experts without transformers' layout flags (`is_transposed`, ...): their style (models/fused_styles.py)
     fused_style: str | None = None
     router_logits_at: int = 0  # the element of the router's output tuple holding the logits
-    note: str = ""
+    note: str = ""  # what the router does, in one line
+    # routing chosen by a config value: the (text) config attribute and (value, kind) pairs; overrides `routing`
+    routing_key: str = ""
+    routing_by: tuple[tuple[Any, str], ...] = ()
+
+    def routing_kind(self, config: Any) -> str | None:
+        """The routing kind for this (text) config: picked by `routing_key` when set, else `routing`."""
+        if not self.routing_key:
+            return self.routing
+        value = getattr(config, self.routing_key, None)
+        kinds = dict(self.routing_by)
+        if value not in kinds:
+            raise MoePruneError(f"{self.family}: config {self.routing_key}={value!r} selects a routing moeprune does "
+                                f"not know; known values: {', '.join(repr(v) for v in kinds)} "
+                                "(models/families.py).")
+        return kinds[value]
 
 
 # families that cannot be pruned correctly, with the reason (checked before any work)
@@ -45,8 +62,12 @@ REFUSED: dict[str, str] = {
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("afmoe", ("afmoe",)),
     FamilySpec("aria", ("aria", "aria_text")),
-    FamilySpec("cohere2_moe", ("cohere2_moe",)),
-    FamilySpec("ernie4_5_moe", ("ernie4_5_moe",)),
+    FamilySpec("cohere2_moe", ("cohere2_moe",), routing_key="expert_selection_fn",
+               routing_by=(("softmax", "topk_softmax"), ("sigmoid", "sigmoid_topk")),
+               note="top-k of the logits, then softmax or sigmoid (config expert_selection_fn) over the k selected"),
+    FamilySpec("ernie4_5_moe", ("ernie4_5_moe",),
+               note="softmax over all experts, top-k of softmax + [1, E] correction bias (moe_statics), gather the "
+                    "softmax, renormalise"),
     FamilySpec("exaone_moe", ("exaone_moe",)),
     FamilySpec("flint", ("flint",)),
     FamilySpec("granitemoe", ("granitemoe",)),
@@ -54,9 +75,15 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("granitemoeshared", ("granitemoeshared",)),
     FamilySpec("hy_v3", ("hy_v3",)),
     FamilySpec("inkling", ("inkling_text",)),
-    FamilySpec("inkling2", ("inkling2_text", "inkling2_loop_text")),
-    FamilySpec("kolibri1", ("kolibri1",)),
-    FamilySpec("laguna", ("laguna",)),
+    FamilySpec("inkling2", ("inkling2_text", "inkling2_loop_text"), routing_key="scoring_func",
+               routing_by=(("sigmoid", "sigmoid_grouped"),),
+               note="score_fn (config scoring_func) of the logits, top-k of score + correction bias, gather the "
+                    "scores, renormalise, scale"),
+    FamilySpec("kolibri1", ("kolibri1",),
+               note="top-k of logits + correction bias, sigmoid of the selected logits only, optional renormalise"),
+    FamilySpec("laguna", ("laguna",),
+               note="optional tanh softcap of the logits, sigmoid, top-k of sigmoid + correction bias, gather the "
+                    "sigmoid, renormalise"),
     FamilySpec("lara_mini", ("lara_mini",)),
     FamilySpec("llama4", ("llama4_text",), width_keys=("intermediate_size",), fused_style="concat_t",
                router_logits_at=1, note="Llama4TextExperts: gate_up [E, H, 2I], down [E, I, H], no layout flags; the "
@@ -65,12 +92,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("mimo_v2_flash", ("mimo_v2_flash",)),
     FamilySpec("minimax", ("minimax",)),
     FamilySpec("minimax_m2", ("minimax_m2",)),
-    FamilySpec("minimax_m3_vl", ("minimax_m3_vl_text",)),
+    FamilySpec("minimax_m3_vl", ("minimax_m3_vl_text",),
+               note="sigmoid of the logits, top-k of sigmoid + correction bias, gather the sigmoid, renormalise; "
+                    "the block scales by routed_scaling_factor"),
     FamilySpec("nemotron_h", ("nemotron_h",)),
     FamilySpec("phimoe", ("phimoe",)),
     FamilySpec("qwen3_5_moe", ("qwen3_5_moe_text",)),
     FamilySpec("qwen3_next", ("qwen3_next",)),
-    FamilySpec("qwen3_omni_moe", ("qwen3_omni_moe_thinker",)),
+    FamilySpec("qwen3_omni_moe", ("qwen3_omni_moe_thinker",),
+               note="softmax, top-k, renormalised (Qwen3-MoE); the thinker config must carry vision_start_token_id "
+                    "as real checkpoints do (its class lacks the field its model reads)"),
     FamilySpec("solar_open", ("solar_open",)),
     FamilySpec("axk1", ("axk1",)),
     FamilySpec("axk2", ("axk2",)),

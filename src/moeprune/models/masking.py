@@ -1,12 +1,15 @@
 """Run a model with some experts masked out of routing, through the model's *own* router code.
 
 This is the reference a pruned checkpoint must equal. While a router's forward runs, a TorchFunctionMode adds
--inf to the removed experts' columns of one intermediate tensor, chosen by the routing kind:
+-inf to the removed experts' columns of the outputs of the ops the routing kind names (`RoutingSpec.masked_ops`,
+each one masked on every router call):
 
-- softmax_topk / topk_softmax: the router logits, the output of the router's `linear` (last dim E).
-  softmax then gives them probability 0 (= softmax over the kept experts only) and top-k never picks them.
-- sigmoid_grouped: the sigmoid scores. c = s + bias is then -inf for removed experts, so they never enter a
-  group's top-2 score nor the top-k; the gate weights are gathered only from selected (kept) experts.
+- linear (softmax_topk, topk_softmax, softmax_grouped, sigmoid_topk): the router logits (last dim E). softmax then
+  gives them probability 0 (= softmax over the kept experts only) and top-k never picks them.
+- sigmoid (sigmoid_grouped): the sigmoid scores. c = s + bias is then -inf for removed experts, so they never
+  enter a group's top-2 score nor the top-k; the gate weights are gathered only from selected (kept) experts.
+- linear and softmax (softmax_bias): the softmax runs over the kept experts only, and its output is -inf for the
+  removed ones, so the selection bias cannot lift them into the top-k.
 
 Everything else — renormalisation, group limits, scaling, biases, dtypes — is whatever the model's code does,
 so no router is re-implemented here.
@@ -31,21 +34,22 @@ _OPS = {"linear": {"linear"}, "sigmoid": {"sigmoid", "expit", "sigmoid_"}, "soft
 
 
 class _MaskColumns(TorchFunctionMode):
-    def __init__(self, op: str, mask: torch.Tensor):
+    def __init__(self, ops: tuple[str, ...], mask: torch.Tensor):
         super().__init__()
-        self.names = _OPS[op]
+        self.op_of = {name: op for op in ops for name in _OPS[op]}  # torch function name -> masked op
         self.mask = mask  # [E] (every row) or [G, E] (row block g of G equal blocks): 0 kept, -inf removed
-        self.hits = 0
+        self.hits = dict.fromkeys(ops, 0)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in self.names and isinstance(out, torch.Tensor):
+        op = self.op_of.get(getattr(func, "__name__", ""))
+        if op is not None and isinstance(out, torch.Tensor):
             E = self.mask.shape[-1]
             if out.shape[-1] == E and self.mask.dim() == 1:
-                self.hits += 1
+                self.hits[op] += 1
                 return out + self.mask.to(device=out.device, dtype=out.dtype)
             if out.shape[-1] == E and out.numel() % (self.mask.numel()) == 0:  # [N, E], N = G·c rows
-                self.hits += 1
+                self.hits[op] += 1
                 mask = self.mask.to(device=out.device, dtype=out.dtype)
                 return (out.reshape(self.mask.shape[0], -1, E) + mask[:, None, :]).view(out.shape)
         return out
@@ -58,16 +62,20 @@ def _mask(num_experts: int, drop) -> torch.Tensor:
     return mask
 
 
-def _wrap(router: nn.Module, op: str, mask: torch.Tensor):
+def _wrap(router: nn.Module, ops: tuple[str, ...], mask: torch.Tensor):
+    """Patch `router.forward`; the counter holds its calls, the calls in which every op was masked ("hits"), and
+    each op's masked outputs ("ops")."""
     original = router.forward
-    counter = {"calls": 0, "hits": 0}
+    counter = {"calls": 0, "hits": 0, "ops": dict.fromkeys(ops, 0)}
 
     def forward(*args, **kwargs):
-        mode = _MaskColumns(op, mask)
+        mode = _MaskColumns(ops, mask)
         with mode:
             out = original(*args, **kwargs)
         counter["calls"] += 1
-        counter["hits"] += mode.hits
+        counter["hits"] += all(mode.hits.values())
+        for op, n in mode.hits.items():
+            counter["ops"][op] += n
         return out
 
     router.forward = forward
@@ -78,10 +86,10 @@ def _wrap(router: nn.Module, op: str, mask: torch.Tensor):
 def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, list[int]]) -> Iterator[dict]:
     """Inside the context, experts `dropped[layer]` can never be routed to. Yields per-layer hit counters.
 
-    Raises MoePruneError on exit if a router ran but the masked op was never seen in it (the family's routing
-    kind would then be wrong and the reference meaningless).
+    Raises MoePruneError on exit if a router ran but one of the masked ops was not seen in one of its calls (the
+    family's routing kind would then be wrong and the reference meaningless).
     """
-    op = adapter.routing().masked_op
+    ops = adapter.routing().masked_ops
     patched: list[nn.Module] = []
     counters: dict[int, dict] = {}
     try:
@@ -89,31 +97,34 @@ def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, lis
             if not drop:
                 continue
             router = adapter.router(adapter.block(model, layer))
-            counters[layer] = _wrap(router, op, _mask(adapter.num_experts, drop))
+            counters[layer] = _wrap(router, ops, _mask(adapter.num_experts, drop))
             patched.append(router)
         yield counters
     finally:
         for router in patched:
             del router.forward  # drop the instance attribute, back to the class's forward
-    _check_hits(counters, op)
+    _check_hits(counters, ops)
 
 
 @contextmanager
 def masked_rows(model: nn.Module, adapter: MoEAdapter, layer: int, drops: list[tuple[int, ...]]) -> Iterator[dict]:
     """Inside the context, a router call of `layer` on N rows masks `drops[g]` on rows g·c..(g+1)·c, c = N / G
     (G = len(drops); N must be a multiple of G). Yields the layer's hit counter; raises as `masked_experts`."""
-    op = adapter.routing().masked_op
+    ops = adapter.routing().masked_ops
     router = adapter.router(adapter.block(model, layer))
     mask = torch.stack([_mask(adapter.num_experts, drop) for drop in drops])  # [G, E]
-    counter = _wrap(router, op, mask)
+    counter = _wrap(router, ops, mask)
     try:
         yield counter
     finally:
         del router.forward
-    _check_hits({layer: counter}, op)
+    _check_hits({layer: counter}, ops)
 
 
-def _check_hits(counters: dict[int, dict], op: str) -> None:
-    silent = [layer for layer, c in counters.items() if c["calls"] and c["hits"] < c["calls"]]
+def _check_hits(counters: dict[int, dict], ops: tuple[str, ...]) -> None:
+    silent = {layer: [op for op, n in c["ops"].items() if n < c["calls"]]
+              for layer, c in counters.items() if c["calls"] and c["hits"] < c["calls"]}
     if silent:
-        raise MoePruneError(f"expert mask found no '{op}' output of width E in the routers of layers {silent}")
+        missed = sorted({op for names in silent.values() for op in names})
+        raise MoePruneError(f"expert mask found no {' / '.join(repr(op) for op in missed)} output of width E in "
+                            f"some calls of the routers of layers {sorted(silent)} (masked ops {ops})")

@@ -14,10 +14,14 @@ Kinds (T tokens, E experts, ℓ = router logits [T, E]):
   idx = topk(c restricted to kept groups, k); w = s[idx] (÷ Σ w when ``norm_topk_prob``) × routed_scaling_factor.
 - ``softmax_grouped`` (DeepSeek-V2 group-limited greedy): p = softmax(ℓ); group score = max p in the group; keep
   ``topk_group`` groups; idx = topk(p in kept groups, k).
-- ``softmax_bias`` (ERNIE-4.5, LongCat): p = softmax(ℓ); idx = topk(p + correction bias, k); w = p[idx]. Masked at
-  the softmax output (a masked logit gives p = 0, which the bias could still lift into the top-k).
-- ``sigmoid_topk`` (Llama-4, Flint): sigmoid of the logits, before or after top-k, no selection bias; masked at the
-  logits (σ(-inf) = 0 is never above a kept expert's score, and a top-k over logits never picks -inf).
+- ``softmax_bias`` (ERNIE-4.5, LongCat): p = softmax(ℓ); idx = topk(p + correction bias, k); w = p[idx] (÷ Σ w).
+  Masked twice: at the logits, so p is the softmax over the kept experts only (what the pruned router computes),
+  and at the softmax output, so p = -inf for a removed expert (p = 0 alone could be lifted into the top-k by
+  the bias).
+- ``sigmoid_topk`` (Llama-4, Flint, Kolibri-1, Cohere2-MoE with sigmoid): sigmoid of the logits, after top-k, or
+  before it without a selection bias; a selection bias, if any, is added to the logits (Kolibri-1:
+  idx = topk(ℓ + b, k); w = σ(ℓ[idx])). Masked at the logits (σ(-inf) = 0 is never above a kept expert's score,
+  and a top-k over logits, biased or not, never picks -inf).
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ROUTING_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_grouped", "softmax_grouped", "softmax_bias", "sigmoid_topk")
+# kind -> the router ops whose outputs (last dim E) the masked reference adds -inf to, in call order
+MASKED_OPS: dict[str, tuple[str, ...]] = {
+    "softmax_topk": ("linear",), "topk_softmax": ("linear",), "softmax_grouped": ("linear",),
+    "sigmoid_topk": ("linear",), "sigmoid_grouped": ("sigmoid",), "softmax_bias": ("linear", "softmax"),
+}
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,10 @@ class RoutingSpec:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
     @property
-    def masked_op(self) -> str:
-        """Which tensor inside the router gets -inf for removed experts: the logits or the sigmoid scores."""
-        return {"sigmoid_grouped": "sigmoid", "softmax_bias": "softmax"}.get(self.kind, "linear")
+    def masked_ops(self) -> tuple[str, ...]:
+        """The tensors inside the router that get -inf for removed experts (every one is masked on every call):
+        the logits (``linear``), the sigmoid scores, the softmax probabilities (see the module docstring)."""
+        return MASKED_OPS[self.kind]
 
     @property
     def group_limited(self) -> bool:

@@ -6,11 +6,15 @@ Everything an adapter answers is taken from the stock model's structure:
 - the config keys holding E, k and the expert width I: the first alias (`models/keys.py`, then the family's own
   keys) whose value equals what the tensors say (E from the experts, I from their width);
 - how a checkpoint key is used: `target_of` (transformers' conversion mapping), then its place in the structure;
-- the routing kind: the family's `FamilySpec.routing` when given, else read off the router's forward source:
+- the routing kind: the family's `FamilySpec` when it gives one (fixed, or picked by a config value), else read off
+  the router's and the block's source code (comments and docstrings removed):
 
     selection bias ([E] or [1, E], named *correction* or *expert_bias*, in the block) + sigmoid -> sigmoid_grouped
-    correction bias + softmax -> softmax_bias;   n_group + softmax -> softmax_grouped
-    sigmoid without a selection bias -> sigmoid_topk;   otherwise softmax_topk
+    correction bias + softmax -> softmax_bias
+    correction bias + sigmoid / softmax applied only after the top-k (the bias is added to the logits, Kolibri-1)
+        -> sigmoid_topk / topk_softmax
+    n_group + softmax -> softmax_grouped;   sigmoid without a selection bias -> sigmoid_topk;   otherwise
+    softmax_topk
 
   Group counts, top-k renormalisation and the scaling factor come from the config (`n_group`, `topk_group`,
   `norm_topk_prob`, `routed_scaling_factor`). The reference (`masking.py`) masks inside the model's own router,
@@ -21,7 +25,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import re
+import textwrap
+import tokenize
 from typing import Any
 
 import torch
@@ -144,14 +151,15 @@ class StructuralAdapter(MoEAdapter):
 
     def routing(self) -> RoutingSpec:
         c = self.config
-        kind = getattr(self.spec, "routing", None) or infer_kind(self.structure)
+        spec = self.spec
+        kind = (spec.routing_kind(c) if spec is not None else None) or infer_kind(self.structure)
         n_group = int(getattr(c, "n_group", None) or 1)
         return RoutingSpec(
             kind=kind, top_k=self.top_k, norm_topk_prob=bool(getattr(c, "norm_topk_prob", False)),
             n_group=n_group if kind in ("sigmoid_grouped", "softmax_grouped") else 1,
             topk_group=int(getattr(c, "topk_group", None) or 1),
             routed_scaling_factor=float(getattr(c, "routed_scaling_factor", None) or 1.0),
-            correction_bias=kind in ("sigmoid_grouped", "softmax_bias"),
+            correction_bias=has_selection_bias(self.structure),
         )
 
 
@@ -169,25 +177,37 @@ def _key_equal(config: Any, keys: tuple[str, ...], value: int | None) -> str | N
     return None
 
 
-def infer_kind(structure: Structure) -> str:
-    """The routing kind read off the router's forward source and the block's tensors (module docstring)."""
-    model = structure.meta
-    layers = model.get_submodule(structure.layers_path)
+def _block_tensors(structure: Structure):
+    """(router, block, [(name, tensor)] of the block outside experts and shared experts) of the first MoE layer."""
+    layers = structure.meta.get_submodule(structure.layers_path)
     block = layers[structure.moe_layers[0]].get_submodule(structure.block_name)
-    router = getattr(block, structure.router_name)
-    source = _source(type(router)) + _source(type(block))
-    E = structure.num_experts
     skip = (structure.experts_name + ".", *(s + "." for s in structure.shared_names))
     tensors = [(n, t) for n, t in (*block.named_parameters(), *block.named_buffers()) if not n.startswith(skip)]
-    has_bias = any(SELECTION_BIAS.search(n) and t.shape[-1] == E for n, t in tensors)
+    return getattr(block, structure.router_name), block, tensors
+
+
+def has_selection_bias(structure: Structure) -> bool:
+    """Whether the block holds a selection bias ([E] or [1, E], named *correction* / *expert_bias*)."""
+    _, _, tensors = _block_tensors(structure)
+    return any(SELECTION_BIAS.search(n) and t.shape[-1] == structure.num_experts for n, t in tensors)
+
+
+def infer_kind(structure: Structure) -> str:
+    """The routing kind read off the router's forward source and the block's tensors (module docstring)."""
+    router, block, _ = _block_tensors(structure)
+    source = _code(type(router)) + _code(type(block))
+    has_bias = has_selection_bias(structure)
     softmax, sigmoid = "softmax" in source, "sigmoid" in source
-    if has_bias and sigmoid and not softmax:
-        return "sigmoid_grouped"
-    if has_bias and softmax and not sigmoid:
-        return "softmax_bias"
+    if has_bias and (softmax != sigmoid):
+        act = source.index("sigmoid" if sigmoid else "softmax")
+        topk = source.find("topk (")  # tokens are joined by spaces
+        if 0 <= topk < act:  # the activation only sees the selected logits: the bias is added to the logits
+            return "sigmoid_topk" if sigmoid else "topk_softmax"
+        return "sigmoid_grouped" if sigmoid else "softmax_bias"
     if has_bias:
-        raise MoePruneError(f"{type(router).__name__} uses a selection bias with both softmax and sigmoid in its "
-                            "code; declare the family's routing kind in models/families.py.")
+        which = "both softmax and sigmoid" if softmax else "neither softmax nor sigmoid"
+        raise MoePruneError(f"{type(router).__name__} uses a selection bias with {which} in its code; declare the "
+                            "family's routing kind in models/families.py (FamilySpec.routing or routing_key).")
     if "n_group" in source and softmax:
         return "softmax_grouped"
     if sigmoid and not softmax:
@@ -195,8 +215,21 @@ def infer_kind(structure: Structure) -> str:
     return "softmax_topk"
 
 
-def _source(cls: type) -> str:
+def _code(cls: type) -> str:
+    """The class's source without comments and docstrings ("Sigmoid instead of softmax" is no softmax)."""
     try:
-        return inspect.getsource(cls)
+        source = inspect.getsource(cls)
     except (OSError, TypeError):
         return ""
+    out, previous = [], tokenize.NEWLINE
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(source)).readline):
+            docstring = tok.type == tokenize.STRING and previous in (tokenize.NEWLINE, tokenize.INDENT,
+                                                                     tokenize.DEDENT)
+            if tok.type not in (tokenize.COMMENT, tokenize.NL) and not docstring:
+                out.append(tok.string)
+            if tok.type not in (tokenize.COMMENT, tokenize.NL):
+                previous = tok.type
+    except (tokenize.TokenError, IndentationError):
+        return source
+    return " ".join(out)

@@ -4,10 +4,11 @@ Every tensor is classified by the adapter (`classify_key`) on its on-disk name:
     expert  `...layers.L.mlp.experts.J.<w>`  -> dropped, or renamed to the new index of J
     fused   `...layers.L.mlp.experts.<w>` [E, ...] -> rows K of dim 0     (gpt-oss on disk)
     router  `...layers.L.mlp.gate.<w>` [E, ...]   -> rows K of dim 0     (weight, bias, correction bias)
+            or [1, ..., 1, E]                     -> entries K of the last dim  (ERNIE's [1, E] correction bias)
     other                                          -> copied unchanged
-Bytes are copied range by range (rows of dim 0 are contiguous), so the result is bit-identical to slicing the
-tensors, works for every dtype, and memory stays at one copy buffer whatever the shard size. Output shards are
-re-packed to `max_shard_size`.
+Bytes are copied range by range (rows of dim 0 are contiguous; so are the entries of a [1, ..., 1, E] tensor,
+whose memory is that of [E]), so the result is bit-identical to slicing the tensors, works for every dtype, and
+memory stays at one copy buffer whatever the shard size. Output shards are re-packed to `max_shard_size`.
 
 Quantized checkpoints keep their format (`io/quant.py`): an FP8 expert's `experts.J.<proj>.weight_scale_inv` is an
 "expert" key like its weight, so it is dropped or renamed with expert J; MXFP4 `experts.<proj>_blocks` [E, ...]
@@ -29,7 +30,7 @@ from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.quant import FP8_WEIGHT, SCALE_ENDS
 from moeprune.io.safetensors_io import OutTensor, TensorEntry, row_ranges, write_file
-from moeprune.models.base import MoEAdapter
+from moeprune.models.base import MoEAdapter, shape_expert_axis
 from moeprune.select.plan import PrunePlan
 
 
@@ -79,9 +80,14 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
 
 
 def _rows(e: TensorEntry, kept: list[int], num_experts: int) -> OutTensor:
-    if not e.shape or e.shape[0] != num_experts:
-        raise MoePruneError(f"{e.name}: expected {num_experts} experts on dim 0, found shape {e.shape}.")
-    return OutTensor(e.name, e.dtype, (len(kept), *e.shape[1:]), e.file, tuple(row_ranges(e, kept)))
+    """The kept experts of `e` along its experts axis (`shape_expert_axis`): dim 0, or the last dim of
+    [1, ..., 1, E]; every axis before it has one entry, so expert j's bytes are the j-th of E equal slices."""
+    axis = shape_expert_axis(tuple(e.shape), num_experts)
+    if axis is None:
+        raise MoePruneError(f"{e.name}: expected {num_experts} experts on dim 0 (or a [1, ..., 1, {num_experts}] "
+                            f"tensor), found shape {e.shape}.")
+    shape = (*e.shape[:axis], len(kept), *e.shape[axis + 1:])
+    return OutTensor(e.name, e.dtype, shape, e.file, tuple(row_ranges(e, kept, num_experts)))
 
 
 def pack_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
