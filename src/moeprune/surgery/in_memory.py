@@ -44,9 +44,6 @@ def prune_layer(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, layer: i
     if layer not in plan.kept_experts:
         return
     E = adapter.num_experts
-    if list(plan.kept_experts[layer]) == list(range(E)):
-        return  # keeps every expert in order: nothing to change (a copy could even move the last bits of some
-        # kernels, e.g. grouped_mm on CPU depends on the tensors' memory alignment)
     kept = torch.tensor(plan.kept_experts[layer], dtype=torch.long)  # [K]
     block = adapter.block(model, layer)
     experts = adapter.experts(block)
