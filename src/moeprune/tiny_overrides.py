@@ -72,6 +72,9 @@ TINY_OVERRIDES |= {
     # the talker reads shared_expert_intermediate_size and spatial_merge_size, which its config classes do not define
     "qwen3_omni_moe": dict(talker_config=dict(spatial_merge_size=2,
                                               text_config=dict(shared_expert_intermediate_size=16))),
+    # its model reads vision_start_token_id, which Qwen3OmniMoeThinkerConfig does not define (real checkpoints carry
+    # it in thinker_config; Qwen2.5-Omni's default)
+    "qwen3_omni_moe_thinker": dict(vision_start_token_id=151652),
     "step3p7": dict(text_config=dict(sliding_window=16)),
     "glm5_next": dict(text_config=_INDEXER | dict(qk_rope_head_dim=0, linear_head_dim=8, linear_num_heads=4)),
 }

@@ -54,6 +54,20 @@ REFUSED: dict[str, str] = {
               "experts (self_attention.experts, JetMoeMoA) and the MLP experts (mlp.input_linear/output_linear, "
               "JetMoeParallelExperts, routed by mlp.router without an 'experts' container); removing experts from "
               "one set cannot be written into a stock config, and neither set has a supported experts layout.",
+    "diffusion_gemma": "a block-diffusion model with two MoE decoder stacks (encoder and decoder) sized by one text "
+                       "config; moeprune prunes one stack of decoder layers, so the export's other stack would no "
+                       "longer match its config.",
+    "ernie4_5_vl_moe": "each MoE layer holds a text and a vision expert set with list-valued counts "
+                       "(moe_num_experts [text, vision]); moeprune handles one routed expert set per layer.",
+    "inkling_text": "its router weight has E + S rows (the last S score the shared experts, and all E + S sigmoid "
+                    "scores are normalised together); removing experts needs masking and slicing of the first E "
+                    "rows only, which is not implemented.",
+    "inkling_mm_model": "its text model is inkling_text (see there).",
+    "longcat_flash": "its router and gate_up_proj also hold the identity 'zero experts' (E + zero_expert_num rows) "
+                     "and each decoder layer holds two attention sublayers; pruning must keep the zero experts out "
+                     "of the count, which is not implemented.",
+    "zaya": "its router scores E + 1 classes (a 'skip' class without weights) and passes router states from layer "
+            "to layer; neither is supported.",
     "dbrx": "its experts are flattened 2-D tensors (experts.mlp.w1/v1/w2 [E·I, H], w2 stored un-transposed) and its "
             "counts live in the ffn_config sub-config (moe_num_experts, moe_top_k, ffn_hidden_size), not in the text "
             "config; neither that layout nor sub-config keys are supported.",
@@ -74,7 +88,6 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("granitemoe_swa", ("granitemoe_swa",)),
     FamilySpec("granitemoeshared", ("granitemoeshared",)),
     FamilySpec("hy_v3", ("hy_v3",)),
-    FamilySpec("inkling", ("inkling_text",)),
     FamilySpec("inkling2", ("inkling2_text", "inkling2_loop_text"), routing_key="scoring_func",
                routing_by=(("sigmoid", "sigmoid_grouped"),),
                note="score_fn (config scoring_func) of the logits, top-k of score + correction bias, gather the "
@@ -110,10 +123,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("deepseek_ocr2", ("deepseek_ocr2", "deepseek_ocr2_text")),
     FamilySpec("deepseek_v2", ("deepseek_v2",)),
     FamilySpec("deepseek_v32", ("deepseek_v32",)),
-    FamilySpec("diffusion_gemma", ("diffusion_gemma", "diffusion_gemma_text")),
     FamilySpec("dots1", ("dots1",)),
     FamilySpec("dots3_note", ("dots3_note", "dots3_note_text")),
-    FamilySpec("ernie4_5_vl_moe", ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text")),
     FamilySpec("flex_olmo", ("flex_olmo",)),
     FamilySpec("gemma4", ("gemma4", "gemma4_text")),
     FamilySpec("glm4_moe_lite", ("glm4_moe_lite",)),
@@ -127,7 +138,6 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("jamba", ("jamba",)),
     FamilySpec("kimi_linear", ("kimi_linear",)),
     FamilySpec("lfm2_moe", ("lfm2_moe",)),
-    FamilySpec("longcat_flash", ("longcat_flash",)),
     FamilySpec("mistral4", ("mistral4",)),
     FamilySpec("mistral_large4", ("mistral_large4", "mistral_large4_text")),
     FamilySpec("muse_spark", ("muse_spark", "muse_spark_text")),
