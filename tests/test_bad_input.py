@@ -42,10 +42,11 @@ def test_dense_model_is_not_moe(dense, tmp_path, no_work, capsys):
     )
 
 
-def test_unknown_moe_architecture(granite, tmp_path, no_work, capsys):
+def test_unknown_moe_architecture(unknown_moe, tmp_path, no_work, capsys):
     out = tmp_path / "out"
-    match = r"unknown MoE architecture 'granitemoe'"
-    err = assert_refused(lambda: api.prune(granite, out, method="aimer", ratio=0.25), match, inputs=[granite], out=out)
+    match = r"unknown MoE architecture 'llama'"
+    err = assert_refused(lambda: api.prune(unknown_moe, out, method="aimer", ratio=0.25), match,
+                         inputs=[unknown_moe], out=out)
     msg = str(err)
     families = supported_families()
     assert len(families) >= 8
@@ -53,12 +54,12 @@ def test_unknown_moe_architecture(granite, tmp_path, no_work, capsys):
         assert family in msg, f"supported family {family} not named in: {msg}"
     assert "docs/adding-a-model.md" in msg
     assert "adapter" in msg
-    assert_refused(lambda: api.info(granite), match, inputs=[granite], out=None)
+    assert_refused(lambda: api.info(unknown_moe), match, inputs=[unknown_moe], out=None)
     assert_cli_refused(
-        ["plan", granite, "--method", "aimer", "--ratio", "0.25"],
+        ["plan", unknown_moe, "--method", "aimer", "--ratio", "0.25"],
         [match, r"Supported families: .*qwen3_moe", r"docs/adding-a-model\.md"],
         capsys,
-        inputs=[granite],
+        inputs=[unknown_moe],
         out=None,
     )
 
