@@ -66,7 +66,8 @@ def test_masked_rows_equals_one_masked_call_per_row_block(family):
     with torch.no_grad():
         with masked_rows(model, adapter, layer, drops) as hits:
             got = router(x.repeat(len(drops), 1))  # [4·c, ...] rows of set g: g·c..(g+1)·c
-        assert hits == {"calls": 1, "hits": 1}
+        assert (hits["calls"], hits["hits"]) == (1, 1)  # one router call, its masked ops all hit
+        assert set(hits["ops"]) == set(adapter.routing().masked_ops) and all(n == 1 for n in hits["ops"].values())
         for g, D in enumerate(drops):
             with masked_experts(model, adapter, {layer: list(D)}):
                 want = router(x)

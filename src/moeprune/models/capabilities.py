@@ -28,6 +28,23 @@ def _experts_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
     return None
 
 
+def _width_problem(adapter: MoEAdapter) -> str | None:
+    """Why a stock config cannot describe a narrower expert width (the width key also sizes other tensors and no
+    companion key compensates, `models/coupling.py`), or None."""
+    from moeprune.errors import MoePruneError
+    from moeprune.models.coupling import companion_keys, routed_pattern
+
+    try:
+        coupled, keys = companion_keys(adapter.root_config, adapter.intermediate_key,
+                                       routed_pattern(adapter.block_name, adapter.experts_name))
+    except MoePruneError:
+        return None  # the stock class cannot be built here (remote code): decided when the model is loaded
+    if coupled and not keys:
+        return (f"{adapter.intermediate_key} also sizes {sorted(coupled)[0]} (and no config key compensates), so a "
+                "stock config cannot describe a narrower expert width")
+    return None
+
+
 def _merge_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
     """Merging aligns and averages gate, up and down: up-only experts are not supported yet."""
     from moeprune.models.fused_styles import style_of
@@ -45,7 +62,7 @@ def problems(adapter: MoEAdapter, experts: nn.Module, config_dict: dict | None =
     weights = _experts_problem(adapter, experts)
     return {
         "experts": None,
-        "neurons": weights,
+        "neurons": weights or _width_problem(adapter),
         "merge": weights or _merge_problem(adapter, experts),
         "lazy": "remote-code models are loaded whole" if config_dict is not None and is_remote(config_dict) else None,
     }

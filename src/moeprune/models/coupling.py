@@ -65,7 +65,8 @@ def _candidates(config: Any, width_key: str) -> list[str]:
 
 def routed_pattern(block_name: str, experts_name: str) -> re.Pattern[str]:
     """Matches the state-dict names of the routed experts (what neuron surgery reshapes on purpose)."""
-    return re.compile(rf"\.layers\.\d+\.{re.escape(block_name)}\.{re.escape(experts_name)}\.")
+    block = re.escape(block_name) + r"\." if block_name else ""  # "": the decoder layer is the block (Gemma-4)
+    return re.compile(rf"\.layers\.\d+\.{block}{re.escape(experts_name)}\.")
 
 
 def companion_keys(config: Any, width_key: str, routed: re.Pattern[str]) -> tuple[frozenset[str], tuple[str, ...]]:
