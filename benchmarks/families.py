@@ -235,7 +235,8 @@ def check_family(model_type: str, root: Path, verbs: tuple[str, ...] = VERBS) ->
     return out
 
 
-SYMBOL = {"pass": "✓", "fail": "✗", "n/a": "–", "unsupported": "unsupported", "not built": "not built"}
+SYMBOL = {"pass": "✓", "fail": "✗", "n/a": "–", "unsupported": "unsupported", "not built": "not built",
+          "skipped": "skipped"}
 
 
 def table(results: dict[str, dict[str, tuple[str, str]]]) -> str:
@@ -243,6 +244,19 @@ def table(results: dict[str, dict[str, tuple[str, str]]]) -> str:
     for mt, row in sorted(results.items()):
         lines.append(f"| {mt} | " + " | ".join(SYMBOL[row[v][0]] if v in row else "" for v in VERBS) + " |")
     return "\n".join(lines)
+
+
+def not_installed() -> dict[str, tuple[str, str]]:
+    """Model types moeprune has an adapter or a refusal for that the installed transformers does not define
+    (families of an older or newer transformers inside the supported range): skipped, with the reason."""
+    import transformers
+
+    from moeprune.compat import CONFIG_MAPPING_NAMES
+    from moeprune.models.families import REFUSED
+    from moeprune.models.registry import ADAPTERS
+
+    why = f"not defined by the installed transformers {transformers.__version__}"
+    return {mt: ("skipped", why) for mt in sorted({*ADAPTERS, *REFUSED}) if mt not in CONFIG_MAPPING_NAMES}
 
 
 def main() -> int:
@@ -263,6 +277,9 @@ def main() -> int:
             results[mt] = check_family(mt, Path(tmp))
         marks = " ".join(f"{v}:{SYMBOL[s][:11]}" for v, (s, _) in results[mt].items())
         print(f"[{i + 1}/{len(types)}] {mt:28s} {time.time() - t:5.1f}s  {marks}", flush=True)
+    if not args.only:
+        for mt, status in not_installed().items():
+            results[mt] = dict.fromkeys(VERBS, status)
     passing = [mt for mt, row in results.items() if all(s in ("pass", "n/a") for s, _ in row.values())]
     summary = (f"transformers {transformers.__version__}: {len(types)} MoE families, {len(passing)} pass every "
                f"verb their layout allows ({time.time() - t0:.0f} s).")

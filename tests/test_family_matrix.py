@@ -71,3 +71,17 @@ def test_at_least_45_families_pass_every_verb_their_layout_allows(tmp_path_facto
     rows = {mt: result(mt, tmp_path_factory) for mt in TYPES}
     passing = [mt for mt, row in rows.items() if all(s in ("pass", "n/a") for s, _ in row.values())]
     assert len(passing) >= 45, (len(passing), sorted(set(rows) - set(passing)))
+
+
+def test_families_missing_from_transformers_are_skipped_with_the_reason(monkeypatch):
+    """A family of another transformers release (registered here, not defined by the installed one) is reported
+    as skipped, naming the installed version, not run or hidden."""
+    import transformers
+
+    from moeprune import compat
+
+    installed = {mt: name for mt, name in compat.CONFIG_MAPPING_NAMES.items() if mt != "qwen3_moe"}
+    monkeypatch.setattr(compat, "CONFIG_MAPPING_NAMES", installed, raising=False)
+    skipped = families.not_installed()
+    assert set(skipped) == {"qwen3_moe"}
+    assert skipped["qwen3_moe"] == ("skipped", f"not defined by the installed transformers {transformers.__version__}")
