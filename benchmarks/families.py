@@ -246,6 +246,16 @@ def table(results: dict[str, dict[str, tuple[str, str]]]) -> str:
     return "\n".join(lines)
 
 
+def families_to_check() -> list[str]:
+    """Every MoE family of the installed transformers (`moe_model_types`), plus the installed model types moeprune
+    refuses (a refused family may lack the `experts` module the enumeration looks for: jetmoe)."""
+    from moeprune.compat import CONFIG_MAPPING_NAMES
+    from moeprune.models.families import REFUSED
+    from moeprune.tiny_families import moe_model_types
+
+    return sorted({*moe_model_types(), *(mt for mt in REFUSED if mt in CONFIG_MAPPING_NAMES)})
+
+
 def not_installed() -> dict[str, tuple[str, str]]:
     """Model types moeprune has an adapter or a refusal for that the installed transformers does not define
     (families of an older or newer transformers inside the supported range): skipped, with the reason."""
@@ -262,14 +272,12 @@ def not_installed() -> dict[str, tuple[str, str]]:
 def main() -> int:
     import transformers
 
-    from moeprune.tiny_families import moe_model_types
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None, help="write the table and details (markdown) here")
     p.add_argument("--json", type=Path, default=None, help="write the raw results here")
     p.add_argument("--only", default="", help="comma-separated model types (default: every MoE family)")
     args = p.parse_args()
-    types = [t for t in args.only.split(",") if t] or moe_model_types()
+    types = [t for t in args.only.split(",") if t] or families_to_check()
     results, t0 = {}, time.time()
     for i, mt in enumerate(types):
         t = time.time()

@@ -16,7 +16,7 @@ import pytest
 
 from moeprune.models.families import REFUSED
 from moeprune.models.registry import ADAPTERS
-from moeprune.tiny_families import NOT_BUILDABLE, moe_model_types, tiny_family_config
+from moeprune.tiny_families import NOT_BUILDABLE, tiny_family_config
 
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "families.py"
 
@@ -29,7 +29,7 @@ def _harness():
 
 
 families = _harness()
-TYPES = moe_model_types()
+TYPES = families.families_to_check()
 RESULTS: dict[str, dict] = {}  # model_type -> verb -> (status, detail), each family checked once per session
 
 
