@@ -38,7 +38,7 @@ class WeightSummary:
             self.sq_sum[expert] += t.square().sum()
             self.numel[expert] += t.numel()
         else:
-            flat = t.reshape(t.shape[0], -1)  # [E, n]
+            flat = t.reshape(self.abs_sum.shape[0], -1)  # [E, n] (flat experts [E·I, H]: I rows each)
             self.abs_sum += flat.abs().sum(1)
             self.sq_sum += flat.square().sum(1)
             self.numel += flat.shape[1]

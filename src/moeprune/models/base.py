@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.models.keys import COUNT_KEYS
+from moeprune.models.keys import COUNT_KEYS, get_key, set_key
 from moeprune.models.layouts import layout_of
 from moeprune.models.routing import RoutingSpec
 
@@ -88,7 +88,7 @@ class MoEAdapter:
     experts_name: ClassVar[str] = "experts"
     shared_names: ClassVar[tuple[str, ...]] = ()  # shared experts and their gates, never pruned
     # module attributes that hold E and must follow surgery
-    count_attrs: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts", "n_routed_experts")
+    count_attrs: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
     # how the fused gate/up tensor is laid out (see models/layouts.py): "concat" [E, 2I, H] or
     # "interleaved_t" [E, H, 2I] with gate at even and up at odd columns (gpt-oss)
     fused_style: ClassVar[str] = "concat"
@@ -103,7 +103,7 @@ class MoEAdapter:
     # ---------------------------------------------------------------- config-level facts
     def _check_config(self) -> None:
         for key in (self.count_key, self.top_k_key, "num_hidden_layers"):
-            if getattr(self.config, key, None) is None:
+            if get_key(self.config, key) is None:
                 raise MoePruneError(
                     f"config of model_type {self.model_type!r} has no {key!r}: it does not look like a "
                     f"{self.family} MoE config. Check the checkpoint's config.json."
@@ -121,15 +121,15 @@ class MoEAdapter:
 
     @property
     def num_experts(self) -> int:
-        return int(getattr(self.config, self.count_key))
+        return int(get_key(self.config, self.count_key))
 
     @property
     def top_k(self) -> int:
-        return int(getattr(self.config, self.top_k_key))
+        return int(get_key(self.config, self.top_k_key))
 
     @property
     def expert_width(self) -> int | None:
-        value = getattr(self.config, self.intermediate_key, None)
+        value = get_key(self.config, self.intermediate_key)
         return int(value) if value is not None else None
 
     def moe_layers(self) -> list[int]:
@@ -244,7 +244,11 @@ class MoEAdapter:
         """
         from moeprune.models.fused_styles import style_of
 
-        fused = layout_of(experts).name == "fused"
+        layout = layout_of(experts)
+        if hasattr(layout, "act_fn"):  # flat experts: the activation sits next to the flat tensors
+            act = layout.act_fn(experts)
+            return lambda g, u: act(g) * u
+        fused = layout.name == "fused"
         style = style_of(experts, self.fused_style) if fused else None
         if style is not None and not style.gated:
             act = experts.act_fn
@@ -263,12 +267,12 @@ class MoEAdapter:
     def set_config_experts(self, config: Any, num_experts: int) -> None:
         """Write the new routed-expert count into a config object (text sub-config when nested)."""
         target = config.get_text_config() if hasattr(config, "get_text_config") else config
-        setattr(target, self.count_key, num_experts)
+        set_key(target, self.count_key, num_experts)
 
     def set_config_width(self, config: Any, width: int) -> None:
         """Write the new routed-expert width I' into a config object (text sub-config when nested)."""
         target = config.get_text_config() if hasattr(config, "get_text_config") else config
-        setattr(target, self.intermediate_key, width)
+        set_key(target, self.intermediate_key, width)
 
     def set_config_dict_experts(self, config: dict, num_experts: int) -> None:
         """Same on a raw config.json dict (streaming apply never builds a config object).
@@ -278,13 +282,14 @@ class MoEAdapter:
         """
         target = config
         for nest in ("text_config", "language_config", "llm_config"):
-            if not any(k in target for k in COUNT_KEYS) and isinstance(target.get(nest), dict):
+            held = any(get_key(target, k) is not None for k in (self.count_key, *COUNT_KEYS))
+            if not held and isinstance(target.get(nest), dict):
                 target = target[nest]
-        keys = [k for k in dict.fromkeys((self.count_key, *COUNT_KEYS)) if target.get(k) == self.num_experts]
+        keys = [k for k in dict.fromkeys((self.count_key, *COUNT_KEYS)) if get_key(target, k) == self.num_experts]
         if not keys:
             raise MoePruneError(
                 f"config.json holds no expert count equal to {self.num_experts} under {self.count_key!r} or its "
                 "aliases (looked in nested text configs too); cannot update it."
             )
         for k in keys:
-            target[k] = num_experts
+            set_key(target, k, num_experts)

@@ -12,7 +12,7 @@ from torch import nn
 
 from moeprune.errors import UnsupportedLayout
 from moeprune.models.base import MoEAdapter
-from moeprune.models.layouts import ModuleListLayout, layout_of
+from moeprune.models.layouts import FusedLayout, ModuleListLayout, layout_of
 
 VERBS = ("experts", "neurons", "merge", "lazy")
 
@@ -49,7 +49,7 @@ def _merge_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
     """Merging aligns and averages gate, up and down: up-only experts are not supported yet."""
     from moeprune.models.fused_styles import style_of
 
-    if layout_of(experts) is not ModuleListLayout and not style_of(experts, adapter.fused_style).gated:
+    if layout_of(experts) is FusedLayout and not style_of(experts, adapter.fused_style).gated:
         return (f"{type(experts).__name__} has up-only experts (y = down·act(up·x)); merging aligns and averages "
                 "gate, up and down")
     return None

@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from moeprune.errors import MoePruneError, UnsupportedLayout
+from moeprune.models.keys import get_key, set_key
 
 
 def _text(config: Any) -> Any:
@@ -34,7 +35,7 @@ def _with(config: Any, **values: int) -> Any:
     """A deep copy of `config` with `values` set on its text sub-config."""
     out = copy.deepcopy(config)
     for k, v in values.items():
-        setattr(_text(out), k, v)
+        set_key(_text(out), k, v)  # dotted: inside a sub-config (models/keys.py)
     return out
 
 
@@ -66,12 +67,12 @@ def _candidates(config: Any, width_key: str) -> list[str]:
 def routed_pattern(block_name: str, experts_name: str) -> re.Pattern[str]:
     """Matches the state-dict names of the routed experts (what neuron surgery reshapes on purpose)."""
     block = re.escape(block_name) + r"\." if block_name else ""  # "": the decoder layer is the block (Gemma-4)
-    return re.compile(rf"\.layers\.\d+\.{block}{re.escape(experts_name)}\.")
+    return re.compile(rf"\.(?:layers|blocks)\.\d+\.{block}{re.escape(experts_name)}\.")
 
 
 def companion_keys(config: Any, width_key: str, routed: re.Pattern[str]) -> tuple[frozenset[str], tuple[str, ...]]:
     """(tensors outside the routed experts that the width key sizes, the config keys that size exactly those)."""
-    old = getattr(_text(config), width_key)
+    old = get_key(_text(config), width_key)
     base = _shapes(config)
     coupled = _changed(base, _shapes(_with(config, **{width_key: old + 1})), routed)
     if not coupled:
@@ -93,7 +94,7 @@ def companion_updates(config: Any, width_key: str, new: int, routed: re.Pattern[
     `new`: {} when nothing else depends on the width, else {companion key: I·n / I'} (module docstring).
     Raises MoePruneError when no integer value works, naming the kept widths that would."""
     text = _text(config)
-    old = int(getattr(text, width_key))
+    old = int(get_key(text, width_key))
     if new == old:
         return {}
     coupled, keys = companion_keys(config, width_key, routed)

@@ -68,9 +68,6 @@ REFUSED: dict[str, str] = {
                      "of the count, which is not implemented.",
     "zaya": "its router scores E + 1 classes (a 'skip' class without weights) and passes router states from layer "
             "to layer; neither is supported.",
-    "dbrx": "its experts are flattened 2-D tensors (experts.mlp.w1/v1/w2 [E·I, H], w2 stored un-transposed) and its "
-            "counts live in the ffn_config sub-config (moe_num_experts, moe_top_k, ffn_hidden_size), not in the text "
-            "config; neither that layout nor sub-config keys are supported.",
 }
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -145,6 +142,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("step3p7", ("step3p7", "step3p5")),
     FamilySpec("unlimited_ocr", ("unlimited_ocr", "unlimited_ocr_text")),
     FamilySpec("zaya", ("zaya",)),
+    FamilySpec("dbrx", ("dbrx",), count_keys=("ffn_config.moe_num_experts",), top_k_keys=("ffn_config.moe_top_k",),
+               width_keys=("ffn_config.ffn_hidden_size",),
+               note="flat experts experts.mlp.w1/v1/w2 [E·I, H] (models/layouts.FlatLayout); counts in ffn_config; "
+                    "softmax, top-k, divided by the p-norm of the top-k (moe_normalize_expert_weights)"),
 )
 
 

@@ -5,6 +5,8 @@ selection and surgery all read experts through it).
   (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]; gpt-oss: `gate_up_proj` [E, H, 2I] interleaved,
   `down_proj` [E, I, H] and biases [E, ·]).
 - ``modulelist``: an `nn.ModuleList` of E MLP modules (remote-code and older models).
+- ``flat``: 2-D tensors [E·I, H] with each expert's I rows contiguous (DBRX `experts.mlp.w1/v1/w2`), E from the
+  container's count attribute; canonical roles are views of [E, I, H] blocks.
 
 Each layout can count experts, list one expert's tensors, keep a subset of experts (renumbered in the given
 order) and expose the weights by role in one canonical orientation:
@@ -56,10 +58,15 @@ class FusedLayout:
     def roles(experts: nn.Module, style: str) -> dict[str, torch.Tensor]:
         return style_of(experts, style).roles(experts)
 
+    @staticmethod
+    def take_neurons(experts: nn.Module, style: str, idx: torch.Tensor) -> None:
+        style_of(experts, style).take_neurons(experts, idx)
+
 
 MLP_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
 # integer module attributes that store the expert width and must follow surgery
-WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size")
+WIDTH_ATTRS = ("intermediate_dim", "intermediate_size", "expert_dim", "ffn_dim", "moe_intermediate_size",
+               "ffn_hidden_size")
 
 
 def mlp_name(expert: nn.Module, role: str) -> str:
@@ -102,9 +109,100 @@ class ModuleListLayout:
         return out
 
 
+class FlatLayout:
+    """Experts flattened into 2-D tensors [E·I, H] held by the container or one child (DBRX `experts.mlp`):
+    `w1` gate, `v1` up, `w2` down, expert j's neurons on rows j·I..(j+1)·I of each. The experts compute
+    h = act(x·w1_jᵀ) · (x·v1_jᵀ), y = h·w2_j: the down weight is stored per expert as [I, H], the transpose of
+    the canonical [H, I]. E is the container's count attribute (the tensors alone cannot tell E from I)."""
+
+    name = "flat"
+    ROLES = {"gate": "w1", "up": "v1", "down": "w2"}  # role -> parameter, each [E·I, H]
+    TRANSPOSED = frozenset({"down"})  # roles stored per expert as [I, H] (canonical down is [H, I])
+    COUNT_ATTRS = ("num_experts", "moe_num_experts")
+
+    @staticmethod
+    def holder(experts: nn.Module) -> nn.Module | None:
+        """The module holding the flat tensors: the container itself or one of its children."""
+        names = set(FlatLayout.ROLES.values())
+        for m in (experts, *experts.children()):
+            params = dict(m.named_parameters(recurse=False))
+            if names <= set(params) and all(params[n].dim() == 2 for n in names):
+                return m
+        return None
+
+    @staticmethod
+    def matches(experts: nn.Module) -> bool:
+        return (not isinstance(experts, nn.ModuleList) and FlatLayout.holder(experts) is not None
+                and FlatLayout._count(experts) is not None)
+
+    @staticmethod
+    def _count(experts: nn.Module) -> int | None:
+        holder = FlatLayout.holder(experts)
+        for m in (experts, holder):
+            for a in FlatLayout.COUNT_ATTRS:
+                if isinstance(getattr(m, a, None), int):
+                    return getattr(m, a)
+        return None
+
+    @staticmethod
+    def num_experts(experts: nn.Module) -> int:
+        E = FlatLayout._count(experts)
+        rows = FlatLayout.holder(experts).w1.shape[0]
+        if not E or rows % E:
+            raise MoePruneError(f"{type(experts).__name__}: {rows} flat rows are not {E} experts of equal width.")
+        return E
+
+    @staticmethod
+    def width(experts: nn.Module) -> int:
+        return FlatLayout.holder(experts).w1.shape[0] // FlatLayout.num_experts(experts)
+
+    @staticmethod
+    def blocks(experts: nn.Module) -> dict[str, torch.Tensor]:
+        """parameter name -> view [E, I, H] of its stored [E·I, H] tensor."""
+        holder, E = FlatLayout.holder(experts), FlatLayout.num_experts(experts)
+        return {n: getattr(holder, n).view(E, -1, getattr(holder, n).shape[1]) for n in FlatLayout.ROLES.values()}
+
+    @staticmethod
+    def act_fn(experts: nn.Module):
+        holder = FlatLayout.holder(experts)
+        return next(getattr(m, a) for m in (holder, experts) for a in ("activation_fn", "act_fn") if hasattr(m, a))
+
+    @staticmethod
+    def expert_tensors(experts: nn.Module, j: int) -> list[torch.Tensor]:
+        return [t[j] for _, t in sorted(FlatLayout.blocks(experts).items())]
+
+    @staticmethod
+    def _replace(experts: nn.Module, name: str, blocks: torch.Tensor) -> None:
+        """Store [E', I', H] blocks as parameter `name` [E'·I', H]."""
+        holder = FlatLayout.holder(experts)
+        old = getattr(holder, name)
+        setattr(holder, name, nn.Parameter(blocks.reshape(-1, blocks.shape[-1]).contiguous(),
+                                           requires_grad=old.requires_grad))
+
+    @staticmethod
+    def keep(experts: nn.Module, kept: torch.Tensor) -> nn.Module:
+        for name, t in FlatLayout.blocks(experts).items():
+            FlatLayout._replace(experts, name, t.data.index_select(0, kept.to(t.device)))  # [K, I, H]
+        return experts
+
+    @staticmethod
+    def roles(experts: nn.Module, style: str = "") -> dict[str, torch.Tensor]:
+        blocks = FlatLayout.blocks(experts)
+        return {role: blocks[n].transpose(1, 2) if role in FlatLayout.TRANSPOSED else blocks[n]  # [E, I, H] / [E, H, I]
+                for role, n in FlatLayout.ROLES.items()}
+
+    @staticmethod
+    def take_neurons(experts: nn.Module, style: str, idx: torch.Tensor) -> None:
+        """Keep neurons idx [E, I'] (per expert, in that order): rows of every [E, I, H] block."""
+        for name, t in FlatLayout.blocks(experts).items():
+            pick = idx.to(t.device)[:, :, None].expand(-1, -1, t.shape[2])  # [E, I', H]
+            FlatLayout._replace(experts, name, t.data.gather(1, pick))
+
+
 LAYOUTS: Registry[type] = Registry("experts layout")
 LAYOUTS.register("modulelist", ModuleListLayout)
 LAYOUTS.register("fused", FusedLayout)
+LAYOUTS.register("flat", FlatLayout)
 
 
 def layout_of(experts: nn.Module):
@@ -127,6 +225,8 @@ def experts_shape(adapter, experts: nn.Module) -> tuple[int, int]:
         if len(widths) != 1:
             raise MoePruneError(f"the experts of this layer already have different widths {sorted(widths)}.")
         return len(experts), widths.pop()
+    if layout_of(experts) is FlatLayout:
+        return FlatLayout.num_experts(experts), FlatLayout.width(experts)
     style = style_of(experts, adapter.fused_style)
     names = {n for n, _ in experts.named_parameters(recurse=False)}
     known = {style.in_name, style.in_bias_name, "down_proj", "down_proj_bias"}

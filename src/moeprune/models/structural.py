@@ -36,7 +36,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import KeyRole, MoEAdapter, expert_axis
-from moeprune.models.keys import COUNT_KEYS, TOP_K_KEYS
+from moeprune.models.keys import COUNT_KEYS, TOP_K_KEYS, get_key
 from moeprune.models.routing import RoutingSpec
 from moeprune.models.structure import PER_EXPERT, Structure, discover, target_of
 
@@ -60,7 +60,7 @@ class StructuralAdapter(MoEAdapter):
         extra = tuple(getattr(spec, "count_keys", ()) or ())
         self.count_key = _key_equal(text, (*extra, *COUNT_KEYS), s.num_experts) or ""
         self.top_k_key = next((k for k in (*tuple(getattr(spec, "top_k_keys", ()) or ()), *TOP_K_KEYS)
-                               if isinstance(getattr(text, k, None), int)), "")
+                               if isinstance(get_key(text, k), int)), "")
         self.fused_style = getattr(spec, "fused_style", None) or self.fused_style
         self.router_logits_at = getattr(spec, "router_logits_at", 0)
         width = _key_equal(text, (*tuple(getattr(spec, "width_keys", ()) or ()), *WIDTH_KEYS), self._width(s))
@@ -144,10 +144,13 @@ class StructuralAdapter(MoEAdapter):
     def _expert_indexed(self, target: str, strict: bool = False) -> bool:
         """Whether the in-memory tensor `target` indexes experts (`models/base.expert_axis`: dim 0, or the last dim
         of a [1, E] tensor); names the meta model lacks count as expert-indexed unless `strict`."""
-        shape = _meta_shapes(id(self.structure.meta), self.structure).get(target)
+        s = self.structure
+        shape = _meta_shapes(id(s.meta), s).get(target)
         if shape is None:
             return not strict
-        return expert_axis(torch.empty(shape, device="meta"), self.structure.num_experts) is not None
+        if not strict and s.width and len(shape) == 2 and shape[0] == s.num_experts * s.width:
+            return True  # flattened experts [E·I, H] (models/layouts.FlatLayout)
+        return expert_axis(torch.empty(shape, device="meta"), s.num_experts) is not None
 
     def routing(self) -> RoutingSpec:
         c = self.config
@@ -171,7 +174,7 @@ def _meta_shapes(_: int, structure: Structure) -> dict[str, tuple[int, ...]]:
 def _key_equal(config: Any, keys: tuple[str, ...], value: int | None) -> str | None:
     """The first key whose int value equals `value` (any int key when value is None)."""
     for k in keys:
-        v = getattr(config, k, None)
+        v = get_key(config, k)
         if isinstance(v, int) and not isinstance(v, bool) and (value is None or v == value):
             return k
     return None

@@ -6,7 +6,8 @@ transformers 5 ships ~60 MoE families whose blocks sit under different names (`m
 multimodal wrappers nesting the text decoder. Rather than one rule per family, `discover(config)` builds the stock
 model class on the `meta` device (no memory, no weights) and reads the structure off it:
 
-- decoder layers: the `ModuleList` named `*layers` with `num_hidden_layers` entries (of the text config);
+- decoder layers: the `ModuleList` named `*layers` (or `*blocks`: DBRX) with `num_hidden_layers` entries (of the
+  text config);
 - MoE block of layer i: the shallowest module under it with an `experts` child (the decoder layer itself for
   Gemma-4, whose router and experts sit next to its dense MLP; `block_name` is then ""); MoE layers are those
   that have one;
@@ -33,6 +34,7 @@ from torch import nn
 from moeprune.errors import MoePruneError
 
 EXPERTS_NAME = "experts"
+LAYERS_NAMES = ("layers", "blocks")  # how the ModuleList of decoder layers ends (DBRX: transformer.blocks)
 
 
 @dataclass(frozen=True)
@@ -65,24 +67,31 @@ def _text(config: Any) -> Any:
 
 def _decoder_layers(model: nn.Module, n: int) -> tuple[str, nn.ModuleList]:
     found = [(name, m) for name, m in model.named_modules()
-             if name.endswith("layers") and isinstance(m, nn.ModuleList) and len(m) == n]
+             if name.endswith(LAYERS_NAMES) and isinstance(m, nn.ModuleList) and len(m) == n]
     with_experts = [(name, m) for name, m in found if any(s.endswith("." + EXPERTS_NAME) or s == EXPERTS_NAME
                                                           for s, _ in m.named_modules())]
     if not (with_experts or found):
-        raise MoePruneError(f"{type(model).__name__} has no ModuleList '*layers' of {n} decoder layers.")
+        raise MoePruneError(f"{type(model).__name__} has no ModuleList '*layers' or '*blocks' of {n} decoder layers.")
     return (with_experts or found)[0]
 
 
 def _experts_count(experts: nn.Module) -> int | None:
+    from moeprune.models.layouts import FlatLayout
+
     if isinstance(experts, nn.ModuleList):
         return len(experts)
+    if FlatLayout.matches(experts):
+        return FlatLayout.num_experts(experts)
     sizes = {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() >= 2}
     return sizes.pop() if len(sizes) == 1 else None
 
 
 def _width(experts: nn.Module) -> int | None:
     from moeprune.models.fused_styles import style_of
+    from moeprune.models.layouts import FlatLayout
 
+    if FlatLayout.matches(experts):
+        return FlatLayout.width(experts)
     if isinstance(experts, nn.ModuleList):
         first = experts[0]
         lin = next((getattr(first, n) for n in ("gate_proj", "w1", "up_proj", "w3") if hasattr(first, n)), None)

@@ -30,6 +30,7 @@ from moeprune.io.fit import choose_lazy
 from moeprune.io.load import load_model
 from moeprune.log import logger
 from moeprune.models import get_adapter
+from moeprune.models.keys import get_key
 from moeprune.pipeline.compare import DEFAULT_TOL, VerifyResult, combine, compare, tolerance  # noqa: F401  (re-exported)
 from moeprune.pipeline.recipe import Chain, chain_adapters, is_export, read_chain
 from moeprune.stages.base import stage_for_format
@@ -136,13 +137,13 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
 def _check_config(dst: Checkpoint, final) -> None:
     """The export's config holds the expert count and width the plans leave."""
     text = dst.config.get_text_config()
-    count = getattr(text, final.count_key, None)
+    count = get_key(text, final.count_key)
     if count != final.num_experts:
         raise MoePruneError(f"export config has {final.count_key}={count}; the plans leave {final.num_experts} "
                             "experts per layer.")
     if nonuniform.is_nonuniform(dst.config_dict):
         return
-    width = getattr(text, final.intermediate_key, None)
+    width = get_key(text, final.intermediate_key)
     if final.expert_width is not None and width != final.expert_width:
         raise MoePruneError(f"export config has {final.intermediate_key}={width}; the plans leave width "
                             f"{final.expert_width}.")

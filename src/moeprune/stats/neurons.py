@@ -33,7 +33,7 @@ from moeprune.calibration.data import CalibSet
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
-from moeprune.models.layouts import FusedLayout, layout_of
+from moeprune.models.layouts import FlatLayout, FusedLayout, layout_of
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
 
 FIELDS = ("act_sq", "gact_sq", "gact_max", "grad_sq", "down_sq")
@@ -87,8 +87,8 @@ class NeuronLayerStats:
 def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
     """Layer `layer`'s experts container, refused unless fused 3-D (works on meta modules: nothing is read)."""
     experts = adapter.experts(adapter.block(model, layer))
-    if layout_of(experts) is not FusedLayout:
-        raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D experts; "
+    if layout_of(experts) not in (FusedLayout, FlatLayout):
+        raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D or flat experts; "
                             f"{type(experts).__name__} is a ModuleList (not supported yet).")
     return experts
 
@@ -181,6 +181,8 @@ class NeuronCollector:
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             roles = adapter.expert_roles(block)  # fresh views each call: gate/up [E, I, H], down [E, H, I]
+            shape = hidden_states.shape  # [T, H], or [B, S, H] (DBRX hands its experts unflattened states)
+            hidden_states = hidden_states.reshape(-1, shape[-1])  # [T, H]
             out = torch.zeros_like(hidden_states)  # [T, H]
             T = hidden_states.shape[0]
             valid = (self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)).to(
@@ -201,7 +203,7 @@ class NeuronCollector:
                     h.register_hook(lambda grad, j=j, v=v: stats.update_grad(j, grad.detach(), v))
                 y = F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None)
                 out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
-            return out
+            return out.view(shape)
 
         return forward
 

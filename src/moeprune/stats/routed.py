@@ -216,6 +216,8 @@ class RoutedCollector:
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             T, k = top_k_index.shape
+            shape = hidden_states.shape  # [T, H], or [B, S, H] (DBRX hands its experts unflattened states)
+            hidden_states = hidden_states.reshape(T, shape[-1])  # [T, H]
             dev = hidden_states.device
             token = torch.arange(T, device=dev).repeat_interleave(k, output_size=T * k)  # [T·k]: (token, slot)
             experts = top_k_index.reshape(-1, 1)  # [T·k, 1]
@@ -227,7 +229,7 @@ class RoutedCollector:
                 experts = torch.cat([experts, every.to(experts.dtype)])  # [T·k + P·E, 1]
             rows = hidden_states.index_select(0, token)  # [T·k (+ P·E), H]: one gather, no intermediate copies
             one = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-            fa = original(rows, experts, one, *args, **kwargs).detach()  # [T·k (+ P·E), H], gate weight 1
+            fa = original(rows, experts, one, *args, **kwargs).detach().reshape(rows.shape)  # [T·k (+ P·E), H]
             f = fa[: T * k].view(T, k, -1)  # [T, k, H]
             probe_out = fa[T * k :].view(-1, self.stats.num_experts, fa.shape[-1]) if probe is not None else None
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=dev)
@@ -240,7 +242,7 @@ class RoutedCollector:
             self.stats.update_grouping(logits, valid, probe_out)
             if self.trace is not None:
                 self._record_trace(top_k_index)
-            return out
+            return out.view(shape)
 
         self.experts.forward = self._prescaled_forward(original) if self.prescaled else forward
         return self

@@ -54,7 +54,8 @@ def prune_layer(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, layer: i
     if new_experts is not experts:
         setattr(block, adapter.experts_name, new_experts)
     slice_router(adapter, block, kept)
-    _update_counts([block, *adapter.router(block).modules(), new_experts], adapter.count_attrs, E, len(kept))
+    _update_counts([block, *adapter.router(block).modules(), *new_experts.modules()], adapter.count_attrs, E,
+                   len(kept))
 
 
 @torch.no_grad()

@@ -37,18 +37,14 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
-from moeprune.models.fused_styles import replace_param, style_of
+from moeprune.models.fused_styles import replace_param
+from moeprune.models.keys import get_key
 from moeprune.models.layouts import WIDTH_ATTRS, ModuleListLayout, layout_of, mlp_name
 from moeprune.select.neuron_plan import NeuronPlan
 
 
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def _slice_fused(experts: nn.Module, style: str, idx: torch.Tensor) -> None:
-    """idx [E, I'] kept neurons per expert, through the module's fused style (`models/fused_styles.py`)."""
-    style_of(experts, style).take_neurons(experts, idx)
 
 
 def _slice_modulelist(experts: nn.ModuleList, idx: torch.Tensor) -> None:
@@ -66,7 +62,7 @@ def _slice_modulelist(experts: nn.ModuleList, idx: torch.Tensor) -> None:
 
 
 def _set_width_attrs(experts: nn.Module, old: int, new: int) -> list[str]:
-    modules = [experts, *(experts if isinstance(experts, nn.ModuleList) else [])]
+    modules = list(experts.modules())  # the container, its expert MLPs or the module holding flat tensors
     changed = []
     for m in modules:
         for a in WIDTH_ATTRS:
@@ -86,7 +82,7 @@ def companions(config, adapter: MoEAdapter, new: int, align: int) -> dict[str, i
 
 
 def _prepare(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> None:
-    old = getattr(text_config(model.config), adapter.intermediate_key, None)
+    old = get_key(text_config(model.config), adapter.intermediate_key)
     if old != plan.width:
         raise MoePruneError(f"config {adapter.intermediate_key}={old} but the neuron plan was made for width "
                             f"{plan.width}.")
@@ -126,10 +122,11 @@ def slice_layer(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layer: 
     experts = adapter.experts(adapter.block(model, layer))
     E = len(plan.kept_neurons[layer])
     idx = torch.tensor([plan.kept_neurons[layer][j] for j in range(E)], dtype=torch.long)  # [E, I']
-    if layout_of(experts) is ModuleListLayout:
+    layout = layout_of(experts)
+    if layout is ModuleListLayout:
         _slice_modulelist(experts, idx)
-    else:
-        _slice_fused(experts, adapter.fused_style, idx)
+    else:  # fused (through its style, `models/fused_styles.py`) or flat
+        layout.take_neurons(experts, adapter.fused_style, idx)
     return _set_width_attrs(experts, plan.width, plan.uniform_width)
 
 
@@ -170,7 +167,8 @@ def mask_neurons(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> nn.
     _prepare(model, adapter, plan)
     for layer in plan.layers:
         experts = adapter.experts(adapter.block(model, layer))
-        modulelist = layout_of(experts) is ModuleListLayout
+        layout = layout_of(experts)
+        modulelist = layout is ModuleListLayout
         for j in sorted(plan.kept_neurons[layer]):
             drop = plan.dropped(layer, j)
             if not drop:
@@ -178,5 +176,5 @@ def mask_neurons(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan) -> nn.
             if modulelist:
                 getattr(experts[j], mlp_name(experts[j], "down")).weight[:, drop] = 0  # [H, I]
             else:
-                style_of(experts, adapter.fused_style).down(experts)[j][:, drop] = 0  # view [H, I]
+                layout.roles(experts, adapter.fused_style)["down"][j][:, drop] = 0  # view [H, I]
     return model

@@ -4,7 +4,7 @@ Each MoE layer l gets one width I_l = the most neurons any of its experts keeps,
 `align` (≤ I). Expert j keeps its K_j neurons first and is padded to I_l with *zero neurons* (gate/up rows and
 down column all zero: h = glu(0, 0) = 0 for SwiGLU and gpt-oss alike, and a zero down column adds nothing), so
 the function is exactly that of the masked original. Implementation: append one zero neuron (index I) to every
-expert, then slice with index rows K_j + [I, I, ...] through `surgery.neurons._slice_fused`.
+expert, then slice with index rows K_j + [I, I, ...] through `FusedLayout.take_neurons`.
 The config keeps the original width; `io/nonuniform.py` records I_l per layer and saves/loads the folder.
 """
 
@@ -16,9 +16,9 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 from moeprune.models.fused_styles import style_of
-from moeprune.models.layouts import ModuleListLayout, layout_of
+from moeprune.models.layouts import FusedLayout, layout_of
 from moeprune.select.neuron_plan import NeuronPlan
-from moeprune.surgery.neurons import _prepare, _set_width_attrs, _slice_fused
+from moeprune.surgery.neurons import _prepare, _set_width_attrs
 
 
 def layer_widths(plan: NeuronPlan, align: int) -> dict[int, int]:
@@ -31,11 +31,12 @@ def layer_widths(plan: NeuronPlan, align: int) -> dict[int, int]:
 
 
 def check_padded(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layers: list[int]) -> None:
-    """Refuse experts stored as a ModuleList (non-uniform widths are stored for fused experts only)."""
+    """Refuse experts not stored fused 3-D (non-uniform widths are stored for fused experts only)."""
     for layer in layers:
-        if layout_of(adapter.experts(adapter.block(model, layer))) is ModuleListLayout:
+        layout = layout_of(adapter.experts(adapter.block(model, layer)))
+        if layout is not FusedLayout:
             raise MoePruneError("non-uniform neuron widths are supported for fused experts only (this model "
-                                "stores its experts as a ModuleList); use --budget expert.")
+                                f"stores its experts as {layout.name!r}); use --budget expert.")
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def pad_layer(model: nn.Module, adapter: MoEAdapter, plan: NeuronPlan, layer: in
         kept = plan.kept_neurons[layer][j]
         idx[j, : len(kept)] = torch.tensor(kept, dtype=torch.long)
     style_of(experts, adapter.fused_style).append_zero_neuron(experts)  # width I + 1, neuron I all zeros
-    _slice_fused(experts, adapter.fused_style, idx)
+    FusedLayout.take_neurons(experts, adapter.fused_style, idx)
     _set_width_attrs(experts, inter, W)
 
 

@@ -3,6 +3,7 @@
 Every tensor is classified by the adapter (`classify_key`) on its on-disk name:
     expert  `...layers.L.mlp.experts.J.<w>`  -> dropped, or renamed to the new index of J
     fused   `...layers.L.mlp.experts.<w>` [E, ...] -> rows K of dim 0     (gpt-oss on disk)
+            or flat [E·I, H]                       -> row blocks K of I rows (DBRX `experts.mlp.w1/v1/w2`)
     router  `...layers.L.mlp.gate.<w>` [E, ...]   -> rows K of dim 0     (weight, bias, correction bias)
             or [1, ..., 1, E]                     -> entries K of the last dim  (ERNIE's [1, E] correction bias)
     other                                          -> copied unchanged
@@ -64,7 +65,7 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
                     "several experts' rows, so experts cannot be removed from it on the shards. Keep routers "
                     "unquantized (quantization_config.modules_to_not_convert) or use the in-memory path."
                 )
-            out.append(_rows(e, plan.kept_experts[role.layer], E))
+            out.append(_rows(e, plan.kept_experts[role.layer], E, flat=role.kind == "fused"))
             continue
         out.append(OutTensor(e.name, e.dtype, e.shape, e.file, ((e.begin, e.end),)))
     missing = {layer: {"experts", "router"} - parts for layer, parts in seen.items() if parts != {"experts", "router"}}
@@ -79,10 +80,14 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
     return out
 
 
-def _rows(e: TensorEntry, kept: list[int], num_experts: int) -> OutTensor:
+def _rows(e: TensorEntry, kept: list[int], num_experts: int, flat: bool = False) -> OutTensor:
     """The kept experts of `e` along its experts axis (`shape_expert_axis`): dim 0, or the last dim of
-    [1, ..., 1, E]; every axis before it has one entry, so expert j's bytes are the j-th of E equal slices."""
+    [1, ..., 1, E]; every axis before it has one entry, so expert j's bytes are the j-th of E equal slices.
+    `flat` (expert tensors): dim 0 may also be E·I rows, I per expert (DBRX [E·I, H]): the same equal slices."""
     axis = shape_expert_axis(tuple(e.shape), num_experts)
+    if axis is None and flat and len(e.shape) == 2 and e.shape[0] % num_experts == 0:
+        shape = (len(kept) * (e.shape[0] // num_experts), e.shape[1])  # [K·I, H]
+        return OutTensor(e.name, e.dtype, shape, e.file, tuple(row_ranges(e, kept, num_experts)))
     if axis is None:
         raise MoePruneError(f"{e.name}: expected {num_experts} experts on dim 0 (or a [1, ..., 1, {num_experts}] "
                             f"tensor), found shape {e.shape}.")
