@@ -14,6 +14,7 @@ from typing import Any
 
 from moeprune.errors import MoePruneError
 from moeprune.models.registry import ADAPTERS
+from moeprune.models.registry import REFUSED as REFUSALS
 from moeprune.models.structural import StructuralAdapter
 
 
@@ -159,3 +160,4 @@ def _register(spec: FamilySpec) -> None:
 
 for _spec in FAMILIES:
     _register(_spec)
+REFUSALS.update(REFUSED)

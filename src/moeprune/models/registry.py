@@ -14,6 +14,10 @@ ADAPTERS: Registry[type] = Registry(
 )
 
 
+# model_type -> why moeprune cannot prune it (filled by models/families.py; checked before any adapter)
+REFUSED: dict[str, str] = {}
+
+
 def register_adapter(cls: type) -> type:
     for model_type in cls.model_types:
         ADAPTERS.register(model_type, cls)
@@ -39,8 +43,6 @@ def get_adapter(config: Any, model: Any = None, weight_keys: list[str] | None = 
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text, "model_type", None) or getattr(config, "model_type", "?")
-    from moeprune.models.families import REFUSED
-
     for candidate in (model_type, getattr(config, "model_type", None)):
         if candidate in REFUSED:
             raise MoePruneError(f"model_type {candidate!r} cannot be pruned by moeprune: {REFUSED[candidate]}")
