@@ -125,7 +125,8 @@ def collect(
         for t in adapter.router_tensors(block).values():
             router_hash.update(t.detach().float().cpu().numpy().tobytes())
         col = RoutedCollector(adapter.experts(block), stats[sets[0].name][i], router, kind, block=block,
-                              top_k=adapter.top_k, logits_at=adapter.router_logits_at).__enter__()
+                              top_k=adapter.top_k, logits_at=adapter.router_logits_at,
+                              extra_classes=adapter.extra_classes).__enter__()
         col.layer = i
         current["collector"] = col
         hook = block.register_forward_hook(_record_io) if decide is not None else None

@@ -48,13 +48,17 @@ def summarize_checkpoint(ckpt: Checkpoint, adapter: MoEAdapter) -> dict[int, Wei
     """Weight summaries of every MoE layer, read from the safetensors shards one tensor at a time."""
     out = {layer: WeightSummary.zeros(adapter.num_experts) for layer in adapter.moe_layers()}
     experts = [(e, adapter.classify_key(e.name)) for e in ckpt.entries]
-    experts = [(e, r) for e, r in experts if r.kind in ("expert", "fused")]
+    E = adapter.num_experts  # per-expert keys E.. and fused rows E..: unused weights of extra router classes
+    experts = [(e, r) for e, r in experts if r.kind == "fused" or (r.kind == "expert" and r.expert < E)]
     quant, entries = ckpt.quantization, {e.name: e for e in ckpt.entries}
     for entry, role in tqdm(experts, desc="reading expert weights", unit="tensor", leave=False):
         # FP8 / MXFP4: the dequantized weight (its scale read with it, not summed on its own)
         t = read_tensor(entry) if quant is None else quant.read(entry, entries)
         if t is not None:
-            out[role.layer].add(role.expert if role.kind == "expert" else slice(None), t)
+            if role.kind == "expert":
+                out[role.layer].add(role.expert, t)
+            else:
+                out[role.layer].add(slice(None), t[:E])  # [E, ...] of E (+ Z) rows
     return out
 
 

@@ -87,8 +87,9 @@ class MoEAdapter:
     router_name: ClassVar[str] = "gate"
     experts_name: ClassVar[str] = "experts"
     shared_names: ClassVar[tuple[str, ...]] = ()  # shared experts and their gates, never pruned
-    # module attributes that hold E and must follow surgery
-    count_attrs: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    # module attributes that hold E (or E + Z, see `extra_classes`) and must follow surgery
+    count_attrs: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts",
+                                              "num_routed_experts", "total_experts")
     # how the fused gate/up tensor is laid out (see models/layouts.py): "concat" [E, 2I, H] or
     # "interleaved_t" [E, H, 2I] with gate at even and up at odd columns (gpt-oss)
     fused_style: ClassVar[str] = "concat"
@@ -122,6 +123,30 @@ class MoEAdapter:
     @property
     def num_experts(self) -> int:
         return int(get_key(self.config, self.count_key))
+
+    @property
+    def extra_classes(self) -> int:
+        """Z: router classes after the E experts that have no expert weights (LongCat-Flash's identity "zero
+        experts", selected like experts, output = gate weight × input). They are not experts: never scored nor
+        removed, always kept as the last Z router classes (`keep_rows`)."""
+        return 0
+
+    @property
+    def router_classes(self) -> int:
+        """E + Z: the width of the router's scores."""
+        return self.num_experts + self.extra_classes
+
+    def keep_rows(self, kept: torch.Tensor, rows: int, num_experts: int | None = None) -> torch.Tensor:
+        """The rows to keep of a tensor with `rows` rows indexed by router class when experts `kept` [K] stay:
+        `kept` for E rows, `kept` then the Z extra classes [E, E + Z) for E + Z rows (so a stock model built
+        with K experts routes classes K.. to them). `num_experts`: the E the tensor holds now (default: config)."""
+        E = self.num_experts if num_experts is None else num_experts
+        if rows == E:
+            return kept
+        if rows == E + self.extra_classes:
+            return torch.cat([kept, torch.arange(E, rows, dtype=kept.dtype, device=kept.device)])  # [K + Z]
+        raise MoePruneError(f"a tensor with {rows} rows indexes neither the {E} experts nor the {E} + "
+                            f"{self.extra_classes} router classes.")
 
     @property
     def top_k(self) -> int:
@@ -203,11 +228,11 @@ class MoEAdapter:
         return getattr(block, self.experts_name)
 
     def router_tensors(self, block: nn.Module, num_experts: int | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor that routes by expert, as a view [E, ...] keyed by its name under the block: the router's
+        """Every tensor that routes by expert, as a view [E (+ Z), ...] keyed by its name under the block: the router's
         (recursively: weight [E, H], bias / e_score_correction_bias [E], [1, E] biases of a sub-module) and
         selection biases kept on the block itself (afmoe, lfm2_moe `expert_bias`). Experts and shared experts
         are not included. `num_experts`: the count the block holds now (default: the config's E)."""
-        E = self.num_experts if num_experts is None else num_experts
+        E = (self.num_experts if num_experts is None else num_experts) + self.extra_classes  # router classes
         out = expert_indexed(self.router(block), E, self.router_name)
         out.update(expert_indexed(block, E, recurse=False))
         return out
@@ -218,7 +243,7 @@ class MoEAdapter:
         path, _, attr = name.rpartition(".")
         owner = block.get_submodule(path) if path else block
         old = getattr(owner, attr)
-        axis = expert_axis(old, self.num_experts)
+        axis = expert_axis(old, self.router_classes)
         value = (rows if axis == 0 else rows.movedim(0, axis)).contiguous()
         if attr in owner._parameters:
             setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
@@ -267,7 +292,7 @@ class MoEAdapter:
     def set_config_experts(self, config: Any, num_experts: int) -> None:
         """Write the new routed-expert count into a config object (text sub-config when nested)."""
         target = config.get_text_config() if hasattr(config, "get_text_config") else config
-        set_key(target, self.count_key, num_experts)
+        set_key(target, self.count_key, num_experts)  # Z extra router classes: their own key, unchanged
 
     def set_config_width(self, config: Any, width: int) -> None:
         """Write the new routed-expert width I' into a config object (text sub-config when nested)."""

@@ -33,6 +33,9 @@ class FamilySpec:
     # routing chosen by a config value: the (text) config attribute and (value, kind) pairs; overrides `routing`
     routing_key: str = ""
     routing_by: tuple[tuple[Any, str], ...] = ()
+    # config key holding Z, the router classes after the E experts that have no expert weights (identity "zero
+    # experts"): kept, never counted as experts (`MoEAdapter.extra_classes`)
+    extra_classes_key: str = ""
 
     def routing_kind(self, config: Any) -> str | None:
         """The routing kind for this (text) config: picked by `routing_key` when set, else `routing`."""
@@ -64,9 +67,6 @@ REFUSED: dict[str, str] = {
                     "scores are normalised together); removing experts needs masking and slicing of the first E "
                     "rows only, which is not implemented.",
     "inkling_mm_model": "its text model is inkling_text (see there).",
-    "longcat_flash": "its router and gate_up_proj also hold the identity 'zero experts' (E + zero_expert_num rows) "
-                     "and each decoder layer holds two attention sublayers; pruning must keep the zero experts out "
-                     "of the count, which is not implemented.",
     "zaya": "its router scores E + 1 classes (a 'skip' class without weights) and passes router states from layer "
             "to layer; neither is supported.",
 }
@@ -136,6 +136,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("jamba", ("jamba",)),
     FamilySpec("kimi_linear", ("kimi_linear",)),
     FamilySpec("lfm2_moe", ("lfm2_moe",)),
+    FamilySpec("longcat_flash", ("longcat_flash",), routing="softmax_bias", extra_classes_key="zero_expert_num",
+               note="softmax over E experts + Z identity zero experts, top-k of softmax + correction bias, gather, "
+                    "scale; two attention sublayers per decoder layer (num_hidden_layers = 2 × num_layers)"),
     FamilySpec("mistral4", ("mistral4",)),
     FamilySpec("mistral_large4", ("mistral_large4", "mistral_large4_text")),
     FamilySpec("muse_spark", ("muse_spark", "muse_spark_text")),

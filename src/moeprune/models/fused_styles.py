@@ -92,13 +92,18 @@ class FusedStyle:
         return out
 
     def take_neurons(self, experts: nn.Module, idx: torch.Tensor) -> None:
-        """Keep neurons idx [E, I'] (per expert, in that order) in every neuron-indexed tensor, in place."""
+        """Keep neurons idx [E, I'] (per expert, in that order) in every neuron-indexed tensor, in place. Rows of
+        the input projection past E (unused rows of extra router classes, LongCat-Flash) keep their first I'."""
         for name in (self.in_name, self.in_bias_name):
             t = getattr(experts, name, None)
             if t is None:
                 continue
             gate, up = self.split(t.data)
-            pick = idx.to(t.device).view(*idx.shape, *([1] * (up.dim() - 2))).expand(-1, -1, *up.shape[2:])
+            rows = idx
+            if up.shape[0] > idx.shape[0]:  # rows of weightless extra router classes (unused): their first I'
+                extra = torch.arange(idx.shape[1], dtype=idx.dtype).expand(up.shape[0] - idx.shape[0], -1)
+                rows = torch.cat([idx, extra])  # [E + Z, I']
+            pick = rows.to(t.device).view(*rows.shape, *([1] * (up.dim() - 2))).expand(-1, -1, *up.shape[2:])
             replace_param(experts, name, self.join(None if gate is None else gate.gather(1, pick), up.gather(1, pick)))
         down = self.down(experts).data  # [E, H, I]
         pick = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)  # [E, H, I']

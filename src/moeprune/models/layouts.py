@@ -38,10 +38,15 @@ class FusedLayout:
 
     @staticmethod
     def num_experts(experts: nn.Module) -> int:
-        sizes = {p.shape[0] for p in experts.parameters(recurse=False)}
-        if len(sizes) != 1:
+        """E: the leading size of every parameter, or of down_proj when the input projection also holds unused
+        rows for weightless extra router classes (`structure.fused_rows`: LongCat-Flash gate_up [E + Z, ...])."""
+        from moeprune.models.structure import fused_rows
+
+        rows = fused_rows(experts)
+        if rows is None:
+            sizes = {p.shape[0] for p in experts.parameters(recurse=False)}
             raise MoePruneError(f"{type(experts).__name__} has parameters with different leading sizes {sizes}")
-        return sizes.pop()
+        return rows[0]
 
     @staticmethod
     def expert_tensors(experts: nn.Module, j: int) -> list[torch.Tensor]:
@@ -49,14 +54,20 @@ class FusedLayout:
 
     @staticmethod
     def keep(experts: nn.Module, kept: torch.Tensor) -> nn.Module:
+        """Rows `kept` of every parameter; a parameter with E + Z rows (extra router classes) keeps its last Z
+        rows after them."""
+        E = FusedLayout.num_experts(experts)
         for name, p in list(experts.named_parameters(recurse=False)):
-            sliced = p.data.index_select(0, kept.to(p.device)).contiguous()  # [E', ...]
+            extra = torch.arange(E, p.shape[0], dtype=kept.dtype)  # [Z] (empty for E rows)
+            sliced = p.data.index_select(0, torch.cat([kept, extra]).to(p.device)).contiguous()  # [K (+ Z), ...]
             setattr(experts, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
         return experts
 
     @staticmethod
     def roles(experts: nn.Module, style: str) -> dict[str, torch.Tensor]:
-        return style_of(experts, style).roles(experts)
+        """Canonical views of the E experts (rows of extra router classes left out)."""
+        E = FusedLayout.num_experts(experts)
+        return {k: v[:E] for k, v in style_of(experts, style).roles(experts).items()}
 
     @staticmethod
     def take_neurons(experts: nn.Module, style: str, idx: torch.Tensor) -> None:
@@ -235,7 +246,7 @@ def experts_shape(adapter, experts: nn.Module) -> tuple[int, int]:
                             f"{sorted(known)} for style {style.name!r}.")
     gates = 2 if style.gated else 1
     stored = getattr(experts, style.in_name)
-    E, inter = stored.shape[0], style.width(experts)
+    E, inter = FusedLayout.num_experts(experts), style.width(experts)
     if stored.shape[2 if style.transposed else 1] != gates * inter:
         raise MoePruneError(f"{type(experts).__name__}: {style.in_name} {tuple(stored.shape)} and down_proj "
                             f"{tuple(experts.down_proj.shape)} do not agree on one width for style {style.name!r}.")

@@ -14,6 +14,9 @@ each one masked on every router call):
 Everything else — renormalisation, group limits, scaling, biases, dtypes — is whatever the model's code does,
 so no router is re-implemented here.
 
+With Z extra router classes (LongCat-Flash's identity zero experts, the last Z columns) the mask is [E + Z] and
+only ever masks expert columns: the zero experts stay routable, as in the pruned model.
+
 `masked_rows` is the same with one mask per block of rows: G dropped sets for a router call on N = G·c rows, set g
 masking rows g·c..(g+1)·c (NAEE scores G candidate sets in one router call on its cached inputs repeated G times).
 """
@@ -55,9 +58,11 @@ class _MaskColumns(TorchFunctionMode):
         return out
 
 
-def _mask(num_experts: int, drop) -> torch.Tensor:
-    """[E]: -inf on the experts in `drop`, 0 elsewhere."""
-    mask = torch.zeros(num_experts)
+def _mask(adapter: MoEAdapter, drop) -> torch.Tensor:
+    """[E + Z]: -inf on the experts in `drop` (all < E), 0 elsewhere (the Z extra router classes included)."""
+    if any(not 0 <= int(j) < adapter.num_experts for j in drop):
+        raise MoePruneError(f"cannot mask {sorted(drop)}: experts are 0..{adapter.num_experts - 1}.")
+    mask = torch.zeros(adapter.num_experts + getattr(adapter, "extra_classes", 0))  # duck-typed adapters: Z = 0
     mask[list(drop)] = float("-inf")
     return mask
 
@@ -97,7 +102,7 @@ def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, lis
             if not drop:
                 continue
             router = adapter.router(adapter.block(model, layer))
-            counters[layer] = _wrap(router, ops, _mask(adapter.num_experts, drop))
+            counters[layer] = _wrap(router, ops, _mask(adapter, drop))
             patched.append(router)
         yield counters
     finally:
@@ -112,7 +117,7 @@ def masked_rows(model: nn.Module, adapter: MoEAdapter, layer: int, drops: list[t
     (G = len(drops); N must be a multiple of G). Yields the layer's hit counter; raises as `masked_experts`."""
     ops = adapter.routing().masked_ops
     router = adapter.router(adapter.block(model, layer))
-    mask = torch.stack([_mask(adapter.num_experts, drop) for drop in drops])  # [G, E]
+    mask = torch.stack([_mask(adapter, drop) for drop in drops])  # [G, E]
     counter = _wrap(router, ops, mask)
     try:
         yield counter

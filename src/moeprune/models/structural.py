@@ -69,6 +69,12 @@ class StructuralAdapter(MoEAdapter):
         if not self.count_key:
             raise MoePruneError(f"{type(text).__name__} holds no expert count equal to the {s.num_experts} experts "
                                 f"of {s.experts_class} under {', '.join((*extra, *COUNT_KEYS))}.")
+        key = getattr(spec, "extra_classes_key", "")
+        self._extra = int(getattr(text, key, None) or 0) if key else 0
+        if self._extra != s.extra_classes:
+            raise MoePruneError(f"{s.router_class} scores {s.router_rows} classes for {s.num_experts} experts; the "
+                                f"family declares {self._extra} extra router classes "
+                                f"({key or 'no extra_classes_key'} in models/families.py).")
         super().__init__(config)
         self.family = getattr(spec, "family", None) or self.model_type
 
@@ -99,6 +105,14 @@ class StructuralAdapter(MoEAdapter):
 
     def moe_layers(self) -> list[int]:
         return list(self.structure.moe_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return self.structure.num_layers
+
+    @property
+    def extra_classes(self) -> int:
+        return self._extra
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         try:
@@ -143,14 +157,16 @@ class StructuralAdapter(MoEAdapter):
 
     def _expert_indexed(self, target: str, strict: bool = False) -> bool:
         """Whether the in-memory tensor `target` indexes experts (`models/base.expert_axis`: dim 0, or the last dim
-        of a [1, E] tensor); names the meta model lacks count as expert-indexed unless `strict`."""
+        of a [1, E] tensor; E or E + Z router classes); names the meta model lacks count as expert-indexed unless
+        `strict`."""
         s = self.structure
         shape = _meta_shapes(id(s.meta), s).get(target)
         if shape is None:
             return not strict
         if not strict and s.width and len(shape) == 2 and shape[0] == s.num_experts * s.width:
             return True  # flattened experts [E·I, H] (models/layouts.FlatLayout)
-        return expert_axis(torch.empty(shape, device="meta"), s.num_experts) is not None
+        t = torch.empty(shape, device="meta")
+        return any(expert_axis(t, n) is not None for n in {s.num_experts, s.router_rows})
 
     def routing(self) -> RoutingSpec:
         c = self.config
@@ -192,7 +208,8 @@ def _block_tensors(structure: Structure):
 def has_selection_bias(structure: Structure) -> bool:
     """Whether the block holds a selection bias ([E] or [1, E], named *correction* / *expert_bias*)."""
     _, _, tensors = _block_tensors(structure)
-    return any(SELECTION_BIAS.search(n) and t.shape[-1] == structure.num_experts for n, t in tensors)
+    rows = (structure.num_experts, structure.router_rows)
+    return any(SELECTION_BIAS.search(n) and t.shape[-1] in rows for n, t in tensors)
 
 
 def infer_kind(structure: Structure) -> str:

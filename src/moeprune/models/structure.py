@@ -7,12 +7,16 @@ multimodal wrappers nesting the text decoder. Rather than one rule per family, `
 model class on the `meta` device (no memory, no weights) and reads the structure off it:
 
 - decoder layers: the `ModuleList` named `*layers` (or `*blocks`: DBRX) with `num_hidden_layers` entries (of the
-  text config);
+  text config), else with the count of the config key the model declares for its hidden-state recorder
+  (LongCat-Flash: `num_layers`, as each of its decoder layers holds two attention sublayers and
+  `num_hidden_layers` is 2 × `num_layers`);
 - MoE block of layer i: the shallowest module under it with an `experts` child (the decoder layer itself for
   Gemma-4, whose router and experts sit next to its dense MLP; `block_name` is then ""); MoE layers are those
   that have one;
 - router: the block's child (not experts, not shared) owning a parameter with E rows, E = the experts' count
-  (fused: dim 0 of every parameter; ModuleList: its length);
+  (fused: dim 0 of every parameter, or of `down_proj` when the input projection also holds rows for weightless
+  extra router classes; ModuleList: its length), or with E + Z rows: Z extra router classes (LongCat-Flash's
+  identity "zero experts", `router_rows` = E + Z, the last Z classes, always kept);
 - shared experts: the block's children whose name contains "shared";
 - the checkpoint name of every in-memory tensor, through transformers' own conversion mapping
   (`rename_source_key`), so a checkpoint key can be classified by what it feeds (`target_of`).
@@ -50,6 +54,13 @@ class Structure:
     router_class: str
     experts_class: str
     meta: Any = field(repr=False, compare=False, default=None)  # the meta model (for names and conversions)
+    num_layers: int = 0  # entries of the decoder-layer ModuleList
+    router_rows: int = 0  # classes the router scores: E, or E + Z with Z weightless extra classes at the end
+
+    @property
+    def extra_classes(self) -> int:
+        """Z: router classes after the E experts that have no expert weights (identity "zero experts")."""
+        return max(0, self.router_rows - self.num_experts)
 
 
 def build_meta(config: Any) -> nn.Module:
@@ -75,6 +86,29 @@ def _decoder_layers(model: nn.Module, n: int) -> tuple[str, nn.ModuleList]:
     return (with_experts or found)[0]
 
 
+def layer_counts(model: nn.Module, text: Any) -> tuple[int, ...]:
+    """Candidate entries of the decoder-layer ModuleList: `num_hidden_layers`, then the value of the config key the
+    model's hidden-state recorder declares (`_can_record_outputs["hidden_states"].num_hidden_layers_key`)."""
+    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("hidden_states")
+    key = getattr(recorder, "num_hidden_layers_key", None)
+    value = getattr(text, key, None) if key else None
+    return tuple(dict.fromkeys((int(text.num_hidden_layers), *([value] if isinstance(value, int) else []))))
+
+
+def fused_rows(experts: nn.Module) -> tuple[int, int] | None:
+    """(E, router rows) of fused experts: E = the leading size shared by every 3-D parameter, or `down_proj`'s
+    when the input projection has more rows (rows E.. are weightless extra router classes, unused; LongCat-Flash
+    gate_up_proj [E + Z, 2I, H], down_proj [E, H, I]); None when not readable."""
+    sizes = {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() >= 2}
+    if len(sizes) == 1:
+        E = sizes.pop()
+        return E, E
+    down = getattr(experts, "down_proj", None)
+    if isinstance(down, torch.Tensor) and len(sizes) == 2 and down.shape[0] == min(sizes):
+        return int(down.shape[0]), int(max(sizes))
+    return None
+
+
 def _experts_count(experts: nn.Module) -> int | None:
     from moeprune.models.layouts import FlatLayout
 
@@ -82,8 +116,19 @@ def _experts_count(experts: nn.Module) -> int | None:
         return len(experts)
     if FlatLayout.matches(experts):
         return FlatLayout.num_experts(experts)
-    sizes = {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() >= 2}
-    return sizes.pop() if len(sizes) == 1 else None
+    rows = fused_rows(experts)
+    return rows[0] if rows else None
+
+
+def _router_rows(experts: nn.Module) -> int | None:
+    from moeprune.models.layouts import FlatLayout
+
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    if FlatLayout.matches(experts):
+        return FlatLayout.num_experts(experts)
+    rows = fused_rows(experts)
+    return rows[1] if rows else None
 
 
 def _width(experts: nn.Module) -> int | None:
@@ -101,20 +146,27 @@ def _width(experts: nn.Module) -> int | None:
     return style_of(experts).width(experts)
 
 
-def _router(block: nn.Module, skip: set[str], E: int) -> str | None:
-    """The block child owning a parameter with E rows ("gate"/"router" first)."""
+def _router(block: nn.Module, skip: set[str], rows: tuple[int, ...]) -> str | None:
+    """The block child owning a parameter with one of `rows` rows ("gate"/"router" first)."""
     names = sorted((n for n, _ in block.named_children() if n not in skip),
                    key=lambda n: (n not in ("gate", "router"), n))
     for name in names:
         child = getattr(block, name)
-        if any(p.dim() == 2 and p.shape[0] == E for p in child.parameters()):
+        if any(p.dim() == 2 and p.shape[0] in rows for p in child.parameters()):
             return name
     return None
 
 
 def _scan(model: nn.Module, config: Any) -> Structure:
     text = _text(config)
-    path, layers = _decoder_layers(model, int(text.num_hidden_layers))
+    counts = layer_counts(model, text)
+    for n in counts:
+        try:
+            path, layers = _decoder_layers(model, n)
+            break
+        except MoePruneError:
+            if n == counts[-1]:
+                raise
     found: dict[int, tuple[str, nn.Module]] = {}
     for i, layer in enumerate(layers):
         for name, module in layer.named_modules():  # "" first: the decoder layer itself may be the block (gemma4)
@@ -133,12 +185,15 @@ def _scan(model: nn.Module, config: Any) -> Structure:
     if not E:
         raise MoePruneError(f"{type(experts).__name__}: cannot read the number of experts from its tensors.")
     shared = tuple(n for n, _ in block.named_children() if "shared" in n)
-    router = _router(block, {EXPERTS_NAME, *shared}, E)
+    rows = _router_rows(experts) or E
+    router = _router(block, {EXPERTS_NAME, *shared}, (E, rows))
     if router is None:
         raise MoePruneError(f"{type(block).__name__}: no child of the MoE block has a weight with {E} rows "
                             "(no router found).")
+    if rows != E and not any(p.dim() == 2 and p.shape[0] == rows for p in getattr(block, router).parameters()):
+        rows = E  # the router scores the experts only: the extra rows are something else
     return Structure(path, tuple(sorted(found)), block_name, router, EXPERTS_NAME, shared, E, _width(experts),
-                     type(getattr(block, router)).__name__, type(experts).__name__, model)
+                     type(getattr(block, router)).__name__, type(experts).__name__, model, len(layers), rows)
 
 
 _META: dict[str, tuple[Any, nn.Module, Structure | None]] = {}  # config JSON -> (config, meta model, structure)

@@ -188,6 +188,11 @@ class NeuronCollector:
             valid = (self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)).to(
                 stats.sums["count"].device, torch.float64)  # [T]
             for j in top_k_index.unique().tolist():
+                if E <= j < E + adapter.extra_classes:  # an identity zero expert (LongCat-Flash): out += w·x
+                    tok, slot = torch.where(top_k_index == j)
+                    w = top_k_weights[tok, slot]  # [n]
+                    out.index_add_(0, tok, (hidden_states[tok] * w[:, None].to(hidden_states.dtype)).to(out.dtype))
+                    continue
                 if j >= E:  # a masked slot
                     continue
                 tok, slot = torch.where(top_k_index == j)  # routed tokens of j and their top-k position

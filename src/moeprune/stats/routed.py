@@ -25,6 +25,10 @@ so the sample does not depend on batching or padding), EVERY expert's output, ro
     out_sum[j] = Σ_{t∈P} f_j(t)  [E, H]   (mean output: HC-SMoE),   out_gram[i, j] = Σ_{t∈P} f_i(t)·f_j(t)
     (cos of the concatenated outputs: Sub-MoE),   probe_tokens = |P|.
 Probing costs E·|P| extra expert rows, ≈ T·k/8 with the default stride ⌈8E/k⌉ (an eighth of the routed work).
+
+Extra router classes (LongCat-Flash's Z identity "zero experts", router classes E..E+Z-1 without weights) are not
+experts: a slot routed to one adds to no expert's sums (nor to coact), its output still counts in r_t, and the
+router's distribution p and logits are those of the E experts (the first E columns of the E + Z).
 """
 
 from __future__ import annotations
@@ -116,23 +120,25 @@ class RoutedStats:
         E, s = self.num_experts, self.sums
         T, k = idx.shape
         w = valid.to(idx.device, torch.float64, non_blocking=True)  # [T] 1 = real token
+        expert = idx < E  # [T, k] False on slots routed to an extra router class (a zero expert)
+        idx = torch.where(expert, idx, 0)  # [T, k] such slots get weight 0 below
         if r is None:
             r = (f * gate[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
         ff = f.float()
-        peak = torch.maximum(ff.amax(dim=-1), -ff.amin(dim=-1)).double() * w[:, None]  # [T, k] max |f|; 0 neutral
+        wk = w[:, None] * expert  # [T, k] 1 = a real token's slot routed to an expert
+        peak = torch.maximum(ff.amax(dim=-1), -ff.amin(dim=-1)).double() * wk  # [T, k] max |f|; 0 neutral
         norm = torch.linalg.vector_norm(ff, dim=-1).double()  # [T, k]
         hd, rd = h.double(), r.double()  # 1 − cos is a small difference of numbers near 1: float64 on [T, H]
         hh, hr, rr = (hd * hd).sum(-1), (hd * rd).sum(-1), (rd * rd).sum(-1)  # [T] each
         eps = torch.finfo(torch.float64).eps  # as F.cosine_similarity: each norm clamped at eps
         cos = (hh + hr) / ((hh.sqrt().clamp_min(eps)) * (hh + 2 * hr + rr).clamp_min(0).sqrt().clamp_min(eps))
         novelty = (1 - cos).clamp_min(0) * w  # [T]
-        g = gate.double() * w[:, None]  # [T, k] gate, 0 on padding
+        g = gate.double() * wk  # [T, k] gate, 0 on padding and zero-expert slots
         gn = g * norm  # [T, k]
-        wk = w[:, None].expand(T, k)  # [T, k]
         cols = [wk, g, norm * wk, norm.square() * wk, gn, gn * novelty[:, None]]  # per (token, slot) pair
         if probs is not None:
             p = probs.double() * w[:, None]  # [T, E]
-            cols.append(p.gather(1, idx))  # [T, k] p_j(t) of the routed experts
+            cols.append(p.gather(1, idx) * expert)  # [T, k] p_j(t) of the routed experts
         j = idx.reshape(-1)  # [M = T·k]
         per = torch.zeros(E, len(cols), dtype=torch.float64, device=idx.device)
         per.index_add_(0, j, torch.stack(cols, dim=-1).reshape(-1, len(cols)))  # [E, 6 or 7]
@@ -141,7 +147,7 @@ class RoutedStats:
         if j.numel():  # shape only: no sync
             s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak.reshape(-1), reduce="amax")
         pair = (idx[:, :, None] * E + idx[:, None, :]).reshape(-1)  # [T·k·k] flat (i, j) of co-routed experts
-        weight = wk[:, :, None].expand(T, k, k).reshape(-1)  # [T·k·k]
+        weight = (wk[:, :, None] * expert[:, None, :]).reshape(-1)  # [T·k·k] both slots routed to experts
         s["coact"].view(-1).index_add_(0, pair, weight)  # exact integer counts (bincount would sync on CUDA)
         s["tokens"] += w.sum()
         if probs is not None:
@@ -185,8 +191,9 @@ class RoutedCollector:
 
     def __init__(self, experts: nn.Module, stats: RoutedStats, router: nn.Module | None = None,
                  routing_kind: str = "softmax_topk", *, block: nn.Module | None = None, top_k: int | None = None,
-                 logits_at: int = 0):
+                 logits_at: int = 0, extra_classes: int = 0):
         self.experts, self.stats, self.router, self.kind = experts, stats, router, routing_kind
+        self.classes = stats.num_experts + extra_classes  # router classes: E experts, then Z without weights
         self.logits_at = logits_at  # which element of the router's output tuple holds the logits [T, E]
         self.prescaled = is_prescaled(experts)  # the block pre-scales the experts' input (`stats/prescaled.py`)
         if self.prescaled and (block is None or top_k is None):
@@ -204,10 +211,10 @@ class RoutedCollector:
 
     def _keep_logits(self, module, args, output) -> None:
         logits = output[self.logits_at] if isinstance(output, tuple) else output
-        E = self.stats.num_experts
-        if not isinstance(logits, torch.Tensor) or logits.shape[-1] != E:
-            raise RuntimeError(f"router {type(module).__name__} did not return [T, {E}] logits first")
-        self._logits = logits.detach().reshape(-1, E)
+        n = self.classes  # E + Z
+        if not isinstance(logits, torch.Tensor) or logits.shape[-1] != n:
+            raise RuntimeError(f"router {type(module).__name__} did not return [T, {n}] logits first")
+        self._logits = logits.detach().reshape(-1, n)  # [T, E + Z]
 
     def __enter__(self) -> RoutedCollector:
         original = self.experts.forward
@@ -229,6 +236,10 @@ class RoutedCollector:
                 experts = torch.cat([experts, every.to(experts.dtype)])  # [T·k + P·E, 1]
             rows = hidden_states.index_select(0, token)  # [T·k (+ P·E), H]: one gather, no intermediate copies
             one = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
+            if self.classes > self.stats.num_experts:  # a second slot at weight 0 on the first extra class (an
+                # identity zero expert, no work): LongCat-Flash's experts code cannot take one slot per row
+                experts = torch.cat([experts, torch.full_like(experts, self.stats.num_experts)], dim=1)  # [M, 2]
+                one = torch.cat([one, torch.zeros_like(one)], dim=1)  # [M, 2]: f·1 + x·0 = f exactly
             fa = original(rows, experts, one, *args, **kwargs).detach().reshape(rows.shape)  # [T·k (+ P·E), H]
             f = fa[: T * k].view(T, k, -1)  # [T, k, H]
             probe_out = fa[T * k :].view(-1, self.stats.num_experts, fa.shape[-1]) if probe is not None else None
@@ -236,6 +247,8 @@ class RoutedCollector:
             valid = valid.to(dev, non_blocking=True)
             logits, self._logits = self._logits, None
             probs = router_probs(logits, self.kind) if logits is not None else None
+            if logits is not None:  # the E experts' columns of the E + Z router classes
+                logits, probs = logits[:, : self.stats.num_experts], probs[:, : self.stats.num_experts]
             out = (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
             self.stats.to(dev).update(top_k_index, top_k_weights.detach(), f, valid, hidden_states.detach(), probs,
                                       out)

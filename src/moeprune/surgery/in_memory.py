@@ -4,7 +4,9 @@ For each MoE layer with kept experts K (ascending), in lockstep:
     experts:  every expert tensor  W[E, ...] -> W[K, ...]   (fused) or ModuleList[K] (per-expert modules)
     router:   weight [E, H] -> [K, H]; bias [E] and e_score_correction_bias [E] -> [K]
     counts:   num_experts / num_local_experts / n_routed_experts on the block, router, experts and config
-Experts are renumbered 0..|K|-1 in the order of K.
+Experts are renumbered 0..|K|-1 in the order of K. Z extra router classes without expert weights (LongCat-Flash's
+zero experts: router rows and unused gate_up rows E..E+Z-1) stay, as rows K..K+Z-1 (`MoEAdapter.keep_rows`);
+module counts equal to E + Z become K + Z.
 """
 
 from __future__ import annotations
@@ -27,14 +29,18 @@ def slice_router(adapter: MoEAdapter, block: nn.Module, kept: torch.Tensor) -> N
         raise MoePruneError(f"router {type(adapter.router(block)).__name__} has no weight with "
                             f"{adapter.num_experts} rows to slice.")
     for name, t in tensors.items():
-        adapter.set_router_tensor(block, name, t.data.index_select(0, kept.to(t.device)))  # [K, ...]
+        rows = adapter.keep_rows(kept, t.shape[0]).to(t.device)  # [K (+ Z)]
+        adapter.set_router_tensor(block, name, t.data.index_select(0, rows))  # [K (+ Z), ...]
 
 
-def _update_counts(modules: list[nn.Module], attrs: tuple[str, ...], old: int, new: int) -> None:
+def _update_counts(modules: list[nn.Module], attrs: tuple[str, ...], old: int, new: int, extra: int = 0) -> None:
+    """Module attributes equal to E become K; with Z extra router classes, those equal to E + Z become K + Z."""
+    change = {old: new, old + extra: new + extra}
     for m in modules:
         for a in attrs:
-            if isinstance(getattr(m, a, None), int) and getattr(m, a) == old:
-                setattr(m, a, new)
+            value = getattr(m, a, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value in change:
+                setattr(m, a, change[value])
 
 
 @torch.no_grad()
@@ -50,12 +56,12 @@ def prune_layer(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, layer: i
     layout = layout_of(experts)
     if layout.num_experts(experts) != E:
         raise MoePruneError(f"layer {layer} holds {layout.num_experts(experts)} experts, config says {E}.")
-    new_experts = layout.keep(experts, kept)
+    new_experts = layout.keep(experts, kept)  # extra-class rows (more rows than experts) are kept at the end
     if new_experts is not experts:
         setattr(block, adapter.experts_name, new_experts)
     slice_router(adapter, block, kept)
     _update_counts([block, *adapter.router(block).modules(), *new_experts.modules()], adapter.count_attrs, E,
-                   len(kept))
+                   len(kept), adapter.extra_classes)
 
 
 @torch.no_grad()

@@ -7,6 +7,9 @@ Every tensor is classified by the adapter (`classify_key`) on its on-disk name:
     router  `...layers.L.mlp.gate.<w>` [E, ...]   -> rows K of dim 0     (weight, bias, correction bias)
             or [1, ..., 1, E]                     -> entries K of the last dim  (ERNIE's [1, E] correction bias)
     other                                          -> copied unchanged
+Z extra router classes without expert weights (LongCat-Flash's zero experts) are kept after the K experts:
+router and fused tensors with E + Z rows keep rows K ∪ [E, E + Z), and per-expert keys of index E + z (the
+unused gate/up rows transformers saves for them) become K + z (`MoEAdapter.keep_rows`).
 Bytes are copied range by range (rows of dim 0 are contiguous; so are the entries of a [1, ..., 1, E] tensor,
 whose memory is that of [E]), so the result is bit-identical to slicing the tensors, works for every dtype, and
 memory stays at one copy buffer whatever the shard size. Output shards are re-packed to `max_shard_size`.
@@ -46,7 +49,9 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
     """What to write: each surviving tensor with its (possibly new) name, shape and source byte ranges."""
     E = adapter.num_experts
     quant = ckpt.quantization
-    new_index = {layer: {old: new for new, old in enumerate(kept)} for layer, kept in plan.kept_experts.items()}
+    Z = adapter.extra_classes
+    new_index = {layer: {old: new for new, old in enumerate([*kept, *range(E, E + Z)])}
+                 for layer, kept in plan.kept_experts.items()}  # extra classes E + z -> K + z
     seen: dict[int, set[str]] = {layer: set() for layer in plan.layers}
     out: list[OutTensor] = []
     for e in ckpt.entries:
@@ -65,7 +70,7 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
                     "several experts' rows, so experts cannot be removed from it on the shards. Keep routers "
                     "unquantized (quantization_config.modules_to_not_convert) or use the in-memory path."
                 )
-            out.append(_rows(e, plan.kept_experts[role.layer], E, flat=role.kind == "fused"))
+            out.append(_rows(e, plan.kept_experts[role.layer], E, Z, flat=role.kind == "fused"))
             continue
         out.append(OutTensor(e.name, e.dtype, e.shape, e.file, ((e.begin, e.end),)))
     missing = {layer: {"experts", "router"} - parts for layer, parts in seen.items() if parts != {"experts", "router"}}
@@ -80,19 +85,25 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
     return out
 
 
-def _rows(e: TensorEntry, kept: list[int], num_experts: int, flat: bool = False) -> OutTensor:
+def _rows(e: TensorEntry, kept: list[int], num_experts: int, extra: int = 0, flat: bool = False) -> OutTensor:
     """The kept experts of `e` along its experts axis (`shape_expert_axis`): dim 0, or the last dim of
     [1, ..., 1, E]; every axis before it has one entry, so expert j's bytes are the j-th of E equal slices.
+    A tensor with E + Z entries there (Z = `extra` router classes) keeps its last Z after the kept experts.
     `flat` (expert tensors): dim 0 may also be E·I rows, I per expert (DBRX [E·I, H]): the same equal slices."""
-    axis = shape_expert_axis(tuple(e.shape), num_experts)
+    n = num_experts
+    axis = shape_expert_axis(tuple(e.shape), n)
     if axis is None and flat and len(e.shape) == 2 and e.shape[0] % num_experts == 0:
         shape = (len(kept) * (e.shape[0] // num_experts), e.shape[1])  # [K·I, H]
         return OutTensor(e.name, e.dtype, shape, e.file, tuple(row_ranges(e, kept, num_experts)))
+    if axis is None and extra:
+        n = num_experts + extra
+        axis = shape_expert_axis(tuple(e.shape), n)
+        kept = [*kept, *range(num_experts, n)]  # [K + Z]
     if axis is None:
         raise MoePruneError(f"{e.name}: expected {num_experts} experts on dim 0 (or a [1, ..., 1, {num_experts}] "
                             f"tensor), found shape {e.shape}.")
     shape = (*e.shape[:axis], len(kept), *e.shape[axis + 1:])
-    return OutTensor(e.name, e.dtype, shape, e.file, tuple(row_ranges(e, kept, num_experts)))
+    return OutTensor(e.name, e.dtype, shape, e.file, tuple(row_ranges(e, kept, n)))
 
 
 def pack_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
