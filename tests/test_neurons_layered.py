@@ -154,7 +154,7 @@ def test_refusals_before_work(checkpoints, monkeypatch):
         collect_neuron_stats_layered(path, SETS, gradients=False, batch_size=BATCH, dtype="float8")
     from test_modulelist_generic import legacy_model  # MoE blocks with a ModuleList of expert MLPs
 
-    with pytest.raises(MoePruneError, match="fused 3-D experts"):
+    with pytest.raises(MoePruneError, match="fused 3-D or flat experts"):
         collect_neuron_stats_layered(legacy_model(), SETS, gradients=False, batch_size=BATCH)
     ctx = SimpleNamespace(ckpt=SimpleNamespace(path=path), calib=SimpleNamespace(batch_size=BATCH, device="cpu"),
                           sets=SETS, previous=[("stage", "plan")])

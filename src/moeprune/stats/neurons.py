@@ -85,11 +85,11 @@ class NeuronLayerStats:
 
 
 def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
-    """Layer `layer`'s experts container, refused unless fused 3-D (works on meta modules: nothing is read)."""
+    """Layer `layer`'s experts container, refused unless fused 3-D or flat (works on meta modules: nothing is read)."""
     experts = adapter.experts(adapter.block(model, layer))
     if layout_of(experts) not in (FusedLayout, FlatLayout):
-        raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D or flat experts; "
-                            f"{type(experts).__name__} is a ModuleList (not supported yet).")
+        raise MoePruneError(f"layer {layer}: neuron statistics need fused 3-D or flat experts; this model keeps its "
+                            f"experts as a {type(experts).__name__} of MLPs (not supported yet).")
     return experts
 
 
