@@ -27,6 +27,21 @@ from moeprune.models.fused_styles import style_of
 from moeprune.registry import Registry
 
 
+def fused_rows(experts: nn.Module) -> tuple[int, int] | None:
+    """(E, router rows) of fused experts: E = the leading size shared by every 3-D parameter, or `down_proj`'s
+    when the input projection has more rows (rows E.. are weightless extra router classes, unused; LongCat-Flash
+    gate_up_proj [E + Z, 2I, H], down_proj [E, H, I]); None when not readable."""
+    sizes = {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() >= 2}
+    if len(sizes) == 1:
+        E = sizes.pop()
+        return E, E
+    down = getattr(experts, "down_proj", None)
+    if isinstance(down, torch.Tensor) and len(sizes) == 2 and down.shape[0] == min(sizes):
+        return int(down.shape[0]), int(max(sizes))
+    return None
+
+
+
 class FusedLayout:
     name = "fused"
 
@@ -39,9 +54,7 @@ class FusedLayout:
     @staticmethod
     def num_experts(experts: nn.Module) -> int:
         """E: the leading size of every parameter, or of down_proj when the input projection also holds unused
-        rows for weightless extra router classes (`structure.fused_rows`: LongCat-Flash gate_up [E + Z, ...])."""
-        from moeprune.models.structure import fused_rows
-
+        rows for weightless extra router classes (`fused_rows`: LongCat-Flash gate_up [E + Z, ...])."""
         rows = fused_rows(experts)
         if rows is None:
             sizes = {p.shape[0] for p in experts.parameters(recurse=False)}

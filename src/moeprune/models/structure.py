@@ -95,22 +95,8 @@ def layer_counts(model: nn.Module, text: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys((int(text.num_hidden_layers), *([value] if isinstance(value, int) else []))))
 
 
-def fused_rows(experts: nn.Module) -> tuple[int, int] | None:
-    """(E, router rows) of fused experts: E = the leading size shared by every 3-D parameter, or `down_proj`'s
-    when the input projection has more rows (rows E.. are weightless extra router classes, unused; LongCat-Flash
-    gate_up_proj [E + Z, 2I, H], down_proj [E, H, I]); None when not readable."""
-    sizes = {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() >= 2}
-    if len(sizes) == 1:
-        E = sizes.pop()
-        return E, E
-    down = getattr(experts, "down_proj", None)
-    if isinstance(down, torch.Tensor) and len(sizes) == 2 and down.shape[0] == min(sizes):
-        return int(down.shape[0]), int(max(sizes))
-    return None
-
-
 def _experts_count(experts: nn.Module) -> int | None:
-    from moeprune.models.layouts import FlatLayout
+    from moeprune.models.layouts import FlatLayout, fused_rows
 
     if isinstance(experts, nn.ModuleList):
         return len(experts)
@@ -121,7 +107,7 @@ def _experts_count(experts: nn.Module) -> int | None:
 
 
 def _router_rows(experts: nn.Module) -> int | None:
-    from moeprune.models.layouts import FlatLayout
+    from moeprune.models.layouts import FlatLayout, fused_rows
 
     if isinstance(experts, nn.ModuleList):
         return len(experts)
