@@ -11,6 +11,7 @@ from the family's own config class and every verb runs on it:
              `from_pretrained` equals the original with the removed experts masked in its own router
              (max |Δ| <= 1e-4 · max |logit|), differs clearly from the unmasked original, config counts follow;
 - streaming: the shard-editing apply writes the same tensors, bit for bit, as the in-memory apply;
+- naee:      NAEE's reconstruction search, 25 %, exported and verified against the masked original;
 - neurons:   CAMERA-P 50 % of each expert's neurons, exported and verified against the masked original;
 - merge:     M-SMoE 25 %, exported and verified against the original with the merge expressed as a reference;
 - lazy:      layer-by-layer calibration gives the statistics of the in-memory calibration.
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-VERBS = ("info", "prune", "streaming", "neurons", "merge", "lazy")
+VERBS = ("info", "prune", "streaming", "naee", "neurons", "merge", "lazy")
 WORDS = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "kappa", "theta", "lambda", "zeta"]
 TOL = 1e-4  # relative to max |logit|, as tests/test_families.py
 
@@ -152,17 +153,21 @@ def check_streaming(ctx: dict) -> str:
     return f"{len(a)} tensors bit-identical"
 
 
-def _prune_verified(ctx: dict, method: str, ratio: float, name: str) -> str:
+def _prune_verified(ctx: dict, method: str | None, ratio: float, name: str, **options) -> str:
     from moeprune import api
     from moeprune.errors import UnsupportedLayout
 
     try:
         _, result = api.prune(ctx["original"], ctx["root"] / name, method=method, ratio=ratio,
-                              calib=_calib(ctx["text"]))
+                              calib=_calib(ctx["text"]), **options)
     except UnsupportedLayout as e:
         raise NotApplicable(str(e).split("\n")[0][:160]) from e
     assert result is not None and result.passed, f"verify failed: {result}"
     return f"verify max|Δ| {result.max_abs_diff:.1e}"
+
+
+def check_naee(ctx: dict) -> str:
+    return _prune_verified(ctx, None, 0.25, "naee", policy="reconstruction")
 
 
 def check_neurons(ctx: dict) -> str:
@@ -195,8 +200,8 @@ def check_lazy(ctx: dict) -> str:
     return f"max rel Δ {worst:.1e}"
 
 
-CHECKS = {"info": check_info, "prune": check_prune, "streaming": check_streaming, "neurons": check_neurons,
-          "merge": check_merge, "lazy": check_lazy}
+CHECKS = {"info": check_info, "prune": check_prune, "streaming": check_streaming, "naee": check_naee,
+          "neurons": check_neurons, "merge": check_merge, "lazy": check_lazy}
 
 
 def check_family(model_type: str, root: Path, verbs: tuple[str, ...] = VERBS) -> dict[str, tuple[str, str]]:

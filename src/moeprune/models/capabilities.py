@@ -1,9 +1,10 @@
 """Which verbs a family's layout allows, decided in one place (used by `moeprune info` and by the stages, which
 raise `UnsupportedLayout` with the same reason before any work).
 
-Verbs: `experts` (criterion / NAEE expert removal, in memory and streaming), `neurons` (HEAPr, CAMERA-P),
-`merge` (M-SMoE, HC-SMoE, Sub-MoE, DERN), `lazy` (layer-by-layer loading). A problem is a sentence saying why the
-verb cannot run; None means supported. The checks read the experts module (meta is enough: shapes and flags).
+Verbs: `experts` (criterion expert removal, in memory and streaming), `naee` (NAEE's reconstruction search),
+`neurons` (HEAPr, CAMERA-P), `merge` (M-SMoE, HC-SMoE, Sub-MoE, DERN), `lazy` (layer-by-layer loading). A problem
+is a sentence saying why the verb cannot run; None means supported. The checks read the experts module (meta is
+enough: shapes and flags).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from moeprune.errors import UnsupportedLayout
 from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import FusedLayout, ModuleListLayout, layout_of
 
-VERBS = ("experts", "neurons", "merge", "lazy")
+VERBS = ("experts", "naee", "neurons", "merge", "lazy")
 
 
 def _experts_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
@@ -45,6 +46,23 @@ def _width_problem(adapter: MoEAdapter) -> str | None:
     return None
 
 
+def _naee_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
+    """NAEE's search replays the MoE block on cached inputs with every expert's output computed once
+    (`select/naee_outputs.py`): blocks it cannot replay that way are refused (measured on the tiny models)."""
+    from moeprune.models.layouts import FlatLayout
+    from moeprune.stats.prescaled import is_prescaled
+
+    if not adapter.block_name:
+        return "the MoE block is the decoder layer itself (Gemma-4); NAEE's block replay does not support that yet"
+    if getattr(adapter, "extra_classes", 0):
+        return "the router has weightless extra classes (zero experts); NAEE's output cache does not support them yet"
+    if layout_of(experts) is FlatLayout:
+        return "flat [E·I, H] experts (DBRX) are not read by NAEE's output cache yet"
+    if is_prescaled(experts):
+        return "the block pre-scales the experts' input (Llama-4); NAEE's output cache does not support that yet"
+    return None
+
+
 def _merge_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
     """Merging aligns and averages gate, up and down: up-only experts are not supported yet."""
     from moeprune.models.fused_styles import style_of
@@ -62,6 +80,7 @@ def problems(adapter: MoEAdapter, experts: nn.Module, config_dict: dict | None =
     weights = _experts_problem(adapter, experts)
     return {
         "experts": None,
+        "naee": _naee_problem(adapter, experts),
         "neurons": weights or _width_problem(adapter),
         "merge": weights or _merge_problem(adapter, experts),
         "lazy": "remote-code models are loaded whole" if config_dict is not None and is_remote(config_dict) else None,

@@ -106,6 +106,10 @@ class ExpertStage(Stage):
         return {base} | ({Need.DECIDE} if o.as_you_go else set())
 
     def check(self, o: ExpertOptions, adapter: MoEAdapter) -> Any:
+        if o.method == NAEE:
+            from moeprune.models.capabilities import require
+
+            require(adapter, "naee")
         E, routing = adapter.num_experts, adapter.routing()
         n_drop = drop_count(o.ratio, E, routing)  # a global policy drops as many on average
         protected = parse_protected(list(o.protect))
