@@ -60,6 +60,10 @@ def _naee_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
         return "flat [E·I, H] experts (DBRX) are not read by NAEE's output cache yet"
     if is_prescaled(experts):
         return "the block pre-scales the experts' input (Llama-4); NAEE's output cache does not support that yet"
+    hidden = getattr(adapter.config, "hidden_size", None)
+    if hidden is not None and layout_of(experts).roles(experts, adapter.fused_style)["up"].shape[-1] != hidden:
+        return ("the experts see a projection of the block input (MuseSpark pre_expert_proj); NAEE's output cache "
+                "does not support that yet")
     return None
 
 

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -100,6 +100,11 @@ class ExpertOutputs:
     cross: list[torch.Tensor] = field(default_factory=list)
     target_sq: float = 0.0
     total_tokens: int = 0
+    # what the block passes its router besides the hidden states (afmoe `expert_bias`, hy_v3 / minimax_m2
+    # `e_score_correction_bias`): token-independent, recorded once and replayed by `FastEvaluator`
+    router_args: tuple = ()
+    router_kwargs: dict = field(default_factory=dict)
+    router_rank: int = 2  # the block hands its router [T, H] (2) or [B, S, H] (3, afmoe)
 
     @property
     def tokens(self) -> int:
@@ -201,10 +206,11 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (E * H * item + 4 * H * item + 3 * width * item + 8 * E)))
     out = ExpertOutputs(total_tokens=total)
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
+    router = adapter.router(block)
     with eager_experts(model):
         for start in range(0, xs.shape[0], chunk_tokens):
             xr = xs[start:start + chunk_tokens].to(device)  # [c, H]
-            with _experts_silenced(experts):
+            with _experts_silenced(experts), _router_call(router, out, xr.shape[0]) if start == 0 else nullcontext():
                 rest = block(xr[None])  # [1, c, H] the block with the routed part zeroed
             rest = rest[0] if isinstance(rest, tuple) else rest  # gpt-oss also returns router scores
             u = zs[start:start + chunk_tokens].to(device).double() - rest.reshape(-1, H).double()  # [c, H] Z − R
@@ -300,6 +306,27 @@ class _ReplayLinear(TorchFunctionMode):
         return hit.clone() if b == 1 else hit.repeat(b, 1)  # a copy: the router may write into what it gets
 
 
+@contextmanager
+def _router_call(router: nn.Module, out: ExpertOutputs, tokens: int) -> Iterator[None]:
+    """Record in `out` the arguments the block passes its router after the hidden states. They must not depend on
+    the tokens (a tensor with one row per token could not be replayed on other rows): refused then."""
+
+    def keep(module, args, kwargs) -> None:
+        extra = [*args[1:], *kwargs.values()]
+        per_token = [t for t in extra if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == tokens
+                     and not isinstance(t, nn.Parameter)]
+        if per_token:
+            raise MoePruneError(f"{type(module).__name__} takes per-token arguments besides the hidden states; "
+                                "NAEE's fast evaluator cannot replay them.")
+        out.router_args, out.router_kwargs, out.router_rank = tuple(args[1:]), dict(kwargs), args[0].dim()
+
+    hook = router.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 class FastEvaluator:
     """err(D) (module docstring) from precomputed `outputs`: the layer's own router under the mask (its
     D-independent logits replayed, `_ReplayLinear`), gathers of G and A, float64 accumulation.
@@ -335,7 +362,8 @@ class FastEvaluator:
         self.batch = batch or max(1, batch_bytes // (c * per_row))  # sets per router call in `many`
 
     def _route(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        routed = self.router(x)
+        o = self.outputs
+        routed = self.router(x[None] if o.router_rank == 3 else x, *o.router_args, **o.router_kwargs)
         w, idx = routed[1], routed[2]  # [rows, k] gate weights, [rows, k] expert indices (the model's own)
         if idx.shape != (rows, self.k) or w.shape != (rows, self.k):
             raise MoePruneError(f"router of layer {self.layer} returned indices of shape {tuple(idx.shape)}, "
