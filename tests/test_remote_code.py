@@ -9,6 +9,7 @@ its own router; the export is reloaded by transformers' `AutoModelForCausalLM(..
 
 from __future__ import annotations
 
+import inspect
 import json
 import textwrap
 
@@ -26,6 +27,7 @@ from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
 from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.tiny import tiny_config
+from test_modulelist_generic import LegacyMoeBlock
 
 CONFIGURATION = '''
 from transformers import Qwen3MoeConfig
@@ -35,7 +37,7 @@ class LegacyConfig(Qwen3MoeConfig):
     model_type = "legacy_moe"
 '''
 
-MODELING = '''
+MODELING_TEMPLATE = '''
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,27 +47,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeMLP
 from .configuration_legacy import LegacyConfig
 
 
-class LegacyMoeBlock(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            [Qwen3MoeMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(config.num_experts)])
-
-    def forward(self, x):
-        b, s, h = x.shape
-        x = x.reshape(-1, h)
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
-        w, idx = probs.topk(self.top_k, dim=-1)
-        w = (w / w.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        for j, expert in enumerate(self.experts):
-            tok, pos = torch.where(idx == j)
-            if tok.numel():
-                out.index_add_(0, tok, expert(x[tok]) * w[tok, pos, None])
-        return out.reshape(b, s, h)
-
+{block}
 
 class LegacyForCausalLM(Qwen3MoeForCausalLM):
     config_class = LegacyConfig
@@ -77,6 +59,9 @@ class LegacyForCausalLM(Qwen3MoeForCausalLM):
                 layer.mlp = LegacyMoeBlock(config)
         self.post_init()
 '''
+# the legacy block of test_modulelist_generic, written into the remote module (one definition of that block)
+MODELING = MODELING_TEMPLATE.replace("{block}", inspect.getsource(LegacyMoeBlock))
+
 
 
 @pytest.fixture(scope="module")

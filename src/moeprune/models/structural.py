@@ -31,11 +31,10 @@ import textwrap
 import tokenize
 from typing import Any
 
-import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.models.base import KeyRole, MoEAdapter, expert_axis
+from moeprune.models.base import KeyRole, MoEAdapter, shape_expert_axis
 from moeprune.models.keys import COUNT_KEYS, TOP_K_KEYS, get_key
 from moeprune.models.routing import RoutingSpec
 from moeprune.models.structure import PER_EXPERT, Structure, discover, target_of
@@ -165,8 +164,7 @@ class StructuralAdapter(MoEAdapter):
             return not strict
         if not strict and s.width and len(shape) == 2 and shape[0] == s.num_experts * s.width:
             return True  # flattened experts [E·I, H] (models/layouts.FlatLayout)
-        t = torch.empty(shape, device="meta")
-        return any(expert_axis(t, n) is not None for n in {s.num_experts, s.router_rows})
+        return any(shape_expert_axis(shape, n) is not None for n in {s.num_experts, s.router_rows})
 
     def routing(self) -> RoutingSpec:
         c = self.config

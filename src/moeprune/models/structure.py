@@ -95,26 +95,17 @@ def layer_counts(model: nn.Module, text: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys((int(text.num_hidden_layers), *([value] if isinstance(value, int) else []))))
 
 
-def _experts_count(experts: nn.Module) -> int | None:
+def _expert_rows(experts: nn.Module) -> tuple[int, int] | None:
+    """(E, router rows) of an experts container: E + Z rows for Z weightless extra router classes (LongCat-Flash),
+    E otherwise; None when not readable."""
     from moeprune.models.layouts import FlatLayout, fused_rows
 
     if isinstance(experts, nn.ModuleList):
-        return len(experts)
+        return len(experts), len(experts)
     if FlatLayout.matches(experts):
-        return FlatLayout.num_experts(experts)
-    rows = fused_rows(experts)
-    return rows[0] if rows else None
-
-
-def _router_rows(experts: nn.Module) -> int | None:
-    from moeprune.models.layouts import FlatLayout, fused_rows
-
-    if isinstance(experts, nn.ModuleList):
-        return len(experts)
-    if FlatLayout.matches(experts):
-        return FlatLayout.num_experts(experts)
-    rows = fused_rows(experts)
-    return rows[1] if rows else None
+        E = FlatLayout.num_experts(experts)
+        return E, E
+    return fused_rows(experts)
 
 
 def _width(experts: nn.Module) -> int | None:
@@ -167,11 +158,11 @@ def _scan(model: nn.Module, config: Any) -> Structure:
     block_name = names.pop()
     block = next(iter(found.values()))[1]
     experts = getattr(block, EXPERTS_NAME)
-    E = _experts_count(experts)
-    if not E:
+    counts = _expert_rows(experts)
+    if not counts or not counts[0]:
         raise MoePruneError(f"{type(experts).__name__}: cannot read the number of experts from its tensors.")
+    E, rows = counts
     shared = tuple(n for n, _ in block.named_children() if "shared" in n)
-    rows = _router_rows(experts) or E
     router = _router(block, {EXPERTS_NAME, *shared}, (E, rows))
     if router is None:
         raise MoePruneError(f"{type(block).__name__}: no child of the MoE block has a weight with {E} rows "
