@@ -19,7 +19,6 @@ outside the routed experts keeps its shape.
 from __future__ import annotations
 
 import copy
-import functools
 import re
 from typing import Any
 
@@ -39,16 +38,11 @@ def _with(config: Any, **values: int) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _shapes_json(config_json: str, config_class: type) -> dict[str, tuple[int, ...]]:
-    from moeprune.models.structure import build_meta, config_from_json
-
-    config = config_from_json(config_json, config_class)
-    return {k: tuple(v.shape) for k, v in build_meta(config).state_dict().items()}
-
-
 def _shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    return _shapes_json(config.to_json_string(use_diff=False), type(config))
+    """Every tensor's shape in the stock model of `config` (the meta model `models/structure.py` caches)."""
+    from moeprune.models.structure import meta_model
+
+    return {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
 
 
 def _changed(base: dict, other: dict, routed: re.Pattern[str]) -> frozenset[str]:
