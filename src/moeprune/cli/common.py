@@ -106,7 +106,9 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
-               "rho", "merge", "router", "rank", "threshold", "beam", "search_tokens")
+               "rho", "merge", "router", "rank", "threshold", "beam", "search_tokens", "auto_naee", "judge_windows",
+               "judge_top")
+TRISTATE = ("auto_naee",)  # flags whose False is a given value (--no-auto-naee), not "not given"
 
 
 def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
@@ -135,6 +137,16 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
         g.add_argument("--search-tokens", type=int, metavar="N",
                        help="naee: real tokens its search keeps per layer, evenly strided (default 2048; 0 = every "
                             "token); the search costs tokens x evaluations")
+        g = p.add_argument_group("method auto (chooses among the calibrated criteria and NAEE; needs --calib)")
+        g.add_argument("--auto-naee", action=argparse.BooleanOptionalAction, default=None,
+                       help="--auto-naee: NAEE is always a candidate; --no-auto-naee: never; default: when its "
+                            "search is affordable")
+        g.add_argument("--judge-windows", type=int, metavar="N",
+                       help="windows per calibration set held apart to judge the candidates (default: a quarter, "
+                            "at least 1); the statistics never see them")
+        g.add_argument("--judge-top", type=int, metavar="N",
+                       help="candidates of lowest block error whose masked model's NLL is measured (default 4), "
+                            "plus the per-layer composition")
     g = p.add_argument_group("neuron removal (heapr, camera; needs --calib) and merge budgets")
     g.add_argument("--budget", help="neurons: expert (default; uniform width, stock-loadable), layer or global "
                                     "(non-uniform widths: load the export with moeprune.load_model); merges: "
@@ -160,7 +172,7 @@ def stage_options(args) -> dict:
     out = {}
     for name in STAGE_FLAGS:
         value = getattr(args, name, None)
-        if value is None or value is False or value == []:
+        if value is None or (value is False and name not in TRISTATE) or value == []:
             continue
         out[name] = list(value) if isinstance(value, list) else value
     return out

@@ -7,7 +7,8 @@
 surviving experts are renumbered 0..E'-1 in that order. `validate` checks a plan against a model before any
 surgery: every MoE layer present once, indices in range and unique, at least top-k kept (and, for group-limited
 routers, the same count in every group and enough per group), and one count for all layers (stock configs hold a
-single expert count).
+single expert count). Plans made by `method: auto` also carry an optional "auto" object (the candidates, their
+judged block errors and NLL, the choice and the runner-up margins; `select/auto.py`); plans without it still load.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class PrunePlan:
     protected: dict[int, list[int]] | None = None  # experts the policy was not allowed to drop
     padded: dict[int, list[int]] | None = None  # kept only so stock configs load it (non-uniform selection)
     note: str | None = None  # one line on how a non-uniform selection was saved
+    auto: dict | None = field(default=None, repr=False)  # method auto: candidates, judged errors, choice, margins
 
     # ------------------------------------------------------------------ derived
     @property
@@ -72,6 +74,8 @@ class PrunePlan:
                 d[key] = {str(k): list(v) for k, v in sorted(value.items())}
         if self.note:
             d["note"] = self.note
+        if self.auto:
+            d["auto"] = self.auto
         if self.scores is not None:
             d["scores"] = {str(k): [float(s) for s in v] for k, v in sorted(self.scores.items())}
         return d
@@ -114,6 +118,7 @@ class PrunePlan:
             protected=_layer_lists(raw.get("protected"), "protected", source),
             padded=_layer_lists(raw.get("padded"), "padded", source),
             note=raw.get("note"),
+            auto=raw.get("auto") if isinstance(raw.get("auto"), dict) else None,  # absent from older plans
         )
 
     # ------------------------------------------------------------------ validation

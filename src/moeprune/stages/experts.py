@@ -3,7 +3,9 @@
     scores[ℓ] = criterion(statistics | weights | seed)        [E] per MoE layer (`criteria/`)
     kept[ℓ]   = policy(scores, ratio, routing, protected)      (`select/`)
 NAEE (`method: naee`, or `--policy reconstruction`) and `as_you_go` choose each layer's experts inside the
-calibration pass, on the outputs of the already-pruned layers before it (`select/progressive.py`).
+calibration pass, on the outputs of the already-pruned layers before it (`select/progressive.py`). `method: auto`
+builds every calibrated criterion's plan (and NAEE's where affordable) from one calibration run and keeps the one
+judged best on held-apart calibration windows (`select/auto.py`, `select/judge.py`).
 Surgery slices expert tensors and router rows (`surgery/in_memory.py`, or the shards: `surgery/streaming.py`);
 the reference masks the dropped experts out of the original's own router (`models/masking.py`).
 """
@@ -17,6 +19,7 @@ from typing import Any, ClassVar
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
+from moeprune.select.auto import AUTO, plan_auto
 from moeprune.select.build import build_plan
 from moeprune.select.plan import PLAN_FORMAT, PrunePlan
 from moeprune.select.policies import POLICIES
@@ -40,6 +43,9 @@ class ExpertOptions(StageOptions):
     beam: int | None = None  # NAEE's beam width beyond the exhaustive limit (None: `reconstruction.DEFAULT_BEAM`)
     search_tokens: int | None = None  # NAEE: real tokens kept per layer (None: `naee_outputs.DEFAULT_SEARCH_TOKENS`,
     # 0: every token, up to the memory budget)
+    auto_naee: bool | None = None  # auto: NAEE as a candidate (None: when affordable, `select/auto.py`)
+    judge_windows: int | None = None  # auto: windows per calibration set held apart for the judge (None: a quarter)
+    judge_top: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: 4)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
@@ -56,10 +62,12 @@ class ExpertStage(Stage):
 
     @classmethod
     def methods(cls) -> list[str]:
-        return [*CRITERIA, NAEE]
+        return [*CRITERIA, NAEE, AUTO]
 
     # ------------------------------------------------------------------ options
     def validate_options(self, o: ExpertOptions) -> None:
+        if o.method == AUTO or any(getattr(o, f) is not None for f in AUTO_ONLY):
+            return self._validate_auto(o)
         if o.policy == "reconstruction" and o.method != NAEE:
             raise MoePruneError(f"--policy reconstruction is NAEE's search and replaces the criterion: drop "
                                 f"--method {o.method} (or use method {NAEE!r}), or choose --policy uniform.")
@@ -98,7 +106,39 @@ class ExpertStage(Stage):
                                     f"{crit.needs}-based. Drop them or choose a calibrated criterion.")
         parse_protected(list(o.protect))
 
+    def _validate_auto(self, o: ExpertOptions) -> None:
+        given = [_flag(f) for f in AUTO_ONLY if getattr(o, f) is not None]
+        if o.method != AUTO:
+            raise MoePruneError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to method {AUTO!r} "
+                                f"(how it judges its candidates); drop {'it' if len(given) == 1 else 'them'} or use "
+                                f"--method {AUTO}.")
+        other = [flag for flag, on in (("--seed", o.seed is not None), (f"--policy {o.policy}", o.policy != "uniform"),
+                                       ("--floor", o.floor is not None), ("--as-you-go", o.as_you_go),
+                                       ("--calib-set", bool(o.calib_set))) if on]
+        if other:
+            raise MoePruneError(f"{', '.join(other)} {'does' if len(other) == 1 else 'do'} not apply to method "
+                                f"{AUTO!r}: it builds every candidate from all calibration sets with the uniform "
+                                "policy and judges them on held-apart windows of every set. Drop "
+                                f"{'it' if len(other) == 1 else 'them'}, or choose a method yourself.")
+        if o.auto_naee not in (None, True, False):
+            raise MoePruneError(f"auto_naee is true (always a candidate), false (never) or null (when affordable), "
+                                f"got {o.auto_naee!r}.")
+        for name in ("judge_windows", "judge_top"):
+            v = getattr(o, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise MoePruneError(f"{name} must be an integer >= 1, got {v!r}.")
+        for name in ("beam", "search_tokens"):
+            v = getattr(o, name)
+            if v is not None and o.auto_naee is False:
+                raise MoePruneError(f"{name} configures NAEE's candidate, but auto_naee is false; drop one of them.")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "beam" else 0)):
+                raise MoePruneError(f"{name} must be an integer >= {1 if name == 'beam' else 0}, got {v!r}.")
+        parse_protected(list(o.protect))
+        return None
+
     def needs(self, o: ExpertOptions) -> set[Need]:
+        if o.method == AUTO:
+            return {Need.ROUTED, Need.DECIDE}
         if o.method == NAEE:
             return {Need.ROUTED, Need.DECIDE}
         crit = CRITERIA.get(o.method)
@@ -106,7 +146,7 @@ class ExpertStage(Stage):
         return {base} | ({Need.DECIDE} if o.as_you_go else set())
 
     def check(self, o: ExpertOptions, adapter: MoEAdapter) -> Any:
-        if o.method == NAEE:
+        if o.method == NAEE or (o.method == AUTO and o.auto_naee):
             from moeprune.models.capabilities import require
 
             require(adapter, "naee")
@@ -124,6 +164,8 @@ class ExpertStage(Stage):
 
     # ------------------------------------------------------------------ plans
     def plan(self, o: ExpertOptions, ctx) -> PrunePlan:
+        if o.method == AUTO:
+            return plan_auto(o, ctx)
         adapter = ctx.adapter
         protected = parse_protected(list(o.protect))
         if o.progressive:
@@ -180,7 +222,8 @@ class ExpertStage(Stage):
     # ------------------------------------------------------------------ reports
     def provenance(self, plan: PrunePlan) -> dict:
         return {"method": plan.method, "ratio": plan.ratio, "plan_sha256": plan.sha256(),
-                "num_experts_before": plan.num_experts, "num_experts_after": plan.kept_count}
+                "num_experts_before": plan.num_experts, "num_experts_after": plan.kept_count} | (
+                    {"chosen_by": AUTO} if plan.auto else {})
 
     def report(self, plan: PrunePlan, before: MoEAdapter, after: MoEAdapter) -> dict:
         return {
@@ -194,10 +237,18 @@ class ExpertStage(Stage):
             "padded_experts": {str(k): v for k, v in sorted((plan.padded or {}).items())},
             "loadable_by_stock_config": True,  # a non-uniform selection is padded (see "note")
             "note": plan.note or "",
-        }
+        } | ({"auto": plan.auto} if plan.auto else {})
 
     def describe(self, plan: PrunePlan) -> str:
-        return f"experts ({plan.method}): {plan.num_experts} -> {plan.kept_count} per MoE layer"
+        how = f"{plan.method}, chosen by {AUTO}" if plan.auto else plan.method
+        return f"experts ({how}): {plan.num_experts} -> {plan.kept_count} per MoE layer"
+
+
+AUTO_ONLY = ("auto_naee", "judge_windows", "judge_top")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 EXPERTS = register_stage(ExpertStage())
