@@ -50,7 +50,11 @@ def run(args) -> int:
                           verify_dtype=args.verify_dtype, expert_method=args.expert_method,
                           expert_ratio=args.expert_ratio, **({} if args.recipe else options))
     from moeprune.pipeline.quality import format_split
+    from moeprune.select.auto import describe_choice
 
+    for stage in applied.report.get("stages", []):
+        if stage.get("auto"):
+            print(describe_choice(stage["auto"]))
     split = format_split(applied.report.get("calibration_split") or {})
     if split:
         print(split)

@@ -148,8 +148,9 @@ def plan_auto(o, ctx) -> PrunePlan:
     bs, device = ctx.calib.batch_size, ctx.calib.device
     with judge_model(ctx) as (model, layer_context):
         t = time.perf_counter()
-        errors = block_errors(model, adapter, judge, unique, batch_size=bs, device=device,
-                              layer_context=layer_context)
+        per_set = block_errors(model, adapter, judge, unique, batch_size=bs, device=device,
+                               layer_context=layer_context)
+        errors = {c: {layer: math.fsum(v.values()) / len(v) for layer, v in e.items()} for c, e in per_set.items()}
         seconds["block_errors"] = time.perf_counter() - t
         best_by_layer = {layer: min(unique, key=lambda c, ell=layer: errors[c][ell]) for layer in adapter.moe_layers()}
         composed = {layer: unique[c][layer] for layer, c in best_by_layer.items()}
@@ -157,6 +158,7 @@ def plan_auto(o, ctx) -> PrunePlan:
         if composite_is is None:
             unique[PER_LAYER] = composed
             errors[PER_LAYER] = {layer: errors[c][layer] for layer, c in best_by_layer.items()}
+            per_set[PER_LAYER] = {layer: per_set[c][layer] for layer, c in best_by_layer.items()}
         mean = {c: sum(e.values()) / len(e) for c, e in errors.items()}
         judged = sorted((c for c in unique if c != PER_LAYER), key=mean.get)[:top]
         if composite_is is None:
@@ -166,8 +168,8 @@ def plan_auto(o, ctx) -> PrunePlan:
                          device=device, layer_context=layer_context)
         seconds["nll"] = time.perf_counter() - t
     chosen = min(judged, key=lambda c: (nll[c]["nll"], mean[c]))
-    section = auto_section(chosen, plans, drops, same_as, errors, mean, nll, judged, best_by_layer, composite_is,
-                           naee, scoring, judge, top)
+    section = auto_section(chosen, plans, drops, same_as, errors, per_set, mean, nll, judged, best_by_layer,
+                           composite_is, naee, scoring, judge, top)
     seconds["total"] = time.perf_counter() - t0
     section["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     plan = chosen_plan(chosen, plans, unique, adapter, o.ratio, protected, section)
@@ -218,7 +220,7 @@ def chosen_plan(chosen: str, plans: dict[str, PrunePlan], unique: dict[str, Drop
     return plan
 
 
-def auto_section(chosen, plans, drops, same_as, errors, mean, nll, judged, best_by_layer, composite_is, naee,
+def auto_section(chosen, plans, drops, same_as, errors, per_set, mean, nll, judged, best_by_layer, composite_is, naee,
                  scoring, judge, top) -> dict:
     """The report's "auto" object (also stored in the plan)."""
     base = nll["original"]["nll"]
@@ -226,14 +228,16 @@ def auto_section(chosen, plans, drops, same_as, errors, mean, nll, judged, best_
     for name in [*plans, *([PER_LAYER] if PER_LAYER in errors else [])]:
         rep = same_as.get(name, name)
         entry = {"mean_block_error": mean[rep], "block_error": {str(k): v for k, v in sorted(errors[rep].items())},
+                 "block_error_per_set": {str(k): v for k, v in sorted(per_set[rep].items())},
                  "nll": nll[rep]["nll"] if rep in nll else None,
                  "judged_ratio": math.exp(nll[rep]["nll"] - base) if rep in nll else None}
         if rep in nll:
             entry["nll_per_set"] = nll[rep]["sets"]
         if name in same_as:
             entry["same_as"] = rep
-        if name == PER_LAYER:
-            entry["dropped"] = {str(k): v for k, v in sorted(drops_of_per_layer(best_by_layer, drops).items())}
+        else:
+            dropped = drops_of_per_layer(best_by_layer, drops) if name == PER_LAYER else drops[name]
+            entry["dropped"] = {str(k): list(v) for k, v in sorted(dropped.items())}
         candidates[name] = entry
     ranking = sorted(judged, key=lambda c: (nll[c]["nll"], mean[c]))
     best = nll[chosen]["nll"]

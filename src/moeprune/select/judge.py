@@ -91,16 +91,18 @@ def _layer_pass(model: nn.Module, adapter: MoEAdapter, streams: dict[str, list[L
 @torch.no_grad()
 def block_errors(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], candidates: dict[str, Drops], *,
                  batch_size: int = 8, device: str = "cpu",
-                 layer_context: LayerContext = None) -> dict[str, dict[int, float]]:
-    """{candidate: {MoE layer: err_c(ℓ)}} (module docstring) on the original model's block inputs."""
+                 layer_context: LayerContext = None) -> dict[str, dict[int, dict[str, float]]]:
+    """{candidate: {MoE layer: {set: err_c(ℓ) on that set's judge tokens}}} (module docstring), on the original
+    model's block inputs."""
     moe = adapter.moe_layers()
+    names = [s.name for s in judge]
     unique = {layer: {tuple(sorted(d[layer])) for d in candidates.values()} for layer in moe}
-    num: dict[int, dict[tuple[int, ...], float]] = {layer: dict.fromkeys(u, 0.0) for layer, u in unique.items()}
-    den = dict.fromkeys(moe, 0.0)
+    num = {layer: {drop: dict.fromkeys(names, 0.0) for drop in u} for layer, u in unique.items()}
+    den = {layer: dict.fromkeys(names, 0.0) for layer in moe}
     state: dict = {}
 
     def on_batch(b: LayerInputs) -> None:
-        state["valid"] = b.attention_mask.bool()  # [B, S]
+        state["valid"], state["set"] = b.attention_mask.bool(), b.tag  # [B, S]
 
     def on_layer(i: int, layer: nn.Module):
         if i not in den:
@@ -110,11 +112,11 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], c
         def hook(module, args, kwargs, output) -> None:
             y = _first(output).double()  # [B, S, H] (or [B·S, H])
             valid = state["valid"].to(y.device).reshape(y.shape[:-1])  # real tokens only
-            den[i] += float(y.square().sum(-1)[valid].sum())
+            den[i][state["set"]] += float(y.square().sum(-1)[valid].sum())
             for drop in num[i]:
                 with masked_experts(model, adapter, {i: list(drop)}):
                     y_c = _first(module.forward(*args, **kwargs)).double()  # .forward: no hooks, no recursion
-                num[i][drop] += float((y - y_c).square().sum(-1)[valid].sum())
+                num[i][drop][state["set"]] += float((y - y_c).square().sum(-1)[valid].sum())
 
         return block.register_forward_hook(hook, with_kwargs=True).remove
 
@@ -123,11 +125,11 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], c
                 desc=f"auto: block errors of {sum(len(u) for u in unique.values())} layer sets", last=max(moe),
                 on_layer=on_layer, on_batch=on_batch)
     for layer, d in den.items():
-        if d <= 0:
-            raise MoePruneError(f"layer {layer}: the MoE block's output is zero on every judge token; method auto "
-                                "cannot judge candidates by block error there.")
-    return {name: {layer: num[layer][tuple(sorted(d[layer]))] / den[layer] for layer in moe}
-            for name, d in candidates.items()}
+        if any(v <= 0 for v in d.values()):
+            raise MoePruneError(f"layer {layer}: the MoE block's output is zero on every judge token of a set; "
+                                "method auto cannot judge candidates by block error there.")
+    return {name: {layer: {s: num[layer][tuple(sorted(d[layer]))][s] / den[layer][s] for s in names}
+                   for layer in moe} for name, d in candidates.items()}
 
 
 @torch.no_grad()

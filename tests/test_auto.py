@@ -1,0 +1,258 @@
+"""`method: auto` against independent references: its block errors equal a routing written out by hand, its choice
+is the lowest NLL of the masked model recomputed here on the judge windows, the judge never feeds the statistics,
+and the recipe stage / CLI flags export, verify and report the choice (inapplicable options refused before work)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeprune import api
+from moeprune.calibration.data import CalibSet
+from moeprune.calibration.run import CalibrateOptions, prepare
+from moeprune.cli import main
+from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.load import load_model
+from moeprune.models import get_adapter
+from moeprune.models.masking import masked_experts
+from moeprune.pipeline.context import StageContext
+from moeprune.pipeline.verify import seeded_inputs
+from moeprune.select import auto
+from moeprune.select.judge import block_errors
+from moeprune.select.plan import PrunePlan
+from moeprune.stages.experts import EXPERTS
+from moeprune.tiny import save_tiny, tiny_model
+from refusal import assert_refused
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+CODE = ["def f(x):", "return x+1", "if a: b()", "for i in range(9):", "print(i)", "x = [1, 2]"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auto")
+    g = torch.Generator().manual_seed(0)
+    (root / "web.txt").write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 10, (1500,), generator=g)))
+    (root / "code.txt").write_text("\n".join(CODE[int(i)] for i in torch.randint(0, 6, (700,), generator=g)))
+    save_tiny("qwen3_moe", root / "qwen3_moe", seed=3, with_tokenizer=True)
+    return root
+
+
+def calib(root, **kw) -> CalibrateOptions:
+    return CalibrateOptions((f"web={root / 'web.txt'}", f"code={root / 'code.txt'}"), samples=8, seq_len=32,
+                            held_out=2, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- block error
+def hand_block(block, x: torch.Tensor, drop: list[int]) -> torch.Tensor:
+    """Qwen3-MoE's block written out: logits of dropped experts -inf, softmax, top-k, renormalised, SwiGLU experts."""
+    k = block.gate.top_k
+    logits = x @ block.gate.weight.T  # [T, E]
+    logits[:, drop] = float("-inf")
+    w, idx = torch.softmax(logits, dim=-1).topk(k, dim=-1)  # [T, k]
+    w = w / w.sum(-1, keepdim=True)
+    gate, up = torch.einsum("th,eih->tei", x, block.experts.gate_up_proj).chunk(2, dim=-1)  # [T, E, I] each
+    y = torch.einsum("tei,ehi->teh", F.silu(gate) * up, block.experts.down_proj)  # [T, E, H]
+    return (y.gather(1, idx[..., None].expand(-1, -1, y.shape[-1])) * w[..., None]).sum(1)  # [T, H]
+
+
+@torch.no_grad()
+def test_block_error_equals_a_routing_written_by_hand():
+    model = tiny_model("qwen3_moe", seed=5, num_hidden_layers=3)
+    adapter = get_adapter(model.config)
+    inputs = seeded_inputs(96, batch=3, seq_len=16, seed=2)  # the last row is padded
+    data = CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
+    candidates = {"a": {1: [0, 3], 2: [5, 6]}, "b": {1: [1, 2], 2: [0, 7]}}
+    got = block_errors(model, adapter, [data], candidates, batch_size=2)
+    io = {}
+    hooks = [adapter.block(model, layer).register_forward_hook(
+        lambda m, a, o, layer=layer: io.update({layer: (a[0].detach(), o.detach())})) for layer in (1, 2)]
+    model(**inputs, use_cache=False)
+    for h in hooks:
+        h.remove()
+    real = inputs["attention_mask"].bool().reshape(-1)  # [T]
+    assert not real.all()
+    for layer in (1, 2):
+        block = adapter.block(model, layer)
+        x, y = (t.reshape(-1, t.shape[-1]).double() for t in io[layer])  # [T, H]
+        block.double()
+        assert torch.allclose(hand_block(block, x, []), y, atol=1e-5)  # the reference is the block
+        for name, drops in candidates.items():
+            ref = (y - hand_block(block, x, drops[layer]))[real].square().sum() / y[real].square().sum()
+            assert got[name][layer]["s"] == pytest.approx(float(ref), rel=1e-4), (name, layer)
+        block.float()
+    assert got["a"][1]["s"] > 1e-3 and got["a"][1]["s"] != pytest.approx(got["b"][1]["s"], rel=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- the choice
+def judge_windows(root, opts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each set's last quarter of windows (at least 1): the judge's, computed here from the sampled sets."""
+    _, _, sets = prepare(root / "qwen3_moe", opts)
+    out = []
+    for s in sets:
+        n = max(1, s.input_ids.shape[0] // 4)
+        out.append((s.input_ids[-n:], s.attention_mask[-n:]))
+    return out
+
+
+@torch.no_grad()
+def masked_nll(model, adapter, dropped: dict[int, list[int]], windows) -> float:
+    """Mean over sets of the per-token NLL of the masked model (a plain whole-model forward per set)."""
+    per_set = []
+    with masked_experts(model, adapter, dropped):
+        for ids, mask in windows:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()  # [B, L, V]
+            counted = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
+            per_set.append(float(F.cross_entropy(logits[:, :-1][counted], ids[:, 1:][counted])))
+    return sum(per_set) / len(per_set)
+
+
+def test_auto_chooses_the_lowest_masked_nll_and_exports(root, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - {method: auto, ratio: 0.25}\n")
+    flags = ["--calib", f"web={root / 'web.txt'}", "--calib", f"code={root / 'code.txt'}", "--samples", "8",
+             "--seq-len", "32", "--held-out", "2"]
+    out = tmp_path / "out"
+    assert main(["prune", str(root / "qwen3_moe"), "--recipe", str(recipe), *flags, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "moeprune_report.json").read_text())
+    section = report["auto"]
+    assert report["verify"]["passed"] and f"auto chose {section['chosen']}" in printed
+    plan = PrunePlan.load(out / "moeprune_plans" / "1-experts.json")
+    assert plan.auto == section and plan.method == section["chosen"]
+    model = load_model(root / "qwen3_moe", dtype="float32")
+    adapter = get_adapter(model.config, model=model)
+    windows = judge_windows(root, calib(root))
+    assert section["judge"]["windows"] == {"web": len(windows[0][0]), "code": len(windows[1][0])}
+    base = masked_nll(model, adapter, {}, windows)
+    assert section["original_nll"] == pytest.approx(base, rel=1e-5)
+    nll = {}
+    for r in section["ranking"]:
+        dropped = section["candidates"][r["candidate"]]["dropped"]
+        nll[r["candidate"]] = masked_nll(model, adapter, {int(k): v for k, v in dropped.items()}, windows)
+        assert r["nll"] == pytest.approx(nll[r["candidate"]], rel=1e-5), r["candidate"]
+    assert len(nll) >= 3 and len({round(v, 6) for v in nll.values()}) > 1  # a real choice
+    assert section["chosen"] == min(nll, key=nll.get)
+    kept = {int(k): v for k, v in section["candidates"][section["chosen"]]["dropped"].items()}
+    assert plan.kept_experts == {k: [j for j in range(8) if j not in v] for k, v in kept.items()}
+    runner = sorted(nll.values())[1]
+    assert section["margin_nll"] == pytest.approx(runner - nll[section["chosen"]], rel=1e-4, abs=1e-9)
+    # every candidate was judged by block error; the per-layer composition takes each layer's lowest one
+    cands = {c: e for c, e in section["candidates"].items() if "same_as" not in e and c != auto.PER_LAYER}
+    for layer, name in section["per_layer"]["layers"].items():
+        assert cands[name]["block_error"][layer] == min(e["block_error"][layer] for e in cands.values())
+
+
+def test_lazy_judges_the_same(root, tmp_path):
+    got = {}
+    for lazy in (False, True):
+        applied, _ = api.prune(root / "qwen3_moe", tmp_path / str(lazy), method="auto", ratio=0.25,
+                               calib=calib(root), lazy=lazy, run_verify=False)
+        got[lazy] = applied.report["auto"]
+    assert got[True]["chosen"] == got[False]["chosen"]
+    for a, b in zip(got[True]["ranking"], got[False]["ranking"], strict=True):
+        assert a["candidate"] == b["candidate"] and a["nll"] == pytest.approx(b["nll"], rel=1e-5)
+
+
+def test_the_judge_never_feeds_the_statistics(root):
+    """Changing only the judge windows' text leaves the statistics and every candidate unchanged (and does change
+    what the judge measures); changing a scoring window changes the statistics (so the comparison can fail)."""
+    opts = calib(root)
+    ckpt = Checkpoint.open(root / "qwen3_moe")
+    adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
+    _, _, sets = prepare(root / "qwen3_moe", opts)
+    options = EXPERTS.parse({"method": "auto", "ratio": 0.25, "auto_naee": False}, "test")
+
+    def run(change):
+        changed = []
+        for s in sets:
+            ids = s.input_ids.clone()
+            change(ids)
+            changed.append(dataclasses.replace(s, input_ids=ids))
+        ctx = StageContext(ckpt, adapter, [], opts, changed)
+        plan = EXPERTS.plan(options, ctx)
+        return ctx.stats[0], plan.auto
+
+    g = torch.Generator().manual_seed(1)
+    stats0, sec0 = run(lambda ids: None)
+    stats1, sec1 = run(lambda ids: ids[-max(1, len(ids) // 4):].random_(3, 60, generator=g))  # judge text only
+    stats2, _ = run(lambda ids: ids[0].random_(3, 60, generator=g))  # a scoring window
+    fields = lambda st: {(name, layer, f): t for name, per in st.sets.items() for layer, rs in per.items()  # noqa: E731
+                         for f, t in rs.sums.items()}
+    f0, f1, f2 = fields(stats0), fields(stats1), fields(stats2)
+    assert f0.keys() == f1.keys() and all(torch.equal(f0[k], f1[k]) for k in f0)
+    assert any(not torch.equal(f0[k], f2[k]) for k in f0)
+    scored = lambda sec: {c: e.get("dropped", e.get("same_as")) for c, e in sec["candidates"].items()  # noqa: E731
+                          if c != auto.PER_LAYER}  # the per-layer composition is the judge's own
+    assert scored(sec0) == scored(sec1) and len(scored(sec0)) == len(auto.calibrated_criteria())
+    assert sec0["original_nll"] != sec1["original_nll"]
+    assert sec0["candidates"]["reap"]["block_error"] != sec1["candidates"]["reap"]["block_error"]
+    assert sec0["judge"]["scoring_windows"] == {s.name: s.input_ids.shape[0] - max(1, s.input_ids.shape[0] // 4)
+                                                for s in sets}
+
+
+# ---------------------------------------------------------------------------------------------- options
+def test_naee_candidate_when_affordable_and_recorded_when_skipped(root, tmp_path, monkeypatch):
+    applied, _ = api.prune(root / "qwen3_moe", tmp_path / "a", method="auto", ratio=0.25, calib=calib(root),
+                           run_verify=False)
+    naee = applied.report["auto"]["naee"]
+    assert naee["included"] and "naee_reconstruction" in applied.report["auto"]["candidates"]
+    assert naee["evaluations_per_layer"] == math.comb(8, 2)
+    monkeypatch.setattr(auto, "NAEE_BUDGET", naee["cost"] - 1)
+    applied, _ = api.prune(root / "qwen3_moe", tmp_path / "b", method="auto", ratio=0.25, calib=calib(root),
+                           run_verify=False)
+    naee = applied.report["auto"]["naee"]
+    assert not naee["included"] and "not affordable" in naee["reason"]
+    assert "naee_reconstruction" not in applied.report["auto"]["candidates"]
+    applied, _ = api.prune(root / "qwen3_moe", tmp_path / "c", method="auto", ratio=0.25, calib=calib(root),
+                           run_verify=False, auto_naee=True)  # forced: included whatever the budget
+    assert applied.report["auto"]["naee"]["included"]
+
+
+def test_inapplicable_options_are_refused_before_work(root, tmp_path, no_work):
+    src, out = root / "qwen3_moe", tmp_path / "out"
+    cases = [
+        ({"method": "reap", "judge_top": 2}, r"--judge-top only applies to method 'auto'"),
+        ({"method": "naee", "auto_naee": True, "judge_windows": 2}, r"--auto-naee, --judge-windows only apply"),
+        ({"method": "auto", "seed": 1}, r"--seed does not apply to method 'auto'"),
+        ({"method": "auto", "policy": "global", "floor": 4}, r"--policy global, --floor do not apply"),
+        ({"method": "auto", "as_you_go": True}, r"--as-you-go does not apply"),
+        ({"method": "auto", "calib_set": ["web"]}, r"--calib-set does not apply"),
+        ({"method": "auto", "auto_naee": False, "beam": 2}, r"beam configures NAEE's candidate"),
+        ({"method": "auto", "judge_windows": 0}, r"judge_windows must be an integer >= 1"),
+        ({"method": "auto", "auto_naee": "yes"}, r"auto_naee is true"),
+    ]
+    for stage, match in cases:
+        recipe = [{"ratio": 0.25, **stage}]
+        assert_refused(lambda r=recipe: api.prune(src, out, r, calib=calib(root)), match, inputs=[src], out=out)
+    assert_refused(lambda: api.prune(src, out, [{"method": "auto", "ratio": 0.25}]), r"needs calibration data",
+                   inputs=[src], out=out)
+    for argv in (["--method", "auto", "--ratio", "0.25", "--seed", "3"],
+                 ["--method", "tcess", "--ratio", "0.25", "--no-auto-naee"]):
+        assert main(["prune", str(src), *argv, "--calib", f"web={root / 'web.txt'}", "--out", str(out)]) == 2
+
+
+def test_auto_cannot_plan_from_statistics(root, tmp_path):
+    stats = api.calibrate(root / "qwen3_moe", calib(root))
+    with pytest.raises(Exception, match="cannot plan from a statistics file"):
+        api.make_plan(stats, "auto", 0.25)
+
+
+def test_plans_without_an_auto_section_still_load(tmp_path):
+    raw = {"format": "moeprune.plan/1", "num_experts": 8, "method": "reap", "ratio": 0.25,
+           "kept_experts": {"1": [0, 1, 2, 3, 4, 5]}}
+    plan = PrunePlan.from_dict(raw)
+    assert plan.auto is None and "auto" not in plan.to_dict()
+    plan.auto = {"chosen": "reap"}
+    assert PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict()))).auto == {"chosen": "reap"}
+
+
+def test_too_few_windows_to_judge_is_refused(root, tmp_path):
+    opts = CalibrateOptions((f"web={root / 'web.txt'}",), samples=1, seq_len=32, held_out=0)
+    with pytest.raises(Exception, match=r"'web' has 1 window\(s\).*needs at least 2"):
+        api.prune(root / "qwen3_moe", tmp_path / "o", method="auto", ratio=0.25, calib=opts)
