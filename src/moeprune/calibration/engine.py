@@ -206,7 +206,9 @@ def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
     its final norm, head and any logit post-processing."""
     layers = adapter.decoder_layers(model)
     for layer in layers:
-        layer.forward = lambda *args, **kwargs: hidden
+        extra = (None,) * (output_arity(layer) - 1)  # layers that also return carried outputs (DSA top-k indices)
+        layer.forward = (lambda *args, _extra=extra, **kwargs: (hidden, *_extra)) if extra else \
+            (lambda *args, **kwargs: hidden)
     try:
         yield
     finally:
