@@ -23,10 +23,11 @@ from moeprune.models.masking import masked_experts
 from moeprune.pipeline.context import StageContext
 from moeprune.pipeline.verify import seeded_inputs
 from moeprune.select import auto
-from moeprune.select.judge import block_errors
+from moeprune.select.judge import block_errors, judged_nll
 from moeprune.select.plan import PrunePlan
 from moeprune.stages.experts import EXPERTS
 from moeprune.tiny import save_tiny, tiny_model
+from moeprune.tiny_families import tiny_family_model
 from refusal import assert_refused
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
@@ -87,6 +88,22 @@ def test_block_error_equals_a_routing_written_by_hand():
             assert got[name][layer]["s"] == pytest.approx(float(ref), rel=1e-4), (name, layer)
         block.float()
     assert got["a"][1]["s"] > 1e-3 and got["a"][1]["s"] != pytest.approx(got["b"][1]["s"], rel=1e-2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm_moe_dsa", "llama4_text"])
+def test_judged_nll_is_the_masked_whole_model_forward(family):
+    """Layer by layer with the masks, then the model's own head: equal to one whole-model forward with the same
+    masks, also where decoder layers return tuples the model unpacks (DSA) or passes on whole (Llama-4)."""
+    model = tiny_family_model(family, seed=2) if family != "qwen3_moe" else tiny_model(family, seed=2)
+    adapter = get_adapter(model.config, model=model)
+    inputs = seeded_inputs(96, batch=3, seq_len=16, seed=4)
+    data = CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
+    drops = {layer: [0, 5] for layer in adapter.moe_layers()}
+    got = judged_nll(model, adapter, [data], {"none": {}, "x": drops}, batch_size=2)
+    for name, dropped in (("none", {}), ("x", drops)):
+        ref = masked_nll(model, adapter, dropped, [(inputs["input_ids"], inputs["attention_mask"])])
+        assert got[name]["nll"] == pytest.approx(ref, rel=1e-5), name
+    assert abs(got["x"]["nll"] - got["none"]["nll"]) > 1e-4  # the masks matter (well above the tolerance)
 
 
 # ---------------------------------------------------------------------------------------------- the choice

@@ -203,12 +203,25 @@ def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
 @contextmanager
 def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
     """Every decoder layer's forward returns `hidden` (the last layer's output): the model's own code then applies
-    its final norm, head and any logit post-processing."""
+    its final norm, head and any logit post-processing.
+
+    A layer whose return annotation is a tuple (`output_arity` > 1: DSA families unpack `hidden, topk = layer(...)`)
+    returns `(hidden, None, ...)`. Some annotations are stale (the model keeps `hidden = layer(...)` whole): the next
+    layer then receives that tuple as its input, and the last layer returns the bare tensor instead."""
     layers = adapter.decoder_layers(model)
-    for layer in layers:
-        extra = (None,) * (output_arity(layer) - 1)  # layers that also return carried outputs (DSA top-k indices)
-        layer.forward = (lambda *args, _extra=extra, **kwargs: (hidden, *_extra)) if extra else \
-            (lambda *args, **kwargs: hidden)
+    passed_whole = {"seen": False}  # a layer received the previous layer's tuple as its hidden states
+
+    def returns(i: int, extra: tuple):
+        def forward(*args, **kwargs):
+            given = args[0] if args else kwargs.get("hidden_states")
+            passed_whole["seen"] |= isinstance(given, tuple)
+            last_whole = i == len(layers) - 1 and passed_whole["seen"]
+            return (hidden, *extra) if extra and not last_whole else hidden
+
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = returns(i, (None,) * (output_arity(layer) - 1))
     try:
         yield
     finally:
