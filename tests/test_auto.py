@@ -102,8 +102,8 @@ def test_judged_nll_is_the_masked_whole_model_forward(family):
     got = judged_nll(model, adapter, [data], {"none": {}, "x": drops}, batch_size=2)
     for name, dropped in (("none", {}), ("x", drops)):
         ref = masked_nll(model, adapter, dropped, [(inputs["input_ids"], inputs["attention_mask"])])
-        assert got[name]["nll"] == pytest.approx(ref, rel=1e-5), name
-    assert abs(got["x"]["nll"] - got["none"]["nll"]) > 1e-4  # the masks matter (well above the tolerance)
+        assert got[name].mean()[0] == pytest.approx(ref, rel=1e-5), name
+    assert abs(got["x"].mean()[0] - got["none"].mean()[0]) > 1e-4  # the masks matter (well above the tolerance)
 
 
 # ---------------------------------------------------------------------------------------------- the choice
@@ -148,21 +148,30 @@ def test_auto_chooses_the_lowest_masked_nll_and_exports(root, tmp_path, capsys):
     assert section["judge"]["windows"] == {"web": len(windows[0][0]), "code": len(windows[1][0])}
     base = masked_nll(model, adapter, {}, windows)
     assert section["original_nll"] == pytest.approx(base, rel=1e-5)
+    dropped = {c: {int(k): v for k, v in e["dropped"].items()} for c, e in section["candidates"].items()
+               if "dropped" in e}
     nll = {}
-    for r in section["ranking"]:
-        dropped = section["candidates"][r["candidate"]]["dropped"]
-        nll[r["candidate"]] = masked_nll(model, adapter, {int(k): v for k, v in dropped.items()}, windows)
+    for r in section["ranking"]:  # every distinct candidate, on every judge window
+        nll[r["candidate"]] = masked_nll(model, adapter, dropped[r["candidate"]], windows)
         assert r["nll"] == pytest.approx(nll[r["candidate"]], rel=1e-5), r["candidate"]
-    assert len(nll) >= 3 and len({round(v, 6) for v in nll.values()}) > 1  # a real choice
-    assert section["chosen"] == min(nll, key=nll.get)
-    kept = {int(k): v for k, v in section["candidates"][section["chosen"]]["dropped"].items()}
-    assert plan.kept_experts == {k: [j for j in range(8) if j not in v] for k, v in kept.items()}
-    runner = sorted(nll.values())[1]
-    assert section["margin_nll"] == pytest.approx(runner - nll[section["chosen"]], rel=1e-4, abs=1e-9)
-    # every candidate was judged by block error; the per-layer composition takes each layer's lowest one
-    cands = {c: e for c, e in section["candidates"].items() if "same_as" not in e and c != auto.PER_LAYER}
+    assert len(nll) == len(dropped) - (auto.PER_LAYER in dropped) >= 3 and len({round(v, 6) for v in nll.values()}) > 1
+    best = min(nll, key=nll.get)
+    # the per-layer composition: each layer's lowest block error (first half of the judge windows), preferred to the
+    # best single candidate only by the NLL on the second half
+    singles = {c: e for c, e in section["candidates"].items() if "dropped" in e and c != auto.PER_LAYER}
     for layer, name in section["per_layer"]["layers"].items():
-        assert cands[name]["block_error"][layer] == min(e["block_error"][layer] for e in cands.values())
+        assert singles[name]["block_error"][layer] == min(e["block_error"][layer] for e in singles.values())
+    expected = best
+    assert auto.PER_LAYER in dropped  # this data composes one (else the branch below would go untested)
+    if auto.PER_LAYER in dropped:
+        second = [(ids[(len(ids) + 1) // 2 :], mask[(len(ids) + 1) // 2 :]) for ids, mask in windows]
+        half = {c: masked_nll(model, adapter, dropped[c], second) for c in (auto.PER_LAYER, best)}
+        assert section["per_layer"]["nll_second_half"] == pytest.approx(half, rel=1e-5)
+        expected = auto.PER_LAYER if half[auto.PER_LAYER] < half[best] else best
+    assert section["chosen"] == expected and plan.method == expected
+    assert plan.kept_experts == {k: [j for j in range(8) if j not in v] for k, v in dropped[expected].items()}
+    if expected == best:
+        assert section["margin_nll"] == pytest.approx(sorted(nll.values())[1] - nll[best], rel=1e-4, abs=1e-9)
 
 
 def test_lazy_judges_the_same(root, tmp_path):

@@ -145,8 +145,8 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
                        help="windows per calibration set held apart to judge the candidates (default: a quarter, "
                             "at least 1); the statistics never see them")
         g.add_argument("--judge-top", type=int, metavar="N",
-                       help="candidates of lowest block error whose masked model's NLL is measured (default 4), "
-                            "plus the per-layer composition")
+                       help="measure the masked model's NLL for only the N candidates of lowest block error "
+                            "(default: every candidate; fewer whole-model forwards on large models)")
     g = p.add_argument_group("neuron removal (heapr, camera; needs --calib) and merge budgets")
     g.add_argument("--budget", help="neurons: expert (default; uniform width, stock-loadable), layer or global "
                                     "(non-uniform widths: load the export with moeprune.load_model); merges: "

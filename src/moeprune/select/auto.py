@@ -5,13 +5,16 @@ calibration run, judged on calibration windows held apart from the windows that 
     stats          = calibrate(model, scoring)                             the one calibration pass
     candidates     = {c: build_plan(stats, c, ratio)  for every calibrated criterion c}   (uniform policy)
                      ∪ {naee_reconstruction}  where affordable (`naee_decision`: its own progressive pass)
-    err_c(ℓ)       = ‖Y − Ŷ_c‖² / ‖Y‖²  per MoE layer on the judge tokens (`judge.block_errors`)
-    per_layer      = layer by layer, the dropped set of argmin_c err_c(ℓ)   (one more candidate when it differs)
-    judged         = the `judge_top` candidates of lowest mean_ℓ err_c(ℓ)  ∪  {per_layer}
-    chosen         = argmin_{c ∈ judged} nll_c   (masked model's NLL on the judge windows, `judge.judged_nll`)
-Candidates that drop the same experts everywhere are judged once (`same_as`). The plan's `method` is the chosen
-criterion ("naee_reconstruction", or "auto:per_layer"); `plan.auto` holds every candidate's block errors and NLL,
-the choice, the runner-up margins, why NAEE was included or skipped, and the split.
+    judge windows of each set = first half A ∪ second half B
+    err_c(ℓ)       = mean_s ‖Y − Ŷ_c‖² / ‖Y‖²  per MoE layer on A (`judge.block_errors`)
+    per_layer      = layer by layer, the dropped set of argmin_c err_c(ℓ)   (when it differs from every candidate)
+    nll_c          = masked model's NLL on A ∪ B, mean over sets of the per-token NLL (`judge.judged_nll`),
+                     for every candidate (or the `judge_top` of lowest mean_ℓ err_c(ℓ))
+    best           = argmin_c nll_c;   chosen = per_layer  if nll_per_layer(B) < nll_best(B)  else best
+The composition is chosen on A, so only B (text that did not choose it) can say whether it beats the best single
+candidate. Candidates that drop the same experts everywhere are judged once (`same_as`). The plan's `method` is
+the chosen criterion ("naee_reconstruction", or "auto:per_layer"); `plan.auto` holds every candidate's block
+errors and NLL, the choice, the runner-up margins, why NAEE was included or skipped, and the split.
 
 NAEE is affordable (`auto_naee` None) when its search's estimated router-row evaluations stay within
 `NAEE_BUDGET`: Σ_ℓ evaluations × tokens kept, evaluations = Π_g C(E/g, n_drop/g) when that is ≤ the exhaustive limit,
@@ -26,13 +29,14 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError, UnsupportedLayout
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.select.build import build_plan
-from moeprune.select.judge import Drops, block_errors, judged_nll, split_judge
+from moeprune.select.judge import Drops, WindowNLL, block_errors, judged_nll, split_judge
 from moeprune.select.naee_outputs import DEFAULT_SEARCH_TOKENS
 from moeprune.select.plan import PrunePlan
 from moeprune.select.progressive import reconstruction_decider
@@ -43,7 +47,6 @@ from moeprune.select.uniform import drop_count
 AUTO = "auto"
 PER_LAYER = "auto:per_layer"
 NAEE_NAME = "naee_reconstruction"
-DEFAULT_JUDGE_TOP = 4  # candidates (by lowest mean block error) whose masked model's NLL is measured
 NAEE_BUDGET = 2 * 10**8  # router-row evaluations of NAEE's search (module docstring)
 MAX_EXHAUSTIVE = 5000  # `progressive.reconstruction_decider`'s exhaustive limit
 
@@ -125,56 +128,161 @@ def plan_auto(o, ctx) -> PrunePlan:
                             "--method auto --ratio R --calib NAME=PATH` (it cannot plan from a statistics file).")
     if current_rank().world > 1:
         raise MoePruneError("method auto judges its candidates in one process; run it without torchrun.")
-    adapter, t0 = ctx.adapter, time.perf_counter()
-    seconds = {}
+    adapter, t0, seconds = ctx.adapter, time.perf_counter(), {}
     scoring, judge = split_judge(ctx.sets, o.judge_windows)
     stats = dataclasses.replace(ctx, sets=scoring).routed_stats()  # appends to ctx.stats: saved with the export
     seconds["calibration"] = time.perf_counter() - t0
     protected = protected_experts(o.protect, o.protect_super, stats)
     protect = [f"{layer}:{','.join(map(str, sorted(v)))}" for layer, v in sorted(protected.items()) if v]
     plans = criterion_candidates(stats, o.ratio, protect)
-    tokens = sum(s.tokens for s in scoring)
-    naee = naee_decision(o.auto_naee, adapter, o.ratio, tokens, o.beam, o.search_tokens)
+    naee = naee_decision(o.auto_naee, adapter, o.ratio, sum(s.tokens for s in scoring), o.beam, o.search_tokens)
     if naee["included"]:
         t = time.perf_counter()
         plans[NAEE_NAME] = naee_plan(ctx, scoring, adapter, o.ratio, protected, o.beam, o.search_tokens)
         seconds["naee"] = time.perf_counter() - t
     else:
         logger.info("auto: NAEE not a candidate (%s)", naee["reason"])
-    drops = {name: {layer: p.dropped(layer) for layer in p.layers} for name, p in plans.items()}
-    same_as = _duplicates(drops)
-    unique = {name: d for name, d in drops.items() if name not in same_as}
-    top = o.judge_top or DEFAULT_JUDGE_TOP
+    j = Judgement(plans, {name: {layer: p.dropped(layer) for layer in p.layers} for name, p in plans.items()},
+                  first_b={s.name: (int(s.input_ids.shape[0]) + 1) // 2 for s in judge},
+                  compose=all(s.input_ids.shape[0] >= 2 for s in judge))
     bs, device = ctx.calib.batch_size, ctx.calib.device
     with judge_model(ctx) as (model, layer_context):
         t = time.perf_counter()
-        per_set = block_errors(model, adapter, judge, unique, batch_size=bs, device=device,
-                               layer_context=layer_context)
-        errors = {c: {layer: math.fsum(v.values()) / len(v) for layer, v in e.items()} for c, e in per_set.items()}
+        first_half = [_head(s, j.first_b[s.name]) for s in judge] if j.compose else judge
+        j.per_set = block_errors(model, adapter, first_half, j.distinct, batch_size=bs, device=device,
+                                 layer_context=layer_context)
         seconds["block_errors"] = time.perf_counter() - t
-        best_by_layer = {layer: min(unique, key=lambda c, ell=layer: errors[c][ell]) for layer in adapter.moe_layers()}
-        composed = {layer: unique[c][layer] for layer, c in best_by_layer.items()}
-        composite_is = next((c for c, d in unique.items() if d == composed), None)
-        if composite_is is None:
-            unique[PER_LAYER] = composed
-            errors[PER_LAYER] = {layer: errors[c][layer] for layer, c in best_by_layer.items()}
-            per_set[PER_LAYER] = {layer: per_set[c][layer] for layer, c in best_by_layer.items()}
-        mean = {c: sum(e.values()) / len(e) for c, e in errors.items()}
-        judged = sorted((c for c in unique if c != PER_LAYER), key=mean.get)[:top]
-        if composite_is is None:
-            judged.append(PER_LAYER)
+        j.compose_layers(adapter.moe_layers())
+        j.judged = sorted(j.distinct, key=j.mean_error.get)[: o.judge_top]  # None: every candidate
         t = time.perf_counter()
-        nll = judged_nll(model, adapter, judge, {"original": {}, **{c: unique[c] for c in judged}}, batch_size=bs,
-                         device=device, layer_context=layer_context)
+        measured = {"original": {}, **{c: j.distinct[c] for c in j.judged}}
+        if j.composite:
+            measured[PER_LAYER] = j.composed
+        j.nll = judged_nll(model, adapter, judge, measured, batch_size=bs, device=device, layer_context=layer_context)
         seconds["nll"] = time.perf_counter() - t
-    chosen = min(judged, key=lambda c: (nll[c]["nll"], mean[c]))
-    section = auto_section(chosen, plans, drops, same_as, errors, per_set, mean, nll, judged, best_by_layer,
-                           composite_is, naee, scoring, judge, top)
+    section = j.section(naee, scoring, judge)
     seconds["total"] = time.perf_counter() - t0
     section["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    plan = chosen_plan(chosen, plans, unique, adapter, o.ratio, protected, section)
+    plan = chosen_plan(section["chosen"], plans, j, adapter, o.ratio, protected, section)
     logger.info("%s", describe_choice(section))
     return plan
+
+
+def _head(s, n: int):
+    """The first n windows of a calibration set (the judge's first half: block errors, the per-layer choice)."""
+    return dataclasses.replace(s, input_ids=s.input_ids[:n], attention_mask=s.attention_mask[:n])  # [n, L]
+
+
+@dataclass
+class Judgement:
+    """Candidates and what the judge measured. Judge windows: each set's first half (`first_b`) gives block errors
+    and the per-layer composition; NLL is measured on every judge window, and the composition is preferred to the
+    best single candidate only when its NLL on the second half (text that did not choose it) is lower."""
+
+    plans: dict[str, PrunePlan]
+    drops: dict[str, Drops]
+    first_b: dict[str, int]  # set -> index of its first second-half judge window
+    compose: bool  # every set has >= 2 judge windows (else no per-layer composition)
+    per_set: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # c -> layer -> set -> err
+    judged: list[str] = field(default_factory=list)  # distinct candidates whose NLL was measured
+    nll: dict[str, WindowNLL] = field(default_factory=dict)
+    best_by_layer: dict[int, str] = field(default_factory=dict)
+    composed: Drops = field(default_factory=dict)
+    composite: bool = False  # the composition differs from every candidate (and is judged)
+
+    @property
+    def same_as(self) -> dict[str, str]:
+        return _duplicates(self.drops)
+
+    @property
+    def distinct(self) -> dict[str, Drops]:
+        same = self.same_as
+        return {name: d for name, d in self.drops.items() if name not in same}
+
+    def error(self, name: str) -> dict[int, float]:
+        """err_c(ℓ): the mean over calibration sets of each set's relative block error."""
+        per = self.per_set[name] if name != PER_LAYER else {
+            layer: self.per_set[c][layer] for layer, c in self.best_by_layer.items()}
+        return {layer: math.fsum(v.values()) / len(v) for layer, v in per.items()}
+
+    @property
+    def mean_error(self) -> dict[str, float]:
+        out = {c: sum(e.values()) / len(e) for c in self.distinct for e in [self.error(c)]}
+        if self.composite:
+            e = self.error(PER_LAYER)
+            out[PER_LAYER] = sum(e.values()) / len(e)
+        return out
+
+    def compose_layers(self, layers: list[int]) -> None:
+        if not self.compose:
+            return
+        errors = {c: self.error(c) for c in self.distinct}
+        self.best_by_layer = {layer: min(errors, key=lambda c, ell=layer: errors[c][ell]) for layer in layers}
+        self.composed = {layer: self.distinct[c][layer] for layer, c in self.best_by_layer.items()}
+        self.composite = all(self.composed != d for d in self.distinct.values())
+
+    def section(self, naee: dict, scoring, judge) -> dict:
+        """The report's "auto" object (also stored in the plan); its "chosen" is the choice."""
+        base, base_sets = self.nll["original"].mean()
+        nll = {c: self.nll[c].mean()[0] for c in self.nll}
+        mean = self.mean_error
+        ranking = sorted(self.judged, key=lambda c: (nll[c], mean[c]))
+        best = ranking[0]
+        chosen, per_layer = best, {"layers": {str(k): v for k, v in sorted(self.best_by_layer.items())}}
+        if not self.compose:
+            per_layer["reason"] = "not composed: a calibration set has a single judge window"
+        elif not self.composite:
+            per_layer["same_as"] = next(c for c, d in self.distinct.items() if d == self.composed)
+        else:
+            second = {c: self.nll[c].mean(self.first_b)[0] for c in (PER_LAYER, best)}
+            per_layer["nll_second_half"] = second
+            if second[PER_LAYER] < second[best]:
+                chosen = PER_LAYER
+        margins = [{"candidate": c, "nll": nll[c], "margin_nll": nll[c] - nll[best],
+                    "margin_ratio": math.exp(nll[c] - nll[best])} for c in ranking]
+        if chosen == PER_LAYER:  # judged against the best single on the second half only
+            gap = per_layer["nll_second_half"][best] - per_layer["nll_second_half"][PER_LAYER]
+            runner, margin = best, gap
+        else:
+            runner = ranking[1] if len(ranking) > 1 else None
+            margin = nll[runner] - nll[best] if runner else None
+        return {
+            "chosen": chosen,
+            "judged_by": "NLL of the masked model on the judge windows (mean over calibration sets of the per-token "
+                         "NLL); the per-layer composition, chosen by block error on the first half of each set's "
+                         "judge windows, against the best single candidate on the second half",
+            "original_nll": base, "original_nll_per_set": base_sets,
+            "judged_ratio": math.exp(nll[chosen] - base),
+            "runner_up": runner, "margin_nll": margin, "margin_ratio": math.exp(margin) if runner else None,
+            "ranking": margins,
+            "candidates": self.candidates(nll, mean, base),
+            "per_layer": per_layer,
+            "naee": naee,
+            "judge": {"judge_top": len(self.judged),
+                      "windows": {s.name: int(s.input_ids.shape[0]) for s in judge},
+                      "block_error_windows": self.first_b if self.compose else None,
+                      "tokens": sum(s.tokens for s in judge),
+                      "scoring_windows": {s.name: int(s.input_ids.shape[0]) for s in scoring},
+                      "scoring_tokens": sum(s.tokens for s in scoring)},
+        }
+
+    def candidates(self, nll: dict[str, float], mean: dict[str, float], base: float) -> dict[str, dict]:
+        same = self.same_as
+        out = {}
+        for name in [*self.plans, *([PER_LAYER] if self.composite else [])]:
+            rep = same.get(name, name)
+            entry = {"mean_block_error": mean[rep],
+                     "block_error": {str(k): v for k, v in sorted(self.error(rep).items())},
+                     "nll": nll.get(rep), "judged_ratio": math.exp(nll[rep] - base) if rep in nll else None}
+            if rep in self.nll:
+                entry["nll_per_set"] = self.nll[rep].mean()[1]
+            if name in same:
+                entry["same_as"] = rep
+            else:
+                dropped = self.composed if name == PER_LAYER else self.drops[name]
+                entry["dropped"] = {str(k): list(v) for k, v in sorted(dropped.items())}
+            out[name] = entry
+        return out
 
 
 @contextmanager
@@ -203,15 +311,16 @@ def _duplicates(drops: dict[str, Drops]) -> dict[str, str]:
     return out
 
 
-def chosen_plan(chosen: str, plans: dict[str, PrunePlan], unique: dict[str, Drops], adapter: MoEAdapter,
-                ratio: float, protected: dict[int, set[int]], section: dict) -> PrunePlan:
+def chosen_plan(chosen: str, plans: dict[str, PrunePlan], j: Judgement, adapter: MoEAdapter, ratio: float,
+                protected: dict[int, set[int]], section: dict) -> PrunePlan:
     E = adapter.num_experts
     base = plans.get(chosen)
-    kept = {layer: [j for j in range(E) if j not in set(d)] for layer, d in unique[chosen].items()}
+    dropped = j.composed if chosen == PER_LAYER else j.drops[chosen]
+    kept = {layer: [e for e in range(E) if e not in set(d)] for layer, d in dropped.items()}
     note = None
     if chosen == PER_LAYER:
         note = "auto: each layer drops the set of the candidate with the lowest block error there: " + ", ".join(
-            f"{layer}: {c}" for layer, c in sorted(section["per_layer"]["layers"].items(), key=lambda x: int(x[0])))
+            f"{layer}: {c}" for layer, c in sorted(j.best_by_layer.items()))
     plan = PrunePlan(kept, E, method=chosen, ratio=ratio, model_type=adapter.model_type,
                      scores=base.scores if base is not None else None,
                      policy=base.policy if base is not None else "uniform",
@@ -220,65 +329,12 @@ def chosen_plan(chosen: str, plans: dict[str, PrunePlan], unique: dict[str, Drop
     return plan
 
 
-def auto_section(chosen, plans, drops, same_as, errors, per_set, mean, nll, judged, best_by_layer, composite_is, naee,
-                 scoring, judge, top) -> dict:
-    """The report's "auto" object (also stored in the plan)."""
-    base = nll["original"]["nll"]
-    candidates = {}
-    for name in [*plans, *([PER_LAYER] if PER_LAYER in errors else [])]:
-        rep = same_as.get(name, name)
-        entry = {"mean_block_error": mean[rep], "block_error": {str(k): v for k, v in sorted(errors[rep].items())},
-                 "block_error_per_set": {str(k): v for k, v in sorted(per_set[rep].items())},
-                 "nll": nll[rep]["nll"] if rep in nll else None,
-                 "judged_ratio": math.exp(nll[rep]["nll"] - base) if rep in nll else None}
-        if rep in nll:
-            entry["nll_per_set"] = nll[rep]["sets"]
-        if name in same_as:
-            entry["same_as"] = rep
-        else:
-            dropped = drops_of_per_layer(best_by_layer, drops) if name == PER_LAYER else drops[name]
-            entry["dropped"] = {str(k): list(v) for k, v in sorted(dropped.items())}
-        candidates[name] = entry
-    ranking = sorted(judged, key=lambda c: (nll[c]["nll"], mean[c]))
-    best = nll[chosen]["nll"]
-    margins = [{"candidate": c, "nll": nll[c]["nll"], "margin_nll": nll[c]["nll"] - best,
-                "margin_ratio": math.exp(nll[c]["nll"] - best)} for c in ranking]
-    runner = margins[1] if len(margins) > 1 else None
-    return {
-        "chosen": chosen,
-        "judged_by": "NLL of the masked model on the judge windows (mean over calibration sets of the per-token "
-                     "NLL); NLL measured for the candidates of lowest mean block error and the per-layer composition",
-        "original_nll": base,
-        "original_nll_per_set": nll["original"]["sets"],
-        "judged_ratio": math.exp(best - base),
-        "runner_up": runner["candidate"] if runner else None,
-        "margin_nll": runner["margin_nll"] if runner else None,
-        "margin_ratio": runner["margin_ratio"] if runner else None,
-        "ranking": margins,
-        "candidates": candidates,
-        "per_layer": {"layers": {str(k): v for k, v in sorted(best_by_layer.items())},
-                      "same_as": composite_is},
-        "naee": naee,
-        "judge": {"judge_top": top,
-                  "windows": {s.name: int(s.input_ids.shape[0]) for s in judge},
-                  "tokens": sum(s.tokens for s in judge),
-                  "scoring_windows": {s.name: int(s.input_ids.shape[0]) for s in scoring},
-                  "scoring_tokens": sum(s.tokens for s in scoring)},
-    }
-
-
-def drops_of_per_layer(best_by_layer: dict[int, str], drops: dict[str, Drops]) -> Drops:
-    return {layer: drops[c][layer] for layer, c in best_by_layer.items()}
-
-
 def describe_choice(section: dict) -> str:
     """One line: what auto chose, its judged perplexity ratio, and the runner-up's margin."""
-    chosen = section["chosen"]
-    text = (f"auto chose {chosen} (judge-window perplexity ×{section['judged_ratio']:.4f} of the original's, "
-            f"{section['judge']['tokens']} held-apart calibration tokens)")
+    text = (f"auto chose {section['chosen']} (judge-window perplexity ×{section['judged_ratio']:.4f} of the "
+            f"original's, {section['judge']['tokens']} held-apart calibration tokens)")
     if section.get("runner_up"):
-        text += (f"; runner-up {section['runner_up']} ×{section['margin_ratio']:.4f} of that "
-                 f"(+{section['margin_nll']:.4f} nats/token)")
-    n = len(section["candidates"])
+        text += (f"; runner-up {section['runner_up']}: +{section['margin_nll']:.4f} nats/token "
+                 f"(×{section['margin_ratio']:.4f} perplexity)")
     naee = "NAEE included" if section["naee"]["included"] else "NAEE skipped"
-    return text + f"; {n} candidates, {len(section['ranking'])} judged by NLL, {naee}."
+    return text + f"; {len(section['candidates'])} candidates, {len(section['ranking'])} judged by NLL, {naee}."

@@ -15,7 +15,9 @@ windows, all candidates in one layer-by-layer pass (each decoder layer loaded on
 
     nll_c = (1/|S|) Σ_s NLL_{c,s} / N_s      (mean over calibration sets s of the per-token NLL on s)
 so every set weighs the same, as a geometric mean of per-set perplexity ratios does:
-exp(nll_c − nll_original) = (Π_s ppl_{c,s} / ppl_{original,s})^{1/|S|}.
+exp(nll_c − nll_original) = (Π_s ppl_{c,s} / ppl_{original,s})^{1/|S|}. It is kept per window (`WindowNLL`), so the
+caller can also take it over part of the judge windows (`select/auto.py` judges the per-layer composition on
+windows that did not choose it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,7 +35,6 @@ from moeprune.calibration.data import CalibSet
 from moeprune.calibration.engine import LayerInputs, head_logits, pick_cache_device, run_one
 from moeprune.calibration.session import make_batches
 from moeprune.errors import MoePruneError
-from moeprune.eval.perplexity import score_logits
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
 
@@ -132,12 +134,39 @@ def block_errors(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], c
                    for layer in moe} for name, d in candidates.items()}
 
 
+@dataclass
+class WindowNLL:
+    """One candidate's NLL on every judge window: per set, NLL sums [W] (float64) and predicted positions [W]."""
+
+    nll: dict[str, torch.Tensor]
+    count: dict[str, torch.Tensor]
+
+    def mean(self, first: dict[str, int] | None = None) -> tuple[float, dict[str, float]]:
+        """(mean over sets of the per-token NLL, {set: per-token NLL}) over every window, or each set's windows from
+        index `first[set]` on."""
+        per_set = {}
+        for s, v in self.nll.items():
+            start = 0 if first is None else first[s]
+            n = int(self.count[s][start:].sum())
+            if n:
+                per_set[s] = float(v[start:].sum()) / n
+        return math.fsum(per_set.values()) / len(per_set), per_set
+
+
+def _row_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL sum [B], counted positions [B]) of logits [B, L, V]: position t predicts t+1 where both are real."""
+    ids, mask = ids.to(logits.device), mask.to(logits.device)
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # [B, L-1, V]
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, L-1]
+    counted = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
+    return (nll * counted).sum(1).cpu(), counted.sum(1).cpu()
+
+
 @torch.no_grad()
 def judged_nll(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], candidates: dict[str, Drops], *,
-               batch_size: int = 8, device: str = "cpu",
-               layer_context: LayerContext = None) -> dict[str, dict[str, float]]:
-    """{candidate: {"nll": nll_c, "sets": {set: NLL_{c,s} / N_s}}} (module docstring); a candidate without drops
-    is the original model."""
+               batch_size: int = 8, device: str = "cpu", layer_context: LayerContext = None) -> dict[str, WindowNLL]:
+    """{candidate: its NLL on every judge window} (module docstring: `WindowNLL.mean` gives nll_c); a candidate
+    without drops is the original model."""
     batches = make_batches(model, adapter, judge, batch_size, device)
     streams = {name: [_copy(b) for b in batches] for name in candidates}
     _layer_pass(model, adapter, streams, candidates, device=device, layer_context=layer_context,
@@ -147,12 +176,10 @@ def judged_nll(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], can
            for start in range(0, s.input_ids.shape[0], batch_size)]  # [B, L] each, in make_batches' order
     out = {}
     for name, stream in streams.items():
-        sums = {s.name: [0.0, 0] for s in judge}  # set -> [NLL sum, counted positions]
+        rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {s.name: [] for s in judge}
         for b, x in zip(stream, ids, strict=True):
             inputs = {"input_ids": x.to(home), "attention_mask": b.attention_mask.to(home)}
-            nll, _, count = score_logits(head_logits(model, adapter, inputs, b.hidden.to(home)), x, b.attention_mask)
-            sums[b.tag][0] += nll
-            sums[b.tag][1] += count
-        per_set = {s: total / count for s, (total, count) in sums.items() if count}
-        out[name] = {"nll": math.fsum(per_set.values()) / len(per_set), "sets": per_set}
+            rows[b.tag].append(_row_nll(head_logits(model, adapter, inputs, b.hidden.to(home)), x, b.attention_mask))
+        out[name] = WindowNLL({s: torch.cat([r[0] for r in v]) for s, v in rows.items()},  # [W] per set
+                              {s: torch.cat([r[1] for r in v]) for s, v in rows.items()})
     return out

@@ -45,7 +45,7 @@ class ExpertOptions(StageOptions):
     # 0: every token, up to the memory budget)
     auto_naee: bool | None = None  # auto: NAEE as a candidate (None: when affordable, `select/auto.py`)
     judge_windows: int | None = None  # auto: windows per calibration set held apart for the judge (None: a quarter)
-    judge_top: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: 4)
+    judge_top: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: all)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
