@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows per domain")
     ap.add_argument("--eval-sequences", type=int, default=64, help="held-out windows per domain")
     ap.add_argument("--judge-windows", type=int, help="auto: judge windows per set (default: a quarter)")
-    ap.add_argument("--judge-top", type=int, help="auto: candidates whose NLL is measured (default 4)")
+    ap.add_argument("--judge-top", type=int, help="auto: candidates whose NLL is measured (default: all)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also score each of auto's own candidates on held-out text (slower; diagnostic)")
     ap.add_argument("--calibs", nargs="+", help="calibration rows (default: mixed and every domain)")
     ap.add_argument("--out", default="benchmarks/results/auto", help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             section = auto_plan.auto
             candidates = {}
             for c, entry in section["candidates"].items():  # each distinct candidate of auto, scored on held-out
-                if "same_as" in entry:
+                if "same_as" in entry or not (args.oracle or c == section["chosen"]):
                     continue
                 plan = _candidate_plan(auto_plan, c, entry["dropped"])
                 candidates[c] = {"held_out": score(plan), "nll": entry["nll"],
@@ -168,20 +170,27 @@ def to_markdown(result: dict) -> str:
             best = min(vals, key=vals.get)
             auto = _value(row["auto"], row, metric)
             oracle = min(_value(c["held_out"], row, metric) for c in row["auto_candidates"].values())
+            oracle_cell = f"{oracle:.3f}" if len(row["auto_candidates"]) > 1 else "–"
             cells = " | ".join(f"**{v:.3f}**" if c == best else f"{v:.3f}" for c, v in vals.items())
             lines.append(f"| {row['ratio']:.0%} | {row['calib']} | {cells} | {_value(row['naee'], row, metric):.3f} "
                          f"| **{auto:.3f}** | {row['auto_choice']} | {best} | "
                          f"{'yes' if auto <= vals[best] + 1e-12 else f'no (+{auto / vals[best] - 1:.1%})'} | "
-                         f"{oracle:.3f} |")
+                         f"{oracle_cell} |")
         lines.append("")
     lines += ["### What auto's judge saw (judge-window perplexity ratio = exp(NLL − NLL of the original), mean over "
               "sets) against the held-out value of the same candidate", ""]
     for row in result["rows"]:
         sec = row["auto_section"]
         naee = "NAEE included" if sec["naee"]["included"] else f"NAEE skipped ({sec['naee']['reason']})"
-        ranked = "; ".join(f"{r['candidate']} ×{math.exp(r['nll'] - sec['original_nll']):.4f} → "
-                           f"{_value(row['auto_candidates'][r['candidate']]['held_out'], row, 'own'):.3f}"
-                           for r in sec["ranking"])
+        held = {c: f" → {_value(v['held_out'], row, 'own'):.3f}" for c, v in row["auto_candidates"].items()}
+        ranked = "; ".join(f"{r['candidate']} ×{math.exp(r['nll'] - sec['original_nll']):.4f}"
+                           + held.get(r["candidate"], "") for r in sec["ranking"])
+        pl = sec["per_layer"]
+        if "nll_second_half" in pl:
+            h = pl["nll_second_half"]
+            verdict = "chosen" if sec["chosen"] == "auto:per_layer" else "not chosen"
+            ranked += (f"; per-layer composition on the second half {h['auto:per_layer'] - min(h.values()):+.4f} "
+                       f"nats/token against the best single ({verdict})")
         lines.append(f"- {row['ratio']:.0%} {row['calib']}: {ranked} ({naee}; {sec['judge']['tokens']} judge tokens;"
                      f" auto took {sec['seconds']['total']:.0f} s)")
     return "\n".join(lines) + "\n"

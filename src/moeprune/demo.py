@@ -22,6 +22,7 @@ from moeprune.eval.table import markdown_table, plot_ratios, ratio_table
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.log import logger
 from moeprune.models.summary import format_summary
+from moeprune.select.auto import AUTO, describe_choice
 from moeprune.testbed import build_testbed
 
 # chosen from benchmarks/RESULTS.md (quality table on the testbed): see the "default method" section there
@@ -32,7 +33,7 @@ RATIOS = (0.25, 0.5)
 def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path | None = None,
              calib_samples: int = 64, eval_sequences: int = 64) -> int:
     method = method or DEFAULT_METHOD
-    crit = CRITERIA.get(method)  # unknown names fail before any work
+    crit = None if method == AUTO else CRITERIA.get(method)  # unknown names fail before any work
     work = Path(workdir).expanduser().resolve()
     if not work.parent.is_dir():
         raise MoePruneError(f"the parent folder of --workdir {work} does not exist; create it first.")
@@ -43,15 +44,23 @@ def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path
     for folder in ["report", *(f"{method}-{int(ratio * 100)}" for ratio in RATIOS)]:  # replaced only if ours
         check_output(work / folder, [original], overwrite=True)
     print(format_summary(api.info(original)))
-    stats = None
-    if crit.needs == "calibration":
-        opts = DemoCalibrateOptions(tb.specs("calib"), samples=calib_samples, seq_len=tb.seq_len)
-        stats = api.calibrate(original, opts, out=work / "stats.safetensors", overwrite=True)
-    rows = []
-    for ratio in RATIOS:
-        plan = api.make_plan(stats if stats is not None else original, method, ratio)
-        applied = api.apply_plan(original, plan, work / f"{method}-{int(ratio * 100)}", overwrite=True)
-        rows.append((ratio, applied, api.verify(original, applied.out, plan)))
+    opts = DemoCalibrateOptions(tb.specs("calib"), samples=calib_samples, seq_len=tb.seq_len, held_out=0)
+    rows, choices = [], {}
+    if crit is None:  # auto calibrates and judges per ratio inside `prune` (exported and verified there)
+        for ratio in RATIOS:
+            applied, result = api.prune(original, work / f"{method}-{int(ratio * 100)}", method=method,
+                                        ratio=ratio, calib=opts, overwrite=True)
+            rows.append((ratio, applied, result))
+            choices[f"{ratio:.0%}"] = describe_choice(applied.report["auto"])
+            print(choices[f"{ratio:.0%}"])
+    else:
+        stats = None
+        if crit.needs == "calibration":
+            stats = api.calibrate(original, opts, out=work / "stats.safetensors", overwrite=True)
+        for ratio in RATIOS:
+            plan = api.make_plan(stats if stats is not None else original, method, ratio)
+            applied = api.apply_plan(original, plan, work / f"{method}-{int(ratio * 100)}", overwrite=True)
+            rows.append((ratio, applied, api.verify(original, applied.out, plan)))
     eval_opts = EvalOptions(max_sequences=eval_sequences).for_model(original)  # the testbed's held-out domains
     base = api.evaluate(original, eval_opts).scores
     variants = {f"{method} {ratio:.0%}": api.evaluate(applied.out, eval_opts).scores for ratio, applied, _ in rows}
@@ -60,6 +69,7 @@ def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path
     windows = _windows_note(eval_opts)
     print("\n" + sizes + f"\nheld-out perplexity ratio (pruned / original, lower is better),\n{windows}:\n" + quality)
     report = {"method": method, "testbed": str(original), "seconds": round(time.perf_counter() - t0, 1),
+              **({"auto": choices} if choices else {}),
               "eval": {"max_sequences": eval_opts.max_sequences, "seq_len": eval_opts.seq_len, "note": windows},
               "original": {d: s.to_dict() for d, s in base.items()},
               "variants": {label: {"scores": {d: s.to_dict() for d, s in v.items()},
@@ -69,7 +79,9 @@ def run_demo(workdir: str | Path, method: str | None = None, testbed: str | Path
                            "weight_bytes_after": a.report["weight_bytes_after"]} for ratio, a, r in rows]}
     out = work / "report"
     with atomic_dir(out) as tmp:
-        (tmp / "report.md").write_text(f"# moeprune demo — {method} on the testbed\n\n{sizes}\n## Held-out "
+        chosen = "".join(f"- {ratio}: {line}\n" for ratio, line in choices.items())
+        (tmp / "report.md").write_text(f"# moeprune demo — {method} on the testbed\n\n"
+                                       + (f"{chosen}\n" if chosen else "") + f"{sizes}\n## Held-out "
                                        f"perplexity ratio (pruned / original)\n\nMeasured {windows}.\n\n{quality}\n"
                                        "![ratios](report.png)\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=1) + "\n")
