@@ -22,7 +22,7 @@ from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
 from moeprune.pipeline.context import StageContext
 from moeprune.pipeline.verify import seeded_inputs
-from moeprune.select import auto
+from moeprune.select import auto, auto_naee
 from moeprune.select.judge import block_errors, judged_nll
 from moeprune.select.plan import PrunePlan
 from moeprune.stages.experts import EXPERTS
@@ -229,7 +229,7 @@ def test_naee_candidate_when_affordable_and_recorded_when_skipped(root, tmp_path
     naee = applied.report["auto"]["naee"]
     assert naee["included"] and "naee_reconstruction" in applied.report["auto"]["candidates"]
     assert naee["evaluations_per_layer"] == math.comb(8, 2)
-    monkeypatch.setattr(auto, "NAEE_BUDGET", naee["cost"] - 1)
+    monkeypatch.setattr(auto_naee, "NAEE_BUDGET", naee["cost"] - 1)
     applied, _ = api.prune(root / "qwen3_moe", tmp_path / "b", method="auto", ratio=0.25, calib=calib(root),
                            run_verify=False)
     naee = applied.report["auto"]["naee"]

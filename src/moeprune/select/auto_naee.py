@@ -1,0 +1,71 @@
+"""NAEE as a candidate of `method: auto` (`select/auto.py`): whether its search is affordable, and its plan.
+
+NAEE is affordable (`auto_naee` None) when its search's estimated router-row evaluations stay within
+`NAEE_BUDGET`: Σ_ℓ evaluations × tokens kept, evaluations = Π_g C(E/g, n_drop/g) when that is ≤ the exhaustive limit,
+else (beam + 1)·n_drop·E (`select/reconstruction.py`); ≈ 0.4–2 µs each on one CPU thread (E = 16 … 128), so the
+budget is ≈ 1.5–7 min of search. `auto_naee: true` always includes it, `false` never.
+The plan comes from NAEE's own progressive calibration pass over the scoring windows (`select/progressive.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from moeprune.errors import UnsupportedLayout
+from moeprune.models.base import MoEAdapter
+from moeprune.select.naee_outputs import DEFAULT_SEARCH_TOKENS
+from moeprune.select.plan import PrunePlan
+from moeprune.select.progressive import reconstruction_decider
+from moeprune.select.reconstruction import DEFAULT_BEAM
+from moeprune.select.uniform import drop_count
+
+NAEE_NAME = "naee_reconstruction"
+NAEE_BUDGET = 2 * 10**8  # router-row evaluations of NAEE's search (module docstring)
+MAX_EXHAUSTIVE = 5000  # `progressive.reconstruction_decider`'s exhaustive limit
+
+
+def naee_decision(choice: bool | None, adapter: MoEAdapter, ratio: float, tokens: int, beam: int | None,
+                  search_tokens: int | None) -> dict:
+    """{"included": bool, "reason": str, "evaluations_per_layer", "tokens", "cost", "budget"} (module docstring)."""
+    from moeprune.models.capabilities import require
+
+    routing, E = adapter.routing(), adapter.num_experts
+    n_drop = drop_count(ratio, E, routing)
+    groups = routing.n_group if routing.group_limited else 1
+    subsets = math.comb(E // groups, n_drop // groups) ** groups
+    b = DEFAULT_BEAM if beam is None else beam
+    evaluations = subsets if subsets <= MAX_EXHAUSTIVE else (b + 1) * n_drop * E
+    cap = DEFAULT_SEARCH_TOKENS if search_tokens is None else search_tokens
+    kept = tokens if cap == 0 else min(tokens, cap)
+    cost = evaluations * kept * len(adapter.moe_layers())
+    out = {"evaluations_per_layer": evaluations, "exhaustive": subsets <= MAX_EXHAUSTIVE, "tokens": kept,
+           "cost": cost, "budget": NAEE_BUDGET}
+    if choice is False:
+        return {"included": False, "reason": "auto_naee: false", **out}
+    try:
+        require(adapter, "naee")
+    except UnsupportedLayout as e:
+        if choice:
+            raise
+        return {"included": False, "reason": str(e), **out}
+    if choice is None and cost > NAEE_BUDGET:
+        return {"included": False, "reason": f"not affordable: its search needs ≈{cost:.2g} router-row evaluations "
+                f"({evaluations} sets × {kept} tokens × {len(adapter.moe_layers())} layers) > budget "
+                f"{NAEE_BUDGET:.0e}; auto_naee: true includes it anyway", **out}
+    return {"included": True, "reason": "auto_naee: true" if choice else f"affordable (≈{cost:.2g} router-row "
+            f"evaluations ≤ {NAEE_BUDGET:.0e})", **out}
+
+
+def naee_plan(ctx, scoring, adapter: MoEAdapter, ratio: float, protected: dict[int, set[int]], beam: int | None,
+              search_tokens: int | None) -> PrunePlan:
+    """NAEE's progressive search over the scoring windows (its own calibration pass; its statistics are not kept)."""
+    extra = {} if beam is None else {"beam": beam}
+    if search_tokens is not None:
+        extra["max_tokens"] = search_tokens or None
+    E = adapter.num_experts
+    decide = reconstruction_decider(ratio, adapter.routing(), E, protected, **extra)
+    stats = dataclasses.replace(ctx, sets=scoring, stats=[]).routed_stats(decide=decide)
+    dropped = {int(k): set(v) for k, v in stats.meta["dropped_as_you_go"].items()}
+    kept = {layer: [j for j in range(E) if j not in dropped.get(layer, set())] for layer in adapter.moe_layers()}
+    return PrunePlan(kept, E, method=NAEE_NAME, ratio=ratio, model_type=adapter.model_type, policy="reconstruction")
