@@ -21,9 +21,9 @@ from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
 from moeprune.pipeline.context import StageContext
+from moeprune.pipeline.judge import block_errors, judged_nll
 from moeprune.pipeline.verify import seeded_inputs
 from moeprune.select import auto, auto_naee
-from moeprune.select.judge import block_errors, judged_nll
 from moeprune.select.plan import PrunePlan
 from moeprune.stages.experts import EXPERTS
 from moeprune.tiny import save_tiny, tiny_model

@@ -1,7 +1,8 @@
 """`method: auto`: choose the expert-removal method per model (or per layer, where that is better) from ONE
 calibration run, judged on calibration windows held apart from the windows that score the candidates.
+This module holds the candidates and the choice; `pipeline/auto.py:plan_auto` runs the steps on the model.
 
-    scoring, judge = split_judge(sets, judge_windows)                      (`select/judge.py`)
+    scoring, judge = split_judge(sets, judge_windows)                      (`pipeline/judge.py`)
     stats          = calibrate(model, scoring)                             the one calibration pass
     candidates     = {c: build_plan(stats, c, ratio)  for every calibrated criterion c}   (uniform policy)
                      ∪ {naee_reconstruction}  where affordable (`select/auto_naee.py`: its own progressive pass)
@@ -19,23 +20,21 @@ errors and NLL, the choice, the runner-up margins, why NAEE was included or skip
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from moeprune.criteria import CRITERIA
-from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
-from moeprune.select.auto_naee import NAEE_NAME, naee_decision, naee_plan
 from moeprune.select.build import build_plan
-from moeprune.select.judge import Drops, WindowNLL, block_errors, judged_nll, split_judge
 from moeprune.select.plan import PrunePlan
 from moeprune.select.protect import parse_protected, super_experts
 
+if TYPE_CHECKING:
+    from moeprune.pipeline.judge import WindowNLL
+
+Drops = dict[int, list[int]]  # MoE layer -> dropped experts (original indices)
 AUTO = "auto"
 PER_LAYER = "auto:per_layer"
 
@@ -61,61 +60,7 @@ def protected_experts(protect: tuple[str, ...], protect_super: bool, stats) -> d
     return protected
 
 
-# ---------------------------------------------------------------------------------------------- the stage's plan
-def plan_auto(o, ctx) -> PrunePlan:
-    """`ExpertStage.plan` for method auto (`o`: its `ExpertOptions`, `ctx`: a `pipeline.context.StageContext`)."""
-    from moeprune.calibration.distributed import current_rank
-
-    if ctx.ckpt is None or ctx.calib is None or not ctx.sets:
-        raise MoePruneError("method auto calibrates and judges candidates on the model: use `moeprune prune MODEL "
-                            "--method auto --ratio R --calib NAME=PATH` (it cannot plan from a statistics file).")
-    if current_rank().world > 1:
-        raise MoePruneError("method auto judges its candidates in one process; run it without torchrun.")
-    adapter, t0, seconds = ctx.adapter, time.perf_counter(), {}
-    scoring, judge = split_judge(ctx.sets, o.judge_windows)
-    stats = dataclasses.replace(ctx, sets=scoring).routed_stats()  # appends to ctx.stats: saved with the export
-    seconds["calibration"] = time.perf_counter() - t0
-    protected = protected_experts(o.protect, o.protect_super, stats)
-    protect = [f"{layer}:{','.join(map(str, sorted(v)))}" for layer, v in sorted(protected.items()) if v]
-    plans = criterion_candidates(stats, o.ratio, protect)
-    naee = naee_decision(o.auto_naee, adapter, o.ratio, sum(s.tokens for s in scoring), o.beam, o.search_tokens)
-    if naee["included"]:
-        t = time.perf_counter()
-        plans[NAEE_NAME] = naee_plan(ctx, scoring, adapter, o.ratio, protected, o.beam, o.search_tokens)
-        seconds["naee"] = time.perf_counter() - t
-    else:
-        logger.info("auto: NAEE not a candidate (%s)", naee["reason"])
-    j = Judgement(plans, {name: {layer: p.dropped(layer) for layer in p.layers} for name, p in plans.items()},
-                  first_b={s.name: (int(s.input_ids.shape[0]) + 1) // 2 for s in judge},
-                  compose=all(s.input_ids.shape[0] >= 2 for s in judge))
-    bs, device = ctx.calib.batch_size, ctx.calib.device
-    with judge_model(ctx) as (model, layer_context):
-        t = time.perf_counter()
-        first_half = [_head(s, j.first_b[s.name]) for s in judge] if j.compose else judge
-        j.per_set = block_errors(model, adapter, first_half, j.distinct, batch_size=bs, device=device,
-                                 layer_context=layer_context)
-        seconds["block_errors"] = time.perf_counter() - t
-        j.compose_layers(adapter.moe_layers())
-        j.judged = sorted(j.distinct, key=j.mean_error.get)[: o.judge_top]  # None: every candidate
-        t = time.perf_counter()
-        measured = {"original": {}, **{c: j.distinct[c] for c in j.judged}}
-        if j.composite:
-            measured[PER_LAYER] = j.composed
-        j.nll = judged_nll(model, adapter, judge, measured, batch_size=bs, device=device, layer_context=layer_context)
-        seconds["nll"] = time.perf_counter() - t
-    section = j.section(naee, scoring, judge)
-    seconds["total"] = time.perf_counter() - t0
-    section["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    plan = chosen_plan(section["chosen"], plans, j, adapter, o.ratio, protected, section)
-    logger.info("%s", describe_choice(section))
-    return plan
-
-
-def _head(s, n: int):
-    """The first n windows of a calibration set (the judge's first half: block errors, the per-layer choice)."""
-    return dataclasses.replace(s, input_ids=s.input_ids[:n], attention_mask=s.attention_mask[:n])  # [n, L]
-
-
+# ---------------------------------------------------------------------------------------------- the choice
 @dataclass
 class Judgement:
     """Candidates and what the judge measured. Judge windows: each set's first half (`first_b`) gives block errors
@@ -226,19 +171,6 @@ class Judgement:
                 entry["dropped"] = {str(k): list(v) for k, v in sorted(dropped.items())}
             out[name] = entry
         return out
-
-
-@contextmanager
-def judge_model(ctx) -> Iterator[tuple]:
-    """(model, layer_context) as the earlier stages leave it: whole in memory, or lazily one layer at a time."""
-    if ctx.lazy:
-        lazy, layer_context = ctx.lazy_model(dtype=ctx.calib.dtype, head=True)
-        yield lazy.model, layer_context
-        del lazy
-    else:
-        model = ctx.model(dtype=ctx.calib.dtype)
-        yield model, None
-        del model
 
 
 def _duplicates(drops: dict[str, Drops]) -> dict[str, str]:

@@ -5,7 +5,7 @@
 NAEE (`method: naee`, or `--policy reconstruction`) and `as_you_go` choose each layer's experts inside the
 calibration pass, on the outputs of the already-pruned layers before it (`select/progressive.py`). `method: auto`
 builds every calibrated criterion's plan (and NAEE's where affordable) from one calibration run and keeps the one
-judged best on held-apart calibration windows (`select/auto.py`, `select/judge.py`).
+judged best on held-apart calibration windows (`select/auto.py`; run on the model by `pipeline/auto.py`).
 Surgery slices expert tensors and router rows (`surgery/in_memory.py`, or the shards: `surgery/streaming.py`);
 the reference masks the dropped experts out of the original's own router (`models/masking.py`).
 """
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
-from moeprune.select.auto import AUTO, plan_auto
+from moeprune.select.auto import AUTO
 from moeprune.select.build import build_plan
 from moeprune.select.plan import PLAN_FORMAT, PrunePlan
 from moeprune.select.policies import POLICIES
@@ -165,6 +165,8 @@ class ExpertStage(Stage):
     # ------------------------------------------------------------------ plans
     def plan(self, o: ExpertOptions, ctx) -> PrunePlan:
         if o.method == AUTO:
+            from moeprune.pipeline.auto import plan_auto  # runs on the context's model (docs/architecture.md)
+
             return plan_auto(o, ctx)
         adapter = ctx.adapter
         protected = parse_protected(list(o.protect))

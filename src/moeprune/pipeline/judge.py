@@ -23,8 +23,8 @@ windows that did not choose it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +37,9 @@ from moeprune.calibration.session import make_batches
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
+from moeprune.select.auto import Drops
 
-Drops = dict[int, list[int]]  # MoE layer -> dropped experts (original indices)
+JUDGE_SHARE = 4  # default: a quarter of each set's windows judge (benchmarks/RESULTS.md, "auto": 1/3 measured too)
 LayerContext = Callable[[int], AbstractContextManager] | None
 
 
@@ -48,7 +49,7 @@ def split_judge(sets: list[CalibSet], judge_windows: int | None = None) -> tuple
     scoring, judge = [], []
     for s in sets:
         N = int(s.input_ids.shape[0])
-        n = judge_windows if judge_windows is not None else max(1, N // 4)
+        n = judge_windows if judge_windows is not None else max(1, N // JUDGE_SHARE)
         if N - n < 1:
             raise MoePruneError(
                 f"calibration set {s.name!r} has {N} window(s); method auto scores candidates on some and judges "
@@ -183,3 +184,16 @@ def judged_nll(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], can
         out[name] = WindowNLL({s: torch.cat([r[0] for r in v]) for s, v in rows.items()},  # [W] per set
                               {s: torch.cat([r[1] for r in v]) for s, v in rows.items()})
     return out
+
+
+@contextmanager
+def judge_model(ctx) -> Iterator[tuple]:
+    """(model, layer_context) as the earlier stages leave it: whole in memory, or lazily one layer at a time."""
+    if ctx.lazy:
+        lazy, layer_context = ctx.lazy_model(dtype=ctx.calib.dtype, head=True)
+        yield lazy.model, layer_context
+        del lazy
+    else:
+        model = ctx.model(dtype=ctx.calib.dtype)
+        yield model, None
+        del model
