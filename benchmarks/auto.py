@@ -174,9 +174,23 @@ def to_markdown(result: dict) -> str:
             cells = " | ".join(f"**{v:.3f}**" if c == best else f"{v:.3f}" for c, v in vals.items())
             lines.append(f"| {row['ratio']:.0%} | {row['calib']} | {cells} | {_value(row['naee'], row, metric):.3f} "
                          f"| **{auto:.3f}** | {row['auto_choice']} | {best} | "
-                         f"{'yes' if auto <= vals[best] + 1e-12 else f'no (+{auto / vals[best] - 1:.1%})'} | "
+                         f"{'yes' if auto <= vals[best] + 1e-12 else f'no (+{auto / vals[best] - 1:.2%})'} | "
                          f"{oracle_cell} |")
         lines.append("")
+    lines += ["### Every method against the per-row best single criterion (a choice that looks at held-out text), "
+              f"{METRICS['own']}", "", "| method | rows where it is the best single or better | within 0.5 % | "
+              "mean excess | worst excess |", "|---|---:|---:|---:|---:|"]
+    for name in [*criteria, "naee", "auto"]:
+        excess = []
+        for row in result["rows"]:
+            best = min(_value(row["single"][c], row, "own") for c in criteria)
+            got = row["single"][name] if name in criteria else row[name]
+            excess.append(math.log(_value(got, row, "own") / best))
+        n = len(excess)
+        lines.append(f"| {'**auto**' if name == 'auto' else name} | {sum(e <= 1e-12 for e in excess)}/{n} | "
+                     f"{sum(e <= math.log(1.005) for e in excess)}/{n} | {math.exp(sum(excess) / n) - 1:+.2%} | "
+                     f"{math.exp(max(excess)) - 1:+.2%} |")
+    lines.append("")
     lines += ["### What auto's judge saw (judge-window perplexity ratio = exp(NLL − NLL of the original), mean over "
               "sets) against the held-out value of the same candidate", ""]
     for row in result["rows"]:
@@ -189,8 +203,9 @@ def to_markdown(result: dict) -> str:
         if "nll_second_half" in pl:
             h = pl["nll_second_half"]
             verdict = "chosen" if sec["chosen"] == "auto:per_layer" else "not chosen"
-            ranked += (f"; per-layer composition on the second half {h['auto:per_layer'] - min(h.values()):+.4f} "
-                       f"nats/token against the best single ({verdict})")
+            single = next(c for c in h if c != "auto:per_layer")
+            ranked += (f"; per-layer composition on the second half {h['auto:per_layer'] - h[single]:+.4f} "
+                       f"nats/token against {single} ({verdict})")
         lines.append(f"- {row['ratio']:.0%} {row['calib']}: {ranked} ({naee}; {sec['judge']['tokens']} judge tokens;"
                      f" auto took {sec['seconds']['total']:.0f} s)")
     return "\n".join(lines) + "\n"
