@@ -1,6 +1,6 @@
 """`method: auto` against every single calibrated criterion (and NAEE) on a testbed's held-out text.
 
-    python benchmarks/auto.py [--testbed DIR] [--ratios 0.25 0.5] [--out benchmarks/results/auto]
+    python benchmarks/auto.py [--testbed DIR] [--ratios 0.25 0.5] [--oracle] [--out benchmarks/results/auto]
 
 Rows: ratio × calibration {mixed (every domain), each single domain}. The single criteria are planned from one
 calibration pass over all `--calib-samples` windows per domain (`mixed` = the sum of the per-domain statistics);
@@ -11,7 +11,7 @@ made; each plan is then applied to an in-memory copy of the testbed and scored o
     ratio(domain) = perplexity(pruned, domain) / perplexity(original, domain)
     geo = geometric mean of ratio(domain) over every domain;  own = ratio(calibration domain) (single-domain rows)
 auto "wins" a row when its value ≤ the best single criterion's (NAEE is shown, not counted as a single criterion).
-Also reported: the best held-out value among auto's own candidates (what a perfect judge would have picked).
+With --oracle, also the best held-out value among auto's own candidates (what a perfect judge would have picked).
 Writes OUT.json (every row) and OUT.md (tables), prints the markdown.
 """
 
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--testbed", help="testbed folder (default: the cached one, built when missing)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows per domain")
-    ap.add_argument("--eval-sequences", type=int, default=64, help="held-out windows per domain")
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows per domain")
+    ap.add_argument("--eval-sequences", type=int, default=32, help="held-out windows per domain")
     ap.add_argument("--judge-windows", type=int, help="auto: judge windows per set (default: a quarter)")
     ap.add_argument("--judge-top", type=int, help="auto: candidates whose NLL is measured (default: all)")
     ap.add_argument("--oracle", action="store_true",

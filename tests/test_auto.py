@@ -16,6 +16,7 @@ from moeprune import api
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.run import CalibrateOptions, prepare
 from moeprune.cli import main
+from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model
 from moeprune.models import get_adapter
@@ -265,8 +266,9 @@ def test_inapplicable_options_are_refused_before_work(root, tmp_path, no_work):
 
 def test_auto_cannot_plan_from_statistics(root, tmp_path):
     stats = api.calibrate(root / "qwen3_moe", calib(root))
-    with pytest.raises(Exception, match="cannot plan from a statistics file"):
-        api.make_plan(stats, "auto", 0.25)
+    for source in (stats, root / "qwen3_moe"):
+        with pytest.raises(MoePruneError, match="which `moeprune plan` does not run"):
+            api.make_plan(source, "auto", 0.25)
 
 
 def test_plans_without_an_auto_section_still_load(tmp_path):
@@ -280,5 +282,5 @@ def test_plans_without_an_auto_section_still_load(tmp_path):
 
 def test_too_few_windows_to_judge_is_refused(root, tmp_path):
     opts = CalibrateOptions((f"web={root / 'web.txt'}",), samples=1, seq_len=32, held_out=0)
-    with pytest.raises(Exception, match=r"'web' has 1 window\(s\).*needs at least 2"):
+    with pytest.raises(MoePruneError, match=r"'web' has 1 window\(s\).*needs at least 2"):
         api.prune(root / "qwen3_moe", tmp_path / "o", method="auto", ratio=0.25, calib=opts)

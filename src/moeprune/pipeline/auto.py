@@ -28,8 +28,9 @@ def plan_auto(o, ctx) -> PrunePlan:
     from moeprune.calibration.distributed import current_rank
 
     if ctx.ckpt is None or ctx.calib is None or not ctx.sets:
-        raise MoePruneError("method auto calibrates and judges candidates on the model: use `moeprune prune MODEL "
-                            "--method auto --ratio R --calib NAME=PATH` (it cannot plan from a statistics file).")
+        raise MoePruneError("method auto calibrates the model and judges its candidates on it, which `moeprune "
+                            "plan` does not run: use `moeprune prune MODEL --method auto --ratio R --calib "
+                            "NAME=PATH`.")
     if current_rank().world > 1:
         raise MoePruneError("method auto judges its candidates in one process; run it without torchrun.")
     adapter, t0, seconds = ctx.adapter, time.perf_counter(), {}
