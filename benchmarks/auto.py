@@ -158,9 +158,10 @@ def to_markdown(result: dict) -> str:
              f"{cfg['num_layers']} layers); calibration windows of {cfg['seq_len']} tokens per domain: {windows} "
              f"(auto judges on the last quarter of each set and scores on the rest); {result['eval_sequences']} "
              f"held-out windows per domain; {result['seconds']:.0f} s in all.", ""]
+    oracle = any(len(row["auto_candidates"]) > 1 for row in result["rows"])  # --oracle
     head = ("| ratio | calib | " + " | ".join(criteria) + " | naee | **auto** | auto chose | best single | "
-            "auto ≤ best | best of auto's candidates |")
-    rule = "|---:|---|" + "---:|" * len(criteria) + "---:|---:|---|---|---|---:|"
+            "auto ≤ best |" + (" best of auto's candidates |" if oracle else ""))
+    rule = "|---:|---|" + "---:|" * len(criteria) + "---:|---:|---|---|---|" + ("---:|" if oracle else "")
     for metric, what in METRICS.items():
         wins, n = summary(result, metric)
         lines += [f"### Held-out perplexity ratio, {what}: auto ≤ best single criterion on {wins}/{n} rows", "",
@@ -169,13 +170,12 @@ def to_markdown(result: dict) -> str:
             vals = {c: _value(row["single"][c], row, metric) for c in criteria}
             best = min(vals, key=vals.get)
             auto = _value(row["auto"], row, metric)
-            oracle = min(_value(c["held_out"], row, metric) for c in row["auto_candidates"].values())
-            oracle_cell = f"{oracle:.3f}" if len(row["auto_candidates"]) > 1 else "–"
+            best_candidate = min(_value(c["held_out"], row, metric) for c in row["auto_candidates"].values())
             cells = " | ".join(f"**{v:.3f}**" if c == best else f"{v:.3f}" for c, v in vals.items())
             lines.append(f"| {row['ratio']:.0%} | {row['calib']} | {cells} | {_value(row['naee'], row, metric):.3f} "
                          f"| **{auto:.3f}** | {row['auto_choice']} | {best} | "
                          f"{'yes' if auto <= vals[best] + 1e-12 else f'no (+{auto / vals[best] - 1:.2%})'} | "
-                         f"{oracle_cell} |")
+                         + (f" {best_candidate:.3f} |" if oracle else ""))
         lines.append("")
     lines += ["### Every method against the per-row best single criterion (a choice that looks at held-out text), "
               f"{METRICS['own']}", "", "| method | rows where it is the best single or better | within 0.5 % | "
