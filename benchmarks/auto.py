@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows per domain")
     ap.add_argument("--eval-sequences", type=int, default=32, help="held-out windows per domain")
     ap.add_argument("--judge-windows", type=int, help="auto: judge windows per set (default: a quarter)")
-    ap.add_argument("--judge-top", type=int, help="auto: candidates whose NLL is measured (default: all)")
+    ap.add_argument("--nll-candidates", type=int, help="auto: candidates whose NLL is measured (default: all)")
     ap.add_argument("--oracle", action="store_true",
                     help="also score each of auto's own candidates on held-out text (slower; diagnostic)")
     ap.add_argument("--calibs", nargs="+", help="calibration rows (default: mixed and every domain)")
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                       for c in criteria}
             naee = score(stage_plan({"method": "naee", "ratio": ratio}, subset))
             options = {"method": "auto", "ratio": ratio}
-            options |= {k: v for k, v in (("judge_windows", args.judge_windows), ("judge_top", args.judge_top)) if v}
+            options |= {k: v for k, v in (("judge_windows", args.judge_windows),
+                                          ("nll_candidates", args.nll_candidates)) if v}
             auto_plan = stage_plan(options, subset)
             section = auto_plan.auto
             candidates = {}
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               "original": {d: s.to_dict() for d, s in base.items()}, "criteria": criteria,
               "calib_windows": {s.name: int(s.input_ids.shape[0]) for s in sets},
               "eval_sequences": args.eval_sequences, "judge_windows": args.judge_windows,
-              "judge_top": args.judge_top, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+              "nll_candidates": args.nll_candidates, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     md = to_markdown(result)
     out.with_suffix(".md").write_text(md)

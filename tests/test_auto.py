@@ -244,7 +244,7 @@ def test_naee_candidate_when_affordable_and_recorded_when_skipped(root, tmp_path
 def test_inapplicable_options_are_refused_before_work(root, tmp_path, no_work):
     src, out = root / "qwen3_moe", tmp_path / "out"
     cases = [
-        ({"method": "reap", "judge_top": 2}, r"--judge-top only applies to method 'auto'"),
+        ({"method": "reap", "nll_candidates": 2}, r"--nll-candidates only applies to method 'auto'"),
         ({"method": "naee", "auto_naee": True, "judge_windows": 2}, r"--auto-naee, --judge-windows only apply"),
         ({"method": "auto", "seed": 1}, r"--seed does not apply to method 'auto'"),
         ({"method": "auto", "policy": "global", "floor": 4}, r"--policy global, --floor do not apply"),

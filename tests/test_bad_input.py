@@ -317,7 +317,7 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     out = tmp_path / "out"
     from moeprune.criteria import CRITERIA
 
-    every = ", ".join(sorted([*CRITERIA, "naee"]))  # every stage's methods are listed, by stage
+    every = ", ".join(sorted([*CRITERIA, "naee", "auto"]))  # every stage's methods are listed, by stage
     match = (r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: experts: " + re.escape(every)
              + r"; merge: dern, hcsmoe, msmoe, submoe; neurons: camera, heapr\.")
     assert_refused(lambda: api.prune(qwen, out, method="aimr", ratio=0.25), match, inputs=[qwen], out=out)

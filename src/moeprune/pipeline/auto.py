@@ -58,7 +58,7 @@ def plan_auto(o, ctx) -> PrunePlan:
                                  layer_context=layer_context)
         seconds["block_errors"] = time.perf_counter() - t
         j.compose_layers(adapter.moe_layers())
-        j.judged = sorted(j.distinct, key=j.mean_error.get)[: o.judge_top]  # None: every candidate
+        j.judged = sorted(j.distinct, key=j.mean_error.get)[: o.nll_candidates]  # None: every candidate
         t = time.perf_counter()
         measured = {"original": {}, **{c: j.distinct[c] for c in j.judged}}
         if j.composite:

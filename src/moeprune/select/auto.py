@@ -10,7 +10,7 @@ This module holds the candidates and the choice; `pipeline/auto.py:plan_auto` ru
     err_c(ℓ)       = mean_s ‖Y − Ŷ_c‖² / ‖Y‖²  per MoE layer on A (`judge.block_errors`)
     per_layer      = layer by layer, the dropped set of argmin_c err_c(ℓ)   (when it differs from every candidate)
     nll_c          = masked model's NLL on A ∪ B, mean over sets of the per-token NLL (`judge.judged_nll`),
-                     for every candidate (or the `judge_top` of lowest mean_ℓ err_c(ℓ))
+                     for every candidate (or the `nll_candidates` of lowest mean_ℓ err_c(ℓ))
     best           = argmin_c nll_c;   chosen = per_layer  if nll_per_layer(B) < nll_best(B)  else best
 The composition is chosen on A, so only B (text that did not choose it) can say whether it beats the best single
 candidate. Candidates that drop the same experts everywhere are judged once (`same_as`). The plan's `method` is
@@ -146,7 +146,7 @@ class Judgement:
             "candidates": self.candidates(nll, mean, base),
             "per_layer": per_layer,
             "naee": naee,
-            "judge": {"judge_top": len(self.judged),
+            "judge": {"nll_candidates": len(self.judged),
                       "windows": {s.name: int(s.input_ids.shape[0]) for s in judge},
                       "block_error_windows": self.first_b if self.compose else None,
                       "tokens": sum(s.tokens for s in judge),

@@ -45,7 +45,7 @@ class ExpertOptions(StageOptions):
     # 0: every token, up to the memory budget)
     auto_naee: bool | None = None  # auto: NAEE as a candidate (None: when affordable, `select/auto.py`)
     judge_windows: int | None = None  # auto: windows per calibration set held apart for the judge (None: a quarter)
-    judge_top: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: all)
+    nll_candidates: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: all)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
@@ -123,7 +123,7 @@ class ExpertStage(Stage):
         if o.auto_naee not in (None, True, False):
             raise MoePruneError(f"auto_naee is true (always a candidate), false (never) or null (when affordable), "
                                 f"got {o.auto_naee!r}.")
-        for name in ("judge_windows", "judge_top"):
+        for name in ("judge_windows", "nll_candidates"):
             v = getattr(o, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise MoePruneError(f"{name} must be an integer >= 1, got {v!r}.")
@@ -246,7 +246,7 @@ class ExpertStage(Stage):
         return f"experts ({how}): {plan.num_experts} -> {plan.kept_count} per MoE layer"
 
 
-AUTO_ONLY = ("auto_naee", "judge_windows", "judge_top")
+AUTO_ONLY = ("auto_naee", "judge_windows", "nll_candidates")
 
 
 def _flag(name: str) -> str:
