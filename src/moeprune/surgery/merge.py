@@ -25,7 +25,6 @@ from moeprune.log import logger
 from moeprune.merge.methods import MERGES, per_group
 from moeprune.merge.plan import MergePlan
 from moeprune.models.base import MoEAdapter
-from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.surgery.in_memory import prune_layer
 
 Expert = dict[str, torch.Tensor]
@@ -36,15 +35,6 @@ ROLE_NAMES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 def expert_of(roles: dict[str, torch.Tensor], j: int) -> Expert:
     """One expert's canonical tensors (detached copies) from stacked role views [E, ...]."""
     return {r: roles[r][j].detach().clone() for r in ROLE_NAMES if r in roles}
-
-
-def _write_modulelist(experts: nn.ModuleList, g: int, merged: Expert) -> None:
-    mlp = experts[g]
-    for role in ("gate", "up", "down"):
-        lin = getattr(mlp, next(n for n in MLP_NAMES[role] if hasattr(mlp, n)))
-        lin.weight.copy_(merged[role])
-        if lin.bias is not None and f"{role}_bias" in merged:
-            lin.bias.copy_(merged[f"{role}_bias"])
 
 
 @torch.no_grad()
@@ -62,15 +52,10 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     del roles
     prune_layer(model, adapter, plan.as_prune_plan(), layer)  # keep the dominants: structure, router, counts
     block = adapter.block(model, layer)
-    experts = adapter.experts(block)
-    modulelist = layout_of(experts) is ModuleListLayout
-    views = None if modulelist else adapter.expert_roles(block)  # views into the fused parameters
     for g, m in enumerate(merged):
-        if modulelist:
-            _write_modulelist(experts, g, m)
-        else:
-            for role, t in m.items():
-                views[role][g].copy_(t.to(views[role].dtype))
+        views = adapter.expert_views(block, g)  # write through to the model's parameters
+        for role, t in m.items():
+            views[role].copy_(t.to(views[role].dtype))
     if plan.router == "weighted":
         for name, t in adapter.router_tensors(block, len(plan.groups[layer])).items():
             for g, (group, w) in enumerate(zip(plan.groups[layer], plan.weights[layer], strict=True)):
