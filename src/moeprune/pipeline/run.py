@@ -70,7 +70,8 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
         if n:  # the plans made so far may leave another shape than predicted (global policy): check again
             stage, plan = chain[-1]
             adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
-                                                                                                 adapters[n - 1])))
+                                                                                                 adapters[n - 1])),
+                                       before=specs[:n])
         logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
         ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy)
         plan = spec.stage.plan(spec.options, ctx)

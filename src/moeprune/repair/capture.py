@@ -1,0 +1,89 @@
+"""One decoder layer of the teacher (the model before the cut) and of the student (after it) on the same input.
+
+For every batch b at the input X_b of decoder layer i (the student's own stream: earlier layers already repaired):
+
+    O_T = teacher_layer_i(X_b),  O_S = student_layer_i(X_b)                         [B, S, H]
+    the student's experts call:  x [T, H], top-k indices idx [T, k], weights w [T, k], output U_S [T, H]
+    the teacher's experts call:  idx_T, w_T [T, k], output U_T [T, H]
+Attention and everything outside the experts are the same in both, so O_T − O_S comes from the experts alone, and
+
+    block error  err = Σ_{real t} ‖O_T(t) − O_S(t)‖²     (what every repair must not increase; `run.py` measures it)
+Rows are restricted to real tokens (attention mask), T = real tokens of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moeprune.calibration.engine import LayerInputs, call_layer
+
+
+@dataclass
+class Record:
+    """One batch of one layer (real tokens only)."""
+
+    x: torch.Tensor  # [T, H] the student experts' input
+    idx: torch.Tensor  # [T, k] the student's top-k experts
+    w: torch.Tensor  # [T, k] their weights
+    u_student: torch.Tensor  # [T, H] the student experts' output
+    u_teacher: torch.Tensor  # [T, H] the teacher experts' output
+    idx_teacher: torch.Tensor  # [T, k]
+    w_teacher: torch.Tensor  # [T, k]
+
+
+@contextmanager
+def experts_calls(experts: nn.Module) -> Iterator[dict]:
+    """Inside: `seen` holds the last call's (hidden [T, H], idx [T, k], weights [T, k], output [T, H])."""
+    seen: dict = {}
+
+    def hook(module, args, kwargs, output):
+        named = [*args, *kwargs.values()]
+        hidden, idx, w = named[0], named[1], named[2]
+        seen["x"] = hidden.detach().reshape(-1, hidden.shape[-1])
+        seen["idx"], seen["w"] = idx.detach(), w.detach()
+        seen["out"] = (output[0] if isinstance(output, tuple) else output).detach().reshape(-1, hidden.shape[-1])
+
+    handle = experts.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def layer_output(layer: nn.Module, batch: LayerInputs, i: int, device: str) -> torch.Tensor:
+    """Decoder layer i on the batch's current hidden states (its recorded kwargs) -> [B, S, H] on the CPU."""
+    out = call_layer(layer, batch.hidden.to(device), batch.kwargs[i], device)
+    return (out[0] if isinstance(out, tuple) else out).detach().cpu()
+
+
+@torch.no_grad()
+def records(teacher_layer: nn.Module, student_layer: nn.Module, teacher_experts: nn.Module,
+            student_experts: nn.Module, batches: list[LayerInputs], i: int, device: str) -> Iterator[Record]:
+    """One `Record` per batch (see module docstring)."""
+    for b in batches:
+        valid = b.attention_mask.reshape(-1).bool()  # [T_all]
+        with experts_calls(teacher_experts) as t:
+            call_layer(teacher_layer, b.hidden.to(device), b.kwargs[i], device)
+        with experts_calls(student_experts) as s:
+            call_layer(student_layer, b.hidden.to(device), b.kwargs[i], device)
+        v = valid.to(s["x"].device)
+        yield Record(s["x"][v], s["idx"][v], s["w"][v], s["out"][v], t["out"][v.to(t["out"].device)],
+                     t["idx"][v.to(t["idx"].device)], t["w"][v.to(t["w"].device)])
+
+
+@torch.no_grad()
+def block_error(student_layer: nn.Module, targets: list[torch.Tensor], batches: list[LayerInputs], i: int,
+                device: str) -> tuple[float, list[torch.Tensor]]:
+    """(Σ_real ‖O_T − O_S‖², the student's outputs per batch) with the student layer as it is now."""
+    err, outs = 0.0, []
+    for b, target in zip(batches, targets, strict=True):
+        out = layer_output(student_layer, b, i, device)
+        valid = b.attention_mask.bool()  # [B, S]
+        err += float(((out - target).double()[valid] ** 2).sum())
+        outs.append(out)
+    return err, outs
