@@ -34,6 +34,26 @@ class Record:
     u_teacher: torch.Tensor  # [T, H] the teacher experts' output
     idx_teacher: torch.Tensor  # [T, k]
     w_teacher: torch.Tensor  # [T, k]
+    router_in: torch.Tensor | None = None  # [T, H_r] the student router's input (None: the router was not seen)
+
+
+@contextmanager
+def router_input(router: nn.Module | None) -> Iterator[dict]:
+    """Inside: `seen["x"]` holds the last router call's input [T, H_r]."""
+    seen: dict = {}
+    if router is None:
+        yield seen
+        return
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        seen["x"] = x.detach().reshape(-1, x.shape[-1])
+
+    handle = router.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -63,17 +83,19 @@ def layer_output(layer: nn.Module, batch: LayerInputs, i: int, device: str) -> t
 
 @torch.no_grad()
 def records(teacher_layer: nn.Module, student_layer: nn.Module, teacher_experts: nn.Module,
-            student_experts: nn.Module, batches: list[LayerInputs], i: int, device: str) -> Iterator[Record]:
-    """One `Record` per batch (see module docstring)."""
+            student_experts: nn.Module, batches: list[LayerInputs], i: int, device: str,
+            student_router: nn.Module | None = None) -> Iterator[Record]:
+    """One `Record` per batch (see module docstring); `student_router`: also record its input."""
     for b in batches:
         valid = b.attention_mask.reshape(-1).bool()  # [T_all]
         with experts_calls(teacher_experts) as t:
             call_layer(teacher_layer, b.hidden.to(device), b.kwargs[i], device)
-        with experts_calls(student_experts) as s:
+        with experts_calls(student_experts) as s, router_input(student_router) as r:
             call_layer(student_layer, b.hidden.to(device), b.kwargs[i], device)
         v = valid.to(s["x"].device)
+        rin = r["x"][v.to(r["x"].device)] if "x" in r and r["x"].shape[0] == v.shape[0] else None
         yield Record(s["x"][v], s["idx"][v], s["w"][v], s["out"][v], t["out"][v.to(t["out"].device)],
-                     t["idx"][v.to(t["idx"].device)], t["w"][v.to(t["w"].device)])
+                     t["idx"][v.to(t["idx"].device)], t["w"][v.to(t["w"].device)], rin)
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ class LayerCtx:
 
 class Fix:
     name = ""
+    needs_router_input = False  # records carry the student router's input
 
     def __init__(self, ctx: LayerCtx):
         self.ctx = ctx

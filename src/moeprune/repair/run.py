@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import moeprune.repair.router  # noqa: F401  (registers the router fix)
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.session import make_batches
 from moeprune.log import logger
@@ -106,7 +107,8 @@ def _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, b
     err, first, steps = err0, None, {}
     for name in kinds:
         fix = FIXES.get(name)(ctx)
-        for rec in records(t_layer, s_layer, t_experts, s_experts, batches, i, device):
+        s_router = s_adapter.router(s_block) if fix.needs_router_input else None
+        for rec in records(t_layer, s_layer, t_experts, s_experts, batches, i, device, s_router):
             fix.accumulate(rec)
         prop = fix.propose()
         old = _snapshot(s_adapter, s_block, prop)
