@@ -177,3 +177,24 @@ def test_obs_after_neuron_removal_lowers_block_error_and_verifies(root, tmp_path
 def test_refusals_before_work(root, tmp_path, no_work, recipe, match):
     src, out = root / "qwen3_moe", tmp_path / "out"
     assert_refused(lambda: moeprune.prune(src, out, recipe=recipe, calib=calib(root)), match, inputs=[src], out=out)
+
+
+def test_cli_repair_flag_appends_a_repair_stage(root, tmp_path, capsys):
+    from moeprune.cli import main
+
+    src, out = root / "qwen3_moe", tmp_path / "out"
+    rc = main(["prune", str(src), "--method", "frequency", "--ratio", "0.5", "--repair", "compensate", "--calib",
+               f"web={root / 'web.txt'}", "--samples", "6", "--seq-len", "48", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    recipe = json.loads((out / "moeprune_recipe.json").read_text())
+    assert [(s["kind"], s.get("repair_kind")) for s in recipe["stages"]] == [("experts", None),
+                                                                             ("repair", "compensate")]
+
+
+def test_cli_repair_flag_with_a_recipe_is_refused(root, tmp_path, capsys):
+    from refusal import assert_cli_refused
+
+    src, out = root / "qwen3_moe", tmp_path / "out"
+    (tmp_path / "r.json").write_text(json.dumps({"stages": [{"method": "reap", "ratio": 0.25}]}))
+    assert_cli_refused(["prune", src, "--recipe", tmp_path / "r.json", "--repair", "all", "--calib",
+                        f"web={root / 'web.txt'}", "--out", out], ["--repair"], capsys, inputs=[src], out=out)
