@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeprune.calibration.engine import LayerInputs, call_layer
+from moeprune.calibration.engine import LayerInputs, call_layer, to_device
 
 
 @dataclass
@@ -75,10 +75,16 @@ def experts_calls(experts: nn.Module) -> Iterator[dict]:
         handle.remove()
 
 
-def layer_output(layer: nn.Module, batch: LayerInputs, i: int, device: str) -> torch.Tensor:
-    """Decoder layer i on the batch's current hidden states (its recorded kwargs) -> [B, S, H] on the CPU."""
+def layer_output(layer: nn.Module, batch: LayerInputs, i: int, device: str, carry: bool = False) -> torch.Tensor:
+    """Decoder layer i on the batch's current hidden states (its recorded kwargs) -> [B, S, H] on the CPU.
+    `carry`: write the layer's extra outputs into layer i+1's kwargs (DSA top-k indices, `engine` docstring)."""
     out = call_layer(layer, batch.hidden.to(device), batch.kwargs[i], device)
-    return (out[0] if isinstance(out, tuple) else out).detach().cpu()
+    if isinstance(out, tuple):
+        if carry:
+            for name, j in batch.carries.get(i + 1, {}).items():
+                batch.kwargs[i + 1][name] = to_device(out[j], "cpu")
+        out = out[0]
+    return out.detach().cpu()
 
 
 @torch.no_grad()
@@ -100,12 +106,10 @@ def records(teacher_layer: nn.Module, student_layer: nn.Module, teacher_experts:
 
 @torch.no_grad()
 def block_error(student_layer: nn.Module, targets: list[torch.Tensor], batches: list[LayerInputs], i: int,
-                device: str) -> tuple[float, list[torch.Tensor]]:
-    """(Σ_real ‖O_T − O_S‖², the student's outputs per batch) with the student layer as it is now."""
-    err, outs = 0.0, []
+                device: str) -> float:
+    """Σ_real ‖O_T − O_S‖² with the student layer as it is now (`targets` = O_T per batch)."""
+    err = 0.0
     for b, target in zip(batches, targets, strict=True):
         out = layer_output(student_layer, b, i, device)
-        valid = b.attention_mask.bool()  # [B, S]
-        err += float(((out - target).double()[valid] ** 2).sum())
-        outs.append(out)
-    return err, outs
+        err += float(((out - target).double()[b.attention_mask.bool()] ** 2).sum())
+    return err

@@ -85,24 +85,23 @@ def repair_model(teacher: nn.Module, student: nn.Module, t_adapter: MoEAdapter, 
     for i in (bar := tqdm(range(len(s_layers)), leave=False)):
         bar.set_description(f"repair ({', '.join(kinds)}) layer {i + 1}/{len(s_layers)}")
         s_layer = s_layers[i].to(device)
-        if i not in moe:
-            outs = [layer_output(s_layer, b, i, device) for b in batches]
-        else:
+        if i in moe:
             t_layer = t_layers[i].to(device)
-            outs = _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, batches, kinds, slots,
-                                 positions, previous_kind, damp, device, result)
+            _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, batches, kinds, slots,
+                          positions, previous_kind, damp, device, result)
             t_layers[i].to("cpu")
+        outs = [layer_output(s_layer, b, i, device, carry=True) for b in batches]  # as repaired; extra outputs
         for b, out in zip(batches, outs, strict=True):
             b.hidden = out
     return result
 
 
 def _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, batches, kinds, slots, positions,
-                  previous_kind, damp, device, result: RepairResult) -> list[torch.Tensor]:
+                  previous_kind, damp, device, result: RepairResult) -> None:
     t_block, s_block = t_adapter.block(teacher, i), s_adapter.block(student, i)
     t_experts, s_experts = t_adapter.experts(t_block), s_adapter.experts(s_block)
     targets = [layer_output(t_layer, b, i, device) for b in batches]
-    err0, outs = block_error(s_layer, targets, batches, i, device)
+    err0 = block_error(s_layer, targets, batches, i, device)
     ctx = LayerCtx(i, t_block, s_block, t_adapter, s_adapter, slots[i], positions.get(i, {}), damp, previous_kind)
     err, first, steps = err0, None, {}
     for name in kinds:
@@ -113,14 +112,14 @@ def _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, b
         prop = fix.propose()
         old = _snapshot(s_adapter, s_block, prop)
         first = old if first is None else _merge(first, old)
-        best = (err, 0.0, outs)
+        best = (err, 0.0)
         for alpha in STEPS:
             _write(s_adapter, s_block, _blend(old, prop, alpha))
-            e, o = block_error(s_layer, targets, batches, i, device)
+            e = block_error(s_layer, targets, batches, i, device)
             if e < best[0]:
-                best = (e, alpha, o)
+                best = (e, alpha)
         _write(s_adapter, s_block, _blend(old, prop, best[1]))
-        err, outs = best[0], best[2]
+        err = best[0]
         steps[name] = {"alpha": best[1], "error": best[0]}
         logger.debug("repair layer %d %s: α=%.2f error %.4g", i, name, best[1], best[0])
     changed = _snapshot(s_adapter, s_block, first) if first is not None else Proposal()
@@ -134,7 +133,6 @@ def _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, b
         result.router[i] = kept.router
     result.summary["layers"][str(i)] = {"error_before": err0, "error_after": err,
                                         "ratio": err / err0 if err0 > 0 else 1.0, "fixes": steps}
-    return outs
 
 
 def _merge(a: Proposal, b: Proposal) -> Proposal:
