@@ -198,3 +198,23 @@ def test_cli_repair_flag_with_a_recipe_is_refused(root, tmp_path, capsys):
     (tmp_path / "r.json").write_text(json.dumps({"stages": [{"method": "reap", "ratio": 0.25}]}))
     assert_cli_refused(["prune", src, "--recipe", tmp_path / "r.json", "--repair", "all", "--calib",
                         f"web={root / 'web.txt'}", "--out", out], ["--repair"], capsys, inputs=[src], out=out)
+
+
+def test_lazy_repair_equals_in_memory_repair(root, tmp_path):
+    """One decoder layer of teacher and student at a time gives the same new values as both models whole."""
+    import dataclasses
+
+    from moeprune.stages.weights_plan import WeightsPlan
+
+    src = root / "deepseek_v3"
+    recipe = [{"method": "frequency", "ratio": 0.5}, {"method": "repair", "kind": "all"}]
+    plans = {}
+    for lazy in (False, True):
+        out = tmp_path / f"lazy-{lazy}"
+        _, result = moeprune.prune(src, out, recipe=recipe, calib=dataclasses.replace(calib(root), lazy=lazy))
+        assert result.passed
+        plans[lazy] = WeightsPlan.load(out / "moeprune_plans" / "2-repair.json")
+    a, b = plans[False].flat(), plans[True].flat()
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k

@@ -12,6 +12,8 @@ So no repair increases the calibration block error it minimises: err_after ≤ e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -75,25 +77,39 @@ def _blend(old: Proposal, new: Proposal, alpha: float) -> Proposal:
 def repair_model(teacher: nn.Module, student: nn.Module, t_adapter: MoEAdapter, s_adapter: MoEAdapter,
                  sets: list[CalibSet], kinds: list[str], *, slots: dict[int, list[int]],
                  positions: dict[int, dict[int, list[int]]], previous_kind: str, damp: float = 0.01,
-                 batch_size: int = 8, device: str = "cpu") -> RepairResult:
-    """Repair `student` in place toward `teacher` on `sets` (module docstring); the new values and a summary."""
+                 batch_size: int = 8, device: str = "cpu",
+                 student_context: Callable[[int], AbstractContextManager] | None = None,
+                 teacher_context: Callable[[int], AbstractContextManager] | None = None) -> RepairResult:
+    """Repair `student` in place toward `teacher` on `sets` (module docstring); the new values and a summary.
+
+    `student_context(i)` / `teacher_context(i)`: entered around everything layer i does, for models loaded lazily
+    (`StageContext.lazy_model`: decoder layer i is materialised there, with the earlier plans applied)."""
     batches = make_batches(student, s_adapter, sets, batch_size, device)
     moe = set(s_adapter.moe_layers())
-    t_layers, s_layers = t_adapter.decoder_layers(teacher), s_adapter.decoder_layers(student)
+    n = len(s_adapter.decoder_layers(student))
     result = RepairResult({}, {}, {"layers": {}, "kinds": kinds, "damp": damp, "steps": list(STEPS),
                                    "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))})
-    for i in (bar := tqdm(range(len(s_layers)), leave=False)):
-        bar.set_description(f"repair ({', '.join(kinds)}) layer {i + 1}/{len(s_layers)}")
-        s_layer = s_layers[i].to(device)
-        if i in moe:
-            t_layer = t_layers[i].to(device)
-            _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, batches, kinds, slots,
-                          positions, previous_kind, damp, device, result)
-            t_layers[i].to("cpu")
-        outs = [layer_output(s_layer, b, i, device, carry=True) for b in batches]  # as repaired; extra outputs
+    for i in (bar := tqdm(range(n), leave=False)):
+        bar.set_description(f"repair ({', '.join(kinds)}) layer {i + 1}/{n}")
+        with (student_context or _nothing)(i), (teacher_context or _nothing)(i) if i in moe else nullcontext():
+            s_layer = s_adapter.decoder_layers(student)[i]
+            home = next(s_layer.parameters()).device
+            s_layer.to(device)
+            if i in moe:
+                t_layer = t_adapter.decoder_layers(teacher)[i]
+                t_home = next(t_layer.parameters()).device
+                _repair_layer(i, t_layer.to(device), s_layer, teacher, student, t_adapter, s_adapter, batches,
+                              kinds, slots, positions, previous_kind, damp, device, result)
+                t_layer.to(t_home)
+            outs = [layer_output(s_layer, b, i, device, carry=True) for b in batches]  # as repaired
+            s_layer.to(home)
         for b, out in zip(batches, outs, strict=True):
             b.hidden = out
     return result
+
+
+def _nothing(i: int) -> AbstractContextManager:
+    return nullcontext()
 
 
 def _repair_layer(i, t_layer, s_layer, teacher, student, t_adapter, s_adapter, batches, kinds, slots, positions,

@@ -1,13 +1,14 @@
 """Closed-form repair as a stage: `{method: repair, kind: obs|compensate|router|all}` (`prune --repair KIND`).
 
 It repairs the stage right before it: the teacher is the model before that stage, the student the model after it,
-both run layer by layer on the calibration text (`repair/run.py`); the new values are a `WeightsPlan`. Teacher and
-student are both held in memory (two copies of the model): a layer-by-layer (`--lazy`) repair is not built yet.
+both run layer by layer on the calibration text (`repair/run.py`); the new values are a `WeightsPlan`. In memory
+both models are held whole (two copies); with `--lazy` (or a model that does not fit) both are loaded lazily and
+one decoder layer of each is materialised at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from moeprune.errors import MoePruneError
@@ -62,20 +63,23 @@ class RepairStage(WeightStage):
         if ctx.ckpt is None or ctx.calib is None or ctx.sets is None:
             raise MoePruneError("repair runs the model before and after the cut on calibration text: use `moeprune "
                                 "prune MODEL --calib NAME=PATH` with the recipe.")
-        if ctx.lazy:
-            raise MoePruneError("repair holds the model before and after the cut in memory (two copies); it does not "
-                                "run layer by layer yet. Drop --lazy (or repair on a machine with room for two "
-                                "copies).")
         calib = ctx.calib
         last_stage, last_plan = ctx.previous[-1]
-        student = ctx.model(dtype=calib.dtype)
-        teacher = apply_chain(load_model(ctx.ckpt.path, dtype=calib.dtype, device=calib.device), ctx.previous[:-1])
+        contexts = {}
+        if ctx.lazy:  # one decoder layer of each model in memory at a time
+            lazy_s, contexts["student_context"] = ctx.lazy_model(dtype=calib.dtype)
+            lazy_t, contexts["teacher_context"] = replace(ctx, previous=ctx.previous[:-1]).lazy_model(dtype=calib.dtype)
+            student, teacher = lazy_s.model, lazy_t.model
+        else:
+            student = ctx.model(dtype=calib.dtype)
+            teacher = apply_chain(load_model(ctx.ckpt.path, dtype=calib.dtype, device=calib.device),
+                                  ctx.previous[:-1])
         t_adapter, s_adapter = get_adapter(teacher.config, model=teacher), get_adapter(student.config, model=student)
         ref = Reference.of_chain(teacher, t_adapter, [(last_stage, last_plan)], layers=[])  # bookkeeping only
         kinds = fixes_for(o.repair_kind, last_stage.kind)
         result = repair_model(teacher, student, t_adapter, s_adapter, ctx.sets, kinds, slots=ref.slots,
                               positions=ref.positions, previous_kind=last_stage.kind, damp=o.damp,
-                              batch_size=calib.batch_size, device=calib.device)
+                              batch_size=calib.batch_size, device=calib.device, **contexts)
         layers = result.summary["layers"]
         before = sum(v["error_before"] for v in layers.values())
         after = sum(v["error_after"] for v in layers.values())
