@@ -21,26 +21,16 @@ from moeprune.merge.dern import merge_dern
 from moeprune.merge.methods import MERGES
 from moeprune.merge.plan import MergePlan
 from moeprune.tiny import save_tiny
+from test_merge_grouping import random_expert
 
 I, H = 12, 10
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 
 
-def make_expert(g: torch.Generator, bias: bool = False) -> dict:
-    e = {"gate": torch.randn(I, H, generator=g, dtype=torch.float64),
-         "up": torch.randn(I, H, generator=g, dtype=torch.float64),
-         "down": torch.randn(H, I, generator=g, dtype=torch.float64)}
-    if bias:
-        e |= {"gate_bias": torch.randn(I, generator=g, dtype=torch.float64),
-              "up_bias": torch.randn(I, generator=g, dtype=torch.float64),
-              "down_bias": torch.randn(H, generator=g, dtype=torch.float64)}
-    return e
-
-
 def layer(seed: int, bias: bool = False) -> tuple[list[dict], list[list[int]]]:
     """8 experts; groups: survivors 0, 2, 4, 6, each with one dropped expert."""
     g = torch.Generator().manual_seed(seed)
-    return [make_expert(g, bias) for _ in range(8)], [[0, 1], [2, 3], [4, 5], [6, 7]]
+    return [random_expert(g, I, H, bias) for _ in range(8)], [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def brute_force_best(experts, groups) -> torch.Tensor:
