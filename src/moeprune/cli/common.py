@@ -106,7 +106,7 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
-               "rho", "merge", "router", "rank", "threshold", "beam", "search_tokens")
+               "rho", "merge", "router", "rank", "threshold", "recombine", "beam", "search_tokens")
 
 
 def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
@@ -151,8 +151,22 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
     g.add_argument("--router", choices=["dominant", "weighted"],
                    help="router row of a merged expert: the dominant's row (default), or the usage-weighted mean")
     g.add_argument("--rank", type=int, help="svd merge: shared singular directions kept per role (default: full)")
-    g.add_argument("--threshold", type=float,
-                   help="dern: least cosine for a dropped neuron to be recombined into a survivor (default 0.4)")
+    g.add_argument("--threshold", type=cosine_or_auto,
+                   help="dern: least cosine for a dropped neuron to be recombined into a survivor, or auto "
+                        "(default: chosen per layer from the weights so that --recombine of them are)")
+    g.add_argument("--recombine", type=float, metavar="FRACTION",
+                   help="dern with --threshold auto: fraction of the dropped experts' neuron segments recombined "
+                        "(default 0: measured best on the testbed, i.e. plain pruning of the dropped experts)")
+
+
+def cosine_or_auto(text: str) -> float | str:
+    """--threshold: 'auto' or a number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a cosine (e.g. 0.2) nor 'auto'") from None
 
 
 def stage_options(args) -> dict:

@@ -47,7 +47,8 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     E = adapter.num_experts
     block = adapter.block(model, layer)
     roles = adapter.expert_roles(block)
-    merged = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer], plan.weights[layer])
+    merged = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer], plan.weights[layer],
+                         layer=layer)
     rows = {n: t.detach().clone() for n, t in adapter.router_tensors(block).items()}  # original rows [E, ...]
     del roles
     prune_layer(model, adapter, plan.as_prune_plan(), layer)  # keep the dominants: structure, router, counts
