@@ -169,6 +169,28 @@ def cosine_or_auto(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a cosine (e.g. 0.2) nor 'auto'") from None
 
 
+def add_distill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distillation from the original (a distill stage after the others; needs --calib)")
+    g.add_argument("--distill-steps", type=int, metavar="N", help="append a distill stage of N optimizer steps")
+    g.add_argument("--distill-lr", type=float, help="its AdamW learning rate (default 1e-4)")
+    g.add_argument("--distill-train", action="append", choices=["routers", "experts", "lora"],
+                   help="what it trains, repeatable (default: experts and routers)")
+    g.add_argument("--distill-checkpoint-dir", metavar="DIR",
+                   help="resumable training state: written there every 50 steps, resumed from when present")
+
+
+def distill_options(args) -> dict | None:
+    """The appended distill stage's options (None: no --distill-steps); other --distill-* flags need it."""
+    given = {k: getattr(args, f"distill_{k}", None) for k in ("lr", "train", "checkpoint_dir")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "distill_steps", None) is None:
+        if given:
+            raise MoePruneError(f"{', '.join('--distill-' + k.replace('_', '-') for k in given)} set up a distill "
+                                "stage: give its length with --distill-steps N.")
+        return None
+    return {"steps": args.distill_steps, **given}
+
+
 def stage_options(args) -> dict:
     """The stage options the user gave on the command line (flags left at None/False/[] are not given)."""
     out = {}
