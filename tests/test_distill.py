@@ -23,7 +23,9 @@ from moeprune.calibration.run import CalibrateOptions
 from moeprune.cli import main
 from moeprune.distill import run as distill_run
 from moeprune.distill.config import DistillConfig
+from moeprune.distill.data import batch_indices
 from moeprune.distill.loss import TeacherBatch, token_kl
+from moeprune.distill.optim import lr_factor
 from moeprune.distill.run import distill_model
 from moeprune.distill.teacher import teacher_targets
 from moeprune.distill.trainable import router_parameters, trained_values
@@ -95,6 +97,18 @@ def test_token_kl_matches_kl_div_and_topk_bounds():
     assert (got > 0.5 * ref).all()  # 40 of 96 entries hold most of the teacher's mass here
 
 
+def test_budget_schedule_and_data_order():
+    assert DistillConfig().total_steps(256) == 200
+    assert DistillConfig(tokens=10_000, batch_size=4).total_steps(256) == 10  # ⌈10000 / 1024⌉
+    factors = [lr_factor(s, 10, 2, "linear") for s in range(10)]
+    assert factors[:3] == [1 / 3, 2 / 3, 1.0] and factors[-1] == 1 - 7 / 8
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5) and lr_factor(9, 10, 2, "constant") == 1.0
+    stream = [i for step in range(6) for i in batch_indices(7, step, 5, 3)]  # 18 positions: 3 epochs of 5, +3
+    for e in range(3):
+        assert sorted(stream[5 * e : 5 * e + 5]) == list(range(5))  # every window once per epoch
+    assert stream[:5] != stream[5:10] and batch_indices(7, 4, 5, 3) == stream[12:15]  # reshuffled; stateless
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 @pytest.mark.parametrize("train,topk,hidden", [("experts+routers", 0, 0.0), ("lora+routers", 16, 1.0)])
 def test_distillation_lowers_kl(train, topk, hidden):
@@ -109,7 +123,7 @@ def test_distillation_lowers_kl(train, topk, hidden):
     assert before > 1e-4  # the cut changed the function
     assert after < 0.7 * before, (before, after)
     assert summary["steps"] == 25 and summary["tokens"] == sum(int(mask[i].sum()) for s in range(25)
-                                                                for i in distill_run.batch_indices(0, s, 6, 3))
+                                                                for i in batch_indices(0, s, 6, 3))
     assert len(summary["curve"]) == 3  # log_every 10: steps 10, 20, 25
 
 
@@ -195,6 +209,9 @@ def test_recipe_expert_removal_then_distill(root):
     stock = AutoModelForCausalLM.from_pretrained(out)  # stock class, no moeprune code
     assert stock.config.num_experts == 4
     assert main(["verify", str(src), str(out)]) == 0
+    replay = api.apply_plan(src, out, root / "out-e2e-replay").out  # the plans alone, no calibration data
+    exported, replayed = load_file(out / "model.safetensors"), load_file(replay / "model.safetensors")
+    assert exported.keys() == replayed.keys() and all(torch.equal(exported[k], replayed[k]) for k in exported)
 
 
 def test_lora_export_is_the_dense_update(root, monkeypatch):

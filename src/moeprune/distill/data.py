@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 
-from moeprune.calibration.data import CalibSet
 from moeprune.errors import MoePruneError
+
+if TYPE_CHECKING:
+    from moeprune.calibration.data import CalibSet
 
 
 def windows(sets: list[CalibSet]) -> tuple[torch.Tensor, torch.Tensor]:
