@@ -214,6 +214,17 @@ def test_recipe_expert_removal_then_distill(root):
     assert exported.keys() == replayed.keys() and all(torch.equal(exported[k], replayed[k]) for k in exported)
 
 
+def test_bf16_checkpoint_verifies_in_float32(root):
+    """Training runs in float32; the plan holds the values as the checkpoint stores them (bf16), so the float32
+    reference built from it is the export exactly."""
+    src = save_tiny("qwen3_moe", root / "qwen3_moe_bf16", seed=3, dtype=torch.bfloat16, with_tokenizer=True)
+    recipe = [{"method": "tcess_top1", "ratio": 0.5}, {"method": "distill", "steps": 3, "lr": 1e-2}]
+    applied, result = api.prune(src, root / "out-bf16", recipe=recipe, calib=calib(root), verify_dtype="float32")
+    assert result.passed and result.max_abs_diff == 0, result.line()
+    tensors = load_file(root / "out-bf16" / "model.safetensors")
+    assert tensors["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.bfloat16
+
+
 def test_lora_export_is_the_dense_update(root, monkeypatch):
     """The export's experts = W + (α/r)·B_e A_e, from peft's factors (lora_A [r·E, in] holds expert e's A_e in rows
     e·r..(e+1)·r; lora_B [out, r·E] viewed [out, r, E] holds B_e at [:, :, e]) and the weights W they adapt."""
