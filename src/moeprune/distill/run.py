@@ -75,6 +75,7 @@ def distill_model(student: nn.Module, targets: TeacherTargets, config: DistillCo
         wrapped = add_lora(student, adapter, config.rank, config.alpha) if "lora" in config.train else None
         for p in chosen:  # peft freezes every parameter but its adapters
             p.requires_grad_(True)
+        student.eval()  # peft's new modules start in training mode
         params = {n: p for n, p in student.named_parameters() if p.requires_grad}
         fp = {**{k: v for k, v in config.settings().items() if k not in RUN_ONLY}, "total_steps": total,
               "trainable": {n: list(p.shape) for n, p in params.items()}, "teacher_topk": targets.topk,
