@@ -164,6 +164,36 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, train):
                                                                    checkpoint_dir=str(folder)))
 
 
+def test_lora_on_modulelist_experts_is_the_dense_update():
+    """Module-list experts (nn.Linear per expert): peft's Linear LoRA, merged: W + (α/r)·B·A per expert Linear."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from test_modulelist_generic import legacy_model
+
+    teacher = legacy_model()
+    student = copy.deepcopy(teacher)
+    adapter = get_adapter(student.config, model=student)
+    apply_plan(student, adapter, PrunePlan({layer: [0, 2, 3, 5, 6, 7] for layer in adapter.moe_layers()}, 8))
+    ids, mask = windows()
+    before = kl(teacher, student, ids, mask)
+    seen = {}
+
+    def record(step, info):
+        if step == 6:  # the last step: the factors as merged
+            for name, m in info["model"].named_modules():
+                if isinstance(m, LoraLinear):
+                    seen[name] = (m.base_layer.weight.detach().clone(), m.lora_A["default"].weight.detach().clone(),
+                                  m.lora_B["default"].weight.detach().clone(), m.scaling["default"])
+
+    distill_model(student, targets_of(teacher, ids, mask),
+                  DistillConfig(steps=6, lr=1e-2, train="lora", lora_rank=2, lora_alpha=2), callback=record)
+    assert kl(teacher, student, ids, mask) < before
+    assert len(seen) == 2 * 6 * 3  # MoE layers x experts x (gate, up, down)
+    for name, (W, A, B, scaling) in seen.items():
+        assert scaling == 1.0 and B.abs().max() > 0
+        torch.testing.assert_close(student.get_submodule(name).weight, W + scaling * B @ A, rtol=0, atol=1e-6)
+
+
 def test_routers_only_changes_only_routers():
     teacher, student = pair()
     ids, mask = windows()

@@ -99,6 +99,10 @@ def distill_model(student: nn.Module, targets: TeacherTargets, config: DistillCo
     for p in student.parameters():
         p.requires_grad_(False)
     kl_end = calibration_kl(student, targets, device, eval_batch_size)
+    if kl_end > progress["kl_start"]:
+        logger.warning("distill: the calibration KL rose from %.4g to %.4g — the student was already close to the "
+                       "teacher, or the learning rate (%g) is too high for it; try a lower lr or fewer steps.",
+                       progress["kl_start"], kl_end, config.lr)
     return {"steps": total, "resumed_at": start or None, "tokens": progress["tokens"],
             "seconds": round(before + time.perf_counter() - began, 3), "kl_start": progress["kl_start"],
             "kl_end": kl_end,
