@@ -218,3 +218,19 @@ def test_lazy_repair_equals_in_memory_repair(root, tmp_path):
     assert a.keys() == b.keys() and a
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_repair_of_a_bf16_checkpoint_holds_the_stored_dtype(root, tmp_path):
+    """Repaired in float32, exported in bf16: the plan holds the bf16 values, so float32 verify matches exactly."""
+    import dataclasses
+
+    src = save_tiny("qwen3_moe", tmp_path / "bf16", seed=5, dtype=torch.bfloat16, with_tokenizer=True)
+    out = tmp_path / "out"
+    _, result = moeprune.prune(src, out, recipe=[{"method": "frequency", "ratio": 0.5},
+                                                 {"method": "repair", "kind": "compensate"}],
+                               calib=dataclasses.replace(calib(root), dtype="float32"))
+    assert result.passed and result.max_abs_diff == 0.0, result
+    from moeprune.stages.weights_plan import WeightsPlan
+
+    plan = WeightsPlan.load(out / "moeprune_plans" / "2-repair.json")
+    assert {t.dtype for t in plan.flat().values()} == {torch.bfloat16}

@@ -63,6 +63,10 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
                        calib.dtype if calib is not None else "auto")
     if calib is not None:
         calib = dataclasses.replace(calib, lazy=lazy)
+    refused = [s for s in specs if s.stage.lazy_problem] if lazy else []
+    if refused:
+        raise MoePruneError(f"{refused[0].where}: this run goes layer by layer (--lazy, or the model does not fit in "
+                            f"memory), but {refused[0].stage.lazy_problem}.")
 
     chain: Chain = []
     stats = []

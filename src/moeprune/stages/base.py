@@ -94,6 +94,7 @@ class Stage:
     takes_ratio: ClassVar[bool] = True  # False: the stage removes nothing (repair, distillation) and refuses a ratio
     changes_weights: ClassVar[bool] = False  # True: writes new values (verify's masked original is then no reference)
     kind_option: ClassVar[str | None] = None  # the option a recipe's `kind: X` sets when X is not the stage's kind
+    lazy_problem: ClassVar[str | None] = None  # why the stage cannot run layer by layer (refused before any work)
 
     # ------------------------------------------------------------------ methods of this stage
     @classmethod

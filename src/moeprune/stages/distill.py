@@ -23,8 +23,8 @@ from moeprune.errors import MoePruneError
 from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
-from moeprune.stages.base import StageOptions, register_stage
-from moeprune.stages.weights import WeightOptions, WeightStage
+from moeprune.stages.base import StageOptions, config_copy, register_stage
+from moeprune.stages.weights import WeightOptions, WeightStage, as_stored
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
 
 
@@ -43,6 +43,9 @@ class DistillStage(WeightStage):
     kind = "distill"
     plan_format = weights_format("distill")
     options_type = DistillOptions
+    lazy_problem = ("distill trains the whole student in memory (with its optimizer state); it does not run layer by "
+                    "layer. Drop --lazy, or distill on a machine with room for the model (docs/distillation.md: the "
+                    "multi-GPU plan)")
 
     @classmethod
     def methods(cls) -> list[str]:
@@ -63,7 +66,7 @@ class DistillStage(WeightStage):
                                 "0.25}, {method: distill, steps: 200}].")
 
     def check(self, o: DistillOptions, adapter: MoEAdapter) -> Any:
-        config = super().check(o, adapter)
+        config = config_copy(adapter)  # trains parameters in place: no layout restriction beyond LoRA's
         if "lora" in o.train:
             from moeprune.distill.lora import layout_problem
             from moeprune.models.capabilities import meta_experts
@@ -83,10 +86,6 @@ class DistillStage(WeightStage):
         if ctx.ckpt is None or ctx.calib is None or ctx.sets is None:
             raise MoePruneError("distill trains on calibration text: use `moeprune prune MODEL --calib NAME=PATH` "
                                 "with the recipe.")
-        if ctx.lazy:
-            raise MoePruneError("distill trains the whole student in memory (with its optimizer state); it does not "
-                                "run layer by layer. Drop --lazy, or distill on a machine with room for the model "
-                                "(docs/distillation.md: the multi-GPU plan).")
         calib = ctx.calib
         ids, mask = windows(ctx.sets)
         teacher = load_model(ctx.ckpt.path, dtype=calib.dtype, device=calib.device)
@@ -113,38 +112,6 @@ class DistillStage(WeightStage):
         s, train = plan.summary, "+".join(plan.settings.get("train", []))
         kl = f", calibration KL {s['kl_start']:.4g} → {s['kl_end']:.4g}" if "kl_end" in s else ""
         return f"distill ({train}, {plan.settings.get('steps')} steps){kl}"
-
-
-def as_stored(experts: dict, router: dict, ckpt, adapter: MoEAdapter) -> tuple[dict, dict]:
-    """The trained values rounded to the dtypes the checkpoint stores them in (bf16 weights of a bf16 checkpoint):
-    the export holds them in those dtypes, so the plan — and the verify reference built from it — must too.
-    Expert weights / biases take the dtype of the layer's expert weight / bias tensors on disk; router tensors the
-    dtype of their own key (float32 training keeps the master values only until here)."""
-    from collections import Counter
-
-    stored: dict[tuple[int, bool], Counter] = {}  # (layer, is bias) -> dtypes of the expert tensors on disk
-    routers: dict[tuple[int, str], Any] = {}
-    for key, dtype in ckpt.torch_dtypes().items():
-        role = adapter.classify_key(key)
-        if role.kind in ("expert", "fused") and dtype.is_floating_point and dtype.itemsize > 1:
-            stored.setdefault((role.layer, key.endswith("bias")), Counter())[dtype] += 1
-        elif role.kind == "router":
-            routers[(role.layer, key)] = dtype
-
-    def expert_dtype(layer: int, role: str):
-        found = stored.get((layer, role.endswith("bias")))
-        return found.most_common(1)[0][0] if found else None
-
-    def router_dtype(layer: int, name: str):
-        return next((d for (lay, key), d in routers.items() if lay == layer and key.endswith("." + name)), None)
-
-    def cast(t, dtype):
-        return t if dtype is None else t.to(dtype)
-
-    experts = {layer: {i: {r: cast(t, expert_dtype(layer, r)) for r, t in roles.items()} for i, roles in ex.items()}
-               for layer, ex in experts.items()}
-    router = {layer: {n: cast(t, router_dtype(layer, n)) for n, t in names.items()} for layer, names in router.items()}
-    return experts, router
 
 
 DISTILL = register_stage(DistillStage())

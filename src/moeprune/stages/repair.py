@@ -9,14 +9,15 @@ one decoder layer of each is materialised at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from moeprune.errors import MoePruneError
 from moeprune.io.load import load_model
 from moeprune.models import get_adapter
+from moeprune.models.base import MoEAdapter
 from moeprune.repair.run import KINDS, fixes_for, repair_model
 from moeprune.stages.base import apply_chain, register_stage
-from moeprune.stages.weights import WeightOptions, WeightStage
+from moeprune.stages.weights import WeightOptions, WeightStage, as_stored
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
 
 REPAIRABLE = ("experts", "merge", "neurons")
@@ -43,6 +44,12 @@ class RepairStage(WeightStage):
             raise MoePruneError(f"repair kind {o.repair_kind!r}: choose one of {', '.join(KINDS)}.")
         if isinstance(o.damp, bool) or not isinstance(o.damp, (int, float)) or not 0 <= o.damp < 10:
             raise MoePruneError(f"damp {o.damp!r}: a number >= 0 (relative damping, e.g. 0.01).")
+
+    def check(self, o: RepairOptions, adapter: MoEAdapter) -> Any:
+        from moeprune.models.capabilities import require
+
+        require(adapter, "repair")
+        return super().check(o, adapter)
 
     def check_previous(self, o: RepairOptions, previous: list) -> None:
         if not previous or previous[-1].stage.kind not in REPAIRABLE:
@@ -85,7 +92,8 @@ class RepairStage(WeightStage):
         after = sum(v["error_after"] for v in layers.values())
         result.summary |= {"error_before": before, "error_after": after,
                            "ratio": after / before if before > 0 else 1.0, "repairs": last_stage.describe(last_plan)}
-        return WeightsPlan("repair", s_adapter.num_experts, s_adapter.expert_width, result.experts, result.router,
+        experts, router = as_stored(result.experts, result.router, ctx.ckpt, s_adapter)
+        return WeightsPlan("repair", s_adapter.num_experts, s_adapter.expert_width, experts, router,
                            settings={"kind": o.repair_kind, "fixes": kinds, "damp": o.damp},
                            summary=result.summary, model_type=s_adapter.model_type)
 

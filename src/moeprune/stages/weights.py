@@ -47,9 +47,6 @@ class WeightStage(Stage):
         return {Need.TEACHER}
 
     def check(self, options: StageOptions, adapter: MoEAdapter) -> Any:
-        from moeprune.models.capabilities import require
-
-        require(adapter, "repair")
         return config_copy(adapter)
 
     # ------------------------------------------------------------------ plans
@@ -106,3 +103,35 @@ class WeightStage(Stage):
                     "recipe's own result written into the original model, and reports the distance to the masked "
                     "original as well",
         }
+
+
+def as_stored(experts: dict, router: dict, ckpt, adapter: MoEAdapter) -> tuple[dict, dict]:
+    """The trained values rounded to the dtypes the checkpoint stores them in (bf16 weights of a bf16 checkpoint):
+    the export holds them in those dtypes, so the plan — and the verify reference built from it — must too.
+    Expert weights / biases take the dtype of the layer's expert weight / bias tensors on disk; router tensors the
+    dtype of their own key (float32 training keeps the master values only until here)."""
+    from collections import Counter
+
+    stored: dict[tuple[int, bool], Counter] = {}  # (layer, is bias) -> dtypes of the expert tensors on disk
+    routers: dict[tuple[int, str], Any] = {}
+    for key, dtype in ckpt.torch_dtypes().items():
+        role = adapter.classify_key(key)
+        if role.kind in ("expert", "fused") and dtype.is_floating_point and dtype.itemsize > 1:
+            stored.setdefault((role.layer, key.endswith("bias")), Counter())[dtype] += 1
+        elif role.kind == "router":
+            routers[(role.layer, key)] = dtype
+
+    def expert_dtype(layer: int, role: str):
+        found = stored.get((layer, role.endswith("bias")))
+        return found.most_common(1)[0][0] if found else None
+
+    def router_dtype(layer: int, name: str):
+        return next((d for (lay, key), d in routers.items() if lay == layer and key.endswith("." + name)), None)
+
+    def cast(t, dtype):
+        return t if dtype is None else t.to(dtype)
+
+    experts = {layer: {i: {r: cast(t, expert_dtype(layer, r)) for r, t in roles.items()} for i, roles in ex.items()}
+               for layer, ex in experts.items()}
+    router = {layer: {n: cast(t, router_dtype(layer, n)) for n, t in names.items()} for layer, names in router.items()}
+    return experts, router
