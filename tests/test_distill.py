@@ -341,6 +341,13 @@ def test_refusals_before_any_work(root, no_work, stages, match):
                    inputs=[root / "qwen3_moe"], out=out)
 
 
+def test_lazy_run_refuses_distill_before_any_work(root, no_work):
+    out = root / "refused-lazy"
+    stages = [{"method": "reap", "ratio": 0.25}, {"method": "distill", "steps": 5}]
+    assert_refused(lambda: api.prune(root / "qwen3_moe", out, recipe=stages, calib=calib(root, lazy=True)),
+                   r"stage 2 \(distill\): this run goes layer by layer", inputs=[root / "qwen3_moe"], out=out)
+
+
 def test_cli_distill_flags_need_steps(root, no_work):
     assert main(["prune", str(root / "qwen3_moe"), "--method", "reap", "--ratio", "0.25", "--distill-lr", "1e-3",
                  "--calib", f"web={root / 'web.txt'}", "--out", str(root / "refused-cli")]) == 2
