@@ -6,7 +6,8 @@
 Cuts: 25 % and 50 % of experts removed (`--expert-method`, default tcess_top1, the best single-pass criterion of
 benchmarks/RESULTS.md) and 50 % of routed-expert parameters removed by HEAPr with a uniform width (budget expert:
 stock-loadable). Each cut is followed by nothing, by one closed-form repair (`{method: repair, kind: K}`), or by
-distillation for N steps (`{method: distill, steps: N}`, when the stage exists). Every row is one `api.prune`
+distillation for N steps (`{method: distill, steps: N}`, default options), or by `all` then the shortest
+distillation. Every row is one `api.prune`
 run of that recipe (calibration included; its wall time is the row's time) and is scored on the testbed's held-out
 text, which calibration, repair and distillation never see:
 
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         variants = [(r, [{"method": "repair", "kind": r}] if r != "none" else []) for r in args.repairs
                     if applies(r, cut)]
         variants += [(f"distill {n}", [{"method": "distill", "steps": n}]) for n in (args.distill if distill else [])]
+        if distill and args.distill and "all" in args.repairs:  # both: the closed form first, then training from it
+            n = min(args.distill)
+            variants.append((f"all + distill {n}", [{"method": "repair", "kind": "all"},
+                                                    {"method": "distill", "steps": n}]))
         for label, tail in variants:
             recipe = [cut_stage(cut, args.expert_method), *tail]
             with tempfile.TemporaryDirectory() as tmp:
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = load_model(applied.out, dtype="float32")
                 scores = evaluate_sets(model, held)
                 gen = {d: greedy_continuations(model, p, args.new_tokens) for d, p in prompts.items()}
-                summary = applied.report["stages"][-1].get("summary", {}) if tail else {}
+                repair = next((st for st in applied.report["stages"] if st["stage"] == "repair"), {})
+                summary = repair.get("summary", {})
             r = ratio_table(base, {"x": scores})["x"]
             agree = sum(agreement(gen_base[d], gen[d])[0] for d in domains) / len(domains)
             row = {"cut": cut, "repair": label, "recipe": recipe, "ratios": {d: r[d] for d in domains},
