@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-VERBS = ("info", "prune", "streaming", "naee", "neurons", "merge", "lazy")
+VERBS = ("info", "prune", "streaming", "naee", "neurons", "merge", "repair", "lazy")
 WORDS = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "kappa", "theta", "lambda", "zeta"]
 TOL = 1e-4  # relative to max |logit|, as tests/test_families.py
 
@@ -178,6 +178,24 @@ def check_merge(ctx: dict) -> str:
     return _prune_verified(ctx, "msmoe", 0.25, "merge")
 
 
+def check_repair(ctx: dict) -> str:
+    """Experts removed, then every closed-form repair; verified, and no layer's calibration block error grew."""
+    from moeprune import api
+    from moeprune.errors import UnsupportedLayout
+
+    try:
+        applied, result = api.prune(ctx["original"], ctx["root"] / "repair", method="frequency", ratio=0.25,
+                                    calib=_calib(ctx["text"]), repair="all")
+    except UnsupportedLayout as e:
+        raise NotApplicable(str(e).split("\n")[0][:160]) from e
+    assert result is not None and result.passed, f"verify failed: {result}"
+    layers = applied.report["stages"][-1]["summary"]["layers"]
+    grew = {k: v for k, v in layers.items() if v["error_after"] > v["error_before"] * (1 + 1e-9)}
+    assert not grew, f"repair increased the block error of layers {sorted(grew)}"
+    ratio = applied.report["stages"][-1]["summary"]["ratio"]
+    return f"block error ×{ratio:.2f}, verify max|Δ| {result.max_abs_diff:.1e}"
+
+
 def check_lazy(ctx: dict) -> str:
     from moeprune import api
 
@@ -201,7 +219,7 @@ def check_lazy(ctx: dict) -> str:
 
 
 CHECKS = {"info": check_info, "prune": check_prune, "streaming": check_streaming, "naee": check_naee,
-          "neurons": check_neurons, "merge": check_merge, "lazy": check_lazy}
+          "neurons": check_neurons, "merge": check_merge, "repair": check_repair, "lazy": check_lazy}
 
 
 def check_family(model_type: str, root: Path, verbs: tuple[str, ...] = VERBS) -> dict[str, tuple[str, str]]:

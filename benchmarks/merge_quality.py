@@ -1,6 +1,7 @@
 """Expert merging vs expert pruning on the testbed: per-domain perplexity ratio and greedy-generation checks.
 
     python benchmarks/merge_quality.py [--testbed DIR] [--ratios 0.25 0.5] [--out benchmarks/results/merge_quality]
+    python benchmarks/merge_quality.py --dern-sweep [--testbed DIR] [--out benchmarks/results/dern_sweep]
 
 One calibration pass over the four calibration domains (with every-expert probes for the output-based groupings);
 mixed statistics for every plan. Rows per ratio:
@@ -8,6 +9,10 @@ mixed statistics for every plan. Rows per ratio:
 - merges: msmoe, hcsmoe, submoe, dern, each with the dominant's router row and with the usage-weighted row;
   ablations: msmoe without neuron alignment, msmoe with the global (adaptive) budget, submoe at half rank,
   dern at thresholds 0.0 / 0.2 / 0.4.
+`--dern-sweep` replaces the merge rows by DERN's threshold choices (`merge/dern_threshold.py`): the old fixed cosine
+0.4; `auto` with recombined fraction ρ ∈ {0, ¼, ½, ¾, 1}, one cosine per layer; ρ ∈ {¼, ½, ¾} with one cosine pooled
+over the layers; and `block-error`: per layer the ρ whose merged MoE block has the least squared error against the
+original block on the calibration windows (the original model's block inputs, `--block-windows` per domain).
 Each plan is applied to an in-memory copy (the surgery `apply` saves and `verify` checks) and scored on the same
 held-out windows:
 
@@ -29,6 +34,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from moeprune import api
 from moeprune.calibration.data import build_sets
 from moeprune.calibration.run import CalibrateOptions, load_tokenizer
@@ -45,6 +52,7 @@ from moeprune.surgery.merge import apply_merge_plan
 from moeprune.testbed import build_testbed
 
 MERGES = ("msmoe", "hcsmoe", "submoe", "dern")
+RHOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PRUNES = ("tcess_top1", "frequency")
 
 
@@ -60,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-prompts", type=int, default=16, help="generation prompts per domain")
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--out", default="benchmarks/results/merge_quality", help="writes OUT.json and OUT.md")
+    ap.add_argument("--out", default=None, help="writes OUT.json and OUT.md (default benchmarks/results/"
+                                                "merge_quality, or dern_sweep with --dern-sweep)")
+    ap.add_argument("--dern-sweep", action="store_true", help="DERN threshold rows instead of the merge rows")
+    ap.add_argument("--block-windows", type=int, default=16,
+                    help="--dern-sweep: calibration windows per domain for the block-error choice of ρ")
     args = ap.parse_args(argv)
+    args.out = args.out or f"benchmarks/results/{'dern_sweep' if args.dern_sweep else 'merge_quality'}"
     out = Path(args.out)
     if not out.parent.is_dir():
         sys.exit(f"--out {out}: folder {out.parent} does not exist")
@@ -104,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
             model = copy.deepcopy(original)
             apply_plan(model, adapter, plan)
             add(f"prune {method}", "prune", ratio, model, time.perf_counter() - t)
+        if args.dern_sweep:
+            blocks = block_io(original, adapter, tb, args)
+            for label, plan, extra in dern_sweep(stats, original, adapter, ratio, blocks):
+                t = time.perf_counter()
+                model = copy.deepcopy(original)
+                apply_merge_plan(model, adapter, plan)
+                n, of = (sum(x[i] for x in plan.recombined.values()) for i in (0, 1))
+                add(label, "merge", ratio, model, time.perf_counter() - t,
+                    {"method": "dern", "dern_recombined": n / of, "recombined": {str(k): v for k, v in
+                                                                                 plan.recombined.items()},
+                     "threshold": plan.to_dict()["threshold"], **extra})
+            continue
         variants = [(m, dict(router=router), None) for m in MERGES for router in ("dominant", "weighted")]
         variants += [("msmoe", dict(budget="global"), None),
                      ("msmoe", {}, partial(merge_average, align=False)),
@@ -134,6 +159,73 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def layer_experts(model, adapter, layers):
+    from moeprune.surgery.merge import expert_of
+
+    for layer in layers:
+        roles = adapter.expert_roles(adapter.block(model, layer))
+        yield layer, [expert_of(roles, j) for j in range(adapter.num_experts)]
+
+
+def block_io(model, adapter, tb, args) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """layer -> (MoE block input [N, S, H], its output [N, S, H]) of the original on `--block-windows` calibration
+    windows per domain (the first ones; the calibration statistics saw them, the held-out windows did not)."""
+    from moeprune.calibration.run import prepare
+
+    opts = CalibrateOptions(tb.specs("calib"), samples=args.block_windows, seq_len=tb.seq_len)
+    ids = torch.cat([s.input_ids for s in prepare(tb.path, opts)[2]])  # [N, S] (full windows, no padding)
+    seen: dict[int, list] = {}
+    hooks = [adapter.block(model, layer).register_forward_hook(
+        lambda mod, a, out, layer=layer: seen.setdefault(layer, []).append((a[0].detach(), _first(out).detach())))
+        for layer in adapter.moe_layers()]
+    try:
+        with torch.no_grad():
+            for b in range(0, len(ids), 16):
+                model(input_ids=ids[b : b + 16])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {layer: (torch.cat([x for x, _ in v]), torch.cat([y for _, y in v])) for layer, v in seen.items()}
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def block_errors(original, adapter, plan, blocks) -> dict[int, float]:
+    """Σ‖block_merged(X) − block_original(X)‖² per MoE layer on the recorded block inputs X."""
+    model = apply_merge_plan(copy.deepcopy(original), adapter, plan)
+    with torch.no_grad():
+        return {layer: float((_first(adapter.block(model, layer)(x)) - y).double().square().sum())
+                for layer, (x, y) in blocks.items()}
+
+
+def dern_sweep(stats, original, adapter, ratio: float, blocks) -> list[tuple[str, object, dict]]:
+    """(label, plan, extra) of every DERN threshold choice at `ratio` (module docstring); one similarity scan."""
+    from moeprune.merge.dern_threshold import choose_thresholds, counts, layer_similarities
+
+    base = make_merge_plan(stats, "dern", ratio)
+    sims = {layer: layer_similarities(experts, base.groups[layer])
+            for layer, experts in layer_experts(original, adapter, base.layers)}
+
+    def plan_for(threshold, rho=None):
+        plan = copy.deepcopy(base)
+        plan.threshold, plan.recombine, plan.recombined = threshold, rho, counts(sims, threshold)
+        return plan
+
+    out = [("dern fixed 0.4", plan_for(0.4), {"rho": None})]
+    per_layer = {rho: choose_thresholds(sims, rho, pooled=False) for rho in RHOS}
+    out += [(f"dern auto ρ={rho:g} per-layer", plan_for(per_layer[rho], rho), {"rho": rho}) for rho in RHOS]
+    out += [(f"dern auto ρ={rho:g} pooled", plan_for(choose_thresholds(sims, rho, pooled=True), rho), {"rho": rho})
+            for rho in RHOS[1:-1]]
+    errors = {rho: block_errors(original, adapter, plan_for(per_layer[rho], rho), blocks) for rho in RHOS}
+    pick = {layer: min(RHOS, key=lambda r, layer=layer: errors[r][layer]) for layer in base.layers}
+    out.append(("dern block-error ρ per layer", plan_for({layer: per_layer[pick[layer]][layer] for layer in pick}),
+                {"rho": {str(k): v for k, v in pick.items()},
+                 "block_error": {str(r): {str(k): v for k, v in e.items()} for r, e in errors.items()}}))
+    return out
 
 
 def dern_share(model, adapter, plan) -> float:
@@ -180,6 +272,19 @@ def to_markdown(result: dict, ratios: list[float]) -> str:
         lines.append("Best per domain: " + ", ".join(f"{d}: {best[d]['label']} ×{best[d]['ratios'][d]:.3f}"
                                                     for d in domains))
         lines.append("")
+    sweep = [r for r in rows if "rho" in r]
+    if sweep:
+        labels = list(dict.fromkeys(r["label"] for r in sweep))
+        at = {(r["label"], r["ratio"]): r for r in sweep}
+        lines += ["### DERN threshold choices (geo-mean perplexity ratio; recombined share of the dropped segments)",
+                  "", "| threshold | " + " | ".join(f"{x:.0%} ratio | {x:.0%} recombined" for x in ratios) + " |",
+                  "|---|" + "---:|---:|" * len(ratios)]
+        for label in labels:
+            cells = [(f"{at[label, x]['geo_mean']:.3f} | {at[label, x]['dern_recombined']:.1%}" if (label, x) in at
+                      else "– | –") for x in ratios]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        picks = [f"{r['ratio']:.0%}: {r['rho']}" for r in sweep if isinstance(r["rho"], dict)]
+        lines += ["", "Block-error choice of ρ per layer: " + "; ".join(picks), ""]
     dern = [r for r in rows if r.get("dern_recombined") is not None]
     if dern:
         lines += ["DERN: share of the dropped experts' neuron segments recombined into survivors: "

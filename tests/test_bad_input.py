@@ -318,8 +318,8 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     from moeprune.criteria import CRITERIA
 
     every = ", ".join(sorted([*CRITERIA, "naee", "auto"]))  # every stage's methods are listed, by stage
-    match = (r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: experts: " + re.escape(every)
-             + r"; merge: dern, hcsmoe, msmoe, submoe; neurons: camera, heapr\.")
+    match = (r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: distill: distill; experts: "
+             + re.escape(every) + r"; merge: dern, hcsmoe, msmoe, submoe; neurons: camera, heapr; repair: repair\.")
     assert_refused(lambda: api.prune(qwen, out, method="aimr", ratio=0.25), match, inputs=[qwen], out=out)
     assert_refused(lambda: api.make_plan(qwen, "aimr", 0.25), match, inputs=[qwen], out=None)
     assert_cli_refused(
@@ -339,7 +339,7 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     # no close match: still lists the choices
     assert_refused(
         lambda: api.make_plan(qwen, "xyzzy", 0.25),
-        r"unknown method 'xyzzy'\. Choose one of: experts: aimer",
+        r"unknown method 'xyzzy'\. Choose one of: distill: distill; experts: aimer",
         inputs=[qwen],
         out=None,
     )

@@ -12,7 +12,7 @@ def test_info_prints_the_methods_the_layout_allows(tmp_path, capsys):
     tiny_family_model("nemotron_h", seed=0).save_pretrained(up_only)
     assert main(["info", str(up_only)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("methods"))
-    assert "experts, naee, neurons, lazy" in line
+    assert "experts, naee, neurons, repair, lazy" in line
     assert "no merge:" in line and "up-only" in line  # nemotron_h's experts have no gate projection
     gated = tmp_path / "qwen3_moe"
     tiny_family_model("qwen3_moe", seed=0).save_pretrained(gated)
@@ -20,7 +20,7 @@ def test_info_prints_the_methods_the_layout_allows(tmp_path, capsys):
     import json
 
     verbs = json.loads(capsys.readouterr().out)["verbs"]
-    assert verbs == {"experts": None, "naee": None, "neurons": None, "merge": None, "lazy": None}
+    assert verbs == {"experts": None, "naee": None, "neurons": None, "merge": None, "repair": None, "lazy": None}
 
 
 def test_info_families_lists_supported_and_refused(capsys):

@@ -68,15 +68,23 @@ def prune(model: str | Path, out: str | Path, recipe: Any = None, *, method: str
           ratio: float | None = None, calib: CalibrateOptions | None = None, streaming: bool = False,
           lazy: bool | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False, run_verify: bool = True,
           verify_dtype: str = "float32", expert_method: str | None = None, expert_ratio: float | None = None,
-          **options: Any) -> tuple[ApplyResult, VerifyResult | None]:
+          repair: str | None = None, distill: dict | None = None, **options: Any
+          ) -> tuple[ApplyResult, VerifyResult | None]:
     """[calibrate +] plan every stage + apply + save + verify. Give a `recipe` (list of stage dicts or a YAML/JSON
     file), or one stage as `method`, `ratio` and its `options` (`expert_method`/`expert_ratio` put an expert
-    removal stage first)."""
+    removal stage first; `repair` = KIND appends `{method: repair, kind: KIND}`; `distill` = a distill stage's
+    options, e.g. {"steps": 200}, appends that stage last)."""
     source = "" if recipe is None else (str(recipe) if isinstance(recipe, (str, Path)) else "recipe")
     if recipe is None:
         recipe = shorthand(method, ratio, options, expert_method, expert_ratio)
-    elif method is not None or ratio is not None or options or expert_method or expert_ratio:
-        raise MoePruneError("give either a recipe or --method/--ratio and their options, not both.")
+        if repair is not None:
+            recipe.append({"method": "repair", "repair_kind": repair})
+        if distill is not None:
+            recipe.append({"method": "distill", **distill})
+    elif method is not None or ratio is not None or options or expert_method or expert_ratio or repair or distill:
+        raise MoePruneError("give either a recipe or --method/--ratio and their options (and --repair, "
+                            "--distill-steps), not both: a recipe lists repair and distill stages itself "
+                            "({method: repair, kind: compensate}, {method: distill, steps: 200}).")
     return _prune(model, out, recipe, source=source, calib=calib, streaming=streaming, lazy=lazy,
                   max_shard_size=max_shard_size, overwrite=overwrite, run_verify=run_verify, verify_dtype=verify_dtype)
 

@@ -106,8 +106,8 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
-               "rho", "merge", "router", "rank", "threshold", "beam", "search_tokens", "auto_naee", "judge_windows",
-               "nll_candidates")
+               "rho", "merge", "router", "rank", "threshold", "recombine", "beam", "search_tokens", "auto_naee",
+               "judge_windows", "nll_candidates")
 TRISTATE = ("auto_naee",)  # flags whose False is a given value (--no-auto-naee), not "not given"
 
 
@@ -163,8 +163,44 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
     g.add_argument("--router", choices=["dominant", "weighted"],
                    help="router row of a merged expert: the dominant's row (default), or the usage-weighted mean")
     g.add_argument("--rank", type=int, help="svd merge: shared singular directions kept per role (default: full)")
-    g.add_argument("--threshold", type=float,
-                   help="dern: least cosine for a dropped neuron to be recombined into a survivor (default 0.4)")
+    g.add_argument("--threshold", type=cosine_or_auto,
+                   help="dern: least cosine for a dropped neuron to be recombined into a survivor, or auto "
+                        "(default: chosen per layer from the weights so that --recombine of them are)")
+    g.add_argument("--recombine", type=float, metavar="FRACTION",
+                   help="dern with --threshold auto: fraction of the dropped experts' neuron segments recombined "
+                        "(default 0: measured best on the testbed, i.e. plain pruning of the dropped experts)")
+
+
+def cosine_or_auto(text: str) -> float | str:
+    """--threshold: 'auto' or a number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a cosine (e.g. 0.2) nor 'auto'") from None
+
+
+def add_distill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distillation from the original (a distill stage after the others; needs --calib)")
+    g.add_argument("--distill-steps", type=int, metavar="N", help="append a distill stage of N optimizer steps")
+    g.add_argument("--distill-lr", type=float, help="its AdamW learning rate (default 1e-4)")
+    g.add_argument("--distill-train", action="append", choices=["routers", "experts", "lora"],
+                   help="what it trains, repeatable (default: experts and routers)")
+    g.add_argument("--distill-checkpoint-dir", metavar="DIR",
+                   help="resumable training state: written there every 50 steps, resumed from when present")
+
+
+def distill_options(args) -> dict | None:
+    """The appended distill stage's options (None: no --distill-steps); other --distill-* flags need it."""
+    given = {k: getattr(args, f"distill_{k}", None) for k in ("lr", "train", "checkpoint_dir")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if getattr(args, "distill_steps", None) is None:
+        if given:
+            raise MoePruneError(f"{', '.join('--distill-' + k.replace('_', '-') for k in given)} set up a distill "
+                                "stage: give its length with --distill-steps N.")
+        return None
+    return {"steps": args.distill_steps, **given}
 
 
 def stage_options(args) -> dict:

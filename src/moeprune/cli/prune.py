@@ -8,15 +8,18 @@ from __future__ import annotations
 from moeprune.cli.common import (
     add_apply_flags,
     add_calib_flags,
+    add_distill_flags,
     add_stage_flags,
     add_verb,
     calib_options,
+    distill_options,
     stage_options,
     verify_exit,
 )
 from moeprune.errors import MoePruneError
 
 EXAMPLE = """moeprune prune ./model --method reap --ratio 0.25 --calib web=web.txt --out ./pruned
+  moeprune prune ./model --method tcess_top1 --ratio 0.5 --distill-steps 200 --calib web=web.txt --out ./pruned
   moeprune prune ./model --recipe recipe.yaml --calib web=web.txt --out ./pruned
       # recipe.yaml:  stages: [{method: tcess_top1, ratio: 0.25}, {method: heapr, ratio: 0.25}]"""
 
@@ -28,6 +31,12 @@ def add_parser(sub) -> None:
     p.add_argument("--recipe", help="YAML/JSON list of stages ({method, ratio, options}); each stage is calibrated "
                                     "on the model as the stages before it leave it")
     add_stage_flags(p, prune=True)
+    p.add_argument("--repair", metavar="KIND", choices=["obs", "compensate", "router", "all"],
+                   help="repair the cut in closed form on the calibration text (a repair stage after it): obs "
+                        "(neuron removal), compensate (least-squares update of the kept experts' down projections), "
+                        "router (re-fit the kept router rows) or all; each kept only where it lowers the measured "
+                        "block error")
+    add_distill_flags(p)
     p.add_argument("--no-verify", action="store_true", help="skip the final verification")
     p.add_argument("--verify-dtype", default="float32", help="dtype of the verification (float32, bfloat16, ...)")
     add_apply_flags(p)
@@ -38,9 +47,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moeprune import api
 
-    options = stage_options(args)
-    if args.recipe and (args.method or args.ratio is not None or options or args.expert_method or args.expert_ratio):
-        given = [f"--{k.replace('_', '-')}" for k in ("method", "ratio", "expert_method", "expert_ratio", *options)
+    options, distill = stage_options(args), distill_options(args)
+    if args.recipe and (args.method or args.ratio is not None or options or args.expert_method or args.expert_ratio
+                        or args.repair or distill):
+        given = [f"--{k.replace('_', '-')}" for k in ("method", "ratio", "expert_method", "expert_ratio", "repair",
+                                                       *options, *(["distill_steps"] if distill else []))
                  if getattr(args, k, None) not in (None, False, [])]
         raise MoePruneError(f"--recipe lists the stages and their options; drop {', '.join(given)} (or write them "
                             "into the recipe).")
@@ -48,7 +59,8 @@ def run(args) -> int:
                           calib=calib_options(args) if args.calib else None, streaming=args.streaming, lazy=args.lazy,
                           max_shard_size=args.max_shard_size, overwrite=args.overwrite, run_verify=not args.no_verify,
                           verify_dtype=args.verify_dtype, expert_method=args.expert_method,
-                          expert_ratio=args.expert_ratio, **({} if args.recipe else options))
+                          expert_ratio=args.expert_ratio, repair=args.repair, distill=distill,
+                          **({} if args.recipe else options))
     from moeprune.pipeline.quality import format_split
     from moeprune.select.auto import describe_choice
 

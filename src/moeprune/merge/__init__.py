@@ -4,7 +4,8 @@ Pure tensor math on experts in the canonical role orientation (gate/up [I, H], d
 - `align`: neuron permutations (weight matching, MC-SMoE / Git Re-Basin) that put members onto an anchor;
 - `average`: frequency-weighted averaging of aligned members (M-SMoE, HC-SMoE);
 - `svd`: Sub-MoE joint SVD with a shared left basis, merged right factors and optional rank truncation;
-- `dern`: DERN neuron recombination of dropped experts into any survivor;
+- `dern`: DERN neuron recombination of dropped experts into any survivor; `dern_threshold`: its cosine chosen
+  from the segment similarities (`threshold: auto`, `recombine`);
 - `methods`: registry plan.merge -> layer-level merge; `grouping`: which experts merge (msmoe, hcsmoe, submoe, dern)
   from calibration statistics; `plan`: the JSON merge plan; `build`: plans from statistics.
 Surgery on a model: `surgery/merge.py`; merging as a recipe stage (options, plan, apply, verification

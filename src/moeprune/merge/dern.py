@@ -63,10 +63,10 @@ def _block_best(fd64: torch.Tensor, fd32: torch.Tensor, b64: torch.Tensor, b32: 
     return (fd64 * b64[arg]).sum(dim=1), arg  # [I] float64 cosine of each winner, [I] its index
 
 
-def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[int],
-                threshold: float) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For each dropped expert d: (kept neuron indices [m], survivor position [m] (into `survivors`), target neuron
-    [m]) of the segments whose best cosine is >= threshold.
+def dern_best(experts: Sequence[Expert], survivors: list[int],
+              dropped: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each dropped expert d: (best cosine [I] float64, flat index [I] into the survivors' n·I neurons) of each
+    of its neuron segments against every survivor neuron — the segment similarities a threshold is applied to.
 
     The survivors are scanned SURVIVOR_BLOCK at a time (running maximum per dropped neuron; ties keep the lowest
     flat index, as one argmax over all of them does), so memory is a block's features, not the layer's. Each block
@@ -85,17 +85,26 @@ def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[i
             best[d] = torch.where(better, top, best[d])
             where[d] = torch.where(better, arg + start * I, where[d])
         del block, block32
+    return {d: (best[d], where[d]) for d in dropped}
+
+
+def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[int],
+                threshold: float) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each dropped expert d: (kept neuron indices [m], survivor position [m] (into `survivors`), target neuron
+    [m]) of the segments whose best cosine (`dern_best`) is >= threshold."""
+    I = experts[survivors[0]]["gate"].shape[0]
     out = {}
-    for d in dropped:
-        keep = (best[d] >= threshold).nonzero().squeeze(1)  # [m]
-        out[d] = (keep, where[d][keep] // I, where[d][keep] % I)
+    for d, (best, where) in dern_best(experts, survivors, dropped).items():
+        keep = (best >= threshold).nonzero().squeeze(1)  # [m]
+        out[d] = (keep, where[keep] // I, where[keep] % I)
     return out
 
 
 @torch.no_grad()
 def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list[list[float]],
-               threshold: float = 0.4) -> list[dict[str, torch.Tensor]]:
-    """experts: every expert of the layer (canonical roles); groups: survivor first; weights: usage per member.
+               threshold: float = 0.4, layer: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """experts: every expert of the layer (canonical roles); groups: survivor first; weights: usage per member;
+    layer: the decoder layer, for the log line only.
     Returns one expert per group (the survivor with its recombined neurons). Survivors are recombined one at a
     time (one expert's float64 accumulators in memory)."""
     check_group(list(experts))
@@ -128,6 +137,7 @@ def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list
         if "down_bias" in experts[s]:
             out["down_bias"] = experts[s]["down_bias"].detach().clone()
         merged.append(out)
-    logger.info("DERN: %d of %d neuron segments of %d dropped experts recombined (cos >= %.2f), rest dropped",
-                moved, len(dropped) * experts[survivors[0]]["gate"].shape[0], len(dropped), threshold)
+    logger.info("DERN%s: %d of %d neuron segments of %d dropped experts recombined (cos >= %.3f), rest dropped",
+                "" if layer is None else f" layer {layer}", moved,
+                len(dropped) * experts[survivors[0]]["gate"].shape[0], len(dropped), threshold)
     return merged

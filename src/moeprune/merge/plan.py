@@ -8,7 +8,10 @@ Each group lists original expert indices, its *dominant* first (the member whose
 `dominant` strategy, and the alignment anchor); groups are ordered by their dominant, ascending, and merged
 expert g is group g. `weights` are the members' usage frequencies (merge and router weights). `merge`
 is average | svd (`rank`) | dern (`threshold`; for dern the non-first members are the dropped experts, recorded
-with the survivor most similar by router logits, and their neurons may go to any survivor). Every expert of
+with the survivor most similar by router logits, and their neurons may go to any survivor). A dern `threshold` is
+one cosine, or one per layer ({"1": 0.31, "2": 0.27}: chosen from the data, `merge/dern_threshold.py`, with the
+recombined fraction `recombine`); `recombined` ({"1": [n, of]}) records how many of the dropped neuron segments
+met it (informational: the merge reads only `threshold`). Every expert of
 the layer appears in exactly one group. `as_prune_plan()` (the dominants) carries the structural checks of
 expert removal: one count for all layers, ≥ top-k, equal counts per router group; merging across router groups
 (DeepSeek-V3 `n_group`) is refused.
@@ -39,8 +42,8 @@ ROUTER_STRATEGIES: Registry[str] = Registry("router strategy", "dominant: the do
 for _s in ("dominant", "weighted"):
     ROUTER_STRATEGIES.register(_s, _s)
 
-PLAN_KEYS = ("format", "model_type", "num_experts", "method", "ratio", "merge", "router", "rank", "threshold", "note",
-             "groups", "weights")
+PLAN_KEYS = ("format", "model_type", "num_experts", "method", "ratio", "merge", "router", "rank", "threshold",
+             "recombine", "recombined", "note", "groups", "weights")
 
 
 @dataclass
@@ -54,7 +57,9 @@ class MergePlan:
     merge: str = "average"
     router: str = "dominant"
     rank: int | None = None  # svd merge only
-    threshold: float = 0.4  # dern merge only: least cosine for a neuron segment to be recombined
+    threshold: float | dict[int, float] = 0.4  # dern only: least cosine to recombine a segment (one, or per layer)
+    recombine: float | None = None  # dern with a data-chosen threshold: the recombined fraction it was chosen for
+    recombined: dict[int, list[int]] | None = None  # dern: [segments recombined, dropped segments] per layer
     note: str | None = None  # e.g. adaptive per-layer counts padded to one count
     source: str | None = field(default=None, repr=False, compare=False)  # where it was read from, for messages
 
@@ -67,6 +72,19 @@ class MergePlan:
     def layers(self) -> list[int]:
         return sorted(self.groups)
 
+    def threshold_of(self, layer: int | None) -> float:
+        """The dern threshold of decoder layer `layer` (one cosine for all layers, or the layer's own)."""
+        if not isinstance(self.threshold, dict):
+            return self.threshold
+        if layer not in self.threshold:
+            raise MoePruneError(f"{self._where}the dern threshold has no cosine for layer {layer}; give one per "
+                                f"merged layer {self.layers}.")
+        return self.threshold[layer]
+
+    def _threshold_json(self) -> float | dict[str, float]:
+        t = self.threshold
+        return {str(k): v for k, v in sorted(t.items())} if isinstance(t, dict) else t
+
     def dominants(self, layer: int) -> list[int]:
         return [g[0] for g in self.groups[layer]]
 
@@ -78,7 +96,7 @@ class MergePlan:
         payload = json.dumps({"groups": {str(k): v for k, v in sorted(self.groups.items())},
                               "weights": {str(k): v for k, v in sorted(self.weights.items())},
                               "merge": self.merge, "router": self.router, "rank": self.rank,
-                              "threshold": self.threshold}, sort_keys=True)
+                              "threshold": self._threshold_json()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     # ------------------------------------------------------------------ validation
@@ -114,8 +132,8 @@ class MergePlan:
             raise MoePruneError(f"{w}{e}") from None
         if self.merge == "svd" and self.rank is not None and (not _is_int(self.rank) or self.rank < 1):
             raise MoePruneError(f"{w}--rank {self.rank} must be >= 1.")
-        if self.merge == "dern" and not (_is_number(self.threshold) and -1.0 <= self.threshold <= 1.0):
-            raise MoePruneError(f"{w}--threshold {self.threshold} is a cosine: give a number in [-1, 1].")
+        if self.merge == "dern":
+            _check_dern(self, w)
 
     def validate(self, adapter: MoEAdapter) -> None:
         """Raise MoePruneError unless this plan can be applied to the model (checked before any surgery)."""
@@ -156,11 +174,16 @@ class MergePlan:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
-        return {"format": MERGE_FORMAT, "model_type": self.model_type, "num_experts": self.num_experts,
+        out = {"format": MERGE_FORMAT, "model_type": self.model_type, "num_experts": self.num_experts,
                 "method": self.method, "ratio": self.ratio, "merge": self.merge, "router": self.router,
-                "rank": self.rank, "threshold": self.threshold, "note": self.note,
+                "rank": self.rank, "threshold": self._threshold_json(), "note": self.note,
                 "groups": {str(k): v for k, v in sorted(self.groups.items())},
                 "weights": {str(k): v for k, v in sorted(self.weights.items())}}
+        if self.recombine is not None:
+            out["recombine"] = self.recombine
+        if self.recombined is not None:
+            out["recombined"] = {str(k): v for k, v in sorted(self.recombined.items())}
+        return out
 
     def save(self, path: str | Path) -> Path:
         return write_plan_json(path, self.to_dict())
@@ -220,10 +243,12 @@ class MergePlan:
         if rank is not None and (not _is_int(rank) or rank < 1):
             raise MoePruneError(f"{source}: 'rank' must be a positive whole number (shared directions per role of the "
                                 f"svd merge) or null for full rank; got {_short(rank)}.")
-        threshold = raw.get("threshold", 0.4)
-        if not _is_number(threshold):
-            raise MoePruneError(f"{source}: 'threshold' must be a number (the dern merge's least cosine, in [-1, 1]); "
-                                f"got {_short(threshold)}.")
+        threshold = _parse_threshold(raw.get("threshold", 0.4), source)
+        recombine = raw.get("recombine")
+        if recombine is not None and not _is_number(recombine):
+            raise MoePruneError(f"{source}: 'recombine' must be a number (the fraction of dropped neuron segments the "
+                                f"dern threshold was chosen to recombine) or null; got {_short(recombine)}.")
+        recombined = _parse_recombined(raw.get("recombined"), source)
         ratio = raw.get("ratio")
         if ratio is not None and not _is_number(ratio):
             raise MoePruneError(f"{source}: 'ratio' must be a number or null; got {_short(ratio)}.")
@@ -231,9 +256,65 @@ class MergePlan:
             if raw.get(key) is not None and not isinstance(raw[key], str):
                 raise MoePruneError(f"{source}: '{key}' must be a string or null; got {_short(raw[key])}.")
         plan = cls(groups, E, weights, raw.get("method") or "manual", ratio, raw.get("model_type"), merge, router, rank,
-                   float(threshold), raw.get("note"), source=source)
+                   threshold, None if recombine is None else float(recombine), recombined, raw.get("note"),
+                   source=source)
         plan.check()
         return plan
+
+
+def _check_dern(plan: MergePlan, w: str) -> None:
+    """A dern plan's threshold: one cosine in [-1, 1], or one per merged layer; `recombined` [n <= of] per layer."""
+    t = plan.threshold
+    per_layer = t if isinstance(t, dict) else {None: t}
+    bad = {k: v for k, v in per_layer.items() if not (_is_number(v) and -1.0 <= v <= 1.0)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        at = "" if k is None else f" (layer {k})"
+        raise MoePruneError(f"{w}--threshold {v}{at} is a cosine: give a number in [-1, 1].")
+    if isinstance(t, dict) and sorted(t) != plan.layers:
+        raise MoePruneError(f"{w}the dern threshold gives cosines for layers {sorted(t)}; give one for every merged "
+                            f"layer {plan.layers} (or one number for all).")
+    if plan.recombine is not None and not (_is_number(plan.recombine) and 0.0 <= plan.recombine <= 1.0):
+        raise MoePruneError(f"{w}'recombine' {plan.recombine} is a fraction of segments: give a number in [0, 1].")
+    for layer, nm in (plan.recombined or {}).items():
+        if layer not in plan.groups or len(nm) != 2 or not all(_is_int(x) for x in nm) or not 0 <= nm[0] <= nm[1]:
+            raise MoePruneError(f"{w}recombined[{layer}] = {nm}: give [recombined, dropped segments] (whole numbers, "
+                                "recombined <= dropped) for a merged layer.")
+
+
+def _parse_threshold(value, source: str) -> float | dict[int, float]:
+    """'threshold': one number, or {"layer": number} (per-layer cosines chosen from the data)."""
+    if isinstance(value, dict):
+        seen: dict = {}
+        out = {}
+        for key, v in value.items():
+            layer = _layer_of(key, "threshold", seen, source)
+            if not _is_number(v):
+                raise MoePruneError(f"{source}: threshold[{key!r}] must be a number (layer {layer}'s least cosine, "
+                                    f"in [-1, 1]); got {_short(v)}.")
+            out[layer] = float(v)
+        return out
+    if not _is_number(value):
+        raise MoePruneError(f"{source}: 'threshold' must be a number (the dern merge's least cosine, in [-1, 1]) or "
+                            f"one per layer ({{\"1\": 0.3}}); got {_short(value)}.")
+    return float(value)
+
+
+def _parse_recombined(value, source: str) -> dict[int, list[int]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MoePruneError(f"{source}: 'recombined' must map each layer to [recombined, dropped segments]; got "
+                            f"{_kind(value)}.")
+    seen: dict = {}
+    out = {}
+    for key, nm in value.items():
+        layer = _layer_of(key, "recombined", seen, source)
+        if not isinstance(nm, list) or len(nm) != 2 or not all(_is_int(x) for x in nm):
+            raise MoePruneError(f"{source}: recombined[{key!r}] must be [recombined, dropped segments], two whole "
+                                f"numbers; got {_short(nm)}.")
+        out[layer] = [int(x) for x in nm]
+    return out
 
 
 def _check_partition(groups: list[list[int]], E: int, at: str) -> None:

@@ -257,6 +257,22 @@ class MoEAdapter:
         experts = self.experts(block)
         return layout_of(experts).roles(experts, self.fused_style)
 
+    def expert_views(self, block: nn.Module, j: int) -> dict[str, torch.Tensor]:
+        """Expert j's tensors by canonical role as views that write through to the model (gate/up [I, H], down
+        [H, I], biases): module-list experts give their Linear weights, fused/flat layouts slices of `expert_roles`."""
+        from moeprune.models.layouts import MLP_NAMES, ModuleListLayout
+
+        experts = self.experts(block)
+        if layout_of(experts) is not ModuleListLayout:
+            return {role: t[j] for role, t in self.expert_roles(block).items()}
+        mlp, views = experts[j], {}
+        for role, names in MLP_NAMES.items():
+            lin = getattr(mlp, next(n for n in names if hasattr(mlp, n)))
+            views[role] = lin.weight
+            if lin.bias is not None:
+                views[f"{role}_bias"] = lin.bias
+        return views
+
     def expert_glu(self, experts: nn.Module):
         """(gate_out [n, I] or None, up_out [n, I]) -> the activation h [n, I] that enters the down projection, as
         the experts module itself computes it:

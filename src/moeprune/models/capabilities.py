@@ -2,7 +2,8 @@
 raise `UnsupportedLayout` with the same reason before any work).
 
 Verbs: `experts` (criterion expert removal, in memory and streaming), `naee` (NAEE's reconstruction search),
-`neurons` (HEAPr, CAMERA-P), `merge` (M-SMoE, HC-SMoE, Sub-MoE, DERN), `lazy` (layer-by-layer loading). A problem
+`neurons` (HEAPr, CAMERA-P), `merge` (M-SMoE, HC-SMoE, Sub-MoE, DERN), `repair` (closed-form repair and
+distillation: new values for expert and router tensors), `lazy` (layer-by-layer loading). A problem
 is a sentence saying why the verb cannot run; None means supported. The checks read the experts module (meta is
 enough: shapes and flags).
 """
@@ -15,7 +16,7 @@ from moeprune.errors import UnsupportedLayout
 from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import FusedLayout, ModuleListLayout, layout_of
 
-VERBS = ("experts", "naee", "neurons", "merge", "lazy")
+VERBS = ("experts", "naee", "neurons", "merge", "repair", "lazy")
 
 
 def _experts_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
@@ -77,6 +78,17 @@ def _merge_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
     return None
 
 
+def _repair_problem(adapter: MoEAdapter, experts: nn.Module) -> str | None:
+    """Repair reads each token's routing off the experts module's call (hidden, top-k indices, top-k weights)."""
+    from moeprune.stats.prescaled import is_prescaled
+
+    if is_prescaled(experts):
+        return "the block pre-scales the experts' input (Llama-4); repair reads unscaled routed inputs"
+    if getattr(adapter, "extra_classes", 0):
+        return "the router has weightless extra classes (zero experts); repair does not model them yet"
+    return None
+
+
 def problems(adapter: MoEAdapter, experts: nn.Module, config_dict: dict | None = None) -> dict[str, str | None]:
     """verb -> None (supported) or the reason it is not."""
     from moeprune.io.remote import is_remote
@@ -87,6 +99,7 @@ def problems(adapter: MoEAdapter, experts: nn.Module, config_dict: dict | None =
         "naee": _naee_problem(adapter, experts),
         "neurons": weights or _width_problem(adapter),
         "merge": weights or _merge_problem(adapter, experts),
+        "repair": weights or _repair_problem(adapter, experts),
         "lazy": "remote-code models are loaded whole" if config_dict is not None and is_remote(config_dict) else None,
     }
 

@@ -26,6 +26,9 @@ class VerifyResult:
     layer_max_abs_diff: list[float] | None = None
     layer_max_abs: list[float] | None = None
     running_max_abs_diff: list[float] | None = None
+    # recipes with a weights stage (repair, distillation): max |Δ logit| between the export and the masked original
+    # (every other stage's reference, the changed weights not written) — how far the new values moved the model
+    masked_original_max_abs_diff: float | None = None
 
     @property
     def relative(self) -> float:
@@ -54,6 +57,9 @@ class VerifyResult:
             text += f"; worst decoder layer {worst}: relative {self.layer_relative[worst]:.3e}"
         if self.failed_layers:
             text += f"; decoder layers {self.failed_layers} differ from the reference beyond tolerance"
+        if self.masked_original_max_abs_diff is not None:
+            text += (f"; the reference is the recipe's result with its new weights (distance to the masked "
+                     f"original: {self.masked_original_max_abs_diff:.3e})")
         return f"{text} -> {'PASS' if self.passed else 'FAIL'}"
 
 

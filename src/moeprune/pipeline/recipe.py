@@ -74,20 +74,27 @@ def parse_recipe(recipe: str | Path | Mapping | Sequence, source: str = "recipe"
         if "method" not in raw:
             raise MoePruneError(f"{where}: give a method (e.g. method: reap).")
         stage = stage_for_method(raw["method"], where)
-        if entry.get("kind") not in (None, stage.kind):
+        if entry.get("kind") not in (None, stage.kind) and stage.kind_option and stage.kind_option not in raw:
+            raw[stage.kind_option] = entry["kind"]  # {method: repair, kind: obs}: the repair's own kind
+        elif entry.get("kind") not in (None, stage.kind):
             raise MoePruneError(f"{where}: kind {entry['kind']!r} does not match method {raw['method']!r}, a "
                                 f"{stage.kind} method.")
         specs.append(StageSpec(stage, stage.parse(raw, f"{where} ({raw['method']})"), n))
     return specs
 
 
-def check_chain(specs: list[StageSpec], adapter: MoEAdapter) -> list[MoEAdapter]:
-    """Adapters of the model before each stage and after the last; refuses a chain that cannot work."""
+def check_chain(specs: list[StageSpec], adapter: MoEAdapter, before: Sequence[StageSpec] = ()) -> list[MoEAdapter]:
+    """Adapters of the model before each stage and after the last; refuses a chain that cannot work. `before`: the
+    recipe's stages ahead of `specs` (re-checking the rest of a recipe after some stages are planned)."""
     adapters = [adapter]
-    for prev, spec in zip([None, *specs[:-1]], specs, strict=True):
+    for n, (prev, spec) in enumerate(zip([None, *specs[:-1]], specs, strict=True)):
         reason = prev.stage.final_only(prev.options) if prev is not None else None
         if reason:
             raise MoePruneError(f"{spec.where}: follows {prev.where}, whose {reason}.")
+        try:
+            spec.stage.check_previous(spec.options, [*before, *specs[:n]])
+        except MoePruneError as e:
+            raise type(e)(f"{spec.where}: {e}") from None
         adapters.append(next_adapter(spec, adapters[-1]))
     return adapters
 

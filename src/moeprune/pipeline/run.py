@@ -63,6 +63,10 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
                        calib.dtype if calib is not None else "auto")
     if calib is not None:
         calib = dataclasses.replace(calib, lazy=lazy)
+    refused = [s for s in specs if s.stage.lazy_problem] if lazy else []
+    if refused:
+        raise MoePruneError(f"{refused[0].where}: this run goes layer by layer (--lazy, or the model does not fit in "
+                            f"memory), but {refused[0].stage.lazy_problem}.")
 
     chain: Chain = []
     stats = []
@@ -70,7 +74,8 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
         if n:  # the plans made so far may leave another shape than predicted (global policy): check again
             stage, plan = chain[-1]
             adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
-                                                                                                 adapters[n - 1])))
+                                                                                                 adapters[n - 1])),
+                                       before=specs[:n])
         logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
         ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy)
         plan = spec.stage.plan(spec.options, ctx)

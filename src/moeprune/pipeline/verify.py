@@ -6,7 +6,10 @@ compute what the ORIGINAL computes with every stage's reference applied (`stages
 
 The reference never uses the surgery that made the export: expert removal is masking in the original's own
 router, neuron removal is zeroing down-projection columns, merging writes each merged expert into its dominant's
-slot. The export's config must also hold the counts and widths the plans predict.
+slot, and a weights stage (repair, distillation) writes its new values into their slots — the reference is then the
+recipe's own result expressed on the original, and the distance to the masked original (the same chain without the
+new values) is reported too (`masked_original_max_abs_diff`). The export's config must also hold the counts and
+widths the plans predict.
 
 Inputs: the seeded ids (default), or real tokens (`tokens`: ids [N, L] or {"input_ids", "attention_mask"};
 `sets`: calibration sets, `calibration/data.py: CalibSet`), run `chunk` rows at a time; the figures are maxima over
@@ -127,11 +130,22 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     del model
     logger.info("verify: original %s with the references of %s", src.path,
                 " → ".join(stage.describe(plan) for stage, plan in chain))
-    reference = Reference.of_chain(load_model(src.path, dtype=dtype, device=device), adapter, chain)
+    results = _against(src.path, adapter, chain, inputs, got, dtype, tol, device)
+    result = results[0] if len(results) == 1 else combine(results, tol)
+    if any(getattr(stage, "changes_weights", False) for stage, _ in chain):
+        masked = [(stage, plan) for stage, plan in chain if not getattr(stage, "changes_weights", False)]
+        result.masked_original_max_abs_diff = max(r.max_abs_diff for r in _against(src.path, adapter, masked, inputs,
+                                                                                   got, dtype, tol, device))
+    return result
+
+
+def _against(original: Path, adapter, chain: Chain, inputs: list[dict[str, torch.Tensor]], got: list[torch.Tensor],
+             dtype: str, tol: float, device: str) -> list[VerifyResult]:
+    """The export's logits `got` against the original with `chain`'s references, per input chunk."""
+    reference = Reference.of_chain(load_model(original, dtype=dtype, device=device), adapter, chain)
     with reference.routing():
-        results = [compare(logits_of(reference.model, x), g, x["attention_mask"], tol)
-                   for x, g in zip(inputs, got, strict=True)]
-    return results[0] if len(results) == 1 else combine(results, tol)
+        return [compare(logits_of(reference.model, x), g, x["attention_mask"], tol)
+                for x, g in zip(inputs, got, strict=True)]
 
 
 def _check_config(dst: Checkpoint, final) -> None:

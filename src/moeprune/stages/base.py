@@ -50,6 +50,7 @@ class Need(Enum):
     DECIDE = "decide"  # decides layer by layer inside the calibration pass (prune-as-you-go, NAEE)
     NEURONS = "neurons"  # per-neuron activation statistics inside every routed expert
     GRADIENTS = "gradients"  # per-neuron gradients of the calibration loss (HEAPr)
+    TEACHER = "teacher"  # the model before the stage runs next to it on calibration text (repair, distillation)
 
     @property
     def calibrated(self) -> bool:
@@ -90,6 +91,10 @@ class Stage:
     legacy_plan_name: ClassVar[str | None] = None  # the plan's file name in one-stage exports (older releases)
     options_type: ClassVar[type[StageOptions]] = StageOptions
     applies_to_shards: ClassVar[bool] = False  # can edit safetensors shards without loading the model
+    takes_ratio: ClassVar[bool] = True  # False: the stage removes nothing (repair, distillation) and refuses a ratio
+    changes_weights: ClassVar[bool] = False  # True: writes new values (verify's masked original is then no reference)
+    kind_option: ClassVar[str | None] = None  # the option a recipe's `kind: X` sets when X is not the stage's kind
+    lazy_problem: ClassVar[str | None] = None  # why the stage cannot run layer by layer (refused before any work)
 
     # ------------------------------------------------------------------ methods of this stage
     @classmethod
@@ -109,8 +114,11 @@ class Stage:
             raise MoePruneError(f"{where}: {', '.join(hints)} {'does' if len(hints) == 1 else 'do'} not apply to "
                                 f"{self.kind} stages (method {raw.get('method')!r}); they take "
                                 f"{', '.join(_flag(n) for n in names)} (in a recipe: the same without dashes).")
-        if "ratio" not in raw:
+        if self.takes_ratio and "ratio" not in raw:
             raise MoePruneError(f"{where}: give a ratio (e.g. ratio: 0.25).")
+        if not self.takes_ratio and "ratio" in raw:
+            raise MoePruneError(f"{where}: {self.kind} stages remove nothing, so ratio does not apply; drop it (the "
+                                "stage before says how much is removed).")
         try:
             options = self.options_type(**dict(raw))
             self.validate_options(options)
@@ -127,6 +135,10 @@ class Stage:
     def final_only(self, options: StageOptions) -> str | None:
         """Why no stage can follow this one (e.g. non-uniform expert widths), or None when one can."""
         return None
+
+    def check_previous(self, options: StageOptions, previous: list) -> None:
+        """Refuse a place in the recipe this stage cannot take (`previous`: the `StageSpec`s before it), before any
+        work (e.g. a repair with nothing before it to repair)."""
 
     def check(self, options: StageOptions, adapter: MoEAdapter) -> Any:
         """Refuse options that cannot work on this model (before any work); return the config it leaves."""

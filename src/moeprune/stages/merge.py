@@ -5,15 +5,23 @@
 Surgery keeps the dominants' slots and writes the merged weights there (`surgery/merge.py`); the reference keeps
 every slot of the original, writes each group's merged expert into its dominant's slot and masks the members
 in the original's own router (`stages/reference.py`), so slicing and renumbering are checked independently.
+
+The dern merge's threshold is `auto` by default: chosen per layer from the segment similarities of the model as the
+earlier stages leave it, so that the fraction `recombine` of the dropped neuron segments is recombined
+(`merge/dern_threshold.py`); a number is a fixed cosine. Either way the plan records the cosine(s) and how many
+segments met them (`recombined`), and warns when almost none did.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moeprune.errors import MoePruneError
+from moeprune.merge import dern_threshold
 from moeprune.merge.build import BUDGETS, make_merge_plan
+from moeprune.merge.dern_threshold import DEFAULT_RECOMBINE
 from moeprune.merge.grouping import GROUPINGS
 from moeprune.merge.methods import MERGES
 from moeprune.merge.plan import MERGE_FORMAT, ROUTER_STRATEGIES, MergePlan
@@ -22,6 +30,7 @@ from moeprune.select.uniform import drop_count
 from moeprune.stages.base import Need, Stage, StageOptions, config_copy, register_stage
 
 MERGE_PLAN_NAME = "moeprune_merge.json"
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -30,7 +39,8 @@ class MergeOptions(StageOptions):
     merge: str | None = None
     router: str = "dominant"
     rank: int | None = None
-    threshold: float | None = None
+    threshold: float | str | None = None  # dern: a cosine, or "auto" (the default: chosen from the data)
+    recombine: float | None = None  # dern with threshold auto: fraction of dropped segments recombined
     calib_set: tuple[str, ...] | None = None
 
     lists: ClassVar[tuple[str, ...]] = ("calib_set",)
@@ -65,8 +75,20 @@ class MergeStage(Stage):
         if o.threshold is not None and merge != "dern":
             raise MoePruneError(f"--threshold applies to the dern merge; method {o.method} merges with {merge!r}. "
                                 "Drop --threshold or add --merge dern.")
-        if o.threshold is not None and not -1.0 <= float(o.threshold) <= 1.0:
-            raise MoePruneError(f"--threshold {o.threshold} is a cosine: give a number in [-1, 1].")
+        fixed = o.threshold is not None and o.threshold != AUTO
+        if fixed and (isinstance(o.threshold, bool) or not isinstance(o.threshold, (int, float))
+                      or not -1.0 <= float(o.threshold) <= 1.0):
+            raise MoePruneError(f"--threshold {o.threshold!r}: give a cosine in [-1, 1] or 'auto' (chosen from the "
+                                "segment similarities).")
+        if o.recombine is not None and (merge != "dern" or fixed):
+            why = (f"method {o.method} merges with {merge!r}" if merge != "dern"
+                   else f"--threshold {o.threshold} fixes the cosine")
+            raise MoePruneError(f"--recombine sets the fraction of neuron segments dern recombines with --threshold "
+                                f"auto; {why}. Drop --recombine" + (" or --threshold." if fixed else "."))
+        if o.recombine is not None and (isinstance(o.recombine, bool) or not isinstance(o.recombine, (int, float))
+                                        or not 0.0 <= o.recombine <= 1.0):
+            raise MoePruneError(f"--recombine {o.recombine!r} is a fraction of the dropped neuron segments: give a "
+                                "number in [0, 1].")
 
     def needs(self, o: MergeOptions) -> set[Need]:
         return {Need.ROUTED, Need.PROBES}
@@ -82,10 +104,19 @@ class MergeStage(Stage):
 
     # ------------------------------------------------------------------ plans
     def plan(self, o: MergeOptions, ctx) -> MergePlan:
+        fixed = o.threshold is not None and o.threshold != AUTO
+        if self.merge_of(o) == "dern" and not fixed and ctx.ckpt is None:
+            raise MoePruneError("dern's threshold auto is chosen from the expert weights, which a statistics file "
+                                "does not hold: give --threshold COSINE (e.g. 0.2), or run `moeprune prune MODEL "
+                                "--method dern --calib NAME=PATH`, which reads them.")
         stats = ctx.routed_stats()
-        return make_merge_plan(stats, o.method, o.ratio, calib_set=list(o.calib_set) if o.calib_set else None,
+        plan = make_merge_plan(stats, o.method, o.ratio, calib_set=list(o.calib_set) if o.calib_set else None,
                                budget=o.budget, merge=o.merge, router=o.router, rank=o.rank,
-                               threshold=0.4 if o.threshold is None else float(o.threshold))
+                               **({"threshold": float(o.threshold)} if fixed else {}))
+        if plan.merge != "dern" or ctx.ckpt is None:  # a fixed threshold from a statistics file: nothing to count
+            return plan
+        recombine = None if fixed else (DEFAULT_RECOMBINE if o.recombine is None else float(o.recombine))
+        return dern_threshold.resolve(plan, layer_experts(ctx), recombine)
 
     def load_plan(self, raw: dict, source: str) -> MergePlan:
         return MergePlan.from_dict(raw, source=source)
@@ -109,7 +140,7 @@ class MergeStage(Stage):
         layer_merge = MERGES.get(plan.merge)(plan)
         for layer in ref.scope(plan.layers):
             current = [ref.read_expert(layer, i) for i in range(len(ref.slots[layer]))]
-            merged = layer_merge(current, plan.groups[layer], plan.weights[layer])
+            merged = layer_merge(current, plan.groups[layer], plan.weights[layer], layer=layer)
             if plan.router == "weighted":
                 ref.weighted_router_rows(layer, plan.groups[layer], plan.weights[layer])
             for group, expert in zip(plan.groups[layer], merged, strict=True):
@@ -125,9 +156,12 @@ class MergeStage(Stage):
 
     def report(self, plan: MergePlan, before: MoEAdapter, after: MoEAdapter) -> dict:
         kept = len(next(iter(plan.groups.values())))
+        dern = plan.merge == "dern"
         return {
             "stage": self.kind, "method": plan.method, "ratio": plan.ratio, "merge": plan.merge,
-            "router": plan.router, "rank": plan.rank, "threshold": plan.threshold if plan.merge == "dern" else None,
+            "router": plan.router, "rank": plan.rank, "threshold": plan.to_dict()["threshold"] if dern else None,
+            "recombine": plan.recombine if dern else None,
+            "recombined": {str(k): v for k, v in sorted(plan.recombined.items())} if dern and plan.recombined else None,
             "merge_plan_sha256": plan.sha256(), "num_experts_before": plan.num_experts, "num_experts_after": kept,
             "merge_groups": {str(k): v for k, v in sorted(plan.groups.items())},
             "loadable_by_stock_config": True, "note": plan.note or f"merge groups and weights: {MERGE_PLAN_NAME}",
@@ -135,7 +169,32 @@ class MergeStage(Stage):
 
     def describe(self, plan: MergePlan) -> str:
         kept = len(next(iter(plan.groups.values())))
-        return f"merge ({plan.method}, {plan.merge}): {plan.num_experts} -> {kept} per MoE layer"
+        text = f"merge ({plan.method}, {plan.merge}): {plan.num_experts} -> {kept} per MoE layer"
+        if plan.merge == "dern" and plan.recombined:
+            n, of = (sum(x[i] for x in plan.recombined.values()) for i in (0, 1))
+            text += f"; {n} of {of} dropped neuron segments recombined ({n / max(of, 1):.0%})"
+        return text
+
+
+def layer_experts(ctx) -> Iterator[tuple[int, list[dict]]]:
+    """(MoE layer, every expert of it in canonical roles, on the CPU) of the model as the earlier stages leave it:
+    loaded whole, or with `ctx.lazy` one decoder layer at a time (`StageContext.lazy_model`)."""
+    from moeprune.models import get_adapter
+    from moeprune.surgery.merge import expert_of
+
+    if ctx.lazy:
+        lazy, layer_context = ctx.lazy_model()
+        model, adapter = lazy.model, get_adapter(lazy.model.config, model=lazy.model)
+        for layer in adapter.moe_layers():
+            with layer_context(layer):
+                roles = adapter.expert_roles(adapter.block(model, layer))
+                yield layer, [expert_of(roles, j) for j in range(adapter.num_experts)]
+        return
+    model = ctx.model(device="cpu")
+    adapter = get_adapter(model.config, model=model)
+    for layer in adapter.moe_layers():
+        roles = adapter.expert_roles(adapter.block(model, layer))
+        yield layer, [expert_of(roles, j) for j in range(adapter.num_experts)]
 
 
 MERGE = register_stage(MergeStage())

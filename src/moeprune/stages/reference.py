@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from moeprune.models.base import MoEAdapter
-from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.models.masking import masked_experts
 
 Expert = dict[str, torch.Tensor]  # canonical roles: gate/up [I, H], down [H, I], gate/up_bias [I], down_bias [H]
@@ -131,18 +130,8 @@ class Reference:
                 target.copy_(value)  # down bias [H]
 
     def _views(self, layer: int, slot: int) -> Expert:
-        """Slot `slot`'s tensors by canonical role, as views that write through to the model (gate/up [I, H],
-        down [H, I], biases)."""
-        experts = self.adapter.experts(self._block(layer))
-        if layout_of(experts) is not ModuleListLayout:
-            return {role: t[slot] for role, t in self.adapter.expert_roles(self._block(layer)).items()}
-        mlp, views = experts[slot], {}
-        for role, names in MLP_NAMES.items():
-            lin = getattr(mlp, next(n for n in names if hasattr(mlp, n)))
-            views[role] = lin.weight
-            if lin.bias is not None:
-                views[f"{role}_bias"] = lin.bias
-        return views
+        """Slot `slot`'s tensors by canonical role, as views that write through to the model."""
+        return self.adapter.expert_views(self._block(layer), slot)
 
     @torch.no_grad()
     def weighted_router_rows(self, layer: int, groups: list[list[int]], weights: list[list[float]]) -> None:
@@ -154,3 +143,13 @@ class Reference:
                 f = torch.tensor(w, dtype=torch.float64)
                 rows = old[[slots[m] for m in group]]  # [n, ...]
                 t.data[slots[group[0]]] = ((f.view(-1, *[1] * (rows.dim() - 1)) * rows).sum(0) / f.sum()).to(t.dtype)
+
+    @torch.no_grad()
+    def write_router_rows(self, layer: int, name: str, rows: torch.Tensor) -> None:
+        """Router tensor `name`: row i of `rows` [E' (+ Z), ...] (current numbering) into row slot(i); rows past the
+        current experts (weightless extra classes) go to the original's extra rows in order."""
+        t = self.adapter.router_tensors(self._block(layer))[name]  # [E (+ Z), ...]
+        slots = self.slots[layer]
+        extra = list(range(self.adapter.num_experts, t.shape[0]))
+        targets = slots + extra[: rows.shape[0] - len(slots)]
+        t[torch.tensor(targets)] = rows.to(t.dtype)

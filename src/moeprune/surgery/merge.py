@@ -25,7 +25,6 @@ from moeprune.log import logger
 from moeprune.merge.methods import MERGES, per_group
 from moeprune.merge.plan import MergePlan
 from moeprune.models.base import MoEAdapter
-from moeprune.models.layouts import MLP_NAMES, ModuleListLayout, layout_of
 from moeprune.surgery.in_memory import prune_layer
 
 Expert = dict[str, torch.Tensor]
@@ -38,15 +37,6 @@ def expert_of(roles: dict[str, torch.Tensor], j: int) -> Expert:
     return {r: roles[r][j].detach().clone() for r in ROLE_NAMES if r in roles}
 
 
-def _write_modulelist(experts: nn.ModuleList, g: int, merged: Expert) -> None:
-    mlp = experts[g]
-    for role in ("gate", "up", "down"):
-        lin = getattr(mlp, next(n for n in MLP_NAMES[role] if hasattr(mlp, n)))
-        lin.weight.copy_(merged[role])
-        if lin.bias is not None and f"{role}_bias" in merged:
-            lin.bias.copy_(merged[f"{role}_bias"])
-
-
 @torch.no_grad()
 def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: int, layer_merge=None) -> None:
     """Merge decoder layer `layer`'s groups in place (no-op for a layer the plan does not list); `model.config` is
@@ -57,20 +47,16 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     E = adapter.num_experts
     block = adapter.block(model, layer)
     roles = adapter.expert_roles(block)
-    merged = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer], plan.weights[layer])
+    merged = layer_merge([expert_of(roles, j) for j in range(E)], plan.groups[layer], plan.weights[layer],
+                         layer=layer)
     rows = {n: t.detach().clone() for n, t in adapter.router_tensors(block).items()}  # original rows [E, ...]
     del roles
     prune_layer(model, adapter, plan.as_prune_plan(), layer)  # keep the dominants: structure, router, counts
     block = adapter.block(model, layer)
-    experts = adapter.experts(block)
-    modulelist = layout_of(experts) is ModuleListLayout
-    views = None if modulelist else adapter.expert_roles(block)  # views into the fused parameters
     for g, m in enumerate(merged):
-        if modulelist:
-            _write_modulelist(experts, g, m)
-        else:
-            for role, t in m.items():
-                views[role][g].copy_(t.to(views[role].dtype))
+        views = adapter.expert_views(block, g)  # write through to the model's parameters
+        for role, t in m.items():
+            views[role].copy_(t.to(views[role].dtype))
     if plan.router == "weighted":
         for name, t in adapter.router_tensors(block, len(plan.groups[layer])).items():
             for g, (group, w) in enumerate(zip(plan.groups[layer], plan.weights[layer], strict=True)):

@@ -1,0 +1,137 @@
+"""Stages that change weight values, not shapes: repair (closed-form least squares) and distillation (training).
+
+    plan  = WeightsPlan (stages/weights_plan.py): new tensors per MoE layer, expert (current numbering) and role,
+            and router tensors
+    apply = copy each tensor into the model's own parameters (`adapter.expert_views`, `router_tensors`), layer by
+            layer; shapes and config are unchanged
+    reference = the same values written into the ORIGINAL model's slots at their neuron positions
+            (`Reference.write_expert`, `write_router_rows`): the reference of a recipe with a weights stage is the
+            recipe's own result expressed on the original; the masked original (every stage's reference except the
+            weights stages) is no longer what the export must equal, and `verify` reports the distance to it too.
+
+Subclasses (`stages/repair.py`, `stages/distill.py`) implement `methods`, `options_type`, `plan` and `describe`.
+Weight stages take no ratio: they remove nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeprune.errors import MoePruneError
+from moeprune.models.base import MoEAdapter
+from moeprune.stages.base import Need, Stage, StageOptions, config_copy
+from moeprune.stages.weights_plan import WeightsPlan
+
+
+@dataclass(frozen=True)
+class WeightOptions(StageOptions):
+    ratio: float = 0.0  # weight stages remove nothing; a given ratio is refused (`Stage.parse`)
+
+    def given(self) -> dict[str, Any]:
+        out = super().given()
+        out.pop("ratio", None)
+        return out
+
+
+class WeightStage(Stage):
+    """Base of the stages whose plan is a `WeightsPlan`; each sets `plan_format = weights_format(kind)`."""
+
+    options_type = WeightOptions
+    takes_ratio = False
+    changes_weights = True
+
+    def needs(self, options: StageOptions) -> set[Need]:
+        return {Need.TEACHER}
+
+    def check(self, options: StageOptions, adapter: MoEAdapter) -> Any:
+        return config_copy(adapter)
+
+    # ------------------------------------------------------------------ plans
+    def load_plan(self, raw: dict, source: str) -> WeightsPlan:
+        return WeightsPlan.from_dict(raw, source)
+
+    def next_config(self, plan: WeightsPlan, adapter: MoEAdapter) -> Any:
+        return config_copy(adapter)
+
+    # ------------------------------------------------------------------ surgery
+    @torch.no_grad()
+    def apply_layer(self, model, adapter: MoEAdapter, plan: WeightsPlan, layer: int) -> None:
+        if layer not in plan.layers:
+            return
+        block = adapter.block(model, layer)
+        for i, roles in plan.experts.get(layer, {}).items():
+            views = adapter.expert_views(block, i)
+            for role, value in roles.items():
+                if role not in views or views[role].shape != value.shape:
+                    have = None if role not in views else tuple(views[role].shape)
+                    raise MoePruneError(f"weights plan ({plan.method}): layer {layer} expert {i} {role} is "
+                                        f"{tuple(value.shape)}, the model's is {have}.")
+                views[role].copy_(value.to(views[role].dtype))
+        router = adapter.router_tensors(block)
+        for name, value in plan.router.get(layer, {}).items():
+            if name not in router or router[name].shape != value.shape:
+                have = None if name not in router else tuple(router[name].shape)
+                raise MoePruneError(f"weights plan ({plan.method}): layer {layer} router tensor {name!r} is "
+                                    f"{tuple(value.shape)}, the model's is {have}.")
+            router[name].copy_(value.to(router[name].dtype))
+
+    def update_config(self, config: Any, adapter: MoEAdapter, plan) -> None:
+        """Nothing: values change, not shapes."""
+
+    def reference(self, ref, plan: WeightsPlan) -> None:
+        for layer in ref.scope(plan.layers):
+            for i, roles in plan.experts.get(layer, {}).items():
+                ref.write_expert(layer, i, roles)
+            for name, rows in plan.router.get(layer, {}).items():
+                ref.write_router_rows(layer, name, rows)
+
+    # ------------------------------------------------------------------ reports
+    def provenance(self, plan: WeightsPlan) -> dict:
+        return {"method": plan.method, "settings": plan.settings, "weights_plan_sha256": plan.sha256()}
+
+    def report(self, plan: WeightsPlan, before: MoEAdapter, after: MoEAdapter) -> dict:
+        changed = sum(len(v) for v in plan.experts.values())
+        return {
+            "stage": self.kind, "method": plan.method, "settings": plan.settings, "summary": plan.summary,
+            "weights_plan_sha256": plan.sha256(), "num_experts_before": before.num_experts,
+            "num_experts_after": after.num_experts, "changed_experts": changed,
+            "changed_router_layers": sorted(plan.router), "loadable_by_stock_config": True,
+            "note": "weights changed in place (same shapes and config); verify compares the export with the "
+                    "recipe's own result written into the original model, and reports the distance to the masked "
+                    "original as well",
+        }
+
+
+def as_stored(experts: dict, router: dict, ckpt, adapter: MoEAdapter) -> tuple[dict, dict]:
+    """The trained values rounded to the dtypes the checkpoint stores them in (bf16 weights of a bf16 checkpoint):
+    the export holds them in those dtypes, so the plan — and the verify reference built from it — must too.
+    Expert weights / biases take the dtype of the layer's expert weight / bias tensors on disk; router tensors the
+    dtype of their own key (float32 training keeps the master values only until here)."""
+    from collections import Counter
+
+    stored: dict[tuple[int, bool], Counter] = {}  # (layer, is bias) -> dtypes of the expert tensors on disk
+    routers: dict[tuple[int, str], Any] = {}
+    for key, dtype in ckpt.torch_dtypes().items():
+        role = adapter.classify_key(key)
+        if role.kind in ("expert", "fused") and dtype.is_floating_point and dtype.itemsize > 1:
+            stored.setdefault((role.layer, key.endswith("bias")), Counter())[dtype] += 1
+        elif role.kind == "router":
+            routers[(role.layer, key)] = dtype
+
+    def expert_dtype(layer: int, role: str):
+        found = stored.get((layer, role.endswith("bias")))
+        return found.most_common(1)[0][0] if found else None
+
+    def router_dtype(layer: int, name: str):
+        return next((d for (lay, key), d in routers.items() if lay == layer and key.endswith("." + name)), None)
+
+    def cast(t, dtype):
+        return t if dtype is None else t.to(dtype)
+
+    experts = {layer: {i: {r: cast(t, expert_dtype(layer, r)) for r, t in roles.items()} for i, roles in ex.items()}
+               for layer, ex in experts.items()}
+    router = {layer: {n: cast(t, router_dtype(layer, n)) for n, t in names.items()} for layer, names in router.items()}
+    return experts, router

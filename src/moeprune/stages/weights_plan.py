@@ -1,0 +1,150 @@
+"""`WeightsPlan`: new values for some routed-expert and router tensors (repair, distillation) — JSON + tensors.
+
+    N-KIND.json                 {"format": "moeprune.repair/1", "method": "repair", "settings": {...},
+                                 "num_experts": E', "width": I', "layers": [...], "summary": {...},
+                                 "tensors": "N-KIND.tensors.safetensors", "tensors_sha256": "..."}
+    N-KIND.tensors.safetensors  "layer.{ℓ}.expert.{i}.{role}"   expert i's tensor by canonical role (gate/up [I', H],
+                                                                down [H, I'], gate_bias/up_bias [I'], down_bias [H])
+                                "layer.{ℓ}.router.{name}"       a router tensor as `adapter.router_tensors` names
+                                                                it, experts on dim 0: [E' (+ Z), ...]
+
+Experts are numbered as in the model the plan is applied to (after every earlier stage). A weights plan changes no
+shape and no config key: it replaces values. Its tensors are the values the stage computed (`repair`: closed-form
+least squares; `distill`: trained), so replaying it (`moeprune apply`) needs no calibration data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from moeprune.errors import MoePruneError
+from moeprune.models.base import MoEAdapter
+from moeprune.select.plan import read_plan_json, write_plan_json
+
+
+def weights_format(method: str) -> str:
+    """The JSON format of a weights plan made by `method` ("repair" -> "moeprune.repair/1"): one per stage kind."""
+    return f"moeprune.{method}/1"
+
+ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+
+ExpertTensors = dict[int, dict[str, torch.Tensor]]  # expert (current numbering) -> role -> tensor
+
+
+@dataclass
+class WeightsPlan:
+    method: str  # "repair" or "distill"
+    num_experts: int  # E' of the model the plan applies to
+    width: int | None  # I' of that model
+    experts: dict[int, ExpertTensors] = field(default_factory=dict)  # MoE layer -> expert -> role -> tensor
+    router: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # MoE layer -> name -> [E' (+Z), ...]
+    settings: dict = field(default_factory=dict)  # the stage's options, for the report
+    summary: dict = field(default_factory=dict)  # what the stage measured (per layer errors, losses, ...)
+    model_type: str | None = None
+    ratio: float = 0.0  # nothing is removed; kept so every plan answers `.ratio`
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def layers(self) -> list[int]:
+        return sorted(set(self.experts) | set(self.router))
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for layer, experts in self.experts.items():
+            for i, roles in experts.items():
+                for role, t in roles.items():
+                    out[f"layer.{layer}.expert.{i}.{role}"] = t.detach().contiguous().cpu()
+        for layer, tensors in self.router.items():
+            for name, t in tensors.items():
+                out[f"layer.{layer}.router.{name}"] = t.detach().contiguous().cpu()
+        return out
+
+    def tensors_sha256(self) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(self.flat().items()):
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def sha256(self) -> str:
+        meta = {k: v for k, v in self.to_dict().items() if k != "tensors"}
+        return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+    def validate(self, adapter: MoEAdapter) -> None:
+        """Counts, layers, roles and shapes against the model the plan is applied to (config level)."""
+        if self.num_experts != adapter.num_experts:
+            raise MoePruneError(f"weights plan ({self.method}) was made for {self.num_experts} experts per layer; "
+                                f"this model has {adapter.num_experts} — apply the plans in recipe order.")
+        if self.width is not None and adapter.expert_width is not None and self.width != adapter.expert_width:
+            raise MoePruneError(f"weights plan ({self.method}) was made for expert width {self.width}; this model "
+                                f"has {adapter.expert_width}.")
+        moe = set(adapter.moe_layers())
+        bad = [layer for layer in self.layers if layer not in moe]
+        if bad:
+            raise MoePruneError(f"weights plan ({self.method}) names layers {bad}, which are not MoE layers "
+                                f"({sorted(moe)}).")
+        for layer, experts in self.experts.items():
+            for i, roles in experts.items():
+                if not 0 <= i < self.num_experts:
+                    raise MoePruneError(f"weights plan: layer {layer} expert {i} is outside 0..{self.num_experts - 1}.")
+                unknown = [r for r in roles if r not in ROLES]
+                if unknown:
+                    raise MoePruneError(f"weights plan: layer {layer} expert {i} has unknown roles {unknown} "
+                                        f"(known: {', '.join(ROLES)}).")
+        for layer, tensors in self.router.items():
+            for name, t in tensors.items():
+                if t.shape[0] < self.num_experts:
+                    raise MoePruneError(f"weights plan: router tensor {name!r} of layer {layer} has {t.shape[0]} rows"
+                                        f" for {self.num_experts} experts.")
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self, tensors_file: str | None = None) -> dict:
+        return {"format": weights_format(self.method), "method": self.method, "model_type": self.model_type,
+                "num_experts": self.num_experts, "width": self.width, "layers": self.layers,
+                "settings": self.settings, "summary": self.summary, "tensors": tensors_file,
+                "tensors_sha256": self.tensors_sha256()}
+
+    def save(self, path: str | Path) -> Path:
+        """The JSON at `path` and the tensors next to it (`NAME.tensors.safetensors`), each written atomically."""
+        path = Path(path)
+        tensors = path.with_name(path.name.removesuffix(".json") + ".tensors.safetensors")
+        tmp = tensors.with_name(tensors.name + ".tmp")
+        save_file(self.flat(), str(tmp), metadata={"format": weights_format(self.method)})
+        tmp.replace(tensors)
+        return write_plan_json(path, self.to_dict(tensors.name))
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str) -> WeightsPlan:
+        name = raw.get("tensors")
+        if not isinstance(name, str):
+            raise MoePruneError(f"{source}: a weights plan names its tensors file ('tensors').")
+        file = Path(source).parent / name
+        if not file.is_file():
+            raise MoePruneError(f"{source}: its tensors file {file} is missing; copy the whole moeprune_plans folder.")
+        plan = cls(str(raw.get("method")), int(raw["num_experts"]), raw.get("width"), settings=raw.get("settings")
+                   or {}, summary=raw.get("summary") or {}, model_type=raw.get("model_type"))
+        for key, t in load_file(str(file)).items():
+            parts = key.split(".")
+            if len(parts) < 4 or parts[0] != "layer" or parts[2] not in ("expert", "router"):
+                raise MoePruneError(f"{file}: unexpected tensor name {key!r}.")
+            layer = int(parts[1])
+            if parts[2] == "expert":
+                plan.experts.setdefault(layer, {}).setdefault(int(parts[3]), {})[".".join(parts[4:])] = t
+            else:
+                plan.router.setdefault(layer, {})[".".join(parts[3:])] = t
+        if raw.get("tensors_sha256") not in (None, plan.tensors_sha256()):
+            raise MoePruneError(f"{file}: its tensors do not match the sha256 recorded in {source} (changed or "
+                                "corrupt).")
+        return plan
+
+    @classmethod
+    def load(cls, path: str | Path) -> WeightsPlan:
+        return cls.from_dict(read_plan_json(path, "weights plan"), str(path))
