@@ -4,9 +4,11 @@
 
 Rows: ratio × calibration {mixed (every domain), each single domain}. The single criteria are planned from one
 calibration pass over all `--calib-samples` windows per domain (`mixed` = the sum of the per-domain statistics);
-NAEE runs its own progressive pass on the same windows; auto gets the same windows and splits them itself (the
-last quarter of each set for its judge, the rest scored). Nothing here looks at held-out text until the plans are
-made; each plan is then applied to an in-memory copy of the testbed and scored on `data/<domain>.heldout.txt`:
+NAEE runs its own progressive pass on the same windows; auto gets the same windows and judges its candidates by
+K-fold cross-fitting on them (each fold judged by candidates scored on the other folds), then exports the chosen
+criterion's plan scored on every window (`same_plan` in the JSON: compared here with that criterion's own plan).
+Nothing here looks at held-out text until the plans are made; each plan is then applied to an in-memory copy of
+the testbed and scored on `data/<domain>.heldout.txt`:
 
     ratio(domain) = perplexity(pruned, domain) / perplexity(original, domain)
     geo = geometric mean of ratio(domain) over every domain;  own = ratio(calibration domain) (single-domain rows)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows per domain")
     ap.add_argument("--eval-sequences", type=int, default=32, help="held-out windows per domain")
-    ap.add_argument("--judge-windows", type=int, help="auto: judge windows per set (default: a quarter)")
+    ap.add_argument("--judge-folds", type=int, help="auto: folds of its judge (default 4)")
     ap.add_argument("--nll-candidates", type=int, help="auto: candidates whose NLL is measured (default: all)")
     ap.add_argument("--oracle", action="store_true",
                     help="also score each of auto's own candidates on held-out text (slower; diagnostic)")
@@ -92,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.calibs or ["mixed", *domains]:
             t = time.perf_counter()
             subset = sets if name == "mixed" else [s for s in sets if s.name == name]
-            single = {c: score(api.make_plan(stats, c, ratio, calib_set=None if name == "mixed" else [name]))
-                      for c in criteria}
+            plans = {c: api.make_plan(stats, c, ratio, calib_set=None if name == "mixed" else [name])
+                     for c in criteria}
+            single = {c: score(p) for c, p in plans.items()}
             naee = score(stage_plan({"method": "naee", "ratio": ratio}, subset))
             options = {"method": "auto", "ratio": ratio}
-            options |= {k: v for k, v in (("judge_windows", args.judge_windows),
+            options |= {k: v for k, v in (("judge_folds", args.judge_folds),
                                           ("nll_candidates", args.nll_candidates)) if v}
             auto_plan = stage_plan(options, subset)
             section = auto_plan.auto
@@ -109,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "mean_block_error": entry["mean_block_error"]}
             row = {"ratio": ratio, "calib": name, "single": single, "naee": naee, "auto": score(auto_plan),
                    "auto_choice": section["chosen"], "auto_section": section, "auto_candidates": candidates,
+                   "same_plan": (auto_plan.kept_experts == plans[section["chosen"]].kept_experts
+                                 if section["chosen"] in plans else None),
                    "seconds": round(time.perf_counter() - t, 1)}
             rows.append(row)
             key = "mean" if name == "mixed" else name
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"testbed": str(tb.path), "testbed_config": tb.meta["config"], "domains": domains,
               "original": {d: s.to_dict() for d, s in base.items()}, "criteria": criteria,
               "calib_windows": {s.name: int(s.input_ids.shape[0]) for s in sets},
-              "eval_sequences": args.eval_sequences, "judge_windows": args.judge_windows,
+              "eval_sequences": args.eval_sequences, "judge_folds": args.judge_folds,
               "nll_candidates": args.nll_candidates, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     md = to_markdown(result)
@@ -157,7 +162,8 @@ def to_markdown(result: dict) -> str:
     windows = ", ".join(f"{d} {n}" for d, n in result["calib_windows"].items())
     lines = [f"Testbed `{Path(result['testbed']).name}` ({cfg['num_experts']} experts, top-{cfg['top_k']}, "
              f"{cfg['num_layers']} layers); calibration windows of {cfg['seq_len']} tokens per domain: {windows} "
-             f"(auto judges on the last quarter of each set and scores on the rest); {result['eval_sequences']} "
+             f"(auto judges its candidates by {result.get('judge_folds') or 4}-fold cross-fitting on them and exports "
+             f"the chosen criterion's plan on every window); {result['eval_sequences']} "
              f"held-out windows per domain; {result['seconds']:.0f} s in all.", ""]
     oracle = any(len(row["auto_candidates"]) > 1 for row in result["rows"])  # --oracle
     head = ("| ratio | calib | " + " | ".join(criteria) + " | naee | **auto** | auto chose | best single | "
@@ -192,7 +198,7 @@ def to_markdown(result: dict) -> str:
                      f"{sum(e <= math.log(1.005) for e in excess)}/{n} | {math.exp(sum(excess) / n) - 1:+.2%} | "
                      f"{math.exp(max(excess)) - 1:+.2%} |")
     lines.append("")
-    lines += ["### What auto's judge saw (judge-window perplexity ratio = exp(NLL − NLL of the original), mean over "
+    lines += ["### What auto's judge saw (cross-fitted perplexity ratio = exp(NLL − NLL of the original), mean over "
               "sets) against the held-out value of the same candidate", ""]
     for row in result["rows"]:
         sec = row["auto_section"]
@@ -205,10 +211,12 @@ def to_markdown(result: dict) -> str:
             h = pl["nll_second_half"]
             verdict = "chosen" if sec["chosen"] == "auto:per_layer" else "not chosen"
             single = next(c for c in h if c != "auto:per_layer")
-            ranked += (f"; per-layer composition on the second half {h['auto:per_layer'] - h[single]:+.4f} "
+            ranked += (f"; per-layer composition on the B folds {h['auto:per_layer'] - h[single]:+.4f} "
                        f"nats/token against {single} ({verdict})")
-        lines.append(f"- {row['ratio']:.0%} {row['calib']}: {ranked} ({naee}; {sec['judge']['tokens']} judge tokens;"
-                     f" auto took {sec['seconds']['total']:.0f} s)")
+        same = {True: "; exported plan = that criterion's own", False: "; exported plan DIFFERS from that criterion's",
+                None: ""}[row.get("same_plan")]
+        lines.append(f"- {row['ratio']:.0%} {row['calib']}: {ranked} ({naee}; {sec['judge']['tokens']} judged tokens;"
+                     f" auto took {sec['seconds']['total']:.0f} s{same})")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,8 @@
-"""`method: auto` against independent references: its block errors equal a routing written out by hand, its choice
-is the lowest NLL of the masked model recomputed here on the judge windows, the judge never feeds the statistics,
-and the recipe stage / CLI flags export, verify and report the choice (inapplicable options refused before work)."""
+"""`method: auto` against independent references: its block errors equal a routing written out by hand; its choice
+is the lowest cross-fitted NLL recomputed here (each fold's candidates planned from a calibration of the other
+folds' windows, each scored by a plain masked whole-model forward on its fold); a judged window never feeds the
+statistics of what it judges; the export is the chosen criterion's own plan on every window; and the recipe stage /
+CLI flags export, verify and report the choice (inapplicable options refused before work)."""
 
 from __future__ import annotations
 
@@ -14,17 +16,19 @@ import torch.nn.functional as F
 
 from moeprune import api
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.run import CalibrateOptions, prepare
+from moeprune.calibration.run import CalibrateOptions, calibrate_model, prepare
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
+from moeprune.pipeline import auto as pipeline_auto
 from moeprune.pipeline.context import StageContext
-from moeprune.pipeline.judge import block_errors, judged_nll
+from moeprune.pipeline.judge import block_errors, everywhere, judged_nll
 from moeprune.pipeline.verify import seeded_inputs
 from moeprune.select import auto, auto_naee
+from moeprune.select.build import build_plan
 from moeprune.select.plan import PrunePlan
 from moeprune.stages.experts import EXPERTS
 from moeprune.tiny import save_tiny, tiny_model
@@ -70,7 +74,8 @@ def test_block_error_equals_a_routing_written_by_hand():
     inputs = seeded_inputs(96, batch=3, seq_len=16, seed=2)  # the last row is padded
     data = CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
     candidates = {"a": {1: [0, 3], 2: [5, 6]}, "b": {1: [1, 2], 2: [0, 7]}}
-    got = block_errors(model, adapter, [data], candidates, batch_size=2)
+    got = block_errors(model, adapter, [data], {c: everywhere(d, [data]) for c, d in candidates.items()},
+                       batch_size=2)
     io = {}
     hooks = [adapter.block(model, layer).register_forward_hook(
         lambda m, a, o, layer=layer: io.update({layer: (a[0].detach(), o.detach())})) for layer in (1, 2)]
@@ -86,9 +91,12 @@ def test_block_error_equals_a_routing_written_by_hand():
         assert torch.allclose(hand_block(block, x, []), y, atol=1e-5)  # the reference is the block
         for name, drops in candidates.items():
             ref = (y - hand_block(block, x, drops[layer]))[real].square().sum() / y[real].square().sum()
-            assert got[name][layer]["s"] == pytest.approx(float(ref), rel=1e-4), (name, layer)
+            err = got.num[name][layer]["s"] / got.den[layer]["s"]
+            assert err == pytest.approx(float(ref), rel=1e-4), (name, layer)
+            assert got.error(name, {"s": ["s"]})[layer] == pytest.approx(err, rel=1e-12)
         block.float()
-    assert got["a"][1]["s"] > 1e-3 and got["a"][1]["s"] != pytest.approx(got["b"][1]["s"], rel=1e-2)
+    ea, eb = (got.num[c][1]["s"] / got.den[1]["s"] for c in "ab")
+    assert ea > 1e-3 and ea != pytest.approx(eb, rel=1e-2)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "glm_moe_dsa", "llama4_text"])
@@ -100,7 +108,8 @@ def test_judged_nll_is_the_masked_whole_model_forward(family):
     inputs = seeded_inputs(96, batch=3, seq_len=16, seed=4)
     data = CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
     drops = {layer: [0, 5] for layer in adapter.moe_layers()}
-    got = judged_nll(model, adapter, [data], {"none": {}, "x": drops}, batch_size=2)
+    got = judged_nll(model, adapter, [data], {"none": everywhere({}, [data]), "x": everywhere(drops, [data])},
+                     batch_size=2)
     for name, dropped in (("none", {}), ("x", drops)):
         ref = masked_nll(model, adapter, dropped, [(inputs["input_ids"], inputs["attention_mask"])])
         assert got[name].mean()[0] == pytest.approx(ref, rel=1e-5), name
@@ -108,13 +117,31 @@ def test_judged_nll_is_the_masked_whole_model_forward(family):
 
 
 # ---------------------------------------------------------------------------------------------- the choice
-def judge_windows(root, opts) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each set's last quarter of windows (at least 1): the judge's, computed here from the sampled sets."""
-    _, _, sets = prepare(root / "qwen3_moe", opts)
+FOLDS = 4
+
+
+def folds(n: int) -> list[int]:
+    """Fold of each of a set's n windows, written here: min(4, n) contiguous blocks."""
+    k = min(FOLDS, n)
+    return [w * k // n for w in range(n)]
+
+
+def fold_windows(sets) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    """{(set, fold k): its windows (ids, mask)}."""
+    out = {}
+    for s in sets:
+        of = torch.tensor(folds(s.input_ids.shape[0]))
+        for k in sorted(set(of.tolist())):
+            out[s.name, k] = (s.input_ids[of == k], s.attention_mask[of == k])
+    return out
+
+
+def without(sets, k: int):
+    """Each set without its fold-k windows (the statistics fold k's candidates are planned from)."""
     out = []
     for s in sets:
-        n = max(1, s.input_ids.shape[0] // 4)
-        out.append((s.input_ids[-n:], s.attention_mask[-n:]))
+        keep = torch.tensor(folds(s.input_ids.shape[0])) != k
+        out.append(dataclasses.replace(s, input_ids=s.input_ids[keep], attention_mask=s.attention_mask[keep]))
     return out
 
 
@@ -130,9 +157,31 @@ def masked_nll(model, adapter, dropped: dict[int, list[int]], windows) -> float:
     return sum(per_set) / len(per_set)
 
 
-def test_auto_chooses_the_lowest_masked_nll_and_exports(root, tmp_path, capsys):
+def cross_fitted(model, adapter, opts, sets, names, dropped_by_fold, sets_of=None) -> dict[str, float]:
+    """{candidate: mean over sets of its per-token NLL over the counted folds, each fold's windows scored with that
+    fold's drops}: plain masked whole-model forwards, summed here."""
+    windows = fold_windows(sets)
+    out = {}
+    for c in names:
+        per_set = []
+        for s in sets:
+            nll = count = 0.0
+            for (name, k), (ids, mask) in windows.items():
+                if name != s.name or (sets_of is not None and k not in sets_of[name]):
+                    continue
+                with masked_experts(model, adapter, dropped_by_fold[c][k]), torch.no_grad():
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
+                counted = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
+                nll += float(F.cross_entropy(logits[:, :-1][counted], ids[:, 1:][counted], reduction="sum"))
+                count += int(counted.sum())
+            per_set.append(nll / count)
+        out[c] = sum(per_set) / len(per_set)
+    return out
+
+
+def test_auto_chooses_the_lowest_cross_fitted_nll_and_exports(root, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("stages:\n  - {method: auto, ratio: 0.25}\n")
+    recipe.write_text("stages:\n  - {method: auto, ratio: 0.25, auto_naee: false}\n")
     flags = ["--calib", f"web={root / 'web.txt'}", "--calib", f"code={root / 'code.txt'}", "--samples", "8",
              "--seq-len", "32", "--held-out", "2"]
     out = tmp_path / "out"
@@ -145,32 +194,44 @@ def test_auto_chooses_the_lowest_masked_nll_and_exports(root, tmp_path, capsys):
     assert plan.auto == section and plan.method == section["chosen"]
     model = load_model(root / "qwen3_moe", dtype="float32")
     adapter = get_adapter(model.config, model=model)
-    windows = judge_windows(root, calib(root))
-    assert section["judge"]["windows"] == {"web": len(windows[0][0]), "code": len(windows[1][0])}
-    base = masked_nll(model, adapter, {}, windows)
-    assert section["original_nll"] == pytest.approx(base, rel=1e-5)
-    dropped = {c: {int(k): v for k, v in e["dropped"].items()} for c, e in section["candidates"].items()
-               if "dropped" in e}
-    nll = {}
-    for r in section["ranking"]:  # every distinct candidate, on every judge window
-        nll[r["candidate"]] = masked_nll(model, adapter, dropped[r["candidate"]], windows)
+    opts = calib(root)
+    _, _, sets = prepare(root / "qwen3_moe", opts)
+    assert section["judge"]["windows"] == {s.name: s.input_ids.shape[0] for s in sets}
+    assert section["judge"]["folds"] == FOLDS
+    # each fold's candidates, planned here from a calibration of the other folds' windows
+    criteria = auto.calibrated_criteria()
+    by_fold = {}
+    for k in range(FOLDS):
+        stats = calibrate_model(model, without(sets, k), opts, source=root / "qwen3_moe")
+        by_fold[k] = {c: (p := build_plan(stats, c, 0.25)) and {m: p.dropped(m) for m in p.layers} for c in criteria}
+    dropped_by_fold = {c: {k: by_fold[k][c] for k in range(FOLDS)} for c in criteria}
+    nll = cross_fitted(model, adapter, opts, sets, [r["candidate"] for r in section["ranking"]], dropped_by_fold)
+    for r in section["ranking"]:  # every distinct candidate, over every fold
         assert r["nll"] == pytest.approx(nll[r["candidate"]], rel=1e-5), r["candidate"]
-    assert len(nll) == len(dropped) - (auto.PER_LAYER in dropped) >= 3 and len({round(v, 6) for v in nll.values()}) > 1
+    base = cross_fitted(model, adapter, opts, sets, ["none"], {"none": dict.fromkeys(range(FOLDS), {})})["none"]
+    assert section["original_nll"] == pytest.approx(base, rel=1e-5)
+    assert len(nll) >= 3 and len({round(v, 6) for v in nll.values()}) > 1
     best = min(nll, key=nll.get)
-    # the per-layer composition: each layer's lowest block error (first half of the judge windows), preferred to the
-    # best single candidate only by the NLL on the second half
-    singles = {c: e for c, e in section["candidates"].items() if "dropped" in e and c != auto.PER_LAYER}
+    # the per-layer composition: each layer's lowest block error on the first half of the folds, preferred to the
+    # best single candidate only by the NLL on the other half
+    first = section["per_layer"]["block_error_first_half"]
     for layer, name in section["per_layer"]["layers"].items():
-        assert singles[name]["block_error"][layer] == min(e["block_error"][layer] for e in singles.values())
+        assert first[name][layer] == min(e[layer] for e in first.values())
     expected = best
-    assert auto.PER_LAYER in dropped  # this data composes one (else the branch below would go untested)
-    if auto.PER_LAYER in dropped:
-        second = [(ids[(len(ids) + 1) // 2 :], mask[(len(ids) + 1) // 2 :]) for ids, mask in windows]
-        half = {c: masked_nll(model, adapter, dropped[c], second) for c in (auto.PER_LAYER, best)}
-        assert section["per_layer"]["nll_second_half"] == pytest.approx(half, rel=1e-5)
-        expected = auto.PER_LAYER if half[auto.PER_LAYER] < half[best] else best
+    assert auto.PER_LAYER in section["candidates"]  # this data composes one (else the branch below goes untested)
+    layers = {int(m): c for m, c in section["per_layer"]["layers"].items()}
+    composed = {k: {m: dropped_by_fold[c][k][m] for m, c in layers.items()} for k in range(FOLDS)}
+    half = cross_fitted(model, adapter, opts, sets, [auto.PER_LAYER, best],
+                        {auto.PER_LAYER: composed, best: dropped_by_fold[best]},
+                        sets_of={s.name: {2, 3} for s in sets})
+    assert section["per_layer"]["nll_second_half"] == pytest.approx(half, rel=1e-5)
+    expected = auto.PER_LAYER if half[auto.PER_LAYER] < half[best] else best
     assert section["chosen"] == expected and plan.method == expected
-    assert plan.kept_experts == {k: [j for j in range(8) if j not in v] for k, v in dropped[expected].items()}
+    # the export is the chosen criterion's own plan on every window (as `--method <it>` would plan)
+    full = calibrate_model(model, sets, opts, source=root / "qwen3_moe")
+    final = {c: {m: (p := build_plan(full, c, 0.25)).dropped(m) for m in p.layers} for c in criteria}
+    want = ({m: final[c][m] for m, c in layers.items()} if expected == auto.PER_LAYER else final[expected])
+    assert plan.kept_experts == {m: [j for j in range(8) if j not in v] for m, v in want.items()}
     if expected == best:
         assert section["margin_nll"] == pytest.approx(sorted(nll.values())[1] - nll[best], rel=1e-4, abs=1e-9)
 
@@ -186,41 +247,32 @@ def test_lazy_judges_the_same(root, tmp_path):
         assert a["candidate"] == b["candidate"] and a["nll"] == pytest.approx(b["nll"], rel=1e-5)
 
 
-def test_the_judge_never_feeds_the_statistics(root):
-    """Changing only the judge windows' text leaves the statistics and every candidate unchanged (and does change
-    what the judge measures); changing a scoring window changes the statistics (so the comparison can fail)."""
+def test_a_judged_window_never_feeds_what_it_judges(root, monkeypatch):
+    """The statistics each set of candidates is planned from equal a calibration, run here, of exactly the windows
+    outside the fold they are judged on; the export's statistics are those of every window."""
     opts = calib(root)
     ckpt = Checkpoint.open(root / "qwen3_moe")
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
     _, _, sets = prepare(root / "qwen3_moe", opts)
-    options = EXPERTS.parse({"method": "auto", "ratio": 0.25, "auto_naee": False}, "test")
-
-    def run(change):
-        changed = []
-        for s in sets:
-            ids = s.input_ids.clone()
-            change(ids)
-            changed.append(dataclasses.replace(s, input_ids=ids))
-        ctx = StageContext(ckpt, adapter, [], opts, changed)
-        plan = EXPERTS.plan(options, ctx)
-        return ctx.stats[0], plan.auto
-
-    g = torch.Generator().manual_seed(1)
-    stats0, sec0 = run(lambda ids: None)
-    stats1, sec1 = run(lambda ids: ids[-max(1, len(ids) // 4):].random_(3, 60, generator=g))  # judge text only
-    stats2, _ = run(lambda ids: ids[0].random_(3, 60, generator=g))  # a scoring window
-    fields = lambda st: {(name, layer, f): t for name, per in st.sets.items() for layer, rs in per.items()  # noqa: E731
-                         for f, t in rs.sums.items()}
-    f0, f1, f2 = fields(stats0), fields(stats1), fields(stats2)
-    assert f0.keys() == f1.keys() and all(torch.equal(f0[k], f1[k]) for k in f0)
-    assert any(not torch.equal(f0[k], f2[k]) for k in f0)
-    scored = lambda sec: {c: e.get("dropped", e.get("same_as")) for c, e in sec["candidates"].items()  # noqa: E731
-                          if c != auto.PER_LAYER}  # the per-layer composition is the judge's own
-    assert scored(sec0) == scored(sec1) and len(scored(sec0)) == len(auto.calibrated_criteria())
-    assert sec0["original_nll"] != sec1["original_nll"]
-    assert sec0["candidates"]["reap"]["block_error"] != sec1["candidates"]["reap"]["block_error"]
-    assert sec0["judge"]["scoring_windows"] == {s.name: s.input_ids.shape[0] - max(1, s.input_ids.shape[0] // 4)
-                                                for s in sets}
+    seen = []
+    real = pipeline_auto.criterion_candidates
+    monkeypatch.setattr(pipeline_auto, "criterion_candidates", lambda st, *a: seen.append(st) or real(st, *a))
+    ctx = StageContext(ckpt, adapter, [], opts, sets)
+    EXPERTS.plan(EXPERTS.parse({"method": "auto", "ratio": 0.25, "auto_naee": False}, "test"), ctx)
+    model = load_model(root / "qwen3_moe", dtype="float32")
+    refs = [calibrate_model(model, sets, opts, source=root / "qwen3_moe")]
+    refs += [calibrate_model(model, without(sets, k), opts, source=root / "qwen3_moe") for k in range(FOLDS)]
+    assert len(seen) == 1 + FOLDS
+    for got, ref in zip([ctx.stats[0], *seen[1:]], refs, strict=True):
+        assert got.sets.keys() == ref.sets.keys() == {"web", "code"}
+        for name, per in ref.sets.items():
+            for layer, rs in per.items():
+                for f, t in rs.sums.items():
+                    got_f = got.sets[name][layer].sums[f]  # float32 expert math batched differently: loose
+                    assert torch.allclose(got_f, t, rtol=1e-4, atol=1e-5), (name, layer, f)
+    assert seen[0] is ctx.stats[0]
+    tokens = [int(st.sets["web"][1].sums["tokens"]) for st in refs]
+    assert all(t < tokens[0] for t in tokens[1:])  # each fold's statistics lack its windows
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -245,13 +297,13 @@ def test_inapplicable_options_are_refused_before_work(root, tmp_path, no_work):
     src, out = root / "qwen3_moe", tmp_path / "out"
     cases = [
         ({"method": "reap", "nll_candidates": 2}, r"--nll-candidates only applies to method 'auto'"),
-        ({"method": "naee", "auto_naee": True, "judge_windows": 2}, r"--auto-naee, --judge-windows only apply"),
+        ({"method": "naee", "auto_naee": True, "judge_folds": 2}, r"--auto-naee, --judge-folds only apply"),
         ({"method": "auto", "seed": 1}, r"--seed does not apply to method 'auto'"),
         ({"method": "auto", "policy": "global", "floor": 4}, r"--policy global, --floor do not apply"),
         ({"method": "auto", "as_you_go": True}, r"--as-you-go does not apply"),
         ({"method": "auto", "calib_set": ["web"]}, r"--calib-set does not apply"),
         ({"method": "auto", "auto_naee": False, "beam": 2}, r"beam configures NAEE's candidate"),
-        ({"method": "auto", "judge_windows": 0}, r"judge_windows must be an integer >= 1"),
+        ({"method": "auto", "judge_folds": 1}, r"judge_folds must be an integer >= 2"),
         ({"method": "auto", "auto_naee": "yes"}, r"auto_naee is true"),
     ]
     for stage, match in cases:

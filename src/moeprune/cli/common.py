@@ -107,7 +107,7 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
                "rho", "merge", "router", "rank", "threshold", "recombine", "beam", "search_tokens", "auto_naee",
-               "judge_windows", "nll_candidates")
+               "judge_folds", "nll_candidates")
 TRISTATE = ("auto_naee",)  # flags whose False is a given value (--no-auto-naee), not "not given"
 
 
@@ -141,9 +141,9 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
         g.add_argument("--auto-naee", action=argparse.BooleanOptionalAction, default=None,
                        help="--auto-naee: NAEE is always a candidate; --no-auto-naee: never; default: when its "
                             "search is affordable")
-        g.add_argument("--judge-windows", type=int, metavar="N",
-                       help="windows per calibration set held apart to judge the candidates (default: a quarter, "
-                            "at least 1); the statistics never see them")
+        g.add_argument("--judge-folds", type=int, metavar="K",
+                       help="folds of the judge (default 4): each candidate is scored without a fold and judged "
+                            "on it, so no judged window fed the statistics; the export is scored on every window")
         g.add_argument("--nll-candidates", type=int, metavar="N",
                        help="measure the masked model's NLL for only the N candidates of lowest block error "
                             "(default: every candidate; fewer whole-model forwards on large models)")

@@ -10,7 +10,15 @@ import time
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
-from moeprune.pipeline.judge import block_errors, judge_model, judged_nll, split_judge
+from moeprune.pipeline.judge import (
+    JUDGE_FOLDS,
+    block_errors,
+    everywhere,
+    judge_model,
+    judged_nll,
+    split_folds,
+    without_fold,
+)
 from moeprune.select.auto import (
     PER_LAYER,
     Judgement,
@@ -21,6 +29,7 @@ from moeprune.select.auto import (
 )
 from moeprune.select.auto_naee import NAEE_NAME, naee_decision, naee_plan
 from moeprune.select.plan import PrunePlan
+from moeprune.stats.store import ExpertStats
 
 
 def plan_auto(o, ctx) -> PrunePlan:
@@ -34,45 +43,77 @@ def plan_auto(o, ctx) -> PrunePlan:
     if current_rank().world > 1:
         raise MoePruneError("method auto judges its candidates in one process; run it without torchrun.")
     adapter, t0, seconds = ctx.adapter, time.perf_counter(), {}
-    scoring, judge = split_judge(ctx.sets, o.judge_windows)
-    stats = dataclasses.replace(ctx, sets=scoring).routed_stats()  # appends to ctx.stats: saved with the export
+    K = o.judge_folds or JUDGE_FOLDS
+    fold_sets, where = split_folds(ctx.sets, K)
+    folds = sorted({k for _, k in where.values()})
+    per_fold = dataclasses.replace(ctx, sets=fold_sets, stats=[]).routed_stats()  # the one calibration pass
+    stats = merge_folds(per_fold, ctx.sets, where)
+    ctx.stats.append(stats)  # saved with the export: the statistics of every window, per calibration set
     seconds["calibration"] = time.perf_counter() - t0
-    protected = protected_experts(o.protect, o.protect_super, stats)
-    protect = [f"{layer}:{','.join(map(str, sorted(v)))}" for layer, v in sorted(protected.items()) if v]
-    plans = criterion_candidates(stats, o.ratio, protect)
-    naee = naee_decision(o.auto_naee, adapter, o.ratio, sum(s.tokens for s in scoring), o.beam, o.search_tokens)
+
+    def candidates(st: ExpertStats):
+        protected = protected_experts(o.protect, o.protect_super, st)
+        protect = [f"{layer}:{','.join(map(str, sorted(v)))}" for layer, v in sorted(protected.items()) if v]
+        return criterion_candidates(st, o.ratio, protect), protected
+
+    plans, protected = candidates(stats)
+    by_fold = {k: candidates(merge_folds(per_fold, ctx.sets, where, without=k))[0] for k in folds}
+    tokens = sum(s.tokens for s in ctx.sets)
+    naee = naee_decision(o.auto_naee, adapter, o.ratio, tokens, o.beam, o.search_tokens, passes=len(folds))
     if naee["included"]:
         t = time.perf_counter()
-        plans[NAEE_NAME] = naee_plan(ctx, scoring, adapter, o.ratio, protected, o.beam, o.search_tokens)
+        for k in folds:
+            by_fold[k][NAEE_NAME] = naee_plan(ctx, without_fold(ctx.sets, K, k), adapter, o.ratio, protected,
+                                              o.beam, o.search_tokens)
         seconds["naee"] = time.perf_counter() - t
     else:
         logger.info("auto: NAEE not a candidate (%s)", naee["reason"])
-    j = Judgement(plans, {name: {layer: p.dropped(layer) for layer in p.layers} for name, p in plans.items()},
-                  first_b={s.name: (int(s.input_ids.shape[0]) + 1) // 2 for s in judge},
-                  compose=all(s.input_ids.shape[0] >= 2 for s in judge))
+    names = [*plans, *([NAEE_NAME] if naee["included"] else [])]
+    j = Judgement(drops={c: {layer: p.dropped(layer) for layer in p.layers} for c, p in plans.items()},
+                  fold_drops={c: {f: {layer: by_fold[k][c].dropped(layer) for layer in by_fold[k][c].layers}
+                                  for f, (_, k) in where.items()} for c in names},
+                  where=where, plans=dict(plans))
     bs, device = ctx.calib.batch_size, ctx.calib.device
     with judge_model(ctx) as (model, layer_context):
         t = time.perf_counter()
-        first_half = [_head(s, j.first_b[s.name]) for s in judge] if j.compose else judge
-        j.per_set = block_errors(model, adapter, first_half, j.distinct, batch_size=bs, device=device,
-                                 layer_context=layer_context)
+        j.errors = block_errors(model, adapter, fold_sets, j.distinct, batch_size=bs, device=device,
+                                layer_context=layer_context)
         seconds["block_errors"] = time.perf_counter() - t
         j.compose_layers(adapter.moe_layers())
         j.judged = sorted(j.distinct, key=j.mean_error.get)[: o.nll_candidates]  # None: every candidate
         t = time.perf_counter()
-        measured = {"original": {}, **{c: j.distinct[c] for c in j.judged}}
+        measured = {"original": everywhere({}, fold_sets), **{c: j.distinct[c] for c in j.judged}}
         if j.composite:
-            measured[PER_LAYER] = j.composed
-        j.nll = judged_nll(model, adapter, judge, measured, batch_size=bs, device=device, layer_context=layer_context)
+            measured[PER_LAYER] = j.composed_folds
+        j.nll = judged_nll(model, adapter, fold_sets, measured, batch_size=bs, device=device,
+                           layer_context=layer_context)
         seconds["nll"] = time.perf_counter() - t
-    section = j.section(naee, scoring, judge)
+    windows = {s.name: int(s.input_ids.shape[0]) for s in ctx.sets}
+    section = j.section(naee, K, windows, tokens)
+    needs = {section["chosen"]} if section["chosen"] != PER_LAYER else set(j.best_by_layer.values())
+    if NAEE_NAME in needs:  # NAEE's plan on every window, only when it is exported
+        t = time.perf_counter()
+        plans[NAEE_NAME] = naee_plan(ctx, ctx.sets, adapter, o.ratio, protected, o.beam, o.search_tokens)
+        j.plans[NAEE_NAME] = plans[NAEE_NAME]
+        j.drops[NAEE_NAME] = {layer: plans[NAEE_NAME].dropped(layer) for layer in plans[NAEE_NAME].layers}
+        seconds["naee"] = seconds.get("naee", 0.0) + time.perf_counter() - t
+        nll = {c: w.mean(j.groups())[0] for c, w in j.nll.items()}
+        section["candidates"] = j.candidates(nll, j.mean_error, section["original_nll"])
     seconds["total"] = time.perf_counter() - t0
     section["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    plan = chosen_plan(section["chosen"], plans, j, adapter, o.ratio, protected, section)
+    plan = chosen_plan(section["chosen"], j, adapter, o.ratio, protected, section)
     logger.info("%s", describe_choice(section))
     return plan
 
 
-def _head(s, n: int):
-    """The first n windows of a calibration set (the judge's first half: block errors, the per-layer choice)."""
-    return dataclasses.replace(s, input_ids=s.input_ids[:n], attention_mask=s.attention_mask[:n])  # [n, L]
+def merge_folds(stats: ExpertStats, sets, where: dict[str, tuple[str, int]], without: int | None = None) -> ExpertStats:
+    """Per calibration set, the sum of its fold-sets' statistics (fold `without` left out): the statistics a
+    calibration run on those windows gives (sums add, maxima take the max)."""
+    merged = {}
+    for s in sets:
+        members = [f for f, (name, k) in where.items() if name == s.name and k != without]
+        combined = stats.combined(members)
+        merged[s.name] = combined
+    calibration = {s.name: [s.describe()] for s in sets}
+    return ExpertStats(stats.model_type, stats.num_experts, stats.top_k, list(stats.layers), stats.router_sha256,
+                       merged, {**stats.meta, "calibration": calibration})

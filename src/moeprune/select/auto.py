@@ -1,21 +1,25 @@
 """`method: auto`: choose the expert-removal method per model (or per layer, where that is better) from ONE
-calibration run, judged on calibration windows held apart from the windows that score the candidates.
+calibration run, judged by K-fold cross-fitting on the calibration windows (`pipeline/judge.py`).
 This module holds the candidates and the choice; `pipeline/auto.py:plan_auto` runs the steps on the model.
 
-    scoring, judge = split_judge(sets, judge_windows)                      (`pipeline/judge.py`)
-    stats          = calibrate(model, scoring)                             the one calibration pass
-    candidates     = {c: build_plan(stats, c, ratio)  for every calibrated criterion c}   (uniform policy)
-                     ∪ {naee_reconstruction}  where affordable (`select/auto_naee.py`: its own progressive pass)
-    judge windows of each set = first half A ∪ second half B
-    err_c(ℓ)       = mean_s ‖Y − Ŷ_c‖² / ‖Y‖²  per MoE layer on A (`judge.block_errors`)
-    per_layer      = layer by layer, the dropped set of argmin_c err_c(ℓ)   (when it differs from every candidate)
-    nll_c          = masked model's NLL on A ∪ B, mean over sets of the per-token NLL (`judge.judged_nll`),
-                     for every candidate (or the `nll_candidates` of lowest mean_ℓ err_c(ℓ))
-    best           = argmin_c nll_c;   chosen = per_layer  if nll_per_layer(B) < nll_best(B)  else best
-The composition is chosen on A, so only B (text that did not choose it) can say whether it beats the best single
-candidate. Candidates that drop the same experts everywhere are judged once (`same_as`). The plan's `method` is
-the chosen criterion ("naee_reconstruction", or "auto:per_layer"); `plan.auto` holds every candidate's block
-errors and NLL, the choice, the runner-up margins, why NAEE was included or skipped, and the split.
+    folds          = each set's windows cut into K contiguous folds                 (`judge.split_folds`)
+    stats_f        = calibrate(model, fold-sets)   the one calibration pass; stats = Σ_k stats_k (every window)
+    candidates     = {c: build_plan(stats, c, ratio)  for every calibrated criterion c}  (uniform policy; what a
+                     single-criterion run on the same windows plans)  ∪ {naee_reconstruction} where affordable
+    candidates_k   = the same, scored on Σ_{k' ≠ k} stats_k' (NAEE: its own pass without fold k)
+    err_c(ℓ)       = mean over sets of Σ_k ‖Y − Ŷ_{c_k}‖² / Σ_k ‖Y‖² on fold k's windows (`judge.block_errors`)
+    nll_c          = mean over sets of the per-token NLL of candidate c_k's masked model on fold k's windows, summed
+                     over folds (`judge.judged_nll`), for every candidate (or the `nll_candidates` of lowest
+                     mean_ℓ err_c(ℓ))
+    best           = argmin_c nll_c
+    per_layer      = layer by layer, the criterion of lowest err_c(ℓ) on the first half of each set's folds (A)
+    chosen         = per_layer  if its NLL on the other folds (B) < best's NLL on B  else best
+Each window judges only candidates that never saw it, and the exported plan is scored on every window, so `auto`
+exports exactly the plan of the criterion it picks (or the per-layer composition of those plans). The composition
+is chosen on A, so only B (text that did not choose it) can say whether it beats the best single candidate.
+Candidates that drop the same experts in every fold are judged once (`same_as`). The plan's `method` is the chosen
+criterion ("naee_reconstruction", or "auto:per_layer"); `plan.auto` holds every candidate's block errors and NLL,
+the choice, the runner-up margins, why NAEE was included or skipped, and the folds.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from moeprune.select.plan import PrunePlan
 from moeprune.select.protect import parse_protected, super_experts
 
 if TYPE_CHECKING:
-    from moeprune.pipeline.judge import WindowNLL
+    from moeprune.pipeline.judge import BlockErrors, WindowNLL
 
 Drops = dict[int, list[int]]  # MoE layer -> dropped experts (original indices)
+PerSet = dict[str, Drops]  # fold-set -> dropped experts there
 AUTO = "auto"
 PER_LAYER = "auto:per_layer"
 
@@ -63,72 +68,90 @@ def protected_experts(protect: tuple[str, ...], protect_super: bool, stats) -> d
 # ---------------------------------------------------------------------------------------------- the choice
 @dataclass
 class Judgement:
-    """Candidates and what the judge measured. Judge windows: each set's first half (`first_b`) gives block errors
-    and the per-layer composition; NLL is measured on every judge window, and the composition is preferred to the
-    best single candidate only when its NLL on the second half (text that did not choose it) is lower."""
+    """Candidates and what the judge measured (module docstring). `where[f] = (set, k)` for every fold-set f;
+    `fold_drops[c][f]` is what candidate c scored without fold k drops; `drops[c]` what c scored on every window
+    drops (NAEE's is filled in only when it is chosen or composed)."""
 
-    plans: dict[str, PrunePlan]
     drops: dict[str, Drops]
-    first_b: dict[str, int]  # set -> index of its first second-half judge window
-    compose: bool  # every set has >= 2 judge windows (else no per-layer composition)
-    per_set: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # c -> layer -> set -> err
+    fold_drops: dict[str, PerSet]
+    where: dict[str, tuple[str, int]]
+    plans: dict[str, PrunePlan] = field(default_factory=dict)
+    errors: BlockErrors | None = None
     judged: list[str] = field(default_factory=list)  # distinct candidates whose NLL was measured
     nll: dict[str, WindowNLL] = field(default_factory=dict)
     best_by_layer: dict[int, str] = field(default_factory=dict)
-    composed: Drops = field(default_factory=dict)
+    composed_folds: PerSet = field(default_factory=dict)  # per_layer's drops on every fold-set
     composite: bool = False  # the composition differs from every candidate (and is judged)
+    errors_a: dict[str, dict[int, float]] = field(default_factory=dict)  # err_c(ℓ) on the A folds
+
+    # ------------------------------------------------------------------ folds
+    def groups(self, half: str | None = None) -> dict[str, list[str]]:
+        """{set: its fold-sets}; half "A": each set's first ⌈K_s/2⌉ folds, "B": the others."""
+        out: dict[str, list[str]] = {}
+        for f, (s, _) in self.where.items():
+            out.setdefault(s, []).append(f)
+        if half is None:
+            return out
+        cut = {s: -(-len(fs) // 2) for s, fs in out.items()}
+        return {s: [f for f in fs if (self.where[f][1] < cut[s]) == (half == "A")] for s, fs in out.items()}
 
     @property
     def same_as(self) -> dict[str, str]:
-        return _duplicates(self.drops)
+        return _duplicates({c: {(f, layer): d for f, per in fd.items() for layer, d in per.items()}
+                            for c, fd in self.fold_drops.items()})
 
     @property
-    def distinct(self) -> dict[str, Drops]:
+    def distinct(self) -> dict[str, PerSet]:
         same = self.same_as
-        return {name: d for name, d in self.drops.items() if name not in same}
+        return {name: d for name, d in self.fold_drops.items() if name not in same}
 
-    def error(self, name: str) -> dict[int, float]:
-        """err_c(ℓ): the mean over calibration sets of each set's relative block error."""
-        per = self.per_set[name] if name != PER_LAYER else {
-            layer: self.per_set[c][layer] for layer, c in self.best_by_layer.items()}
-        return {layer: math.fsum(v.values()) / len(v) for layer, v in per.items()}
+    def error(self, name: str, half: str | None = None) -> dict[int, float]:
+        """err_c(ℓ) over every fold (or one half); PER_LAYER: each layer's chosen candidate's."""
+        groups = self.groups(half)
+        if name != PER_LAYER:
+            return self.errors.error(self.same_as.get(name, name), groups)
+        per = {c: self.errors.error(c, groups) for c in set(self.best_by_layer.values())}
+        return {layer: per[c][layer] for layer, c in self.best_by_layer.items()}
 
     @property
     def mean_error(self) -> dict[str, float]:
-        out = {c: sum(e.values()) / len(e) for c in self.distinct for e in [self.error(c)]}
-        if self.composite:
-            e = self.error(PER_LAYER)
-            out[PER_LAYER] = sum(e.values()) / len(e)
-        return out
+        names = [*self.distinct, *([PER_LAYER] if self.composite else [])]
+        return {c: sum(e.values()) / len(e) for c in names for e in [self.error(c)]}
 
     def compose_layers(self, layers: list[int]) -> None:
-        if not self.compose:
-            return
-        errors = {c: self.error(c) for c in self.distinct}
+        """Each layer's candidate of lowest block error on the A folds, and its drops on every fold-set."""
+        errors = self.errors_a = {c: self.error(c, "A") for c in self.distinct}
         self.best_by_layer = {layer: min(errors, key=lambda c, ell=layer: errors[c][ell]) for layer in layers}
-        self.composed = {layer: self.distinct[c][layer] for layer, c in self.best_by_layer.items()}
-        self.composite = all(self.composed != d for d in self.distinct.values())
+        self.composed_folds = {f: {layer: self.fold_drops[c][f][layer] for layer, c in self.best_by_layer.items()}
+                               for f in self.where}
+        self.composite = all(self.composed_folds != d for d in self.distinct.values())
 
-    def section(self, naee: dict, scoring, judge) -> dict:
+    def composed(self) -> Drops:
+        """The composition's drops on every window: each layer from its candidate's final plan."""
+        return {layer: self.drops[c][layer] for layer, c in self.best_by_layer.items()}
+
+    # ------------------------------------------------------------------ report
+    def section(self, naee: dict, folds: int, windows: dict[str, int], tokens: int) -> dict:
         """The report's "auto" object (also stored in the plan); its "chosen" is the choice."""
-        base, base_sets = self.nll["original"].mean()
-        nll = {c: self.nll[c].mean()[0] for c in self.nll}
+        groups = self.groups()
+        base, base_sets = self.nll["original"].mean(groups)
+        nll = {c: self.nll[c].mean(groups)[0] for c in self.nll}
         mean = self.mean_error
         ranking = sorted(self.judged, key=lambda c: (nll[c], mean[c]))
         best = ranking[0]
-        chosen, per_layer = best, {"layers": {str(k): v for k, v in sorted(self.best_by_layer.items())}}
-        if not self.compose:
-            per_layer["reason"] = "not composed: a calibration set has a single judge window"
-        elif not self.composite:
-            per_layer["same_as"] = next(c for c, d in self.distinct.items() if d == self.composed)
+        chosen, per_layer = best, {"layers": {str(k): v for k, v in sorted(self.best_by_layer.items())},
+                                   "block_error_first_half": {c: {str(k): v for k, v in sorted(e.items())}
+                                                              for c, e in self.errors_a.items()}}
+        if not self.composite:
+            per_layer["same_as"] = next(c for c, d in self.distinct.items() if d == self.composed_folds)
         else:
-            second = {c: self.nll[c].mean(self.first_b)[0] for c in (PER_LAYER, best)}
+            second = {c: self.nll[c].mean(self.groups("B"))[0] for c in (PER_LAYER, best)}
             per_layer["nll_second_half"] = second
             if second[PER_LAYER] < second[best]:
                 chosen = PER_LAYER
         margins = [{"candidate": c, "nll": nll[c], "margin_nll": nll[c] - nll[best],
                     "margin_ratio": math.exp(nll[c] - nll[best])} for c in ranking]
-        if chosen == PER_LAYER:  # judged against the best single on the second half only
+        if chosen == PER_LAYER:  # judged against the best single on the B folds only
             gap = per_layer["nll_second_half"][best] - per_layer["nll_second_half"][PER_LAYER]
             runner, margin = best, gap
         else:
@@ -136,9 +159,10 @@ class Judgement:
             margin = nll[runner] - nll[best] if runner else None
         return {
             "chosen": chosen,
-            "judged_by": "NLL of the masked model on the judge windows (mean over calibration sets of the per-token "
-                         "NLL); the per-layer composition, chosen by block error on the first half of each set's "
-                         "judge windows, against the best single candidate on the second half",
+            "judged_by": f"{folds}-fold cross-fitting: every candidate is scored without a fold and judged on it by "
+                         "the NLL of the masked model (mean over calibration sets of the per-token NLL over every "
+                         "fold); the per-layer composition, chosen by block error on the first half of each set's "
+                         "folds, against the best single candidate on the other half",
             "original_nll": base, "original_nll_per_set": base_sets,
             "judged_ratio": math.exp(nll[chosen] - base),
             "runner_up": runner, "margin_nll": margin, "margin_ratio": math.exp(margin) if runner else None,
@@ -146,28 +170,25 @@ class Judgement:
             "candidates": self.candidates(nll, mean, base),
             "per_layer": per_layer,
             "naee": naee,
-            "judge": {"nll_candidates": len(self.judged),
-                      "windows": {s.name: int(s.input_ids.shape[0]) for s in judge},
-                      "block_error_windows": self.first_b if self.compose else None,
-                      "tokens": sum(s.tokens for s in judge),
-                      "scoring_windows": {s.name: int(s.input_ids.shape[0]) for s in scoring},
-                      "scoring_tokens": sum(s.tokens for s in scoring)},
+            "judge": {"nll_candidates": len(self.judged), "folds": folds, "windows": windows, "tokens": tokens,
+                      "composition_folds": {h: {s: sorted(self.where[f][1] for f in fs) for s, fs in
+                                                self.groups(h).items()} for h in ("A", "B")}},
         }
 
     def candidates(self, nll: dict[str, float], mean: dict[str, float], base: float) -> dict[str, dict]:
         same = self.same_as
         out = {}
-        for name in [*self.plans, *([PER_LAYER] if self.composite else [])]:
+        for name in [*self.fold_drops, *([PER_LAYER] if self.composite else [])]:
             rep = same.get(name, name)
             entry = {"mean_block_error": mean[rep],
                      "block_error": {str(k): v for k, v in sorted(self.error(rep).items())},
                      "nll": nll.get(rep), "judged_ratio": math.exp(nll[rep] - base) if rep in nll else None}
             if rep in self.nll:
-                entry["nll_per_set"] = self.nll[rep].mean()[1]
+                entry["nll_per_set"] = self.nll[rep].mean(self.groups())[1]
             if name in same:
                 entry["same_as"] = rep
-            else:
-                dropped = self.composed if name == PER_LAYER else self.drops[name]
+            dropped = self.composed() if name == PER_LAYER else self.drops.get(name)
+            if dropped is not None:
                 entry["dropped"] = {str(k): list(v) for k, v in sorted(dropped.items())}
             out[name] = entry
         return out
@@ -186,11 +207,11 @@ def _duplicates(drops: dict[str, Drops]) -> dict[str, str]:
     return out
 
 
-def chosen_plan(chosen: str, plans: dict[str, PrunePlan], j: Judgement, adapter: MoEAdapter, ratio: float,
-                protected: dict[int, set[int]], section: dict) -> PrunePlan:
+def chosen_plan(chosen: str, j: Judgement, adapter: MoEAdapter, ratio: float, protected: dict[int, set[int]],
+                section: dict) -> PrunePlan:
     E = adapter.num_experts
-    base = plans.get(chosen)
-    dropped = j.composed if chosen == PER_LAYER else j.drops[chosen]
+    base = j.plans.get(chosen)
+    dropped = j.composed() if chosen == PER_LAYER else j.drops[chosen]
     kept = {layer: [e for e in range(E) if e not in set(d)] for layer, d in dropped.items()}
     note = None
     if chosen == PER_LAYER:
@@ -206,8 +227,8 @@ def chosen_plan(chosen: str, plans: dict[str, PrunePlan], j: Judgement, adapter:
 
 def describe_choice(section: dict) -> str:
     """One line: what auto chose, its judged perplexity ratio, and the runner-up's margin."""
-    text = (f"auto chose {section['chosen']} (judge-window perplexity ×{section['judged_ratio']:.4f} of the "
-            f"original's, {section['judge']['tokens']} held-apart calibration tokens)")
+    text = (f"auto chose {section['chosen']} (cross-fitted perplexity ×{section['judged_ratio']:.4f} of the "
+            f"original's, {section['judge']['folds']} folds, {section['judge']['tokens']} calibration tokens)")
     if section.get("runner_up"):
         text += (f"; runner-up {section['runner_up']}: +{section['margin_nll']:.4f} nats/token "
                  f"(×{section['margin_ratio']:.4f} perplexity)")

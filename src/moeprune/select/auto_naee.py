@@ -4,7 +4,8 @@ NAEE is affordable (`auto_naee` None) when its search's estimated router-row eva
 `NAEE_BUDGET`: Σ_ℓ evaluations × tokens kept, evaluations = Π_g C(E/g, n_drop/g) when that is ≤ the exhaustive limit,
 else (beam + 1)·n_drop·E (`select/reconstruction.py`); ≈ 0.4–2 µs each on one CPU thread (E = 16 … 128), so the
 budget is ≈ 1.5–7 min of search. `auto_naee: true` always includes it, `false` never.
-The plan comes from NAEE's own progressive calibration pass over the scoring windows (`select/progressive.py`).
+The plan comes from NAEE's own progressive calibration pass over the scoring windows (`select/progressive.py`);
+auto runs one search per fold (`passes`), and one more on every window only when NAEE is exported.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ MAX_EXHAUSTIVE = 5000  # `progressive.reconstruction_decider`'s exhaustive limit
 
 
 def naee_decision(choice: bool | None, adapter: MoEAdapter, ratio: float, tokens: int, beam: int | None,
-                  search_tokens: int | None) -> dict:
-    """{"included": bool, "reason": str, "evaluations_per_layer", "tokens", "cost", "budget"} (module docstring)."""
+                  search_tokens: int | None, passes: int = 1) -> dict:
+    """{"included": bool, "reason": str, "evaluations_per_layer", "tokens", "cost", "budget"} (module docstring);
+    `passes`: how many searches auto runs (one per fold)."""
     from moeprune.models.capabilities import require
 
     routing, E = adapter.routing(), adapter.num_experts
@@ -38,9 +40,9 @@ def naee_decision(choice: bool | None, adapter: MoEAdapter, ratio: float, tokens
     evaluations = subsets if subsets <= MAX_EXHAUSTIVE else (b + 1) * n_drop * E
     cap = DEFAULT_SEARCH_TOKENS if search_tokens is None else search_tokens
     kept = tokens if cap == 0 else min(tokens, cap)
-    cost = evaluations * kept * len(adapter.moe_layers())
+    cost = evaluations * kept * len(adapter.moe_layers()) * passes
     out = {"evaluations_per_layer": evaluations, "exhaustive": subsets <= MAX_EXHAUSTIVE, "tokens": kept,
-           "cost": cost, "budget": NAEE_BUDGET}
+           "passes": passes, "cost": cost, "budget": NAEE_BUDGET}
     if choice is False:
         return {"included": False, "reason": "auto_naee: false", **out}
     try:
@@ -51,7 +53,7 @@ def naee_decision(choice: bool | None, adapter: MoEAdapter, ratio: float, tokens
         return {"included": False, "reason": str(e), **out}
     if choice is None and cost > NAEE_BUDGET:
         return {"included": False, "reason": f"not affordable: its search needs ≈{cost:.2g} router-row evaluations "
-                f"({evaluations} sets × {kept} tokens × {len(adapter.moe_layers())} layers) > budget "
+                f"({evaluations} sets × {kept} tokens × {len(adapter.moe_layers())} layers × {passes} folds) > budget "
                 f"{NAEE_BUDGET:.0e}; auto_naee: true includes it anyway", **out}
     return {"included": True, "reason": "auto_naee: true" if choice else f"affordable (≈{cost:.2g} router-row "
             f"evaluations ≤ {NAEE_BUDGET:.0e})", **out}

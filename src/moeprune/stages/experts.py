@@ -44,7 +44,7 @@ class ExpertOptions(StageOptions):
     search_tokens: int | None = None  # NAEE: real tokens kept per layer (None: `naee_outputs.DEFAULT_SEARCH_TOKENS`,
     # 0: every token, up to the memory budget)
     auto_naee: bool | None = None  # auto: NAEE as a candidate (None: when affordable, `select/auto.py`)
-    judge_windows: int | None = None  # auto: windows per calibration set held apart for the judge (None: a quarter)
+    judge_folds: int | None = None  # auto: folds of the cross-fitted judge (None: `judge.JUDGE_FOLDS`)
     nll_candidates: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: all)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
@@ -118,15 +118,15 @@ class ExpertStage(Stage):
         if other:
             raise MoePruneError(f"{', '.join(other)} {'does' if len(other) == 1 else 'do'} not apply to method "
                                 f"{AUTO!r}: it builds every candidate from all calibration sets with the uniform "
-                                "policy and judges them on held-apart windows of every set. Drop "
+                                "policy and judges them by cross-fitting on every set. Drop "
                                 f"{'it' if len(other) == 1 else 'them'}, or choose a method yourself.")
         if o.auto_naee not in (None, True, False):
             raise MoePruneError(f"auto_naee is true (always a candidate), false (never) or null (when affordable), "
                                 f"got {o.auto_naee!r}.")
-        for name in ("judge_windows", "nll_candidates"):
+        for name, least in (("judge_folds", 2), ("nll_candidates", 1)):
             v = getattr(o, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise MoePruneError(f"{name} must be an integer >= 1, got {v!r}.")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+                raise MoePruneError(f"{name} must be an integer >= {least}, got {v!r}.")
         for name in ("beam", "search_tokens"):
             v = getattr(o, name)
             if v is not None and o.auto_naee is False:
@@ -246,7 +246,7 @@ class ExpertStage(Stage):
         return f"experts ({how}): {plan.num_experts} -> {plan.kept_count} per MoE layer"
 
 
-AUTO_ONLY = ("auto_naee", "judge_windows", "nll_candidates")
+AUTO_ONLY = ("auto_naee", "judge_folds", "nll_candidates")
 
 
 def _flag(name: str) -> str:
