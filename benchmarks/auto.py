@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             section = auto_plan.auto
             candidates = {}
             for c, entry in section["candidates"].items():  # each distinct candidate of auto, scored on held-out
-                if "same_as" in entry or not (args.oracle or c == section["chosen"]):
+                if "same_as" in entry or "dropped" not in entry or not (args.oracle or c == section["chosen"]):
                     continue
                 plan = _candidate_plan(auto_plan, c, entry["dropped"])
                 candidates[c] = {"held_out": score(plan), "nll": entry["nll"],

@@ -336,3 +336,31 @@ def test_too_few_windows_to_judge_is_refused(root, tmp_path):
     opts = CalibrateOptions((f"web={root / 'web.txt'}",), samples=1, seq_len=32, held_out=0)
     with pytest.raises(MoePruneError, match=r"'web' has 1 window\(s\).*needs at least 2"):
         api.prune(root / "qwen3_moe", tmp_path / "o", method="auto", ratio=0.25, calib=opts)
+
+
+def test_a_composition_that_takes_naee_in_one_layer_is_reported_then_exported():
+    """Layer 1 is best with reap, layer 2 with NAEE (block errors on fold A); the composition wins on fold B; NAEE's
+    plan on every window is made only after the choice, so the report first omits the composition's drops."""
+    from moeprune.pipeline.judge import BlockErrors, WindowNLL
+
+    naee = auto_naee.NAEE_NAME
+    where = {"s#0": ("s", 0), "s#1": ("s", 1)}
+    both = lambda d: {"s#0": d, "s#1": d}  # noqa: E731
+    j = auto.Judgement(drops={"reap": {1: [0], 2: [0]}},
+                       fold_drops={"reap": both({1: [0], 2: [0]}), naee: both({1: [1], 2: [1]})}, where=where)
+    j.errors = BlockErrors({"reap": {1: both(1.0), 2: both(3.0)}, naee: {1: both(2.0), 2: both(1.0)}},
+                           {1: both(10.0), 2: both(10.0)})
+    j.compose_layers([1, 2])
+    assert j.best_by_layer == {1: "reap", 2: naee} and j.composite
+    assert j.composed_folds == both({1: [0], 2: [1]})
+    nll = lambda a, b: WindowNLL({"s#0": torch.tensor([a]), "s#1": torch.tensor([b])},  # noqa: E731
+                                 {"s#0": torch.tensor([10]), "s#1": torch.tensor([10])})
+    j.judged = ["reap", naee]
+    j.nll = {"original": nll(10.0, 10.0), "reap": nll(20.0, 20.0), naee: nll(30.0, 30.0),
+             auto.PER_LAYER: nll(40.0, 15.0)}
+    section = j.section({"included": True}, 2, {"s": 2}, 20)
+    assert section["per_layer"]["nll_second_half"] == {auto.PER_LAYER: 1.5, "reap": 2.0}
+    assert section["chosen"] == auto.PER_LAYER and section["runner_up"] == "reap"
+    assert "dropped" not in section["candidates"][auto.PER_LAYER] and j.composed() is None
+    j.drops[naee] = {1: [2], 2: [3]}  # NAEE's own plan on every window
+    assert j.composed() == {1: [0], 2: [3]}

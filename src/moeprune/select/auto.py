@@ -126,8 +126,11 @@ class Judgement:
                                for f in self.where}
         self.composite = all(self.composed_folds != d for d in self.distinct.values())
 
-    def composed(self) -> Drops:
-        """The composition's drops on every window: each layer from its candidate's final plan."""
+    def composed(self) -> Drops | None:
+        """The composition's drops on every window: each layer from its candidate's final plan (None while one of
+        those plans is not made: NAEE's is made only when it is exported)."""
+        if any(c not in self.drops for c in self.best_by_layer.values()):
+            return None
         return {layer: self.drops[c][layer] for layer, c in self.best_by_layer.items()}
 
     # ------------------------------------------------------------------ report
