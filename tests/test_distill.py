@@ -250,7 +250,9 @@ def test_bf16_checkpoint_verifies_in_float32(root):
     src = save_tiny("qwen3_moe", root / "qwen3_moe_bf16", seed=3, dtype=torch.bfloat16, with_tokenizer=True)
     recipe = [{"method": "tcess_top1", "ratio": 0.5}, {"method": "distill", "steps": 3, "lr": 1e-2}]
     applied, result = api.prune(src, root / "out-bf16", recipe=recipe, calib=calib(root), verify_dtype="float32")
-    assert result.passed and result.max_abs_diff == 0, result.line()
+    # float32 GEMMs of other widths (the export vs the reference) round differently on some CPUs (7e-7 seen);
+    # values left unrounded to bf16 (2^-9 relative per weight) would differ by ~1e-3 of the logits
+    assert result.passed and result.max_abs_diff <= 1e-5 * result.max_abs_logit, result.line()
     tensors = load_file(root / "out-bf16" / "model.safetensors")
     assert tensors["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.bfloat16
 

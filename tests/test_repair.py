@@ -229,7 +229,9 @@ def test_repair_of_a_bf16_checkpoint_holds_the_stored_dtype(root, tmp_path):
     _, result = moeprune.prune(src, out, recipe=[{"method": "frequency", "ratio": 0.5},
                                                  {"method": "repair", "kind": "compensate"}],
                                calib=dataclasses.replace(calib(root), dtype="float32"))
-    assert result.passed and result.max_abs_diff == 0.0, result
+    # float32 GEMMs of other widths (the export vs the masked original) round differently on some CPUs (3e-7 seen);
+    # values left unrounded to bf16 (2^-9 relative per weight) would differ by ~1e-3 of the logits
+    assert result.passed and result.max_abs_diff <= 1e-5 * result.max_abs_logit, result
     from moeprune.stages.weights_plan import WeightsPlan
 
     plan = WeightsPlan.load(out / "moeprune_plans" / "2-repair.json")
