@@ -60,7 +60,15 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
         kwargs["quantization_config"] = quant.hf_dequantize_config()
     if trusted():
         kwargs["trust_remote_code"] = True
-    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True, **kwargs)
-    if quant is not None and quant.method == "compressed-tensors" and dtype != "auto":
-        model.to(parse_dtype(dtype))  # transformers leaves decompressed experts in their scales' dtype
+    ct = quant is not None and quant.method == "compressed-tensors"
+    # compressed-tensors: loaded in the checkpoint's dtype, so every weight is decompressed to (q − z)·s in its
+    # scales' dtype (a float32 load would give routed experts that, but dense modules the exact float32 product)
+    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype("auto" if ct else dtype),
+                                               local_files_only=True, **kwargs)
+    if ct:
+        compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+        if compressor is not None and hasattr(model, "ct_decompress_hook"):
+            compressor.decompress_model(model)  # what the first forward would do: Ŵ in the scales' dtype
+        if dtype != "auto":
+            model.to(parse_dtype(dtype))  # transformers leaves decompressed weights in their scales' dtype
     return model.to(device).eval()

@@ -62,8 +62,9 @@ class QuantizeOptions(StageOptions):
         return scheme_named(self.scheme, self.group_size, self.symmetric, tuple(self.parts))
 
 
-def expert_bits(bits: Any, num_experts: int, default: int) -> dict[int, dict[int, int]]:
-    """The `bits` option as {layer: {expert: bits}} ({} when not given); keys may be strings (JSON / YAML)."""
+def expert_bits(bits: Any, num_experts: int | None, default: int) -> dict[int, dict[int, int]]:
+    """The `bits` option as {layer: {expert: bits}} ({} when not given); keys may be strings (JSON / YAML).
+    `num_experts` None: only check the values (no model known yet)."""
     if bits is None:
         return {}
     if not isinstance(bits, dict):
@@ -78,12 +79,13 @@ def expert_bits(bits: Any, num_experts: int, default: int) -> dict[int, dict[int
         if isinstance(value, dict):
             per = {}
             for j, b in value.items():
-                if not str(j).isdigit() or not 0 <= int(j) < num_experts:
+                if not str(j).isdigit() or (num_experts is not None and int(j) >= num_experts):
                     raise MoePruneError(f"bits: layer {layer_i} expert {j!r} is not one of 0..{num_experts - 1}.")
                 per[int(j)] = check_bits(b)
-            out[layer_i] = {j: per.get(j, default) for j in range(num_experts)}
+            out[layer_i] = per if num_experts is None else {j: per.get(j, default) for j in range(num_experts)}
         else:
-            out[layer_i] = dict.fromkeys(range(num_experts), check_bits(value))
+            check_bits(value)
+            out[layer_i] = {} if num_experts is None else dict.fromkeys(range(num_experts), value)
     return out
 
 
@@ -110,7 +112,7 @@ class QuantizeStage(Stage):
             raise MoePruneError(f"min_tokens {o.min_tokens!r}: a positive number of routed tokens.")
         if isinstance(o.damp, bool) or not isinstance(o.damp, (int, float)) or not 0 <= o.damp < 10:
             raise MoePruneError(f"damp {o.damp!r}: a number >= 0 (relative damping, e.g. 0.01).")
-        expert_bits(o.bits, 1 << 30, o.quant_scheme.bits)
+        expert_bits(o.bits, None, o.quant_scheme.bits)
         if o.algorithm == "rtn" and (o.act_order or o.damp != 0.01 or o.min_tokens != 16):
             raise MoePruneError("act_order, damp and min_tokens are GPTQ's; drop them or use algorithm gptq.")
 
