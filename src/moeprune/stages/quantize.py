@@ -128,6 +128,11 @@ class QuantizeStage(Stage):
         from moeprune.models.structure import meta_model
         from moeprune.quant.export import per_expert_on_disk
 
+        try:
+            import compressed_tensors  # noqa: F401
+        except ImportError:
+            raise MoePruneError("quantization writes compressed-tensors checkpoints: pip install "
+                                "'compressed-tensors>=0.15' (the `quant` extra: pip install 'moeprune[quant]').") from None
         root = adapter.root_config
         qcfg = quantization_dict(root.to_dict() if hasattr(root, "to_dict") else dict(root))
         if qcfg is not None:
