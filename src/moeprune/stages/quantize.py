@@ -132,7 +132,7 @@ class QuantizeStage(Stage):
             import compressed_tensors  # noqa: F401
         except ImportError:
             raise MoePruneError("quantization writes compressed-tensors checkpoints: pip install "
-                                "'compressed-tensors>=0.15' (the `quant` extra: pip install 'moeprune[quant]').") from None
+                                "'compressed-tensors>=0.15' (the `quant` extra: 'moeprune[quant]').") from None
         root = adapter.root_config
         qcfg = quantization_dict(root.to_dict() if hasattr(root, "to_dict") else dict(root))
         if qcfg is not None:
