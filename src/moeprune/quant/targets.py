@@ -51,8 +51,10 @@ def find_targets(model: nn.Module, adapter: MoEAdapter, parts: tuple[str, ...], 
     decoder = adapter.decoder_layers(model)
     for layer in layers if layers is not None else range(len(decoder)):
         if layer in moe:
+            present = adapter.expert_views(adapter.block(model, layer), 0)  # up-only experts have no gate
+            roles = [role for role in EXPERT_ROLES if role in present]
             for j in range(adapter.num_experts):
-                out += [Target(layer, "routed_experts", role, j) for role in EXPERT_ROLES]
+                out += [Target(layer, "routed_experts", role, j) for role in roles]
             if "shared_experts" in parts:
                 block = adapter.block(model, layer)
                 for shared_name in adapter.shared_names:
