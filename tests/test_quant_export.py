@@ -250,3 +250,15 @@ def test_gptq_hessian_uses_only_the_experts_routed_tokens(root):
         assert hess.tokens[j] == xj.shape[0]
         assert torch.allclose(hess.expert_in[j], 2 * xj.T @ xj, rtol=1e-4, atol=1e-6)
     assert sum(counts) == 2 * x.shape[0] and max(counts) < x.shape[0]  # top-2: every token twice, split up
+
+
+def test_layer_by_layer_gptq_equals_in_memory(root):
+    """--lazy: GPTQ on one decoder layer at a time and the layered export give the same checkpoint bytes."""
+    outs = []
+    for lazy in (False, True):
+        out = root / f"qwen3-gptq-lazy{lazy}"
+        applied, result = api.quantize(root / "qwen3_moe", out, scheme="w4a16", algorithm="gptq", group_size=G,
+                                       calib=calib(root), lazy=lazy)
+        assert result.passed and applied.report["apply_mode"] == ("layered" if lazy else "in-memory")
+        outs.append(load_file(str(out / "model.safetensors")))
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
