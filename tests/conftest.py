@@ -100,6 +100,9 @@ def no_work(monkeypatch):
 
     for name in ("load_model", "collect"):
         monkeypatch.setattr(run, name, forbid(f"calibration.run.{name}"))
+    from moeprune.quant import run as quant_run
+
+    monkeypatch.setattr(quant_run, "quantize_model", forbid("quant.run.quantize_model"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -89,6 +89,17 @@ def prune(model: str | Path, out: str | Path, recipe: Any = None, *, method: str
                   max_shard_size=max_shard_size, overwrite=overwrite, run_verify=run_verify, verify_dtype=verify_dtype)
 
 
+def quantize(model: str | Path, out: str | Path, *, scheme: str = "w4a16", algorithm: str = "rtn",
+             calib: CalibrateOptions | None = None, lazy: bool | None = None, max_shard_size: str | int = "5GB",
+             overwrite: bool = False, run_verify: bool = True, verify_dtype: str = "float32", **options: Any
+             ) -> tuple[ApplyResult, VerifyResult | None]:
+    """`moeprune quantize`: the one-stage recipe `{method: quantize, scheme, algorithm, **options}` (group_size,
+    symmetric, parts, bits, min_tokens, damp, act_order), exported as a compressed-tensors checkpoint."""
+    stage = {"method": "quantize", "scheme": scheme, "algorithm": algorithm, **options}
+    return _prune(model, out, [stage], source="", calib=calib, lazy=lazy, max_shard_size=max_shard_size,
+                  overwrite=overwrite, run_verify=run_verify, verify_dtype=verify_dtype)
+
+
 def shorthand(method: str | None, ratio: float | None, options: dict, expert_method: str | None = None,
               expert_ratio: float | None = None) -> list[dict]:
     """Single-method flags as a recipe: one stage, or expert removal first with --expert-method/--expert-ratio."""

@@ -10,6 +10,7 @@ Imported through this module (`from moeprune.compat import NAME`, looked up at f
 does not import transformers) — `EXPORTS`, moeprune's name -> (transformers module, attribute there):
 
     get_model_conversion_mapping          transformers.conversion_mapping.get_model_conversion_mapping
+    get_checkpoint_conversion_mapping     transformers.conversion_mapping.* (quant/export.py: per-expert on disk?)
     WeightConverter, WeightRenaming,      transformers.core_model_loading.*
       rename_source_key, convert_and_load_state_dict_in_model,
       revert_weight_conversion            (in-memory names -> on-disk names, as save_pretrained writes them)
@@ -41,6 +42,7 @@ from moeprune.errors import MoePruneError
 
 EXPORTS: dict[str, tuple[str, str]] = {
     "get_model_conversion_mapping": ("transformers.conversion_mapping", "get_model_conversion_mapping"),
+    "get_checkpoint_conversion_mapping": ("transformers.conversion_mapping", "get_checkpoint_conversion_mapping"),
     "WeightConverter": ("transformers.core_model_loading", "WeightConverter"),
     "WeightRenaming": ("transformers.core_model_loading", "WeightRenaming"),
     "rename_source_key": ("transformers.core_model_loading", "rename_source_key"),

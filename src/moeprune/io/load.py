@@ -37,7 +37,9 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
     """`Auto*.from_pretrained(path)` (the stock class for this config) from local files only, in eval mode.
 
     Loads any moeprune output: non-uniform expert widths (which stock `from_pretrained` refuses by design) go
-    through `io.nonuniform.load_nonuniform`. Quantized checkpoints (FP8, MXFP4: `io.quant`) are dequantized."""
+    through `io.nonuniform.load_nonuniform`. Quantized checkpoints (FP8, MXFP4: `io.quant`) are dequantized;
+    compressed-tensors ones are decompressed by transformers, or, when their routed experts use several widths
+    (which transformers 5.24 decodes with one), module by module by compressed-tensors (`quant/load.py`)."""
     from transformers import AutoConfig
 
     cfg_file = Path(path) / "config.json"
@@ -46,10 +48,27 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
 
     config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trusted())
     kwargs = {}
-    if cfg_file.is_file() and (quant := quant_format(json.loads(cfg_file.read_text()), str(cfg_file))) is not None:
+    quant = quant_format(json.loads(cfg_file.read_text()), str(cfg_file)) if cfg_file.is_file() else None
+    if quant is not None and quant.method == "compressed-tensors":
+        from moeprune.quant.load import expert_schemes, load_decompressed
+
+        if len(expert_schemes(quant.config)) > 1:  # transformers would decode every expert with one width
+            return load_decompressed(path, parse_dtype(dtype)).to(device).eval()
+        # else stock: experts dequantized at load, other modules decompressed by compressed-tensors per module
+    elif quant is not None:
         # FP8 / MXFP4: always the dequantized plain model (on a GPU transformers would keep FP8 / MXFP4 modules)
         kwargs["quantization_config"] = quant.hf_dequantize_config()
     if trusted():
         kwargs["trust_remote_code"] = True
-    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype(dtype), local_files_only=True, **kwargs)
+    ct = quant is not None and quant.method == "compressed-tensors"
+    # compressed-tensors: loaded in the checkpoint's dtype, so every weight is decompressed to (q − z)·s in its
+    # scales' dtype (a float32 load would give routed experts that, but dense modules the exact float32 product)
+    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype("auto" if ct else dtype),
+                                               local_files_only=True, **kwargs)
+    if ct:
+        compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
+        if compressor is not None and hasattr(model, "ct_decompress_hook"):
+            compressor.decompress_model(model)  # what the first forward would do: Ŵ in the scales' dtype
+        if dtype != "auto":
+            model.to(parse_dtype(dtype))  # transformers leaves decompressed weights in their scales' dtype
     return model.to(device).eval()

@@ -2,6 +2,9 @@
 supports it, and whether its scale tensors fit their weights.
 
 Supported formats (`FORMATS`, a registry):
+    compressed-tensors   moeprune's own quantized exports (`quant/export.py`) and llm-compressor's pack-quantized
+           checkpoints: `PREFIX.weight_packed` int32 with `weight_scale`, `weight_shape` (and `weight_zero_point`);
+           stock loading decompresses them (`io/load.py`; mixed routed-expert widths: `quant/load.py`).
     fp8    block-quantized FP8 (DeepSeek-V3/R1, Qwen3-FP8, GLM-4.5-FP8). A quantized Linear weight W [.., out, in]
            is float8_e4m3fn with `weight_scale_inv` S [.., ceil(out/b0), ceil(in/b1)] (b = `weight_block_size`,
            one scale for the whole matrix when absent), float32 (or bf16; uint8/e8m0 for `scale_fmt: ue8m0`):
@@ -39,6 +42,8 @@ FP8_WEIGHT = "F8_E4M3"
 FP8_SCALE = "weight_scale_inv"
 FP8_SCALE_DTYPES = {"float": ("F32", "BF16"), "ue8m0": ("U8", "E8M0", "F8_E8M0")}
 SCALE_ENDS = ("_scale_inv", "_scales")  # how scale tensors of the supported formats are named
+CT_PACKED = ".weight_packed"  # compressed-tensors pack-quantized: the packed integers of PREFIX.weight
+CT_COMPANIONS = (".weight_scale", ".weight_shape", ".weight_zero_point")  # ... and what comes with them
 MX_BLOCK = 32  # values per MXFP4 scale
 E8M0_NAN = 255  # the e8m0 byte that encodes NaN
 
@@ -62,15 +67,18 @@ class QuantFormat:
         self.values(self, {e.name: e for e in entries})
 
     def params(self, entry: TensorEntry) -> int:
-        """Model parameters a stored tensor holds: scales hold none, an MXFP4 byte holds two."""
-        if entry.name.endswith(SCALE_ENDS):
+        """Model parameters a stored tensor holds: scales hold none, an MXFP4 byte holds two, a packed
+        compressed-tensors int32 word 32 / bits."""
+        if entry.name.endswith(SCALE_ENDS) or entry.name.endswith(CT_COMPANIONS):
             return 0
+        if self.method == "compressed-tensors" and entry.name.endswith(CT_PACKED):
+            return entry.numel * 32 // _ct_bits(self, entry.name.removesuffix(CT_PACKED))
         return entry.numel * 2 if self.method == "mxfp4" and entry.name.endswith("_blocks") else entry.numel
 
     def read(self, entry: TensorEntry, entries: dict[str, TensorEntry]) -> torch.Tensor | None:
         """One checkpoint tensor as the model's values (float32 where it is quantized), None for a scale tensor
         (it belongs to its weight). Reads that tensor and its scale only."""
-        if entry.name.endswith(SCALE_ENDS):
+        if entry.name.endswith(SCALE_ENDS) or entry.name.endswith(CT_COMPANIONS):
             return None
         return self.reader(self, entry, entries)
 
@@ -245,6 +253,44 @@ def _read_mxfp4(fmt: QuantFormat, entry: TensorEntry, entries: dict[str, TensorE
     return convert_moe_packed_tensors(read_tensor(entry), read_tensor(scales), dtype=torch.float32)
 
 
+# --------------------------------------------------------------------------------------------- compressed-tensors
+
+
+def _ct_bits(fmt: QuantFormat, prefix: str) -> int:
+    from moeprune.quant.load import scheme_of
+
+    return scheme_of(prefix, fmt.config).weights.num_bits
+
+
+def _check_ct(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
+    for name in entries:
+        if name.endswith(CT_PACKED):
+            prefix = name.removesuffix(CT_PACKED)
+            lacking = [s for s in CT_COMPANIONS[:2] if prefix + s not in entries]
+            if lacking:
+                raise MoePruneError(f"{name} has no {prefix}{lacking[0]}: the checkpoint is broken (re-download it).")
+
+
+def _values_ct(fmt: QuantFormat, entries: dict[str, TensorEntry]) -> None:
+    scales = [e for n, e in entries.items() if n.endswith(".weight_scale") and n.removesuffix(".weight_scale")
+              + CT_PACKED in entries]
+    _refuse_bad(scales, lambda e, t: ~(t.float().isfinite() & (t.float() > 0)), "non-finite or non-positive scales")
+
+
+def _read_ct(fmt: QuantFormat, entry: TensorEntry, entries: dict[str, TensorEntry]) -> torch.Tensor:
+    """A packed weight decompressed by its config group (compressed-tensors' compressor), float32."""
+    if not entry.name.endswith(CT_PACKED):
+        return read_tensor(entry)
+    from moeprune.quant.load import decompress_module
+
+    prefix = entry.name.removesuffix(CT_PACKED)
+    state = {n.rpartition(".")[2]: read_tensor(entries[n]) for n in (prefix + s for s in (CT_PACKED, *CT_COMPANIONS))
+             if n in entries}
+    return decompress_module(prefix, state, fmt.config).float()
+
+
+FORMATS.register("compressed-tensors", dict(check=_check_ct, values=_values_ct, hf_class="CompressedTensorsConfig",
+                                            reader=_read_ct))
 FORMATS.register("fp8", dict(check=_check_fp8, values=_values_fp8, hf_class="FineGrainedFP8Config", reader=_read_fp8))
 FORMATS.register("mxfp4", dict(check=_check_mxfp4, values=_values_mxfp4, hf_class="Mxfp4Config",
                                reader=_read_mxfp4))

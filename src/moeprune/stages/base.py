@@ -51,6 +51,7 @@ class Need(Enum):
     NEURONS = "neurons"  # per-neuron activation statistics inside every routed expert
     GRADIENTS = "gradients"  # per-neuron gradients of the calibration loss (HEAPr)
     TEACHER = "teacher"  # the model before the stage runs next to it on calibration text (repair, distillation)
+    HESSIANS = "hessians"  # per-expert input Gram matrices from each expert's routed tokens (GPTQ)
 
     @property
     def calibrated(self) -> bool:
