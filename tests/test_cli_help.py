@@ -11,8 +11,8 @@ import pytest
 
 from moeprune.cli import build_parser
 
-COMMANDS = ("demo", "info", "analyze", "calibrate", "stats", "criteria", "plan", "apply", "prune", "verify", "eval",
-            "compare", "lm-eval", "testbed")
+COMMANDS = ("demo", "info", "analyze", "calibrate", "stats", "criteria", "plan", "apply", "prune", "budget", "verify",
+            "eval", "compare", "lm-eval", "testbed")
 NESTED = {"stats": ("merge",), "testbed": ("build", "info", "path")}
 
 

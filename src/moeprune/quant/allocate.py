@@ -220,7 +220,7 @@ def allocate(costs: ExpertCosts, budget: Budget, granularity: str = "expert") ->
             bits[layer][e] = costs.widths[c]
     total = int(cost[np.arange(len(groups)), choice].sum())
     predicted = float(loss[np.arange(len(groups)), choice].sum())
-    logger.info("allocation (%s, %s): predicted loss %.6g, %s of %s %s", granularity, budget.describe(), predicted,
+    logger.debug("allocation (%s, %s): predicted loss %.6g, %s of %s %s", granularity, budget.describe(), predicted,
                 f"{total:,}", f"{capacity:,}", budget.unit)
     return Allocation(costs.widths, granularity, bits, predicted, total, capacity, budget.unit)
 
