@@ -51,10 +51,10 @@ def test_sizes_match_the_checkpoint_and_a_real_pruned_export(setup, tmp_path):
     from moeprune import api
 
     root, model, stats, calib = setup
-    opts = BudgetOptions(ratio_of_original=1.0, widths=(16,), group_size=GROUP, expert_ratios=(0.5,),
+    opts = BudgetOptions(ratio_of_original=1.0, widths=(2,), group_size=GROUP, expert_ratios=(0.5,),
                          neuron_ratios=(), top=10)
     result = budget(model, stats, opts, fake_quant=fq)
-    by_ratio = {c.expert_ratio: c for c in result.candidates}
+    by_ratio = {c.expert_ratio: c for c in result.candidates if c.allocation.widths == (16,)}  # unquantized
     from moeprune.io.checkpoint import Checkpoint
 
     assert by_ratio[0.0].bytes == Checkpoint.open(model).total_bytes
@@ -74,7 +74,7 @@ def test_prediction_equals_a_by_hand_recomputation_over_the_grid(setup):
     from moeprune.stats.store import ExpertStats
 
     root, model_path, stats_path, _ = setup
-    widths, ratios = (2, 4, 8, 16), (0.25, 0.5)
+    widths, ratios = (2, 4, 8), (0.25, 0.5)
     ckpt = Checkpoint.open(model_path)
     target = int(0.6 * ckpt.total_bytes)
     opts = BudgetOptions(bytes=target, widths=widths, group_size=GROUP, expert_ratios=ratios, neuron_ratios=(),
@@ -89,13 +89,12 @@ def test_prediction_equals_a_by_hand_recomputation_over_the_grid(setup):
     for layer in (1, 2):
         ex = model.model.layers[layer].mlp.experts
         I = ex.down_proj.shape[-1]
-        rel[layer] = torch.zeros(8, len(widths), dtype=torch.float64)
+        rel[layer] = torch.zeros(8, len(widths), dtype=torch.float64)  # [E, B]
         for j in range(8):
             mats = [ex.gate_up_proj[j, :I].detach(), ex.gate_up_proj[j, I:].detach(), ex.down_proj[j].detach()]
             norm = sum(float(m.double().square().sum()) for m in mats)
             for n, b in enumerate(widths):
-                if b < 16:
-                    rel[layer][j, n] = sum(float((m.float().double() - rtn_reference(m.float(), b)).square().sum())
+                rel[layer][j, n] = sum(float((m.float().double() - rtn_reference(m.float(), b)).square().sum())
                                            for m in mats) / norm
     E, H, I = 8, 32, 16
     expert_tensor_bytes = 8 * 2 * 3 * H * I * 2  # per layer, bf16
@@ -125,6 +124,9 @@ def test_prediction_equals_a_by_hand_recomputation_over_the_grid(setup):
                 options.append((removal + quant, nbytes, ratio, kept))
         if options:
             best_by_hand.append(min(options, key=lambda o: o[0]))
+        unquantized = fixed + 2 * (E - n_drop) * expert_bytes(16)
+        if unquantized <= target:
+            best_by_hand.append((removal, unquantized, ratio, kept))
     best_by_hand.sort(key=lambda o: o[0])
     assert len(result.candidates) == len(best_by_hand) >= 2
     for cand, (loss, nbytes, ratio, kept) in zip(result.candidates, best_by_hand, strict=True):
@@ -142,14 +144,16 @@ def test_recipes_parse_and_the_cli_prints_them(setup, monkeypatch, capsys):
     root, model, stats, _ = setup
     monkeypatch.setattr(budget_module, "rtn_fake_quant", lambda g, s: fq)
     assert main(["budget", str(model), str(stats), "--ratio-of-original", "0.6", "--group-size", str(GROUP),
-                 "--widths", "2,4,8,16", "--expert-ratios", "0.25,0.5", "--neuron-ratios", "0.5", "--top", "2"]) == 0
+                 "--widths", "2,4,8", "--expert-ratios", "0.25,0.5", "--neuron-ratios", "0.5", "--top", "2"]) == 0
     out = capsys.readouterr().out
     docs = [yaml.safe_load(part) for part in out.split("\n# recipe ")[1:]]
     assert len(docs) == 2
+    quantized = [doc["stages"][-1] for doc in docs if doc["stages"][-1]["method"] == "quantize"]
+    assert quantized
+    for q in quantized:
+        assert q["group_size"] == GROUP and set(q["bits"]) == {1, 2} and q["scheme"] in ("w2a16", "w4a16", "w8a16")
     for doc in docs:
         stages = doc["stages"]
-        assert stages[-1]["method"] == "quantize" and stages[-1]["group_size"] == GROUP
-        assert set(stages[-1]["bits"]) == {1, 2}
         rest = [s for s in stages if s["method"] != "quantize"]
         if rest:
             parse_recipe({"stages": rest})  # the removal stages are ones moeprune runs
@@ -160,7 +164,7 @@ def test_camera_importance_needs_calibration_text_and_runs_with_it(setup):
     with pytest.raises(MoePruneError, match="needs neuron statistics"):
         budget(model, stats, BudgetOptions(ratio_of_original=0.6, importance="camera", group_size=GROUP),
                fake_quant=fq)
-    opts = BudgetOptions(ratio_of_original=0.6, importance="camera", widths=(2, 4, 16), group_size=GROUP,
+    opts = BudgetOptions(ratio_of_original=0.6, importance="camera", widths=(2, 4), group_size=GROUP,
                          expert_ratios=(0.5,), neuron_ratios=(0.5,), top=4)
     result = budget(model, stats, opts, calib=calib, fake_quant=fq)
     assert result.candidates and all(c.bytes <= result.target for c in result.candidates)
@@ -187,6 +191,12 @@ def test_bad_input_refused_before_any_work(setup, monkeypatch):
         BudgetOptions(bytes=10**9, ratio_of_original=0.5)
     with pytest.raises(MoePruneError, match="cannot be stored"):
         BudgetOptions(bytes=10**9, widths=(4, 12))
+    with pytest.raises(MoePruneError, match="cannot be stored"):
+        BudgetOptions(bytes=10**9, widths=(1, 4))
+    with pytest.raises(MoePruneError, match="always in the search"):
+        BudgetOptions(bytes=10**9, widths=(4, 16))
+    with pytest.raises(MoePruneError, match="does not divide"):
+        budget(model, stats, BudgetOptions(ratio_of_original=0.6, group_size=128), fake_quant=fq)
     with pytest.raises(MoePruneError, match="calibrated criterion"):
         BudgetOptions(bytes=10**9, criterion="aimer")
     with pytest.raises(MoePruneError, match="Did you mean 'camera'"):

@@ -38,8 +38,8 @@ def add_parser(sub) -> None:
                         "(micro-expert energy x error; needs --calib)")
     p.add_argument("--criterion", default="frequency", help="expert removal criterion of the recipes")
     p.add_argument("--neuron-method", default="camera", help="neuron removal method of the recipes")
-    p.add_argument("--widths", type=_ints, default=(2, 3, 4, 8, 16),
-                   help="bit widths allowed (16: left at the stored dtype)")
+    p.add_argument("--widths", type=_ints, default=(2, 3, 4, 8),
+                   help="quantized bit widths allowed (recipes without quantization are always searched too)")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (input columns)")
     p.add_argument("--asymmetric", action="store_true", help="quantize with zero points")
     p.add_argument("--granularity", default="layer",
@@ -77,13 +77,16 @@ def run(args) -> int:
     for n, (cand, recipe) in enumerate(zip(result.candidates, result.recipes(), strict=True), 1):
         print(f"\n# recipe {n}: predicted loss {cand.loss:.5f} (experts removed {cand.removal:.5f}, neurons "
               f"{cand.neurons:.5f}, quantization {cand.quant:.5f}); {cand.bytes:,} bytes = "
-              f"{cand.bytes / result.original:.3f} of the original; average bits "
-              f"{_avg(cand):.2f}")
+              f"{cand.bytes / result.original:.3f} of the original; {_bits(cand)}")
         print(yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None).rstrip())
     return 0
 
 
-def _avg(cand) -> float:
-    """Average nominal bits over the kept experts' weights."""
+def _bits(cand) -> str:
+    """Average width over the kept experts (all alike in size), or 'unquantized'."""
+    from moeprune.quant.sizes import STORED
+
     bits = [b for bs in cand.allocation.bits.values() for b in bs]
-    return sum(bits) / max(1, len(bits))
+    if all(b >= STORED for b in bits):
+        return "experts unquantized"
+    return f"average bits {sum(bits) / max(1, len(bits)):.2f}"

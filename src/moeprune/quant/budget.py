@@ -23,7 +23,7 @@ from moeprune.quant.allocate import GRANULARITIES, check_widths
 from moeprune.quant.importance import IMPORTANCE, FakeQuant, ImportanceInputs, micro_errors, omegas, rtn_fake_quant
 from moeprune.quant.model_sizes import ModelSizes, model_sizes
 from moeprune.quant.search import Candidate, axes, search, smallest_bytes
-from moeprune.quant.sizes import PackedFormat
+from moeprune.quant.sizes import MAX_PACKED, MIN_PACKED, STORED, PackedFormat
 from moeprune.stats.store import ExpertStats, StatsView
 
 EXPERT_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
@@ -42,7 +42,7 @@ class BudgetOptions:
     importance: str = "pmq"
     criterion: str = "frequency"  # expert removal in the recipes (a calibrated criterion)
     neuron_method: str = "camera"  # neuron removal in the recipes
-    widths: tuple[int, ...] = (2, 3, 4, 8, 16)
+    widths: tuple[int, ...] = (2, 3, 4, 8)  # quantized widths; the unquantized recipes are always in the grid
     group_size: int = 128
     symmetric: bool = True
     granularity: str = "layer"
@@ -70,7 +70,9 @@ class BudgetOptions:
                                 f"criterion ({', '.join(n for n, c in CRITERIA.items() if c.needs == 'calibration')})"
                                 ".")
         NEURON_CRITERIA.get(self.neuron_method)
-        check_widths(self.widths)
+        if any(b >= STORED for b in check_widths(self.widths)):
+            raise MoePruneError(f"--widths {self.widths}: give quantized widths ({MIN_PACKED}..{MAX_PACKED}); recipes "
+                                "that leave the experts unquantized are always in the search.")
         PackedFormat(self.group_size, self.symmetric)
         GRANULARITIES.get(self.granularity)
         for name in ("expert_ratios", "neuron_ratios"):
@@ -109,8 +111,12 @@ def budget(model: str | Path, stats: str | Path, opts: BudgetOptions, *, calib=N
     _check_stats(st, adapter, stats)
     routing = StatsView(st).routing()
     target = opts.target(sizes)
-    ax = axes(opts.expert_ratios, opts.neuron_ratios, sizes, routing)
+    ax = axes(opts.expert_ratios, opts.neuron_ratios, sizes, routing, opts.group_size)
     fmt = PackedFormat(opts.group_size, opts.symmetric, scale_bytes=sizes.expert.stored_bytes)
+    for what, n in (("hidden size", sizes.expert.hidden), ("expert width", sizes.expert.width)):
+        if n % opts.group_size:
+            raise MoePruneError(f"--group-size {opts.group_size} does not divide the {what} {n}; the quantize stage "
+                                "needs groups that divide every expert matrix's input features.")
     widths = tuple(sorted(set(opts.widths)))
     least = smallest_bytes(sizes, ax, widths, fmt)
     if least > target:

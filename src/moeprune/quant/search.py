@@ -48,8 +48,9 @@ class Axes:
     neurons: list[tuple[float, int]]
 
 
-def axes(expert_ratios, neuron_ratios, sizes: ModelSizes, routing: RoutingSpec) -> Axes:
-    """Ratios the stages accept on this model, one per distinct result (0 = that stage is left out)."""
+def axes(expert_ratios, neuron_ratios, sizes: ModelSizes, routing: RoutingSpec, group_size: int = 1) -> Axes:
+    """Ratios the stages accept on this model, one per distinct result (0 = that stage is left out); kept widths
+    that `group_size` does not divide are left out (the quantize stage refuses them)."""
     E, width = sizes.num_experts, sizes.expert.width
     experts, neurons = {E: 0.0}, {width: 0.0}
     for r in sorted(expert_ratios):
@@ -69,6 +70,9 @@ def axes(expert_ratios, neuron_ratios, sizes: ModelSizes, routing: RoutingSpec) 
                 logger.debug("neuron ratio %s skipped: %s", v, e)
                 continue
             w = expert_width_kept(v, width, 1, ALIGN)
+            if w % group_size:
+                logger.debug("neuron ratio %s skipped: group size %d does not divide width %d", v, group_size, w)
+                continue
             if w not in neurons or abs(v - (1 - w / width)) < abs(neurons[w] - (1 - w / width)):
                 neurons[w] = v
     return Axes(sorted((r, k) for k, r in experts.items()), sorted((v, w) for w, v in neurons.items()))
@@ -105,10 +109,13 @@ class Candidate:
         if self.neuron_ratio:
             stages.append({"method": neuron_method, "ratio": self.neuron_ratio})
         per_layer = self.allocation.per_layer()
-        bits = per_layer if per_layer is not None else self.allocation.bits
-        if any(b < STORED for bs in self.allocation.bits.values() for b in bs):
-            stages.append({"method": "quantize", "algorithm": "rtn", "group_size": group_size,
-                           "symmetric": symmetric, "bits": {int(k): v for k, v in bits.items()}})
+        every = [b for bs in self.allocation.bits.values() for b in bs]
+        if every and max(every) < STORED:  # quantized ({layer: bits} or {layer: {expert: bits}}, the stage's `bits`)
+            bits = ({int(k): v for k, v in per_layer.items()} if per_layer is not None else
+                    {int(k): dict(enumerate(v)) for k, v in self.allocation.bits.items()})
+            common = max(set(every), key=every.count)
+            stages.append({"method": "quantize", "scheme": f"w{common}a16", "algorithm": "rtn",
+                           "group_size": group_size, "symmetric": symmetric, "bits": bits})
         return {"stages": stages}
 
 
@@ -134,8 +141,16 @@ def search(sizes: ModelSizes, ax: Axes, target: int, scores: dict[int, torch.Ten
                 neuron_loss += float((gone * (1 - mask)).sum())
                 loss[layer] = torch.einsum("ek,ekb->eb", w * mask, e.err[kept[layer]])  # [K, B]
             shapes = {layer: [sizes.expert.narrowed(width)] * n_kept for layer in errors}
-            costs = ExpertCosts.from_shapes(shapes, widths, fmt).with_loss(loss)
             budget = MaxBytes(target, sizes.fixed_after(n_kept))
+            plain = ExpertCosts.from_shapes(shapes, (STORED,), fmt)  # left unquantized: no quantization loss
+            plain_bytes = budget.fixed + sum(int(t.sum()) for t in plain.nbytes.values())
+            if plain_bytes <= target:
+                bits = {layer: [STORED] * n_kept for layer in errors}
+                alloc = Allocation((STORED,), granularity, bits, 0.0, plain_bytes - budget.fixed,
+                                   budget.capacity(plain), budget.unit)
+                out.append(Candidate(ratio, nu, kept, width, alloc, removal / mass, neuron_loss / mass, 0.0,
+                                     plain_bytes))
+            costs = ExpertCosts.from_shapes(shapes, widths, fmt).with_loss(loss)
             try:
                 check_budget(costs, budget, granularity)
             except MoePruneError:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from moeprune.errors import MoePruneError
 
 STORED = 16  # widths >= STORED: the expert keeps its stored dtype (no quantization)
-MAX_PACKED = 8  # compressed-tensors packs 1..8 bits into int32
+MIN_PACKED, MAX_PACKED = 2, 8  # pack-quantized stores 1..8 bits; 1 bit leaves a symmetric range {-1, 0}: refused
 
 
 def _ceil(a: int, b: int) -> int:
@@ -56,9 +56,9 @@ class PackedFormat:
 
 
 def check_width(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not (1 <= bits <= MAX_PACKED or bits >= STORED):
-        raise MoePruneError(f"bit width {bits!r} cannot be stored: pack-quantized weights take 1..{MAX_PACKED} bits; "
-                            f"give {STORED} (or more) to leave an expert at its stored dtype.")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (MIN_PACKED <= bits <= MAX_PACKED or bits >= STORED):
+        raise MoePruneError(f"bit width {bits!r} cannot be stored: pack-quantized weights take {MIN_PACKED}.."
+                            f"{MAX_PACKED} bits; give {STORED} (or more) to leave an expert at its stored dtype.")
     return bits
 
 
