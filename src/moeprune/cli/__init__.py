@@ -16,6 +16,7 @@ from moeprune import __version__
 from moeprune.cli import (
     analyze,
     apply,
+    budget,
     calibrate,
     compare,
     criteria,
@@ -36,8 +37,8 @@ from moeprune.io.remote import FLAG, trust_remote_code
 from moeprune.log import configure
 
 # in the order `moeprune -h` lists them: the usual path first, then the tools around it
-VERBS = (demo, info, analyze, calibrate, stats, criteria, plan, apply, prune, quantize, verify, eval, compare, lm_eval,
-         testbed)
+VERBS = (demo, info, analyze, calibrate, stats, criteria, plan, apply, prune, quantize, budget, verify, eval, compare,
+         lm_eval, testbed)
 
 
 def build_parser() -> argparse.ArgumentParser:
