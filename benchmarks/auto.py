@@ -5,7 +5,8 @@
 Rows: ratio × calibration {mixed (every domain), each single domain}. The single criteria are planned from one
 calibration pass over all `--calib-samples` windows per domain (`mixed` = the sum of the per-domain statistics);
 NAEE runs its own progressive pass on the same windows; auto gets the same windows and judges its candidates by
-K-fold cross-fitting on them (each fold judged by candidates scored on the other folds), then exports the chosen
+K-fold cross-fitting on them (each fold judged by candidates scored on the other folds) averaged with each export's
+in-sample NLL, then exports the chosen
 criterion's plan scored on every window (`same_plan` in the JSON: compared here with that criterion's own plan).
 Nothing here looks at held-out text until the plans are made; each plan is then applied to an in-memory copy of
 the testbed and scored on `data/<domain>.heldout.txt`:
@@ -198,8 +199,9 @@ def to_markdown(result: dict) -> str:
                      f"{sum(e <= math.log(1.005) for e in excess)}/{n} | {math.exp(sum(excess) / n) - 1:+.2%} | "
                      f"{math.exp(max(excess)) - 1:+.2%} |")
     lines.append("")
-    lines += ["### What auto's judge saw (cross-fitted perplexity ratio = exp(NLL − NLL of the original), mean over "
-              "sets) against the held-out value of the same candidate", ""]
+    lines += ["### What auto's judge saw (perplexity ratio = exp(NLL − NLL of the original), NLL = mean of the "
+              "cross-fitted and the in-sample NLL, mean over sets) against the held-out value of the same candidate",
+              ""]
     for row in result["rows"]:
         sec = row["auto_section"]
         naee = "NAEE included" if sec["naee"]["included"] else f"NAEE skipped ({sec['naee']['reason']})"

@@ -205,9 +205,19 @@ def test_auto_chooses_the_lowest_cross_fitted_nll_and_exports(root, tmp_path, ca
         stats = calibrate_model(model, without(sets, k), opts, source=root / "qwen3_moe")
         by_fold[k] = {c: (p := build_plan(stats, c, 0.25)) and {m: p.dropped(m) for m in p.layers} for c in criteria}
     dropped_by_fold = {c: {k: by_fold[k][c] for k in range(FOLDS)} for c in criteria}
-    nll = cross_fitted(model, adapter, opts, sets, [r["candidate"] for r in section["ranking"]], dropped_by_fold)
-    for r in section["ranking"]:  # every distinct candidate, over every fold
+    # ... and the exports: each criterion planned from a calibration of every window
+    full = calibrate_model(model, sets, opts, source=root / "qwen3_moe")
+    final = {c: {m: (p := build_plan(full, c, 0.25)).dropped(m) for m in p.layers} for c in criteria}
+    exported = {c: dict.fromkeys(range(FOLDS), final[c]) for c in criteria}
+    names = [r["candidate"] for r in section["ranking"]]
+    cross = cross_fitted(model, adapter, opts, sets, names, dropped_by_fold)
+    inside = cross_fitted(model, adapter, opts, sets, names, exported)
+    nll = {c: 0.5 * (cross[c] + inside[c]) for c in names}
+    for r in section["ranking"]:  # every distinct candidate: the mean of cross-fitted and in-sample NLL
         assert r["nll"] == pytest.approx(nll[r["candidate"]], rel=1e-5), r["candidate"]
+        entry = section["candidates"][r["candidate"]]
+        assert entry["nll_cross_fitted"] == pytest.approx(cross[r["candidate"]], rel=1e-5)
+        assert entry["nll_in_sample"] == pytest.approx(inside[r["candidate"]], rel=1e-5)
     base = cross_fitted(model, adapter, opts, sets, ["none"], {"none": dict.fromkeys(range(FOLDS), {})})["none"]
     assert section["original_nll"] == pytest.approx(base, rel=1e-5)
     assert len(nll) >= 3 and len({round(v, 6) for v in nll.values()}) > 1
@@ -221,15 +231,18 @@ def test_auto_chooses_the_lowest_cross_fitted_nll_and_exports(root, tmp_path, ca
     assert auto.PER_LAYER in section["candidates"]  # this data composes one (else the branch below goes untested)
     layers = {int(m): c for m, c in section["per_layer"]["layers"].items()}
     composed = {k: {m: dropped_by_fold[c][k][m] for m, c in layers.items()} for k in range(FOLDS)}
-    half = cross_fitted(model, adapter, opts, sets, [auto.PER_LAYER, best],
-                        {auto.PER_LAYER: composed, best: dropped_by_fold[best]},
-                        sets_of={s.name: {2, 3} for s in sets})
+    b_folds = {s.name: {2, 3} for s in sets}
+    half_cross = cross_fitted(model, adapter, opts, sets, [auto.PER_LAYER, best],
+                              {auto.PER_LAYER: composed, best: dropped_by_fold[best]}, sets_of=b_folds)
+    composed_export = {m: final[c][m] for m, c in layers.items()}
+    half_in = cross_fitted(model, adapter, opts, sets, [auto.PER_LAYER, best],
+                           {auto.PER_LAYER: dict.fromkeys(range(FOLDS), composed_export), best: exported[best]},
+                           sets_of=b_folds)
+    half = {c: 0.5 * (half_cross[c] + half_in[c]) for c in half_cross}
     assert section["per_layer"]["nll_second_half"] == pytest.approx(half, rel=1e-5)
     expected = auto.PER_LAYER if half[auto.PER_LAYER] < half[best] else best
     assert section["chosen"] == expected and plan.method == expected
     # the export is the chosen criterion's own plan on every window (as `--method <it>` would plan)
-    full = calibrate_model(model, sets, opts, source=root / "qwen3_moe")
-    final = {c: {m: (p := build_plan(full, c, 0.25)).dropped(m) for m in p.layers} for c in criteria}
     want = ({m: final[c][m] for m, c in layers.items()} if expected == auto.PER_LAYER else final[expected])
     assert plan.kept_experts == {m: [j for j in range(8) if j not in v] for m, v in want.items()}
     if expected == best:
@@ -339,8 +352,8 @@ def test_too_few_windows_to_judge_is_refused(root, tmp_path):
 
 
 def test_a_composition_that_takes_naee_in_one_layer_is_reported_then_exported():
-    """Layer 1 is best with reap, layer 2 with NAEE (block errors on fold A); the composition wins on fold B; NAEE's
-    plan on every window is made only after the choice, so the report first omits the composition's drops."""
+    """Layer 1 is best with reap, layer 2 with NAEE (block errors on fold A); the composition wins on fold B (mean of
+    cross-fitted and in-sample NLL); while a composed candidate's export is missing, the report omits its drops."""
     from moeprune.pipeline.judge import BlockErrors, WindowNLL
 
     naee = auto_naee.NAEE_NAME
@@ -358,8 +371,11 @@ def test_a_composition_that_takes_naee_in_one_layer_is_reported_then_exported():
     j.judged = ["reap", naee]
     j.nll = {"original": nll(10.0, 10.0), "reap": nll(20.0, 20.0), naee: nll(30.0, 30.0),
              auto.PER_LAYER: nll(40.0, 15.0)}
+    j.nll |= {c + auto.IN_SAMPLE: nll(a, b) for c, (a, b) in
+              {"reap": (20.0, 22.0), naee: (26.0, 26.0), auto.PER_LAYER: (40.0, 13.0)}.items()}
     section = j.section({"included": True}, 2, {"s": 2}, 20)
-    assert section["per_layer"]["nll_second_half"] == {auto.PER_LAYER: 1.5, "reap": 2.0}
+    assert section["per_layer"]["nll_second_half"] == {auto.PER_LAYER: 1.4, "reap": 2.1}  # ½(cross + in) on fold 1
+    assert [r["candidate"] for r in section["ranking"]] == ["reap", naee]  # ½(2.0 + 2.1) < ½(3.0 + 2.6)
     assert section["chosen"] == auto.PER_LAYER and section["runner_up"] == "reap"
     assert "dropped" not in section["candidates"][auto.PER_LAYER] and j.composed() is None
     j.drops[naee] = {1: [2], 2: [3]}  # NAEE's own plan on every window

@@ -13,14 +13,12 @@ from moeprune.log import logger
 from moeprune.pipeline.judge import (
     JUDGE_FOLDS,
     block_errors,
-    everywhere,
     judge_model,
     judged_nll,
     split_folds,
     without_fold,
 )
 from moeprune.select.auto import (
-    PER_LAYER,
     Judgement,
     chosen_plan,
     criterion_candidates,
@@ -59,19 +57,19 @@ def plan_auto(o, ctx) -> PrunePlan:
     plans, protected = candidates(stats)
     by_fold = {k: candidates(merge_folds(per_fold, ctx.sets, where, without=k))[0] for k in folds}
     tokens = sum(s.tokens for s in ctx.sets)
-    naee = naee_decision(o.auto_naee, adapter, o.ratio, tokens, o.beam, o.search_tokens, passes=len(folds))
+    naee = naee_decision(o.auto_naee, adapter, o.ratio, tokens, o.beam, o.search_tokens, passes=len(folds) + 1)
     if naee["included"]:
         t = time.perf_counter()
         for k in folds:
             by_fold[k][NAEE_NAME] = naee_plan(ctx, without_fold(ctx.sets, K, k), adapter, o.ratio, protected,
                                               o.beam, o.search_tokens)
+        plans[NAEE_NAME] = naee_plan(ctx, ctx.sets, adapter, o.ratio, protected, o.beam, o.search_tokens)
         seconds["naee"] = time.perf_counter() - t
     else:
         logger.info("auto: NAEE not a candidate (%s)", naee["reason"])
-    names = [*plans, *([NAEE_NAME] if naee["included"] else [])]
     j = Judgement(drops={c: {layer: p.dropped(layer) for layer in p.layers} for c, p in plans.items()},
                   fold_drops={c: {f: {layer: by_fold[k][c].dropped(layer) for layer in by_fold[k][c].layers}
-                                  for f, (_, k) in where.items()} for c in names},
+                                  for f, (_, k) in where.items()} for c in plans},
                   where=where, plans=dict(plans))
     bs, device = ctx.calib.batch_size, ctx.calib.device
     with judge_model(ctx) as (model, layer_context):
@@ -82,23 +80,11 @@ def plan_auto(o, ctx) -> PrunePlan:
         j.compose_layers(adapter.moe_layers())
         j.judged = sorted(j.distinct, key=j.mean_error.get)[: o.nll_candidates]  # None: every candidate
         t = time.perf_counter()
-        measured = {"original": everywhere({}, fold_sets), **{c: j.distinct[c] for c in j.judged}}
-        if j.composite:
-            measured[PER_LAYER] = j.composed_folds
-        j.nll = judged_nll(model, adapter, fold_sets, measured, batch_size=bs, device=device,
-                           layer_context=layer_context)
+        j.nll = judged_nll(model, adapter, fold_sets, j.streams([f.name for f in fold_sets]), batch_size=bs,
+                           device=device, layer_context=layer_context)
         seconds["nll"] = time.perf_counter() - t
     windows = {s.name: int(s.input_ids.shape[0]) for s in ctx.sets}
     section = j.section(naee, K, windows, tokens)
-    needs = {section["chosen"]} if section["chosen"] != PER_LAYER else set(j.best_by_layer.values())
-    if NAEE_NAME in needs:  # NAEE's plan on every window, only when it is exported
-        t = time.perf_counter()
-        plans[NAEE_NAME] = naee_plan(ctx, ctx.sets, adapter, o.ratio, protected, o.beam, o.search_tokens)
-        j.plans[NAEE_NAME] = plans[NAEE_NAME]
-        j.drops[NAEE_NAME] = {layer: plans[NAEE_NAME].dropped(layer) for layer in plans[NAEE_NAME].layers}
-        seconds["naee"] = seconds.get("naee", 0.0) + time.perf_counter() - t
-        nll = {c: w.mean(j.groups())[0] for c, w in j.nll.items()}
-        section["candidates"] = j.candidates(nll, j.mean_error, section["original_nll"])
     seconds["total"] = time.perf_counter() - t0
     section["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     plan = chosen_plan(section["chosen"], j, adapter, o.ratio, protected, section)

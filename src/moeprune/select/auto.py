@@ -8,15 +8,20 @@ This module holds the candidates and the choice; `pipeline/auto.py:plan_auto` ru
                      single-criterion run on the same windows plans)  ∪ {naee_reconstruction} where affordable
     candidates_k   = the same, scored on Σ_{k' ≠ k} stats_k' (NAEE: its own pass without fold k)
     err_c(ℓ)       = mean over sets of Σ_k ‖Y − Ŷ_{c_k}‖² / Σ_k ‖Y‖² on fold k's windows (`judge.block_errors`)
-    nll_c          = mean over sets of the per-token NLL of candidate c_k's masked model on fold k's windows, summed
-                     over folds (`judge.judged_nll`), for every candidate (or the `nll_candidates` of lowest
-                     mean_ℓ err_c(ℓ))
+    cross_c        = mean over sets of the per-token NLL of candidate c_k's masked model on fold k's windows, summed
+                     over folds (`judge.judged_nll`): the procedure "criterion c on this much text", judged on text
+                     it never saw
+    in_c           = the same NLL of c's exported plan (scored on every window) on every window: the very plan that
+                     ships, judged on text it was scored on
+    nll_c          = ½ (cross_c + in_c), for every candidate (or the `nll_candidates` of lowest mean_ℓ err_c(ℓ))
     best           = argmin_c nll_c
     per_layer      = layer by layer, the criterion of lowest err_c(ℓ) on the first half of each set's folds (A)
-    chosen         = per_layer  if its NLL on the other folds (B) < best's NLL on B  else best
-Each window judges only candidates that never saw it, and the exported plan is scored on every window, so `auto`
-exports exactly the plan of the criterion it picks (or the per-layer composition of those plans). The composition
-is chosen on A, so only B (text that did not choose it) can say whether it beats the best single candidate.
+    chosen         = per_layer  if its nll on the other folds (B) < best's nll on B  else best
+Neither estimate alone ranks the exports well on the testbeds (benchmarks/RESULTS.md, "auto"): cross-fitting judges
+plans that differ from the export where plans move with the sample (50 % of experts), in-sample NLL favours what
+fits the calibration text; their mean was measured best. The export is the chosen criterion's plan on every window
+(exactly what `--method <it>` plans), or the per-layer composition of those plans. The composition is chosen on A,
+so only B (text that did not choose it) can say whether it beats the best single candidate.
 Candidates that drop the same experts in every fold are judged once (`same_as`). The plan's `method` is the chosen
 criterion ("naee_reconstruction", or "auto:per_layer"); `plan.auto` holds every candidate's block errors and NLL,
 the choice, the runner-up margins, why NAEE was included or skipped, and the folds.
@@ -42,6 +47,7 @@ Drops = dict[int, list[int]]  # MoE layer -> dropped experts (original indices)
 PerSet = dict[str, Drops]  # fold-set -> dropped experts there
 AUTO = "auto"
 PER_LAYER = "auto:per_layer"
+IN_SAMPLE = "@in_sample"  # suffix of the NLL streams of the exported plans (`Judgement.nll`)
 
 
 def calibrated_criteria() -> list[str]:
@@ -70,7 +76,7 @@ def protected_experts(protect: tuple[str, ...], protect_super: bool, stats) -> d
 class Judgement:
     """Candidates and what the judge measured (module docstring). `where[f] = (set, k)` for every fold-set f;
     `fold_drops[c][f]` is what candidate c scored without fold k drops; `drops[c]` what c scored on every window
-    drops (NAEE's is filled in only when it is chosen or composed)."""
+    drops (its export)."""
 
     drops: dict[str, Drops]
     fold_drops: dict[str, PerSet]
@@ -78,7 +84,7 @@ class Judgement:
     plans: dict[str, PrunePlan] = field(default_factory=dict)
     errors: BlockErrors | None = None
     judged: list[str] = field(default_factory=list)  # distinct candidates whose NLL was measured
-    nll: dict[str, WindowNLL] = field(default_factory=dict)
+    nll: dict[str, WindowNLL] = field(default_factory=dict)  # c: cross-fitted; c + IN_SAMPLE: c's export
     best_by_layer: dict[int, str] = field(default_factory=dict)
     composed_folds: PerSet = field(default_factory=dict)  # per_layer's drops on every fold-set
     composite: bool = False  # the composition differs from every candidate (and is judged)
@@ -126,9 +132,23 @@ class Judgement:
                                for f in self.where}
         self.composite = all(self.composed_folds != d for d in self.distinct.values())
 
+    def judged_nll(self, c: str, groups: dict[str, list[str]]) -> float:
+        """nll_c = ½ (cross_c + in_c) over `groups` (module docstring)."""
+        return 0.5 * (self.nll[c].mean(groups)[0] + self.nll[c + IN_SAMPLE].mean(groups)[0])
+
+    def streams(self, fold_sets: list[str]) -> dict[str, PerSet]:
+        """What `judge.judged_nll` runs: the original, every judged candidate cross-fitted and as exported, and the
+        composition (when composite) both ways."""
+        out = {"original": {f: {} for f in fold_sets}}
+        for c in [*self.judged, *([PER_LAYER] if self.composite else [])]:
+            out[c] = self.composed_folds if c == PER_LAYER else self.distinct[c]
+            final = self.composed() if c == PER_LAYER else self.drops[c]
+            out[c + IN_SAMPLE] = {f: final for f in fold_sets}
+        return out
+
     def composed(self) -> Drops | None:
         """The composition's drops on every window: each layer from its candidate's final plan (None while one of
-        those plans is not made: NAEE's is made only when it is exported)."""
+        those plans is not made)."""
         if any(c not in self.drops for c in self.best_by_layer.values()):
             return None
         return {layer: self.drops[c][layer] for layer, c in self.best_by_layer.items()}
@@ -138,7 +158,7 @@ class Judgement:
         """The report's "auto" object (also stored in the plan); its "chosen" is the choice."""
         groups = self.groups()
         base, base_sets = self.nll["original"].mean(groups)
-        nll = {c: self.nll[c].mean(groups)[0] for c in self.nll}
+        nll = {c: self.judged_nll(c, groups) for c in self.nll if c != "original" and not c.endswith(IN_SAMPLE)}
         mean = self.mean_error
         ranking = sorted(self.judged, key=lambda c: (nll[c], mean[c]))
         best = ranking[0]
@@ -148,7 +168,7 @@ class Judgement:
         if not self.composite:
             per_layer["same_as"] = next(c for c, d in self.distinct.items() if d == self.composed_folds)
         else:
-            second = {c: self.nll[c].mean(self.groups("B"))[0] for c in (PER_LAYER, best)}
+            second = {c: self.judged_nll(c, self.groups("B")) for c in (PER_LAYER, best)}
             per_layer["nll_second_half"] = second
             if second[PER_LAYER] < second[best]:
                 chosen = PER_LAYER
@@ -162,10 +182,10 @@ class Judgement:
             margin = nll[runner] - nll[best] if runner else None
         return {
             "chosen": chosen,
-            "judged_by": f"{folds}-fold cross-fitting: every candidate is scored without a fold and judged on it by "
-                         "the NLL of the masked model (mean over calibration sets of the per-token NLL over every "
-                         "fold); the per-layer composition, chosen by block error on the first half of each set's "
-                         "folds, against the best single candidate on the other half",
+            "judged_by": f"NLL of the masked model (mean over calibration sets of the per-token NLL), the mean of "
+                         f"{folds}-fold cross-fitting (every candidate scored without a fold and judged on it) and "
+                         "the exported plan's NLL on every window; the per-layer composition, chosen by block error "
+                         "on the first half of each set's folds, against the best single candidate on the other half",
             "original_nll": base, "original_nll_per_set": base_sets,
             "judged_ratio": math.exp(nll[chosen] - base),
             "runner_up": runner, "margin_nll": margin, "margin_ratio": math.exp(margin) if runner else None,
@@ -187,7 +207,10 @@ class Judgement:
                      "block_error": {str(k): v for k, v in sorted(self.error(rep).items())},
                      "nll": nll.get(rep), "judged_ratio": math.exp(nll[rep] - base) if rep in nll else None}
             if rep in self.nll:
-                entry["nll_per_set"] = self.nll[rep].mean(self.groups())[1]
+                entry["nll_cross_fitted"] = self.nll[rep].mean(self.groups())[0]
+                entry["nll_in_sample"] = self.nll[rep + IN_SAMPLE].mean(self.groups())[0]
+                entry["nll_per_set"] = {s: 0.5 * (a + self.nll[rep + IN_SAMPLE].mean(self.groups())[1][s])
+                                        for s, a in self.nll[rep].mean(self.groups())[1].items()}
             if name in same:
                 entry["same_as"] = rep
             dropped = self.composed() if name == PER_LAYER else self.drops.get(name)
@@ -230,7 +253,7 @@ def chosen_plan(chosen: str, j: Judgement, adapter: MoEAdapter, ratio: float, pr
 
 def describe_choice(section: dict) -> str:
     """One line: what auto chose, its judged perplexity ratio, and the runner-up's margin."""
-    text = (f"auto chose {section['chosen']} (cross-fitted perplexity ×{section['judged_ratio']:.4f} of the "
+    text = (f"auto chose {section['chosen']} (judged perplexity ×{section['judged_ratio']:.4f} of the "
             f"original's, {section['judge']['folds']} folds, {section['judge']['tokens']} calibration tokens)")
     if section.get("runner_up"):
         text += (f"; runner-up {section['runner_up']}: +{section['margin_nll']:.4f} nats/token "

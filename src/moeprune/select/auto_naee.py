@@ -5,7 +5,7 @@ NAEE is affordable (`auto_naee` None) when its search's estimated router-row eva
 else (beam + 1)·n_drop·E (`select/reconstruction.py`); ≈ 0.4–2 µs each on one CPU thread (E = 16 … 128), so the
 budget is ≈ 1.5–7 min of search. `auto_naee: true` always includes it, `false` never.
 The plan comes from NAEE's own progressive calibration pass over the scoring windows (`select/progressive.py`);
-auto runs one search per fold (`passes`), and one more on every window only when NAEE is exported.
+auto runs one search per fold and one on every window (`passes`).
 """
 
 from __future__ import annotations
