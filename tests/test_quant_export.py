@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -199,7 +200,8 @@ def test_mixed_widths_reload_through_compressed_tensors(root):
     other = 1 if first == 4 else 2
     if torch.equal(stock[f"model.layers.{other}.mlp.experts.down_proj"],
                    ref[f"model.layers.{other}.mlp.experts.down_proj"]):
-        pytest.skip("this transformers decodes mixed expert widths correctly now: update docs/quantization.md")
+        warnings.warn("this transformers decodes mixed expert widths correctly now: update docs/quantization.md",
+                      stacklevel=1)  # the checks above (moeprune's loader, each packed module) stand either way
 
 
 def test_per_expert_widths_inside_a_layer_are_exported(root):
