@@ -10,8 +10,12 @@ Sections (each timed and guarded; a failure is recorded and the next section run
   prune   `moeprune prune --method reap --ratio 0.5 --device cuda` then `moeprune verify` for three families
           (qwen3_moe, deepseek_v3, gpt_oss), as a user runs them (subprocesses); exit codes, wall times and the
           verify line.
+  quant   `moeprune quantize --scheme w4a16 --algorithm gptq --group-size 128 --device cuda` (uniform int4,
+          compressed-tensors) and a per-layer mixed export (odd MoE layers int8, even int4: the form vLLM can serve,
+          one scheme per fused MoE layer) of a small bf16 qwen3_moe (H=256, expert width 128), each verified by
+          moeprune; both land in the vllm section's exports.
   vllm    whether vLLM imports here (no network on the device: it cannot be pip-installed); if it does, load each
-          export and generate 8 tokens.
+          export (pruned and quantized) and generate 8 tokens.
 Writes OUT/gpu_check.md (tables) and OUT/gpu_check.json.
 """
 
@@ -227,6 +231,40 @@ def nccl(dev: str, work: Path) -> dict:
     return r
 
 
+@section("quant")
+def quant(dev: str, work: Path) -> dict:
+    from moeprune import api
+    from moeprune.models import get_adapter
+    from moeprune.tiny import save_tiny
+
+    # widths that vLLM's int4/int8 MoE kernels take (multiples of 128 / 64); the dry run keeps them small
+    shape = {} if os.environ.get("GPU_CHECK_SMALL") else {"hidden_size": 256, "moe_intermediate_size": 128}
+    group = "16" if os.environ.get("GPU_CHECK_SMALL") else "128"
+    src, text = work / "src-q-qwen3_moe", work / "web.txt"
+    save_tiny("qwen3_moe", src, dtype=torch.bfloat16, with_tokenizer=True, **shape)
+    rows = {}
+    rc, s, _, log = cli("quantize", str(src), "--scheme", "w4a16", "--algorithm", "gptq", "--group-size", group,
+                        "--calib", f"web={text}", "--device", dev, "--samples", "16", "--seq-len", "64",
+                        "--out", str(work / "out-q4-qwen3_moe"), "--overwrite")
+    rows["int4 gptq"] = {"rc": rc, "s": s, "log": log[-600:] if rc else ""}
+    from transformers import AutoConfig
+
+    moe = get_adapter(AutoConfig.from_pretrained(src)).moe_layers()
+    bits = {layer: 8 if i % 2 else 4 for i, layer in enumerate(moe)}
+    t0 = time.perf_counter()
+    try:
+        _, result = api.quantize(src, work / "out-qmix-qwen3_moe", scheme="w4a16", group_size=int(group), bits=bits,
+                                 overwrite=True)
+        rows["per-layer mixed"] = {"rc": 0 if result.passed else 1, "s": time.perf_counter() - t0,
+                                   "verify": result.line()}
+    except Exception as e:
+        rows["per-layer mixed"] = {"rc": 1, "s": time.perf_counter() - t0, "log": f"{type(e).__name__}: {e}"[:600]}
+    LINES.append("\n### quantize (compressed-tensors)\n\n| export | exit | s | detail |\n|---|---|---|---|\n"
+                 + "\n".join(f"| {k} | {v['rc']} | {v['s']:.1f} | {(v.get('verify') or v.get('log', ''))[:110]} |"
+                             for k, v in rows.items()))
+    return rows
+
+
 @section("vllm")
 def vllm(work: Path) -> dict:
     try:
@@ -266,10 +304,10 @@ def main() -> None:
     RESULTS["env"] = {"torch": torch.__version__, "transformers": transformers.__version__,
                       "moeprune": moeprune.__file__, "device": torch.cuda.get_device_name(0) if CUDA else "cpu"}
     LINES.append(f"# moeprune GPU check\n{json.dumps(RESULTS['env'])}")
-    only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,nccl,vllm").split(","))
+    only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,nccl,quant,vllm").split(","))
     for name, run in (("calib", lambda: calib(dev)), ("depth", lambda: depth(dev, work)),
                       ("prune", lambda: prune(dev, work)), ("nccl", lambda: nccl(dev, work)),
-                      ("vllm", lambda: vllm(work))):
+                      ("quant", lambda: quant(dev, work)), ("vllm", lambda: vllm(work))):
         if name in only:
             run()
             (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
