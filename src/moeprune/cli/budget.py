@@ -107,7 +107,7 @@ def _measure(model, result, n: int, calib, eval_opts) -> None:
     cands = result.candidates[:n]
     original, rows = measure(model, result.recipes()[:n], [(c.loss, c.bytes) for c in cands], calib, eval_opts)
     domains = list(original)
-    print(f"\n# measured (held-out perplexity; original {', '.join(f'{d} {original[d]:.4f}' for d in domains)})")
+    print(f"\n# measured (held-out perplexity; original {', '.join(f'{d} {original[d]:.6f}' for d in domains)})")
     print(f"{'recipe':>6} {'predicted loss':>15} {'measured ratio':>15} {'bytes predicted':>16} {'bytes written':>14}  "
           + "  ".join(f"ppl {d}" for d in domains))
     for k, m in enumerate(rows, 1):
