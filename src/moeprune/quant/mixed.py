@@ -113,14 +113,21 @@ def fixed_bytes(model: nn.Module, shapes: dict[int, list[ExpertShape]], stored_b
     return (numel - experts) * stored_bytes
 
 
+def header_fixed_bytes(ckpt, adapter: MoEAdapter) -> int:
+    """Bytes of every stored tensor that is no routed expert's, from the checkpoint's headers (exact, any dtypes):
+    what the export copies unchanged when no earlier stage changed the model."""
+    return sum(e.nbytes for e in ckpt.entries if adapter.classify_key(e.name).kind not in ("expert", "fused"))
+
+
 def costs_and_budget(spec: MixedSpec, model: nn.Module, adapter: MoEAdapter, group_size: int, symmetric: bool,
-                     stored_bytes: int) -> tuple[ExpertCosts, Budget]:
-    """The cost table and the budget with the model's fixed bytes filled in (max_bytes); refused when too small."""
+                     stored_bytes: int, fixed: int | None = None) -> tuple[ExpertCosts, Budget]:
+    """The cost table and the budget with the model's fixed bytes filled in (max_bytes; `fixed` given: those, else
+    counted from the model's tensors); refused when too small."""
     shapes = expert_shapes(model, adapter, stored_bytes)
     costs = ExpertCosts.from_shapes(shapes, spec.widths, PackedFormat(group_size, symmetric, stored_bytes))
     budget = spec.budget
     if isinstance(budget, MaxBytes):
-        budget = MaxBytes(budget.total, fixed_bytes(model, shapes, stored_bytes))
+        budget = MaxBytes(budget.total, fixed if fixed is not None else fixed_bytes(model, shapes, stored_bytes))
     check_budget(costs, budget, spec.granularity)
     return costs, budget
 

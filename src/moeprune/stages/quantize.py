@@ -318,9 +318,18 @@ def _allocate(spec: MixedSpec, scheme: QuantScheme, model, adapter: MoEAdapter, 
               context, dtype: str, lazy_model=None) -> dict:
     """The allocation summary (quant/mixed.py) with the `bits` option it gives under "bits_option"."""
     from moeprune.quant.importance import ImportanceInputs
-    from moeprune.quant.mixed import allocation_summary, costs_and_budget, model_micro_errors, solve
+    from moeprune.quant.mixed import (
+        allocation_summary,
+        costs_and_budget,
+        header_fixed_bytes,
+        model_micro_errors,
+        solve,
+    )
 
-    costs, budget = costs_and_budget(spec, model, adapter, scheme.group_size, scheme.symmetric, store.itemsize)
+    # first stage: the non-expert bytes from the headers (exact in any dtype mix); after others: from the model
+    fixed = header_fixed_bytes(ctx.ckpt, ctx.adapter) if ctx.ckpt is not None and not ctx.previous else None
+    costs, budget = costs_and_budget(spec, model, adapter, scheme.group_size, scheme.symmetric, store.itemsize,
+                                     fixed)
     neurons = None
     if not spec.needs_routed():
         neurons = _neuron_stats(model, adapter, ctx, context, dtype, lazy_model)
