@@ -213,6 +213,10 @@ def test_refusals_before_any_work(root, tmp_path, monkeypatch):
         api.quantize(model, tmp_path / "f", calib=c, avg_bits=3.0, allocate="hessian")
     with pytest.raises(MoePruneError, match="calibration data"):
         api.quantize(model, tmp_path / "g", group_size=G, avg_bits=3.0)  # pmq needs routed statistics
+    with pytest.raises(MoePruneError, match="layer by layer.*several widths"):  # its verification could not load it
+        api.quantize(model, tmp_path / "h", calib=c, group_size=G, avg_bits=3.0, lazy=True)
+    with pytest.raises(MoePruneError, match="layer by layer.*several widths"):
+        api.quantize(model, tmp_path / "i", group_size=G, bits={1: 8}, lazy=True)  # layer 2 keeps w4
 
 
 def test_lazy_loading_of_mixed_widths_is_refused(root, avg):

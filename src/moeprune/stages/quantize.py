@@ -187,6 +187,25 @@ class QuantizeStage(Stage):
             costs_and_budget(spec, model, adapter, scheme.group_size, scheme.symmetric, _config_dtype(root).itemsize)
         return config_copy(adapter)
 
+    def lazy_reload_problem(self, o: QuantizeOptions, adapter: MoEAdapter) -> str | None:
+        """Routed experts at several widths (a budget that may choose several, or `bits` that do) cannot be read back
+        layer by layer: transformers' compressed-tensors expert decoder takes one config group (quant/load.py)."""
+        spec = o.mixed
+        if spec is not None:
+            several = len(spec.widths) > 1
+        else:
+            bits = expert_bits(o.bits, adapter.num_experts, o.quant_scheme.bits)
+            widths = {b for layer in adapter.moe_layers() for b in
+                      bits.get(layer, {}).values() or [o.quant_scheme.bits]}
+            several = len(widths) > 1
+        if not several:
+            return None
+        return ("its export stores routed experts at several widths, which layer-by-layer loading cannot decode "
+                "(transformers' compressed-tensors expert decoder takes one config group for every expert), so "
+                "the export could not be verified or scored layer by layer; run without --lazy, or pass --no-verify "
+                "and --held-out 0 (verify it later on a machine that loads it whole), or give one width (--widths "
+                "4)")
+
     @staticmethod
     def _targets(model, adapter: MoEAdapter, scheme: QuantScheme) -> list[Target]:
         return find_targets(model, adapter, scheme.parts)
