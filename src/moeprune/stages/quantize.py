@@ -318,7 +318,9 @@ class QuantizeStage(Stage):
         widths = sorted(set(plan.bits.values()))
         fb = sum(len(v) for v in plan.fallbacks.values())
         return (f"quantize ({plan.algorithm}, {'/'.join(map(str, widths))}-bit, group {plan.scheme.group_size})"
-                + (f", {fb} experts by RTN (too few routed tokens)" if fb else ""))
+                + (f", {fb} experts by RTN (too few routed tokens)" if fb else "")
+                + (f", widths allocated under {a['budget']} ({a['importance']}, per {a['granularity']})"
+                   if (a := plan.summary.get("allocation")) else ""))
 
 
 def _allocation_report(plan: QuantPlan) -> dict | None:
