@@ -213,10 +213,16 @@ def test_refusals_before_any_work(root, tmp_path, monkeypatch):
         api.quantize(model, tmp_path / "f", calib=c, avg_bits=3.0, allocate="hessian")
     with pytest.raises(MoePruneError, match="calibration data"):
         api.quantize(model, tmp_path / "g", group_size=G, avg_bits=3.0)  # pmq needs routed statistics
-    with pytest.raises(MoePruneError, match="layer by layer.*several widths"):  # its verification could not load it
-        api.quantize(model, tmp_path / "h", calib=c, group_size=G, avg_bits=3.0, lazy=True)
     with pytest.raises(MoePruneError, match="layer by layer.*several widths"):
         api.quantize(model, tmp_path / "i", group_size=G, bits={1: 8}, lazy=True)  # layer 2 keeps w4
+
+
+def test_lazy_run_with_mixed_widths_refused_before_calibration(root, tmp_path, monkeypatch):
+    from moeprune.pipeline.context import StageContext
+
+    monkeypatch.setattr(StageContext, "routed_stats", forbid("calibration"))
+    with pytest.raises(MoePruneError, match="layer by layer.*several widths"):  # its verification could not load it
+        api.quantize(root / "model", tmp_path / "h", calib=calib(root), group_size=G, avg_bits=3.0, lazy=True)
 
 
 def test_lazy_loading_of_mixed_widths_is_refused(root, avg):

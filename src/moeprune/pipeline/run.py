@@ -58,6 +58,7 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
         tolerance(verify_dtype)
     adapters = check_chain(specs, adapter)
     _check_run(specs, calib)
+    sets = prepare(model, calib)[2] if calib is not None else None  # read, checked and tokenised up front
     lazy = choose_lazy(calib.lazy if lazy is None and calib is not None else lazy, ckpt,
                        calib.dtype if calib is not None else "auto")
     if calib is not None:
@@ -72,7 +73,6 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
             if problem:
                 raise MoePruneError(f"{spec.where}: this run goes layer by layer (--lazy, or the model does not fit "
                                     f"in memory), but {problem}.")
-    sets = prepare(model, calib)[2] if calib is not None else None  # read, checked and tokenised up front
 
     chain: Chain = []
     stats = []
