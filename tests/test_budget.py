@@ -186,7 +186,7 @@ def test_bad_input_refused_before_any_work(setup, monkeypatch):
     with pytest.raises(MoePruneError, match="below the smallest model"):
         budget(model, stats, BudgetOptions(bytes=1000, group_size=GROUP), fake_quant=fq)
     with pytest.raises(MoePruneError, match="--measure"):
-        BudgetOptions(bytes=10**9, measure=True)
+        BudgetOptions(bytes=10**9, measure=-1)
     with pytest.raises(MoePruneError, match="exactly one"):
         BudgetOptions(bytes=10**9, ratio_of_original=0.5)
     with pytest.raises(MoePruneError, match="cannot be stored"):

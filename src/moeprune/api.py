@@ -94,7 +94,8 @@ def quantize(model: str | Path, out: str | Path, *, scheme: str = "w4a16", algor
              overwrite: bool = False, run_verify: bool = True, verify_dtype: str = "float32", **options: Any
              ) -> tuple[ApplyResult, VerifyResult | None]:
     """`moeprune quantize`: the one-stage recipe `{method: quantize, scheme, algorithm, **options}` (group_size,
-    symmetric, parts, bits, min_tokens, damp, act_order), exported as a compressed-tensors checkpoint."""
+    symmetric, parts, bits, min_tokens, damp, act_order; mixed precision: avg_bits | max_bytes, allocate, granularity,
+    widths), exported as a compressed-tensors checkpoint."""
     stage = {"method": "quantize", "scheme": scheme, "algorithm": algorithm, **options}
     return _prune(model, out, [stage], source="", calib=calib, lazy=lazy, max_shard_size=max_shard_size,
                   overwrite=overwrite, run_verify=run_verify, verify_dtype=verify_dtype)

@@ -49,8 +49,14 @@ def add_parser(sub) -> None:
     p.add_argument("--top", type=int, default=3, help="recipes printed")
     p.add_argument("--rho", type=float, default=0.9, help="camera: weight of the peak term")
     p.add_argument("--calib-set", action="append", help="use only these sets of the statistics (repeatable)")
-    p.add_argument("--measure", action="store_true",
-                   help="evaluate the top recipes for real (needs the quantize stage: refused until it exists)")
+    p.add_argument("--measure", type=int, default=0, metavar="N",
+                   help="run the top N recipes for real (into a temporary folder, needs --calib) and print their "
+                        "held-out perplexity next to the prediction")
+    g = p.add_argument_group("evaluation (--measure)")
+    g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="held-out text, repeatable (default: the testbed's held-out domains)")
+    g.add_argument("--eval-seq-len", type=int, default=None, help="evaluation window length")
+    g.add_argument("--eval-max-sequences", type=int, default=256, help="evaluation windows per domain")
     add_calib_flags(p, required=False)
     p.set_defaults(func=run)
 
@@ -71,7 +77,18 @@ def run(args) -> int:
                          expert_ratios=tuple(args.expert_ratios), neuron_ratios=tuple(args.neuron_ratios),
                          top=args.top, rho=args.rho, calib_set=tuple(args.calib_set) if args.calib_set else None,
                          measure=args.measure)
-    result = budget(args.model, args.stats, opts, calib=calib_options(args) if args.calib else None)
+    calib = calib_options(args) if args.calib else None
+    if args.measure:
+        from moeprune.eval.run import EvalOptions
+        from moeprune.quant.measure import check_measure
+
+        check_measure(args.measure, calib)
+        eval_opts = EvalOptions(tuple(args.data), seq_len=args.eval_seq_len, max_sequences=args.eval_max_sequences,
+                                batch_size=args.batch_size, device=args.device).for_model(args.model)
+    from moeprune.quant.importance import IMPORTANCE
+
+    neurons = IMPORTANCE.get(opts.importance).needs == "neurons"  # pmq: the statistics file suffices
+    result = budget(args.model, args.stats, opts, calib=calib if neurons else None)
     print(f"# budget: {result.target:,} bytes = {result.target / result.original:.3f} of the original "
           f"({result.original:,}); predicted loss = share of the importance lost by removing every routed expert")
     for n, (cand, recipe) in enumerate(zip(result.candidates, result.recipes(), strict=True), 1):
@@ -79,7 +96,23 @@ def run(args) -> int:
               f"{cand.neurons:.5f}, quantization {cand.quant:.5f}); {cand.bytes:,} bytes = "
               f"{cand.bytes / result.original:.3f} of the original; {_bits(cand)}")
         print(yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None).rstrip())
+    if args.measure:
+        _measure(args.model, result, args.measure, calib, eval_opts)
     return 0
+
+
+def _measure(model, result, n: int, calib, eval_opts) -> None:
+    from moeprune.quant.measure import measure
+
+    cands = result.candidates[:n]
+    original, rows = measure(model, result.recipes()[:n], [(c.loss, c.bytes) for c in cands], calib, eval_opts)
+    domains = list(original)
+    print(f"\n# measured (held-out perplexity; original {', '.join(f'{d} {original[d]:.6f}' for d in domains)})")
+    print(f"{'recipe':>6} {'predicted loss':>15} {'measured ratio':>15} {'bytes predicted':>16} {'bytes written':>14}  "
+          + "  ".join(f"ppl {d}" for d in domains))
+    for k, m in enumerate(rows, 1):
+        print(f"{k:>6} {m.predicted_loss:15.5f} {m.ratio:15.5f} {m.predicted_bytes:16,} {m.bytes_written:14,}  "
+              + "  ".join(f"{m.perplexity[d]:.6f}" for d in domains))
 
 
 def _bits(cand) -> str:

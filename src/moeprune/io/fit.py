@@ -101,15 +101,19 @@ def choose_lazy(flag: bool | None, ckpt, dtype: str = "auto", what: str = "the m
     """`flag` when given (--lazy / --no-lazy); else layer by layer iff the loaded model would not fit.
     Remote-code models are always loaded whole (`io/remote.py`)."""
     from moeprune.io.remote import is_remote, refuse_lazy
+    from moeprune.quant.load import refuse_mixed_lazy
 
     if flag:
         refuse_lazy(ckpt.config_dict)
+        refuse_mixed_lazy(ckpt.config_dict, str(ckpt.path))
     if flag is not None:
         return flag
     if is_remote(ckpt.config_dict):
         return False
     need, room = loaded_bytes(ckpt, dtype), available()
     lazy = need * HEADROOM + RESERVE > room
+    if lazy:
+        refuse_mixed_lazy(ckpt.config_dict, f"{ckpt.path} does not fit in memory ({_size(need)} loaded), but it")
     logger.info("%s needs ~%s loaded, %s available: %s (--lazy / --no-lazy to choose)", what, _size(need),
                 _size(room), "one decoder layer at a time" if lazy else "loading it whole")
     return lazy

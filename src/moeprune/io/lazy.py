@@ -65,6 +65,7 @@ from moeprune.io.safetensors_io import TensorEntry, read_tensor
 from moeprune.io.stock import auto_class, parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
+from moeprune.quant.load import refuse_mixed_lazy
 
 REST = -1  # group id of the checkpoint keys that belong to no decoder layer
 SYNC_ENV = "HF_DEACTIVATE_ASYNC_LOAD"  # read by transformers' loader at each call
@@ -132,6 +133,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     device = _check_device(device)
     ckpt = Checkpoint.open(path)  # refuses unknown quant_methods and scale tensors that do not fit their weights
     refuse_lazy(ckpt.config_dict)
+    refuse_mixed_lazy(ckpt.config_dict, str(ckpt.path))  # transformers' expert decoder takes one width
     release_freed_memory()
     config = copy.deepcopy(config if config is not None else ckpt.config)
     quant = ckpt.quantization

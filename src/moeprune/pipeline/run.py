@@ -67,6 +67,12 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
     if refused:
         raise MoePruneError(f"{refused[0].where}: this run goes layer by layer (--lazy, or the model does not fit in "
                             f"memory), but {refused[0].stage.lazy_problem}.")
+    if lazy and (run_verify or (calib is not None and calib.held_out)):
+        for spec, before in zip(specs, adapters, strict=False):
+            problem = spec.stage.lazy_reload_problem(spec.options, before)
+            if problem:
+                raise MoePruneError(f"{spec.where}: this run goes layer by layer (--lazy, or the model does not fit "
+                                    f"in memory), but {problem}.")
 
     chain: Chain = []
     stats = []

@@ -13,5 +13,5 @@
     importance.py   loss tables per expert and width (PMQ, CAMERA-Q)
     allocate.py     bits per expert / per layer from an integer linear program (scipy.optimize.milp)
     search.py, budget.py  `moeprune budget`: removal x neurons x bits for the least predicted loss at a size
-See docs/quantization.md and docs/mixed-precision.md.
+See docs/quantization.md.
 """

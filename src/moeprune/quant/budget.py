@@ -28,9 +28,6 @@ from moeprune.stats.store import ExpertStats, StatsView
 
 EXPERT_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 NEURON_RATIOS = (0.0, 0.125, 0.25, 0.375, 0.5)
-MEASURE_REFUSAL = ("--measure evaluates the top recipes by running them, and their last stage is the quantize stage "
-                   "(issue 18, part A), which this build does not have yet. Run the printed recipes with `moeprune "
-                   "prune` once it is there, or drop --measure.")
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class BudgetOptions:
     top: int = 3
     rho: float = 0.9
     calib_set: tuple[str, ...] | None = None
-    measure: bool = False
+    measure: int = 0  # run the top N recipes for real (quant/measure.py); the search returns max(top, N)
 
     def __post_init__(self) -> None:
         if (self.bytes is None) == (self.ratio_of_original is None):
@@ -83,8 +80,8 @@ class BudgetOptions:
             raise MoePruneError(f"--top must be a positive integer, got {self.top!r}.")
         if not 0 <= self.rho <= 1:
             raise MoePruneError(f"--rho must lie in [0, 1], got {self.rho!r}.")
-        if self.measure:
-            raise MoePruneError(MEASURE_REFUSAL)
+        if isinstance(self.measure, bool) or not isinstance(self.measure, int) or self.measure < 0:
+            raise MoePruneError(f"--measure takes the number of recipes to run, got {self.measure!r}.")
 
     def target(self, sizes: ModelSizes) -> int:
         return self.bytes if self.bytes is not None else math.floor(self.ratio_of_original * sizes.total)
@@ -138,7 +135,7 @@ def budget(model: str | Path, stats: str | Path, opts: BudgetOptions, *, calib=N
     found = search(sizes, ax, target, scores, crit.higher_keeps, routing, errors, omega, fmt, opts.granularity)
     logger.info("budget %s bytes (%.3f of the original %s): %d of %d grid points fit", f"{target:,}",
                 target / sizes.total, f"{sizes.total:,}", len(found), len(ax.experts) * len(ax.neurons))
-    return BudgetResult(target, sizes.total, found[:opts.top], opts)
+    return BudgetResult(target, sizes.total, found[:max(opts.top, opts.measure)], opts)
 
 
 def _check_stats(st: ExpertStats, adapter, path) -> None:

@@ -175,4 +175,5 @@ def write_compressed(folder: Path, plan: QuantPlan) -> dict:
     qconfig = QuantizationConfig(config_groups=config_groups(plan, prefixes), format=FORMAT,
                                  quantization_status="compressed")
     ModelCompressor(quantization_config=qconfig).update_config(str(folder))
-    return {"quantized_tensor_bytes": packed_bytes, "quantized_matrices": len(prefixes)}
+    return {"quantized_tensor_bytes": packed_bytes, "quantized_matrices": len(prefixes),
+            "checkpoint_bytes": Checkpoint.open(folder).total_bytes}

@@ -33,6 +33,26 @@ def expert_schemes(qconfig: dict) -> set[tuple]:
     return out
 
 
+MIXED_LAZY = ("its routed experts are stored at several widths ({widths}), and layer-by-layer loading (--lazy) "
+              "dequantizes through transformers' compressed-tensors quantizer, whose expert decoder "
+              "(get_experts_scheme) takes ONE config group for every expert: the experts of other widths would be "
+              "decoded wrong. Load it whole (without --lazy: moeprune decompresses it module by module), or export "
+              "one width for all experts.")
+
+
+def refuse_mixed_lazy(config_dict: dict, where: str = "the checkpoint") -> None:
+    """A compressed-tensors checkpoint whose routed experts use several widths cannot be read layer by layer."""
+    from moeprune.io.quant import quantization_dict
+
+    qcfg = quantization_dict(config_dict)
+    if qcfg is None or qcfg.get("quant_method") != "compressed-tensors":
+        return
+    schemes = expert_schemes(qcfg)
+    if len(schemes) > 1:
+        widths = "/".join(str(b) for b in sorted({s[0] for s in schemes if s[0] is not None}))
+        raise MoePruneError(f"{where}: " + MIXED_LAZY.format(widths=f"{widths} bits"))
+
+
 def _group_of(name: str, groups: dict):
     from compressed_tensors.utils.match import match_name
 

@@ -137,6 +137,11 @@ class Stage:
         """Why no stage can follow this one (e.g. non-uniform expert widths), or None when one can."""
         return None
 
+    def lazy_reload_problem(self, options: StageOptions, adapter: MoEAdapter) -> str | None:
+        """Why its export cannot be read back layer by layer (verification, held-out split of a lazy run), or
+        None. Checked before any work when the run is lazy."""
+        return None
+
     def check_previous(self, options: StageOptions, previous: list) -> None:
         """Refuse a place in the recipe this stage cannot take (`previous`: the `StageSpec`s before it), before any
         work (e.g. a repair with nothing before it to repair)."""

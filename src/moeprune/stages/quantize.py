@@ -9,7 +9,11 @@
     reference  = the same Ŵ written into the ORIGINAL model's slots (so verify compares the stock reload with the
                  original holding exactly the values the checkpoint stores)
 `bits` (optional) sets the routed experts' width per MoE layer ({layer: bits}) or per expert ({layer: {expert:
-bits}}); the mixed-precision allocator fills it. Shared experts and attention (`parts`) use the scheme's width.
+bits}}). Shared experts and attention (`parts`) use the scheme's width.
+Mixed precision (`avg_bits` or `max_bytes`, with `allocate` pmq|camera, `granularity` layer|expert, `widths`): the
+stage fills `bits` itself (quant/mixed.py): budget checked against the shapes in `check` (before any calibration),
+loss table from the calibration engine's routed statistics (pmq) or neuron statistics (camera) and the stage's own
+RTN errors, milp allocation, then RTN/GPTQ at those widths; the report records the allocation.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Any, ClassVar
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
+from moeprune.quant.mixed import MixedSpec, costs_and_budget, mixed_spec
 from moeprune.quant.plan import QUANT_FORMAT, QuantPlan
 from moeprune.quant.rtn import dequantize
 from moeprune.quant.scheme import OPTIONAL_PARTS, QuantScheme, check_bits, scheme_named
@@ -50,7 +56,12 @@ class QuantizeOptions(StageOptions):
     min_tokens: int = 16  # GPTQ: experts with fewer routed calibration tokens fall back to RTN
     damp: float = 0.01  # GPTQ: λ = damp · mean(diag H)
     act_order: bool = False  # GPTQ: columns by decreasing H_jj (static groups)
-    lists: ClassVar[tuple[str, ...]] = ("parts",)
+    avg_bits: float | None = None  # mixed precision: Σ b_e·n_e ≤ avg_bits · Σ n_e over the routed experts
+    max_bytes: int | str | None = None  # mixed precision: bytes of the whole checkpoint ("40GB" or an int)
+    allocate: str | None = None  # importance of the allocation: pmq | camera (default pmq)
+    granularity: str | None = None  # layer (default; vLLM serves it) | expert
+    widths: tuple[int, ...] | None = None  # widths the allocation may choose (default 2, 3, 4, 8)
+    lists: ClassVar[tuple[str, ...]] = ("parts", "widths")
 
     def given(self) -> dict[str, Any]:
         out = super().given()
@@ -60,6 +71,19 @@ class QuantizeOptions(StageOptions):
     @property
     def quant_scheme(self) -> QuantScheme:
         return scheme_named(self.scheme, self.group_size, self.symmetric, tuple(self.parts))
+
+    @property
+    def mixed(self) -> MixedSpec | None:
+        """The mixed-precision request (None: `bits` or the scheme's width everywhere)."""
+        from moeprune.pipeline.export import parse_size
+
+        max_bytes = self.max_bytes
+        if max_bytes is not None:
+            try:
+                max_bytes = parse_size(max_bytes)
+            except MoePruneError as e:
+                raise MoePruneError(str(e).replace("--max-shard-size", "max_bytes")) from None
+        return mixed_spec(self.avg_bits, max_bytes, self.allocate, self.granularity, self.widths, self.bits)
 
 
 def expert_bits(bits: Any, num_experts: int | None, default: int) -> dict[int, dict[int, int]]:
@@ -113,11 +137,16 @@ class QuantizeStage(Stage):
         if isinstance(o.damp, bool) or not isinstance(o.damp, (int, float)) or not 0 <= o.damp < 10:
             raise MoePruneError(f"damp {o.damp!r}: a number >= 0 (relative damping, e.g. 0.01).")
         expert_bits(o.bits, None, o.quant_scheme.bits)
+        o.mixed  # noqa: B018  (budget with bits, allocate without a budget, widths: refused here)
         if o.algorithm == "rtn" and (o.act_order or o.damp != 0.01 or o.min_tokens != 16):
             raise MoePruneError("act_order, damp and min_tokens are GPTQ's; drop them or use algorithm gptq.")
 
     def needs(self, o: QuantizeOptions) -> set[Need]:
-        return {Need.HESSIANS} if o.algorithm == "gptq" else {Need.WEIGHTS}
+        base = {Need.HESSIANS} if o.algorithm == "gptq" else {Need.WEIGHTS}
+        spec = o.mixed
+        if spec is None:
+            return base
+        return (base - {Need.WEIGHTS}) | ({Need.ROUTED} if spec.needs_routed() else {Need.NEURONS})
 
     def final_only(self, o: QuantizeOptions) -> str | None:
         return ("quantize stage writes integer weights that a later stage would have to dequantize and cut again; "
@@ -153,7 +182,29 @@ class QuantizeStage(Stage):
         bad = sorted(set(bits) - set(adapter.moe_layers()))
         if bad:
             raise MoePruneError(f"bits names layers {bad}, which are not MoE layers ({adapter.moe_layers()}).")
+        spec = o.mixed
+        if spec is not None:  # a budget below the smallest model is refused from the shapes, before any work
+            costs_and_budget(spec, model, adapter, scheme.group_size, scheme.symmetric, _config_dtype(root).itemsize)
         return config_copy(adapter)
+
+    def lazy_reload_problem(self, o: QuantizeOptions, adapter: MoEAdapter) -> str | None:
+        """Routed experts at several widths (a budget that may choose several, or `bits` that do) cannot be read back
+        layer by layer: transformers' compressed-tensors expert decoder takes one config group (quant/load.py)."""
+        spec = o.mixed
+        if spec is not None:
+            several = len(spec.widths) > 1
+        else:
+            bits = expert_bits(o.bits, adapter.num_experts, o.quant_scheme.bits)
+            widths = {b for layer in adapter.moe_layers() for b in
+                      bits.get(layer, {}).values() or [o.quant_scheme.bits]}
+            several = len(widths) > 1
+        if not several:
+            return None
+        return ("its export stores routed experts at several widths, which layer-by-layer loading cannot decode "
+                "(transformers' compressed-tensors expert decoder takes one config group for every expert), so "
+                "the export could not be verified or scored layer by layer; run without --lazy, or pass --no-verify "
+                "and --held-out 0 (verify it later on a machine that loads it whole), or give one width (--widths "
+                "4)")
 
     @staticmethod
     def _targets(model, adapter: MoEAdapter, scheme: QuantScheme) -> list[Target]:
@@ -167,11 +218,9 @@ class QuantizeStage(Stage):
         if o.algorithm == "gptq" and (ctx.calib is None or ctx.sets is None):
             raise MoePruneError("GPTQ needs calibration text: pass --calib NAME=PATH (or use --algorithm rtn).")
         scheme = o.quant_scheme
-        bits = expert_bits(o.bits, ctx.adapter.num_experts, scheme.bits)
+        spec = o.mixed
         store = _stored_dtype(ctx.ckpt)
-
-        def bits_of(t: Target) -> int:
-            return bits.get(t.layer, {}).get(t.expert, scheme.bits) if t.expert is not None else scheme.bits
+        routed = ctx.routed_stats().combined() if spec is not None and spec.needs_routed() else None
 
         calib = ctx.calib
         dtype = calib.dtype if calib is not None and o.algorithm == "gptq" else "auto"
@@ -183,6 +232,18 @@ class QuantizeStage(Stage):
         else:
             model = ctx.model(dtype=dtype, device=device)
         adapter = get_adapter(model.config, model=model)
+        allocation = None
+        if spec is not None:
+            allocation = _allocate(spec, scheme, model, adapter, ctx, routed, store, context, dtype, lazy_model=(
+                lazy if ctx.lazy else None))
+            bits_option = allocation.pop("bits_option")
+        else:
+            bits_option = o.bits
+        bits = expert_bits(bits_option, adapter.num_experts, scheme.bits)
+
+        def bits_of(t: Target) -> int:
+            return bits.get(t.layer, {}).get(t.expert, scheme.bits) if t.expert is not None else scheme.bits
+
         result = quantize_model(model, adapter, scheme, bits_of, algorithm=o.algorithm, sets=ctx.sets,
                                 min_tokens=o.min_tokens, damp=o.damp, act_order=o.act_order,
                                 batch_size=calib.batch_size if calib is not None else 8, device=device,
@@ -190,6 +251,8 @@ class QuantizeStage(Stage):
         summary = {"fallbacks": sum(len(v) for v in result.fallbacks.values())}
         if result.tokens:
             summary["routed_tokens"] = {str(k): v for k, v in sorted(result.tokens.items())}
+        if allocation is not None:
+            summary["allocation"] = allocation
         return QuantPlan(scheme, o.algorithm, adapter.num_experts, result.tensors, result.bits, result.parts,
                          result.fallbacks, summary, model_type=adapter.model_type)
 
@@ -248,14 +311,77 @@ class QuantizeStage(Stage):
             "quantized_bytes": plan.summary.get("export", {}).get("quantized_tensor_bytes"),
             "num_experts_before": before.num_experts, "num_experts_after": after.num_experts,
             "format": "compressed-tensors pack-quantized", "loadable_by_stock_config": uniform,
-            "note": LOADABLE if uniform else MIXED,
+            "note": LOADABLE if uniform else MIXED, "allocation": _allocation_report(plan),
         }
 
     def describe(self, plan: QuantPlan) -> str:
         widths = sorted(set(plan.bits.values()))
         fb = sum(len(v) for v in plan.fallbacks.values())
         return (f"quantize ({plan.algorithm}, {'/'.join(map(str, widths))}-bit, group {plan.scheme.group_size})"
-                + (f", {fb} experts by RTN (too few routed tokens)" if fb else ""))
+                + (f", {fb} experts by RTN (too few routed tokens)" if fb else "")
+                + (f", widths allocated under {a['budget']} ({a['importance']}, per {a['granularity']})"
+                   if (a := plan.summary.get("allocation")) else ""))
+
+
+def _allocation_report(plan: QuantPlan) -> dict | None:
+    """The allocation of a mixed-precision plan with the bytes the export actually wrote (None: no budget)."""
+    alloc = plan.summary.get("allocation")
+    if alloc is None:
+        return None
+    written = plan.summary.get("export", {}).get("checkpoint_bytes")
+    out = dict(alloc) | {"bytes_written": written}
+    if "max_bytes" in alloc and written is not None:
+        out["within_budget"] = written <= alloc["max_bytes"]
+    return out
+
+
+def _allocate(spec: MixedSpec, scheme: QuantScheme, model, adapter: MoEAdapter, ctx, routed, store: torch.dtype,
+              context, dtype: str, lazy_model=None) -> dict:
+    """The allocation summary (quant/mixed.py) with the `bits` option it gives under "bits_option"."""
+    from moeprune.quant.importance import ImportanceInputs
+    from moeprune.quant.mixed import (
+        allocation_summary,
+        costs_and_budget,
+        header_fixed_bytes,
+        model_micro_errors,
+        solve,
+    )
+
+    # first stage: the non-expert bytes from the headers (exact in any dtype mix); after others: from the model
+    fixed = header_fixed_bytes(ctx.ckpt, ctx.adapter) if ctx.ckpt is not None and not ctx.previous else None
+    costs, budget = costs_and_budget(spec, model, adapter, scheme.group_size, scheme.symmetric, store.itemsize,
+                                     fixed)
+    neurons = None
+    if not spec.needs_routed():
+        neurons = _neuron_stats(model, adapter, ctx, context, dtype, lazy_model)
+    errors = model_micro_errors(model, adapter, spec.widths, scheme.group_size, scheme.symmetric, store, context)
+    result = solve(spec, costs, budget, ImportanceInputs(errors, routed=routed, neurons=neurons))
+    summary = allocation_summary(spec, result, costs)
+    logger.info("mixed precision (%s): average %.3f bits, predicted loss %.6g", spec.describe(),
+                summary["average_bits"], summary["predicted_loss"])
+    return {**summary, "bits_option": result.bits_option()}
+
+
+def _neuron_stats(model, adapter: MoEAdapter, ctx, context, dtype: str, lazy_model):
+    """CAMERA-Q's neuron statistics of the model the stage quantizes (as the neuron stage collects them)."""
+    if ctx.calib is None or not ctx.sets:
+        raise MoePruneError("allocate camera needs neuron statistics: pass --calib NAME=PATH (or allocate pmq).")
+    if lazy_model is not None:
+        from moeprune.stats.neurons_layered import neuron_stats
+
+        return neuron_stats(ctx, False, lazy=lazy_model if ctx.previous else None,
+                            layer_context=context if ctx.previous else None, dtype=dtype)
+    from moeprune.stats.neurons import collect_neuron_stats
+
+    return collect_neuron_stats(model, adapter, ctx.sets, gradients=False, batch_size=ctx.calib.batch_size)
+
+
+def _config_dtype(config) -> torch.dtype:
+    """The dtype the config says the weights are stored in (bf16 when it says nothing): sizes before any load."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else torch.bfloat16
 
 
 def _stored_dtype(ckpt) -> torch.dtype:
