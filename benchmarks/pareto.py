@@ -347,9 +347,10 @@ def plot(result: dict, path: Path) -> None:
         f = frontier(rows, key)
         ax.step([r[key] for r in f], [y(r) for r in f], where="post", c="k", lw=1, alpha=0.6, zorder=2,
                 label="Pareto frontier")
-        for n, r in enumerate(f):  # labels alternate above / below the frontier's corners
-            ax.annotate(r["label"], (r[key], y(r)), fontsize=7, xytext=(5, 4 if n % 2 else -10),
-                        textcoords="offset points")
+        for n, r in enumerate(f):  # labels alternate below right / above left of the frontier's corners
+            left = n % 2 == 1
+            ax.annotate(r["label"], (r[key], y(r)), fontsize=7, xytext=(-6, 5) if left else (6, -9),
+                        textcoords="offset points", ha="right" if left else "left")
         for limit in (0.15, 0.30):
             ax.axvline(limit, ls="--", c="tab:gray", lw=0.8)
             ax.text(limit, 0.97, f" {limit:.0%}", transform=ax.get_xaxis_transform(), fontsize=8, va="top")
