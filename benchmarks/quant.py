@@ -19,15 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+from heldout import HeldOut
 
 from moeprune import api
-from moeprune.calibration.data import build_sets
-from moeprune.calibration.run import CalibrateOptions, load_tokenizer
-from moeprune.eval.perplexity import evaluate_sets
-from moeprune.eval.run import EvalOptions
-from moeprune.eval.table import ratio_table
-from moeprune.io.load import load_model
-from moeprune.testbed import build_testbed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,12 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if not out.parent.is_dir():
         sys.exit(f"--out {out}: folder {out.parent} does not exist")
     torch.set_num_threads(1)
-    tb = build_testbed(args.testbed)
-    domains = list(tb.data("calib"))
-    calib = CalibrateOptions(tb.specs("calib"), samples=args.calib_samples, seq_len=tb.seq_len, held_out=0)
-    held = build_sets(EvalOptions(max_sequences=args.eval_sequences).for_model(tb.path).data_config(),
-                      load_tokenizer(tb.path, None))
-    base = evaluate_sets(load_model(tb.path, dtype="float32"), held)
+    h = HeldOut.build(args.testbed, args.calib_samples, args.eval_sequences)
+    tb, domains, calib = h.tb, h.domains, h.calib
     rows = []
     for scheme in args.schemes:
         for algorithm in args.algorithms:
@@ -59,16 +49,15 @@ def main(argv: list[str] | None = None) -> int:
                                           group_size=args.group_size, calib=calib if algorithm == "gptq" else None,
                                           run_verify=False)
                 seconds = time.perf_counter() - t
-                scores = evaluate_sets(load_model(applied.out, dtype="float32"), held)
+                ratios, geo = h.score(applied.out)
                 report = applied.report
-            r = ratio_table(base, {"x": scores})["x"]
             row = {"scheme": scheme, "algorithm": algorithm, "group_size": args.group_size,
-                   "ratios": {d: r[d] for d in domains}, "geo_mean": r["mean"],
+                   "ratios": ratios, "geo_mean": geo,
                    "bytes": report["weight_bytes_after"], "bytes_before": report["weight_bytes_before"],
                    "rtn_fallbacks": sum(len(v) for v in report["rtn_fallbacks"].values()),
                    "seconds": round(seconds, 1)}
             rows.append(row)
-            print(f"  {scheme} {algorithm:<4} ppl ×{r['mean']:.4f} bytes {row['bytes']:,} "
+            print(f"  {scheme} {algorithm:<4} ppl ×{geo:.4f} bytes {row['bytes']:,} "
                   f"({row['bytes'] / row['bytes_before']:.3f}) fallbacks {row['rtn_fallbacks']} {seconds:.1f} s",
                   flush=True)
     result = {"testbed": str(tb.path), "domains": domains, "calib_samples": args.calib_samples, "rows": rows}

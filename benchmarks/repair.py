@@ -27,17 +27,13 @@ import time
 from pathlib import Path
 
 import torch
+from heldout import HeldOut
 
 from moeprune import api
-from moeprune.calibration.data import build_sets
-from moeprune.calibration.run import CalibrateOptions, load_tokenizer
 from moeprune.eval.generate import agreement, greedy_continuations
 from moeprune.eval.perplexity import evaluate_sets
-from moeprune.eval.run import EvalOptions
-from moeprune.eval.table import ratio_table
 from moeprune.io.load import load_model
 from moeprune.stages.base import STAGES
-from moeprune.testbed import build_testbed
 
 CUTS = {"experts25": ("experts", 0.25), "experts50": ("experts", 0.5), "heapr50": ("heapr", 0.5)}
 REPAIRS = ("none", "obs", "compensate", "router", "all")
@@ -74,14 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"--out {out}: folder {out.parent} does not exist")
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    tb = build_testbed(args.testbed)
-    domains = list(tb.data("calib"))
-    calib = CalibrateOptions(tb.specs("calib"), samples=args.calib_samples, seq_len=tb.seq_len, held_out=0)
-    tok = load_tokenizer(tb.path, None)
-    held = build_sets(EvalOptions(max_sequences=args.eval_sequences).for_model(tb.path).data_config(), tok)
+    h = HeldOut.build(args.testbed, args.calib_samples, args.eval_sequences)
+    tb, domains, calib, held = h.tb, h.domains, h.calib, h.held
     prompts = {s.name: s.input_ids[: args.gen_prompts, :48] for s in held}  # [n, 48] no padding
     original = load_model(tb.path, dtype="float32")
-    base = evaluate_sets(original, held)
     gen_base = {d: greedy_continuations(original, p, args.new_tokens) for d, p in prompts.items()}
     del original
     distill = "distill" in STAGES and args.distill
@@ -105,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                 gen = {d: greedy_continuations(model, p, args.new_tokens) for d, p in prompts.items()}
                 repair = next((st for st in applied.report["stages"] if st["stage"] == "repair"), {})
                 summary = repair.get("summary", {})
-            r = ratio_table(base, {"x": scores})["x"]
+            ratios, geo = h.ratios(scores)
             agree = sum(agreement(gen_base[d], gen[d])[0] for d in domains) / len(domains)
-            row = {"cut": cut, "repair": label, "recipe": recipe, "ratios": {d: r[d] for d in domains},
-                   "geo_mean": r["mean"], "agree": agree, "seconds": round(seconds, 1),
+            row = {"cut": cut, "repair": label, "recipe": recipe, "ratios": ratios,
+                   "geo_mean": geo, "agree": agree, "seconds": round(seconds, 1),
                    "calibration_block_error_ratio": summary.get("ratio")}
             rows.append(row)
-            print(f"  {cut:<10} {label:<12} ppl ×{r['mean']:.3f} agree {agree:.3f} {seconds:6.1f} s  "
-                  + " ".join(f"{d} ×{r[d]:.3f}" for d in domains), flush=True)
+            print(f"  {cut:<10} {label:<12} ppl ×{geo:.3f} agree {agree:.3f} {seconds:6.1f} s  "
+                  + " ".join(f"{d} ×{ratios[d]:.3f}" for d in domains), flush=True)
     result = {"testbed": str(tb.path), "domains": domains, "calib_samples": args.calib_samples,
               "eval_sequences": args.eval_sequences, "expert_method": args.expert_method,
               "seconds": round(time.perf_counter() - t0, 1), "rows": rows,

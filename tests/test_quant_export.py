@@ -264,3 +264,24 @@ def test_layer_by_layer_gptq_equals_in_memory(root):
         assert result.passed and applied.report["apply_mode"] == ("layered" if lazy else "in-memory")
         outs.append(load_file(str(out / "model.safetensors")))
     assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_quantizing_an_export_ignores_its_statistics_side_file(root):
+    """An export carries its calibration statistics (moeprune_stats.safetensors, float64) next to the weights: they
+    are not weights. Checkpoint.open used to list them, so the quantize stage took float64 (the statistics' many
+    tensors) as the stored dtype and wrote float64 scales for a float32 model, and the sizes counted them."""
+    from moeprune.io.checkpoint import STATS_NAME, Checkpoint
+
+    pruned = root / "qwen3_moe-pruned"
+    api.prune(root / "qwen3_moe", pruned, method="frequency", ratio=0.25, calib=calib(root), run_verify=False)
+    assert (pruned / STATS_NAME).is_file()
+    ckpt = Checkpoint.open(pruned)
+    assert [f.name for f in ckpt.files] == ["model.safetensors"]
+    with safe_open(str(pruned / "model.safetensors"), "pt") as f:
+        weights = sum(math.prod(f.get_slice(n).get_shape()) * 4 for n in f.keys())  # noqa: SIM118  (all float32)
+    assert ckpt.total_bytes == weights
+    out = root / "qwen3_moe-pruned-w4a16"
+    api.quantize(pruned, out, scheme="w4a16", group_size=G, run_verify=False)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        scales = {f.get_slice(n).get_dtype() for n in f.keys() if n.endswith("weight_scale")}  # noqa: SIM118
+    assert scales == {"F32"}

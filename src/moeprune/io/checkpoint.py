@@ -22,6 +22,8 @@ from moeprune.io.remote import check_remote, trusted
 from moeprune.io.safetensors_io import TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
+# the calibration statistics an export carries along (pipeline/export.py): a safetensors file, not weights
+STATS_NAME = "moeprune_stats.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 # measurements of the source model, wrong for a smaller copy: the testbed's routing heat map (its testbed.json is
 # copied: it marks the copy as made from the testbed and points at its data, see testbed.build.find_testbed)
@@ -124,7 +126,7 @@ def _weight_files(path: Path) -> list[Path]:
         if missing:
             raise MoePruneError(f"{index} names shards that are missing: {', '.join(missing)}.")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(f for f in path.glob("*.safetensors") if f.name != STATS_NAME)
     if not files:
         hint = " (only PyTorch .bin files: re-save them with save_pretrained(...))" if any(path.glob("*.bin")) else ""
         raise MoePruneError(f"{path} has no *.safetensors weights{hint}.")

@@ -25,7 +25,7 @@ from pathlib import Path
 from moeprune import __version__
 from moeprune.errors import MoePruneError
 from moeprune.io.atomic import atomic_dir
-from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.checkpoint import STATS_NAME, Checkpoint
 from moeprune.io.load import load_model, match_disk_dtypes
 from moeprune.io.report import write_json_atomic
 from moeprune.log import logger
@@ -34,8 +34,6 @@ from moeprune.models.base import MoEAdapter
 from moeprune.pipeline.recipe import PLANS_DIR, RECIPE_FORMAT, RECIPE_NAME, REPORT_NAME, Chain, plan_file
 from moeprune.stages.base import apply_chain, original_experts
 from moeprune.stats.store import ExpertStats
-
-STATS_NAME = "moeprune_stats.safetensors"
 
 
 @dataclass
