@@ -127,7 +127,7 @@ def logits(model) -> torch.Tensor:
 def avg(root):
     out = root / "avg"
     api.quantize(root / "model", out, calib=calib(root), group_size=G, avg_bits=3.5, widths=list(WIDTHS),
-                 run_verify=False)
+                 allocate="pmq", run_verify=False)
     return out
 
 
@@ -179,7 +179,7 @@ def test_max_bytes_is_respected(root, tmp_path):
 def test_per_expert_export_reports_servability_and_lift(root, tmp_path):
     out = tmp_path / "expert"
     api.quantize(root / "model", out, calib=calib(root), group_size=G, avg_bits=3.5, granularity="expert",
-                 run_verify=False)
+                 allocate="pmq", run_verify=False)
     alloc = report(out)["allocation"]
     assert alloc["layer_bits"] is None and alloc["expert_bits"] is not None
     assert "moeprune.load_model" in alloc["loaded_by"] and "vLLM" in alloc["servable_by"]
@@ -212,7 +212,9 @@ def test_refusals_before_any_work(root, tmp_path, monkeypatch):
     with pytest.raises(MoePruneError, match="importance"):
         api.quantize(model, tmp_path / "f", calib=c, avg_bits=3.0, allocate="hessian")
     with pytest.raises(MoePruneError, match="calibration data"):
-        api.quantize(model, tmp_path / "g", group_size=G, avg_bits=3.0)  # pmq needs routed statistics
+        api.quantize(model, tmp_path / "g", group_size=G, avg_bits=3.0, allocate="pmq")  # needs routed statistics
+    with pytest.raises(MoePruneError, match="calibration|--calib"):
+        api.quantize(model, tmp_path / "g2", group_size=G, avg_bits=3.0)  # the default, camera: neuron statistics
     with pytest.raises(MoePruneError, match="layer by layer.*several widths"):
         api.quantize(model, tmp_path / "i", group_size=G, bits={1: 8}, lazy=True)  # layer 2 keeps w4
 

@@ -8,7 +8,7 @@ from moeprune.quant.scheme import SCHEMES
 
 EXAMPLE = """moeprune quantize ./model --scheme w4a16 --algorithm gptq --calib web=web.txt --out ./model-w4
   moeprune quantize ./model --scheme w8a16 --out ./model-w8            # RTN: no calibration text
-  moeprune quantize ./model --avg-bits 3 --allocate pmq --calib web=web.txt --out ./model-mixed
+  moeprune quantize ./model --avg-bits 3 --calib web=web.txt --out ./model-mixed
       # one width per MoE layer (2/3/4/8) chosen by the milp under 3 average bits (--max-bytes 40GB: a size)
   moeprune prune ./model --recipe r.yaml --calib web=web.txt --out ./small
       # r.yaml: stages: [{method: reap, ratio: 0.25}, {method: quantize, scheme: w4a16, algorithm: gptq}]"""
@@ -41,8 +41,8 @@ def add_parser(sub) -> None:
     mixed.add_argument("--max-bytes", default=None, metavar="SIZE",
                        help="mixed precision: the whole checkpoint at most SIZE (40GB, 500MiB)")
     p.add_argument("--allocate", default=None, choices=["pmq", "camera"],
-                   help="importance of the allocation: pmq (frequency x error; default) or camera (micro-expert "
-                        "energy x error); both need --calib")
+                   help="importance of the allocation: camera (micro-expert energy x error; default, measured "
+                        "in benchmarks/RESULTS.md 'Pareto') or pmq (frequency x error); both need --calib")
     p.add_argument("--granularity", default=None, choices=["layer", "expert"],
                    help="layer: one width per MoE layer (default; vLLM serves it); expert: a width per expert "
                         "(moeprune loads it; the report gives the predicted loss of lifting to per layer)")

@@ -41,7 +41,8 @@ from moeprune.quant.importance import IMPORTANCE, ImportanceInputs, MicroErrors,
 from moeprune.quant.rtn import fake_quantize
 from moeprune.quant.sizes import STORED, ExpertShape, PackedFormat
 
-DEFAULT_IMPORTANCE = "pmq"  # the pareto benchmark measures pmq and camera; the lead sets the default from its table
+DEFAULT_IMPORTANCE = "camera"  # benchmarks/RESULTS.md, "Pareto": CAMERA-Q avoided PMQ's one large loss (2.5 bits
+# per layer ×1.0022 against ×1.0154), PMQ's wins were ≤ 0.0005; `budget` keeps pmq (a statistics file suffices)
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 LOADED_BY = ("moeprune.load_model (each module decompressed by its own config group, quant/load.py); not stock "
              "transformers (one config group decodes every expert) and not vLLM (one scheme per fused MoE layer)")

@@ -58,7 +58,7 @@ class QuantizeOptions(StageOptions):
     act_order: bool = False  # GPTQ: columns by decreasing H_jj (static groups)
     avg_bits: float | None = None  # mixed precision: Σ b_e·n_e ≤ avg_bits · Σ n_e over the routed experts
     max_bytes: int | str | None = None  # mixed precision: bytes of the whole checkpoint ("40GB" or an int)
-    allocate: str | None = None  # importance of the allocation: pmq | camera (default pmq)
+    allocate: str | None = None  # importance of the allocation: pmq | camera (default camera)
     granularity: str | None = None  # layer (default; vLLM serves it) | expert
     widths: tuple[int, ...] | None = None  # widths the allocation may choose (default 2, 3, 4, 8)
     lists: ClassVar[tuple[str, ...]] = ("parts", "widths")
