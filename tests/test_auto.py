@@ -380,3 +380,15 @@ def test_a_composition_that_takes_naee_in_one_layer_is_reported_then_exported():
     assert "dropped" not in section["candidates"][auto.PER_LAYER] and j.composed() is None
     j.drops[naee] = {1: [2], 2: [3]}  # NAEE's own plan on every window
     assert j.composed() == {1: [0], 2: [3]}
+
+
+def test_prune_without_a_method_is_auto_with_calibration_and_refused_without(root, tmp_path, capsys):
+    src = root / "qwen3_moe"
+    flags = ["--calib", f"web={root / 'web.txt'}", "--calib", f"code={root / 'code.txt'}", "--samples", "8",
+             "--seq-len", "32", "--held-out", "2", "--ratio", "0.25", "--no-verify"]
+    assert main(["prune", str(src), *flags, "--out", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "a" / "moeprune_report.json").read_text())
+    assert f"auto chose {report['auto']['chosen']}" in capsys.readouterr().out
+    assert main(["prune", str(src), "--ratio", "0.25", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "no --method given" in err and "--calib" in err and not (tmp_path / "b").exists()

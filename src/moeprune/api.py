@@ -31,8 +31,11 @@ from moeprune.pipeline.run import apply as _apply
 from moeprune.pipeline.run import prune as _prune
 from moeprune.pipeline.verify import DEFAULT_TOL, VerifyResult, as_chain  # noqa: F401  (public API)
 from moeprune.pipeline.verify import verify as _verify
+from moeprune.select.auto import AUTO
 from moeprune.stages.base import Need, stage_for_method
 from moeprune.stats.store import ExpertStats
+
+DEFAULT_METHOD = AUTO  # `prune` without --method or --recipe (benchmarks/RESULTS.md, "Choosing the method per model")
 
 
 def info(model: str | Path) -> ModelSummary:
@@ -73,8 +76,15 @@ def prune(model: str | Path, out: str | Path, recipe: Any = None, *, method: str
     """[calibrate +] plan every stage + apply + save + verify. Give a `recipe` (list of stage dicts or a YAML/JSON
     file), or one stage as `method`, `ratio` and its `options` (`expert_method`/`expert_ratio` put an expert
     removal stage first; `repair` = KIND appends `{method: repair, kind: KIND}`; `distill` = a distill stage's
-    options, e.g. {"steps": 200}, appends that stage last)."""
+    options, e.g. {"steps": 200}, appends that stage last); no method and no recipe: `DEFAULT_METHOD` (auto, which
+    needs `calib`)."""
     source = "" if recipe is None else (str(recipe) if isinstance(recipe, (str, Path)) else "recipe")
+    if recipe is None and method is None and options.get("policy") != "reconstruction" and expert_method is None:
+        if calib is None:
+            raise MoePruneError(f"no --method given: the default, {DEFAULT_METHOD}, chooses among the calibrated "
+                                "criteria (and NAEE) on calibration text; pass --calib NAME=PATH (one per domain), "
+                                "or choose a method, e.g. --method aimer (data-free).")
+        method = DEFAULT_METHOD
     if recipe is None:
         recipe = shorthand(method, ratio, options, expert_method, expert_ratio)
         if repair is not None:

@@ -114,7 +114,9 @@ TRISTATE = ("auto_naee",)  # flags whose False is a given value (--no-auto-naee)
 def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
     """Options of every stage kind; each is refused when the chosen method's stage does not take it."""
     methods = _method_list()
-    p.add_argument("--method", help=f"method: {methods}" + (" (or give a --recipe)" if prune else ""))
+    p.add_argument("--method", help=f"method: {methods}" + (" (default with --calib: auto, which judges the "
+                                                            "calibrated criteria and NAEE on the calibration text; "
+                                                            "or give a --recipe)" if prune else ""))
     p.add_argument("--ratio", type=ratio_type,
                    help="fraction removed: of the routed experts per layer (expert removal and merging), or of the "
                         "routed-expert parameters (neuron methods heapr, camera)")
