@@ -161,7 +161,7 @@ def test_max_bytes_is_respected(root, tmp_path):
     limit = expected_bytes(root / "model", {1: 4, 2: 3}) + 100
     out = tmp_path / "bytes"
     api.quantize(root / "model", out, calib=calib(root), group_size=G, max_bytes=limit, widths=list(WIDTHS),
-                 run_verify=False)
+                 allocate="pmq", run_verify=False)
     alloc = report(out)["allocation"]
     layer_bits = {int(k): v for k, v in alloc["layer_bits"].items()}
     assert written_bytes(out) == expected_bytes(root / "model", layer_bits) <= limit
