@@ -22,6 +22,7 @@ from moeprune.cli import (
     criteria,
     demo,
     eval,
+    gen_tasks,
     info,
     lm_eval,
     plan,
@@ -38,7 +39,7 @@ from moeprune.log import configure
 
 # in the order `moeprune -h` lists them: the usual path first, then the tools around it
 VERBS = (demo, info, analyze, calibrate, stats, criteria, plan, apply, prune, quantize, budget, verify, eval, compare,
-         lm_eval, testbed)
+         gen_tasks, lm_eval, testbed)
 
 
 def build_parser() -> argparse.ArgumentParser:
