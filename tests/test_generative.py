@@ -194,3 +194,32 @@ def test_refusals_before_any_work(tmp_path, monkeypatch, capsys):
                  str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
     assert "no evaluation data" in err and "no generative items" in err and not (tmp_path / "t").exists()
+
+
+def test_eval_json_compare_and_analyze_results_carry_the_generative_scores(tmp_path, capsys):
+    from moeprune import api
+    from moeprune.analysis.results import results_sections
+
+    ckpt = save_tiny("qwen3_moe", tmp_path / "m", seed=2, with_tokenizer=True, max_position_embeddings=256)
+    pruned = tmp_path / "pruned"
+    api.prune(ckpt, pruned, method="aimer", ratio=0.5, run_verify=False)
+    web, tasks = tmp_path / "web.txt", tmp_path / "tasks.jsonl"
+    web.write_text("word is word. " * 10)
+    tasks.write_text("".join(json.dumps({"domain": "arithmetic", "prompt": p}) + "\n" for p in ("1 + 1 =", "2 * 3 =")))
+    flags = ["--data", f"web={web}", "--seq-len", "16", "--generate", "--generate-tasks", str(tasks)]
+    assert main(["eval", str(pruned), *flags, "--json", str(tmp_path / "e.json")]) == 0
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert set(data) == {"web", "arithmetic"} and data["arithmetic"]["generate"]["items"] == 2
+    assert "generative (items)" in capsys.readouterr().out
+    assert main(["compare", str(ckpt), str(pruned), *flags, "--out", str(tmp_path / "cmp")]) == 0
+    gen = json.loads((tmp_path / "cmp" / "compare.json").read_text())["generative"]
+    opts = EvalOptions((f"web={web}",), seq_len=16, generate=True, generate_tasks=str(tasks))
+    before, after = (evaluate(p, opts).generative["arithmetic"].metrics for p in (ckpt, pruned))
+    assert [(g["metric"], g["before"], g["after"]) for g in gen] == [(m, before[m], after[m]) for m in before]
+    assert gen[0]["primary"] and gen[0]["perplexity_ratio"] is None  # no --data set named arithmetic
+    assert "| arithmetic |" in (tmp_path / "cmp" / "compare.md").read_text()
+    (tmp_path / "rep").mkdir()
+    section = results_sections([tmp_path / "cmp"], tmp_path / "rep")[0]
+    table = section["tables"][1]
+    assert table["columns"][:4] == ["task", "metric", "before", "after"]
+    assert [r[:4] for r in table["rows"]] == [["arithmetic", m, before[m], after[m]] for m in before]
