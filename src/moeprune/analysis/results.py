@@ -1,9 +1,9 @@
 """Prune / merge / compare results for the analysis report: `results_sections(folders, out_dir)`.
 
 Each folder is either a `moeprune compare` output (`compare.json` + `compare.png`: per-domain perplexity before and
-after) or a pruned / merged checkpoint folder (`moeprune_report.json`: method, ratio, experts and bytes before and
-after, verification). Both kinds become report sections (`analysis/html.py` schema); images are copied next to the
-report as `result_<n>_compare.png`.
+after; with `compare --generate`, the generative task scores too) or a pruned / merged checkpoint folder
+(`moeprune_report.json`: method, ratio, experts and bytes before and after, verification). Both kinds become report
+sections (`analysis/html.py` schema); images are copied next to the report as `result_<n>_compare.png`.
 """
 
 from __future__ import annotations
@@ -48,10 +48,20 @@ def _compare_section(n: int, folder: Path, out_dir: Path) -> dict:
     text = [f"Held-out evaluation of both models on the same windows ({folder})."]
     if worst is not None:
         text.append(f"Largest loss: {worst['domain']} (perplexity ×{worst['perplexity_ratio']:.3f}).")
+    tables = [{"caption": "per-domain perplexity and next-token accuracy",
+               "columns": ["domain", "ppl before", "ppl after", "ppl ratio", "acc before", "acc after", "tokens"],
+               "rows": rows}]
+    gen = data.get("generative") or []
+    if gen:  # `moeprune compare --generate`: greedy task scores next to the perplexity ratio
+        tables.append({"caption": "generative tasks (greedy, fraction of items; the primary metric first)",
+                       "columns": ["task", "metric", "before", "after", "Δ", "ppl ratio", "items"],
+                       "rows": [[g["task"], g["metric"], g["before"], g["after"], g["after"] - g["before"],
+                                 g["perplexity_ratio"], g["items"]] for g in gen]})
+        worst_gen = min((g for g in gen if g["primary"]), key=lambda g: g["after"] - g["before"])
+        text.append(f"Largest generative change: {worst_gen['task']} {worst_gen['metric']} "
+                    f"{worst_gen['before']:.3f} → {worst_gen['after']:.3f}.")
     return {"id": f"result-{n}", "title": data.get("title", folder.name), "paragraphs": text, "images": images,
-            "tables": [{"caption": "per-domain perplexity and next-token accuracy",
-                        "columns": ["domain", "ppl before", "ppl after", "ppl ratio", "acc before", "acc after",
-                                    "tokens"], "rows": rows}]}
+            "tables": tables}
 
 
 def _report_section(n: int, folder: Path) -> dict:

@@ -23,6 +23,7 @@ from moeprune.cli import (
     demo,
     eval,
     export,
+    gen_tasks,
     info,
     lm_eval,
     plan,
@@ -39,7 +40,7 @@ from moeprune.log import configure
 
 # in the order `moeprune -h` lists them: the usual path first, then the tools around it
 VERBS = (demo, info, analyze, calibrate, stats, criteria, plan, apply, prune, quantize, budget, verify, eval, compare,
-         lm_eval, export, testbed)
+         gen_tasks, lm_eval, export, testbed)
 
 
 def build_parser() -> argparse.ArgumentParser:

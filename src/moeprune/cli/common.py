@@ -235,6 +235,15 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", action="append", default=[], help="greedy generation sample, repeatable")
     g.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per --prompt")
     g.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    g.add_argument("--generate", action="store_true",
+                   help="also run the generative tasks (greedy, exact checks; docs/generation.md): items from the "
+                        "--data sets named arithmetic, records or python (the testbed's held-out files by default)")
+    g.add_argument("--generate-tasks", metavar="FILE.jsonl",
+                   help="with --generate: the items {domain, prompt, ...} of this file instead of items built from "
+                        "--data (see `moeprune gen-tasks`)")
+    g.add_argument("--gen-items", type=int, default=None, help="with --generate: items per task built from --data "
+                                                               "(default 64)")
+    g.add_argument("--gen-seed", type=int, default=0, help="with --generate: seed of the item draw")
 
 
 def eval_options(args):
@@ -242,4 +251,5 @@ def eval_options(args):
 
     return EvalOptions(tuple(args.data), seq_len=args.seq_len, max_sequences=args.max_sequences,
                        batch_size=args.batch_size, dtype=args.dtype, device=args.device, prompts=tuple(args.prompt),
-                       max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer)
+                       max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer, generate=args.generate,
+                       generate_tasks=args.generate_tasks, gen_items=args.gen_items, gen_seed=args.gen_seed)

@@ -3,14 +3,20 @@ table (terminal), `compare.md`, `compare.json` and `compare.png` (perplexity rat
 
     ppl ratio = perplexity(PRUNED) / perplexity(ORIGINAL)   (1.00 = no loss; lower is better)
     Δ accuracy = accuracy(PRUNED) − accuracy(ORIGINAL)
+
+With `--generate` (EvalOptions.generate), both models also run the generative tasks on the same items; a second
+table lists each task's metrics before / after (fractions of items, greedy; primary metric first) next to the
+perplexity ratio of the domain of the same name; compare.json holds them under "generative". The plot stays the
+perplexity ratio.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from moeprune.eval.generative import GenScore
 from moeprune.eval.perplexity import DomainScore
 from moeprune.eval.run import EvalOptions, evaluate
 from moeprune.io.atomic import atomic_dir, check_output
@@ -24,11 +30,25 @@ class Comparison:
     before: dict[str, DomainScore]
     after: dict[str, DomainScore]
     title: str
+    gen_before: dict[str, GenScore] = field(default_factory=dict)
+    gen_after: dict[str, GenScore] = field(default_factory=dict)
 
     def rows(self) -> list[dict]:
         return [{"domain": d, "perplexity_before": b.perplexity, "perplexity_after": self.after[d].perplexity,
                  "perplexity_ratio": self.after[d].perplexity / b.perplexity, "accuracy_before": b.accuracy,
                  "accuracy_after": self.after[d].accuracy, "tokens": b.tokens} for d, b in self.before.items()]
+
+    def generative_rows(self) -> list[dict]:
+        """One row per (task, metric), the primary metric first: before, after, items, and the perplexity ratio of
+        the domain named after the task (None when no --data set has its name)."""
+        out = []
+        for task, b in self.gen_before.items():
+            a, ppl = self.gen_after[task], self.before.get(task)
+            ratio = self.after[task].perplexity / ppl.perplexity if ppl is not None else None
+            for m in [b.primary] + [k for k in b.metrics if k != b.primary]:
+                out.append({"task": task, "metric": m, "primary": m == b.primary, "before": b.metrics[m],
+                            "after": a.metrics[m], "items": b.items, "perplexity_ratio": ratio})
+        return out
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", "", "| domain | ppl before | ppl after | ppl ratio | acc before | acc after | "
@@ -37,6 +57,16 @@ class Comparison:
             lines.append(f"| {r['domain']} | {r['perplexity_before']:.3f} | {r['perplexity_after']:.3f} | "
                          f"{r['perplexity_ratio']:.3f} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "
                          f"{r['accuracy_after'] - r['accuracy_before']:+.3f} | {r['tokens']} |")
+        gen = self.generative_rows()
+        if gen:
+            lines += ["", "Generative tasks (greedy; fraction of items; docs/generation.md):", "",
+                      "| task | ppl ratio | metric | before | after | Δ | items |",
+                      "|---|---:|---|---:|---:|---:|---:|"]
+            for r in gen:
+                ratio = "" if r["perplexity_ratio"] is None or not r["primary"] else f"{r['perplexity_ratio']:.3f}"
+                name = f"**{r['metric']}**" if r["primary"] else r["metric"]
+                lines.append(f"| {r['task']} | {ratio} | {name} | {r['before']:.3f} | {r['after']:.3f} | "
+                             f"{r['after'] - r['before']:+.3f} | {r['items']} |")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: Path) -> None:
@@ -69,10 +99,15 @@ def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: st
     title = f"{dst.path.name} vs {src.path.name}"
     if report.get("method"):
         title += f" — {report['method']} at ratio {report.get('ratio')}"
-    result = Comparison(evaluate(src.path, opts).scores, evaluate(dst.path, opts).scores, title)
+    opts.gen_items_list()  # generative items exist (or --generate is refused) before anything loads
+    before, after = evaluate(src.path, opts), evaluate(dst.path, opts)
+    result = Comparison(before.scores, after.scores, title, before.generative, after.generative)
+    data = {"title": title, "rows": result.rows()}
+    if result.gen_before:
+        data["generative"] = result.generative_rows()
     with atomic_dir(out_path) as tmp:
         (tmp / "compare.md").write_text(result.markdown())
-        (tmp / "compare.json").write_text(json.dumps({"title": title, "rows": result.rows()}, indent=1))
+        (tmp / "compare.json").write_text(json.dumps(data, indent=1))
         result.plot(tmp / "compare.png")
     logger.info("comparison written to %s (compare.md, compare.json, compare.png)", out_path)
     return result

@@ -4,6 +4,11 @@ Every check runs before the model is loaded: data sources, options, the JSON out
 held-out text tokenised into windows. Without `--data`, the testbed's held-out domains are used, but only for the
 testbed itself and the models made from it (folders holding its `testbed.json`, which every export copies along;
 see `testbed.build.find_testbed`); any other model must name its data with `--data NAME=PATH`.
+
+`generate=True` adds the generative tasks (`eval/gen_tasks.py`, `eval/generative.py`): the items of `generate_tasks`
+(a JSONL file, e.g. written by `moeprune gen-tasks`) when given, else items built from every data set named after a
+task (arithmetic, records, python: the testbed's held-out files, or `--data` text of the same shape), `gen_items`
+per task, seeded. With no item at all, `--generate` is refused before any work.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from moeprune.calibration.data import CalibConfig, CalibSource, build_sets
+from moeprune.calibration.data import CalibConfig, CalibSource, build_sets, read_documents
 from moeprune.calibration.run import load_tokenizer
 from moeprune.errors import MoePruneError
+from moeprune.eval.gen_tasks import DEFAULT_ITEMS, TASKS, build_items, read_items
 from moeprune.eval.generate import greedy_samples
+from moeprune.eval.generative import GenScore, evaluate_generative
 from moeprune.eval.perplexity import DomainScore, evaluate_sets
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, parse_dtype
@@ -36,10 +43,22 @@ class EvalOptions:
     prompts: tuple[str, ...] = ()
     max_new_tokens: int = 32
     tokenizer: str | None = None
+    generate: bool = False  # greedy generative tasks next to perplexity
+    generate_tasks: str | None = None  # JSONL items (with generate); else items from the data sets named after tasks
+    gen_items: int | None = None  # items per task built from data (None: DEFAULT_ITEMS)
+    gen_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise MoePruneError("--batch-size and --max-new-tokens must be >= 1.")
+        if not self.generate and (self.generate_tasks is not None or self.gen_items is not None or self.gen_seed):
+            raise MoePruneError("--generate-tasks, --gen-items and --gen-seed apply to the generative tasks only; "
+                                "add --generate or drop them.")
+        if self.generate_tasks is not None and (self.gen_items is not None or self.gen_seed):
+            raise MoePruneError("--gen-items and --gen-seed draw items from --data; --generate-tasks gives the items "
+                                "itself. Drop one of them.")
+        if self.gen_items is not None and self.gen_items < 1:
+            raise MoePruneError(f"--gen-items must be >= 1, got {self.gen_items}.")
         if self.seq_len is not None and self.seq_len < 2:
             raise MoePruneError("--seq-len must be >= 2.")
         parse_dtype(self.dtype)
@@ -57,6 +76,30 @@ class EvalOptions:
             raise MoePruneError("internal: EvalOptions.data_config() before for_model() filled the defaults.")
         return CalibConfig(tuple(CalibSource.parse(d, flag="--data") for d in self.data),
                            samples=self.max_sequences, seq_len=self.seq_len, warn_short=False)
+
+    def gen_items_list(self) -> list[dict]:
+        """The generative items (after `for_model`): those of `generate_tasks` when given, else built from each
+        data set named after a task; [] without `generate`. Refuses `generate` with no item at all."""
+        if not self.generate:
+            return []
+        if self.generate_tasks is not None:
+            return read_items(self.generate_tasks)
+        items = []
+        for spec in self.data_config().sources:
+            if spec.name in TASKS:
+                docs, _ = read_documents(spec)
+                found = build_items(spec.name, "\n\n".join(docs), self.gen_items or DEFAULT_ITEMS, self.gen_seed)
+                if not found:
+                    logger.warning("--data %s: no %s item in %s (its text does not have the task's shape)",
+                                   spec.name, spec.name, spec.path)
+                items += found
+        if not items:
+            names = ", ".join(s.name for s in self.data_config().sources)
+            raise MoePruneError(f"--generate: no generative items. Items are built from --data sets named after a "
+                                f"task ({', '.join(TASKS)}) whose text has that task's shape (the testbed's held-out "
+                                f"files do); the data here are {names}. Name such a set after its task or pass "
+                                "--generate-tasks FILE.jsonl (see `moeprune gen-tasks`).")
+        return items
 
 
 def default_testbed(models: tuple[str | Path, ...]) -> Testbed:
@@ -80,13 +123,23 @@ def default_testbed(models: tuple[str | Path, ...]) -> Testbed:
 class EvalResult:
     scores: dict[str, DomainScore]
     samples: dict[str, str] = field(default_factory=dict)
+    generative: dict[str, GenScore] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {name: s.to_dict() for name, s in self.scores.items()}
+        """{domain: {perplexity, accuracy, tokens[, generate: {primary, items, metric: score}]}}; a task whose
+        items came from a file and that has no --data set has only its `generate` entry."""
+        out: dict[str, dict] = {name: s.to_dict() for name, s in self.scores.items()}
+        for task, g in self.generative.items():
+            out.setdefault(task, {})["generate"] = g.to_dict()
+        return out
 
     def format(self) -> str:
-        rows = [f"{'domain':<16} {'perplexity':>11} {'accuracy':>9} {'tokens':>9}"]
-        rows += [f"{n:<16} {s.perplexity:11.3f} {s.accuracy:9.3f} {s.tokens:9d}" for n, s in self.scores.items()]
+        gen = bool(self.generative)
+        rows = [f"{'domain':<16} {'perplexity':>11} {'accuracy':>9} {'tokens':>9}" + ("  generative (items)" * gen)]
+        for n in list(self.scores) + [t for t in self.generative if t not in self.scores]:
+            s, g = self.scores.get(n), self.generative.get(n)
+            ppl = f"{s.perplexity:11.3f} {s.accuracy:9.3f} {s.tokens:9d}" if s else f"{'':11} {'':9} {'':9}"
+            rows.append(f"{n:<16} {ppl}" + (f"  {g.short()} ({g.items})" if g else "  —" if gen else ""))
         rows += [f"\n> {p!r}\n  {c!r}" for p, c in self.samples.items()]
         return "\n".join(rows)
 
@@ -99,9 +152,12 @@ def evaluate(model: str | Path, opts: EvalOptions, json_out: str | Path | None =
     opts = opts.for_model(ckpt.path)
     cfg = opts.data_config()
     tokenizer = load_tokenizer(ckpt.path, opts.tokenizer)
+    items = opts.gen_items_list()
     sets = build_sets(cfg, tokenizer)
     model_obj = load_model(ckpt.path, dtype=opts.dtype, device=opts.device)
     result = EvalResult(evaluate_sets(model_obj, sets, opts.batch_size))
+    if items:
+        result.generative = evaluate_generative(model_obj, tokenizer, items, opts.batch_size)
     if opts.prompts:
         result.samples = greedy_samples(model_obj, tokenizer, list(opts.prompts), opts.max_new_tokens)
     if out is not None:
