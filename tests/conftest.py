@@ -112,3 +112,34 @@ def _token_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOEPRUNE_TOKEN_CACHE", str(tmp_path_factory.mktemp("token-cache")))
         yield
+
+
+# ------------------------------------------------------------------------------------- GGUF (test_gguf*.py)
+# a small trained testbed, its 25 % pruned export and that export's f32 GGUF: built once per session
+
+@pytest.fixture(scope="session")
+def gguf_pruned(tmp_path_factory):
+    """(a small trained testbed: 2 layers, 8 experts of width 16, hidden 32; its 25 % frequency-pruned export,
+    6 experts per layer)."""
+    from moeprune import api
+    from moeprune.calibration.run import CalibrateOptions
+    from moeprune.testbed import TestbedConfig, build_testbed
+
+    cfg = TestbedConfig(vocab_size=384, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                        num_experts=8, top_k=2, moe_intermediate_size=16, seq_len=32, batch_size=8, steps=12,
+                        lr=3e-3, warmup=4, train_chars=30_000, calib_chars=6_000, heldout_chars=6_000,
+                        tokenizer_chars=10_000)
+    root = tmp_path_factory.mktemp("gguf")
+    tb = build_testbed(root / "tb", cfg=cfg)
+    api.prune(tb.path, root / "p25", method="frequency", ratio=0.25,
+              calib=CalibrateOptions(tb.specs("calib"), samples=16, seq_len=32))
+    return tb.path, root / "p25"
+
+
+@pytest.fixture(scope="session")
+def gguf_pruned_file(gguf_pruned, tmp_path_factory):
+    """(GgufSummary, path) of `gguf_pruned`'s export converted to an f32 GGUF."""
+    from moeprune.gguf import GgufOptions, export_gguf
+
+    out = tmp_path_factory.mktemp("gguf_out") / "p25.gguf"
+    return export_gguf(gguf_pruned[1], out, GgufOptions(outtype="f32")), out

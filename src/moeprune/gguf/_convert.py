@@ -9,12 +9,17 @@ fixed text, which only works for tokenizers it was updated for; any other (a loc
 moeprune testbed's) stops the conversion. When the hash is unknown *and* `tokenizer.json` declares exactly the
 GPT-2 byte-level pre-tokenizer (`ByteLevel`, GPT-2 regex, no prefix space, no normalizer), the pre-tokenizer is
 "gpt-2", the one llama.cpp implements with that same regex; anything else still fails as the converter says.
+
+And config keys that transformers implies but the converter reads explicitly (`$MOEPRUNE_GGUF_HPARAMS`, a JSON
+object from `gguf/families.py`) are set where config.json lacks them, e.g. DeepSeek-V3's `scoring_func: sigmoid`
+(transformers 5 always routes V3 by sigmoid and does not write the key; without it llama.cpp uses softmax).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -54,6 +59,17 @@ def main(argv: list[str]) -> None:
             raise
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+    defaults = json.loads(os.environ.get("MOEPRUNE_GGUF_HPARAMS") or "{}")
+    if defaults:
+        load = base.ModelBase.load_hparams
+
+        def load_hparams(dir_model, is_mistral_format):
+            config = load(dir_model, is_mistral_format)
+            for key, value in defaults.items():
+                config.setdefault(key, value)
+            return config
+
+        base.ModelBase.load_hparams = staticmethod(load_hparams)
     sys.argv = [str(root / SCRIPT), *argv[1:]]
     runpy.run_path(str(root / SCRIPT), run_name="__main__")
 

@@ -4,7 +4,7 @@ What must hold, with E routed experts, k used per token, H hidden size, I expert
 order (fastest first, the reverse of torch's):
 
     general.architecture            = the family's llama.cpp name (when moeprune knows it)
-    {arch}.block_count              = decoder layers
+    {arch}.block_count              = decoder layers (+ {arch}.nextn_predict_layers, GLM's MTP blocks)
     {arch}.expert_count             = E              {arch}.expert_used_count = k
     blk.L.ffn_gate_inp.weight       : (H, E)         for every MoE layer L, and on no other layer
     blk.L.ffn_{gate,up}_exps.weight : (H, I, E)      (or ffn_gate_up_exps: (H, 2I, E))
@@ -78,7 +78,9 @@ def check_gguf(path: Path, want: Expected, outtype: str) -> GgufSummary:
     arch = _field(reader, "general.architecture")
     if want.arch is not None and arch != want.arch:
         raise MoePruneError(f"the GGUF's general.architecture is {arch!r}, expected {want.arch!r}.")
-    for key, expected in ((f"{arch}.block_count", want.layers), (f"{arch}.expert_count", want.experts),
+    nextn = reader.fields.get(f"{arch}.nextn_predict_layers")  # multi-token-prediction blocks after the decoder
+    layers = want.layers + (int(nextn.contents()) if nextn is not None else 0)
+    for key, expected in ((f"{arch}.block_count", layers), (f"{arch}.expert_count", want.experts),
                           (f"{arch}.expert_used_count", want.top_k)):
         got = int(_field(reader, key))
         if got != expected:

@@ -13,6 +13,7 @@ q8_0); a folder without a tokenizer; an --out that exists (without --overwrite) 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 from moeprune.errors import MoePruneError
 from moeprune.gguf.check import Expected, GgufSummary, check_gguf
 from moeprune.gguf.converter import Converter, find_converter
-from moeprune.gguf.families import GGUF_ARCH
+from moeprune.gguf.families import GGUF_FAMILIES
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.nonuniform_config import is_nonuniform
 from moeprune.io.report import read_report
@@ -60,8 +61,8 @@ def _check_out(out: Path, src: Path, overwrite: bool) -> Path:
     return out
 
 
-def refusal(ckpt: Checkpoint, converter: Converter) -> str | None:
-    """Why this checkpoint cannot become a GGUF (None: it can)."""
+def refusal(ckpt: Checkpoint) -> str | None:
+    """Why this checkpoint cannot become a GGUF, from its own files (None: it can, as far as they tell)."""
     cfg = ckpt.config_dict
     if is_nonuniform(cfg):
         return ("it is a non-uniform moeprune export (expert widths differ between layers); GGUF and llama.cpp hold "
@@ -74,17 +75,25 @@ def refusal(ckpt: Checkpoint, converter: Converter) -> str | None:
         method = (cfg.get("quantization_config") or {}).get("quant_method", "quantized")
         return (f"it is quantized ({method}); llama.cpp's converter expects float weights. Convert the unquantized "
                 "export and quantize in llama.cpp (--outtype q8_0 here, or llama-quantize).")
-    archs = cfg.get("architectures") or []
-    if not archs:
+    if not cfg.get("architectures"):
         return "its config.json names no `architectures`, which llama.cpp's converter dispatches on."
-    if archs[0] not in converter.architectures():
-        return (f"llama.cpp's converter ({converter.describe()}) has no model class for {archs[0]} "
-                f"(model_type {cfg.get('model_type')!r}); GGUF families moeprune has measured: "
-                f"{', '.join(sorted(GGUF_ARCH))}.")
+    family = GGUF_FAMILIES.get(cfg.get("model_type", ""))
+    if family is not None and (why := family.refusal(cfg)):
+        return why + "."
     if not any((ckpt.path / f).is_file() for f in TOKENIZER_FILES):
         return ("the folder has no tokenizer (tokenizer.json or tokenizer.model); a GGUF carries its vocabulary. "
                 "Copy the original model's tokenizer files into it.")
     return None
+
+
+def converter_refusal(ckpt: Checkpoint, converter: Converter) -> str | None:
+    """Why llama.cpp's converter cannot take this architecture (None: it has a model class for it)."""
+    arch = ckpt.config_dict["architectures"][0]
+    if arch in converter.architectures():
+        return None
+    return (f"llama.cpp's converter ({converter.describe()}) has no model class for {arch} (model_type "
+            f"{ckpt.config_dict.get('model_type')!r}); GGUF families moeprune has measured: "
+            f"{', '.join(sorted(GGUF_FAMILIES))}.")
 
 
 def expected(ckpt: Checkpoint) -> Expected:
@@ -93,7 +102,8 @@ def expected(ckpt: Checkpoint) -> Expected:
 
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
     text = ckpt.config.get_text_config() if hasattr(ckpt.config, "get_text_config") else ckpt.config
-    return Expected(GGUF_ARCH.get(adapter.model_type), adapter.num_layers, adapter.num_experts, adapter.top_k,
+    family = GGUF_FAMILIES.get(adapter.model_type)
+    return Expected(family.arch if family else None, adapter.num_layers, adapter.num_experts, adapter.top_k,
                     int(text.hidden_size), int(adapter.expert_width), tuple(adapter.moe_layers()))
 
 
@@ -114,8 +124,9 @@ def export_gguf(model: str | Path, out: str | Path, opts: GgufOptions = GgufOpti
         from moeprune.gguf.llama import import_llama_cpp
 
         import_llama_cpp()  # refused now, not after the conversion
-    converter = find_converter()
-    why = refusal(ckpt, converter)
+    why = refusal(ckpt)  # from the folder alone: before the converter is fetched
+    converter = find_converter() if why is None else None
+    why = why or converter_refusal(ckpt, converter)
     if why:
         raise MoePruneError(f"cannot convert {ckpt.path} to GGUF: {why}")
     want = expected(ckpt)
@@ -123,12 +134,15 @@ def export_gguf(model: str | Path, out: str | Path, opts: GgufOptions = GgufOpti
         logger.warning("model_type %r: llama.cpp's converter knows %s, but moeprune has not measured this family "
                        "in llama.cpp; the structural check still runs (add --verify to compare logits)",
                        ckpt.config_dict.get("model_type"), ckpt.config_dict["architectures"][0])
+    family = GGUF_FAMILIES.get(ckpt.config_dict.get("model_type", ""))
+    if family is not None and (note := family.caution(ckpt.config_dict)):
+        logger.warning("llama.cpp will not compute exactly what transformers computes: %s", note)
     outtype = resolve_outtype(ckpt, opts.outtype)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.stem}.", suffix=".partial.gguf", dir=out_path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        run_converter(converter, ckpt.path, tmp, outtype)
+        run_converter(converter, ckpt.path, tmp, outtype, family.hparams if family else {})
         summary = check_gguf(tmp, want, outtype)
         if opts.verify:
             from moeprune.gguf.llama import verify_gguf
@@ -147,12 +161,13 @@ def export_gguf(model: str | Path, out: str | Path, opts: GgufOptions = GgufOpti
     return summary
 
 
-def run_converter(converter: Converter, src: Path, dst: Path, outtype: str) -> None:
+def run_converter(converter: Converter, src: Path, dst: Path, outtype: str, hparams: dict | None = None) -> None:
     """llama.cpp's convert_hf_to_gguf.py on `src` -> `dst` in a child process (see `gguf/_convert.py`)."""
     script = Path(__file__).with_name("_convert.py")
     cmd = [sys.executable, str(script), str(converter.root), str(src), "--outfile", str(dst), "--outtype", outtype]
     logger.info("converting %s with %s (--outtype %s)", src, converter.describe(), outtype)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": "1"}  # our sys.path already holds its gguf-py
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": "1",  # _convert.py puts its gguf-py first
+           "MOEPRUNE_GGUF_HPARAMS": json.dumps(hparams or {})}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])

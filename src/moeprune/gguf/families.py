@@ -1,21 +1,73 @@
-"""Which moeprune families convert to GGUF, and under which llama.cpp architecture name.
+"""Which moeprune families convert to GGUF, under which llama.cpp architecture name, and what llama.cpp assumes.
 
-`GGUF_ARCH` lists the model types whose conversion moeprune has measured end to end (converter, structural
-check, llama.cpp logits against transformers: `tests/test_gguf_llama.py`, `benchmarks/gguf.py`). A model type not
-listed still converts when llama.cpp's converter registers its architecture (`Converter.architectures()`): the
-structural check runs, and the log says the family is unmeasured. One the converter does not know is refused.
+`GGUF_FAMILIES` lists the model types whose conversion moeprune has measured end to end (converter, structural
+check, llama.cpp logits against transformers: `tests/test_gguf_llama.py`, `benchmarks/gguf.py`). Each says:
+
+    arch      general.architecture that llama.cpp writes for it
+    hparams   config keys transformers implies but the converter reads explicitly, set when config.json lacks them
+    rules     config conditions llama.cpp's graph hard-codes: a checkpoint that breaks one is refused (llama.cpp
+              would load it and compute something else)
+    cautions  known, measured differences that llama.cpp's users accept: converted, with a warning
+
+A model type not listed still converts when llama.cpp's converter registers its architecture: the structural
+check runs, and the log says the family is unmeasured (`--verify` compares logits). One the converter does not
+know is refused.
 """
 
 from __future__ import annotations
 
-# model_type -> general.architecture that llama.cpp writes for it
-GGUF_ARCH: dict[str, str] = {
-    "qwen2_moe": "qwen2moe",
-    "qwen3_moe": "qwen3moe",
-    "mixtral": "llama",  # llama.cpp runs Mixtral as a llama model with experts
-    "olmoe": "olmoe",
-    "deepseek_v2": "deepseek2",
-    "deepseek_v3": "deepseek2",
-    "glm4_moe": "glm4moe",
-    "gpt_oss": "gpt-oss",
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Rule = Callable[[dict], str | None]  # config dict -> why llama.cpp would compute something else (None: fine)
+
+
+def _norm_topk(cfg: dict) -> str | None:
+    if cfg.get("norm_topk_prob") is False:
+        return ("llama.cpp's qwen3moe graph always renormalises the top-k routing weights (every released Qwen3-MoE "
+                "has norm_topk_prob true); this checkpoint has norm_topk_prob false")
+    return None
+
+
+def _no_gqa(cfg: dict) -> str | None:
+    heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+    if kv != heads:
+        return (f"llama.cpp's olmoe q/k norms span all {heads} heads (no grouped KV, as the released OLMoE); this "
+                f"checkpoint has {kv} KV heads")
+    return None
+
+
+def _yarn_truncate(cfg: dict) -> str | None:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type") == "yarn" and rope.get("truncate") is False:
+        return ("YaRN with truncate false (gpt-oss's own setting): llama.cpp rounds the YaRN correction range to "
+                "integers, transformers and OpenAI's reference do not, so attention differs slightly at every "
+                "position after the first (measured on a tiny gpt-oss: max |Δlogit| 7e-2 of the largest logit; 5e-6 "
+                "with truncate true). vLLM and SGLang fixed this; this llama.cpp has not")
+    return None
+
+
+@dataclass(frozen=True)
+class GgufFamily:
+    arch: str
+    hparams: dict = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+    cautions: tuple[Rule, ...] = ()
+
+    def refusal(self, cfg: dict) -> str | None:
+        return next((why for rule in self.rules if (why := rule(cfg))), None)
+
+    def caution(self, cfg: dict) -> str | None:
+        return next((why for rule in self.cautions if (why := rule(cfg))), None)
+
+
+GGUF_FAMILIES: dict[str, GgufFamily] = {
+    "qwen2_moe": GgufFamily("qwen2moe"),
+    "qwen3_moe": GgufFamily("qwen3moe", rules=(_norm_topk,)),
+    "mixtral": GgufFamily("llama"),  # llama.cpp runs Mixtral as a llama model with experts
+    "olmoe": GgufFamily("olmoe", rules=(_no_gqa,)),
+    "deepseek_v2": GgufFamily("deepseek2"),
+    "deepseek_v3": GgufFamily("deepseek2", hparams={"scoring_func": "sigmoid"}),
+    "glm4_moe": GgufFamily("glm4moe"),
+    "gpt_oss": GgufFamily("gpt-oss", cautions=(_yarn_truncate,)),
 }

@@ -8,10 +8,12 @@ model is compared) and measures, per prompt, over every position t and vocabular
     greedy = the G-token greedy continuations of both are identical
 
 It passes when rel ≤ `TOLERANCE[outtype]` for every prompt and, for f32, every greedy continuation is identical
-(16-bit weights move near-ties, so there greedy agreement is reported, not required). The tolerances are what
-storage rounding allows with margin: f16 keeps 11 significant bits (2^-11 ≈ 5e-4 relative per weight), bf16 8
-(2^-8 ≈ 4e-3), q8_0 blocks of 32 with one f16 scale (~1/254 of the block's max); the errors of a few layers add
-up, and `benchmarks/gguf.py` prints the measured values next to these bounds.
+(16-bit and 8-bit weights move near-ties, so there greedy agreement is reported, not required). The reference is
+the checkpoint as stored, so an outtype narrower than the stored weights adds its rounding to llama.cpp's own
+arithmetic. Measured (`benchmarks/gguf.py`): f32 ≤ 5e-6 on every family (llama.cpp keeps the KV cache in f32
+here); on the trained testbed (f32 weights) f16 3.7e-4, bf16 6.6e-2, q8_0 6.9e-2 with top-1 agreement ≥ 0.99.
+The bounds leave a margin over those; tiny random models with sharpened routers flip experts under bf16 / q8_0
+rounding and can exceed them, trained models did not.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from moeprune.errors import MoePruneError
 
 INSTALL_HINT = "pip install 'moeprune[gguf]' (builds llama-cpp-python from source once; pip caches the wheel)"
-TOLERANCE = {"f32": 1e-4, "f16": 2e-2, "bf16": 6e-2, "q8_0": 1e-1}
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "bf16": 1.5e-1, "q8_0": 1.5e-1}
 # fixed prompts: code, prose, arithmetic, a JSON record (each model's own tokenizer turns them into ids)
 VERIFY_TEXTS = (
     "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n",

@@ -42,7 +42,8 @@ def save_tiny_for_gguf(model_type: str, path: str | Path, seed: int = 0, **overr
     from moeprune.tiny_families import tiny_family_model
 
     path = Path(path)
-    model = tiny_family_model(model_type, seed=seed, vocab_size=VOCAB, **{**FAMILY_OVERRIDES.get(model_type, {}), **overrides})
+    overrides = {**FAMILY_OVERRIDES.get(model_type, {}), **overrides}
+    model = tiny_family_model(model_type, seed=seed, vocab_size=VOCAB, **overrides)
     model.save_pretrained(path)
     byte_bpe_tokenizer(FAMILY_SPECIALS.get(model_type, ())).save_pretrained(path)
     return path
