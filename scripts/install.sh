@@ -12,7 +12,21 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 spec="."
 [ -n "${1:-}" ] && spec=".[$1]"
+case ",${1:-}," in
+  *,dev,*|*,gguf,*)
+    # llama-cpp-python is a source-only package: the first install compiles llama.cpp (CPU only; its multimodal
+    # library, tools and server are not needed). pip caches the built wheel, so later installs take seconds.
+    if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+      echo "install.sh: installing llama-cpp-python (llama.cpp, for the GGUF checks); PyPI ships it as source, so" \
+        "the first install on a machine compiles it (10-20 minutes on 2 cores), later ones reuse pip's wheel ..."
+      export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+      export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}"
+    fi ;;
+esac
 "$PY" -m pip install -q -e "$spec"
+case ",${1:-}," in
+  *,dev,*|*,gguf,*) "$PY" -m moeprune.gguf.converter >/dev/null ;;  # llama.cpp's converter, fetched once
+esac
 
 install_chromium() {
   if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then

@@ -12,8 +12,8 @@ import pytest
 from moeprune.cli import build_parser
 
 COMMANDS = ("demo", "info", "analyze", "calibrate", "stats", "criteria", "plan", "apply", "prune", "quantize",
-            "budget", "verify", "eval", "compare", "gen-tasks", "lm-eval", "testbed")
-NESTED = {"stats": ("merge",), "testbed": ("build", "info", "path")}
+            "budget", "verify", "eval", "compare", "gen-tasks", "lm-eval", "export", "testbed")
+NESTED = {"stats": ("merge",), "testbed": ("build", "info", "path"), "export": ("gguf",)}
 
 
 def _subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:

@@ -8,7 +8,8 @@ from moeprune.cli.common import HelpFormatter, add_verb
 def add_parser(sub) -> None:
     p = add_verb(sub, "export", "convert an export to another serving format (gguf for llama.cpp)",
                  "moeprune export gguf ./pruned --out pruned.gguf --outtype f16 --verify")
-    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT",
+                               help="the serving format to write (today: gguf)")
     g = formats.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama / LM Studio",
                            description="Convert a stock-loadable checkpoint with llama.cpp's own converter, then "
                                        "check the file (architecture, expert count, expert tensor shapes).",
