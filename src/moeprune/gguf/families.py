@@ -1,7 +1,8 @@
 """Which moeprune families convert to GGUF, under which llama.cpp architecture name, and what llama.cpp assumes.
 
 `GGUF_FAMILIES` lists the model types whose conversion moeprune has measured end to end (converter, structural
-check, llama.cpp logits against transformers: `tests/test_gguf_llama.py`, `benchmarks/gguf.py`). Each says:
+check, llama.cpp logits against transformers: `tests/test_gguf_llama.py`, `benchmarks/gguf_export.py`).
+Each says:
 
     arch      general.architecture that llama.cpp writes for it
     hparams   config keys transformers implies but the converter reads explicitly, set when config.json lacks them

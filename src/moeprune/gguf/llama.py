@@ -10,7 +10,7 @@ model is compared) and measures, per prompt, over every position t and vocabular
 It passes when rel ≤ `TOLERANCE[outtype]` for every prompt and, for f32, every greedy continuation is identical
 (16-bit and 8-bit weights move near-ties, so there greedy agreement is reported, not required). The reference is
 the checkpoint as stored, so an outtype narrower than the stored weights adds its rounding to llama.cpp's own
-arithmetic. Measured (`benchmarks/gguf.py`): f32 ≤ 5e-6 on every family (llama.cpp keeps the KV cache in f32
+arithmetic. Measured (`benchmarks/gguf_export.py`): f32 ≤ 5e-6 on every family (llama.cpp keeps the KV cache in f32
 here); on the trained testbed (f32 weights) f16 3.7e-4, bf16 6.6e-2, q8_0 6.9e-2 with top-1 agreement ≥ 0.99.
 The bounds leave a margin over those; tiny random models with sharpened routers flip experts under bf16 / q8_0
 rounding and can exceed them, trained models did not.

@@ -1,4 +1,4 @@
-"""Tiny family checkpoints that llama.cpp's converter accepts: for the GGUF tests and `benchmarks/gguf.py`.
+"""Tiny family checkpoints that llama.cpp's converter accepts: for the GGUF tests and `benchmarks/gguf_export.py`.
 
 The converter needs a real vocabulary: the character-level test tokenizer (`tiny.tiny_tokenizer`, Metaspace) is
 none it knows, so these get a byte-level BPE tokenizer (the testbed's kind, GPT-2 pre-tokenizer) trained on this

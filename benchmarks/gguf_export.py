@@ -1,7 +1,7 @@
 """GGUF exports in llama.cpp (CPU): file sizes and tokens/s of the original and pruned testbed side by side, how
 closely llama.cpp follows transformers per output type, and which families convert and run exactly.
 
-    python benchmarks/gguf.py [--testbed DIR] [--ratios 0.25 0.5] [--reps 3] [--out benchmarks/results/gguf]
+    python benchmarks/gguf_export.py [--testbed DIR] [--ratios 0.25 0.5] [--reps 3] [--out OUT]
 
 1. Speed and size: the testbed and its `tcess_top1` exports at each ratio (`api.prune`, calibrated on the
    testbed's calibration text), each converted to GGUF f16 and q8_0 (`moeprune export gguf`), then in llama.cpp
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--testbed", help="testbed folder (default: the cached one; built if missing)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default="benchmarks/results/gguf")
+    ap.add_argument("--out", default="benchmarks/results/gguf_export")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     from importlib.metadata import version
