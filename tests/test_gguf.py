@@ -138,3 +138,24 @@ def test_pre_tokenizer_is_read_from_its_definition(tmp_path):
     assert not gpt2_byte_level(write({"normalizer": None, "pre_tokenizer": {**gpt2, "use_regex": False}}))
     assert not gpt2_byte_level(write({"normalizer": {"type": "NFC"}, "pre_tokenizer": gpt2}))
     assert not gpt2_byte_level(write({"normalizer": None, "pre_tokenizer": {"type": "Metaspace"}}))
+
+
+def test_a_family_llama_cpp_cannot_convert_is_refused(tmp_path, monkeypatch):
+    """transformers 5 names Phi-MoE `PhimoeForCausalLM`; llama.cpp's converter registers only `PhiMoEForCausalLM`."""
+    _forbid_converter(monkeypatch)
+    src = save_tiny_for_gguf("phimoe", tmp_path / "phimoe")
+    with pytest.raises(MoePruneError, match="has no model class for PhimoeForCausalLM"):
+        export_gguf(src, tmp_path / "phimoe.gguf")
+
+
+def test_converter_location(tmp_path, monkeypatch):
+    from moeprune.gguf.converter import ENV, find_converter
+
+    cached = find_converter()
+    assert {"Qwen3MoeForCausalLM", "MixtralForCausalLM", "GptOssForCausalLM"} <= cached.architectures()
+    assert "PhimoeForCausalLM" not in cached.architectures()
+    monkeypatch.setenv(ENV, str(cached.root))
+    assert find_converter().version == "local"
+    monkeypatch.setenv(ENV, str(tmp_path))
+    with pytest.raises(MoePruneError, match="holds no convert_hf_to_gguf.py"):
+        find_converter()
