@@ -19,13 +19,13 @@ Writes OUT.json and OUT.md, prints the markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from heldout import results_path, save_results
 
 from moeprune import api
 from moeprune.calibration.data import build_sets
@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-sequences", type=int, default=64, help="held-out windows per domain")
     ap.add_argument("--out", default="benchmarks/results/distill", help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        sys.exit(f"--out {out}: folder {out.parent} does not exist")
+    out = results_path(args.out)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     tb = build_testbed(args.testbed)
@@ -85,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
               "eval_sequences": args.eval_sequences, "threads": torch.get_num_threads(),
               "original": {d: s.perplexity for d, s in base.items()},
               "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = to_markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    save_results(out, result, to_markdown(result))
     return 0
 
 

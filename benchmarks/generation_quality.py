@@ -21,7 +21,6 @@ Writes OUT.json (every row, every metric) and OUT.md; prints the markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from heldout import HeldOut
+from heldout import HeldOut, results_path, save_results
 
 from moeprune import api
 from moeprune.eval.gen_tasks import TASKS, build_items
@@ -96,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-method", default="tcess_top1")
     ap.add_argument("--out", default="benchmarks/results/generation_quality", help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        sys.exit(f"--out {out}: folder {out.parent} does not exist")
+    out = results_path(args.out)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     h = HeldOut.build(args.testbed, args.calib_samples, args.eval_sequences)
@@ -118,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"testbed": str(tb), "items": args.items, "calib_samples": args.calib_samples,
               "eval_sequences": args.eval_sequences, "expert_method": args.expert_method, "argv": argv,
               "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = to_markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    save_results(out, result, to_markdown(result))
     return 0
 
 

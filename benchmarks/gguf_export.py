@@ -19,7 +19,6 @@ Writes OUT.json and OUT.md, prints the markdown. Pins one thread (the machine is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from heldout import results_path, save_results
 
 from moeprune import api
 from moeprune.calibration.run import CalibrateOptions, load_tokenizer
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results/gguf_export")
     args = ap.parse_args(argv)
+    out = results_path(args.out)
     torch.set_num_threads(1)
     from importlib.metadata import version
 
@@ -168,12 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {"llama_cpp_python": version("llama-cpp-python"), "reps": args.reps,
                "speed": speed_table(tb, args.ratios, args.reps, work), "fidelity": fidelity_table(tb, work),
                "families": family_table(work / "families")}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-    md = to_markdown(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    save_results(out, res, to_markdown(res))
     return 0
 
 

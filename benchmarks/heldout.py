@@ -10,6 +10,8 @@ Imported as a sibling module: run the benchmarks as `python benchmarks/NAME.py` 
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,3 +50,18 @@ class HeldOut:
     def score(self, folder: str | Path) -> tuple[dict[str, float], float]:
         """Load an export in float32 and score it on the held-out windows: `ratios` of it."""
         return self.ratios(evaluate_sets(load_model(folder, dtype="float32"), self.held))
+
+
+def results_path(out: str) -> Path:
+    """`--out OUT` of a benchmark (it writes OUT.json and OUT.md): its folder must exist (checked before work)."""
+    path = Path(out)
+    if not path.parent.is_dir():
+        sys.exit(f"--out {path}: folder {path.parent} does not exist")
+    return path
+
+
+def save_results(out: Path, result: dict, markdown: str) -> None:
+    """OUT.json (every number) and OUT.md (the tables), and the tables on stdout."""
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)

@@ -19,7 +19,6 @@ Writes OUT.json and OUT.md; prints the markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from heldout import HeldOut
+from heldout import HeldOut, results_path, save_results
 
 from moeprune import api
 from moeprune.eval.generate import agreement, greedy_continuations
@@ -65,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/repair", help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        sys.exit(f"--out {out}: folder {out.parent} does not exist")
+    out = results_path(args.out)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     h = HeldOut.build(args.testbed, args.calib_samples, args.eval_sequences)
@@ -109,10 +106,7 @@ def main(argv: list[str] | None = None) -> int:
               "eval_sequences": args.eval_sequences, "expert_method": args.expert_method,
               "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
               "command": "python benchmarks/repair.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    md = to_markdown(result)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    save_results(out, result, to_markdown(result))
     return 0
 
 

@@ -7,7 +7,6 @@ never sees an argparse Namespace: the builders here turn flags into typed option
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from moeprune.errors import MoePruneError
 
@@ -54,13 +53,10 @@ def verify_exit(result) -> int:
 
 def check_new_file(path: str | None, overwrite: bool) -> None:
     """Refuse to write a file over an existing one without --overwrite (checked before any work)."""
-    if path is None:
-        return
-    p = Path(path).expanduser()
-    if p.exists() and not overwrite:
-        raise MoePruneError(f"{p} already exists; pass --overwrite to replace it or choose another --out.")
-    if not p.parent.resolve().is_dir():
-        raise MoePruneError(f"cannot write {p}: folder {p.parent} does not exist; create it first.")
+    if path is not None:
+        from moeprune.io.atomic import check_output_file
+
+        check_output_file(path, None, overwrite)
 
 
 def add_apply_flags(p: argparse.ArgumentParser) -> None:

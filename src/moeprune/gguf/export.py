@@ -25,6 +25,7 @@ from moeprune.errors import MoePruneError
 from moeprune.gguf.check import Expected, GgufSummary, check_gguf
 from moeprune.gguf.converter import Converter, find_converter
 from moeprune.gguf.families import GGUF_FAMILIES
+from moeprune.io.atomic import check_output_file
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.nonuniform_config import is_nonuniform
 from moeprune.io.report import read_report
@@ -44,21 +45,6 @@ class GgufOptions:
     def __post_init__(self) -> None:
         if self.outtype not in OUTTYPES:
             raise MoePruneError(f"--outtype {self.outtype!r}: choose one of {', '.join(OUTTYPES)}.")
-
-
-def _check_out(out: Path, src: Path, overwrite: bool) -> Path:
-    out = out.expanduser().resolve()
-    if out.suffix != ".gguf":
-        raise MoePruneError(f"--out {out} should be a file name ending in .gguf (one file: llama.cpp's format).")
-    if src == out or src in out.parents:
-        raise MoePruneError(f"--out {out} is inside the input checkpoint; moeprune never writes there.")
-    if not out.parent.is_dir():
-        raise MoePruneError(f"cannot write {out}: folder {out.parent} does not exist; create it first.")
-    if out.exists() and not overwrite:
-        raise MoePruneError(f"{out} already exists; pass --overwrite to replace it or choose another --out.")
-    if out.is_dir():
-        raise MoePruneError(f"--out {out} is a folder; give the path of the .gguf file to write.")
-    return out
 
 
 def refusal(ckpt: Checkpoint) -> str | None:
@@ -119,7 +105,7 @@ def resolve_outtype(ckpt: Checkpoint, outtype: str) -> str:
 
 def export_gguf(model: str | Path, out: str | Path, opts: GgufOptions = GgufOptions()) -> GgufSummary:
     ckpt = Checkpoint.open(model)
-    out_path = _check_out(Path(out), ckpt.path, opts.overwrite)
+    out_path = check_output_file(out, ".gguf", opts.overwrite, inputs=(ckpt.path,))
     if opts.verify:
         from moeprune.gguf.llama import import_llama_cpp
 

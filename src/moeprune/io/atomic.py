@@ -49,6 +49,24 @@ def check_replaceable(out: Path) -> None:
                             "those files away first.")
 
 
+def check_output_file(path: str | Path, suffix: str | None, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Validate an output *file* up front (resolved path returned): it ends in `suffix` (when given), its folder
+    exists, it is not inside an input checkpoint, it is not a folder, and it exists only with `overwrite`."""
+    path = Path(path).expanduser().resolve()
+    if suffix is not None and path.suffix != suffix:
+        raise MoePruneError(f"--out {path}: name the file *{suffix} (the format written).")
+    for src in inputs:
+        if Path(src).resolve() in path.parents:
+            raise MoePruneError(f"--out {path} is inside the input {src}; moeprune never writes there.")
+    if not path.parent.is_dir():
+        raise MoePruneError(f"cannot write {path}: folder {path.parent} does not exist; create it first.")
+    if path.is_dir():
+        raise MoePruneError(f"--out {path} is a folder; give the path of the file to write.")
+    if path.exists() and not overwrite:
+        raise MoePruneError(f"{path} already exists; pass --overwrite to replace it or choose another --out.")
+    return path
+
+
 def check_output(out: str | Path, inputs: list[Path], overwrite: bool) -> Path:
     """Validate an output folder path up front; returns it resolved."""
     out = Path(out).expanduser().resolve()

@@ -131,16 +131,9 @@ class ExpertStats:
 
 def check_stats_output(path: str | Path, overwrite: bool) -> Path:
     """Refuse a bad --out for statistics before any work."""
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise MoePruneError(f"--out {path}: statistics are written as .safetensors; name the file *.safetensors.")
-    if not path.parent.resolve().is_dir():
-        raise MoePruneError(f"--out {path}: folder {path.parent} does not exist; create it first.")
-    if path.exists() and not overwrite:
-        raise MoePruneError(f"--out {path} exists; pass --overwrite to replace it or choose another name.")
-    if path.is_dir():
-        raise MoePruneError(f"--out {path} is a folder; give a file name ending in .safetensors.")
-    return path
+    from moeprune.io.atomic import check_output_file
+
+    return check_output_file(path, ".safetensors", overwrite)
 
 
 class StatsView:
