@@ -531,7 +531,8 @@ def serve_tables(runtime: str, r: dict) -> str:
         if "skipped" in v or "error" in v:
             out.append(f"| {exp} | — | — | {_cell(v.get('skipped') or v.get('error'))} |" + " |" * 7)
             continue
-        result = ("PASS" if lp["passed"] else "FAIL") if lp else f"no result: {_cell(v.get('log') or '')}"
+        failed = f"no result (exit {v['rc']}): {_cell(v.get('log') or '')}"
+        result = ("PASS" if lp["passed"] else "FAIL") if lp else failed
         out.append(f"| {exp} | {v['rc']} | {v['s']:.0f} | {_f(lp.get('max_abs'), '.3f')} "
                    f"| {_f(lp.get('mean_abs'), '.1e')} | {_f(hf.get('max_abs'), '.3f')} "
                    f"| {_f(lp.get('tolerance'), '.2f')} | {_f(lp.get('top1'), '.3f')} "
