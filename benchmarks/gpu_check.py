@@ -412,9 +412,10 @@ def serve_one(runtime: str, model: Path, dev: str, out: Path, gen: Path | None) 
 
             lm = get_model("vllm").create_from_arg_obj({"pretrained": str(model), **args}, {}) if items else None
             llm = lm.model if lm is not None else None
-        except ImportError as e:
-            res["lm_eval"] = {"error": f"lm-eval not importable: {e}"}
-            llm = None
+        except Exception as e:  # lm-eval missing or at odds with this vLLM: the log-prob check still runs
+            res["lm_eval"] = {"error": f"lm-eval's vllm backend: {type(e).__name__}: {e}"[:500]}
+            lm = llm = None
+            free()
         if llm is None:
             from vllm import LLM
 
