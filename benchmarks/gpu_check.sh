@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # One-GPU check of moeprune (see benchmarks/gpu_check.py for what is measured). Usage: benchmarks/gpu_check.sh OUT
-# Runs in at most 8 minutes (hard timeout); writes OUT/gpu_check.md and OUT/gpu_check.json. CI never runs it.
+# Runs in at most 8 minutes (hard timeout; the script budgets itself to GPU_CHECK_BUDGET_S=460 s and skips the vllm
+# section's remaining exports past it); writes OUT/gpu_check.md and OUT/gpu_check.json. CI never runs it.
+# GPU_CHECK_ONLY=prune,quant,vllm runs the sections named (the vllm section serves what prune and quant export, and
+# builds a small testbed itself). A dry run on a CPU machine: GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1.
+# vLLM and lm-eval must already be importable on the machine (it has no network); without vLLM the vllm section
+# says so and runs its checks with transformers bf16 standing in.
 # Wheels in .whl/ (e.g. the transformers release this checkout is tested with) are installed to a private
 # folder first, for machines without network access.
 set -uo pipefail
