@@ -148,6 +148,13 @@ def test_a_family_llama_cpp_cannot_convert_is_refused(tmp_path, monkeypatch):
         export_gguf(src, tmp_path / "phimoe.gguf")
 
 
+def test_a_family_measured_wrong_in_llama_cpp_is_refused(tmp_path, monkeypatch):
+    _forbid_converter(monkeypatch)
+    src = save_tiny_for_gguf("llama4_text", tmp_path / "llama4")
+    with pytest.raises(MoePruneError, match="llama4 output differs from transformers"):
+        export_gguf(src, tmp_path / "llama4.gguf")
+
+
 def test_converter_location(tmp_path, monkeypatch):
     from moeprune.gguf.converter import ENV, find_converter
 

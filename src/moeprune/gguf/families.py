@@ -10,6 +10,9 @@ Each says:
               would load it and compute something else)
     cautions  known, measured differences that llama.cpp's users accept: converted, with a warning
 
+Families measured wrong in llama.cpp (Llama-4, dots.llm1) are listed with a rule that always refuses, naming the
+measurement.
+
 A model type not listed still converts when llama.cpp's converter registers its architecture: the structural
 check runs, and the log says the family is unmeasured (`--verify` compares logits). One the converter does not
 know is refused.
@@ -48,6 +51,11 @@ def _yarn_truncate(cfg: dict) -> str | None:
     return None
 
 
+def _measured_wrong(why: str) -> Rule:
+    """A family whose GGUF llama.cpp loads but computes differently (or cannot load), as measured."""
+    return lambda cfg: why + " (benchmarks/results/gguf_export.md); use transformers or vLLM for it"
+
+
 @dataclass(frozen=True)
 class GgufFamily:
     arch: str
@@ -71,4 +79,9 @@ GGUF_FAMILIES: dict[str, GgufFamily] = {
     "deepseek_v3": GgufFamily("deepseek2", hparams={"scoring_func": "sigmoid"}),
     "glm4_moe": GgufFamily("glm4moe"),
     "gpt_oss": GgufFamily("gpt-oss", cautions=(_yarn_truncate,)),
+    # converted by llama.cpp's converter, but measured wrong in llama.cpp on moeprune's tiny models
+    "llama4_text": GgufFamily("llama4", rules=(_measured_wrong(
+        "llama.cpp's llama4 output differs from transformers' (max |Δlogit| 0.5 of the largest logit, top-1 "
+        "agreement 0.69 at f32)"),)),
+    "dots1": GgufFamily("dots1", rules=(_measured_wrong("llama.cpp cannot load the converted dots1 file"),)),
 }
