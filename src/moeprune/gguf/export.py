@@ -24,7 +24,7 @@ from pathlib import Path
 from moeprune.errors import MoePruneError
 from moeprune.gguf.check import Expected, GgufSummary, check_gguf
 from moeprune.gguf.converter import Converter, find_converter
-from moeprune.gguf.families import GGUF_FAMILIES
+from moeprune.gguf.families import GGUF_FAMILIES, working_families
 from moeprune.io.atomic import check_output_file
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.nonuniform_config import is_nonuniform
@@ -78,8 +78,8 @@ def converter_refusal(ckpt: Checkpoint, converter: Converter) -> str | None:
     if arch in converter.architectures():
         return None
     return (f"llama.cpp's converter ({converter.describe()}) has no model class for {arch} (model_type "
-            f"{ckpt.config_dict.get('model_type')!r}); GGUF families moeprune has measured: "
-            f"{', '.join(sorted(GGUF_FAMILIES))}.")
+            f"{ckpt.config_dict.get('model_type')!r}); families that work in llama.cpp as measured: "
+            f"{', '.join(working_families())}.")
 
 
 def expected(ckpt: Checkpoint) -> Expected:

@@ -62,6 +62,7 @@ class GgufFamily:
     hparams: dict = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
     cautions: tuple[Rule, ...] = ()
+    works: bool = True  # False: measured wrong in llama.cpp, always refused
 
     def refusal(self, cfg: dict) -> str | None:
         return next((why for rule in self.rules if (why := rule(cfg))), None)
@@ -80,8 +81,14 @@ GGUF_FAMILIES: dict[str, GgufFamily] = {
     "glm4_moe": GgufFamily("glm4moe"),
     "gpt_oss": GgufFamily("gpt-oss", cautions=(_yarn_truncate,)),
     # converted by llama.cpp's converter, but measured wrong in llama.cpp on moeprune's tiny models
-    "llama4_text": GgufFamily("llama4", rules=(_measured_wrong(
+    "llama4_text": GgufFamily("llama4", works=False, rules=(_measured_wrong(
         "llama.cpp's llama4 output differs from transformers' (max |Δlogit| 0.5 of the largest logit, top-1 "
         "agreement 0.69 at f32)"),)),
-    "dots1": GgufFamily("dots1", rules=(_measured_wrong("llama.cpp cannot load the converted dots1 file"),)),
+    "dots1": GgufFamily("dots1", works=False, rules=(_measured_wrong(
+        "llama.cpp cannot load the converted dots1 file"),)),
 }
+
+
+def working_families() -> list[str]:
+    """The model types measured to convert and run in llama.cpp as in transformers."""
+    return sorted(name for name, fam in GGUF_FAMILIES.items() if fam.works)
