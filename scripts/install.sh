@@ -25,7 +25,7 @@ case ",${1:-}," in
 esac
 "$PY" -m pip install -q -e "$spec"
 case ",${1:-}," in
-  *,dev,*|*,gguf,*) "$PY" -m moeprune.gguf.converter >/dev/null ;;  # llama.cpp's converter, fetched once
+  *,dev,*|*,gguf,*) "$PY" -m moeprune.gguf >/dev/null ;;  # llama.cpp's converter, fetched once
 esac
 
 install_chromium() {

