@@ -323,3 +323,33 @@ def test_plan_path_is_a_json_file(texts, tmp_path, capsys):
                  str(tmp_path / "p.txt")]) == 2
     assert "*.json" in capsys.readouterr().err
     assert not Path(tmp_path / "p.txt").exists()
+
+
+def test_analysis_report_gains_a_steering_section(texts, tmp_path):
+    from moeprune.analysis.run import analyze_stats
+
+    root, ckpt, digits, words = texts
+    plan_path, stats_path = tmp_path / "steer.json", tmp_path / "stats.safetensors"
+    assert main(["steer", str(ckpt), "--with", f"digits={digits}", "--without", f"words={words}", "--top", "3",
+                 "--min-z", "0", "--out", str(plan_path), "--seq-len", "32", "--samples", "6", "--held-out", "2"]) == 0
+    assert main(["calibrate", str(ckpt), "--calib", f"digits={digits}", "--calib", f"words={words}", "--seq-len",
+                 "32", "--samples", "6", "--out", str(stats_path)]) == 0
+    plan = SteerPlan.load(plan_path)
+    analyze_stats(stats_path, tmp_path / "an", results=[plan_path])
+    report = json.loads((tmp_path / "an" / "report.json").read_text())
+    [sec] = report["results"]
+    assert sec["title"] == "Steering: steer.json" and (tmp_path / "an" / sec["images"][0]["file"]).is_file()
+    chosen, rest, effect = sec["tables"]
+    assert [(r[0], r[1], r[2]) for r in chosen["rows"]] == [(e.layer, f"e{e.expert}", "off") for e in plan.steer]
+    ranked = {(r["layer"], r["expert"]): r for r in plan.experts}
+    for r in chosen["rows"]:
+        assert r[5] == pytest.approx(ranked[(r[0], int(r[1][1:]))]["d_freq"])
+    assert {r[0] for r in effect["rows"]} == {"digits", "words"}
+    html = (tmp_path / "an" / "report.html").read_text()
+    assert "Steering: steer.json" in html and "fTRI" in html
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(MoePruneError, match="not a moeprune steering plan"):
+        analyze_stats(stats_path, tmp_path / "an2", results=[bad])
+    assert not (tmp_path / "an2").exists()
