@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -118,7 +119,7 @@ def to_markdown(r: dict) -> str:
     lines = [f"Testbed `{Path(r['testbed']).name}` (E={r['num_experts']}, top-{r['top_k']}, {len(r['layers'])} MoE "
              f"layers = {r['num_experts'] * len(r['layers'])} experts); --with {BEHAVIOUR}, --without "
              f"{', '.join(others)}; {r['eval_sequences']} held-out windows per domain; {r['seconds']:.0f} s in all.",
-             "", f"`python benchmarks/steering.py {' '.join(r['argv'])}`", "",
+             "", f"`{' '.join(['python benchmarks/steering.py', *r['argv']])}`", "",
              f"Plan: the top {len(r['plan']['steer'])} experts by Δ routing frequency (z >= {r['min_z']:g}):", "",
              "| layer | expert | f records | f others | Δf | Δ gate mass | z |", "|---:|---:|---:|---:|---:|---:|---:|"]
     rows = {(x["layer"], x["expert"]): x for x in r["plan"]["experts"]}
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     def off_ratios(p: SteerPlan) -> dict[str, float]:
         with steering(model, p, adapter):
             ratios, _ = h.ratios(evaluate_sets(model, h.held))
-        ratios["others"] = mean([ratios[d] for d in others])  # arithmetic mean of the three ratios
+        ratios["others"] = math.exp(mean([math.log(ratios[d]) for d in others]))  # geo-mean of the other domains
         return ratios
 
     off = {f"the plan's {len(plan.steer)} experts": {"mean": off_ratios(plan)}}

@@ -32,7 +32,17 @@ from moeprune.steer.plan import STEER_FORMAT, SteerEntry, SteerPlan
 from moeprune.steer.run import plan_from_stats
 from moeprune.tiny import save_tiny, tiny_model, tiny_tokenizer
 
-FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")  # softmax_topk, sigmoid_grouped (+ bias, groups), topk_softmax
+# softmax_topk, sigmoid_grouped (+ bias, groups), topk_softmax, softmax_bias with Z identity zero experts
+FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "longcat_flash")
+
+
+def _model(family: str, seed: int):
+    if family == "longcat_flash":
+        from moeprune.tiny_families import tiny_family_model
+
+        torch.manual_seed(seed)
+        return tiny_family_model(family).eval()
+    return tiny_model(family, seed=seed)
 
 
 def _ids(seed: int = 0, shape=(3, 20)) -> torch.Tensor:
@@ -131,7 +141,7 @@ def test_contrast_equals_counts_from_captured_routing(texts):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_off_equals_masked_experts_and_empty_plan_is_bit_exact(family):
-    model = tiny_model(family, seed=1)
+    model = _model(family, 1)
     adapter = get_adapter(model.config, model=model)
     layers = adapter.moe_layers()
     ids = _ids()
@@ -158,7 +168,7 @@ def test_off_equals_masked_experts_and_empty_plan_is_bit_exact(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_on_with_a_huge_strength_routes_every_token_to_the_expert(family):
-    model = tiny_model(family, seed=2)
+    model = _model(family, 2)
     adapter = get_adapter(model.config, model=model)
     layer = adapter.moe_layers()[-1]
     ids = _ids(1)
