@@ -363,3 +363,21 @@ def test_analysis_report_gains_a_steering_section(texts, tmp_path):
     with pytest.raises(MoePruneError, match="not a moeprune steering plan"):
         analyze_stats(stats_path, tmp_path / "an2", results=[bad])
     assert not (tmp_path / "an2").exists()
+
+
+def test_action_on_plan_from_the_cli_steers_generation_samples(texts, tmp_path):
+    _, ckpt, digits, words = texts
+    plan_path = tmp_path / "on.json"
+    assert main(["steer", str(ckpt), "--with", f"digits={digits}", "--without", f"words={words}", "--top", "2",
+                 "--min-z", "0", "--action", "on", "--strength", "50", "--no-effect", "--out", str(plan_path),
+                 "--seq-len", "32", "--samples", "6"]) == 0
+    plan = SteerPlan.load(plan_path)
+    assert [(e.action, e.strength) for e in plan.steer] == [("on", 50.0)] * 2 and plan.effect is None
+    opts = dict(seq_len=32, max_sequences=2, prompts=("the cat",), max_new_tokens=12)
+    plain = evaluate(ckpt, EvalOptions((f"words={words}",), **opts))
+    steered = evaluate(ckpt, EvalOptions((f"words={words}",), steer=str(plan_path), **opts))
+    model = load_model(ckpt, dtype="float32", steer=plan)
+    from moeprune.eval.generate import greedy_samples
+
+    assert steered.samples == greedy_samples(model, tiny_tokenizer(), ["the cat"], 12)
+    assert steered.samples != plain.samples
