@@ -8,6 +8,9 @@ With `--generate` (EvalOptions.generate), both models also run the generative ta
 table lists each task's metrics before / after (fractions of items, greedy; primary metric first) next to the
 perplexity ratio of the domain of the same name; compare.json holds them under "generative". The plot stays the
 perplexity ratio.
+
+With `--steer PLAN` (EvalOptions.steer) only the second model is steered: `compare MODEL MODEL --steer PLAN`
+measures a steering plan's effect.
 """
 
 from __future__ import annotations

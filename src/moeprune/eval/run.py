@@ -9,6 +9,9 @@ see `testbed.build.find_testbed`); any other model must name its data with `--da
 (a JSONL file, e.g. written by `moeprune gen-tasks`) when given, else items built from every data set named after a
 task (arithmetic, records, python: the testbed's held-out files, or `--data` text of the same shape), `gen_items`
 per task, seeded. With no item at all, `--generate` is refused before any work.
+
+`steer` (`--steer PLAN.json`, from `moeprune steer`): the plan runs inside the loaded model's routers for every
+score and sample (`steer.apply`); it is read and checked against the model's config before the model loads.
 """
 
 from __future__ import annotations

@@ -132,6 +132,8 @@ def format_plan(plan: SteerPlan, rows: int | None = None) -> str:
                  f"{r['z']:7.1f}") if r else ""
         lines.append(f"{e.layer:>5} {e.expert:>6} {e.action + (f' +{e.strength:g}' if e.action == 'on' else ''):>6} "
                      + stats)
+    if plan.effect is not None and not plan.effect.get("sets"):
+        lines.append(f"effect: {plan.effect.get('note')}")
     for name, s in ((plan.effect or {}).get("sets") or {}).items():
         lines.append(f"effect on {name}: perplexity {s['perplexity_before']:.3f} -> {s['perplexity_after']:.3f} "
                      f"(x{s['ratio']:.3f}, {s['windows']} held-apart windows)")
