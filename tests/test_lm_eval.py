@@ -207,3 +207,42 @@ def test_relative_data_file_missing_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(MoePruneError, match="task data file is missing.*working directory"):
         run_lm_eval(tiny_model(FAMILY, seed=SEED), [TASK], tokenizer=tiny_tokenizer(), include_path=DATA,
                     include_defaults=False)
+
+
+def _direct_lls(model) -> list[list[float]]:
+    """Per item, each choice's summed log-probability straight from the model's logits (as `reference`)."""
+    items = [json.loads(line) for line in (DATA / "tiny_mc.jsonl").read_text().splitlines() if line.strip()]
+    out = []
+    with torch.no_grad():
+        for it in items:
+            ctx = char_ids("Question: " + it["question"] + "\nAnswer:")
+            row = []
+            for choice in it["choices"]:
+                cont = [CHAR_IDS["▁"]] + [CHAR_IDS[c] for c in choice]
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0].double(), dim=-1)
+                row.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+            out.append(row)
+    return out
+
+
+@needs_lm_eval
+def test_steering_plan_applies_inside_the_run(task_dir):
+    from moeprune.models import get_adapter
+    from moeprune.steer.apply import steering
+    from moeprune.steer.plan import SteerEntry, SteerPlan
+
+    model = tiny_model(FAMILY, seed=SEED)
+    adapter = get_adapter(model.config, model=model)
+    plan = SteerPlan(adapter.model_type, adapter.num_experts, adapter.top_k, adapter.routing().kind,
+                     tuple(adapter.moe_layers()),
+                     tuple(SteerEntry(la, j, "off") for la in adapter.moe_layers() for j in (0, 3)))
+    plain = _direct_lls(model)
+    with steering(model, plan):
+        want = _direct_lls(model)
+    assert max(abs(a - b) for pa, pb in zip(plain, want, strict=True) for a, b in zip(pa, pb, strict=True)) > 1e-2
+    result = run_lm_eval(model, [TASK], tokenizer=tiny_tokenizer(), include_path=task_dir, include_defaults=False,
+                         batch_size=5, log_samples=True, steer=plan)
+    samples = sorted(result.raw["samples"][TASK], key=lambda s: s["doc_id"])
+    for s, row in zip(samples, want, strict=True):
+        assert [r[0] for r in s["filtered_resps"]] == pytest.approx(row, abs=2e-4, rel=1e-5)
+    assert not any("forward" in adapter.router(adapter.block(model, la)).__dict__ for la in adapter.moe_layers())

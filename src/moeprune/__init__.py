@@ -5,12 +5,26 @@ __version__ = "0.1.0"
 from moeprune.errors import MoePruneError  # noqa: E402
 
 
-def load_model(path, dtype: str = "auto", device: str = "cpu"):
+def load_model(path, dtype: str = "auto", device: str = "cpu", steer=None):
     """Load any moeprune output (or any local checkpoint): stock `from_pretrained` when the folder is
-    stock-loadable, moeprune's loader for non-uniform expert widths (`io/nonuniform.py`)."""
+    stock-loadable, moeprune's loader for non-uniform expert widths (`io/nonuniform.py`).
+
+    `steer`: a steering plan (`moeprune steer`; a SteerPlan, its JSON file or dict) applied inside the routers for
+    the model's lifetime (`moeprune.steer.apply.apply_steering`; the handle is `model.moeprune_steering`, whose
+    `.remove()` restores plain routing). No checkpoint is written."""
     from moeprune.io.load import load_model as _load
 
-    return _load(path, dtype=dtype, device=device)
+    plan = None
+    if steer is not None:
+        from moeprune.steer.plan import as_plan
+
+        plan = as_plan(steer)  # a bad plan is refused before the model loads
+    model = _load(path, dtype=dtype, device=device)
+    if plan is not None:
+        from moeprune.steer.apply import apply_steering
+
+        model.moeprune_steering = apply_steering(model, plan)
+    return model
 
 
 def prune(model, out, recipe=None, **kwargs):

@@ -10,6 +10,8 @@
     prune("ckpt", "out", method="aimer", ratio=0.25)                     moeprune prune --method (one stage)
     verify("ckpt", "out")                                                moeprune verify
     evaluate / compare / analyze                                         moeprune eval / compare / analyze
+    steer("ckpt", SteerOptions(("rec=r.txt",), ("other=o.txt",)), "plan.json")   moeprune steer (apply the plan with
+                                                                          EvalOptions(steer=...) or load_model(steer=))
 (`moeprune lm-eval` is `moeprune.eval.lm_eval_adapter.run_lm_eval`, an optional extra.)
 """
 
@@ -34,6 +36,7 @@ from moeprune.pipeline.verify import verify as _verify
 from moeprune.select.auto import AUTO
 from moeprune.stages.base import Need, stage_for_method
 from moeprune.stats.store import ExpertStats
+from moeprune.steer.run import SteerOptions, steer  # noqa: F401  (public API)
 
 DEFAULT_METHOD = AUTO  # `prune` without --method or --recipe (benchmarks/RESULTS.md, "Choosing the method per model")
 

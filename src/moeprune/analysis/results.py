@@ -3,7 +3,8 @@
 Each folder is either a `moeprune compare` output (`compare.json` + `compare.png`: per-domain perplexity before and
 after; with `compare --generate`, the generative task scores too) or a pruned / merged checkpoint folder
 (`moeprune_report.json`: method, ratio, experts and bytes before and after, verification). Both kinds become report
-sections (`analysis/html.py` schema); images are copied next to the report as `result_<n>_compare.png`.
+sections (`analysis/html.py` schema); images are copied next to the report as `result_<n>_compare.png`. A steering
+plan file from `moeprune steer --out` becomes a steering section (`analysis/steering.py`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,21 @@ def _read(path: Path) -> dict:
 
 
 def check_results(folders: list[str | Path]) -> list[Path]:
-    """Every --results folder holds compare.json or moeprune_report.json (checked before any work)."""
+    """Every --results folder holds compare.json or moeprune_report.json, or is a steering plan file (checked before
+    any work)."""
     out = []
     for f in folders:
         p = Path(f).expanduser()
+        if p.is_file():
+            from moeprune.steer.plan import SteerPlan
+
+            SteerPlan.load(p)  # a readable, valid plan (else its error)
+            out.append(p)
+            continue
         if not ((p / "compare.json").is_file() or (p / "moeprune_report.json").is_file()):
             raise MoePruneError(f"--results {p}: no compare.json or moeprune_report.json there; pass the folder "
-                                "written by `moeprune compare --out` or by `moeprune prune/apply --out`.")
+                                "written by `moeprune compare --out` or by `moeprune prune/apply --out`, or a "
+                                "steering plan from `moeprune steer --out`.")
         out.append(p)
     return out
 
@@ -83,7 +92,11 @@ def _report_section(n: int, folder: Path) -> dict:
 def results_sections(folders: list[str | Path], out_dir: Path) -> list[dict]:
     sections = []
     for n, folder in enumerate(check_results(folders), 1):
-        if (folder / "compare.json").is_file():
+        if folder.is_file():
+            from moeprune.analysis.steering import steering_section
+
+            sections.append(steering_section(n, folder, out_dir))
+        elif (folder / "compare.json").is_file():
             sections.append(_compare_section(n, folder, out_dir))
         else:
             sections.append(_report_section(n, folder))

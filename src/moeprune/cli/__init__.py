@@ -30,6 +30,7 @@ from moeprune.cli import (
     prune,
     quantize,
     stats,
+    steer,
     testbed,
     verify,
 )
@@ -40,7 +41,7 @@ from moeprune.log import configure
 
 # in the order `moeprune -h` lists them: the usual path first, then the tools around it
 VERBS = (demo, info, analyze, calibrate, stats, criteria, plan, apply, prune, quantize, budget, verify, eval, compare,
-         gen_tasks, lm_eval, export, testbed)
+         gen_tasks, lm_eval, export, steer, testbed)
 
 
 def build_parser() -> argparse.ArgumentParser:

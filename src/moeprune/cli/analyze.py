@@ -73,9 +73,9 @@ def add_parser(sub) -> None:
                         "default 1024, 0 = every token): each probed ratio costs one MoE-block forward over them")
     p.add_argument("--cliff", type=float, default=0.1,
                    help="measured relative output error that marks a layer's cliff (default 0.1)")
-    p.add_argument("--results", action="append", default=[], metavar="DIR",
-                   help="add the outcome of a `moeprune compare --out` folder or a pruned/merged checkpoint folder "
-                        "to the report (repeatable)")
+    p.add_argument("--results", action="append", default=[], metavar="DIR|PLAN",
+                   help="add the outcome of a `moeprune compare --out` folder, a pruned/merged checkpoint folder or a "
+                        "steering plan file (`moeprune steer --out`) to the report (repeatable)")
     add_calib_flags(p, required=False)
     p.set_defaults(func=run)
 

@@ -8,17 +8,20 @@ With `--generate` (EvalOptions.generate), both models also run the generative ta
 table lists each task's metrics before / after (fractions of items, greedy; primary metric first) next to the
 perplexity ratio of the domain of the same name; compare.json holds them under "generative". The plot stays the
 perplexity ratio.
+
+With `--steer PLAN` (EvalOptions.steer) only the second model is steered: `compare MODEL MODEL --steer PLAN`
+measures a steering plan's effect.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moeprune.eval.generative import GenScore
 from moeprune.eval.perplexity import DomainScore
-from moeprune.eval.run import EvalOptions, evaluate
+from moeprune.eval.run import EvalOptions, evaluate, steer_plan
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.report import read_report
@@ -100,7 +103,10 @@ def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: st
     if report.get("method"):
         title += f" — {report['method']} at ratio {report.get('ratio')}"
     opts.gen_items_list()  # generative items exist (or --generate is refused) before anything loads
-    before, after = evaluate(src.path, opts), evaluate(dst.path, opts)
+    steer_plan(opts.steer, dst)  # a bad plan is refused before either model loads
+    if opts.steer is not None:  # the plan steers the second model only: `compare M M --steer plan` shows its effect
+        title += f" — steered by {Path(opts.steer).name}"
+    before, after = evaluate(src.path, replace(opts, steer=None)), evaluate(dst.path, opts)
     result = Comparison(before.scores, after.scores, title, before.generative, after.generative)
     data = {"title": title, "rows": result.rows()}
     if result.gen_before:

@@ -28,6 +28,9 @@ from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, parse_dtype
 from moeprune.log import logger
+from moeprune.models import get_adapter
+from moeprune.steer.apply import steering
+from moeprune.steer.plan import as_plan
 
 INSTALL_HINT = "pip install 'moeprune[eval]'"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -150,7 +153,7 @@ def _check_task_names(task_manager, names: list[str], include_path: Path | None)
 def run_lm_eval(model, tasks: Sequence[str] | str, *, tokenizer=None, include_path: str | Path | None = None,
                 num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
                 device: str = "cpu", dtype: str = "float32", include_defaults: bool = True,
-                log_samples: bool = False) -> LmEvalResults:
+                log_samples: bool = False, steer=None) -> LmEvalResults:
     """Evaluate `model` on lm-eval `tasks`; returns `{task: {metric: value}}` (see `compact_results`).
 
     model: an in-memory `transformers` model (then `tokenizer`, a tokenizer object or folder, is required; the
@@ -160,6 +163,8 @@ def run_lm_eval(model, tasks: Sequence[str] | str, *, tokenizer=None, include_pa
     include_defaults: index lm-eval's built-in tasks too (~6 s); False looks only in `include_path`.
     num_fewshot, limit, batch_size, log_samples: passed to `lm_eval.simple_evaluate` (limit: docs per task,
         or a fraction when < 1; log_samples keeps per-sample records in `.raw["samples"]`).
+    steer: a steering plan (SteerPlan, file or dict; `moeprune steer`) applied inside the routers for the run
+        (an in-memory model gets its routers back afterwards).
     Note: `simple_evaluate` reseeds Python's, numpy's and torch's global random generators.
     """
     names = _check_tasks(tasks)
@@ -184,6 +189,10 @@ def run_lm_eval(model, tasks: Sequence[str] | str, *, tokenizer=None, include_pa
     else:
         parse_dtype(dtype)
         ckpt_path = Checkpoint.open(model).path
+    plan = None if steer is None else as_plan(steer)  # read and validated before any work
+    if plan is not None and ckpt_path is not None:
+        ckpt = Checkpoint.open(ckpt_path)
+        plan.check_model(get_adapter(ckpt.config, weight_keys=ckpt.names()))
     if tokenizer is None or isinstance(tokenizer, str | Path):  # a folder; None: the checkpoint's own
         tok = load_tokenizer(ckpt_path or Path(tokenizer), None if tokenizer is None else str(tokenizer))
     else:
@@ -201,8 +210,9 @@ def run_lm_eval(model, tasks: Sequence[str] | str, *, tokenizer=None, include_pa
         lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size, device=device)
         logger.info("lm-eval %s: %s", getattr(lm_eval, "__version__", "?"), ", ".join(names))
         try:
-            raw = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=task_manager, num_fewshot=num_fewshot,
-                                          limit=limit, log_samples=log_samples)
+            with steering(model_obj, plan) if plan is not None else contextlib.nullcontext():
+                raw = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=task_manager,
+                                              num_fewshot=num_fewshot, limit=limit, log_samples=log_samples)
         except ConnectionError as e:  # datasets / huggingface_hub offline refusals subclass it
             raise MoePruneError(f"a task dataset is not available offline ({e}); moeprune runs lm-eval without the "
                                 "hub: use tasks whose data are local files or already in the datasets cache.") from e

@@ -9,6 +9,9 @@ see `testbed.build.find_testbed`); any other model must name its data with `--da
 (a JSONL file, e.g. written by `moeprune gen-tasks`) when given, else items built from every data set named after a
 task (arithmetic, records, python: the testbed's held-out files, or `--data` text of the same shape), `gen_items`
 per task, seeded. With no item at all, `--generate` is refused before any work.
+
+`steer` (`--steer PLAN.json`, from `moeprune steer`): the plan runs inside the loaded model's routers for every
+score and sample (`steer.apply`); it is read and checked against the model's config before the model loads.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model, parse_dtype
 from moeprune.io.report import write_json_atomic
 from moeprune.log import logger
+from moeprune.steer.apply import apply_steering
 from moeprune.testbed.build import Testbed, find_testbed
 
 DEFAULT_SEQ_LEN = 512
@@ -47,6 +51,7 @@ class EvalOptions:
     generate_tasks: str | None = None  # JSONL items (with generate); else items from the data sets named after tasks
     gen_items: int | None = None  # items per task built from data (None: DEFAULT_ITEMS)
     gen_seed: int = 0
+    steer: str | None = None  # steering plan (JSON) applied inside the routers (`moeprune steer`; no checkpoint)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -102,6 +107,19 @@ class EvalOptions:
         return items
 
 
+def steer_plan(steer: str | None, ckpt: Checkpoint):
+    """The steering plan of `--steer` (None without one), read and checked against the model's config before the
+    model loads."""
+    if steer is None:
+        return None
+    from moeprune.models import get_adapter
+    from moeprune.steer.plan import SteerPlan
+
+    plan = SteerPlan.load(steer)
+    plan.check_model(get_adapter(ckpt.config, weight_keys=ckpt.names()))
+    return plan
+
+
 def default_testbed(models: tuple[str | Path, ...]) -> Testbed:
     """The testbed whose held-out text is the default data for `models`: each must be that testbed or made from it
     (its `testbed.json`); otherwise a MoePruneError asks for `--data` (never the cached testbed's text for a model
@@ -154,7 +172,10 @@ def evaluate(model: str | Path, opts: EvalOptions, json_out: str | Path | None =
     tokenizer = load_tokenizer(ckpt.path, opts.tokenizer)
     items = opts.gen_items_list()
     sets = build_sets(cfg, tokenizer)
+    plan = steer_plan(opts.steer, ckpt)
     model_obj = load_model(ckpt.path, dtype=opts.dtype, device=opts.device)
+    if plan is not None:
+        apply_steering(model_obj, plan)  # for the model's lifetime (it is dropped after this call)
     result = EvalResult(evaluate_sets(model_obj, sets, opts.batch_size))
     if items:
         result.generative = evaluate_generative(model_obj, tokenizer, items, opts.batch_size)

@@ -133,3 +133,114 @@ def _check_hits(counters: dict[int, dict], ops: tuple[str, ...]) -> None:
         missed = sorted({op for names in silent.values() for op in names})
         raise MoePruneError(f"expert mask found no {' / '.join(repr(op) for op in missed)} output of width E in "
                             f"some calls of the routers of layers {sorted(silent)} (masked ops {ops})")
+
+
+# ------------------------------------------------------------------------------------------- steering (MoTE)
+# Additive: the functions above are untouched. A steering shift is one [E + Z] vector per masked op of the routing
+# kind, added to that op's outputs inside the router's own forward:
+#   "off" expert: -inf on every masked op (exactly what `masked_experts` adds: it can never be routed);
+#   "on" expert:  +strength on the FIRST masked op only (`steer_op`): the router logits for every kind except
+#                 sigmoid_grouped, where it is the sigmoid scores (the value the correction bias is added to).
+# Selection, group limits, gate gathering, renormalisation and scaling then run as the family's code does them.
+
+
+def steer_op(adapter: MoEAdapter) -> str:
+    """The op whose output an "on" expert's strength is added to: linear (logits), or sigmoid for sigmoid_grouped."""
+    return adapter.routing().masked_ops[0]
+
+
+def steer_shifts(adapter: MoEAdapter, off, on: dict[int, float]) -> dict[str, torch.Tensor]:
+    """{op: [E + Z] shift}: -inf on `off` experts for every masked op, +on[j] for expert j on `steer_op` only."""
+    ops = adapter.routing().masked_ops
+    both = set(off) & set(on)
+    if both:
+        raise MoePruneError(f"experts {sorted(both)} are both switched off and forced on; keep one action each.")
+    shifts = {op: _mask(adapter, off) for op in ops}  # [E + Z] each, -inf on the experts switched off
+    if on:
+        _mask(adapter, on)  # range check
+        shifts[steer_op(adapter)][list(on)] = torch.tensor([float(s) for s in on.values()])
+    return shifts
+
+
+class _ShiftColumns(TorchFunctionMode):
+    """Adds shifts[op] to the outputs (last dim E + Z) of each op in `shifts`."""
+
+    def __init__(self, shifts: dict[str, torch.Tensor]):
+        super().__init__()
+        self.op_of = {name: op for op in shifts for name in _OPS[op]}  # torch function name -> shifted op
+        self.shifts = shifts
+        self.hits = dict.fromkeys(shifts, 0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        op = self.op_of.get(getattr(func, "__name__", ""))
+        if op is not None and isinstance(out, torch.Tensor) and out.shape[-1] == self.shifts[op].shape[0]:
+            self.hits[op] += 1
+            return out + self.shifts[op].to(device=out.device, dtype=out.dtype)
+        return out
+
+
+class RouterShifts:
+    """Persistent shifts on some routers (`shift_routers`); `remove()` restores each router's previous forward.
+    Unlike `masked_experts` (checked on exit), every router call is checked at once: a call in which a shifted op
+    was not seen raises (a model loaded with steering keeps it for its lifetime, so there is no exit to wait for).
+    `calls[layer]` counts router calls."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, int] = {}
+        self._restore: list[tuple[nn.Module, object]] = []
+
+    def add(self, router: nn.Module, layer: int, shifts: dict[str, torch.Tensor]) -> None:
+        previous = router.__dict__.get("forward")  # an instance patch already there (e.g. masked_experts)
+        original = router.forward
+        self.calls[layer] = 0
+
+        def forward(*args, **kwargs):
+            mode = _ShiftColumns(shifts)
+            with mode:
+                out = original(*args, **kwargs)
+            missed = [op for op, n in mode.hits.items() if n == 0]
+            if missed:
+                raise MoePruneError(f"steering found no {' / '.join(repr(op) for op in missed)} output of width "
+                                    f"{next(iter(shifts.values())).shape[0]} in a call of the router of layer "
+                                    f"{layer}; this family's routing kind is described wrongly.")
+            self.calls[layer] += 1
+            return out
+
+        router.forward = forward
+        self._restore.append((router, previous))
+
+    def remove(self) -> None:
+        for router, previous in reversed(self._restore):
+            if previous is None:
+                del router.forward
+            else:
+                router.forward = previous
+        self._restore.clear()
+
+
+def shift_routers(model: nn.Module, adapter: MoEAdapter, steer: dict[int, tuple[list[int], dict[int, float]]]
+                  ) -> RouterShifts:
+    """Steer the routers of `model` until `.remove()`: `steer[layer] = (off experts, {on expert: strength})`.
+    Layers with nothing to do are left untouched (an empty plan changes nothing at all)."""
+    handle = RouterShifts()
+    try:
+        for layer, (off, on) in steer.items():
+            if not off and not on:
+                continue
+            handle.add(adapter.router(adapter.block(model, layer)), layer, steer_shifts(adapter, off, on))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+@contextmanager
+def steered_experts(model: nn.Module, adapter: MoEAdapter, steer: dict[int, tuple[list[int], dict[int, float]]]
+                    ) -> Iterator[RouterShifts]:
+    """`shift_routers` for the duration of the context."""
+    handle = shift_routers(model, adapter, steer)
+    try:
+        yield handle
+    finally:
+        handle.remove()
