@@ -36,25 +36,32 @@ from moeprune.models.base import MoEAdapter
 _OPS = {"linear": {"linear"}, "sigmoid": {"sigmoid", "expit", "sigmoid_"}, "softmax": {"softmax", "_softmax"}}
 
 
-class _MaskColumns(TorchFunctionMode):
-    def __init__(self, ops: tuple[str, ...], mask: torch.Tensor):
+class _ShiftColumns(TorchFunctionMode):
+    """Adds `shifts[op]` to the outputs (last dim E) of each op in `shifts`, and counts the hits per op.
+
+    A shift is [E] (added to every row) or [G, E] (row block g of G equal blocks of an [N, E] output gets row g):
+    masking adds 0 / -inf, steering -inf / +strength."""
+
+    def __init__(self, shifts: dict[str, torch.Tensor]):
         super().__init__()
-        self.op_of = {name: op for op in ops for name in _OPS[op]}  # torch function name -> masked op
-        self.mask = mask  # [E] (every row) or [G, E] (row block g of G equal blocks): 0 kept, -inf removed
-        self.hits = dict.fromkeys(ops, 0)
+        self.op_of = {name: op for op in shifts for name in _OPS[op]}  # torch function name -> shifted op
+        self.shifts = shifts
+        self.hits = dict.fromkeys(shifts, 0)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         op = self.op_of.get(getattr(func, "__name__", ""))
-        if op is not None and isinstance(out, torch.Tensor):
-            E = self.mask.shape[-1]
-            if out.shape[-1] == E and self.mask.dim() == 1:
-                self.hits[op] += 1
-                return out + self.mask.to(device=out.device, dtype=out.dtype)
-            if out.shape[-1] == E and out.numel() % (self.mask.numel()) == 0:  # [N, E], N = G·c rows
-                self.hits[op] += 1
-                mask = self.mask.to(device=out.device, dtype=out.dtype)
-                return (out.reshape(self.mask.shape[0], -1, E) + mask[:, None, :]).view(out.shape)
+        if op is None or not isinstance(out, torch.Tensor):
+            return out
+        shift = self.shifts[op]
+        E = shift.shape[-1]
+        if out.shape[-1] == E and shift.dim() == 1:
+            self.hits[op] += 1
+            return out + shift.to(device=out.device, dtype=out.dtype)
+        if out.shape[-1] == E and out.numel() % shift.numel() == 0:  # [N, E], N = G·c rows
+            self.hits[op] += 1
+            blocks = shift.to(device=out.device, dtype=out.dtype)
+            return (out.reshape(shift.shape[0], -1, E) + blocks[:, None, :]).view(out.shape)
         return out
 
 
@@ -74,7 +81,7 @@ def _wrap(router: nn.Module, ops: tuple[str, ...], mask: torch.Tensor):
     counter = {"calls": 0, "hits": 0, "ops": dict.fromkeys(ops, 0)}
 
     def forward(*args, **kwargs):
-        mode = _MaskColumns(ops, mask)
+        mode = _ShiftColumns(dict.fromkeys(ops, mask))
         with mode:
             out = original(*args, **kwargs)
         counter["calls"] += 1
@@ -160,24 +167,6 @@ def steer_shifts(adapter: MoEAdapter, off, on: dict[int, float]) -> dict[str, to
         _mask(adapter, on)  # range check
         shifts[steer_op(adapter)][list(on)] = torch.tensor([float(s) for s in on.values()])
     return shifts
-
-
-class _ShiftColumns(TorchFunctionMode):
-    """Adds shifts[op] to the outputs (last dim E + Z) of each op in `shifts`."""
-
-    def __init__(self, shifts: dict[str, torch.Tensor]):
-        super().__init__()
-        self.op_of = {name: op for op in shifts for name in _OPS[op]}  # torch function name -> shifted op
-        self.shifts = shifts
-        self.hits = dict.fromkeys(shifts, 0)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        op = self.op_of.get(getattr(func, "__name__", ""))
-        if op is not None and isinstance(out, torch.Tensor) and out.shape[-1] == self.shifts[op].shape[0]:
-            self.hits[op] += 1
-            return out + self.shifts[op].to(device=out.device, dtype=out.dtype)
-        return out
 
 
 class RouterShifts:
