@@ -26,8 +26,11 @@ router selected. Each router call runs twice (a forward hook on the router modul
    MoePruneError instead of routing silently wrong — and, where the experts module skips the index E (transformers'
    fused experts: ``one_hot(..., num_classes=E + 1)`` with ``if expert_idx == num_experts: continue``, and the
    grouped_mm / batched_mm kernels' EP sentinel), rewrites those slots' indices to E so the eager path really
-   skips them. gpt-oss's experts module takes no sentinel: there the weight-0 slots are still computed (the output
-   is right, the wall time is not lower) — `skips_unrouted` says which.
+   skips them. That holds only while the experts run transformers' eager loop (`model.set_experts_implementation(
+   "eager")`; the grouped_mm / batched_mm kernels, transformers' default here, take a sentinel only under expert
+   parallelism, `sentinel_active`): with those kernels, and in gpt-oss (whose experts module takes no sentinel),
+   the weight-0 slots are still computed — the output is right, the work is not lower. `LayerCounter.skipped`
+   counts the slots really skipped.
 
 Calls in which the policy keeps every selected expert are returned as they are (one router pass), so a policy that
 keeps everything (e.g. top-k with k = the model's k) is bit-exact.
@@ -91,13 +94,14 @@ class LayerCounter:
     active: int = 0  # Σ_t |S_t|
     calls: int = 0
     masked_calls: int = 0  # calls that needed the second (masked) pass
+    skipped: int = 0  # weight-0 slots handed to the experts as the sentinel E (not computed)
 
 
 @dataclass
 class Installed:
     handles: list = field(default_factory=list)
     counters: dict[int, LayerCounter] = field(default_factory=dict)
-    skips_unrouted: dict[int, bool] = field(default_factory=dict)
+    skips_unrouted: dict[int, bool] = field(default_factory=dict)  # the experts module can skip the sentinel
 
     def remove(self) -> None:
         for h in self.handles:
@@ -162,6 +166,16 @@ def skips_sentinel(experts: nn.Module) -> bool:
     return "num_experts + 1" in src and "== self.num_experts" in src
 
 
+def sentinel_active(experts: nn.Module) -> bool:
+    """True when the experts' *current* implementation skips the sentinel: transformers' eager loop (config
+    `_experts_implementation` "eager" or unset), or the grouped_mm / batched_mm kernels under expert parallelism.
+    The grouped_mm / batched_mm kernels without expert parallelism (transformers' default on this machine) read
+    uninitialised rows for a sentinel, so there the weight-0 slots are left to be computed."""
+    cfg = getattr(experts, "config", None)
+    impl = getattr(cfg, "_experts_implementation", None) if cfg is not None else None
+    return impl in (None, "eager") or bool(getattr(experts, "_is_expert_parallel", False))
+
+
 def install_policy(model: nn.Module, adapter: MoEAdapter, decide: Decide, layers: list[int] | None = None,
                    check: bool = True) -> Installed:
     """Hook the routers of `layers` (default: every MoE layer) with `decide`; returns the handles and counters.
@@ -180,12 +194,12 @@ def install_policy(model: nn.Module, adapter: MoEAdapter, decide: Decide, layers
         counter = inst.counters[layer] = LayerCounter()
         inst.skips_unrouted[layer] = sentinel
         hook = _make_hook(layer, spec.kind, ops, adapter.router_logits_at, bias, decide, counter, sentinel,
-                          check)
+                          experts, check)
         inst.handles.append(router.register_forward_hook(hook, with_kwargs=True))
     return inst
 
 
-def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, check):
+def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, experts, check):
     def hook(module, args, kwargs, out):
         logits, w_at, idx_at = _split_output(out, logits_at)
         w, idx = out[w_at], out[idx_at]  # [N, k]
@@ -216,9 +230,11 @@ def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, che
             raise MoePruneError(f"layer {layer}: the router ({kind}) did not route {bad} of {N} tokens to exactly the "
                                 f"experts the policy kept (masked ops {[op for op, _ in ops]} seen {mode.hits} "
                                 "times): this family's router code needs another mask point (models/dynamic.py).")
-        if sentinel:
+        if sentinel and sentinel_active(experts):
             E = C  # no extra classes when the sentinel is used
-            idx2 = torch.where(w2 == 0, torch.full_like(idx2, E), idx2)
+            zero = w2 == 0
+            counter.skipped += int(zero.sum())
+            idx2 = torch.where(zero, torch.full_like(idx2, E), idx2)
         return tuple(idx2 if i == idx_at else t for i, t in enumerate(out2))
 
     return hook

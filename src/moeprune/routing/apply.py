@@ -108,7 +108,7 @@ def routing_report(model: nn.Module, adapter=None) -> dict:
     for layer, c in sorted(inst.counters.items()):
         if c.tokens:
             layers[str(layer)] = {"active": c.active / c.tokens, "selected": c.selected / c.tokens,
-                                  "skips_unrouted": inst.skips_unrouted[layer]}
+                                  "computed": (c.active + (c.selected - c.active - c.skipped)) / c.tokens}
     n = len(layers)
     active = sum(v["active"] for v in layers.values())
     selected = sum(v["selected"] for v in layers.values())
@@ -116,7 +116,8 @@ def routing_report(model: nn.Module, adapter=None) -> dict:
             "active_per_token": active / n if n else None, "selected_per_token": selected / n if n else None,
             "routed_flops_per_token": active * per_expert, "routed_flops_per_token_before": selected * per_expert,
             "flops_ratio": active / selected if selected else None,
-            "eager_skips_unrouted": all(v["skips_unrouted"] for v in layers.values()) if layers else None,
+            # experts per token the experts module really ran (dropped slots it was not told to skip included)
+            "computed_per_token": sum(v["computed"] for v in layers.values()) / n if n else None,
             "layers": layers}
 
 
