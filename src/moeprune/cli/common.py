@@ -240,6 +240,10 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-items", type=int, default=None, help="with --generate: items per task built from --data "
                                                                "(default 64)")
     g.add_argument("--gen-seed", type=int, default=0, help="with --generate: seed of the item draw")
+    g.add_argument("--routing", metavar="POLICY",
+                   help="apply a routing policy without writing a checkpoint: a routing plan JSON (a "
+                        "moeprune_plans/N-routing.json) or an export folder holding one; reports the active experts "
+                        "per token and routed-expert FLOPs (docs/routing.md)")
 
 
 def eval_options(args):
@@ -248,4 +252,5 @@ def eval_options(args):
     return EvalOptions(tuple(args.data), seq_len=args.seq_len, max_sequences=args.max_sequences,
                        batch_size=args.batch_size, dtype=args.dtype, device=args.device, prompts=tuple(args.prompt),
                        max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer, generate=args.generate,
-                       generate_tasks=args.generate_tasks, gen_items=args.gen_items, gen_seed=args.gen_seed)
+                       generate_tasks=args.generate_tasks, gen_items=args.gen_items, gen_seed=args.gen_seed,
+                       routing=args.routing)

@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--dtype", default="float32", help="model dtype")
     p.add_argument("--json", help="write {task: {metric: value}} here")
+    p.add_argument("--routing", metavar="POLICY",
+                   help="apply a routing policy first: a routing plan JSON or an export folder holding one")
     p.set_defaults(func=run)
 
 
@@ -35,7 +37,7 @@ def run(args) -> int:
         raise MoePruneError(f"--json {out}: folder {out.parent} does not exist; create it first.")
     result = run_lm_eval(args.model, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
                          limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                         include_defaults=not args.no_builtin_tasks)
+                         include_defaults=not args.no_builtin_tasks, routing=args.routing)
     print(result.format())
     if out is not None:
         write_json_atomic(out, dict(result))

@@ -13,7 +13,7 @@ perplexity ratio.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moeprune.eval.generative import GenScore
@@ -100,9 +100,14 @@ def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: st
     if report.get("method"):
         title += f" — {report['method']} at ratio {report.get('ratio')}"
     opts.gen_items_list()  # generative items exist (or --generate is refused) before anything loads
-    before, after = evaluate(src.path, opts), evaluate(dst.path, opts)
+    # --routing applies to the export side only: `compare MODEL MODEL --routing P` measures the policy itself
+    before, after = evaluate(src.path, replace(opts, routing=None)), evaluate(dst.path, opts)
+    if after.routing:
+        title += f" — routing {after.routing['policy']}"
     result = Comparison(before.scores, after.scores, title, before.generative, after.generative)
     data = {"title": title, "rows": result.rows()}
+    if after.routing:
+        data["routing"] = after.routing
     if result.gen_before:
         data["generative"] = result.generative_rows()
     with atomic_dir(out_path) as tmp:

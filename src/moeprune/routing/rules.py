@@ -62,7 +62,8 @@ def keep_naee(w: torch.Tensor, beta: float) -> torch.Tensor:
 
 
 def naee_beta(w: torch.Tensor) -> float:
-    """β = median over tokens of w_(2) / w_(1) (NAEE's per-layer threshold, from calibration)."""
+    """β = median over tokens of w_(2) / w_(1) (NAEE's per-layer threshold, from calibration; for an even count
+    the lower of the two middle values, as torch.median)."""
     ws = torch.sort(w.double(), dim=-1, descending=True)[0]  # [N, k]
     if ws.shape[-1] < 2:
         return 0.0
