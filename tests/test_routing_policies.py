@@ -322,3 +322,46 @@ def test_read_routing_refuses_what_is_not_a_policy(tmp_path):
     (tmp_path / "f").mkdir()
     with pytest.raises(MoePruneError, match="holds no routing policy"):
         read_routing(tmp_path / "f")
+
+
+# ------------------------------------------------------------------------------------------- other families
+KINDS = ["qwen2_moe", "olmoe", "deepseek_v2", "ernie4_5_moe", "kolibri1", "aria_text", "glm4_moe"]
+
+
+@pytest.mark.parametrize("model_type", KINDS)
+def test_every_routing_kind_keeps_exactly_the_policy_experts(model_type):
+    """One family per routing kind (and aria's top-k-then-softmax softmax router): the hook's own check (non-zero
+    weights == kept experts) passes, and topk k'=1 equals the stock router with top_k = 1."""
+    from moeprune.tiny_families import tiny_family_model
+
+    model = tiny_family_model(model_type, seed=1)
+    adapter = get_adapter(model.config, model=model)
+    k = adapter.top_k
+    assert k >= 2
+    ids = torch.randint(0, 90, (2, 10), generator=torch.Generator().manual_seed(2))
+    _, handed, got = captured_run(model, adapter, ids, RoutingPlan("topk", k, adapter.moe_layers(), k=1))
+    assert all(int((w != 0).sum(dim=-1).max()) == 1 for _, w in handed.values())
+    thresholds = dict.fromkeys(adapter.moe_layers(), 0.6)
+    captured_run(model, adapter, ids, RoutingPlan("top_p", k, adapter.moe_layers(), thresholds=thresholds))
+    touched = []
+    for layer in adapter.moe_layers():
+        block = adapter.block(model, layer)
+        for module in (block, adapter.router(block)):
+            for attr in ("top_k", "num_experts_per_tok", "moe_topk"):
+                if getattr(module, attr, None) == k:
+                    setattr(module, attr, 1)
+                    touched.append((module, attr))
+    assert touched
+    with torch.no_grad():
+        stock = model(input_ids=ids).logits
+    assert (got - stock).abs().max() <= 1e-5 * stock.abs().max()
+
+
+@pytest.mark.parametrize("model_type", ["dbrx", "llama4_text"])
+def test_families_whose_router_the_hook_cannot_read_are_refused(tmp_path, no_work, model_type):
+    from moeprune.tiny_families import tiny_family_model
+
+    src = tmp_path / "src"
+    tiny_family_model(model_type).save_pretrained(src)
+    assert_refused(lambda: moeprune.prune(src, tmp_path / "out", recipe=[{"method": "topk", "k": 1}]),
+                   "cannot run routing policies", inputs=[src], out=tmp_path / "out")

@@ -13,6 +13,8 @@ router selected. Each router call runs twice (a forward hook on the router modul
    - ``softmax_topk`` / ``softmax_grouped`` / ``softmax_bias``: its softmax probability is set to 0 (not the
      logit to -inf: p = softmax over *all* E stays the model's own). top-k then takes S_t first; w_i = p_i for
      i ∈ S_t, ÷ Σ_{S_t} p with ``norm_topk_prob`` — exactly what the stock router does with top-|S_t|.
+   - a softmax router whose code has no width-E softmax (top-k on the logits, then a softmax over the k selected:
+     aria, granitemoe — the same function as a renormalised softmax top-k): its logit is -inf, as below.
    - ``topk_softmax`` (gpt-oss): its logit is -inf; top-k takes S_t first and the softmax over the selected logits
      gives w_i = exp ℓ_i / Σ_{S_t} exp ℓ_j (the stock top-|S_t| result).
    - ``sigmoid_grouped`` (DeepSeek-V3, GLM-4.5): its logit is -inf, so its sigmoid score s = 0 and its gate weight
@@ -60,6 +62,7 @@ POLICY_OPS: dict[str, tuple[tuple[str, str], ...]] = {
     "sigmoid_grouped": (("linear", "neg_inf"), ("masked_fill", "neg_inf")),
 }
 _NAMES = {**_OPS, "masked_fill": {"masked_fill"}}
+LOGIT_OPS = (("linear", "neg_inf"),)
 
 # (w [N, k] router weights, sel [N, k] selection scores, layer) -> keep [N, k] bool (at least one per row)
 Decide = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -221,6 +224,10 @@ def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, exp
         mode = _RowMask(ops, keep)
         with mode:
             out2 = module.forward(*args, **kwargs)
+        if mode.hits == 0 and ops[0][0] == "softmax":  # no width-E softmax: top-k on the logits, then a softmax
+            mode = _RowMask(LOGIT_OPS, keep)  # over the k selected (aria, granitemoe): mask the logits
+            with mode:
+                out2 = module.forward(*args, **kwargs)
         counter.masked_calls += 1
         w2, idx2 = out2[w_at], out2[idx_at]
         got = torch.zeros(N, C, dtype=torch.bool, device=idx2.device)

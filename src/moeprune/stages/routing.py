@@ -106,6 +106,11 @@ class RoutingStage(Stage):
                 "model whose router is hooked: put the routing stage last")
 
     def check(self, o: RoutingOptions, adapter: MoEAdapter) -> Any:
+        why = routing_problem(adapter)
+        if why:
+            from moeprune.errors import UnsupportedLayout
+
+            raise UnsupportedLayout(f"{adapter.family} ({adapter.model_type}) cannot run routing policies: {why}.")
         k = adapter.top_k
         for name, v in (("k", o.k), ("k_max", o.k_max), ("k_min", o.k_min)):
             if v is not None and v > k:
@@ -220,6 +225,25 @@ class RoutingStage(Stage):
 
     def describe(self, plan: RoutingPlan) -> str:
         return f"routing ({plan.describe()})"
+
+
+def routing_problem(adapter: MoEAdapter) -> str | None:
+    """Why the policy hook cannot read this family's routing off its router module (checked on the meta model;
+    the hook itself refuses any other router output at the first call). Measured on every tiny family: these
+    two are the families the hook cannot serve."""
+    from moeprune.models.capabilities import meta_experts
+    from moeprune.models.layouts import FlatLayout, layout_of
+    from moeprune.stats.prescaled import is_prescaled
+
+    experts = meta_experts(adapter)
+    if experts is None:
+        return None
+    if is_prescaled(experts):
+        return "its router returns dense scores and the block pre-scales the experts' input (Llama-4), not gate " \
+               "weights and expert indices"
+    if layout_of(experts) is FlatLayout:
+        return "its top-k happens in the experts module (DBRX), not in the router"
+    return None
 
 
 ROUTING = register_stage(RoutingStage())
