@@ -164,8 +164,8 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
     g.add_argument("--k-min", type=int, help="top_p: fewest experts per token (default 1)")
     g.add_argument("--k-max", type=int, help="top_p: most experts per token (default: the model's k)")
     g.add_argument("--scope", choices=["global", "per_layer"],
-                   help="with --target-active: one threshold for the whole model (global, default: layers keep "
-                        "what their routing needs) or one per layer (every layer averages A)")
+                   help="with --target-active: one threshold per layer (per_layer, default: every layer averages "
+                        "A; measured better on the testbed) or one for the whole model (global)")
     g = p.add_argument_group("expert merging (msmoe, hcsmoe, submoe, dern; statistics with probes)")
     g.add_argument("--merge", choices=["average", "svd", "dern"],
                    help="how a group becomes one expert (default: the method's own: msmoe/hcsmoe average, "

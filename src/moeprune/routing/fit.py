@@ -6,10 +6,11 @@ windows and keeps, per MoE layer, the gate weights w [N, k] of up to `max_tokens
 - naee_skip: β_ℓ = median_t w_(2)/w_(1) (NAEE);
 - `target_active` A: the threshold is searched (bisection on the captured weights) so that the average number of
   active experts per token is A —
-  ``global`` (default): one knob for the whole model, the mean over layers of each layer's average is A: top_p's
-  single p, or one scale λ on NAEE's per-layer β_ℓ (β'_ℓ = λ·β_ℓ). Layers whose routing is flatter then keep more
-  experts and sharper ones fewer, which is the point of a dynamic policy ("harder tokens/layers need more experts");
-  ``per_layer``: each layer's threshold is searched alone so every layer averages A (a uniform budget per layer).
+  ``per_layer`` (default): each layer's threshold is searched alone, so every layer averages A;
+  ``global``: one knob for the whole model (top_p's single p, or one scale λ on NAEE's per-layer β_ℓ,
+  β'_ℓ = λ·β_ℓ): the mean over layers is A, and layers whose routing is flatter keep more experts.
+  Measured on the testbed (top-2 of 16, 4 MoE layers) at A = 1.5, top_p: mean held-out perplexity ×1.012 per layer
+  vs ×1.021 global, so per_layer is the default; global remains an option for models whose layers differ more.
 The captured weights come from the model without the policy: once it runs, later layers see slightly different
 inputs, so the measured average (`apply.routing_report`) can differ a little from A; the report states both.
 """
