@@ -365,3 +365,19 @@ def test_families_whose_router_the_hook_cannot_read_are_refused(tmp_path, no_wor
     tiny_family_model(model_type).save_pretrained(src)
     assert_refused(lambda: moeprune.prune(src, tmp_path / "out", recipe=[{"method": "topk", "k": 1}]),
                    "cannot run routing policies", inputs=[src], out=tmp_path / "out")
+
+
+def test_cli_plan_apply_verify_and_eval_routing(root, tmp_path, capsys):
+    from moeprune.cli import main
+
+    src = save_tiny("qwen3_moe", tmp_path / "src", seed=3, with_tokenizer=True, **FAMILIES["qwen3_moe"])
+    assert main(["plan", str(src), "--method", "top_p", "--p", "0.6", "--out", str(tmp_path / "p.json")]) == 0
+    assert main(["apply", str(src), "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "dyn")]) == 0
+    assert main(["verify", str(src), str(tmp_path / "dyn")]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["eval", str(src), "--data", f"web={root / 'web.txt'}", "--seq-len", "32", "--max-sequences", "2",
+                 "--routing", str(tmp_path / "p.json"), "--json", str(tmp_path / "e.json")]) == 0
+    assert "experts per token active" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["routing"]["method"] == "top_p"
+    bad = ["prune", str(src), "--method", "topk", "--k", "2", "--ratio", "0.25", "--out", str(tmp_path / "x")]
+    assert main(bad) == 2

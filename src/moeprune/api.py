@@ -42,11 +42,11 @@ def info(model: str | Path) -> ModelSummary:
     return summarize(str(model))
 
 
-def make_plan(source: str | Path | ExpertStats, method: str, ratio: float, *, calib: CalibrateOptions | None = None,
-              **options: Any):
+def make_plan(source: str | Path | ExpertStats, method: str, ratio: float | None, *,
+              calib: CalibrateOptions | None = None, **options: Any):
     """A plan of `method`'s stage: expert criteria and merges plan from a statistics file (data-free criteria from
     the checkpoint folder); neuron methods calibrate the checkpoint on `calib`. `options` = the stage's options."""
-    spec = parse_recipe([{"method": method, "ratio": ratio, **options}], "")[0]
+    spec = parse_recipe([{"method": method, **({} if ratio is None else {"ratio": ratio}), **options}], "")[0]
     stats = source if isinstance(source, ExpertStats) else None
     path = None if stats is not None else Path(source)
     if path is not None and path.is_file() and path.suffix == ".safetensors":

@@ -57,6 +57,12 @@ class RoutingStage(Stage):
         return list(METHODS)
 
     # ------------------------------------------------------------------ options
+    def parse(self, raw, where: str) -> RoutingOptions:
+        if "ratio" in raw:
+            raise MoePruneError(f"{where}: routing policies remove no weights, so ratio does not apply; say how many "
+                                "experts each token uses with k (topk), p or target_active (top_p, naee_skip).")
+        return super().parse(raw, where)
+
     def validate_options(self, o: RoutingOptions) -> None:
         allowed = {"topk": {"k"}, "top_p": {"p", "target_active", "k_min", "k_max", "scope", "max_tokens"},
                    "naee_skip": {"target_active", "scope", "max_tokens"}}[o.method]
