@@ -381,3 +381,13 @@ def test_cli_plan_apply_verify_and_eval_routing(root, tmp_path, capsys):
     assert json.loads((tmp_path / "e.json").read_text())["routing"]["method"] == "top_p"
     bad = ["prune", str(src), "--method", "topk", "--k", "2", "--ratio", "0.25", "--out", str(tmp_path / "x")]
     assert main(bad) == 2
+
+
+def test_a_router_the_mask_does_not_reach_is_an_error_not_a_silent_route(monkeypatch):
+    from moeprune.models import dynamic
+
+    monkeypatch.setitem(dynamic.POLICY_OPS, "softmax_topk", (("sigmoid", "zero"),))  # an op qwen3's router lacks
+    model = tiny_model("qwen3_moe", seed=2, **FAMILIES["qwen3_moe"])
+    adapter = get_adapter(model.config, model=model)
+    with pytest.raises(MoePruneError, match="did not route .* tokens to exactly the experts the policy kept"):
+        captured_run(model, adapter, torch.randint(0, 96, (1, 6)), RoutingPlan("topk", K, adapter.moe_layers(), k=1))

@@ -23,7 +23,8 @@ router selected. Each router call runs twice (a forward hook on the router modul
    - ``sigmoid_topk``: its logit is -inf (σ = 0; a biased top-k over logits never ranks it above S_t).
 
    When |S_t| < k the model's top-k still fills k slots: the extra slots hold dropped experts **with weight 0**.
-   The hook then checks (every call) that the experts with non-zero weight are exactly S_t — a family whose code
+   The hook then checks (every call) that the experts with non-zero weight are exactly S_t (all of S_t selected,
+   nothing outside it weighted: a kept weight may underflow to 0 in float16) — a family whose code
    does something else (e.g. a selection bias that lifts a zero-probability expert into the top-k) raises
    MoePruneError instead of routing silently wrong — and, where the experts module skips the index E (transformers'
    fused experts: ``one_hot(..., num_classes=E + 1)`` with ``if expert_idx == num_experts: continue``, and the
@@ -230,10 +231,13 @@ def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, exp
                 out2 = module.forward(*args, **kwargs)
         counter.masked_calls += 1
         w2, idx2 = out2[w_at], out2[idx_at]
-        got = torch.zeros(N, C, dtype=torch.bool, device=idx2.device)
-        got.scatter_(1, idx2, w2 != 0)  # experts with non-zero weight
-        if check and not torch.equal(got, keep):
-            bad = int((got != keep).any(dim=-1).sum())
+        weighted = torch.zeros(N, C, dtype=torch.bool, device=idx2.device)
+        weighted.scatter_(1, idx2, w2 != 0)  # experts with non-zero weight: all in S
+        present = torch.zeros(N, C, dtype=torch.bool, device=idx2.device)
+        present.scatter_(1, idx2, True)  # experts selected: all of S (a kept weight may underflow to 0 in fp16)
+        wrong = (weighted & ~keep) | (keep & ~present)  # [N, C]
+        if check and bool(wrong.any()):
+            bad = int(wrong.any(dim=-1).sum())
             raise MoePruneError(f"layer {layer}: the router ({kind}) did not route {bad} of {N} tokens to exactly the "
                                 f"experts the policy kept (masked ops {[op for op, _ in ops]} seen {mode.hits} "
                                 "times): this family's router code needs another mask point (models/dynamic.py).")
