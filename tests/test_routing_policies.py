@@ -248,6 +248,9 @@ def test_dynamic_export_loaded_by_load_model_equals_the_policy(root, tmp_path, m
     # stock from_pretrained: the block rides along as a config attribute, the routing is the model's own
     assert torch.equal(stock_out, plain) and stock.config.moeprune_routing["method"] == method
     assert load_model(tmp_path / "dyn", dtype="float32", routing=False)(input_ids=ids).logits.equal(plain)
+    from moeprune.pipeline.verify import verify
+
+    assert verify(src, tmp_path / "dyn", lazy=True).passed  # layer by layer: the export's block applied too
 
 
 def test_prune_then_top_p_and_eval_routing_report(root, tmp_path):

@@ -150,15 +150,19 @@ def selection_scores(kind: str, logits: torch.Tensor, idx: torch.Tensor, bias: t
     return score.gather(1, idx)  # [N, k]
 
 
-def selection_bias(adapter: MoEAdapter, block: nn.Module) -> torch.Tensor | None:
-    """The selection (correction) bias [C] of a routing kind that has one, else None."""
+def selection_bias(adapter: MoEAdapter, block: nn.Module) -> Callable[[], torch.Tensor] | None:
+    """The selection (correction) bias [C] of a routing kind that has one, read when called (a lazily loaded layer
+    holds it on meta until materialised), else None."""
     if not adapter.routing().correction_bias:
         return None
     tensors = adapter.router_tensors(block)
-    named = [t for n, t in tensors.items() if n.endswith(("correction_bias", "expert_bias"))]
-    if len(named) == 1:
-        return named[0].reshape(-1)
-    raise MoePruneError(f"{adapter.family}: cannot tell the selection bias among the router tensors {list(tensors)}.")
+    named = [n for n in tensors if n.endswith(("correction_bias", "expert_bias"))]
+    if len(named) != 1:
+        raise MoePruneError(f"{adapter.family}: cannot tell the selection bias among the router tensors "
+                            f"{list(tensors)}.")
+    path, _, attr = named[0].rpartition(".")
+    owner = block.get_submodule(path) if path else block
+    return lambda: getattr(owner, attr).reshape(-1)
 
 
 def skips_sentinel(experts: nn.Module) -> bool:
@@ -209,7 +213,7 @@ def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, exp
         w, idx = out[w_at], out[idx_at]  # [N, k]
         N, k = idx.shape
         C = logits.shape[-1]
-        sel = selection_scores(kind, logits, idx, None if bias is None else bias[:C])
+        sel = selection_scores(kind, logits, idx, None if bias is None else bias()[:C])
         keep_slot = decide(w.detach(), sel, layer).to(idx.device)  # [N, k] bool
         if not bool(keep_slot.any(dim=-1).all()):
             raise MoePruneError(f"layer {layer}: the routing policy kept no expert for some token.")
