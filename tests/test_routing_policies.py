@@ -31,7 +31,8 @@ from moeprune.tiny import save_tiny, tiny_model
 from refusal import assert_refused
 
 K = 4  # experts per token of the tiny models here (E = 8)
-FAMILIES = {"qwen3_moe": dict(num_experts_per_tok=K), "deepseek_v3": dict(num_experts_per_tok=K, topk_group=2),
+FAMILIES = {"qwen3_moe": dict(num_experts_per_tok=K),
+            "deepseek_v3": dict(num_experts_per_tok=K, n_group=4, topk_group=3),  # 4 groups of 2, 3 kept
             "gpt_oss": dict(num_experts_per_tok=K)}
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 
