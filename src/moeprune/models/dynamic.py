@@ -44,6 +44,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,6 +107,7 @@ class Installed:
     handles: list = field(default_factory=list)
     counters: dict[int, LayerCounter] = field(default_factory=dict)
     skips_unrouted: dict[int, bool] = field(default_factory=dict)  # the experts module can skip the sentinel
+    plan: Any = None  # what was installed (`routing.plan.RoutingPlan`), for reports
 
     def remove(self) -> None:
         for h in self.handles:
@@ -113,8 +115,9 @@ class Installed:
         self.handles.clear()
 
 
-def _split_output(out, logits_at: int, k: int | None = None):
-    """(logits [N, C], weights [N, k], indices [N, k]) from a router's output tuple."""
+def _split_output(out, logits_at: int) -> tuple[torch.Tensor, int, int]:
+    """(logits [N, C], position of the gate weights [N, k], position of the expert indices [N, k]) in a router's
+    output tuple."""
     if not isinstance(out, tuple):
         raise MoePruneError("routing policies read the router's (logits, weights, indices) output, but this router "
                             f"returns one {type(out).__name__}: its top-k happens outside the router module.")
@@ -250,6 +253,7 @@ def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, exp
             zero = w2 == 0
             counter.skipped += int(zero.sum())
             idx2 = torch.where(zero, torch.full_like(idx2, E), idx2)
-        return tuple(idx2 if i == idx_at else t for i, t in enumerate(out2))
+        # the logits element stays the first pass's (no -inf of the mask leaks into e.g. an auxiliary loss)
+        return tuple(idx2 if i == idx_at else out[i] if i == logits_at else t for i, t in enumerate(out2))
 
     return hook
