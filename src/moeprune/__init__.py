@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 from moeprune.errors import MoePruneError  # noqa: E402
 
 
-def load_model(path, dtype: str = "auto", device: str = "cpu", steer=None):
+def load_model(path, dtype: str = "auto", device: str = "cpu", routing: bool = True, steer=None):
     """Load any moeprune output (or any local checkpoint): stock `from_pretrained` when the folder is
-    stock-loadable, moeprune's loader for non-uniform expert widths (`io/nonuniform.py`).
+    stock-loadable, moeprune's loader for non-uniform expert widths (`io/nonuniform.py`). A routing policy in the
+    export's config.json (`moeprune_routing`: top_p, naee_skip) is applied unless `routing=False`.
 
     `steer`: a steering plan (`moeprune steer`; a SteerPlan, its JSON file or dict) applied inside the routers for
     the model's lifetime (`moeprune.steer.apply.apply_steering`; the handle is `model.moeprune_steering`, whose
@@ -19,7 +20,7 @@ def load_model(path, dtype: str = "auto", device: str = "cpu", steer=None):
         from moeprune.steer.plan import as_plan
 
         plan = as_plan(steer)  # a bad plan is refused before the model loads
-    model = _load(path, dtype=dtype, device=device)
+    model = _load(path, dtype=dtype, device=device, routing=routing)
     if plan is not None:
         from moeprune.steer.apply import apply_steering
 

@@ -45,11 +45,11 @@ def info(model: str | Path) -> ModelSummary:
     return summarize(str(model))
 
 
-def make_plan(source: str | Path | ExpertStats, method: str, ratio: float, *, calib: CalibrateOptions | None = None,
-              **options: Any):
+def make_plan(source: str | Path | ExpertStats, method: str, ratio: float | None, *,
+              calib: CalibrateOptions | None = None, **options: Any):
     """A plan of `method`'s stage: expert criteria and merges plan from a statistics file (data-free criteria from
     the checkpoint folder); neuron methods calibrate the checkpoint on `calib`. `options` = the stage's options."""
-    spec = parse_recipe([{"method": method, "ratio": ratio, **options}], "")[0]
+    spec = parse_recipe([{"method": method, **({} if ratio is None else {"ratio": ratio}), **options}], "")[0]
     stats = source if isinstance(source, ExpertStats) else None
     path = None if stats is not None else Path(source)
     if path is not None and path.is_file() and path.suffix == ".safetensors":
@@ -120,14 +120,16 @@ def shorthand(method: str | None, ratio: float | None, options: dict, expert_met
     if method is None and options.get("policy") != "reconstruction":
         raise MoePruneError("choose a method with --method (or --policy reconstruction, which needs none), or give "
                             "a --recipe.")
-    if ratio is None:
+    removes = method is None or stage_for_method(method).takes_ratio
+    if ratio is None and removes:
         raise MoePruneError("give --ratio (the fraction to remove), or a --recipe.")
-    stage = {"method": method, "ratio": ratio, **options}
+    stage = {"method": method, **({"ratio": ratio} if ratio is not None or removes else {}), **options}
     if expert_method is None and expert_ratio is None:
         return [stage]
-    if stage_for_method(method).kind != "neurons":
+    if stage_for_method(method).kind not in ("neurons", "routing"):
         raise MoePruneError("--expert-method/--expert-ratio combine expert removal with a neuron method "
-                            "(--method heapr|camera); for other chains write a --recipe.")
+                            "(--method heapr|camera) or a routing policy (topk, top_p, naee_skip); for other "
+                            "chains write a --recipe.")
     if expert_method is None or expert_ratio is None:
         raise MoePruneError("pass --expert-method and --expert-ratio together (experts first, then neurons).")
     return [{"method": expert_method, "ratio": expert_ratio}, stage]

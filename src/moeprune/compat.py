@@ -30,7 +30,12 @@ Used in place, as attributes of transformers objects — `ATTRIBUTES`, checked b
       .tie_weights(missing_keys=, recompute_mapping=)  io/lazy.py
     HfQuantizer.preprocess_model, .postprocess_model  io/lazy.py (quantized checkpoints, dequantize=True)
     PretrainedConfig._experts_implementation          calibration/session.py (eager experts while calibrating);
-                                                      also set by benchmarks/calibration_cost.py
+                                                      also set by benchmarks/calibration_cost.py; read by
+                                                      models/dynamic.py (does this implementation skip index E?)
+
+Read off experts modules at run time, never required (absent: routing policies leave weight-0 slots computed):
+the eager loop's sentinel (its source holds `num_experts + 1` and `== self.num_experts`) and the grouped_mm /
+batched_mm kernels' instance attribute `_is_expert_parallel` (models/dynamic.py: `skips_sentinel`, `sentinel_active`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", help="write {task: {metric: value}} here")
     p.add_argument("--steer", metavar="PLAN.json", help="apply a steering plan from `moeprune steer` inside the "
                                                         "routers (no checkpoint is written)")
+    p.add_argument("--routing", metavar="POLICY",
+                   help="apply a routing policy first: a routing plan JSON or an export folder holding one")
     p.set_defaults(func=run)
 
 
@@ -37,7 +39,8 @@ def run(args) -> int:
         raise MoePruneError(f"--json {out}: folder {out.parent} does not exist; create it first.")
     result = run_lm_eval(args.model, args.tasks, include_path=args.include_path, num_fewshot=args.num_fewshot,
                          limit=args.limit, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                         include_defaults=not args.no_builtin_tasks, steer=args.steer)
+                         include_defaults=not args.no_builtin_tasks, steer=args.steer,
+                         routing=args.routing)
     print(result.format())
     if out is not None:
         write_json_atomic(out, dict(result))

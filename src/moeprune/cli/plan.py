@@ -34,9 +34,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from moeprune import api
     from moeprune.pipeline.verify import as_chain
+    from moeprune.stages import stage_for_method
 
-    if args.method is None or args.ratio is None:
-        raise MoePruneError("plan needs --method and --ratio.")
+    if args.method is None or (args.ratio is None and stage_for_method(args.method).takes_ratio):
+        raise MoePruneError("plan needs --method and --ratio (routing policies: --method and their options).")
     check_new_file(args.out, args.overwrite)
     calib = calib_options(args) if args.calib else None
     plan = api.make_plan(args.model, args.method, args.ratio, calib=calib, **stage_options(args))

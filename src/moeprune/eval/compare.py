@@ -106,9 +106,14 @@ def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: st
     steer_plan(opts.steer, dst)  # a bad plan is refused before either model loads
     if opts.steer is not None:  # the plan steers the second model only: `compare M M --steer plan` shows its effect
         title += f" — steered by {Path(opts.steer).name}"
-    before, after = evaluate(src.path, replace(opts, steer=None)), evaluate(dst.path, opts)
+    # --routing applies to the export side only too: `compare MODEL MODEL --routing P` measures the policy itself
+    before, after = evaluate(src.path, replace(opts, steer=None, routing=None)), evaluate(dst.path, opts)
+    if after.routing:
+        title += f" — routing {after.routing['policy']}"
     result = Comparison(before.scores, after.scores, title, before.generative, after.generative)
     data = {"title": title, "rows": result.rows()}
+    if after.routing:
+        data["routing"] = after.routing
     if result.gen_before:
         data["generative"] = result.generative_rows()
     with atomic_dir(out_path) as tmp:

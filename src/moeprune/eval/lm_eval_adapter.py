@@ -153,7 +153,7 @@ def _check_task_names(task_manager, names: list[str], include_path: Path | None)
 def run_lm_eval(model, tasks: Sequence[str] | str, *, tokenizer=None, include_path: str | Path | None = None,
                 num_fewshot: int | None = None, limit: int | float | None = None, batch_size: int = 8,
                 device: str = "cpu", dtype: str = "float32", include_defaults: bool = True,
-                log_samples: bool = False, steer=None) -> LmEvalResults:
+                log_samples: bool = False, steer=None, routing: str | Path | None = None) -> LmEvalResults:
     """Evaluate `model` on lm-eval `tasks`; returns `{task: {metric: value}}` (see `compact_results`).
 
     model: an in-memory `transformers` model (then `tokenizer`, a tokenizer object or folder, is required; the
@@ -165,10 +165,16 @@ def run_lm_eval(model, tasks: Sequence[str] | str, *, tokenizer=None, include_pa
         or a fraction when < 1; log_samples keeps per-sample records in `.raw["samples"]`).
     steer: a steering plan (SteerPlan, file or dict; `moeprune steer`) applied inside the routers for the run
         (an in-memory model gets its routers back afterwards).
+    routing: a routing policy (plan JSON or an export holding one) installed on the model first (`routing/`).
     Note: `simple_evaluate` reseeds Python's, numpy's and torch's global random generators.
     """
     names = _check_tasks(tasks)
     inc = _check_include_path(include_path)
+    policy = None
+    if routing is not None:
+        from moeprune.routing.apply import read_routing
+
+        policy = read_routing(routing)
     if not include_defaults and inc is None:
         raise MoePruneError("include_defaults=False needs an include_path holding the task YAMLs.")
     if batch_size < 1:
@@ -207,6 +213,10 @@ def run_lm_eval(model, tasks: Sequence[str] | str, *, tokenizer=None, include_pa
         else:
             logger.info("loading %s (%s on %s)", ckpt_path, dtype, device)
             model_obj = load_model(ckpt_path, dtype=dtype, device=device)
+        if policy is not None:
+            from moeprune.routing.apply import apply_routing
+
+            apply_routing(model_obj, policy)
         lm = HFLM(pretrained=model_obj, tokenizer=tok, batch_size=batch_size, device=device)
         logger.info("lm-eval %s: %s", getattr(lm_eval, "__version__", "?"), ", ".join(names))
         try:

@@ -12,6 +12,10 @@ per task, seeded. With no item at all, `--generate` is refused before any work.
 
 `steer` (`--steer PLAN.json`, from `moeprune steer`): the plan runs inside the loaded model's routers for every
 score and sample (`steer.apply`); it is read and checked against the model's config before the model loads.
+`routing` (`--routing POLICY`): a routing policy — a plan JSON (`moeprune.routing/1`) or an export folder holding one —
+is installed on the loaded model (`routing/apply.py`) without writing a checkpoint; an export's own
+`moeprune_routing` block is applied by `load_model` anyway. Either way the result reports the active experts per
+token (average, per layer) and the routed-expert FLOPs on the perplexity windows (the JSON's "routing" entry).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class EvalOptions:
     gen_items: int | None = None  # items per task built from data (None: DEFAULT_ITEMS)
     gen_seed: int = 0
     steer: str | None = None  # steering plan (JSON) applied inside the routers (`moeprune steer`; no checkpoint)
+    routing: str | None = None  # a routing policy (plan JSON or an export holding one) applied after loading
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -142,6 +147,7 @@ class EvalResult:
     scores: dict[str, DomainScore]
     samples: dict[str, str] = field(default_factory=dict)
     generative: dict[str, GenScore] = field(default_factory=dict)
+    routing: dict | None = None  # what a routing policy saved (`routing.apply.routing_report`), when one ran
 
     def to_dict(self) -> dict:
         """{domain: {perplexity, accuracy, tokens[, generate: {primary, items, metric: score}]}}; a task whose
@@ -159,6 +165,12 @@ class EvalResult:
             ppl = f"{s.perplexity:11.3f} {s.accuracy:9.3f} {s.tokens:9d}" if s else f"{'':11} {'':9} {'':9}"
             rows.append(f"{n:<16} {ppl}" + (f"  {g.short()} ({g.items})" if g else "  —" if gen else ""))
         rows += [f"\n> {p!r}\n  {c!r}" for p, c in self.samples.items()]
+        if self.routing:
+            r = self.routing
+            rows.append(f"\nrouting {r['policy']}: {r['active_per_token']:.3f} of {r['selected_per_token']:.3g} "
+                        f"experts per token active ({r['computed_per_token']:.3f} computed), routed-expert FLOPs "
+                        f"x{r['flops_ratio']:.3f}; per layer: "
+                        + ", ".join(f"{k}: {v['active']:.2f}" for k, v in r["layers"].items()))
         return "\n".join(rows)
 
 
@@ -171,17 +183,32 @@ def evaluate(model: str | Path, opts: EvalOptions, json_out: str | Path | None =
     cfg = opts.data_config()
     tokenizer = load_tokenizer(ckpt.path, opts.tokenizer)
     items = opts.gen_items_list()
+    policy = None
+    if opts.routing is not None:
+        from moeprune.routing.apply import read_routing
+
+        policy = read_routing(opts.routing)  # read and checked before the model loads
     sets = build_sets(cfg, tokenizer)
     plan = steer_plan(opts.steer, ckpt)
     model_obj = load_model(ckpt.path, dtype=opts.dtype, device=opts.device)
+    from moeprune.routing.apply import apply_routing, installed, reset_counters, routing_report
+
+    if policy is not None:
+        if installed(model_obj) is not None:
+            logger.warning("--routing %s replaces the routing policy %s holds in its config.json", opts.routing,
+                           ckpt.path)
+        apply_routing(model_obj, policy)
+    reset_counters(model_obj)
     if plan is not None:
         apply_steering(model_obj, plan)  # for the model's lifetime (it is dropped after this call)
     result = EvalResult(evaluate_sets(model_obj, sets, opts.batch_size))
+    if installed(model_obj) is not None:  # counted on the perplexity windows only
+        result.routing = routing_report(model_obj)
     if items:
         result.generative = evaluate_generative(model_obj, tokenizer, items, opts.batch_size)
     if opts.prompts:
         result.samples = greedy_samples(model_obj, tokenizer, list(opts.prompts), opts.max_new_tokens)
     if out is not None:
-        write_json_atomic(out, result.to_dict())
+        write_json_atomic(out, result.to_dict() | ({"routing": result.routing} if result.routing else {}))
         logger.info("evaluation written to %s", out)
     return result

@@ -33,13 +33,25 @@ def match_disk_dtypes(model, disk_dtypes: dict[str, torch.dtype]) -> list[str]:
     return changed
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu"):
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", routing: bool = True):
     """`Auto*.from_pretrained(path)` (the stock class for this config) from local files only, in eval mode.
 
     Loads any moeprune output: non-uniform expert widths (which stock `from_pretrained` refuses by design) go
     through `io.nonuniform.load_nonuniform`. Quantized checkpoints (FP8, MXFP4: `io.quant`) are dequantized;
     compressed-tensors ones are decompressed by transformers, or, when their routed experts use several widths
-    (which transformers 5.24 decodes with one), module by module by compressed-tensors (`quant/load.py`)."""
+    (which transformers 5.24 decodes with one), module by module by compressed-tensors (`quant/load.py`).
+
+    An export of a dynamic routing policy (top_p, naee_skip) holds it in config.json under `moeprune_routing`;
+    it is applied here (`routing/apply.py`) unless `routing=False` (the model's own routing)."""
+    model = _load_model(path, dtype, device)
+    if routing:
+        from moeprune.routing.apply import apply_config_routing
+
+        apply_config_routing(model)
+    return model
+
+
+def _load_model(path: str | Path, dtype: str, device: str):
     from transformers import AutoConfig
 
     cfg_file = Path(path) / "config.json"

@@ -47,6 +47,9 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
     orig = load_lazy(original, dtype, head=True)
     exp = load_lazy_any(export, dtype)
     exp_adapter = get_adapter(exp.model.config, model=exp.model)
+    from moeprune.routing.apply import apply_config_routing
+
+    apply_config_routing(exp.model)  # a dynamic routing policy in its config.json, as `load_model` applies it
     L = len(orig.layers)
     if len(exp.layers) != L:
         raise MoePruneError(f"{export} has {len(exp.layers)} decoder layers but {original} has {L}: it is not an "

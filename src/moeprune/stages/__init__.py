@@ -6,10 +6,19 @@
     repair    closed-form repair of the stage before: obs, compensate, router (`repair.py`; new values, `weights.py`)
     distill   distillation from the original model: routers, experts or LoRA (`distill.py`; new values, `weights.py`)
     quantize  weight-only integer quantization (RTN, GPTQ), compressed-tensors export; always last (`quantize.py`)
+    routing   inference-time routing policies: topk, top_p, naee_skip; always last (`routing.py`)
 `reference.py` builds the chained verification reference on the original model.
 """
 
-from moeprune.stages import distill, experts, merge, neurons, quantize, repair  # noqa: F401  (register the stages)
+from moeprune.stages import (  # noqa: F401  (register the stages)
+    distill,
+    experts,
+    merge,
+    neurons,
+    quantize,
+    repair,
+    routing,
+)
 from moeprune.stages.base import STAGES, Need, Stage, StageOptions, stage_for_format, stage_for_method
 
 __all__ = ["STAGES", "Need", "Stage", "StageOptions", "stage_for_format", "stage_for_method"]
