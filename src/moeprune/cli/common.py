@@ -77,11 +77,8 @@ def add_lazy_flag(p) -> None:
                         "whole; default: layer by layer only when the model does not fit in available memory")
 
 
-def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib", action="append", default=[], metavar="NAME=PATH",
-                   help="calibration text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl"
-                   + ("" if required else "; needed by calibrated methods"))
+def add_calib_run_flags(g) -> None:
+    """How calibration text becomes sequences and runs (shared by every verb that calibrates)."""
     g.add_argument("--samples", type=int, default=128, help="sequences per calibration set")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     g.add_argument("--calib-seed", type=int, default=0, help="seed of the sequence sampling")
@@ -91,6 +88,14 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     g.add_argument("--device", default="cpu", help="where each decoder layer runs (cpu, cuda, cuda:1)")
     g.add_argument("--dtype", default="auto", help="calibration dtype (auto = the checkpoint's)")
+
+
+def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib", action="append", default=[], metavar="NAME=PATH",
+                   help="calibration text, repeatable (one per domain): .txt, a folder of .txt, or .jsonl"
+                   + ("" if required else "; needed by calibrated methods"))
+    add_calib_run_flags(g)
     add_lazy_flag(g)
     g.add_argument("--probe-stride", type=int, default=None, metavar="N",
                    help="record every expert's output on 1 real token in N, for merge grouping "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moeprune.cli.common import add_verb
+from moeprune.cli.common import add_calib_run_flags, add_verb
 
 
 def add_parser(sub) -> None:
@@ -28,15 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-effect", action="store_true",
                    help="skip measuring the plan's perplexity effect on the held-apart calibration windows")
     g = p.add_argument_group("calibration (applies to every --with / --without set)")
-    g.add_argument("--samples", type=int, default=128, help="sequences per set")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
-    g.add_argument("--calib-seed", type=int, default=0, help="seed of the sequence sampling")
-    g.add_argument("--text-field", default="text", help="field of .jsonl records that holds the text")
-    g.add_argument("--chat-template", action="store_true", help="render .jsonl 'messages' with the chat template")
-    g.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    g.add_argument("--device", default="cpu", help="where each decoder layer runs (cpu, cuda, cuda:1)")
-    g.add_argument("--dtype", default="auto", help="calibration dtype (auto = the checkpoint's)")
+    add_calib_run_flags(g)
     g.add_argument("--held-out", type=int, default=8, metavar="N",
                    help="windows per set kept apart from the contrast; the plan's effect is measured on them")
     p.set_defaults(func=run)
