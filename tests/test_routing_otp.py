@@ -109,7 +109,7 @@ def test_trained_selectors_meet_the_target_on_calibration_text(root):
         for s in sets:
             model(input_ids=s.input_ids, attention_mask=s.attention_mask)
     measured = routing_report(model)["active_per_token"]
-    assert measured == pytest.approx(2.5, abs=0.35)  # later layers see the policy's outputs (shift fitted without)
+    assert measured == pytest.approx(2.5, abs=0.1)  # the shift is re-fitted with the policy routing earlier layers
 
 
 def test_export_loaded_by_load_model_equals_the_policy_in_memory(root, tmp_path):

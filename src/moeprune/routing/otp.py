@@ -269,9 +269,10 @@ def train_otp(model: nn.Module, adapter: MoEAdapter, sets, cfg: OTPConfig, devic
 
 
 @torch.no_grad()
-def capture_inputs(model, adapter, sets, batch_size: int, max_tokens: int, device: str = "cpu"
-                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (x [N, H], w [N, k])} on real calibration tokens, with the model's own routing."""
+def capture_inputs(model, adapter, sets, batch_size: int, max_tokens: int, device: str = "cpu",
+                   selectors: Selectors | None = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (x [N, H], w [N, k])} on real calibration tokens (up to max_tokens / len(sets) of every set), with
+    the model's own routing, or with the OTP policy of `selectors` routing the earlier layers."""
     from moeprune.models.dynamic import install_policy
 
     kept: dict[int, list] = {layer: [] for layer in adapter.moe_layers()}
@@ -280,22 +281,25 @@ def capture_inputs(model, adapter, sets, batch_size: int, max_tokens: int, devic
     def record(w, sel, layer, x):
         rows = valid[0] if valid and valid[0].numel() == w.shape[0] else slice(None)
         kept[layer].append((x[rows].float().cpu(), w[rows].float().cpu()))
-        return torch.ones_like(w, dtype=torch.bool)
+        if selectors is None:
+            return torch.ones_like(w, dtype=torch.bool)
+        return keep_otp(x.float(), w.float(), *selectors[layer])
 
     record.takes_input = True
     inst = install_policy(model, adapter, record, check=False)
+    per_set = max(1, max_tokens // max(1, len(sets)))
     try:
-        seen = 0
-        for ids, mask in _batches(sets, batch_size):
-            valid[:] = [mask.reshape(-1).bool().to(device)]
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            seen += int(mask.sum())
-            if seen >= max_tokens:
-                break
+        for s in sets:
+            seen = 0
+            for ids, mask in _batches([s], batch_size):
+                valid[:] = [mask.reshape(-1).bool().to(device)]
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+                seen += int(mask.sum())
+                if seen >= per_set:
+                    break
     finally:
         inst.remove()
-    return {layer: (torch.cat([a for a, _ in v])[:max_tokens], torch.cat([b for _, b in v])[:max_tokens])
-            for layer, v in kept.items() if v}
+    return {layer: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for layer, v in kept.items() if v}
 
 
 def active_counts(captured, selectors: Selectors, shift: float = 0.0) -> dict[int, float]:
@@ -307,16 +311,22 @@ def active_counts(captured, selectors: Selectors, shift: float = 0.0) -> dict[in
 
 
 def calibrate(model, adapter, selectors: Selectors, sets, target: float, batch_size: int, max_tokens: int,
-              device: str = "cpu") -> tuple[float, dict[int, float]]:
+              device: str = "cpu", rounds: int = 3) -> tuple[float, dict[int, float]]:
     """Fold one shift δ into every selector's bias (in place) so the mean active over layers is `target` on
-    captured calibration tokens; returns (δ, active per layer after)."""
+    captured calibration tokens; returns (δ, active per layer on the last capture).
+
+    Round 1 captures the router inputs with the model's own routing; rounds 2.. with the shifted policy routing
+    the earlier layers (the inputs the policy really sees), and re-fit δ on them."""
     from moeprune.routing.fit import _bisect
 
-    captured = capture_inputs(model, adapter, sets, batch_size, max_tokens, device)
-    mean = lambda d: sum(active_counts(captured, selectors, d).values()) / len(captured)  # noqa: E731
-    span = 1.0 + max(float(z.abs().max()) for layer, (x, w) in captured.items()
-                     for z in [selector_logits(x, w, *selectors[layer])])
-    shift = _bisect(mean, -span, span, target, increasing=False)
-    for layer, (W, b) in selectors.items():
-        selectors[layer] = (W, b - shift)
-    return shift, active_counts(captured, selectors)
+    total, policy = 0.0, None
+    for _ in range(rounds):
+        captured = capture_inputs(model, adapter, sets, batch_size, max_tokens, device, policy)
+        base = {layer: (W, b - total) for layer, (W, b) in selectors.items()}
+        mean = lambda d, c=captured, base=base: sum(active_counts(c, base, d).values()) / len(c)  # noqa: E731
+        span = 1.0 + max(float(selector_logits(x, w, *base[layer]).abs().max()) for layer, (x, w) in captured.items())
+        total += _bisect(mean, -span, span, target, increasing=False)
+        policy = {layer: (W, b - total) for layer, (W, b) in selectors.items()}
+    captured = capture_inputs(model, adapter, sets, batch_size, max_tokens, device, policy)
+    selectors.update(policy)
+    return total, active_counts(captured, selectors)
