@@ -135,6 +135,9 @@ def test_export_loaded_by_load_model_equals_the_policy_in_memory(root, tmp_path)
     assert torch.equal(got, want) and torch.equal(again, want)
     assert not torch.equal(want, plain)
     assert torch.equal(stock, plain)  # stock from_pretrained: the model's own routing
+    from moeprune.pipeline.verify import verify
+
+    assert verify(root / "src", tmp_path / "otp", lazy=True).passed  # layer by layer: the side file applied too
 
 
 @pytest.mark.parametrize("stage,match", [
