@@ -176,3 +176,22 @@ def test_a_missing_or_changed_selector_file_is_refused(root, tmp_path):
     side.unlink()
     with pytest.raises(MoePruneError, match="selector file .* is missing"):
         read_routing(tmp_path / "p.json")
+
+
+def test_cli_prune_then_apply_its_plan_json_verify_and_eval(root, tmp_path, capsys):
+    """`moeprune plan` takes no --calib for routing stages (it plans from statistics), so the CLI path is prune;
+    the export's plan JSON (moeprune_plans/1-routing.json + its .otp.safetensors) applies on its own."""
+    from moeprune.cli import main
+
+    src, web = str(root / "src"), f"web={root / 'web.txt'}"
+    assert main(["prune", src, "--method", "otp", "--target-active", "2.5", "--calib", web, "--samples", "6",
+                 "--seq-len", "48", "--out", str(tmp_path / "dyn")]) == 0
+    plan = tmp_path / "dyn" / "moeprune_plans" / "1-routing.json"
+    assert plan.with_name("1-routing.otp.safetensors").is_file()
+    assert main(["apply", src, "--plan", str(plan), "--out", str(tmp_path / "again")]) == 0
+    assert main(["verify", src, str(tmp_path / "again")]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert (tmp_path / "dyn" / SELECTOR_FILE).read_bytes() == (tmp_path / "again" / SELECTOR_FILE).read_bytes()
+    assert main(["eval", src, "--data", web, "--seq-len", "32", "--max-sequences", "2", "--routing",
+                 str(tmp_path / "dyn"), "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["routing"]["method"] == "otp"

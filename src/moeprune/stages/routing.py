@@ -218,7 +218,12 @@ class RoutingStage(Stage):
         from pathlib import Path
 
         plan = RoutingPlan.from_dict(raw, source)
-        return plan.attach_selectors(Path(source).parent) if plan.method == "otp" else plan
+        if plan.method == "otp":  # selectors read; an export of this plan names its own side file
+            from moeprune.routing.otp import SELECTOR_FILE
+
+            plan.attach_selectors(Path(source).parent)
+            plan.otp = {**plan.otp, "selector_file": SELECTOR_FILE}
+        return plan
 
     def finish_export(self, folder, model_type: str, plan: RoutingPlan) -> None:
         if plan.method == "otp":  # the selectors the config block names
