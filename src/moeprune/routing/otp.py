@@ -4,13 +4,19 @@ Per MoE layer ℓ a linear selector reads the router's input hidden state x_t [H
 sorted by weight, w_(1) ≥ … ≥ w_(k), and outputs one keep/drop logit per rank:
 
     z_t = W_ℓ · [x_t ; w_(1..k)] + b_ℓ          W_ℓ [k, H + k], b_ℓ [k]
-    keep rank r  ⇔  r = 1 (the top-weight expert, always)  or  z_t,r > 0
+    keep rank r  ⇔  z_t,j > 0 for every 2 ≤ j ≤ r      (rank 1, the top-weight expert, always kept)
+
+i.e. the kept experts are a prefix of the top-k by weight, of any length 1..k ("top-any"): a rank is kept when its
+logit and those of every heavier rank are positive. The prefix form is the one every routing kind's masked second
+pass reproduces (`models/dynamic.py`; on DeepSeek-V3's group-limited sigmoid router a kept set with a gap — ranks
+1 and 3 without 2 — was measured to be mis-routed for about 1 token in 256) and the one top_p / naee_skip keep too.
 
 The kept experts are routed through the family's own router (`models/dynamic.py`, like top_p / naee_skip).
 
 Training (`train_otp`): the model's weights are frozen; only the selectors train (torch.optim.AdamW) on calibration
 windows. In the forward each router's output weights are gated by a straight-through Gumbel (binary concrete)
-sample, g_r = hard(σ((z_r + log u − log(1−u)) / τ)) with the soft value's gradient, g_1 = 1, and renormalised as
+sample, h_r = hard(σ((z_r + log u − log(1−u)) / τ)) with the soft value's gradient, h_1 = 1, g_r = Π_{j≤r} h_j
+(the prefix), and renormalised as
 the family renormalises its top-k (w' = w·g · Σw / Σ(w·g) when it does) — the forward is then the one the hard
 policy routes. Loss per step:
 
@@ -67,10 +73,12 @@ def selector_logits(x: torch.Tensor, w: torch.Tensor, W: torch.Tensor, b: torch.
 
 
 def keep_otp(x: torch.Tensor, w: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """keep [N, k] (slot order): the top-weight slot, and every slot whose rank's logit is > 0."""
+    """keep [N, k] (slot order): the top-weight slot, and every slot whose rank's logit and those of all heavier
+    ranks are > 0."""
     order = rank_order(w)
     keep_rank = selector_logits(x, w, W, b, order) > 0  # [N, k]
     keep_rank[:, 0] = True
+    keep_rank = torch.cummin(keep_rank.int(), dim=-1)[0].bool()  # a prefix: stop at the first drop
     return torch.zeros_like(keep_rank).scatter_(1, order, keep_rank)
 
 
@@ -183,12 +191,14 @@ class _Gates:
             soft = torch.sigmoid((z + u.log() - (-u).log1p()) / self.tau)  # [N, k]
             gate = (soft > 0.5).float() + soft - soft.detach()  # straight-through
             gate = torch.cat([torch.ones_like(gate[:, :1]), gate[:, 1:]], dim=1)  # rank 0 always kept
+            gate = torch.cumprod(gate, dim=1)  # [N, k] a prefix of the ranks (see `keep_otp`)
             g = torch.zeros_like(gate).scatter(1, order, gate)  # [N, k] slot order
             w2 = w.float() * g
             if self.renorm:
                 w2 = w2 * (w.float().sum(-1, keepdim=True) / w2.sum(-1, keepdim=True).clamp_min(1e-12))
             rows = self.valid if self.valid is not None and self.valid.numel() == N else slice(None)
-            self.expected.append(1 + torch.sigmoid(z[:, 1:])[rows].sum(-1).mean())
+            keep_p = torch.cumprod(torch.sigmoid(z[:, 1:]), dim=1)  # [N, k-1] P(rank kept) as a prefix
+            self.expected.append(1 + keep_p[rows].sum(-1).mean())
             self.hard.append(float(gate.detach()[rows].sum(-1).mean()))
             return tuple(w2.to(w.dtype) if i == w_at else t for i, t in enumerate(out))
 
