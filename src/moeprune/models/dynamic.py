@@ -67,6 +67,8 @@ _NAMES = {**_OPS, "masked_fill": {"masked_fill"}}
 LOGIT_OPS = (("linear", "neg_inf"),)
 
 # (w [N, k] router weights, sel [N, k] selection scores, layer) -> keep [N, k] bool (at least one per row)
+# A decide with `takes_input = True` is called (w, sel, layer, x [N, H]) with the router's input hidden states
+# (a learned selector such as OTP's, `routing/otp.py`).
 Decide = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -217,7 +219,11 @@ def _make_hook(layer, kind, ops, logits_at, bias, decide, counter, sentinel, exp
         N, k = idx.shape
         C = logits.shape[-1]
         sel = selection_scores(kind, logits, idx, None if bias is None else bias()[:C])
-        keep_slot = decide(w.detach(), sel, layer).to(idx.device)  # [N, k] bool
+        if getattr(decide, "takes_input", False):
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            keep_slot = decide(w.detach(), sel, layer, x.reshape(N, -1)).to(idx.device)  # [N, k] bool
+        else:
+            keep_slot = decide(w.detach(), sel, layer).to(idx.device)  # [N, k] bool
         if not bool(keep_slot.any(dim=-1).all()):
             raise MoePruneError(f"layer {layer}: the routing policy kept no expert for some token.")
         n_keep = int(keep_slot.sum())

@@ -68,6 +68,8 @@ def apply_config_routing(model: nn.Module) -> Installed | None:
     if block is None:
         return None
     plan = RoutingPlan.from_dict(block, f"config.json {BLOCK_KEY}")
+    if plan.method == "otp":  # its selectors: a side file in the folder the model was loaded from
+        plan.attach_selectors(getattr(model, "name_or_path", "") or model.config._name_or_path)
     logger.info("applying the routing policy of config.json %s: %s", BLOCK_KEY, plan.describe())
     return apply_routing(model, plan)
 
@@ -80,7 +82,7 @@ def read_routing(source: str | Path) -> RoutingPlan:
         if (path / "config.json").is_file():
             block = json.loads((path / "config.json").read_text()).get(BLOCK_KEY)
             if block:
-                return RoutingPlan.from_dict(block, f"{path / 'config.json'} {BLOCK_KEY}")
+                return RoutingPlan.from_dict(block, f"{path / 'config.json'} {BLOCK_KEY}").attach_selectors(path)
         if plans:
             return read_routing(plans[-1])
         raise MoePruneError(f"--routing {source}: the folder holds no routing policy (no {BLOCK_KEY} block in its "
@@ -93,7 +95,7 @@ def read_routing(source: str | Path) -> RoutingPlan:
         raise MoePruneError(f"--routing {source} is not valid JSON ({e}).") from None
     if isinstance(raw, dict) and raw.get("format") != ROUTING_FORMAT and isinstance(raw.get(BLOCK_KEY), dict):
         raw = raw[BLOCK_KEY]  # a config.json
-    return RoutingPlan.from_dict(raw, f"--routing {source}")
+    return RoutingPlan.from_dict(raw, f"--routing {source}").attach_selectors(path.parent)
 
 
 def routing_report(model: nn.Module, adapter=None) -> dict:

@@ -22,7 +22,7 @@ from moeprune.routing import rules
 
 ROUTING_FORMAT = "moeprune.routing/1"
 BLOCK_KEY = "moeprune_routing"
-METHODS = ("topk", "top_p", "naee_skip")
+METHODS = ("topk", "top_p", "naee_skip", "otp")
 SCOPES = ("global", "per_layer")
 
 
@@ -42,6 +42,9 @@ class RoutingPlan:
     calibrated_active: dict[int, float] = field(default_factory=dict)  # on calibration text, original routing
     model_type: str = ""
     ratio: float = 0.0  # stages' common field: routing removes no weight
+    # otp: {"selector_file", "selector_sha256", "shift", "cost"}; the selector tensors are `self.selectors`
+    # (not JSON: `routing/otp.py` reads them from the side file, `attach_selectors`)
+    otp: dict = field(default_factory=dict)
 
     @property
     def dynamic(self) -> bool:
@@ -53,6 +56,13 @@ class RoutingPlan:
             return lambda w, sel, layer: rules.keep_topk(sel, self.k)
         if self.method == "top_p":
             return lambda w, sel, layer: rules.keep_top_p(w, self.thresholds[layer], self.k_min, self.k_max)
+        if self.method == "otp":
+            from moeprune.routing.otp import OTPDecide
+
+            if getattr(self, "selectors", None) is None:
+                raise MoePruneError("routing plan otp: its selector weights are not loaded (read the plan with "
+                                    "routing.apply.read_routing or from an export with moeprune.load_model).")
+            return OTPDecide(self.selectors)
         return lambda w, sel, layer: rules.keep_naee(w, self.thresholds[layer])
 
     def validate(self, adapter) -> None:
@@ -94,7 +104,27 @@ class RoutingPlan:
     def save(self, path: str | Path) -> None:
         from moeprune.io.report import write_json_atomic
 
-        write_json_atomic(Path(path), self.to_dict())
+        d = self.to_dict()
+        if self.method == "otp":  # the selectors next to the JSON: NAME.otp.safetensors
+            from moeprune.routing.otp import save_selectors
+
+            side = Path(path).with_name(Path(path).name.removesuffix(".json") + ".otp.safetensors")
+            save_selectors(self.selectors, side)
+            d["otp"] = {**d["otp"], "selector_file": side.name}
+        write_json_atomic(Path(path), d)
+
+    def attach_selectors(self, folder: str | Path) -> RoutingPlan:
+        """otp: read the selector tensors from the side file `otp.selector_file` in `folder` (checked against the
+        recorded sha256); other methods: nothing."""
+        if self.method == "otp":
+            from moeprune.routing.otp import load_selectors
+
+            name = self.otp.get("selector_file")
+            if not isinstance(name, str):
+                raise MoePruneError("routing plan otp: it names no selector file (otp.selector_file).")
+            self.selectors = load_selectors(Path(folder) / name, self.layers, self.top_k,
+                                            self.otp.get("selector_sha256"))
+        return self
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -102,6 +132,9 @@ class RoutingPlan:
     def describe(self) -> str:
         if self.method == "topk":
             return f"topk: {self.top_k} -> {self.k} experts per token"
+        if self.method == "otp":
+            target = f", target {self.target_active:g} active" if self.target_active is not None else ""
+            return f"otp: learned selector per layer{target}"
         what = "p" if self.method == "top_p" else "β"
         vals = list(self.thresholds.values())
         rng = f"{min(vals):.3g}..{max(vals):.3g}" if vals else "-"
@@ -114,5 +147,7 @@ def mean_active(plan: RoutingPlan, weights: dict[int, torch.Tensor]) -> dict[int
     sel = {layer: w for layer, w in weights.items()}  # topk ranks by σ; on captured w the count is k either way
     if plan.method == "topk":
         return {layer: float(min(plan.k, w.shape[-1])) for layer, w in sel.items()}
+    if plan.method == "otp":
+        raise MoePruneError("mean_active: otp decides from the hidden states too (routing/otp.active_counts).")
     keep = plan.decide()
     return {layer: float(keep(w, w, layer).sum(dim=-1).double().mean()) for layer, w in weights.items()}

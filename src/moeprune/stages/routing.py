@@ -1,12 +1,14 @@
 """Routing policies as a stage: `{method: topk, k: 3}`, `{method: top_p, p: 0.7}` or `{method: top_p,
 target_active: 3.0, k_min: 1, k_max: 8}`, `{method: naee_skip}` (β per layer from calibration) or
-`{method: naee_skip, target_active: 3.0, scope: global}` (default scope: per_layer).
+`{method: naee_skip, target_active: 3.0, scope: global}` (default scope: per_layer), `{method: otp, target_active:
+1.5, steps: 200}` (MC# OTP: a learned selector per layer, `routing/otp.py`).
 
 Nothing is removed: the stage changes how the model routes at run time (`routing/`, `models/dynamic.py`).
 - `topk` is a stock config change (the family's top-k key, and the modules' `top_k` attributes in memory):
   its export loads in stock transformers (and vLLM / SGLang) and routes top-k'.
-- `top_p` and `naee_skip` are per-token: the export's config.json holds the plan under `moeprune_routing`;
-  `moeprune.load_model` applies it. A plain `from_pretrained` keeps the block as a config attribute and routes
+- `top_p`, `naee_skip` and `otp` are per-token: the export's config.json holds the plan under `moeprune_routing`
+  (otp's selector weights in the side file it names, `moeprune_otp.safetensors`); `moeprune.load_model` applies it.
+  A plain `from_pretrained` keeps the block as a config attribute and routes
   with the model's own top-k (docs/routing.md).
 The verification reference is the policy installed on the original (`reference`): for `topk` that proves the
 stock top-k' export equals the policy applied in memory. A routing stage is always the last of a recipe.
@@ -34,6 +36,8 @@ class RoutingOptions(StageOptions):
     k_max: int | None = None  # top_p (default: the model's k)
     scope: str | None = None  # with target_active: per_layer (default) or global
     max_tokens: int | None = None  # calibration tokens captured per layer (default fit.DEFAULT_MAX_TOKENS)
+    steps: int | None = None  # otp: optimiser steps (default otp.OTPConfig.steps)
+    lr: float | None = None  # otp: AdamW learning rate of the selectors (default otp.OTPConfig.lr)
 
     def given(self) -> dict[str, Any]:
         out = super().given()
@@ -65,8 +69,9 @@ class RoutingStage(Stage):
 
     def validate_options(self, o: RoutingOptions) -> None:
         allowed = {"topk": {"k"}, "top_p": {"p", "target_active", "k_min", "k_max", "scope", "max_tokens"},
-                   "naee_skip": {"target_active", "scope", "max_tokens"}}[o.method]
-        given = [f for f in ("k", "p", "target_active", "k_min", "k_max", "scope", "max_tokens")
+                   "naee_skip": {"target_active", "scope", "max_tokens"},
+                   "otp": {"target_active", "steps", "lr", "max_tokens"}}[o.method]
+        given = [f for f in ("k", "p", "target_active", "k_min", "k_max", "scope", "max_tokens", "steps", "lr")
                  if getattr(o, f) is not None]
         wrong = [f for f in given if f not in allowed]
         if wrong:
@@ -87,6 +92,15 @@ class RoutingStage(Stage):
                     raise MoePruneError(f"{name} must be an integer >= 1, got {v!r}.")
             if o.k_min is not None and o.k_max is not None and o.k_min > o.k_max:
                 raise MoePruneError(f"k_min {o.k_min} is larger than k_max {o.k_max}.")
+        if o.method == "otp":
+            if o.target_active is None:
+                raise MoePruneError("otp needs target_active, the average experts per token its selectors are "
+                                    "trained to keep (e.g. 1.5 of a top-2 model).")
+            if o.steps is not None and not (_int(o.steps) and o.steps >= 1):
+                raise MoePruneError(f"steps must be an integer >= 1 (optimiser steps of the selectors), got "
+                                    f"{o.steps!r}.")
+            if o.lr is not None and (isinstance(o.lr, bool) or not isinstance(o.lr, (int, float)) or not o.lr > 0):
+                raise MoePruneError(f"lr must be a number > 0, got {o.lr!r}.")
         if o.target_active is not None and (isinstance(o.target_active, bool)
                                             or not isinstance(o.target_active, (int, float)) or o.target_active < 1):
             raise MoePruneError(f"target_active is an average number of experts per token (>= 1), got "
@@ -98,7 +112,7 @@ class RoutingStage(Stage):
             raise MoePruneError(f"max_tokens must be an integer >= 1, got {o.max_tokens!r}.")
 
     def needs(self, o: RoutingOptions) -> set[Need]:
-        if o.method == "naee_skip" or o.target_active is not None:
+        if o.method in ("naee_skip", "otp") or o.target_active is not None:
             return {Need.ROUTED}
         return {Need.WEIGHTS}  # nothing to observe: k or p is given
 
@@ -149,6 +163,8 @@ class RoutingStage(Stage):
         if o.method == "top_p" and o.p is not None:
             return RoutingPlan("top_p", thresholds=dict.fromkeys(layers, float(o.p)), k_min=k_min, k_max=k_max,
                                **base)
+        if o.method == "otp":
+            return self._plan_otp(o, ctx, base)
         weights = self._capture(o, ctx)
         from moeprune.routing.fit import fit_naee, fit_top_p
         from moeprune.routing.plan import mean_active
@@ -165,6 +181,26 @@ class RoutingStage(Stage):
         plan.calibrated_active = mean_active(plan, weights)
         return plan
 
+    def _plan_otp(self, o: RoutingOptions, ctx, base: dict) -> RoutingPlan:
+        from moeprune.models import get_adapter
+        from moeprune.routing.otp import SELECTOR_FILE, OTPConfig, selectors_sha256, train_otp
+
+        if ctx.ckpt is None or ctx.calib is None or ctx.sets is None:
+            raise MoePruneError("otp trains its selectors on calibration text: use `moeprune prune MODEL --calib "
+                                "NAME=PATH` with the recipe.")
+        model = ctx.model(dtype=ctx.calib.dtype)
+        adapter = get_adapter(model.config, model=model)
+        cfg = OTPConfig(float(o.target_active), **{k: v for k, v in (("steps", o.steps), ("lr", o.lr),
+                                                                      ("calib_tokens", o.max_tokens)) if v is not None},
+                        batch_size=ctx.calib.batch_size)
+        result = train_otp(model, adapter, ctx.sets, cfg, ctx.calib.device)
+        plan = RoutingPlan("otp", thresholds=dict.fromkeys(base["layers"], 0.0), target_active=o.target_active,
+                           otp={"selector_file": SELECTOR_FILE, "selector_sha256": selectors_sha256(result.selectors),
+                                "shift": result.shift, "cost": result.cost}, **base)
+        plan.selectors = result.selectors
+        plan.calibrated_active = result.calibrated_active
+        return plan
+
     def _capture(self, o: RoutingOptions, ctx):
         from moeprune.models import get_adapter
         from moeprune.routing.fit import DEFAULT_MAX_TOKENS, capture_weights
@@ -179,7 +215,21 @@ class RoutingStage(Stage):
                                ctx.calib.device)
 
     def load_plan(self, raw: dict, source: str) -> RoutingPlan:
-        return RoutingPlan.from_dict(raw, source)
+        from pathlib import Path
+
+        plan = RoutingPlan.from_dict(raw, source)
+        if plan.method == "otp":  # selectors read; an export of this plan names its own side file
+            from moeprune.routing.otp import SELECTOR_FILE
+
+            plan.attach_selectors(Path(source).parent)
+            plan.otp = {**plan.otp, "selector_file": SELECTOR_FILE}
+        return plan
+
+    def finish_export(self, folder, model_type: str, plan: RoutingPlan) -> None:
+        if plan.method == "otp":  # the selectors the config block names
+            from moeprune.routing.otp import save_selectors
+
+            save_selectors(plan.selectors, folder / plan.otp["selector_file"])
 
     def next_config(self, plan: RoutingPlan, adapter: MoEAdapter) -> Any:
         return self._next(adapter, plan.k if plan.method == "topk" else None, plan)
