@@ -38,9 +38,9 @@ from moeprune.stages.experts import EXPERTS
 from moeprune.stages.merge import MERGE
 from moeprune.stages.neurons import NEURONS
 from moeprune.tiny import FAMILY_CONFIGS, save_tiny
+from textgen import write_words
 
 FAMILIES = list(FAMILY_CONFIGS)
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 SINGLE = ("reap", "msmoe", "hcsmoe_weighted", "submoe", "dern", "heapr", "camera_layer")
 RECIPES = {
     "naee-dern": [{"method": "naee", "ratio": 0.25}, {"method": "dern", "ratio": 0.34}],
@@ -48,11 +48,11 @@ RECIPES = {
 }
 
 
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("layered")
-    g = torch.Generator().manual_seed(0)
-    (root / "web.txt").write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 10, (1500,), generator=g)))
+    write_words(root / "web.txt", n=1500)
     return root
 
 

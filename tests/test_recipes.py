@@ -28,6 +28,7 @@ from moeprune.surgery.merge import apply_merge_plan
 from moeprune.surgery.neurons import mask_neurons
 from moeprune.tiny import save_tiny
 from refusal import assert_refused
+from textgen import write_words
 
 FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 RECIPES = {
@@ -35,14 +36,12 @@ RECIPES = {
     "merge-neurons": [{"method": "msmoe", "ratio": 0.25}, {"method": "heapr", "ratio": 0.5}],
     "experts-experts": [{"method": "reap", "ratio": 0.25}, {"method": "frequency", "ratio": 0.34}],
 }
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
-    g = torch.Generator().manual_seed(0)
-    (root / "web.txt").write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 10, (2500,), generator=g)))
+    write_words(root / "web.txt")
     for family in FAMILIES:
         save_tiny(family, root / family, seed=3, with_tokenizer=True)
     return root

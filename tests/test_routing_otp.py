@@ -21,16 +21,15 @@ from moeprune.routing.otp import SELECTOR_FILE, OTPConfig, train_otp
 from moeprune.routing.plan import RoutingPlan
 from moeprune.tiny import save_tiny, tiny_model
 from refusal import assert_refused
+from textgen import write_words
 
 K = 4
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("otp")
-    g = torch.Generator().manual_seed(0)
-    (root / "web.txt").write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 10, (2500,), generator=g)))
+    write_words(root / "web.txt")
     save_tiny("qwen3_moe", root / "src", seed=3, with_tokenizer=True, num_experts_per_tok=K)
     return root
 

@@ -29,19 +29,18 @@ from moeprune.routing.fit import fit_naee, fit_top_p
 from moeprune.routing.plan import RoutingPlan
 from moeprune.tiny import save_tiny, tiny_model
 from refusal import assert_refused
+from textgen import write_words
 
 K = 4  # experts per token of the tiny models here (E = 8)
 FAMILIES = {"qwen3_moe": dict(num_experts_per_tok=K),
             "deepseek_v3": dict(num_experts_per_tok=K, n_group=4, topk_group=3),  # 4 groups of 2, 3 kept
             "gpt_oss": dict(num_experts_per_tok=K)}
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("routing")
-    g = torch.Generator().manual_seed(0)
-    (root / "web.txt").write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 10, (2500,), generator=g)))
+    write_words(root / "web.txt")
     return root
 
 

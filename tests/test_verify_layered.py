@@ -29,6 +29,7 @@ from moeprune.pipeline.recipe import read_chain
 from moeprune.pipeline.verify import verify
 from moeprune.stages.reference import Reference
 from moeprune.tiny import FAMILY_CONFIGS, save_tiny, tiny_tokenizer
+from textgen import write_words
 
 FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "mixtral")
 CASES = {  # id -> (family, recipe)
@@ -44,14 +45,13 @@ CASES = {  # id -> (family, recipe)
     "mixtral-camera": ("mixtral", [{"method": "camera", "ratio": 0.5}]),
     "mixtral-experts": ("mixtral", [{"method": "frequency", "ratio": 0.25}]),
 }
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify_layered")
-    g = torch.Generator().manual_seed(0)
-    (root / "web.txt").write_text(" ".join(WORDS[int(i)] for i in torch.randint(0, 10, (2500,), generator=g)))
+    write_words(root / "web.txt")
     (root / "short.txt").write_text("iota kappa alpha beta gamma delta epsilon zeta eta theta " * 2)
     for family in FAMILIES:
         save_tiny(family, root / family, seed=3, with_tokenizer=True)
