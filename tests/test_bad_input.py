@@ -320,7 +320,7 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     every = ", ".join(sorted([*CRITERIA, "naee", "auto"]))  # every stage's methods are listed, by stage
     match = (r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: distill: distill; experts: "
              + re.escape(every) + r"; merge: dern, hcsmoe, msmoe, submoe; neurons: camera, heapr; quantize: quantize; "
-             r"repair: repair; routing: naee_skip, top_p, topk\.")
+             r"repair: repair; routing: naee_skip, otp, top_p, topk\.")
     assert_refused(lambda: api.prune(qwen, out, method="aimr", ratio=0.25), match, inputs=[qwen], out=out)
     assert_refused(lambda: api.make_plan(qwen, "aimr", 0.25), match, inputs=[qwen], out=None)
     assert_cli_refused(
