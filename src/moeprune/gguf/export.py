@@ -154,11 +154,20 @@ def run_converter(converter: Converter, src: Path, dst: Path, outtype: str, hpar
     logger.info("converting %s with %s (--outtype %s)", src, converter.describe(), outtype)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": "1",  # _convert.py puts its gguf-py first
            "MOEPRUNE_GGUF_HPARAMS": json.dumps(hparams or {})}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-12:])
-        raise MoePruneError(f"llama.cpp's converter failed on {src} (exit {done.returncode}); its last lines:\n{tail}")
-    logger.debug("converter output:\n%s", done.stderr[-4000:])
+    # the converter logs a line per tensor and a tqdm bar while writing: passed through on a terminal (a big model
+    # takes a while), kept (last 8 KB) for the error message otherwise
+    show = sys.stderr.isatty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    kept = b""
+    for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+        if show:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+        kept = (kept + chunk)[-8192:]
+    rc = proc.wait()
+    if rc != 0:
+        tail = "\n".join(kept.decode(errors="replace").strip().splitlines()[-12:])
+        raise MoePruneError(f"llama.cpp's converter failed on {src} (exit {rc}); its last lines:\n{tail}")
 
 
 def _umask() -> int:
