@@ -53,6 +53,11 @@ def refusal(ckpt: Checkpoint) -> str | None:
     if is_nonuniform(cfg):
         return ("it is a non-uniform moeprune export (expert widths differ between layers); GGUF and llama.cpp hold "
                 "one expert width per model. Export with a uniform ratio (or --method without per-layer widths).")
+    if cfg.get("moeprune_routing"):
+        method = cfg["moeprune_routing"].get("method", "dynamic")
+        return (f"it carries a dynamic routing policy ({method}, config.json moeprune_routing), and llama.cpp routes "
+                "one top-k per layer, so the GGUF would route differently from the export without saying so. "
+                "Convert the export the policy was applied to (without the routing stage), or a static topk export.")
     report = read_report(ckpt.path) or {}
     if report.get("loadable_by_stock_config") is False:
         return ("its moeprune report says stock transformers cannot load it as it is (mixed widths); llama.cpp's "

@@ -24,6 +24,8 @@ from moeprune.io.safetensors_io import TensorEntry, read_header
 INDEX_NAME = "model.safetensors.index.json"
 # the calibration statistics an export carries along (pipeline/export.py): a safetensors file, not weights
 STATS_NAME = "moeprune_stats.safetensors"
+# the marker tensor of a dynamic routing export (`routing/marker.py`): not a weight, skipped by `Checkpoint`
+ROUTING_MARKER_PREFIX = "moeprune_routing."
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 # measurements of the source model, wrong for a smaller copy: the testbed's routing heat map (its testbed.json is
 # copied: it marks the copy as made from the testbed and points at its data, see testbed.build.find_testbed)
@@ -60,7 +62,7 @@ class Checkpoint:
         files = _weight_files(path)
         entries: list[TensorEntry] = []
         for f in files:
-            entries.extend(read_header(f)[0])
+            entries.extend(e for e in read_header(f)[0] if not e.name.startswith(ROUTING_MARKER_PREFIX))
         names = [e.name for e in entries]
         if len(set(names)) != len(names):
             raise MoePruneError(f"{path}: the same tensor name appears in several shards; the checkpoint is broken.")

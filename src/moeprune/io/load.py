@@ -51,6 +51,20 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", routi
     return model
 
 
+def _routing_marker_ignored(auto, config):
+    """A dynamic routing export's marker tensor is not reported as unexpected here: the policy is applied (or, with
+    routing=False, deliberately not) by the caller (`routing/marker.py`)."""
+    from contextlib import nullcontext
+
+    from moeprune.routing.apply import config_block
+
+    if config_block(config) is None:
+        return nullcontext()
+    from moeprune.routing.marker import marker_ignored
+
+    return marker_ignored(auto, config)
+
+
 def _load_model(path: str | Path, dtype: str, device: str):
     from transformers import AutoConfig
 
@@ -75,8 +89,10 @@ def _load_model(path: str | Path, dtype: str, device: str):
     ct = quant is not None and quant.method == "compressed-tensors"
     # compressed-tensors: loaded in the checkpoint's dtype, so every weight is decompressed to (q − z)·s in its
     # scales' dtype (a float32 load would give routed experts that, but dense modules the exact float32 product)
-    model = auto_class(config).from_pretrained(str(path), dtype=parse_dtype("auto" if ct else dtype),
-                                               local_files_only=True, **kwargs)
+    auto = auto_class(config)
+    with _routing_marker_ignored(auto, config):
+        model = auto.from_pretrained(str(path), dtype=parse_dtype("auto" if ct else dtype), local_files_only=True,
+                                     **kwargs)
     if ct:
         compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
         if compressor is not None and hasattr(model, "ct_decompress_hook"):

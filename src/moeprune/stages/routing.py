@@ -8,8 +8,8 @@ Nothing is removed: the stage changes how the model routes at run time (`routing
   its export loads in stock transformers (and vLLM / SGLang) and routes top-k'.
 - `top_p`, `naee_skip` and `otp` are per-token: the export's config.json holds the plan under `moeprune_routing`
   (otp's selector weights in the side file it names, `moeprune_otp.safetensors`); `moeprune.load_model` applies it.
-  A plain `from_pretrained` keeps the block as a config attribute and routes
-  with the model's own top-k (docs/routing.md).
+  A plain `from_pretrained` routes with the model's own top-k, and says so: the export's marker tensor
+  (`routing/marker.py`) is listed as UNEXPECTED in transformers' load report, naming the block (docs/routing.md).
 The verification reference is the policy installed on the original (`reference`): for `topk` that proves the
 stock top-k' export equals the policy applied in memory. A routing stage is always the last of a recipe.
 """
@@ -226,10 +226,15 @@ class RoutingStage(Stage):
         return plan
 
     def finish_export(self, folder, model_type: str, plan: RoutingPlan) -> None:
+        if not plan.dynamic:
+            return
+        from moeprune.routing.marker import write_marker
+
         if plan.method == "otp":  # the selectors the config block names
             from moeprune.routing.otp import save_selectors
 
             save_selectors(plan.selectors, folder / plan.otp["selector_file"])
+        write_marker(folder, plan)  # a plain from_pretrained then warns, naming the block
 
     def next_config(self, plan: RoutingPlan, adapter: MoEAdapter) -> Any:
         return self._next(adapter, plan.k if plan.method == "topk" else None, plan)
