@@ -186,8 +186,14 @@ def test_cli_prune_then_apply_its_plan_json_verify_and_eval(root, tmp_path, caps
     from moeprune.cli import main
 
     src, web = str(root / "src"), f"web={root / 'web.txt'}"
-    assert main(["prune", src, "--method", "otp", "--target-active", "2.5", "--calib", web, "--samples", "6",
-                 "--seq-len", "48", "--out", str(tmp_path / "dyn")]) == 0
+    common = ["--calib", web, "--samples", "6", "--seq-len", "48"]
+    assert main(["prune", src, "--method", "top_p", "--target-active", "2.5", "--steps", "7", *common, "--out",
+                 str(tmp_path / "no")]) == 2  # --steps trains otp's selectors: refused for top_p
+    assert "steps does not apply to method 'top_p'" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["prune", src, "--method", "otp", "--target-active", "2.5", "--steps", "7", "--lr", "0.02", *common,
+                 "--out", str(tmp_path / "dyn")]) == 0
+    block = json.loads((tmp_path / "dyn" / "config.json").read_text())["moeprune_routing"]
+    assert block["otp"]["cost"]["steps"] == 7
     plan = tmp_path / "dyn" / "moeprune_plans" / "1-routing.json"
     assert plan.with_name("1-routing.otp.safetensors").is_file()
     assert main(["apply", src, "--plan", str(plan), "--out", str(tmp_path / "again")]) == 0

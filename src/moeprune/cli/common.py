@@ -108,7 +108,7 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
                "rho", "merge", "router", "rank", "threshold", "recombine", "beam", "search_tokens", "auto_naee",
-               "judge_folds", "nll_candidates", "k", "p", "target_active", "k_min", "k_max", "scope")
+               "judge_folds", "nll_candidates", "k", "p", "target_active", "k_min", "k_max", "scope", "steps", "lr")
 TRISTATE = ("auto_naee",)  # flags whose False is a given value (--no-auto-naee), not "not given"
 
 
@@ -159,18 +159,20 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
     if prune:
         g.add_argument("--expert-method", help="first remove experts with this criterion ...")
         g.add_argument("--expert-ratio", type=ratio_type, help="... at this ratio, then neurons inside the survivors")
-    g = p.add_argument_group("routing policies (topk, top_p, naee_skip: fewer experts per token at run time; no "
+    g = p.add_argument_group("routing policies (topk, top_p, naee_skip, otp: fewer experts per token at run time; no "
                              "--ratio; docs/routing.md)")
     g.add_argument("--k", type=int, help="topk: experts per token (a stock config change)")
     g.add_argument("--p", type=float, help="top_p: probability mass kept within the model's top-k, e.g. 0.7")
     g.add_argument("--target-active", type=float, metavar="A",
-                   help="top_p, naee_skip: calibrate the threshold (p, or a scale on NAEE's β) so that A experts per "
-                        "token are active on average on --calib text")
+                   help="top_p, naee_skip, otp: calibrate the threshold (p, a scale on NAEE's β, the selectors' "
+                        "shift) so that A experts per token are active on average on --calib text")
     g.add_argument("--k-min", type=int, help="top_p: fewest experts per token (default 1)")
     g.add_argument("--k-max", type=int, help="top_p: most experts per token (default: the model's k)")
     g.add_argument("--scope", choices=["global", "per_layer"],
                    help="with --target-active: one threshold per layer (per_layer, default: every layer averages "
                         "A; measured better on the testbed) or one for the whole model (global)")
+    g.add_argument("--steps", type=int, help="otp: optimiser steps training the selectors (default 200)")
+    g.add_argument("--lr", type=float, help="otp: AdamW learning rate of the selectors (default 1e-2)")
     g = p.add_argument_group("expert merging (msmoe, hcsmoe, submoe, dern; statistics with probes)")
     g.add_argument("--merge", choices=["average", "svd", "dern"],
                    help="how a group becomes one expert (default: the method's own: msmoe/hcsmoe average, "
