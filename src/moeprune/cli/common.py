@@ -108,7 +108,8 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 # flag dest -> recipe option; None defaults mean "not given", so options a method does not take are refused
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
                "rho", "merge", "router", "rank", "threshold", "recombine", "beam", "search_tokens", "auto_naee",
-               "judge_folds", "nll_candidates", "k", "p", "target_active", "k_min", "k_max", "scope", "steps", "lr")
+               "judge_folds", "nll_candidates", "k", "p", "target_active", "k_min", "k_max", "scope", "steps", "lr",
+               "sparsity", "pattern", "owl", "owl_m", "owl_lambda")
 TRISTATE = ("auto_naee",)  # flags whose False is a given value (--no-auto-naee), not "not given"
 
 
@@ -173,6 +174,14 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
                         "A; measured better on the testbed) or one for the whole model (global)")
     g.add_argument("--steps", type=int, help="otp: optimiser steps training the selectors (default 200)")
     g.add_argument("--lr", type=float, help="otp: AdamW learning rate of the selectors (default 1e-2)")
+    g = p.add_argument_group("sparsity inside the routed experts (wanda; needs --calib; no --ratio)")
+    g.add_argument("--sparsity", type=float, help="wanda: fraction of the routed-expert weights zeroed (default 0.5)")
+    g.add_argument("--pattern", choices=["unstructured", "2:4"],
+                   help="wanda: per-row unstructured (default) or 2 of every 4 consecutive inputs kept")
+    g.add_argument("--owl", action="store_true", default=None,
+                   help="wanda: OWL per-layer sparsities (layers with more outlier scores keep more weights)")
+    g.add_argument("--owl-m", type=float, help="OWL: an outlier is a score above M × the layer mean (default 5)")
+    g.add_argument("--owl-lambda", type=float, help="OWL: largest deviation of a layer from --sparsity (0.08)")
     g = p.add_argument_group("expert merging (msmoe, hcsmoe, submoe, dern; statistics with probes)")
     g.add_argument("--merge", choices=["average", "svd", "dern"],
                    help="how a group becomes one expert (default: the method's own: msmoe/hcsmoe average, "

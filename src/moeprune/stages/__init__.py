@@ -6,6 +6,7 @@
     repair    closed-form repair of the stage before: obs, compensate, router (`repair.py`; new values, `weights.py`)
     distill   distillation from the original model: routers, experts or LoRA (`distill.py`; new values, `weights.py`)
     quantize  weight-only integer quantization (RTN, GPTQ), compressed-tensors export; always last (`quantize.py`)
+    sparsity  unstructured / 2:4 sparsity inside experts: Wanda, OWL (`sparsity.py`; new values, `weights.py`)
     routing   inference-time routing policies: topk, top_p, naee_skip; always last (`routing.py`)
 `reference.py` builds the chained verification reference on the original model.
 """
@@ -18,6 +19,7 @@ from moeprune.stages import (  # noqa: F401  (register the stages)
     quantize,
     repair,
     routing,
+    sparsity,
 )
 from moeprune.stages.base import STAGES, Need, Stage, StageOptions, stage_for_format, stage_for_method
 

@@ -10,6 +10,7 @@ output is y_t = W_down h_t (+ bias). Sums run over routed, non-padding tokens (A
     gact_max[j, k] = max_{A_j} (ĝ_j(t) · h_{t,k})²           (CAMERA-P peak)
     grad_sq[j, k]  = Σ_{A_j} (∂L/∂h_{t,k})²                  (HEAPr, gradient pass only)
     down_sq[j, k]  = ‖w_k‖²                                  (weights, recorded once)
+    in_sq[j, i]    = Σ_{A_j} x_{t,i}²                       [E, H]: the input-feature norms of gate/up (Wanda)
 
 HEAPr needs w_kᵀ M_j w_k with M_j = (1/N_j) Σ_t g_t g_tᵀ and g_t = ∂L/∂y_t. Since ∂L/∂h_t = W_downᵀ g_t,
 w_kᵀ M_j w_k = (1/N_j) Σ_t (w_kᵀ g_t)² = grad_sq[j, k] / N_j: the H×H matrices are never formed. Statistics
@@ -45,25 +46,33 @@ class NeuronLayerStats:
     num_experts: int
     width: int
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden: int = 0  # H: in_sq [E, H] is kept when > 0
     device: InitVar[torch.device | str] = "cpu"  # where new sums live (the experts' device: no host sync per batch)
 
     def __post_init__(self, device: torch.device | str) -> None:
         E, I = self.num_experts, self.width
         for name in FIELDS:
             self.sums.setdefault(name, torch.zeros(E, I, dtype=torch.float64, device=device))
+        if self.hidden:
+            self.sums.setdefault("in_sq", torch.zeros(E, self.hidden, dtype=torch.float64, device=device))
         for name in ("count", "grad_count"):
             self.sums.setdefault(name, torch.zeros(E, dtype=torch.float64, device=device))
 
     def to(self, device: torch.device | str) -> NeuronLayerStats:
-        return NeuronLayerStats(self.num_experts, self.width, {k: v.to(device) for k, v in self.sums.items()})
+        return NeuronLayerStats(self.num_experts, self.width, {k: v.to(device) for k, v in self.sums.items()},
+                                self.hidden)
 
-    def update_forward(self, j: int, h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor) -> None:
-        """h: [n, I] activations of expert j, w: [n] routing weights, valid: [n] 1.0 = real token."""
+    def update_forward(self, j: int, h: torch.Tensor, w: torch.Tensor, valid: torch.Tensor,
+                       x: torch.Tensor | None = None) -> None:
+        """h: [n, I] activations of expert j, w: [n] routing weights, valid: [n] 1.0 = real token, x: [n, H] the
+        expert's input rows (in_sq)."""
         dev = self.sums["count"].device
         hd, valid = h.to(dev, torch.float64), valid.to(dev, torch.float64)
         sq = hd.square() * valid[:, None]  # [n, I]
         gsq = sq * w.to(dev, torch.float64).square()[:, None]  # [n, I]
         s = self.sums
+        if x is not None and "in_sq" in s:
+            s["in_sq"][j] += (x.to(dev, torch.float64).square() * valid[:, None]).sum(dim=0)
         s["count"][j] += valid.sum()
         s["act_sq"][j] += sq.sum(dim=0)
         s["gact_sq"][j] += gsq.sum(dim=0)
@@ -81,7 +90,7 @@ class NeuronLayerStats:
         out = {k: (torch.maximum(v, other.sums[k]) if k in MAX_FIELDS else v + other.sums[k])
                for k, v in self.sums.items() if k != "down_sq"}
         out["down_sq"] = self.sums["down_sq"]
-        return NeuronLayerStats(self.num_experts, self.width, out)
+        return NeuronLayerStats(self.num_experts, self.width, out, self.hidden)
 
 
 def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
@@ -126,7 +135,7 @@ class NeuronCollector:
             block = self.adapter.block(self.model, layer)
             experts = check_fused(self.adapter, self.model, layer)
             down = self.adapter.expert_roles(block)["down"].detach()  # [E, H, I]
-            stats = NeuronLayerStats(down.shape[0], down.shape[-1], device=down.device)
+            stats = NeuronLayerStats(down.shape[0], down.shape[-1], hidden=down.shape[1], device=down.device)
             stats.sums["down_sq"] = column_sq(down)  # [E, I]
             self.stats[layer] = stats
             if is_prescaled(experts):
@@ -168,7 +177,8 @@ class NeuronCollector:
                 h = glu(g, u)  # [T, I]
                 tok = routed[:, j].nonzero().view(-1).to(h.device)  # [n] routed tokens of j
                 v = valid[tok.to(valid.device)]  # [n]
-                stats.update_forward(j, h.detach()[tok], torch.ones(tok.shape[0], device=h.device), v)
+                stats.update_forward(j, h.detach()[tok], torch.ones(tok.shape[0], device=h.device), v,
+                                     x=rows[j].detach()[tok])
                 if self.gradients and h.requires_grad:
                     h.register_hook(lambda grad, j=j, v=v, tok=tok: stats.update_grad(j, grad.detach()[tok], v))
                 outs.append(F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None))
@@ -203,7 +213,7 @@ class NeuronCollector:
                 h = glu(g, u)  # [n, I]
                 w = top_k_weights[tok, slot]  # [n]
                 v = valid[tok.to(valid.device)]  # [n]
-                stats.update_forward(j, h.detach(), w.detach(), v)
+                stats.update_forward(j, h.detach(), w.detach(), v, x=x.detach())
                 if self.gradients and h.requires_grad:
                     h.register_hook(lambda grad, j=j, v=v: stats.update_grad(j, grad.detach(), v))
                 y = F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None)

@@ -1,0 +1,81 @@
+"""Wanda scores, row-wise unstructured and N:M masks, and OWL's per-layer sparsities.
+
+Wanda (Sun et al. 2023), for one linear map y = W x with W [out, in] and the inputs x_t of the tokens it sees:
+
+    S_ik = |W_ik| · ‖X_k‖₂,     ‖X_k‖₂ = sqrt(Σ_t x_{t,k}²)
+
+For a routed expert the tokens are its routed tokens only: gate/up see the block input rows routed to the expert
+(`in_sq[j]` [H] of the neuron statistics), down sees the expert's activations h = glu(gate·x, up·x) on them
+(`act_sq[j]` [I]). An expert no calibration token reached has ‖X‖ = 0 everywhere; its scores fall back to |W|
+(magnitude pruning), which is what Wanda's score orders by when every input norm is equal.
+
+Masks (True = kept), per output row, as Wanda compares:
+    unstructured(s): each row drops its ⌊s·in⌋ lowest scores (ties broken by the lower input index dropped first)
+    N:M:             in every group of M consecutive inputs of a row, the N highest scores are kept (2:4: half)
+
+OWL (Yin et al. 2024), layer ℓ's outlier ratio over all its expert scores, D_ℓ = #{S > M·mean(S_ℓ)} / #S_ℓ, then
+
+    r_ℓ = 2λ · (D_ℓ − min D) / (max D − min D),   s_ℓ = target − (r_ℓ − mean r)
+
+so layers with more outliers are pruned less, every s_ℓ lies within ±λ of the target, and the mean over layers is
+the target (equal-sized layers: the same number of weights removed as one uniform sparsity). All D equal: s_ℓ = target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PATTERNS = ("unstructured", "2:4")
+
+
+def wanda_scores(weight: torch.Tensor, in_sq: torch.Tensor) -> torch.Tensor:
+    """weight [out, in], in_sq [in] (Σ_t x_k², float64) -> scores [out, in] float64."""
+    norm = in_sq.to(torch.float64).sqrt()  # [in]
+    if not bool((norm > 0).any()):
+        norm = torch.ones_like(norm)  # no routed token: magnitude
+    return weight.detach().to(torch.float64).abs() * norm[None, :]
+
+
+def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """[out, in] -> keep [out, in] bool: each row drops its ⌊sparsity·in⌋ lowest scores."""
+    out, n_in = scores.shape
+    drop = int(sparsity * n_in)
+    keep = torch.ones(out, n_in, dtype=torch.bool, device=scores.device)
+    if drop:
+        order = torch.sort(scores, dim=1, stable=True).indices[:, :drop]  # [out, drop] lowest first
+        keep.scatter_(1, order, False)
+    return keep
+
+
+def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """[out, in] -> keep [out, in] bool: the n highest of every m consecutive inputs per row (in % m == 0)."""
+    out, n_in = scores.shape
+    if n_in % m:
+        raise ValueError(f"{n}:{m} sparsity needs an input width divisible by {m}; this one is {n_in}")
+    groups = scores.reshape(out, n_in // m, m)  # [out, G, m]
+    # highest n; on ties the lower index is kept (stable sort of the negated scores)
+    top = torch.sort(-groups, dim=2, stable=True).indices[:, :, :n]  # [out, G, n]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, top, True)
+    return keep.reshape(out, n_in)
+
+
+def mask_for(scores: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
+    if pattern == "2:4":
+        return n_m_mask(scores, 2, 4)
+    return unstructured_mask(scores, sparsity)
+
+
+def outlier_ratio(scores: list[torch.Tensor], m: float) -> float:
+    """D = share of the scores above m × their mean (all of one layer's tensors together)."""
+    total = sum(s.numel() for s in scores)
+    mean = sum(float(s.sum()) for s in scores) / total
+    return sum(int((s > m * mean).sum()) for s in scores) / total
+
+
+def owl_sparsities(ratios: dict[int, float], target: float, lam: float) -> dict[int, float]:
+    """{layer: D_ℓ} -> {layer: s_ℓ} (module docstring); clipped into [0, 1)."""
+    d = torch.tensor([ratios[k] for k in sorted(ratios)], dtype=torch.float64)
+    span = float(d.max() - d.min()) if len(d) else 0.0
+    r = torch.zeros_like(d) if span == 0 else 2 * lam * (d - d.min()) / span
+    s = target - (r - r.mean())
+    return {k: float(min(max(v, 0.0), 0.99)) for k, v in zip(sorted(ratios), s.tolist(), strict=True)}

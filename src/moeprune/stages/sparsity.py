@@ -1,0 +1,167 @@
+"""Unstructured / N:M sparsity inside the routed experts as a stage: `{method: wanda, sparsity: 0.5,
+pattern: unstructured|2:4, owl: true}` (`prune --method wanda --sparsity 0.5 [--pattern 2:4] [--owl]`).
+
+    stats  = one instrumented pass (`stats/neurons.py`): per expert j, in_sq[j] [H] over its routed tokens' inputs
+             (gate, up) and act_sq[j] [I] over its activations (down)
+    scores = Wanda |W|·‖X‖ per role of every expert (`sparsity/wanda.py`)
+    s_ℓ    = the sparsity, or OWL's per-layer sparsities around it (outlier ratio of layer ℓ's scores)
+    plan   = a WeightsPlan ("wanda") holding W ⊙ mask for gate, up and down of every expert (biases untouched)
+
+Only routed experts are sparsified (shared experts, attention and routers are left dense). The export is the dense
+checkpoint with zeros (stock-loadable, every shape and config key unchanged); the report states the zero fraction
+per tensor. `verify` compares with the original whose same weights are zeroed (the weights-stage reference).
+`sparsity` is the fraction of routed-expert weights zeroed (biases not counted); 2:4 is exactly one half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moeprune.errors import MoePruneError
+from moeprune.log import logger
+from moeprune.models import get_adapter
+from moeprune.models.base import MoEAdapter
+from moeprune.sparsity.wanda import PATTERNS, mask_for, outlier_ratio, owl_sparsities, wanda_scores
+from moeprune.stages.base import Need, register_stage
+from moeprune.stages.weights import WeightOptions, WeightStage, as_stored
+from moeprune.stages.weights_plan import WeightsPlan, weights_format
+
+OWL_M, OWL_LAMBDA = 5.0, 0.08  # OWL's defaults (its paper's M and λ for LLaMA)
+ROLE_INPUT = {"gate": "in_sq", "up": "in_sq", "down": "act_sq"}  # which input norms each role's columns see
+
+
+@dataclass(frozen=True)
+class SparsityOptions(WeightOptions):
+    sparsity: float | None = None  # fraction of routed-expert weights zeroed (default 0.5; 2:4 is 0.5)
+    pattern: str = "unstructured"
+    owl: bool | None = None  # per-layer sparsities from the outlier ratios (unstructured only)
+    owl_m: float | None = None  # OWL's M (default 5)
+    owl_lambda: float | None = None  # OWL's λ: the largest deviation from the target (default 0.08)
+
+
+class SparsityStage(WeightStage):
+    kind = "sparsity"
+    plan_format = weights_format("wanda")
+    options_type = SparsityOptions
+    lazy_problem = ("wanda's masks are planned on the whole model in memory (its statistics pass is not layer by "
+                    "layer yet); drop --lazy")
+
+    @classmethod
+    def methods(cls) -> list[str]:
+        return ["wanda"]
+
+    def validate_options(self, o: SparsityOptions) -> None:
+        if o.pattern not in PATTERNS:
+            raise MoePruneError(f"pattern {o.pattern!r}: choose {' or '.join(PATTERNS)}.")
+        s = o.sparsity
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1):
+            raise MoePruneError(f"sparsity {s!r}: a fraction of the routed-expert weights, 0 < sparsity < 1.")
+        if o.pattern == "2:4" and s is not None and s != 0.5:
+            raise MoePruneError(f"pattern 2:4 keeps 2 of every 4 weights: its sparsity is 0.5, not {s}; drop "
+                                "--sparsity or use pattern unstructured.")
+        if o.pattern == "2:4" and o.owl:
+            raise MoePruneError("OWL varies the sparsity per layer, but 2:4 fixes it at one half; drop --owl.")
+        given = [n for n in ("owl_m", "owl_lambda") if getattr(o, n) is not None]
+        if given and not o.owl:
+            raise MoePruneError(f"{', '.join('--' + n.replace('_', '-') for n in given)} set up OWL; add --owl "
+                                "(owl: true) or drop them.")
+        lam = OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda
+        target = 0.5 if s is None else s
+        if o.owl and not 0 <= lam < min(target, 1 - target):
+            raise MoePruneError(f"owl_lambda {lam}: layer sparsities target ± λ must stay inside (0, 1); choose "
+                                f"0 <= λ < {min(target, 1 - target):.3f}.")
+        if o.owl_m is not None and not o.owl_m > 1:
+            raise MoePruneError(f"owl_m {o.owl_m}: an outlier is a score above M × the mean; choose M > 1.")
+
+    def needs(self, o: SparsityOptions) -> set[Need]:
+        return {Need.NEURONS}
+
+    def check(self, o: SparsityOptions, adapter: MoEAdapter) -> Any:
+        from moeprune.models.capabilities import require
+
+        require(adapter, "neurons")
+        if o.pattern == "2:4":
+            H, width = int(adapter.config.hidden_size), adapter.expert_width
+            if H % 4 or (width or 0) % 4:
+                raise MoePruneError(f"2:4 groups 4 consecutive inputs: hidden size {H} and expert width {width} "
+                                    "must be multiples of 4.")
+        return super().check(o, adapter)
+
+    # ------------------------------------------------------------------ plan
+    def plan(self, o: SparsityOptions, ctx) -> WeightsPlan:
+        from moeprune.stats.neurons import collect_neuron_stats
+
+        if ctx.ckpt is None or ctx.sets is None:
+            raise MoePruneError("wanda scores weights by the input norms of each expert's routed tokens: use `moeprune "
+                                "prune MODEL --calib NAME=PATH` with it.")
+        dtype = ctx.calib.dtype if ctx.calib is not None else "auto"
+        model = ctx.model(dtype=dtype)
+        adapter = get_adapter(model.config, model=model)
+        stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=False, batch_size=ctx.calib.batch_size)
+        target = 0.5 if o.sparsity is None else float(o.sparsity)
+        layers = sorted(stats)
+        ratios = {}
+        if o.owl:
+            m = OWL_M if o.owl_m is None else o.owl_m
+            ratios = {layer: outlier_ratio(list(self._scores(model, adapter, stats[layer], layer)), m)
+                      for layer in layers}
+            sparsity = owl_sparsities(ratios, target, OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda)
+        else:
+            sparsity = dict.fromkeys(layers, target)
+        experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        tensors, per_layer = {}, {}
+        with torch.no_grad():
+            for layer in layers:
+                block = adapter.block(model, layer)
+                zeros = total = 0
+                for (j, role), score in self._scores(model, adapter, stats[layer], layer, keyed=True):
+                    keep = mask_for(score, o.pattern, sparsity[layer])
+                    w = adapter.expert_views(block, j)[role].detach()
+                    experts.setdefault(layer, {}).setdefault(j, {})[role] = (w * keep.to(w.dtype)).cpu().clone()
+                    tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - float(keep.double().mean()), 6)
+                    zeros += int((~keep).sum())
+                    total += keep.numel()
+                per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity[layer], 6),
+                                         **({"outlier_ratio": round(ratios[layer], 6)} if ratios else {})}
+        del model
+        removed = sum(v["sparsity"] for v in per_layer.values()) / len(per_layer)
+        logger.info("wanda (%s%s): %.1f%% of the routed-expert weights zeroed", o.pattern, ", OWL" if o.owl else "",
+                    100 * removed)
+        experts, _ = as_stored(experts, {}, ctx.ckpt, adapter)
+        settings = {"sparsity": target, "pattern": o.pattern, "owl": bool(o.owl)}
+        if o.owl:
+            settings |= {"owl_m": OWL_M if o.owl_m is None else o.owl_m,
+                         "owl_lambda": OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda}
+        return WeightsPlan("wanda", adapter.num_experts, adapter.expert_width, experts, {}, settings=settings,
+                           summary={"sparsity": removed, "layers": per_layer, "tensors": tensors},
+                           model_type=adapter.model_type)
+
+    @staticmethod
+    def _scores(model, adapter: MoEAdapter, stats, layer: int, keyed: bool = False):
+        """Wanda scores of every (expert, role) of one layer: [out, in] each, one at a time."""
+        block = adapter.block(model, layer)
+        for j in range(stats.num_experts):
+            views = adapter.expert_views(block, j)
+            for role, field in ROLE_INPUT.items():
+                if role not in views:  # up-only experts have no gate
+                    continue
+                score = wanda_scores(views[role], stats.sums[field][j])
+                yield ((j, role), score) if keyed else score
+
+    def describe(self, plan: WeightsPlan) -> str:
+        st = plan.settings
+        return (f"wanda {st.get('pattern', 'unstructured')}{' + OWL' if st.get('owl') else ''}: "
+                f"{100 * plan.summary.get('sparsity', 0):.1f}% of the routed-expert weights zeroed")
+
+    def report(self, plan: WeightsPlan, before: MoEAdapter, after: MoEAdapter) -> dict:
+        out = super().report(plan, before, after)
+        out["note"] = ("routed-expert weights zeroed in place (dense export, same shapes and config); "
+                       "summary.tensors gives the zero fraction of every expert tensor; verify compares with the "
+                       "original whose same weights are zeroed")
+        return out
+
+
+SPARSITY = register_stage(SparsityStage())

@@ -1,0 +1,193 @@
+"""Wanda / 2:4 / OWL inside routed experts (`sparsity/wanda.py`, `stages/sparsity.py`) against brute force.
+
+The reference runs the original model over the same calibration windows with a pre-hook on each experts module
+that captures the routed tokens, computes each expert's input norms and activations by hand (SiLU-GLU written in
+the test), scores |W|·‖X‖ and builds the masks with plain Python sorts per row / per group of four. The export,
+reloaded by stock `from_pretrained`, must equal the original with exactly those weights zeroed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import moeprune
+from moeprune.calibration.data import build_sets
+from moeprune.calibration.run import CalibrateOptions, load_tokenizer
+from moeprune.models import get_adapter
+from moeprune.sparsity.wanda import outlier_ratio, owl_sparsities
+from moeprune.stats.neurons import collect_neuron_stats
+from moeprune.tiny import save_tiny
+from refusal import assert_refused
+from textgen import write_words
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wanda")
+    write_words(root / "web.txt")
+    save_tiny("qwen3_moe", root / "src", seed=5, with_tokenizer=True, num_experts_per_tok=K)
+    return root
+
+
+def calib(root) -> CalibrateOptions:
+    return CalibrateOptions((f"web={root / 'web.txt'}",), samples=6, seq_len=48, held_out=0)
+
+
+def routed_norms(model, ids):
+    """{layer: (in_sq [E, H], act_sq [E, I])} from the routed tokens captured in a plain forward (by hand)."""
+    adapter = get_adapter(model.config, model=model)
+    seen, hooks = {}, []
+    for layer in adapter.moe_layers():
+        experts = adapter.experts(adapter.block(model, layer))
+        hooks.append(experts.register_forward_pre_hook(
+            lambda m, args, layer=layer: seen.setdefault(layer, []).append((args[0].detach(), args[1].detach()))))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for layer, calls in seen.items():
+        block = adapter.block(model, layer)
+        E = adapter.num_experts
+        H = model.config.hidden_size
+        I = adapter.expert_width
+        in_sq, act_sq = torch.zeros(E, H, dtype=torch.float64), torch.zeros(E, I, dtype=torch.float64)
+        for x, idx in calls:
+            x = x.reshape(-1, H)
+            for j in range(E):
+                rows = x[(idx == j).any(dim=1)].double()  # the tokens routed to j
+                v = adapter.expert_views(block, j)
+                h = F.silu(rows @ v["gate"].double().T) * (rows @ v["up"].double().T)  # [n, I]
+                in_sq[j] += rows.square().sum(0)
+                act_sq[j] += h.square().sum(0)
+        out[layer] = (in_sq, act_sq)
+    return out
+
+
+def by_hand_mask(w, norms_sq, sparsity=None, groups=False):
+    """keep [out, in] from Python sorts: per row the ⌊s·in⌋ lowest |w|·‖x‖ dropped, or 2 of every 4 kept."""
+    score = (w.double().abs() * norms_sq.sqrt()[None, :]).tolist()
+    keep = torch.ones(w.shape, dtype=torch.bool)
+    for r, row in enumerate(score):
+        if groups:
+            for g in range(0, len(row), 4):
+                best = sorted(range(g, g + 4), key=lambda c: (-row[c], c))[:2]
+                for c in range(g, g + 4):
+                    keep[r, c] = c in best
+        else:
+            for c in sorted(range(len(row)), key=lambda c: (row[c], c))[:int(sparsity * len(row))]:
+                keep[r, c] = False
+    return keep
+
+
+def test_statistics_are_the_routed_tokens_input_norms(root):
+    model = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32).eval()
+    sets = build_sets(calib(root).calib_config(), load_tokenizer(root / "src", None))
+    assert bool(sets[0].attention_mask.all())  # no padding: every captured row counts
+    want = routed_norms(model, sets[0].input_ids)
+    adapter = get_adapter(model.config, model=model)
+    got = collect_neuron_stats(model, adapter, sets, gradients=False, batch_size=64)
+    for layer, (in_sq, act_sq) in want.items():
+        assert torch.allclose(got[layer].sums["in_sq"], in_sq, rtol=1e-9, atol=1e-9)
+        assert torch.allclose(got[layer].sums["act_sq"], act_sq, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_export_is_the_original_with_the_by_hand_mask_zeroed(root, tmp_path, pattern):
+    stage = {"method": "wanda", "sparsity": 0.5} if pattern == "unstructured" else {"method": "wanda",
+                                                                                     "pattern": "2:4"}
+    applied, result = moeprune.prune(root / "src", tmp_path / "w", recipe=[stage], calib=calib(root))
+    assert result.passed  # verify: stock reload == the original with the plan's weights
+    original = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32).eval()
+    sets = build_sets(calib(root).calib_config(), load_tokenizer(root / "src", None))
+    norms = routed_norms(original, sets[0].input_ids)
+    adapter = get_adapter(original.config, model=original)
+    reference = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32).eval()
+    ref_adapter = get_adapter(reference.config, model=reference)
+    zeros = total = 0
+    with torch.no_grad():
+        for layer, (in_sq, act_sq) in norms.items():
+            for j in range(adapter.num_experts):
+                views = adapter.expert_views(adapter.block(original, layer), j)
+                ref_views = ref_adapter.expert_views(ref_adapter.block(reference, layer), j)
+                for role, sq in (("gate", in_sq[j]), ("up", in_sq[j]), ("down", act_sq[j])):
+                    keep = by_hand_mask(views[role], sq, 0.5, groups=pattern == "2:4")
+                    ref_views[role].mul_(keep.float())
+                    zeros += int((~keep).sum())
+                    total += keep.numel()
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "w", dtype=torch.float32).eval()
+    want, got = reference.state_dict(), stock.state_dict()
+    assert all(torch.equal(want[n], got[n]) for n in want)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(stock(input_ids=ids).logits, reference(input_ids=ids).logits)
+    assert applied.report["summary"]["sparsity"] == pytest.approx(zeros / total, abs=1e-6)
+    assert len(applied.report["summary"]["tensors"]) == len(norms) * adapter.num_experts * 3
+    if pattern == "2:4":  # every group of four consecutive inputs holds at most two non-zeros, in the file itself
+        for name, t in load_file(tmp_path / "w" / "model.safetensors").items():
+            if ".experts." in name and name.endswith("weight") and t.dim() >= 2:
+                groups = (t != 0).reshape(*t.shape[:-1], t.shape[-1] // 4, 4).sum(-1)
+                assert int(groups.max()) <= 2, name
+
+
+def test_owl_layer_sparsities_by_hand(root, tmp_path):
+    # D = (0.01, 0.03, 0.02), λ = 0.08: r = 2λ·(D − min)/(max − min) = (0, 0.16, 0.08), mean 0.08
+    assert owl_sparsities({0: 0.01, 1: 0.03, 2: 0.02}, 0.5, 0.08) == pytest.approx({0: 0.58, 1: 0.42, 2: 0.5})
+    assert owl_sparsities({0: 0.2, 1: 0.2}, 0.3, 0.08) == {0: 0.3, 1: 0.3}
+    assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 9.0]), torch.tensor([0.0, 0.0])], 2.0) == pytest.approx(1 / 6)
+    applied, result = moeprune.prune(root / "src", tmp_path / "o", recipe=[
+        {"method": "wanda", "sparsity": 0.5, "owl": True, "owl_m": 3}], calib=calib(root))
+    assert result.passed
+    layers = applied.report["summary"]["layers"]
+    original = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32).eval()
+    sets = build_sets(calib(root).calib_config(), load_tokenizer(root / "src", None))
+    adapter = get_adapter(original.config, model=original)
+    ratios = {}
+    for layer, (in_sq, act_sq) in routed_norms(original, sets[0].input_ids).items():
+        scores = []
+        for j in range(adapter.num_experts):
+            views = {r: t.detach() for r, t in adapter.expert_views(adapter.block(original, layer), j).items()}
+            scores += [views[r].double().abs() * sq.sqrt()[None, :]
+                       for r, sq in (("gate", in_sq[j]), ("up", in_sq[j]), ("down", act_sq[j]))]
+        mean = sum(float(s.sum()) for s in scores) / sum(s.numel() for s in scores)
+        ratios[layer] = sum(int((s > 3 * mean).sum()) for s in scores) / sum(s.numel() for s in scores)
+        assert layers[str(layer)]["outlier_ratio"] == pytest.approx(ratios[layer], abs=1e-6)
+    targets = {int(k): v["target"] for k, v in layers.items()}
+    assert len(set(targets.values())) > 1 and sum(targets.values()) / len(targets) == pytest.approx(0.5, abs=1e-5)
+    most = max(ratios, key=ratios.get)
+    assert targets[most] == min(targets.values())  # the layer with the most outliers is pruned least
+    assert all(abs(v - 0.5) <= 0.08 + 1e-9 for v in targets.values())
+
+
+@pytest.mark.parametrize("stage,match", [
+    ({"method": "wanda", "pattern": "2:4", "sparsity": 0.6}, "its sparsity is 0.5"),
+    ({"method": "wanda", "pattern": "2:4", "owl": True}, "drop --owl"),
+    ({"method": "wanda", "owl_m": 4}, "add --owl"),
+    ({"method": "wanda", "sparsity": 1.2}, "0 < sparsity < 1"),
+    ({"method": "wanda", "ratio": 0.5}, "ratio does not apply"),
+    ({"method": "wanda", "pattern": "3:4"}, "choose unstructured or 2:4"),
+    ({"method": "wanda", "owl": True, "owl_lambda": 0.6}, "choose 0 <= λ"),
+])
+def test_refusals_before_any_work(root, tmp_path, no_work, stage, match):
+    assert_refused(lambda: moeprune.prune(root / "src", tmp_path / "out", recipe=[stage], calib=calib(root)),
+                   match, inputs=[root / "src"], out=tmp_path / "out")
+
+
+def test_cli_prune_wanda(root, tmp_path, capsys):
+    from moeprune.cli import main
+
+    args = ["prune", str(root / "src"), "--method", "wanda", "--calib", f"web={root / 'web.txt'}", "--samples", "6",
+            "--seq-len", "48"]
+    assert main([*args, "--sparsity", "0.3", "--out", str(tmp_path / "c")]) == 0
+    report = json.loads((tmp_path / "c" / "moeprune_report.json").read_text())
+    assert report["stages"][-1]["summary"]["sparsity"] == pytest.approx(0.3, abs=0.03)
+    assert main([*args, "--ratio", "0.3", "--out", str(tmp_path / "d")]) == 2
+    assert "ratio does not apply" in capsys.readouterr().err
