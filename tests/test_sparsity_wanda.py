@@ -54,6 +54,7 @@ def routed_norms(model, ids):
     for h in hooks:
         h.remove()
     out = {}
+    torch.set_grad_enabled(False)
     for layer, calls in seen.items():
         block = adapter.block(model, layer)
         E = adapter.num_experts
@@ -69,6 +70,7 @@ def routed_norms(model, ids):
                 in_sq[j] += rows.square().sum(0)
                 act_sq[j] += h.square().sum(0)
         out[layer] = (in_sq, act_sq)
+    torch.set_grad_enabled(True)
     return out
 
 
