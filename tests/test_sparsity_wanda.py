@@ -53,25 +53,24 @@ def routed_norms(model, ids):
         model(input_ids=ids)
     for h in hooks:
         h.remove()
-    out = {}
-    torch.set_grad_enabled(False)
-    for layer, calls in seen.items():
-        block = adapter.block(model, layer)
-        E = adapter.num_experts
-        H = model.config.hidden_size
-        I = adapter.expert_width
-        in_sq, act_sq = torch.zeros(E, H, dtype=torch.float64), torch.zeros(E, I, dtype=torch.float64)
-        for x, idx in calls:
-            x = x.reshape(-1, H)
-            for j in range(E):
-                rows = x[(idx == j).any(dim=1)].double()  # the tokens routed to j
-                v = adapter.expert_views(block, j)
-                h = F.silu(rows @ v["gate"].double().T) * (rows @ v["up"].double().T)  # [n, I]
-                in_sq[j] += rows.square().sum(0)
-                act_sq[j] += h.square().sum(0)
-        out[layer] = (in_sq, act_sq)
-    torch.set_grad_enabled(True)
-    return out
+    with torch.no_grad():
+        return {layer: by_hand_norms(adapter, model, layer, calls) for layer, calls in seen.items()}
+
+
+def by_hand_norms(adapter, model, layer, calls):
+    """One layer's (in_sq, act_sq): Σ x² of each expert's routed rows and Σ h² of h = silu(gate·x)·(up·x)."""
+    block = adapter.block(model, layer)
+    E, H, I = adapter.num_experts, model.config.hidden_size, adapter.expert_width
+    in_sq, act_sq = torch.zeros(E, H, dtype=torch.float64), torch.zeros(E, I, dtype=torch.float64)
+    for x, idx in calls:
+        x = x.reshape(-1, H)
+        for j in range(E):
+            rows = x[(idx == j).any(dim=1)].double()  # the tokens routed to j
+            v = adapter.expert_views(block, j)
+            h = F.silu(rows @ v["gate"].double().T) * (rows @ v["up"].double().T)  # [n, I]
+            in_sq[j] += rows.square().sum(0)
+            act_sq[j] += h.square().sum(0)
+    return in_sq, act_sq
 
 
 def by_hand_mask(w, norms_sq, sparsity=None, groups=False):
