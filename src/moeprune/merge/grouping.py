@@ -89,17 +89,27 @@ def hcsmoe_groups(stats: RoutedStats, members: list[int], n: int) -> list[list[i
     _require_probes(stats, "hcsmoe")
     mu = stats.sums["out_sum"][members].double()  # [m, H] (the 1/|P| does not change cosines)
     sim = cosine_from_gram(mu @ mu.T)  # [m, m]
-    clusters = [[i] for i in range(len(members))]
-    while len(clusters) > n:  # average linkage: merge the pair of clusters with the largest mean similarity
-        best, pair = -float("inf"), (0, 1)
+    clusters = agglomerate(-sim, n, "average")  # the largest mean similarity = the smallest mean distance
+    return _dominant_first([[members[i] for i in c] for c in clusters], stats)
+
+
+def agglomerate(dist: torch.Tensor, n: int, linkage: str = "average") -> list[list[int]]:
+    """Agglomerative clustering of m points into n clusters from a distance matrix dist [m, m] (diagonal unused):
+    repeatedly merge the two clusters A, B with the smallest linkage distance D(A, B) — "average": the mean of
+    dist over A × B (HC-SMoE), "complete": the max (STUN) — the first pair in (a, b) order on ties. Clusters are
+    lists of row indices, in merge order (the earlier cluster absorbs the later)."""
+    reduce = {"average": torch.mean, "complete": torch.amax}[linkage]
+    clusters = [[i] for i in range(dist.shape[0])]
+    while len(clusters) > n:
+        best, pair = float("inf"), (0, 1)
         for a in range(len(clusters)):
             for b in range(a + 1, len(clusters)):
-                s = float(sim[clusters[a]][:, clusters[b]].mean())
-                if s > best:
-                    best, pair = s, (a, b)
+                d = float(reduce(dist[clusters[a]][:, clusters[b]]))
+                if d < best:
+                    best, pair = d, (a, b)
         a, b = pair
         clusters[a] = clusters[a] + clusters.pop(b)
-    return _dominant_first([[members[i] for i in c] for c in clusters], stats)
+    return clusters
 
 
 def kernel_kmeans(kernel: torch.Tensor, seeds: list[int], max_iter: int = 100) -> list[int]:

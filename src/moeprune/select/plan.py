@@ -37,6 +37,7 @@ class PrunePlan:
     padded: dict[int, list[int]] | None = None  # kept only so stock configs load it (non-uniform selection)
     note: str | None = None  # one line on how a non-uniform selection was saved
     auto: dict | None = field(default=None, repr=False)  # method auto: candidates, judged errors, choice, margins
+    clusters: dict[int, list[list[int]]] | None = field(default=None, repr=False)  # stun: clusters, kept first
 
     # ------------------------------------------------------------------ derived
     @property
@@ -76,6 +77,8 @@ class PrunePlan:
             d["note"] = self.note
         if self.auto:
             d["auto"] = self.auto
+        if self.clusters:
+            d["clusters"] = {str(k): [list(c) for c in v] for k, v in sorted(self.clusters.items())}
         if self.scores is not None:
             d["scores"] = {str(k): [float(s) for s in v] for k, v in sorted(self.scores.items())}
         return d
@@ -119,6 +122,8 @@ class PrunePlan:
             padded=_layer_lists(raw.get("padded"), "padded", source),
             note=raw.get("note"),
             auto=raw.get("auto") if isinstance(raw.get("auto"), dict) else None,  # absent from older plans
+            clusters=({int(k): [list(map(int, c)) for c in v] for k, v in raw["clusters"].items()}
+                      if isinstance(raw.get("clusters"), dict) else None),
         )
 
     # ------------------------------------------------------------------ validation

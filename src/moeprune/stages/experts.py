@@ -25,6 +25,8 @@ from moeprune.select.plan import PLAN_FORMAT, PrunePlan
 from moeprune.select.policies import POLICIES
 from moeprune.select.progressive import criterion_decider, reconstruction_decider
 from moeprune.select.protect import parse_protected
+from moeprune.select.stun import STUN, validate_stun
+from moeprune.select.stun_plan import plan_stun
 from moeprune.select.uniform import drop_count
 from moeprune.stages.base import Need, Stage, StageOptions, config_copy, register_stage
 
@@ -46,6 +48,7 @@ class ExpertOptions(StageOptions):
     auto_naee: bool | None = None  # auto: NAEE as a candidate (None: when affordable, `select/auto.py`)
     judge_folds: int | None = None  # auto: folds of the cross-fitted judge (None: `judge.JUDGE_FOLDS`)
     nll_candidates: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: all)
+    mix: float | None = None  # stun: weight of the router distance against co-selection (None: `stun.DEFAULT_MIX`)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
@@ -62,12 +65,14 @@ class ExpertStage(Stage):
 
     @classmethod
     def methods(cls) -> list[str]:
-        return [*CRITERIA, NAEE, AUTO]
+        return [*CRITERIA, NAEE, AUTO, STUN]
 
     # ------------------------------------------------------------------ options
     def validate_options(self, o: ExpertOptions) -> None:
         if o.method == AUTO or any(getattr(o, f) is not None for f in AUTO_ONLY):
             return self._validate_auto(o)
+        if o.method == STUN or o.mix is not None:
+            return validate_stun(o)
         if o.policy == "reconstruction" and o.method != NAEE:
             raise MoePruneError(f"--policy reconstruction is NAEE's search and replaces the criterion: drop "
                                 f"--method {o.method} (or use method {NAEE!r}), or choose --policy uniform.")
@@ -141,6 +146,8 @@ class ExpertStage(Stage):
             return {Need.ROUTED, Need.DECIDE}
         if o.method == NAEE:
             return {Need.ROUTED, Need.DECIDE}
+        if o.method == STUN:
+            return {Need.ROUTED}
         crit = CRITERIA.get(o.method)
         base = {"calibration": Need.ROUTED, "weights": Need.WEIGHTS}.get(crit.needs, Need.SEED)
         return {base} | ({Need.DECIDE} if o.as_you_go else set())
@@ -168,6 +175,8 @@ class ExpertStage(Stage):
             from moeprune.pipeline.auto import plan_auto  # runs on the context's model (docs/architecture.md)
 
             return plan_auto(o, ctx)
+        if o.method == STUN:
+            return plan_stun(o, ctx)
         adapter = ctx.adapter
         protected = parse_protected(list(o.protect))
         if o.progressive:
