@@ -126,12 +126,13 @@ def shorthand(method: str | None, ratio: float | None, options: dict, expert_met
     stage = {"method": method, **({"ratio": ratio} if ratio is not None or removes else {}), **options}
     if expert_method is None and expert_ratio is None:
         return [stage]
-    if stage_for_method(method).kind not in ("neurons", "routing"):
+    if stage_for_method(method).kind not in ("neurons", "routing", "sparsity"):
         raise MoePruneError("--expert-method/--expert-ratio combine expert removal with a neuron method "
-                            "(--method heapr|camera) or a routing policy (topk, top_p, naee_skip); for other "
-                            "chains write a --recipe.")
+                            "(--method heapr|camera), a routing policy (topk, top_p, naee_skip, otp) or sparsity "
+                            "inside the kept experts (wanda: STUN's recipe); for other chains write a --recipe.")
     if expert_method is None or expert_ratio is None:
-        raise MoePruneError("pass --expert-method and --expert-ratio together (experts first, then neurons).")
+        raise MoePruneError("pass --expert-method and --expert-ratio together (experts first, then the --method "
+                            "stage).")
     return [{"method": expert_method, "ratio": expert_ratio}, stage]
 
 

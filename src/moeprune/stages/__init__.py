@@ -3,6 +3,7 @@
     experts   expert removal: criteria + policies, NAEE, prune-as-you-go   (`experts.py`)
     merge     expert merging: M-SMoE, HC-SMoE, Sub-MoE, DERN                (`merge.py`)
     neurons   neuron removal inside experts: HEAPr, CAMERA-P              (`neurons.py`)
+    compress  MC-SMoE's low-rank + sparse decomposition of merged experts (`compress.py`; new values, `weights.py`)
     repair    closed-form repair of the stage before: obs, compensate, router (`repair.py`; new values, `weights.py`)
     distill   distillation from the original model: routers, experts or LoRA (`distill.py`; new values, `weights.py`)
     quantize  weight-only integer quantization (RTN, GPTQ), compressed-tensors export; always last (`quantize.py`)
@@ -12,6 +13,7 @@
 """
 
 from moeprune.stages import (  # noqa: F401  (register the stages)
+    compress,
     distill,
     experts,
     merge,
