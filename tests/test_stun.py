@@ -63,7 +63,7 @@ def planted(seed=0):
 def test_router_distance_is_the_rms_logit_difference():
     logits = torch.randn(300, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     s = stats_from(logits, 2)
-    d = stun_distance(s, list(range(6)), mix=1.0) + stun_distance(s, list(range(6)), mix=0.0) * -1  # μ·r̂
+    d = stun_distance(s, list(range(6)), mix=1.0)  # r̂ alone
     r = torch.tensor([[float(((logits[:, i] - logits[:, j]) ** 2).mean().sqrt()) for j in range(6)] for i in range(6)],
                      dtype=torch.float64)
     off = ~torch.eye(6, dtype=torch.bool)
@@ -90,9 +90,12 @@ def test_planted_clusters_and_representatives():
     logits, clusters, weights = planted()
     s = stats_from(logits, 2)
     routing = RoutingSpec("softmax_topk", top_k=2)
-    kept, found = stun_layer(s, lambda j: weights[j], 0.5, routing, 8, mix=1.0)
-    assert sorted(sorted(c) for c in found) == sorted(sorted(c) for c in clusters)
-    assert kept == [2, 3, 5, 6]
+    for mix in (1.0, 0.5):
+        kept, found = stun_layer(s, lambda j: weights[j], 0.5, routing, 8, mix=mix, keep="centroid")
+        assert sorted(sorted(c) for c in found) == sorted(sorted(c) for c in clusters)
+        assert kept == [2, 3, 5, 6]
+    most_used = [max(c, key=lambda j: (float(s.sums["count"][j]), -j)) for c in clusters]
+    assert stun_layer(s, lambda j: weights[j], 0.5, routing, 8, keep="usage")[0] == sorted(most_used)
     assert representative([0, 1, 2], lambda j: weights[j]) == 2
     assert representative([3, 4], lambda j: weights[j]) == 3
 
@@ -151,10 +154,11 @@ def test_export_equals_the_masked_original_and_one_pass_whatever_e(root, tmp_pat
 
 
 @pytest.mark.parametrize("stage,match", [
-    ({"method": "reap", "ratio": 0.5, "mix": 0.5}, "drop it with method 'reap'"),
+    ({"method": "reap", "ratio": 0.5, "mix": 0.5}, "drop them with method 'reap'"),
+    ({"method": "stun", "ratio": 0.5, "keep": "best"}, "centroid"),
     ({"method": "stun", "ratio": 0.5, "policy": "global"}, "--policy global"),
     ({"method": "stun", "ratio": 0.5, "protect": ["1:0"]}, "--protect"),
-    ({"method": "stun", "ratio": 0.5, "mix": -1}, "a number >= 0"),
+    ({"method": "stun", "ratio": 0.5, "mix": 1.5}, r"in \[0, 1\]"),
 ])
 def test_refusals_before_any_work(root, tmp_path, no_work, stage, match):
     src = save_tiny("qwen3_moe", tmp_path / "src", seed=2, with_tokenizer=True)

@@ -109,7 +109,7 @@ def add_calib_flags(p: argparse.ArgumentParser, required: bool) -> None:
 STAGE_FLAGS = ("seed", "policy", "floor", "protect", "protect_super", "as_you_go", "calib_set", "budget", "min_width",
                "rho", "merge", "router", "rank", "threshold", "recombine", "beam", "search_tokens", "auto_naee",
                "judge_folds", "nll_candidates", "k", "p", "target_active", "k_min", "k_max", "scope", "steps", "lr",
-               "sparsity", "pattern", "owl", "owl_m", "owl_lambda", "mix")
+               "sparsity", "pattern", "owl", "owl_m", "owl_lambda", "mix", "keep")
 TRISTATE = ("auto_naee",)  # flags whose False is a given value (--no-auto-naee), not "not given"
 
 
@@ -132,8 +132,11 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
     g.add_argument("--protect", action="append", metavar="LAYER:E[,E]",
                    help="experts that are never dropped, repeatable (e.g. --protect 3:5,7)")
     g.add_argument("--mix", type=float,
-                   help="stun: weight of the router-logit distance against co-selection in its clustering (default 1; "
-                        "0: co-selection only)")
+                   help="stun: weight in [0, 1] of the router-logit distance against co-selection in its clustering "
+                        "(default 1: router distance only; 0: co-selection only)")
+    g.add_argument("--keep", choices=["usage", "centroid"],
+                   help="stun: the member a cluster keeps: the most used (default) or the one nearest the cluster's "
+                        "weight centroid (STUN's code)")
     g.add_argument("--protect-super", action="store_true",
                    help="never drop super experts (max |f| above max(99.5th pct, max/10); needs statistics)")
     if prune:

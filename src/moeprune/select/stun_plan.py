@@ -9,13 +9,15 @@ from tqdm.auto import tqdm
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.select.plan import PrunePlan
-from moeprune.select.stun import STUN, check_mix, require_stats, stun_layer
+from moeprune.select.stun import STUN, check_keep, check_mix, require_stats, stun_layer
+
+KEPT = {"centroid": "member nearest its weight centroid", "usage": "most used member"}
 
 
 def plan_stun(o, ctx) -> PrunePlan:
     stats = ctx.routed_stats()
     combined = stats.combined(list(o.calib_set) if o.calib_set else None)
-    mix = check_mix(o.mix)
+    mix, keep = check_mix(o.mix), check_keep(o.keep)
     adapter = ctx.adapter
     E, routing = adapter.num_experts, adapter.routing()
     layers = adapter.moe_layers()
@@ -33,20 +35,20 @@ def plan_stun(o, ctx) -> PrunePlan:
         if layer_context is not None:
             with layer_context(layer):
                 kept[layer], clusters[layer] = _layer(model, model_adapter, combined[layer], layer, o.ratio, routing,
-                                                      E, mix)
+                                                      E, mix, keep)
         else:
             kept[layer], clusters[layer] = _layer(model, model_adapter, combined[layer], layer, o.ratio, routing, E,
-                                                  mix)
+                                                  mix, keep)
     del model
     merged = sum(1 for cs in clusters.values() for c in cs if len(c) > 1)
     logger.info("stun: %d clusters of more than one expert over %d layers (mix %.2f)", merged, len(layers), mix)
     plan = PrunePlan(kept, E, method=STUN, ratio=o.ratio, model_type=adapter.model_type, clusters=clusters,
-                     note=f"STUN: complete-linkage clusters on co-selection and router distance (mix {mix:g}), the "
-                          "expert nearest each cluster's weight centroid kept (clusters: kept expert first)")
+                     note=f"STUN: complete-linkage clusters on co-selection and router distance (mix {mix:g}), "
+                          f"each cluster's {KEPT[keep]} kept (clusters: kept expert first)")
     plan.validate(adapter)
     return plan
 
 
-def _layer(model, adapter, stats, layer, ratio, routing, E, mix):
+def _layer(model, adapter, stats, layer, ratio, routing, E, mix, keep):
     block = adapter.block(model, layer)
-    return stun_layer(stats, lambda j: adapter.expert_views(block, j), ratio, routing, E, mix)
+    return stun_layer(stats, lambda j: adapter.expert_views(block, j), ratio, routing, E, mix, keep)

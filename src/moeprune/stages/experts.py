@@ -49,6 +49,7 @@ class ExpertOptions(StageOptions):
     judge_folds: int | None = None  # auto: folds of the cross-fitted judge (None: `judge.JUDGE_FOLDS`)
     nll_candidates: int | None = None  # auto: candidates (lowest block error) whose masked NLL is measured (None: all)
     mix: float | None = None  # stun: weight of the router distance against co-selection (None: `stun.DEFAULT_MIX`)
+    keep: str | None = None  # stun: which member represents a cluster (None: `stun.DEFAULT_KEEP`)
 
     lists: ClassVar[tuple[str, ...]] = ("protect", "calib_set")
 
@@ -71,7 +72,7 @@ class ExpertStage(Stage):
     def validate_options(self, o: ExpertOptions) -> None:
         if o.method == AUTO or any(getattr(o, f) is not None for f in AUTO_ONLY):
             return self._validate_auto(o)
-        if o.method == STUN or o.mix is not None:
+        if o.method == STUN or o.mix is not None or o.keep is not None:
             return validate_stun(o)
         if o.policy == "reconstruction" and o.method != NAEE:
             raise MoePruneError(f"--policy reconstruction is NAEE's search and replaces the criterion: drop "
