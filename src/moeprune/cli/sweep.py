@@ -3,15 +3,15 @@ the knee per task, and the ratios to build a task pack with."""
 
 from __future__ import annotations
 
-from moeprune.cli.common import add_calib_run_flags, add_verb
+from moeprune.cli.common import add_calib_run_flags, add_verb, calib_options
 
 
 def run(args) -> int:
     from moeprune.analysis.probe import PROBE_TOKENS
-    from moeprune.calibration.run import CalibrateOptions
     from moeprune.errors import MoePruneError
     from moeprune.sweep.knee import parse_ratios
     from moeprune.sweep.options import SweepOptions
+    from moeprune.sweep.report import tables
     from moeprune.sweep.run import sweep
 
     if not args.calib:
@@ -22,14 +22,10 @@ def run(args) -> int:
                         probe_tokens=PROBE_TOKENS if args.probe_tokens is None else args.probe_tokens)
     named = {spec.partition("=")[0].strip() for spec in args.heldout}
     every = all(spec.partition("=")[0].strip() in named for spec in args.calib)
-    held_out = args.held_out if args.held_out is not None else (0 if every else 8)
-    calib = CalibrateOptions(tuple(args.calib), samples=args.samples, seq_len=args.seq_len, seed=args.calib_seed,
-                             text_field=args.text_field, chat_template=args.chat_template, tokenizer=args.tokenizer,
-                             batch_size=args.batch_size, device=args.device, dtype=args.dtype, lazy=False,
-                             held_out=held_out)
+    if args.held_out is None:
+        args.held_out = 0 if every else 8
+    calib = calib_options(args)  # the model is loaded whole (lazy=False) with the default probe stride
     data = sweep(args.model, calib, opts, args.out, overwrite=args.overwrite)
-    from moeprune.sweep.report import tables
-
     print(tables(data))
     print(f"written to {args.out} (sweep.json, sweep.md, sweep.png; ratios.json for `moeprune taskpack build`)")
     return 0
@@ -63,4 +59,4 @@ def add_parser(sub) -> None:
     g.add_argument("--held-out", type=int, default=None, metavar="N",
                    help="for tasks without --heldout: calibration windows kept apart as held-out text (default 8)")
     add_calib_run_flags(g)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, lazy=False, probe_stride=None)

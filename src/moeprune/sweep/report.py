@@ -12,8 +12,9 @@ from moeprune.io.atomic import atomic_dir
 from moeprune.log import logger
 
 
-def _r(v: float | None, fmt: str = ".3g") -> str:
-    return "—" if v is None else format(v, fmt)
+def fmt(v: float | None, spec: str = ".3g") -> str:
+    """`v` formatted with `spec`, or "—" for None."""
+    return "—" if v is None else format(v, spec)
 
 
 def tables(d: dict[str, Any]) -> str:
@@ -26,14 +27,14 @@ def tables(d: dict[str, Any]) -> str:
              "|" + "---|" * (len(ratios) + 5)]
     for name, t in d["tasks"].items():
         cells = [f"**{q:.3f}**" if q > 1 + tol else f"{q:.3f}" for q in t["quality"]]
-        knee = "holds" if t["holds"] else _r(t["knee"], ".3f")
+        knee = "holds" if t["holds"] else fmt(t["knee"], ".3f")
         lines.append(f"| {name} | {t['perplexity_original']:.3f} | " + " | ".join(cells)
-                     + f" | {knee} | {_r(t['recommend'], 'g')} | {_r(t['elbow'], 'g')} |")
+                     + f" | {knee} | {fmt(t['recommend'], 'g')} | {fmt(t['elbow'], 'g')} |")
     lines += ["", f"Per-layer cliff: first swept ratio whose block reconstruction error exceeds "
               f"{d['cliff_threshold']:g} (— : none).", "",
               "| task | " + " | ".join(f"layer {x}" for x in layers) + " |", "|" + "---|" * (len(layers) + 1)]
     for name, t in d["tasks"].items():
-        lines.append(f"| {name} | " + " | ".join(_r(c, "g") for c in t["cliff"]) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(c, "g") for c in t["cliff"]) + " |")
     lines += ["", "Block reconstruction error ‖Z − Ẑ‖² / ‖Z‖² of each task's own plan on its calibration tokens.", "",
               "| task | layer | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|" + "---|" * (len(ratios) + 2)]
     for name, t in d["tasks"].items():
@@ -48,7 +49,7 @@ def tables(d: dict[str, Any]) -> str:
 
 
 def plot(d: dict[str, Any], path: Path) -> Path:
-    """Top: quality vs ratio per task (log scale), the tolerance line and each knee; bottom: one heat map per task
+    """Top: quality vs ratio per task, the tolerance line and each knee; bottom: one heat map per task
     of the block error (layers × ratios), each layer's cliff written in its cell."""
     plt = _plt()
     import numpy as np
@@ -66,13 +67,14 @@ def plot(d: dict[str, Any], path: Path) -> Path:
         if t["knee"] is not None:
             ax.plot([t["knee"]], [line], marker="X", markersize=11, color=c, markeredgecolor="black")
     ax.axhline(line, color="grey", linestyle=":", linewidth=1, label=f"×{line:.3g} (tolerance)")
-    ax.set_yscale("log")
-    times = FuncFormatter(lambda v, _: f"×{v:.3g}")
-    ax.yaxis.set_major_formatter(times)
-    ax.yaxis.set_minor_formatter(times)
+    values = [v for t in tasks.values() for v in t["quality"]]
+    cap = 1 + 20 * d["tolerance"]  # the knee region stays readable; steeper points leave the panel
+    ax.set_ylim(min(0.98, *values), min(max(values), cap) * 1.02)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:.3g}"))
     ax.set_xlabel("ratio of experts dropped per layer")
     ax.set_ylabel("held-out ppl / original")
-    ax.set_title(f"held-out quality per task ({d['criterion']} plan of each task; X = knee)", fontsize=10)
+    clipped = f"; y clipped at ×{cap:.3g}, see sweep.md" if max(values) > cap else ""
+    ax.set_title(f"held-out quality per task ({d['criterion']} plan of each task; X = knee{clipped})", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     top = max(1e-9, max(v for t in tasks.values() for row in t["measured"] for v in row))
