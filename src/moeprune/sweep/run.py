@@ -64,6 +64,8 @@ def sweep_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSet]
     """The sweep of a loaded model (module docstring); `held[i]` is the held-out text of `sets[i]`."""
     routing = adapter.routing()
     ratios, skipped = check_ratios(opts.ratios, adapter.num_experts, routing)
+    for r, why in skipped.items():
+        logger.warning("ratio %s is left out of the sweep: %s", r, why)
     probe = MeasuredProbe(ratios, routing, calib.device, opts.probe_tokens, criterion=opts.criterion)
     start = time.perf_counter()
     run = collect(model, adapter, sets, device=calib.device, batch_size=calib.batch_size, decide=probe,
