@@ -12,7 +12,7 @@ import pytest
 from moeprune.cli import build_parser
 
 COMMANDS = ("demo", "info", "analyze", "calibrate", "stats", "criteria", "plan", "apply", "prune", "quantize",
-            "budget", "verify", "eval", "compare", "gen-tasks", "lm-eval", "export", "steer", "testbed")
+            "budget", "verify", "eval", "compare", "gen-tasks", "lm-eval", "export", "steer", "sweep", "testbed")
 NESTED = {"stats": ("merge",), "testbed": ("build", "info", "path"), "export": ("gguf",)}
 
 

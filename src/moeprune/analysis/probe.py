@@ -16,6 +16,11 @@ probed alone: later layers see the unpruned model. Per domain d the same D is sc
 Both are measured on at most `PROBE_TOKENS` real tokens per domain and layer (every ⌈N/cap⌉-th; `--probe-tokens`),
 their sums scaled by N/kept so that domains combine in proportion to their token counts.
 
+Task plans (`MeasuredProbe(criterion=NAME)`, used by `moeprune sweep`): instead of the one cheapest plan, every
+domain d gets its own plan D_d(ℓ, r) — the calibrated criterion's uniform selection on d's statistics only (exactly
+what `select.build.build_plan(stats, NAME, r, calib_set=[d])` keeps) — and measured(ℓ, r) on d's tokens is the
+error of D_d. The all-domain figure `measured(ℓ)` then mixes the domains' own plans.
+
 Cliff of a layer: the first probed ratio whose measured error exceeds CLIFF (default 0.1: the layer loses more than
 a tenth of its output energy); None when every ratio stays below it.
 """
@@ -78,8 +83,23 @@ def check_ratios(ratios: Sequence[float], num_experts: int | None = None,
 def cheapest_drop(mass: torch.Tensor, ratio: float, routing: RoutingSpec) -> list[int]:
     """Experts with the least routed output mass [E] (uniform policy: same drop per group; ties drop the higher
     index)."""
-    kept = set(select_uniform({0: mass.double()}, ratio, routing, higher_keeps=True)[0])
-    return [e for e in range(mass.numel()) if e not in kept]
+    return uniform_drop(mass, ratio, routing, higher_keeps=True)
+
+
+def uniform_drop(scores: torch.Tensor, ratio: float, routing: RoutingSpec, higher_keeps: bool) -> list[int]:
+    """The experts the uniform policy drops from one layer's scores [E] (ascending)."""
+    kept = set(select_uniform({0: scores.double()}, ratio, routing, higher_keeps=higher_keeps)[0])
+    return [e for e in range(scores.numel()) if e not in kept]
+
+
+def criterion_drops(criterion: str, stats: dict[str, RoutedStats], ratios: list[float],
+                    routing: RoutingSpec) -> dict[str, list[list[int]]]:
+    """{domain: [dropped experts per ratio]}: the calibrated criterion's uniform plan on each domain's statistics."""
+    from moeprune.criteria import CRITERIA
+
+    crit = CRITERIA.get(criterion)
+    return {name: [uniform_drop(crit.fn(s), r, routing, crit.higher_keeps) for r in ratios]
+            for name, s in stats.items()}
 
 
 def predicted_cost(mass: torch.Tensor, dropped: list[int]) -> float:
@@ -123,20 +143,30 @@ def sample(x: torch.Tensor, z: torch.Tensor, cap: int | None) -> tuple[torch.Ten
 class MeasuredProbe:
     """A `decide` hook for `calibration.session.collect`: measures every layer's cheapest plans on the cached block
     inputs/outputs, then returns [] so the pass goes on unpruned. Results: per layer {domain: [(err, ref)] per ratio}.
+    With `criterion`, each domain is measured with its own plan of that calibrated criterion (module docstring).
     """
 
     ratios: list[float]
     routing: RoutingSpec
     device: str = "cpu"  # where the block runs for the probe (it is moved back afterwards)
     max_tokens: int | None = PROBE_TOKENS  # per domain and layer; None or 0: every real token (`sample`)
+    criterion: str | None = None  # None: the cheapest plan for every domain; a name: each domain's own plan
     errors: dict[int, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
-    dropped: dict[int, list[list[int]]] = field(default_factory=dict)
+    dropped: dict[int, list[list[int]]] = field(default_factory=dict)  # cheapest plans (criterion None)
+    dropped_per_domain: dict[int, dict[str, list[list[int]]]] = field(default_factory=dict)  # criterion plans
+
+    def plans(self, layer: int, stats: dict[str, RoutedStats]) -> dict[str, list[list[int]]]:
+        """{domain: [dropped experts per ratio]} to measure on each domain's tokens, recorded on the probe."""
+        if self.criterion is not None:
+            self.dropped_per_domain[layer] = criterion_drops(self.criterion, stats, self.ratios, self.routing)
+            return self.dropped_per_domain[layer]
+        mass = sum(s.sums["gate_norm_sum"] for s in stats.values())  # [E] all sets
+        self.dropped[layer] = [cheapest_drop(mass, r, self.routing) for r in self.ratios]
+        return dict.fromkeys(stats, self.dropped[layer])
 
     def __call__(self, model: nn.Module, adapter: MoEAdapter, layer: int, stats: dict[str, RoutedStats],
                  io: BlockIO) -> list[int]:
-        mass = sum(s.sums["gate_norm_sum"] for s in stats.values())  # [E] all sets
-        plans = [cheapest_drop(mass, r, self.routing) for r in self.ratios]
-        self.dropped[layer] = plans
+        plans = self.plans(layer, stats)
         by_domain: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for x, z, v, tag in zip(io.inputs, io.outputs, io.valid, io.tags, strict=True):
             xs, zs = by_domain.setdefault(tag, ([], []))
@@ -151,11 +181,11 @@ class MeasuredProbe:
                 x, z, weight = sample(torch.cat(xs), torch.cat(zs), self.max_tokens)  # [n, H] each
                 evaluate = block_evaluator(model, adapter, layer, [x[None]], [z[None]])
                 ref = float(z.double().square().sum())  # Σ ‖Z‖²
-                self.errors[layer][tag] = [(weight * evaluate(tuple(d)), weight * ref) for d in plans]
+                self.errors[layer][tag] = [(weight * evaluate(tuple(d)), weight * ref) for d in plans[tag]]
         finally:
             block.to(home)
-        logger.info("layer %d: cheapest plans at ratios %s cost %s of the MoE output (relative squared error)", layer,
-                    self.ratios, ", ".join(f"{e:.3g}" for e in self.measured(layer)))
+        logger.info("layer %d: %s plans at ratios %s cost %s of the MoE output (relative squared error)", layer,
+                    self.criterion or "cheapest", self.ratios, ", ".join(f"{e:.3g}" for e in self.measured(layer)))
         return []
 
     def measured(self, layer: int, domain: str | None = None) -> list[float]:

@@ -32,7 +32,7 @@ from moeprune.analysis.results import check_results, results_sections
 from moeprune.analysis.sections import build_sections
 from moeprune.analysis.usage import balance, coactivation, specialisation, supers, usage
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.session import collect
+from moeprune.calibration.session import CollectResult, collect
 from moeprune.errors import MoePruneError
 from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
@@ -147,6 +147,16 @@ def add_measured(data: dict[str, Any], probe: MeasuredProbe, threshold: float) -
 # ----------------------------------------------------------------------------------------------- entry points
 
 
+def pass_stats(adapter: MoEAdapter, run: CollectResult, sets: list[CalibSet], probe_stride: int | None,
+               meta: dict[str, Any] | None) -> ExpertStats:
+    """The `ExpertStats` of one single-process calibration pass (`collect`) over `sets`."""
+    return ExpertStats(
+        adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), run.router_sha256, run.stats,
+        {"routing": dataclasses.asdict(adapter.routing()), "moeprune_version": __version__, "world_size": 1,
+         "probe_stride": probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k),
+         "calibration": {s.name: [s.describe()] for s in sets}, **(meta or {})})
+
+
 def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSet], *,
                  ratios: Sequence[float] = RATIOS, lengths: Sequence[int] = LENGTHS,
                  criteria: Sequence[str] | None = None, cliff_threshold: float = CLIFF, device: str = "cpu",
@@ -160,11 +170,7 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
     start = time.perf_counter()
     run = collect(model, adapter, sets, device=device, batch_size=batch_size, layer_context=layer_context,
                   decide=probe, probe_stride=probe_stride, trace=True)
-    stats = ExpertStats(
-        adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), run.router_sha256, run.stats,
-        {"routing": dataclasses.asdict(routing), "moeprune_version": __version__, "world_size": 1,
-         "probe_stride": probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k),
-         "calibration": {s.name: [s.describe()] for s in sets}, **(meta or {})})
+    stats = pass_stats(adapter, run, sets, probe_stride, meta)
     logger.info("calibration pass done in %.1f s; computing the analysis", time.perf_counter() - start)
     data = stats_analysis(stats, ratios, criteria)
     add_measured(data, probe, cliff_threshold)

@@ -31,6 +31,7 @@ from moeprune.cli import (
     quantize,
     stats,
     steer,
+    sweep,
     testbed,
     verify,
 )
@@ -41,7 +42,7 @@ from moeprune.log import configure
 
 # in the order `moeprune -h` lists them: the usual path first, then the tools around it
 VERBS = (demo, info, analyze, calibrate, stats, criteria, plan, apply, prune, quantize, budget, verify, eval, compare,
-         gen_tasks, lm_eval, export, steer, testbed)
+         gen_tasks, lm_eval, export, steer, sweep, testbed)
 
 
 def build_parser() -> argparse.ArgumentParser:
