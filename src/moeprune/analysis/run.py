@@ -164,7 +164,7 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
     if offload is not None:
         if timing is None:
             raise MoePruneError("the offloading simulation needs a timing model (TimingModel.from_checkpoint).")
-        offload.sizes(adapter.top_k, adapter.num_experts)
+        offload.check(adapter.top_k, adapter.num_experts)
         if not heldout:
             check_splittable([s.name for s in sets], [int(s.input_ids.shape[0]) for s in sets])
     routing: RoutingSpec = adapter.routing()
@@ -224,7 +224,7 @@ def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[f
     check_ratios(ratios, adapter.num_experts, adapter.routing())
     timing, heldout = None, None
     if offload is not None:
-        offload.sizes(adapter.top_k, adapter.num_experts)
+        offload.check(adapter.top_k, adapter.num_experts)
         timing = TimingModel.from_checkpoint(model, offload.bandwidth, offload.tflops)
         if offload.heldout:
             heldout = calib_run.prepare(model, dataclasses.replace(calib, calib=tuple(offload.heldout),

@@ -61,6 +61,10 @@ class OffloadOptions:
                                 "and all experts at most).")
         return out
 
+    def check(self, top_k: int, num_experts: int) -> None:
+        """Every check that needs the model's k and E (cache sizes, prefetch count), before any work."""
+        self.prefetch_count(top_k, self.sizes(top_k, num_experts)[0])
+
     def prefetch_count(self, top_k: int, smallest_cache: int) -> int:
         p = self.prefetch or top_k
         if p > smallest_cache:
