@@ -233,3 +233,15 @@ def test_bad_options_are_refused():
         simulate(torch.tensor([[0, 1]]), 4, 1)
     with pytest.raises(MoePruneError, match="unknown eviction rule"):
         simulate(torch.tensor([[0, 1]]), 4, 2, "fifo")
+
+
+def test_belady_and_sch_bound_neither_the_other():
+    """SCH(L, m) (analysis/lrc.py: a cache fixed per L-token segment, switches free) is no bound of the per-token
+    Belady cache either way: at L = 1 it hits always, over a whole phase-switching trace it is one static set."""
+    from moeprune.analysis.lrc import sch
+
+    trace = torch.tensor([[0, 1]] * 50 + [[2, 3]] * 50)  # two phases, E = 4, k = m = 2
+    bel = simulate(trace, 4, 2, "belady").hit_rate  # only the 4 first uses miss
+    assert bel == pytest.approx(1 - 4 / 200)
+    assert sch(trace, 4, 1, 2) == 1.0 > bel
+    assert sch(trace, 4, 100, 2) == 0.5 < bel

@@ -118,14 +118,14 @@ class Belady(Eviction):
 
 def next_use(requests: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[T, k] -> [T, E]: the first token t' > t whose request holds e (INF if none)."""
-    T = requests.shape[0]
-    out = torch.full((T, num_experts), INF, dtype=torch.long)
-    row = torch.full((num_experts,), INF, dtype=torch.long)
-    for t in range(T - 1, -1, -1):
+    rows = requests.tolist()
+    out, row = [None] * len(rows), [INF] * num_experts
+    for t in range(len(rows) - 1, -1, -1):
         out[t] = row
-        row = row.clone()
-        row[requests[t]] = t
-    return out
+        row = list(row)
+        for e in rows[t]:
+            row[e] = t
+    return torch.tensor(out, dtype=torch.long).reshape(len(rows), num_experts)
 
 
 def check_stream(requests: torch.Tensor, num_experts: int, cache_size: int, prefetch: torch.Tensor | None) -> None:
@@ -152,9 +152,9 @@ def simulate(requests: torch.Tensor, num_experts: int, cache_size: int, eviction
     T, k = requests.shape
     rule = EVICTIONS.get(eviction)(requests, num_experts)
     resident: set[int] = set()
-    hits, demand, pre = (torch.zeros(T, dtype=torch.long) for _ in range(3))
-    req_rows = requests.tolist()
-    pre_rows = prefetch.tolist() if prefetch is not None else None
+    hits, demand, pre = [0] * T, [0] * T, [0] * T  # python ints: a tensor element write costs a microsecond
+    req_rows = [sorted(row) for row in requests.tolist()]
+    pre_rows = [sorted({e for e in row if e >= 0}) for row in prefetch.tolist()] if prefetch is not None else None
 
     def load(e: int, t: int, keep: set[int]) -> None:
         if len(resident) >= cache_size:
@@ -163,18 +163,21 @@ def simulate(requests: torch.Tensor, num_experts: int, cache_size: int, eviction
 
     for t in range(T):
         if pre_rows is not None:
-            guesses = {e for e in pre_rows[t] if e >= 0}
-            for e in sorted(guesses):
+            guesses = pre_rows[t]
+            keep = set(guesses)
+            for e in guesses:
                 if e not in resident:
-                    load(e, t, guesses)
+                    load(e, t, keep)
                     pre[t] += 1
-                rule.use(e, t, requested=False)
-        want = set(req_rows[t])
-        for e in sorted(want):
+                rule.use(e, t, False)
+        want = req_rows[t]
+        keep = set(want)
+        for e in want:
             if e in resident:
                 hits[t] += 1
             else:
-                load(e, t, want)
+                load(e, t, keep)
                 demand[t] += 1
-            rule.use(e, t, requested=True)
-    return CacheRun(hits, demand, pre, k)
+            rule.use(e, t, True)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return CacheRun(as_long(hits), as_long(demand), as_long(pre), k)

@@ -149,8 +149,9 @@ def verdict(res: dict[str, Any], timing: TimingModel, E: int) -> dict[str, Any]:
             f"policy per cache size: {offload}; all experts resident: {timing.resident_s * 1e6:.3g} µs per token "
             f"({mb(E)}).")
     if not table:
-        return {"kind": "no-static-quality", "text": head + " Pass the static pruning quality (--static-quality "
-                "RATIO=PPL_RATIO,...) to compare with static pruning.", "best": _best(best)}
+        decision = "Pass the static pruning quality (--static-quality RATIO=PPL_RATIO,...) to compare with it."
+        return {"kind": "no-static-quality", "text": f"{head} {decision}", "head": head, "decision": decision,
+                "best": _best(best)}
     meets = [r for r in sorted(table) if table[r] <= target]
     if meets:
         r_s = max(meets)
@@ -162,18 +163,19 @@ def verdict(res: dict[str, Any], timing: TimingModel, E: int) -> dict[str, Any]:
         static = (f"No static ratio given ({', '.join(f'{r:g}: ×{q:.3f}' for r, q in sorted(table.items()))}) meets "
                   f"×{target:g}; only the full model ({mb(E)}) or offloading does")
     smaller = [m for m in best if m < kept]
+    fallback = "static pruning wins (full speed)" if r_s is not None else "the unpruned model fits (full speed)"
     if smaller:
         m = smaller[-1]
-        text = (f"{head} {static}. For perplexity ×{target:g}: below {mb(kept)} of expert memory offloading wins "
-                f"(static pruning cannot meet the target there), e.g. m = {m} ({mb(m)}) at ×{best[m]['slowdown']:.2f} "
-                f"time per token; at {mb(kept)} or more static pruning wins (full speed).")
+        decision = (f"{static}. For perplexity ×{target:g}: below {mb(kept)} of expert memory offloading wins "
+                    f"(static pruning cannot meet the target there), e.g. m = {m} ({mb(m)}) at "
+                    f"×{best[m]['slowdown']:.2f} time per token; at {mb(kept)} or more {fallback}.")
         kind = "offload"
     else:
-        text = (f"{head} {static}. Every simulated cache is at least that large, so static pruning wins for "
-                f"×{target:g}: the same memory, full speed.")
+        decision = (f"{static}. Every simulated cache is at least that large, so static pruning wins for "
+                    f"×{target:g}: the same memory, full speed.")
         kind = "static"
-    return {"kind": kind, "text": text, "static_ratio": r_s, "static_experts": kept,
-            "static_memory_bytes": timing.memory(kept), "best": _best(best)}
+    return {"kind": kind, "text": f"{head} {decision}", "head": head, "decision": decision, "static_ratio": r_s,
+            "static_experts": kept, "static_memory_bytes": timing.memory(kept), "best": _best(best)}
 
 
 def _best(best: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
