@@ -1,14 +1,14 @@
 """Expert offloading on the testbed (top-2 of 16, 4 MoE layers): an m-expert cache per layer instead of pruning.
 
-`moeprune analyze --offload` on the testbed: the transition predictor trains on the routing of the calibration text
-(`data/<domain>.calib.txt`, --calib-samples windows per domain), the caches are simulated on the held-out text
-(`data/<domain>.heldout.txt`, the same number of windows, sequences interleaved over the domains). Per cache size
-m = k, 2k, 4k and policy (LRU, LFU, predictive prefetch, oracle prefetch, Belady): hit rate, experts and bytes
-moved per token, predicted time per token at --bandwidth GB/s and --flops TFLOP/s (offload/timing.py), the
-predictor's recall / precision per layer, SCH(16, m) on the same tokens, and the verdict against static pruning
-for several quality targets. Static pruning's quality: the best criterion of benchmarks/RESULTS.md "Expert-level
-methods on the testbed" (`benchmarks/quality.py`, mixed calibration, 64 + 64 windows): naee ×1.052 at 25 %,
-×1.895 at 50 % (geo-mean held-out perplexity ratio); pass --static-quality to use other numbers.
+`moeprune analyze --offload` on the testbed: the transition predictor trains on the routing of the calibration
+text (`data/<domain>.calib.txt`, --calib-samples windows per domain), the caches are simulated on the held-out
+text (`data/<domain>.heldout.txt`, the same number of windows, sequences interleaved over the domains). Per cache
+size m = k, 2k, 4k and policy (LRU, LFU, predictive prefetch, router look-ahead prefetch, oracle prefetch,
+Belady): hit rate, experts and bytes moved per token, predicted time per token at --bandwidth GB/s and --flops
+TFLOP/s (offload/timing.py); the predictors' recall / precision per layer, SCH(16, m) on the same tokens, and the
+verdict against static pruning for several quality targets. Static pruning's quality: the best criterion of
+benchmarks/RESULTS.md "Expert-level methods on the testbed" (`benchmarks/quality.py`, mixed calibration, 64 + 64
+windows): naee ×1.052 at 25 %, ×1.895 at 50 % (geo-mean held-out perplexity ratio); --static-quality overrides.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/offload.py [--out benchmarks/results/offload]
 """
@@ -33,7 +33,8 @@ from moeprune.testbed import build_testbed
 
 STATIC = "0.25=1.052,0.5=1.895"  # naee, benchmarks/RESULTS.md "Expert-level methods on the testbed"
 TARGETS = (1.02, 1.06, 1.10, 2.0)
-NAMES = {"lru": "LRU", "lfu": "LFU", "predictive": "predictive", "oracle": "oracle prefetch", "belady": "Belady"}
+NAMES = {"lru": "LRU", "lfu": "LFU", "predictive": "predictive", "lookahead": "router look-ahead",
+         "oracle": "oracle prefetch", "belady": "Belady"}
 
 
 def table(o: dict) -> list[str]:
@@ -71,7 +72,7 @@ def main() -> None:
     for target in TARGETS:
         verdicts[target] = verdict({**o, "quality_target": target}, timing, res.data["num_experts"])
     seconds = time.perf_counter() - start
-    pr, t = o["predictor"], o["timing"]
+    pr, la_, t = o["predictor"], o["lookahead"], o["timing"]
     md = [f"Testbed `{tb.path.name}` (E = {res.data['num_experts']}, k = {res.data['top_k']}, "
           f"{len(res.data['layers'])} MoE layers); predictor trained on {o['train_tokens']:,} calibration tokens, "
           f"caches simulated on {o['tokens']:,} held-out tokens (cold start, domains interleaved by sequence); "
@@ -80,11 +81,14 @@ def main() -> None:
           f"{t['bandwidth_gbs']:g} GB/s; compute c = {t['compute_s'] * 1e9:.2f} ns per MoE layer at "
           f"{t['tflops']:g} TFLOP/s; all experts resident: {t['resident_s'] * 1e9:.1f} ns per token.", "",
           *table(o), "",
-          "Transition predictor (p = k guesses for layer ℓ from the token's layer ℓ−1 experts):", "",
-          "| layer | recall of true top-k | precision |", "|---:|---:|---:|",
-          *[f"| {la} | {r:.4f} | {p:.4f} |" for la, r, p in zip(pr["layers"], pr["recall"], pr["precision"],
-                                                                  strict=True)],
-          f"| mean | {pr['mean_recall']:.4f} | {pr['mean_precision']:.4f} |", "",
+          "Prefetch guesses for layer ℓ (p = k): the transition predictor from the token's layer ℓ−1 experts, and "
+          "layer ℓ's router on layer ℓ−1's MoE block input (look-ahead); recall of the true top-k / precision:", "",
+          "| layer | transition recall | transition precision | look-ahead recall | look-ahead precision |",
+          "|---:|---:|---:|---:|---:|",
+          *[f"| {la} | {pr['recall'][i]:.4f} | {pr['precision'][i]:.4f} | {la_['recall'][i]:.4f} | "
+            f"{la_['precision'][i]:.4f} |" for i, la in enumerate(pr["layers"])],
+          f"| mean | {pr['mean_recall']:.4f} | {pr['mean_precision']:.4f} | {la_['mean_recall']:.4f} | "
+          f"{la_['mean_precision']:.4f} |", "",
           "SCH(16, m) on the same held-out tokens (segment-fixed cache, free switches; locality section): "
           + ", ".join(f"m = {m}: {v:.4f}" for m, v in zip(o["cache_sizes"], o["sch"]["values"], strict=True)
                       if v is not None) + ".", "",

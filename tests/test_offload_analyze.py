@@ -14,12 +14,15 @@ import torch
 
 from moeprune.analysis.run import analyze
 from moeprune.calibration import run as calib_run
+from moeprune.calibration.data import CalibSet
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.calibration.session import collect
 from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.offload import OffloadOptions
-from moeprune.tiny import save_tiny
+from moeprune.offload.lookahead import Lookahead
+from moeprune.pipeline.verify import seeded_inputs
+from moeprune.tiny import save_tiny, tiny_model
 from refusal import assert_cli_refused, assert_refused
 from textgen import write_words
 
@@ -70,12 +73,12 @@ def lru_hits(stream: list[list[int]], m: int) -> int:
 def test_section_plot_and_lru_against_an_independent_lru(root, report):
     o = report["offload"]
     assert o["cache_sizes"] == [2, 4, 8] and o["heldout"] == "heldout"
-    assert [(r["m"], r["policy"]) for r in o["rows"]] == [(m, p) for m in (2, 4, 8)
-                                                          for p in ("lru", "lfu", "predictive", "oracle", "belady")]
+    policies = ("lru", "lfu", "predictive", "lookahead", "oracle", "belady")
+    assert [(r["m"], r["policy"]) for r in o["rows"]] == [(m, p) for m in (2, 4, 8) for p in policies]
     sections = json.loads((root / "out" / "report.json").read_text())["sections"]
     sec = next(s for s in sections if s["id"] == "offload")
     assert sec["images"][0]["file"] == "offload.png" and (root / "out" / "offload.png").read_bytes()[:8] == PNG
-    assert len(sec["tables"][0]["rows"]) == 15 and report["files"]["offload"] == "offload.png"
+    assert len(sec["tables"][0]["rows"]) == 18 and report["files"]["offload"] == "offload.png"
     # the held-out routing, by the calibration session on its own
     calib = CalibrateOptions((f"test={root / 'test.txt'}",), samples=6, seq_len=32, held_out=0)
     _, _, sets = calib_run.prepare(root / "model", calib)
@@ -98,7 +101,43 @@ def test_section_plot_and_lru_against_an_independent_lru(root, report):
 
 
 def by_policies() -> tuple[str, ...]:
-    return ("lru", "lfu", "predictive", "oracle")
+    return ("lru", "lfu", "predictive", "lookahead", "oracle")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_lookahead_is_the_next_router_on_the_previous_block_input(family):
+    """The guesses for MoE layer ℓ equal layer ℓ's routing rule applied by hand to the input of layer ℓ−1's MoE
+    block, captured with a hook during one plain whole-model forward (real tokens of a left-padded batch)."""
+    model = tiny_model(family, seed=3).eval()
+    adapter = get_adapter(model.config)
+    inputs = seeded_inputs(model.config.vocab_size, batch=3, seq_len=12, seed=4)
+    sets = [CalibSet("x", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)]
+    look = Lookahead()
+    collect(model, adapter, sets, batch_size=2, decide=look)
+    moe = adapter.moe_layers()
+    seen = {}
+    hook = adapter.block(model, moe[0]).register_forward_hook(lambda mod, args, out: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    x = seen["x"].reshape(-1, model.config.hidden_size)  # [B·S, H] layer moe[0]'s MoE input
+    gate = adapter.router(adapter.block(model, moe[1]))
+    logits = x @ gate.weight.T  # [B·S, E]
+    k = adapter.top_k
+    if family == "qwen3_moe":
+        want = logits.softmax(-1).topk(k, dim=-1).indices
+    else:  # deepseek_v3: sigmoid scores + correction bias, best n_group groups by their top-2 sums, then top-k
+        cfg = model.config
+        scores = logits.sigmoid() + gate.e_score_correction_bias
+        groups = scores.view(-1, cfg.n_group, adapter.num_experts // cfg.n_group)  # [T, G, E/G]
+        top_groups = groups.topk(2, dim=-1).values.sum(-1).topk(cfg.topk_group, dim=-1).indices  # [T, g]
+        keep = torch.zeros_like(groups[..., 0]).scatter_(1, top_groups, 1).bool()  # [T, G]
+        scores = scores.masked_fill(~keep.repeat_interleave(adapter.num_experts // cfg.n_group, 1), 0.0)
+        want = scores.topk(k, dim=-1).indices
+    mask = inputs["attention_mask"].reshape(-1).bool()
+    got = torch.cat(look.traces["x"][moe[1]])  # [n_real, k]
+    assert got.shape == (int(mask.sum()), k)
+    assert got.sort(1).values.tolist() == want[mask].sort(1).values.tolist()
 
 
 def test_without_heldout_the_calibration_sequences_are_split(root):
@@ -109,6 +148,8 @@ def test_without_heldout_the_calibration_sequences_are_split(root):
     assert o["heldout"] == "split" and o["cache_sizes"] == [2, 3]
     assert o["tokens"] == o["train_tokens"] == 3 * 32  # 6 full windows: 3 even-numbered, 3 odd-numbered
     assert o["verdict"]["kind"] == "no-static-quality"
+    assert o["lookahead"]["layers"] == o["predictor"]["layers"]  # guesses of the same split
+    assert any(r["policy"] == "lookahead" for r in o["rows"])
 
 
 def test_offload_options_are_refused(root, capsys):

@@ -11,7 +11,8 @@ from typing import Any
 
 from moeprune.analysis.plots import _plt, _save
 
-TITLES = {"lru": "LRU", "lfu": "LFU", "predictive": "predictive prefetch", "oracle": "oracle prefetch (bound)",
+TITLES = {"lru": "LRU", "lfu": "LFU", "predictive": "predictive prefetch", "lookahead": "router look-ahead prefetch",
+          "oracle": "oracle prefetch (bound)",
           "belady": "Belady (bound)"}
 
 
@@ -34,8 +35,12 @@ def offload_section(a: dict[str, Any], images: dict[str, str]) -> dict[str, Any]
         f"Predictive prefetch loads the transition predictor's {o['prefetch']} best guesses for layer ℓ from the "
         f"token's routing at layer ℓ−1 (trained on {o['train_tokens']:,} calibration tokens); recall of the true "
         f"top-k {pr['mean_recall']:.1%}, precision {pr['mean_precision']:.1%} (means over layers "
-        f"{', '.join(str(la) for la in pr['layers'])}). Belady (optimal offline eviction) bounds the bytes moved of "
-        "every policy; oracle prefetch (perfect guesses) bounds what prefetching can hide.",
+        f"{', '.join(str(la) for la in pr['layers'])}). "
+        + (f"Router look-ahead prefetch loads the top-{o['prefetch']} of layer ℓ's router on layer ℓ−1's block input "
+           f"(no training): recall {o['lookahead']['mean_recall']:.1%}, precision "
+           f"{o['lookahead']['mean_precision']:.1%}. " if o.get("lookahead") else "")
+        + "Belady (optimal offline eviction) bounds the bytes moved of every policy; oracle prefetch (perfect "
+          "guesses) bounds what prefetching can hide.",
         "SCH(16, m) of the locality section on the same tokens, for comparison (a cache fixed per 16-token segment, "
         "chosen with look-ahead, with free changes between segments — not a bound of Belady's per-token hit rate "
         "either way): " + ", ".join(f"m = {m}: {v:.3f}" for m, v in sch.items() if v is not None) + ".",
@@ -44,10 +49,12 @@ def offload_section(a: dict[str, Any], images: dict[str, str]) -> dict[str, Any]
     tables = [{"caption": "policy × cache size (time per token in µs; slowdown against every expert resident)",
                "columns": ["m", "policy", "hit rate", "experts moved / token", "MiB moved / token", "time / token",
                            "slowdown"], "rows": rows},
-              {"caption": "transition predictor accuracy on the test stream",
-               "columns": ["layer", "recall", "precision"],
-               "rows": [[la, round(r, 4), round(p, 4)] for la, r, p in zip(pr["layers"], pr["recall"],
-                                                                            pr["precision"], strict=True)]}]
+              {"caption": "prefetch guesses on the test stream: recall of the true top-k, precision",
+               "columns": ["layer", "transition recall", "transition precision"]
+               + (["look-ahead recall", "look-ahead precision"] if o.get("lookahead") else []),
+               "rows": [[la, round(pr["recall"][i], 4), round(pr["precision"][i], 4)]
+                        + ([round(o["lookahead"]["recall"][i], 4), round(o["lookahead"]["precision"][i], 4)]
+                           if o.get("lookahead") else []) for i, la in enumerate(pr["layers"])]}]
     imgs = [{"file": images["offload"], "caption": "hit rate, bytes moved and time per token over the cache size"}] \
         if "offload" in images else []
     return {"id": "offload", "title": "Offloading: an expert cache instead of pruning", "paragraphs": paras,

@@ -5,6 +5,8 @@
                                      agreement, redundancy probe (predicted vs measured) and local routing
                                      consistency (SRP/SCH vs shuffled baseline, verdict)
     analyze_stats(FILE, DIR)         everything a statistics file supports (no traces, no cached activations)
+    analyze(..., offload=OffloadOptions(...))   + the offloading simulation on the traces (`moeprune.offload`:
+                                     caches per layer, predictors, time per token, verdict) -> "offload", offload.png
 
 DIR gets analysis.json (every number), report.json (`AnalysisResult.sections()`, for the HTML renderer), the PNG
 plots, stats.safetensors (model mode: the pass's statistics, ready for `moeprune plan`) and report.html when
@@ -40,6 +42,7 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.routing import RoutingSpec
+from moeprune.offload.lookahead import Lookahead, both
 from moeprune.offload.options import OffloadOptions, check_splittable
 from moeprune.offload.run import simulate_offload, split
 from moeprune.offload.timing import TimingModel
@@ -172,8 +175,10 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
     lengths, criteria = check_lengths(lengths), check_criteria(criteria)
     probe = MeasuredProbe(usable, routing, device, probe_tokens)
     start = time.perf_counter()
+    look = Lookahead(device) if offload is not None else None  # router look-ahead guesses for the prefetcher
     run = collect(model, adapter, sets, device=device, batch_size=batch_size, layer_context=layer_context,
-                  decide=probe, probe_stride=probe_stride, trace=True)
+                  decide=probe if look is None or heldout else both(probe, look), probe_stride=probe_stride,
+                  trace=True)
     stats = ExpertStats(
         adapter.model_type, adapter.num_experts, adapter.top_k, adapter.moe_layers(), run.router_sha256, run.stats,
         {"routing": dataclasses.asdict(routing), "moeprune_version": __version__, "world_size": 1,
@@ -189,12 +194,12 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
     if offload is not None:
         if heldout:
             test = collect(model, adapter, heldout, device=device, batch_size=batch_size, layer_context=layer_context,
-                           probe_stride=probe_stride, trace=True).traces
-            train, which = run.traces, "heldout"
+                           decide=look, probe_stride=probe_stride, trace=True).traces
+            train, which, guesses = run.traces, "heldout", look.traces
         else:
-            (train, test), which = split(run.traces), "split"
+            (train, test), which, guesses = split(run.traces), "split", split(look.traces)[1]
         data["offload"] = simulate_offload(train, test, stats.layers, adapter.num_experts, adapter.top_k, timing,
-                                           offload, which)
+                                           offload, which, lookahead=guesses)
     return AnalysisResult(data, stats, run.traces)
 
 

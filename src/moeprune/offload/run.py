@@ -11,6 +11,8 @@ Policies (`POLICIES`; all demand-load what is missing, evicting as named):
     predictive         at every MoE layer but the first, prefetch the transition predictor's p best guesses from
                        the token's routing at the layer before (offload/predictor.py), LRU eviction; the first
                        MoE layer has no predecessor and runs plain LRU
+    lookahead          the same with layer ℓ's router applied to layer ℓ−1's block input (offload/lookahead.py;
+                       only when its guesses are given)
     oracle             the same with perfect guesses (the true next-layer experts): the ceiling of prefetching
 
 Relation to SCH(L, m) of the locality section (analysis/lrc.py). SCH fixes a cache per L-token segment with
@@ -39,7 +41,7 @@ from moeprune.offload.timing import TimingModel
 from moeprune.registry import Registry
 
 Traces = dict[str, dict[int, list[torch.Tensor]]]  # set -> MoE layer -> [T_i, k] per sequence
-REALIZABLE = ("lru", "lfu", "predictive")  # policies a server can run (belady and oracle need the future)
+REALIZABLE = ("lru", "lfu", "predictive", "lookahead")  # policies a server can run (belady and oracle need the future)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Streams:
     num_experts: int
     guesses: list[torch.Tensor | None]  # per layer [T, p] from the predictor (None for the first layer)
     truth: list[torch.Tensor | None]  # per layer [T, p] oracle guesses
+    ahead: list[torch.Tensor | None] | None = None  # per layer [T, p] router look-ahead guesses
 
 
 POLICIES: Registry[Callable[[Streams, int, int], CacheRun]] = Registry("offloading policy")
@@ -58,7 +61,8 @@ for _rule in ("lru", "lfu", "belady"):
     POLICIES.register(_rule, lambda s, i, m, rule=_rule: simulate(s.requests[i], s.num_experts, m, rule))
 POLICIES.register("predictive", lambda s, i, m: simulate(s.requests[i], s.num_experts, m, "lru", s.guesses[i]))
 POLICIES.register("oracle", lambda s, i, m: simulate(s.requests[i], s.num_experts, m, "lru", s.truth[i]))
-ORDER = ("lru", "lfu", "predictive", "oracle", "belady")
+POLICIES.register("lookahead", lambda s, i, m: simulate(s.requests[i], s.num_experts, m, "lru", s.ahead[i]))
+ORDER = ("lru", "lfu", "predictive", "lookahead", "oracle", "belady")
 
 
 def streams_of(traces: Traces, layers: Sequence[int]) -> dict[int, list[torch.Tensor]]:
@@ -73,8 +77,10 @@ def split(traces: Traces) -> tuple[Traces, Traces]:
 
 
 def simulate_offload(train: Traces, test: Traces, layers: Sequence[int], num_experts: int, top_k: int,
-                     timing: TimingModel, opts: OffloadOptions, heldout: str = "heldout") -> dict[str, Any]:
-    """Every policy × cache size on the test traces (module docstring); the result is plain JSON data."""
+                     timing: TimingModel, opts: OffloadOptions, heldout: str = "heldout",
+                     lookahead: Traces | None = None) -> dict[str, Any]:
+    """Every policy × cache size on the test traces (module docstring); the result is plain JSON data.
+    `lookahead`: router look-ahead guesses per set and layer (all MoE layers but the first), aligned with `test`."""
     layers = list(layers)
     sizes = opts.sizes(top_k, num_experts)
     p = opts.prefetch_count(top_k, sizes[0])
@@ -91,13 +97,23 @@ def simulate_offload(train: Traces, test: Traces, layers: Sequence[int], num_exp
     truth: list[torch.Tensor | None] = [None] + [oracle(r, p) for r in requests[1:]]
     streams = Streams(layers, requests, num_experts, guesses, truth)
     acc = [accuracy(g, r) for g, r in zip(guesses[1:], requests[1:], strict=True)]
+    policies = [n for n in ORDER if n != "lookahead" or lookahead is not None]
+    ahead_acc = None
+    if lookahead is not None:
+        seqs = streams_of(lookahead, layers[1:])
+        streams.ahead = [None] + [oracle(torch.cat(seqs[la]), p) for la in layers[1:]]
+        for i, g in enumerate(streams.ahead[1:], start=1):
+            if g.shape[0] != requests[i].shape[0]:
+                raise MoePruneError(f"look-ahead guesses for layer {layers[i]} cover {g.shape[0]} tokens, the test "
+                                    f"stream {requests[i].shape[0]}; pass guesses from the same pass.")
+        ahead_acc = [accuracy(g, r) for g, r in zip(streams.ahead[1:], requests[1:], strict=True)]
     rows = []
-    for m, name in tqdm([(m, n) for m in sizes for n in ORDER], desc="offloading simulation", leave=False):
+    for m, name in tqdm([(m, n) for m in sizes for n in policies], desc="offloading simulation", leave=False):
         runs = [POLICIES.get(name)(streams, i, m) for i in range(len(layers))]
         rows.append(_row(name, m, runs, timing))
     T = requests[0].shape[0]
     result = {
-        "cache_sizes": sizes, "policies": list(ORDER), "prefetch": p, "tokens": T, "heldout": heldout,
+        "cache_sizes": sizes, "policies": policies, "prefetch": p, "tokens": T, "heldout": heldout,
         "train_tokens": sum(t.shape[0] for t in train_seqs[layers[0]]),
         "timing": {"bandwidth_gbs": timing.bandwidth, "tflops": timing.tflops, "expert_bytes": timing.expert_bytes,
                    "expert_params": timing.expert_params, "other_params": timing.other_params,
@@ -106,6 +122,11 @@ def simulate_offload(train: Traces, test: Traces, layers: Sequence[int], num_exp
                       "precision": [a["precision"] for a in acc],
                       "mean_recall": sum(a["recall"] for a in acc) / max(1, len(acc)),
                       "mean_precision": sum(a["precision"] for a in acc) / max(1, len(acc))},
+        "lookahead": None if ahead_acc is None else {
+            "kind": "router look-ahead", "layers": layers[1:], "recall": [a["recall"] for a in ahead_acc],
+            "precision": [a["precision"] for a in ahead_acc],
+            "mean_recall": sum(a["recall"] for a in ahead_acc) / max(1, len(ahead_acc)),
+            "mean_precision": sum(a["precision"] for a in ahead_acc) / max(1, len(ahead_acc))},
         "rows": rows,
         "sch": {"length": TARGET_LENGTH, "values": _sch(test_seqs, layers, num_experts, sizes)},
         "static_quality": {str(r): q for r, q in sorted(opts.static_quality.items())},
