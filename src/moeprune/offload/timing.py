@@ -55,9 +55,13 @@ class TimingModel:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, bandwidth: float = 25.0, tflops: float = 100.0) -> TimingModel:
+        from moeprune.io.checkpoint import Checkpoint
         from moeprune.quant.model_sizes import model_sizes
         from moeprune.quant.sizes import STORED, PackedFormat
 
+        if Checkpoint.open(path).quantization is not None:
+            raise MoePruneError(f"{path} is quantized; the offloading timing model sizes experts at their stored "
+                                "dtype from an unquantized checkpoint. Run --offload on the unquantized model.")
         sizes, adapter, _ = model_sizes(path)
         b = sizes.expert.bytes(STORED, PackedFormat())
         other = (sizes.fixed + sizes.router) // sizes.expert.stored_bytes
