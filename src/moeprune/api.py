@@ -10,6 +10,8 @@
     prune("ckpt", "out", method="aimer", ratio=0.25)                     moeprune prune --method (one stage)
     verify("ckpt", "out")                                                moeprune verify
     evaluate / compare / analyze                                         moeprune eval / compare / analyze
+    analyze("ckpt", calib, "dir", offload=OffloadOptions(heldout=("web=test.txt",)))   analyze --offload
+                                                                          (traces in memory: offload.simulate_offload)
     steer("ckpt", SteerOptions(("rec=r.txt",), ("other=o.txt",)), "plan.json")   moeprune steer (apply the plan with
                                                                           EvalOptions(steer=...) or load_model(steer=))
 (`moeprune lm-eval` is `moeprune.eval.lm_eval_adapter.run_lm_eval`, an optional extra.)
@@ -26,6 +28,7 @@ from moeprune.errors import MoePruneError
 from moeprune.eval.compare import compare  # noqa: F401  (public API)
 from moeprune.eval.run import EvalOptions, EvalResult, evaluate  # noqa: F401  (public API)
 from moeprune.models.summary import ModelSummary, summarize
+from moeprune.offload.options import OffloadOptions  # noqa: F401  (public API)
 from moeprune.pipeline.context import StageContext
 from moeprune.pipeline.export import STATS_NAME, ApplyResult, parse_size  # noqa: F401  (public API)
 from moeprune.pipeline.recipe import Chain, check_chain, parse_recipe

@@ -5,6 +5,8 @@
                                      agreement, redundancy probe (predicted vs measured) and local routing
                                      consistency (SRP/SCH vs shuffled baseline, verdict)
     analyze_stats(FILE, DIR)         everything a statistics file supports (no traces, no cached activations)
+    analyze(..., offload=OffloadOptions(...))   + the offloading simulation on the traces (`moeprune.offload`:
+                                     caches per layer, predictors, time per token, verdict) -> "offload", offload.png
 
 DIR gets analysis.json (every number), report.json (`AnalysisResult.sections()`, for the HTML renderer), the PNG
 plots, stats.safetensors (model mode: the pass's statistics, ready for `moeprune plan`) and report.html when
@@ -27,6 +29,7 @@ from moeprune import __version__
 from moeprune.analysis import plots
 from moeprune.analysis.html import render_html
 from moeprune.analysis.locality import check_lengths, locality
+from moeprune.analysis.offload import plot_offload
 from moeprune.analysis.probe import CLIFF, PROBE_TOKENS, MeasuredProbe, check_ratios, cliff, predictions
 from moeprune.analysis.results import check_results, results_sections
 from moeprune.analysis.sections import build_sections
@@ -39,6 +42,10 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.routing import RoutingSpec
+from moeprune.offload.lookahead import Lookahead, both
+from moeprune.offload.options import OffloadOptions, check_splittable
+from moeprune.offload.run import simulate_offload, split
+from moeprune.offload.timing import TimingModel
 from moeprune.stats.routed import default_probe_stride
 from moeprune.stats.store import ExpertStats, StatsView
 
@@ -50,7 +57,7 @@ NEEDS_MODEL = ("local routing consistency (SRP/SCH) needs per-token routing trac
                "`moeprune analyze MODEL --calib NAME=PATH ...` for them.")
 PLOTS = {"usage": plots.plot_usage, "balance": plots.plot_balance, "coactivation": plots.plot_coactivation,
          "super_experts": plots.plot_supers, "agreement": plots.plot_agreement, "probe": plots.plot_probe,
-         "locality": plots.plot_locality}
+         "locality": plots.plot_locality, "offload": plot_offload}
 
 
 @dataclass
@@ -161,15 +168,27 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
                  ratios: Sequence[float] = RATIOS, lengths: Sequence[int] = LENGTHS,
                  criteria: Sequence[str] | None = None, cliff_threshold: float = CLIFF, device: str = "cpu",
                  batch_size: int = 8, layer_context=None, probe_stride: int | None = None,
-                 meta: dict[str, Any] | None = None, probe_tokens: int | None = PROBE_TOKENS) -> AnalysisResult:
-    """One calibration pass of a loaded model over `sets` with traces and the measured probe; nothing written."""
+                 meta: dict[str, Any] | None = None, probe_tokens: int | None = PROBE_TOKENS,
+                 offload: OffloadOptions | None = None, timing: TimingModel | None = None,
+                 heldout: list[CalibSet] | None = None) -> AnalysisResult:
+    """One calibration pass of a loaded model over `sets` with traces and the measured probe; nothing written.
+    With `offload` (and its `timing`): the offloading simulation, trained on these traces and run on the traces of
+    one more pass over `heldout` (the same `collect`), or on the odd-numbered calibration sequences without it."""
+    if offload is not None:
+        if timing is None:
+            raise MoePruneError("the offloading simulation needs a timing model (TimingModel.from_checkpoint).")
+        offload.check(adapter.top_k, adapter.num_experts)
+        if not heldout:
+            check_splittable([s.name for s in sets], [int(s.input_ids.shape[0]) for s in sets])
     routing: RoutingSpec = adapter.routing()
     usable, _ = check_ratios(ratios, adapter.num_experts, routing)
     lengths, criteria = check_lengths(lengths), check_criteria(criteria)
     probe = MeasuredProbe(usable, routing, device, probe_tokens)
     start = time.perf_counter()
+    look = Lookahead(device) if offload is not None else None  # router look-ahead guesses for the prefetcher
     run = collect(model, adapter, sets, device=device, batch_size=batch_size, layer_context=layer_context,
-                  decide=probe, probe_stride=probe_stride, trace=True)
+                  decide=probe if look is None or heldout else both(probe, look), probe_stride=probe_stride,
+                  trace=True)
     stats = pass_stats(adapter, run, sets, probe_stride, meta)
     logger.info("calibration pass done in %.1f s; computing the analysis", time.perf_counter() - start)
     data = stats_analysis(stats, ratios, criteria)
@@ -178,14 +197,24 @@ def analyze_sets(model: torch.nn.Module, adapter: MoEAdapter, sets: list[CalibSe
     data["locality"] = locality(run.traces, {layer: combined[layer].sums["count"] for layer in stats.layers},
                                 stats.layers, adapter.num_experts, adapter.top_k, lengths)
     data["source"] = {"model": (meta or {}).get("model"), "stats_file": None}
+    if offload is not None:
+        if heldout:
+            test = collect(model, adapter, heldout, device=device, batch_size=batch_size, layer_context=layer_context,
+                           decide=look, probe_stride=probe_stride, trace=True).traces
+            train, which, guesses = run.traces, "heldout", look.traces
+        else:
+            (train, test), which, guesses = split(run.traces), "split", split(look.traces)[1]
+        data["offload"] = simulate_offload(train, test, stats.layers, adapter.num_experts, adapter.top_k, timing,
+                                           offload, which, lookahead=guesses)
     return AnalysisResult(data, stats, run.traces)
 
 
 def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[float] = RATIOS,
             lengths: Sequence[int] = LENGTHS, criteria: Sequence[str] | None = None, cliff_threshold: float = CLIFF,
             overwrite: bool = False, results: Sequence[str | Path] = (),
-            probe_tokens: int | None = PROBE_TOKENS) -> AnalysisResult:
-    """Checkpoint + `CalibrateOptions` -> DIR with the analysis (module docstring). Refusals come first."""
+            probe_tokens: int | None = PROBE_TOKENS, offload: OffloadOptions | None = None) -> AnalysisResult:
+    """Checkpoint + `CalibrateOptions` -> DIR with the analysis (module docstring); `offload` adds the offloading
+    simulation (`moeprune.offload`). Refusals come first."""
     from moeprune.calibration import run as calib_run
     from moeprune.calibration.distributed import current_rank
     from moeprune.models import get_adapter
@@ -204,14 +233,24 @@ def analyze(model: str | Path, calib, out_dir: str | Path, *, ratios: Sequence[f
     ckpt = Checkpoint.open(model)  # config only: the ratios this router can express, before any tokenising
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
     check_ratios(ratios, adapter.num_experts, adapter.routing())
+    timing, heldout = None, None
+    if offload is not None:
+        offload.check(adapter.top_k, adapter.num_experts)
+        timing = TimingModel.from_checkpoint(model, offload.bandwidth, offload.tflops)
+        if offload.heldout:
+            heldout = calib_run.prepare(model, dataclasses.replace(calib, calib=tuple(offload.heldout),
+                                                                   held_out=0))[2]
     ckpt, adapter, sets = calib_run.prepare(model, calib)
+    if offload is not None and heldout is None:
+        check_splittable([s.name for s in sets], [int(s.input_ids.shape[0]) for s in sets])
     start = time.perf_counter()
     model_obj, layer_context = calib_run._load(ckpt, calib)
     adapter = get_adapter(model_obj.config, model=model_obj)
     result = analyze_sets(model_obj, adapter, sets, ratios=ratios, lengths=lengths, criteria=criteria,
                           cliff_threshold=cliff_threshold, device=calib.device, batch_size=calib.batch_size,
                           layer_context=layer_context, probe_stride=calib.probe_stride,
-                          meta={"model": str(ckpt.path)}, probe_tokens=probe_tokens)
+                          meta={"model": str(ckpt.path)}, probe_tokens=probe_tokens, offload=offload,
+                          timing=timing, heldout=heldout)
     result.data["wall_s"] = round(time.perf_counter() - start, 2)
     write(result, out, stats_file=True, results=results)
     return result

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moeprune.analysis.offload import offload_section
+
 Section = dict[str, Any]
 
 
@@ -230,8 +232,8 @@ def build_sections(a: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
     name = Path(src.get("model") or src.get("stats_file") or "model").name
     doms = ", ".join(f"{d} ({a['tokens'][d]:,} tokens)" for d in a["domains"])
     builders = (overview, usage_section, balance_section, specialisation_section, coactivation_section,
-                supers_section, agreement_section, probe_section, locality_section)
+                supers_section, agreement_section, probe_section, locality_section, offload_section)
     return {"title": f"Routing analysis: {name}",
             "subtitle": f"{a['model_type']}, {a['num_experts']} experts, top-{a['top_k']}, {len(a['layers'])} MoE "
                         f"layers; calibration: {doms}",
-            "sections": [b(a, images) for b in builders]}
+            "sections": [sec for b in builders if (sec := b(a, images)) is not None]}
