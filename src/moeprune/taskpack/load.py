@@ -51,14 +51,15 @@ class TaskModel:
                 "retrieval_bytes": self.retrieval_bytes, "param_bytes": self.param_bytes}
 
 
-def check_request(pack: str | Path | TaskPack, ratio: float, task: str | None, prompt) -> tuple[TaskPack, Checkpoint]:
+def check_request(pack: str | Path | TaskPack, ratio: float, task: str | None, has_prompt: bool
+                  ) -> tuple[TaskPack, Checkpoint]:
     """The pack and its checkpoint, the request checked against them (no weight read; the checkpoint's
     fingerprint is checked)."""
     p = pack if isinstance(pack, TaskPack) else TaskPack.load(pack)
     p.check_ratio(ratio)
     if task not in (None, AUTO):
         p.task(task)
-    elif prompt is None:
+    elif not has_prompt:
         raise MoePruneError("choosing the task automatically needs a prompt (prompt=... / the evaluated text); or "
                             f"name the task ({', '.join(sorted(p.tasks))}).")
     return p, p.open_checkpoint()
@@ -73,7 +74,7 @@ def load_for_task(pack: str | Path | TaskPack, prompt: str | torch.Tensor | None
     ratio = p.ratios[0] if ratio is None else ratio
     if margin is not None and margin < 0:
         raise MoePruneError(f"margin must be >= 0 (a cosine difference), got {margin}.")
-    p, ckpt = check_request(p, ratio, task, prompt)
+    p, ckpt = check_request(p, ratio, task, prompt is not None)
     match: Match | None = None
     retrieval_bytes = 0
     if task in (None, AUTO):
