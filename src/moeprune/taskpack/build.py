@@ -22,7 +22,9 @@ from moeprune.calibration.run import CalibrateOptions, calibrate, prepare
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
 from moeprune.io.atomic import atomic_dir, check_output
+from moeprune.io.checkpoint import Checkpoint
 from moeprune.log import logger
+from moeprune.models import get_adapter
 from moeprune.select.uniform import drop_count
 from moeprune.stats.store import ExpertStats
 from moeprune.taskpack.pack import TaskEntry, TaskPack, fingerprint, ratio_key
@@ -67,11 +69,12 @@ def parse_ratios(text: str) -> tuple[float, ...]:
 def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, out: str | Path,
                overwrite: bool = False) -> TaskPack:
     out_path = check_output(out, [Path(model)], overwrite)
-    ckpt, adapter, sets = prepare(model, calib)
+    ckpt = Checkpoint.open(model)
+    adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
     if ckpt.quantization is not None:
         raise MoePruneError(f"{ckpt.path} is quantized ({ckpt.quantization.method}); a task pack loads experts "
                             "byte-range by byte-range from unquantized shards only.")
-    if len(sets) < 2:
+    if len(calib.calib) < 2:
         raise MoePruneError("a task pack needs at least two tasks to choose between: give one --calib NAME=PATH "
                             "per task.")
     moe = adapter.moe_layers()
@@ -80,6 +83,7 @@ def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, o
     for r in opts.ratios:
         drop_count(r, adapter.num_experts, adapter.routing())
     key_layers = moe[: opts.key_layers]
+    ckpt, adapter, sets = prepare(model, calib)  # every set read and tokenised
     stats = calibrate(ckpt.path, calib, sets=sets)  # the one calibration run
     keys = {s.name: stats_key(stats, s.name, key_layers) for s in sets}
     kind = adapter.routing().kind
