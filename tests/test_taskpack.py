@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import struct
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from moeprune import load_for_task
 from moeprune.calibration.data import build_sets
 from moeprune.calibration.run import CalibrateOptions, load_tokenizer
+from moeprune.log import logger
 from moeprune.taskpack.build import BuildOptions, build_pack
 from moeprune.taskpack.export import export_task
 from moeprune.taskpack.retrieve import nearest
@@ -205,12 +207,19 @@ def test_keys_are_mean_router_distributions_and_retrieval_is_nearest(built):
     assert 0 < loaded.retrieval_bytes < (model / "model.safetensors").stat().st_size
 
 
-def test_below_the_margin_the_full_model_is_loaded(built, caplog):
+def test_below_the_margin_the_full_model_is_loaded(built):
     root, model, calib, pack = built
     ids = torch.arange(3, 19)
-    loaded = load_for_task(root / "pack", prompt=ids, ratio=0.5, margin=2.0)  # cosines differ by < 2: always below
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        loaded = load_for_task(root / "pack", prompt=ids, ratio=0.5, margin=2.0)  # cosines differ by < 2: below
+    finally:
+        logger.removeHandler(handler)
     assert loaded.task is None and loaded.fallback and loaded.margin < 2.0
-    assert "FULL model" in caplog.text
+    assert any("FULL model" in m for m in seen)
     assert all(len(v) == pack.num_experts for v in loaded.kept.values())
     stock = AutoModelForCausalLM.from_pretrained(model).eval()
     assert torch.equal(_logits(loaded.model, _ids(1)), _logits(stock, _ids(1)))
@@ -232,3 +241,34 @@ def test_nearest_on_synthetic_keys():
     m = nearest(keys, q)
     assert m.task in ("code", "chat") and m.margin < 1e-6
     assert nearest({"only": keys["code"]}, q).margin == float("inf")
+
+
+def test_cli_build_then_eval_with_the_pack_equals_eval_of_the_export(built, tmp_path, capsys):
+    root, model, calib, _ = built
+    if "gpt_oss" in str(root):
+        pytest.skip("one family is enough for the CLI path")
+    from moeprune.cli import main
+
+    a, b = (spec.split("=", 1)[1] for spec in calib.calib)
+    pack = tmp_path / "pack"
+    assert main(["taskpack", "build", str(model), "--calib", f"a={a}", "--calib", f"b={b}", "--ratios", "0.5",
+                 "--samples", "4", "--seq-len", "32", "--out", str(pack)]) == 0
+    assert "own-key cosine" in capsys.readouterr().out
+    data = ["--data", f"a={a}", "--data", f"b={b}", "--seq-len", "32", "--max-sequences", "3"]
+    assert main(["eval", str(model), *data, "--pack", str(pack), "--task", "b", "--json",
+                 str(tmp_path / "p.json")]) == 0
+    assert main(["taskpack", "export", str(pack), "--task", "b", "--ratio", "0.5", "--out", str(tmp_path / "x")]) == 0
+    assert main(["eval", str(tmp_path / "x"), *data, "--json", str(tmp_path / "x.json")]) == 0
+    got, want = (json.loads((tmp_path / n).read_text()) for n in ("p.json", "x.json"))
+    for d in ("a", "b"):
+        assert got[d]["perplexity"] == want[d]["perplexity"]
+    assert got["task"]["a"]["task"] == "b" and got["task"]["a"]["bytes_read"] > 0
+    assert main(["eval", str(model), *data, "--pack", str(pack), "--task", "auto", "--json",
+                 str(tmp_path / "auto.json")]) == 0
+    auto = json.loads((tmp_path / "auto.json").read_text())["task"]
+    assert set(auto) == {"a", "b"} and all("margin" in v for v in auto.values())
+    cmp = tmp_path / "cmp"
+    assert main(["compare", str(model), str(model), *data, "--pack", str(pack), "--task", "b", "--out", str(cmp)]) == 0
+    rows = {r["domain"]: r for r in json.loads((cmp / "compare.json").read_text())["rows"]}
+    assert rows["a"]["perplexity_after"] == got["a"]["perplexity"]  # the second model is the pack's
+    assert rows["a"]["perplexity_before"] != rows["a"]["perplexity_after"]
