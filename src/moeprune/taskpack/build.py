@@ -67,7 +67,9 @@ def parse_ratios(text: str) -> tuple[float, ...]:
 
 
 def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, out: str | Path,
-               overwrite: bool = False) -> TaskPack:
+               overwrite: bool = False, stats: ExpertStats | None = None) -> TaskPack:
+    """Write the pack to `out`. `stats`: the statistics of an earlier calibration run of these `calib` sets on this
+    model (same set names), used instead of a new run."""
     out_path = check_output(out, [Path(model)], overwrite)
     ckpt = Checkpoint.open(model)
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
@@ -84,7 +86,11 @@ def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, o
         drop_count(r, adapter.num_experts, adapter.routing())
     key_layers = moe[: opts.key_layers]
     ckpt, adapter, sets = prepare(model, calib)  # every set read and tokenised
-    stats = calibrate(ckpt.path, calib, sets=sets)  # the one calibration run
+    if stats is None:
+        stats = calibrate(ckpt.path, calib, sets=sets)  # the one calibration run
+    elif sorted(stats.sets) != sorted(s.name for s in sets) or stats.num_experts != adapter.num_experts:
+        raise MoePruneError(f"the given statistics hold sets {sorted(stats.sets)} of a {stats.num_experts}-expert "
+                            f"model; the tasks are {[s.name for s in sets]} of {adapter.num_experts} experts.")
     keys = {s.name: stats_key(stats, s.name, key_layers) for s in sets}
     kind = adapter.routing().kind
     spread = key_spread(ckpt, sets, keys, key_layers, kind, opts.spread_windows)
