@@ -14,8 +14,9 @@ experts REMOVED per MoE layer), criterion tcess, keys from the first 2 MoE layer
   matrix: a wrong retrieval's cost is its off-diagonal entry), the retrieved model (majority vote of the domain's
   128-token prompts), the mixed-calibrated 50 % model (tcess on all 4 domains) and the original; ratios to the
   original.
-- Memory: parameter bytes and process RSS (a fresh process per load, VmRSS after the load minus after imports),
-  and bytes read from the shards: the full model against each task-loaded model; plus the retrieval's own reads.
+- Memory: parameter bytes and process RSS (a fresh process per load, VmRSS after the load minus after importing
+  moeprune and the model's modeling code), and bytes read from the shards: the full model (stock from_pretrained,
+  and the task loader keeping every expert) against each task-loaded model; plus the retrieval's own reads.
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from moeprune.calibration.data import build_sets
 from moeprune.calibration.run import calibrate
 from moeprune.eval.perplexity import evaluate_sets
 from moeprune.io.checkpoint import Checkpoint
+from moeprune.io.stock import auto_class
 from moeprune.taskpack.build import BuildOptions, build_pack
 from moeprune.taskpack.load import task_keys
 from moeprune.taskpack.pack import TaskPack
-from moeprune.taskpack.partial import load_pruned, param_bytes
+from moeprune.taskpack.partial import full_plan, load_pruned, param_bytes
 from moeprune.taskpack.retrieve import KeyEmbedder, nearest
 
 RATIOS = (0.5, 0.75)
@@ -101,23 +103,26 @@ def memory_child(pack: str, task: str, ratio: float) -> None:
     from moeprune import load_model
     from moeprune.taskpack.load import load_for_task
 
+    ckpt = Checkpoint.open(TaskPack.load(pack).checkpoint)
+    auto_class(ckpt.config)._model_mapping[type(ckpt.config)]  # the modeling code imported before the baseline
     base = vm_kb("VmRSS")
-    if task == "full":
-        model, nbytes = load_model(TaskPack.load(pack).checkpoint, dtype="float32"), None
+    if task == "from_pretrained":
+        model, nbytes = load_model(ckpt.path, dtype="float32"), ckpt.total_bytes  # reads every tensor
+    elif task == "full":  # the task loader with every expert kept
+        model, nbytes = load_pruned(ckpt, full_plan(ckpt), "float32")
     else:
         tm = load_for_task(pack, task=task, ratio=ratio, dtype="float32")
         model, nbytes = tm.model, tm.bytes_read
     print(json.dumps({"rss_mb": (vm_kb("VmRSS") - base) / 1e3, "param_mb": param_bytes(model) / 1e6,
-                      "read_mb": None if nbytes is None else nbytes / 1e6}))
+                      "read_mb": nbytes / 1e6}))
 
 
 def memory(pack_dir: Path, pack: TaskPack) -> dict:
     rows = {}
-    for task, r in [("full", 0.0)] + [(t, r) for r in RATIOS for t in pack.tasks]:
+    for task, r in [("from_pretrained", 0.0), ("full", 0.0)] + [(t, r) for r in RATIOS for t in pack.tasks]:
         p = subprocess.run([sys.executable, __file__, "--memory-child", str(pack_dir), task, str(r)],
                            capture_output=True, text=True, check=True)
         rows[f"{task}@{r}"] = json.loads(p.stdout.strip().splitlines()[-1])
-    rows["full@0.0"]["read_mb"] = Checkpoint.open(pack.checkpoint).total_bytes / 1e6  # from_pretrained reads all
     return rows
 
 
