@@ -25,6 +25,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -200,14 +201,15 @@ def main() -> None:
     out = results_path(args.out)
     torch.set_num_threads(1)
     h = HeldOut.build(args.testbed, args.calib_samples, args.eval_sequences)
-    pack_dir = out.parent / f"{out.name}-pack"
     stats = calibrate(h.tb.path, h.calib)  # one run: the pack's plans and the mixed plan
-    pack = build_pack(h.tb.path, h.calib, BuildOptions(RATIOS), pack_dir, overwrite=True, stats=stats)
-    ckpt = Checkpoint.open(h.tb.path)
-    ret, majority = retrieval(h, pack, ckpt, [32, 128], args.prompts)
-    retrieval_mb = {K: KeyEmbedder(ckpt, list(range(K)), pack.routing_kind).bytes_read / 1e6 for K in (1, 2, 4)}
-    q = quality(h, pack, ckpt, stats)
-    mem = memory(pack_dir, pack)
+    with tempfile.TemporaryDirectory() as tmp:  # the pack itself is in OUT.json
+        pack_dir = Path(tmp) / "pack"
+        pack = build_pack(h.tb.path, h.calib, BuildOptions(RATIOS), pack_dir, stats=stats)
+        ckpt = Checkpoint.open(h.tb.path)
+        ret, majority = retrieval(h, pack, ckpt, [32, 128], args.prompts)
+        retrieval_mb = {K: KeyEmbedder(ckpt, list(range(K)), pack.routing_kind).bytes_read / 1e6 for K in (1, 2, 4)}
+        q = quality(h, pack, ckpt, stats)
+        mem = memory(pack_dir, pack)
     result = {"retrieval": ret, "majority": majority, "quality": q, "memory": mem, "retrieval_mb": retrieval_mb,
               "pack": pack.to_dict()}
     save_results(out, result, markdown(ret, majority, q, mem, retrieval_mb, h.domains))

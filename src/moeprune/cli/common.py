@@ -281,13 +281,12 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="apply a routing policy without writing a checkpoint: a routing plan JSON (a "
                         "moeprune_plans/N-routing.json) or an export folder holding one; reports the active experts "
                         "per token and routed-expert FLOPs (docs/routing.md)")
-    g.add_argument("--pack", metavar="PACK",
-                   help="score with a task pack's models (`moeprune taskpack build`; MODEL must be its checkpoint): "
-                        "only the task's kept experts are read; with compare: the second model only")
-    g.add_argument("--task", metavar="auto|NAME",
-                   help="with --pack: a task of the pack, or auto (default): each data set is scored by the model "
-                        "its first window retrieves (the full model below the pack's margin)")
-    g.add_argument("--task-ratio", type=float, metavar="R",
+    t = p.add_argument_group("task pack (`moeprune taskpack build`; MODEL must be the pack's checkpoint; with "
+                             "compare: the second model only)")
+    t.add_argument("--pack", metavar="PACK", help="score with the pack's models: only a task's kept experts are read")
+    t.add_argument("--task", metavar="auto|NAME", help="with --pack: a task of the pack, or auto (default): each data "
+                   "set is scored by the model its first window retrieves (the full model below the pack's margin)")
+    t.add_argument("--task-ratio", type=float, metavar="R",
                    help="with --pack: one of the pack's ratios (share of experts removed; default: its first)")
 
 
