@@ -161,18 +161,20 @@ def plot(ret: dict, q: dict, domains: list[str], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for i, r in enumerate(RATIOS):
         m = [[q["matrix"][r][t][d] for d in domains] for t in q["matrix"][r]]
-        im = axes[i].imshow(m, cmap="viridis_r", vmin=1.0)
+        im = axes[i].imshow(m, cmap="viridis_r", norm=LogNorm(vmin=1.0, vmax=max(max(row) for row in m)))
         axes[i].set_xticks(range(len(domains)), domains, rotation=30)
         axes[i].set_yticks(range(len(m)), list(q["matrix"][r]))
         axes[i].set_xlabel("evaluated on"), axes[i].set_ylabel("task model")
-        axes[i].set_title(f"ppl ratio, {int(r * 100)} % removed")
+        axes[i].set_title(f"ppl ratio (log colour), {int(r * 100)} % removed")
         for a in range(len(m)):
             for b in range(len(domains)):
-                axes[i].text(b, a, f"{m[a][b]:.2f}", ha="center", va="center", color="white", fontsize=8)
+                axes[i].text(b, a, f"{m[a][b]:.2f}", ha="center", va="center", fontsize=8,
+                             color="black" if m[a][b] < 10 else "white")
         fig.colorbar(im, ax=axes[i], fraction=0.046)
     K = 2
     for length, style in zip(ret[K], ("--", "-"), strict=False):
