@@ -82,8 +82,12 @@ def test_bad_build_flags(setup, capsys, no_load):
     root, model, a, b = setup
     out = root / "new-pack"
     base = ["taskpack", "build", model, "--calib", f"a={a}", "--calib", f"b={b}", "--out", out]
+    (root / "bad.json").write_text('{"a": 0.5, "c": 0.75}')
+    (root / "notdict.json").write_text("[0.5]")
     for ratios, pattern in (("0.5,1.5", r"strictly between 0 and 1"), ("abc", r"comma-separated fractions"),
-                            ("0.5,0.5", "lists a ratio twice"), ("", "at least one ratio")):
+                            ("", "no --ratios given"), (str(root / "bad.json"), r"recommends ratios for \['c'\]"),
+                            (str(root / "notdict.json"), "not a {task: ratio} JSON object"),
+                            (str(root / "missing.json"), "no such file")):
         assert_cli_refused([*base, "--ratios", ratios], [pattern], capsys, inputs=[model], out=out)
     assert_cli_refused([*base, "--ratios", "0.5", "--criterion", "aimer"], ["weights-based", "calibrated "
                        "criterion"], capsys, inputs=[model], out=out)
@@ -133,3 +137,22 @@ def test_an_intact_copy_is_accepted(setup, tmp_path):
     raw["checkpoint"] = str(Path(copy).resolve())
     (Path(pack) / "taskpack.json").write_text(json.dumps(raw))
     assert load_for_task(pack, task="a", ratio=0.5).task == "a"
+
+
+def test_sweep_ratios_json_sets_each_tasks_default_ratio(setup, tmp_path, capsys):
+    """`moeprune sweep`'s ratios.json: every task gets both ratios, and its own is the default of load_for_task."""
+    from moeprune.cli import main
+
+    root, model, a, b = setup
+    (tmp_path / "ratios.json").write_text(json.dumps({"a": 0.5, "b": 0.75}))
+    pack = tmp_path / "pack"
+    assert main(["taskpack", "build", str(model), "--calib", f"a={a}", "--calib", f"b={b}", "--ratios",
+                 str(tmp_path / "ratios.json"), "--samples", "4", "--seq-len", "32", "--out", str(pack)]) == 0
+    raw = json.loads((pack / "taskpack.json").read_text())
+    assert raw["ratios"] == [0.5, 0.75]
+    assert {n: t["recommended"] for n, t in raw["tasks"].items()} == {"a": 0.5, "b": 0.75}
+    E = raw["num_experts"]
+    for task, kept in (("a", E // 2), ("b", E // 4)):
+        loaded = load_for_task(pack, task=task)
+        assert {len(v) for v in loaded.kept.values()} == {kept} and loaded.ratio == raw["tasks"][task]["recommended"]
+    assert {len(v) for v in load_for_task(pack, task="b", ratio=0.5).kept.values()} == {E // 2}

@@ -287,7 +287,8 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--task", metavar="auto|NAME", help="with --pack: a task of the pack, or auto (default): each data "
                    "set is scored by the model its first window retrieves (the full model below the pack's margin)")
     t.add_argument("--task-ratio", type=float, metavar="R",
-                   help="with --pack: one of the pack's ratios (share of experts removed; default: its first)")
+                   help="with --pack: one of the pack's ratios (share of experts removed; default: the task's "
+                        "recommended one, else the pack's first)")
 
 
 def eval_options(args):

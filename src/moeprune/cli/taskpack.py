@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     b.add_argument("--calib", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="one task's calibration text, repeatable (at least two): .txt, a folder of .txt, or .jsonl")
     b.add_argument("--ratios", required=True,
-                   help="comma-separated shares of routed experts REMOVED per MoE layer, e.g. 0.5,0.75")
+                   help="shares of routed experts REMOVED per MoE layer: 0.5,0.75, a range 0.25..0.75 (step 0.1), "
+                        "or the ratios.json of `moeprune sweep` (each task also records its recommended ratio)")
     b.add_argument("--criterion", default="tcess", help="calibrated expert criterion of the plans (`moeprune "
                                                          "criteria` lists them)")
     b.add_argument("--key-layers", type=int, default=2,
@@ -43,7 +44,8 @@ def add_parser(sub) -> None:
                  "moeprune taskpack export pack --task code --ratio 0.5 --out code-50")
     e.add_argument("pack", help="task pack folder")
     e.add_argument("--task", required=True, help="task name in the pack")
-    e.add_argument("--ratio", type=float, required=True, help="one of the pack's ratios")
+    e.add_argument("--ratio", type=float, help="one of the pack's ratios (default: the task's recommended one, "
+                                                "else the pack's first)")
     e.add_argument("--out", required=True, help="output folder (written atomically; never the input)")
     e.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier moeprune output")
     e.add_argument("--no-verify", action="store_true", help="skip the stock-reload check")
@@ -54,7 +56,8 @@ def run_build(args) -> int:
     from moeprune.calibration.run import CalibrateOptions
     from moeprune.taskpack.build import DEFAULT_MARGIN, BuildOptions, build_pack, parse_ratios
 
-    opts = BuildOptions(parse_ratios(args.ratios), criterion=args.criterion, key_layers=args.key_layers,
+    ratios, recommended = parse_ratios(args.ratios)
+    opts = BuildOptions(ratios, criterion=args.criterion, key_layers=args.key_layers, recommended=recommended,
                         margin=DEFAULT_MARGIN if args.margin is None else args.margin)
     calib = CalibrateOptions(tuple(args.calib), samples=args.samples, seq_len=args.seq_len, seed=args.calib_seed,
                              text_field=args.text_field, chat_template=args.chat_template, tokenizer=args.tokenizer,

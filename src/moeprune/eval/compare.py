@@ -109,8 +109,8 @@ def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: st
         title += f" — steered by {Path(opts.steer).name}"
     request = opts.pack_request()
     if request is not None:  # the pack serves the second model only, checked before either model loads
-        _, ratio = request.check(dst)
-        title += f" — task pack {Path(opts.pack).name}, task {request.task}, ratio {ratio}"
+        request.check(dst)
+        title += f" — task pack {Path(opts.pack).name}, task {request.task}, ratio {request.ratio or 'default'}"
     # --routing applies to the export side only too: `compare MODEL MODEL --routing P` measures the policy itself
     plain = replace(opts, steer=None, routing=None, pack=None, task=None, task_ratio=None)
     before, after = evaluate(src.path, plain), evaluate(dst.path, opts)

@@ -6,11 +6,15 @@
     spread[task] = cosines and margins of the task's calibration windows' own keys (`retrieve.KeyEmbedder`)
 
 Every option is checked before the model is read (ratios, criterion, key layers, output folder, data). The ratio
-is the share of routed experts REMOVED per MoE layer, as everywhere in moeprune.
+is the share of routed experts REMOVED per MoE layer, as everywhere in moeprune. `--ratios` is a list or range
+(`sweep.knee.parse_ratios`), or the ratios.json of `moeprune sweep` ({task: recommended ratio}): then every task
+gets plans for every ratio listed there, and each task records its own as `recommended` (the ratio `load_for_task`
+uses when none is given).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.select.uniform import drop_count
 from moeprune.stats.store import ExpertStats
+from moeprune.sweep.knee import parse_ratios as sweep_ratios
 from moeprune.taskpack.pack import TaskEntry, TaskPack, fingerprint, ratio_key
 from moeprune.taskpack.retrieve import KeyEmbedder, nearest
 
@@ -37,6 +42,7 @@ DEFAULT_MARGIN = 0.01  # cosine difference below which load_for_task falls back 
 class BuildOptions:
     ratios: tuple[float, ...]
     criterion: str = "tcess"
+    recommended: tuple[tuple[str, float], ...] = ()  # (task, ratio) from `moeprune sweep`'s ratios.json
     key_layers: int = 2
     margin: float = DEFAULT_MARGIN
     spread_windows: int = 64  # calibration windows per task embedded for the spread
@@ -50,6 +56,8 @@ class BuildOptions:
                                 "and 1.")
         if len({ratio_key(r) for r in self.ratios}) != len(self.ratios):
             raise MoePruneError(f"--ratios {list(self.ratios)} lists a ratio twice.")
+        if any(ratio_key(r) not in {ratio_key(x) for x in self.ratios} for _, r in self.recommended):
+            raise MoePruneError("internal: a recommended ratio is not among the pack's ratios.")
         crit = CRITERIA.get(self.criterion)  # unknown: did-you-mean error
         if crit.needs != "calibration":
             raise MoePruneError(f"--criterion {self.criterion} is {crit.needs}-based: it gives every task the same "
@@ -58,12 +66,22 @@ class BuildOptions:
             raise MoePruneError("--key-layers and the spread windows must be >= 1, --margin >= 0.")
 
 
-def parse_ratios(text: str) -> tuple[float, ...]:
-    """"0.5,0.75" -> (0.5, 0.75); refuses anything else."""
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise MoePruneError(f"--ratios {text!r}: write comma-separated fractions, e.g. --ratios 0.5,0.75.") from None
+def parse_ratios(text: str) -> tuple[tuple[float, ...], tuple[tuple[str, float], ...]]:
+    """(ratios, recommended): "0.5,0.75" or "0.5..0.75" (`sweep.knee.parse_ratios`) -> ((0.5, 0.75), ()); a
+    `moeprune sweep` ratios.json {task: ratio} -> (its distinct ratios, its (task, ratio) pairs)."""
+    path = Path(text).expanduser()
+    if text.endswith(".json"):
+        if not path.is_file():
+            raise MoePruneError(f"--ratios {text}: no such file (a ratios.json from `moeprune sweep`).")
+        try:
+            raw = json.loads(path.read_text())
+            pairs = tuple((str(k), float(v)) for k, v in raw.items())
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+            raise MoePruneError(f"--ratios {text}: not a {{task: ratio}} JSON object ({e}).") from None
+        if not pairs:
+            raise MoePruneError(f"--ratios {text} recommends no ratio for any task; give ratios like 0.5,0.75.")
+        return tuple(sweep_ratios(",".join(str(r) for _, r in pairs))), pairs
+    return tuple(sweep_ratios(text)), ()
 
 
 def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, out: str | Path,
@@ -79,6 +97,10 @@ def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, o
     if len(calib.calib) < 2:
         raise MoePruneError("a task pack needs at least two tasks to choose between: give one --calib NAME=PATH "
                             "per task.")
+    unknown = sorted({t for t, _ in opts.recommended} - {c.partition("=")[0].strip() for c in calib.calib})
+    if unknown:
+        raise MoePruneError(f"--ratios recommends ratios for {unknown}, which no --calib names; rebuild ratios.json "
+                            "with the same tasks or add their --calib.")
     moe = adapter.moe_layers()
     if opts.key_layers > len(moe):
         raise MoePruneError(f"--key-layers {opts.key_layers}: the model has {len(moe)} MoE layers.")
@@ -101,7 +123,8 @@ def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, o
             d = make_plan(stats, opts.criterion, r, calib_set=[s.name]).to_dict()
             d.pop("scores", None)
             plans[ratio_key(r)] = d
-        tasks[s.name] = TaskEntry(stats.tokens(s.name), keys[s.name].tolist(), spread[s.name], plans)
+        tasks[s.name] = TaskEntry(stats.tokens(s.name), keys[s.name].tolist(), spread[s.name], plans,
+                                  dict(opts.recommended).get(s.name))
     pack = TaskPack(str(ckpt.path), fingerprint(ckpt), adapter.model_type, adapter.num_experts, opts.criterion,
                     [float(r) for r in opts.ratios], key_layers, kind, opts.margin, tasks)
     with atomic_dir(out_path) as tmp:

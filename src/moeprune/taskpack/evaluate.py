@@ -25,23 +25,22 @@ from moeprune.taskpack.partial import full_plan, load_pruned
 class PackRequest:
     pack: str
     task: str = AUTO
-    ratio: float | None = None  # None: the pack's first ratio
+    ratio: float | None = None  # None: each task's recommended ratio, else the pack's first
 
-    def check(self, ckpt: Checkpoint) -> tuple[TaskPack, float]:
-        """The pack and ratio, refused unless the request fits the pack and MODEL is the pack's checkpoint."""
+    def check(self, ckpt: Checkpoint) -> TaskPack:
+        """The pack, refused unless the request fits it and MODEL is the pack's checkpoint."""
         p = TaskPack.load(self.pack)
-        ratio = p.ratios[0] if self.ratio is None else self.ratio
-        _, own = check_request(p, ratio, self.task, has_prompt=True)  # the prompt is the data
+        _, own = check_request(p, self.ratio, self.task, has_prompt=True)  # the prompt is the data
         if own.path != ckpt.path:
             raise MoePruneError(f"--pack {self.pack} was built from {own.path}, not {ckpt.path}: pass that checkpoint "
                                 "as MODEL (the pack loads its experts from it).")
-        return p, ratio
+        return p
 
 
 def score_with_pack(req: PackRequest, ckpt: Checkpoint, sets: list[CalibSet], dtype: str, batch_size: int,
                     device: str = "cpu") -> tuple[dict[str, DomainScore], dict[str, dict], object | None]:
     """({set: score}, {set: choice}, the model when one task served every set else None)."""
-    p, ratio = req.check(ckpt)
+    p = req.check(ckpt)
     models: dict[str | None, tuple[object, int]] = {}
     scores, choices = {}, {}
     for s in sets:
@@ -54,6 +53,7 @@ def score_with_pack(req: PackRequest, ckpt: Checkpoint, sets: list[CalibSet], dt
             if task is None:
                 logger.warning("--task auto: %s's first window is nearest to %r by a margin %.4f below %.4f: scored "
                                "with the FULL model", s.name, match.task, match.margin, p.margin)
+        ratio = p.ratio_for(task, req.ratio)
         if task not in models:
             plan = full_plan(ckpt) if task is None else p.task(task).plan(ratio)
             model, nbytes = load_pruned(ckpt, plan, dtype)

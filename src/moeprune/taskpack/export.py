@@ -13,10 +13,12 @@ from moeprune.pipeline.verify import VerifyResult
 from moeprune.taskpack.pack import TaskPack
 
 
-def export_task(pack: str | Path, task: str, ratio: float, out: str | Path, *, overwrite: bool = False,
+def export_task(pack: str | Path, task: str, ratio: float | None, out: str | Path, *, overwrite: bool = False,
                 run_verify: bool = True) -> tuple[ApplyResult, VerifyResult | None]:
+    """`ratio` None: the task's recommended ratio, else the pack's first."""
     p = TaskPack.load(pack)
-    plan = p.task(task).plan(p.check_ratio(ratio))
+    p.task(task)
+    plan = p.task(task).plan(p.ratio_for(task, ratio))
     ckpt = p.open_checkpoint()
     check_output(out, [ckpt.path, Path(pack)], overwrite)
     result = apply_plan(ckpt.path, plan, out, overwrite=overwrite)

@@ -51,12 +51,13 @@ class TaskModel:
                 "retrieval_bytes": self.retrieval_bytes, "param_bytes": self.param_bytes}
 
 
-def check_request(pack: str | Path | TaskPack, ratio: float, task: str | None, has_prompt: bool
+def check_request(pack: str | Path | TaskPack, ratio: float | None, task: str | None, has_prompt: bool
                   ) -> tuple[TaskPack, Checkpoint]:
     """The pack and its checkpoint, the request checked against them (no weight read; the checkpoint's
     fingerprint is checked)."""
     p = pack if isinstance(pack, TaskPack) else TaskPack.load(pack)
-    p.check_ratio(ratio)
+    if ratio is not None:
+        p.check_ratio(ratio)
     if task not in (None, AUTO):
         p.task(task)
     elif not has_prompt:
@@ -69,9 +70,9 @@ def load_for_task(pack: str | Path | TaskPack, prompt: str | torch.Tensor | None
                   task: str | None = None, margin: float | None = None, dtype: str = "auto",
                   tokenizer: str | None = None) -> TaskModel:
     """The model for `prompt`'s task (or the named `task`) at `ratio` (share of experts removed; default: the
-    pack's first ratio). `prompt`: text (tokenised with the checkpoint's tokenizer, or `tokenizer`) or token ids."""
+    task's recommended ratio when the pack has one, else the pack's first). `prompt`: text (tokenised with the
+    checkpoint's tokenizer, or `tokenizer`) or token ids."""
     p = pack if isinstance(pack, TaskPack) else TaskPack.load(pack)
-    ratio = p.ratios[0] if ratio is None else ratio
     if margin is not None and margin < 0:
         raise MoePruneError(f"margin must be >= 0 (a cosine difference), got {margin}.")
     p, ckpt = check_request(p, ratio, task, prompt is not None)
@@ -89,6 +90,7 @@ def load_for_task(pack: str | Path | TaskPack, prompt: str | torch.Tensor | None
             task = match.task
             logger.info("task pack: the prompt matches task %r (margin %.4f over the next; similarities %s)", task,
                         match.margin, _fmt(match.similarities))
+    ratio = p.ratio_for(task, ratio)
     plan = full_plan(ckpt) if task is None else p.task(task).plan(ratio)
     model, nbytes = load_pruned(ckpt, plan, dtype)
     logger.info("task pack: %s model loaded from %s, %.1f MB read (%d of %d experts per MoE layer)",

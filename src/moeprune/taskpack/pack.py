@@ -7,8 +7,9 @@ A pack is a folder holding one JSON file, `taskpack.json`, format `moeprune.task
                  whose checkpoint changed (re-saved, other weights, other layout) is refused before any weight read
     criterion    the expert criterion the plans were made with (default tcess), ratios (share of experts REMOVED)
     key          how retrieval keys are made: MoE layers (the first `key_layers`), distance (cosine), margin
-    tasks        per task: its calibration tokens, its key, the keys' spread, and per ratio a plan
-                 (`moeprune.plan/1` without scores: kept experts per MoE layer)
+    tasks        per task: its calibration tokens, its key, the keys' spread, per ratio a plan
+                 (`moeprune.plan/1` without scores: kept experts per MoE layer), and its recommended ratio
+                 (from `moeprune sweep`'s ratios.json; None otherwise)
 
 Retrieval key of a text = the mean over its tokens of the router distributions p(t) (softmax over all E experts,
 `stats.routed.router_probs`) of the first `key_layers` MoE layers, concatenated:
@@ -70,6 +71,7 @@ class TaskEntry:
     key: list[float]  # [K·E]
     spread: dict[str, float]  # self_cos_mean, self_cos_min, margin_min, margin_p05, windows
     plans: dict[str, dict]  # ratio (as written by `ratio_key`) -> PrunePlan dict without scores
+    recommended: float | None = None  # the task's own ratio (`moeprune sweep`), used when none is asked
 
     def plan(self, ratio: float) -> PrunePlan:
         return PrunePlan.from_dict(self.plans[ratio_key(ratio)])
@@ -106,6 +108,8 @@ class TaskPack:
             if len(t.key) != width or not all(math.isfinite(x) for x in t.key):
                 raise TaskPackError(f"task {name!r}: its key has {len(t.key)} entries (finite numbers), expected "
                                     f"{width} = {len(self.key_layers)} key layers × {self.num_experts} experts.")
+            if t.recommended is not None and ratio_key(t.recommended) not in t.plans:
+                raise TaskPackError(f"task {name!r}: its recommended ratio {t.recommended} has no plan.")
             if sorted(t.plans) != sorted(ratio_key(r) for r in self.ratios):
                 raise TaskPackError(f"task {name!r} has plans for ratios {sorted(t.plans)}, the pack lists "
                                     f"{self.ratios}.")
@@ -116,6 +120,13 @@ class TaskPack:
             raise UnknownTaskError(f"task {name!r} is not in this pack; it holds {', '.join(sorted(self.tasks))}. "
                                    "Use one of them, or --task auto.")
         return self.tasks[name]
+
+    def ratio_for(self, task: str | None, ratio: float | None) -> float:
+        """The asked ratio, else the task's recommended one, else the pack's first (checked against the pack)."""
+        if ratio is None:
+            rec = self.tasks[task].recommended if task in self.tasks else None
+            ratio = self.ratios[0] if rec is None else rec
+        return self.check_ratio(ratio)
 
     def check_ratio(self, ratio: float) -> float:
         if ratio_key(ratio) not in {ratio_key(r) for r in self.ratios}:
