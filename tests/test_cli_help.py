@@ -12,8 +12,10 @@ import pytest
 from moeprune.cli import build_parser
 
 COMMANDS = ("demo", "info", "analyze", "calibrate", "stats", "criteria", "plan", "apply", "prune", "quantize",
-            "budget", "verify", "eval", "compare", "gen-tasks", "lm-eval", "export", "steer", "sweep", "testbed")
-NESTED = {"stats": ("merge",), "testbed": ("build", "info", "path"), "export": ("gguf",)}
+            "budget", "verify", "eval", "compare", "gen-tasks", "lm-eval", "export", "steer", "sweep", "taskpack",
+            "testbed")
+NESTED = {"stats": ("merge",), "testbed": ("build", "info", "path"), "export": ("gguf",),
+          "taskpack": ("build", "export")}
 
 
 def _subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:

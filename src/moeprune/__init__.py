@@ -36,4 +36,13 @@ def prune(model, out, recipe=None, **kwargs):
     return _prune(model, out, recipe, **kwargs)
 
 
-__all__ = ["MoePruneError", "__version__", "load_model", "prune"]
+def load_for_task(pack, prompt=None, ratio=None, task=None, margin=None, **kwargs):
+    """`moeprune.load_for_task(PACK, prompt=..., ratio=0.5)`: the prompt's task (nearest retrieval key of a task
+    pack, `moeprune taskpack build`) or the named `task`, loaded with only its kept experts read from the shards;
+    `.model`, `.task`, `.margin`, `.bytes_read`, `.kept` (see `moeprune.taskpack.load.load_for_task`)."""
+    from moeprune.taskpack.load import load_for_task as _load
+
+    return _load(pack, prompt=prompt, ratio=ratio, task=task, margin=margin, **kwargs)
+
+
+__all__ = ["MoePruneError", "__version__", "load_for_task", "load_model", "prune"]

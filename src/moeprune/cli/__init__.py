@@ -32,6 +32,7 @@ from moeprune.cli import (
     stats,
     steer,
     sweep,
+    taskpack,
     testbed,
     verify,
 )
@@ -42,7 +43,7 @@ from moeprune.log import configure
 
 # in the order `moeprune -h` lists them: the usual path first, then the tools around it
 VERBS = (demo, info, analyze, calibrate, stats, criteria, plan, apply, prune, quantize, budget, verify, eval, compare,
-         gen_tasks, lm_eval, export, steer, sweep, testbed)
+         gen_tasks, lm_eval, export, steer, sweep, taskpack, testbed)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -281,6 +281,14 @@ def add_eval_flags(p: argparse.ArgumentParser) -> None:
                    help="apply a routing policy without writing a checkpoint: a routing plan JSON (a "
                         "moeprune_plans/N-routing.json) or an export folder holding one; reports the active experts "
                         "per token and routed-expert FLOPs (docs/routing.md)")
+    t = p.add_argument_group("task pack (`moeprune taskpack build`; MODEL must be the pack's checkpoint; with "
+                             "compare: the second model only)")
+    t.add_argument("--pack", metavar="PACK", help="score with the pack's models: only a task's kept experts are read")
+    t.add_argument("--task", metavar="auto|NAME", help="with --pack: a task of the pack, or auto (default): each data "
+                   "set is scored by the model its first window retrieves (the full model below the pack's margin)")
+    t.add_argument("--task-ratio", type=float, metavar="R",
+                   help="with --pack: one of the pack's ratios (share of experts removed; default: the task's "
+                        "recommended one, else the pack's first)")
 
 
 def eval_options(args):
@@ -290,4 +298,5 @@ def eval_options(args):
                        batch_size=args.batch_size, dtype=args.dtype, device=args.device, prompts=tuple(args.prompt),
                        max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer, generate=args.generate,
                        generate_tasks=args.generate_tasks, gen_items=args.gen_items, gen_seed=args.gen_seed,
-                       steer=args.steer, routing=args.routing)
+                       steer=args.steer, routing=args.routing, pack=args.pack, task=args.task,
+                       task_ratio=args.task_ratio)

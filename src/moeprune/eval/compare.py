@@ -10,7 +10,8 @@ perplexity ratio of the domain of the same name; compare.json holds them under "
 perplexity ratio.
 
 With `--steer PLAN` (EvalOptions.steer) only the second model is steered: `compare MODEL MODEL --steer PLAN`
-measures a steering plan's effect.
+measures a steering plan's effect. Likewise `--pack PACK --task auto|NAME --task-ratio R` scores the second model
+through the task pack: `compare MODEL MODEL --pack PACK` measures the task-loaded models against the full one.
 """
 
 from __future__ import annotations
@@ -106,14 +107,21 @@ def compare(original: str | Path, pruned: str | Path, opts: EvalOptions, out: st
     steer_plan(opts.steer, dst)  # a bad plan is refused before either model loads
     if opts.steer is not None:  # the plan steers the second model only: `compare M M --steer plan` shows its effect
         title += f" — steered by {Path(opts.steer).name}"
+    request = opts.pack_request()
+    if request is not None:  # the pack serves the second model only, checked before either model loads
+        request.check(dst)
+        title += f" — task pack {Path(opts.pack).name}, task {request.task}, ratio {request.ratio or 'default'}"
     # --routing applies to the export side only too: `compare MODEL MODEL --routing P` measures the policy itself
-    before, after = evaluate(src.path, replace(opts, steer=None, routing=None)), evaluate(dst.path, opts)
+    plain = replace(opts, steer=None, routing=None, pack=None, task=None, task_ratio=None)
+    before, after = evaluate(src.path, plain), evaluate(dst.path, opts)
     if after.routing:
         title += f" — routing {after.routing['policy']}"
     result = Comparison(before.scores, after.scores, title, before.generative, after.generative)
     data = {"title": title, "rows": result.rows()}
     if after.routing:
         data["routing"] = after.routing
+    if after.task:
+        data["task"] = after.task
     if result.gen_before:
         data["generative"] = result.generative_rows()
     with atomic_dir(out_path) as tmp:

@@ -16,6 +16,8 @@ score and sample (`steer.apply`); it is read and checked against the model's con
 is installed on the loaded model (`routing/apply.py`) without writing a checkpoint; an export's own
 `moeprune_routing` block is applied by `load_model` anyway. Either way the result reports the active experts per
 token (average, per layer) and the routed-expert FLOPs on the perplexity windows (the JSON's "routing" entry).
+`pack` / `task` / `task_ratio` (`--pack PACK --task auto|NAME --task-ratio R`): the sets are scored by a task
+pack's models, built from the kept experts only (`taskpack/evaluate.py`); the choice per set is reported ("task").
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class EvalOptions:
     gen_seed: int = 0
     steer: str | None = None  # steering plan (JSON) applied inside the routers (`moeprune steer`; no checkpoint)
     routing: str | None = None  # a routing policy (plan JSON or an export holding one) applied after loading
+    pack: str | None = None  # task pack (`moeprune taskpack build`) whose models score the sets
+    task: str | None = None  # with pack: "auto" (retrieved per set; the default) or a task name
+    task_ratio: float | None = None  # with pack: one of its ratios (default: its first)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -72,6 +77,22 @@ class EvalOptions:
         if self.seq_len is not None and self.seq_len < 2:
             raise MoePruneError("--seq-len must be >= 2.")
         parse_dtype(self.dtype)
+        if self.pack is None and (self.task is not None or self.task_ratio is not None):
+            raise MoePruneError("--task and --task-ratio choose a model of a task pack; add --pack PACK.")
+        if self.pack is not None and (self.steer is not None or self.routing is not None):
+            raise MoePruneError("--steer and --routing act on the full model's expert indices; a task pack's model "
+                                "holds other ones. Drop --pack or them.")
+        if self.pack is not None and self.task in (None, "auto") and (self.generate or self.prompts):
+            raise MoePruneError("--task auto retrieves one model per data set; --generate and --prompt need one "
+                                "model: name the task (--task NAME).")
+
+    def pack_request(self):
+        """The task-pack request of `pack` / `task` / `task_ratio` (None without a pack)."""
+        if self.pack is None:
+            return None
+        from moeprune.taskpack.evaluate import PackRequest
+
+        return PackRequest(self.pack, self.task or "auto", self.task_ratio)
 
     def for_model(self, *models: str | Path) -> EvalOptions:
         """Fill the defaults for `models` (one for eval, two for compare): no data -> the held-out domains of the
@@ -148,6 +169,7 @@ class EvalResult:
     samples: dict[str, str] = field(default_factory=dict)
     generative: dict[str, GenScore] = field(default_factory=dict)
     routing: dict | None = None  # what a routing policy saved (`routing.apply.routing_report`), when one ran
+    task: dict | None = None  # task pack: per set, the task whose model scored it (`taskpack/evaluate.py`)
 
     def to_dict(self) -> dict:
         """{domain: {perplexity, accuracy, tokens[, generate: {primary, items, metric: score}]}}; a task whose
@@ -171,6 +193,10 @@ class EvalResult:
                         f"experts per token active ({r['computed_per_token']:.3f} computed), routed-expert FLOPs "
                         f"x{r['flops_ratio']:.3f}; per layer: "
                         + ", ".join(f"{k}: {v['active']:.2f}" for k, v in r["layers"].items()))
+        if self.task:
+            from moeprune.taskpack.evaluate import format_choices
+
+            rows.append(format_choices(self.task))
         return "\n".join(rows)
 
 
@@ -190,6 +216,10 @@ def evaluate(model: str | Path, opts: EvalOptions, json_out: str | Path | None =
         policy = read_routing(opts.routing)  # read and checked before the model loads
     sets = build_sets(cfg, tokenizer)
     plan = steer_plan(opts.steer, ckpt)
+    request = opts.pack_request()
+    if request is not None:
+        request.check(ckpt)  # before any weight is read
+        return _finish(_evaluate_pack(request, ckpt, sets, opts, items, tokenizer), out)
     model_obj = load_model(ckpt.path, dtype=opts.dtype, device=opts.device)
     from moeprune.routing.apply import apply_routing, installed, reset_counters, routing_report
 
@@ -204,11 +234,30 @@ def evaluate(model: str | Path, opts: EvalOptions, json_out: str | Path | None =
     result = EvalResult(evaluate_sets(model_obj, sets, opts.batch_size))
     if installed(model_obj) is not None:  # counted on the perplexity windows only
         result.routing = routing_report(model_obj)
+    _generate(result, model_obj, tokenizer, items, opts)
+    return _finish(result, out)
+
+
+def _evaluate_pack(request, ckpt: Checkpoint, sets, opts: EvalOptions, items, tokenizer) -> EvalResult:
+    from moeprune.taskpack.evaluate import score_with_pack
+
+    scores, choices, model_obj = score_with_pack(request, ckpt, sets, opts.dtype, opts.batch_size, opts.device)
+    result = EvalResult(scores, task=choices)
+    if model_obj is not None:  # one named task (auto with generation is refused up front)
+        _generate(result, model_obj, tokenizer, items, opts)
+    return result
+
+
+def _generate(result: EvalResult, model_obj, tokenizer, items, opts: EvalOptions) -> None:
     if items:
         result.generative = evaluate_generative(model_obj, tokenizer, items, opts.batch_size)
     if opts.prompts:
         result.samples = greedy_samples(model_obj, tokenizer, list(opts.prompts), opts.max_new_tokens)
+
+
+def _finish(result: EvalResult, out: Path | None) -> EvalResult:
     if out is not None:
-        write_json_atomic(out, result.to_dict() | ({"routing": result.routing} if result.routing else {}))
+        extra = {k: v for k, v in (("routing", result.routing), ("task", result.task)) if v}
+        write_json_atomic(out, result.to_dict() | extra)
         logger.info("evaluation written to %s", out)
     return result

@@ -31,6 +31,7 @@ OUTPUT_MARKERS: tuple[tuple[str, ...], ...] = (
     ("compare.json", "compare.md"),
     ("report.json", "report.md"),
     ("testbed.json",),
+    ("taskpack.json",),
 )
 
 

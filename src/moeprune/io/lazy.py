@@ -76,7 +76,8 @@ class LazyModel:
     """A stock model whose decoder layers live on `meta` until `layer(i)` materialises one of them."""
 
     model: nn.Module
-    entries: dict[str, TensorEntry] = field(repr=False)  # checkpoint tensor name -> where its bytes are
+    entries: dict[str, TensorEntry] = field(repr=False)  # checkpoint tensor name -> where its bytes are (or a view's
+    # tensor with `name`, `dtype` and `read()`: `load_lazy(tensors=...)`)
     layer_prefix: str  # e.g. "model.layers" or "model.language_model.layers"
     keys: dict[int, list[str]] = field(repr=False)  # layer index (or REST) -> checkpoint keys feeding it
     load_config: object = field(repr=False)  # transformers' LoadStateDictConfig (dtype, plan, conversions)
@@ -103,19 +104,28 @@ class LazyModel:
             self.layers[i] = pristine
             trim()  # and the allocator gives the freed pages back (io/memory.py)
 
+    def materialise(self) -> nn.Module:
+        """Every decoder layer read from disk for good: the whole stock model, in eval mode."""
+        for i in range(len(self.layers)):
+            load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}", device=self.device)
+        return self.model.eval()
+
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i occupies once materialised."""
         return sum(t.numel() * t.element_size() for t in self.layers[i].state_dict().values())
 
 
 def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, config=None,
-              prepare=None, device: str = "cpu") -> LazyModel:
+              prepare=None, device: str = "cpu", tensors: list | None = None) -> LazyModel:
     """Build the model on `meta` and materialise all but its decoder layers (and head, unless `head`) on CPU.
 
     `dtype` is resolved as in `io.load.load_model` ("auto" = the checkpoint's dtype), so every materialised
     tensor has the dtype the eager model would have. `config` replaces the checkpoint's config object;
     `prepare(model)` may reshape meta parameters before anything is read (non-uniform expert widths).
     `device`: where `layer(i)` materialises (and dequantizes) decoder layers.
+    `tensors`: a view of the checkpoint replacing its tensors — objects with `name`, `dtype` and `read()`, e.g. the
+    `OutTensor`s of `surgery.streaming.plan_tensors` (a pruned checkpoint's tensors as byte ranges of the original
+    shards), with `config` the matching config; only those byte ranges are ever read. Unquantized checkpoints only.
     A quantized checkpoint (FP8, MXFP4) is dequantized layer by layer; its scales are checked first.
     """
     from moeprune.compat import (
@@ -134,6 +144,10 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     ckpt = Checkpoint.open(path)  # refuses unknown quant_methods and scale tensors that do not fit their weights
     refuse_lazy(ckpt.config_dict)
     refuse_mixed_lazy(ckpt.config_dict, str(ckpt.path))  # transformers' expert decoder takes one width
+    if tensors is not None and ckpt.quantization is not None:
+        raise MoePruneError(f"{ckpt.path} is quantized: a view of its tensors (a task pack's partial load) reads "
+                            "unquantized checkpoints only; export the task's model with `moeprune taskpack export`.")
+    view = {e.name: e for e in ckpt.entries} if tensors is None else {t.name: t for t in tensors}
     release_freed_memory()
     config = copy.deepcopy(config if config is not None else ckpt.config)
     quant = ckpt.quantization
@@ -178,7 +192,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     meta_sd = model.state_dict()
     keys: dict[int, list[str]] = defaultdict(list)
     ignored = []
-    for key in ckpt.names():
+    for key in view:
         # the in-memory tensor this key feeds (a converter's target for per-expert keys), as the loader decides
         target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
         if target not in meta_sd and key in meta_sd:
@@ -194,7 +208,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     if ignored:
         logger.info("lazy load of %s: %d checkpoint tensors match nothing in %s and are not read, e.g. %s",
                     ckpt.path, len(ignored), cls.__name__, ignored[:3])
-    lazy = LazyModel(model, {e.name: e for e in ckpt.entries}, prefix, dict(keys), load_config, device)
+    lazy = LazyModel(model, view, prefix, dict(keys), load_config, device)
     load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
     if head and head_name is not None and _meta_names(model.get_submodule(head_name), head_name):
         # a tied head is not in the checkpoint: tie it to the embedding, as from_pretrained does
@@ -259,13 +273,15 @@ class _OnDisk:
     """A checkpoint tensor that transformers' loader reads with `t[...]`, by plain file reads (no mmap, so no
     mapped file pages are counted in the process's memory)."""
 
-    def __init__(self, entry: TensorEntry):
-        self.entry = entry
+    def __init__(self, entry):
+        self.entry = entry  # a TensorEntry, or a view's tensor with `read()` (`load_lazy(tensors=...)`)
 
     def __getitem__(self, index) -> torch.Tensor:
         if index is not Ellipsis:
             raise NotImplementedError(f"only t[...] is supported, got t[{index!r}]")
-        return read_tensor(self.entry)  # fresh CPU tensor, shape and dtype as stored
+        if isinstance(self.entry, TensorEntry):
+            return read_tensor(self.entry)  # fresh CPU tensor, shape and dtype as stored
+        return self.entry.read()
 
     def get_dtype(self) -> str:
         """The safetensors dtype name ("BF16", "F8_E4M3", ...), as a safetensors slice reports it."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.lazy import LazyModel, load_keys, load_lazy
+from moeprune.io.lazy import LazyModel, load_lazy
 from moeprune.io.nonuniform_config import KEY, SENTINEL, is_nonuniform, mark, restored_config, widths
 from moeprune.models import get_adapter
 from moeprune.models.fused_styles import style_of
@@ -77,7 +77,4 @@ def load_lazy_any(path: str | Path, dtype: str = "auto", *, head: bool = True) -
 
 def load_nonuniform(path: str | Path, dtype: str = "auto"):
     """A non-uniform moeprune checkpoint as the stock model class with per-layer expert widths, in eval mode."""
-    lazy = load_lazy_any(path, dtype)
-    for i in range(len(lazy.layers)):
-        load_keys(lazy, lazy.keys.get(i, []), f"{lazy.layer_prefix}.{i}")
-    return lazy.model.eval()
+    return load_lazy_any(path, dtype).materialise()

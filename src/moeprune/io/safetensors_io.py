@@ -116,9 +116,16 @@ def read_tensor(entry: TensorEntry, rows: Iterable[int] | None = None) -> torch.
     else:
         rows = list(rows)
         ranges, shape = row_ranges(entry, rows), (len(rows), *entry.shape[1:])
+    return read_ranges(entry.file, ranges, torch_dtype, shape)
+
+
+def read_ranges(path: Path, ranges: Iterable[tuple[int, int]], torch_dtype: torch.dtype,
+                shape: tuple[int, ...]) -> torch.Tensor:
+    """The bytes of `ranges` (absolute file offsets), concatenated, as a fresh CPU tensor of `shape`."""
+    ranges = list(ranges)
     buf = bytearray(sum(e - b for b, e in ranges))
     view = memoryview(buf)
-    with open(entry.file, "rb") as f:
+    with open(path, "rb") as f:
         pos = 0
         for b, e in ranges:
             f.seek(b)
@@ -156,6 +163,13 @@ class OutTensor:
     @property
     def nbytes(self) -> int:
         return sum(e - b for b, e in self.ranges)
+
+    def read(self) -> torch.Tensor:
+        """The tensor this describes, read from its source's byte ranges only (a fresh CPU tensor)."""
+        torch_dtype = DTYPES[self.dtype][1]
+        if torch_dtype is None:
+            raise MoePruneError(f"this torch cannot represent dtype {self.dtype} of {self.name!r}")
+        return read_ranges(self.source, self.ranges, torch_dtype, self.shape)
 
 
 def write_file(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> int:
