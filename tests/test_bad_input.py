@@ -317,10 +317,10 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     out = tmp_path / "out"
     from moeprune.criteria import CRITERIA
 
-    every = ", ".join(sorted([*CRITERIA, "naee", "auto"]))  # every stage's methods are listed, by stage
-    match = (r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: distill: distill; experts: "
-             + re.escape(every) + r"; merge: dern, hcsmoe, msmoe, submoe; neurons: camera, heapr; quantize: quantize; "
-             r"repair: repair; routing: naee_skip, otp, top_p, topk\.")
+    every = ", ".join(sorted([*CRITERIA, "naee", "auto", "stun"]))  # every stage's methods are listed, by stage
+    match = (r"unknown method 'aimr'\. Did you mean 'aimer'\? Choose one of: compress: compress; distill: distill; "
+             r"experts: " + re.escape(every) + r"; merge: dern, hcsmoe, msmoe, submoe; neurons: camera, heapr; "
+             r"quantize: quantize; repair: repair; routing: naee_skip, otp, top_p, topk; sparsity: wanda\.")
     assert_refused(lambda: api.prune(qwen, out, method="aimr", ratio=0.25), match, inputs=[qwen], out=out)
     assert_refused(lambda: api.make_plan(qwen, "aimr", 0.25), match, inputs=[qwen], out=None)
     assert_cli_refused(
@@ -340,7 +340,7 @@ def test_unknown_method(qwen, tmp_path, no_work, capsys):
     # no close match: still lists the choices
     assert_refused(
         lambda: api.make_plan(qwen, "xyzzy", 0.25),
-        r"unknown method 'xyzzy'\. Choose one of: distill: distill; experts: aimer",
+        r"unknown method 'xyzzy'\. Choose one of: compress: compress; distill: distill; experts: aimer",
         inputs=[qwen],
         out=None,
     )
