@@ -29,6 +29,8 @@ Used in place, as attributes of transformers objects — `ATTRIBUTES`, checked b
     PreTrainedModel.get_init_context, ._get_dtype_plan, ._init_weights, .named_non_persistent_buffers,
       .tie_weights(missing_keys=, recompute_mapping=)  io/lazy.py
     HfQuantizer.preprocess_model, .postprocess_model  io/lazy.py (quantized checkpoints, dequantize=True)
+    PreTrainedModel._keys_to_ignore_on_load_unexpected  routing/marker.py (extended while load_model reads a dynamic
+                                                      routing export, so its marker tensor is not reported)
     PretrainedConfig._experts_implementation          calibration/session.py (eager experts while calibrating);
                                                       also set by benchmarks/calibration_cost.py; read by
                                                       models/dynamic.py (does this implementation skip index E?)

@@ -63,11 +63,11 @@ def write_marker(folder: str | Path, plan) -> str:
 def marker_ignored(auto_class, config):
     """While loading with `auto_class.from_pretrained`, the resolved model class ignores the marker key (its
     `_keys_to_ignore_on_load_unexpected`, which transformers' post_init copies into the instance)."""
-    try:
-        from transformers.models.auto.auto_factory import _get_model_class
+    from moeprune import compat
 
-        cls = _get_model_class(config, auto_class._model_mapping)
-    except (ImportError, KeyError, ValueError, AttributeError):  # remote code: its class is not in the mapping
+    try:
+        cls = compat.get_model_class(config, auto_class._model_mapping)
+    except (KeyError, ValueError, AttributeError):  # remote code: its class is not in the mapping
         yield
         return
     own = cls.__dict__.get("_keys_to_ignore_on_load_unexpected")
