@@ -130,10 +130,10 @@ def test_export_equals_the_masked_original_and_one_pass_whatever_e(root, tmp_pat
     import moeprune.calibration.run as run_mod
 
     monkeypatch.setattr(run_mod, "collect", counting)
-    for E in (8, 16):
+    for E, extra in ((8, {}), (16, {"keep": "centroid", "mix": 0.5})):  # the centroid rule reads the weights
         src = save_tiny("qwen3_moe", tmp_path / f"src{E}", seed=2, with_tokenizer=True, num_experts=E,
                         num_experts_per_tok=2)
-        applied, result = moeprune.prune(src, tmp_path / f"s{E}", recipe=[{"method": "stun", "ratio": 0.5}],
+        applied, result = moeprune.prune(src, tmp_path / f"s{E}", recipe=[{"method": "stun", "ratio": 0.5, **extra}],
                                          calib=calib(root))
         assert result.passed
         plan = json.loads((tmp_path / f"s{E}" / "moeprune_plans" / "1-experts.json").read_text())
@@ -151,6 +151,12 @@ def test_export_equals_the_masked_original_and_one_pass_whatever_e(root, tmp_pat
             got = stock(input_ids=ids).logits
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert len(calls) == 2 and calls[0] == calls[1] > 0  # the same forward passes for E = 8 and E = 16
+    # layer by layer (--lazy): the same plan as in memory
+    moeprune.prune(tmp_path / "src16", tmp_path / "lazy", recipe=[{"method": "stun", "ratio": 0.5, "keep": "centroid",
+                                                                   "mix": 0.5}], calib=calib(root), lazy=True)
+    lazy_plan = json.loads((tmp_path / "lazy" / "moeprune_plans" / "1-experts.json").read_text())
+    assert lazy_plan["clusters"] == json.loads((tmp_path / "s16" / "moeprune_plans" / "1-experts.json").read_text())[
+        "clusters"]
 
 
 @pytest.mark.parametrize("stage,match", [

@@ -26,7 +26,8 @@ or (`keep: usage`, the default) its most used member (routed-token count; lower 
 equidistant from its centroid, so the centroid rule picks by index there. The other members are dropped: the
 clusters are the proxy for the joint effect of removing them (experts that
 fire together and route alike stand in for each other), so one greedy decision per cluster replaces a search over
-subsets. Cost: the one calibration pass (1 forward per window, independent of E) and one read of the expert weights.
+subsets. Cost: the one calibration pass (1 forward per window, independent of E), and with `keep: centroid` one
+read of the expert weights.
 """
 
 from __future__ import annotations

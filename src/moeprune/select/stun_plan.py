@@ -1,8 +1,12 @@
 """`method: stun` in a recipe's expert stage: STUN's clusters and representatives as a `PrunePlan`
-(`select/stun.py` for the rule). Statistics: the one calibration pass of the context; weights: the model as the
-recipe's earlier stages left it, whole in memory, or one decoder layer at a time with --lazy."""
+(`select/stun.py` for the rule). Statistics: the one calibration pass of the context; weights (`keep: centroid`
+only): the model as the recipe's earlier stages left it, whole in memory, or one decoder layer at a time with
+--lazy."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 from tqdm.auto import tqdm
 
@@ -24,22 +28,11 @@ def plan_stun(o, ctx) -> PrunePlan:
     for layer in layers:
         require_stats(combined[layer], layer)
     kept, clusters = {}, {}
-    if ctx.lazy:
-        lazy, layer_context = ctx.lazy_model()
-        model = lazy.model
-    else:
-        model, layer_context = ctx.model(), None
-    model_adapter = get_adapter(model.config, model=model)
-    for n, layer in enumerate(bar := tqdm(layers, leave=False)):
-        bar.set_description(f"STUN clusters (layer {n + 1}/{len(layers)})")
-        if layer_context is not None:
-            with layer_context(layer):
-                kept[layer], clusters[layer] = _layer(model, model_adapter, combined[layer], layer, o.ratio, routing,
-                                                      E, mix, keep)
-        else:
-            kept[layer], clusters[layer] = _layer(model, model_adapter, combined[layer], layer, o.ratio, routing, E,
-                                                  mix, keep)
-    del model
+    with _expert_weights(ctx, keep) as weights:  # only the centroid rule reads weights
+        for n, layer in enumerate(bar := tqdm(layers, leave=False)):
+            bar.set_description(f"STUN clusters (layer {n + 1}/{len(layers)})")
+            with weights(layer) as tensors:
+                kept[layer], clusters[layer] = stun_layer(combined[layer], tensors, o.ratio, routing, E, mix, keep)
     merged = sum(1 for cs in clusters.values() for c in cs if len(c) > 1)
     logger.info("stun: %d clusters of more than one expert over %d layers (mix %.2f)", merged, len(layers), mix)
     plan = PrunePlan(kept, E, method=STUN, ratio=o.ratio, model_type=adapter.model_type, clusters=clusters,
@@ -49,6 +42,28 @@ def plan_stun(o, ctx) -> PrunePlan:
     return plan
 
 
-def _layer(model, adapter, stats, layer, ratio, routing, E, mix, keep):
-    block = adapter.block(model, layer)
-    return stun_layer(stats, lambda j: adapter.expert_views(block, j), ratio, routing, E, mix, keep)
+@contextmanager
+def _expert_weights(ctx, keep: str) -> Iterator:
+    """`weights(layer)` -> a context giving j -> expert j's tensors by role: the model as the earlier stages left it,
+    whole, or one decoder layer at a time with --lazy. `keep: usage` reads none."""
+    if keep != "centroid":
+        @contextmanager
+        def none(layer):
+            yield None
+
+        yield none
+        return
+    if ctx.lazy:
+        lazy, layer_context = ctx.lazy_model()
+        model = lazy.model
+    else:
+        model, layer_context = ctx.model(), None
+    adapter = get_adapter(model.config, model=model)
+
+    @contextmanager
+    def weights(layer):
+        with layer_context(layer) if layer_context is not None else nullcontext():
+            block = adapter.block(model, layer)
+            yield lambda j: adapter.expert_views(block, j)
+
+    yield weights
