@@ -42,13 +42,28 @@ def _calib(root: Path) -> CalibrateOptions:
     return CalibrateOptions((f"a={a}", f"b={b}"), samples=6, seq_len=32, held_out=0)
 
 
-@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss"])
+_BUILT: dict[str, tuple] = {}
+
+
+def _built(family: str, tmp_path_factory) -> tuple:
+    """(root, model, calib, pack) of a tiny `family` model, built once per module run."""
+    if family not in _BUILT:
+        root = tmp_path_factory.mktemp(f"taskpack_{family}")
+        model = save_tiny(family, root / "model", seed=3, with_tokenizer=True)
+        calib = _calib(root)
+        _BUILT[family] = root, model, calib, build_pack(model, calib, BuildOptions(RATIOS), root / "pack")
+    return _BUILT[family]
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss"])  # per-expert and fused experts on disk
 def built(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"taskpack_{request.param}")
-    model = save_tiny(request.param, root / "model", seed=3, with_tokenizer=True)
-    calib = _calib(root)
-    pack = build_pack(model, calib, BuildOptions(RATIOS), root / "pack")
-    return root, model, calib, pack
+    return _built(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """The softmax-before-top-k family alone: its brute-force key is the mean router softmax."""
+    return _built("qwen3_moe", tmp_path_factory)
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
@@ -183,10 +198,9 @@ def _router_mean(model, ids: torch.Tensor, mask: torch.Tensor, layers: list[int]
     return torch.stack(rows)
 
 
-def test_keys_are_mean_router_distributions_and_retrieval_is_nearest(built):
-    root, model, calib, pack = built
-    if pack.routing_kind != "softmax_topk":
-        pytest.skip("the brute-force softmax key applies to softmax-before-top-k routers")
+def test_keys_are_mean_router_distributions_and_retrieval_is_nearest(qwen):
+    root, model, calib, pack = qwen
+    assert pack.routing_kind == "softmax_topk"
     stock = AutoModelForCausalLM.from_pretrained(model).eval()
     sets = build_sets(calib.calib_config(), load_tokenizer(model, None))
     for s in sets:  # the task key: token-weighted mean over every calibration window
@@ -243,10 +257,8 @@ def test_nearest_on_synthetic_keys():
     assert nearest({"only": keys["code"]}, q).margin == float("inf")
 
 
-def test_cli_build_then_eval_with_the_pack_equals_eval_of_the_export(built, tmp_path, capsys):
-    root, model, calib, _ = built
-    if "gpt_oss" in str(root):
-        pytest.skip("one family is enough for the CLI path")
+def test_cli_build_then_eval_with_the_pack_equals_eval_of_the_export(qwen, tmp_path, capsys):
+    root, model, calib, _ = qwen
     from moeprune.cli import main
 
     a, b = (spec.split("=", 1)[1] for spec in calib.calib)
