@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moeprune.analysis.plots import _plt, _save
+from moeprune.analysis.plots import pyplot, save_figure
 
 TITLES = {"lru": "LRU", "lfu": "LFU", "predictive": "predictive prefetch", "lookahead": "router look-ahead prefetch",
           "oracle": "oracle prefetch (bound)",
@@ -64,7 +64,7 @@ def offload_section(a: dict[str, Any], images: dict[str, str]) -> dict[str, Any]
 def plot_offload(a: dict[str, Any], path: Path) -> Path:
     """Hit rate, MiB moved per token and slowdown over the resident expert memory, one line per policy; static
     pruning's points (full speed, its perplexity ratio written next to it) on the last panel."""
-    plt = _plt()
+    plt = pyplot()
     o = a["offload"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name in o["policies"]:
@@ -96,4 +96,4 @@ def plot_offload(a: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"offloading at {o['timing']['bandwidth_gbs']:g} GB/s, {o['timing']['tflops']:g} TFLOP/s "
                  "(dashed: bounds that need the future)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,7 +13,8 @@ MAX_LIFT_PANELS = 4  # co-activation heatmaps: this many layers, evenly spread
 MAX_ANNOTATED_EXPERTS = 32  # owner initials are written into cells up to this many experts
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display); shared by every plot of the reports."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,9 +23,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Write `fig` as a PNG at the reports' resolution and close it."""
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -36,7 +38,7 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 def plot_usage(a: dict[str, Any], path: Path) -> Path:
     """One panel per domain: layers × experts, colour = count / tokens; last panel: domain specificity with the
     owner's initial in each cell (when E is small enough to read)."""
-    plt = _plt()
+    plt = pyplot()
     layers, usage, spec = a["layers"], a["usage"], a["specialisation"]
     panels = [(f"{d}: usage (count / tokens)", np.array(m, dtype=float)) for d, m in usage["per_domain"].items()]
     if len(panels) == 1:
@@ -70,12 +72,12 @@ def plot_usage(a: dict[str, Any], path: Path) -> Path:
         ax.tick_params(axis="x", labelsize=7)
     axes[-1, 0].set_xlabel("expert")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_balance(a: dict[str, Any], path: Path) -> Path:
     """Normalised usage entropy and CV per layer, one line per domain and all domains (black)."""
-    plt = _plt()
+    plt = pyplot()
     layers, bal = a["layers"], a["balance"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     series = [(d, v) for d, v in bal["per_domain"].items() if "cv" in v]
@@ -94,7 +96,7 @@ def plot_balance(a: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def lift_layers(layers: list[int]) -> list[int]:
@@ -107,7 +109,7 @@ def lift_layers(layers: list[int]) -> list[int]:
 
 def plot_coactivation(a: dict[str, Any], path: Path) -> Path:
     """log2 lift heatmaps (red: together more than chance, blue: less) for a few layers."""
-    plt = _plt()
+    plt = pyplot()
     shown = [i for i in lift_layers(a["layers"]) if a["coactivation"]["lift"][i] is not None]
     rows, cols = _grid(max(1, len(shown)), 2)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols + 1.2, 3.6 * rows + 0.4), squeeze=False,
@@ -127,12 +129,12 @@ def plot_coactivation(a: dict[str, Any], path: Path) -> Path:
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, label="log2 lift (0 = independent; white = never)")
     fig.suptitle("co-activation lift P(i, j) / (P(i) P(j))", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_supers(a: dict[str, Any], path: Path) -> Path:
     """max |expert output| per expert and layer (log scale), threshold τ dashed, super experts in red."""
-    plt = _plt()
+    plt = pyplot()
     s = a["super_experts"]
     fig, ax = plt.subplots(figsize=(8, 3.4))
     for i, layer in enumerate(a["layers"]):
@@ -147,12 +149,12 @@ def plot_supers(a: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("max |expert output|")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_agreement(a: dict[str, Any], path: Path) -> Path:
     """One kept-set overlap heatmap per ratio."""
-    plt = _plt()
+    plt = pyplot()
     done = [g for g in a["agreement"] if "matrix" in g]
     rows, cols = _grid(max(1, len(done)), 2)
     M = len(done[0]["methods"]) if done else 1
@@ -166,12 +168,12 @@ def plot_agreement(a: dict[str, Any], path: Path) -> Path:
     for ax in list(axes.flat)[len(done):]:
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_probe(a: dict[str, Any], path: Path) -> Path:
     """Per layer: predicted (mass removed) and measured (relative output error) cost over ratio; cliff marked."""
-    plt = _plt()
+    plt = pyplot()
     p = a["probe"]
     layers, ratios = a["layers"], p["ratios"]
     rows, cols = _grid(len(layers))
@@ -194,13 +196,13 @@ def plot_probe(a: dict[str, Any], path: Path) -> Path:
     axes.flat[0].legend(fontsize=7)
     fig.suptitle("cost of dropping the experts with the least routed output mass", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_locality(a: dict[str, Any], path: Path) -> Path:
     """SRP(L) and SCH(L, m*) per layer over segment length L, as routed (solid), tokens shuffled within each
     sequence (dashed) and across sequences (dotted), in the layer's colour."""
-    plt = _plt()
+    plt = pyplot()
     loc = a["locality"]
     v = loc["verdict"]
     j = loc["cache_sizes"].index(v["cache_size"])
@@ -225,4 +227,4 @@ def plot_locality(a: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeprune.analysis.plots import _plt, _save
+from moeprune.analysis.plots import pyplot, save_figure
 from moeprune.io.atomic import atomic_dir
 from moeprune.log import logger
 
@@ -51,7 +51,7 @@ def tables(d: dict[str, Any]) -> str:
 def plot(d: dict[str, Any], path: Path) -> Path:
     """Top: quality vs ratio per task, the tolerance line and each knee; bottom: one heat map per task
     of the block error (layers × ratios), each layer's cliff written in its cell."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
     from matplotlib.ticker import FuncFormatter
 
@@ -92,7 +92,7 @@ def plot(d: dict[str, Any], path: Path) -> Path:
         if i == 0:
             h.set_ylabel("MoE layer", fontsize=7)
     fig.colorbar(img, ax=fig.axes[1:], fraction=0.03, pad=0.01, label="‖Z − Ẑ‖² / ‖Z‖²")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write(d: dict[str, Any], out: Path) -> Path:
