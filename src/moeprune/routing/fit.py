@@ -42,10 +42,8 @@ def capture_weights(model: nn.Module, adapter: MoEAdapter, sets, batch_size: int
 
     inst = install_policy(model, adapter, record)
     try:
-        batches = [(s.input_ids[i : i + batch_size], s.attention_mask[i : i + batch_size])
-                   for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]
         seen = 0
-        for ids, mask in tqdm(batches, desc="routing weights on calibration text", leave=False):
+        for ids, mask in tqdm(batches(sets, batch_size), desc="routing weights on calibration text", leave=False):
             valid[:] = [mask.reshape(-1).bool().to(device)]
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
             seen += int(mask.sum())
@@ -54,6 +52,12 @@ def capture_weights(model: nn.Module, adapter: MoEAdapter, sets, batch_size: int
     finally:
         inst.remove()
     return {layer: torch.cat(ws)[:max_tokens] for layer, ws in kept.items() if ws}
+
+
+def batches(sets, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) [≤ batch_size, L] of every calibration set's windows, set by set."""
+    return [(s.input_ids[i : i + batch_size], s.attention_mask[i : i + batch_size])
+            for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]
 
 
 def _bisect(f, lo: float, hi: float, target: float, increasing: bool, iters: int = 60) -> float:

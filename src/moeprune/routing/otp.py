@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
+from moeprune.routing.fit import batches as calib_batches
 
 SELECTOR_FILE = "moeprune_otp.safetensors"
 Selectors = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (W [k, H + k], b [k])
@@ -209,11 +210,6 @@ class _Gates:
             h.remove()
 
 
-def _batches(sets, batch_size: int):
-    return [(s.input_ids[i : i + batch_size], s.attention_mask[i : i + batch_size])
-            for s in sets for i in range(0, s.input_ids.shape[0], batch_size)]
-
-
 def train_otp(model: nn.Module, adapter: MoEAdapter, sets, cfg: OTPConfig, device: str = "cpu") -> OTPResult:
     """Selectors for every MoE layer of `model` (frozen), trained on the calibration windows `sets`."""
     k = adapter.top_k
@@ -230,7 +226,7 @@ def train_otp(model: nn.Module, adapter: MoEAdapter, sets, cfg: OTPConfig, devic
         p.requires_grad_(False)
     opt = torch.optim.AdamW(sel.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    batches = _batches(sets, cfg.batch_size)
+    batches = calib_batches(sets, cfg.batch_size)
     batches = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed))]
     if not batches:
         raise MoePruneError("otp: no calibration windows to train the selectors on.")
@@ -301,7 +297,7 @@ def capture_inputs(model, adapter, sets, batch_size: int, max_tokens: int, devic
     try:
         for s in sets:
             seen = 0
-            for ids, mask in _batches([s], batch_size):
+            for ids, mask in calib_batches([s], batch_size):
                 valid[:] = [mask.reshape(-1).bool().to(device)]
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
                 seen += int(mask.sum())

@@ -13,7 +13,6 @@ factorised bytes are what a serving format with factors would store (docs/sparsi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -121,9 +120,6 @@ class CompressStage(WeightStage):
         out["note"] = ("merged experts replaced by their low-rank + sparse reconstruction, written dense (no stock "
                        "family holds factorised experts); summary.factorised_bytes is what factors would store")
         return out
-
-    def check(self, o: CompressOptions, adapter: MoEAdapter) -> Any:
-        return super().check(o, adapter)
 
 
 COMPRESS = register_stage(CompressStage())
