@@ -207,6 +207,8 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
     o = lambda name: ["--out", str(work / "out" / name), "--overwrite"]  # noqa: E731
     recipe = work / "recipe.yaml"
     recipe.write_text("stages:\n  - {method: reap, ratio: 0.25}\n  - {method: camera, ratio: 0.25}\n")
+    compress = work / "msmoe_compress.yaml"
+    compress.write_text("stages:\n  - {method: msmoe, ratio: 0.25}\n  - {method: compress, rank: 32, sparsity: 0.9}\n")
     return [
         ("forward (plain, layer by layer)", [sys.executable, "-c", FORWARD, str(model), calib, str(samples), str(seq)],
          1.0),
@@ -224,11 +226,17 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
                        "--no-verify"], 4.0),
         ("CAMERA-P 25%", [*m, "prune", str(model), "--method", "camera", "--ratio", "0.25", *c, *o("camera"),
                           "--no-verify"], 2.0),
+        ("wanda 50% + OWL", [*m, "prune", str(model), "--method", "wanda", "--sparsity", "0.5", "--owl", *c,
+                             *o("wanda"), "--no-verify"], 2.0),
+        ("M-SMoE 25% -> compress", [*m, "prune", str(model), "--recipe", str(compress), *c, *o("compress"),
+                                    "--no-verify"], 2.0),
         ("recipe reap 25% -> camera 25%", [*m, "prune", str(model), "--recipe", str(recipe), *c, *o("recipe"),
                                            "--no-verify"], 2.0),
         ("analyze", [*m, "analyze", str(model), *c, "--out", str(work / "out" / "analysis"), "--overwrite"], 2.0),
         ("verify (reap export)", [*m, "verify", str(model), str(work / "out" / "reap"), "--dtype", "bfloat16",
                                   *(["--lazy"] if lazy else [])], 2.0),
+        ("verify (wanda export)", [*m, "verify", str(model), str(work / "out" / "wanda"), "--dtype", "bfloat16",
+                                   *(["--lazy"] if lazy else [])], 2.0),
     ]
 
 

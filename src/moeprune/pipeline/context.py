@@ -3,6 +3,7 @@
     ctx.routed_stats(decide=None)   routed statistics (and probes) of that model on the calibration sets
     ctx.model(dtype)                the original, loaded, with every earlier stage's plan applied in memory
     ctx.weights_source()            where data-free criteria read expert weights from
+    ctx.layer_view(dtype)           that model read one decoder layer at a time (in memory, or lazily)
 
 For the first stage these read the checkpoint itself (so `--lazy` and torchrun work as in `moeprune calibrate`);
 later stages replay the earlier plans on a freshly loaded copy (one model in memory at a time), or, when `lazy`,
@@ -12,8 +13,8 @@ it (`stages.base.apply_chain_layer`), the model's config says what those plans l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,15 @@ class StageContext:
 
         return lazy, layer_context
 
+    def layer_view(self, dtype: str = "auto") -> LayerView:
+        """The model as earlier stages leave it, for stages that visit it one decoder layer at a time: in memory
+        (every layer already there; the context does nothing) or, when `lazy`, the original loaded lazily with
+        layer i materialised and the earlier plans applied inside `view.layer(i)` (`lazy_model`)."""
+        if self.lazy:
+            lazy, context = self.lazy_model(dtype=dtype)
+            return LayerView(lazy.model, context, lazy)
+        return LayerView(self.model(dtype=dtype), lambda i: nullcontext(), None)
+
     def weights_source(self):
         """The checkpoint folder, or (after earlier stages) the weight summaries of the model they left."""
         if self.ckpt is None:
@@ -131,3 +141,13 @@ class StageContext:
         model = self.model()
         adapter = get_adapter(model.config, model=model)
         return InMemoryWeights(adapter, summarize_model(model, adapter))
+
+
+@dataclass
+class LayerView:
+    """`StageContext.layer_view`: the model, the context that makes decoder layer i readable, and the `LazyModel`
+    behind it (None in memory; stages that collect statistics layer by layer pass it on)."""
+
+    model: nn.Module
+    layer: Callable[[int], AbstractContextManager]
+    lazy: Any = None

@@ -7,7 +7,8 @@
 It must follow a merge stage (`merge`); the plan's summary gives, per layer and role, the relative reconstruction
 error ‖W − L − S‖_F/‖W‖_F and the bytes the factorised form would take (`factorised_bytes`) against the dense bytes.
 The export is dense (stock families hold no factorised experts), so it saves no bytes on disk by itself: the
-factorised bytes are what a serving format with factors would store (docs/sparsity.md).
+factorised bytes are what a serving format with factors would store (docs/sparsity.md). With `--lazy` the merged
+layers are visited one at a time and the new tensors wait on disk (`stages/weights_store.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
@@ -22,8 +24,9 @@ from moeprune.merge.compress import factorised_bytes, low_rank_sparse
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.stages.base import Need, register_stage
-from moeprune.stages.weights import WeightOptions, WeightStage, as_stored
+from moeprune.stages.weights import StoredDtypes, WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
+from moeprune.stages.weights_store import SpilledLayers
 
 ROLES = ("gate", "up", "down")
 WHICH = ("merged", "all")
@@ -41,7 +44,6 @@ class CompressStage(WeightStage):
     kind = "compress"
     plan_format = weights_format("compress")
     options_type = CompressOptions
-    lazy_problem = "compress decomposes the merged experts of the model held in memory; drop --lazy"
 
     @classmethod
     def methods(cls) -> list[str]:
@@ -70,39 +72,45 @@ class CompressStage(WeightStage):
 
     def plan(self, o: CompressOptions, ctx) -> WeightsPlan:
         _, merge_plan = ctx.previous[-1]
-        model = ctx.model()
+        view = ctx.layer_view()  # with --lazy: one decoder layer (merged by the earlier plans) in memory at a time
+        model = view.model
         adapter = get_adapter(model.config, model=model)
-        experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        experts: dict | SpilledLayers = SpilledLayers() if ctx.lazy else {}  # lazy: each layer's tensors on disk
+        stored = StoredDtypes(ctx.ckpt, adapter)
         layers: dict[str, dict] = {}
+        moe = adapter.moe_layers()
         with torch.no_grad():
-            for layer in adapter.moe_layers():
-                block = adapter.block(model, layer)
+            for n, layer in enumerate(bar := tqdm(moe, leave=False)):
+                bar.set_description(f"compress (layer {n + 1}/{len(moe)})")
                 groups = merge_plan.groups.get(layer, [])
                 chosen = [g for g, members in enumerate(groups) if o.experts == "all" or len(members) > 1]
                 err = {r: [0.0, 0.0] for r in ROLES}  # role -> [Σ‖W − L − S‖², Σ‖W‖²]
                 dense = fact = 0
-                for g in chosen:
-                    views = adapter.expert_views(block, g)
-                    for role in ROLES:
-                        if role not in views:
-                            continue
-                        w = views[role].detach()
-                        low, sparse = low_rank_sparse(w, o.rank, o.sparsity, o.iterations)
-                        new = (low + sparse).to(w.dtype)
-                        experts.setdefault(layer, {}).setdefault(g, {})[role] = new.cpu().clone()
-                        err[role][0] += float((w.double() - low - sparse).square().sum())
-                        err[role][1] += float(w.double().square().sum())
-                        dense += w.numel() * w.element_size()
-                        fact += factorised_bytes(tuple(w.shape), o.rank, o.sparsity, w.element_size())
+                new_layer: dict[int, dict[str, torch.Tensor]] = {}
+                with view.layer(layer):
+                    block = adapter.block(model, layer)
+                    for g in chosen:
+                        views = adapter.expert_views(block, g)
+                        for role in ROLES:
+                            if role not in views:
+                                continue
+                            w = views[role].detach()
+                            low, sparse = low_rank_sparse(w, o.rank, o.sparsity, o.iterations)
+                            new_layer.setdefault(g, {})[role] = (low + sparse).to(w.dtype).cpu().clone()
+                            err[role][0] += float((w.double() - low - sparse).square().sum())
+                            err[role][1] += float(w.double().square().sum())
+                            dense += w.numel() * w.element_size()
+                            fact += factorised_bytes(tuple(w.shape), o.rank, o.sparsity, w.element_size())
+                if new_layer:
+                    experts[layer] = stored.experts(layer, new_layer)
                 layers[str(layer)] = {"experts": chosen, "dense_bytes": dense, "factorised_bytes": fact,
                                       "rel_error": {r: (e[0] / e[1]) ** 0.5 if e[1] else 0.0 for r, e in err.items()
                                                     if e[1]}}
-        del model
+        del view, model
         dense = sum(v["dense_bytes"] for v in layers.values())
         fact = sum(v["factorised_bytes"] for v in layers.values())
         logger.info("compress: %d experts decomposed; factorised %.1f%% of their dense bytes",
                     sum(len(v["experts"]) for v in layers.values()), 100 * fact / dense if dense else 0)
-        experts, _ = as_stored(experts, {}, ctx.ckpt, adapter)
         return WeightsPlan("compress", adapter.num_experts, adapter.expert_width, experts, {},
                            settings={"rank": o.rank, "sparsity": o.sparsity, "iterations": o.iterations,
                                      "experts": o.experts},

@@ -10,6 +10,8 @@ pattern: unstructured|2:4, owl: true}` (`prune --method wanda --sparsity 0.5 [--
 Only routed experts are sparsified (shared experts, attention and routers are left dense). The export is the dense
 checkpoint with zeros (stock-loadable, every shape and config key unchanged); the report states the zero fraction
 per tensor. `verify` compares with the original whose same weights are zeroed (the weights-stage reference).
+With `--lazy` (or a checkpoint larger than memory) the statistics pass and the masks run one decoder layer at a
+time and the masked tensors wait on disk (`stages/weights_store.py`), so memory holds about one layer.
 `sparsity` is the fraction of routed-expert weights zeroed (biases not counted); 2:4 is exactly one half.
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
@@ -26,8 +29,9 @@ from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.sparsity.wanda import PATTERNS, mask_for, outlier_ratio, owl_sparsities, wanda_scores
 from moeprune.stages.base import Need, register_stage
-from moeprune.stages.weights import WeightOptions, WeightStage, as_stored
+from moeprune.stages.weights import StoredDtypes, WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
+from moeprune.stages.weights_store import SpilledLayers
 
 OWL_M, OWL_LAMBDA = 5.0, 0.08  # OWL's defaults (its paper's M and λ for LLaMA)
 ROLE_INPUT = {"gate": "in_sq", "up": "in_sq", "down": "act_sq"}  # which input norms each role's columns see
@@ -46,8 +50,6 @@ class SparsityStage(WeightStage):
     kind = "sparsity"
     plan_format = weights_format("wanda")
     options_type = SparsityOptions
-    lazy_problem = ("wanda's masks are planned on the whole model in memory (its statistics pass is not layer by "
-                    "layer yet); drop --lazy")
 
     @classmethod
     def methods(cls) -> list[str]:
@@ -92,45 +94,50 @@ class SparsityStage(WeightStage):
 
     # ------------------------------------------------------------------ plan
     def plan(self, o: SparsityOptions, ctx) -> WeightsPlan:
-        from moeprune.stats.neurons import collect_neuron_stats
-
         if ctx.ckpt is None or ctx.sets is None:
             raise MoePruneError("wanda scores weights by the input norms of each expert's routed tokens: use `moeprune "
                                 "prune MODEL --calib NAME=PATH` with it.")
         dtype = ctx.calib.dtype if ctx.calib is not None else "auto"
-        model = ctx.model(dtype=dtype)
+        view = ctx.layer_view(dtype=dtype)  # with --lazy: one decoder layer in memory at a time
+        model = view.model
         adapter = get_adapter(model.config, model=model)
-        stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=False, batch_size=ctx.calib.batch_size)
+        stats = _neuron_stats(ctx, view, adapter, dtype)
         target = 0.5 if o.sparsity is None else float(o.sparsity)
         layers = sorted(stats)
         ratios = {}
         if o.owl:
             m = OWL_M if o.owl_m is None else o.owl_m
-            ratios = {layer: outlier_ratio(list(self._scores(model, adapter, stats[layer], layer)), m)
-                      for layer in layers}
+            for n, layer in enumerate(bar := tqdm(layers, leave=False)):
+                bar.set_description(f"OWL outlier ratios (layer {n + 1}/{len(layers)})")
+                with view.layer(layer):
+                    ratios[layer] = outlier_ratio(list(self._scores(model, adapter, stats[layer], layer)), m)
             sparsity = owl_sparsities(ratios, target, OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda)
         else:
             sparsity = dict.fromkeys(layers, target)
-        experts: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+        experts: dict | SpilledLayers = SpilledLayers() if ctx.lazy else {}  # lazy: each layer's tensors on disk
+        stored = StoredDtypes(ctx.ckpt, adapter)
         tensors, per_layer = {}, {}
         with torch.no_grad():
-            for layer in layers:
-                block = adapter.block(model, layer)
+            for n, layer in enumerate(bar := tqdm(layers, leave=False)):
+                bar.set_description(f"wanda masks (layer {n + 1}/{len(layers)})")
+                masked: dict[int, dict[str, torch.Tensor]] = {}
                 zeros = total = 0
-                for (j, role), score in self._scores(model, adapter, stats[layer], layer, keyed=True):
-                    keep = mask_for(score, o.pattern, sparsity[layer])
-                    w = adapter.expert_views(block, j)[role].detach()
-                    experts.setdefault(layer, {}).setdefault(j, {})[role] = (w * keep.to(w.dtype)).cpu().clone()
-                    tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - float(keep.double().mean()), 6)
-                    zeros += int((~keep).sum())
-                    total += keep.numel()
+                with view.layer(layer):
+                    block = adapter.block(model, layer)
+                    for (j, role), score in self._scores(model, adapter, stats[layer], layer, keyed=True):
+                        keep = mask_for(score, o.pattern, sparsity[layer])
+                        w = adapter.expert_views(block, j)[role].detach()
+                        masked.setdefault(j, {})[role] = (w * keep.to(w.dtype)).cpu().clone()
+                        tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - float(keep.double().mean()), 6)
+                        zeros += int((~keep).sum())
+                        total += keep.numel()
+                experts[layer] = stored.experts(layer, masked)
                 per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity[layer], 6),
                                          **({"outlier_ratio": round(ratios[layer], 6)} if ratios else {})}
-        del model
+        del view, model
         removed = sum(v["sparsity"] for v in per_layer.values()) / len(per_layer)
         logger.info("wanda (%s%s): %.1f%% of the routed-expert weights zeroed", o.pattern, ", OWL" if o.owl else "",
                     100 * removed)
-        experts, _ = as_stored(experts, {}, ctx.ckpt, adapter)
         settings = {"sparsity": target, "pattern": o.pattern, "owl": bool(o.owl)}
         if o.owl:
             settings |= {"owl_m": OWL_M if o.owl_m is None else o.owl_m,
@@ -162,6 +169,18 @@ class SparsityStage(WeightStage):
                        "summary.tensors gives the zero fraction of every expert tensor; verify compares with the "
                        "original whose same weights are zeroed")
         return out
+
+
+def _neuron_stats(ctx, view, adapter: MoEAdapter, dtype: str) -> dict:
+    """in_sq / act_sq of every routed expert (`stats/neurons.py`), of the model `view` shows: one pass in memory,
+    or layer by layer over the lazy model (`stats/neurons_layered.py`; the same sums)."""
+    if view.lazy is not None:
+        from moeprune.stats.neurons_layered import neuron_stats
+
+        return neuron_stats(ctx, False, lazy=view.lazy, layer_context=view.layer, dtype=dtype)
+    from moeprune.stats.neurons import collect_neuron_stats
+
+    return collect_neuron_stats(view.model, adapter, ctx.sets, gradients=False, batch_size=ctx.calib.batch_size)
 
 
 SPARSITY = register_stage(SparsityStage())

@@ -24,6 +24,7 @@ from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 from moeprune.stages.base import Need, Stage, StageOptions, config_copy
 from moeprune.stages.weights_plan import WeightsPlan
+from moeprune.stages.weights_store import expert_index
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class WeightStage(Stage):
         return {"method": plan.method, "settings": plan.settings, "weights_plan_sha256": plan.sha256()}
 
     def report(self, plan: WeightsPlan, before: MoEAdapter, after: MoEAdapter) -> dict:
-        changed = sum(len(v) for v in plan.experts.values())
+        changed = sum(len(expert_index(plan.experts, layer)) for layer in plan.experts)
         return {
             "stage": self.kind, "method": plan.method, "settings": plan.settings, "summary": plan.summary,
             "weights_plan_sha256": plan.sha256(), "num_experts_before": before.num_experts,
@@ -106,32 +107,46 @@ class WeightStage(Stage):
 
 
 def as_stored(experts: dict, router: dict, ckpt, adapter: MoEAdapter) -> tuple[dict, dict]:
-    """The trained values rounded to the dtypes the checkpoint stores them in (bf16 weights of a bf16 checkpoint):
-    the export holds them in those dtypes, so the plan — and the verify reference built from it — must too.
+    """The trained values rounded to the dtypes the checkpoint stores them in (`StoredDtypes`), every layer."""
+    cast = StoredDtypes(ckpt, adapter)
+    return ({layer: cast.experts(layer, ex) for layer, ex in experts.items()},
+            {layer: cast.router(layer, names) for layer, names in router.items()})
+
+
+class StoredDtypes:
+    """The dtypes the checkpoint stores expert and router tensors in (bf16 weights of a bf16 checkpoint): the
+    export holds new values in those dtypes, so the plan — and the verify reference built from it — must too.
     Expert weights / biases take the dtype of the layer's expert weight / bias tensors on disk; router tensors the
-    dtype of their own key (float32 training keeps the master values only until here)."""
-    from collections import Counter
+    dtype of their own key (float32 training keeps the master values only until here). Read once from the headers;
+    `experts(layer, ...)` casts one layer (plans made layer by layer)."""
 
-    stored: dict[tuple[int, bool], Counter] = {}  # (layer, is bias) -> dtypes of the expert tensors on disk
-    routers: dict[tuple[int, str], Any] = {}
-    for key, dtype in ckpt.torch_dtypes().items():
-        role = adapter.classify_key(key)
-        if role.kind in ("expert", "fused") and dtype.is_floating_point and dtype.itemsize > 1:
-            stored.setdefault((role.layer, key.endswith("bias")), Counter())[dtype] += 1
-        elif role.kind == "router":
-            routers[(role.layer, key)] = dtype
+    def __init__(self, ckpt, adapter: MoEAdapter) -> None:
+        from collections import Counter
 
-    def expert_dtype(layer: int, role: str):
-        found = stored.get((layer, role.endswith("bias")))
-        return found.most_common(1)[0][0] if found else None
+        self._stored: dict[tuple[int, bool], Counter] = {}  # (layer, is bias) -> dtypes of the expert tensors
+        self._routers: dict[tuple[int, str], Any] = {}
+        for key, dtype in ckpt.torch_dtypes().items():
+            role = adapter.classify_key(key)
+            if role.kind in ("expert", "fused") and dtype.is_floating_point and dtype.itemsize > 1:
+                self._stored.setdefault((role.layer, key.endswith("bias")), Counter())[dtype] += 1
+            elif role.kind == "router":
+                self._routers[(role.layer, key)] = dtype
 
-    def router_dtype(layer: int, name: str):
-        return next((d for (lay, key), d in routers.items() if lay == layer and key.endswith("." + name)), None)
+    def experts(self, layer: int, experts: dict) -> dict:
+        """{expert: {role: tensor}} of one layer, each in its stored dtype."""
+        def dtype(role: str):
+            found = self._stored.get((layer, role.endswith("bias")))
+            return found.most_common(1)[0][0] if found else None
 
-    def cast(t, dtype):
-        return t if dtype is None else t.to(dtype)
+        return {i: {r: _cast(t, dtype(r)) for r, t in roles.items()} for i, roles in experts.items()}
 
-    experts = {layer: {i: {r: cast(t, expert_dtype(layer, r)) for r, t in roles.items()} for i, roles in ex.items()}
-               for layer, ex in experts.items()}
-    router = {layer: {n: cast(t, router_dtype(layer, n)) for n, t in names.items()} for layer, names in router.items()}
-    return experts, router
+    def router(self, layer: int, names: dict) -> dict:
+        def dtype(name: str):
+            return next((d for (lay, key), d in self._routers.items() if lay == layer and key.endswith("." + name)),
+                        None)
+
+        return {n: _cast(t, dtype(n)) for n, t in names.items()}
+
+
+def _cast(t, dtype):
+    return t if dtype is None else t.to(dtype)

@@ -1,4 +1,4 @@
-"""`WeightsPlan`: new values for some routed-expert and router tensors (repair, distillation) — JSON + tensors.
+"""`WeightsPlan`: new values for routed-expert and router tensors (repair, distill, wanda, compress): JSON + tensors.
 
     N-KIND.json                 {"format": "moeprune.repair/1", "method": "repair", "settings": {...},
                                  "num_experts": E', "width": I', "layers": [...], "summary": {...},
@@ -9,23 +9,30 @@
                                                                 it, experts on dim 0: [E' (+ Z), ...]
 
 Experts are numbered as in the model the plan is applied to (after every earlier stage). A weights plan changes no
-shape and no config key: it replaces values. Its tensors are the values the stage computed (`repair`: closed-form
-least squares; `distill`: trained), so replaying it (`moeprune apply`) needs no calibration data.
+shape and no config key: it replaces values. `experts` is a dict, or for a plan made layer by layer (`--lazy`) or read
+from its file a `LayerTensors` (stages/weights_store.py) that keeps the tensors on disk and reads one layer at a time:
+hashing, saving (byte copies) and validating never hold more than one layer. Its tensors are the values the stage
+computed (`repair`: closed-form least squares; `distill`: trained; `wanda`: masked), so replaying it (`moeprune
+apply`) needs no calibration data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moeprune.errors import MoePruneError
+from moeprune.io.safetensors_io import OutTensor, TensorEntry, read_header, read_tensor, write_file
 from moeprune.models.base import MoEAdapter
 from moeprune.select.plan import read_plan_json, write_plan_json
+from moeprune.stages.weights_store import ExpertTensors, FileLayers, LayerTensors, SpilledLayers, expert_index
 
 
 def weights_format(method: str) -> str:
@@ -34,15 +41,13 @@ def weights_format(method: str) -> str:
 
 ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
-ExpertTensors = dict[int, dict[str, torch.Tensor]]  # expert (current numbering) -> role -> tensor
-
 
 @dataclass
 class WeightsPlan:
     method: str  # "repair" or "distill"
     num_experts: int  # E' of the model the plan applies to
     width: int | None  # I' of that model
-    experts: dict[int, ExpertTensors] = field(default_factory=dict)  # MoE layer -> expert -> role -> tensor
+    experts: Mapping[int, ExpertTensors] = field(default_factory=dict)  # MoE layer -> expert -> role -> tensor
     router: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # MoE layer -> name -> [E' (+Z), ...]
     settings: dict = field(default_factory=dict)  # the stage's options, for the report
     summary: dict = field(default_factory=dict)  # what the stage measured (per layer errors, losses, ...)
@@ -55,19 +60,22 @@ class WeightsPlan:
         return sorted(set(self.experts) | set(self.router))
 
     def flat(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for layer, experts in self.experts.items():
-            for i, roles in experts.items():
-                for role, t in roles.items():
-                    out[f"layer.{layer}.expert.{i}.{role}"] = t.detach().contiguous().cpu()
-        for layer, tensors in self.router.items():
-            for name, t in tensors.items():
-                out[f"layer.{layer}.router.{name}"] = t.detach().contiguous().cpu()
-        return out
+        """Every tensor by its file name, in memory (small plans; `named` reads one layer at a time)."""
+        return dict(self.named())
+
+    def named(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in sorted name order, one MoE layer read at a time. Each layer's names share the prefix
+        "layer.{ℓ}." and so are contiguous in that order; the layers come in the order of their prefixes."""
+        for layer in sorted(self.layers, key=lambda n: f"layer.{n}."):
+            named = {f"layer.{layer}.router.{name}": t for name, t in self.router.get(layer, {}).items()}
+            for i, roles in self.experts.get(layer, {}).items():
+                named.update({f"layer.{layer}.expert.{i}.{role}": t for role, t in roles.items()})
+            for name in sorted(named):
+                yield name, named[name].detach().contiguous().cpu()
 
     def tensors_sha256(self) -> str:
         h = hashlib.sha256()
-        for name, t in sorted(self.flat().items()):
+        for name, t in self.named():
             h.update(name.encode())
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())
@@ -91,8 +99,8 @@ class WeightsPlan:
         if bad:
             raise MoePruneError(f"weights plan ({self.method}) names layers {bad}, which are not MoE layers "
                                 f"({sorted(moe)}).")
-        for layer, experts in self.experts.items():
-            for i, roles in experts.items():
+        for layer in self.experts:
+            for i, roles in expert_index(self.experts, layer).items():
                 if not 0 <= i < self.num_experts:
                     raise MoePruneError(f"weights plan: layer {layer} expert {i} is outside 0..{self.num_experts - 1}.")
                 unknown = [r for r in roles if r not in ROLES]
@@ -113,33 +121,51 @@ class WeightsPlan:
                 "tensors_sha256": self.tensors_sha256()}
 
     def save(self, path: str | Path) -> Path:
-        """The JSON at `path` and the tensors next to it (`NAME.tensors.safetensors`), each written atomically."""
+        """The JSON at `path` and the tensors next to it (`NAME.tensors.safetensors`), each written atomically. The
+        tensors file is written by copying byte ranges (layers held in memory are first written to a temporary
+        folder next to it, one layer at a time)."""
         path = Path(path)
         tensors = path.with_name(path.name.removesuffix(".json") + ".tensors.safetensors")
         tmp = tensors.with_name(tensors.name + ".tmp")
-        save_file(self.flat(), str(tmp), metadata={"format": weights_format(self.method)})
+        with tempfile.TemporaryDirectory(prefix=".weights-", dir=path.parent) as scratch:
+            store = self.experts
+            if not isinstance(store, LayerTensors):
+                store = SpilledLayers(scratch)
+                for layer, experts in self.experts.items():
+                    store[layer] = experts
+            sources = self._sources(store, Path(scratch))
+            write_file(tmp, [OutTensor(name, e.dtype, e.shape, e.file, ((e.begin, e.end),))
+                             for name, e in sorted(sources.items())], metadata={"format": weights_format(self.method)})
         tmp.replace(tensors)
         return write_plan_json(path, self.to_dict(tensors.name))
 
+    def _sources(self, store: LayerTensors, scratch: Path) -> dict[str, TensorEntry]:
+        """Every tensor's name in the plan file -> where its bytes are (the experts in `store`, the router written
+        to `scratch`)."""
+        out = {f"layer.{layer}.expert.{i}.{role}": e for layer in store
+               for (i, role), e in store.entries(layer).items()}
+        router = {f"layer.{layer}.router.{name}": t.detach().contiguous().cpu() for layer, names in self.router.items()
+                  for name, t in names.items()}
+        if router:
+            save_file(router, str(scratch / "router.safetensors"))
+            out.update({e.name: e for e in read_header(scratch / "router.safetensors")[0]})
+        return out
+
     @classmethod
     def from_dict(cls, raw: dict, source: str) -> WeightsPlan:
+        """The plan a JSON names; its expert tensors stay in the tensors file (`FileLayers`), read per layer."""
         name = raw.get("tensors")
         if not isinstance(name, str):
             raise MoePruneError(f"{source}: a weights plan names its tensors file ('tensors').")
         file = Path(source).parent / name
         if not file.is_file():
             raise MoePruneError(f"{source}: its tensors file {file} is missing; copy the whole moeprune_plans folder.")
-        plan = cls(str(raw.get("method")), int(raw["num_experts"]), raw.get("width"), settings=raw.get("settings")
-                   or {}, summary=raw.get("summary") or {}, model_type=raw.get("model_type"))
-        for key, t in load_file(str(file)).items():
-            parts = key.split(".")
-            if len(parts) < 4 or parts[0] != "layer" or parts[2] not in ("expert", "router"):
-                raise MoePruneError(f"{file}: unexpected tensor name {key!r}.")
-            layer = int(parts[1])
-            if parts[2] == "expert":
-                plan.experts.setdefault(layer, {}).setdefault(int(parts[3]), {})[".".join(parts[4:])] = t
-            else:
-                plan.router.setdefault(layer, {})[".".join(parts[3:])] = t
+        experts, router = FileLayers.open(file)
+        plan = cls(str(raw.get("method")), int(raw["num_experts"]), raw.get("width"), experts, settings=raw.get(
+                   "settings") or {}, summary=raw.get("summary") or {}, model_type=raw.get("model_type"))
+        for entry in router:
+            parts = entry.name.split(".")
+            plan.router.setdefault(int(parts[1]), {})[".".join(parts[3:])] = read_tensor(entry)
         if raw.get("tensors_sha256") not in (None, plan.tensors_sha256()):
             raise MoePruneError(f"{file}: its tensors do not match the sha256 recorded in {source} (changed or "
                                 "corrupt).")
