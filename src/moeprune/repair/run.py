@@ -12,7 +12,7 @@ So no repair increases the calibration block error it minimises: err_after ≤ e
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -43,7 +43,7 @@ def fixes_for(kind: str, previous_kind: str) -> list[str]:
 
 @dataclass
 class RepairResult:
-    experts: dict[int, dict[int, dict[str, torch.Tensor]]]  # layer -> expert -> role -> value
+    experts: MutableMapping  # layer -> expert -> role -> value (a dict, or a store on disk: stages/weights_store.py)
     router: dict[int, dict[str, torch.Tensor]]  # layer -> name -> value
     summary: dict
 
@@ -79,16 +79,20 @@ def repair_model(teacher: nn.Module, student: nn.Module, t_adapter: MoEAdapter, 
                  positions: dict[int, dict[int, list[int]]], previous_kind: str, damp: float = 0.01,
                  batch_size: int = 8, device: str = "cpu",
                  student_context: Callable[[int], AbstractContextManager] | None = None,
-                 teacher_context: Callable[[int], AbstractContextManager] | None = None) -> RepairResult:
+                 teacher_context: Callable[[int], AbstractContextManager] | None = None,
+                 experts_out: MutableMapping | None = None) -> RepairResult:
     """Repair `student` in place toward `teacher` on `sets` (module docstring); the new values and a summary.
+    `experts_out`: where each layer's new expert values go as the layer finishes (default a dict; a lazy run passes a
+    `SpilledLayers`, so they wait on disk).
 
     `student_context(i)` / `teacher_context(i)`: entered around everything layer i does, for models loaded lazily
     (`StageContext.lazy_model`: decoder layer i is materialised there, with the earlier plans applied)."""
     batches = make_batches(student, s_adapter, sets, batch_size, device)
     moe = set(s_adapter.moe_layers())
     n = len(s_adapter.decoder_layers(student))
-    result = RepairResult({}, {}, {"layers": {}, "kinds": kinds, "damp": damp, "steps": list(STEPS),
-                                   "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))})
+    result = RepairResult({} if experts_out is None else experts_out, {},
+                          {"layers": {}, "kinds": kinds, "damp": damp, "steps": list(STEPS),
+                           "tokens": int(sum(int(b.attention_mask.sum()) for b in batches))})
     for i in (bar := tqdm(range(n), leave=False)):
         bar.set_description(f"repair ({', '.join(kinds)}) layer {i + 1}/{n}")
         with (student_context or _nothing)(i), (teacher_context or _nothing)(i) if i in moe else nullcontext():

@@ -17,8 +17,9 @@ from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.repair.run import KINDS, fixes_for, repair_model
 from moeprune.stages.base import apply_chain, register_stage
-from moeprune.stages.weights import WeightOptions, WeightStage, as_stored
+from moeprune.stages.weights import StoredDtypes, WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
+from moeprune.stages.weights_store import SpilledLayers
 
 REPAIRABLE = ("experts", "merge", "neurons")
 
@@ -84,15 +85,18 @@ class RepairStage(WeightStage):
         t_adapter, s_adapter = get_adapter(teacher.config, model=teacher), get_adapter(student.config, model=student)
         ref = Reference.of_chain(teacher, t_adapter, [(last_stage, last_plan)], layers=[])  # bookkeeping only
         kinds = fixes_for(o.repair_kind, last_stage.kind)
+        stored = StoredDtypes(ctx.ckpt, s_adapter)  # new values in the checkpoint's dtypes
         result = repair_model(teacher, student, t_adapter, s_adapter, ctx.sets, kinds, slots=ref.slots,
                               positions=ref.positions, previous_kind=last_stage.kind, damp=o.damp,
-                              batch_size=calib.batch_size, device=calib.device, **contexts)
+                              batch_size=calib.batch_size, device=calib.device, **contexts,
+                              experts_out=SpilledLayers(cast=stored.experts) if ctx.lazy else None)
         layers = result.summary["layers"]
         before = sum(v["error_before"] for v in layers.values())
         after = sum(v["error_after"] for v in layers.values())
         result.summary |= {"error_before": before, "error_after": after,
                            "ratio": after / before if before > 0 else 1.0, "repairs": last_stage.describe(last_plan)}
-        experts, router = as_stored(result.experts, result.router, ctx.ckpt, s_adapter)
+        experts = result.experts if ctx.lazy else {i: stored.experts(i, ex) for i, ex in result.experts.items()}
+        router = {i: stored.router(i, names) for i, names in result.router.items()}
         return WeightsPlan("repair", s_adapter.num_experts, s_adapter.expert_width, experts, router,
                            settings={"kind": o.repair_kind, "fixes": kinds, "damp": o.damp},
                            summary=result.summary, model_type=s_adapter.model_type)

@@ -4,7 +4,7 @@ A `WeightsPlan` maps MoE layer ℓ -> expert i -> role -> tensor. Held in a dict
 experts (wanda writes every expert), too much for a checkpoint that does not fit in memory. `LayerTensors` is the
 same mapping with the tensors left in safetensors files:
 
-    store = SpilledLayers()          a temporary folder ($TMPDIR), removed with the store (or at exit)
+    store = SpilledLayers(cast=f)    a temporary folder ($TMPDIR), removed with the store (or at exit)
     store[ℓ] = {i: {role: tensor}}   written at once to ℓ.safetensors; nothing stays in memory
     store[ℓ], store.get(ℓ, {})       read back from disk (a fresh dict each time: the caller holds one layer)
     store.index(ℓ)                   {i: [roles]} from the headers, no tensor read
@@ -17,7 +17,7 @@ one copy buffer in memory.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -62,13 +62,18 @@ class LayerTensors(Mapping):
 
 
 class SpilledLayers(LayerTensors):
-    """Layers written to a temporary folder as they are computed (the folder goes with the store)."""
+    """Layers written to a temporary folder as they are computed (the folder goes with the store). `cast(layer,
+    experts)`, when given, maps each layer's values before they are written (e.g. to the checkpoint's dtypes)."""
 
-    def __init__(self, where: str | Path | None = None) -> None:
+    def __init__(self, where: str | Path | None = None,
+                 cast: Callable[[int, ExpertTensors], ExpertTensors] | None = None) -> None:
         super().__init__()
         self._dir = tempfile.TemporaryDirectory(prefix="moeprune-weights-", dir=where)
+        self._cast = cast
 
     def __setitem__(self, layer: int, experts: ExpertTensors) -> None:
+        if self._cast is not None:
+            experts = self._cast(layer, experts)
         file = Path(self._dir.name) / f"{int(layer)}.safetensors"
         tensors = {f"{i}.{role}": t.detach().contiguous().cpu() for i, roles in experts.items()
                    for role, t in roles.items()}
