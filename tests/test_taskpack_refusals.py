@@ -156,3 +156,24 @@ def test_sweep_ratios_json_sets_each_tasks_default_ratio(setup, tmp_path, capsys
         loaded = load_for_task(pack, task=task)
         assert {len(v) for v in loaded.kept.values()} == {kept} and loaded.ratio == raw["tasks"][task]["recommended"]
     assert {len(v) for v in load_for_task(pack, task="b", ratio=0.5).kept.values()} == {E // 2}
+
+
+def test_a_pack_moved_with_its_checkpoint_finds_it_there(setup, tmp_path, no_load):
+    """The pack records its checkpoint relative to itself as well: moved together they still match; a pack moved
+    alone uses the absolute path; neither there is refused naming both places."""
+    from moeprune.taskpack.pack import TaskPack
+
+    root, model, _, _ = setup
+    together = tmp_path / "together"
+    shutil.copytree(model, together / "model")
+    shutil.copytree(root / "pack", together / "pack")
+    raw = json.loads((together / "pack" / "taskpack.json").read_text())
+    assert raw["checkpoint_relative"] == "../model" and "folder" not in raw
+    assert TaskPack.load(together / "pack").open_checkpoint().path == (together / "model").resolve()
+    alone = shutil.copytree(root / "pack", tmp_path / "a" / "b" / "pack")
+    assert TaskPack.load(alone).open_checkpoint().path == Path(model).resolve()
+    raw["checkpoint"] = str(tmp_path / "gone")
+    (alone / "taskpack.json").write_text(json.dumps(raw))
+    err = assert_refused(lambda: load_for_task(alone, task="a", ratio=0.5), r"checkpoint is not at .*gone nor at "
+                         r".*model \(relative to the pack\)", inputs=[alone], out=None)
+    assert isinstance(err, StalePackError)

@@ -15,6 +15,7 @@ uses when none is given).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,7 +127,8 @@ def build_pack(model: str | Path, calib: CalibrateOptions, opts: BuildOptions, o
         tasks[s.name] = TaskEntry(stats.tokens(s.name), keys[s.name].tolist(), spread[s.name], plans,
                                   dict(opts.recommended).get(s.name))
     pack = TaskPack(str(ckpt.path), fingerprint(ckpt), adapter.model_type, adapter.num_experts, opts.criterion,
-                    [float(r) for r in opts.ratios], key_layers, kind, opts.margin, tasks)
+                    [float(r) for r in opts.ratios], key_layers, kind, opts.margin, tasks,
+                    checkpoint_relative=os.path.relpath(Path(ckpt.path).resolve(), Path(out_path).resolve()))
     with atomic_dir(out_path) as tmp:
         pack.save_into(tmp)
     logger.info("task pack written to %s: %d tasks × ratios %s (%s), keys from MoE layers %s", out_path,

@@ -2,7 +2,10 @@
 
 A pack is a folder holding one JSON file, `taskpack.json`, format `moeprune.taskpack/1`:
 
-    checkpoint   the original checkpoint's path (a reference: no weight is ever copied into a pack)
+    checkpoint   the original checkpoint's absolute path (a reference: no weight is ever copied into a pack), and
+                 checkpoint_relative, the same folder relative to the pack's: a pack moved or copied together
+                 with its checkpoint (same relative place) finds it there first, a pack moved alone at the
+                 absolute path
     fingerprint  sha256 of its config.json and of each weight shard's header (8-byte length + JSON), so a pack
                  whose checkpoint changed (re-saved, other weights, other layout) is refused before any weight read
     criterion    the expert criterion the plans were made with (default tcess), ratios (share of experts REMOVED)
@@ -90,7 +93,9 @@ class TaskPack:
     margin: float  # default margin threshold of `load_for_task`
     tasks: dict[str, TaskEntry]
     distance: str = "cosine"
+    checkpoint_relative: str | None = None  # the checkpoint relative to the pack folder (None: older packs)
     format: str = field(default=PACK_FORMAT)
+    folder: Path | None = field(default=None, repr=False, compare=False)  # where it was loaded from (not saved)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,12 +139,23 @@ class TaskPack:
                                       "experts removed); choose one of them or rebuild the pack with --ratios.")
         return ratio
 
+    def checkpoint_path(self) -> Path:
+        """Where the checkpoint is: relative to the pack folder when it is there (pack and checkpoint moved
+        together), else the absolute path it was built from."""
+        if self.folder is not None and self.checkpoint_relative is not None:
+            near = (self.folder / self.checkpoint_relative).resolve()
+            if (near / "config.json").is_file():
+                return near
+        return Path(self.checkpoint)
+
     def open_checkpoint(self) -> Checkpoint:
         """The referenced checkpoint, refused unless config.json and every shard header are as when built."""
         try:
-            ckpt = Checkpoint.open(self.checkpoint)
+            ckpt = Checkpoint.open(self.checkpoint_path())
         except MoePruneError as e:
-            raise StalePackError(f"the task pack's checkpoint cannot be opened: {e}") from e
+            near = (f" nor at {self.folder / self.checkpoint_relative} (relative to the pack)"
+                    if self.folder is not None and self.checkpoint_relative is not None else "")
+            raise StalePackError(f"the task pack's checkpoint is not at {self.checkpoint}{near}: {e}") from e
         now = fingerprint(ckpt)
         changed = sorted(k for k in set(now) | set(self.fingerprint) if now.get(k) != self.fingerprint.get(k))
         if changed:
@@ -150,7 +166,7 @@ class TaskPack:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
-        return {"format": self.format, **{k: v for k, v in asdict(self).items() if k != "format"}}
+        return {"format": self.format, **{k: v for k, v in asdict(self).items() if k not in ("format", "folder")}}
 
     def save_into(self, folder: Path) -> Path:
         path = Path(folder) / PACK_FILE
@@ -168,7 +184,7 @@ class TaskPack:
         try:
             raw = json.loads(file.read_text())
             tasks = {n: TaskEntry(**t) for n, t in raw.pop("tasks").items()}
-            return cls(**raw, tasks=tasks)
+            return cls(**raw, tasks=tasks, folder=file.parent.resolve())
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise TaskPackError(f"{file} is not a valid {PACK_FORMAT} file ({e}); rebuild the pack.") from e
 
