@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 
 from moeprune.cli.common import add_calib_flags, add_verb, calib_options
-from moeprune.errors import MoePruneError
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -64,13 +63,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import yaml
 
-    from moeprune.pipeline.export import parse_size
+    from moeprune.io.sizes import parse_size
     from moeprune.quant.budget import BudgetOptions, budget
 
-    try:
-        target = parse_size(args.bytes) if args.bytes is not None else None
-    except MoePruneError as e:
-        raise MoePruneError(str(e).replace("--max-shard-size", "--bytes")) from None
+    target = parse_size(args.bytes, "--bytes") if args.bytes is not None else None
     opts = BudgetOptions(bytes=target, ratio_of_original=args.ratio_of_original, importance=args.importance,
                          criterion=args.criterion, neuron_method=args.neuron_method, widths=tuple(args.widths),
                          group_size=args.group_size, symmetric=not args.asymmetric, granularity=args.granularity,

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.io.quant_config import quantization_dict
 from moeprune.io.safetensors_io import DTYPES, OutTensor, TensorEntry, read_tensor
 from moeprune.registry import Registry
 
@@ -92,14 +93,6 @@ class QuantFormat:
 
 FORMATS: Registry[dict] = Registry("quant_method", "moeprune reads (and dequantizes) only these quantized formats; "
                                    "use a bf16 checkpoint or dequantize the model first.")
-
-
-def quantization_dict(config_dict: dict) -> dict | None:
-    """config.json's quantization_config (top level, or in a nested text config), or None."""
-    for cfg in (config_dict, *(config_dict.get(k) for k in ("text_config", "language_config", "llm_config"))):
-        if isinstance(cfg, dict) and cfg.get("quantization_config") is not None:
-            return cfg["quantization_config"]
-    return None
 
 
 def quant_format(config_dict: dict, where: str = "config.json") -> QuantFormat | None:

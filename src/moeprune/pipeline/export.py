@@ -28,6 +28,7 @@ from moeprune.io.atomic import atomic_dir
 from moeprune.io.checkpoint import STATS_NAME, Checkpoint
 from moeprune.io.load import load_model, match_disk_dtypes
 from moeprune.io.report import write_json_atomic
+from moeprune.io.sizes import parse_size
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
@@ -169,23 +170,3 @@ def build_report(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, mod
     return top
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' -> 5e9 bytes (transformers' convention), '500MiB' -> 500·2^20; ints are bytes."""
-    if isinstance(size, int):
-        value = size
-    else:
-        s = str(size).strip().upper()
-        num = s.rstrip("KMGIB")
-        unit = s[len(num):]
-        if unit not in _UNITS or not num:
-            raise MoePruneError(f"cannot read size {size!r}; write it like 5GB, 500MB or 2GiB.")
-        try:
-            value = int(float(num) * _UNITS[unit])
-        except ValueError:
-            raise MoePruneError(f"cannot read size {size!r}; write it like 5GB, 500MB or 2GiB.") from None
-    if value <= 0:
-        raise MoePruneError(f"--max-shard-size must be positive, got {size!r}.")
-    return value

@@ -41,7 +41,7 @@ from moeprune.calibration.session import make_batches
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
-from moeprune.select.auto import Drops, PerSet
+from moeprune.select.drops import Drops, PerSet
 
 JUDGE_FOLDS = 4  # default K (benchmarks/RESULTS.md, "auto")
 LayerContext = Callable[[int], AbstractContextManager] | None

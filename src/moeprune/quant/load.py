@@ -42,7 +42,7 @@ MIXED_LAZY = ("its routed experts are stored at several widths ({widths}), and l
 
 def refuse_mixed_lazy(config_dict: dict, where: str = "the checkpoint") -> None:
     """A compressed-tensors checkpoint whose routed experts use several widths cannot be read layer by layer."""
-    from moeprune.io.quant import quantization_dict
+    from moeprune.io.quant_config import quantization_dict
 
     qcfg = quantization_dict(config_dict)
     if qcfg is None or qcfg.get("quant_method") != "compressed-tensors":

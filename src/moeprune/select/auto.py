@@ -37,14 +37,13 @@ from moeprune.criteria import CRITERIA
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.select.build import build_plan
+from moeprune.select.drops import Drops, PerSet
 from moeprune.select.plan import PrunePlan
 from moeprune.select.protect import parse_protected, super_experts
 
 if TYPE_CHECKING:
     from moeprune.pipeline.judge import BlockErrors, WindowNLL
 
-Drops = dict[int, list[int]]  # MoE layer -> dropped experts (original indices)
-PerSet = dict[str, Drops]  # fold-set -> dropped experts there
 AUTO = "auto"
 PER_LAYER = "auto:per_layer"
 IN_SAMPLE = "@in_sample"  # suffix of the NLL streams of the exported plans (`Judgement.nll`)

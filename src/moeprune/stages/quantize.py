@@ -75,14 +75,11 @@ class QuantizeOptions(StageOptions):
     @property
     def mixed(self) -> MixedSpec | None:
         """The mixed-precision request (None: `bits` or the scheme's width everywhere)."""
-        from moeprune.pipeline.export import parse_size
+        from moeprune.io.sizes import parse_size
 
         max_bytes = self.max_bytes
         if max_bytes is not None:
-            try:
-                max_bytes = parse_size(max_bytes)
-            except MoePruneError as e:
-                raise MoePruneError(str(e).replace("--max-shard-size", "max_bytes")) from None
+            max_bytes = parse_size(max_bytes, "max_bytes")
         return mixed_spec(self.avg_bits, max_bytes, self.allocate, self.granularity, self.widths, self.bits)
 
 
@@ -153,7 +150,7 @@ class QuantizeStage(Stage):
                 "quantization must be the recipe's last stage")
 
     def check(self, o: QuantizeOptions, adapter: MoEAdapter) -> Any:
-        from moeprune.io.quant import quantization_dict
+        from moeprune.io.quant_config import quantization_dict
         from moeprune.models.structure import meta_model
         from moeprune.quant.export import per_expert_on_disk
 
