@@ -156,18 +156,24 @@ def selection_scores(kind: str, logits: torch.Tensor, idx: torch.Tensor, bias: t
 
 
 def selection_bias(adapter: MoEAdapter, block: nn.Module) -> Callable[[], torch.Tensor] | None:
-    """The selection (correction) bias [C] of a routing kind that has one, read when called (a lazily loaded layer
-    holds it on meta until materialised), else None."""
+    """The selection (correction) bias [C] of a routing kind that has one, found and read when called, else None.
+    A lazily loaded layer is on meta until materialised, with the original expert count: only then (and after the
+    earlier recipe stages are applied to it) does the router hold the bias `router_tensors` can name. A materialised
+    block is checked here already, so a family whose bias cannot be told apart is refused before any forward."""
     if not adapter.routing().correction_bias:
         return None
-    tensors = adapter.router_tensors(block)
-    named = [n for n in tensors if n.endswith(("correction_bias", "expert_bias"))]
-    if len(named) != 1:
-        raise MoePruneError(f"{adapter.family}: cannot tell the selection bias among the router tensors "
-                            f"{list(tensors)}.")
-    path, _, attr = named[0].rpartition(".")
-    owner = block.get_submodule(path) if path else block
-    return lambda: getattr(owner, attr).reshape(-1)
+
+    def read() -> torch.Tensor:
+        tensors = adapter.router_tensors(block)
+        named = [n for n in tensors if n.endswith(("correction_bias", "expert_bias"))]
+        if len(named) != 1:
+            raise MoePruneError(f"{adapter.family}: cannot tell the selection bias among the router tensors "
+                                f"{list(tensors)}.")
+        return tensors[named[0]].reshape(-1)
+
+    if not any(t.is_meta for t in adapter.router(block).parameters()):
+        read()
+    return read
 
 
 def skips_sentinel(experts: nn.Module) -> bool:

@@ -63,10 +63,10 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
                        calib.dtype if calib is not None else "auto")
     if calib is not None:
         calib = dataclasses.replace(calib, lazy=lazy)
-    refused = [s for s in specs if s.stage.lazy_problem] if lazy else []
+    refused = [(s, why) for s in specs if (why := s.stage.lazy_plan_problem(s.options))] if lazy else []
     if refused:
-        raise MoePruneError(f"{refused[0].where}: this run goes layer by layer (--lazy, or the model does not fit in "
-                            f"memory), but {refused[0].stage.lazy_problem}.")
+        raise MoePruneError(f"{refused[0][0].where}: this run goes layer by layer (--lazy, or the model does not fit "
+                            f"in memory), but {refused[0][1]}.")
     if lazy and (run_verify or (calib is not None and calib.held_out)):
         for spec, before in zip(specs, adapters, strict=False):
             problem = spec.stage.lazy_reload_problem(spec.options, before)

@@ -17,6 +17,9 @@ inputs, so the measured average (`apply.routing_report`) can differ a little fro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,28 +33,57 @@ DEFAULT_MAX_TOKENS = 65536  # per layer
 
 @torch.no_grad()
 def capture_weights(model: nn.Module, adapter: MoEAdapter, sets, batch_size: int = 8,
-                    max_tokens: int = DEFAULT_MAX_TOKENS, device: str = "cpu") -> dict[int, torch.Tensor]:
-    """{layer: w [N, k] float64} — the router's gate weights on the real (non-padding) calibration tokens."""
+                    max_tokens: int = DEFAULT_MAX_TOKENS, device: str = "cpu",
+                    layer_context: Callable[[int], AbstractContextManager] | None = None) -> dict[int, torch.Tensor]:
+    """{layer: w [N, k] float64} — the router's gate weights on the real (non-padding) calibration tokens.
+
+    The windows read are those a whole-model pass reads until `max_tokens` real tokens are seen. With
+    `layer_context` (a lazily loaded model: `StageContext.layer_view`) they run one decoder layer at a time over
+    every window (the calibration engine); each layer then sees the windows in the same order, so the captured
+    weights are the same."""
+    windows = batches(sets, batch_size)
+    seen, n = 0, 0
+    while n < len(windows) and seen < max_tokens:
+        seen += int(windows[n][1].sum())
+        n += 1
+    windows = windows[:n]
     kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in adapter.moe_layers()}
-    valid: list[torch.Tensor] = []
 
     def record(w, sel, layer):
-        rows = valid[0] if valid and valid[0].numel() == w.shape[0] else slice(None)
-        kept[layer].append(w[rows].detach().double().cpu())
+        kept[layer].append(w.detach().double().cpu())  # [B·S, k], one entry per window batch
         return torch.ones_like(w, dtype=torch.bool)
 
     inst = install_policy(model, adapter, record)
     try:
-        seen = 0
-        for ids, mask in tqdm(batches(sets, batch_size), desc="routing weights on calibration text", leave=False):
-            valid[:] = [mask.reshape(-1).bool().to(device)]
-            model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            seen += int(mask.sum())
-            if seen >= max_tokens:
-                break
+        if layer_context is None:
+            for ids, mask in tqdm(windows, desc="routing weights on calibration text", leave=False):
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        else:
+            _run_layered(model, adapter, windows, device, layer_context)
     finally:
         inst.remove()
-    return {layer: torch.cat(ws)[:max_tokens] for layer, ws in kept.items() if ws}
+    masks = [mask.reshape(-1).bool() for _, mask in windows]
+    out = {}
+    for layer, ws in kept.items():
+        if ws:  # rows of real tokens (all rows where the router saw another token count)
+            out[layer] = torch.cat([w[m] if m.numel() == w.shape[0] else w for w, m in zip(ws, masks, strict=True)])
+            out[layer] = out[layer][:max_tokens]
+    return out
+
+
+def _run_layered(model: nn.Module, adapter: MoEAdapter, windows: list, device: str,
+                 layer_context: Callable[[int], AbstractContextManager]) -> None:
+    """The windows through the decoder layers one layer at a time (the hooks record as the layers run)."""
+    from moeprune.calibration.engine import around_layers_on, capture, run_layers, to_device
+
+    inputs = []
+    with around_layers_on(model, adapter.decoder_layers(model), device):
+        for ids, mask in windows:
+            b = capture(model, adapter, ids, mask)
+            b.kwargs = to_device(b.kwargs, "cpu")
+            inputs.append(b)
+    for _ in run_layers(model, adapter, inputs, device=device, layer_context=layer_context):
+        pass
 
 
 def batches(sets, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -137,6 +137,11 @@ class Stage:
         """Why no stage can follow this one (e.g. non-uniform expert widths), or None when one can."""
         return None
 
+    def lazy_plan_problem(self, options: StageOptions) -> str | None:
+        """Why these options cannot be planned layer by layer (refused before any work), or None. Default: the
+        stage's `lazy_problem`, whatever the options."""
+        return self.lazy_problem
+
     def lazy_reload_problem(self, options: StageOptions, adapter: MoEAdapter) -> str | None:
         """Why its export cannot be read back layer by layer (verification, held-out split of a lazy run), or
         None. Checked before any work when the run is lazy."""

@@ -54,7 +54,14 @@ class RoutingStage(Stage):
     plan_format = ROUTING_FORMAT
     options_type = RoutingOptions
     takes_ratio = False
-    lazy_problem = "routing policies are fitted and verified on the whole model in memory"
+
+    def lazy_plan_problem(self, o: RoutingOptions) -> str | None:
+        """otp trains its selectors through whole-model forwards and backwards (like distillation); the other
+        policies fit on router weights captured one decoder layer at a time, or need no data."""
+        if o.method == "otp":
+            return ("otp trains its selectors on the whole model in memory (a forward and a backward through every "
+                    "layer per step); drop --lazy, or choose top_p / naee_skip with target_active")
+        return None
 
     @classmethod
     def methods(cls) -> list[str]:
@@ -209,10 +216,11 @@ class RoutingStage(Stage):
             raise MoePruneError(f"{o.method}" + (" with target_active" if o.method == "top_p" else "") + " fits its "
                                 "thresholds on calibration text: use `moeprune prune MODEL --calib NAME=PATH` with "
                                 "the recipe.")
-        model = ctx.model(dtype=ctx.calib.dtype)
-        adapter = get_adapter(model.config, model=model)
-        return capture_weights(model, adapter, ctx.sets, ctx.calib.batch_size, o.max_tokens or DEFAULT_MAX_TOKENS,
-                               ctx.calib.device)
+        view = ctx.layer_view(dtype=ctx.calib.dtype)  # with --lazy: one decoder layer in memory at a time
+        adapter = get_adapter(view.model.config, model=view.model)
+        return capture_weights(view.model, adapter, ctx.sets, ctx.calib.batch_size,
+                               o.max_tokens or DEFAULT_MAX_TOKENS, ctx.calib.device,
+                               layer_context=view.layer if view.lazy is not None else None)
 
     def load_plan(self, raw: dict, source: str) -> RoutingPlan:
         from pathlib import Path
