@@ -146,3 +146,18 @@ def test_lazy_otp_is_refused_before_work(root, tmp_path, no_work):
     assert_refused(lambda: prune(src, tmp_path / "out", [{"method": "otp", "target_active": 1.5}], calib=calib(root),
                                  lazy=True), r"otp trains its selectors on the whole model.*drop --lazy",
                    inputs=[src], out=tmp_path / "out")
+
+
+def test_a_loaded_plan_saved_over_its_own_file_still_reads(tmp_path):
+    """A plan file as older releases wrote it (safetensors' own layout: wider dtypes first), read, then saved back
+    onto that file (name order): the loaded plan still reads the right bytes, and so does a fresh load."""
+    g = torch.Generator().manual_seed(1)
+    want = {1: {0: {"down": torch.randn(5, 6, generator=g).half(), "gate": torch.randn(6, 5, generator=g)}}}
+    path = _plan(want).save(tmp_path / "1-wanda.json")
+    tensors = path.with_name("1-wanda.tensors.safetensors")
+    save_file({f"layer.1.expert.0.{r}": t for r, t in want[1][0].items()}, str(tensors))  # the old layout
+    plan = WeightsPlan.load(path)
+    plan.save(path)
+    again = WeightsPlan.load(path)
+    for p in (plan, again):
+        assert all(torch.equal(p.experts[1][0][r], want[1][0][r]) for r in ("down", "gate"))

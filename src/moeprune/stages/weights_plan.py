@@ -44,7 +44,7 @@ ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 @dataclass
 class WeightsPlan:
-    method: str  # "repair" or "distill"
+    method: str  # the stage's method: "repair", "distill", "wanda" or "compress"
     num_experts: int  # E' of the model the plan applies to
     width: int | None  # I' of that model
     experts: Mapping[int, ExpertTensors] = field(default_factory=dict)  # MoE layer -> expert -> role -> tensor
@@ -137,6 +137,8 @@ class WeightsPlan:
             write_file(tmp, [OutTensor(name, e.dtype, e.shape, e.file, ((e.begin, e.end),))
                              for name, e in sorted(sources.items())], metadata={"format": weights_format(self.method)})
         tmp.replace(tensors)
+        if isinstance(self.experts, FileLayers) and self.experts.file == tensors.resolve():  # saved over its source
+            self.experts = FileLayers.open(tensors)[0]  # the byte ranges of the file now there
         return write_plan_json(path, self.to_dict(tensors.name))
 
     def _sources(self, store: LayerTensors, scratch: Path) -> dict[str, TensorEntry]:

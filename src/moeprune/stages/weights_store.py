@@ -86,9 +86,12 @@ class FileLayers(LayerTensors):
     """The expert tensors of one saved plan tensors file, named "layer.{ℓ}.expert.{i}.{role}"; other names (the
     router's) are returned by `open` for the caller to read."""
 
+    file: Path | None = None
+
     @classmethod
     def open(cls, file: Path) -> tuple[FileLayers, list[TensorEntry]]:
         store, rest = cls(), []
+        store.file = Path(file).resolve()
         for entry in read_header(file)[0]:
             parts = entry.name.split(".")
             if len(parts) < 4 or parts[0] != "layer" or parts[2] not in ("expert", "router"):
