@@ -18,8 +18,13 @@ router selected. Each router call runs twice (a forward hook on the router modul
    - ``topk_softmax`` (gpt-oss): its logit is -inf; top-k takes S_t first and the softmax over the selected logits
      gives w_i = exp ℓ_i / Σ_{S_t} exp ℓ_j (the stock top-|S_t| result).
    - ``sigmoid_grouped`` (DeepSeek-V3, GLM-4.5): its logit is -inf, so its sigmoid score s = 0 and its gate weight
-     0; the group-masked selection scores (the router's ``masked_fill`` output) are -inf outside S_t, so top-k takes
-     S_t whatever the group scores became; w_i = s_i (÷ Σ_{S_t} s + 1e-20 with ``norm_topk_prob``) × scaling.
+     0; the group-masked selection scores (the router's ``masked_fill`` output) are the lowest finite value outside
+     S_t, so top-k takes S_t whatever the group scores became; w_i = s_i (÷ Σ_{S_t} s + 1e-20 with
+     ``norm_topk_prob``) × scaling. Lowest finite, not -inf, and an entry that was -inf before the op stays -inf:
+     under `masking.masked_experts` (the reference of an export with experts removed) a removed expert's selection
+     score is -inf (the group mask may have turned it into 0), and the slots top-k fills beyond S_t must go to
+     dropped experts (s = 0, weight 0), not to removed ones (s = -inf, which poisons the renormalisation with NaN;
+     it did for 11–14 of 64 tokens on the tiny deepseek_v3 after 25 % removal, and the check below refused).
    - ``sigmoid_topk``: its logit is -inf (σ = 0; a biased top-k over logits never ranks it above S_t).
 
    When |S_t| < k the model's top-k still fills k slots: the extra slots hold dropped experts **with weight 0**.
@@ -61,7 +66,7 @@ POLICY_OPS: dict[str, tuple[tuple[str, str], ...]] = {
     "softmax_bias": (("softmax", "zero"),),
     "topk_softmax": (("linear", "neg_inf"),),
     "sigmoid_topk": (("linear", "neg_inf"),),
-    "sigmoid_grouped": (("linear", "neg_inf"), ("masked_fill", "neg_inf")),
+    "sigmoid_grouped": (("linear", "neg_inf"), ("masked_fill", "lowest")),
 }
 _NAMES = {**_OPS, "masked_fill": {"masked_fill"}}
 LOGIT_OPS = (("linear", "neg_inf"),)
@@ -88,7 +93,13 @@ class _RowMask(TorchFunctionMode):
         if how is not None and isinstance(out, torch.Tensor) and out.shape[-1] == C and out.numel() == N * C:
             self.hits += 1
             drop = ~self.keep.to(out.device).view(out.shape)
-            return out.masked_fill(drop, 0.0 if how == "zero" else float("-inf"))
+            if how != "lowest":
+                return out.masked_fill(drop, 0.0 if how == "zero" else float("-inf"))
+            out = out.masked_fill(drop, torch.finfo(out.dtype).min)
+            src = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].shape == out.shape else None
+            if src is not None:  # an entry already -inf before the op (an expert masked out of routing) stays so
+                out = out.masked_fill(drop & torch.isneginf(src), float("-inf"))
+            return out
         return out
 
 
