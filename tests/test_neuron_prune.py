@@ -115,7 +115,7 @@ def test_cli_plan_then_apply_neuron_plan(setup):
     got = logits_of(AutoModelForCausalLM.from_pretrained(out), inputs)
     want = _reference_logits(ckpt, plan, None, inputs)
     assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
-    with pytest.raises(MoePruneError, match="--calib is for the neuron methods"):
+    with pytest.raises(MoePruneError, match="--calib is for the methods that observe the model themselves"):
         args = build_parser().parse_args(["plan", str(ckpt), "--method", "aimer", "--ratio", "0.5",
                                           "--calib", f"web={calib}"])
         args.func(args)

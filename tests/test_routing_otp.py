@@ -181,8 +181,7 @@ def test_a_missing_or_changed_selector_file_is_refused(root, tmp_path):
 
 
 def test_cli_prune_then_apply_its_plan_json_verify_and_eval(root, tmp_path, capsys):
-    """`moeprune plan` takes no --calib for routing stages (it plans from statistics), so the CLI path is prune;
-    the export's plan JSON (moeprune_plans/1-routing.json + its .otp.safetensors) applies on its own."""
+    """The export's plan JSON (moeprune_plans/1-routing.json + its .otp.safetensors) applies on its own."""
     from moeprune.cli import main
 
     src, web = str(root / "src"), f"web={root / 'web.txt'}"

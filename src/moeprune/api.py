@@ -37,7 +37,7 @@ from moeprune.pipeline.run import prune as _prune
 from moeprune.pipeline.verify import DEFAULT_TOL, VerifyResult, as_chain  # noqa: F401  (public API)
 from moeprune.pipeline.verify import verify as _verify
 from moeprune.select.auto import AUTO
-from moeprune.stages.base import Need, stage_for_method
+from moeprune.stages.base import stage_for_method
 from moeprune.stats.store import ExpertStats
 from moeprune.steer.run import SteerOptions, steer  # noqa: F401  (public API)
 
@@ -57,9 +57,10 @@ def make_plan(source: str | Path | ExpertStats, method: str, ratio: float | None
     path = None if stats is not None else Path(source)
     if path is not None and path.is_file() and path.suffix == ".safetensors":
         stats = ExpertStats.load(path)
-    if calib is not None and Need.NEURONS not in spec.needs:  # other stages plan from a statistics file
+    if calib is not None and not spec.stage.plans_from_text(spec.options):  # they plan from a statistics file
         raise MoePruneError("plan reads expert statistics from a file made by `moeprune calibrate`; --calib is for "
-                            "the neuron methods (heapr, camera). Pass the statistics file as MODEL.")
+                            "the methods that observe the model themselves (heapr, camera, wanda, fitted routing "
+                            "policies). Pass the statistics file as MODEL.")
     return spec.stage.plan(spec.options, StageContext.for_source(path if stats is None else None, stats, calib,
                                                                  spec))
 

@@ -31,7 +31,7 @@ from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.pipeline.recipe import check_chain
-from moeprune.stages.base import Need, apply_chain, apply_chain_layer, sync_chain_config
+from moeprune.stages.base import apply_chain, apply_chain_layer, sync_chain_config
 from moeprune.stats.store import ExpertStats, StatsView
 
 
@@ -55,9 +55,9 @@ class StageContext:
         ckpt = Checkpoint.open(path)
         adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
         check_chain([spec], adapter)
-        if Need.NEURONS in spec.needs:
+        if spec.stage.plans_from_text(spec.options):
             if calib is None:
-                raise MoePruneError(f"--method {spec.options.method} scores neurons from calibration text: pass "
+                raise MoePruneError(f"--method {spec.options.method} observes the model on calibration text: pass "
                                     "--calib NAME=PATH and the checkpoint folder as MODEL.")
             sets = prepare(path, calib)[2]
             return cls(ckpt, adapter, [], calib, sets, lazy=choose_lazy(calib.lazy, ckpt, calib.dtype))

@@ -133,6 +133,12 @@ class Stage:
     def needs(self, options: StageOptions) -> set[Need]:
         raise NotImplementedError
 
+    def plans_from_text(self, options: StageOptions) -> bool:
+        """True when the stage observes the model on calibration text itself while it plans (neuron statistics, a
+        fitted routing policy), so `moeprune plan` takes the checkpoint folder and --calib rather than a
+        statistics file."""
+        return Need.NEURONS in self.needs(options)
+
     def final_only(self, options: StageOptions) -> str | None:
         """Why no stage can follow this one (e.g. non-uniform expert widths), or None when one can."""
         return None

@@ -123,6 +123,10 @@ class RoutingStage(Stage):
             return {Need.ROUTED}
         return {Need.WEIGHTS}  # nothing to observe: k or p is given
 
+    def plans_from_text(self, o: RoutingOptions) -> bool:
+        """Fitted policies (target_active, naee_skip) capture router weights, otp trains: both on calibration text."""
+        return Need.ROUTED in self.needs(o)
+
     def check_previous(self, o: RoutingOptions, previous: list) -> None:
         if any(spec.stage.kind == "quantize" for spec in previous):
             raise MoePruneError("routing policies are applied to a full-precision model; put the routing stage "
