@@ -192,3 +192,17 @@ def test_cli_prune_wanda(root, tmp_path, capsys):
     assert report["stages"][-1]["summary"]["sparsity"] == pytest.approx(0.3, abs=0.03)
     assert main([*args, "--ratio", "0.3", "--out", str(tmp_path / "d")]) == 2
     assert "ratio does not apply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.73, 0.97])
+def test_masks_with_many_tied_scores_drop_the_lowest_index_first(sparsity):
+    """Weights on a coarse grid and equal input norms: whole runs of equal scores straddle each row's cut, and the
+    kthvalue cut (sparsity/wanda.py) must drop exactly the entries Python's sort by (score, index) drops first."""
+    from moeprune.sparsity.wanda import unstructured_mask, wanda_scores
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randint(-3, 4, (12, 40), generator=g).float() / 2  # 7 distinct values: many ties
+    norms_sq = torch.ones(40, dtype=torch.float64)
+    got = unstructured_mask(wanda_scores(w, norms_sq), sparsity)
+    assert torch.equal(got, by_hand_mask(w, norms_sq, sparsity))
+    assert int((~got).sum(dim=1).unique()) == int(sparsity * 40)  # exactly ⌊s·in⌋ per row
