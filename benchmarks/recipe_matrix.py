@@ -3,12 +3,13 @@
     python benchmarks/recipe_matrix.py [--families qwen3_moe,deepseek_v3] [--recipes reap+top_p,msmoe+compress]
                                        [--lazy] [--out benchmarks/results/recipe_matrix.md]
 
-Each cell is one `moeprune.prune` with verification on a tiny random model of the family (8 experts, 3 layers),
-4 x 32 calibration tokens: PASS (the stock reload equals the original with every stage's reference, within the
-verify tolerance), FAIL (verification ran and differed: a bug), "refused: ..." (moeprune declined before any
-work, with its reason: expected for combinations a layout cannot take), or ERROR (an exception that is not a
-refusal: a bug). `--lazy` runs every cell layer by layer as well and reports both. Single stages are covered per
-family by `benchmarks/families.py`; this matrix is where the stages meet.
+Each cell is one `moeprune.prune` with verification on a tiny random model of the family (8 experts, 3 layers), 4 x
+32 calibration tokens: PASS (the stock reload equals the original with every stage's reference, within the verify
+tolerance), FAIL (verification ran and differed: a bug), "refused: ..." (the recipe's checks declined it before any
+work, with their reason: expected for combinations a layout cannot take), or ERROR (any exception once the work
+started, moeprune's own errors included: a bug, or a refusal that came too late). `--lazy` runs every cell layer by
+layer as well and reports both. Single stages are covered per family by `benchmarks/families.py`; this matrix is
+where the stages meet.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def cell(family: str, recipe: list[dict], root: Path, text: Path, lazy: bool) ->
     """(outcome, seconds) of one prune + verify."""
     from moeprune.api import CalibrateOptions, prune
     from moeprune.errors import MoePruneError
+    from moeprune.io.checkpoint import Checkpoint
+    from moeprune.models import get_adapter
+    from moeprune.pipeline.recipe import check_chain, parse_recipe
     from moeprune.tiny import save_tiny
 
     src = root / f"src-{family}"
@@ -53,11 +57,14 @@ def cell(family: str, recipe: list[dict], root: Path, text: Path, lazy: bool) ->
     out = Path(tempfile.mkdtemp(dir=root)) / "out"
     calib = CalibrateOptions((f"web={text}",), samples=4, seq_len=32, held_out=0)
     t = time.perf_counter()
+    try:  # the recipe's checks before any work: what they refuse is "refused"; any later exception is an ERROR
+        check_chain(parse_recipe(recipe, "matrix"), get_adapter((c := Checkpoint.open(src)).config,
+                                                                 weight_keys=c.names()))
+    except MoePruneError as e:
+        return f"refused: {str(e)[:160]}", time.perf_counter() - t
     try:
         _, result = prune(src, out, recipe, calib=calib, lazy=lazy)
         outcome = "PASS" if result.passed else f"FAIL ({result.line()})"
-    except MoePruneError as e:
-        outcome = f"refused: {str(e)[:160]}"
     except Exception as e:  # noqa: BLE001 (a bug: reported, the matrix goes on)
         last = traceback.extract_tb(e.__traceback__)[-1]
         outcome = f"ERROR {type(e).__name__}: {str(e)[:120]} ({Path(last.filename).name}:{last.lineno})"

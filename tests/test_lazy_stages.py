@@ -125,10 +125,11 @@ def test_layered_verify_fails_an_export_whose_zeros_were_undone(root, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", list(ROUTING))
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss"])
 def test_lazy_routing_fit_equals_in_memory(root, tmp_path, family, recipe):
-    """Also the verification of a policy after expert removal on deepseek_v3's group-limited router, whose
-    reference (removed experts masked) once filled top-k slots with removed experts (models/dynamic.py)."""
+    """Also the verification of a policy after expert removal on group-limited sigmoid routers (deepseek_v3,
+    glm4_moe), whose reference (removed experts masked) once filled top-k slots with removed experts
+    (models/dynamic.py)."""
     src = save_tiny(family, tmp_path / "src", seed=3, with_tokenizer=True)
     opts = calib(root)
     mem = prune(src, tmp_path / "mem", ROUTING[recipe], calib=opts, lazy=False, run_verify=False)[0].out
