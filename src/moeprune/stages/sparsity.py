@@ -10,8 +10,10 @@ pattern: unstructured|2:4, owl: true}` (`prune --method wanda --sparsity 0.5 [--
 Only routed experts are sparsified (shared experts, attention and routers are left dense). The export is the dense
 checkpoint with zeros (stock-loadable, every shape and config key unchanged); the report states the zero fraction
 per tensor. `verify` compares with the original whose same weights are zeroed (the weights-stage reference).
-With `--lazy` (or a checkpoint larger than memory) the statistics pass and the masks run one decoder layer at a
-time and the masked tensors wait on disk (`stages/weights_store.py`), so memory holds about one layer.
+The statistics pass runs one decoder layer at a time (`stats/neurons_layered.py`) and each layer is masked as soon as
+its sums are complete, while its weights are in memory (OWL: its outlier ratio then, its masks in a second visit
+once every ratio is known). With `--lazy` (or a checkpoint larger than memory) the layers are read from disk in
+turn and the masked tensors wait on disk (`stages/weights_store.py`), so memory holds about one layer.
 `sparsity` is the fraction of routed-expert weights zeroed (biases not counted); 2:4 is exactly one half.
 """
 
@@ -94,6 +96,9 @@ class SparsityStage(WeightStage):
 
     # ------------------------------------------------------------------ plan
     def plan(self, o: SparsityOptions, ctx) -> WeightsPlan:
+        """One statistics pass, layer by layer; each layer's masks (or, with OWL, its outlier ratio) are made as
+        soon as its statistics are complete, while its weights are in memory. OWL's masks wait for every layer's
+        ratio and visit the layers once more."""
         if ctx.ckpt is None or ctx.sets is None:
             raise MoePruneError("wanda scores weights by the input norms of each expert's routed tokens: use `moeprune "
                                 "prune MODEL --calib NAME=PATH` with it.")
@@ -101,62 +106,35 @@ class SparsityStage(WeightStage):
         view = ctx.layer_view(dtype=dtype)  # with --lazy: one decoder layer in memory at a time
         model = view.model
         adapter = get_adapter(model.config, model=model)
-        stats = _neuron_stats(ctx, view, adapter, dtype)
         target = 0.5 if o.sparsity is None else float(o.sparsity)
-        layers = sorted(stats)
-        ratios = {}
+        m = OWL_M if o.owl_m is None else o.owl_m
+        masks = _Masks(model, adapter, o.pattern, ctx.lazy, StoredDtypes(ctx.ckpt, adapter))
+        ratios: dict[int, float] = {}
+
+        def visit(layer: int, layer_stats) -> None:  # layer's statistics complete, its weights resident
+            if o.owl:
+                ratios[layer] = outlier_ratio(list(_scores(model, adapter, layer_stats, layer)), m)
+            else:
+                masks.add(layer, layer_stats, target)
+
+        stats = _neuron_stats(ctx, view, dtype, visit)
         if o.owl:
-            m = OWL_M if o.owl_m is None else o.owl_m
-            for n, layer in enumerate(bar := tqdm(layers, leave=False)):
-                bar.set_description(f"OWL outlier ratios (layer {n + 1}/{len(layers)})")
-                with view.layer(layer):
-                    ratios[layer] = outlier_ratio(list(self._scores(model, adapter, stats[layer], layer)), m)
             sparsity = owl_sparsities(ratios, target, OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda)
-        else:
-            sparsity = dict.fromkeys(layers, target)
-        experts: dict | SpilledLayers = SpilledLayers() if ctx.lazy else {}  # lazy: each layer's tensors on disk
-        stored = StoredDtypes(ctx.ckpt, adapter)
-        tensors, per_layer = {}, {}
-        with torch.no_grad():
+            layers = sorted(stats)
             for n, layer in enumerate(bar := tqdm(layers, leave=False)):
                 bar.set_description(f"wanda masks (layer {n + 1}/{len(layers)})")
-                masked: dict[int, dict[str, torch.Tensor]] = {}
-                zeros = total = 0
                 with view.layer(layer):
-                    block = adapter.block(model, layer)
-                    for (j, role), score in self._scores(model, adapter, stats[layer], layer, keyed=True):
-                        keep = mask_for(score, o.pattern, sparsity[layer])
-                        w = adapter.expert_views(block, j)[role].detach()
-                        masked.setdefault(j, {})[role] = (w * keep.to(w.dtype)).cpu().clone()
-                        tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - float(keep.double().mean()), 6)
-                        zeros += int((~keep).sum())
-                        total += keep.numel()
-                experts[layer] = stored.experts(layer, masked)
-                per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity[layer], 6),
-                                         **({"outlier_ratio": round(ratios[layer], 6)} if ratios else {})}
-        del view, model
-        removed = sum(v["sparsity"] for v in per_layer.values()) / len(per_layer)
+                    masks.add(layer, stats[layer], sparsity[layer], outlier=ratios[layer])
+        removed = sum(v["sparsity"] for v in masks.per_layer.values()) / len(masks.per_layer)
         logger.info("wanda (%s%s): %.1f%% of the routed-expert weights zeroed", o.pattern, ", OWL" if o.owl else "",
                     100 * removed)
         settings = {"sparsity": target, "pattern": o.pattern, "owl": bool(o.owl)}
         if o.owl:
-            settings |= {"owl_m": OWL_M if o.owl_m is None else o.owl_m,
-                         "owl_lambda": OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda}
-        return WeightsPlan("wanda", adapter.num_experts, adapter.expert_width, experts, {}, settings=settings,
-                           summary={"sparsity": removed, "layers": per_layer, "tensors": tensors},
-                           model_type=adapter.model_type)
-
-    @staticmethod
-    def _scores(model, adapter: MoEAdapter, stats, layer: int, keyed: bool = False):
-        """Wanda scores of every (expert, role) of one layer: [out, in] each, one at a time."""
-        block = adapter.block(model, layer)
-        for j in range(stats.num_experts):
-            views = adapter.expert_views(block, j)
-            for role, field in ROLE_INPUT.items():
-                if role not in views:  # up-only experts have no gate
-                    continue
-                score = wanda_scores(views[role], stats.sums[field][j])
-                yield ((j, role), score) if keyed else score
+            settings |= {"owl_m": m, "owl_lambda": OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda}
+        return WeightsPlan("wanda", adapter.num_experts, adapter.expert_width, masks.experts, {}, settings=settings,
+                           summary={"sparsity": removed, "layers": dict(sorted(masks.per_layer.items(),
+                                                                               key=lambda kv: int(kv[0]))),
+                                    "tensors": masks.tensors}, model_type=adapter.model_type)
 
     def describe(self, plan: WeightsPlan) -> str:
         st = plan.settings
@@ -171,16 +149,57 @@ class SparsityStage(WeightStage):
         return out
 
 
-def _neuron_stats(ctx, view, adapter: MoEAdapter, dtype: str) -> dict:
-    """in_sq / act_sq of every routed expert (`stats/neurons.py`), of the model `view` shows: one pass in memory,
-    or layer by layer over the lazy model (`stats/neurons_layered.py`; the same sums)."""
+def _scores(model, adapter: MoEAdapter, stats, layer: int, keyed: bool = False):
+    """Wanda scores of every (expert, role) of one layer: [out, in] each, one at a time."""
+    block = adapter.block(model, layer)
+    for j in range(stats.num_experts):
+        views = adapter.expert_views(block, j)
+        for role, field in ROLE_INPUT.items():
+            if role not in views:  # up-only experts have no gate
+                continue
+            score = wanda_scores(views[role], stats.sums[field][j])
+            yield ((j, role), score) if keyed else score
+
+
+class _Masks:
+    """The plan's masked experts, one layer at a time (in a dict, or on disk when the run is lazy), and what the
+    summary reports: the zero fraction of every tensor and per layer."""
+
+    def __init__(self, model, adapter: MoEAdapter, pattern: str, lazy: bool, stored: StoredDtypes) -> None:
+        self.model, self.adapter, self.pattern, self.stored = model, adapter, pattern, stored
+        self.experts: dict | SpilledLayers = SpilledLayers() if lazy else {}
+        self.tensors: dict[str, float] = {}
+        self.per_layer: dict[str, dict] = {}
+
+    @torch.no_grad()
+    def add(self, layer: int, stats, sparsity: float, outlier: float | None = None) -> None:
+        """Mask layer `layer` (its weights must be in memory) at `sparsity`."""
+        block = self.adapter.block(self.model, layer)
+        masked: dict[int, dict[str, torch.Tensor]] = {}
+        zeros = total = 0
+        for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
+            keep = mask_for(score, self.pattern, sparsity)
+            w = self.adapter.expert_views(block, j)[role].detach()
+            masked.setdefault(j, {})[role] = (w * keep.to(w.dtype)).cpu()
+            self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - float(keep.double().mean()), 6)
+            zeros += int((~keep).sum())
+            total += keep.numel()
+        self.experts[layer] = self.stored.experts(layer, masked)
+        self.per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity, 6),
+                                      **({"outlier_ratio": round(outlier, 6)} if outlier is not None else {})}
+
+
+def _neuron_stats(ctx, view, dtype: str, on_layer_stats) -> dict:
+    """in_sq / act_sq of every routed expert (`stats/neurons.py` sums) of the model `view` shows, one decoder layer
+    at a time (`stats/neurons_layered.py`: in memory, or over the lazy model), `on_layer_stats` called as each
+    layer's sums complete."""
+    from moeprune.stats.neurons_layered import collect_neuron_stats_layered, neuron_stats
+
     if view.lazy is not None:
-        from moeprune.stats.neurons_layered import neuron_stats
-
-        return neuron_stats(ctx, False, lazy=view.lazy, layer_context=view.layer, dtype=dtype)
-    from moeprune.stats.neurons import collect_neuron_stats
-
-    return collect_neuron_stats(view.model, adapter, ctx.sets, gradients=False, batch_size=ctx.calib.batch_size)
+        return neuron_stats(ctx, False, lazy=view.lazy, layer_context=view.layer, dtype=dtype,
+                            on_layer_stats=on_layer_stats)
+    return collect_neuron_stats_layered(view.model, ctx.sets, gradients=False, batch_size=ctx.calib.batch_size,
+                                        device=ctx.calib.device, on_layer_stats=on_layer_stats)
 
 
 SPARSITY = register_stage(SparsityStage())

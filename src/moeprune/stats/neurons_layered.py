@@ -45,12 +45,14 @@ from moeprune.stats.neurons import NeuronCollector, NeuronLayerStats, check_fuse
 from moeprune.stats.neurons_cache import BoundaryCache, check_budget
 
 LayerContext = Callable[[int], AbstractContextManager]
+OnLayerStats = Callable[[int, NeuronLayerStats], None]  # (MoE layer, its completed forward sums)
 
 
 def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Module, sets: list[CalibSet], *,
                                  gradients: bool, batch_size: int, device: str = "cpu", dtype: str = "float32",
                                  layer_context: LayerContext | None = None,
-                                 cache_budget_bytes: int | None = None) -> dict[int, NeuronLayerStats]:
+                                 cache_budget_bytes: int | None = None,
+                                 on_layer_stats: OnLayerStats | None = None) -> dict[int, NeuronLayerStats]:
     """{MoE layer: NeuronLayerStats} summed over every set, as `collect_neuron_stats` returns, one layer at a time.
 
     `path_or_lazy`: a checkpoint folder (loaded with `load_lazy(dtype=dtype, head=gradients)`), a `LazyModel`
@@ -58,12 +60,17 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
     "materialise layer i" (`LazyModel.layer`) and must leave the materialised layer in place in the model (e.g.
     materialise it and apply earlier recipe stages). `cache_budget_bytes`: in-memory bytes of the HEAPr boundary
     cache before it spills to a temporary folder ($TMPDIR); None = half the available memory, 0 = all on disk.
+    `on_layer_stats(i, stats_i)` (forward sums only, `gradients=False`) runs once MoE layer i's sums are complete,
+    while the layer is still materialised on `device`: a stage that needs the layer's weights with its statistics
+    (wanda's masks) does its work there instead of reading the layer again.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MoePruneError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     if not sets:
         raise MoePruneError("neuron statistics need at least one calibration set (--calib NAME=PATH).")
     parse_dtype(dtype)
+    if on_layer_stats is not None and gradients:
+        raise MoePruneError("on_layer_stats reads forward sums; gradient sums complete only after the backward pass.")
     budget = check_budget(cache_budget_bytes)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise MoePruneError(f"device {device!r}: no CUDA device is visible; use device='cpu'.")
@@ -84,7 +91,7 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
         with eager_experts(model), torch.no_grad():
             ids, batches = _capture(model, adapter, sets, batch_size, device)
             if not gradients:
-                stats = _forward(model, adapter, batches, device, context, cache=None)
+                stats = _forward(model, adapter, batches, device, context, cache=None, on_stats=on_layer_stats)
             else:
                 with BoundaryCache(budget) as cache:
                     stats = _forward(model, adapter, batches, device, context, cache=cache)
@@ -96,7 +103,8 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
 
 
 def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
-                 layer_context: LayerContext | None = None, dtype: str = "float32") -> dict[int, NeuronLayerStats]:
+                 layer_context: LayerContext | None = None, dtype: str = "float32",
+                 on_layer_stats: OnLayerStats | None = None) -> dict[int, NeuronLayerStats]:
     """The neuron stage's statistics in a lazy run: the stage context's checkpoint, calibration sets, batch size and
     device, in `dtype` (of a checkpoint loaded here; a given `lazy` model has its own). After earlier recipe stages
     the caller passes the `lazy` model it loaded and a
@@ -109,7 +117,8 @@ def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
                             "each materialised layer; without one, run the recipe without --lazy.")
     source = lazy if lazy is not None else ctx.ckpt.path
     return collect_neuron_stats_layered(source, ctx.sets, gradients=gradients, batch_size=ctx.calib.batch_size,
-                                        device=ctx.calib.device, dtype=dtype, layer_context=layer_context)
+                                        device=ctx.calib.device, dtype=dtype, layer_context=layer_context,
+                                        on_layer_stats=on_layer_stats)
 
 
 # ---------------------------------------------------------------------------------------------------- passes
@@ -134,7 +143,8 @@ def _capture(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_
 
 
 def _forward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs], device: str,
-             context: LayerContext, cache: BoundaryCache | None) -> dict[int, NeuronLayerStats]:
+             context: LayerContext, cache: BoundaryCache | None,
+             on_stats: OnLayerStats | None = None) -> dict[int, NeuronLayerStats]:
     """Up: forward sums of every MoE layer; with a `cache`, every layer input from the first MoE layer on is kept
     and `batches` end holding h_L; without one the pass stops after the last MoE layer."""
     moe = adapter.moe_layers()
@@ -151,6 +161,8 @@ def _forward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs], 
             col.__exit__(None, None, None)
             stats.update(col.stats)
             active.remove(col)
+            if on_stats is not None:
+                on_stats(i, col.stats[i])
 
         return cleanup
 
