@@ -96,13 +96,14 @@ class CompressStage(WeightStage):
                                 continue
                             w = views[role].detach()
                             low, sparse = low_rank_sparse(w, o.rank, o.sparsity, o.iterations)
-                            new_layer.setdefault(g, {})[role] = (low + sparse).to(w.dtype).cpu().clone()
+                            new_layer.setdefault(g, {})[role] = stored.expert(layer, role, (low + sparse).to(
+                                w.dtype).cpu())  # in its stored dtype at once
                             err[role][0] += float((w.double() - low - sparse).square().sum())
                             err[role][1] += float(w.double().square().sum())
                             dense += w.numel() * w.element_size()
                             fact += factorised_bytes(tuple(w.shape), o.rank, o.sparsity, w.element_size())
                 if new_layer:
-                    experts[layer] = stored.experts(layer, new_layer)
+                    experts[layer] = new_layer
                 layers[str(layer)] = {"experts": chosen, "dense_bytes": dense, "factorised_bytes": fact,
                                       "rel_error": {r: (e[0] / e[1]) ** 0.5 if e[1] else 0.0 for r, e in err.items()
                                                     if e[1]}}

@@ -180,11 +180,12 @@ class _Masks:
         for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
             keep = mask_for(score, self.pattern, sparsity)
             w = self.adapter.expert_views(block, j)[role].detach()
-            masked.setdefault(j, {})[role] = (w * keep.to(w.dtype)).cpu()
+            # in its stored dtype at once: no copy of the whole layer at the compute dtype
+            masked.setdefault(j, {})[role] = self.stored.expert(layer, role, (w * keep.to(w.dtype)).cpu())
             self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - float(keep.double().mean()), 6)
             zeros += int((~keep).sum())
             total += keep.numel()
-        self.experts[layer] = self.stored.experts(layer, masked)
+        self.experts[layer] = masked
         self.per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity, 6),
                                       **({"outlier_ratio": round(outlier, 6)} if outlier is not None else {})}
 

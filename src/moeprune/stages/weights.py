@@ -132,13 +132,14 @@ class StoredDtypes:
             elif role.kind == "router":
                 self._routers[(role.layer, key)] = dtype
 
+    def expert(self, layer: int, role: str, t):
+        """One expert tensor of `layer` in the dtype its role (weight or bias) is stored in there."""
+        found = self._stored.get((layer, role.endswith("bias")))
+        return _cast(t, found.most_common(1)[0][0] if found else None)
+
     def experts(self, layer: int, experts: dict) -> dict:
         """{expert: {role: tensor}} of one layer, each in its stored dtype."""
-        def dtype(role: str):
-            found = self._stored.get((layer, role.endswith("bias")))
-            return found.most_common(1)[0][0] if found else None
-
-        return {i: {r: _cast(t, dtype(r)) for r, t in roles.items()} for i, roles in experts.items()}
+        return {i: {r: self.expert(layer, r, t) for r, t in roles.items()} for i, roles in experts.items()}
 
     def router(self, layer: int, names: dict) -> dict:
         def dtype(name: str):
