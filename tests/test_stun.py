@@ -86,6 +86,40 @@ def test_complete_linkage_equals_scipy(seed):
         assert ours == theirs
 
 
+def test_complete_linkage_heights_and_ties_by_brute_force():
+    """The matrix-updated complete linkage against recomputing max over A × B for every pair at every step (the
+    first (a, b) pair on ties, the earlier cluster absorbing the later), on distances with many ties; its heights
+    are those maxima, non-decreasing, and scipy's merge heights."""
+    from moeprune.merge.grouping import complete_linkage
+
+    def brute(dist, n):
+        clusters, heights = [[i] for i in range(dist.shape[0])], []
+        while len(clusters) > n:
+            best, pair = float("inf"), (0, 1)
+            for a in range(len(clusters)):
+                for b in range(a + 1, len(clusters)):
+                    d = max(float(dist[i, j]) for i in clusters[a] for j in clusters[b])
+                    if d < best:
+                        best, pair = d, (a, b)
+            heights.append(best)
+            clusters[pair[0]] = clusters[pair[0]] + clusters.pop(pair[1])
+        return clusters, heights
+
+    g = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        m = 2 + trial % 11
+        x = torch.randint(0, 4, (m, m), generator=g).double() if trial % 2 else torch.rand(m, m, generator=g)
+        dist = (x + x.T) / 2
+        for n in {1, max(1, m // 2), m}:
+            got, want = complete_linkage(dist, n), brute(dist, n)
+            assert got == want
+        heights = complete_linkage(dist)[1]
+        assert heights == sorted(heights)
+        if trial % 2 == 0:  # no ties: one dendrogram, whoever breaks ties (with ties scipy may merge otherwise)
+            scipy_heights = linkage(squareform(dist.fill_diagonal_(0).numpy(), checks=False), "complete")[:, 2]
+            assert heights == pytest.approx(sorted(scipy_heights.tolist()))
+
+
 def test_planted_clusters_and_representatives():
     logits, clusters, weights = planted()
     s = stats_from(logits, 2)

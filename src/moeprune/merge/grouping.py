@@ -98,7 +98,9 @@ def agglomerate(dist: torch.Tensor, n: int, linkage: str = "average") -> list[li
     repeatedly merge the two clusters A, B with the smallest linkage distance D(A, B) — "average": the mean of
     dist over A × B (HC-SMoE), "complete": the max (STUN) — the first pair in (a, b) order on ties. Clusters are
     lists of row indices, in merge order (the earlier cluster absorbs the later)."""
-    reduce = {"average": torch.mean, "complete": torch.amax}[linkage]
+    if linkage == "complete":
+        return complete_linkage(dist, n)[0]
+    reduce = {"average": torch.mean}[linkage]
     clusters = [[i] for i in range(dist.shape[0])]
     while len(clusters) > n:
         best, pair = float("inf"), (0, 1)
@@ -110,6 +112,31 @@ def agglomerate(dist: torch.Tensor, n: int, linkage: str = "average") -> list[li
         a, b = pair
         clusters[a] = clusters[a] + clusters.pop(b)
     return clusters
+
+
+def complete_linkage(dist: torch.Tensor, n: int = 1) -> tuple[list[list[int]], list[float]]:
+    """`agglomerate(dist, n, "complete")` with the merge heights: (clusters when n remain, D(A, B) of each merge
+    made, in order — non-decreasing for complete linkage). The cluster distances live in a matrix updated by
+    Lance-Williams, D(A ∪ B, C) = max(D(A, C), D(B, C)) — exact, so the merges and ties are those of recomputing
+    max over A × B — at O(k²) per merge instead of O(k² · |A||B|)."""
+    m = dist.shape[0]
+    D = dist.double().clone()  # [k, k] between the current clusters
+    D.fill_diagonal_(float("inf"))
+    clusters, heights = [[i] for i in range(m)], []
+    while len(clusters) > n:
+        k = len(clusters)
+        upper = torch.ones(k, k, dtype=torch.bool).triu(1)
+        flat = torch.where(upper, D, torch.full_like(D, float("inf"))).reshape(-1)
+        at = int(torch.argmin(flat))  # the first minimum in row-major order: the first (a, b) on ties
+        a, b = divmod(at, k) if bool(flat[at] < float("inf")) else (0, 1)
+        heights.append(float(D[a, b]))
+        clusters[a] = clusters[a] + clusters.pop(b)
+        row = torch.maximum(D[a], D[b])  # [k]
+        D[a, :], D[:, a] = row, row
+        D[a, a] = float("inf")
+        rest = [i for i in range(k) if i != b]
+        D = D[rest][:, rest]
+    return clusters, heights
 
 
 def kernel_kmeans(kernel: torch.Tensor, seeds: list[int], max_iter: int = 100) -> list[int]:
