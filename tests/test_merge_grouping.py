@@ -101,6 +101,34 @@ def spherical_kmeans(x: torch.Tensor, seeds: list[int], iters: int = 100) -> lis
     return labels.tolist()
 
 
+def test_average_linkage_merges_as_recomputing_every_mean():
+    """The running-sum average linkage against recomputing mean(dist over A × B) for every pair at every step (the
+    first (a, b) pair on ties) — on distances with many exact ties and on ones whose means differ in the last
+    bits between summation orders (thirds)."""
+    from moeprune.merge.grouping import agglomerate
+
+    def brute(dist, n):
+        clusters = [[i] for i in range(dist.shape[0])]
+        while len(clusters) > n:
+            best, pair = float("inf"), (0, 1)
+            for a in range(len(clusters)):
+                for b in range(a + 1, len(clusters)):
+                    d = float(torch.mean(dist[clusters[a]][:, clusters[b]]))
+                    if d < best:
+                        best, pair = d, (a, b)
+            clusters[pair[0]] = clusters[pair[0]] + clusters.pop(pair[1])
+        return clusters
+
+    g = torch.Generator().manual_seed(11)
+    for trial in range(60):
+        m = 2 + trial % 13
+        x = [torch.randint(0, 3, (m, m), generator=g).double() / 3, torch.rand(m, m, generator=g).double(),
+             torch.randint(0, 2, (m, m), generator=g).double() * 0.1][trial % 3]
+        dist = (x + x.T) / 2
+        for n in {1, max(1, m // 3), m - 1}:
+            assert agglomerate(dist, n, "average") == brute(dist, n), (trial, n)
+
+
 def test_kernel_kmeans_equals_feature_space_kmeans():
     g = torch.Generator().manual_seed(2)
     for _ in range(5):
