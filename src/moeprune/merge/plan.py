@@ -31,7 +31,6 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 from moeprune.merge.plan_json import (
-    check_dern,
     check_partition,
     is_int,
     is_number,
@@ -270,3 +269,23 @@ class MergePlan:
                    source=source)
         plan.check()
         return plan
+
+
+def check_dern(plan: MergePlan, w: str) -> None:
+    """A dern plan's threshold: one cosine in [-1, 1], or one per merged layer; `recombined` [n <= of] per layer."""
+    t = plan.threshold
+    per_layer = t if isinstance(t, dict) else {None: t}
+    bad = {k: v for k, v in per_layer.items() if not (is_number(v) and -1.0 <= v <= 1.0)}
+    if bad:
+        k, v = next(iter(bad.items()))
+        at = "" if k is None else f" (layer {k})"
+        raise MoePruneError(f"{w}--threshold {v}{at} is a cosine: give a number in [-1, 1].")
+    if isinstance(t, dict) and sorted(t) != plan.layers:
+        raise MoePruneError(f"{w}the dern threshold gives cosines for layers {sorted(t)}; give one for every merged "
+                            f"layer {plan.layers} (or one number for all).")
+    if plan.recombine is not None and not (is_number(plan.recombine) and 0.0 <= plan.recombine <= 1.0):
+        raise MoePruneError(f"{w}'recombine' {plan.recombine} is a fraction of segments: give a number in [0, 1].")
+    for layer, nm in (plan.recombined or {}).items():
+        if layer not in plan.groups or len(nm) != 2 or not all(is_int(x) for x in nm) or not 0 <= nm[0] <= nm[1]:
+            raise MoePruneError(f"{w}recombined[{layer}] = {nm}: give [recombined, dropped segments] (whole numbers, "
+                                "recombined <= dropped) for a merged layer.")
