@@ -8,7 +8,7 @@ same mapping with the tensors left in safetensors files:
     store[ℓ] = {i: {role: tensor}}   written at once to ℓ.safetensors; nothing stays in memory
     store[ℓ], store.get(ℓ, {})       read back from disk (a fresh dict each time: the caller holds one layer)
     store.index(ℓ)                   {i: [roles]} from the headers, no tensor read
-    FileLayers(file)                 the same view over a saved plan's tensors file ("layer.{ℓ}.expert.{i}.{role}")
+    FileLayers.open(file)            the same view over a saved plan's tensors file ("layer.{ℓ}.expert.{i}.{role}")
 
 `entries()` gives every tensor's byte range, so a plan is saved by copying bytes (`io/safetensors_io.write_file`),
 one copy buffer in memory.
