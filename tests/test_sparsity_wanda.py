@@ -143,7 +143,11 @@ def test_owl_layer_sparsities_by_hand(root, tmp_path):
     # D = (0.01, 0.03, 0.02), λ = 0.08: r = 2λ·(D − min)/(max − min) = (0, 0.16, 0.08), mean 0.08
     assert owl_sparsities({0: 0.01, 1: 0.03, 2: 0.02}, 0.5, 0.08) == pytest.approx({0: 0.58, 1: 0.42, 2: 0.5})
     assert owl_sparsities({0: 0.2, 1: 0.2}, 0.3, 0.08) == {0: 0.3, 1: 0.3}
+    # mean 12/6 = 2, one score above 2 × 2: D = 1/6, from a list or from a generator made twice (two passes)
     assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 9.0]), torch.tensor([0.0, 0.0])], 2.0) == pytest.approx(1 / 6)
+    made = []
+    gen = lambda: (made.append(1) or t for t in (torch.tensor([1.0, 1.0, 1.0, 9.0]), torch.tensor([0.0, 0.0])))  # noqa: E731
+    assert outlier_ratio(gen, 2.0) == pytest.approx(1 / 6) and len(made) == 4
     applied, result = moeprune.prune(root / "src", tmp_path / "o", recipe=[
         {"method": "wanda", "sparsity": 0.5, "owl": True, "owl_m": 3}], calib=calib(root))
     assert result.passed

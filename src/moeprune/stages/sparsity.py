@@ -113,7 +113,7 @@ class SparsityStage(WeightStage):
 
         def visit(layer: int, layer_stats) -> None:  # layer's statistics complete, its weights resident
             if o.owl:
-                ratios[layer] = outlier_ratio(list(_scores(model, adapter, layer_stats, layer)), m)
+                ratios[layer] = outlier_ratio(lambda: _scores(model, adapter, layer_stats, layer), m)
             else:
                 masks.add(layer, layer_stats, target)
 
