@@ -69,13 +69,16 @@ def eager_experts(model: nn.Module) -> Iterator[None]:
 
 
 def make_batches(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_size: int,
-                 device: str = "cpu") -> list[LayerInputs]:
+                 device: str = "cpu", max_batches: int | None = None) -> list[LayerInputs]:
     """Capture layer-0 inputs and every layer's kwargs for `batch_size` rows at a time of every set, with the
-    modules around the decoder layers on `device` (`engine.around_layers_on`); kwargs are kept on CPU."""
+    modules around the decoder layers on `device` (`engine.around_layers_on`); kwargs are kept on CPU.
+    `max_batches`: only the first that many batches (set by set, in order)."""
     batches = []
     with around_layers_on(model, adapter.decoder_layers(model), device):
         for s in sets:
             for start in range(0, s.input_ids.shape[0], batch_size):
+                if max_batches is not None and len(batches) >= max_batches:
+                    return batches
                 ids = s.input_ids[start : start + batch_size]  # [B, L]
                 mask = s.attention_mask[start : start + batch_size]  # [B, L]
                 b = capture(model, adapter, ids, mask)

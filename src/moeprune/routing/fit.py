@@ -59,7 +59,7 @@ def capture_weights(model: nn.Module, adapter: MoEAdapter, sets, batch_size: int
             for ids, mask in tqdm(windows, desc="routing weights on calibration text", leave=False):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
         else:
-            _run_layered(model, adapter, windows, device, layer_context)
+            _run_layered(model, adapter, sets, batch_size, len(windows), device, layer_context)
     finally:
         inst.remove()
     masks = [mask.reshape(-1).bool() for _, mask in windows]
@@ -71,17 +71,13 @@ def capture_weights(model: nn.Module, adapter: MoEAdapter, sets, batch_size: int
     return out
 
 
-def _run_layered(model: nn.Module, adapter: MoEAdapter, windows: list, device: str,
+def _run_layered(model: nn.Module, adapter: MoEAdapter, sets, batch_size: int, n: int, device: str,
                  layer_context: Callable[[int], AbstractContextManager]) -> None:
-    """The windows through the decoder layers one layer at a time (the hooks record as the layers run)."""
-    from moeprune.calibration.engine import around_layers_on, capture, run_layers, to_device
+    """The first n windows batches through the decoder layers one layer at a time (the hooks record as they run)."""
+    from moeprune.calibration.engine import run_layers
+    from moeprune.calibration.session import make_batches
 
-    inputs = []
-    with around_layers_on(model, adapter.decoder_layers(model), device):
-        for ids, mask in windows:
-            b = capture(model, adapter, ids, mask)
-            b.kwargs = to_device(b.kwargs, "cpu")
-            inputs.append(b)
+    inputs = make_batches(model, adapter, sets, batch_size, device, max_batches=n)
     for _ in run_layers(model, adapter, inputs, device=device, layer_context=layer_context):
         pass
 

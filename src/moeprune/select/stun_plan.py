@@ -6,7 +6,7 @@ only): the model as the recipe's earlier stages left it, whole in memory, or one
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -53,17 +53,13 @@ def _expert_weights(ctx, keep: str) -> Iterator:
 
         yield none
         return
-    if ctx.lazy:
-        lazy, layer_context = ctx.lazy_model()
-        model = lazy.model
-    else:
-        model, layer_context = ctx.model(), None
-    adapter = get_adapter(model.config, model=model)
+    view = ctx.layer_view()  # whole in memory, or one decoder layer at a time with --lazy
+    adapter = get_adapter(view.model.config, model=view.model)
 
     @contextmanager
     def weights(layer):
-        with layer_context(layer) if layer_context is not None else nullcontext():
-            block = adapter.block(model, layer)
+        with view.layer(layer):
+            block = adapter.block(view.model, layer)
             yield lambda j: adapter.expert_views(block, j)
 
     yield weights
