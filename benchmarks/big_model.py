@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moeprune.io.stock import compute_dtype, parse_dtype
+
 WORDS = ("the of and to in is was for on that with as by at from his her an which you were are be this have had "
          "not but one all they there been has more when who will would can said she into only new some could").split()
 
@@ -184,12 +186,13 @@ from moeprune.calibration.engine import run_layers
 from moeprune.calibration.run import load_tokenizer
 from moeprune.calibration.session import make_batches
 from moeprune.io.lazy import load_lazy
+from moeprune.io.stock import compute_dtype
 from moeprune.models import get_adapter
 torch.set_num_threads(1)
-path, calib, samples, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, calib, samples, seq, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sets = build_sets(CalibConfig((CalibSource.parse(calib),), samples=samples, seq_len=seq, held_out=0),
                   load_tokenizer(__import__('pathlib').Path(path), None))
-lazy = load_lazy(path)
+lazy = load_lazy(path, dtype=compute_dtype(dtype, "cpu"))  # the dtype the steps compute in (`--dtype`)
 adapter = get_adapter(lazy.model.config, model=lazy.model)
 batches = make_batches(lazy.model, adapter, sets, 8)
 for _ in run_layers(lazy.model, adapter, batches, layer_context=lazy.layer):
@@ -198,11 +201,11 @@ for _ in run_layers(lazy.model, adapter, batches, layer_context=lazy.layer):
 
 
 def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
-          lazy: bool = False) -> list[tuple[str, list[str], float]]:
+          lazy: bool = False, dtype: str = "auto") -> list[tuple[str, list[str], float]]:
     """(name, command, time target in x forward). lazy: pass --lazy to every moeprune step (a model that would
     fit, e.g. a few layers to profile, still takes the layer-by-layer path)."""
     m = [sys.executable, "-m", "moeprune"]
-    c = ["--calib", calib, "--samples", str(samples), "--seq-len", str(seq), "--held-out", "0",
+    c = ["--calib", calib, "--samples", str(samples), "--seq-len", str(seq), "--held-out", "0", "--dtype", dtype,
          *(["--lazy"] if lazy else [])]
     o = lambda name: ["--out", str(work / "out" / name), "--overwrite"]  # noqa: E731
     recipe = work / "recipe.yaml"
@@ -210,7 +213,8 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
     compress = work / "msmoe_compress.yaml"
     compress.write_text("stages:\n  - {method: msmoe, ratio: 0.25}\n  - {method: compress, rank: 32, sparsity: 0.9}\n")
     return [
-        ("forward (plain, layer by layer)", [sys.executable, "-c", FORWARD, str(model), calib, str(samples), str(seq)],
+        ("forward (plain, layer by layer)", [sys.executable, "-c", FORWARD, str(model), calib, str(samples), str(seq),
+                                              dtype],
          1.0),
         ("calibrate", [*m, "calibrate", str(model), *c, "--out", str(work / "out" / "stats.safetensors"),
                        "--overwrite"], 2.0),
@@ -255,6 +259,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--steps", default="all", help="comma-separated step-name prefixes, or all")
     ap.add_argument("--lazy", action="store_true", help="pass --lazy to every step (for a model that would fit)")
+    ap.add_argument("--dtype", default="auto", help="every step's --dtype, and the plain forward's (auto: float32 on "
+                    "a CPU without native bf16 matmul, else the checkpoint's bf16; stored: bf16)")
     ap.add_argument("--profile", action="store_true",
                     help="run each step under `py-spy record` (must be installed); flame graphs in --work/out")
     a = ap.parse_args()
@@ -279,7 +285,7 @@ def main() -> None:
     rows, base = [], None
     wanted = None if a.steps == "all" else [s.strip() for s in a.steps.split(",")]
     try:
-        for name, cmd, target in steps(model, f"web={text}", work, a.samples, a.seq_len, a.lazy):
+        for name, cmd, target in steps(model, f"web={text}", work, a.samples, a.seq_len, a.lazy, a.dtype):
             if wanted and not any(name.startswith(w) for w in wanted):
                 continue
             log = work / "out" / (name.split()[0].lower() + ".log")
@@ -298,7 +304,8 @@ def main() -> None:
             limit.remove()
     table = [f"checkpoint {size / 1e9:.2f} GB ({a.layers} layers x {a.experts} experts, H={a.hidden}, width "
              f"{a.expert_width}, top-{a.top_k}), decoder layer {layer / 1e9:.3f} GB, limit {a.limit} "
-             f"({limit.kind if limit else 'none'}), {a.samples} x {a.seq_len} tokens, 1 thread",
+             f"({limit.kind if limit else 'none'}), {a.samples} x {a.seq_len} tokens, 1 thread, --dtype {a.dtype} "
+             f"(computes in {parse_dtype(compute_dtype(a.dtype, 'cpu'))})",
              "", "| step | exit | peak RSS GB | target GB | seconds | x forward | target x |",
              "|---|---|---|---|---|---|---|"]
     for name, rc, rss, wall, ratio, target, _ in rows:

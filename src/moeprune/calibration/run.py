@@ -21,7 +21,8 @@ from moeprune.calibration.distributed import all_reduce_stats, current_rank, ran
 from moeprune.calibration.session import Decide, collect
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
-from moeprune.io.load import load_model, parse_dtype
+from moeprune.io.load import load_model
+from moeprune.io.stock import compute_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
@@ -56,8 +57,7 @@ class CalibrateOptions:
             raise MoePruneError(f"--held-out must be >= 0, got {self.held_out}.")
         if self.batch_size < 1:
             raise MoePruneError(f"--batch-size must be >= 1, got {self.batch_size}.")
-        if self.dtype != "auto":
-            parse_dtype(self.dtype)
+        object.__setattr__(self, "dtype", compute_dtype(self.dtype, self.device))  # "auto" on a CPU may be float32
         if self.device.startswith("cuda"):
             import torch
 
@@ -138,6 +138,7 @@ def calibrate_model(model_obj, sets: list[CalibSet], opts: CalibrateOptions, *, 
         result.stats,
         {"routing": routing, "model": str(source), "moeprune_version": __version__, "world_size": rank.world,
          "probe_stride": opts.probe_stride or default_probe_stride(adapter.num_experts, adapter.top_k),
+         "dtype": str(model_obj.get_input_embeddings().weight.dtype).removeprefix("torch."),  # computed in
          "calibration": {s.name: [s.describe()] for s in sets}, "dropped_as_you_go": result.dropped},
     )
 

@@ -80,7 +80,7 @@ def loaded_bytes(ckpt, dtype: str = "auto") -> int:
     holds two values; scale tensors are dropped."""
     from moeprune.io.stock import parse_dtype
 
-    want = None if dtype == "auto" else parse_dtype(dtype).itemsize
+    want = None if parse_dtype(dtype) == "auto" else parse_dtype(dtype).itemsize
     total = 0
     for e in ckpt.entries:
         numel = 1

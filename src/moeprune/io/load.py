@@ -97,6 +97,6 @@ def _load_model(path: str | Path, dtype: str, device: str):
         compressor = getattr(getattr(model, "hf_quantizer", None), "compressor", None)
         if compressor is not None and hasattr(model, "ct_decompress_hook"):
             compressor.decompress_model(model)  # what the first forward would do: Ŵ in the scales' dtype
-        if dtype != "auto":
+        if parse_dtype(dtype) != "auto":
             model.to(parse_dtype(dtype))  # transformers leaves decompressed weights in their scales' dtype
     return model.to(device).eval()
