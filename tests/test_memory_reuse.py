@@ -33,3 +33,22 @@ def test_reuse_restores_the_fixed_threshold_and_trims(monkeypatch):
         assert libc.calls == [("mallopt", memory.M_MMAP_THRESHOLD, memory.REUSE_THRESHOLD)]
         raise RuntimeError  # restored on the way out of an error too
     assert libc.calls[1:] == [("mallopt", memory.M_MMAP_THRESHOLD, memory.THRESHOLD), ("malloc_trim", 0)]
+
+
+def test_nested_contexts_restore_the_enclosing_threshold_and_trim_once(monkeypatch):
+    """The engine's batch loop (32 MiB) may run inside a wider context (NAEE's, 1 GiB) or around a narrower one:
+    leaving the inner one must not drop the outer one's threshold back to the fixed 128 KiB."""
+    libc = FakeLibc()
+    monkeypatch.setattr(memory, "_libc", lambda: libc)
+    monkeypatch.setattr(memory, "_FIXED", [True])
+    monkeypatch.setattr(memory, "_REUSING", [])
+    T, small, big = memory.M_MMAP_THRESHOLD, 32 << 20, 1 << 30
+    with memory.reuse_freed_memory(small):
+        with memory.reuse_freed_memory(big):
+            assert libc.calls == [("mallopt", T, small), ("mallopt", T, big)]
+        assert libc.calls[2:] == [("mallopt", T, small)]  # back to the outer threshold, no trim yet
+        with memory.reuse_freed_memory(small):  # not wider than the open one: nothing changes
+            pass
+        assert len(libc.calls) == 3
+    assert libc.calls[3:] == [("mallopt", T, memory.THRESHOLD), ("malloc_trim", 0)]
+    assert memory._REUSING == []
