@@ -1,31 +1,23 @@
 """Quantized checkpoints (FP8 block-quantized DeepSeek-V3 / Qwen3-MoE, MXFP4 gpt-oss): lazy loading dequantizes them
 exactly as transformers' `from_pretrained(..., quantization_config=<Format>Config(dequantize=True))` does, routed
-statistics match the dequantized in-memory model, streaming expert removal keeps the format bit for bit, and broken
-scale tensors or unknown formats are refused before any work.
-
-The checkpoints are built here from tiny models: FP8 with transformers' own `Fp8Quantize` op (it runs on CPU), MXFP4
-by packing with the format's definition (OCP Microscaling spec: 32 e2m1 values per block, two per byte with the
-lower index in the low nibble, one e8m0 scale 2**(s - 127) per block), checked against transformers' unpacking.
-References are always built by transformers (dequantizing loads) or read from the source files with safetensors.
+statistics match the dequantized in-memory model, and streaming expert removal keeps the format bit for bit.
+Refusals of broken scales and unknown formats: `test_quantized_refusals.py`. The checkpoints and references:
+`quantized_ckpt.py`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from transformers import FineGrainedFP8Config, Mxfp4Config
 
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.session import collect
 from moeprune.errors import MoePruneError
-from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.lazy import load_lazy
 from moeprune.io.stock import auto_class
 from moeprune.models import get_adapter
@@ -33,112 +25,7 @@ from moeprune.models.masking import masked_experts
 from moeprune.pipeline.verify import seeded_inputs
 from moeprune.select.plan import PrunePlan
 from moeprune.surgery import streaming
-from moeprune.tiny import save_tiny
-
-FP8_BLOCK = [16, 16]  # tiny widths (32, 48, 16) are multiples; DeepSeek's kv_a_proj (24 rows) is left unquantized
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # code -> value
-HF_CONFIG = {"fp8": FineGrainedFP8Config, "mxfp4": Mxfp4Config}
-# case -> (family, format, tiny overrides): gpt-oss needs its expert width a multiple of the MXFP4 block (32)
-CASES = {"fp8-qwen3_moe": ("qwen3_moe", "fp8", {}), "fp8-deepseek_v3": ("deepseek_v3", "fp8", {}),
-         "mxfp4-gpt_oss": ("gpt_oss", "mxfp4", {"intermediate_size": 32})}
-# drop 2 of 8 experts per MoE layer, one per router group of 4 (DeepSeek's group-limited routing needs that)
-DROPPED = ([2, 5], [0, 7], [3, 4])
-
-
-# ----------------------------------------------------------------------------------------------- building
-
-
-def fp8_quantize(name: str, t: torch.Tensor, block: list[int], routers: bool = False,
-                 pad: bool = False) -> dict[str, torch.Tensor] | None:
-    """transformers' Fp8Quantize on the linear weights a FP8 release quantizes (not embeddings, head, and routers
-    unless `routers`); with `pad`, matrices that end in a partial block too (scales [ceil(rows/b0), ceil(cols/b1)])."""
-    from transformers.integrations.finegrained_fp8 import Fp8Quantize
-    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
-
-    skip = r"embed_tokens|lm_head" if routers else r"embed_tokens|lm_head|\.mlp\.gate\."
-    if t.dim() != 2 or not name.endswith(".weight") or re.search(skip, name):
-        return None
-    op = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=block)))
-    rows, cols = t.shape
-    if pad:  # quantize as if zero-padded to whole blocks (zeros change no block's max), then crop: DeepSeek's way
-        padded = torch.nn.functional.pad(t, (0, -cols % block[1], 0, -rows % block[0]))
-        out = op.convert({name: padded})
-        out[name] = out[name][:rows, :cols].contiguous()
-    else:
-        out = op.convert({name: t})
-    return out if len(out) == 2 else None  # Fp8Quantize leaves shapes that are not whole blocks unquantized
-
-
-def mxfp4_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gpt-oss expert weight [E, in, out] -> blocks uint8 [E, out, in/32, 16], scales uint8 (e8m0) [E, out, in/32]."""
-    wt = w.float().transpose(1, 2)  # [E, out, in]: MXFP4 blocks run along the input dim
-    E, O, n_in = wt.shape
-    groups = wt.reshape(E, O, n_in // 32, 32)  # [E, out, G, 32]
-    amax = groups.abs().amax(-1)  # [E, out, G]
-    exp = torch.ceil(torch.log2(amax.clamp(min=2.0**-126) / 6.0)).clamp(-127, 127)  # |v| / 2**exp <= 6 (max e2m1)
-    scaled = groups / torch.exp2(exp)[..., None]  # [E, out, G, 32]
-    codes = (scaled[..., None] - torch.tensor(E2M1)).abs().argmin(-1).to(torch.uint8)  # [E, out, G, 32] nearest
-    pairs = codes.reshape(E, O, n_in // 32, 16, 2)  # [E, out, G, 16, 2]
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous(), (exp + 127).to(torch.uint8).contiguous()
-
-
-def quantized_checkpoint(family: str, fmt: str, dst: Path, block: list[int] = FP8_BLOCK, routers: bool = False,
-                         pad: bool = False, **overrides) -> Path:
-    """A tiny bf16 checkpoint of `family` (two shards), re-written in format `fmt` with its quantization_config
-    (FP8: `block`, routers quantized too when `routers`, partial blocks when `pad`)."""
-    src = save_tiny(family, dst.parent / f"{dst.name}-bf16", seed=1, dtype=torch.bfloat16, max_shard_size="60KB",
-                    **overrides)
-    shutil.copytree(src, dst)
-    weight_map, not_converted = {}, []
-    for shard in sorted(dst.glob("*.safetensors")):
-        tensors = {}
-        for name, t in load_file(str(shard)).items():
-            if fmt == "fp8":
-                q = fp8_quantize(name, t, block, routers, pad)
-                if q is None and t.dim() == 2 and name.endswith(".weight"):
-                    not_converted.append(name.removesuffix(".weight"))
-            else:
-                q = None
-                if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-                    blocks, scales = mxfp4_pack(t)
-                    q = {name + "_blocks": blocks, name + "_scales": scales}
-            tensors.update(q if q is not None else {name: t})
-        save_file(tensors, str(shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard.name))
-    index = json.loads((dst / INDEX_NAME).read_text())
-    (dst / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    assert len(index["weight_map"]) > 0 and len(set(weight_map.values())) > 1  # really sharded
-    config = json.loads((dst / "config.json").read_text())
-    if fmt == "fp8":
-        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
-                                         "weight_block_size": block, "modules_to_not_convert": not_converted}
-    else:
-        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
-            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    (dst / "config.json").write_text(json.dumps(config, indent=2))
-    return dst
-
-
-def load_dequantized(path: Path, dtype=torch.bfloat16):
-    """The independent reference: stock from_pretrained, dequantizing with <Format>Config(dequantize=True)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    qcfg = HF_CONFIG[config.quantization_config["quant_method"]](dequantize=True)
-    return auto_class(config).from_pretrained(str(path), quantization_config=qcfg, dtype=dtype,
-                                              local_files_only=True).eval()
-
-
-def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)  # byte view: bit-exact comparison whatever the dtype (float8 too)
+from quantized_ckpt import CASES, DROPPED, E2M1, bits, load_dequantized, mxfp4_pack, quantized_checkpoint, tensors_of
 
 
 @pytest.fixture(scope="module")
@@ -416,105 +303,3 @@ def test_in_memory_prune_writes_a_dequantized_checkpoint(root, tmp_path):
         logits = pruned(**inputs).logits
     mask = inputs["attention_mask"].bool()
     torch.testing.assert_close(logits[mask], ref[mask], rtol=1e-4, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------------------------- refusals
-
-
-def _rewrite(path: Path, change) -> None:
-    """Apply change(dict of tensors) -> dict to every shard of `path` (and the index)."""
-    weight_map = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        tensors = change(load_file(str(shard)))
-        save_file(tensors, str(shard), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, shard.name))
-    (path / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
-def _edit(name: str, edit):
-    def change(tensors):
-        if name in tensors:
-            new = edit(tensors.pop(name))
-            if new is not None:
-                tensors[name] = new
-        return tensors
-
-    return change
-
-
-def _nan(t):
-    t = t.clone()
-    t.view(-1)[0] = float("nan") if t.is_floating_point() else 255
-    return t
-
-
-FP8_SCALE = "model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"
-MX_SCALE = "model.layers.1.mlp.experts.down_proj_scales"
-# case, tensor, edit, message; header problems (refused by Checkpoint.open) and bad values (refused before reading)
-CORRUPTIONS = {
-    "fp8-shape": ("fp8-qwen3_moe", FP8_SCALE, lambda t: t[:, :1].contiguous(), r"scale tensor is corrupted"),
-    "fp8-dtype": ("fp8-deepseek_v3", FP8_SCALE, lambda t: t.half(), r"F16 .*needs F32 or BF16"),
-    "fp8-missing": ("fp8-qwen3_moe", FP8_SCALE, lambda t: None, r"without their weight_scale_inv.*experts\.3\.up"),
-    "fp8-nan": ("fp8-deepseek_v3", FP8_SCALE, _nan, r"non-finite or non-positive"),
-    "fp8-negative": ("fp8-qwen3_moe", FP8_SCALE, lambda t: -t, r"non-finite or non-positive"),
-    "mxfp4-shape": ("mxfp4-gpt_oss", MX_SCALE, lambda t: t[..., :-1].contiguous(), r"scale tensor is corrupted"),
-    "mxfp4-missing": ("mxfp4-gpt_oss", MX_SCALE, lambda t: None, r"down_proj_blocks has no .*down_proj_scales"),
-    "mxfp4-nan": ("mxfp4-gpt_oss", MX_SCALE, _nan, r"NaN scales"),
-}
-
-
-@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupted_scales_are_refused_before_work(corruption, root, tmp_path, monkeypatch):
-    name, tensor, edit, match = CORRUPTIONS[corruption]
-    family, fmt, overrides = CASES[name]
-    source = root / f"refusal-{name}"
-    if not source.exists():
-        quantized_checkpoint(family, fmt, source, **overrides)
-    path = Path(shutil.copytree(source, tmp_path / "broken"))
-    _rewrite(path, _edit(tensor, edit))
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("work started before the corrupted scale was refused")
-
-    from moeprune.io import lazy
-
-    monkeypatch.setattr(lazy, "load_keys", forbidden)  # no weight is read
-    monkeypatch.setattr(streaming, "write_file", forbidden)  # no byte is written
-    with pytest.raises(MoePruneError, match=match):
-        load_lazy(path)
-    if corruption.endswith(("nan", "negative")):  # values: headers are fine, the readers check the scales first
-        ckpt = Checkpoint.open(path)
-        adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
-        plan = PrunePlan({layer: [0, 1, 3, 4, 6, 7] for layer in adapter.moe_layers()}, 8)
-        with pytest.raises(MoePruneError, match=match):
-            streaming.apply_plan_streaming(ckpt, adapter, plan, tmp_path / "out", 60_000)
-    else:  # headers: every command opens the checkpoint first
-        with pytest.raises(MoePruneError, match=match):
-            Checkpoint.open(path)
-
-
-def test_unavailable_device_refused_before_work(case, monkeypatch):
-    from moeprune.io import lazy
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(lazy, "load_keys", lambda *a, **k: pytest.fail("weights were read"))
-    with pytest.raises(MoePruneError, match="no such CUDA device"):
-        load_lazy(case[2], device="cuda:0")
-    with pytest.raises(MoePruneError, match="not a torch device name"):
-        load_lazy(case[2], device="gpu0")
-
-
-def test_unknown_quant_method_refused_before_work(root, tmp_path, no_work):
-    from moeprune import api
-    from refusal import assert_refused
-
-    path = Path(shutil.copytree(save_tiny("qwen3_moe", root / "gptq-src", seed=1), tmp_path / "gptq"))
-    config = json.loads((path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
-    (path / "config.json").write_text(json.dumps(config))
-    match = r"unknown quant_method 'gptq'.*fp8, mxfp4"
-    out = tmp_path / "out"
-    assert_refused(lambda: api.prune(path, out, method="frequency", ratio=0.25, streaming=True), match,
-                   inputs=[path], out=out)
-    with pytest.raises(MoePruneError, match=match):
-        load_lazy(path)
