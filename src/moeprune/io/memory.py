@@ -26,11 +26,6 @@ from contextlib import contextmanager
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 THRESHOLD = 128 * 1024
 REUSE_THRESHOLD = 1 << 30  # inside `reuse_freed_memory`: temporaries up to 1 GiB come from the heap
-# the engine's loop over one layer's batches (`calibration/engine.run_one`). Measured on a 4-layer copy of the
-# benchmark checkpoint (128 experts, float32 compute, 16 x 256 tokens, one thread, `moeprune calibrate --lazy`,
-# 3 alternating pairs, twice): 0.91-0.94x the wall time at +0.14 GB peak RSS (1.70 vs 1.56 GB); 1 GiB saved a
-# little more time but held +0.46 GB (freed temporaries of several sizes stay resident until the trim).
-BATCH_REUSE_THRESHOLD = 32 << 20
 _FIXED: list[bool] = []  # [True] once `release_freed_memory` fixed the threshold in this process
 _REUSING: list[int] = []  # thresholds of the `reuse_freed_memory` contexts now open, innermost last
 
