@@ -23,14 +23,17 @@ from quantized_ckpt import CASES, quantized_checkpoint
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("quantized")
+def built(tmp_path_factory):
+    """name -> the quantized checkpoint of CASES[name], built once per module; tests edit copies of it."""
+    root, made = tmp_path_factory.mktemp("quantized-refusals"), {}
 
+    def get(name: str) -> Path:
+        if name not in made:
+            family, fmt, overrides = CASES[name]
+            made[name] = quantized_checkpoint(family, fmt, root / name, **overrides)
+        return made[name]
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def case(request, root) -> tuple[str, str, Path]:
-    family, fmt, overrides = CASES[request.param]
-    return family, fmt, quantized_checkpoint(family, fmt, root / request.param, **overrides)
+    return get
 
 
 def _rewrite(path: Path, change) -> None:
@@ -76,13 +79,9 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupted_scales_are_refused_before_work(corruption, root, tmp_path, monkeypatch):
+def test_corrupted_scales_are_refused_before_work(corruption, built, tmp_path, monkeypatch):
     name, tensor, edit, match = CORRUPTIONS[corruption]
-    family, fmt, overrides = CASES[name]
-    source = root / f"refusal-{name}"
-    if not source.exists():
-        quantized_checkpoint(family, fmt, source, **overrides)
-    path = Path(shutil.copytree(source, tmp_path / "broken"))
+    path = Path(shutil.copytree(built(name), tmp_path / "broken"))
     _rewrite(path, _edit(tensor, edit))
 
     def forbidden(*args, **kwargs):
@@ -105,22 +104,24 @@ def test_corrupted_scales_are_refused_before_work(corruption, root, tmp_path, mo
             Checkpoint.open(path)
 
 
-def test_unavailable_device_refused_before_work(case, monkeypatch):
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_unavailable_device_refused_before_work(name, built, monkeypatch):
     from moeprune.io import lazy
 
+    path = built(name)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(lazy, "load_keys", lambda *a, **k: pytest.fail("weights were read"))
     with pytest.raises(MoePruneError, match="no such CUDA device"):
-        load_lazy(case[2], device="cuda:0")
+        load_lazy(path, device="cuda:0")
     with pytest.raises(MoePruneError, match="not a torch device name"):
-        load_lazy(case[2], device="gpu0")
+        load_lazy(path, device="gpu0")
 
 
-def test_unknown_quant_method_refused_before_work(root, tmp_path, no_work):
+def test_unknown_quant_method_refused_before_work(tmp_path, no_work):
     from moeprune import api
     from refusal import assert_refused
 
-    path = Path(shutil.copytree(save_tiny("qwen3_moe", root / "gptq-src", seed=1), tmp_path / "gptq"))
+    path = Path(shutil.copytree(save_tiny("qwen3_moe", tmp_path / "gptq-src", seed=1), tmp_path / "gptq"))
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (path / "config.json").write_text(json.dumps(config))
