@@ -23,6 +23,8 @@ model's `_init_weights`, as in `from_pretrained`. The result equals the eager mo
 
 Memory: one layer, plus transformers' conversion temporaries while a fused tensor is built (stacking per-expert
 tensors then concatenating gate and up holds ~1/3 of the layer in two copies at once), plus the embeddings.
+A layer computed in a wider dtype than stored (bf16 checkpoint, float32 compute) has its tensors built in the stored
+dtype and widened once, which gives the same bits with half the bytes copied (`io/lazy_narrow.py`).
 
 The head (`lm_head`) stays on `meta` unless `head=True`: layer-by-layer calibration never computes logits.
 Decoder layers are materialised on `device` (default cpu; the engine runs them there anyway), the rest on CPU.
@@ -57,6 +59,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
+from moeprune.io.lazy_narrow import copies_only, narrow_params, set_meta_dtypes, widen
 from moeprune.io.memory import release_freed_memory, trim
 from moeprune.io.quant import is_quantized_dtype
 from moeprune.io.quant_ops import fix_quantizer
@@ -82,6 +85,8 @@ class LazyModel:
     keys: dict[int, list[str]] = field(repr=False)  # layer index (or REST) -> checkpoint keys feeding it
     load_config: object = field(repr=False)  # transformers' LoadStateDictConfig (dtype, plan, conversions)
     device: str = "cpu"  # where decoder layers are materialised (and dequantized)
+    # layer -> {parameter: (dtype it is read in, its own dtype)}: built narrow, widened once (`io/lazy_narrow.py`)
+    narrow: dict[int, dict[str, tuple[torch.dtype, torch.dtype]]] = field(default_factory=dict, repr=False)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -97,7 +102,7 @@ class LazyModel:
         configs = {id(v): v for m in module.modules() for v in vars(m).values() if isinstance(v, PretrainedConfig)}
         pristine = copy.deepcopy(module, memo=configs)  # on meta: no memory; configs stay shared with the model
         try:
-            load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}", device=self.device)
+            self._read(i)
             yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
@@ -107,8 +112,15 @@ class LazyModel:
     def materialise(self) -> nn.Module:
         """Every decoder layer read from disk for good: the whole stock model, in eval mode."""
         for i in range(len(self.layers)):
-            load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}", device=self.device)
+            self._read(i)
         return self.model.eval()
+
+    def _read(self, i: int) -> None:
+        """Decoder layer i's tensors from the shards, with its narrow-read parameters widened after."""
+        plan = self.narrow.get(i, {})
+        set_meta_dtypes(self.model, ((name, d[0]) for name, d in plan.items()))
+        load_keys(self, self.keys.get(i, []), f"{self.layer_prefix}.{i}", device=self.device)
+        widen(self.model, ((name, d[1]) for name, d in plan.items()))
 
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i occupies once materialised."""
@@ -191,16 +203,21 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
     meta_sd = model.state_dict()
     keys: dict[int, list[str]] = defaultdict(list)
+    by_pattern = {k: c for c in converters for k in c.source_patterns}  # as the loader finds a key's converter
+    feeds: dict[str, list] = defaultdict(list)  # decoder-layer tensor -> the checkpoint entries that feed it
+    copy_only: dict[str, bool] = {}
     ignored = []
     for key in view:
         # the in-memory tensor this key feeds (a converter's target for per-expert keys), as the loader decides
-        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
         if target not in meta_sd and key in meta_sd:
             target = key
         m = layer_re.match(target)
         is_head = head_name is not None and target.startswith(head_name + ".")
         if m is not None and int(m.group(1)) < len(layers):
             keys[int(m.group(1))].append(key)
+            feeds[target].append(view[key])
+            copy_only[target] = copy_only.get(target, True) and copies_only(by_pattern.get(pattern))
         elif target in meta_sd and m is None and (head or not is_head):
             keys[REST].append(key)
         elif not is_head:
@@ -208,7 +225,11 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     if ignored:
         logger.info("lazy load of %s: %d checkpoint tensors match nothing in %s and are not read, e.g. %s",
                     ckpt.path, len(ignored), cls.__name__, ignored[:3])
-    lazy = LazyModel(model, view, prefix, dict(keys), load_config, device)
+    narrow = defaultdict(dict)
+    quantized = hf_quantizer is not None
+    for name, dtype in narrow_params(dict(model.named_parameters()), feeds, copy_only, quantized).items():
+        narrow[int(layer_re.match(name).group(1))][name] = (dtype, meta_sd[name].dtype)
+    lazy = LazyModel(model, view, prefix, dict(keys), load_config, device, dict(narrow))
     load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
     if head and head_name is not None and _meta_names(model.get_submodule(head_name), head_name):
         # a tied head is not in the checkpoint: tie it to the embedding, as from_pretrained does
