@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import cache, lru_cache
+from functools import cache
 
 import torch
 
@@ -62,13 +62,15 @@ def compute_dtype(requested: str, device: str) -> str:
     parse_dtype(requested)  # "stored" stays "stored": resolving again (dataclasses.replace) must not change it
     if requested != "auto" or not device.startswith("cpu") or cpu_has_fast_half():
         return requested
-    _say_float32()
     return "float32"
 
 
-@lru_cache(maxsize=1)
-def _say_float32() -> None:
+def say_compute_dtype(dtype: str, stored: str | None) -> None:
+    """One log line when calibration computes in another dtype than the checkpoint stores."""
     from moeprune.log import logger
 
-    logger.info("--dtype auto: this CPU has no native bf16 matmul, so calibration computes in float32 (about 5x "
-                "faster than bf16 here, twice the bytes per loaded layer); --dtype stored keeps the checkpoint's")
+    if dtype in ("auto", "stored") or stored is None or stored == dtype:
+        return
+    why = ("; --dtype auto chooses float32 on a CPU without native bf16 matmul (about 5x faster there), --dtype "
+           "stored keeps the checkpoint's" if not cpu_has_fast_half() else "")
+    logger.info("calibration computes in %s (the checkpoint stores %s)%s", dtype, stored, why)
