@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.models.base import MoEAdapter
 
 
@@ -184,15 +185,16 @@ def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,
     cleanup = on_layer(i, layer) if on_layer is not None else None
     try:
         outputs = []
-        for b in batches:
-            if on_batch is not None:
-                on_batch(b)
-            out = call_layer(layer, b.hidden.to(device), b.kwargs[i], device)
-            if isinstance(out, tuple):
-                for name, j in b.carries.get(i + 1, {}).items():  # extra outputs the next layer takes
-                    b.kwargs[i + 1][name] = to_device(out[j], cache_device)
-                out = out[0]  # [B, S, H]
-            outputs.append(out.detach().to(cache_device))
+        with reuse_freed_memory(COMPUTE_REUSE):  # per-expert temporaries reuse the last batch's pages
+            for b in batches:
+                if on_batch is not None:
+                    on_batch(b)
+                out = call_layer(layer, b.hidden.to(device), b.kwargs[i], device)
+                if isinstance(out, tuple):
+                    for name, j in b.carries.get(i + 1, {}).items():  # extra outputs the next layer takes
+                        b.kwargs[i + 1][name] = to_device(out[j], cache_device)
+                    out = out[0]  # [B, S, H]
+                outputs.append(out.detach().to(cache_device))
     finally:
         if cleanup is not None:
             cleanup()
