@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
+from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
@@ -177,14 +178,18 @@ class _Masks:
         block = self.adapter.block(self.model, layer)
         masked: dict[int, dict[str, torch.Tensor]] = {}
         zeros = total = 0
-        for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
-            keep = mask_for(score, self.pattern, sparsity)
-            w = self.adapter.expert_views(block, j)[role].detach()
-            # in its stored dtype at once: no copy of the whole layer at the compute dtype
-            masked.setdefault(j, {})[role] = self.stored.expert(layer, role, (w * keep.to(w.dtype)).cpu())
-            self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - float(keep.double().mean()), 6)
-            zeros += int((~keep).sum())
-            total += keep.numel()
+        largest = max(w.numel() for w in self.adapter.expert_views(block, 0).values())
+        # each matrix's float64 scores and mask temporaries reuse the previous matrix's pages (io/memory.py)
+        with reuse_freed_memory(max(COMPUTE_REUSE, 16 * largest)):
+            for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
+                keep = mask_for(score, self.pattern, sparsity)
+                w = self.adapter.expert_views(block, j)[role].detach()
+                # in its stored dtype at once: no copy of the whole layer at the compute dtype
+                masked.setdefault(j, {})[role] = self.stored.expert(layer, role, (w * keep.to(w.dtype)).cpu())
+                kept = int(keep.sum())
+                self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - kept / keep.numel(), 6)
+                zeros += keep.numel() - kept
+                total += keep.numel()
         self.experts[layer] = masked
         self.per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity, 6),
                                       **({"outlier_ratio": round(outlier, 6)} if outlier is not None else {})}
