@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -246,6 +247,16 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
     ]
 
 
+def drop_export(cmd: list[str], later: list[tuple[str, list[str], float]]) -> None:
+    """Delete the export a step wrote (its --out folder) unless a later step reads it (verify): each export is a
+    full-size checkpoint, and a run of every step would otherwise need ten times the checkpoint in disk space."""
+    if "--out" not in cmd:
+        return
+    out = Path(cmd[cmd.index("--out") + 1])
+    if out.is_dir() and not any(str(out) in c for _, later_cmd, _ in later for c in later_cmd):
+        shutil.rmtree(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/moeprune-big"))
@@ -261,6 +272,8 @@ def main() -> None:
     ap.add_argument("--lazy", action="store_true", help="pass --lazy to every step (for a model that would fit)")
     ap.add_argument("--dtype", default="auto", help="every step's --dtype, and the plain forward's (auto: float32 on "
                     "a CPU without native bf16 matmul, else the checkpoint's bf16; stored: bf16)")
+    ap.add_argument("--keep-exports", action="store_true",
+                    help="keep every step's export (default: deleted after its step unless a later step reads it)")
     ap.add_argument("--profile", action="store_true",
                     help="run each step under `py-spy record` (must be installed); flame graphs in --work/out")
     a = ap.parse_args()
@@ -285,9 +298,9 @@ def main() -> None:
     rows, base = [], None
     wanted = None if a.steps == "all" else [s.strip() for s in a.steps.split(",")]
     try:
-        for name, cmd, target in steps(model, f"web={text}", work, a.samples, a.seq_len, a.lazy, a.dtype):
-            if wanted and not any(name.startswith(w) for w in wanted):
-                continue
+        chosen = [s for s in steps(model, f"web={text}", work, a.samples, a.seq_len, a.lazy, a.dtype)
+                  if not wanted or any(s[0].startswith(w) for w in wanted)]
+        for k, (name, cmd, target) in enumerate(chosen):
             log = work / "out" / (name.split()[0].lower() + ".log")
             if a.profile:
                 cmd = ["py-spy", "record", "--rate", "20", "--format", "raw", "-o",
@@ -297,6 +310,8 @@ def main() -> None:
                 base = wall
             tail = "" if rc == 0 else log.read_text()[-300:].replace("\n", " ")
             rows.append((name, rc, rss, wall, wall / base if base else float("nan"), target, tail))
+            if not a.keep_exports:
+                drop_export(cmd, chosen[k + 1:])
             print(f"{name}: exit {rc}, peak RSS {rss:.2f} GB, {wall:.0f} s"
                   + (f", x{wall / base:.2f} forward" if base else "") + (f"  | {tail}" if tail else ""), flush=True)
     finally:
