@@ -26,11 +26,13 @@ from contextlib import contextmanager
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 THRESHOLD = 128 * 1024
 REUSE_THRESHOLD = 1 << 30  # inside `reuse_freed_memory`: temporaries up to 1 GiB come from the heap
-# a layer's batch loops (`calibration/engine.run_one`, HEAPr's backward): per-expert temporaries (eager experts,
-# autograd) up to 4 MiB reuse the last batch's pages; larger ones stay mmapped so the heap does not hold them.
-# Measured, one thread, float32 compute: HEAPr 25 % on a 4-layer copy of the benchmark checkpoint 93.8 -> 82.8 s
-# (15.5 M -> 11.4 M page faults) at 1.56 -> 1.69 GB peak RSS; the plain 24-layer forward 116 -> 113 s at 1.43 ->
-# 1.46 GB. 32 MiB saved more (HEAPr 76.7 s) but held 1.81 GB in the 24-layer forward.
+# a layer's batch loop (`calibration/engine.run_one`): per-expert temporaries (eager experts) up to 4 MiB reuse
+# the last batch's pages; larger ones stay mmapped so the heap does not hold them. Measured, one thread, float32
+# compute: the plain 24-layer forward 116 -> 113 s at 1.43 -> 1.46 GB peak RSS; HEAPr 25 % on a 4-layer copy of the
+# benchmark checkpoint 93.8 -> 82.8 s (15.5 M -> 11.4 M page faults) with its backward loop reusing too, but on 24
+# layers that backward reuse raised HEAPr's peak from 2.02 to 2.16 GB for no clear gain (3.91x vs 4.01x the
+# forward), so HEAPr's backward does not reuse. 32 MiB saved more (HEAPr 76.7 s on 4 layers) but held 1.81 GB in
+# the 24-layer forward.
 COMPUTE_REUSE = 4 << 20
 _FIXED: list[bool] = []  # [True] once `release_freed_memory` fixed the threshold in this process
 _REUSING: list[int] = []  # thresholds of the `reuse_freed_memory` contexts now open, innermost last

@@ -37,7 +37,6 @@ from moeprune.calibration.engine import LayerInputs, around_layers_on, call_laye
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.io.lazy import LazyModel, load_lazy
-from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.io.stock import parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
@@ -211,8 +210,7 @@ def _backward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs],
         with context(i):
             layer = layers[i]
             col = NeuronCollector(model, adapter, gradients=True, layers=[i]) if i in moe else None
-            with (_on_device(layer, device), _frozen(layer), col or nullcontext(), torch.enable_grad(),
-                  reuse_freed_memory(COMPUTE_REUSE)):  # the batches' autograd temporaries reuse pages
+            with _on_device(layer, device), _frozen(layer), col or nullcontext(), torch.enable_grad():
                 next_grads = []
                 for b, h_in, g_out in zip(batches, inputs, grads, strict=True):
                     if col is not None:
