@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from moeprune.io.stock import compute_dtype, cpu_has_fast_half  # noqa: E402
+from moeprune.io.stock import compute_dtype, cpu_has_native_bf16  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     x = torch.randn(1, a.tokens, a.hidden, generator=torch.Generator().manual_seed(1))
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 matmul: {cpu_has_fast_half()}; "
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 matmul: {cpu_has_native_bf16()}; "
           f"--dtype auto computes in {compute_dtype('auto', 'cpu').replace('auto', 'the checkpoint dtype')}")
     print(f"\none Qwen3-MoE block, {a.experts} experts top-{a.top_k}, H={a.hidden}, width {a.width}, {a.tokens} "
           f"tokens, one thread, median of {a.repeats}\n")

@@ -18,13 +18,8 @@ from moeprune.tiny import save_tiny
 
 
 @pytest.fixture
-def slow_half(monkeypatch):
-    monkeypatch.setattr(stock, "cpu_has_fast_half", lambda: False)
-
-
-@pytest.fixture
-def fast_half(monkeypatch):
-    monkeypatch.setattr(stock, "cpu_has_fast_half", lambda: True)
+def no_native_bf16(monkeypatch):
+    monkeypatch.setattr(stock, "cpu_has_native_bf16", lambda: False)
 
 
 @pytest.mark.parametrize("requested, device, fast, want", [
@@ -38,7 +33,7 @@ def fast_half(monkeypatch):
     ("float32", "cuda", True, "float32"),
 ])
 def test_rule(monkeypatch, requested, device, fast, want):
-    monkeypatch.setattr(stock, "cpu_has_fast_half", lambda: fast)
+    monkeypatch.setattr(stock, "cpu_has_native_bf16", lambda: fast)
     assert stock.compute_dtype(requested, device) == want
 
 
@@ -49,7 +44,7 @@ def test_unknown_dtype_is_refused_with_the_choices():
         CalibrateOptions(("web=x.txt",), dtype="half")
 
 
-def test_options_resolve_once_and_survive_replace(slow_half):
+def test_options_resolve_once_and_survive_replace(no_native_bf16):
     """dataclasses.replace runs __post_init__ again: a resolved value must not change meaning (a bug found while
     writing this: "stored" resolved to "auto", which the second pass turned into float32)."""
     auto = CalibrateOptions(("web=x.txt",))
@@ -92,7 +87,7 @@ def _brute_counts(model_path, input_ids, dtype) -> dict[int, torch.Tensor]:
 
 
 @pytest.mark.parametrize("requested, want", [("auto", torch.float32), ("stored", torch.bfloat16)])
-def test_calibration_computes_in_the_chosen_dtype(slow_half, bf16_model, requested, want):
+def test_calibration_computes_in_the_chosen_dtype(no_native_bf16, bf16_model, requested, want):
     root, model = bf16_model
     opts = CalibrateOptions((f"web={root / 'text.txt'}",), samples=6, seq_len=24, held_out=0, batch_size=6,
                             dtype=requested)

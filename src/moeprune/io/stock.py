@@ -38,7 +38,7 @@ def auto_class(config):
 
 
 @cache
-def cpu_has_fast_half() -> bool:
+def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively: torch sends bf16 matmuls to oneDNN only where
     `mkldnn_bf16_device_check` holds (AVX-512 BW/VL/DQ or AMX on x86, BF16 on Arm); elsewhere (AVX2-only x86)
     it falls back to a scalar path. Measured on an AVX2 host: one Qwen3-MoE block (128 experts, top-8, H=1024,
@@ -55,12 +55,12 @@ def compute_dtype(requested: str, device: str) -> str:
 
     - a dtype name: that dtype;
     - "stored": the checkpoint's own dtype (what the loaders' "auto" means);
-    - "auto": the checkpoint's, except on a CPU without native bf16 matmul (`cpu_has_fast_half`), where float32.
+    - "auto": the checkpoint's, except on a CPU without native bf16 matmul (`cpu_has_native_bf16`), where float32.
       There a bf16 checkpoint runs about 5x faster in float32, at twice the bytes per loaded layer (the
       in-memory / layer-by-layer choice, `io.fit.choose_lazy`, counts them), and every sum is at least as exact.
     """
     parse_dtype(requested)  # "stored" stays "stored": resolving again (dataclasses.replace) must not change it
-    if requested != "auto" or not device.startswith("cpu") or cpu_has_fast_half():
+    if requested != "auto" or not device.startswith("cpu") or cpu_has_native_bf16():
         return requested
     return "float32"
 
@@ -72,5 +72,5 @@ def say_compute_dtype(dtype: str, stored: str | None) -> None:
     if dtype in ("auto", "stored") or stored is None or stored == dtype:
         return
     why = ("; --dtype auto chooses float32 on a CPU without native bf16 matmul (about 5x faster there), --dtype "
-           "stored keeps the checkpoint's" if not cpu_has_fast_half() else "")
+           "stored keeps the checkpoint's" if not cpu_has_native_bf16() else "")
     logger.info("calibration computes in %s (the checkpoint stores %s)%s", dtype, stored, why)
