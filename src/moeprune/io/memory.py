@@ -13,6 +13,11 @@ The price is a fresh page fault for every page of every large temporary. A loop 
 large temporaries thousands of times (NAEE's batched router calls: ~256 MiB each) runs under
 `reuse_freed_memory()`, which lets them come from the heap and be reused, then restores the threshold and trims
 (NAEE at E=128, 2 048 tokens: precompute 9.8 → 7.1 s, search 134 → 197 evaluations/s measured).
+
+Inside such a context the trim threshold is raised too. With the mmap threshold fixed, glibc's trim threshold stays
+at its 128 KiB default, so a large temporary freed at the top of the heap went straight back to the OS and the
+next one faulted its pages in again: the reuse only worked for temporaries freed below a live allocation. Measured
+on one M-SMoE layer of the benchmark checkpoint (128 experts, 32 aligned pairs, `benchmarks/memory_reuse.py`).
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
-THRESHOLD = 128 * 1024
+M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+THRESHOLD = 128 * 1024  # both thresholds, once fixed (a fixed mmap threshold also stops the trim threshold's raise)
+TRIM_WHILE_REUSING = (1 << 31) - 1  # inside `reuse_freed_memory`: the heap's free top is kept (mallopt takes an int)
 REUSE_THRESHOLD = 1 << 30  # inside `reuse_freed_memory`: temporaries up to 1 GiB come from the heap
 # a layer's batch loop (`calibration/engine.run_one`): per-expert temporaries (eager experts) up to 4 MiB reuse
 # the last batch's pages; larger ones stay mmapped so the heap does not hold them. Measured, one thread, float32
@@ -50,9 +57,10 @@ def _libc():
 
 @functools.cache
 def release_freed_memory() -> bool:
-    """Fix glibc's mmap threshold (once per process); False where there is no glibc."""
+    """Fix glibc's mmap and trim thresholds (once per process); False where there is no glibc."""
     libc = _libc()
-    fixed = bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+    fixed = bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)
+                 and libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
     if fixed:
         _FIXED.append(True)
     return fixed
@@ -63,12 +71,15 @@ def reuse_freed_memory(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
     """Inside, allocations up to `threshold` come from the heap and freed ones are reused; on exit the threshold
     of the enclosing context (or the fixed one) is back, and leaving the outermost context trims the heap. A no-op
     unless `release_freed_memory` fixed the threshold in this process (glibc's dynamic default already reuses), and
-    inside a context whose threshold is at least as large."""
+    inside a context whose threshold is at least as large. The outermost context also keeps the heap's free top
+    (glibc's trim threshold) until it is left."""
     libc = _libc()
     outer = _REUSING[-1] if _REUSING else THRESHOLD
     if not _FIXED or libc is None or threshold <= outer or not libc.mallopt(M_MMAP_THRESHOLD, threshold):
         yield  # inside a wider reuse already: nothing to change (and nothing to restore early)
         return
+    if not _REUSING:
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_WHILE_REUSING)
     _REUSING.append(threshold)
     try:
         yield
@@ -76,6 +87,7 @@ def reuse_freed_memory(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
         _REUSING.pop()
         libc.mallopt(M_MMAP_THRESHOLD, outer)
         if not _REUSING:
+            libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD)
             libc.malloc_trim(0)
 
 
