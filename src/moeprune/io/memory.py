@@ -16,8 +16,9 @@ large temporaries thousands of times (NAEE's batched router calls: ~256 MiB each
 
 Inside such a context the trim threshold is raised too. With the mmap threshold fixed, glibc's trim threshold stays
 at its 128 KiB default, so a large temporary freed at the top of the heap went straight back to the OS and the
-next one faulted its pages in again: the reuse only worked for temporaries freed below a live allocation. Measured
-on one M-SMoE layer of the benchmark checkpoint (128 experts, 32 aligned pairs, `benchmarks/memory_reuse.py`).
+next one faulted its pages in again: the reuse only worked for temporaries freed below a live allocation. One M-SMoE
+layer shaped like the benchmark checkpoint (128 experts, 32 aligned pairs) merges in 2.06 s with 69 k page faults
+inside the context, 4.34 s with 708 k outside (`python benchmarks/memory_reuse.py`).
 """
 
 from __future__ import annotations
