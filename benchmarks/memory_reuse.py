@@ -7,8 +7,8 @@ layer shaped like `benchmarks/big_model.py`'s checkpoint (128 random bf16 expert
 merged, the other 64 experts kept), alternating:
 
     fixed   the fixed thresholds only (what every temporary paid before);
-    reuse   inside `reuse_freed_memory` (the mmap threshold raised, and with it the trim threshold, so a temporary
-            freed at the top of the heap is not returned to the OS at once).
+    reuse   inside `reuse_freed_memory(keep_top=True)` (the mmap threshold raised, and with it the trim threshold,
+            so a temporary freed at the top of the heap is not returned to the OS at once).
 
     python benchmarks/memory_reuse.py [--repeats 3] [--pairs 32]
 
@@ -48,7 +48,7 @@ def run(experts, groups, weights, reuse: bool) -> tuple[float, int, float]:
     threshold = max(COMPUTE_REUSE, 2 * 8 * sum(t.numel() for t in experts[0].values()))  # as merge_layer
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if reuse:
-        with reuse_freed_memory(threshold):
+        with reuse_freed_memory(threshold, keep_top=True):
             merge(experts, groups, weights)
     else:
         merge(experts, groups, weights)

@@ -14,11 +14,11 @@ large temporaries thousands of times (NAEE's batched router calls: ~256 MiB each
 `reuse_freed_memory()`, which lets them come from the heap and be reused, then restores the threshold and trims
 (NAEE at E=128, 2 048 tokens: precompute 9.8 → 7.1 s, search 134 → 197 evaluations/s measured).
 
-Inside such a context the trim threshold is raised too. With the mmap threshold fixed, glibc's trim threshold stays
-at its 128 KiB default, so a large temporary freed at the top of the heap went straight back to the OS and the
-next one faulted its pages in again: the reuse only worked for temporaries freed below a live allocation. One M-SMoE
-layer shaped like the benchmark checkpoint (128 experts, 32 aligned pairs) merges in 2.06 s with 69 k page faults
-inside the context, 4.34 s with 708 k outside (`python benchmarks/memory_reuse.py`).
+With the mmap threshold fixed, glibc's trim threshold stays at 128 KiB, so a large temporary freed at the top of
+the heap goes straight back to the OS and the next one faults its pages in again: the reuse only works for
+temporaries freed below a live allocation. `reuse_freed_memory(keep_top=True)` raises the trim threshold too.
+One M-SMoE layer shaped like the benchmark checkpoint (128 experts, 32 aligned pairs) merges in 2.06 s with 69 k
+page faults inside such a context, 4.34 s with 708 k outside (`python benchmarks/memory_reuse.py`).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ REUSE_THRESHOLD = 1 << 30  # inside `reuse_freed_memory`: temporaries up to 1 Gi
 COMPUTE_REUSE = 4 << 20
 _FIXED: list[bool] = []  # [True] once `release_freed_memory` fixed the threshold in this process
 _REUSING: list[int] = []  # thresholds of the `reuse_freed_memory` contexts now open, innermost last
+_KEEPING: list[bool] = []  # [True] while a `keep_top` context holds the trim threshold raised
 
 
 @functools.cache
@@ -68,27 +69,35 @@ def release_freed_memory() -> bool:
 
 
 @contextmanager
-def reuse_freed_memory(threshold: int = REUSE_THRESHOLD) -> Iterator[None]:
+def reuse_freed_memory(threshold: int = REUSE_THRESHOLD, keep_top: bool = False) -> Iterator[None]:
     """Inside, allocations up to `threshold` come from the heap and freed ones are reused; on exit the threshold
     of the enclosing context (or the fixed one) is back, and leaving the outermost context trims the heap. A no-op
     unless `release_freed_memory` fixed the threshold in this process (glibc's dynamic default already reuses), and
-    inside a context whose threshold is at least as large. The outermost context also keeps the heap's free top
-    (glibc's trim threshold) until it is left."""
+    inside a context whose threshold is at least as large.
+
+    keep_top: also keep the heap's free top (glibc's trim threshold raised) until the outermost context is left, so
+    a temporary freed at the top is reused too. Only where measured: in the layer merge it halves the time, but in
+    the statistics passes (the batch loop, `column_sq`) it raised CAMERA-P's and a recipe's peak RSS on 24 layers
+    from 1.5 to 1.9 GB and from 1.8 to 2.4 GB."""
     libc = _libc()
     outer = _REUSING[-1] if _REUSING else THRESHOLD
     if not _FIXED or libc is None or threshold <= outer or not libc.mallopt(M_MMAP_THRESHOLD, threshold):
         yield  # inside a wider reuse already: nothing to change (and nothing to restore early)
         return
-    if not _REUSING:
+    kept = keep_top and not _KEEPING
+    if kept:
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_WHILE_REUSING)
+        _KEEPING.append(True)
     _REUSING.append(threshold)
     try:
         yield
     finally:
         _REUSING.pop()
         libc.mallopt(M_MMAP_THRESHOLD, outer)
-        if not _REUSING:
+        if kept:
+            _KEEPING.pop()
             libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD)
+        if not _REUSING:
             libc.malloc_trim(0)
 
 

@@ -52,7 +52,7 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     # float64 temporaries of about an expert each (alignment features [I, 3H], accumulators) reuse the last
     # group's pages instead of faulting fresh ones in: one M-SMoE layer of the benchmark checkpoint (128 experts,
     # 32 aligned pairs) 4.3-5.4 -> 2.1-2.6 s, 890 k -> 70 k page faults
-    with reuse_freed_memory(max(COMPUTE_REUSE, 2 * 8 * sum(t.numel() for t in experts[0].values()))):
+    with reuse_freed_memory(max(COMPUTE_REUSE, 2 * 8 * sum(t.numel() for t in experts[0].values())), keep_top=True):
         merged = layer_merge(experts, plan.groups[layer], plan.weights[layer], layer=layer)
     del experts
     rows = {n: t.detach().clone() for n, t in adapter.router_tensors(block).items()}  # original rows [E, ...]
