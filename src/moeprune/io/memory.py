@@ -32,7 +32,7 @@ from contextlib import contextmanager
 M_TRIM_THRESHOLD = -1  # mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 128 * 1024  # both thresholds, once fixed (a fixed mmap threshold also stops the trim threshold's raise)
-TRIM_WHILE_REUSING = (1 << 31) - 1  # inside `reuse_freed_memory`: the heap's free top is kept (mallopt takes an int)
+TRIM_WHILE_REUSING = (1 << 31) - 1  # inside `reuse_freed_memory(keep_top=True)` (mallopt takes an int)
 REUSE_THRESHOLD = 1 << 30  # inside `reuse_freed_memory`: temporaries up to 1 GiB come from the heap
 # a layer's batch loop (`calibration/engine.run_one`): per-expert temporaries (eager experts) up to 4 MiB reuse
 # the last batch's pages; larger ones stay mmapped so the heap does not hold them. Measured, one thread, float32
