@@ -7,8 +7,8 @@ layer shaped like `benchmarks/big_model.py`'s checkpoint (128 random bf16 expert
 merged, the other 64 experts kept), alternating:
 
     fixed   the fixed thresholds only (what every temporary paid before);
-    reuse   inside `reuse_freed_memory(keep_top=True)` (the mmap threshold raised, and with it the trim threshold,
-            so a temporary freed at the top of the heap is not returned to the OS at once).
+    reuse   inside `surgery.merge.merge_memory` = `reuse_freed_memory(keep_top=True)` (the mmap threshold raised,
+            and with it the trim threshold, so a temporary freed at the heap's top is not returned to the OS at once).
 
     python benchmarks/memory_reuse.py [--repeats 3] [--pairs 32]
 
@@ -27,9 +27,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from moeprune.io.memory import COMPUTE_REUSE, release_freed_memory, reuse_freed_memory  # noqa: E402
+from moeprune.io.memory import release_freed_memory  # noqa: E402
 from moeprune.merge.average import merge_average  # noqa: E402
 from moeprune.merge.methods import per_group  # noqa: E402
+from moeprune.surgery.merge import merge_memory  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -45,10 +46,9 @@ def layer(experts: int, width: int, hidden: int) -> list[dict[str, torch.Tensor]
 def run(experts, groups, weights, reuse: bool) -> tuple[float, int, float]:
     """(seconds, minor faults, system seconds) of one layer merge."""
     merge = per_group(merge_average)
-    threshold = max(COMPUTE_REUSE, 2 * 8 * sum(t.numel() for t in experts[0].values()))  # as merge_layer
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if reuse:
-        with reuse_freed_memory(threshold, keep_top=True):
+        with merge_memory(experts[0]):  # the context `merge_layer` runs its layer merge in
             merge(experts, groups, weights)
     else:
         merge(experts, groups, weights)

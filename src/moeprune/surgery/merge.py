@@ -38,6 +38,14 @@ def expert_of(roles: dict[str, torch.Tensor], j: int) -> Expert:
     return {r: roles[r][j].detach().clone() for r in ROLE_NAMES if r in roles}
 
 
+def merge_memory(expert: Expert):
+    """The memory context of one layer merge: float64 temporaries of about an expert each (alignment features
+    [I, 3H], accumulators) reuse the last group's pages, the heap's free top included, instead of faulting fresh
+    ones in. One M-SMoE layer of the benchmark checkpoint (128 experts, 32 aligned pairs): 4.3-5.4 -> 2.1-2.6 s,
+    890 k -> 70 k page faults (`benchmarks/memory_reuse.py`)."""
+    return reuse_freed_memory(max(COMPUTE_REUSE, 2 * 8 * sum(t.numel() for t in expert.values())), keep_top=True)
+
+
 @torch.no_grad()
 def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: int, layer_merge=None) -> None:
     """Merge decoder layer `layer`'s groups in place (no-op for a layer the plan does not list); `model.config` is
@@ -49,10 +57,7 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     block = adapter.block(model, layer)
     roles = adapter.expert_roles(block)
     experts = [expert_of(roles, j) for j in range(E)]
-    # float64 temporaries of about an expert each (alignment features [I, 3H], accumulators) reuse the last
-    # group's pages instead of faulting fresh ones in: one M-SMoE layer of the benchmark checkpoint (128 experts,
-    # 32 aligned pairs) 4.3-5.4 -> 2.1-2.6 s, 890 k -> 70 k page faults
-    with reuse_freed_memory(max(COMPUTE_REUSE, 2 * 8 * sum(t.numel() for t in experts[0].values())), keep_top=True):
+    with merge_memory(experts[0]):
         merged = layer_merge(experts, plan.groups[layer], plan.weights[layer], layer=layer)
     del experts
     rows = {n: t.detach().clone() for n, t in adapter.router_tensors(block).items()}  # original rows [E, ...]
