@@ -50,8 +50,9 @@ def test_probe_error_equals_masked_block_on_the_sampled_tokens(cap):
     err = float((real_z[keep].double() - out.double()).square().sum()) * scale
     ref = float(real_z[keep].double().square().sum()) * scale
     got_err, got_ref = probe.errors[layer]["web"][0]
-    assert got_err == pytest.approx(err, rel=1e-9) and got_ref == pytest.approx(ref, rel=1e-9)
-    assert probe.measured(layer) == [pytest.approx(err / ref, rel=1e-9)]
+    # the probe runs the block on the re-routed tokens only: float32 rounding of a smaller batch, not 1e-9
+    assert got_err == pytest.approx(err, rel=1e-6) and got_ref == pytest.approx(ref, rel=1e-9)
+    assert probe.measured(layer) == [pytest.approx(err / ref, rel=1e-6)]
 
 
 def test_probe_tokens_refused_with_a_stats_file_and_when_negative(tmp_path, capsys):

@@ -79,6 +79,7 @@ from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts, masked_rows
+from moeprune.models.silenced import experts_silenced
 
 DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
 DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before tokens are subsampled
@@ -113,20 +114,6 @@ class ExpertOutputs:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in (self.x, self.gram, self.cross) for t in ts)
-
-
-@contextmanager
-def _experts_silenced(experts: nn.Module) -> Iterator[None]:
-    """While active the experts module returns zeros: the block's output is then its expert-independent rest R."""
-
-    def forward(hidden_states, *args, **kwargs):
-        return torch.zeros_like(hidden_states)
-
-    experts.forward = forward
-    try:
-        yield
-    finally:
-        del experts.forward  # back to the class's forward
 
 
 def _every_expert(experts: nn.Module, h: torch.Tensor, out: torch.Tensor) -> None:
@@ -210,7 +197,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     with eager_experts(model):
         for start in range(0, xs.shape[0], chunk_tokens):
             xr = xs[start:start + chunk_tokens].to(device)  # [c, H]
-            with _experts_silenced(experts), _router_call(router, out, xr.shape[0]) if start == 0 else nullcontext():
+            with experts_silenced(experts), _router_call(router, out, xr.shape[0]) if start == 0 else nullcontext():
                 rest = block(xr[None])  # [1, c, H] the block with the routed part zeroed
             rest = rest[0] if isinstance(rest, tuple) else rest  # gpt-oss also returns router scores
             u = zs[start:start + chunk_tokens].to(device).double() - rest.reshape(-1, H).double()  # [c, H] Z − R
