@@ -114,9 +114,10 @@ class RoutedStats:
         h: [T, H] MoE block input; probs: [T, E] router distribution (None: router stats not collected);
         r: [T, H] routed output Σ_k g·f when the caller has it already.
 
-        Per-element work on [T, k, H] stays in float32 (norms, maxima); the EASY-EP cosine is float64 on [T, H];
-        per-pair results are summed in float64, the PAIR_SUMS by one index_add over [T·k, 7]. Padding
-        rows get weight 0 (no copies). Every op is a device op: no host-device sync."""
+        Per-element work on [T, k, H] stays in float32 (norms, maxima; the collector also computes the router
+        distribution [T, E] in float32: relative rounding ~1e-7 per token); the EASY-EP cosine is float64 on
+        [T, H]; per-pair results are summed in float64, the PAIR_SUMS by one scatter_add of [7, T·k] columns.
+        Padding rows get weight 0 (no copies). Every op is a device op: no host-device sync."""
         E, s = self.num_experts, self.sums
         T, k = idx.shape
         w = valid.to(idx.device, torch.float64, non_blocking=True)  # [T] 1 = real token
@@ -140,10 +141,11 @@ class RoutedStats:
             p = probs.double() * w[:, None]  # [T, E]
             cols.append(p.gather(1, idx) * expert)  # [T, k] p_j(t) of the routed experts
         j = idx.reshape(-1)  # [M = T·k]
-        per = torch.zeros(E, len(cols), dtype=torch.float64, device=idx.device)
-        per.index_add_(0, j, torch.stack(cols, dim=-1).reshape(-1, len(cols)))  # [E, 6 or 7]
-        for c, name in enumerate(PAIR_SUMS[: len(cols)]):
-            s[name] += per[:, c]
+        C = len(cols)
+        per = torch.zeros(C, E, dtype=torch.float64, device=idx.device)
+        per.scatter_add_(1, j.expand(C, -1), torch.stack(cols).view(C, -1))  # [6 or 7, E]
+        for c, name in enumerate(PAIR_SUMS[:C]):
+            s[name] += per[c]
         if j.numel():  # shape only: no sync
             s["max_abs"] = s["max_abs"].scatter_reduce(0, j, peak.reshape(-1), reduce="amax")
         pair = (idx[:, :, None] * E + idx[:, None, :]).reshape(-1)  # [T·k·k] flat (i, j) of co-routed experts
@@ -170,12 +172,12 @@ class RoutedStats:
         return out
 
 
-def router_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """[T, E] logits -> [T, E] distribution over experts (see module docstring)."""
+def router_probs(logits: torch.Tensor, kind: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[T, E] logits -> [T, E] distribution over experts (see module docstring), computed in `dtype`."""
     if kind in ("sigmoid_grouped", "sigmoid_topk"):
-        scores = torch.sigmoid(logits.double())
+        scores = torch.sigmoid(logits.to(dtype))
         return scores / scores.sum(dim=-1, keepdim=True)
-    return torch.softmax(logits.double(), dim=-1)
+    return torch.softmax(logits.to(dtype), dim=-1)
 
 
 class RoutedCollector:
@@ -246,7 +248,7 @@ class RoutedCollector:
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=dev)
             valid = valid.to(dev, non_blocking=True)
             logits, self._logits = self._logits, None
-            probs = router_probs(logits, self.kind) if logits is not None else None
+            probs = router_probs(logits, self.kind, torch.float32) if logits is not None else None
             if logits is not None:  # the E experts' columns of the E + Z router classes
                 logits, probs = logits[:, : self.stats.num_experts], probs[:, : self.stats.num_experts]
             out = (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
@@ -281,7 +283,7 @@ class RoutedCollector:
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=dev)
             valid = valid.to(dev, non_blocking=True)
             logits, self._logits = self._logits, None
-            probs = router_probs(logits, self.kind) if logits is not None else None
+            probs = router_probs(logits, self.kind, torch.float32) if logits is not None else None
             self.stats.to(dev).update(idx, g, f, valid, x, probs, per.sum(dim=0))
             self.stats.update_grouping(logits, valid, probe_out)
             if self.trace is not None:
