@@ -232,12 +232,14 @@ def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
 
 
 def head_logits(model: nn.Module, adapter: MoEAdapter, inputs: dict[str, torch.Tensor],
-                hidden: torch.Tensor) -> torch.Tensor:
+                hidden: torch.Tensor, logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, S, V] from the last decoder layer's output `hidden` [B, S, H] through the model's own final norm,
-    head and logit post-processing (its forward, with every decoder layer returning `hidden`)."""
+    head and logit post-processing (its forward, with every decoder layer returning `hidden`); with
+    `logits_to_keep` ([c] positions, for model classes that take it) only those positions' logits [B, c, V]."""
+    keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
     with layers_return(model, adapter, hidden):
-        out = model(**inputs, use_cache=False)
-    return out.logits.float()  # [B, S, V]
+        out = model(**inputs, use_cache=False, **keep)
+    return out.logits.float()  # [B, S or c, V]
 
 
 @contextmanager

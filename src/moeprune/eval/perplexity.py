@@ -16,11 +16,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
+from moeprune.eval import token_scores
 
 
 @dataclass
@@ -43,13 +43,9 @@ def score_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 
 def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
-    """(NLL sum, correct predictions, counted positions) of logits [B, L, V] for ids / mask [B, L]."""
-    ids, mask = ids.to(logits.device), mask.to(logits.device)
-    pred, target = logits[:, :-1].double(), ids[:, 1:]  # [B, L-1, V], [B, L-1]
-    counted = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
-    nll = F.cross_entropy(pred[counted], target[counted], reduction="sum")
-    correct = (pred[counted].argmax(dim=-1) == target[counted]).sum()
-    return float(nll), int(correct), int(counted.sum())
+    """(NLL sum, correct predictions, counted positions) of logits [B, L, V] for ids / mask [B, L] (the float64 work
+    a chunk of positions at a time: `eval/token_scores.py`)."""
+    return token_scores.score_logits(logits, ids, mask).totals()
 
 
 def evaluate_sets(model: nn.Module, sets: list[CalibSet], batch_size: int = 8) -> dict[str, DomainScore]:

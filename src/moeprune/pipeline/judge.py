@@ -36,9 +36,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.engine import LayerInputs, head_logits, pick_cache_device, run_one
+from moeprune.calibration.engine import LayerInputs, pick_cache_device, run_one
 from moeprune.calibration.session import make_batches
 from moeprune.errors import MoePruneError
+from moeprune.eval.token_scores import score_head
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
 from moeprune.select.drops import Drops, PerSet
@@ -209,15 +210,6 @@ class WindowNLL:
         return math.fsum(per.values()) / len(per), per
 
 
-def _row_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(NLL sum [B], counted positions [B]) of logits [B, L, V]: position t predicts t+1 where both are real."""
-    ids, mask = ids.to(logits.device), mask.to(logits.device)
-    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # [B, L-1, V]
-    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, L-1]
-    counted = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
-    return (nll * counted).sum(1).cpu(), counted.sum(1).cpu()
-
-
 @torch.no_grad()
 def judged_nll(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], candidates: dict[str, PerSet], *,
                batch_size: int = 8, device: str = "cpu", layer_context: LayerContext = None) -> dict[str, WindowNLL]:
@@ -235,7 +227,8 @@ def judged_nll(model: nn.Module, adapter: MoEAdapter, judge: list[CalibSet], can
         rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {s.name: [] for s in judge}
         for b, x in zip(stream, ids, strict=True):
             inputs = {"input_ids": x.to(home), "attention_mask": b.attention_mask.to(home)}
-            rows[b.tag].append(_row_nll(head_logits(model, adapter, inputs, b.hidden.to(home)), x, b.attention_mask))
+            scores = score_head(model, adapter, inputs, b.hidden.to(home))  # the head a chunk of positions at a time
+            rows[b.tag].append((scores.nll, scores.counted))  # [B] each
         out[name] = WindowNLL({s: torch.cat([r[0] for r in v]) for s, v in rows.items()},  # [W] per set
                               {s: torch.cat([r[1] for r in v]) for s, v in rows.items()})
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moeprune.calibration.data import CalibSet
-from moeprune.eval.perplexity import DomainScore, domain_score, evaluate_sets, score_logits
+from moeprune.eval.perplexity import DomainScore, domain_score, evaluate_sets
 from moeprune.io.load import load_model
 from moeprune.log import logger
 from moeprune.models import get_adapter
@@ -65,8 +65,10 @@ def calibration_split(original: str | Path, export: str | Path, sets: list[Calib
 def layered_scores(path: str | Path, sets: list[CalibSet], batch_size: int = 8,
                    device: str = "cpu") -> dict[str, DomainScore]:
     """`evaluate_sets` with one decoder layer in memory at a time: the same windows and batches through the
-    layer-by-layer engine, then the model's own final norm and head (`engine.head_logits`)."""
-    from moeprune.calibration.engine import capture, head_logits, run_layers
+    layer-by-layer engine, then the model's own final norm and head a chunk of positions at a time
+    (`eval.token_scores.score_head`)."""
+    from moeprune.calibration.engine import capture, run_layers
+    from moeprune.eval.token_scores import score_head
     from moeprune.io.nonuniform import load_lazy_any
 
     lazy = load_lazy_any(path, "float32")
@@ -76,8 +78,8 @@ def layered_scores(path: str | Path, sets: list[CalibSet], batch_size: int = 8,
     batches = [capture(lazy.model, adapter, ids, mask) for _, ids, mask in windows]
     for _ in run_layers(lazy.model, adapter, batches, device=device, layer_context=lazy.layer):
         pass
-    scored = [(name, score_logits(head_logits(lazy.model, adapter, {"input_ids": ids, "attention_mask": mask},
-                                              b.hidden.cpu()), ids, mask))
+    scored = [(name, score_head(lazy.model, adapter, {"input_ids": ids, "attention_mask": mask},
+                                b.hidden.cpu()).totals())
               for (name, ids, mask), b in zip(windows, batches, strict=True)]
     return {s.name: domain_score([r for name, r in scored if name == s.name]) for s in sets}
 

@@ -1,0 +1,106 @@
+"""Benchmark: host memory of next-token scoring at a real vocabulary, the head's logits whole against by chunks.
+
+The `auto` judge (its cross-fitted NLL) and the layer-by-layer held-out scores end every window batch in the model's
+head. With V = 151 936 (Qwen3), B = 8 windows of L = 512 tokens the float32 logits alone are 2.5 GB, and the
+float64 log-softmax the judge took over them twice that again. `eval/token_scores.score_head` runs the head a chunk
+of positions at a time (`logits_to_keep`), its temporaries within `SCORE_BYTES`.
+
+Each row runs in a fresh subprocess (one thread): a random qwen3_moe of hidden 256, 2 layers, the given vocabulary,
+one batch through the layer-by-layer engine, then
+    whole:   head_logits over every position, then −log_softmax(logits.double()) gathered (the judge's former code);
+    chunks:  `score_head` (the judge's and held-out scoring's code now).
+Peak RSS is VmHWM after `5 > /proc/self/clear_refs` (reset once the model and hidden states exist), so it is the
+scoring's own peak above that; both rows check that their per-window NLL agree (relative 1e-9).
+
+Run:  python benchmarks/head_memory.py [--vocab 151936] [--batch 8] [--seq-len 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def child(mode: str, vocab: int, batch: int, seq_len: int) -> None:
+    import torch
+
+    from moeprune.calibration.engine import capture, head_logits, run_layers
+    from moeprune.eval.token_scores import score_head
+    from moeprune.models import get_adapter
+    from moeprune.tiny import tiny_model
+
+    torch.set_num_threads(1)
+    model = tiny_model("qwen3_moe", seed=0, vocab_size=vocab, hidden_size=256, intermediate_size=512,
+                       moe_intermediate_size=128, num_hidden_layers=2, mlp_only_layers=[], head_dim=64,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(1024, seq_len))
+    adapter = get_adapter(model.config, model=model)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, seq_len), generator=g),
+              "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+    b = capture(model, adapter, inputs["input_ids"], inputs["attention_mask"])
+    with torch.no_grad():
+        for _ in run_layers(model, adapter, [b]):
+            pass
+        base = _rss("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        t = time.perf_counter()
+        if mode == "whole":
+            logits = head_logits(model, adapter, inputs, b.hidden)  # [B, L, V]
+            logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+            nll = (-logp.gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]).sum(1)
+        else:
+            nll = score_head(model, adapter, inputs, b.hidden).nll
+        seconds = time.perf_counter() - t
+    print(json.dumps({"peak": _rss("VmHWM") - base, "seconds": seconds, "nll": nll.tolist()}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--child", choices=["whole", "chunks"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.vocab, a.batch, a.seq_len)
+        return 0
+    rows = {}
+    for mode in ("whole", "chunks"):
+        out = subprocess.run([sys.executable, __file__, "--child", mode, "--vocab", str(a.vocab), "--batch",
+                              str(a.batch), "--seq-len", str(a.seq_len)], capture_output=True, text=True)
+        if out.returncode:
+            print(out.stderr[-2000:], file=sys.stderr)
+            rows[mode] = None
+            continue
+        rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    logits_gb = a.batch * a.seq_len * a.vocab * 4 / 1e9
+    print(f"V={a.vocab}, {a.batch} windows x {a.seq_len} tokens (float32 logits {logits_gb:.2f} GB), one thread\n")
+    print("| scoring | peak RSS above the model, GB | seconds |\n|---|---:|---:|")
+    names = {"whole": "whole logits, float64 log-softmax (before)", "chunks": "`score_head`, chunks (now)"}
+    for mode, r in rows.items():
+        peak, seconds = ("failed", "-") if r is None else (f"{r['peak'] / 1e9:.2f}", f"{r['seconds']:.1f}")
+        print(f"| {names[mode]} | {peak} | {seconds} |")
+    if all(rows.values()):
+        import math
+
+        worst = max(abs(x - y) / abs(x) for x, y in zip(rows["whole"]["nll"], rows["chunks"]["nll"], strict=True))
+        print(f"\nper-window NLL: max relative difference {worst:.1e}", "(agree)" if worst <= 1e-9 else "(DIFFER)")
+        return 0 if worst <= 1e-9 and not math.isnan(worst) else 1
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

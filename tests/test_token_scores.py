@@ -1,0 +1,98 @@
+"""Next-token scores a chunk of positions at a time (`eval/token_scores.py`) equal one float64 cross-entropy over the
+model's own whole-sequence logits, per window and with padding; the head really runs on chunks (no logits tensor
+wider than a chunk), and model classes without `logits_to_keep` get the same numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeprune.calibration.engine import capture, run_layers
+from moeprune.eval import token_scores
+from moeprune.models import get_adapter
+from moeprune.pipeline.verify import seeded_inputs
+from moeprune.tiny import tiny_model
+from moeprune.tiny_families import tiny_family_model
+
+
+def _reference(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
+    """Per window: NLL (float64 cross-entropy), correct predictions and counted positions, by hand."""
+    nll, correct, counted = [], [], []
+    for b in range(ids.shape[0]):
+        keep = (mask[b, :-1] * mask[b, 1:]).bool()  # [L-1]
+        pred, target = logits[b, :-1][keep].double(), ids[b, 1:][keep]
+        nll.append(float(F.cross_entropy(pred, target, reduction="sum")))
+        correct.append(int((pred.argmax(-1) == target).sum()))
+        counted.append(int(keep.sum()))
+    return nll, correct, counted
+
+
+def _case(family: str):
+    model = (tiny_model(family, seed=2) if family == "qwen3_moe" else tiny_family_model(family, seed=2)).eval()
+    adapter = get_adapter(model.config, model=model)
+    inputs = seeded_inputs(96, batch=3, seq_len=14, seed=4)
+    inputs["attention_mask"][2, :5] = 0  # a left-padded row
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits  # [B, L, V] the model's own forward
+    batch = capture(model, adapter, inputs["input_ids"], inputs["attention_mask"])
+    with torch.no_grad():
+        for _ in run_layers(model, adapter, [batch]):
+            pass
+    return model, adapter, inputs, logits, batch.hidden
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm_moe_dsa", "llama4_text"])
+def test_head_scores_in_chunks_equal_one_cross_entropy(family, monkeypatch):
+    model, adapter, inputs, logits, hidden = _case(family)
+    B, L, V = logits.shape
+    max_bytes = 16 * B * V * 3  # 3 positions per chunk
+    assert token_scores.chunk_positions(B, V, max_bytes) == 3
+    widths = []
+    from moeprune.calibration import engine  # score_head imports head_logits from here when it runs
+
+    original = engine.head_logits
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        widths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(engine, "head_logits", spy)
+    with torch.no_grad():
+        got = token_scores.score_head(model, adapter, inputs, hidden, max_bytes=max_bytes)
+    assert widths and max(widths) == 3 and sum(widths) == L - 1  # chunks of the L−1 predicting positions
+    nll, correct, counted = _reference(logits, inputs["input_ids"], inputs["attention_mask"])
+    assert got.counted.tolist() == counted and counted[2] < counted[0]
+    assert got.correct.tolist() == correct
+    assert got.nll.tolist() == pytest.approx(nll, rel=1e-5)  # layer by layer vs one forward: float32 rounding
+
+
+def test_logits_in_chunks_equal_one_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 11, 50, generator=g) * 3  # [B, L, V]
+    ids = torch.randint(0, 50, (4, 11), generator=g)
+    mask = torch.ones(4, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding
+    got = token_scores.score_logits(logits, ids, mask, max_bytes=16 * 4 * 50 * 2)  # 2 positions per chunk
+    nll, correct, counted = _reference(logits, ids, mask)
+    assert got.counted.tolist() == counted and got.correct.tolist() == correct
+    assert got.nll.tolist() == pytest.approx(nll, rel=1e-12)  # the same float64 values, summed in another order
+
+
+def test_a_model_class_without_logits_to_keep_gets_the_same_scores(monkeypatch):
+    """The fallback (all logits at once, the float64 work chunked) for a class whose forward lacks the argument."""
+    model, adapter, inputs, logits, hidden = _case("qwen3_moe")
+    cls = type(model)
+    forward = cls.forward
+
+    def plain_forward(self, input_ids=None, attention_mask=None, use_cache=None, **kwargs):
+        assert "logits_to_keep" not in kwargs
+        return forward(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", plain_forward)
+    with torch.no_grad():
+        got = token_scores.score_head(model, adapter, inputs, hidden, max_bytes=1)
+    nll, correct, counted = _reference(logits, inputs["input_ids"], inputs["attention_mask"])
+    assert got.counted.tolist() == counted and got.correct.tolist() == correct
+    assert got.nll.tolist() == pytest.approx(nll, rel=1e-5)
