@@ -22,7 +22,7 @@ from moeprune.calibration.session import Decide, collect
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.load import load_model
-from moeprune.io.stock import compute_dtype, say_compute_dtype
+from moeprune.io.stock import compute_dtype, config_dtype, say_compute_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
@@ -93,7 +93,8 @@ def prepare(model: str | Path, opts: CalibrateOptions) -> tuple[Checkpoint, MoEA
     ckpt = Checkpoint.open(model)
     adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
     sets = build_sets(cfg, load_tokenizer(ckpt.path, opts.tokenizer))
-    say_compute_dtype(opts.dtype, ckpt.config_dict.get("dtype") or ckpt.config_dict.get("torch_dtype"))
+    stored = config_dtype(ckpt.config)
+    say_compute_dtype(opts.dtype, None if stored is None else str(stored).removeprefix("torch."))
     for s in sets:
         logger.info("calibration set %r: %d sequences x %d tokens (%d real tokens) from %s", s.name,
                     s.input_ids.shape[0], s.input_ids.shape[1], s.tokens, s.source)

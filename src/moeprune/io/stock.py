@@ -65,6 +65,15 @@ def compute_dtype(requested: str, device: str) -> str:
     return "float32"
 
 
+def config_dtype(config) -> torch.dtype | None:
+    """The dtype a config says its weights are stored in (`dtype`, older `torch_dtype`; a name or a torch.dtype);
+    None when it says nothing."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d.removeprefix("torch."), None)
+    return d if isinstance(d, torch.dtype) else None
+
+
 def say_compute_dtype(dtype: str, stored: str | None) -> None:
     """One log line when calibration computes in another dtype than the checkpoint stores."""
     from moeprune.log import logger

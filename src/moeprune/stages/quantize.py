@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.io.stock import config_dtype
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.quant.mixed import MixedSpec, costs_and_budget, mixed_spec
@@ -375,10 +376,7 @@ def _neuron_stats(model, adapter: MoEAdapter, ctx, context, dtype: str, lazy_mod
 
 def _config_dtype(config) -> torch.dtype:
     """The dtype the config says the weights are stored in (bf16 when it says nothing): sizes before any load."""
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else torch.bfloat16
+    return config_dtype(config) or torch.bfloat16
 
 
 def _stored_dtype(ckpt) -> torch.dtype:
