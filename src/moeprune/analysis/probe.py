@@ -13,8 +13,9 @@ and shared experts (part of Z) dilute the error. The two are different scales (a
 squared norms) and need not agree; measured can exceed 1 where re-routed tokens land far from Z. Each layer is
 probed alone: later layers see the unpruned model. Per domain d the same D is scored on d's tokens only. The block
 runs only on the tokens whose routing D changes (`select/rerouted.py`: the others' outputs are unchanged, and which
-ones change is read off the model's own router): on the 4-layer copy of the big-model benchmark checkpoint, 6–14 %
-of the probe tokens over the ratios 0.1–0.75, and its analyze 46.7 → 41.2 s.
+ones change is read off the model's own router): over the ratios 0.1–0.75, 47–59 % of the probe tokens on the
+trained testbed and 6–23 % on the big-model benchmark's random checkpoint, whose analyze went from 2.09x to 1.43x
+its plain layer-by-layer forward (benchmarks/RESULTS.md).
 
 Both are measured on at most `PROBE_TOKENS` real tokens per domain and layer (every ⌈N/cap⌉-th; `--probe-tokens`),
 their sums scaled by N/kept so that domains combine in proportion to their token counts.

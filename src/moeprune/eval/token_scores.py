@@ -5,7 +5,7 @@ For a window x_1..x_L with attention mask m, position t predicts x_{t+1} and cou
     nll_b = Σ_t −log softmax(logits_{b,t})[x_{b,t+1}]   (float64),   correct_b = #{argmax logits_{b,t} = x_{b,t+1}}
 
 Logits are [B, L, V]: at a real vocabulary (V ≈ 150 k) and calibration windows (B = 8, L = 512) that is 2.5 GB in
-float32, and the float64 log-softmax the sums need doubles it twice over. So positions are scored c at a time, c
+float32, and the float64 copy and log-softmax the sums need are twice that each. So positions are scored c at a time, c
 chosen so that one chunk's float64 logits and log-probabilities stay within `SCORE_BYTES`:
 
 - `score_head`: the logits of c positions at a time from the model's own final norm, head and logit
@@ -54,14 +54,18 @@ def _score_chunk(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, st
     counted = (mask[:, start : start + c] * mask[:, start + 1 : start + c + 1]).bool()  # [B, c]
     logp = torch.log_softmax(logits.double(), dim=-1)  # [B, c, V]
     nll = -logp.gather(-1, target[..., None])[..., 0]  # [B, c]
-    out.nll += (nll * counted).sum(1).cpu()
-    out.correct += ((logp.argmax(-1) == target) & counted).sum(1).cpu()
-    out.counted += counted.sum(1).cpu()
+    out.nll += (nll * counted).sum(1)
+    out.correct += ((logp.argmax(-1) == target) & counted).sum(1)
+    out.counted += counted.sum(1)
 
 
-def _empty(rows: int) -> RowScores:
-    return RowScores(torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.long),
-                     torch.zeros(rows, dtype=torch.long))
+def _empty(rows: int, device: torch.device) -> RowScores:
+    """Zero sums on the logits' device (moved to the host once, by `_host`)."""
+    return RowScores(*(torch.zeros(rows, dtype=d, device=device) for d in (torch.float64, torch.long, torch.long)))
+
+
+def _host(out: RowScores) -> RowScores:
+    return RowScores(out.nll.cpu(), out.correct.cpu(), out.counted.cpu())
 
 
 def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -69,10 +73,10 @@ def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     """Scores of logits [B, L, V] for ids / mask [B, L], the float64 work `chunk_positions` positions at a time."""
     ids, mask = ids.to(logits.device), mask.to(logits.device)
     B, L, V = logits.shape
-    out, c = _empty(B), chunk_positions(B, V, max_bytes)
+    out, c = _empty(B, logits.device), chunk_positions(B, V, max_bytes)
     for start in range(0, L - 1, c):
         _score_chunk(logits[:, start : min(start + c, L - 1)], ids, mask, start, out)
-    return out
+    return _host(out)
 
 
 def score_head(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], hidden: torch.Tensor,
@@ -85,9 +89,12 @@ def score_head(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], hidde
     if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
         return score_logits(head_logits(model, adapter, inputs, hidden), ids, mask, max_bytes)
     B, L = ids.shape
-    out, c = _empty(B), chunk_positions(B, model.get_output_embeddings().weight.shape[0], max_bytes)
+    out, c = _empty(B, torch.device("cpu")), chunk_positions(B, model.get_output_embeddings().weight.shape[0],
+                                                             max_bytes)
     for start in range(0, L - 1, c):
         keep = torch.arange(start, min(start + c, L - 1), device=hidden.device)  # [c] positions
         logits = head_logits(model, adapter, inputs, hidden, logits_to_keep=keep)  # [B, c, V]
+        if out.nll.device != logits.device:
+            out = _empty(B, logits.device)  # the sums live where the head runs (first chunk)
         _score_chunk(logits, ids.to(logits.device), mask.to(logits.device), start, out)
-    return out
+    return _host(out)

@@ -14,8 +14,9 @@ same output and adds nothing to err(D) but the block's own rounding, which the r
 
 The routing is read, not assumed: a block forward with the experts silenced (`models.silenced`) records what the
 block would hand its experts under the mask. Softmax-then-top-k routers that renormalise change only the tokens with
-a dropped expert in their top-k; routers that do not renormalise (the weights are a softmax over every expert),
-group-limited routers and routing biases change more tokens, possibly all, and those run in full. Cost per set:
+a dropped expert in their top-k; routers that do not renormalise (the weights are a softmax over every expert)
+also change every token whose weights move by more than rounding, and group-limited routers can re-route tokens
+whose groups' scores change; all of them run in full. Cost per set:
 the block without its routed experts on all n tokens (router, shared experts) plus the whole block on |C(D)|
 tokens, against the whole block on n for the reference. Blocks whose experts take pre-scaled inputs (Llama 4,
 `stats/prescaled.py`) or record no routing run every token, as the reference does.
