@@ -96,3 +96,34 @@ def test_a_model_class_without_logits_to_keep_gets_the_same_scores(monkeypatch):
     nll, correct, counted = _reference(logits, inputs["input_ids"], inputs["attention_mask"])
     assert got.counted.tolist() == counted and got.correct.tolist() == correct
     assert got.nll.tolist() == pytest.approx(nll, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm_moe_dsa", "llama4_text"])
+def test_in_memory_scores_equal_one_cross_entropy(family):
+    """`score_model`: the decoder layers once, the last one's output captured, the head in chunks of 2 positions."""
+    model, adapter, inputs, logits, _ = _case(family)
+    with torch.no_grad():
+        got = token_scores.score_model(model, adapter, inputs, max_bytes=16 * 3 * logits.shape[-1] * 2)
+    nll, correct, counted = _reference(logits, inputs["input_ids"], inputs["attention_mask"])
+    assert got.counted.tolist() == counted and got.correct.tolist() == correct
+    assert got.nll.tolist() == pytest.approx(nll, rel=1e-5)
+
+
+def test_evaluate_sets_scores_a_model_without_an_adapter_on_its_whole_logits():
+    """A dense model (no MoE adapter) is scored as before: one forward, its whole logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moeprune.calibration.data import CalibSet
+    from moeprune.eval.perplexity import evaluate_sets
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    inputs = seeded_inputs(96, batch=3, seq_len=14, seed=4)
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits
+    nll, correct, counted = _reference(logits, inputs["input_ids"], inputs["attention_mask"])
+    score = evaluate_sets(model, [CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)],
+                          batch_size=2)["s"]
+    assert score.tokens == sum(counted) and score.nll_sum == pytest.approx(sum(nll), rel=1e-9)
+    assert score.accuracy == sum(correct) / sum(counted)

@@ -7,7 +7,9 @@ are real (m_t = m_{t+1} = 1):
     perplexity = exp(NLL / N),   accuracy = #{argmax logits_t = x_{t+1}} / N,   N = counted positions.
 
 Windows come from `calibration.data.build_set` without sampling (every window of the text in order, up to
-`max_sequences`, the tail right-padded), batched, one forward per batch under no_grad; padding never counts.
+`max_sequences`, the tail right-padded), batched, one forward per batch under no_grad; padding never counts. The
+head's logits are taken a chunk of positions at a time (`eval/token_scores.py`), so a 150 k vocabulary's
+[B, L, V] logits are never whole.
 """
 
 from __future__ import annotations
@@ -35,28 +37,36 @@ class DomainScore:
 
 
 @torch.no_grad()
-def score_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int, int]:
-    """(NLL sum, correct predictions, counted positions) of one batch [B, L]."""
+def score_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                adapter=None) -> tuple[float, int, int]:
+    """(NLL sum, correct predictions, counted positions) of one batch [B, L]; with the model's `adapter` the head
+    runs a chunk of positions at a time (`eval/token_scores.py:score_model`), without it on the whole batch."""
     device = next(model.parameters()).device
     ids, mask = input_ids.to(device), attention_mask.to(device)
-    return score_logits(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ids, mask)
-
-
-def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int, int]:
-    """(NLL sum, correct predictions, counted positions) of logits [B, L, V] for ids / mask [B, L] (the float64 work
-    a chunk of positions at a time: `eval/token_scores.py`)."""
-    return token_scores.score_logits(logits, ids, mask).totals()
+    return token_scores.score_model(model, adapter, {"input_ids": ids, "attention_mask": mask}).totals()
 
 
 def evaluate_sets(model: nn.Module, sets: list[CalibSet], batch_size: int = 8) -> dict[str, DomainScore]:
     """{set name: DomainScore} over every window of every set."""
+    adapter = _adapter_or_none(model)
     out = {}
     for s in sets:
         starts = range(0, s.input_ids.shape[0], batch_size)
         out[s.name] = domain_score([score_batch(model, s.input_ids[start : start + batch_size],
-                                                s.attention_mask[start : start + batch_size])
+                                                s.attention_mask[start : start + batch_size], adapter)
                                     for start in tqdm(starts, desc=f"evaluating {s.name}", leave=False)])
     return out
+
+
+def _adapter_or_none(model: nn.Module):
+    """The model's MoE adapter, or None for a model moeprune has none for (scored on its whole logits)."""
+    from moeprune.errors import MoePruneError
+    from moeprune.models import get_adapter
+
+    try:
+        return get_adapter(model.config, model=model)
+    except MoePruneError:
+        return None
 
 
 def domain_score(batches: list[tuple[float, int, int]]) -> DomainScore:

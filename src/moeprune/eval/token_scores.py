@@ -12,7 +12,9 @@ chosen so that one chunk's float64 logits and log-probabilities stay within `SCO
   post-processing (`calibration.engine.head_logits` with `logits_to_keep` = those positions; the layers are not
   re-run): peak memory ≈ SCORE_BYTES whatever V, for the layer-by-layer paths (the `auto` judge, held-out scores).
   A model class without `logits_to_keep` gets all its logits at once and only the float64 work is chunked.
-- `score_logits`: logits already computed (an in-memory forward): the float64 work is chunked.
+- `score_model`: an in-memory model: its decoder layers run once (the logits of one position), the last layer's
+  output is captured, then `score_head`. A model moeprune has no adapter for gets its whole logits (`score_logits`).
+- `score_logits`: logits already computed: the float64 work is chunked.
 
 Both give the numbers of one float64 log-softmax over every position (the same per-position values).
 """
@@ -79,6 +81,28 @@ def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     return _host(out)
 
 
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+def score_model(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], max_bytes: int = SCORE_BYTES) -> RowScores:
+    """Scores of an in-memory model's forward on `inputs` (module docstring); `adapter` None: whole logits."""
+    if adapter is None or not _takes_logits_to_keep(model):
+        logits = model(**inputs, use_cache=False).logits  # [B, L, V]
+        return score_logits(logits, inputs["input_ids"], inputs["attention_mask"], max_bytes)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output) -> None:
+        seen["hidden"] = output[0] if isinstance(output, tuple) else output  # [B, L, H]
+
+    hook = adapter.decoder_layers(model)[-1].register_forward_hook(keep)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)  # every decoder layer once; logits [B, 1, V]
+    finally:
+        hook.remove()
+    return score_head(model, adapter, inputs, seen["hidden"], max_bytes)
+
+
 def score_head(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], hidden: torch.Tensor,
                max_bytes: int = SCORE_BYTES) -> RowScores:
     """Scores of the last decoder layer's output `hidden` [B, L, H] through the model's own head, the logits of
@@ -86,7 +110,7 @@ def score_head(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], hidde
     from moeprune.calibration.engine import head_logits
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+    if not _takes_logits_to_keep(model):
         return score_logits(head_logits(model, adapter, inputs, hidden), ids, mask, max_bytes)
     B, L = ids.shape
     out, c = _empty(B, torch.device("cpu")), chunk_positions(B, model.get_output_embeddings().weight.shape[0],
