@@ -81,6 +81,14 @@ def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     return _host(out)
 
 
+def _vocab(model: nn.Module) -> int:
+    """Rows of the model's head (its config's vocabulary when the class exposes no output embeddings)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
@@ -113,8 +121,7 @@ def score_head(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], hidde
     if not _takes_logits_to_keep(model):
         return score_logits(head_logits(model, adapter, inputs, hidden), ids, mask, max_bytes)
     B, L = ids.shape
-    out, c = _empty(B, torch.device("cpu")), chunk_positions(B, model.get_output_embeddings().weight.shape[0],
-                                                             max_bytes)
+    out, c = _empty(B, torch.device("cpu")), chunk_positions(B, _vocab(model), max_bytes)
     for start in range(0, L - 1, c):
         keep = torch.arange(start, min(start + c, L - 1), device=hidden.device)  # [c] positions
         logits = head_logits(model, adapter, inputs, hidden, logits_to_keep=keep)  # [B, c, V]
