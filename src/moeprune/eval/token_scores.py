@@ -121,11 +121,11 @@ def score_head(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], hidde
     if not _takes_logits_to_keep(model):
         return score_logits(head_logits(model, adapter, inputs, hidden), ids, mask, max_bytes)
     B, L = ids.shape
-    out, c = _empty(B, torch.device("cpu")), chunk_positions(B, _vocab(model), max_bytes)
+    out, c = None, chunk_positions(B, _vocab(model), max_bytes)
     for start in range(0, L - 1, c):
         keep = torch.arange(start, min(start + c, L - 1), device=hidden.device)  # [c] positions
         logits = head_logits(model, adapter, inputs, hidden, logits_to_keep=keep)  # [B, c, V]
-        if out.nll.device != logits.device:
-            out = _empty(B, logits.device)  # the sums live where the head runs (first chunk)
-        _score_chunk(logits, ids.to(logits.device), mask.to(logits.device), start, out)
-    return _host(out)
+        if out is None:  # the sums, ids and mask live where the head runs
+            out, ids, mask = _empty(B, logits.device), ids.to(logits.device), mask.to(logits.device)
+        _score_chunk(logits, ids, mask, start, out)
+    return _host(out if out is not None else _empty(B, torch.device("cpu")))

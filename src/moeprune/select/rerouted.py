@@ -81,22 +81,26 @@ class ReroutedEvaluator:
                 out |= (a != b).any(dim=-1)
         return out
 
+    def _rows(self) -> torch.Tensor:
+        """[m] rows whose routing differs under the mask now active (every row without a readable routing)."""
+        if self.base is None:
+            return torch.arange(self.x.shape[0], device=self.x.device)
+        return self.changed(self._routing()).nonzero().view(-1)
+
     @torch.no_grad()
     def rerouted(self, dropped: tuple[int, ...]) -> torch.Tensor:
         """[m] indices of the rows whose routing masking `dropped` changes (every row without a readable routing)."""
-        if self.base is None:
-            return torch.arange(self.x.shape[0], device=self.x.device)
         with masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
-            return self.changed(self._routing()).nonzero().view(-1)
+            return self._rows()
 
     @torch.no_grad()
     def __call__(self, dropped: tuple[int, ...]) -> float:
-        rows = self.rerouted(dropped)  # [m]
-        self.tokens_seen += self.x.shape[0]
-        self.tokens_run += rows.numel()
-        if rows.numel() == 0:
-            return 0.0
         with masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
+            rows = self._rows()  # [m]
+            self.tokens_seen += self.x.shape[0]
+            self.tokens_run += rows.numel()
+            if rows.numel() == 0:
+                return 0.0
             out = _output(self.block(self.x.index_select(0, rows)[None])).reshape(rows.numel(), -1)  # [m, H]
         z = self.z.index_select(0, rows)  # [m, H]
         return float((z.double() - out.double()).square().sum())
