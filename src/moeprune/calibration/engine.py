@@ -21,6 +21,7 @@ carried (`LayerInputs.carries`). When layer i runs, its extra outputs are writte
 
 from __future__ import annotations
 
+import inspect
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -229,6 +230,30 @@ def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
     finally:
         for layer in layers:
             del layer.forward
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model class's forward takes `logits_to_keep` (78 of the 80 buildable MoE families' classes)."""
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+@torch.no_grad()
+def last_hidden(model: nn.Module, adapter: MoEAdapter, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The last decoder layer's output [B, S, H] of an in-memory model's forward on `inputs` (ids and mask already
+    on the model's device): every decoder layer runs once, the head on one position (`logits_to_keep=1`) where the
+    class takes it. `head_logits` turns it into logits, any positions at a time."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output) -> None:
+        seen["hidden"] = output[0] if isinstance(output, tuple) else output  # [B, S, H]
+
+    one = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    hook = adapter.decoder_layers(model)[-1].register_forward_hook(keep)
+    try:
+        model(**inputs, use_cache=False, **one)
+    finally:
+        hook.remove()
+    return seen["hidden"]
 
 
 def head_logits(model: nn.Module, adapter: MoEAdapter, inputs: dict[str, torch.Tensor],

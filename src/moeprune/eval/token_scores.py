@@ -21,7 +21,6 @@ Both give the numbers of one float64 log-softmax over every position (the same p
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +80,7 @@ def score_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
     return _host(out)
 
 
-def _vocab(model: nn.Module) -> int:
+def head_rows(model: nn.Module) -> int:
     """Rows of the model's head (its config's vocabulary when the class exposes no output embeddings)."""
     head = model.get_output_embeddings()
     if head is not None and getattr(head, "weight", None) is not None:
@@ -89,39 +88,27 @@ def _vocab(model: nn.Module) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
-
-
 def score_model(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], max_bytes: int = SCORE_BYTES) -> RowScores:
     """Scores of an in-memory model's forward on `inputs` (module docstring); `adapter` None: whole logits."""
-    if adapter is None or not _takes_logits_to_keep(model):
+    from moeprune.calibration.engine import last_hidden, takes_logits_to_keep
+
+    if adapter is None or not takes_logits_to_keep(model):
         logits = model(**inputs, use_cache=False).logits  # [B, L, V]
         return score_logits(logits, inputs["input_ids"], inputs["attention_mask"], max_bytes)
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(module, args, output) -> None:
-        seen["hidden"] = output[0] if isinstance(output, tuple) else output  # [B, L, H]
-
-    hook = adapter.decoder_layers(model)[-1].register_forward_hook(keep)
-    try:
-        model(**inputs, use_cache=False, logits_to_keep=1)  # every decoder layer once; logits [B, 1, V]
-    finally:
-        hook.remove()
-    return score_head(model, adapter, inputs, seen["hidden"], max_bytes)
+    return score_head(model, adapter, inputs, last_hidden(model, adapter, inputs), max_bytes)
 
 
 def score_head(model: nn.Module, adapter, inputs: dict[str, torch.Tensor], hidden: torch.Tensor,
                max_bytes: int = SCORE_BYTES) -> RowScores:
     """Scores of the last decoder layer's output `hidden` [B, L, H] through the model's own head, the logits of
     `chunk_positions` positions at a time (module docstring)."""
-    from moeprune.calibration.engine import head_logits
+    from moeprune.calibration.engine import head_logits, takes_logits_to_keep
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    if not _takes_logits_to_keep(model):
+    if not takes_logits_to_keep(model):
         return score_logits(head_logits(model, adapter, inputs, hidden), ids, mask, max_bytes)
     B, L = ids.shape
-    out, c = None, chunk_positions(B, _vocab(model), max_bytes)
+    out, c = None, chunk_positions(B, head_rows(model), max_bytes)
     for start in range(0, L - 1, c):
         keep = torch.arange(start, min(start + c, L - 1), device=hidden.device)  # [c] positions
         logits = head_logits(model, adapter, inputs, hidden, logits_to_keep=keep)  # [B, c, V]

@@ -1,5 +1,6 @@
 """The verdict of a verification: max |Δ logit| against a tolerance relative to the reference's largest logit,
-per chunk of inputs (`compare`), over chunks (`combine`), and per decoder layer for layer-by-layer runs."""
+per chunk of inputs (`compare` on logits, `compare_heads` on two models' heads a chunk of positions at a time), over
+chunks (`combine`), and per decoder layer for layer-by-layer runs."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
+from moeprune.calibration.engine import head_logits, takes_logits_to_keep
+from moeprune.eval.token_scores import SCORE_BYTES, chunk_positions, head_rows
 from moeprune.io.load import parse_dtype
 from moeprune.log import logger
+from moeprune.models.base import MoEAdapter
 
 DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
@@ -75,6 +80,58 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor
     scale = ref.abs().max().item()
     result = VerifyResult(diff, scale, tol, int(keep.sum()), bool(diff <= tol * scale))
     logger.debug("verify: %s", result.line())  # the CLI prints the line once
+    return result
+
+
+@dataclass
+class Logits:
+    """One model's logits on one input batch, read any positions at a time: its own final norm, head and logit
+    post-processing on its last decoder layer's output `hidden` [B, S, H] (`engine.head_logits`; moved to the
+    model's device when read), or logits computed before (`whole` [B, S, V])."""
+
+    model: nn.Module | None = None
+    adapter: MoEAdapter | None = None
+    hidden: torch.Tensor | None = None
+    whole: torch.Tensor | None = None
+
+    def by_positions(self) -> bool:
+        """Whether positions can be read without the whole logits (the class takes `logits_to_keep`)."""
+        return self.whole is not None or takes_logits_to_keep(self.model)
+
+    def vocab(self) -> int:
+        return int(self.whole.shape[-1]) if self.whole is not None else head_rows(self.model)
+
+    def at(self, inputs: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, c, V] (float32) of positions `keep` [c]; every position when `keep` is None."""
+        if self.whole is not None:
+            return self.whole if keep is None else self.whole[:, keep]
+        device = next(self.model.parameters()).device
+        keep = None if keep is None else keep.to(device)
+        return head_logits(self.model, self.adapter, {k: v.to(device) for k, v in inputs.items()},
+                           self.hidden.to(device), logits_to_keep=keep)
+
+
+def compare_heads(reference: Logits, candidate: Logits, inputs: dict[str, torch.Tensor], tol: float,
+                  max_bytes: int = SCORE_BYTES) -> VerifyResult:
+    """`compare` of two models' logits on `inputs`, c positions at a time (c from `chunk_positions`: the two chunks
+    and their difference, 12 bytes per logit, stay within `max_bytes`). max |Δ| and max |reference| are maxima over
+    the non-padding positions, so the chunks give the figures of the whole logits; only the head's matmul over fewer
+    rows may round differently. Either side whose class lacks `logits_to_keep`: one chunk of every position."""
+    mask = inputs["attention_mask"].bool()  # [B, S]
+    B, S = mask.shape
+    chunked = reference.by_positions() and candidate.by_positions()
+    c = chunk_positions(B, reference.vocab(), max_bytes) if chunked else S
+    diff = scale = torch.zeros(())
+    for start in range(0, S, c):
+        keep = torch.arange(start, min(start + c, S)) if chunked else None  # [c]
+        ref = reference.at(inputs, keep)  # [B, c, V]
+        cand = candidate.at(inputs, keep).to(ref.device)  # [B, c, V]
+        m = mask[:, start : start + c].to(ref.device)  # [B, c]
+        zero = ref.new_zeros(())
+        scale = torch.maximum(scale, torch.where(m, ref.abs().amax(-1), zero).max().cpu())
+        diff = torch.maximum(diff, torch.where(m, (cand - ref).abs_().amax(-1), zero).max().cpu())  # NaN stays
+    result = VerifyResult(diff.item(), scale.item(), tol, int(mask.sum()), bool(diff.item() <= tol * scale.item()))
+    logger.debug("verify: %s", result.line())
     return result
 
 

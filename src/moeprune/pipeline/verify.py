@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from moeprune.calibration.engine import last_hidden
 from moeprune.errors import MoePruneError
+from moeprune.eval.token_scores import head_rows
 from moeprune.io import nonuniform
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.fit import choose_lazy
@@ -34,7 +36,7 @@ from moeprune.io.load import load_model
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.keys import get_key
-from moeprune.pipeline.compare import DEFAULT_TOL, VerifyResult, combine, compare, tolerance  # noqa: F401  (re-exported)
+from moeprune.pipeline.compare import DEFAULT_TOL, Logits, VerifyResult, combine, compare_heads, tolerance  # noqa: F401
 from moeprune.pipeline.recipe import Chain, chain_adapters, is_export, read_chain
 from moeprune.stages.base import stage_for_format
 from moeprune.stages.reference import Reference
@@ -52,9 +54,31 @@ def seeded_inputs(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict[
 
 @torch.no_grad()
 def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    out = model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False)
+    """The model's whole logits [B, S, V] (float32, on the host) on `inputs`."""
+    out = model(**_on(inputs, next(model.parameters()).device), use_cache=False)
     return out.logits.float().cpu()  # [B, S, V]
+
+
+@torch.no_grad()
+def export_logits(model, inputs: list[dict[str, torch.Tensor]]) -> list[Logits]:
+    """The export's side of each input chunk, held until the original runs, in whichever form is smaller: its logits
+    [B, S, V] (the default few seeded rows), or its last decoder layer's output [B, S, H] with the model's
+    embeddings, final norm and head, its decoder layers freed to the meta device (real windows at a real
+    vocabulary: 8 x 512 tokens at V = 151 936 are 2.5 GB of float32 logits per chunk, 16 MB of hidden states)."""
+    device = next(model.parameters()).device
+    adapter = get_adapter(model.config, model=model)
+    layers = adapter.decoder_layers(model)
+    inner = {id(p) for p in layers.parameters()}
+    shell = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inner)
+    if sum(x["input_ids"].numel() for x in inputs) * head_rows(model) * 4 <= shell:
+        return [Logits(whole=logits_of(model, x)) for x in inputs]
+    hidden = [last_hidden(model, adapter, _on(x, device)).cpu() for x in inputs]  # [B, S, H] per chunk
+    layers.to("meta")
+    return [Logits(model, adapter, h) for h in hidden]
+
+
+def _on(inputs: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
@@ -125,9 +149,7 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
         return verify_layered(src.path, dst.path, chain, adapter, inputs, dtype=dtype, tol=tol, device=device)
     logger.info("verify: loading %s%s", dst.path, "" if nonuniform.is_nonuniform(dst.config_dict) else
                 " with stock from_pretrained")
-    model = load_model(dst.path, dtype=dtype, device=device)
-    got = [logits_of(model, x) for x in inputs]
-    del model
+    got = export_logits(load_model(dst.path, dtype=dtype, device=device), inputs)
     logger.info("verify: original %s with the references of %s", src.path,
                 " → ".join(stage.describe(plan) for stage, plan in chain))
     results = _against(src.path, adapter, chain, inputs, got, dtype, tol, device)
@@ -139,13 +161,13 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     return result
 
 
-def _against(original: Path, adapter, chain: Chain, inputs: list[dict[str, torch.Tensor]], got: list[torch.Tensor],
+def _against(original: Path, adapter, chain: Chain, inputs: list[dict[str, torch.Tensor]], got: list[Logits],
              dtype: str, tol: float, device: str) -> list[VerifyResult]:
     """The export's logits `got` against the original with `chain`'s references, per input chunk."""
     reference = Reference.of_chain(load_model(original, dtype=dtype, device=device), adapter, chain)
     with reference.routing():
-        return [compare(logits_of(reference.model, x), g, x["attention_mask"], tol)
-                for x, g in zip(inputs, got, strict=True)]
+        return [compare_heads(Logits(reference.model, adapter, last_hidden(reference.model, adapter, _on(x, device))),
+                              g, x, tol) for x, g in zip(inputs, got, strict=True)]
 
 
 def _check_config(dst: Checkpoint, final) -> None:

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moeprune.calibration.engine import LayerInputs, capture, head_logits, run_one
+from moeprune.calibration.engine import LayerInputs, capture, run_one
 from moeprune.errors import MoePruneError
 from moeprune.io.lazy import load_lazy
 from moeprune.io.nonuniform import load_lazy_any
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
-from moeprune.pipeline.compare import VerifyResult, combine, compare
+from moeprune.pipeline.compare import Logits, VerifyResult, combine, compare_heads
 from moeprune.stages.reference import Reference
 
 
@@ -81,9 +81,9 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
         del want
         logger.debug("verify: decoder layer %d: max |Δ| %.3e of max |h| %.3g (running %.3e)", i, errors[-1],
                      scales[-1], running[-1])
-    results = [compare(head_logits(orig.model, adapter, x, r.hidden),  # reference: r_L
-                       head_logits(exp.model, exp_adapter, x, o.hidden),  # export: x_L
-                       x["attention_mask"], tol) for x, r, o in zip(inputs, refs, runs, strict=True)]
+    results = [compare_heads(Logits(orig.model, adapter, r.hidden),  # reference: r_L
+                             Logits(exp.model, exp_adapter, o.hidden),  # export: x_L
+                             x, tol) for x, r, o in zip(inputs, refs, runs, strict=True)]
     result = results[0] if len(results) == 1 else combine(results, tol)
     result.layer_max_abs_diff, result.layer_max_abs, result.running_max_abs_diff = errors, scales, running
     result.passed = result.passed and not result.failed_layers
