@@ -111,6 +111,7 @@ class Logits:
                            self.hidden.to(device), logits_to_keep=keep)
 
 
+@torch.no_grad()
 def compare_heads(reference: Logits, candidate: Logits, inputs: dict[str, torch.Tensor], tol: float,
                   max_bytes: int = SCORE_BYTES) -> VerifyResult:
     """`compare` of two models' logits on `inputs`, c positions at a time (c from `chunk_positions`: the two chunks
