@@ -176,3 +176,14 @@ def test_in_memory_module_input(checkpoints):
     got = collect_neuron_stats_layered(model, SETS, gradients=True, batch_size=BATCH)
     assert all(p.grad is None for p in model.parameters()) and not model.training
     _assert_same_stats(got, _in_memory(path, gradients=True), gradients=True)
+
+
+@pytest.mark.parametrize("family,over", [("cohere2_moe", {}), ("granitemoe", {"logits_scaling": 4.0})])
+def test_heapr_layered_keeps_the_models_logit_post_processing(family, over, tmp_path):
+    """Cohere2-MoE scales its logits by 0.0625, Granite-MoE divides them: the layer-by-layer gradients go through the
+    model's own head code, as the whole-model backward does."""
+    from moeprune.tiny_families import tiny_family_model
+
+    tiny_family_model(family, seed=7, **over).save_pretrained(tmp_path / family)
+    got = collect_neuron_stats_layered(tmp_path / family, SETS, gradients=True, batch_size=BATCH)
+    _assert_same_stats(got, _in_memory(tmp_path / family, gradients=True), gradients=True)

@@ -2,13 +2,14 @@
 
 The sums are those of `stats/neurons.py` (same `NeuronCollector` instrumentation of the experts, same batches,
 same loss); only the schedule differs. With h_0 the embeddings, h_{i+1} = f_i(h_i) decoder layer i (its kwargs —
-masks, rotary embeddings — recorded by the engine's `capture`), logits = lm_head(norm(h_L)) and
+masks, rotary embeddings — recorded by the engine's `capture`), logits = the model's head on h_L and
 L = Σ next-token NLL over counted positions (`summed_nll`):
 
   up    for i = 0..L-1: materialise layer i, run every batch through it with its MoE experts instrumented
         (forward sums: act_sq, gact_sq, gact_max, count, down_sq); outputs advance to layer i+1. CAMERA-P stops
         here. HEAPr also stores each layer's inputs h_i in a `BoundaryCache` (CPU, spilled to disk past a budget).
-  top   g_L = ∂L/∂h_L: final norm + lm_head on h_L, backward of the summed NLL (per batch).
+  top   g_L = ∂L/∂h_L: the model's own final norm, head and logit post-processing on h_L, backward of the summed
+        NLL, per batch and a chunk of positions at a time (`stats/head_gradient.py`).
   down  for i = L-1..first MoE layer: materialise layer i, recompute y = f_i(h_i) with grad, y.backward(g_{i+1});
         the collector's hooks record ∂L/∂h of every expert neuron (grad_sq, grad_count); g_i = ∂L/∂h_i goes on.
 By the chain rule g_i is what a whole-model backward gives at layer i's input, so the sums equal the in-memory
@@ -41,7 +42,8 @@ from moeprune.io.stock import parse_dtype
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
-from moeprune.stats.neurons import NeuronCollector, NeuronLayerStats, check_fused, summed_nll, windows
+from moeprune.stats.head_gradient import frozen, nll_gradient
+from moeprune.stats.neurons import NeuronCollector, NeuronLayerStats, check_fused, windows
 from moeprune.stats.neurons_cache import BoundaryCache, check_budget
 
 LayerContext = Callable[[int], AbstractContextManager]
@@ -185,15 +187,13 @@ def _forward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs], 
 
 def _head_gradients(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs], ids: list[torch.Tensor],
                     device: str) -> list[torch.Tensor]:
-    """Top: g_L = ∂(summed NLL)/∂h_L per batch [B, S, H], on CPU, through the final norm and the output head."""
-    norm, head = final_norm(model, adapter), model.get_output_embeddings()
+    """Top: g_L = ∂(summed NLL)/∂h_L per batch [B, S, H], on CPU, through the model's own final norm, head and logit
+    post-processing, a chunk of positions at a time (`stats/head_gradient.py`)."""
     grads = []
-    with _on_device(norm, device), _on_device(head, device), _frozen(norm, head), torch.enable_grad():
+    with around_layers_on(model, adapter.decoder_layers(model), device):
         for b, input_ids in zip(batches, ids, strict=True):
-            h = b.hidden.to(device).detach().requires_grad_(True)  # [B, S, H]
-            logits = head(norm(h))  # [B, S, V]
-            summed_nll(logits, input_ids.to(device), b.attention_mask.to(device)).backward()
-            grads.append(h.grad.cpu())
+            inputs = {"input_ids": input_ids.to(device), "attention_mask": b.attention_mask.to(device)}
+            grads.append(nll_gradient(model, adapter, inputs, b.hidden.to(device)).cpu())
     return grads
 
 
@@ -210,7 +210,7 @@ def _backward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs],
         with context(i):
             layer = layers[i]
             col = NeuronCollector(model, adapter, gradients=True, layers=[i]) if i in moe else None
-            with _on_device(layer, device), _frozen(layer), col or nullcontext(), torch.enable_grad():
+            with _on_device(layer, device), frozen(layer), col or nullcontext(), torch.enable_grad():
                 next_grads = []
                 for b, h_in, g_out in zip(batches, inputs, grads, strict=True):
                     if col is not None:
@@ -230,24 +230,12 @@ def _backward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs],
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def final_norm(model: nn.Module, adapter: MoEAdapter) -> nn.Module:
-    """The norm applied to the last decoder layer's output: `norm` of the module that holds the decoder layers
-    (every supported family's base model computes `lm_head(self.norm(h_L))`)."""
-    layers = adapter.decoder_layers(model)
-    for module in model.modules():
-        if any(child is layers for child in module.children()):
-            norm = getattr(module, "norm", None)
-            if isinstance(norm, nn.Module):
-                return norm
-    raise MoePruneError(f"{type(model).__name__}: no final `norm` next to the decoder layers; the layer-by-layer "
-                        "gradient pass needs it. Use the in-memory path (without --lazy) for this model.")
-
-
 def _check_head(model: nn.Module, adapter: MoEAdapter) -> None:
-    head = model.get_output_embeddings()
-    if head is None:
+    """The loss needs the output head and every other module outside the decoder layers (final norm, embeddings)."""
+    if model.get_output_embeddings() is None:
         raise MoePruneError(f"{type(model).__name__} has no output head; HEAPr needs the language-model loss.")
-    if any(t.is_meta for t in list(head.parameters()) + list(final_norm(model, adapter).parameters())):
+    inner = {id(p) for p in adapter.decoder_layers(model).parameters()}
+    if any(p.is_meta for p in model.parameters() if id(p) not in inner):
         raise MoePruneError("the output head is not loaded (on meta): load the lazy model with "
                             "load_lazy(path, head=True) for gradient statistics.")
 
@@ -262,14 +250,3 @@ def _on_device(module: nn.Module, device: str) -> Iterator[None]:
         module.to(home)
 
 
-@contextmanager
-def _frozen(*modules: nn.Module) -> Iterator[None]:
-    """No parameter requires grad inside (activations still do): no .grad is ever allocated for weights."""
-    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)

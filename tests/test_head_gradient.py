@@ -1,0 +1,78 @@
+"""∂(summed NLL)/∂h_L a chunk of positions at a time (`stats/head_gradient.nll_gradient`) against autograd through
+the model's own whole forward: a hook makes the last decoder layer's output a leaf, and `summed_nll` over the
+model's whole logits is backpropagated to it. Families with logit post-processing (Cohere2-MoE's logit scale,
+Granite-MoE's logits scaling) are where `lm_head(norm(h))` alone gives other gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeprune.calibration import engine
+from moeprune.models import get_adapter
+from moeprune.pipeline.verify import seeded_inputs
+from moeprune.stats import head_gradient
+from moeprune.stats.neurons import summed_nll
+from moeprune.tiny import tiny_model
+from moeprune.tiny_families import tiny_family_model
+
+CASES = {"qwen3_moe": {}, "cohere2_moe": {}, "granitemoe": {"logits_scaling": 4.0}}
+
+
+def _model(family: str):
+    over = CASES[family]
+    return (tiny_model(family, seed=2) if family == "qwen3_moe" else tiny_family_model(family, seed=2, **over)).eval()
+
+
+def _reference(model, adapter, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_L, ∂L/∂h_L) by autograd through the model's whole forward and its whole logits."""
+    leaf = {}
+
+    def make_leaf(module, args, output):
+        h = (output[0] if isinstance(output, tuple) else output).detach().requires_grad_(True)
+        leaf["h"] = h
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    hook = adapter.decoder_layers(model)[-1].register_forward_hook(make_leaf)
+    try:
+        with torch.enable_grad():
+            summed_nll(model(**x, use_cache=False).logits, x["input_ids"], x["attention_mask"]).backward()
+    finally:
+        hook.remove()
+    return leaf["h"].detach(), leaf["h"].grad
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_gradient_in_chunks_equals_autograd_through_the_whole_forward(family, monkeypatch):
+    model = _model(family)
+    adapter = get_adapter(model.config, model=model)
+    x = seeded_inputs(96, batch=3, seq_len=14, seed=4)
+    x["attention_mask"][0, -3:] = 0  # a right-padded row too (the last row is left-padded)
+    h, want = _reference(model, adapter, x)
+    model.zero_grad(set_to_none=True)
+    widths = []
+    original = engine.head_logits
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        widths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(head_gradient, "head_logits", spy)
+    got = head_gradient.nll_gradient(model, adapter, x, h, max_bytes=16 * 3 * 96 * 4)  # 4 positions per chunk
+    assert widths == [4, 4, 4, 1]  # the 13 predicting positions
+    assert want.abs().max() > 1e-3 and torch.equal(want[0, -3:], torch.zeros_like(want[0, -3:]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    assert all(p.grad is None for p in model.parameters())  # no weight received a gradient
+
+
+def test_the_logit_post_processing_matters():
+    """Without Granite's logits scaling (lm_head(norm(h)) alone) the gradient is another one: the case is live."""
+    model = _model("granitemoe")
+    adapter = get_adapter(model.config, model=model)
+    x = seeded_inputs(96, batch=2, seq_len=10, seed=1)
+    h, want = _reference(model, adapter, x)
+    with torch.enable_grad():
+        hh = h.clone().requires_grad_(True)
+        summed_nll(model.lm_head(model.model.norm(hh)), x["input_ids"], x["attention_mask"]).backward()
+    assert (hh.grad - want).abs().max() > 0.1 * want.abs().max()
