@@ -14,7 +14,8 @@ from the family's own config class and every verb runs on it:
 - naee:      NAEE's reconstruction search, 25 %, exported and verified against the masked original;
 - neurons:   CAMERA-P 50 % of each expert's neurons, exported and verified against the masked original;
 - merge:     M-SMoE 25 %, exported and verified against the original with the merge expressed as a reference;
-- lazy:      layer-by-layer calibration gives the statistics of the in-memory calibration.
+- lazy:      layer-by-layer calibration gives the statistics of the in-memory calibration, and HEAPr's neuron sums
+             with gradients (top-down backward from the model's own head) those of one whole-model backward.
 
 A verb the family's layout does not allow says so ("n/a: ..."), with the reason moeprune gives; a family moeprune
 refuses or does not know shows its error on every verb. The table goes to the README.
@@ -196,26 +197,52 @@ def check_repair(ctx: dict) -> str:
     return f"block error ×{ratio:.2f}, verify max|Δ| {result.max_abs_diff:.1e}"
 
 
+def _max_rel(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> float:
+    """The largest max |got − want| / max |want| over the fields of two statistics' sums (same fields, shapes)."""
+    worst = 0.0
+    for field, a in want.items():
+        b = got[field]
+        assert a.shape == b.shape, field
+        if a.numel():
+            worst = max(worst, float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-12)))
+    return worst
+
+
 def check_lazy(ctx: dict) -> str:
     from moeprune import api
 
     eager = api.calibrate(ctx["original"], _calib(ctx["text"], lazy=False))
     lazy = api.calibrate(ctx["original"], _calib(ctx["text"], lazy=True))
     assert eager.layers == lazy.layers and set(eager.sets) == set(lazy.sets)
-    worst = 0.0
-    for name, layers in eager.sets.items():
-        for layer, stats in layers.items():
-            other = lazy.sets[name][layer]
-            for field, a in stats.sums.items():
-                b = other.sums[field]
-                assert a.shape == b.shape, field
-                if a.numel():
-                    rel = float((a.double() - b.double()).abs().max() / a.double().abs().max().clamp_min(1e-12))
-                    worst = max(worst, rel)
+    worst = max(_max_rel(stats.sums, lazy.sets[name][layer].sums) for name, layers in eager.sets.items()
+                for layer, stats in layers.items())
     assert worst <= 1e-5, f"lazy statistics differ from eager by {worst:.2e} (relative)"
     freq = sum(float(s.sums["count"].sum()) for s in eager.combined().values())
     assert freq > 0, "no token was routed"
-    return f"max rel Δ {worst:.1e}"
+    grad = _lazy_gradients(ctx)
+    return f"max rel Δ {worst:.1e}, HEAPr gradients {grad:.1e}"
+
+
+def _lazy_gradients(ctx: dict) -> float:
+    """HEAPr's neuron sums with gradients, layer by layer (top-down backward from the model's own head) against one
+    whole-model forward and backward: the largest relative difference over every field."""
+    from moeprune.calibration.data import build_sets
+    from moeprune.calibration.run import load_tokenizer
+    from moeprune.models import get_adapter
+    from moeprune.stats.neurons import collect_neuron_stats
+    from moeprune.stats.neurons_layered import collect_neuron_stats_layered
+
+    opts = _calib(ctx["text"])
+    sets = build_sets(opts.calib_config(), load_tokenizer(ctx["original"], None))
+    lazy = collect_neuron_stats_layered(ctx["original"], sets, gradients=True, batch_size=opts.batch_size)
+    model = _load(ctx["original"])
+    whole = collect_neuron_stats(model, get_adapter(model.config, model=model), sets, gradients=True,
+                                 batch_size=opts.batch_size)
+    assert lazy.keys() == whole.keys()
+    worst = max(_max_rel(stats.sums, lazy[layer].sums) for layer, stats in whole.items())
+    assert worst <= 1e-5, f"layer-by-layer HEAPr sums differ from the whole-model pass by {worst:.2e} (relative)"
+    assert any(float(s.sums["grad_sq"].abs().max()) > 0 for s in whole.values()), "no gradient reached the experts"
+    return worst
 
 
 CHECKS = {"info": check_info, "prune": check_prune, "streaming": check_streaming, "naee": check_naee,

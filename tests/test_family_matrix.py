@@ -4,7 +4,8 @@ The families are enumerated from the installed transformers, not from a hand lis
 supports (a registered adapter), every verb must pass or be declared not applicable by its layout: keep-all
 bit-exact; 25 % removal -> stock reload == the original with the removed experts masked in its own router;
 streaming == in-memory bit for bit; CAMERA-P and M-SMoE exports verified against their references; layer-by-layer
-calibration == in-memory calibration. A refused family must be refused with its reason. At least 45 families pass.
+calibration == in-memory calibration, and HEAPr's layer-by-layer gradient sums == one whole-model backward. A
+refused family must be refused with its reason. At least 45 families pass.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The verdict of a verification: max |Δ logit| against a tolerance relative to the reference's largest logit,
-per chunk of inputs (`compare` on logits, `compare_heads` on two models' heads a chunk of positions at a time), over
-chunks (`combine`), and per decoder layer for layer-by-layer runs."""
+"""The verdict of a verification: max |Δ logit| over the non-padding positions against a tolerance relative to the
+reference's largest logit, per chunk of inputs (`compare_heads`: two models' heads, a chunk of positions at a time),
+over chunks (`combine`), and per decoder layer for layer-by-layer runs."""
 
 from __future__ import annotations
 
@@ -73,16 +73,6 @@ def tolerance(dtype: str, tol: float | None = None) -> float:
     return DEFAULT_TOL.get(dtype, 1e-2) if tol is None else tol
 
 
-def compare(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor, tol: float) -> VerifyResult:
-    keep = mask.bool()  # [B, S]
-    ref, cand = reference[keep], candidate[keep]  # [N, V]
-    diff = (ref - cand).abs().max().item()
-    scale = ref.abs().max().item()
-    result = VerifyResult(diff, scale, tol, int(keep.sum()), bool(diff <= tol * scale))
-    logger.debug("verify: %s", result.line())  # the CLI prints the line once
-    return result
-
-
 @dataclass
 class Logits:
     """One model's logits on one input batch, read any positions at a time: its own final norm, head and logit
@@ -114,7 +104,8 @@ class Logits:
 @torch.no_grad()
 def compare_heads(reference: Logits, candidate: Logits, inputs: dict[str, torch.Tensor], tol: float,
                   max_bytes: int = SCORE_BYTES) -> VerifyResult:
-    """`compare` of two models' logits on `inputs`, c positions at a time (c from `chunk_positions`: the two chunks
+    """max |candidate − reference| and max |reference| over the non-padding positions of two models' logits on
+    `inputs`, pass ⇔ diff ≤ tol · max |reference|, c positions at a time (c from `chunk_positions`: the two chunks
     and their difference, 12 bytes per logit, stay within `max_bytes`). max |Δ| and max |reference| are maxima over
     the non-padding positions, so the chunks give the figures of the whole logits; only the head's matmul over fewer
     rows may round differently. Either side whose class lacks `logits_to_keep`: one chunk of every position."""
