@@ -143,6 +143,10 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
 
     inputs = verify_inputs(src.config.get_text_config().vocab_size, tokens=tokens, sets=sets, batch=batch,
                            seq_len=seq_len, seed=seed, chunk=chunk)
+    what = (f"random token ids (seed {seed})" if tokens is None and sets is None else
+            "the given tokens" if sets is None else "windows of " + ", ".join(s.name for s in sets))
+    logger.info("verify on %d rows, %d real tokens: %s", sum(x["input_ids"].shape[0] for x in inputs),
+                sum(int(x["attention_mask"].sum()) for x in inputs), what)
     if choose_lazy(lazy, src, dtype, "verify"):
         from moeprune.pipeline.verify_layered import verify_layered
 
