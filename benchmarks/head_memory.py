@@ -9,9 +9,12 @@ Each row runs in a fresh subprocess (one thread): a random qwen3_moe of hidden 2
 one batch through the layer-by-layer engine, then
     whole:   head_logits over every position, then −log_softmax(logits.double()) gathered (the judge's former code);
     chunks:  `score_head` (the judge's and held-out scoring's code now);
-and the in-memory `eval` path on the same model and batch:
+the in-memory `eval` path on the same model and batch:
     model-whole:   model(...).logits, then a float64 cross-entropy over them (`score_logits`' former code);
     model-chunks:  `score_model` (the decoder layers once, then the head in chunks: `evaluate_sets` now).
+and HEAPr's gradient at the last decoder layer's output (both HEAPr paths start their backward from it):
+    grad-whole:    the head on every position, the summed NLL over [B, L, V], backward (the former code);
+    grad-chunks:   `stats/head_gradient.nll_gradient` (a chunk of positions at a time).
 Peak RSS is VmHWM after `5 > /proc/self/clear_refs` (reset once the model and hidden states exist), so it is the
 scoring's own peak above that; every row's per-window NLL must agree with the first's (relative 1e-6: the
 in-memory forward and the layer-by-layer engine round differently in float32).
@@ -35,7 +38,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 NAMES = {"whole": "layer by layer: whole logits, float64 log-softmax (before)",
          "chunks": "layer by layer: `score_head`, chunks (now)",
          "model-whole": "in memory: model(...).logits, float64 cross-entropy (before)",
-         "model-chunks": "in memory: `score_model`, chunks (now)"}
+         "model-chunks": "in memory: `score_model`, chunks (now)",
+         "grad-whole": "HEAPr's ∂L/∂h_L: head on every position, summed NLL, backward (before)",
+         "grad-chunks": "HEAPr's ∂L/∂h_L: `nll_gradient`, chunks (now)"}
 
 
 def _rss(field: str) -> int:
@@ -78,10 +83,30 @@ def child(mode: str, vocab: int, batch: int, seq_len: int) -> None:
                                for r in range(batch)])
         elif mode == "model-chunks":
             nll = score_model(model, adapter, inputs).nll
+        elif mode.startswith("grad"):
+            nll = _gradient(mode, model, adapter, inputs, b.hidden)  # per window: Σ (∂L/∂h)² instead
         else:
             nll = score_head(model, adapter, inputs, b.hidden).nll
         seconds = time.perf_counter() - t
     print(json.dumps({"peak": _rss("VmHWM") - base, "seconds": seconds, "nll": nll.tolist()}))
+
+
+def _gradient(mode: str, model, adapter, inputs, hidden):
+    """Per window Σ_t ‖∂L/∂h_{L,t}‖² (float64), L the summed next-token NLL: the head's logits whole, or in chunks."""
+    import torch
+
+    from moeprune.calibration.engine import head_logits
+    from moeprune.stats.head_gradient import frozen, nll_gradient
+    from moeprune.stats.neurons import summed_nll
+
+    if mode == "grad-chunks":
+        g = nll_gradient(model, adapter, inputs, hidden)
+    else:
+        with frozen(model), torch.enable_grad():
+            h = hidden.detach().requires_grad_(True)
+            summed_nll(head_logits(model, adapter, inputs, h), inputs["input_ids"], inputs["attention_mask"]).backward()
+            g = h.grad
+    return g.double().square().sum((1, 2))
 
 
 def main() -> int:
@@ -113,11 +138,15 @@ def main() -> int:
         return 1
     import math
 
-    worst = max(abs(x - y) / abs(x) for r in rows.values()
+    worst = max(abs(x - y) / abs(x) for m, r in rows.items() if not m.startswith("grad")
                 for x, y in zip(rows["whole"]["nll"], r["nll"], strict=True))
-    print(f"\nper-window NLL, every row against the first: max relative difference {worst:.1e}",
+    grad = max(abs(x - y) / abs(x) for x, y in zip(rows["grad-whole"]["nll"], rows["grad-chunks"]["nll"], strict=True))
+    print(f"\nper-window NLL, every scoring row against the first: max relative difference {worst:.1e}",
           "(agree)" if worst <= 1e-6 else "(DIFFER)")  # layer by layer vs one forward: float32 rounding
-    return 0 if worst <= 1e-6 and not math.isnan(worst) else 1
+    print(f"per-window Σ ‖∂L/∂h_L‖², chunks against whole: max relative difference {grad:.1e}",
+          "(agree)" if grad <= 1e-5 else "(DIFFER)")
+    ok = worst <= 1e-6 and grad <= 1e-5
+    return 0 if ok and not math.isnan(worst) and not math.isnan(grad) else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ HEAPr needs w_kᵀ M_j w_k with M_j = (1/N_j) Σ_t g_t g_tᵀ and g_t = ∂L/∂
 w_kᵀ M_j w_k = (1/N_j) Σ_t (w_kᵀ g_t)² = grad_sq[j, k] / N_j: the H×H matrices are never formed. Statistics
 memory is 5 · E · I float64 per MoE layer (Qwen3-30B-A3B: 48 · 128 · 768 · 5 · 8 B ≈ 190 MB), independent of H;
 the gradient pass itself holds one batch's activations, as any backward does. L is the *summed* next-token NLL
-over the batch's counted positions, so each token's gradient is its own (not divided by the batch size).
+over the batch's counted positions, so each token's gradient is its own (not divided by the batch size). Its
+gradient at the last decoder layer's output comes from the model's own head a chunk of positions at a time
+(`stats/head_gradient.py`), then flows back through the layers: the [B, S, V] logits are never whole.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
+from moeprune.calibration.engine import takes_logits_to_keep
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import FlatLayout, FusedLayout, layout_of
+from moeprune.stats.head_gradient import nll_gradient
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
 
 FIELDS = ("act_sq", "gact_sq", "gact_max", "grad_sq", "down_sq")
@@ -238,6 +242,25 @@ def _embeddings_require_grad(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _last_hidden_with_graph(model: nn.Module, adapter: MoEAdapter, ids: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """h_L [B, S, H], the last decoder layer's output of the model's forward, with its graph back to the embeddings
+    (the head runs on one position where the class takes `logits_to_keep`: the loss is taken by `nll_gradient`, a
+    chunk of positions at a time, instead of over the whole [B, S, V] logits)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output) -> None:
+        seen["h"] = output[0] if isinstance(output, tuple) else output
+
+    one = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    hook = adapter.decoder_layers(model)[-1].register_forward_hook(keep)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False, **one)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
 def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Σ over counted positions (t and t+1 both real) of −log p(x_{t+1} | x_{≤t}); logits [B, S, V]."""
     keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()  # [B, S-1]
@@ -270,8 +293,8 @@ def collect_neuron_stats(model: nn.Module, adapter: MoEAdapter, sets: list[Calib
                 col.valid = mask.reshape(-1).bool()
                 if gradients:
                     with torch.enable_grad():
-                        logits = model(input_ids=ids, attention_mask=mask).logits
-                        summed_nll(logits, ids, mask).backward()
+                        h = _last_hidden_with_graph(model, adapter, ids, mask)  # [B, S, H]
+                        h.backward(nll_gradient(model, adapter, {"input_ids": ids, "attention_mask": mask}, h))
                 else:
                     with torch.no_grad():
                         model(input_ids=ids, attention_mask=mask)
