@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from head_spy import spy_head_logits
 from moeprune.calibration import engine
 from moeprune.models import get_adapter
 from moeprune.pipeline.verify import seeded_inputs
@@ -74,17 +75,10 @@ def test_gradient_in_chunks_equals_autograd_through_the_whole_forward(family, mo
     x["attention_mask"][0, -3:] = 0  # a right-padded row too (the last row is left-padded)
     h, want = _reference(model, adapter, x)
     model.zero_grad(set_to_none=True)
-    widths = []
-    original = engine.head_logits
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        widths.append(out.shape[1])
-        return out
-
-    monkeypatch.setattr(head_gradient, "head_logits", spy)
+    calls = spy_head_logits(monkeypatch, head_gradient)
     got = head_gradient.nll_gradient(model, adapter, x, h, max_bytes=16 * 3 * 96 * 4)  # 4 positions per chunk
-    assert widths == ([4, 4, 4, 1] if engine.takes_logits_to_keep(model) else [14])  # the 13 predicting positions
+    chunks = [4, 4, 4, 1] if engine.takes_logits_to_keep(model) else [14]  # the 13 predicting positions
+    assert [w for w, _ in calls] == chunks
     assert want.abs().max() > 1e-3 and torch.equal(want[0, -3:], torch.zeros_like(want[0, -3:]))
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # float32 rounding of other matmul shapes
     assert all(p.grad is None for p in model.parameters())  # no weight received a gradient

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from head_spy import spy_head_logits
 from moeprune.calibration.engine import capture, run_layers
 from moeprune.eval import token_scores
 from moeprune.models import get_adapter
@@ -48,19 +49,10 @@ def test_head_scores_in_chunks_equal_one_cross_entropy(family, monkeypatch):
     B, L, V = logits.shape
     max_bytes = 16 * B * V * 3  # 3 positions per chunk
     assert token_scores.chunk_positions(B, V, max_bytes) == 3
-    widths = []
-    from moeprune.calibration import engine  # score_head imports head_logits from here when it runs
-
-    original = engine.head_logits
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        widths.append(out.shape[1])
-        return out
-
-    monkeypatch.setattr(engine, "head_logits", spy)
+    calls = spy_head_logits(monkeypatch)  # score_head imports head_logits from the engine when it runs
     with torch.no_grad():
         got = token_scores.score_head(model, adapter, inputs, hidden, max_bytes=max_bytes)
+    widths = [w for w, _ in calls]
     assert widths and max(widths) == 3 and sum(widths) == L - 1  # chunks of the L−1 predicting positions
     nll, correct, counted = _reference(logits, inputs["input_ids"], inputs["attention_mask"])
     assert got.counted.tolist() == counted and counted[2] < counted[0]

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moeprune
-from moeprune.calibration import engine
+from head_spy import spy_head_logits
 from moeprune.calibration.data import CalibConfig, CalibSource, build_sets
 from moeprune.calibration.engine import last_hidden
 from moeprune.calibration.run import CalibrateOptions
@@ -47,23 +47,14 @@ def test_heads_in_chunks_give_the_whole_logits_figure(family, monkeypatch):
     x = seeded_inputs(96, batch=3, seq_len=14, seed=4)
     x["attention_mask"][2, :5] = 0  # a left-padded row (seeded_inputs pads the last row by a quarter too)
     want = _by_hand(logits_of(a, x), logits_of(b, x), x["attention_mask"])
-    widths, graphs = [], []
-    head_logits = engine.head_logits
-
-    def spy(*args, **kwargs):
-        out = head_logits(*args, **kwargs)
-        widths.append(out.shape[1])
-        graphs.append(out.requires_grad)  # a graph kept across chunks would hold every chunk's logits
-        return out
-
     from moeprune.pipeline import compare as compare_module
 
-    monkeypatch.setattr(compare_module, "head_logits", spy)
+    calls = spy_head_logits(monkeypatch, compare_module)
     sides = [Logits(m, get_adapter(m.config, model=m), last_hidden(m, get_adapter(m.config, model=m), x))
              for m in (a, b)]
     got = compare_heads(*sides, x, tol=1e-4, max_bytes=16 * 3 * 96 * 3)  # 3 positions per chunk
-    assert widths == [3, 3] * 4 + [2, 2]  # each model's head on 3 positions at a time, 14 in all
-    assert not any(graphs)
+    assert [w for w, _ in calls] == [3, 3] * 4 + [2, 2]  # each model's head on 3 positions at a time, 14 in all
+    assert not any(g for _, g in calls)  # a graph kept across chunks would hold every chunk's logits
     assert got.tokens == int(x["attention_mask"].sum())
     assert got.max_abs_diff == pytest.approx(want[0], rel=1e-5) and want[0] > 1e-3
     assert got.max_abs_logit == pytest.approx(want[1], rel=1e-5)
