@@ -237,11 +237,11 @@ def takes_logits_to_keep(model: nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
 
-@torch.no_grad()
 def last_hidden(model: nn.Module, adapter: MoEAdapter, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The last decoder layer's output [B, S, H] of an in-memory model's forward on `inputs` (ids and mask already
     on the model's device): every decoder layer runs once, the head on one position (`logits_to_keep=1`) where the
-    class takes it. `head_logits` turns it into logits, any positions at a time."""
+    class takes it. `head_logits` turns it into logits, any positions at a time. Runs in the caller's grad mode
+    (under `enable_grad` the result keeps its graph back through the layers: HEAPr's in-memory backward)."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(module, args, output) -> None:

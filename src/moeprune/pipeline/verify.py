@@ -169,7 +169,7 @@ def _against(original: Path, adapter, chain: Chain, inputs: list[dict[str, torch
              dtype: str, tol: float, device: str) -> list[VerifyResult]:
     """The export's logits `got` against the original with `chain`'s references, per input chunk."""
     reference = Reference.of_chain(load_model(original, dtype=dtype, device=device), adapter, chain)
-    with reference.routing():
+    with reference.routing(), torch.no_grad():
         return [compare_heads(Logits(reference.model, adapter, last_hidden(reference.model, adapter, _on(x, device))),
                               g, x, tol) for x, g in zip(inputs, got, strict=True)]
 

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.engine import takes_logits_to_keep
+from moeprune.calibration.engine import last_hidden
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
@@ -242,25 +242,6 @@ def _embeddings_require_grad(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _last_hidden_with_graph(model: nn.Module, adapter: MoEAdapter, ids: torch.Tensor,
-                            mask: torch.Tensor) -> torch.Tensor:
-    """h_L [B, S, H], the last decoder layer's output of the model's forward, with its graph back to the embeddings
-    (the head runs on one position where the class takes `logits_to_keep`: the loss is taken by `nll_gradient`, a
-    chunk of positions at a time, instead of over the whole [B, S, V] logits)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(module, args, output) -> None:
-        seen["h"] = output[0] if isinstance(output, tuple) else output
-
-    one = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
-    hook = adapter.decoder_layers(model)[-1].register_forward_hook(keep)
-    try:
-        model(input_ids=ids, attention_mask=mask, use_cache=False, **one)
-    finally:
-        hook.remove()
-    return seen["h"]
-
-
 def summed_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Σ over counted positions (t and t+1 both real) of −log p(x_{t+1} | x_{≤t}); logits [B, S, V]."""
     keep = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()  # [B, S-1]
@@ -293,8 +274,9 @@ def collect_neuron_stats(model: nn.Module, adapter: MoEAdapter, sets: list[Calib
                 col.valid = mask.reshape(-1).bool()
                 if gradients:
                     with torch.enable_grad():
-                        h = _last_hidden_with_graph(model, adapter, ids, mask)  # [B, S, H]
-                        h.backward(nll_gradient(model, adapter, {"input_ids": ids, "attention_mask": mask}, h))
+                        inputs = {"input_ids": ids, "attention_mask": mask}
+                        h = last_hidden(model, adapter, inputs)  # [B, S, H], with its graph through the layers
+                        h.backward(nll_gradient(model, adapter, inputs, h))
                 else:
                     with torch.no_grad():
                         model(input_ids=ids, attention_mask=mask)
