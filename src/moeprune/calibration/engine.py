@@ -232,6 +232,12 @@ def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
             del layer.forward
 
 
+def outside_layers(model: nn.Module, adapter: MoEAdapter) -> list[nn.Parameter]:
+    """The model's parameters outside its decoder layers (embeddings, final norm, head, ...)."""
+    inner = {id(p) for p in adapter.decoder_layers(model).parameters()}
+    return [p for p in model.parameters() if id(p) not in inner]
+
+
 def takes_logits_to_keep(model: nn.Module) -> bool:
     """Whether the model class's forward takes `logits_to_keep` (78 of the 80 buildable MoE families' classes)."""
     return "logits_to_keep" in inspect.signature(type(model).forward).parameters

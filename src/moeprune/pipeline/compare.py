@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from moeprune.calibration.engine import head_logits, takes_logits_to_keep
+from moeprune.calibration.engine import head_logits, takes_logits_to_keep, to_device
 from moeprune.eval.token_scores import SCORE_BYTES, chunk_positions, head_rows
 from moeprune.io.load import parse_dtype
 from moeprune.log import logger
@@ -97,8 +97,8 @@ class Logits:
             return self.whole if keep is None else self.whole[:, keep]
         device = next(self.model.parameters()).device
         keep = None if keep is None else keep.to(device)
-        return head_logits(self.model, self.adapter, {k: v.to(device) for k, v in inputs.items()},
-                           self.hidden.to(device), logits_to_keep=keep)
+        return head_logits(self.model, self.adapter, to_device(inputs, device), self.hidden.to(device),
+                           logits_to_keep=keep)
 
 
 @torch.no_grad()

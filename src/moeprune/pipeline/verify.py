@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from moeprune.calibration.engine import last_hidden
+from moeprune.calibration.engine import last_hidden, outside_layers, to_device
 from moeprune.errors import MoePruneError
 from moeprune.eval.token_scores import head_rows
 from moeprune.io import nonuniform
@@ -55,7 +55,7 @@ def seeded_inputs(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict[
 @torch.no_grad()
 def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's whole logits [B, S, V] (float32, on the host) on `inputs`."""
-    out = model(**_on(inputs, next(model.parameters()).device), use_cache=False)
+    out = model(**to_device(inputs, next(model.parameters()).device), use_cache=False)
     return out.logits.float().cpu()  # [B, S, V]
 
 
@@ -67,18 +67,12 @@ def export_logits(model, inputs: list[dict[str, torch.Tensor]]) -> list[Logits]:
     vocabulary: 8 x 512 tokens at V = 151 936 are 2.5 GB of float32 logits per chunk, 16 MB of hidden states)."""
     device = next(model.parameters()).device
     adapter = get_adapter(model.config, model=model)
-    layers = adapter.decoder_layers(model)
-    inner = {id(p) for p in layers.parameters()}
-    shell = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inner)
+    shell = sum(p.numel() * p.element_size() for p in outside_layers(model, adapter))
     if sum(x["input_ids"].numel() for x in inputs) * head_rows(model) * 4 <= shell:
         return [Logits(whole=logits_of(model, x)) for x in inputs]
-    hidden = [last_hidden(model, adapter, _on(x, device)).cpu() for x in inputs]  # [B, S, H] per chunk
-    layers.to("meta")
+    hidden = [last_hidden(model, adapter, to_device(x, device)).cpu() for x in inputs]  # [B, S, H] per chunk
+    adapter.decoder_layers(model).to("meta")
     return [Logits(model, adapter, h) for h in hidden]
-
-
-def _on(inputs: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
@@ -170,8 +164,9 @@ def _against(original: Path, adapter, chain: Chain, inputs: list[dict[str, torch
     """The export's logits `got` against the original with `chain`'s references, per input chunk."""
     reference = Reference.of_chain(load_model(original, dtype=dtype, device=device), adapter, chain)
     with reference.routing(), torch.no_grad():
-        return [compare_heads(Logits(reference.model, adapter, last_hidden(reference.model, adapter, _on(x, device))),
-                              g, x, tol) for x, g in zip(inputs, got, strict=True)]
+        model = reference.model
+        return [compare_heads(Logits(model, adapter, last_hidden(model, adapter, to_device(x, device))), g, x, tol)
+                for x, g in zip(inputs, got, strict=True)]
 
 
 def _check_config(dst: Checkpoint, final) -> None:

@@ -34,7 +34,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.engine import LayerInputs, around_layers_on, call_layer, capture, run_layers, to_device
+from moeprune.calibration.engine import (
+    LayerInputs,
+    around_layers_on,
+    call_layer,
+    capture,
+    outside_layers,
+    run_layers,
+    to_device,
+)
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.io.lazy import LazyModel, load_lazy
@@ -234,8 +242,7 @@ def _check_head(model: nn.Module, adapter: MoEAdapter) -> None:
     """The loss needs the output head and every other module outside the decoder layers (final norm, embeddings)."""
     if model.get_output_embeddings() is None:
         raise MoePruneError(f"{type(model).__name__} has no output head; HEAPr needs the language-model loss.")
-    inner = {id(p) for p in adapter.decoder_layers(model).parameters()}
-    if any(p.is_meta for p in model.parameters() if id(p) not in inner):
+    if any(p.is_meta for p in outside_layers(model, adapter)):
         raise MoePruneError("the output head is not loaded (on meta): load the lazy model with "
                             "load_lazy(path, head=True) for gradient statistics.")
 
