@@ -26,7 +26,8 @@ from moeprune.io.lazy import LazyModel
 from moeprune.io.load import load_model
 from moeprune.models import get_adapter
 from moeprune.pipeline.recipe import read_chain
-from moeprune.pipeline.verify import verify
+from moeprune.pipeline.run import VERIFY_WINDOWS
+from moeprune.pipeline.verify import first_windows, seeded_inputs, verify
 from moeprune.stages.reference import Reference
 from moeprune.tiny import FAMILY_CONFIGS, save_tiny, tiny_tokenizer
 from textgen import write_words
@@ -177,6 +178,52 @@ def test_tokens_and_calibration_sets(root, exports):
         verify(root / family, out, tokens=ids + 96, lazy=True)
     with pytest.raises(MoePruneError, match="not both"):
         verify(root / family, out, tokens=ids, sets=sets, lazy=True)
+
+
+def _windows(root, rows: int):
+    cfg = CalibConfig((CalibSource("web", root / "web.txt"), CalibSource("short", root / "short.txt")),
+                      samples=3, seq_len=40, warn_short=False)
+    return first_windows(build_sets(cfg, tiny_tokenizer()), rows)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_real_windows_catch_a_token_the_seeded_ids_never_draw(root, exports, tmp_path, lazy):
+    """The export's embedding row of one token that the calibration windows hold and the seeded ids do not is
+    tampered (untied embeddings): verify on the seeded ids alone passes, verify with the windows besides fails."""
+    family, out = "qwen3_moe", exports("qwen3_moe-experts")
+    sets = _windows(root, 2)
+    seeded = set(seeded_inputs(96, 2, 32, 0)["input_ids"].flatten().tolist())
+    real = {t for s in sets for t in s.input_ids[s.attention_mask.bool()].tolist()}
+    token = min(real - seeded)
+    tampered = shutil.copytree(out, tmp_path / "tampered")
+    key = "model.embed_tokens.weight"
+    shard = next(f for f in sorted(tampered.glob("model*.safetensors")) if key in load_file(f))
+    tensors = load_file(shard)
+    tensors[key][token] *= 3
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+    assert verify(root / family, tampered, lazy=lazy).passed  # the seeded ids never read that row
+    both = verify(root / family, tampered, sets=sets, seeded=True, lazy=lazy)
+    assert not both.passed, both.line()
+    honest = verify(root / family, out, sets=sets, seeded=True, lazy=lazy)
+    assert honest.passed, honest.line()
+    window_tokens = sum(int(s.attention_mask[:2].sum()) for s in sets)
+    seeded_tokens = verify(root / family, out, lazy=lazy).tokens
+    assert honest.tokens == both.tokens == seeded_tokens + window_tokens
+    assert honest.inputs.startswith(f"{2 + 2 * len(sets)} rows, {honest.tokens} tokens: random token ids (seed 0) "
+                                    "and 2 windows each of web, short")
+
+
+def test_prune_verifies_on_its_calibration_windows(root, tmp_path):
+    """`prune`'s own verification runs on the seeded ids and the first windows of every calibration set, and its
+    report says so."""
+    calib = CalibrateOptions((f"web={root / 'web.txt'}", f"short={root / 'short.txt'}"), samples=3, seq_len=40)
+    applied, result = moeprune.prune(root / "mixtral", tmp_path / "out", recipe=[{"method": "reap", "ratio": 0.25}],
+                                     calib=calib)
+    sets = _windows(root, VERIFY_WINDOWS)
+    assert result.passed and "windows each of web, short" in result.inputs
+    assert result.tokens == verify(root / "mixtral", applied.out).tokens + sum(s.tokens for s in sets)
+    assert applied.report["verify"]["inputs"] == result.inputs
 
 
 def test_one_layer_of_each_model_at_a_time(root, exports, monkeypatch):

@@ -34,6 +34,7 @@ class VerifyResult:
     # recipes with a weights stage (repair, distillation): max |Δ logit| between the export and the masked original
     # (every other stage's reference, the changed weights not written) — how far the new values moved the model
     masked_original_max_abs_diff: float | None = None
+    inputs: str | None = None  # what the models ran on (`verify.describe_inputs`)
 
     @property
     def relative(self) -> float:

@@ -5,7 +5,9 @@
     for each stage n:  plan_n = stage.plan(ctx_n)          calibrated on the original with plans 1..n-1 applied
     export(original, [plan_1 .. plan_N])                   one load (or one layer at a time: lazy), every plan
                                                            applied in order, saved atomically
-    verify(original, export, chain)                        stock reload == original with the chained references
+    verify(original, export, chain)                        stock reload == original with the chained references,
+                                                           on the seeded ids and the first VERIFY_WINDOWS windows
+                                                           of every calibration set
 Every check that can fail runs before the first calibration or load.
 """
 
@@ -35,8 +37,10 @@ from moeprune.pipeline.recipe import (
     parse_recipe,
     read_chain,
 )
-from moeprune.pipeline.verify import VerifyResult, tolerance, verify
+from moeprune.pipeline.verify import VerifyResult, first_windows, tolerance, verify
 from moeprune.stages.base import adapter_after
+
+VERIFY_WINDOWS = 2  # real windows per calibration set the final verification runs on, besides the seeded ids
 
 
 def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Sequence, *, source: str = "recipe",
@@ -97,7 +101,8 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
     result = None
     if run_verify:
         result = verify(model, applied.out, chain, dtype=verify_dtype, lazy=lazy,
-                        device=calib.device if calib is not None else "cpu")
+                        device=calib.device if calib is not None else "cpu", seeded=True,
+                        sets=first_windows(sets, VERIFY_WINDOWS) if sets is not None else None)
         applied.report["verify"] = result.to_dict()
     if sets is not None and calib.held_out:
         applied.report["calibration_split"] = calibration_split(model, applied.out, sets, batch_size=calib.batch_size,

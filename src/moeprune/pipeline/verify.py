@@ -20,6 +20,7 @@ the layer where an export departs from its reference.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -77,21 +78,24 @@ def export_logits(model, inputs: list[dict[str, torch.Tensor]]) -> list[Logits]:
 
 def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
                   sets: Sequence[Any] | None = None, batch: int = 2, seq_len: int = 32, seed: int = 0,
-                  chunk: int = 8) -> list[dict[str, torch.Tensor]]:
-    """The inputs both models run on, `chunk` rows per forward: the seeded ids unless `tokens` or `sets` (CalibSet)
-    are given. Token ids must lie in 0..vocab_size-1 (checked here, before any model is loaded)."""
+                  chunk: int = 8, seeded: bool | None = None) -> list[dict[str, torch.Tensor]]:
+    """The inputs both models run on, `chunk` rows per forward: the seeded ids (`seeded`; by default only when
+    neither `tokens` nor `sets` (CalibSet) are given), then the given rows. Token ids must lie in 0..vocab_size-1
+    (checked here, before any model is loaded)."""
     if tokens is not None and sets is not None:
         raise MoePruneError("give verify either tokens or calibration sets, not both.")
     if chunk < 1:
         raise MoePruneError(f"chunk={chunk}: verify runs at least one row per forward; give chunk >= 1.")
-    if tokens is None and sets is None:
-        return [seeded_inputs(vocab_size, batch, seq_len, seed)]
+    if seeded is None:
+        seeded = tokens is None and sets is None
+    if not seeded and tokens is None and sets is None:
+        raise MoePruneError("verify has no inputs: give tokens or calibration sets, or keep the seeded ids.")
+    out = [seeded_inputs(vocab_size, batch, seq_len, seed)] if seeded else []
     if tokens is not None:
         named = tokens if isinstance(tokens, Mapping) else {"input_ids": tokens}
         pairs = [("tokens", named["input_ids"], named.get("attention_mask"))]
     else:
-        pairs = [(s.name, s.input_ids, s.attention_mask) for s in sets]
-    out = []
+        pairs = [(s.name, s.input_ids, s.attention_mask) for s in sets or []]
     for name, ids, mask in pairs:
         ids = torch.as_tensor(ids, dtype=torch.long)  # [N, L]
         mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.long)  # [N, L]
@@ -106,6 +110,27 @@ def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.
     return out
 
 
+def describe_inputs(inputs: list[dict[str, torch.Tensor]], *, seeded: bool, seed: int, sets: Sequence[Any] | None,
+                    tokens: Any) -> str:
+    """What verify ran on, for the log and the report: '66 rows, 4 152 tokens: random token ids (seed 0) and 2 windows
+    each of python, docs'."""
+    parts = [f"random token ids (seed {seed})"] if seeded else []
+    if tokens is not None:
+        parts.append("the given tokens")
+    if sets:
+        rows = sorted({int(s.input_ids.shape[0]) for s in sets})
+        each = f"{rows[0]} window{'s' * (rows[0] > 1)} each of " if len(rows) == 1 else "windows of "
+        parts.append(each + ", ".join(s.name for s in sets))
+    return (f"{sum(x['input_ids'].shape[0] for x in inputs)} rows, "
+            f"{sum(int(x['attention_mask'].sum()) for x in inputs)} tokens: " + " and ".join(parts))
+
+
+def first_windows(sets: Sequence[Any], rows: int) -> list[Any]:
+    """Each calibration set cut to its first `rows` windows (what `prune` verifies on besides the seeded ids)."""
+    return [dataclasses.replace(s, input_ids=s.input_ids[:rows], attention_mask=s.attention_mask[:rows],
+                                held_out_ids=None) for s in sets]
+
+
 def as_chain(plans: list[Any]) -> Chain:
     """Plan objects (PrunePlan, MergePlan, NeuronPlan, ...) -> (stage, plan) pairs, by their JSON format."""
     return [(stage_for_format(p.to_dict().get("format"), type(p).__name__), p) for p in plans]
@@ -114,13 +139,14 @@ def as_chain(plans: list[Any]) -> Chain:
 def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | None = None, *,
            dtype: str = "float32", tol: float | None = None, seed: int = 0, batch: int = 2,
            seq_len: int = 32, lazy: bool | None = None, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
-           sets: Sequence[Any] | None = None, chunk: int = 8, device: str = "cpu") -> VerifyResult:
+           sets: Sequence[Any] | None = None, chunk: int = 8, device: str = "cpu",
+           seeded: bool | None = None) -> VerifyResult:
     """Compare the reloaded EXPORT with ORIGINAL under the chained references of its plans (read from EXPORT by
     default: its moeprune_recipe.json, or the single plan of an older export).
 
     `lazy`: True = layer by layer (`verify_layered`), one decoder layer in memory; False = both models whole;
     None = layer by layer when the original does not fit in memory (`io.fit.choose_lazy`). `tokens`/`sets` replace
-    the seeded inputs (`verify_inputs`)."""
+    the seeded inputs, `seeded=True` keeps them besides (`verify_inputs`)."""
     tol = tolerance(dtype, tol)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise MoePruneError(f"verify --device {device}: no CUDA device is visible; use --device cpu.")
@@ -135,12 +161,20 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     final = chain_adapters(chain, adapter)[-1]
     _check_config(dst, final)
 
+    if seeded is None:
+        seeded = tokens is None and sets is None
     inputs = verify_inputs(src.config.get_text_config().vocab_size, tokens=tokens, sets=sets, batch=batch,
-                           seq_len=seq_len, seed=seed, chunk=chunk)
-    what = (f"random token ids (seed {seed})" if tokens is None and sets is None else
-            "the given tokens" if sets is None else "windows of " + ", ".join(s.name for s in sets))
-    logger.info("verify on %d rows, %d real tokens: %s", sum(x["input_ids"].shape[0] for x in inputs),
-                sum(int(x["attention_mask"].sum()) for x in inputs), what)
+                           seq_len=seq_len, seed=seed, chunk=chunk, seeded=seeded)
+    what = describe_inputs(inputs, seeded=seeded, seed=seed, sets=sets, tokens=tokens)
+    logger.info("verify on %s", what)
+    result = _run(src, dst, chain, adapter, inputs, dtype=dtype, tol=tol, device=device, lazy=lazy)
+    result.inputs = what
+    return result
+
+
+def _run(src: Checkpoint, dst: Checkpoint, chain: Chain, adapter, inputs: list[dict[str, torch.Tensor]], *,
+         dtype: str, tol: float, device: str, lazy: bool | None) -> VerifyResult:
+    """The comparison itself: layer by layer or with both models whole (`lazy`, `io.fit.choose_lazy`)."""
     if choose_lazy(lazy, src, dtype, "verify"):
         from moeprune.pipeline.verify_layered import verify_layered
 
