@@ -71,8 +71,9 @@ def test_a_lost_mask_would_be_caught():
 
 def test_calibration_uses_the_model_experts_impl_and_eager_on_request(monkeypatch):
     """transformers dispatches experts on config._experts_implementation (grouped_mm by default); calibration runs
-    the model's own setting (the kernel a plain forward uses), `eager=True` forces the per-expert loop, and the
-    setting is given back afterwards either way."""
+    the model's own setting (the grouped kernel a plain forward uses: its two grouped linears per MoE layer and
+    batch, the probes riding along), `eager=True` forces the per-expert loop, and the setting is given back
+    afterwards either way."""
     from transformers.integrations import moe
 
     from moeprune.calibration.data import CalibSet
@@ -82,21 +83,21 @@ def test_calibration_uses_the_model_experts_impl_and_eager_on_request(monkeypatc
     adapter = get_adapter(model.config)
     model.config._experts_implementation = "grouped_mm"
     calls = []
-    original = moe.ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+    original = moe._grouped_linear
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setitem(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, "grouped_mm", spy)
+    monkeypatch.setattr(moe, "_grouped_linear", spy)
     inputs = seeded_inputs(96, batch=2, seq_len=8, seed=1)
     with torch.no_grad():
         model(**inputs, use_cache=False)
-    assert calls, "the spy must see ordinary forwards, or this test proves nothing"
+    assert len(calls) == 2 * len(adapter.moe_layers()), "the spy must see ordinary forwards, or this proves nothing"
     sets = [CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)]
     calls.clear()
     collect(model, adapter, sets)
-    assert len(calls) == len(adapter.moe_layers())  # one experts call per MoE layer and batch (probes ride along)
+    assert len(calls) == 2 * len(adapter.moe_layers())  # one grouped pass per MoE layer and batch
     calls.clear()
     collect(model, adapter, sets, eager=True)
     assert not calls

@@ -4,8 +4,9 @@ The collector wraps a MoE block's experts module (blocks that pre-scale the expe
 through `stats/prescaled.py`). The block calls it with the real routing — indices and
 weights after softmax/sigmoid, correction bias, groups, renormalisation and scaling — so nothing is recomputed.
 For the T·k (token, slot) pairs it calls the model's own experts code once with one-hot routing (weight 1), which
-returns f_j(t), expert j's output before the gate multiply, for every pair — the probe rows below ride in the same
-call, so the experts' loop runs once per batch; the block output is then rebuilt as r_t = Σ_slots g·f (same experts
+returns f_j(t), expert j's output before the gate multiply, for every pair (transformers' grouped_mm kernel runs its
+steps on the pairs directly: `stats/slots.py`) — the probe rows below ride in the same call, so the experts' loop
+runs once per batch; the block output is then rebuilt as r_t = Σ_slots g·f (same experts
 work as the normal forward, summed in another order). A forward hook on the
 router keeps its logits for the router-probability statistics.
 
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
+from moeprune.stats.slots import slot_outputs, uses_grouped_mm
 
 EXPERT_FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "max_abs", "easy_ep_sum",
                  "prob_sum", "prob_topk_sum", "prob_top1_sum")
@@ -236,13 +238,10 @@ class RoutedCollector:
                 token = torch.cat([token, probe.repeat_interleave(E, output_size=P * E)])  # [T·k + P·E]
                 every = torch.arange(E, device=dev).repeat(P).view(-1, 1)  # [P·E, 1]
                 experts = torch.cat([experts, every.to(experts.dtype)])  # [T·k + P·E, 1]
-            rows = hidden_states.index_select(0, token)  # [T·k (+ P·E), H]: one gather, no intermediate copies
-            one = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-            if self.classes > self.stats.num_experts:  # a second slot at weight 0 on the first extra class (an
-                # identity zero expert, no work): LongCat-Flash's experts code cannot take one slot per row
-                experts = torch.cat([experts, torch.full_like(experts, self.stats.num_experts)], dim=1)  # [M, 2]
-                one = torch.cat([one, torch.zeros_like(one)], dim=1)  # [M, 2]: f·1 + x·0 = f exactly
-            fa = original(rows, experts, one, *args, **kwargs).detach().reshape(rows.shape)  # [T·k (+ P·E), H]
+            if self.classes == self.stats.num_experts and not (args or kwargs) and uses_grouped_mm(self.experts):
+                fa = slot_outputs(self.experts, hidden_states, token, experts.view(-1)).detach()  # [T·k (+ P·E), H]
+            else:
+                fa = self._one_slot_per_row(original, hidden_states, token, experts, top_k_weights, args, kwargs)
             f = fa[: T * k].view(T, k, -1)  # [T, k, H]
             probe_out = fa[T * k :].view(-1, self.stats.num_experts, fa.shape[-1]) if probe is not None else None
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=dev)
@@ -261,6 +260,18 @@ class RoutedCollector:
 
         self.experts.forward = self._prescaled_forward(original) if self.prescaled else forward
         return self
+
+    def _one_slot_per_row(self, original, hidden_states: torch.Tensor, token: torch.Tensor, experts: torch.Tensor,
+                          top_k_weights: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """f for the pairs (token[m], experts[m]) from the model's own experts code, called with one slot per row at
+        weight 1: [M, H]."""
+        rows = hidden_states.index_select(0, token)  # [M, H]: one gather, no intermediate copies
+        one = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
+        if self.classes > self.stats.num_experts:  # a second slot at weight 0 on the first extra class (an
+            # identity zero expert, no work): LongCat-Flash's experts code cannot take one slot per row
+            experts = torch.cat([experts, torch.full_like(experts, self.stats.num_experts)], dim=1)  # [M, 2]
+            one = torch.cat([one, torch.zeros_like(one)], dim=1)  # [M, 2]: f·1 + x·0 = f exactly
+        return original(rows, experts, one, *args, **kwargs).detach().reshape(rows.shape)  # [M, H]
 
     def _prescaled_forward(self, original):
         """The experts' forward for a block that pre-scales their input (`stats/prescaled.py`): the model's own call

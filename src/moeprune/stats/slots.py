@@ -1,0 +1,66 @@
+"""Per-slot expert outputs from transformers' grouped_mm experts kernel, without the one-slot-per-row detour.
+
+The collector needs f_j(t), expert j's output before the gate multiply, for every routed (token, slot) pair and
+the probe pairs. Calling the experts module with one slot per row does that for any experts code, but with
+transformers' `grouped_mm` implementation (`integrations/moe.py: grouped_mm_experts_forward`) it costs three extra
+passes over the [M, H] rows (M = T·k + P·E): the caller's copy of the rows, the kernel's multiply by the all-ones
+weights, and its sum over a slot axis of size 1 (a zero fill and a copy). `slot_outputs` runs the same kernel
+steps on the pairs directly:
+
+    ids, perm = sort(expert)                          group the M pairs by expert
+    x = hidden[token[perm]]                           [M, H]   one gather (the kernel's own)
+    offs = cumsum(histc(ids, E))                      group boundaries
+    u = gate(grouped_linear(x, W_gate_up, offs, b))   [M, I]   the module's own `_apply_gate` (or `act_fn`)
+    y = grouped_linear(u, W_down, offs, b)            [M, H]   (then `post_expert_norm` where the class has one)
+    f = y[perm⁻¹]                                     [M, H]   back in pair order
+
+with transformers' own `_grouped_linear` and the module's gate, activation, biases and layout flags, so f is the
+kernel's output for each pair before `weighted_out = f · w` (the brute-force tests compare both ways).
+It applies only where the module dispatches to that very kernel (`uses_grouped_mm`); every other experts code
+(eager loops, remote code, batched_mm, expert parallelism, zero-expert router classes) keeps the one-slot-per-row
+call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:  # transformers 5: the experts-implementation dispatch and its grouped linear
+    from transformers.integrations import moe as _moe
+except ImportError:  # pragma: no cover - older transformers: no grouped_mm kernel to mirror
+    _moe = None
+
+
+def uses_grouped_mm(experts: nn.Module) -> bool:
+    """True when `experts.forward` runs transformers' `grouped_mm_experts_forward` (the class is decorated with
+    `use_experts_implementation`, its config asks for `grouped_mm`, and expert parallelism is off)."""
+    if _moe is None or not hasattr(experts, "has_gate") or getattr(experts, "_is_expert_parallel", True):
+        return False
+    config = getattr(experts, "config", None)
+    if getattr(config, "_experts_implementation", None) != "grouped_mm":
+        return False
+    return _moe.ALL_EXPERTS_FUNCTIONS.get("grouped_mm") is _moe.grouped_mm_experts_forward
+
+
+def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """hidden: [N, H] token states; token, expert: [M] long, pair m = (token[m], expert[m]) with expert < E.
+    Returns [M, H]: expert[m]'s output on hidden[token[m]] (before any routing weight), in hidden's dtype."""
+    ids, perm = torch.sort(expert)  # [M] each
+    x = hidden[token[perm]]  # [M, H]
+    E = experts.num_experts
+    counts = torch.histc(ids.float() if ids.device.type in ("cpu", "mps") else ids.int(), bins=E, min=0, max=E - 1)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
+    first = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    first_bias = None
+    if experts.has_bias:
+        first_bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias)[ids]
+    u = _moe._grouped_linear(x, first, offs, bias=first_bias, is_transposed=experts.is_transposed)  # [M, 2I] or [M, I]
+    u = experts._apply_gate(u) if experts.has_gate else experts.act_fn(u)  # [M, I]
+    y = _moe._grouped_linear(u, experts.down_proj, offs, bias=experts.down_proj_bias[ids] if experts.has_bias else None,
+                             is_transposed=experts.is_transposed)  # [M, H]
+    if experts.has_post_expert_norm:
+        y = experts.post_expert_norm(y)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)  # [M] (a gather is faster than y's scatter)
+    return y[inverse].to(hidden.dtype)  # [M, H] pair order
