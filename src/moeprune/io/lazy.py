@@ -65,7 +65,7 @@ from moeprune.io.quant import is_quantized_dtype
 from moeprune.io.quant_ops import fix_quantizer
 from moeprune.io.remote import refuse_lazy
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
-from moeprune.io.stock import auto_class, parse_dtype
+from moeprune.io.stock import auto_class, parse_dtype, runnable
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.quant.load import refuse_mixed_lazy
@@ -186,7 +186,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
         if hf_quantizer is not None:  # with dequantize=True: the modules stay plain (no FP8Linear / Mxfp4 experts)
             hf_quantizer.preprocess_model(model=model, dtype=torch_dtype, device_map=None,
                                           checkpoint_files=[str(f) for f in files], use_kernels=False)
-    model.eval()
+    runnable(model).eval()
     if prepare is not None:
         prepare(model)
     conversions = get_model_conversion_mapping(model, None, hf_quantizer)

@@ -13,7 +13,7 @@ import torch
 from moeprune.io import nonuniform
 from moeprune.io.quant import is_quantized_dtype, quant_format
 from moeprune.io.remote import trusted
-from moeprune.io.stock import DTYPES, auto_class, parse_dtype
+from moeprune.io.stock import DTYPES, auto_class, parse_dtype, runnable
 
 __all__ = ["DTYPES", "auto_class", "load_model", "match_disk_dtypes", "parse_dtype"]
 
@@ -43,7 +43,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", routi
 
     An export of a dynamic routing policy (top_p, naee_skip) holds it in config.json under `moeprune_routing`;
     it is applied here (`routing/apply.py`) unless `routing=False` (the model's own routing)."""
-    model = _load_model(path, dtype, device)
+    model = runnable(_load_model(path, dtype, device))
     if routing:
         from moeprune.routing.apply import apply_config_routing
 

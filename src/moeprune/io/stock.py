@@ -1,4 +1,5 @@
-"""The stock transformers pieces every loader shares: dtype names and the Auto class that builds a config."""
+"""The stock transformers pieces every loader shares: dtype names, the Auto class that builds a config, and the
+text model's forward for a wrapper class that has none (`runnable`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,27 @@ def auto_class(config):
         f"stock transformers has no causal-LM or image-text-to-text class for {type(config).__name__}; "
         "moeprune cannot load it."
     )
+
+
+def runnable(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`, callable on token ids. A wrapper class without a forward of its own (Qwen3-Omni-MoE's
+    ForConditionalGeneration only generates: its thinker and talker run apart) gets, on this instance only, the
+    forward and the input / output embeddings of the one child whose config holds the model's text config (the
+    thinker, whose decoder moeprune prunes). The class, the state dict and what `save_pretrained` writes are
+    unchanged."""
+    if type(model).forward is not torch.nn.Module.forward:
+        return model
+    text = model.config.get_text_config()
+    owners = [child for _, child in model.named_children()
+              if getattr(child, "config", None) is not None and child.config.get_text_config() is text]
+    if len(owners) != 1 or type(owners[0]).forward is torch.nn.Module.forward:
+        raise MoePruneError(f"{type(model).__name__} has no forward, and moeprune found {len(owners)} sub-models "
+                            "that hold its text model; it cannot run this model on calibration or evaluation text.")
+    owner = owners[0]
+    model.forward = owner.forward
+    model.get_input_embeddings = owner.get_input_embeddings
+    model.get_output_embeddings = owner.get_output_embeddings
+    return model
 
 
 @cache

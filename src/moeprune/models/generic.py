@@ -65,7 +65,8 @@ def _scan_model(model: Any) -> tuple[list[int], str, str] | None:
             continue
         layers.append(int(m.group(1)))
         block_name, router_name = m.group(2), router
-    return (layers, block_name, router_name) if layers else None
+    return (sorted(set(layers)), block_name, router_name) if layers else None  # once each: a second decoder (an
+    # omni model's talker) repeats the indices
 
 
 def _scan_keys(keys: list[str]) -> tuple[list[int], str, str] | None:
