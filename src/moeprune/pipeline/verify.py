@@ -112,8 +112,8 @@ def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.
 
 def describe_inputs(inputs: list[dict[str, torch.Tensor]], *, seeded: bool, seed: int, sets: Sequence[Any] | None,
                     tokens: Any) -> str:
-    """What verify ran on, for the log and the report: '66 rows, 4 152 tokens: random token ids (seed 0) and 2 windows
-    each of python, docs'."""
+    """What verify ran on, for the log and the report, e.g. '6 rows, 216 tokens: random token ids (seed 0) and 2
+    windows each of web, short'."""
     parts = [f"random token ids (seed {seed})"] if seeded else []
     if tokens is not None:
         parts.append("the given tokens")

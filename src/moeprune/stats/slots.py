@@ -26,21 +26,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-try:  # transformers 5: the experts-implementation dispatch and its grouped linear
-    from transformers.integrations import moe as _moe
-except ImportError:  # pragma: no cover - older transformers: no grouped_mm kernel to mirror
-    _moe = None
+from moeprune import compat
+from moeprune.errors import MoePruneError
 
 
 def uses_grouped_mm(experts: nn.Module) -> bool:
     """True when `experts.forward` runs transformers' `grouped_mm_experts_forward` (the class is decorated with
-    `use_experts_implementation`, its config asks for `grouped_mm`, and expert parallelism is off)."""
-    if _moe is None or not hasattr(experts, "has_gate") or getattr(experts, "_is_expert_parallel", True):
+    `use_experts_implementation`, its config asks for `grouped_mm`, and expert parallelism is off). A transformers
+    without the kernel's pieces (`moeprune.compat`) gives False: the collector's one-slot-per-row call."""
+    if not hasattr(experts, "has_gate") or getattr(experts, "_is_expert_parallel", True):
         return False
     config = getattr(experts, "config", None)
     if getattr(config, "_experts_implementation", None) != "grouped_mm":
         return False
-    return _moe.ALL_EXPERTS_FUNCTIONS.get("grouped_mm") is _moe.grouped_mm_experts_forward
+    try:
+        return compat.ALL_EXPERTS_FUNCTIONS.get("grouped_mm") is compat.grouped_mm_experts_forward and bool(
+            compat.grouped_linear)
+    except MoePruneError:
+        return False
 
 
 def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -55,10 +58,10 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, 
     first_bias = None
     if experts.has_bias:
         first_bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias)[ids]
-    u = _moe._grouped_linear(x, first, offs, bias=first_bias, is_transposed=experts.is_transposed)  # [M, 2I] or [M, I]
+    u = compat.grouped_linear(x, first, offs, bias=first_bias, is_transposed=experts.is_transposed)  # [M, 2I] or [M, I]
     u = experts._apply_gate(u) if experts.has_gate else experts.act_fn(u)  # [M, I]
-    y = _moe._grouped_linear(u, experts.down_proj, offs, bias=experts.down_proj_bias[ids] if experts.has_bias else None,
-                             is_transposed=experts.is_transposed)  # [M, H]
+    down_bias = experts.down_proj_bias[ids] if experts.has_bias else None
+    y = compat.grouped_linear(u, experts.down_proj, offs, bias=down_bias, is_transposed=experts.is_transposed)  # [M, H]
     if experts.has_post_expert_norm:
         y = experts.post_expert_norm(y)
     inverse = torch.empty_like(perm)
