@@ -17,7 +17,7 @@ from moeprune.tiny import tiny_model
 from moeprune.tiny_families import NOT_BUILDABLE, moe_blocks, moe_model_types, tiny_family_model
 
 
-def _grouped_families() -> list[str]:
+def _buildable_families() -> list[str]:
     """Every buildable MoE family; the test checks each one whose experts module dispatches to transformers'
     grouped_mm kernel, and that the others' experts code is not that kernel."""
     return [mt for mt in moe_model_types() if mt not in NOT_BUILDABLE]
@@ -27,7 +27,7 @@ def _experts(model) -> list[torch.nn.Module]:
     return [experts for _, _, experts, _ in moe_blocks(model)]
 
 
-@pytest.mark.parametrize("family", _grouped_families())
+@pytest.mark.parametrize("family", _buildable_families())
 def test_slot_outputs_equal_the_eager_experts_one_slot_per_row(family):
     model = tiny_family_model(family, seed=4).eval()
     grouped = [e for e in _experts(model) if uses_grouped_mm(e)]

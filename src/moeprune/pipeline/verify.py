@@ -81,16 +81,14 @@ def export_logits(model, inputs: list[dict[str, torch.Tensor]]) -> list[Logits]:
 
 def verify_inputs(vocab_size: int, *, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
                   sets: Sequence[Any] | None = None, batch: int = 2, seq_len: int = 32, seed: int = 0,
-                  chunk: int = 8, seeded: bool | None = None) -> list[dict[str, torch.Tensor]]:
-    """The inputs both models run on, `chunk` rows per forward: the seeded ids (`seeded`; by default only when
-    neither `tokens` nor `sets` (CalibSet) are given), then the given rows. Token ids must lie in 0..vocab_size-1
-    (checked here, before any model is loaded)."""
+                  chunk: int = 8, seeded: bool = True) -> list[dict[str, torch.Tensor]]:
+    """The inputs both models run on, `chunk` rows per forward: the seeded ids (`seeded`), then the given rows
+    (`tokens`, or `sets`: CalibSet). Token ids must lie in 0..vocab_size-1 (checked here, before any model is
+    loaded)."""
     if tokens is not None and sets is not None:
         raise MoePruneError("give verify either tokens or calibration sets, not both.")
     if chunk < 1:
         raise MoePruneError(f"chunk={chunk}: verify runs at least one row per forward; give chunk >= 1.")
-    if seeded is None:
-        seeded = tokens is None and sets is None
     if not seeded and tokens is None and sets is None:
         raise MoePruneError("verify has no inputs: give tokens or calibration sets, or keep the seeded ids.")
     out = [seeded_inputs(vocab_size, batch, seq_len, seed)] if seeded else []

@@ -40,10 +40,10 @@ def uses_grouped_mm(experts: nn.Module) -> bool:
     if getattr(config, "_experts_implementation", None) != "grouped_mm":
         return False
     try:
-        return compat.ALL_EXPERTS_FUNCTIONS.get("grouped_mm") is compat.grouped_mm_experts_forward and bool(
-            compat.grouped_linear)
-    except MoePruneError:
+        kernel, registry, _ = compat.grouped_mm_experts_forward, compat.ALL_EXPERTS_FUNCTIONS, compat.grouped_linear
+    except MoePruneError:  # a transformers without the kernel's pieces
         return False
+    return registry.get("grouped_mm") is kernel
 
 
 def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
