@@ -73,7 +73,7 @@ def captured(caplog):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rho", [0.0, 0.1, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("rho", [0.1, 0.25, 0.5, 0.9, 1.0])
 def test_auto_recombines_the_asked_fraction_of_segments(rho, bias):
     layers = {1: layer(1, bias), 2: layer(2, bias)}
     plan = plan_of({k: g for k, (_, g) in layers.items()})
@@ -91,6 +91,34 @@ def test_auto_recombines_the_asked_fraction_of_segments(rho, bias):
         changed = sum(not torch.equal(m["gate"], experts[grp[0]]["gate"])
                       for m, grp in zip(merged, groups, strict=True))
         assert (changed == 0) == (want == 0)
+
+
+def unread(layers):
+    """The layers' (layer, experts) pairs, failing the test if anything asks for one."""
+    yield from ()
+    raise AssertionError(f"recombine 0 read the weights of layers {sorted(layers)}")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_recombine_zero_reads_no_weights_and_the_merge_keeps_each_survivor(bias, monkeypatch):
+    layers = {1: layer(11, bias), 2: layer(12, bias)}
+    plan = plan_of({k: g for k, (_, g) in layers.items()})
+    dern_threshold.resolve(plan, unread(layers), 0.0)
+    assert plan.threshold is None and plan.recombine == 0.0 and plan.recombined is None
+    again = MergePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.threshold is None and again.to_dict()["threshold"] is None and again.sha256() == plan.sha256()
+    monkeypatch.setattr("moeprune.merge.dern.dern_best", lambda *a: pytest.fail("the merge scanned similarities"))
+    for k, (experts, groups) in layers.items():
+        merged = MERGES.get("dern")(again)(experts, groups, [[3.0, 1.0]] * 4, layer=k)
+        # each group's expert is its survivor, bit for bit (nothing recombined: pruning of the dropped experts)
+        assert all(m.keys() == experts[grp[0]].keys() and all(torch.equal(m[r], experts[grp[0]][r]) for r in m)
+                   for m, grp in zip(merged, groups, strict=True))
+    # null contradicts a recombined fraction or counted segments; it is a dern setting only
+    base = again.to_dict()
+    for bad, needle in ((dict(recombine=0.25), "asks for 0.25"), (dict(recombined={"1": [3, 48]}), "layers [1]"),
+                        (dict(merge="average"), "dern setting")):
+        with pytest.raises(MoePruneError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            MergePlan.from_dict({**base, **bad})
 
 
 def test_pooled_threshold_recombines_the_fraction_over_all_layers():
@@ -180,7 +208,8 @@ def test_warning_when_almost_nothing_is_recombined(caplog):
                                           ((k, e) for k, (e, _) in layers.items()), recombine)
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warned) == 1 and "plain pruning" in warned[0] and fix in warned[0], warned
-        assert sum(n for n, _ in plan.recombined.values()) < 0.05 * 96
+        assert (plan.recombined is None) == (recombine == 0)
+        assert sum(n for n, _ in (plan.recombined or {}).values()) < 0.05 * 96
     # one layer below 5 %, the other not: still a warning, naming the layer
     plan = plan_of(groups, threshold={1: 1.0, 2: -1.0})
     caplog.clear()
@@ -230,11 +259,15 @@ def test_auto_export_verifies_records_thresholds_and_replays(root, tmp_path, cap
     assert lazy.passed and MergePlan.load(tmp_path / "lazy" / "moeprune_merge.json").threshold == plan.threshold
 
 
-def test_default_is_auto_and_fixed_threshold_warns(root, tmp_path, caplog):
+def test_default_recombines_nothing_without_a_scan_and_fixed_threshold_warns(root, tmp_path, caplog, monkeypatch):
     src = root / "qwen3_moe"
-    plan = api.prune(src, tmp_path / "a", method="dern", ratio=0.5, calib=calib(root), run_verify=False)[0]
+    with monkeypatch.context() as m:  # the default (recombine 0) computes no similarity, in the plan or the export
+        for where in ("moeprune.merge.dern.dern_best", "moeprune.merge.dern_threshold.dern_best"):
+            m.setattr(where, lambda *a: pytest.fail("recombine 0 scanned the segment similarities"))
+        plan, result = api.prune(src, tmp_path / "a", method="dern", ratio=0.5, calib=calib(root))
+    assert plan and result.passed  # the export equals the original with the dropped experts masked
     saved = MergePlan.load(tmp_path / "a" / "moeprune_merge.json")
-    assert plan and isinstance(saved.threshold, dict) and saved.recombine == dern_threshold.DEFAULT_RECOMBINE
+    assert saved.threshold is None and saved.recombine == dern_threshold.DEFAULT_RECOMBINE == 0.0
     with captured(caplog):
         api.prune(src, tmp_path / "b", method="dern", ratio=0.5, calib=calib(root), threshold=0.999,
                   run_verify=False)

@@ -13,7 +13,8 @@ survivor the segments are merged into the neuron they were assigned to, usage-we
     θ_{s,k'} ← (f_s·θ_{s,k'} + Σ_{(d,k)→(s,k')} f_d·θ_{d,k}) / (f_s + Σ_{(d,k)→(s,k')} f_d)
 
 (f = usage frequency from the plan; a survivor with f_s = 0 counts as 1 so its own neurons are never zeroed).
-The survivor keeps its width and its down bias. With no segment above α this is pruning of the dropped experts.
+The survivor keeps its width and its down bias. With no segment above α this is pruning of the dropped experts;
+α = None (`recombine` 0, the default) recombines nothing and skips the similarity scan.
 """
 
 from __future__ import annotations
@@ -102,16 +103,16 @@ def dern_assign(experts: Sequence[Expert], survivors: list[int], dropped: list[i
 
 @torch.no_grad()
 def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list[list[float]],
-               threshold: float = 0.4, layer: int | None = None) -> list[dict[str, torch.Tensor]]:
+               threshold: float | None = 0.4, layer: int | None = None) -> list[dict[str, torch.Tensor]]:
     """experts: every expert of the layer (canonical roles); groups: survivor first; weights: usage per member;
-    layer: the decoder layer, for the log line only.
-    Returns one expert per group (the survivor with its recombined neurons). Survivors are recombined one at a
-    time (one expert's float64 accumulators in memory)."""
+    threshold: least cosine to recombine a segment, None for none (no scan); layer: for the log line only.
+    Returns one expert per group (the survivor with its recombined neurons; a survivor nothing comes into is
+    copied as it is). Survivors are recombined one at a time (one expert's float64 accumulators in memory)."""
     check_group(list(experts))
     survivors = [g[0] for g in groups]
     usage = {j: float(w) for g, ws in zip(groups, weights, strict=True) for j, w in zip(g, ws, strict=True)}
     dropped = sorted(j for g in groups for j in g[1:])
-    assign = dern_assign(experts, survivors, dropped, threshold)
+    assign = {} if threshold is None or not dropped else dern_assign(experts, survivors, dropped, threshold)
     incoming: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {p: [] for p in range(len(survivors))}
     for d, (k, pos, target) in assign.items():  # (dropped expert, its neurons, their targets) per survivor
         for p in pos.unique().tolist():
@@ -120,6 +121,9 @@ def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list
     moved = sum(k.numel() for k, _, _ in assign.values())
     merged = []
     for p, s in enumerate(survivors):
+        if not incoming[p]:  # (f_s·θ) / f_s = θ: the survivor as it is
+            merged.append({r: t.detach().clone() for r, t in experts[s].items()})
+            continue
         fs = usage[s] if usage[s] > 0 else 1.0
         acc = {r: experts[s][r].detach().double() * fs for r in experts[s] if r != "down_bias"}
         norm = torch.full((experts[s]["gate"].shape[0],), fs, dtype=torch.float64)
@@ -137,7 +141,8 @@ def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list
         if "down_bias" in experts[s]:
             out["down_bias"] = experts[s]["down_bias"].detach().clone()
         merged.append(out)
-    logger.info("DERN%s: %d of %d neuron segments of %d dropped experts recombined (cos >= %.3f), rest dropped",
+    logger.info("DERN%s: %d of %d neuron segments of %d dropped experts recombined (%s), rest dropped",
                 "" if layer is None else f" layer {layer}", moved,
-                len(dropped) * experts[survivors[0]]["gate"].shape[0], len(dropped), threshold)
+                len(dropped) * experts[survivors[0]]["gate"].shape[0], len(dropped),
+                "recombine 0: no similarity scan" if threshold is None else f"cos >= {threshold:.3f}")
     return merged

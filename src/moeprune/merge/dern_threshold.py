@@ -10,7 +10,9 @@ so exactly m segments pass `cos >= α` (more only on exact ties), and α lies ha
 the similarities recomputed when the plan is applied (another machine, another summation order) land on the same
 side of it. The plan records α per layer (or one pooled α) and the counts `recombined[layer] = [n, N]`; the merge
 only ever reads the recorded α. A layer (or the whole model) where fewer than FEW of the dropped segments were
-recombined is plain expert pruning under another name: `warn_if_few` says so and what to change.
+recombined is plain expert pruning under another name: `warn_if_few` says so and what to change. ρ = 0 (the
+default) needs no similarity at all: the plan records threshold None and the merge skips the scan
+(`recombine_none`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from moeprune.merge.plan import MergePlan
 # 32-expert model, 25 % and 50 % of the experts dropped, against ρ = 0: ρ = ¼ raised the calibration block error in
 # 14 of 16 (model, ratio, layer) cases and the held-out perplexity ratio in 3 of 4 rows; ρ >= ½ raised both in
 # every case. ρ = 0 also beat the old fixed cosine 0.4 on all four rows.
-# So by default DERN recombines nothing (it prunes the dropped experts) and says so; `recombine` asks for more.
+# So by default DERN recombines nothing (it prunes the dropped experts, without the similarity scan) and says so;
+# `recombine` asks for more.
 DEFAULT_RECOMBINE = 0.0
 POOLED = False  # one α per layer: lower perplexity than one pooled α in 11 of 12 measured rows
 FEW = 0.05  # warn below this share of recombined segments (per layer or overall)
@@ -67,7 +70,10 @@ def resolve(plan: MergePlan, layers: Iterable[tuple[int, Sequence[Expert]]], rec
             pooled: bool = POOLED) -> MergePlan:
     """`plan` (a dern merge) with its threshold(s) and recombined counts filled in from the layers' experts
     (`layers` yields (layer, every expert of it) for the plan's layers: one similarity scan per layer).
-    `recombine` None keeps the plan's fixed threshold and only counts; a fraction chooses α from the data."""
+    `recombine` None keeps the plan's fixed threshold and only counts; a fraction chooses α from the data; 0 needs
+    no similarities (`recombine_none`: `layers` is not read)."""
+    if recombine == 0:
+        return recombine_none(plan)
     sims: dict[int, torch.Tensor] = {}
     bar = tqdm(layers, total=len(plan.layers), leave=False)
     for n, (layer, experts) in enumerate(bar):
@@ -84,6 +90,18 @@ def resolve(plan: MergePlan, layers: Iterable[tuple[int, Sequence[Expert]]], rec
     return plan
 
 
+def recombine_none(plan: MergePlan) -> MergePlan:
+    """`plan` recombining no segment (threshold None, recombine 0): the dropped experts are pruned, and no layer's
+    weights are read for similarities (their scan is E_d·E_s·I²·3H multiply-adds per layer, `dern.dern_best`)."""
+    plan.threshold, plan.recombine, plan.recombined = None, 0.0, None
+    logger.warning("DERN with recombine 0 (the default) recombines no neuron segment of the dropped experts: this is "
+                   "plain pruning of the dropped experts, kept by router statistics (recombining raised the "
+                   "perplexity ratio on the testbed and a held-out model, benchmarks/RESULTS.md). To recombine, set "
+                   "--recombine FRACTION (e.g. 0.25); to prune, also compare an expert criterion (e.g. --method "
+                   "tcess_top1).")
+    return plan
+
+
 def warn_if_few(plan: MergePlan) -> bool:
     """Warn (and return True) when fewer than FEW of the dropped segments were recombined in a layer or overall."""
     if not plan.recombined:
@@ -97,9 +115,8 @@ def warn_if_few(plan: MergePlan) -> bool:
         fix = ("To recombine more, use --threshold auto with --recombine FRACTION (the share of segments to "
                "recombine), or a lower --threshold.")
     elif plan.recombine < FEW:
-        fix = (f"recombine {plan.recombine:g} asks for that (0 is the default: recombining raised the perplexity "
-               "ratio on the testbed and a held-out model, benchmarks/RESULTS.md). To recombine, set --recombine "
-               "FRACTION (e.g. 0.25); to prune, also compare an expert criterion (e.g. --method tcess_top1).")
+        fix = (f"recombine {plan.recombine:g} asks for that. To recombine, set --recombine FRACTION (e.g. 0.25); to "
+               "prune, also compare an expert criterion (e.g. --method tcess_top1).")
     else:
         fix = f"To recombine more, raise --recombine (now {plan.recombine:g})."
     logger.warning("DERN recombined %d of %d dropped neuron segments (%.1f%%; %s): where that is few this is plain "

@@ -10,8 +10,9 @@ expert g is group g. `weights` are the members' usage frequencies (merge and rou
 is average | svd (`rank`) | dern (`threshold`; for dern the non-first members are the dropped experts, recorded
 with the survivor most similar by router logits, and their neurons may go to any survivor). A dern `threshold` is
 one cosine, or one per layer ({"1": 0.31, "2": 0.27}: chosen from the data, `merge/dern_threshold.py`, with the
-recombined fraction `recombine`); `recombined` ({"1": [n, of]}) records how many of the dropped neuron segments
-met it (informational: the merge reads only `threshold`). Every expert of
+recombined fraction `recombine`), or null: no segment is recombined (`recombine` 0, the default, which needs no
+similarity scan); `recombined` ({"1": [n, of]}) records how many of the dropped neuron segments met it
+(informational: the merge reads only `threshold`). Every expert of
 the layer appears in exactly one group. `as_prune_plan()` (the dominants) carries the structural checks of
 expert removal: one count for all layers, ≥ top-k, equal counts per router group; merging across router groups
 (DeepSeek-V3 `n_group`) is refused.
@@ -66,7 +67,8 @@ class MergePlan:
     merge: str = "average"
     router: str = "dominant"
     rank: int | None = None  # svd merge only
-    threshold: float | dict[int, float] = 0.4  # dern only: least cosine to recombine a segment (one, or per layer)
+    # dern only: least cosine to recombine a segment (one, or per layer); None: recombine no segment
+    threshold: float | dict[int, float] | None = 0.4
     recombine: float | None = None  # dern with a data-chosen threshold: the recombined fraction it was chosen for
     recombined: dict[int, list[int]] | None = None  # dern: [segments recombined, dropped segments] per layer
     note: str | None = None  # e.g. adaptive per-layer counts padded to one count
@@ -81,8 +83,9 @@ class MergePlan:
     def layers(self) -> list[int]:
         return sorted(self.groups)
 
-    def threshold_of(self, layer: int | None) -> float:
-        """The dern threshold of decoder layer `layer` (one cosine for all layers, or the layer's own)."""
+    def threshold_of(self, layer: int | None) -> float | None:
+        """The dern threshold of decoder layer `layer` (one cosine for all layers, or the layer's own; None: no
+        segment is recombined)."""
         if not isinstance(self.threshold, dict):
             return self.threshold
         if layer not in self.threshold:
@@ -90,7 +93,7 @@ class MergePlan:
                                 f"merged layer {self.layers}.")
         return self.threshold[layer]
 
-    def _threshold_json(self) -> float | dict[str, float]:
+    def _threshold_json(self) -> float | dict[str, float] | None:
         t = self.threshold
         return {str(k): v for k, v in sorted(t.items())} if isinstance(t, dict) else t
 
@@ -143,6 +146,9 @@ class MergePlan:
             raise MoePruneError(f"{w}--rank {self.rank} must be >= 1.")
         if self.merge == "dern":
             check_dern(self, w)
+        elif self.threshold is None:
+            raise MoePruneError(f"{w}'threshold' null (recombine no neuron segment) is a dern setting; this plan "
+                                f"merges with {self.merge!r}: remove 'threshold' or give a number.")
 
     def validate(self, adapter: MoEAdapter) -> None:
         """Raise MoePruneError unless this plan can be applied to the model (checked before any surgery)."""
@@ -272,9 +278,15 @@ class MergePlan:
 
 
 def check_dern(plan: MergePlan, w: str) -> None:
-    """A dern plan's threshold: one cosine in [-1, 1], or one per merged layer; `recombined` [n <= of] per layer."""
+    """A dern plan's threshold: one cosine in [-1, 1], one per merged layer, or None (no segment recombined, which a
+    `recombine` fraction above 0 contradicts); `recombined` [n <= of] per layer."""
     t = plan.threshold
-    per_layer = t if isinstance(t, dict) else {None: t}
+    if plan.recombine is not None and not (is_number(plan.recombine) and 0.0 <= plan.recombine <= 1.0):
+        raise MoePruneError(f"{w}'recombine' {plan.recombine} is a fraction of segments: give a number in [0, 1].")
+    if t is None and plan.recombine:
+        raise MoePruneError(f"{w}threshold null recombines no neuron segment, but 'recombine' asks for "
+                            f"{plan.recombine:g} of them; give the cosine(s) chosen for it, or recombine 0.")
+    per_layer = {} if t is None else t if isinstance(t, dict) else {None: t}
     bad = {k: v for k, v in per_layer.items() if not (is_number(v) and -1.0 <= v <= 1.0)}
     if bad:
         k, v = next(iter(bad.items()))
@@ -283,9 +295,11 @@ def check_dern(plan: MergePlan, w: str) -> None:
     if isinstance(t, dict) and sorted(t) != plan.layers:
         raise MoePruneError(f"{w}the dern threshold gives cosines for layers {sorted(t)}; give one for every merged "
                             f"layer {plan.layers} (or one number for all).")
-    if plan.recombine is not None and not (is_number(plan.recombine) and 0.0 <= plan.recombine <= 1.0):
-        raise MoePruneError(f"{w}'recombine' {plan.recombine} is a fraction of segments: give a number in [0, 1].")
     for layer, nm in (plan.recombined or {}).items():
         if layer not in plan.groups or len(nm) != 2 or not all(is_int(x) for x in nm) or not 0 <= nm[0] <= nm[1]:
             raise MoePruneError(f"{w}recombined[{layer}] = {nm}: give [recombined, dropped segments] (whole numbers, "
                                 "recombined <= dropped) for a merged layer.")
+    moved = sorted(layer for layer, nm in (plan.recombined or {}).items() if nm[0])
+    if t is None and moved:
+        raise MoePruneError(f"{w}threshold null recombines no neuron segment, but 'recombined' counts some in layers "
+                            f"{moved}; remove 'recombined' or give the cosine(s) that recombined them.")

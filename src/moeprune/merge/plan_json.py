@@ -10,8 +10,11 @@ from numbers import Integral, Real
 from moeprune.errors import MoePruneError
 
 
-def parse_threshold(value, source: str) -> float | dict[int, float]:
-    """'threshold': one number, or {"layer": number} (per-layer cosines chosen from the data)."""
+def parse_threshold(value, source: str) -> float | dict[int, float] | None:
+    """'threshold': one number, {"layer": number} (per-layer cosines chosen from the data), or null (no segment is
+    recombined)."""
+    if value is None:
+        return None
     if isinstance(value, dict):
         seen: dict = {}
         out = {}
@@ -23,8 +26,8 @@ def parse_threshold(value, source: str) -> float | dict[int, float]:
             out[layer] = float(v)
         return out
     if not is_number(value):
-        raise MoePruneError(f"{source}: 'threshold' must be a number (the dern merge's least cosine, in [-1, 1]) or "
-                            f"one per layer ({{\"1\": 0.3}}); got {shorten(value)}.")
+        raise MoePruneError(f"{source}: 'threshold' must be a number (the dern merge's least cosine, in [-1, 1]), "
+                            f"one per layer ({{\"1\": 0.3}}), or null (recombine none); got {shorten(value)}.")
     return float(value)
 
 

@@ -9,7 +9,8 @@ in the original's own router (`stages/reference.py`), so slicing and renumbering
 The dern merge's threshold is `auto` by default: chosen per layer from the segment similarities of the model as the
 earlier stages leave it, so that the fraction `recombine` of the dropped neuron segments is recombined
 (`merge/dern_threshold.py`); a number is a fixed cosine. Either way the plan records the cosine(s) and how many
-segments met them (`recombined`), and warns when almost none did.
+segments met them (`recombined`), and warns when almost none did. With `recombine` 0 (the default) no segment is
+recombined: the plan's threshold is None and no layer is read for similarities.
 """
 
 from __future__ import annotations
@@ -170,7 +171,9 @@ class MergeStage(Stage):
     def describe(self, plan: MergePlan) -> str:
         kept = len(next(iter(plan.groups.values())))
         text = f"merge ({plan.method}, {plan.merge}): {plan.num_experts} -> {kept} per MoE layer"
-        if plan.merge == "dern" and plan.recombined:
+        if plan.merge == "dern" and plan.threshold is None:
+            text += "; no neuron segment recombined (recombine 0: the dropped experts are pruned)"
+        elif plan.merge == "dern" and plan.recombined:
             n, of = (sum(x[i] for x in plan.recombined.values()) for i in (0, 1))
             text += f"; {n} of {of} dropped neuron segments recombined ({n / max(of, 1):.0%})"
         return text
