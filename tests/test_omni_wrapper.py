@@ -4,6 +4,8 @@ the original checkpoint's tensors for everything the plan does not touch (the ta
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -60,6 +62,29 @@ def test_prune_the_thinker_and_keep_the_talker(omni, tmp_path, recipe):
     assert talker and all(torch.equal(before[k], after[k]) for k in talker)  # untouched, bit for bit
     changed = [k for k in before if k.startswith("thinker.") and (k not in after or after[k].shape != before[k].shape)]
     assert changed and all(".mlp." in k for k in changed)  # only the thinker's MoE blocks lost experts / neurons
+
+
+@pytest.mark.parametrize("method, ratio, mode", [("reap", 0.25, "streaming"), ("reap", 0.25, "lazy"),
+                                                ("heapr", 0.5, "lazy"), ("dern", 0.25, "lazy")])
+def test_layer_by_layer_and_streaming_equal_the_in_memory_export(omni, tmp_path, method, ratio, mode):
+    """The talker is a second MoE decoder whose keys also read `*.layers.N.mlp.experts.*`: the shard edit and the
+    lazy reader take the thinker's (the adapter's decoder path, `models/structure.py`), and the config's expert
+    count is the thinker's text config (thinker_config.text_config)."""
+    calib = CalibrateOptions((f"web={omni / 'web.txt'}",), samples=4, seq_len=32)
+    whole, result = moeprune.prune(omni / "model", tmp_path / "whole", method=method, ratio=ratio, calib=calib,
+                                   lazy=False)
+    assert result.passed, result.line()
+    other, result = moeprune.prune(omni / "model", tmp_path / mode, method=method, ratio=ratio, calib=calib,
+                                   **{mode: True})
+    assert result.passed, result.line()
+    want, got = _tensors(whole.out), _tensors(other.out)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+    before = _tensors(omni / "model")
+    assert all(torch.equal(before[k], got[k]) for k in before if not k.startswith("thinker."))
+    config = json.loads((other.out / "config.json").read_text())
+    thinker, talker = config["thinker_config"]["text_config"], config["talker_config"]["text_config"]
+    original = json.loads((omni / "model" / "config.json").read_text())["talker_config"]["text_config"]
+    assert talker == original and thinker["num_experts"] == (6 if method != "heapr" else 8)
 
 
 def test_a_class_without_forward_and_no_text_owner_is_refused():

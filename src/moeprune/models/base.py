@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.io.quant_config import NESTED
 from moeprune.models.keys import COUNT_KEYS, get_key, set_key
 from moeprune.models.layouts import layout_of
 from moeprune.models.routing import RoutingSpec
@@ -322,7 +323,7 @@ class MoEAdapter:
         writes `num_local_experts` while Hub checkpoints say `num_experts`): every alias holding E is updated.
         """
         target = config
-        for nest in ("text_config", "language_config", "llm_config"):
+        for nest in ("thinker_config", *NESTED):  # an omni model's text config: thinker_config.text_config
             held = any(get_key(target, k) is not None for k in (self.count_key, *COUNT_KEYS))
             if not held and isinstance(target.get(nest), dict):
                 target = target[nest]

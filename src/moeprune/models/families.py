@@ -110,7 +110,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("phimoe", ("phimoe",)),
     FamilySpec("qwen3_5_moe", ("qwen3_5_moe_text",)),
     FamilySpec("qwen3_next", ("qwen3_next",)),
-    FamilySpec("qwen3_omni_moe", ("qwen3_omni_moe_thinker",),
+    FamilySpec("qwen3_omni_moe", ("qwen3_omni_moe_thinker", "qwen3_omni_moe"),
                note="softmax, top-k, renormalised (Qwen3-MoE); the thinker config must carry vision_start_token_id "
                     "as real checkpoints do (its class lacks the field its model reads)"),
     FamilySpec("solar_open", ("solar_open",)),
