@@ -16,7 +16,7 @@ from moeprune import api
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.cli import main
 from moeprune.errors import MoePruneError
-from moeprune.merge import dern_threshold
+from moeprune.merge import dern, dern_threshold
 from moeprune.merge.dern import merge_dern
 from moeprune.merge.methods import MERGES
 from moeprune.merge.plan import MergePlan
@@ -119,6 +119,28 @@ def test_recombine_zero_reads_no_weights_and_the_merge_keeps_each_survivor(bias,
                         (dict(merge="average"), "dern setting")):
         with pytest.raises(MoePruneError, match=needle.replace("[", r"\[").replace("]", r"\]")):
             MergePlan.from_dict({**base, **bad})
+
+
+def test_similarities_are_scanned_once_per_layer_content(monkeypatch):
+    experts, groups = layer(13)
+    survivors, dropped = [g[0] for g in groups], [g[1] for g in groups]
+    calls = []
+    scan = dern.scan_best
+    monkeypatch.setattr(dern, "scan_best", lambda *a: calls.append(1) or scan(*a))
+    monkeypatch.setattr(dern, "_MEMO", type(dern._MEMO)())
+    first = dern.dern_best(experts, survivors, dropped)
+    copy = [{r: t.clone() for r, t in e.items()} for e in experts]  # equal content, other tensors
+    again = dern.dern_best(copy, survivors, dropped)
+    assert len(calls) == 1 and again is first
+    want = brute_force_best(experts, groups)
+    torch.testing.assert_close(torch.cat([first[d][0] for d in dropped]), want, rtol=0, atol=1e-12)
+    copy[dropped[0]]["up"][0, 0] += 1.0  # one value of one dropped expert: scanned anew, and its result differs
+    changed = dern.dern_best(copy, survivors, dropped)
+    assert len(calls) == 2 and not torch.equal(changed[dropped[0]][0], first[dropped[0]][0])
+    torch.testing.assert_close(torch.cat([changed[d][0] for d in dropped]), brute_force_best(copy, groups), rtol=0,
+                               atol=1e-12)
+    dern.dern_best(experts, survivors, dropped[:2])  # other dropped experts: another entry
+    assert len(calls) == 3
 
 
 def test_pooled_threshold_recombines_the_fraction_over_all_layers():
@@ -235,8 +257,11 @@ def calib(root, **kw) -> CalibrateOptions:
     return CalibrateOptions((f"web={root / 'web.txt'}",), samples=6, seq_len=48, held_out=0, **kw)
 
 
-def test_auto_export_verifies_records_thresholds_and_replays(root, tmp_path, caplog):
+def test_auto_export_verifies_records_thresholds_and_replays(root, tmp_path, caplog, monkeypatch):
     src = root / "qwen3_moe"
+    scans, scan = [], dern.scan_best
+    monkeypatch.setattr(dern, "_MEMO", type(dern._MEMO)())
+    monkeypatch.setattr(dern, "scan_best", lambda *a: scans.append(1) or scan(*a))
     with captured(caplog):
         applied, result = api.prune(src, tmp_path / "out", method="dern", ratio=0.5, calib=calib(root),
                                     recombine=0.5)
@@ -249,6 +274,8 @@ def test_auto_export_verifies_records_thresholds_and_replays(root, tmp_path, cap
     assert stage["recombined"] == {str(k): v for k, v in plan.recombined.items()} and stage["recombine"] == 0.5
     assert stage["threshold"] == {str(k): v for k, v in plan.threshold.items()}
     assert "dropped neuron segments recombined" in caplog.text
+    # the threshold choice, the export and verify's reference: one similarity scan per layer, not three
+    assert len(scans) == len(plan.layers), scans
     # replaying the recorded plan onto the original gives the same export; verify passes on it
     assert main(["apply", str(src), "--plan", str(tmp_path / "out" / "moeprune_merge.json"),
                  "--out", str(tmp_path / "again")]) == 0
