@@ -73,13 +73,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts, masked_rows
 from moeprune.models.silenced import experts_silenced
+from moeprune.select.naee_replay import ReplayLinear
 
 DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
 DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before tokens are subsampled
@@ -219,80 +219,6 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     return out
 
 
-class _ReplayLinear(TorchFunctionMode):
-    """Serves the router's `F.linear` on the cached router inputs from one recorded result per chunk.
-
-    The router logits do not depend on D, so each evaluation replays them instead of redoing the [c, H]×[H, E]
-    product; the router still runs every other op of its own code, and the mask mode (the inner mode) adds its
-    mask to a copy. A call is served when its weight / bias are the router's own parameters or buffers (`params`:
-    alive and unchanged during a search) and its input is a cached chunk x [c, H], or the evaluator's repeat
-    buffer while it holds `rows_of` = (x, b): x repeated b times ([b·c, H]; served as the recorded [c, E] result
-    repeated b times, which is exactly what b one-at-a-time calls get). Dtype conversions of those inputs and
-    parameters inside the router (DeepSeek-V3 / GLM-4 compute their logits in float32) are followed for the
-    duration of one router call, so such linears are replayed too (on x converted the same way). Any other linear
-    is computed as usual."""
-
-    CONVERT = frozenset({"type", "to", "float", "double", "half", "bfloat16"})
-
-    def __init__(self, chunks: list[torch.Tensor], params: list[torch.Tensor]):
-        super().__init__()
-        self.chunks = {x.data_ptr(): x for x in chunks}
-        self.params = {t.data_ptr(): t for t in params}
-        self.cache: dict[tuple, torch.Tensor] = {}
-        self.buffer: torch.Tensor | None = None  # the evaluator's repeat buffer
-        self.rows_of: tuple[torch.Tensor, int] | None = None  # (x, b): the buffer's first b·c rows are x, b times
-        self.derived: dict[int, tuple[torch.Tensor, tuple]] = {}  # converted copy's ptr -> (copy, its origin)
-
-    def _origin(self, t: torch.Tensor) -> tuple | None:
-        """("x", x, b, dtype): x repeated b times, in dtype; ("p", param, dtype); None: not a replayable tensor."""
-        ptr = t.data_ptr()
-        if ptr in self.derived:
-            copy, origin = self.derived[ptr]
-            return origin if copy is t or (copy.shape == t.shape and copy.stride() == t.stride()
-                                           and copy.dtype == t.dtype) else None
-        if ptr in self.params:
-            p = self.params[ptr]
-            return ("p", p, p.dtype) if (t.shape, t.stride(), t.dtype) == (p.shape, p.stride(), p.dtype) else None
-        if ptr in self.chunks:
-            x = self.chunks[ptr]
-            return ("x", x, 1, x.dtype) if (t.shape, t.stride(), t.dtype) == (x.shape, x.stride(), x.dtype) else None
-        if self.buffer is not None and self.rows_of is not None and ptr == self.buffer.data_ptr():
-            x, b = self.rows_of
-            ok = t.shape == (b * x.shape[0], x.shape[1]) and t.is_contiguous() and t.dtype == x.dtype
-            return ("x", x, b, x.dtype) if ok else None
-        return None
-
-    def __exit__(self, *exc):
-        self.derived.clear()  # converted copies are followed within one router call only
-        return super().__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in self.CONVERT and args and isinstance(args[0], torch.Tensor):
-            out = func(*args, **kwargs)
-            origin = self._origin(args[0])
-            if origin is not None and isinstance(out, torch.Tensor) and out.data_ptr() != args[0].data_ptr() \
-                    and out.shape == args[0].shape:
-                self.derived[out.data_ptr()] = (out, (*origin[:-1], out.dtype))  # held: its address stays its own
-            return out
-        if name != "linear" or kwargs or not args or not isinstance(args[0], torch.Tensor):
-            return func(*args, **kwargs)
-        rest = [a for a in args[1:] if a is not None]
-        origins = [self._origin(t) if isinstance(t, torch.Tensor) else None for t in rest]
-        source = self._origin(args[0])
-        if source is None or source[0] != "x" or any(o is None or o[0] != "p" for o in origins):
-            return func(*args, **kwargs)
-        _, x, b, dtype = source
-        key = (x.data_ptr(), dtype, *((o[1].data_ptr(), o[2]) for o in origins))
-        hit = self.cache.get(key)
-        if hit is None:
-            params = iter(o[1].to(o[2]) for o in origins)
-            call = [x.to(dtype), *(next(params) if a is not None else None for a in args[1:])]
-            hit = self.cache[key] = func(*call)  # [c, E]
-        return hit.clone() if b == 1 else hit.repeat(b, 1)  # a copy: the router may write into what it gets
-
-
 @contextmanager
 def _router_call(router: nn.Module, out: ExpertOutputs, tokens: int) -> Iterator[None]:
     """Record in `out` the arguments the block passes its router after the hidden states. They must not depend on
@@ -316,7 +242,7 @@ def _router_call(router: nn.Module, out: ExpertOutputs, tokens: int) -> Iterator
 
 class FastEvaluator:
     """err(D) (module docstring) from precomputed `outputs`: the layer's own router under the mask (its
-    D-independent logits replayed, `_ReplayLinear`), gathers of G and A, float64 accumulation.
+    D-independent logits replayed, `naee_replay.ReplayLinear`), gathers of G and A, float64 accumulation.
 
     `evaluator(D)` scores one set D (the router on each chunk of c tokens under the plain [E] mask,
     `models.masking.masked_experts`). `evaluator.many([D_1 … D_n])` scores n sets with one router call per chunk
@@ -340,7 +266,7 @@ class FastEvaluator:
         self.router = adapter.router(adapter.block(model, layer))
         self.k = adapter.top_k
         self.xs = [_pad_rows(x, ROW_ALIGN) for x in outputs.x]  # [c', H], c' = c rounded up to ROW_ALIGN
-        self.replay = _ReplayLinear(self.xs, [*self.router.parameters(), *self.router.buffers()])
+        self.replay = ReplayLinear(self.xs, [*self.router.parameters(), *self.router.buffers()])
         # flat offsets of token t's block in G [c·E·E]
         self.bases = [torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2 for g in outputs.gram]  # [c]
         c = max(x.shape[0] for x in self.xs)
