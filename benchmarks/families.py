@@ -61,12 +61,15 @@ def _calib(text: Path, **kw):
 
 
 def _load(path: Path, **kwargs):
+    """The stock class's `from_pretrained`; a wrapper without a forward of its own (Qwen3-Omni-MoE) runs through the
+    sub-model holding its text model (`io/stock.runnable`, checked against the stock thinker's logits in
+    tests/test_omni_wrapper.py)."""
     from transformers import AutoConfig
 
-    from moeprune.io.stock import auto_class
+    from moeprune.io.stock import auto_class, runnable
 
     config = AutoConfig.from_pretrained(str(path))
-    return auto_class(config).from_pretrained(str(path), dtype=torch.float32, **kwargs).eval()
+    return runnable(auto_class(config).from_pretrained(str(path), dtype=torch.float32, **kwargs).eval())
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:

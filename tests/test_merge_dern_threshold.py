@@ -325,10 +325,14 @@ def test_inapplicable_options_are_refused(root, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(MoePruneError, match="threshold must|'auto'"):
         api.make_plan(tmp_path / "none.safetensors", "dern", 0.5, threshold="automatic")
-    # a statistics file holds no weights: auto is refused there, a fixed cosine still plans
+    # a statistics file holds no weights: a recombined fraction is refused there; the default (recombine nothing)
+    # and a fixed cosine still plan, the default with the same groups as the checkpoint's plan
     stats = tmp_path / "s.safetensors"
     assert main(["calibrate", str(src), "--calib", web, "--samples", "6", "--seq-len", "48", "--out", str(stats)]) == 0
     with pytest.raises(MoePruneError, match="--threshold COSINE"):
-        api.make_plan(stats, "dern", 0.5)
+        api.make_plan(stats, "dern", 0.5, recombine=0.25)
     plan = api.make_plan(stats, "dern", 0.5, threshold=0.3)
     assert plan.threshold == 0.3 and plan.recombined is None
+    plan = api.make_plan(stats, "dern", 0.5)
+    assert plan.threshold is None and plan.recombine == 0.0 and plan.recombined is None
+    assert main(["apply", str(src), "--plan", str(plan.save(tmp_path / "p.json")), "--out", str(tmp_path / "x")]) == 0

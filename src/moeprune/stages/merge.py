@@ -106,17 +106,22 @@ class MergeStage(Stage):
     # ------------------------------------------------------------------ plans
     def plan(self, o: MergeOptions, ctx) -> MergePlan:
         fixed = o.threshold is not None and o.threshold != AUTO
-        if self.merge_of(o) == "dern" and not fixed and ctx.ckpt is None:
-            raise MoePruneError("dern's threshold auto is chosen from the expert weights, which a statistics file "
-                                "does not hold: give --threshold COSINE (e.g. 0.2), or run `moeprune prune MODEL "
-                                "--method dern --calib NAME=PATH`, which reads them.")
+        recombine = None if fixed else (DEFAULT_RECOMBINE if o.recombine is None else float(o.recombine))
+        if self.merge_of(o) == "dern" and recombine and ctx.ckpt is None:
+            raise MoePruneError(f"dern with --recombine {recombine:g} chooses its threshold from the expert weights, "
+                                "which a statistics file does not hold: give --threshold COSINE (e.g. 0.2), leave "
+                                "--recombine at 0 (the default: nothing recombined, no weights needed), or run "
+                                "`moeprune prune MODEL --method dern --calib NAME=PATH`, which reads them.")
         stats = ctx.routed_stats()
         plan = make_merge_plan(stats, o.method, o.ratio, calib_set=list(o.calib_set) if o.calib_set else None,
                                budget=o.budget, merge=o.merge, router=o.router, rank=o.rank,
                                **({"threshold": float(o.threshold)} if fixed else {}))
-        if plan.merge != "dern" or ctx.ckpt is None:  # a fixed threshold from a statistics file: nothing to count
+        if plan.merge != "dern":
             return plan
-        recombine = None if fixed else (DEFAULT_RECOMBINE if o.recombine is None else float(o.recombine))
+        if recombine == 0:  # nothing recombined: no similarity, so no weights to read
+            return dern_threshold.recombine_none(plan)
+        if ctx.ckpt is None:  # a fixed threshold from a statistics file: nothing to count
+            return plan
         return dern_threshold.resolve(plan, layer_experts(ctx), recombine)
 
     def load_plan(self, raw: dict, source: str) -> MergePlan:
