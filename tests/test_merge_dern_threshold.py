@@ -326,7 +326,7 @@ def test_inapplicable_options_are_refused(root, tmp_path, capsys):
     with pytest.raises(MoePruneError, match="threshold must|'auto'"):
         api.make_plan(tmp_path / "none.safetensors", "dern", 0.5, threshold="automatic")
     # a statistics file holds no weights: a recombined fraction is refused there; the default (recombine nothing)
-    # and a fixed cosine still plan, the default with the same groups as the checkpoint's plan
+    # and a fixed cosine still plan, and the default's plan applies to the checkpoint and verifies
     stats = tmp_path / "s.safetensors"
     assert main(["calibrate", str(src), "--calib", web, "--samples", "6", "--seq-len", "48", "--out", str(stats)]) == 0
     with pytest.raises(MoePruneError, match="--threshold COSINE"):

@@ -77,7 +77,7 @@ def _digest(experts: Sequence[Expert], survivors: list[int], dropped: list[int])
         for role in sorted(experts[j]):
             t = experts[j][role].detach()
             h.update(f"{j}.{role}:{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
     return h.hexdigest()
 
 
