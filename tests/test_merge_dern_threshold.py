@@ -132,15 +132,19 @@ def test_similarities_are_scanned_once_per_layer_content(monkeypatch):
     copy = [{r: t.clone() for r, t in e.items()} for e in experts]  # equal content, other tensors
     again = dern.dern_best(copy, survivors, dropped)
     assert len(calls) == 1 and again is first
+    narrow = [{r: t.float() for r, t in e.items()} for e in experts]  # other values (float32): scanned
+    in32 = dern.dern_best(narrow, survivors, dropped)
+    wide = [{r: t.double() for r, t in e.items()} for e in narrow]  # those values in float64: the same entry
+    assert dern.dern_best(wide, survivors, dropped) is in32 and len(calls) == 2
     want = brute_force_best(experts, groups)
     torch.testing.assert_close(torch.cat([first[d][0] for d in dropped]), want, rtol=0, atol=1e-12)
     copy[dropped[0]]["up"][0, 0] += 1.0  # one value of one dropped expert: scanned anew, and its result differs
     changed = dern.dern_best(copy, survivors, dropped)
-    assert len(calls) == 2 and not torch.equal(changed[dropped[0]][0], first[dropped[0]][0])
+    assert len(calls) == 3 and not torch.equal(changed[dropped[0]][0], first[dropped[0]][0])
     torch.testing.assert_close(torch.cat([changed[d][0] for d in dropped]), brute_force_best(copy, groups), rtol=0,
                                atol=1e-12)
     dern.dern_best(experts, survivors, dropped[:2])  # other dropped experts: another entry
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_pooled_threshold_recombines_the_fraction_over_all_layers():

@@ -70,14 +70,19 @@ def _block_best(fd64: torch.Tensor, fd32: torch.Tensor, b64: torch.Tensor, b32: 
     return (fd64 * b64[arg]).sum(dim=1), arg  # [I] float64 cosine of each winner, [I] its index
 
 
+FEATURE_ROLES = ("gate", "up", "down", "gate_bias", "up_bias")  # what `neuron_features` reads
+
+
 def _digest(experts: Sequence[Expert], survivors: list[int], dropped: list[int]) -> str:
-    """A digest of what `dern_best` reads: the two index lists and every role's dtype, shape and bytes."""
+    """A digest of what the scan reads: the two index lists and each feature role's shape and float64 values (the
+    scan's own precision, so a layer read in bf16 for the export and in float32 for verify's reference, the same
+    values, is one entry)."""
     h = hashlib.blake2b(repr((survivors, dropped)).encode(), digest_size=20)
     for j in (*survivors, *dropped):
-        for role in sorted(experts[j]):
+        for role in (r for r in FEATURE_ROLES if r in experts[j]):
             t = experts[j][role].detach()
-            h.update(f"{j}.{role}:{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+            h.update(f"{j}.{role}:{tuple(t.shape)}".encode())
+            h.update(t.to(device="cpu", dtype=torch.float64).contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
