@@ -34,6 +34,7 @@ from moeprune.io import nonuniform
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.fit import choose_lazy
 from moeprune.io.load import load_model
+from moeprune.io.safetensors_io import DTYPES
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.keys import get_key
@@ -41,6 +42,8 @@ from moeprune.pipeline.compare import DEFAULT_TOL, Logits, VerifyResult, combine
 from moeprune.pipeline.recipe import Chain, chain_adapters, is_export, read_chain
 from moeprune.stages.base import stage_for_format
 from moeprune.stages.reference import Reference
+
+FLOATS = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors names of the floating dtypes
 
 
 def seeded_inputs(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
@@ -168,36 +171,49 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
                            seq_len=seq_len, seed=seed, chunk=chunk, seeded=seeded)
     what = describe_inputs(inputs, seeded=seeded, seed=seed, sets=sets, tokens=tokens)
     logger.info("verify on %s", what)
-    result = _run(src, dst, chain, adapter, inputs, dtype=dtype, tol=tol, device=device, lazy=lazy)
+    result = _run(src, dst, chain, adapter, inputs, dtype=dtype, tol=tol, device=device, lazy=lazy,
+                  storage=stored_expert_dtype(dst, final))
     result.inputs = what
     return result
 
 
+def stored_expert_dtype(ckpt: Checkpoint, adapter) -> torch.dtype | None:
+    """The one floating dtype `ckpt` stores its routed experts' tensors in (bf16 for a bf16 export), else None
+    (packed / quantized experts, or several dtypes: the reference then writes values as computed)."""
+    kinds = ("expert", "fused")
+    names = {e.dtype for e in ckpt.entries if adapter.classify_key(e.name).kind in kinds}
+    floats = {DTYPES[n][1] for n in names if n in FLOATS}
+    return floats.pop() if len(floats) == 1 and names <= FLOATS else None
+
+
 def _run(src: Checkpoint, dst: Checkpoint, chain: Chain, adapter, inputs: list[dict[str, torch.Tensor]], *,
-         dtype: str, tol: float, device: str, lazy: bool | None) -> VerifyResult:
-    """The comparison itself: layer by layer or with both models whole (`lazy`, `io.fit.choose_lazy`)."""
+         dtype: str, tol: float, device: str, lazy: bool | None, storage: torch.dtype | None = None) -> VerifyResult:
+    """The comparison itself: layer by layer or with both models whole (`lazy`, `io.fit.choose_lazy`); `storage`:
+    the export's expert dtype, which the reference rounds new expert values to (`stages/reference.py`)."""
     if choose_lazy(lazy, src, dtype, "verify"):
         from moeprune.pipeline.verify_layered import verify_layered
 
-        return verify_layered(src.path, dst.path, chain, adapter, inputs, dtype=dtype, tol=tol, device=device)
+        return verify_layered(src.path, dst.path, chain, adapter, inputs, dtype=dtype, tol=tol, device=device,
+                              storage=storage)
     logger.info("verify: loading %s%s", dst.path, "" if nonuniform.is_nonuniform(dst.config_dict) else
                 " with stock from_pretrained")
     got = export_logits(load_model(dst.path, dtype=dtype, device=device), inputs)
     logger.info("verify: original %s with the references of %s", src.path,
                 " → ".join(stage.describe(plan) for stage, plan in chain))
-    results = _against(src.path, adapter, chain, inputs, got, dtype, tol, device)
+    results = _against(src.path, adapter, chain, inputs, got, dtype, tol, device, storage)
     result = results[0] if len(results) == 1 else combine(results, tol)
     if any(getattr(stage, "changes_weights", False) for stage, _ in chain):
         masked = [(stage, plan) for stage, plan in chain if not getattr(stage, "changes_weights", False)]
         result.masked_original_max_abs_diff = max(r.max_abs_diff for r in _against(src.path, adapter, masked, inputs,
-                                                                                   got, dtype, tol, device))
+                                                                                   got, dtype, tol, device, storage))
     return result
 
 
 def _against(original: Path, adapter, chain: Chain, inputs: list[dict[str, torch.Tensor]], got: list[Logits],
-             dtype: str, tol: float, device: str) -> list[VerifyResult]:
+             dtype: str, tol: float, device: str, storage: torch.dtype | None = None) -> list[VerifyResult]:
     """The export's logits `got` against the original with `chain`'s references, per input chunk."""
-    reference = Reference.of_chain(load_model(original, dtype=dtype, device=device), adapter, chain)
+    reference = Reference.of_chain(load_model(original, dtype=dtype, device=device), adapter, chain,
+                                   storage=storage)
     with reference.routing(), torch.no_grad():
         model = reference.model
         return [compare_heads(Logits(model, adapter, last_hidden(model, adapter, to_device(x, device))), g, x, tol)

@@ -42,8 +42,9 @@ from moeprune.stages.reference import Reference
 
 @torch.no_grad()
 def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inputs: list[dict[str, torch.Tensor]],
-                   *, dtype: str, tol: float, device: str = "cpu") -> VerifyResult:
-    """See the module docstring. `adapter` describes ORIGINAL; `chain` is already validated against it."""
+                   *, dtype: str, tol: float, device: str = "cpu", storage: torch.dtype | None = None) -> VerifyResult:
+    """See the module docstring. `adapter` describes ORIGINAL; `chain` is already validated against it; `storage`:
+    the export's expert dtype (`stages/reference.py`)."""
     orig = load_lazy(original, dtype, head=True)
     exp = load_lazy_any(export, dtype)
     exp_adapter = get_adapter(exp.model.config, model=exp.model)
@@ -64,7 +65,7 @@ def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inp
     for i in bar:
         bar.set_description(f"verifying (layer {i + 1}/{L})")
         with orig.layer(i) as layer:
-            reference = Reference.of_chain(orig.model, adapter, chain, layers=[i])
+            reference = Reference.of_chain(orig.model, adapter, chain, layers=[i], storage=storage)
             with reference.routing():
                 want = run_one(layer, i, refs, device)  # r_{i+1}: [B, S, H] per chunk (on CPU)
         err, run_err = torch.zeros(()), torch.zeros(())  # max over chunks; one chunk's outputs held at a time

@@ -10,7 +10,9 @@ Each stage writes its change onto this one model in its own way, never through t
                       written into the dominant's slot at its positions; `weighted` router rows
                       r[slot(d)] = Σ_i f_i r[slot(m_i)] / Σ_i f_i;  slots ← slots[dominants]
 and finally every slot not in `slots` is masked out of the original's own router (`models/masking.py`).
-The export, reloaded by stock `from_pretrained`, must compute the same function (`pipeline/verify.py`).
+The export, reloaded by stock `from_pretrained`, must compute the same function (`pipeline/verify.py`). New expert
+values (merged, repaired, compressed) are rounded to `storage`, the dtype the export stores its experts in (bf16
+for a bf16 checkpoint), before they are written in the compute dtype: the export holds them rounded so.
 
 `Reference.of_chain(model, adapter, chain, layers=...)` writes a whole recipe: `layers=None` changes every layer
 (the whole-model verify); `layers=[i]` changes decoder layer i only and never touches another layer's tensors
@@ -34,8 +36,10 @@ Expert = dict[str, torch.Tensor]  # canonical roles: gate/up [I, H], down [H, I]
 
 
 class Reference:
-    def __init__(self, model: nn.Module, adapter: MoEAdapter, layers: Sequence[int] | None = None):
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, layers: Sequence[int] | None = None,
+                 storage: torch.dtype | None = None):
         self.model, self.adapter = model, adapter
+        self.storage = storage  # the export's expert dtype (module docstring); None: values written as computed
         self.width = adapter.expert_width
         self.slots: dict[int, list[int]] = {layer: list(range(adapter.num_experts)) for layer in adapter.moe_layers()}
         self.positions: dict[int, dict[int, list[int]]] = {layer: {} for layer in adapter.moe_layers()}
@@ -43,9 +47,9 @@ class Reference:
 
     @classmethod
     def of_chain(cls, model: nn.Module, adapter: MoEAdapter, chain: Sequence[tuple[Any, Any]],
-                 layers: Sequence[int] | None = None) -> Reference:
+                 layers: Sequence[int] | None = None, storage: torch.dtype | None = None) -> Reference:
         """Every (stage, plan) of `chain` written in order onto `model` (only `layers`, when given)."""
-        ref = cls(model, adapter, layers)
+        ref = cls(model, adapter, layers, storage)
         for stage, plan in chain:
             stage.reference(ref, plan)
             for layer, kept in (stage.survivors(plan) or {}).items():
@@ -121,7 +125,7 @@ class Reference:
         views = self._views(layer, slot)
         for role, value in expert.items():
             target = views[role]
-            value = value.to(target.dtype)
+            value = (value if self.storage is None else value.to(self.storage)).to(target.dtype)
             if role in ("gate", "up", "gate_bias", "up_bias"):
                 target[p] = value  # rows at the slot's positions
             elif role == "down":
