@@ -41,7 +41,7 @@ from moeprune.models.keys import get_key
 from moeprune.pipeline.compare import DEFAULT_TOL, Logits, VerifyResult, combine, compare_heads, tolerance  # noqa: F401
 from moeprune.pipeline.recipe import Chain, chain_adapters, is_export, read_chain
 from moeprune.stages.base import stage_for_format
-from moeprune.stages.reference import Reference
+from moeprune.stages.reference import AS_COMPUTED, Reference, Storage
 
 FLOATS = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors names of the floating dtypes
 
@@ -172,24 +172,28 @@ def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | 
     what = describe_inputs(inputs, seeded=seeded, seed=seed, sets=sets, tokens=tokens)
     logger.info("verify on %s", what)
     result = _run(src, dst, chain, adapter, inputs, dtype=dtype, tol=tol, device=device, lazy=lazy,
-                  storage=stored_expert_dtype(dst, final))
+                  storage=stored_dtypes(dst, final))
     result.inputs = what
     return result
 
 
-def stored_expert_dtype(ckpt: Checkpoint, adapter) -> torch.dtype | None:
-    """The one floating dtype `ckpt` stores its routed experts' tensors in (bf16 for a bf16 export), else None
-    (packed / quantized experts, or several dtypes: the reference then writes values as computed)."""
-    kinds = ("expert", "fused")
-    names = {e.dtype for e in ckpt.entries if adapter.classify_key(e.name).kind in kinds}
-    floats = {DTYPES[n][1] for n in names if n in FLOATS}
-    return floats.pop() if len(floats) == 1 and names <= FLOATS else None
+def stored_dtypes(ckpt: Checkpoint, adapter) -> Storage:
+    """The one floating dtype `ckpt` stores its routed experts' tensors in (bf16 for a bf16 export), and the one its
+    router tensors are stored in; None where there is no such one dtype (packed / quantized experts, a float32
+    correction bias beside a bf16 router weight): the reference then writes those values as computed."""
+    names: dict[str, set[str]] = {"experts": set(), "router": set()}
+    for e in ckpt.entries:
+        kind = adapter.classify_key(e.name).kind
+        if kind in ("expert", "fused", "router"):
+            names["router" if kind == "router" else "experts"].add(e.dtype)
+    one = {k: {DTYPES[n][1] for n in v} if v and v <= FLOATS else set() for k, v in names.items()}
+    return Storage(*(next(iter(one[k])) if len(one[k]) == 1 else None for k in ("experts", "router")))
 
 
 def _run(src: Checkpoint, dst: Checkpoint, chain: Chain, adapter, inputs: list[dict[str, torch.Tensor]], *,
-         dtype: str, tol: float, device: str, lazy: bool | None, storage: torch.dtype | None = None) -> VerifyResult:
+         dtype: str, tol: float, device: str, lazy: bool | None, storage: Storage = AS_COMPUTED) -> VerifyResult:
     """The comparison itself: layer by layer or with both models whole (`lazy`, `io.fit.choose_lazy`); `storage`:
-    the export's expert dtype, which the reference rounds new expert values to (`stages/reference.py`)."""
+    the export's stored dtypes, which the reference rounds new expert and router values to (`stages/reference.py`)."""
     if choose_lazy(lazy, src, dtype, "verify"):
         from moeprune.pipeline.verify_layered import verify_layered
 
@@ -210,7 +214,7 @@ def _run(src: Checkpoint, dst: Checkpoint, chain: Chain, adapter, inputs: list[d
 
 
 def _against(original: Path, adapter, chain: Chain, inputs: list[dict[str, torch.Tensor]], got: list[Logits],
-             dtype: str, tol: float, device: str, storage: torch.dtype | None = None) -> list[VerifyResult]:
+             dtype: str, tol: float, device: str, storage: Storage = AS_COMPUTED) -> list[VerifyResult]:
     """The export's logits `got` against the original with `chain`'s references, per input chunk."""
     reference = Reference.of_chain(load_model(original, dtype=dtype, device=device), adapter, chain,
                                    storage=storage)

@@ -37,14 +37,14 @@ from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.pipeline.compare import Logits, VerifyResult, combine, compare_heads
-from moeprune.stages.reference import Reference
+from moeprune.stages.reference import AS_COMPUTED, Reference, Storage
 
 
 @torch.no_grad()
 def verify_layered(original: Path, export: Path, chain, adapter: MoEAdapter, inputs: list[dict[str, torch.Tensor]],
-                   *, dtype: str, tol: float, device: str = "cpu", storage: torch.dtype | None = None) -> VerifyResult:
+                   *, dtype: str, tol: float, device: str = "cpu", storage: Storage = AS_COMPUTED) -> VerifyResult:
     """See the module docstring. `adapter` describes ORIGINAL; `chain` is already validated against it; `storage`:
-    the export's expert dtype (`stages/reference.py`)."""
+    the export's stored dtypes (`stages/reference.py`)."""
     orig = load_lazy(original, dtype, head=True)
     exp = load_lazy_any(export, dtype)
     exp_adapter = get_adapter(exp.model.config, model=exp.model)

@@ -11,8 +11,9 @@ Each stage writes its change onto this one model in its own way, never through t
                       r[slot(d)] = Σ_i f_i r[slot(m_i)] / Σ_i f_i;  slots ← slots[dominants]
 and finally every slot not in `slots` is masked out of the original's own router (`models/masking.py`).
 The export, reloaded by stock `from_pretrained`, must compute the same function (`pipeline/verify.py`). New expert
-values (merged, repaired, compressed) are rounded to `storage`, the dtype the export stores its experts in (bf16
-for a bf16 checkpoint), before they are written in the compute dtype: the export holds them rounded so.
+values (merged, repaired, compressed) and new router rows are rounded to `storage`, the dtypes the export stores
+its experts and its router in (bf16 for a bf16 checkpoint), before they are written in the compute dtype: the
+export holds them rounded so.
 
 `Reference.of_chain(model, adapter, chain, layers=...)` writes a whole recipe: `layers=None` changes every layer
 (the whole-model verify); `layers=[i]` changes decoder layer i only and never touches another layer's tensors
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,11 +37,27 @@ from moeprune.models.masking import masked_experts
 Expert = dict[str, torch.Tensor]  # canonical roles: gate/up [I, H], down [H, I], gate/up_bias [I], down_bias [H]
 
 
+@dataclass(frozen=True)
+class Storage:
+    """The dtypes an export stores its routed experts' and its router's tensors in (None: write as computed)."""
+
+    experts: torch.dtype | None = None
+    router: torch.dtype | None = None
+
+
+AS_COMPUTED = Storage()  # no rounding: values written as computed
+
+
+def _stored(value: torch.Tensor, storage: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
+    """`value` rounded to `storage` (when given), in `dtype`."""
+    return (value if storage is None else value.to(storage)).to(dtype)
+
+
 class Reference:
     def __init__(self, model: nn.Module, adapter: MoEAdapter, layers: Sequence[int] | None = None,
-                 storage: torch.dtype | None = None):
+                 storage: Storage = AS_COMPUTED):
         self.model, self.adapter = model, adapter
-        self.storage = storage  # the export's expert dtype (module docstring); None: values written as computed
+        self.storage = storage  # the export's stored dtypes (module docstring)
         self.width = adapter.expert_width
         self.slots: dict[int, list[int]] = {layer: list(range(adapter.num_experts)) for layer in adapter.moe_layers()}
         self.positions: dict[int, dict[int, list[int]]] = {layer: {} for layer in adapter.moe_layers()}
@@ -47,7 +65,7 @@ class Reference:
 
     @classmethod
     def of_chain(cls, model: nn.Module, adapter: MoEAdapter, chain: Sequence[tuple[Any, Any]],
-                 layers: Sequence[int] | None = None, storage: torch.dtype | None = None) -> Reference:
+                 layers: Sequence[int] | None = None, storage: Storage = AS_COMPUTED) -> Reference:
         """Every (stage, plan) of `chain` written in order onto `model` (only `layers`, when given)."""
         ref = cls(model, adapter, layers, storage)
         for stage, plan in chain:
@@ -125,7 +143,7 @@ class Reference:
         views = self._views(layer, slot)
         for role, value in expert.items():
             target = views[role]
-            value = (value if self.storage is None else value.to(self.storage)).to(target.dtype)
+            value = _stored(value, self.storage.experts, target.dtype)
             if role in ("gate", "up", "gate_bias", "up_bias"):
                 target[p] = value  # rows at the slot's positions
             elif role == "down":
@@ -146,7 +164,8 @@ class Reference:
             for group, w in zip(groups, weights, strict=True):
                 f = torch.tensor(w, dtype=torch.float64)
                 rows = old[[slots[m] for m in group]]  # [n, ...]
-                t.data[slots[group[0]]] = ((f.view(-1, *[1] * (rows.dim() - 1)) * rows).sum(0) / f.sum()).to(t.dtype)
+                mean = (f.view(-1, *[1] * (rows.dim() - 1)) * rows).sum(0) / f.sum()
+                t.data[slots[group[0]]] = _stored(mean, self.storage.router, t.dtype)
 
     @torch.no_grad()
     def write_router_rows(self, layer: int, name: str, rows: torch.Tensor) -> None:
@@ -156,4 +175,4 @@ class Reference:
         slots = self.slots[layer]
         extra = list(range(self.adapter.num_experts, t.shape[0]))
         targets = slots + extra[: rows.shape[0] - len(slots)]
-        t[torch.tensor(targets)] = rows.to(t.dtype)
+        t[torch.tensor(targets)] = _stored(rows, self.storage.router, t.dtype)
