@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from moeprune.io.safetensors_io import FLOAT_DTYPES
 from moeprune.log import logger
 
 HEADROOM = 1.3
 RESERVE = 1 << 30
-_FLOATS = {"F64", "F32", "BF16", "F16"}  # cast to the requested dtype on load
 
 
 def _read_int(path: Path) -> int | None:
@@ -93,7 +93,7 @@ def loaded_bytes(ckpt, dtype: str = "auto") -> int:
         elif e.name.endswith("_blocks"):
             total += 2 * numel * (want or 2)
         else:
-            total += numel * want if want and e.dtype in _FLOATS else e.nbytes
+            total += numel * want if want and e.dtype in FLOAT_DTYPES else e.nbytes  # floats: cast to `want` on load
     return total
 
 

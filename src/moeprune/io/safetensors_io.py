@@ -21,6 +21,8 @@ import torch
 
 from moeprune.errors import MoePruneError
 
+FLOAT_DTYPES = frozenset({"F64", "F32", "BF16", "F16"})  # safetensors names of the floating dtypes
+
 # safetensors dtype string -> (bytes per element, torch dtype or None when torch lacks it)
 DTYPES: dict[str, tuple[int, torch.dtype | None]] = {
     "F64": (8, torch.float64),

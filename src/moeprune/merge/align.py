@@ -86,6 +86,9 @@ def check_group(experts: list[Mapping[str, torch.Tensor]]) -> tuple[int, int]:
     return dims
 
 
+FEATURE_ROLES = ("gate", "up", "down", "gate_bias", "up_bias")  # what `neuron_features` reads, in its order
+
+
 def neuron_features(expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[I, 3H (+1 per gate/up bias)] float64 CPU: per neuron its gate row, up row, down column, bias entries.
     Each part is converted straight into its columns (no float64 copies to concatenate: 2-2.7x faster at I=448,

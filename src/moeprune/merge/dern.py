@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from moeprune.log import logger
-from moeprune.merge.align import check_group, neuron_features
+from moeprune.merge.align import FEATURE_ROLES, check_group, neuron_features
 
 Expert = Mapping[str, torch.Tensor]
 NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")
@@ -68,9 +68,6 @@ def _block_best(fd64: torch.Tensor, fd32: torch.Tensor, b64: torch.Tensor, b32: 
     if rows.numel():  # (a block of one neuron gives gap 0: settled in float64, trivially)
         arg[rows] = (fd64[rows] @ b64.T).argmax(dim=1)
     return (fd64 * b64[arg]).sum(dim=1), arg  # [I] float64 cosine of each winner, [I] its index
-
-
-FEATURE_ROLES = ("gate", "up", "down", "gate_bias", "up_bias")  # what `neuron_features` reads
 
 
 def _digest(experts: Sequence[Expert], survivors: list[int], dropped: list[int]) -> str:

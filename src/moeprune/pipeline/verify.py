@@ -34,7 +34,7 @@ from moeprune.io import nonuniform
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.fit import choose_lazy
 from moeprune.io.load import load_model
-from moeprune.io.safetensors_io import DTYPES
+from moeprune.io.safetensors_io import DTYPES, FLOAT_DTYPES
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.keys import get_key
@@ -42,8 +42,6 @@ from moeprune.pipeline.compare import DEFAULT_TOL, Logits, VerifyResult, combine
 from moeprune.pipeline.recipe import Chain, chain_adapters, is_export, read_chain
 from moeprune.stages.base import stage_for_format
 from moeprune.stages.reference import AS_COMPUTED, Reference, Storage
-
-FLOATS = frozenset({"F64", "F32", "F16", "BF16"})  # safetensors names of the floating dtypes
 
 
 def seeded_inputs(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
@@ -186,7 +184,7 @@ def stored_dtypes(ckpt: Checkpoint, adapter) -> Storage:
         kind = adapter.classify_key(e.name).kind
         if kind in ("expert", "fused", "router"):
             names["router" if kind == "router" else "experts"].add(e.dtype)
-    one = {k: {DTYPES[n][1] for n in v} if v and v <= FLOATS else set() for k, v in names.items()}
+    one = {k: {DTYPES[n][1] for n in v} if v and v <= FLOAT_DTYPES else set() for k, v in names.items()}
     return Storage(*(next(iter(one[k])) if len(one[k]) == 1 else None for k in ("experts", "router")))
 
 

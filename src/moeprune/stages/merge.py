@@ -116,13 +116,9 @@ class MergeStage(Stage):
         plan = make_merge_plan(stats, o.method, o.ratio, calib_set=list(o.calib_set) if o.calib_set else None,
                                budget=o.budget, merge=o.merge, router=o.router, rank=o.rank,
                                **({"threshold": float(o.threshold)} if fixed else {}))
-        if plan.merge != "dern":
+        if plan.merge != "dern" or (ctx.ckpt is None and recombine is None):  # a fixed threshold, no weights
             return plan
-        if recombine == 0:  # nothing recombined: no similarity, so no weights to read
-            return dern_threshold.recombine_none(plan)
-        if ctx.ckpt is None:  # a fixed threshold from a statistics file: nothing to count
-            return plan
-        return dern_threshold.resolve(plan, layer_experts(ctx), recombine)
+        return dern_threshold.resolve(plan, layer_experts(ctx), recombine)  # recombine 0 reads no layer
 
     def load_plan(self, raw: dict, source: str) -> MergePlan:
         return MergePlan.from_dict(raw, source=source)
