@@ -18,7 +18,9 @@ With Z extra router classes (LongCat-Flash's identity zero experts, the last Z c
 only ever masks expert columns: the zero experts stay routable, as in the pruned model.
 
 `masked_rows` is the same with one mask per block of rows: G dropped sets for a router call on N = G·c rows, set g
-masking rows g·c..(g+1)·c (NAEE scores G candidate sets in one router call on its cached inputs repeated G times).
+masking rows g·c..(g+1)·c (NAEE scores G candidate sets in one router call on its cached inputs repeated G times);
+`masked_row_blocks` takes the [G, E] masks themselves (G = N: one per row, `row_masks`: NAEE's incremental scoring
+routes each affected token under its own child set).
 """
 
 from __future__ import annotations
@@ -122,10 +124,29 @@ def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, lis
 def masked_rows(model: nn.Module, adapter: MoEAdapter, layer: int, drops: list[tuple[int, ...]]) -> Iterator[dict]:
     """Inside the context, a router call of `layer` on N rows masks `drops[g]` on rows g·c..(g+1)·c, c = N / G
     (G = len(drops); N must be a multiple of G). Yields the layer's hit counter; raises as `masked_experts`."""
+    with masked_row_blocks(model, adapter, layer, torch.stack([_mask(adapter, drop) for drop in drops])) as counter:
+        yield counter
+
+
+def row_masks(adapter: MoEAdapter, drop, extra: torch.Tensor) -> torch.Tensor:
+    """[R, E + Z] masks (0 / -inf): every row masks the experts in `drop`, row r also expert `extra[r]` ([R] long).
+    `masked_row_blocks` with these masks routes R rows, row r as if D ∪ {extra[r]} were dropped."""
+    if extra.numel() and not (0 <= int(extra.min()) and int(extra.max()) < adapter.num_experts):
+        raise MoePruneError(f"cannot mask experts {sorted(set(extra.tolist()))}: experts are "
+                            f"0..{adapter.num_experts - 1}.")
+    masks = _mask(adapter, drop).expand(extra.shape[0], -1).clone()  # [R, E + Z]
+    masks[torch.arange(extra.shape[0]), extra.cpu()] = float("-inf")
+    return masks
+
+
+@contextmanager
+def masked_row_blocks(model: nn.Module, adapter: MoEAdapter, layer: int, masks: torch.Tensor) -> Iterator[dict]:
+    """Inside the context, a router call of `layer` on N rows adds masks[g] ([G, E + Z], 0 / -inf: `_mask`,
+    `row_masks`) to rows g·c..(g+1)·c of each masked op's output, c = N / G (G = N: one mask per row). Yields the
+    layer's hit counter; raises as `masked_experts`."""
     ops = adapter.routing().masked_ops
     router = adapter.router(adapter.block(model, layer))
-    mask = torch.stack([_mask(adapter, drop) for drop in drops])  # [G, E]
-    counter = _wrap(router, ops, mask)
+    counter = _wrap(router, ops, masks)
     try:
         yield counter
     finally:

@@ -63,6 +63,28 @@ class RoutingSpec:
     def group_limited(self) -> bool:
         return self.kind in ("sigmoid_grouped", "softmax_grouped") and self.n_group > 1
 
+    @property
+    def local_masking(self) -> bool:
+        """True when masking an expert that a token does not select leaves that token's route (selected experts and
+        gate weights) as it is, so a dropped set's error differs from its parent's only on the tokens that selected
+        the newly dropped expert (NAEE's incremental scoring, `select/naee_incremental.py`):
+        - topk_softmax, sigmoid_topk, and sigmoid_grouped without a group limit: each kept expert's score and the
+          selection depend on its own logit (and bias) only; the weights on the selected ones only;
+        - softmax_topk / softmax_grouped (no group limit) with ``norm_topk_prob``: p_i / Σ_{selected} p = e^{ℓ_i} /
+          Σ_{selected} e^{ℓ}, whatever the other logits (equal in exact arithmetic; float rounding differs);
+        not local: without renormalisation every weight is divided by a sum over all kept experts; softmax_bias's
+        selection compares that softmax with a bias; a group limit (topk_group < n_group) scores groups by their
+        top experts (top-2 sum for sigmoid_grouped, the max for softmax_grouped), which a masked unselected expert
+        can be one of — except with one kept group and top_k ≥ the experts a group score counts: the kept group's
+        scoring experts are then all selected, and masking another group's expert only lowers a group not kept."""
+        if self.group_limited and self.topk_group < self.n_group:
+            scoring = 2 if self.kind == "sigmoid_grouped" else 1
+            if self.topk_group != 1 or self.top_k < scoring:
+                return False
+        if self.kind in ("topk_softmax", "sigmoid_topk", "sigmoid_grouped"):
+            return True
+        return self.kind in ("softmax_topk", "softmax_grouped") and self.norm_topk_prob
+
     def min_experts_per_group(self) -> int:
         """Smallest number of experts each group must keep for the stock router to still run and reach top_k.
 

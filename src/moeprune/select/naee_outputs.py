@@ -57,7 +57,8 @@ No cap below "all" keeps every choice (near-ties are decided by which tokens are
 calibration); ≥ 2 048 tokens keeps the excess ≤ 6 % (mean ≤ 2 %) and the perplexity where it is with every token at
 25 % and within the spread between equally good plans at 50 % (1.86–2.13 there: reconstruction error is a loose
 proxy for perplexity at 50 %); 1 024 lets it reach 13 % on the random model, ≤ 512 12–49 % on average. At E=128
-top-8, 2 048 tokens cost ≈ 60 s per layer at beam 4 on one CPU thread (4 096: ≈ 150 s). On the generated 128-expert
+top-8, 2 048 tokens cost ≈ 60 s per layer at beam 4 on one CPU thread scoring every child whole (4 096: ≈ 150 s),
+≈ 5–6 s with the incremental scoring of local routers (`naee_incremental.py`). On the generated 128-expert
 checkpoint of `benchmarks/big_model.py` (random weights: 19 of 128 experts unused and 37 used ≤ 3 times on 4 096
 tokens, 8 experts take 42 % of the routings) every cap changes both layers tried (at 2 048 their error on all 4 096
 tokens is 3.7× / 6.5× the reference's): the best sets' error there comes from a handful of tokens, so any subset
@@ -274,18 +275,20 @@ class FastEvaluator:
         per_row = H * outputs.x[0].element_size() + 16 * E + 24 * self.k ** 2 + 40 * self.k
         self.batch = batch or max(1, batch_bytes // (c * per_row))  # sets per router call in `many`
 
-    def _route(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, x: torch.Tensor, rows: int, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w [rows, k] float64, or in the router's own dtype when `raw`; idx [rows, k]) from the layer's router."""
         o = self.outputs
         routed = self.router(x[None] if o.router_rank == 3 else x, *o.router_args, **o.router_kwargs)
         w, idx = routed[1], routed[2]  # [rows, k] gate weights, [rows, k] expert indices (the model's own)
         if idx.shape != (rows, self.k) or w.shape != (rows, self.k):
             raise MoePruneError(f"router of layer {self.layer} returned indices of shape {tuple(idx.shape)}, "
                                 f"expected [{rows}, {self.k}]: NAEE's fast evaluator cannot read it.")
-        return w.double(), idx
+        return (w if raw else w.double()), idx
 
     @staticmethod
-    def _partial(gram, cross, base, w, idx) -> torch.Tensor:
-        """Σ_t (wᵀ G_t[i, i] w − 2 wᵀ A_t[i]) per set: w, idx [c, b, k] -> [b] (float64)."""
+    def _per_token(gram, cross, base, w, idx) -> torch.Tensor:
+        """p_t = wᵀ G_t[i, i] w − 2 wᵀ A_t[i] per token row and set: w, idx [c, b, k], base [c] (offset of each row's
+        token block in G: rows may repeat or pick tokens) -> [c, b] (float64)."""
         w, idx = w.contiguous(), idx.contiguous()
         c, b, k = idx.shape
         E = gram.shape[1]
@@ -293,8 +296,13 @@ class FastEvaluator:
         rows = base[:, None, None] + idx * E  # [c, b, k] offset of row i_s of token t's G block
         flat = rows[..., :, None] + idx[..., None, :]  # [c, b, k, k]
         g = gram.view(-1).index_select(0, flat.view(-1)).view(c, b, k, k)  # ⟨y_{i_s}, y_{i_s'}⟩
-        quad = (torch.matmul(g, w[..., None])[..., 0] * w).sum((0, 2))  # [b] wᵀ G w
-        return quad - 2 * (w * a).sum((0, 2))
+        quad = (torch.matmul(g, w[..., None])[..., 0] * w).sum(2)  # [c, b] wᵀ G w
+        return quad - 2 * (w * a).sum(2)
+
+    @classmethod
+    def _partial(cls, gram, cross, base, w, idx) -> torch.Tensor:
+        """Σ_t p_t per set: w, idx [c, b, k] -> [b] (float64)."""
+        return cls._per_token(gram, cross, base, w, idx).sum(0)
 
     @torch.no_grad()
     def __call__(self, dropped: tuple[int, ...]) -> float:

@@ -14,12 +14,13 @@ class ReplayLinear(TorchFunctionMode):
     The router logits do not depend on D, so each evaluation replays them instead of redoing the [c, H]×[H, E]
     product; the router still runs every other op of its own code, and the mask mode (the inner mode) adds its
     mask to a copy. A call is served when its weight / bias are the router's own parameters or buffers (`params`:
-    alive and unchanged during a search) and its input is a cached chunk x [c, H], or the evaluator's repeat
-    buffer while it holds `rows_of` = (x, b): x repeated b times ([b·c, H]; served as the recorded [c, E] result
-    repeated b times, which is exactly what b one-at-a-time calls get). Dtype conversions of those inputs and
-    parameters inside the router (DeepSeek-V3 / GLM-4 compute their logits in float32) are followed for the
-    duration of one router call, so such linears are replayed too (on x converted the same way). Any other linear
-    is computed as usual."""
+    alive and unchanged during a search) and its input is a cached chunk x [c, H], or the evaluator's row buffer
+    while it holds `rows_of` = (x, b): x repeated b times ([b·c, H]; served as the recorded [c, E] result repeated b
+    times, which is exactly what b one-at-a-time calls get), or (x, index): the rows x[index] ([R, H], index [R]
+    long; served as the recorded result's rows `index`: the incremental evaluator's affected tokens). Dtype
+    conversions of those inputs and parameters inside the router (DeepSeek-V3 / GLM-4 compute their logits in
+    float32) are followed for the duration of one router call, so such linears are replayed too (on x converted the
+    same way). Any other linear is computed as usual."""
 
     CONVERT = frozenset({"type", "to", "float", "double", "half", "bfloat16"})
 
@@ -28,12 +29,14 @@ class ReplayLinear(TorchFunctionMode):
         self.chunks = {x.data_ptr(): x for x in chunks}
         self.params = {t.data_ptr(): t for t in params}
         self.cache: dict[tuple, torch.Tensor] = {}
-        self.buffer: torch.Tensor | None = None  # the evaluator's repeat buffer
-        self.rows_of: tuple[torch.Tensor, int] | None = None  # (x, b): the buffer's first b·c rows are x, b times
+        self.buffer: torch.Tensor | None = None  # the evaluator's row buffer
+        # (x, b): the buffer's first b·c rows are x, b times; (x, index [R]): its first R rows are x[index]
+        self.rows_of: tuple[torch.Tensor, int | torch.Tensor] | None = None
         self.derived: dict[int, tuple[torch.Tensor, tuple]] = {}  # converted copy's ptr -> (copy, its origin)
 
     def _origin(self, t: torch.Tensor) -> tuple | None:
-        """("x", x, b, dtype): x repeated b times, in dtype; ("p", param, dtype); None: not a replayable tensor."""
+        """("x", x, rows, dtype): x's rows (b: repeated b times; index [R]: x[index]), in dtype; ("p", param, dtype);
+        None: not a replayable tensor."""
         ptr = t.data_ptr()
         if ptr in self.derived:
             copy, origin = self.derived[ptr]
@@ -46,9 +49,10 @@ class ReplayLinear(TorchFunctionMode):
             x = self.chunks[ptr]
             return ("x", x, 1, x.dtype) if (t.shape, t.stride(), t.dtype) == (x.shape, x.stride(), x.dtype) else None
         if self.buffer is not None and self.rows_of is not None and ptr == self.buffer.data_ptr():
-            x, b = self.rows_of
-            ok = t.shape == (b * x.shape[0], x.shape[1]) and t.is_contiguous() and t.dtype == x.dtype
-            return ("x", x, b, x.dtype) if ok else None
+            x, rows = self.rows_of
+            n = rows * x.shape[0] if isinstance(rows, int) else rows.shape[0]
+            ok = t.shape == (n, x.shape[1]) and t.is_contiguous() and t.dtype == x.dtype
+            return ("x", x, rows, x.dtype) if ok else None
         return None
 
     def __exit__(self, *exc):
@@ -72,11 +76,13 @@ class ReplayLinear(TorchFunctionMode):
         source = self._origin(args[0])
         if source is None or source[0] != "x" or any(o is None or o[0] != "p" for o in origins):
             return func(*args, **kwargs)
-        _, x, b, dtype = source
+        _, x, rows, dtype = source
         key = (x.data_ptr(), dtype, *((o[1].data_ptr(), o[2]) for o in origins))
         hit = self.cache.get(key)
         if hit is None:
             params = iter(o[1].to(o[2]) for o in origins)
             call = [x.to(dtype), *(next(params) if a is not None else None for a in args[1:])]
             hit = self.cache[key] = func(*call)  # [c, E]
-        return hit.clone() if b == 1 else hit.repeat(b, 1)  # a copy: the router may write into what it gets
+        if not isinstance(rows, int):
+            return hit.index_select(0, rows)  # [R, E]
+        return hit.clone() if rows == 1 else hit.repeat(rows, 1)  # a copy: the router may write into what it gets

@@ -16,7 +16,8 @@ from moeprune.criteria.base import Criterion
 from moeprune.errors import MoePruneError
 from moeprune.io.memory import reuse_freed_memory
 from moeprune.models.routing import RoutingSpec
-from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, DEFAULT_SEARCH_TOKENS, expert_outputs, fast_evaluator
+from moeprune.select.naee_incremental import incremental_evaluator
+from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, DEFAULT_SEARCH_TOKENS, expert_outputs
 from moeprune.select.policies import select
 from moeprune.select.reconstruction import DEFAULT_BEAM, search
 from moeprune.select.uniform import drop_count
@@ -61,7 +62,7 @@ def reconstruction_decider(ratio: float, routing: RoutingSpec, num_experts: int,
         with reuse_freed_memory():  # the expert calls and batched router calls reallocate the same temporaries
             outputs = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=max_tokens,
                                      max_bytes=max_bytes)
-            evaluate = fast_evaluator(model, adapter, layer, outputs)
+            evaluate = incremental_evaluator(model, adapter, layer, outputs)
             result = search(evaluate, num_experts, n_drop, groups=groups, protected=prot.get(layer, frozenset()),
                             max_exhaustive=max_exhaustive, beam=beam, desc=f"NAEE search (layer {layer})")
         return list(result.dropped)

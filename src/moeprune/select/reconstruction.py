@@ -24,7 +24,12 @@ top-2, 0.7 µs at E=32 top-4, 1.8–2 µs at E=128 top-8 (two thirds of it `torc
 there): E=128, n_drop=32, b=4 ≈ 15 000 evaluations × 2 048 tokens ≈ 60 s per layer. `search` hands an evaluator
 with a `.many` method every child of a beam step (and the exhaustive subsets, `EXHAUSTIVE_BATCH` at a time) in one
 call; the fast evaluator scores them b at a time in one router call per chunk (same numbers; at E=128 on 4 096
-tokens: 124 evaluations/s, against 56/s before with one router call and one scattered G gather per set).
+tokens: 124 evaluations/s, against 56/s before with one router call and one scattered G gather per set). An
+evaluator with `.extend` (`naee_incremental.IncrementalEvaluator`, what the NAEE decider uses) gets each beam parent's
+new children instead and, where the routing is local (`RoutingSpec.local_masking`), scores them from the parent's
+own route on the tokens that selected the newly dropped expert: T·(1 + k) router rows per parent instead of T·E'
+(measured at E=128 top-8 on 2 048 tokens: ≈ 5–6 s per layer instead of 50–90 s, the same sets in float32;
+`benchmarks/naee_incremental.py`).
 DEFAULT_BEAM = 4, the knee of cost against quality measured on error landscapes with pairwise interactions
 (E=16, n_drop=4, 40 random landscapes, brute force C(16, 4) = 1 820): the optimum was found 14/25/33/38 times out
 of 40 with b = 1/2/4/8, for 58/102/173/302 evaluations on average (mean excess error 0.23/0.088/0.024/0.004).
@@ -107,8 +112,9 @@ def _batched(evaluate: Evaluate | BatchEvaluate) -> Callable[[list[tuple[int, ..
     return many
 
 
-def _errs(many, drops: list[tuple[int, ...]]) -> list[float]:
-    out = [float(e) for e in many(drops)]
+def _errs(score, drops: list[tuple[int, ...]]) -> list[float]:
+    """score() -> the errors of `drops` (checked: one finite error per set)."""
+    out = [float(e) for e in score()]
     if len(out) != len(drops):
         raise MoePruneError(f"reconstruction evaluator returned {len(out)} errors for {len(drops)} sets.")
     bad = next((i for i, e in enumerate(out) if not math.isfinite(e)), None)
@@ -125,7 +131,8 @@ def search(evaluate: Evaluate | BatchEvaluate, num_experts: int, n_drop: int, *,
     exhaustive up to `max_exhaustive` subsets, beam search of width `beam` beyond (beam=1: plain greedy).
 
     `evaluate` gets D as an ascending tuple; an evaluator with a `.many(list of D) -> list of errors` method gets
-    every child of a beam step (and the exhaustive subsets, `EXHAUSTIVE_BATCH` at a time) in one call instead.
+    every child of a beam step (and the exhaustive subsets, `EXHAUSTIVE_BATCH` at a time) in one call instead; one
+    with `.extend(D, [j …]) -> errors of D ∪ {j}` gets each beam parent's new children from that parent.
     Ties keep the lowest set in lexicographic order.
     """
     cands = _check(num_experts, n_drop, groups, set(protected), max_exhaustive)
@@ -136,12 +143,13 @@ def search(evaluate: Evaluate | BatchEvaluate, num_experts: int, n_drop: int, *,
     best: tuple[float, tuple[int, ...]] | None = None
     evaluated = 0
     many = _batched(evaluate)
+    extend = getattr(evaluate, "extend", None)  # D, [j …] -> errors of D ∪ {j} (`naee_incremental`)
     if n_subsets <= max_exhaustive:
         subsets = (tuple(sorted(itertools.chain.from_iterable(parts)))
                    for parts in itertools.product(*(itertools.combinations(c, d) for c in cands)))
         with tqdm(total=n_subsets, desc=f"{desc} (exhaustive)", leave=False, disable=n_subsets < 64) as bar:
             while batch := list(itertools.islice(subsets, EXHAUSTIVE_BATCH)):
-                for D, e in zip(batch, _errs(many, batch), strict=True):
+                for D, e in zip(batch, _errs(lambda: many(batch), batch), strict=True):  # noqa: B023 - called now
                     if best is None or e < best[0]:
                         best = (e, D)
                 evaluated += len(batch)
@@ -157,18 +165,27 @@ def search(evaluate: Evaluate | BatchEvaluate, num_experts: int, n_drop: int, *,
             children: dict[tuple[int, ...], float] = {}  # two parents can share a child: evaluated once
             chain_trials: list[tuple[int, ...]] = []
             parents = [D for _, D in beams] + ([chain] if chain not in {D for _, D in beams} else [])
+            added: dict[tuple[int, ...], list[int]] = {}  # parent -> the experts its new children add
             for D in parents:
                 taken = [sum(1 for j in D if j // size == g) for g in range(groups)]
                 for j in (j for g, c in enumerate(cands) if taken[g] < d for j in c if j not in D):
                     trial = tuple(sorted((*D, j)))
+                    if trial not in children:
+                        added.setdefault(D, []).append(j)
                     children.setdefault(trial, math.nan)
                     if D == chain:
                         chain_trials.append(trial)
-            trials = list(children)  # every child of the step, scored in one batched call
-            for trial, e in zip(trials, _errs(many, trials), strict=True):
-                children[trial] = e
-            evaluated += len(trials)
-            bar.update(len(trials))
+            if extend is None:
+                trials = list(children)
+                scored = [(trials, lambda trials=trials: many(trials))]  # the whole step in one batched call
+            else:  # per parent, its new children from its own route (`naee_incremental`)
+                scored = [([tuple(sorted((*D, j))) for j in js], lambda D=D, js=js: extend(D, js))
+                          for D, js in added.items()]
+            for trials, score in scored:
+                for trial, e in zip(trials, _errs(score, trials), strict=True):
+                    children[trial] = e
+                evaluated += len(trials)
+                bar.update(len(trials))
             chain_children = [(children[t], t) for t in chain_trials]
             ranked = sorted((e, D) for D, e in children.items())  # (error, then lexicographic) order
             chain = min(chain_children)[1]

@@ -1,0 +1,134 @@
+"""NAEE's beam-search children scored from their parent, on the tokens whose route the new drop changes.
+
+A beam step extends each kept set D by every droppable expert j. With p_t(D) = wᵀ G_t w − 2 wᵀ A_t, (i, w) the
+route of token t under D (`naee_outputs`: err(D) = Σ_t ‖U_t‖² + Σ_t p_t(D)), and S_D(t) the experts t selects
+under D:
+
+    err(D ∪ {j}) = err(D) + Σ_{t : j ∈ S_D(t)} [p_t(D ∪ {j}) − p_t(D)]
+
+exact when masking an expert a token does not select leaves that token's route as it is (`RoutingSpec.
+local_masking`: renormalised softmax top-k, top-k-then-softmax, sigmoid without a group limit; in exact
+arithmetic — renormalised softmax rounds differently when another logit is masked, so the two sides agree to the
+router dtype's rounding). Per parent: one router call on its T tokens (its route and p_t(D)), then one on the
+Σ_j |{t : j ∈ S_D(t)}| ≤ T·k affected rows, each routed by the model's own router under its own child's mask
+(`masking.row_masks`, one mask per row) on its replayed logits (`naee_replay.ReplayLinear`, rows x[index]).
+Router rows per parent: T·(1 + k) instead of T·E' for its E' children (FastEvaluator.many): at E = 128, k = 8,
+E' ≈ 110, ≈ 12× fewer; at E = 16, k = 2, ≈ 4×.
+
+Families whose routing is not local (un-normalised softmax: Qwen2-MoE, OLMoE; softmax with a selection bias;
+group-limited DeepSeek-V3 / GLM-4.5 with several kept groups) are scored by `many` as before. The spec is checked at
+run time once per layer, on the router itself: at the first extension, for up to `CHECK_CHILDREN` of the children,
+the first chunk is routed under the child's whole mask; every token that does not select the new expert must keep
+its gate weights (sorted: with bf16 logits, experts with tied scores may swap places at the k-th, as top-k breaks
+ties as it likes; the tied expert gets the same weight) within `rerouted.ULPS` units in the last place of float32,
+or of the router's weight dtype when coarser (float32 renormalisation moves them by ≤ 2). Otherwise a warning names
+the layer and the layer falls back to `many`. An un-normalised softmax moves every weight by the masked expert's
+probability, which the check sees in float32 but not below a bf16 unit; there the spec alone decides.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeprune.log import logger
+from moeprune.models.masking import masked_experts, masked_row_blocks, row_masks
+from moeprune.select.naee_outputs import ROW_ALIGN, FastEvaluator
+from moeprune.select.rerouted import ULPS
+
+CHECK_CHILDREN = 16  # children of the first extension whose routes are checked (evenly spaced)
+
+
+class IncrementalEvaluator(FastEvaluator):
+    """`FastEvaluator` plus `extend(D, [j_1 … j_m])` -> errors of D ∪ {j_i} (module docstring); `many` and `__call__`
+    as in `FastEvaluator`. `local`: extensions are incremental (the routing spec says it is exact and the routes
+    checked at the first extension held); `checked`: that check has run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.local = self.adapter.routing().local_masking
+        self.checked = False
+        self.rows_per_call = self.batch * max(x.shape[0] for x in self.xs)  # the temporaries `many` allows
+
+    @torch.no_grad()
+    def extend(self, parent: tuple[int, ...], additions: list[int]) -> list[float]:
+        children = [tuple(sorted((*parent, j))) for j in additions]
+        if not self.local or not additions:
+            return self.many(children)
+        if not self.checked:
+            self.checked = True
+            moved = self._moved(tuple(parent), list(additions))
+            if moved is not None:
+                logger.warning("NAEE layer %d: dropping expert %d moved the route of a token that does not select it "
+                               "(%s); the router is not local as %s suggests; scoring every set whole.",
+                               self.layer, moved[0], moved[1], self.adapter.routing().describe())
+                self.local = False
+                return self.many(children)
+        return self._extend(tuple(parent), list(additions))
+
+    @torch.no_grad()
+    def _moved(self, parent: tuple[int, ...], js: list[int]) -> tuple[int, str] | None:
+        """(j, what moved) for the first checked child D ∪ {j} under which a token of the first chunk that does not
+        select j is routed otherwise than under D (module docstring); None: every checked route held."""
+        x, c = self.xs[0], self.outputs.gram[0].shape[0]
+        with masked_experts(self.model, self.adapter, {self.layer: list(parent)}), self.replay:
+            w, idx = self._route(x, x.shape[0], raw=True)  # [c', k] each
+        # routers compute their weights in float32 at best (a float64 model's too), bf16 ones round to bf16
+        tol = ULPS * max(torch.finfo(w.dtype).eps, torch.finfo(torch.float32).eps)
+        for j in js[::-(-len(js) // CHECK_CHILDREN)]:
+            with masked_experts(self.model, self.adapter, {self.layer: [*parent, j]}), self.replay:
+                w2 = self._route(x, x.shape[0], raw=True)[0]
+            rows = ~(idx[:c] == j).any(-1)  # [c] tokens that do not select j
+            # weights compared sorted: experts with tied scores may swap (top-k breaks ties as it likes; the tied
+            # expert gets the same weight, as it would in the pruned model)
+            a = w2[:c][rows].double().sort(-1).values  # [r, k]
+            b = w[:c][rows].double().sort(-1).values  # [r, k]
+            rel = float(((a - b).abs() / b.abs().clamp_min(torch.finfo(w.dtype).tiny)).max()) if rows.any() else 0.0
+            if rel > tol:
+                return j, f"a gate weight by {rel:.2g} relative, more than {ULPS} float32 units in the last place"
+        return None
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        x0 = self.xs[0]
+        if self.replay.buffer is None or self.replay.buffer.shape[0] < rows:
+            self.replay.buffer = torch.empty(rows, x0.shape[1], dtype=x0.dtype, device=x0.device)
+        return self.replay.buffer
+
+    def _extend(self, parent: tuple[int, ...], js: list[int]) -> list[float]:
+        o = self.outputs
+        device = o.gram[0].device
+        new = torch.tensor(js, dtype=torch.long, device=device)  # [m] each child's new expert
+        child_of = torch.full((self.adapter.num_experts,), -1, dtype=torch.long, device=device)  # expert -> child
+        child_of[new] = torch.arange(len(js), device=device)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # Σ_t p_t(D)
+        delta = torch.zeros(len(js), dtype=torch.float64, device=device)  # [m] Σ over affected tokens
+        for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
+            c = gram.shape[0]
+            with masked_experts(self.model, self.adapter, {self.layer: list(parent)}), self.replay:
+                w, idx = self._route(x, x.shape[0])  # [c', k] each: the parent's route
+            p = self._per_token(gram, cross, base, w[:c, None], idx[:c, None])[:, 0]  # [c]
+            total += p.sum()
+            hit = child_of[idx[:c]]  # [c, k] the child whose new expert token t selects, −1: none
+            tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
+            child = hit[tok, slot]  # [R]
+            for r0 in range(0, tok.shape[0], self.rows_per_call):
+                t, ch = tok[r0:r0 + self.rows_per_call], child[r0:r0 + self.rows_per_call]  # [n]
+                n = t.shape[0]
+                pad = -n % ROW_ALIGN  # router calls on a multiple of ROW_ALIGN rows (`FastEvaluator`)
+                index = torch.cat([t, t[-1:].expand(pad)])  # [n'] rows of x
+                rows = self._buffer(n + pad)[:n + pad]
+                torch.index_select(x, 0, index, out=rows)  # [n', H]
+                masks = row_masks(self.adapter, parent, new[torch.cat([ch, ch[-1:].expand(pad)])])  # [n', E]
+                self.replay.rows_of = (x, index)
+                try:
+                    with self.replay, masked_row_blocks(self.model, self.adapter, self.layer, masks):
+                        w2, idx2 = self._route(rows, n + pad)  # [n', k] each: each row under its child's mask
+                finally:
+                    self.replay.rows_of = None
+                p2 = self._per_token(gram, cross, base[t], w2[:n, None], idx2[:n, None])[:, 0]  # [n]
+                delta.index_add_(0, ch, p2 - p[t])
+        return (total + o.target_sq + delta).tolist()
+
+
+def incremental_evaluator(model, adapter, layer: int, outputs, **kwargs) -> IncrementalEvaluator:
+    """The evaluator NAEE's search uses (`reconstruction.search` calls `extend` per beam parent when it exists)."""
+    return IncrementalEvaluator(model, adapter, layer, outputs, **kwargs)
