@@ -10,7 +10,8 @@ Cases (one progressive calibration pass each, pruned along the incremental choic
 `naee_speed.py` at 25 %; a random 128-expert top-8 Qwen3-MoE (H = 256, expert width 64, 2 layers) at 25 % on 2 048
 random tokens; "checkpoint" (`--checkpoint`, e.g. the 128-expert checkpoint of `big_model.py`, its first
 `--max-layers` MoE layers, in `--dtype`). Each layer keeps at most `DEFAULT_SEARCH_TOKENS` tokens, as `prune`
-does. Per layer: seconds of each search (the precompute is shared and shown apart), router rows, whether both
+does. Per layer: the precompute with every expert and with each token's C candidates (`naee_candidates`, what
+`prune` does; both searches then share it), seconds of each search, router rows, whether both
 drop the same set, and the relative error difference of the two choices, scored whole and by the layer's own
 block in float32 on every cached token (with bf16 logits, experts with tied scores swap places as masks change:
 7 % of the tokens of the generated checkpoint have a tie at the k-th; the float32 block has none). torch runs on
@@ -68,8 +69,12 @@ class Compare:
         if self.max_layers is not None and len(self.rows) >= self.max_layers:
             raise Enough
         t0 = time.perf_counter()
-        out = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=DEFAULT_SEARCH_TOKENS)
-        pre = time.perf_counter() - t0
+        every = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=DEFAULT_SEARCH_TOKENS)
+        t1 = time.perf_counter()
+        out = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=DEFAULT_SEARCH_TOKENS,
+                             max_dropped=self.n_drop)  # each token's candidates only, as the NAEE decider does
+        pre_all, pre = t1 - t0, time.perf_counter() - t1
+        del every
         router = adapter.router(adapter.block(model, layer))
         whole = fast_evaluator(model, adapter, layer, out)
         old, old_s, old_rows = self._search(whole, router)
@@ -78,7 +83,8 @@ class Compare:
         e_old, e_new = whole.many([old.dropped, new.dropped])  # both choices scored the same way
         f_old, f_new = _float32_errors(model, adapter, layer, io, [old.dropped, new.dropped])
         self.rows.append(dict(layer=layer, tokens=out.tokens, evaluated=new.evaluated, exhaustive=new.exhaustive,
-                              pre=pre, old_s=old_s, new_s=new_s, old_rows=old_rows, new_rows=new_rows,
+                              pre=pre, pre_all=pre_all, slots=out.gram[0].shape[1], old_s=old_s, new_s=new_s,
+                              old_rows=old_rows, new_rows=new_rows,
                               same=old.dropped == new.dropped, diff=e_new / e_old - 1, local=inc.local,
                               diff32=f_new / f_old - 1))
         return list(new.dropped)
@@ -126,7 +132,8 @@ def run_case(case: str, args) -> list[str]:
     lines = []
     for r in cmp.rows:
         kind = "exhaustive" if r["exhaustive"] else f"beam {args.beam}"
-        lines.append(f"| {case} | {r['layer']} | {r['tokens']} | {kind}, {r['evaluated']} | {r['pre']:.2f} | "
+        lines.append(f"| {case} | {r['layer']} | {r['tokens']} | {kind}, {r['evaluated']} | {r['pre_all']:.2f} | "
+                     f"{r['pre']:.2f} ({r['slots']}) | "
                      f"{r['old_s']:.2f} | {r['new_s']:.2f} | ×{r['old_s'] / r['new_s']:.1f} | "
                      f"{r['old_rows'] / max(r['new_rows'], 1):.1f} | {'yes' if r['same'] else 'no'} | "
                      f"{r['diff']:+.1e} | {r['diff32']:+.1e} |" + ("" if r["local"] else " (not local: scored whole)"))
@@ -150,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                          "without native bf16)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print("| case | layer | tokens | search, evaluations | precompute s | whole s | incremental s | speed-up | "
+    print("| case | layer | tokens | search, evaluations | precompute s, every expert | precompute s, candidates (C) "
+          "| whole s | incremental s | speed-up | "
           "router rows whole / incremental | same set | error, incremental choice vs whole | same, by the float32 "
           "block on every token |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in args.cases:
         for line in run_case(case, args):
             print(line, flush=True)

@@ -129,13 +129,14 @@ def masked_rows(model: nn.Module, adapter: MoEAdapter, layer: int, drops: list[t
 
 
 def row_masks(adapter: MoEAdapter, drop, extra: torch.Tensor) -> torch.Tensor:
-    """[R, E + Z] masks (0 / -inf): every row masks the experts in `drop`, row r also expert `extra[r]` ([R] long).
-    `masked_row_blocks` with these masks routes R rows, row r as if D ∪ {extra[r]} were dropped."""
+    """[R, E + Z] masks (0 / -inf): every row masks the experts in `drop`, row r also expert `extra[r]` (extra [R]
+    long) or experts `extra[r, :]` ([R, m]). `masked_row_blocks` with these masks routes R rows, row r as if
+    D ∪ {extra[r]} were dropped."""
     if extra.numel() and not (0 <= int(extra.min()) and int(extra.max()) < adapter.num_experts):
-        raise MoePruneError(f"cannot mask experts {sorted(set(extra.tolist()))}: experts are "
+        raise MoePruneError(f"cannot mask experts {sorted(set(extra.reshape(-1).tolist()))}: experts are "
                             f"0..{adapter.num_experts - 1}.")
     masks = _mask(adapter, drop).expand(extra.shape[0], -1).clone()  # [R, E + Z]
-    masks[torch.arange(extra.shape[0]), extra.cpu()] = float("-inf")
+    masks.scatter_(1, extra.reshape(extra.shape[0], -1).cpu(), float("-inf"))
     return masks
 
 

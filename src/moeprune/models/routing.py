@@ -85,6 +85,18 @@ class RoutingSpec:
             return True
         return self.kind in ("softmax_topk", "softmax_grouped") and self.norm_topk_prob
 
+    @property
+    def local_selection(self) -> bool:
+        """True when masking experts never changes the order in which the router selects the others: a top-k over
+        per-expert scores that a mask does not reorder (softmax_topk with or without renormalisation — the softmax
+        over fewer experts scales every probability alike —, topk_softmax, sigmoid_topk, and the grouped kinds
+        without a group limit). Not softmax_bias (p·c + bias can reorder when the softmax's scale c changes), nor a
+        group limit (masking a group's top experts can hand the selection to another group). NAEE's precompute then
+        needs each token's first k + |D| choices only (`select/naee_candidates.py`)."""
+        if self.group_limited and self.topk_group < self.n_group:
+            return False
+        return self.kind != "softmax_bias"
+
     def min_experts_per_group(self) -> int:
         """Smallest number of experts each group must keep for the stock router to still run and reach top_k.
 

@@ -21,6 +21,10 @@ over the real tokens t of the cached block inputs X / outputs Z (padding rows ar
   sigmoid-gated shared expert, DeepSeek/GLM shared experts, ...) is exactly what the block computes. This relies
   on the block adding the experts' output to the rest, which holds for every supported family (checked per family
   in tests/test_naee_fast.py against the block-forward reference `reconstruction.block_evaluator`).
+Candidates (`naee_candidates.py`, `max_dropped` = d given): where masking never reorders the router's selection
+(`RoutingSpec.local_selection`), a route under any |D| ≤ d stays within the token's first C = k·(⌈d/k⌉ + 2) choices,
+so y, G and A are computed for those only (C replaces E in the costs below; a [T, E] slot table maps experts to
+them): at E = 128, k = 8, 25 %, C = 48.
 Each evaluation then runs only the router module under the mask — every routing rule (softmax-top-k with or
 without renormalisation, Mixtral's top-k, gpt-oss's top-k-then-softmax, DeepSeek/GLM sigmoid group-limited with
 correction bias, routed scaling) is the model's own — and costs per token 2·H·E FLOPs (router) + O(E log k)
@@ -80,6 +84,7 @@ from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts, masked_rows
 from moeprune.models.silenced import experts_silenced
+from moeprune.select.naee_candidates import candidate_count, candidate_outputs, candidates, slot_table, to_slots
 from moeprune.select.naee_replay import ReplayLinear
 
 DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
@@ -107,6 +112,9 @@ class ExpertOutputs:
     router_args: tuple = ()
     router_kwargs: dict = field(default_factory=dict)
     router_rank: int = 2  # the block hands its router [T, H] (2) or [B, S, H] (3, afmoe)
+    # per chunk [c, E]: expert -> its slot among the token's candidates (`naee_candidates`), G / A then [c, C, C] /
+    # [c, C]; empty: every expert has its own slot (C = E)
+    slots: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -144,16 +152,20 @@ def keep_stride(total: int, cap: int) -> tuple[int, int]:
 @torch.no_grad()
 def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[torch.Tensor], Z: list[torch.Tensor],
                    valid: list[torch.Tensor] | None = None, *, max_tokens: int | None = None,
-                   max_bytes: int = DEFAULT_MAX_BYTES, chunk_tokens: int = DEFAULT_CHUNK) -> ExpertOutputs:
+                   max_bytes: int = DEFAULT_MAX_BYTES, chunk_tokens: int = DEFAULT_CHUNK,
+                   max_dropped: int | None = None) -> ExpertOutputs:
     """Precompute G, A, ‖U‖² (see module docstring) on the real tokens of cached block inputs X / outputs Z ([B, S, H]
     per batch; `valid` [B, S] bool per batch, None = every token is real). Runs on the block's device, the experts
-    on their eager code path (`calibration.session.eager_experts`, as calibration runs them)."""
+    on their eager code path (`calibration.session.eager_experts`, as calibration runs them). `max_dropped`: the
+    largest dropped set that will be scored; where the routing allows, each token then keeps only its candidates
+    (`naee_candidates.py`); None: every expert."""
     from moeprune.calibration.session import eager_experts
 
     if len(X) != len(Z) or not X or (valid is not None and len(valid) != len(X)):
         raise MoePruneError(f"NAEE needs one cached output (and mask) per input batch, got {len(X)} inputs, "
                             f"{len(Z)} outputs, {'no' if valid is None else len(valid)} masks.")
-    for name, v in (("max_tokens", max_tokens), ("max_bytes", max_bytes), ("chunk_tokens", chunk_tokens)):
+    for name, v in (("max_tokens", max_tokens), ("max_bytes", max_bytes), ("chunk_tokens", chunk_tokens),
+                    ("max_dropped", max_dropped)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise MoePruneError(f"NAEE expert outputs: {name} must be a positive integer, got {v!r}.")
     bad = [b for b, (x, z) in enumerate(zip(X, Z, strict=True)) if x.shape != z.shape]
@@ -171,7 +183,8 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     block = adapter.block(model, layer)
     experts = adapter.experts(block)
     device = next(block.parameters()).device
-    per_token = (E * E + E + 1) * 8 + H * X[0].element_size()  # bytes kept per token
+    C = candidate_count(adapter, max_dropped)  # slots per token (E: every expert)
+    per_token = (C * C + C + 1) * 8 + (E * 8 if C < E else 0) + H * X[0].element_size()  # bytes kept per token
     cap = min(max_tokens or total, max(1, max_bytes // per_token))
     stride, kept = keep_stride(total, cap)
     if stride > 1:
@@ -191,7 +204,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     xs, zs = torch.cat(rows), torch.cat(zrows)  # [T, H] each: batches share chunks (fewer router calls)
     item = next(experts.parameters()).element_size()
     width = adapter.expert_width or H
-    sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (E * H * item + 4 * H * item + 3 * width * item + 8 * E)))
+    sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (C * H * item + 4 * H * item + 3 * width * item + 8 * C)))
     out = ExpertOutputs(total_tokens=total)
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
     router = adapter.router(block)
@@ -203,15 +216,22 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
             rest = rest[0] if isinstance(rest, tuple) else rest  # gpt-oss also returns router scores
             u = zs[start:start + chunk_tokens].to(device).double() - rest.reshape(-1, H).double()  # [c, H] Z − R
             c = xr.shape[0]
-            gram = torch.empty(c, E, E, dtype=torch.float64, device=device)  # [c, E, E]
-            cross = torch.empty(c, E, dtype=torch.float64, device=device)  # [c, E]
+            cand = None if C == E else candidates(model, adapter, layer, xr, C, out.router_args, out.router_kwargs,
+                                                  out.router_rank)  # [c, C]
+            gram = torch.empty(c, C, C, dtype=torch.float64, device=device)  # [c, C, C]
+            cross = torch.empty(c, C, dtype=torch.float64, device=device)  # [c, C]
             y = None
-            for s0 in range(0, c, sub):  # bounded temporaries: y [n, E, H] per pass
+            for s0 in range(0, c, sub):  # bounded temporaries: y [n, C, H] per pass
                 h = xr[s0:s0 + sub]  # [n, H]
                 if y is None or y.shape[0] != h.shape[0]:
-                    y = torch.empty(h.shape[0], E, H, dtype=xr.dtype, device=device)
-                _every_expert(experts, h, y)
+                    y = torch.empty(h.shape[0], C, H, dtype=xr.dtype, device=device)
+                if cand is None:
+                    _every_expert(experts, h, y)
+                else:
+                    candidate_outputs(experts, h, cand[s0:s0 + sub], y)
                 _reduce(y, u[s0:s0 + sub], gram[s0:s0 + sub], cross[s0:s0 + sub])
+            if cand is not None:
+                out.slots.append(slot_table(cand, E))
             out.x.append(xr)
             out.gram.append(gram)
             out.cross.append(cross)
@@ -270,6 +290,7 @@ class FastEvaluator:
         self.replay = ReplayLinear(self.xs, [*self.router.parameters(), *self.router.buffers()])
         # flat offsets of token t's block in G [c·E·E]
         self.bases = [torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2 for g in outputs.gram]  # [c]
+        self.slots = outputs.slots or [None] * len(outputs.gram)  # [c, E] per chunk, or None: slot = expert
         c = max(x.shape[0] for x in self.xs)
         E, H = outputs.gram[0].shape[1], outputs.x[0].shape[1]
         per_row = H * outputs.x[0].element_size() + 16 * E + 24 * self.k ** 2 + 40 * self.k
@@ -286,12 +307,15 @@ class FastEvaluator:
         return (w if raw else w.double()), idx
 
     @staticmethod
-    def _per_token(gram, cross, base, w, idx) -> torch.Tensor:
+    def _per_token(gram, cross, base, w, idx, slots=None) -> torch.Tensor:
         """p_t = wᵀ G_t[i, i] w − 2 wᵀ A_t[i] per token row and set: w, idx [c, b, k], base [c] (offset of each row's
-        token block in G: rows may repeat or pick tokens) -> [c, b] (float64)."""
+        token block in G: rows may repeat or pick tokens), `slots` the chunk's [c, E] candidate slots (None: G and A
+        hold every expert) -> [c, b] (float64)."""
         w, idx = w.contiguous(), idx.contiguous()
         c, b, k = idx.shape
-        E = gram.shape[1]
+        E = gram.shape[1]  # slots per token: the experts, or C candidates
+        if slots is not None:
+            idx = to_slots(slots, base // (E * E), idx)
         a = cross.view(-1).index_select(0, ((base // E)[:, None, None] + idx).view(-1)).view(c, b, k)  # ⟨U, y_i⟩
         rows = base[:, None, None] + idx * E  # [c, b, k] offset of row i_s of token t's G block
         flat = rows[..., :, None] + idx[..., None, :]  # [c, b, k, k]
@@ -300,20 +324,20 @@ class FastEvaluator:
         return quad - 2 * (w * a).sum(2)
 
     @classmethod
-    def _partial(cls, gram, cross, base, w, idx) -> torch.Tensor:
+    def _partial(cls, gram, cross, base, w, idx, slots=None) -> torch.Tensor:
         """Σ_t p_t per set: w, idx [c, b, k] -> [b] (float64)."""
-        return cls._per_token(gram, cross, base, w, idx).sum(0)
+        return cls._per_token(gram, cross, base, w, idx, slots).sum(0)
 
     @torch.no_grad()
     def __call__(self, dropped: tuple[int, ...]) -> float:
         o = self.outputs
         err = torch.zeros((), dtype=torch.float64, device=o.gram[0].device)
         with masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
-            for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
+            for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
                 c = gram.shape[0]
                 with self.replay:  # one router call per entry: converted copies are released after each
                     w, idx = self._route(x, x.shape[0])  # [c', k] each
-                err += self._partial(gram, cross, base, w[:c, None], idx[:c, None])[0]
+                err += self._partial(gram, cross, base, w[:c, None], idx[:c, None], slots)[0]
         return float(err) + o.target_sq
 
     @torch.no_grad()
@@ -328,7 +352,7 @@ class FastEvaluator:
             x0 = self.xs[0]
             self.replay.buffer = torch.empty(rows, x0.shape[1], dtype=x0.dtype, device=x0.device)
         buffer = self.replay.buffer
-        for x, gram, cross, base in zip(self.xs, o.gram, o.cross, self.bases, strict=True):
+        for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
             c, cp = gram.shape[0], x.shape[0]  # real tokens, padded rows
             buffer[:b_max * cp].view(b_max, cp, -1).copy_(x[None].expand(b_max, cp, -1))  # x, b_max times
             for s0 in range(0, n, b_max):
@@ -342,7 +366,7 @@ class FastEvaluator:
                     self.replay.rows_of = None
                 w = w.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
                 idx = idx.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
-                errs[s0:s0 + b] += self._partial(gram, cross, base, w, idx)
+                errs[s0:s0 + b] += self._partial(gram, cross, base, w, idx, slots)
         return (errs + o.target_sq).tolist()
 
 

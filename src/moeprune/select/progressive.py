@@ -61,7 +61,7 @@ def reconstruction_decider(ratio: float, routing: RoutingSpec, num_experts: int,
     def decide(model, adapter, layer, stats, io) -> list[int]:
         with reuse_freed_memory():  # the expert calls and batched router calls reallocate the same temporaries
             outputs = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=max_tokens,
-                                     max_bytes=max_bytes)
+                                     max_bytes=max_bytes, max_dropped=n_drop)
             evaluate = incremental_evaluator(model, adapter, layer, outputs)
             result = search(evaluate, num_experts, n_drop, groups=groups, protected=prot.get(layer, frozenset()),
                             max_exhaustive=max_exhaustive, beam=beam, desc=f"NAEE search (layer {layer})")
