@@ -14,6 +14,7 @@ import torch
 from moeprune.calibration.session import eager_experts
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts, masked_row_blocks, row_masks
+from moeprune.select.auto_naee import naee_decision
 from moeprune.select.naee_incremental import incremental_evaluator
 from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.reconstruction import block_evaluator, search
@@ -148,3 +149,8 @@ def test_search_picks_the_block_forward_choice_with_fewer_router_rows():
     assert inc.dropped == many.dropped == want.dropped and inc.evaluated == want.evaluated
     assert inc.error == pytest.approx(want.error, rel=RTOL)
     assert inc_rows < many_rows / 2, (inc_rows, many_rows)
+    # auto's affordability estimate (router rows of the search) against the rows counted here, per layer
+    decision = naee_decision(None, adapter, 6 / 16, 160, 2, 0)
+    assert decision["incremental"] and decision["tokens"] == 160
+    estimate = decision["cost"] / len(adapter.moe_layers())
+    assert 0.8 * inc_rows <= estimate <= 1.25 * inc_rows, (estimate, inc_rows)

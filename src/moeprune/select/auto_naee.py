@@ -1,9 +1,11 @@
 """NAEE as a candidate of `method: auto` (`select/auto.py`): whether its search is affordable, and its plan.
 
 NAEE is affordable (`auto_naee` None) when its search's estimated router-row evaluations stay within
-`NAEE_BUDGET`: Σ_ℓ evaluations × tokens kept, evaluations = Π_g C(E/g, n_drop/g) when that is ≤ the exhaustive limit,
-else (beam + 1)·n_drop·E (`select/reconstruction.py`); ≈ 0.4–2 µs each on one CPU thread (E = 16 … 128), so the
-budget is ≈ 1.5–7 min of search. `auto_naee: true` always includes it, `false` never.
+`NAEE_BUDGET`: Σ_ℓ rows per token × tokens kept, rows per token = the evaluations Π_g C(E/g, n_drop/g) when that is
+≤ the exhaustive limit, else (beam + 1)·n_drop·E scored whole (`select/reconstruction.py`), or (beam + 1)·n_drop·
+(1 + k) where the routing is local and each beam parent's children are scored from its route
+(`select/naee_incremental.py`); ≈ 0.4–2 µs each on one CPU thread (E = 16 … 128), so the budget is ≈ 1.5–7 min of
+search. `auto_naee: true` always includes it, `false` never.
 The plan comes from NAEE's own progressive calibration pass over the scoring windows (`select/progressive.py`);
 auto runs one search per fold and one on every window (`passes`).
 """
@@ -38,11 +40,13 @@ def naee_decision(choice: bool | None, adapter: MoEAdapter, ratio: float, tokens
     subsets = math.comb(E // groups, n_drop // groups) ** groups
     b = DEFAULT_BEAM if beam is None else beam
     evaluations = subsets if subsets <= MAX_EXHAUSTIVE else (b + 1) * n_drop * E
+    incremental = subsets > MAX_EXHAUSTIVE and routing.local_masking
+    rows = (b + 1) * n_drop * (1 + routing.top_k) if incremental else evaluations  # router rows per token
     cap = DEFAULT_SEARCH_TOKENS if search_tokens is None else search_tokens
     kept = tokens if cap == 0 else min(tokens, cap)
-    cost = evaluations * kept * len(adapter.moe_layers()) * passes
-    out = {"evaluations_per_layer": evaluations, "exhaustive": subsets <= MAX_EXHAUSTIVE, "tokens": kept,
-           "passes": passes, "cost": cost, "budget": NAEE_BUDGET}
+    cost = rows * kept * len(adapter.moe_layers()) * passes
+    out = {"evaluations_per_layer": evaluations, "exhaustive": subsets <= MAX_EXHAUSTIVE, "incremental": incremental,
+           "tokens": kept, "passes": passes, "cost": cost, "budget": NAEE_BUDGET}
     if choice is False:
         return {"included": False, "reason": "auto_naee: false", **out}
     try:
@@ -53,7 +57,7 @@ def naee_decision(choice: bool | None, adapter: MoEAdapter, ratio: float, tokens
         return {"included": False, "reason": str(e), **out}
     if choice is None and cost > NAEE_BUDGET:
         return {"included": False, "reason": f"not affordable: its search needs ≈{cost:.2g} router-row evaluations "
-                f"({evaluations} sets × {kept} tokens × {len(adapter.moe_layers())} layers × {passes} folds) > budget "
+                f"({rows} rows × {kept} tokens × {len(adapter.moe_layers())} layers × {passes} folds) > budget "
                 f"{NAEE_BUDGET:.0e}; auto_naee: true includes it anyway", **out}
     return {"included": True, "reason": "auto_naee: true" if choice else f"affordable (≈{cost:.2g} router-row "
             f"evaluations ≤ {NAEE_BUDGET:.0e})", **out}
