@@ -12,6 +12,7 @@ import torch
 
 from head_spy import spy_head_logits
 from moeprune.calibration import engine
+from moeprune.io.stock import runnable
 from moeprune.models import get_adapter
 from moeprune.pipeline.verify import seeded_inputs
 from moeprune.stats import head_gradient
@@ -46,7 +47,8 @@ FAMILIES = _supported()
 
 def _model(family: str):
     over = SPECIAL.get(family, {})
-    return (tiny_model(family, seed=2) if family == "qwen3_moe" else tiny_family_model(family, seed=2, **over)).eval()
+    model = tiny_model(family, seed=2) if family == "qwen3_moe" else tiny_family_model(family, seed=2, **over)
+    return runnable(model.eval())  # a wrapper without a forward (Qwen3-Omni-MoE) runs through its thinker
 
 
 def _reference(model, adapter, x) -> tuple[torch.Tensor, torch.Tensor]:

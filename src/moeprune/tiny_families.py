@@ -262,11 +262,33 @@ def tiny_family_model(model_type: str, seed: int = 0, router_scale: float = 4.0,
     torch.manual_seed(seed)
     config = tiny_family_config(model_type, **overrides)
     model = auto_class(config).from_config(config, dtype=torch.float32).eval()
+    _initialise_leftovers(model, seed)
     blocks = moe_blocks(model)
     routers = [p for _, router, _, n in blocks for p in router.parameters() if p.dim() == 2 and p.shape[0] == n]
     touched = sharpen_routers(model, router_scale, routers)
     _bias_the_selection(model, touched)
     return model
+
+
+GARBAGE = 1e3  # no initialised weight of a tiny random model comes near this (normal std 0.02, norms 1) ...
+DENORMAL = 1e-30  # ... nor this close to zero without being zero
+
+
+@torch.no_grad()
+def _initialise_leftovers(model: torch.nn.Module, seed: int) -> None:
+    """Parameters the family's `_init_weights` leaves as allocated (Qwen3-Omni-MoE's talker experts: whatever the
+    heap held: NaN, 1e14 or 1e-43 in some processes and not others) get a seeded normal(0, initializer_range) draw;
+    they are recognised by a non-finite value, one above `GARBAGE`, or a largest magnitude that is not zero but below
+    `DENORMAL`."""
+    g = torch.Generator().manual_seed(seed)
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() or not p.numel():
+            continue
+        top = float(p.abs().max())
+        if not (torch.isfinite(p).all() and top < GARBAGE and (top == 0 or top > DENORMAL)):
+            logger.debug("tiny %s: %s left uninitialised by its family; drawn anew", type(model).__name__, name)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
 
 
 def _mapped_model_types() -> list[str]:

@@ -69,10 +69,13 @@ TINY_OVERRIDES |= {
     "diffusion_gemma": dict(text_config=_GEMMA4, canvas_length=16),  # the diffusion canvas it denoises
     "qwen4_exp_text": _QWEN4,
     "qwen4_exp": dict(text_config=_QWEN4),
-    # the talker reads shared_expert_intermediate_size and spatial_merge_size, which its config classes do not define
-    # (its code2wav vocoder keeps a 1536-wide decoder, 166 MB at tiny size, unless narrowed)
+    # the talker reads shared_expert_intermediate_size and spatial_merge_size, which its config classes do not define;
+    # its decoder keeps 128 experts of width 384 in one layer (its config names the count num_local_experts) and its
+    # code2wav vocoder a 1536-wide decoder (166 MB at tiny size) unless shrunk like the thinker's
     "qwen3_omni_moe": dict(talker_config=dict(spatial_merge_size=2,
-                                              text_config=dict(shared_expert_intermediate_size=16)),
+                                              text_config=dict(shared_expert_intermediate_size=16, num_local_experts=8,
+                                                               num_experts_per_tok=2, moe_intermediate_size=16,
+                                                               num_hidden_layers=2)),
                            thinker_config=dict(vision_start_token_id=151652), code2wav_config=dict(decoder_dim=32)),
     # its model reads vision_start_token_id, which Qwen3OmniMoeThinkerConfig does not define (real checkpoints carry
     # it in thinker_config; Qwen2.5-Omni's default)
@@ -90,11 +93,6 @@ MIXED_LAYERS = frozenset({
     "lfm2_moe", "mimo_v2_flash", "mistral_large4", "nemotron_h", "step3p7", "unlimited_ocr",
 })
 
-# families the matrices do not build, with the reason they report
-NOT_BUILDABLE: dict[str, str] = {
-    "qwen3_omni_moe": "builds, and runs through its thinker (`io/stock.runnable`: the wrapper has no forward) in "
-                      "memory, layer by layer and on the shards with its talker (a second MoE decoder) untouched "
-                      "(tests/test_omni_wrapper.py); the matrices cover its decoder as qwen3_omni_moe_thinker (in "
-                      "them the whole checkpoint still fails: their per-family tests call the stock wrapper or count "
-                      "the talker's 128 experts, and one streaming check differed in CI)",
-}
+# families the matrices do not build, with the reason they report (none with transformers 5.24: Qwen3-Omni-MoE's whole
+# checkpoint, here until session 20, runs through its thinker, `io/stock.runnable`)
+NOT_BUILDABLE: dict[str, str] = {}
