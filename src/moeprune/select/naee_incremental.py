@@ -7,10 +7,10 @@ under D:
     err(D ∪ {j}) = err(D) + Σ_{t : j ∈ S_D(t)} [p_t(D ∪ {j}) − p_t(D)]
 
 exact when masking an expert a token does not select leaves that token's route as it is (`RoutingSpec.
-local_masking`: renormalised softmax top-k, top-k-then-softmax, sigmoid without a group limit; in exact
-arithmetic — renormalised softmax rounds differently when another logit is masked, so the two sides agree to the
-router dtype's rounding). Per parent: one router call on its T tokens (its route and p_t(D)), then one on the
-Σ_j |{t : j ∈ S_D(t)}| ≤ T·k affected rows, each routed by the model's own router under its own child's mask
+local_masking`: renormalised softmax top-k, top-k-then-softmax, sigmoid without a group limit or with one kept
+group; in exact arithmetic — renormalised softmax rounds differently when another logit is masked, so the two sides
+agree to the router dtype's rounding). Per parent: one router call on its T tokens (its route and p_t(D)), then
+one on the Σ_j |{t : j ∈ S_D(t)}| ≤ T·k affected rows, each routed by the model's own router under its own child's mask
 (`masking.row_masks`, one mask per row) on its replayed logits (`naee_replay.ReplayLinear`, rows x[index]).
 Router rows per parent: T·(1 + k) instead of T·E' for its E' children (FastEvaluator.many): at E = 128, k = 8,
 E' ≈ 110, ≈ 12× fewer; at E = 16, k = 2, ≈ 4×.
@@ -84,7 +84,7 @@ class IncrementalEvaluator(FastEvaluator):
             b = w[:c][rows].double().sort(-1).values  # [r, k]
             rel = float(((a - b).abs() / b.abs().clamp_min(torch.finfo(w.dtype).tiny)).max()) if rows.any() else 0.0
             if rel > tol:
-                return j, f"a gate weight by {rel:.2g} relative, more than {ULPS} float32 units in the last place"
+                return j, f"a gate weight by {rel:.2g} relative, more than {ULPS} units in the last place"
         return None
 
     def _buffer(self, rows: int) -> torch.Tensor:
