@@ -25,7 +25,7 @@ import time
 
 import torch
 from naee_speed import random_case, testbed_case  # same models and calibration (run from benchmarks/)
-from naee_tokens import Enough, checkpoint_case
+from naee_tokens import Enough, add_checkpoint_args, checkpoint_case
 
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.session import collect
@@ -147,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--samples", type=int, default=8, help="windows per testbed domain (random32: 8x as many)")
     ap.add_argument("--testbed", help="testbed folder (default: the cached one, built when missing)")
-    ap.add_argument("--checkpoint", help="case checkpoint: model folder")
-    ap.add_argument("--calib", help="case checkpoint: NAME=PATH calibration text")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--max-layers", type=int, default=2, help="case checkpoint: MoE layers searched")
+    add_checkpoint_args(ap, max_layers=2)
     ap.add_argument("--dtype", default="own", choices=["own", "float32", "bfloat16"],
                     help="case checkpoint: compute dtype (own: as stored; `prune --dtype auto` is float32 on CPUs "
                          "without native bf16)")

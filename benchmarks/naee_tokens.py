@@ -146,6 +146,15 @@ def checkpoint_case(args):
     return model, build_sets(cfg, load_tokenizer(Path(args.checkpoint), None))
 
 
+def add_checkpoint_args(ap: argparse.ArgumentParser, max_layers: int) -> None:
+    """The options of case "checkpoint" (`checkpoint_case`)."""
+    ap.add_argument("--checkpoint", help="case checkpoint: model folder")
+    ap.add_argument("--calib", help="case checkpoint: NAME=PATH calibration text")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--max-layers", type=int, default=max_layers, help="case checkpoint: MoE layers searched")
+
+
 def run_case(case: str, args) -> list[str]:
     ratio = 0.5 if case == "testbed50" else 0.25
     if case == "random32":
@@ -205,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8, help="windows per testbed domain (random32: 16x as many)")
     ap.add_argument("--eval-sequences", type=int, default=64, help="held-out windows per domain (testbed)")
     ap.add_argument("--testbed", help="testbed folder (default: the cached one, built when missing)")
-    ap.add_argument("--checkpoint", help="case checkpoint: model folder")
-    ap.add_argument("--calib", help="case checkpoint: NAME=PATH calibration text")
-    ap.add_argument("--calib-samples", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--max-layers", type=int, default=1, help="case checkpoint: MoE layers searched")
+    add_checkpoint_args(ap, max_layers=1)
     ap.add_argument("--ref-cap", type=int, default=0, help="case checkpoint: the reference's token cap (0: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

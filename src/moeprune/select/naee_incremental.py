@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from moeprune.log import logger
-from moeprune.models.masking import masked_experts, masked_row_blocks, row_masks
+from moeprune.models.masking import masked_row_blocks, row_masks
 from moeprune.select.naee_outputs import ROW_ALIGN, FastEvaluator
 from moeprune.select.rerouted import ULPS
 
@@ -70,13 +70,11 @@ class IncrementalEvaluator(FastEvaluator):
         """(j, what moved) for the first checked child D ∪ {j} under which a token of the first chunk that does not
         select j is routed otherwise than under D (module docstring); None: every checked route held."""
         x, c = self.xs[0], self.outputs.gram[0].shape[0]
-        with masked_experts(self.model, self.adapter, {self.layer: list(parent)}), self.replay:
-            w, idx = self._route(x, x.shape[0], raw=True)  # [c', k] each
+        w, idx = self._route_set(x, parent, raw=True)  # [c', k] each
         # routers compute their weights in float32 at best (a float64 model's too), bf16 ones round to bf16
         tol = ULPS * max(torch.finfo(w.dtype).eps, torch.finfo(torch.float32).eps)
         for j in js[::-(-len(js) // CHECK_CHILDREN)]:
-            with masked_experts(self.model, self.adapter, {self.layer: [*parent, j]}), self.replay:
-                w2 = self._route(x, x.shape[0], raw=True)[0]
+            w2 = self._route_set(x, [*parent, j], raw=True)[0]
             rows = ~(idx[:c] == j).any(-1)  # [c] tokens that do not select j
             # weights compared sorted: experts with tied scores may swap (top-k breaks ties as it likes; the tied
             # expert gets the same weight, as it would in the pruned model)
@@ -86,12 +84,6 @@ class IncrementalEvaluator(FastEvaluator):
             if rel > tol:
                 return j, f"a gate weight by {rel:.2g} relative, more than {ULPS} units in the last place"
         return None
-
-    def _buffer(self, rows: int) -> torch.Tensor:
-        x0 = self.xs[0]
-        if self.replay.buffer is None or self.replay.buffer.shape[0] < rows:
-            self.replay.buffer = torch.empty(rows, x0.shape[1], dtype=x0.dtype, device=x0.device)
-        return self.replay.buffer
 
     def _extend(self, parent: tuple[int, ...], js: list[int]) -> list[float]:
         o = self.outputs
@@ -103,8 +95,7 @@ class IncrementalEvaluator(FastEvaluator):
         delta = torch.zeros(len(js), dtype=torch.float64, device=device)  # [m] Σ over affected tokens
         for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
             c = gram.shape[0]
-            with masked_experts(self.model, self.adapter, {self.layer: list(parent)}), self.replay:
-                w, idx = self._route(x, x.shape[0])  # [c', k] each: the parent's route
+            w, idx = self._route_set(x, parent)  # [c', k] each: the parent's route
             p = self._per_token(gram, cross, base, w[:c, None], idx[:c, None], slots)[:, 0]  # [c]
             total += p.sum()
             hit = child_of[idx[:c]]  # [c, k] the child whose new expert token t selects, −1: none

@@ -328,16 +328,26 @@ class FastEvaluator:
         """Σ_t p_t per set: w, idx [c, b, k] -> [b] (float64)."""
         return cls._per_token(gram, cross, base, w, idx, slots).sum(0)
 
+    def _route_set(self, x: torch.Tensor, dropped, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The route of a cached chunk x [c', H] with `dropped` masked: (w, idx) [c', k] each (`_route`)."""
+        with masked_experts(self.model, self.adapter, {self.layer: list(dropped)}), self.replay:
+            return self._route(x, x.shape[0], raw)  # one router call per entry: converted copies released after
+
+    def _buffer(self, rows: int) -> torch.Tensor:
+        """The replay's row buffer ([≥ rows, H], grown when needed)."""
+        if self.replay.buffer is None or self.replay.buffer.shape[0] < rows:
+            x0 = self.xs[0]
+            self.replay.buffer = torch.empty(rows, x0.shape[1], dtype=x0.dtype, device=x0.device)
+        return self.replay.buffer
+
     @torch.no_grad()
     def __call__(self, dropped: tuple[int, ...]) -> float:
         o = self.outputs
         err = torch.zeros((), dtype=torch.float64, device=o.gram[0].device)
-        with masked_experts(self.model, self.adapter, {self.layer: list(dropped)}):
-            for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
-                c = gram.shape[0]
-                with self.replay:  # one router call per entry: converted copies are released after each
-                    w, idx = self._route(x, x.shape[0])  # [c', k] each
-                err += self._partial(gram, cross, base, w[:c, None], idx[:c, None], slots)[0]
+        for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
+            c = gram.shape[0]
+            w, idx = self._route_set(x, dropped)  # [c', k] each
+            err += self._partial(gram, cross, base, w[:c, None], idx[:c, None], slots)[0]
         return float(err) + o.target_sq
 
     @torch.no_grad()
@@ -347,11 +357,7 @@ class FastEvaluator:
             return []
         errs = torch.zeros(n, dtype=torch.float64, device=o.gram[0].device)  # [n]
         b_max = min(self.batch, n)
-        rows = max(x.shape[0] for x in self.xs) * b_max
-        if self.replay.buffer is None or self.replay.buffer.shape[0] < rows:
-            x0 = self.xs[0]
-            self.replay.buffer = torch.empty(rows, x0.shape[1], dtype=x0.dtype, device=x0.device)
-        buffer = self.replay.buffer
+        buffer = self._buffer(max(x.shape[0] for x in self.xs) * b_max)
         for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
             c, cp = gram.shape[0], x.shape[0]  # real tokens, padded rows
             buffer[:b_max * cp].view(b_max, cp, -1).copy_(x[None].expand(b_max, cp, -1))  # x, b_max times
