@@ -277,16 +277,20 @@ DENORMAL = 1e-30  # ... nor this close to zero without being zero
 @torch.no_grad()
 def _initialise_leftovers(model: torch.nn.Module, seed: int) -> None:
     """Parameters the family's `_init_weights` leaves as allocated (Qwen3-Omni-MoE's talker experts: whatever the
-    heap held: NaN, 1e14 or 1e-43 in some processes and not others) get a seeded normal(0, initializer_range) draw;
-    they are recognised by a non-finite value, one above `GARBAGE`, or a largest magnitude that is not zero but below
-    `DENORMAL`."""
+    heap held: NaN, 1e14, 1e-43, or zeros from fresh pages, in some processes and not others) get a seeded
+    normal(0, initializer_range) draw; they are recognised by a non-finite value, one above `GARBAGE`, a largest
+    magnitude that is not zero but below `DENORMAL`, or, for a routed expert's weights (never zero-initialised), all
+    zeros."""
     g = torch.Generator().manual_seed(seed)
     std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+    experts = {id(p) for _, _, e, _ in moe_blocks(model) for n, p in e.named_parameters()
+               if p.dim() >= 2 and "bias" not in n}  # weights; biases may start at zero (gpt-oss)
     for name, p in model.named_parameters():
         if not p.is_floating_point() or not p.numel():
             continue
         top = float(p.abs().max())
-        if not (torch.isfinite(p).all() and top < GARBAGE and (top == 0 or top > DENORMAL)):
+        zero_expert = top == 0 and id(p) in experts
+        if zero_expert or not (torch.isfinite(p).all() and top < GARBAGE and (top == 0 or top > DENORMAL)):
             logger.debug("tiny %s: %s left uninitialised by its family; drawn anew", type(model).__name__, name)
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
 
