@@ -11,7 +11,9 @@ Cases (one progressive calibration pass each, pruned along the incremental choic
 random tokens; "checkpoint" (`--checkpoint`, e.g. the 128-expert checkpoint of `big_model.py`, its first
 `--max-layers` MoE layers, in `--dtype`). Each layer keeps at most `DEFAULT_SEARCH_TOKENS` tokens, as `prune`
 does. Per layer: the precompute with every expert and with each token's C candidates (`naee_candidates`, what
-`prune` does; both searches then share it), seconds of each search, router rows, whether both
+`prune` does: its first slots filled, the rest when a route reaches them, `naee_fill`; each search gets its own
+copy, so each pays its own fills; expert rows per token after the precompute and after the incremental search),
+seconds of each search, router rows, whether both
 drop the same set, and the relative error difference of the two choices, scored whole and by the layer's own
 block in float32 on every cached token (with bf16 logits, experts with tied scores swap places as masks change:
 7 % of the tokens of the generated checkpoint have a tie at the k-th; the float32 block has none). torch runs on
@@ -71,23 +73,29 @@ class Compare:
         t0 = time.perf_counter()
         every = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=DEFAULT_SEARCH_TOKENS)
         t1 = time.perf_counter()
-        out = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=DEFAULT_SEARCH_TOKENS,
-                             max_dropped=self.n_drop)  # each token's candidates only, as the NAEE decider does
+        out = self._candidates(model, adapter, layer, io)  # each token's candidates only, as the NAEE decider does
         pre_all, pre = t1 - t0, time.perf_counter() - t1
+        initial = out.rows_computed
         del every
         router = adapter.router(adapter.block(model, layer))
         whole = fast_evaluator(model, adapter, layer, out)
         old, old_s, old_rows = self._search(whole, router)
+        out = self._candidates(model, adapter, layer, io)  # its slots unfilled again: each search pays its fills
         inc = incremental_evaluator(model, adapter, layer, out)
         new, new_s, new_rows = self._search(inc, router)
         e_old, e_new = whole.many([old.dropped, new.dropped])  # both choices scored the same way
         f_old, f_new = _float32_errors(model, adapter, layer, io, [old.dropped, new.dropped])
         self.rows.append(dict(layer=layer, tokens=out.tokens, evaluated=new.evaluated, exhaustive=new.exhaustive,
                               pre=pre, pre_all=pre_all, slots=out.gram[0].shape[1], old_s=old_s, new_s=new_s,
+                              filled=(initial / out.tokens, out.rows_computed / out.tokens),
                               old_rows=old_rows, new_rows=new_rows,
                               same=old.dropped == new.dropped, diff=e_new / e_old - 1, local=inc.local,
                               diff32=f_new / f_old - 1))
         return list(new.dropped)
+
+    def _candidates(self, model, adapter, layer, io):
+        return expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=DEFAULT_SEARCH_TOKENS,
+                              max_dropped=self.n_drop)
 
 
 def _float32_errors(model, adapter, layer, io, drops) -> list[float]:
@@ -133,7 +141,7 @@ def run_case(case: str, args) -> list[str]:
     for r in cmp.rows:
         kind = "exhaustive" if r["exhaustive"] else f"beam {args.beam}"
         lines.append(f"| {case} | {r['layer']} | {r['tokens']} | {kind}, {r['evaluated']} | {r['pre_all']:.2f} | "
-                     f"{r['pre']:.2f} ({r['slots']}) | "
+                     f"{r['pre']:.2f} ({r['slots']}: {r['filled'][0]:.1f} → {r['filled'][1]:.1f}) | "
                      f"{r['old_s']:.2f} | {r['new_s']:.2f} | ×{r['old_s'] / r['new_s']:.1f} | "
                      f"{r['old_rows'] / max(r['new_rows'], 1):.1f} | {'yes' if r['same'] else 'no'} | "
                      f"{r['diff']:+.1e} | {r['diff32']:+.1e} |" + ("" if r["local"] else " (not local: scored whole)"))
@@ -153,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                          "without native bf16)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print("| case | layer | tokens | search, evaluations | precompute s, every expert | precompute s, candidates (C) "
-          "| whole s | incremental s | speed-up | "
+    print("| case | layer | tokens | search, evaluations | precompute s, every expert | precompute s, candidates "
+          "(C: expert rows per token, precompute → after the incremental search) | whole s "
+          "| incremental s (both with their fills) | speed-up | "
           "router rows whole / incremental | same set | error, incremental choice vs whole | same, by the float32 "
           "block on every token |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

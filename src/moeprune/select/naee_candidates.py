@@ -11,7 +11,8 @@ calls, each with the experts already chosen masked for that row (`masking.masked
 needs y_j(t) only for j ∈ cand_t: T·C expert rows instead of T·E, a Gram G_t [C, C] instead of [E, E] (T·C²·8
 bytes kept instead of T·E²·8), and a slot table [T, E] (expert → its index in cand_t, −1 elsewhere) through which
 every evaluation reads G and A. At E = 128, k = 8, 25 % (d = 32): C = 48, so 2.7× fewer expert rows, 7× less Gram
-work and memory. The spare round keeps ties at the boundary inside (with bf16 logits experts can tie, and top-k
+work and memory (and fewer still in practice: the slots are filled as routes reach them, `naee_fill.py`). The
+spare round keeps ties at the boundary inside (with bf16 logits experts can tie, and top-k
 breaks ties as it likes); a route that still left its candidates would be read as slot −1 and is refused
 (`to_slots`), never scored wrong.
 """

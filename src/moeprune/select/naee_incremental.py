@@ -93,10 +93,11 @@ class IncrementalEvaluator(FastEvaluator):
         child_of[new] = torch.arange(len(js), device=device)
         total = torch.zeros((), dtype=torch.float64, device=device)  # Σ_t p_t(D)
         delta = torch.zeros(len(js), dtype=torch.float64, device=device)  # [m] Σ over affected tokens
-        for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
+        for i, (x, gram, cross, base) in enumerate(zip(self.xs, o.gram, o.cross, self.bases, strict=True)):
             c = gram.shape[0]
             w, idx = self._route_set(x, parent)  # [c', k] each: the parent's route
-            p = self._per_token(gram, cross, base, w[:c, None], idx[:c, None], slots)[:, 0]  # [c]
+            slot = self._slot_idx(i, torch.arange(c, device=device), idx[:c, None])  # [c, 1, k]
+            p = self._per_token(gram, cross, base, w[:c, None], slot)[:, 0]  # [c]
             total += p.sum()
             hit = child_of[idx[:c]]  # [c, k] the child whose new expert token t selects, −1: none
             tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
@@ -115,7 +116,8 @@ class IncrementalEvaluator(FastEvaluator):
                         w2, idx2 = self._route(rows, n + pad)  # [n', k] each: each row under its child's mask
                 finally:
                     self.replay.rows_of = None
-                p2 = self._per_token(gram, cross, base[t], w2[:n, None], idx2[:n, None], slots)[:, 0]  # [n]
+                slot2 = self._slot_idx(i, t, idx2[:n, None])  # [n, 1, k]
+                p2 = self._per_token(gram, cross, base[t], w2[:n, None], slot2)[:, 0]  # [n]
                 delta.index_add_(0, ch, p2 - p[t])
         return (total + o.target_sq + delta).tolist()
 

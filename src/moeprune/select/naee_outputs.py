@@ -24,7 +24,9 @@ over the real tokens t of the cached block inputs X / outputs Z (padding rows ar
 Candidates (`naee_candidates.py`, `max_dropped` = d given): where masking never reorders the router's selection
 (`RoutingSpec.local_selection`), a route under any |D| ≤ d stays within the token's first C = k·(⌈d/k⌉ + 2) choices,
 so y, G and A are computed for those only (C replaces E in the costs below; a [T, E] slot table maps experts to
-them): at E = 128, k = 8, 25 %, C = 48.
+them): at E = 128, k = 8, 25 %, C = 48. Of those, the precompute fills each token's first 2k slots and the evaluator
+the rest when a route first reaches them (`naee_fill.py`): on the big-model checkpoint 16 expert rows per token
+instead of 48.
 Each evaluation then runs only the router module under the mask — every routing rule (softmax-top-k with or
 without renormalisation, Mixtral's top-k, gpt-oss's top-k-then-softmax, DeepSeek/GLM sigmoid group-limited with
 correction bias, routed scaling) is the model's own — and costs per token 2·H·E FLOPs (router) + O(E log k)
@@ -33,7 +35,8 @@ per-expert Python loop. (Gathering y [T, k, H] per evaluation instead would cost
 values in memory; the Gram form is the same quantity, exact in float64, smaller whenever 8·E < H·s.)
 
 Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of the experts' output / the input):
-    kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖² per token, router inputs x)
+    kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖² per token, router inputs x; with candidates C for E,
+                                                    plus T·(E + C + H + 1)·8: slot table, order, U, fill count)
     precompute:  ≤ 256 MiB (`PRECOMPUTE_BYTES`) of temporaries: y on n tokens at a time, n chosen so that
                  n·(E·H·s + 4·H·s + 3·I·s + 8·E) fits (y, one expert call's intermediates), + 2·E·H·8 (the
                  float64 copy), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
@@ -79,12 +82,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts, masked_rows
 from moeprune.models.silenced import experts_silenced
-from moeprune.select.naee_candidates import candidate_count, candidate_outputs, candidates, slot_table, to_slots
+from moeprune.select.naee_candidates import candidate_count, candidates, slot_table, to_slots
+from moeprune.select.naee_fill import fill, grow_targets, initial_fill, reduce_gram
 from moeprune.select.naee_replay import ReplayLinear
 
 DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
@@ -92,7 +97,6 @@ DEFAULT_MAX_BYTES = 4 << 30  # what is kept (G, A, x) may take 4 GiB before toke
 DEFAULT_CHUNK = 2048  # tokens per router call (and per stored chunk)
 PRECOMPUTE_BYTES = 256 << 20  # bound on y and the expert calls' temporaries (E=128: 1 GiB was no faster, +270 MB RSS)
 EVAL_BYTES = 256 << 20  # bound on the temporaries of one batched router call (`FastEvaluator.many`)
-GRAM_TOKENS = 2  # tokens per float64 Gram product in the precompute (their float64 outputs stay in cache)
 ROW_ALIGN = 64  # router calls see a multiple of this many rows (`FastEvaluator`: no vector-tail rounding)
 
 
@@ -115,6 +119,13 @@ class ExpertOutputs:
     # per chunk [c, E]: expert -> its slot among the token's candidates (`naee_candidates`), G / A then [c, C, C] /
     # [c, C]; empty: every expert has its own slot (C = E)
     slots: list[torch.Tensor] = field(default_factory=list)
+    # with candidates, per chunk, for the slots filled on demand (`naee_fill`): order [c, C] each token's candidates
+    # in selection order, target [c, H] float64 U_t, filled [c] slots filled so far
+    order: list[torch.Tensor] = field(default_factory=list)
+    target: list[torch.Tensor] = field(default_factory=list)
+    filled: list[torch.Tensor] = field(default_factory=list)
+    fill_rows: int = 1  # tokens per expert pass of a fill (bounds its temporaries, as the precompute's)
+    rows_computed: int = 0  # expert rows computed so far (precompute and fills)
 
     @property
     def tokens(self) -> int:
@@ -122,7 +133,8 @@ class ExpertOutputs:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in (self.x, self.gram, self.cross) for t in ts)
+        return sum(t.numel() * t.element_size() for ts in (self.x, self.gram, self.cross, self.slots, self.order,
+                                                             self.target, self.filled) for t in ts)
 
 
 def _every_expert(experts: nn.Module, h: torch.Tensor, out: torch.Tensor) -> None:
@@ -134,13 +146,17 @@ def _every_expert(experts: nn.Module, h: torch.Tensor, out: torch.Tensor) -> Non
         out[:, j] = experts(h, torch.full((n, 1), j, device=h.device), one)  # [n, H]
 
 
-def _reduce(y: torch.Tensor, u: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> None:
-    """y [n, E, H] (model dtype), u [n, H] float64 -> gram [n, E, E] = ⟨y_i, y_j⟩, cross [n, E] = ⟨u, y_j⟩ (float64),
-    GRAM_TOKENS tokens at a time: their float64 copy (E·H·8 bytes each) stays in cache for the two products."""
-    for s in range(0, y.shape[0], GRAM_TOKENS):
-        yd = y[s:s + GRAM_TOKENS].double()  # [g, E, H]
-        torch.bmm(yd, yd.transpose(1, 2), out=gram[s:s + GRAM_TOKENS])  # [g, E, E]
-        torch.bmm(yd, u[s:s + GRAM_TOKENS, :, None], out=cross[s:s + GRAM_TOKENS, :, None])  # [g, E, 1]
+def _every_expert_gram(experts: nn.Module, x: torch.Tensor, u: torch.Tensor, gram: torch.Tensor,
+                       cross: torch.Tensor, rows: int) -> None:
+    """x [c, H], u [c, H] float64 -> gram [c, E, E], cross [c, E] over every expert, `rows` tokens per pass (y
+    [rows, E, H] bounded)."""
+    y = None
+    for s0 in range(0, x.shape[0], rows):
+        h = x[s0:s0 + rows]  # [n, H]
+        if y is None or y.shape[0] != h.shape[0]:
+            y = torch.empty(h.shape[0], gram.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+        _every_expert(experts, h, y)
+        reduce_gram(y, u[s0:s0 + rows], gram[s0:s0 + rows], cross[s0:s0 + rows])
 
 
 def keep_stride(total: int, cap: int) -> tuple[int, int]:
@@ -159,8 +175,6 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     on their eager code path (`calibration.session.eager_experts`, as calibration runs them). `max_dropped`: the
     largest dropped set that will be scored; where the routing allows, each token then keeps only its candidates
     (`naee_candidates.py`); None: every expert."""
-    from moeprune.calibration.session import eager_experts
-
     if len(X) != len(Z) or not X or (valid is not None and len(valid) != len(X)):
         raise MoePruneError(f"NAEE needs one cached output (and mask) per input batch, got {len(X)} inputs, "
                             f"{len(Z)} outputs, {'no' if valid is None else len(valid)} masks.")
@@ -184,7 +198,8 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     experts = adapter.experts(block)
     device = next(block.parameters()).device
     C = candidate_count(adapter, max_dropped)  # slots per token (E: every expert)
-    per_token = (C * C + C + 1) * 8 + (E * 8 if C < E else 0) + H * X[0].element_size()  # bytes kept per token
+    # bytes kept per token: G, A, ‖U‖², x; with candidates the slot table, order, U, fill count
+    per_token = (C * C + C + 1) * 8 + H * X[0].element_size() + ((E + C + H + 1) * 8 if C < E else 0)
     cap = min(max_tokens or total, max(1, max_bytes // per_token))
     stride, kept = keep_stride(total, cap)
     if stride > 1:
@@ -205,7 +220,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     item = next(experts.parameters()).element_size()
     width = adapter.expert_width or H
     sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (C * H * item + 4 * H * item + 3 * width * item + 8 * C)))
-    out = ExpertOutputs(total_tokens=total)
+    out = ExpertOutputs(total_tokens=total, fill_rows=sub)
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
     router = adapter.router(block)
     with eager_experts(model):
@@ -218,20 +233,22 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
             c = xr.shape[0]
             cand = None if C == E else candidates(model, adapter, layer, xr, C, out.router_args, out.router_kwargs,
                                                   out.router_rank)  # [c, C]
-            gram = torch.empty(c, C, C, dtype=torch.float64, device=device)  # [c, C, C]
-            cross = torch.empty(c, C, dtype=torch.float64, device=device)  # [c, C]
-            y = None
-            for s0 in range(0, c, sub):  # bounded temporaries: y [n, C, H] per pass
-                h = xr[s0:s0 + sub]  # [n, H]
-                if y is None or y.shape[0] != h.shape[0]:
-                    y = torch.empty(h.shape[0], C, H, dtype=xr.dtype, device=device)
-                if cand is None:
-                    _every_expert(experts, h, y)
-                else:
-                    candidate_outputs(experts, h, cand[s0:s0 + sub], y)
-                _reduce(y, u[s0:s0 + sub], gram[s0:s0 + sub], cross[s0:s0 + sub])
-            if cand is not None:
+            if cand is None:
+                gram = torch.empty(c, C, C, dtype=torch.float64, device=device)  # [c, C, C]
+                cross = torch.empty(c, C, dtype=torch.float64, device=device)  # [c, C]
+                _every_expert_gram(experts, xr, u, gram, cross, sub)
+                out.rows_computed += c * C
+            else:  # each token's first slots now, the rest when a route reaches them (`naee_fill`)
+                gram = torch.full((c, C, C), float("nan"), dtype=torch.float64, device=device)  # [c, C, C]
+                cross = torch.full((c, C), float("nan"), dtype=torch.float64, device=device)  # [c, C]
+                filled = torch.zeros(c, dtype=torch.long, device=device)  # [c]
+                every = torch.arange(c, device=device)
+                out.rows_computed += fill(experts, xr, u, cand, gram, cross, filled, every,
+                                          torch.full_like(every, initial_fill(C, adapter.top_k)), sub)
                 out.slots.append(slot_table(cand, E))
+                out.order.append(cand)
+                out.target.append(u)
+                out.filled.append(filled)
             out.x.append(xr)
             out.gram.append(gram)
             out.cross.append(cross)
@@ -290,7 +307,7 @@ class FastEvaluator:
         self.replay = ReplayLinear(self.xs, [*self.router.parameters(), *self.router.buffers()])
         # flat offsets of token t's block in G [c·E·E]
         self.bases = [torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2 for g in outputs.gram]  # [c]
-        self.slots = outputs.slots or [None] * len(outputs.gram)  # [c, E] per chunk, or None: slot = expert
+        self.experts = adapter.experts(adapter.block(model, layer))  # fills slots on demand (`_slot_idx`)
         c = max(x.shape[0] for x in self.xs)
         E, H = outputs.gram[0].shape[1], outputs.x[0].shape[1]
         per_row = H * outputs.x[0].element_size() + 16 * E + 24 * self.k ** 2 + 40 * self.k
@@ -307,15 +324,13 @@ class FastEvaluator:
         return (w if raw else w.double()), idx
 
     @staticmethod
-    def _per_token(gram, cross, base, w, idx, slots=None) -> torch.Tensor:
-        """p_t = wᵀ G_t[i, i] w − 2 wᵀ A_t[i] per token row and set: w, idx [c, b, k], base [c] (offset of each row's
-        token block in G: rows may repeat or pick tokens), `slots` the chunk's [c, E] candidate slots (None: G and A
-        hold every expert) -> [c, b] (float64)."""
+    def _per_token(gram, cross, base, w, idx) -> torch.Tensor:
+        """p_t = wᵀ G_t[i, i] w − 2 wᵀ A_t[i] per token row and set: w, idx [c, b, k] (idx: slots of G and A,
+        `_slot_idx`), base [c] (offset of each row's token block in G: rows may repeat or pick tokens) -> [c, b]
+        (float64)."""
         w, idx = w.contiguous(), idx.contiguous()
         c, b, k = idx.shape
         E = gram.shape[1]  # slots per token: the experts, or C candidates
-        if slots is not None:
-            idx = to_slots(slots, base // (E * E), idx)
         a = cross.view(-1).index_select(0, ((base // E)[:, None, None] + idx).view(-1)).view(c, b, k)  # ⟨U, y_i⟩
         rows = base[:, None, None] + idx * E  # [c, b, k] offset of row i_s of token t's G block
         flat = rows[..., :, None] + idx[..., None, :]  # [c, b, k, k]
@@ -323,10 +338,28 @@ class FastEvaluator:
         quad = (torch.matmul(g, w[..., None])[..., 0] * w).sum(2)  # [c, b] wᵀ G w
         return quad - 2 * (w * a).sum(2)
 
+    def _slot_idx(self, chunk: int, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """idx [r, b, k] experts routed on rows of tokens [r] of chunk `chunk` -> their slots in G and A, after
+        filling every slot they reach that is not filled yet (`naee_fill`); the experts themselves when G and A
+        hold every expert."""
+        o = self.outputs
+        if not o.slots:
+            return idx
+        s = to_slots(o.slots[chunk], tokens, idx)  # [r, b, k]
+        filled = o.filled[chunk]  # [c]
+        need = torch.full_like(filled, -1).scatter_reduce_(0, tokens, s.flatten(1).amax(1), "amax")  # [c]
+        short = (need >= filled).nonzero().view(-1)  # tokens whose routes reach unfilled slots
+        if short.numel():
+            upto = grow_targets(need[short], filled[short], self.k, o.gram[chunk].shape[1])
+            with eager_experts(self.model):
+                o.rows_computed += fill(self.experts, o.x[chunk], o.target[chunk], o.order[chunk], o.gram[chunk],
+                                        o.cross[chunk], filled, short, upto, o.fill_rows)
+        return s
+
     @classmethod
-    def _partial(cls, gram, cross, base, w, idx, slots=None) -> torch.Tensor:
-        """Σ_t p_t per set: w, idx [c, b, k] -> [b] (float64)."""
-        return cls._per_token(gram, cross, base, w, idx, slots).sum(0)
+    def _partial(cls, gram, cross, base, w, idx) -> torch.Tensor:
+        """Σ_t p_t per set: w, idx [c, b, k] (slots) -> [b] (float64)."""
+        return cls._per_token(gram, cross, base, w, idx).sum(0)
 
     def _route_set(self, x: torch.Tensor, dropped, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The route of a cached chunk x [c', H] with `dropped` masked: (w, idx) [c', k] each (`_route`)."""
@@ -344,10 +377,11 @@ class FastEvaluator:
     def __call__(self, dropped: tuple[int, ...]) -> float:
         o = self.outputs
         err = torch.zeros((), dtype=torch.float64, device=o.gram[0].device)
-        for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
+        for i, (x, gram, cross, base) in enumerate(zip(self.xs, o.gram, o.cross, self.bases, strict=True)):
             c = gram.shape[0]
             w, idx = self._route_set(x, dropped)  # [c', k] each
-            err += self._partial(gram, cross, base, w[:c, None], idx[:c, None], slots)[0]
+            slot = self._slot_idx(i, torch.arange(c, device=idx.device), idx[:c, None])  # [c, 1, k]
+            err += self._partial(gram, cross, base, w[:c, None], slot)[0]
         return float(err) + o.target_sq
 
     @torch.no_grad()
@@ -358,8 +392,9 @@ class FastEvaluator:
         errs = torch.zeros(n, dtype=torch.float64, device=o.gram[0].device)  # [n]
         b_max = min(self.batch, n)
         buffer = self._buffer(max(x.shape[0] for x in self.xs) * b_max)
-        for x, gram, cross, base, slots in zip(self.xs, o.gram, o.cross, self.bases, self.slots, strict=True):
+        for i, (x, gram, cross, base) in enumerate(zip(self.xs, o.gram, o.cross, self.bases, strict=True)):
             c, cp = gram.shape[0], x.shape[0]  # real tokens, padded rows
+            tokens = torch.arange(c, device=base.device)
             buffer[:b_max * cp].view(b_max, cp, -1).copy_(x[None].expand(b_max, cp, -1))  # x, b_max times
             for s0 in range(0, n, b_max):
                 group = drops[s0:s0 + b_max]
@@ -372,7 +407,7 @@ class FastEvaluator:
                     self.replay.rows_of = None
                 w = w.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
                 idx = idx.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
-                errs[s0:s0 + b] += self._partial(gram, cross, base, w, idx, slots)
+                errs[s0:s0 + b] += self._partial(gram, cross, base, w, self._slot_idx(i, tokens, idx))
         return (errs + o.target_sq).tolist()
 
 
