@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -280,8 +281,13 @@ def main() -> None:
     work = a.work.resolve()
     (work / "out").mkdir(parents=True, exist_ok=True)
     model = work / f"qwen3moe-{a.layers}x{a.experts}-h{a.hidden}-i{a.expert_width}"
-    if not model.exists():
-        generate(a, model)
+    if not model.exists():  # in its own process: a step's peak RSS (wait4's ru_maxrss) starts from this process's
+        # RSS at fork, so generating here would count its ~3 GB in every step
+        gen = multiprocessing.get_context("spawn").Process(target=generate, args=(a, model))
+        gen.start()
+        gen.join()
+        if gen.exitcode != 0:
+            raise SystemExit(f"generating {model} failed (exit {gen.exitcode})")
     size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     layer = sum(n * 2 for name, shape in tensor_shapes(config_dict(a)) if name.startswith("model.layers.0.")
                 for n in [int(torch.Size(shape).numel())])

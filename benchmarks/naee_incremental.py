@@ -8,8 +8,9 @@ router row per token and parent plus one per affected token), on the same precom
 Cases (one progressive calibration pass each, pruned along the incremental choice): the trained testbed at 50 %
 (16 experts top-2, C(16, 8) = 12 870 > the exhaustive limit: beam); the random 32-expert top-4 Qwen3-MoE of
 `naee_speed.py` at 25 %; a random 128-expert top-8 Qwen3-MoE (H = 256, expert width 64, 2 layers) at 25 % on 2 048
-random tokens; "checkpoint" (`--checkpoint`, e.g. the 128-expert checkpoint of `big_model.py`, its first
-`--max-layers` MoE layers, in `--dtype`). Each layer keeps at most `DEFAULT_SEARCH_TOKENS` tokens, as `prune`
+random tokens; a random DeepSeek-V3 of 128 experts in 8 groups (4 kept, top-8, `naee_reach`) at 25 %;
+"checkpoint" (`--checkpoint`, e.g. the 128-expert checkpoint of `big_model.py`, its first `--max-layers` MoE
+layers, in `--dtype`). Each layer keeps at most `DEFAULT_SEARCH_TOKENS` tokens, as `prune`
 does. Per layer: the precompute with every expert and with each token's C candidates (`naee_candidates`, what
 `prune` does: its first slots filled, the rest when a route reaches them, `naee_fill`; each search gets its own
 copy, so each pays its own fills; expert rows per token after the precompute and after the incremental search),
@@ -122,12 +123,23 @@ def random128_case(args):
     return model, [CalibSet("random", ids, mask, "", "random tokens", 32, int(mask.sum()))]
 
 
+def grouped128_case(args):
+    """Random DeepSeek-V3, 128 experts in 8 groups, 4 kept, top-8, H = 256, expert width 64, 2 MoE layers; 32 random
+    sequences of 64 tokens."""
+    model = tiny_model("deepseek_v3", seed=0, n_routed_experts=128, num_experts_per_tok=8, n_group=8, topk_group=4,
+                       hidden_size=256, moe_intermediate_size=64, first_k_dense_replace=0, num_hidden_layers=2)
+    ids = torch.randint(3, model.config.vocab_size, (32, 64), generator=torch.Generator().manual_seed(0))  # [N, L]
+    mask = torch.ones_like(ids)
+    return model, [CalibSet("random", ids, mask, "", "random tokens", 32, int(mask.sum()))]
+
+
 def run_case(case: str, args) -> list[str]:
     if case == "checkpoint":
         model, sets = checkpoint_case(args)
         model = model.to(getattr(torch, args.dtype)) if args.dtype != "own" else model
     else:
-        make = {"testbed50": testbed_case, "random32": random_case, "random128": random128_case}[case]
+        make = {"testbed50": testbed_case, "random32": random_case, "random128": random128_case,
+                "grouped128": grouped128_case}[case]
         model, sets = make(argparse.Namespace(samples=args.samples, testbed=args.testbed))
     adapter = get_adapter(model.config, model=model)
     ratio = 0.5 if case == "testbed50" else 0.25
@@ -151,7 +163,7 @@ def run_case(case: str, args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["testbed50", "random32", "random128"],
-                    choices=["testbed50", "random32", "random128", "checkpoint"])
+                    choices=["testbed50", "random32", "random128", "grouped128", "checkpoint"])
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--samples", type=int, default=8, help="windows per testbed domain (random32: 8x as many)")
     ap.add_argument("--testbed", help="testbed folder (default: the cached one, built when missing)")

@@ -86,6 +86,16 @@ class RoutingSpec:
         return self.kind in ("softmax_topk", "softmax_grouped") and self.norm_topk_prob
 
     @property
+    def group_reach(self) -> bool:
+        """True for a group limit scored by top-2 sums (sigmoid_grouped, topk_group < n_group: DeepSeek-V3/R1,
+        GLM-4.5 with several groups): masking an expert j that token t does not select changes t's route only when
+        j's group is among t's kept groups and j is one of that group's top-2 (only then does a kept group's score
+        fall, so the kept groups can change); otherwise every kept group's score, the kept groups, the selection
+        among them and the gate weights (each selected expert's own score) stay. NAEE's incremental scoring then
+        reroutes those tokens too (`select/naee_incremental.py`), read from the router's own group choices."""
+        return self.kind == "sigmoid_grouped" and self.group_limited and self.topk_group < self.n_group
+
+    @property
     def local_selection(self) -> bool:
         """True when masking experts never changes the order in which the router selects the others: a top-k over
         per-expert scores that a mask does not reorder (softmax_topk with or without renormalisation — the softmax

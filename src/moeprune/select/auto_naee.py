@@ -4,8 +4,9 @@ NAEE is affordable (`auto_naee` None) when its search's estimated router-row eva
 `NAEE_BUDGET`: Σ_ℓ rows per token × tokens kept, rows per token = the evaluations Π_g C(E/g, n_drop/g) when that is
 ≤ the exhaustive limit, else (beam + 1)·n_drop·E scored whole (`select/reconstruction.py`), or (beam + 1)·n_drop·
 (1 + k) where the routing is local and each beam parent's children are scored from its route
-(`select/naee_incremental.py`); ≈ 0.4–2 µs each on one CPU thread (E = 16 … 128), so the budget is ≈ 1.5–7 min of
-search. `auto_naee: true` always includes it, `false` never.
+(`select/naee_incremental.py`), (1 + k + 2·topk_group) under a group limit scored by top-2 sums (`naee_reach.py`);
+≈ 0.4–2 µs each on one CPU thread (E = 16 … 128), so the budget is ≈ 1.5–7 min of search. `auto_naee: true`
+always includes it, `false` never.
 The plan comes from NAEE's own progressive calibration pass over the scoring windows (`select/progressive.py`);
 auto runs one search per fold and one on every window (`passes`).
 """
@@ -40,8 +41,9 @@ def naee_decision(choice: bool | None, adapter: MoEAdapter, ratio: float, tokens
     subsets = math.comb(E // groups, n_drop // groups) ** groups
     b = DEFAULT_BEAM if beam is None else beam
     evaluations = subsets if subsets <= MAX_EXHAUSTIVE else (b + 1) * n_drop * E
-    incremental = subsets > MAX_EXHAUSTIVE and routing.local_masking
-    rows = (b + 1) * n_drop * (1 + routing.top_k) if incremental else evaluations  # router rows per token
+    incremental = subsets > MAX_EXHAUSTIVE and (routing.local_masking or routing.group_reach)
+    reached = routing.top_k + (0 if routing.local_masking else 2 * routing.topk_group)  # `naee_reach`: ≤ per token
+    rows = (b + 1) * n_drop * (1 + reached) if incremental else evaluations  # router rows per token
     cap = DEFAULT_SEARCH_TOKENS if search_tokens is None else search_tokens
     kept = tokens if cap == 0 else min(tokens, cap)
     cost = rows * kept * len(adapter.moe_layers()) * passes

@@ -15,10 +15,13 @@ one on the Σ_j |{t : j ∈ S_D(t)}| ≤ T·k affected rows, each routed by the 
 Router rows per parent: T·(1 + k) instead of T·E' for its E' children (FastEvaluator.many): at E = 128, k = 8,
 E' ≈ 110, ≈ 12× fewer; at E = 16, k = 2, ≈ 4×.
 
-Families whose routing is not local (un-normalised softmax: Qwen2-MoE, OLMoE; softmax with a selection bias;
-group-limited DeepSeek-V3 / GLM-4.5 with several kept groups) are scored by `many` as before. The spec is checked at
+A group limit scored by top-2 sums with several kept groups (`RoutingSpec.group_reach`: DeepSeek-V3/R1) also
+reroutes, for child D ∪ {j}, the tokens for which j is one of the top-2 of a kept group, read from the router's own
+group choices under D (`naee_reach.py`): ≤ k + 2·topk_group rows per token and parent. Families whose routing is
+neither (un-normalised softmax: Qwen2-MoE, OLMoE; softmax with a selection bias; softmax_grouped with a group
+limit) are scored by `many` as before. The spec is checked at
 run time once per layer, on the router itself: at the first extension, for up to `CHECK_CHILDREN` of the children,
-the first chunk is routed under the child's whole mask; every token that does not select the new expert must keep
+the first chunk is routed under the child's whole mask; every token the new expert cannot reach must keep
 its gate weights (sorted: with bf16 logits, experts with tied scores may swap places at the k-th, as top-k breaks
 ties as it likes; the tied expert gets the same weight) within `rerouted.ULPS` units in the last place of float32,
 or of the router's weight dtype when coarser (float32 renormalisation moves them by ≤ 2). Otherwise a warning names
@@ -33,6 +36,7 @@ import torch
 from moeprune.log import logger
 from moeprune.models.masking import masked_row_blocks, row_masks
 from moeprune.select.naee_outputs import ROW_ALIGN, FastEvaluator
+from moeprune.select.naee_reach import GroupChoices, reach
 from moeprune.select.rerouted import ULPS
 
 CHECK_CHILDREN = 16  # children of the first extension whose routes are checked (evenly spaced)
@@ -45,7 +49,10 @@ class IncrementalEvaluator(FastEvaluator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.local = self.adapter.routing().local_masking
+        routing = self.adapter.routing()
+        self.local = routing.local_masking or routing.group_reach
+        # a group limit with several kept groups: the router's own group choices widen who a child reroutes
+        self.groups = None if routing.local_masking else (routing.n_group, routing.topk_group)
         self.checked = False
         self.rows_per_call = self.batch * max(x.shape[0] for x in self.xs)  # the temporaries `many` allows
 
@@ -70,12 +77,14 @@ class IncrementalEvaluator(FastEvaluator):
         """(j, what moved) for the first checked child D ∪ {j} under which a token of the first chunk that does not
         select j is routed otherwise than under D (module docstring); None: every checked route held."""
         x, c = self.xs[0], self.outputs.gram[0].shape[0]
-        w, idx = self._route_set(x, parent, raw=True)  # [c', k] each
+        w, idx, reached = self._parent_route(x, c, parent, raw=True)  # [c', k] each, [c, m]
+        if reached is None:
+            return js[0], "the router's own group choices (its topk over groups and within each) were not seen"
         # routers compute their weights in float32 at best (a float64 model's too), bf16 ones round to bf16
         tol = ULPS * max(torch.finfo(w.dtype).eps, torch.finfo(torch.float32).eps)
         for j in js[::-(-len(js) // CHECK_CHILDREN)]:
             w2 = self._route_set(x, [*parent, j], raw=True)[0]
-            rows = ~(idx[:c] == j).any(-1)  # [c] tokens that do not select j
+            rows = ~(reached == j).any(-1)  # [c] tokens whose route masking j cannot change
             # weights compared sorted: experts with tied scores may swap (top-k breaks ties as it likes; the tied
             # expert gets the same weight, as it would in the pruned model)
             a = w2[:c][rows].double().sort(-1).values  # [r, k]
@@ -84,6 +93,17 @@ class IncrementalEvaluator(FastEvaluator):
             if rel > tol:
                 return j, f"a gate weight by {rel:.2g} relative, more than {ULPS} units in the last place"
         return None
+
+    def _parent_route(self, x: torch.Tensor, c: int, parent: tuple[int, ...], raw: bool = False):
+        """(w, idx [c', k] the route of chunk x [c', H] under `parent`, reached [c, m] the experts whose masking can
+        change each of its c real tokens' route (`naee_reach.reach`); None when the router's group choices were not
+        seen)."""
+        if self.groups is None:
+            w, idx = self._route_set(x, parent, raw)
+            return w, idx, reach(idx[:c], None, self.adapter.num_experts)
+        with GroupChoices(x.shape[0], *self.groups) as choices:
+            w, idx = self._route_set(x, parent, raw)
+        return w, idx, reach(idx[:c], choices, self.adapter.num_experts) if choices.seen else None
 
     def _extend(self, parent: tuple[int, ...], js: list[int]) -> list[float]:
         o = self.outputs
@@ -95,11 +115,12 @@ class IncrementalEvaluator(FastEvaluator):
         delta = torch.zeros(len(js), dtype=torch.float64, device=device)  # [m] Σ over affected tokens
         for i, (x, gram, cross, base) in enumerate(zip(self.xs, o.gram, o.cross, self.bases, strict=True)):
             c = gram.shape[0]
-            w, idx = self._route_set(x, parent)  # [c', k] each: the parent's route
-            slot = self._slot_idx(i, torch.arange(c, device=device), idx[:c, None])  # [c, 1, k]
-            p = self._per_token(gram, cross, base, w[:c, None], slot)[:, 0]  # [c]
+            w, idx, reached = self._parent_route(x, c, parent)  # [c', k] each: the parent's route; [c, m]
+            assert reached is not None, "checked by _moved before the first extension"
+            slots = self._slot_idx(i, torch.arange(c, device=device), idx[:c, None])  # [c, 1, k]
+            p = self._per_token(gram, cross, base, w[:c, None], slots)[:, 0]  # [c]
             total += p.sum()
-            hit = child_of[idx[:c]]  # [c, k] the child whose new expert token t selects, −1: none
+            hit = torch.where(reached >= 0, child_of[reached.clamp_min(0)], -1)  # [c, m] the child that reroutes t
             tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
             child = hit[tok, slot]  # [R]
             for r0 in range(0, tok.shape[0], self.rows_per_call):
@@ -116,8 +137,8 @@ class IncrementalEvaluator(FastEvaluator):
                         w2, idx2 = self._route(rows, n + pad)  # [n', k] each: each row under its child's mask
                 finally:
                     self.replay.rows_of = None
-                slot2 = self._slot_idx(i, t, idx2[:n, None])  # [n, 1, k]
-                p2 = self._per_token(gram, cross, base[t], w2[:n, None], slot2)[:, 0]  # [n]
+                slots2 = self._slot_idx(i, t, idx2[:n, None])  # [n, 1, k]
+                p2 = self._per_token(gram, cross, base[t], w2[:n, None], slots2)[:, 0]  # [n]
                 delta.index_add_(0, ch, p2 - p[t])
         return (total + o.target_sq + delta).tolist()
 
