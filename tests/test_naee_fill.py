@@ -10,7 +10,7 @@ import torch
 
 from moeprune.calibration.session import eager_experts
 from moeprune.models import get_adapter
-from moeprune.select.naee_candidates import candidate_count
+from moeprune.select.naee_candidates import candidate_count, first_unique
 from moeprune.select.naee_fill import INITIAL_ROUNDS, grow_targets, initial_fill
 from moeprune.select.naee_incremental import incremental_evaluator
 from moeprune.select.naee_outputs import expert_outputs
@@ -114,3 +114,45 @@ def test_a_beam_search_on_slots_filled_on_demand_matches_the_block_search(num_ex
     assert out.tokens * initial_fill(C, top_k) <= out.rows_computed
     if num_experts == 32:  # the search reaches few slots beyond the first rounds: far fewer rows than every slot
         assert out.rows_computed < 0.75 * out.tokens * C
+
+
+def test_first_unique_counts_entries_before_the_first_repeat():
+    g = torch.Generator().manual_seed(0)
+    cand = torch.randint(0, 6, (200, 5), generator=g)
+    got = first_unique(cand)
+    for row, n in zip(cand.tolist(), got.tolist(), strict=True):
+        want = next((i for i in range(len(row)) if row[i] in row[:i]), len(row))
+        assert n == want
+
+
+def test_open_candidates_are_assigned_and_widened_as_routes_reach_them():
+    """DeepSeek-V3, 16 experts in 4 groups, 2 kept, top-4 (masking can hand the selection to another group): each
+    token starts with its first 2k = 8 choices in 12 slots; sets of up to 8 dropped experts reach others, which get
+    slots (the capacity widens past 12), and every error equals the masked block's."""
+    model = tiny_model("deepseek_v3", seed=3, n_routed_experts=16, n_group=4, topk_group=2,
+                       num_experts_per_tok=4).double()
+    adapter = get_adapter(model.config, model=model)
+    layer = adapter.moe_layers()[-1]
+    g = torch.Generator().manual_seed(3)
+    X = [torch.randn(2, 32, model.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2)]
+    block = adapter.block(model, layer)
+    with torch.no_grad(), eager_experts(model):
+        Z = [block(x) for x in X]
+    Z = [z[0] if isinstance(z, tuple) else z for z in Z]
+    with eager_experts(model):
+        out = expert_outputs(model, adapter, layer, X, Z, max_dropped=4)
+        assert out.open and out.gram[0].shape[1] == candidate_count(adapter, 4) == 12
+        assert bool((out.assigned[0] <= 8).all()) and out.rows_computed <= out.tokens * 8
+        ev = incremental_evaluator(model, adapter, layer, out)
+        ref = block_evaluator(model, adapter, layer, X, Z)
+        sets = [tuple(sorted(torch.randperm(16, generator=g)[:n].tolist())) for n in (2, 4, 6, 8) for _ in range(6)]
+        sets = [D for D in sets if all(sum(1 for j in D if j // 4 == q) <= 2 for q in range(4))]  # routable
+        for D, got in zip(sets, ev.many(sets), strict=True):
+            assert got == pytest.approx(ref(D), rel=RTOL), D
+    assert out.gram[0].shape[1] > 12 and int(out.assigned[0].max()) > 12  # widened for tokens that needed it
+    order, slots = out.order[0], out.slots[0]
+    for t in range(out.tokens):  # the slot table and the order agree; no expert twice
+        n = int(out.assigned[0][t])
+        held = order[t, :n].tolist()
+        assert len(set(held)) == n and all(int(slots[t, e]) == i for i, e in enumerate(held))
+        assert int((slots[t] >= 0).sum()) == n

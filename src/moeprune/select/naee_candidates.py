@@ -28,15 +28,22 @@ from moeprune.models.masking import masked_row_blocks, row_masks
 
 
 def candidate_count(adapter: MoEAdapter, max_dropped: int | None) -> int:
-    """C (module docstring); E when the routing's selection is not local or `max_dropped` is None."""
+    """C (module docstring): the slots per token, a bound where the selection is local, the starting capacity of open
+    candidates otherwise (`naee_fill`); E when `max_dropped` is None or the router has extra classes."""
     E, routing = adapter.num_experts, adapter.routing()
-    if max_dropped is None or not routing.local_selection or getattr(adapter, "extra_classes", 0):
+    if max_dropped is None or getattr(adapter, "extra_classes", 0):
         return E
     k = routing.top_k
     return min(E, k * (-(-max_dropped // k) + 2))
 
 
 @torch.no_grad()
+def open_candidates(adapter: MoEAdapter) -> bool:
+    """Whether a route can reach experts beyond any fixed number of its token's first choices (the selection is not
+    local): candidates are then assigned as routes reach them (`naee_fill.assign`)."""
+    return not adapter.routing().local_selection
+
+
 def candidates(model: nn.Module, adapter: MoEAdapter, layer: int, x: torch.Tensor, count: int, router_args: tuple,
                router_kwargs: dict, router_rank: int) -> torch.Tensor:
     """x [c, H] -> [c, count] long: each token's first `count` experts in its router's selection order (module
@@ -69,19 +76,32 @@ def candidate_outputs(experts: nn.Module, h: torch.Tensor, cand: torch.Tensor, o
 
 
 def slot_table(cand: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """cand [c, C] -> [c, E] long: slot of expert j among token t's candidates, −1 where it is none."""
-    slots = torch.full((cand.shape[0], num_experts), -1, dtype=torch.long, device=cand.device)
-    slots.scatter_(1, cand, torch.arange(cand.shape[1], device=cand.device).expand_as(cand).contiguous())
-    return slots
+    """cand [c, C] (−1: no expert in that slot) -> [c, E] long: slot of expert j among token t's candidates, −1
+    where it is none."""
+    slots = torch.full((cand.shape[0], num_experts + 1), -1, dtype=torch.long, device=cand.device)
+    where = torch.where(cand >= 0, cand, num_experts)  # empty slots land in a spare column
+    slots.scatter_(1, where, torch.arange(cand.shape[1], device=cand.device).expand_as(cand).contiguous())
+    return slots[:, :num_experts].contiguous()
 
 
-def to_slots(slots: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """idx [r, b, k] expert indices of rows whose tokens are `tokens` [r] -> their candidate slots [r, b, k]."""
+def first_unique(cand: torch.Tensor) -> torch.Tensor:
+    """cand [c, F] -> [c] long: how many of each row's first entries are distinct (a router whose choices ran out
+    may repeat an expert; what follows the first repeat is not a choice)."""
+    c, F = cand.shape
+    seen = (cand[:, :, None] == cand[:, None, :]).tril(-1).any(-1)  # [c, F] equals an earlier entry
+    seen = torch.cat([seen, torch.ones(c, 1, dtype=torch.bool, device=cand.device)], 1)  # a sentinel at F
+    return seen.long().argmax(1)
+
+
+def lookup(slots: torch.Tensor, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """idx [r, b, k] expert indices of rows whose tokens are `tokens` [r] -> their candidate slots [r, b, k], −1
+    where an expert is not a candidate of its row's token."""
     r, b, k = idx.shape
     flat = (tokens[:, None, None] * slots.shape[1] + idx).reshape(-1)
-    out = slots.view(-1).index_select(0, flat).view(r, b, k)
-    if bool((out < 0).any()):
-        raise MoePruneError("NAEE: a route selected an expert outside the token's precomputed candidates (its "
-                            "router's first choices); the routing is not local as its spec says. Report it with "
-                            "the model type; `--search-tokens` does not change it.")
-    return out
+    return slots.view(-1).index_select(0, flat).view(r, b, k)
+
+
+def refuse() -> None:
+    raise MoePruneError("NAEE: a route selected an expert outside the token's precomputed candidates (its "
+                        "router's first choices); the routing is not local as its spec says. Report it with "
+                        "the model type; `--search-tokens` does not change it.")

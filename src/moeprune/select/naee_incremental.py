@@ -113,12 +113,11 @@ class IncrementalEvaluator(FastEvaluator):
         child_of[new] = torch.arange(len(js), device=device)
         total = torch.zeros((), dtype=torch.float64, device=device)  # Σ_t p_t(D)
         delta = torch.zeros(len(js), dtype=torch.float64, device=device)  # [m] Σ over affected tokens
-        for i, (x, gram, cross, base) in enumerate(zip(self.xs, o.gram, o.cross, self.bases, strict=True)):
-            c = gram.shape[0]
+        for i, x in enumerate(self.xs):
+            c = o.gram[i].shape[0]
             w, idx, reached = self._parent_route(x, c, parent)  # [c', k] each: the parent's route; [c, m]
             assert reached is not None, "checked by _moved before the first extension"
-            slots = self._slot_idx(i, torch.arange(c, device=device), idx[:c, None])  # [c, 1, k]
-            p = self._per_token(gram, cross, base, w[:c, None], slots)[:, 0]  # [c]
+            p = self._scores(i, torch.arange(c, device=device), w[:c, None], idx[:c, None])[:, 0]  # [c]
             total += p.sum()
             hit = torch.where(reached >= 0, child_of[reached.clamp_min(0)], -1)  # [c, m] the child that reroutes t
             tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
@@ -137,8 +136,7 @@ class IncrementalEvaluator(FastEvaluator):
                         w2, idx2 = self._route(rows, n + pad)  # [n', k] each: each row under its child's mask
                 finally:
                     self.replay.rows_of = None
-                slots2 = self._slot_idx(i, t, idx2[:n, None])  # [n, 1, k]
-                p2 = self._per_token(gram, cross, base[t], w2[:n, None], slots2)[:, 0]  # [n]
+                p2 = self._scores(i, t, w2[:n, None], idx2[:n, None])[:, 0]  # [n]
                 delta.index_add_(0, ch, p2 - p[t])
         return (total + o.target_sq + delta).tolist()
 

@@ -26,7 +26,9 @@ Candidates (`naee_candidates.py`, `max_dropped` = d given): where masking never 
 so y, G and A are computed for those only (C replaces E in the costs below; a [T, E] slot table maps experts to
 them): at E = 128, k = 8, 25 %, C = 48. Of those, the precompute fills each token's first 2k slots and the evaluator
 the rest when a route first reaches them (`naee_fill.py`): on the big-model checkpoint 16 expert rows per token
-instead of 48.
+instead of 48. Where masking can reorder the selection (a group limit, a selection bias) no C bounds the route:
+each token starts with its first 2k choices and an expert a route reaches gets a slot then ("open" candidates,
+`naee_fill.assign`), instead of every expert for every token.
 Each evaluation then runs only the router module under the mask — every routing rule (softmax-top-k with or
 without renormalisation, Mixtral's top-k, gpt-oss's top-k-then-softmax, DeepSeek/GLM sigmoid group-limited with
 correction bias, routed scaling) is the model's own — and costs per token 2·H·E FLOPs (router) + O(E log k)
@@ -88,8 +90,8 @@ from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts, masked_rows
 from moeprune.models.silenced import experts_silenced
-from moeprune.select.naee_candidates import candidate_count, candidates, slot_table, to_slots
-from moeprune.select.naee_fill import fill, grow_targets, initial_fill, reduce_gram
+from moeprune.select.naee_candidates import candidate_count, candidates, first_unique, open_candidates, slot_table
+from moeprune.select.naee_fill import every_expert_gram, fill, initial_fill, ready
 from moeprune.select.naee_replay import ReplayLinear
 
 DEFAULT_SEARCH_TOKENS = 2048  # real tokens NAEE's search keeps per layer (module docstring: measured)
@@ -124,7 +126,9 @@ class ExpertOutputs:
     order: list[torch.Tensor] = field(default_factory=list)
     target: list[torch.Tensor] = field(default_factory=list)
     filled: list[torch.Tensor] = field(default_factory=list)
-    fill_rows: int = 1  # tokens per expert pass of a fill (bounds its temporaries, as the precompute's)
+    assigned: list[torch.Tensor] = field(default_factory=list)  # [c] slots holding an expert (order[:, :assigned])
+    open: bool = False  # candidates are assigned as routes reach them (`naee_candidates.open_candidates`)
+    fill_slots: int = 1  # token slots per expert pass of a fill (bounds its temporaries, as the precompute's)
     rows_computed: int = 0  # expert rows computed so far (precompute and fills)
 
     @property
@@ -134,29 +138,7 @@ class ExpertOutputs:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in (self.x, self.gram, self.cross, self.slots, self.order,
-                                                             self.target, self.filled) for t in ts)
-
-
-def _every_expert(experts: nn.Module, h: torch.Tensor, out: torch.Tensor) -> None:
-    """h [n, H] tokens -> out [n, E, H]: every expert's output with gate weight 1, by the model's own experts code,
-    one call per expert with every token routed to it (no [n·E, H] repeated input, no [n·E, E] one-hot)."""
-    n, E = out.shape[:2]
-    one = torch.ones(n, 1, dtype=h.dtype, device=h.device)  # gate weight 1
-    for j in range(E):
-        out[:, j] = experts(h, torch.full((n, 1), j, device=h.device), one)  # [n, H]
-
-
-def _every_expert_gram(experts: nn.Module, x: torch.Tensor, u: torch.Tensor, gram: torch.Tensor,
-                       cross: torch.Tensor, rows: int) -> None:
-    """x [c, H], u [c, H] float64 -> gram [c, E, E], cross [c, E] over every expert, `rows` tokens per pass (y
-    [rows, E, H] bounded)."""
-    y = None
-    for s0 in range(0, x.shape[0], rows):
-        h = x[s0:s0 + rows]  # [n, H]
-        if y is None or y.shape[0] != h.shape[0]:
-            y = torch.empty(h.shape[0], gram.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-        _every_expert(experts, h, y)
-        reduce_gram(y, u[s0:s0 + rows], gram[s0:s0 + rows], cross[s0:s0 + rows])
+                                                             self.target, self.filled, self.assigned) for t in ts)
 
 
 def keep_stride(total: int, cap: int) -> tuple[int, int]:
@@ -220,7 +202,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     item = next(experts.parameters()).element_size()
     width = adapter.expert_width or H
     sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (C * H * item + 4 * H * item + 3 * width * item + 8 * C)))
-    out = ExpertOutputs(total_tokens=total, fill_rows=sub)
+    out = ExpertOutputs(total_tokens=total, fill_slots=sub * C, open=C < E and open_candidates(adapter))
     target_sq = torch.zeros((), dtype=torch.float64, device=device)
     router = adapter.router(block)
     with eager_experts(model):
@@ -231,24 +213,30 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
             rest = rest[0] if isinstance(rest, tuple) else rest  # gpt-oss also returns router scores
             u = zs[start:start + chunk_tokens].to(device).double() - rest.reshape(-1, H).double()  # [c, H] Z − R
             c = xr.shape[0]
-            cand = None if C == E else candidates(model, adapter, layer, xr, C, out.router_args, out.router_kwargs,
-                                                  out.router_rank)  # [c, C]
-            if cand is None:
+            if C == E:
                 gram = torch.empty(c, C, C, dtype=torch.float64, device=device)  # [c, C, C]
                 cross = torch.empty(c, C, dtype=torch.float64, device=device)  # [c, C]
-                _every_expert_gram(experts, xr, u, gram, cross, sub)
+                every_expert_gram(experts, xr, u, gram, cross, sub)
                 out.rows_computed += c * C
             else:  # each token's first slots now, the rest when a route reaches them (`naee_fill`)
+                F = initial_fill(C, adapter.top_k)
+                first = candidates(model, adapter, layer, xr, F if out.open else C, out.router_args,
+                                   out.router_kwargs, out.router_rank)  # [c, F] or [c, C] in selection order
+                assigned = first_unique(first) if out.open else torch.full((c,), C, device=device)  # [c]
+                order = torch.full((c, C), -1, dtype=torch.long, device=device)  # [c, C]
+                beyond = torch.arange(first.shape[1], device=device) >= assigned[:, None]  # [c, F] after a repeat
+                order[:, :first.shape[1]] = first.masked_fill(beyond, -1)
                 gram = torch.full((c, C, C), float("nan"), dtype=torch.float64, device=device)  # [c, C, C]
                 cross = torch.full((c, C), float("nan"), dtype=torch.float64, device=device)  # [c, C]
                 filled = torch.zeros(c, dtype=torch.long, device=device)  # [c]
                 every = torch.arange(c, device=device)
-                out.rows_computed += fill(experts, xr, u, cand, gram, cross, filled, every,
-                                          torch.full_like(every, initial_fill(C, adapter.top_k)), sub)
-                out.slots.append(slot_table(cand, E))
-                out.order.append(cand)
+                out.rows_computed += fill(experts, xr, u, order, gram, cross, filled, every,
+                                          assigned.clamp_max(F), out.fill_slots)
+                out.slots.append(slot_table(order, E))
+                out.order.append(order)
                 out.target.append(u)
                 out.filled.append(filled)
+                out.assigned.append(assigned)
             out.x.append(xr)
             out.gram.append(gram)
             out.cross.append(cross)
@@ -305,9 +293,7 @@ class FastEvaluator:
         self.k = adapter.top_k
         self.xs = [_pad_rows(x, ROW_ALIGN) for x in outputs.x]  # [c', H], c' = c rounded up to ROW_ALIGN
         self.replay = ReplayLinear(self.xs, [*self.router.parameters(), *self.router.buffers()])
-        # flat offsets of token t's block in G [c·E·E]
-        self.bases = [torch.arange(g.shape[0], device=g.device) * g.shape[1] ** 2 for g in outputs.gram]  # [c]
-        self.experts = adapter.experts(adapter.block(model, layer))  # fills slots on demand (`_slot_idx`)
+        self.experts = adapter.experts(adapter.block(model, layer))  # fills slots on demand (`_scores`)
         c = max(x.shape[0] for x in self.xs)
         E, H = outputs.gram[0].shape[1], outputs.x[0].shape[1]
         per_row = H * outputs.x[0].element_size() + 16 * E + 24 * self.k ** 2 + 40 * self.k
@@ -326,7 +312,7 @@ class FastEvaluator:
     @staticmethod
     def _per_token(gram, cross, base, w, idx) -> torch.Tensor:
         """p_t = wᵀ G_t[i, i] w − 2 wᵀ A_t[i] per token row and set: w, idx [c, b, k] (idx: slots of G and A,
-        `_slot_idx`), base [c] (offset of each row's token block in G: rows may repeat or pick tokens) -> [c, b]
+        `_scores`), base [c] (offset of each row's token block in G: rows may repeat or pick tokens) -> [c, b]
         (float64)."""
         w, idx = w.contiguous(), idx.contiguous()
         c, b, k = idx.shape
@@ -338,28 +324,17 @@ class FastEvaluator:
         quad = (torch.matmul(g, w[..., None])[..., 0] * w).sum(2)  # [c, b] wᵀ G w
         return quad - 2 * (w * a).sum(2)
 
-    def _slot_idx(self, chunk: int, tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """idx [r, b, k] experts routed on rows of tokens [r] of chunk `chunk` -> their slots in G and A, after
-        filling every slot they reach that is not filled yet (`naee_fill`); the experts themselves when G and A
-        hold every expert."""
+    def _scores(self, chunk: int, tokens: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """p_t per row and set (`_per_token`) of rows of tokens [r] of chunk `chunk` routed (w, idx [r, b, k]) ->
+        [r, b] float64; with candidates, the slots these routes reach are assigned and filled first
+        (`naee_fill.ready`, which may widen the chunk's G and A)."""
         o = self.outputs
-        if not o.slots:
-            return idx
-        s = to_slots(o.slots[chunk], tokens, idx)  # [r, b, k]
-        filled = o.filled[chunk]  # [c]
-        need = torch.full_like(filled, -1).scatter_reduce_(0, tokens, s.flatten(1).amax(1), "amax")  # [c]
-        short = (need >= filled).nonzero().view(-1)  # tokens whose routes reach unfilled slots
-        if short.numel():
-            upto = grow_targets(need[short], filled[short], self.k, o.gram[chunk].shape[1])
+        if o.slots:
             with eager_experts(self.model):
-                o.rows_computed += fill(self.experts, o.x[chunk], o.target[chunk], o.order[chunk], o.gram[chunk],
-                                        o.cross[chunk], filled, short, upto, o.fill_rows)
-        return s
-
-    @classmethod
-    def _partial(cls, gram, cross, base, w, idx) -> torch.Tensor:
-        """Σ_t p_t per set: w, idx [c, b, k] (slots) -> [b] (float64)."""
-        return cls._per_token(gram, cross, base, w, idx).sum(0)
+                idx = ready(o, chunk, tokens, idx, self.experts, self.k)
+        gram = o.gram[chunk]
+        base = tokens * gram.shape[1] ** 2  # [r] offset of each row's token block in G
+        return self._per_token(gram, o.cross[chunk], base, w, idx)
 
     def _route_set(self, x: torch.Tensor, dropped, raw: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The route of a cached chunk x [c', H] with `dropped` masked: (w, idx) [c', k] each (`_route`)."""
@@ -377,11 +352,10 @@ class FastEvaluator:
     def __call__(self, dropped: tuple[int, ...]) -> float:
         o = self.outputs
         err = torch.zeros((), dtype=torch.float64, device=o.gram[0].device)
-        for i, (x, gram, cross, base) in enumerate(zip(self.xs, o.gram, o.cross, self.bases, strict=True)):
-            c = gram.shape[0]
+        for i, x in enumerate(self.xs):
+            c = o.gram[i].shape[0]
             w, idx = self._route_set(x, dropped)  # [c', k] each
-            slot = self._slot_idx(i, torch.arange(c, device=idx.device), idx[:c, None])  # [c, 1, k]
-            err += self._partial(gram, cross, base, w[:c, None], slot)[0]
+            err += self._scores(i, torch.arange(c, device=idx.device), w[:c, None], idx[:c, None]).sum()
         return float(err) + o.target_sq
 
     @torch.no_grad()
@@ -392,9 +366,9 @@ class FastEvaluator:
         errs = torch.zeros(n, dtype=torch.float64, device=o.gram[0].device)  # [n]
         b_max = min(self.batch, n)
         buffer = self._buffer(max(x.shape[0] for x in self.xs) * b_max)
-        for i, (x, gram, cross, base) in enumerate(zip(self.xs, o.gram, o.cross, self.bases, strict=True)):
-            c, cp = gram.shape[0], x.shape[0]  # real tokens, padded rows
-            tokens = torch.arange(c, device=base.device)
+        for i, x in enumerate(self.xs):
+            c, cp = o.gram[i].shape[0], x.shape[0]  # real tokens, padded rows
+            tokens = torch.arange(c, device=x.device)
             buffer[:b_max * cp].view(b_max, cp, -1).copy_(x[None].expand(b_max, cp, -1))  # x, b_max times
             for s0 in range(0, n, b_max):
                 group = drops[s0:s0 + b_max]
@@ -407,7 +381,7 @@ class FastEvaluator:
                     self.replay.rows_of = None
                 w = w.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
                 idx = idx.view(b, cp, self.k)[:, :c].transpose(0, 1)  # [c, b, k]
-                errs[s0:s0 + b] += self._partial(gram, cross, base, w, self._slot_idx(i, tokens, idx))
+                errs[s0:s0 + b] += self._scores(i, tokens, w, idx).sum(0)
         return (errs + o.target_sq).tolist()
 
 
