@@ -140,7 +140,8 @@ def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list
     """experts: every expert of the layer (canonical roles); groups: survivor first; weights: usage per member;
     threshold: least cosine to recombine a segment, None for none (no scan); layer: for the log line only.
     Returns one expert per group (the survivor with its recombined neurons; a survivor nothing comes into is
-    copied as it is). Survivors are recombined one at a time (one expert's float64 accumulators in memory)."""
+    returned as it is, its own dict). Survivors are recombined one at a time (one expert's float64 accumulators in
+    memory)."""
     check_group(list(experts))
     survivors = [g[0] for g in groups]
     usage = {j: float(w) for g, ws in zip(groups, weights, strict=True) for j, w in zip(g, ws, strict=True)}
@@ -154,8 +155,8 @@ def merge_dern(experts: Sequence[Expert], groups: list[list[int]], weights: list
     moved = sum(k.numel() for k, _, _ in assign.values())
     merged = []
     for p, s in enumerate(survivors):
-        if not incoming[p]:  # (f_s·θ) / f_s = θ: the survivor as it is
-            merged.append({r: t.detach().clone() for r, t in experts[s].items()})
+        if not incoming[p]:  # (f_s·θ) / f_s = θ: the survivor as it is (its own dict: `methods.unchanged`)
+            merged.append(experts[s])
             continue
         fs = usage[s] if usage[s] > 0 else 1.0
         acc = {r: experts[s][r].detach().double() * fs for r in experts[s] if r != "down_bias"}

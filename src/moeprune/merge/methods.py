@@ -25,15 +25,23 @@ from moeprune.registry import Registry
 
 Expert = Mapping[str, torch.Tensor]
 GroupMerge = Callable[[list[Expert], Sequence[float]], dict[str, torch.Tensor]]
-LayerMerge = Callable[..., list[dict[str, torch.Tensor]]]  # (experts, groups, weights, layer=None) -> merged
+# (experts, groups, weights, layer=None) -> one merged expert per group; a group whose merged expert is its survivor
+# unchanged gets the survivor's own dict back (the same object, `unchanged`), so callers need not write it again
+LayerMerge = Callable[..., list[dict[str, torch.Tensor]]]
+
+
+def unchanged(merged: Expert, experts: Sequence[Expert], group: list[int]) -> bool:
+    """Whether a layer merge handed back `group`'s survivor as it is (`LayerMerge`)."""
+    return merged is experts[group[0]]
 
 
 def per_group(fn: GroupMerge) -> LayerMerge:
-    """Lift a one-group merge to a layer: group g -> fn(its members, their weights); groups of one copied."""
+    """Lift a one-group merge to a layer: group g -> fn(its members, their weights); a group of one is its member,
+    unchanged (the same dict)."""
 
     def layer(experts: Sequence[Expert], groups: list[list[int]], weights: list[list[float]], layer: int | None = None):
-        return [{r: t.detach().clone() for r, t in experts[g[0]].items()} if len(g) == 1
-                else fn([experts[j] for j in g], w) for g, w in zip(groups, weights, strict=True)]
+        return [experts[g[0]] if len(g) == 1 else fn([experts[j] for j in g], w)
+                for g, w in zip(groups, weights, strict=True)]
 
     return layer
 

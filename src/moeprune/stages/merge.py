@@ -24,7 +24,7 @@ from moeprune.merge import dern_threshold
 from moeprune.merge.build import BUDGETS, make_merge_plan
 from moeprune.merge.dern_threshold import DEFAULT_RECOMBINE
 from moeprune.merge.grouping import GROUPINGS
-from moeprune.merge.methods import MERGES
+from moeprune.merge.methods import MERGES, unchanged
 from moeprune.merge.plan import MERGE_FORMAT, ROUTER_STRATEGIES, MergePlan
 from moeprune.models.base import MoEAdapter
 from moeprune.select.uniform import drop_count
@@ -146,7 +146,8 @@ class MergeStage(Stage):
             if plan.router == "weighted":
                 ref.weighted_router_rows(layer, plan.groups[layer], plan.weights[layer])
             for group, expert in zip(plan.groups[layer], merged, strict=True):
-                ref.write_expert(layer, group[0], expert)
+                if not unchanged(expert, current, group):  # a survivor as it is already holds its values
+                    ref.write_expert(layer, group[0], expert)
 
     def survivors(self, plan: MergePlan) -> dict[int, list[int]]:
         return {layer: plan.dominants(layer) for layer in plan.layers}

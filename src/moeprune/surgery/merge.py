@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.log import logger
-from moeprune.merge.methods import MERGES, per_group
+from moeprune.merge.methods import MERGES, per_group, unchanged
 from moeprune.merge.plan import MergePlan
 from moeprune.models.base import MoEAdapter
 from moeprune.surgery.in_memory import prune_layer
@@ -34,8 +34,9 @@ ROLE_NAMES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 
 def expert_of(roles: dict[str, torch.Tensor], j: int) -> Expert:
-    """One expert's canonical tensors (detached copies) from stacked role views [E, ...]."""
-    return {r: roles[r][j].detach().clone() for r in ROLE_NAMES if r in roles}
+    """One expert's canonical tensors from stacked role views [E, ...]: views, not copies (the merges only read
+    them; a copy of every expert was a whole layer more at the merge's peak)."""
+    return {r: roles[r][j].detach() for r in ROLE_NAMES if r in roles}
 
 
 def merge_memory(expert: Expert):
@@ -59,12 +60,17 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     experts = [expert_of(roles, j) for j in range(E)]
     with merge_memory(experts[0]):
         merged = layer_merge(experts, plan.groups[layer], plan.weights[layer], layer=layer)
+    # a survivor handed back as it is stays where prune_layer keeps it: nothing to write, and no reference to the
+    # old layer's tensors left to hold them while prune_layer slices the kept experts out
+    merged = [None if unchanged(m, experts, g) else m for m, g in zip(merged, plan.groups[layer], strict=True)]
     del experts
     rows = {n: t.detach().clone() for n, t in adapter.router_tensors(block).items()}  # original rows [E, ...]
     del roles
     prune_layer(model, adapter, plan.as_prune_plan(), layer)  # keep the dominants: structure, router, counts
     block = adapter.block(model, layer)
     for g, m in enumerate(merged):
+        if m is None:
+            continue
         views = adapter.expert_views(block, g)  # write through to the model's parameters
         for role, t in m.items():
             views[role].copy_(t.to(views[role].dtype))
