@@ -14,7 +14,7 @@ from moeprune.models.masking import masked_experts, masked_rows
 from moeprune.select.naee_outputs import expert_outputs, fast_evaluator
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.tiny import FAMILY_CONFIGS
-from test_naee_fast import cache, random_drops
+from test_naee_fast import block_outputs, cache, random_drops
 
 # float64 model, float64 sums: the Gram form and the block forward differ by rounding only. Its size is relative
 # to the terms that cancel (‖U‖², ⟨U, y⟩, ⟨y, y⟩ all ≈ target_sq), so D = ∅ (0 exactly) is checked against that.
@@ -26,10 +26,7 @@ def cache64(family: str, seed: int = 2):
     model, adapter, layer, X, _, valid = cache(family, seed=seed)
     model = model.double()
     X = [x.double() for x in X]
-    block = adapter.block(model, layer)
-    with torch.no_grad(), eager_experts(model):
-        Z = [block(x) for x in X]
-    return model, adapter, layer, X, [z[0] if isinstance(z, tuple) else z for z in Z], valid
+    return model, adapter, layer, X, block_outputs(model, adapter, layer, X), valid
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))

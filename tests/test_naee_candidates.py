@@ -19,6 +19,7 @@ from moeprune.select.naee_incremental import incremental_evaluator
 from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.reconstruction import block_evaluator
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
+from test_naee_fast import block_outputs
 
 RTOL = 1e-6  # routers round their softmax in float32 (test_naee_incremental.py); the block forward is float64
 
@@ -32,10 +33,7 @@ def _case(family: str, **overrides):
     H = model.config.get_text_config().hidden_size
     X = [torch.randn(2, 24, H, generator=g, dtype=torch.float64) for _ in range(2)]
     valid = [torch.rand(2, 24, generator=g) > 0.2 for _ in range(2)]
-    block = adapter.block(model, layer)
-    with torch.no_grad(), eager_experts(model):
-        Z = [block(x) for x in X]
-    return model, adapter, layer, X, [z[0] if isinstance(z, tuple) else z for z in Z], valid
+    return model, adapter, layer, X, block_outputs(model, adapter, layer, X), valid
 
 
 def test_candidates_are_the_router_logits_first_choices():

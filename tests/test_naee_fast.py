@@ -32,11 +32,15 @@ def cache(family: str, seed: int = 2, batches: int = 2):
     H = adapter.config.hidden_size
     X = [torch.randn(2, 12, H, generator=g) for _ in range(batches)]
     valid = [torch.rand(2, 12, generator=g) > 0.3 for _ in range(batches)]
+    return model, adapter, layer, X, block_outputs(model, adapter, layer, X), valid
+
+
+def block_outputs(model, adapter, layer: int, X: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The layer's own MoE block on each input batch (eager experts, as calibration runs it): the cached Z."""
     block = adapter.block(model, layer)
     with torch.no_grad(), eager_experts(model):
         Z = [block(x) for x in X]
-    Z = [z[0] if isinstance(z, tuple) else z for z in Z]  # gpt-oss also returns router scores
-    return model, adapter, layer, X, Z, valid
+    return [z[0] if isinstance(z, tuple) else z for z in Z]  # gpt-oss also returns router scores
 
 
 def random_drops(adapter, n: int, seed: int) -> list[tuple[int, ...]]:

@@ -16,6 +16,7 @@ from moeprune.select.naee_incremental import incremental_evaluator
 from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.tiny import tiny_model
+from test_naee_fast import block_outputs
 
 RTOL = 1e-6  # routers round their softmax in float32 (test_naee_incremental.py); the block forward is float64
 
@@ -28,10 +29,7 @@ def _case(num_experts: int, top_k: int, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     H = model.config.hidden_size
     X = [torch.randn(2, 32, H, generator=g, dtype=torch.float64) for _ in range(2)]
-    block = adapter.block(model, layer)
-    with torch.no_grad(), eager_experts(model):
-        Z = [block(x) for x in X]
-    return model, adapter, layer, X, [z[0] if isinstance(z, tuple) else z for z in Z]
+    return model, adapter, layer, X, block_outputs(model, adapter, layer, X)
 
 
 def _by_hand(model, adapter, layer, x: torch.Tensor, experts: list[int]) -> torch.Tensor:
@@ -135,10 +133,7 @@ def test_open_candidates_are_assigned_and_widened_as_routes_reach_them():
     layer = adapter.moe_layers()[-1]
     g = torch.Generator().manual_seed(3)
     X = [torch.randn(2, 32, model.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2)]
-    block = adapter.block(model, layer)
-    with torch.no_grad(), eager_experts(model):
-        Z = [block(x) for x in X]
-    Z = [z[0] if isinstance(z, tuple) else z for z in Z]
+    Z = block_outputs(model, adapter, layer, X)
     with eager_experts(model):
         out = expert_outputs(model, adapter, layer, X, Z, max_dropped=4)
         assert out.open and out.gram[0].shape[1] == candidate_count(adapter, 4) == 12

@@ -19,6 +19,7 @@ from moeprune.select.naee_incremental import incremental_evaluator
 from moeprune.select.naee_outputs import expert_outputs, fast_evaluator
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.tiny import tiny_model
+from test_naee_fast import block_outputs
 
 RTOL = 1e-6  # routers round their scores in float32 (test_naee_incremental.py); the block forward is float64
 GROUPED = {  # 16 experts in 4 groups, 2 kept, top-4
@@ -83,10 +84,7 @@ def _cache(family: str, **extra):
     g = torch.Generator().manual_seed(7)
     X = [torch.randn(2, 40, model.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2)]
     valid = [torch.rand(2, 40, generator=g) > 0.1 for _ in range(2)]
-    block = adapter.block(model, layer)
-    with torch.no_grad(), eager_experts(model):
-        Z = [block(x) for x in X]
-    return model, adapter, layer, X, [z[0] if isinstance(z, tuple) else z for z in Z], valid
+    return model, adapter, layer, X, block_outputs(model, adapter, layer, X), valid
 
 
 @pytest.mark.parametrize("family", sorted(GROUPED))
