@@ -37,6 +37,7 @@ from moeprune.log import logger
 from moeprune.models.masking import masked_row_blocks, row_masks
 from moeprune.select.naee_outputs import ROW_ALIGN, FastEvaluator
 from moeprune.select.naee_reach import GroupChoices, reach
+from moeprune.select.naee_route_cache import RouteCache
 from moeprune.select.rerouted import ULPS
 
 CHECK_CHILDREN = 16  # children of the first extension whose routes are checked (evenly spaced)
@@ -54,6 +55,12 @@ class IncrementalEvaluator(FastEvaluator):
         # a group limit with several kept groups: the router's own group choices widen who a child reroutes
         self.groups = None if routing.local_masking else (routing.n_group, routing.topk_group)
         self.checked = False
+        # a child row's p remembered by its token's masked prefix (`naee_route_cache`): local routers with full
+        # candidate orders only (a group limit's route depends on more than the prefix)
+        o = self.outputs
+        cacheable = (self.groups is None and routing.local_selection and bool(o.slots) and not o.open
+                     and RouteCache.usable(o.gram[0].shape[1], max(g.shape[0] for g in o.gram)))
+        self.cache = RouteCache(len(o.gram)) if cacheable else None
         self.rows_per_call = self.batch * max(x.shape[0] for x in self.xs)  # the temporaries `many` allows
 
     @torch.no_grad()
@@ -105,9 +112,33 @@ class IncrementalEvaluator(FastEvaluator):
             w, idx = self._route_set(x, parent, raw)
         return w, idx, reach(idx[:c], choices, self.adapter.num_experts) if choices.seen else None
 
+    def _reroute(self, i: int, x: torch.Tensor, parent: tuple[int, ...], new: torch.Tensor, tok: torch.Tensor,
+                 child: torch.Tensor) -> torch.Tensor:
+        """p_t of rows (tok [R], child [R]) of chunk i, each routed by the layer's router under D ∪ {new[child]}
+        (one mask per row), `rows_per_call` rows per call -> [R] float64."""
+        out = torch.empty(tok.shape[0], dtype=torch.float64, device=tok.device)
+        for r0 in range(0, tok.shape[0], self.rows_per_call):
+            t, ch = tok[r0:r0 + self.rows_per_call], child[r0:r0 + self.rows_per_call]  # [n]
+            n = t.shape[0]
+            pad = -n % ROW_ALIGN  # router calls on a multiple of ROW_ALIGN rows (`FastEvaluator`)
+            index = torch.cat([t, t[-1:].expand(pad)])  # [n'] rows of x
+            rows = self._buffer(n + pad)[:n + pad]
+            torch.index_select(x, 0, index, out=rows)  # [n', H]
+            masks = row_masks(self.adapter, parent, new[torch.cat([ch, ch[-1:].expand(pad)])])  # [n', E]
+            self.replay.rows_of = (x, index)
+            try:
+                with self.replay, masked_row_blocks(self.model, self.adapter, self.layer, masks):
+                    w2, idx2 = self._route(rows, n + pad)  # [n', k] each: each row under its child's mask
+            finally:
+                self.replay.rows_of = None
+            out[r0:r0 + n] = self._scores(i, t, w2[:n, None], idx2[:n, None])[:, 0]
+        return out
+
     def _extend(self, parent: tuple[int, ...], js: list[int]) -> list[float]:
         o = self.outputs
         device = o.gram[0].device
+        held = torch.zeros(self.adapter.num_experts, dtype=torch.bool, device=device)  # [E] D
+        held[list(parent)] = True
         new = torch.tensor(js, dtype=torch.long, device=device)  # [m] each child's new expert
         child_of = torch.full((self.adapter.num_experts,), -1, dtype=torch.long, device=device)  # expert -> child
         child_of[new] = torch.arange(len(js), device=device)
@@ -122,22 +153,16 @@ class IncrementalEvaluator(FastEvaluator):
             hit = torch.where(reached >= 0, child_of[reached.clamp_min(0)], -1)  # [c, m] the child that reroutes t
             tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
             child = hit[tok, slot]  # [R]
-            for r0 in range(0, tok.shape[0], self.rows_per_call):
-                t, ch = tok[r0:r0 + self.rows_per_call], child[r0:r0 + self.rows_per_call]  # [n]
-                n = t.shape[0]
-                pad = -n % ROW_ALIGN  # router calls on a multiple of ROW_ALIGN rows (`FastEvaluator`)
-                index = torch.cat([t, t[-1:].expand(pad)])  # [n'] rows of x
-                rows = self._buffer(n + pad)[:n + pad]
-                torch.index_select(x, 0, index, out=rows)  # [n', H]
-                masks = row_masks(self.adapter, parent, new[torch.cat([ch, ch[-1:].expand(pad)])])  # [n', E]
-                self.replay.rows_of = (x, index)
-                try:
-                    with self.replay, masked_row_blocks(self.model, self.adapter, self.layer, masks):
-                        w2, idx2 = self._route(rows, n + pad)  # [n', k] each: each row under its child's mask
-                finally:
-                    self.replay.rows_of = None
-                p2 = self._scores(i, t, w2[:n, None], idx2[:n, None])[:, 0]  # [n]
-                delta.index_add_(0, ch, p2 - p[t])
+            p2 = torch.empty(tok.shape[0], dtype=torch.float64, device=device)  # [R] p_t(D ∪ {j})
+            route = torch.arange(tok.shape[0], device=device)  # rows that go through the router
+            if self.cache is not None:
+                keys = RouteCache.key(o.order[i], o.slots[i], held, tok, new[child], self.k)  # [R]
+                found, p2 = self.cache.lookup(i, keys)
+                route = (~found).nonzero().view(-1)
+            p2[route] = self._reroute(i, x, parent, new, tok[route], child[route])
+            if self.cache is not None:
+                self.cache.insert(i, keys[route], p2[route])
+            delta.index_add_(0, child, p2 - p[tok])
         return (total + o.target_sq + delta).tolist()
 
 
