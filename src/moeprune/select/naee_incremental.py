@@ -13,7 +13,9 @@ agree to the router dtype's rounding). Per parent: one router call on its T toke
 one on the Σ_j |{t : j ∈ S_D(t)}| ≤ T·k affected rows, each routed by the model's own router under its own child's mask
 (`masking.row_masks`, one mask per row) on its replayed logits (`naee_replay.ReplayLinear`, rows x[index]).
 Router rows per parent: T·(1 + k) instead of T·E' for its E' children (FastEvaluator.many): at E = 128, k = 8,
-E' ≈ 110, ≈ 12× fewer; at E = 16, k = 2, ≈ 4×.
+E' ≈ 110, ≈ 12× fewer; at E = 16, k = 2, ≈ 4×. Child rows whose route was already scored under another parent (the
+same token and masked prefix, `naee_route_cache.py`) are read back instead of routed: 99 % of them on the big-model
+checkpoint, so a parent then costs about its own T rows.
 
 A group limit scored by top-2 sums with several kept groups (`RoutingSpec.group_reach`: DeepSeek-V3/R1) also
 reroutes, for child D ∪ {j}, the tokens for which j is one of the top-2 of a kept group, read from the router's own
