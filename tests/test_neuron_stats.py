@@ -166,16 +166,17 @@ def test_heapr_without_gradients_is_refused():
         neuron_scores("camera", stats, rho=1.5)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 8 * 7 * 3 * 2, 1 << 30])
-def test_column_sq_in_chunks_equals_the_float64_sum(monkeypatch, chunk_bytes):
-    """down_sq is summed a few experts at a time (bounded float64 temporaries); every chunking gives Σ_h down² as
-    computed one column at a time in float64."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_column_sq_equals_the_float64_sum(dtype):
+    """down_sq is summed one expert at a time through a reused buffer; it equals Σ_h down² computed one column at
+    a time in Python floats, for every expert (the buffer is rewritten, not accumulated into)."""
     from moeprune.stats import neurons
 
-    monkeypatch.setattr(neurons, "DOWN_SQ_CHUNK_BYTES", chunk_bytes)
-    down = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(3)).bfloat16()  # [E, H, I]
+    down = torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(3)).to(dtype)  # [E, H, I]
     want = torch.tensor([[sum(float(down[e, h, i]) ** 2 for h in range(7)) for i in range(3)] for e in range(5)],
                         dtype=torch.float64)
     got = neurons.column_sq(down)
     assert got.dtype == torch.float64 and got.shape == (5, 3)
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    strided = neurons.column_sq(down.transpose(1, 2).contiguous().transpose(1, 2))  # a non-contiguous view
+    assert torch.equal(strided, got)

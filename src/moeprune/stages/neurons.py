@@ -95,13 +95,14 @@ class NeuronStage(Stage):
 
             lazy, layer_context = (ctx.lazy_model(dtype=dtype, head=crit.needs_gradients) if ctx.previous
                                    else (None, None))
-            stats = neuron_stats(ctx, crit.needs_gradients, lazy=lazy, layer_context=layer_context, dtype=dtype)
+            stats = neuron_stats(ctx, crit.needs_gradients, lazy=lazy, layer_context=layer_context, dtype=dtype,
+                                 inputs=False)  # no in_sq: only Wanda reads it
             del lazy
         else:
             model = ctx.model(dtype=dtype)
             adapter = get_adapter(model.config, model=model)
             stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=crit.needs_gradients,
-                                         batch_size=ctx.calib.batch_size)
+                                         batch_size=ctx.calib.batch_size, inputs=False)
             del model
         scores = neuron_scores(o.method, stats, **({"rho": 0.9 if o.rho is None else o.rho}
                                                    if o.method == "camera" else {}))

@@ -71,16 +71,18 @@ class NeuronLayerStats:
         """h: [n, I] activations of expert j, w: [n] routing weights, valid: [n] 1.0 = real token, x: [n, H] the
         expert's input rows (in_sq)."""
         dev = self.sums["count"].device
-        hd, valid = h.to(dev, torch.float64), valid.to(dev, torch.float64)
-        sq = hd.square() * valid[:, None]  # [n, I]
-        gsq = sq * w.to(dev, torch.float64).square()[:, None]  # [n, I]
+        valid = valid.to(dev, torch.float64)  # [n]
         s = self.sums
         if x is not None and "in_sq" in s:
-            s["in_sq"][j] += (x.to(dev, torch.float64).square() * valid[:, None]).sum(dim=0)
+            xs = x.to(dev, torch.float64)  # [n, H]
+            s["in_sq"][j] += torch.mv(xs.mul_(xs).t() if xs is not x else xs.square().t(), valid)
+        sq = h.to(dev, torch.float64)  # [n, I]
+        sq = sq.mul_(sq) if sq is not h else sq.square()  # h², in place on the float64 copy
         s["count"][j] += valid.sum()
-        s["act_sq"][j] += sq.sum(dim=0)
-        s["gact_sq"][j] += gsq.sum(dim=0)
-        if gsq.shape[0]:
+        s["act_sq"][j] += torch.mv(sq.t(), valid)  # Σ_t valid_t h_t²
+        if sq.shape[0]:
+            gsq = sq.mul_((w.to(dev, torch.float64).square() * valid)[:, None])  # [n, I] valid·(ĝ h)², in place
+            s["gact_sq"][j] += gsq.sum(dim=0)
             s["gact_max"][j] = torch.maximum(s["gact_max"][j], gsq.amax(dim=0))
 
     def update_grad(self, j: int, grad: torch.Tensor, valid: torch.Tensor) -> None:
@@ -106,28 +108,35 @@ def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
     return experts
 
 
-DOWN_SQ_CHUNK_BYTES = 32 << 20  # float64 temporaries of `column_sq` per step
-
-
 def column_sq(down: torch.Tensor) -> torch.Tensor:
-    """[E, H, I] -> [E, I] float64: Σ_h down[e, h, i]², a few experts at a time, so the float64 temporaries stay
-    under DOWN_SQ_CHUNK_BYTES (the whole tensor in float64 would be 8·E·H·I bytes: 470 MB at E=128, H=1024,
-    I=448, twice, on every layer)."""
+    """[E, H, I] -> [E, I] float64: Σ_h down[e, h, i]², one expert at a time through one reused [H, I] float64
+    buffer (the whole tensor in float64 would be 8·E·H·I bytes: 470 MB at E=128, H=1024, I=448). A fresh
+    temporary per expert costs a page fault per page once freed memory goes back to the OS (`io/memory.py`):
+    0.55 s per layer of the benchmark checkpoint that way, 0.03 s with the buffer, the same bits."""
     E, H, I = down.shape
-    step = max(1, DOWN_SQ_CHUNK_BYTES // max(1, 8 * H * I))
-    return torch.cat([down[e:e + step].double().square().sum(dim=1) for e in range(0, E, step)])
+    out = torch.empty(E, I, dtype=torch.float64, device=down.device)  # [E, I]
+    buf = torch.empty(H, I, dtype=torch.float64, device=down.device)  # [H, I]
+    for e in range(E):
+        buf.copy_(down[e])
+        buf.mul_(buf)
+        torch.sum(buf, 0, out=out[e])
+    return out
 
 
 class NeuronCollector:
     """Context manager: every MoE layer's fused experts (or only `layers`' — the layer-by-layer path instruments
     the one materialised layer) run an instrumented eager forward that feeds `stats[layer]` (and, when the graph
-    requires grad, registers hooks for ∂L/∂h). Set `valid` ([T] bool, the flattened non-padding mask) before each
+    requires grad, registers hooks for ∂L/∂h). `inputs=False` leaves out in_sq (only Wanda reads it; [n, H] float64
+    per expert and batch is the largest of the sums); `forward_sums=False` records only the gradient sums (a pass
+    that recomputes a forward whose sums another pass already has: down_sq and the forward fields stay zero). Set
+    `valid` ([T] bool, the flattened non-padding mask) before each
     forward. The forward is the family's eager computation written out with the canonical role views
     (`MoEAdapter.expert_roles`), so outputs match the stock module. Sums live on the experts' device."""
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, gradients: bool = False,
-                 layers: list[int] | None = None):
-        self.model, self.adapter, self.gradients = model, adapter, gradients
+                 layers: list[int] | None = None, inputs: bool = True, forward_sums: bool = True):
+        self.model, self.adapter, self.gradients, self.inputs = model, adapter, gradients, inputs
+        self.forward_sums = forward_sums
         self.layers = adapter.moe_layers() if layers is None else layers
         self.valid: torch.Tensor | None = None
         self.stats: dict[int, NeuronLayerStats] = {}
@@ -139,8 +148,10 @@ class NeuronCollector:
             block = self.adapter.block(self.model, layer)
             experts = check_fused(self.adapter, self.model, layer)
             down = self.adapter.expert_roles(block)["down"].detach()  # [E, H, I]
-            stats = NeuronLayerStats(down.shape[0], down.shape[-1], hidden=down.shape[1], device=down.device)
-            stats.sums["down_sq"] = column_sq(down)  # [E, I]
+            stats = NeuronLayerStats(down.shape[0], down.shape[-1], hidden=down.shape[1] if self.inputs else 0,
+                                     device=down.device)
+            if self.forward_sums:
+                stats.sums["down_sq"] = column_sq(down)  # [E, I]
             self.stats[layer] = stats
             if is_prescaled(experts):
                 seen = BlockInput(block).__enter__()
@@ -181,8 +192,9 @@ class NeuronCollector:
                 h = glu(g, u)  # [T, I]
                 tok = routed[:, j].nonzero().view(-1).to(h.device)  # [n] routed tokens of j
                 v = valid[tok.to(valid.device)]  # [n]
-                stats.update_forward(j, h.detach()[tok], torch.ones(tok.shape[0], device=h.device), v,
-                                     x=rows[j].detach()[tok])
+                if self.forward_sums:
+                    stats.update_forward(j, h.detach()[tok], torch.ones(tok.shape[0], device=h.device), v,
+                                         x=rows[j].detach()[tok])
                 if self.gradients and h.requires_grad:
                     h.register_hook(lambda grad, j=j, v=v, tok=tok: stats.update_grad(j, grad.detach()[tok], v))
                 outs.append(F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None))
@@ -217,7 +229,8 @@ class NeuronCollector:
                 h = glu(g, u)  # [n, I]
                 w = top_k_weights[tok, slot]  # [n]
                 v = valid[tok.to(valid.device)]  # [n]
-                stats.update_forward(j, h.detach(), w.detach(), v, x=x.detach())
+                if self.forward_sums:
+                    stats.update_forward(j, h.detach(), w.detach(), v, x=x.detach())
                 if self.gradients and h.requires_grad:
                     h.register_hook(lambda grad, j=j, v=v: stats.update_grad(j, grad.detach(), v))
                 y = F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None)
@@ -256,18 +269,18 @@ def windows(sets: list[CalibSet], batch_size: int) -> list[tuple[torch.Tensor, t
 
 
 def collect_neuron_stats(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], *, gradients: bool,
-                         batch_size: int = 8) -> dict[int, NeuronLayerStats]:
+                         batch_size: int = 8, inputs: bool = True) -> dict[int, NeuronLayerStats]:
     """One pass over every set's windows (forward, plus backward of the summed NLL when `gradients`).
 
-    Returns {MoE layer: NeuronLayerStats} summed over all sets. The model is left unchanged (no parameter ever
-    receives a gradient)."""
+    Returns {MoE layer: NeuronLayerStats} summed over all sets (in_sq only with `inputs`). The model is left
+    unchanged (no parameter ever receives a gradient)."""
     device = next(model.parameters()).device
     batches = windows(sets, batch_size)
     was_training = model.training
     model.eval()
     grad_ctx = _embeddings_require_grad(model) if gradients else nullcontext()
     try:
-        with eager_experts(model), grad_ctx, NeuronCollector(model, adapter, gradients) as col:
+        with eager_experts(model), grad_ctx, NeuronCollector(model, adapter, gradients, inputs=inputs) as col:
             for ids, mask in tqdm(batches, desc="neuron statistics" + (" (+gradients)" if gradients else ""),
                                   unit="batch"):
                 ids, mask = ids.to(device), mask.to(device)

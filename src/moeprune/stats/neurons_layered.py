@@ -62,7 +62,8 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
                                  gradients: bool, batch_size: int, device: str = "cpu", dtype: str = "float32",
                                  layer_context: LayerContext | None = None,
                                  cache_budget_bytes: int | None = None,
-                                 on_layer_stats: OnLayerStats | None = None) -> dict[int, NeuronLayerStats]:
+                                 on_layer_stats: OnLayerStats | None = None,
+                                 inputs: bool = True) -> dict[int, NeuronLayerStats]:
     """{MoE layer: NeuronLayerStats} summed over every set, as `collect_neuron_stats` returns, one layer at a time.
 
     `path_or_lazy`: a checkpoint folder (loaded with `load_lazy(dtype=dtype, head=gradients)`), a `LazyModel`
@@ -72,7 +73,7 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
     cache before it spills to a temporary folder ($TMPDIR); None = half the available memory, 0 = all on disk.
     `on_layer_stats(i, stats_i)` (forward sums only, `gradients=False`) runs once MoE layer i's sums are complete,
     while the layer is still materialised on `device`: a stage that needs the layer's weights with its statistics
-    (wanda's masks) does its work there instead of reading the layer again.
+    (wanda's masks) does its work there instead of reading the layer again. `inputs=False`: no in_sq sums.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise MoePruneError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
@@ -101,10 +102,11 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
         with eager_experts(model), torch.no_grad():
             ids, batches = _capture(model, adapter, sets, batch_size, device)
             if not gradients:
-                stats = _forward(model, adapter, batches, device, context, cache=None, on_stats=on_layer_stats)
+                stats = _forward(model, adapter, batches, device, context, cache=None, on_stats=on_layer_stats,
+                                 inputs=inputs)
             else:
                 with BoundaryCache(budget) as cache:
-                    stats = _forward(model, adapter, batches, device, context, cache=cache)
+                    stats = _forward(model, adapter, batches, device, context, cache=cache, inputs=inputs)
                     grads = _head_gradients(model, adapter, batches, ids, device)
                     _backward(model, adapter, batches, grads, cache, device, context, stats)
     finally:
@@ -114,7 +116,7 @@ def collect_neuron_stats_layered(path_or_lazy: str | Path | LazyModel | nn.Modul
 
 def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
                  layer_context: LayerContext | None = None, dtype: str = "float32",
-                 on_layer_stats: OnLayerStats | None = None) -> dict[int, NeuronLayerStats]:
+                 on_layer_stats: OnLayerStats | None = None, inputs: bool = True) -> dict[int, NeuronLayerStats]:
     """The neuron stage's statistics in a lazy run: the stage context's checkpoint, calibration sets, batch size and
     device, in `dtype` (of a checkpoint loaded here; a given `lazy` model has its own). After earlier recipe stages
     the caller passes the `lazy` model it loaded and a
@@ -128,7 +130,7 @@ def neuron_stats(ctx, gradients: bool, *, lazy: LazyModel | None = None,
     source = lazy if lazy is not None else ctx.ckpt.path
     return collect_neuron_stats_layered(source, ctx.sets, gradients=gradients, batch_size=ctx.calib.batch_size,
                                         device=ctx.calib.device, dtype=dtype, layer_context=layer_context,
-                                        on_layer_stats=on_layer_stats)
+                                        on_layer_stats=on_layer_stats, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------------- passes
@@ -154,7 +156,7 @@ def _capture(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_
 
 def _forward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs], device: str,
              context: LayerContext, cache: BoundaryCache | None,
-             on_stats: OnLayerStats | None = None) -> dict[int, NeuronLayerStats]:
+             on_stats: OnLayerStats | None = None, inputs: bool = True) -> dict[int, NeuronLayerStats]:
     """Up: forward sums of every MoE layer; with a `cache`, every layer input from the first MoE layer on is kept
     and `batches` end holding h_L; without one the pass stops after the last MoE layer."""
     moe = adapter.moe_layers()
@@ -164,7 +166,7 @@ def _forward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs], 
     def on_layer(i: int, layer: nn.Module):
         if i not in moe:
             return None
-        col = NeuronCollector(model, adapter, gradients=False, layers=[i]).__enter__()
+        col = NeuronCollector(model, adapter, gradients=False, layers=[i], inputs=inputs).__enter__()
         active.append(col)
 
         def cleanup() -> None:
@@ -217,7 +219,9 @@ def _backward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs],
         inputs = cache.pop(i)
         with context(i):
             layer = layers[i]
-            col = NeuronCollector(model, adapter, gradients=True, layers=[i]) if i in moe else None
+            # gradient sums only: the up pass has the forward sums
+            col = (NeuronCollector(model, adapter, gradients=True, layers=[i], forward_sums=False)
+                   if i in moe else None)
             with _on_device(layer, device), frozen(layer), col or nullcontext(), torch.enable_grad():
                 next_grads = []
                 for b, h_in, g_out in zip(batches, inputs, grads, strict=True):
