@@ -123,19 +123,26 @@ def read_tensor(entry: TensorEntry, rows: Iterable[int] | None = None) -> torch.
 
 def read_ranges(path: Path, ranges: Iterable[tuple[int, int]], torch_dtype: torch.dtype,
                 shape: tuple[int, ...]) -> torch.Tensor:
-    """The bytes of `ranges` (absolute file offsets), concatenated, as a fresh CPU tensor of `shape`."""
+    """The bytes of `ranges` (absolute file offsets), concatenated, as a fresh CPU tensor of `shape`.
+
+    Read unbuffered into an uninitialised tensor: a zero-filled `bytearray` and Python's read buffer each cost one
+    more pass over the bytes (one decoder layer of the benchmark checkpoint, 358 MB from the page cache: 0.33-0.45 s
+    that way, 0.25 s this way)."""
     ranges = list(ranges)
-    buf = bytearray(sum(e - b for b, e in ranges))
-    view = memoryview(buf)
-    with open(path, "rb") as f:
+    out = torch.empty(sum(e - b for b, e in ranges), dtype=torch.uint8)
+    if not out.numel():
+        return torch.empty(shape, dtype=torch_dtype)
+    view = memoryview(out.numpy())
+    with open(path, "rb", buffering=0) as f:
         pos = 0
         for b, e in ranges:
             f.seek(b)
-            f.readinto(view[pos : pos + e - b])
-            pos += e - b
-    if not buf:
-        return torch.empty(shape, dtype=torch_dtype)
-    return torch.frombuffer(buf, dtype=torch_dtype).reshape(shape)
+            while b < e:  # a raw read may return fewer bytes than asked
+                n = f.readinto(view[pos : pos + e - b])
+                if not n:
+                    raise MoePruneError(f"{path} ended at byte {b}, before {e}: was it truncated while being read?")
+                pos, b = pos + n, b + n
+    return out.view(torch_dtype).reshape(shape)
 
 
 def row_ranges(entry: TensorEntry, rows: list[int], num_rows: int | None = None) -> list[tuple[int, int]]:
