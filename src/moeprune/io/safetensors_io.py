@@ -200,7 +200,7 @@ def write_file(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | 
             for t in tensors:
                 src = handles.get(t.source) or handles.setdefault(t.source, open(t.source, "rb"))
                 for b, e in t.ranges:
-                    _copy_range(src, out, b, e, buf)
+                    copy_range(src, out, b, e, buf)
         finally:
             for h in handles.values():
                 h.close()
@@ -209,7 +209,8 @@ def write_file(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | 
     return 8 + len(blob) + offset
 
 
-def _copy_range(src, dst, begin: int, end: int, buf: bytearray) -> None:
+def copy_range(src, dst, begin: int, end: int, buf: bytearray) -> None:
+    """Bytes [begin, end) of the open file `src` appended at `dst`'s position, through `buf`."""
     view = memoryview(buf)
     src.seek(begin)
     remaining = end - begin
