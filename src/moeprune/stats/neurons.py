@@ -129,9 +129,9 @@ class NeuronCollector:
     requires grad, registers hooks for ∂L/∂h). `inputs=False` leaves out in_sq (only Wanda reads it; [n, H] float64
     per expert and batch is the largest of the sums); `forward_sums=False` records only the gradient sums (a pass
     that recomputes a forward whose sums another pass already has: down_sq and the forward fields stay zero). Set
-    `valid` ([T] bool, the flattened non-padding mask) before each
-    forward. The forward is the family's eager computation written out with the canonical role views
-    (`MoEAdapter.expert_roles`), so outputs match the stock module. Sums live on the experts' device."""
+    `valid` ([T] bool, the flattened non-padding mask) before each forward. The forward is the family's eager
+    computation written out with the canonical role views (`MoEAdapter.expert_roles`), so outputs match the stock
+    module. Sums live on the experts' device."""
 
     def __init__(self, model: nn.Module, adapter: MoEAdapter, gradients: bool = False,
                  layers: list[int] | None = None, inputs: bool = True, forward_sums: bool = True):

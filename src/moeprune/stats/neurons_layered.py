@@ -220,7 +220,7 @@ def _backward(model: nn.Module, adapter: MoEAdapter, batches: list[LayerInputs],
         with context(i):
             layer = layers[i]
             # gradient sums only: the up pass has the forward sums
-            col = (NeuronCollector(model, adapter, gradients=True, layers=[i], forward_sums=False)
+            col = (NeuronCollector(model, adapter, gradients=True, layers=[i], inputs=False, forward_sums=False)
                    if i in moe else None)
             with _on_device(layer, device), frozen(layer), col or nullcontext(), torch.enable_grad():
                 next_grads = []
