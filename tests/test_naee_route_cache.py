@@ -44,7 +44,7 @@ def test_equal_keys_mean_equal_routes():
         t = torch.randint(0, c, (1,), generator=g)
         free = [e for e in logits[t[0]].argsort(descending=True).tolist() if not held[e]]
         j = torch.tensor([free[int(torch.randint(0, 2, (1,), generator=g))]])  # an expert t selects under D
-        key = int(RouteCache.key(out.order[0], out.slots[0], held, t, j, 2))
+        key = int(RouteCache.key(RouteCache.parent_bits(out.order[0], held, 2), out.slots[0], t, j))
         route = tuple(e for e in free if e != int(j))[:2]  # its route under D ∪ {j}
         assert routes.setdefault(key, route) == route
     assert len(routes) < 300  # keys repeat
@@ -63,3 +63,41 @@ def test_children_served_from_the_cache_equal_the_masked_block():
                 want = ref(tuple(sorted((*parent, j))))
                 assert abs(got - want) <= RTOL * abs(want) + 1e-12 * out.target_sq, (parent, j, got, want)
     assert ev.cache.hits > ev.cache.misses  # most rows came from the cache
+
+
+def _key_by_hand(cands: list[int], dropped: set[int], k: int) -> int:
+    """key(M) = Σ_{s < end} [cand[s] ∈ M]·2^s, end = 1 + the slot of the k-th candidate not in M (every slot if
+    fewer than k are kept): the module docstring's definition, one slot at a time."""
+    key, kept = 0, 0
+    for s, e in enumerate(cands):
+        if e in dropped:
+            key += 1 << s
+        else:
+            kept += 1
+            if kept == k:
+                break
+    return key
+
+
+def test_keys_equal_the_definition_for_every_selected_child():
+    """Per parent bits + one slot per child against the definition by hand, on random candidate orders and parents
+    that drop from none to nearly all of a token's candidates (the k-th kept one at the last slot, or missing)."""
+    g = torch.Generator().manual_seed(5)
+    E, C, c, k = 24, 10, 40, 3
+    order = torch.stack([torch.randperm(E, generator=g)[:C] for _ in range(c)])  # [c, C] candidates in order
+    slot_of = torch.full((c, E), -1, dtype=torch.long)
+    slot_of.scatter_(1, order, torch.arange(C).expand(c, C).contiguous())
+    checked = 0
+    for size in (0, 1, 3, 6, 9, 14, 20):
+        held = torch.zeros(E, dtype=torch.bool)
+        held[torch.randperm(E, generator=g)[:size]] = True
+        bits = RouteCache.parent_bits(order, held, k)
+        D = set(held.nonzero().view(-1).tolist())
+        for t in range(c):
+            cands = order[t].tolist()
+            selected = [e for e in cands if e not in D][:k]  # the experts t selects under D (its children)
+            for j in selected:
+                got = int(RouteCache.key(bits, slot_of, torch.tensor([t]), torch.tensor([j])))
+                assert got == t + c * _key_by_hand(cands, D | {j}, k), (size, t, j)
+                checked += 1
+    assert checked > 500

@@ -158,7 +158,8 @@ class IncrementalEvaluator(FastEvaluator):
             p2 = torch.empty(tok.shape[0], dtype=torch.float64, device=device)  # [R] p_t(D ∪ {j})
             route = torch.arange(tok.shape[0], device=device)  # rows that go through the router
             if self.cache is not None:
-                keys = RouteCache.key(o.order[i], o.slots[i], held, tok, new[child], self.k)  # [R]
+                bits = RouteCache.parent_bits(o.order[i], held, self.k)  # [c]
+                keys = RouteCache.key(bits, o.slots[i], tok, new[child])  # [R]
                 found, p2 = self.cache.lookup(i, keys)
                 route = (~found).nonzero().view(-1)
             p2[route] = self._reroute(i, x, parent, new, tok[route], child[route])
