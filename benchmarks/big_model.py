@@ -248,6 +248,12 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
     ]
 
 
+def computes_in(dtype: str) -> str:
+    """The dtype the steps compute in on this CPU: `compute_dtype`'s "auto" / "stored" mean the checkpoint's (bf16)."""
+    resolved = compute_dtype(dtype, "cpu")
+    return "bfloat16, the checkpoint's" if resolved in ("auto", "stored") else str(parse_dtype(resolved)).removeprefix("torch.")
+
+
 def drop_export(cmd: list[str], later: list[tuple[str, list[str], float]]) -> None:
     """Delete the export a step wrote (its --out folder) unless a later step reads it (verify): each export is a
     full-size checkpoint, and a run of every step would otherwise need ten times the checkpoint in disk space."""
@@ -326,7 +332,7 @@ def main() -> None:
     table = [f"checkpoint {size / 1e9:.2f} GB ({a.layers} layers x {a.experts} experts, H={a.hidden}, width "
              f"{a.expert_width}, top-{a.top_k}), decoder layer {layer / 1e9:.3f} GB, limit {a.limit} "
              f"({limit.kind if limit else 'none'}), {a.samples} x {a.seq_len} tokens, 1 thread, --dtype {a.dtype} "
-             f"(computes in {parse_dtype(compute_dtype(a.dtype, 'cpu'))})",
+             f"(computes in {computes_in(a.dtype)})",
              "", "| step | exit | peak RSS GB | target GB | seconds | x forward | target x |",
              "|---|---|---|---|---|---|---|"]
     for name, rc, rss, wall, ratio, target, _ in rows:
