@@ -251,7 +251,9 @@ def steps(model: Path, calib: str, work: Path, samples: int, seq: int,
 def computes_in(dtype: str) -> str:
     """The dtype the steps compute in on this CPU: `compute_dtype`'s "auto" / "stored" mean the checkpoint's (bf16)."""
     resolved = compute_dtype(dtype, "cpu")
-    return "bfloat16, the checkpoint's" if resolved in ("auto", "stored") else str(parse_dtype(resolved)).removeprefix("torch.")
+    if resolved in ("auto", "stored"):
+        return "bfloat16, the checkpoint's"
+    return str(parse_dtype(resolved)).removeprefix("torch.")
 
 
 def drop_export(cmd: list[str], later: list[tuple[str, list[str], float]]) -> None:
