@@ -74,10 +74,8 @@ class NeuronLayerStats:
         valid = valid.to(dev, torch.float64)  # [n]
         s = self.sums
         if x is not None and "in_sq" in s:
-            xs = x.to(dev, torch.float64)  # [n, H]
-            s["in_sq"][j] += torch.mv(xs.mul_(xs).t() if xs is not x else xs.square().t(), valid)
-        sq = h.to(dev, torch.float64)  # [n, I]
-        sq = sq.mul_(sq) if sq is not h else sq.square()  # h², in place on the float64 copy
+            s["in_sq"][j] += torch.mv(_squared(x, dev).t(), valid)  # Σ_t valid_t x_t²
+        sq = _squared(h, dev)  # [n, I]
         s["count"][j] += valid.sum()
         s["act_sq"][j] += torch.mv(sq.t(), valid)  # Σ_t valid_t h_t²
         if sq.shape[0]:
@@ -97,6 +95,12 @@ class NeuronLayerStats:
                for k, v in self.sums.items() if k != "down_sq"}
         out["down_sq"] = self.sums["down_sq"]
         return NeuronLayerStats(self.num_experts, self.width, out, self.hidden)
+
+
+def _squared(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t² in float64 on `device`, squared in place on the float64 copy (a new tensor when `t` already is one)."""
+    t64 = t.to(device, torch.float64)
+    return t64.square() if t64 is t else t64.mul_(t64)
 
 
 def check_fused(adapter: MoEAdapter, model: nn.Module, layer: int) -> nn.Module:
