@@ -28,7 +28,7 @@ def test_whole_tensors_and_rows_equal_safe_open(stored):
             want = f.get_tensor(name)
             got = read_tensor(entry)
             assert got.dtype == want.dtype and torch.equal(got, want), name
-        rows = [0, 2, 3, 6]  # two runs of adjacent rows, read as separate ranges
+        rows = [0, 2, 3, 6]  # three runs of adjacent rows (0, 2-3, 6), read as separate ranges
         assert torch.equal(read_tensor(entries["a"], rows), f.get_tensor("a")[rows])
         assert torch.equal(read_tensor(entries["b"], [2, 0]), f.get_tensor("b")[[2, 0]])
 
