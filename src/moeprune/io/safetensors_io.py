@@ -132,7 +132,25 @@ def read_ranges(path: Path, ranges: Iterable[tuple[int, int]], torch_dtype: torc
     out = torch.empty(sum(e - b for b, e in ranges), dtype=torch.uint8)
     if not out.numel():
         return torch.empty(shape, dtype=torch_dtype)
-    view = memoryview(out.numpy())
+    _fill(path, ranges, memoryview(out.numpy()))
+    return out.view(torch_dtype).reshape(shape)
+
+
+def read_into(entry: TensorEntry, out: torch.Tensor) -> None:
+    """Read one tensor's bytes straight into `out`: a contiguous CPU tensor (or a contiguous slice of a larger one)
+    of the entry's shape and dtype. No intermediate copy (`io/lazy_direct.py`)."""
+    torch_dtype = DTYPES[entry.dtype][1]
+    if out.dtype != torch_dtype or tuple(out.shape) != tuple(entry.shape) or not out.is_contiguous() \
+            or out.device.type != "cpu":
+        raise MoePruneError(f"{entry.name}: cannot read {entry.dtype} {list(entry.shape)} into a "
+                            f"{'contiguous ' if out.is_contiguous() else 'non-contiguous '}{out.dtype} "
+                            f"{list(out.shape)} tensor on {out.device}")
+    if entry.nbytes:
+        _fill(entry.file, [(entry.begin, entry.end)], memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+
+
+def _fill(path: Path, ranges: list[tuple[int, int]], view: memoryview) -> None:
+    """Read the bytes of `ranges` (absolute file offsets), one after the other, into `view`."""
     with open(path, "rb", buffering=0) as f:
         pos = 0
         for b, e in ranges:
@@ -142,7 +160,6 @@ def read_ranges(path: Path, ranges: Iterable[tuple[int, int]], torch_dtype: torc
                 if not n:
                     raise MoePruneError(f"{path} ended at byte {b}, before {e}: was it truncated while being read?")
                 pos, b = pos + n, b + n
-    return out.view(torch_dtype).reshape(shape)
 
 
 def row_ranges(entry: TensorEntry, rows: list[int], num_rows: int | None = None) -> list[tuple[int, int]]:
