@@ -10,6 +10,9 @@
    waited for), wall time is measured around it, and the ratio is against step 0: a plain layer-by-layer forward
    over the same calibration tokens (no statistics), run the same way.
 3. Prints a table (step, exit, peak RSS GB, seconds, x forward, target) and writes it to --work/big_model.md.
+   `--interleave` runs the plain forward again after every step and rates each step against the mean of the
+   forwards just before and after it: on a VM whose speed drifts (the same forward took 56-121 s on one day),
+   a ratio against one forward at the start says more about the drift than about the step.
 
 Targets (issue 15): peak RSS <= 3 decoder layers + 1 GB; each step <= 2x the plain layer-by-layer forward,
 HEAPr <= 4x. A step that is not implemented yet shows its exit status and the end of its error output.
@@ -283,6 +286,9 @@ def main() -> None:
                     "a CPU without native bf16 matmul, else the checkpoint's bf16; stored: bf16)")
     ap.add_argument("--keep-exports", action="store_true",
                     help="keep every step's export (default: deleted after its step unless a later step reads it)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="run the plain forward again after every step and rate each step against the mean of the "
+                         "forwards just before and after it (for a machine whose speed drifts)")
     ap.add_argument("--profile", action="store_true",
                     help="run each step under `py-spy record` (must be installed); flame graphs in --work/out")
     a = ap.parse_args()
@@ -314,6 +320,7 @@ def main() -> None:
     try:
         chosen = [s for s in steps(model, f"web={text}", work, a.samples, a.seq_len, a.lazy, a.dtype)
                   if not wanted or any(s[0].startswith(w) for w in wanted)]
+        forward = next((s for s in chosen if s[0].startswith("forward")), None)
         for k, (name, cmd, target) in enumerate(chosen):
             log = work / "out" / (name.split()[0].lower() + ".log")
             if a.profile:
@@ -322,12 +329,17 @@ def main() -> None:
             rc, wall, rss = run_step(cmd, limit, log)
             if name.startswith("forward") and rc == 0:
                 base = wall
+            ref, note = base, ""
+            if a.interleave and forward is not None and base and not name.startswith("forward"):
+                after = run_step(forward[1], limit, work / "out" / "forward.log")[1]
+                ref, note, base = (base + after) / 2, f" (forwards {base:.0f} / {after:.0f} s)", after
             tail = "" if rc == 0 else log.read_text()[-300:].replace("\n", " ")
-            rows.append((name, rc, rss, wall, wall / base if base else float("nan"), target, tail))
+            rows.append((name + note, rc, rss, wall, wall / ref if ref else float("nan"), target, tail))
             if not a.keep_exports:
                 drop_export(cmd, chosen[k + 1:])
             print(f"{name}: exit {rc}, peak RSS {rss:.2f} GB, {wall:.0f} s"
-                  + (f", x{wall / base:.2f} forward" if base else "") + (f"  | {tail}" if tail else ""), flush=True)
+                  + (f", x{wall / ref:.2f} forward{note}" if ref else "") + (f"  | {tail}" if tail else ""),
+                  flush=True)
     finally:
         if limit:
             limit.remove()

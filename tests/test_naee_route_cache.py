@@ -50,19 +50,25 @@ def test_equal_keys_mean_equal_routes():
     assert len(routes) < 300  # keys repeat
 
 
-def test_children_served_from_the_cache_equal_the_masked_block():
+def test_children_served_from_the_cache_equal_the_masked_block(monkeypatch):
+    """Parents after the first are scored from the cache too (their tokens' keys were stored when they were
+    children): only the root's route goes through the router."""
     model, adapter, layer, X, Z = _case()
     with eager_experts(model):
         out = expert_outputs(model, adapter, layer, X, Z, max_dropped=6)
         ev = incremental_evaluator(model, adapter, layer, out)
         ref = block_evaluator(model, adapter, layer, X, Z)
         assert ev.cache is not None
+        routed = []
+        real = ev._parent_route
+        monkeypatch.setattr(ev, "_parent_route", lambda *a, **kw: routed.append(a[2]) or real(*a, **kw))
         for parent in [(), (3,), (3, 9), (3, 9, 14), (1, 3, 9, 14)]:  # a beam's chain: each a child of the last
             js = [j for j in range(16) if j not in parent]
             for j, got in zip(js, ev.extend(parent, js), strict=True):
                 want = ref(tuple(sorted((*parent, j))))
                 assert abs(got - want) <= RTOL * abs(want) + 1e-12 * out.target_sq, (parent, j, got, want)
     assert ev.cache.hits > ev.cache.misses  # most rows came from the cache
+    assert routed and set(routed) == {()}, routed  # the root (once per chunk and its check), no other parent
 
 
 def _key_by_hand(cands: list[int], dropped: set[int], k: int) -> int:
@@ -92,12 +98,19 @@ def test_keys_equal_the_definition_for_every_selected_child():
         held = torch.zeros(E, dtype=torch.bool)
         held[torch.randperm(E, generator=g)[:size]] = True
         bits = RouteCache.parent_bits(order, held, k)
+        own, _, route = RouteCache.parent_route(order, held, k)
         D = set(held.nonzero().view(-1).tolist())
+        short = False  # D leaves some token fewer than k candidates
         for t in range(c):
             cands = order[t].tolist()
             selected = [e for e in cands if e not in D][:k]  # the experts t selects under D (its children)
+            assert int(own[t]) == _key_by_hand(cands, D, k), (size, t)
+            short |= len(selected) < k
+            if route is not None:
+                assert route[t].tolist() == selected, (size, t)
             for j in selected:
                 got = int(RouteCache.key(bits, slot_of, torch.tensor([t]), torch.tensor([j])))
                 assert got == t + c * _key_by_hand(cands, D | {j}, k), (size, t, j)
                 checked += 1
+        assert (route is None) == short, size
     assert checked > 500

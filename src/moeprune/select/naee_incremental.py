@@ -15,7 +15,14 @@ one on the Σ_j |{t : j ∈ S_D(t)}| ≤ T·k affected rows, each routed by the 
 Router rows per parent: T·(1 + k) instead of T·E' for its E' children (FastEvaluator.many): at E = 128, k = 8,
 E' ≈ 110, ≈ 12× fewer; at E = 16, k = 2, ≈ 4×. Child rows whose route was already scored under another parent (the
 same token and masked prefix, `naee_route_cache.py`) are read back instead of routed: 99 % of them on the big-model
-checkpoint, so a parent then costs about its own T rows.
+checkpoint. So is the parent's own route: its tokens' keys under D were stored when D was scored as a child (or,
+for tokens its last drop did not reach, as its own parent), so after the root a parent's p_t(D) comes from the
+cache and S_D(t) from the candidate order (`RouteCache.parent_route`), and only the rows of new keys go through the
+router. NAEE 25 % on the 4-layer copy of the benchmark checkpoint: 35.6 / 37.2 s -> 34.6 / 32.5 s (A/B
+interleaved). In float32 (`benchmarks/naee_incremental.py`: testbed 50 %, random 32- and 128-expert models) every
+layer drops the same set as the whole-set scoring; with bf16 gate weights a cached p carries another mask's
+rounding (a bf16 flip of a renormalised weight), so near-equal sets may rank otherwise: on that bf16 checkpoint
+layer 0 dropped 2 of 32 experts differently, its error on every token by the model's own block 2.233 -> 2.207.
 
 A group limit scored by top-2 sums with several kept groups (`RoutingSpec.group_reach`: DeepSeek-V3/R1) also
 reroutes, for child D ∪ {j}, the tokens for which j is one of the top-2 of a kept group, read from the router's own
@@ -148,9 +155,20 @@ class IncrementalEvaluator(FastEvaluator):
         delta = torch.zeros(len(js), dtype=torch.float64, device=device)  # [m] Σ over affected tokens
         for i, x in enumerate(self.xs):
             c = o.gram[i].shape[0]
-            w, idx, reached = self._parent_route(x, c, parent)  # [c', k] each: the parent's route; [c, m]
-            assert reached is not None, "checked by _moved before the first extension"
-            p = self._scores(i, torch.arange(c, device=device), w[:c, None], idx[:c, None])[:, 0]  # [c]
+            tokens = torch.arange(c, device=device)
+            found = None
+            if self.cache is not None:  # the parent's own route: its tokens' keys were stored when D was a child
+                own, bits, selected = RouteCache.parent_route(o.order[i], held, self.k)  # [c], [c], [c, k]
+                own_keys = tokens + c * own  # [c]
+                found, p = self.cache.lookup(i, own_keys, count=False)
+            if found is not None and selected is not None and bool(found.all()):
+                reached = selected  # [c, k] = reach(idx): without group choices, the selected experts
+            else:  # through the router (the root, or no cache)
+                w, idx, reached = self._parent_route(x, c, parent)  # [c', k] each: the parent's route; [c, m]
+                assert reached is not None, "checked by _moved before the first extension"
+                p = self._scores(i, tokens, w[:c, None], idx[:c, None])[:, 0]  # [c]
+                if found is not None:
+                    self.cache.insert(i, own_keys[~found], p[~found])
             total += p.sum()
             hit = torch.where(reached >= 0, child_of[reached.clamp_min(0)], -1)  # [c, m] the child that reroutes t
             tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
@@ -158,7 +176,6 @@ class IncrementalEvaluator(FastEvaluator):
             p2 = torch.empty(tok.shape[0], dtype=torch.float64, device=device)  # [R] p_t(D ∪ {j})
             route = torch.arange(tok.shape[0], device=device)  # rows that go through the router
             if self.cache is not None:
-                bits = RouteCache.parent_bits(o.order[i], held, self.k)  # [c]
                 keys = RouteCache.key(bits, o.slots[i], tok, new[child])  # [R]
                 found, p2 = self.cache.lookup(i, keys)
                 route = (~found).nonzero().view(-1)

@@ -48,16 +48,27 @@ class RouteCache:
         Let e = end_t(D) and u the first slot ≥ e that D does not hold (C if none). Masking j (a slot s_j < e that
         D does not hold) moves the k-th kept candidate to u, and every slot in [e, u) is held by D, so
         key_t(D ∪ {j}) = key_t(D) + 2^{s_j} + Σ_{e ≤ s < u} 2^s = key_t(D) + 2^{s_j} + 2^u − 2^e."""
+        return RouteCache.parent_route(order, parent, top_k)[1]
+
+    @staticmethod
+    def parent_route(order: torch.Tensor, parent: torch.Tensor,
+                     top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(own [c] key_t(D), bits [c] as `parent_bits`, selected [c, k] the experts each token selects under D in
+        selection order: its first k candidates D does not hold; None when D leaves a token fewer than k).
+        order [c, C] each token's candidates in selection order, parent [E] bool D."""
         c, C = order.shape
         masked = parent[order]  # [c, C] candidate slots D holds
         ar = torch.arange(C, device=order.device)
         end = ((~masked).long().cumsum(1) < top_k).sum(1) + 1  # [c] 1 + slot of the k-th kept candidate (C + 1: none)
-        bits = ((masked & (ar[None, :] < end[:, None])).long() << ar[None, :]).sum(1)  # [c] key_t(D)
-        free_after = ~masked & (ar[None, :] >= end[:, None])  # [c, C] slots ≥ e that D does not hold
+        before = ar[None, :] < end[:, None]  # [c, C] slots < e
+        own = ((masked & before).long() << ar[None, :]).sum(1)  # [c] key_t(D)
+        free_after = ~masked & ~before  # [c, C] slots ≥ e that D does not hold
         u = torch.where(free_after.any(1), free_after.long().argmax(1), torch.full_like(end, C))  # [c]
         one = torch.ones_like(end)
         move = torch.where(end <= C, (one << u) - (one << end.clamp_max(C)), 0)  # [c]; none when D leaves < k
-        return bits + move
+        kept = ~masked & before  # [c, C] exactly k per token unless D leaves fewer
+        selected = order[kept].view(c, top_k) if bool((end <= C).all()) else None
+        return own, own + move, selected
 
     @staticmethod
     def key(bits: torch.Tensor, slot_of: torch.Tensor, tokens: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
@@ -66,8 +77,8 @@ class RouteCache:
         slot = slot_of[tokens, added]  # [R] the added expert's slot (its token selects it: a candidate)
         return tokens + bits.shape[0] * (bits[tokens] + (torch.ones_like(slot) << slot))
 
-    def lookup(self, chunk: int, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(found [R] bool, p [R] float64, valid where found)."""
+    def lookup(self, chunk: int, keys: torch.Tensor, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(found [R] bool, p [R] float64, valid where found); `count`: add to the child rows' hits and misses."""
         known, vals = self.keys[chunk].to(keys.device), self.values[chunk].to(keys.device)
         if known.numel() == 0:
             found, got = torch.zeros_like(keys, dtype=torch.bool), torch.zeros(keys.shape, dtype=torch.float64,
@@ -75,8 +86,9 @@ class RouteCache:
         else:
             pos = torch.searchsorted(known, keys).clamp_max(known.numel() - 1)
             found, got = known[pos] == keys, vals[pos]
-        hits = int(found.sum())
-        self.hits, self.misses = self.hits + hits, self.misses + keys.numel() - hits
+        if count:
+            hits = int(found.sum())
+            self.hits, self.misses = self.hits + hits, self.misses + keys.numel() - hits
         return found, got
 
     def insert(self, chunk: int, keys: torch.Tensor, values: torch.Tensor) -> None:
