@@ -106,3 +106,27 @@ def test_export_is_the_merge_export_with_its_merged_experts_decomposed(root, tmp
 def test_refusals_before_any_work(root, tmp_path, no_work, recipe, match):
     assert_refused(lambda: moeprune.prune(root / "src", tmp_path / "out", recipe=recipe, calib=calib(root)),
                    match, inputs=[root / "src"], out=tmp_path / "out")
+
+
+def test_threshold_keeps_the_largest_and_breaks_ties_by_index():
+    """Against a stable sort by hand, on integers (many ties) and on random floats."""
+    from moeprune.merge.compress import hard_threshold
+
+    g = torch.Generator().manual_seed(11)
+    for r in (torch.randint(-3, 4, (9, 13), generator=g).double(), torch.randn(7, 5, generator=g, dtype=torch.float64)):
+        for keep in (0, 1, 5, 17, r.numel() - 1, r.numel()):
+            order = sorted(range(r.numel()), key=lambda i: (-abs(float(r.view(-1)[i])), i))[:keep]
+            want = torch.zeros(r.numel(), dtype=r.dtype)
+            want[order] = r.view(-1)[order]
+            assert torch.equal(hard_threshold(r, keep), want.view(r.shape)), keep
+
+
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30)])
+def test_low_rank_is_the_truncated_svd(shape):
+    """Both sides of the Gram (m ≤ n and m > n) against numpy's SVD."""
+    from moeprune.merge.compress import low_rank
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    u, s, vh = np.linalg.svd(w.numpy(), full_matrices=False)
+    for rank in (1, 7, 29):
+        assert np.allclose(low_rank(w, rank).numpy(), (u[:, :rank] * s[:rank]) @ vh[:rank], atol=1e-10), rank

@@ -25,21 +25,41 @@ def kept_entries(numel: int, sparsity: float) -> int:
 
 
 def low_rank(w: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-`rank` approximation of w [m, n] (float64 SVD)."""
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    r = min(rank, s.numel())
-    return (u[:, :r] * s[:r]) @ vh[:r]
+    """The best rank-`rank` approximation of w [m, n] (Eckart–Young), in float64: the projection onto the top-`rank`
+    eigenvectors of the Gram matrix of its shorter side,
+
+        W Wᵀ = U Σ² Uᵀ  ->  L = U_r (U_rᵀ W)   (m ≤ n),      WᵀW = V Σ² Vᵀ  ->  L = (W V_r) V_rᵀ   (m > n),
+
+    which is U_r Σ_r V_rᵀ of the SVD wherever σ_r > σ_{r+1} (the subspace is then unique; its error through the Gram
+    is ~ε·σ_1²/(σ_r² − σ_{r+1}²)). An expert matrix of the benchmark checkpoint ([448, 1 024], one thread): 105 ms
+    by a full SVD, 33 ms this way."""
+    wd = w.double()
+    m, n = wd.shape
+    r = min(rank, m, n)
+    if r == min(m, n):
+        return wd.clone()
+    if m <= n:
+        u = torch.linalg.eigh(wd @ wd.T).eigenvectors[:, m - r:]  # [m, r] (eigenvalues ascending)
+        return u @ (u.T @ wd)
+    v = torch.linalg.eigh(wd.T @ wd).eigenvectors[:, n - r:]  # [n, r]
+    return (wd @ v) @ v.T
 
 
 def hard_threshold(r: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` entries of largest |r| (lower flat index first on ties), the others 0."""
+    """The `keep` entries of largest |r| (lower flat index first on ties), the others 0: every entry above the
+    keep-th largest magnitude t (`kthvalue`, linear time), then the first entries equal to t (a stable sort of all
+    entries gave the same set 4× slower: 65 vs 15 ms on 458 k entries)."""
+    flat = r.reshape(-1)
     if keep <= 0:
         return torch.zeros_like(r)
-    flat = r.reshape(-1)
-    order = torch.sort(-flat.abs(), stable=True).indices[:keep]
-    out = torch.zeros_like(flat)
-    out[order] = flat[order]
-    return out.reshape(r.shape)
+    if keep >= flat.numel():
+        return r.clone()
+    mag = flat.abs()
+    t = torch.kthvalue(mag, flat.numel() - keep + 1).values  # the keep-th largest |r|
+    mask = mag > t
+    ties = (mag == t).nonzero().view(-1)[: keep - int(mask.sum())]  # lower flat index first
+    mask[ties] = True
+    return torch.where(mask, flat, torch.zeros_like(flat)).reshape(r.shape)
 
 
 def low_rank_sparse(w: torch.Tensor, rank: int, sparsity: float, iterations: int = 1
