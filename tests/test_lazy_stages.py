@@ -12,6 +12,7 @@ its verification equal the in-memory run's; otp (trained through whole-model for
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from moeprune.errors import MoePruneError
 from moeprune.pipeline.run import prune
 from moeprune.stages.weights_plan import WeightsPlan
-from moeprune.stages.weights_store import FileLayers, SpilledLayers
+from moeprune.stages.weights_store import FileLayers, SpilledLayers, layer_sink
 from moeprune.tiny import save_tiny
 from refusal import assert_refused
 from test_layered import assert_same_export, calib
@@ -67,6 +68,28 @@ def test_lazy_weights_stage_equals_in_memory(root, tmp_path, family, recipe):
 
 def _plan(experts, router=None) -> WeightsPlan:
     return WeightsPlan("wanda", 4, 6, experts, router or {})
+
+
+def test_streamed_layer_reads_back_and_a_failed_one_leaves_nothing(tmp_path):
+    """`layer_sink` into a store streams each tensor to disk (`SpilledLayers.writer`); into a dict it gathers them.
+    Both read back the tensors put (the reference: the tensors themselves); a layer whose block raises is absent
+    and its partial file is gone."""
+    g = torch.Generator().manual_seed(1)
+    want = {i: {"gate": torch.randn(6, 5, generator=g).to(torch.bfloat16), "down": torch.randn(5, 6, generator=g)}
+            for i in (0, 2)}
+    for store in (SpilledLayers(tmp_path), {}):
+        with layer_sink(store, 4) as put:
+            for i, roles in want.items():
+                for role, t in roles.items():
+                    put(i, role, t)
+        got = store[4]
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[i][r], t) and got[i][r].dtype == t.dtype for i in want for r, t in want[i].items())
+    spilled = SpilledLayers(tmp_path)
+    with pytest.raises(RuntimeError, match="stop"), layer_sink(spilled, 5) as put:
+        put(0, "gate", want[0]["gate"])
+        raise RuntimeError("stop")
+    assert 5 not in spilled and not any(p.is_file() for p in Path(spilled._dir.name).rglob("*"))
 
 
 def test_store_saves_and_reads_back_one_layer_at_a_time(tmp_path):

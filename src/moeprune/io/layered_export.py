@@ -131,6 +131,17 @@ class ShardWriter:
         self.written.append((path, [t[0] for t in self.pending]))
         self.pending, self.pending_bytes = [], 0
 
+    def abort(self) -> None:
+        """Close and delete what was written (the caller failed part-way)."""
+        if self._file is not None:
+            path = Path(self._file.name)
+            self._file.close()
+            self._file = None
+            path.unlink(missing_ok=True)
+        for path, _ in self.written:
+            path.unlink(missing_ok=True)
+        self.written, self.pending, self.pending_bytes = [], [], 0
+
     def close(self) -> list[str]:
         self.flush()
         n = len(self.written)

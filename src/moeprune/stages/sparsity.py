@@ -34,7 +34,7 @@ from moeprune.sparsity.wanda import PATTERNS, mask_for, outlier_ratio, owl_spars
 from moeprune.stages.base import Need, register_stage
 from moeprune.stages.weights import StoredDtypes, WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
-from moeprune.stages.weights_store import SpilledLayers
+from moeprune.stages.weights_store import SpilledLayers, layer_sink
 
 OWL_M, OWL_LAMBDA = 5.0, 0.08  # OWL's defaults (its paper's M and λ for LLaMA)
 ROLE_INPUT = {"gate": "in_sq", "up": "in_sq", "down": "act_sq"}  # which input norms each role's columns see
@@ -176,21 +176,20 @@ class _Masks:
     def add(self, layer: int, stats, sparsity: float, outlier: float | None = None) -> None:
         """Mask layer `layer` (its weights must be in memory) at `sparsity`."""
         block = self.adapter.block(self.model, layer)
-        masked: dict[int, dict[str, torch.Tensor]] = {}
         zeros = total = 0
         largest = max(w.numel() for w in self.adapter.expert_views(block, 0).values())
         # each matrix's float64 scores and mask temporaries reuse the previous matrix's pages (io/memory.py)
-        with reuse_freed_memory(max(COMPUTE_REUSE, 16 * largest)):
+        with reuse_freed_memory(max(COMPUTE_REUSE, 16 * largest)), layer_sink(self.experts, layer) as put:
             for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
                 keep = mask_for(score, self.pattern, sparsity)
                 w = self.adapter.expert_views(block, j)[role].detach()
-                # in its stored dtype at once: no copy of the whole layer at the compute dtype
-                masked.setdefault(j, {})[role] = self.stored.expert(layer, role, (w * keep.to(w.dtype)).cpu())
+                # in its stored dtype at once: no copy of the whole layer at the compute dtype; lazy: written to
+                # the plan's store at once, not held for the whole layer
+                put(j, role, self.stored.expert(layer, role, (w * keep.to(w.dtype)).cpu()))
                 kept = int(keep.sum())
                 self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - kept / keep.numel(), 6)
                 zeros += keep.numel() - kept
                 total += keep.numel()
-        self.experts[layer] = masked
         self.per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity, 6),
                                       **({"outlier_ratio": round(outlier, 6)} if outlier is not None else {})}
 

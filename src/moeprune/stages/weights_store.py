@@ -5,7 +5,8 @@ experts (wanda writes every expert), too much for a checkpoint that does not fit
 same mapping with the tensors left in safetensors files:
 
     store = SpilledLayers(cast=f)    a temporary folder ($TMPDIR), removed with the store (or at exit)
-    store[ℓ] = {i: {role: tensor}}   written at once to ℓ.safetensors; nothing stays in memory
+    store[ℓ] = {i: {role: tensor}}   written at once to ℓ/model.safetensors; nothing stays in memory
+    with store.writer(ℓ) as put:     the same, one tensor at a time as they are made: put(i, role, tensor)
     store[ℓ], store.get(ℓ, {})       read back from disk (a fresh dict each time: the caller holds one layer)
     store.index(ℓ)                   {i: [roles]} from the headers, no tensor read
     FileLayers.open(file)            the same view over a saved plan's tensors file ("layer.{ℓ}.expert.{i}.{role}")
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from moeprune.errors import MoePruneError
 from moeprune.io.safetensors_io import TensorEntry, read_header, read_tensor
@@ -72,13 +73,34 @@ class SpilledLayers(LayerTensors):
         self._cast = cast
 
     def __setitem__(self, layer: int, experts: ExpertTensors) -> None:
-        if self._cast is not None:
-            experts = self._cast(layer, experts)
-        file = Path(self._dir.name) / f"{int(layer)}.safetensors"
-        tensors = {f"{i}.{role}": t.detach().contiguous().cpu() for i, roles in experts.items()
-                   for role, t in roles.items()}
-        save_file(tensors, str(file))
-        entries, _ = read_header(file)
+        with self.writer(layer) as put:
+            for i, roles in experts.items():
+                for role, t in roles.items():
+                    put(i, role, t)
+
+    @contextmanager
+    def writer(self, layer: int) -> Iterator[Callable[[int, str, torch.Tensor], None]]:
+        """`put(expert, role, tensor)` streams one layer's tensors to its file as they are made (each written at
+        once, `io/layered_export.ShardWriter`: memory is the tensor itself; safetensors' `save_file` held a bytes
+        copy of the whole layer); the layer is readable once the block ends, and absent if it raises."""
+        from moeprune.io.layered_export import HEADER_ROOM_MIN, ShardWriter
+
+        folder = Path(self._dir.name) / str(int(layer))
+        folder.mkdir()
+        out = ShardWriter(folder, 1 << 62, room=HEADER_ROOM_MIN)  # one file; its header grows if it must
+
+        def put(i: int, role: str, t: torch.Tensor) -> None:
+            if self._cast is not None:
+                t = self._cast(layer, {i: {role: t}})[i][role]
+            out.add_tensor(f"{i}.{role}", t.detach())
+
+        try:
+            yield put
+        except BaseException:
+            out.abort()
+            raise
+        files = out.close()
+        entries = read_header(folder / files[0])[0] if files else []
         self._entries[int(layer)] = {(int(e.name.split(".", 1)[0]), e.name.split(".", 1)[1]): e for e in entries}
 
 
@@ -102,6 +124,19 @@ class FileLayers(LayerTensors):
             key = (int(parts[3]), ".".join(parts[4:]))
             store._entries.setdefault(int(parts[1]), {})[key] = entry
         return store, rest
+
+
+@contextmanager
+def layer_sink(experts: dict | SpilledLayers, layer: int) -> Iterator[Callable[[int, str, torch.Tensor], None]]:
+    """`put(expert, role, tensor)` into a plan's experts, one layer: streamed to disk for a `SpilledLayers` store
+    (`SpilledLayers.writer`), gathered and set as `experts[layer]` for a dict."""
+    if isinstance(experts, SpilledLayers):
+        with experts.writer(layer) as put:
+            yield put
+        return
+    gathered: ExpertTensors = {}
+    yield lambda i, role, t: gathered.setdefault(i, {}).__setitem__(role, t)
+    experts[layer] = gathered
 
 
 def expert_index(experts: Mapping, layer: int) -> dict[int, list[str]]:
