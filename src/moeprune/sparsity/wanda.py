@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 PATTERNS = ("unstructured", "2:4")
@@ -42,19 +43,33 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """[out, in] -> keep [out, in] bool: each row drops its ⌊sparsity·in⌋ = d lowest scores, ties at the cut dropped
     lowest input index first (what a stable ascending sort's first d give), without sorting:
 
-        τ_i  = the d-th smallest score of row i (kthvalue)
+        τ_i  = the d-th smallest score of row i (a selection, not a sort)
         drop = {k : S_ik < τ_i}  ∪  the first d − #{S_ik < τ_i} positions k (by index) with S_ik = τ_i
 
-    (3× faster than the stable sort on [448, 1024] rows; the same masks)."""
+    (3× faster than the stable sort on [448, 1024] rows; the same masks). τ comes from numpy's introselect on the
+    CPU (`np.partition`: 11.5 ms on [896, 1 024] float64, `torch.kthvalue` 14–19 ms; the same values), and the
+    running count of ties is taken only in the rows that hold more ties than they drop (usually none)."""
     out, n_in = scores.shape
     drop = int(sparsity * n_in)
     if not drop:
         return torch.ones(out, n_in, dtype=torch.bool, device=scores.device)
-    cut = torch.kthvalue(scores, drop, dim=1, keepdim=True).values  # [out, 1] τ
+    cut = _kth_smallest(scores, drop)  # [out, 1] τ
     below = scores < cut  # [out, in]
     tie = scores == cut
     need = drop - below.sum(dim=1, keepdim=True)  # [out, 1] ties to drop (>= 1)
-    return ~(below | (tie & (tie.cumsum(dim=1) <= need)))
+    extra = (tie.sum(dim=1, keepdim=True) > need).view(-1)  # [out] rows where only some ties are dropped
+    if bool(extra.any()):
+        rows = tie[extra]
+        tie[extra] = rows & (rows.cumsum(dim=1) <= need[extra])
+    return ~(below | tie)
+
+
+def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[out, in] -> [out, 1]: the k-th smallest value of every row (k ≥ 1)."""
+    if scores.device.type == "cpu" and not scores.requires_grad:
+        part = np.partition(scores.numpy(), k - 1, axis=1)[:, k - 1 : k]  # [out, 1]
+        return torch.from_numpy(np.ascontiguousarray(part)).to(scores.dtype)
+    return torch.kthvalue(scores, k, dim=1, keepdim=True).values
 
 
 def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
