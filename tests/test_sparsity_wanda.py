@@ -210,3 +210,16 @@ def test_masks_with_many_tied_scores_drop_the_lowest_index_first(sparsity):
     got = unstructured_mask(wanda_scores(w, norms_sq), sparsity)
     assert torch.equal(got, by_hand_mask(w, norms_sq, sparsity))
     assert int((~got).sum(dim=1).unique()) == int(sparsity * 40)  # exactly ⌊s·in⌋ per row
+
+
+def test_score_mass_is_the_sum_of_the_scores():
+    """Σ S from column sums against the scores made and summed (an expert with tokens, and one without: |W|)."""
+    from moeprune.sparsity.wanda import score_mass, wanda_scores
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 9, generator=g).to(torch.bfloat16)
+    for in_sq in (torch.rand(9, generator=g, dtype=torch.float64), torch.zeros(9, dtype=torch.float64)):
+        got, n = score_mass(w, in_sq)
+        want = wanda_scores(w, in_sq)
+        assert n == want.numel() and got == pytest.approx(float(want.sum()), rel=1e-12)
+        assert outlier_ratio([want], 1.5, mass=(got, n)) == outlier_ratio([want], 1.5)

@@ -69,6 +69,7 @@ class ShardWriter:
     written: list[tuple[Path, list[str]]] = field(default_factory=list)
     total: int = 0
     room: int = 0  # header bytes kept before the data of the shard being written
+    durable: bool = True  # fsync each shard when it is complete (an export); False for scratch files
     _file: Any = None  # the open shard file
 
     def __post_init__(self) -> None:
@@ -116,7 +117,8 @@ class ShardWriter:
             f.seek(0)
             f.write(struct.pack("<Q", self.room) + blob + b" " * (self.room - len(blob)))
             f.flush()
-            os.fsync(f.fileno())
+            if self.durable:
+                os.fsync(f.fileno())
             f.close()
         else:  # more tensors than the room holds: the data is copied behind a header of its own size
             f.close()

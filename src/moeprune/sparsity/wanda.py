@@ -39,6 +39,16 @@ def wanda_scores(weight: torch.Tensor, in_sq: torch.Tensor) -> torch.Tensor:
     return weight.detach().to(torch.float64).abs() * norm[None, :]
 
 
+def score_mass(weight: torch.Tensor, in_sq: torch.Tensor) -> tuple[float, int]:
+    """(Σ_ik S_ik, #S) of `wanda_scores(weight, in_sq)` without making them: Σ_k ‖X_k‖₂ · Σ_i |W_ik| in float64 (a
+    [in] vector instead of an [out, in] float64 matrix; equal up to the float64 summation order)."""
+    norm = in_sq.to(torch.float64).sqrt()  # [in]
+    if not bool((norm > 0).any()):
+        norm = torch.ones_like(norm)  # no routed token: magnitude, as wanda_scores
+    cols = torch.sum(weight.detach().abs(), dim=0, dtype=torch.float64)  # [in] Σ_i |W_ik|
+    return float(cols @ norm), weight.numel()
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """[out, in] -> keep [out, in] bool: each row drops its ⌊sparsity·in⌋ = d lowest scores, ties at the cut dropped
     lowest input index first (what a stable ascending sort's first d give), without sorting:
@@ -90,16 +100,19 @@ def mask_for(scores: torch.Tensor, pattern: str, sparsity: float) -> torch.Tenso
     return unstructured_mask(scores, sparsity)
 
 
-def outlier_ratio(scores: Sequence[torch.Tensor] | Callable[[], Iterable[torch.Tensor]], m: float) -> float:
+def outlier_ratio(scores: Sequence[torch.Tensor] | Callable[[], Iterable[torch.Tensor]], m: float,
+                  mass: tuple[float, int] | None = None) -> float:
     """D = share of the scores above m × their mean (all of one layer's tensors together). `scores`: the tensors,
     or a callable that yields them afresh: two passes (the mean, then the count), one tensor in memory at a time —
-    a layer's scores together are float64 copies of all its expert weights (1.4 GB at 128 experts of 448 × 1024)."""
+    a layer's scores together are float64 copies of all its expert weights (1.4 GB at 128 experts of 448 × 1024).
+    `mass`: (Σ S, #S) when known (`score_mass`): one pass, the count."""
     again = scores if callable(scores) else (lambda: scores)
-    total = mass = 0
-    for s in again():
-        total += s.numel()
-        mass += float(s.sum())
-    mean = mass / total
+    if mass is None:
+        mass = (0.0, 0)
+        for s in again():
+            mass = (mass[0] + float(s.sum()), mass[1] + s.numel())
+    total = mass[1]
+    mean = mass[0] / total
     return sum(int((s > m * mean).sum()) for s in again()) / total
 
 

@@ -30,7 +30,7 @@ from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
-from moeprune.sparsity.wanda import PATTERNS, mask_for, outlier_ratio, owl_sparsities, wanda_scores
+from moeprune.sparsity.wanda import PATTERNS, mask_for, outlier_ratio, owl_sparsities, score_mass, wanda_scores
 from moeprune.stages.base import Need, register_stage
 from moeprune.stages.weights import StoredDtypes, WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
@@ -113,8 +113,13 @@ class SparsityStage(WeightStage):
         ratios: dict[int, float] = {}
 
         def visit(layer: int, layer_stats) -> None:  # layer's statistics complete, its weights resident
-            if o.owl:
-                ratios[layer] = outlier_ratio(lambda: _scores(model, adapter, layer_stats, layer), m)
+            if o.owl:  # the mean from column sums (`score_mass`), then one pass over the scores for the count
+                with reuse_freed_memory(_reuse(adapter, model, layer)):
+                    total = [0.0, 0]
+                    for a, n in _scores(model, adapter, layer_stats, layer, of=score_mass):
+                        total[0], total[1] = total[0] + a, total[1] + n
+                    ratios[layer] = outlier_ratio(lambda: _scores(model, adapter, layer_stats, layer), m,
+                                                  mass=(total[0], total[1]))
             else:
                 masks.add(layer, layer_stats, target)
 
@@ -150,16 +155,23 @@ class SparsityStage(WeightStage):
         return out
 
 
-def _scores(model, adapter: MoEAdapter, stats, layer: int, keyed: bool = False):
-    """Wanda scores of every (expert, role) of one layer: [out, in] each, one at a time."""
+def _scores(model, adapter: MoEAdapter, stats, layer: int, keyed: bool = False, of=wanda_scores):
+    """Wanda scores of every (expert, role) of one layer: [out, in] each, one at a time (or `of(weight, in_sq)`
+    of each, e.g. `score_mass`)."""
     block = adapter.block(model, layer)
     for j in range(stats.num_experts):
         views = adapter.expert_views(block, j)
         for role, field in ROLE_INPUT.items():
             if role not in views:  # up-only experts have no gate
                 continue
-            score = wanda_scores(views[role], stats.sums[field][j])
+            score = of(views[role], stats.sums[field][j])
             yield ((j, role), score) if keyed else score
+
+
+def _reuse(adapter: MoEAdapter, model, layer: int) -> int:
+    """The heap reuse threshold for one layer's per-matrix float64 temporaries (`io/memory.py`)."""
+    largest = max(w.numel() for w in adapter.expert_views(adapter.block(model, layer), 0).values())
+    return max(COMPUTE_REUSE, 16 * largest)
 
 
 class _Masks:
@@ -177,9 +189,8 @@ class _Masks:
         """Mask layer `layer` (its weights must be in memory) at `sparsity`."""
         block = self.adapter.block(self.model, layer)
         zeros = total = 0
-        largest = max(w.numel() for w in self.adapter.expert_views(block, 0).values())
         # each matrix's float64 scores and mask temporaries reuse the previous matrix's pages (io/memory.py)
-        with reuse_freed_memory(max(COMPUTE_REUSE, 16 * largest)), layer_sink(self.experts, layer) as put:
+        with reuse_freed_memory(_reuse(self.adapter, self.model, layer)), layer_sink(self.experts, layer) as put:
             for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
                 keep = mask_for(score, self.pattern, sparsity)
                 w = self.adapter.expert_views(block, j)[role].detach()

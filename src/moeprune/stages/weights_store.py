@@ -87,7 +87,8 @@ class SpilledLayers(LayerTensors):
 
         folder = Path(self._dir.name) / str(int(layer))
         folder.mkdir()
-        out = ShardWriter(folder, 1 << 62, room=HEADER_ROOM_MIN)  # one file; its header grows if it must
+        # one file (its header grows if it must), scratch: not fsynced (a plan is saved by copying it)
+        out = ShardWriter(folder, 1 << 62, room=HEADER_ROOM_MIN, durable=False)
 
         def put(i: int, role: str, t: torch.Tensor) -> None:
             if self._cast is not None:
