@@ -33,20 +33,20 @@ PATTERNS = ("unstructured", "2:4")
 
 def wanda_scores(weight: torch.Tensor, in_sq: torch.Tensor) -> torch.Tensor:
     """weight [out, in], in_sq [in] (Σ_t x_k², float64) -> scores [out, in] float64."""
+    return weight.detach().to(torch.float64).abs() * _input_norms(in_sq)[None, :]
+
+
+def _input_norms(in_sq: torch.Tensor) -> torch.Tensor:
+    """‖X_k‖₂ [in] float64; all ones when no token reached the expert (its scores are then the magnitudes)."""
     norm = in_sq.to(torch.float64).sqrt()  # [in]
-    if not bool((norm > 0).any()):
-        norm = torch.ones_like(norm)  # no routed token: magnitude
-    return weight.detach().to(torch.float64).abs() * norm[None, :]
+    return norm if bool((norm > 0).any()) else torch.ones_like(norm)
 
 
 def score_mass(weight: torch.Tensor, in_sq: torch.Tensor) -> tuple[float, int]:
     """(Σ_ik S_ik, #S) of `wanda_scores(weight, in_sq)` without making them: Σ_k ‖X_k‖₂ · Σ_i |W_ik| in float64 (a
     [in] vector instead of an [out, in] float64 matrix; equal up to the float64 summation order)."""
-    norm = in_sq.to(torch.float64).sqrt()  # [in]
-    if not bool((norm > 0).any()):
-        norm = torch.ones_like(norm)  # no routed token: magnitude, as wanda_scores
     cols = torch.sum(weight.detach().abs(), dim=0, dtype=torch.float64)  # [in] Σ_i |W_ik|
-    return float(cols @ norm), weight.numel()
+    return float(cols @ _input_norms(in_sq)), weight.numel()
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
