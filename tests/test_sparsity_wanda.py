@@ -114,6 +114,7 @@ def test_export_is_the_original_with_the_by_hand_mask_zeroed(root, tmp_path, pat
     reference = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32).eval()
     ref_adapter = get_adapter(reference.config, model=reference)
     zeros = total = 0
+    keeps = {}
     with torch.no_grad():
         for layer, (in_sq, act_sq) in norms.items():
             for j in range(adapter.num_experts):
@@ -121,9 +122,19 @@ def test_export_is_the_original_with_the_by_hand_mask_zeroed(root, tmp_path, pat
                 ref_views = ref_adapter.expert_views(ref_adapter.block(reference, layer), j)
                 for role, sq in (("gate", in_sq[j]), ("up", in_sq[j]), ("down", act_sq[j])):
                     keep = by_hand_mask(views[role], sq, 0.5, groups=pattern == "2:4")
+                    keeps[f"layer.{layer}.expert.{j}.{role}"] = keep
                     ref_views[role].mul_(keep.float())
                     zeros += int((~keep).sum())
                     total += keep.numel()
+    # the plan holds those masks as bits: bit k % 8 of byte k // 8 of row i is keep[i, k] (read here by shifts)
+    plan = json.loads((tmp_path / "w" / "moeprune_plans" / "1-sparsity.json").read_text())
+    assert plan["format"] == "moeprune.wanda/2" and plan["content"] == "masks"
+    bits = load_file(tmp_path / "w" / "moeprune_plans" / plan["tensors"])
+    assert bits.keys() == keeps.keys()
+    for name, keep in keeps.items():
+        k = torch.arange(keep.shape[1])
+        assert bits[name].dtype == torch.uint8 and bits[name].shape == (keep.shape[0], (keep.shape[1] + 7) // 8)
+        assert torch.equal((bits[name].long()[:, k // 8] >> (k % 8)) & 1, keep.long()), name
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "w", dtype=torch.float32).eval()
     want, got = reference.state_dict(), stock.state_dict()
     assert all(torch.equal(want[n], got[n]) for n in want)
@@ -223,3 +234,37 @@ def test_score_mass_is_the_sum_of_the_scores():
         want = wanda_scores(w, in_sq)
         assert n == want.numel() and got == pytest.approx(float(want.sum()), rel=1e-12)
         assert outlier_ratio([want], 1.5, mass=(got, n)) == outlier_ratio([want], 1.5)
+
+
+def test_a_plan_of_masked_values_is_still_applied(root, tmp_path):
+    """Plans written before wanda stored bits held the masked values (format moeprune.wanda/1). Such a plan, made
+    here from the original's tensors and the bits of a new plan (read by shifts), replays through `moeprune apply
+    --recipe` to the same export; a wanda/2 plan that does not say it holds masks is refused."""
+    from moeprune.cli import main
+    from moeprune.stages.weights_plan import WeightsPlan
+
+    out = moeprune.prune(root / "src", tmp_path / "new", recipe=[{"method": "wanda", "sparsity": 0.5}],
+                         calib=calib(root), run_verify=False)[0].out
+    plans = out / "moeprune_plans"
+    raw = json.loads((plans / "1-sparsity.json").read_text())
+    bits = load_file(plans / raw["tensors"])
+    original = load_file(root / "src" / "model.safetensors")
+    values: dict = {}
+    for name, b in bits.items():
+        _, layer, _, j, role = name.split(".")
+        w = original[f"model.layers.{layer}.mlp.experts.{j}.{role}_proj.weight"]
+        k = torch.arange(w.shape[1])
+        keep = ((b.long()[:, k // 8] >> (k % 8)) & 1).bool()
+        values.setdefault(int(layer), {}).setdefault(int(j), {})[role] = w * keep
+    old = tmp_path / "old"
+    __import__("shutil").copytree(out, old)
+    WeightsPlan("wanda", raw["num_experts"], raw["width"], values, settings=raw["settings"], summary=raw["summary"],
+                model_type=raw["model_type"]).save(old / "moeprune_plans" / "1-sparsity.json")
+    assert json.loads((old / "moeprune_plans" / "1-sparsity.json").read_text())["format"] == "moeprune.wanda/1"
+    assert main(["apply", str(root / "src"), "--recipe", str(old), "--out", str(tmp_path / "again")]) == 0
+    want, got = load_file(out / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    raw.pop("content")
+    (plans / "1-sparsity.json").write_text(json.dumps(raw))
+    with pytest.raises(moeprune.MoePruneError, match="packed keep masks"):
+        moeprune.api.apply_plan(root / "src", plans / "1-sparsity.json", tmp_path / "bad")

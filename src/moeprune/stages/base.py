@@ -89,6 +89,7 @@ class Stage:
 
     kind: ClassVar[str] = ""  # "experts", "merge", "neurons", ...
     plan_format: ClassVar[str] = ""  # JSON "format" of its plans, e.g. "moeprune.plan/1"
+    reads_formats: ClassVar[tuple[str, ...]] = ()  # older formats its `load_plan` still reads
     legacy_plan_name: ClassVar[str | None] = None  # the plan's file name in one-stage exports (older releases)
     options_type: ClassVar[type[StageOptions]] = StageOptions
     applies_to_shards: ClassVar[bool] = False  # can edit safetensors shards without loading the model
@@ -296,7 +297,7 @@ def stage_for_method(method: str | None, where: str = "") -> Stage:
 
 def stage_for_format(fmt: str | None, source: str) -> Stage:
     for _, stage in STAGES.items():
-        if stage.plan_format == fmt:
+        if fmt == stage.plan_format or fmt in stage.reads_formats:
             return stage
     known = ", ".join(s.plan_format for _, s in STAGES.items())
     raise MoePruneError(f"{source}: plan format {fmt!r} is not one moeprune knows ({known}).")

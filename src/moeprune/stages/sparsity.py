@@ -5,7 +5,8 @@ pattern: unstructured|2:4, owl: true}` (`prune --method wanda --sparsity 0.5 [--
              (gate, up) and act_sq[j] [I] over its activations (down)
     scores = Wanda |W|·‖X‖ per role of every expert (`sparsity/wanda.py`)
     s_ℓ    = the sparsity, or OWL's per-layer sparsities around it (outlier ratio of layer ℓ's scores)
-    plan   = a WeightsPlan ("wanda") holding W ⊙ mask for gate, up and down of every expert (biases untouched)
+    plan   = a WeightsPlan ("wanda", `masks`) holding the keep mask of gate, up and down of every expert, packed
+             as bits (`sparsity/keep_bits.py`; biases untouched); applied as W ← W ⊙ keep
 
 Only routed experts are sparsified (shared experts, attention and routers are left dense). The export is the dense
 checkpoint with zeros (stock-loadable, every shape and config key unchanged); the report states the zero fraction
@@ -13,7 +14,8 @@ per tensor. `verify` compares with the original whose same weights are zeroed (t
 The statistics pass runs one decoder layer at a time (`stats/neurons_layered.py`) and each layer is masked as soon as
 its sums are complete, while its weights are in memory (OWL: its outlier ratio then, its masks in a second visit
 once every ratio is known). With `--lazy` (or a checkpoint larger than memory) the layers are read from disk in
-turn and the masked tensors wait on disk (`stages/weights_store.py`), so memory holds about one layer.
+turn and the packed masks wait on disk (`stages/weights_store.py`), so memory holds about one layer. The plan is
+1/16 of the experts' bf16 bytes; plans of the masked values (format moeprune.wanda/1) are still read.
 `sparsity` is the fraction of routed-expert weights zeroed (biases not counted); 2:4 is exactly one half.
 """
 
@@ -30,9 +32,10 @@ from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
+from moeprune.sparsity.keep_bits import pack
 from moeprune.sparsity.wanda import PATTERNS, mask_for, outlier_ratio, owl_sparsities, score_mass, wanda_scores
 from moeprune.stages.base import Need, register_stage
-from moeprune.stages.weights import StoredDtypes, WeightOptions, WeightStage
+from moeprune.stages.weights import WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
 from moeprune.stages.weights_store import SpilledLayers, layer_sink
 
@@ -51,7 +54,8 @@ class SparsityOptions(WeightOptions):
 
 class SparsityStage(WeightStage):
     kind = "sparsity"
-    plan_format = weights_format("wanda")
+    plan_format = weights_format("wanda", masks=True)
+    reads_formats = (weights_format("wanda"),)  # plans that held the masked values
     options_type = SparsityOptions
 
     @classmethod
@@ -109,7 +113,7 @@ class SparsityStage(WeightStage):
         adapter = get_adapter(model.config, model=model)
         target = 0.5 if o.sparsity is None else float(o.sparsity)
         m = OWL_M if o.owl_m is None else o.owl_m
-        masks = _Masks(model, adapter, o.pattern, ctx.lazy, StoredDtypes(ctx.ckpt, adapter))
+        masks = _Masks(model, adapter, o.pattern, ctx.lazy)
         ratios: dict[int, float] = {}
 
         def visit(layer: int, layer_stats) -> None:  # layer's statistics complete, its weights resident
@@ -140,7 +144,7 @@ class SparsityStage(WeightStage):
         return WeightsPlan("wanda", adapter.num_experts, adapter.expert_width, masks.experts, {}, settings=settings,
                            summary={"sparsity": removed, "layers": dict(sorted(masks.per_layer.items(),
                                                                                key=lambda kv: int(kv[0]))),
-                                    "tensors": masks.tensors}, model_type=adapter.model_type)
+                                    "tensors": masks.tensors}, model_type=adapter.model_type, masks=True)
 
     def describe(self, plan: WeightsPlan) -> str:
         st = plan.settings
@@ -175,11 +179,11 @@ def _reuse(adapter: MoEAdapter, model, layer: int) -> int:
 
 
 class _Masks:
-    """The plan's masked experts, one layer at a time (in a dict, or on disk when the run is lazy), and what the
+    """The plan's keep masks as bits, one layer at a time (in a dict, or on disk when the run is lazy), and what the
     summary reports: the zero fraction of every tensor and per layer."""
 
-    def __init__(self, model, adapter: MoEAdapter, pattern: str, lazy: bool, stored: StoredDtypes) -> None:
-        self.model, self.adapter, self.pattern, self.stored = model, adapter, pattern, stored
+    def __init__(self, model, adapter: MoEAdapter, pattern: str, lazy: bool) -> None:
+        self.model, self.adapter, self.pattern = model, adapter, pattern
         self.experts: dict | SpilledLayers = SpilledLayers() if lazy else {}
         self.tensors: dict[str, float] = {}
         self.per_layer: dict[str, dict] = {}
@@ -187,16 +191,12 @@ class _Masks:
     @torch.no_grad()
     def add(self, layer: int, stats, sparsity: float, outlier: float | None = None) -> None:
         """Mask layer `layer` (its weights must be in memory) at `sparsity`."""
-        block = self.adapter.block(self.model, layer)
         zeros = total = 0
         # each matrix's float64 scores and mask temporaries reuse the previous matrix's pages (io/memory.py)
         with reuse_freed_memory(_reuse(self.adapter, self.model, layer)), layer_sink(self.experts, layer) as put:
             for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
                 keep = mask_for(score, self.pattern, sparsity)
-                w = self.adapter.expert_views(block, j)[role].detach()
-                # in its stored dtype at once: no copy of the whole layer at the compute dtype; lazy: written to
-                # the plan's store at once, not held for the whole layer
-                put(j, role, self.stored.expert(layer, role, (w * keep.to(w.dtype)).cpu()))
+                put(j, role, pack(keep))  # lazy: written to the plan's store at once, not held for the whole layer
                 kept = int(keep.sum())
                 self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - kept / keep.numel(), 6)
                 zeros += keep.numel() - kept

@@ -3,8 +3,10 @@
     plan  = WeightsPlan (stages/weights_plan.py): new tensors per MoE layer, expert (current numbering) and role,
             and router tensors
     apply = copy each tensor into the model's own parameters (`adapter.expert_views`, `router_tensors`), layer by
-            layer; shapes and config are unchanged
-    reference = the same values written into the ORIGINAL model's slots at their neuron positions
+            layer; shapes and config are unchanged. A plan of keep masks (wanda: `plan.masks`, packed bits)
+            multiplies each expert matrix by its mask instead: W ← W ⊙ keep
+    reference = the same values written into the ORIGINAL model's slots at their neuron positions (masks: the
+            current expert read there, times its mask)
             (`Reference.write_expert`, `write_router_rows`): the reference of a recipe with a weights stage is the
             recipe's own result expressed on the original; the masked original (every stage's reference except the
             weights stages) is no longer what the export must equal, and `verify` reports the distance to it too.
@@ -22,6 +24,7 @@ import torch
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
+from moeprune.sparsity.keep_bits import packed_shape, unpack
 from moeprune.stages.base import Need, Stage, StageOptions, config_copy
 from moeprune.stages.weights_plan import WeightsPlan
 from moeprune.stages.weights_store import expert_index
@@ -66,11 +69,17 @@ class WeightStage(Stage):
         for i, roles in plan.experts.get(layer, {}).items():
             views = adapter.expert_views(block, i)
             for role, value in roles.items():
-                if role not in views or views[role].shape != value.shape:
+                want = None if role not in views else _plan_shape(plan, views[role].shape)
+                if want != tuple(value.shape):
                     have = None if role not in views else tuple(views[role].shape)
                     raise MoePruneError(f"weights plan ({plan.method}): layer {layer} expert {i} {role} is "
-                                        f"{tuple(value.shape)}, the model's is {have}.")
-                views[role].copy_(value.to(views[role].dtype))
+                                        f"{tuple(value.shape)}{' (packed keep bits)' if plan.masks else ''}, the "
+                                        f"model's is {have}.")
+                target = views[role]
+                if plan.masks:  # W ← W ⊙ keep
+                    target.mul_(unpack(value, target.shape[1], f"layer {layer} expert {i} {role}").to(target.device))
+                else:
+                    target.copy_(value.to(target.dtype))
         router = adapter.router_tensors(block)
         for name, value in plan.router.get(layer, {}).items():
             if name not in router or router[name].shape != value.shape:
@@ -85,6 +94,10 @@ class WeightStage(Stage):
     def reference(self, ref, plan: WeightsPlan) -> None:
         for layer in ref.scope(plan.layers):
             for i, roles in plan.experts.get(layer, {}).items():
+                if plan.masks:  # the current expert (read at its slot and positions) with the plan's zeros
+                    now = ref.read_expert(layer, i)
+                    roles = {role: now[role] * unpack(bits, now[role].shape[1]).to(now[role].device)
+                             for role, bits in roles.items()}
                 ref.write_expert(layer, i, roles)
             for name, rows in plan.router.get(layer, {}).items():
                 ref.write_router_rows(layer, name, rows)
@@ -104,6 +117,11 @@ class WeightStage(Stage):
                     "recipe's own result written into the original model, and reports the distance to the masked "
                     "original as well",
         }
+
+
+def _plan_shape(plan: WeightsPlan, shape: torch.Size) -> tuple[int, ...]:
+    """The shape a plan holds for a model tensor of `shape`: the same, or its packed keep bits."""
+    return packed_shape(tuple(shape)) if plan.masks and len(shape) == 2 else tuple(shape)
 
 
 def as_stored(experts: dict, router: dict, ckpt, adapter: MoEAdapter) -> tuple[dict, dict]:

@@ -8,6 +8,8 @@
                                 "layer.{ℓ}.router.{name}"       a router tensor as `adapter.router_tensors` names
                                                                 it, experts on dim 0: [E' (+ Z), ...]
 
+A plan of keep masks (`masks`, wanda) is format `moeprune.M/2` with "content": "masks": each expert tensor is the
+keep mask of that matrix packed as bits (`sparsity/keep_bits.py`: uint8 [out, ⌈in/8⌉]), applied as W ← W ⊙ keep.
 Experts are numbered as in the model the plan is applied to (after every earlier stage). A weights plan changes no
 shape and no config key: it replaces values. `experts` is a dict, or for a plan made layer by layer (`--lazy`) or read
 from its file a `LayerTensors` (stages/weights_store.py) that keeps the tensors on disk and reads one layer at a time:
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,9 +38,17 @@ from moeprune.select.plan import read_plan_json, write_plan_json
 from moeprune.stages.weights_store import ExpertTensors, FileLayers, LayerTensors, SpilledLayers, expert_index
 
 
-def weights_format(method: str) -> str:
-    """The JSON format of a weights plan made by `method` ("repair" -> "moeprune.repair/1"): one per stage kind."""
-    return f"moeprune.{method}/1"
+def _entries_or_tensors(experts: Mapping, layer: int) -> dict:
+    """{(expert, role): TensorEntry} of a store's layer (no tensor read), or {(expert, role): tensor} of a dict."""
+    if isinstance(experts, LayerTensors):
+        return experts.entries(layer)
+    return {(i, role): t for i, roles in experts[layer].items() for role, t in roles.items()}
+
+
+def weights_format(method: str, masks: bool = False) -> str:
+    """The JSON format of a weights plan made by `method` ("repair" -> "moeprune.repair/1"): one per stage kind;
+    version 2 when its expert tensors are packed keep masks (`masks`), not values."""
+    return f"moeprune.{method}/{2 if masks else 1}"
 
 ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
@@ -53,6 +64,8 @@ class WeightsPlan:
     summary: dict = field(default_factory=dict)  # what the stage measured (per layer errors, losses, ...)
     model_type: str | None = None
     ratio: float = 0.0  # nothing is removed; kept so every plan answers `.ratio`
+    masks: bool = False  # expert tensors are keep masks packed as bits (`sparsity/keep_bits.py`): W ← W ⊙ keep
+    _digest: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (key, sha256, pinned)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -74,13 +87,42 @@ class WeightsPlan:
                 yield name, named[name].detach().contiguous().cpu()
 
     def tensors_sha256(self) -> str:
+        """sha256 over (name, dtype, shape, bytes) of every tensor in `named` order. Remembered while the tensors
+        stay the same objects (`_fingerprint`): saving a plan, its provenance and its report each ask for it, and
+        hashing a plan that holds every expert of a large model means reading all of it (wanda, compress)."""
+        key, pinned = self._fingerprint()
+        if self._digest is not None and self._digest[0] == key:
+            return self._digest[1]
         h = hashlib.sha256()
         for name, t in self.named():
             h.update(name.encode())
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        self._digest = (key, h.hexdigest(), pinned)
+        return self._digest[1]
+
+    def _fingerprint(self) -> tuple[tuple, list]:
+        """(key, pinned): what the tensors are, without reading them. A store's tensor: its byte range and its file's
+        size and mtime; an in-memory tensor: its id and in-place version counter, the tensor itself pinned beside
+        the remembered digest so that its id cannot be reused meanwhile."""
+        pinned: list = []
+
+        def of(t) -> tuple:
+            if isinstance(t, TensorEntry):
+                st = os.stat(t.file)
+                return (str(t.file), t.begin, t.end, t.dtype, tuple(t.shape), st.st_size, st.st_mtime_ns)
+            pinned.append(t)
+            try:
+                return (id(t), t._version)
+            except RuntimeError:  # an inference-mode tensor keeps no version counter: never taken as unchanged
+                return (id(t), object())
+
+        experts = tuple((layer, key, of(e)) for layer in sorted(self.experts)
+                        for key, e in sorted(_entries_or_tensors(self.experts, layer).items(), key=lambda kv: kv[0]))
+        router = tuple((layer, name, of(t)) for layer in sorted(self.router)
+                       for name, t in sorted(self.router[layer].items(), key=lambda kv: kv[0]))
+        return (experts, router), pinned
 
     def sha256(self) -> str:
         meta = {k: v for k, v in self.to_dict().items() if k != "tensors"}
@@ -103,10 +145,13 @@ class WeightsPlan:
             for i, roles in expert_index(self.experts, layer).items():
                 if not 0 <= i < self.num_experts:
                     raise MoePruneError(f"weights plan: layer {layer} expert {i} is outside 0..{self.num_experts - 1}.")
-                unknown = [r for r in roles if r not in ROLES]
+                known = ROLES[:3] if self.masks else ROLES  # keep masks: the weight matrices only
+                unknown = [r for r in roles if r not in known]
                 if unknown:
                     raise MoePruneError(f"weights plan: layer {layer} expert {i} has unknown roles {unknown} "
-                                        f"(known: {', '.join(ROLES)}).")
+                                        f"(known: {', '.join(known)}).")
+        if self.masks and self.router:
+            raise MoePruneError(f"weights plan ({self.method}): a plan of keep masks changes no router tensor.")
         for layer, tensors in self.router.items():
             for name, t in tensors.items():
                 if t.shape[0] < self.num_experts:
@@ -115,10 +160,10 @@ class WeightsPlan:
 
     # ------------------------------------------------------------------ files
     def to_dict(self, tensors_file: str | None = None) -> dict:
-        return {"format": weights_format(self.method), "method": self.method, "model_type": self.model_type,
-                "num_experts": self.num_experts, "width": self.width, "layers": self.layers,
-                "settings": self.settings, "summary": self.summary, "tensors": tensors_file,
-                "tensors_sha256": self.tensors_sha256()}
+        return {"format": weights_format(self.method, self.masks), "method": self.method,
+                "model_type": self.model_type, "num_experts": self.num_experts, "width": self.width,
+                "layers": self.layers, **({"content": "masks"} if self.masks else {}), "settings": self.settings,
+                "summary": self.summary, "tensors": tensors_file, "tensors_sha256": self.tensors_sha256()}
 
     def save(self, path: str | Path) -> Path:
         """The JSON at `path` and the tensors next to it (`NAME.tensors.safetensors`), each written atomically. The
@@ -162,9 +207,16 @@ class WeightsPlan:
         file = Path(source).parent / name
         if not file.is_file():
             raise MoePruneError(f"{source}: its tensors file {file} is missing; copy the whole moeprune_plans folder.")
+        content = raw.get("content", "values")
+        if content not in ("values", "masks") or raw.get("format") != weights_format(str(raw.get("method")),
+                                                                                     content == "masks"):
+            raise MoePruneError(f"{source}: format {raw.get('format')!r} with content {content!r}: a weights plan "
+                                "of method M holds values (moeprune.M/1) or packed keep masks (moeprune.M/2, "
+                                "content 'masks').")
         experts, router = FileLayers.open(file)
         plan = cls(str(raw.get("method")), int(raw["num_experts"]), raw.get("width"), experts, settings=raw.get(
-                   "settings") or {}, summary=raw.get("summary") or {}, model_type=raw.get("model_type"))
+                   "settings") or {}, summary=raw.get("summary") or {}, model_type=raw.get("model_type"),
+                   masks=content == "masks")
         for entry in router:
             parts = entry.name.split(".")
             plan.router.setdefault(int(parts[1]), {})[".".join(parts[3:])] = read_tensor(entry)
