@@ -84,6 +84,46 @@ def test_noisy_permuted_copy_recovers_the_same_permutation():
     assert torch.equal(permutation_to(orig, noisy), torch.argsort(sigma))
 
 
+def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
+    """The memo (`merge/align_memo.py`): a pair aligned before is not solved again, a copy of the same tensors hits
+    too, a changed weight or another dtype misses, and every answer is the brute-force best permutation (all 6!
+    relabellings scored by hand); a full memo drops its oldest permutation."""
+    import itertools
+
+    import scipy.optimize
+
+    from moeprune.merge.align_memo import MEMO, PermutationMemo
+
+    solve, calls = scipy.optimize.linear_sum_assignment, [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "linear_sum_assignment", counting)
+    MEMO.clear()
+
+    def brute(ref, other):
+        def score(p):
+            return sum(float(ref["gate"][k] @ other["gate"][p[k]] + ref["up"][k] @ other["up"][p[k]]
+                             + ref["down"][:, k] @ other["down"][:, p[k]]) for k in range(6))
+        return torch.tensor(max(itertools.permutations(range(6)), key=score))
+
+    a, b = make_expert(60, inter=6), make_expert(61, inter=6)
+    want = brute(a, b)
+    assert torch.equal(permutation_to(a, b), want) and calls[0] == 1
+    assert torch.equal(permutation_to({k: v.clone() for k, v in a.items()}, b), want) and calls[0] == 1  # a hit
+    b["up"][2, 3] += 0.5  # another expert now
+    assert torch.equal(permutation_to(a, b), brute(a, b)) and calls[0] == 2
+    low = {k: v.float() for k, v in a.items()}, {k: v.float() for k, v in b.items()}
+    assert torch.equal(permutation_to(*low), brute(a, b)) and calls[0] == 3  # float32: other bytes, solved again
+    assert MEMO.hits == 1 and MEMO.misses == 3
+    small = PermutationMemo(max_bytes=2 * 6 * 8)  # room for two permutations of 6
+    for n in range(3):
+        small.put((bytes([n]), b""), torch.arange(6))
+    assert small.get((bytes([0]), b"")) is None and torch.equal(small.get((bytes([2]), b"")), torch.arange(6))
+
+
 def test_alignment_works_in_low_precision():
     orig = make_expert(5, dtype=torch.bfloat16)
     sigma = random_perm(6)

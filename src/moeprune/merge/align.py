@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.merge.align_memo import MEMO, expert_digest
 
 REQUIRED_ROLES = ("gate", "up", "down")
 BIAS_ROLES = ("gate_bias", "up_bias", "down_bias")
@@ -116,17 +117,23 @@ def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, to
     `other` neuron π(k) is matched to `reference` neuron k. If other = permute(reference, σ), then π = σ⁻¹ and
     permute(other, π) == reference exactly (up to ties between identical neurons). `reference_features`: the
     reference's `neuron_features`, when the caller aligns several experts to it (built once instead of per call).
+    A pair aligned before in this process is not solved again (`merge/align_memo.py`: keyed by both experts' bytes).
     """
     from scipy.optimize import linear_sum_assignment  # imported here: scipy would cost every CLI start-up ~0.5 s
 
+    check_group([reference, other])
+    ref_digest, other_digest = expert_digest(reference), expert_digest(other)
+    key = None if ref_digest is None or other_digest is None else (ref_digest, other_digest)
+    perm = MEMO.get(key)  # the same pair aligned earlier in this process (`merge/align_memo.py`)
+    if perm is not None:
+        return perm
     if reference_features is None:
-        scores = similarity(reference, other).numpy()  # [I, I] float64
-    else:
-        check_group([reference, other])
-        scores = (reference_features @ neuron_features(other).t()).numpy()  # [I, I] float64
+        reference_features = neuron_features(reference)
+    scores = (reference_features @ neuron_features(other).t()).numpy()  # [I, I] float64
     rows, cols = linear_sum_assignment(scores, maximize=True)  # rows == arange(I)
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
+    MEMO.put(key, perm)
     return perm
 
 
