@@ -48,6 +48,7 @@ class LayeredResult:
 
 HEADER_ROOM_MIN = 256 << 10  # bytes kept for a shard's safetensors header before its data (see ShardWriter)
 HEADER_ROOM_MAX = 16 << 20
+WRITE_BEHIND = 256 << 20  # bytes an export's writer thread may lag behind (held in memory; io/write_behind.py)
 
 
 @dataclass
@@ -70,11 +71,24 @@ class ShardWriter:
     total: int = 0
     room: int = 0  # header bytes kept before the data of the shard being written
     durable: bool = True  # fsync each shard when it is complete (an export); False for scratch files
+    behind: int = 0  # > 0: writes run on a writer thread with at most this many bytes unwritten (`io/write_behind`)
     _file: Any = None  # the open shard file
+    _thread: Any = None  # the WriteBehind, when `behind`
 
     def __post_init__(self) -> None:
         if not self.room:
             self.room = min(HEADER_ROOM_MAX, max(HEADER_ROOM_MIN, self.max_bytes // 2048)) // 8 * 8
+        if self.behind:
+            from moeprune.io.write_behind import WriteBehind
+
+            self._thread = WriteBehind(self.behind)
+
+    def _do(self, job, nbytes: int) -> None:
+        """Run `job` now, or queue it on the writer thread (in order)."""
+        if self._thread is None:
+            job()
+        else:
+            self._thread.submit(job, nbytes)
 
     def _start(self, nbytes: int) -> None:
         if self.pending and self.pending_bytes + nbytes > self.max_bytes:
@@ -90,19 +104,28 @@ class ShardWriter:
 
     def add_copy(self, name: str, entry) -> None:
         """A source tensor (`TensorEntry`), copied byte for byte under `name`."""
-        self._start(entry.nbytes)
-        with open(entry.file, "rb", buffering=0) as src:
-            copy_range(src, self._file, entry.begin, entry.end, bytearray(min(COPY_CHUNK, max(1, entry.nbytes))))
-        self._record(name, entry.dtype, tuple(entry.shape), entry.nbytes)
+        def job() -> None:
+            self._start(entry.nbytes)
+            with open(entry.file, "rb", buffering=0) as src:
+                copy_range(src, self._file, entry.begin, entry.end, bytearray(min(COPY_CHUNK, max(1, entry.nbytes))))
+            self._record(name, entry.dtype, tuple(entry.shape), entry.nbytes)
+
+        self._do(job, 0)
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """An in-memory tensor: its bytes are written to the shard now (memory is not held)."""
+        """An in-memory tensor: its bytes are written to the shard now, or by the writer thread (`behind`), which
+        holds the tensor until then (memory is not held beyond that; the caller must not change it in place
+        meanwhile — the export drops each layer's tensors, it never overwrites them)."""
         t = tensor.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
-        self._start(nbytes)
-        if nbytes:
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as safetensors
-        self._record(name, TORCH_TO_ST[t.dtype], tuple(t.shape), nbytes)
+
+        def job() -> None:
+            self._start(nbytes)
+            if nbytes:
+                self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as safetensors
+            self._record(name, TORCH_TO_ST[t.dtype], tuple(t.shape), nbytes)
+
+        self._do(job, nbytes)
 
     def flush(self) -> None:
         if self._file is None:
@@ -133,8 +156,18 @@ class ShardWriter:
         self.written.append((path, [t[0] for t in self.pending]))
         self.pending, self.pending_bytes = [], 0
 
+    def _stop(self, cancel: bool = False) -> None:
+        """Stop the writer thread: after its queued writes (re-raising a failed one), or skipping them (`cancel`)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.cancel() if cancel else thread.close()
+
     def abort(self) -> None:
         """Close and delete what was written (the caller failed part-way)."""
+        try:
+            self._stop(cancel=True)
+        except Exception:  # noqa: BLE001 - a write that failed before the cancel: the writes are thrown away
+            pass
         if self._file is not None:
             path = Path(self._file.name)
             self._file.close()
@@ -145,6 +178,7 @@ class ShardWriter:
         self.written, self.pending, self.pending_bytes = [], [], 0
 
     def close(self) -> list[str]:
+        self._stop()
         self.flush()
         n = len(self.written)
         names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -169,23 +203,27 @@ def export_layered(ckpt: Checkpoint, chain: list, adapters: list[MoEAdapter], fo
     lazy = load_lazy(ckpt.path, dtype="auto")
     model = lazy.model
     disk = ckpt.torch_dtypes()
-    writer = ShardWriter(folder, max_bytes)
-    for entry in _non_layer_entries(ckpt, lazy, REST, (WeightRenaming, WeightConverter), rename_source_key):
-        writer.add_copy(entry.name, entry)
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_save", None) or [])]
-    n = len(lazy.layers)
-    for i in (bar := tqdm(range(n), leave=False)):
-        bar.set_description(f"layer-by-layer export (layer {i + 1}/{n})")
-        prefix = f"{lazy.layer_prefix}.{i}."
-        with lazy.layer(i) as layer:
-            match_disk_dtypes(layer, {k[len(prefix):]: v for k, v in disk.items() if k.startswith(prefix)})
-            apply_chain_layer(model, chain, i, adapters)
-            layer = lazy.layers[i]  # the same module (surgery replaces submodules, not the layer)
-            state = {prefix + k: t for k, t in layer.state_dict().items()}
-            state = {k: t for k, t in state.items() if not any(p.search(k) for p in ignore)}
-            for name, t in revert_weight_conversion(model, state).items():
-                writer.add_tensor(name, t)
-            del state
+    writer = ShardWriter(folder, max_bytes, behind=WRITE_BEHIND)
+    try:
+        for entry in _non_layer_entries(ckpt, lazy, REST, (WeightRenaming, WeightConverter), rename_source_key):
+            writer.add_copy(entry.name, entry)
+        ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_save", None) or [])]
+        n = len(lazy.layers)
+        for i in (bar := tqdm(range(n), leave=False)):
+            bar.set_description(f"layer-by-layer export (layer {i + 1}/{n})")
+            prefix = f"{lazy.layer_prefix}.{i}."
+            with lazy.layer(i) as layer:
+                match_disk_dtypes(layer, {k[len(prefix):]: v for k, v in disk.items() if k.startswith(prefix)})
+                apply_chain_layer(model, chain, i, adapters)
+                layer = lazy.layers[i]  # the same module (surgery replaces submodules, not the layer)
+                state = {prefix + k: t for k, t in layer.state_dict().items()}
+                state = {k: t for k, t in state.items() if not any(p.search(k) for p in ignore)}
+                for name, t in revert_weight_conversion(model, state).items():
+                    writer.add_tensor(name, t)
+                del state
+    except BaseException:
+        writer.abort()  # the writer thread stops; the caller removes the folder
+        raise
     files = writer.close()
     quant = _write_config(ckpt, adapters[-1], folder, provenance, model.dtype)
     return LayeredResult(files, writer.total, quant)
