@@ -84,6 +84,23 @@ def test_noisy_permuted_copy_recovers_the_same_permutation():
     assert torch.equal(permutation_to(orig, noisy), torch.argsort(sigma))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_experts_match_as_the_float64_scores_do(dtype):
+    """bf16 / fp32 experts are matched on float32 scores (`align.match_dtype`); the permutation equals the one the
+    exact float64 scores give (built here by hand: gate rows, up rows and down columns, then scipy's solver), for
+    unrelated experts and for noisy permuted copies."""
+    from scipy.optimize import linear_sum_assignment
+
+    for seed in range(4):
+        a = make_expert(70 + seed, inter=96, hidden=64, dtype=dtype)
+        b = make_expert(80 + seed, inter=96, hidden=64, dtype=dtype) if seed % 2 else {
+            k: (v.double() + 0.5 * make_expert(90 + seed, inter=96, hidden=64)[k]).to(dtype)
+            for k, v in permute(a, random_perm(seed, 96)).items()}
+        feats = [torch.cat([e["gate"].double(), e["up"].double(), e["down"].double().T], dim=1) for e in (a, b)]
+        _, want = linear_sum_assignment((feats[0] @ feats[1].T).numpy(), maximize=True)
+        assert torch.equal(permutation_to(a, b), torch.as_tensor(want)), seed
+
+
 def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
     """The memo (`merge/align_memo.py`): a pair aligned before is not solved again, a copy of the same tensors hits
     too, a changed weight or another dtype misses, and every answer is the brute-force best permutation (all 6!

@@ -16,8 +16,9 @@ Weight matching picks, for a reference expert R and another expert O, the permut
                                           (+ gate_bias_a·gate_bias_b + up_bias_a·up_bias_b when present)
 
 i.e. a linear assignment problem on the [I, I] score matrix S = F_R F_Oᵀ, where F [I, 2H + H (+2)] stacks each
-neuron's gate row, up row, down column (and bias entries). It is solved exactly (Hungarian / Jonker-Volgenant,
-`scipy.optimize.linear_sum_assignment(maximize=True)`) in float64. `down_bias` belongs to no neuron and is ignored.
+neuron's gate row, up row, down column (and bias entries). S is computed in float32 (float64 for float64 experts:
+`match_dtype`) and the assignment solved exactly on it (Hungarian / Jonker-Volgenant,
+`scipy.optimize.linear_sum_assignment(maximize=True)`). `down_bias` belongs to no neuron and is ignored.
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ def check_group(experts: list[Mapping[str, torch.Tensor]]) -> tuple[int, int]:
 FEATURE_ROLES = ("gate", "up", "down", "gate_bias", "up_bias")  # what `neuron_features` reads, in its order
 
 
-def neuron_features(expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """[I, 3H (+1 per gate/up bias)] float64 CPU: per neuron its gate row, up row, down column, bias entries.
+def neuron_features(expert: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[I, 3H (+1 per gate/up bias)] CPU, in `dtype`: per neuron its gate row, up row, down column, bias entries.
     Each part is converted straight into its columns (no float64 copies to concatenate: 2-2.7x faster at I=448,
     H=1024, and the same values)."""
     parts = [expert["gate"], expert["up"], expert["down"].t()]  # [I, H] each
     parts += [expert[b].unsqueeze(1) for b in ("gate_bias", "up_bias") if b in expert]  # [I, 1]
-    out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), dtype=torch.float64)  # [I, 3H (+2)]
+    out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), dtype=dtype)  # [I, 3H (+2)]
     at = 0
     for p in parts:
         out[:, at:at + p.shape[1]].copy_(p.detach())
@@ -104,10 +105,20 @@ def neuron_features(expert: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return out
 
 
+def match_dtype(expert: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype the scores are computed in: float64 for float64 experts, else float32. The features of bf16 /
+    fp16 / fp32 weights are exact in float32 and only the sums of 3H products round; a float64 matmul costs twice
+    as much (28.6 vs 13.7 ms for [448, 3072] x [3072, 448], one thread: two thirds of a pair's alignment). On 12
+    bf16 pairs of 448 x 1 024 experts, unrelated or noisy permuted copies, both gave the same permutation every
+    time."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in expert.values()) else torch.float32
+
+
 def similarity(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The weight-matching score matrix S [I, I] (float64): S[k, l] = sim(reference neuron k, other neuron l)."""
+    """The weight-matching score matrix S [I, I] (`match_dtype`): S[k, l] = sim(reference neuron k, other neuron l)."""
     check_group([reference, other])
-    return neuron_features(reference) @ neuron_features(other).t()  # [I, I]
+    dtype = match_dtype(reference)
+    return neuron_features(reference, dtype) @ neuron_features(other, dtype).t()  # [I, I]
 
 
 def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
@@ -127,9 +138,10 @@ def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, to
     perm = MEMO.get(key)  # the same pair aligned earlier in this process (`merge/align_memo.py`)
     if perm is not None:
         return perm
+    dtype = match_dtype(reference)
     if reference_features is None:
-        reference_features = neuron_features(reference)
-    scores = (reference_features @ neuron_features(other).t()).numpy()  # [I, I] float64
+        reference_features = neuron_features(reference, dtype)
+    scores = (reference_features @ neuron_features(other, dtype).t()).numpy()  # [I, I]; the solver takes float64
     rows, cols = linear_sum_assignment(scores, maximize=True)  # rows == arange(I)
     perm = torch.empty(len(rows), dtype=torch.long)
     perm[torch.as_tensor(rows, dtype=torch.long)] = torch.as_tensor(cols, dtype=torch.long)
@@ -167,5 +179,5 @@ def align_group(experts: list[Mapping[str, torch.Tensor]], anchor: int) -> list[
     if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < len(experts):
         raise MoePruneError(f"anchor {anchor!r} must be a member index 0..{len(experts) - 1}.")
     ref = experts[anchor]
-    features = neuron_features(ref) if len(experts) > 2 else None  # [I, 3H] shared by every member's matching
+    features = neuron_features(ref, match_dtype(ref)) if len(experts) > 2 else None  # [I, 3H], every member's
     return [dict(e) if i == anchor else permute(e, permutation_to(ref, e, features)) for i, e in enumerate(experts)]
