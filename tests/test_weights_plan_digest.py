@@ -79,3 +79,22 @@ def test_a_stored_plan_is_hashed_once_for_save_provenance_and_report(tmp_path, m
     changed = by_hand({f"layer.{layer}.expert.{i}.down": roles["down"] for layer, ex in values.items()
                        for i, roles in ex.items()})
     assert plan.tensors_sha256() == changed != want and calls[0] == 2
+
+
+def test_a_plan_of_keep_masks_refuses_router_tensors_and_bias_roles():
+    """`WeightsPlan.validate`: keep masks apply to the weight matrices only (gate, up, down)."""
+    import pytest
+
+    from moeprune.errors import MoePruneError
+    from moeprune.models import get_adapter
+    from moeprune.tiny import tiny_model
+
+    model = tiny_model("qwen3_moe", seed=0)
+    adapter = get_adapter(model.config, model=model)
+    E, I, layer = adapter.num_experts, adapter.expert_width, adapter.moe_layers()[0]
+    bits = torch.zeros(I, 1, dtype=torch.uint8)
+    WeightsPlan("wanda", E, I, {layer: {0: {"gate": bits}}}, masks=True).validate(adapter)  # accepted
+    with pytest.raises(MoePruneError, match="unknown roles"):
+        WeightsPlan("wanda", E, I, {layer: {0: {"gate_bias": bits}}}, masks=True).validate(adapter)
+    with pytest.raises(MoePruneError, match="changes no router tensor"):
+        WeightsPlan("wanda", E, I, {}, {layer: {"weight": torch.zeros(E, 4)}}, masks=True).validate(adapter)
