@@ -268,3 +268,43 @@ def test_a_plan_of_masked_values_is_still_applied(root, tmp_path):
     (plans / "1-sparsity.json").write_text(json.dumps(raw))
     with pytest.raises(moeprune.MoePruneError, match="packed keep masks"):
         moeprune.api.apply_plan(root / "src", plans / "1-sparsity.json", tmp_path / "bad")
+
+
+@pytest.mark.parametrize("case", ["random-bf16", "grid-ties", "near-ties", "colliding-products", "no-tokens",
+                                  "some-zero-norms", "tiny-norms", "huge-float64"])
+def test_float32_preselection_gives_the_by_hand_masks(case):
+    """`wanda_mask` cuts in float32 and settles a band around the cut in float64: its masks equal Python's sort by
+    (float64 score, index) (`by_hand_mask`), with heavy ties, experts no token reached, scores far below float32's
+    normal range and float64 scores that overflow float32 (the float64 path); the weight is left unchanged."""
+    from moeprune.sparsity.wanda import wanda_mask
+
+    g = torch.Generator().manual_seed(sum(map(ord, case)))
+    w = torch.randn(24, 200, generator=g)
+    norms_sq = torch.rand(200, generator=g, dtype=torch.float64)
+    if case == "random-bf16":
+        w = w.bfloat16()
+    elif case == "grid-ties":
+        w = torch.randint(-3, 4, (24, 200), generator=g).float() / 2
+        norms_sq = torch.randint(1, 4, (200,), generator=g).double()
+    elif case == "near-ties":  # equal in float32, ordered in float64: only the float64 band can order them
+        w = torch.randint(1, 4, (24, 200), generator=g).float()
+        norms_sq = 1 + 1e-10 * torch.rand(200, generator=g, dtype=torch.float64)
+    elif case == "colliding-products":  # products of different weights and norms that float32 rounds out of
+        g = torch.Generator().manual_seed(4)  # order (found by search: a cut at τ32 exactly gets 2 entries wrong)
+        w = torch.randint(1000, 1100, (24, 200), generator=g).double() / 1024
+        norms_sq = (1100.0 / torch.randint(1000, 1100, (200,), generator=g).double()) ** 2 * (
+            1 + 1e-9 * torch.rand(200, generator=g, dtype=torch.float64))
+    elif case == "no-tokens":
+        norms_sq = torch.zeros(200, dtype=torch.float64)
+    elif case == "some-zero-norms":
+        norms_sq[::7] = 0
+    elif case == "tiny-norms":
+        norms_sq = norms_sq * 1e-80
+    else:
+        w = w.double() * 1e30
+    before = w.clone()
+    # an expert no token reached is scored by |W| (the module's fallback): the by-hand sort sees unit norms
+    ref_sq = torch.ones_like(norms_sq) if case == "no-tokens" else norms_sq
+    for sparsity in (0.1, 0.5, 0.73):
+        assert torch.equal(wanda_mask(w, norms_sq, "unstructured", sparsity), by_hand_mask(w, ref_sq, sparsity))
+    assert torch.equal(w, before)

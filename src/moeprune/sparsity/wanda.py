@@ -82,6 +82,48 @@ def _kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(scores, k, dim=1, keepdim=True).values
 
 
+BAND = 2.0 ** -18  # relative half-width of the exact band around the float32 cut (float32 scores are within ~3·2^-24)
+NORMAL = 2.0 ** -100  # a cut this small or smaller (or an overflow) takes the float64 path
+
+
+def wanda_mask(weight: torch.Tensor, in_sq: torch.Tensor, pattern: str, sparsity: float) -> torch.Tensor:
+    """keep [out, in] = `mask_for(wanda_scores(weight, in_sq), pattern, sparsity)`, the same mask. Unstructured on
+    the CPU goes through float32 first (its selection costs half of float64's) and settles the cut exactly:
+
+        S32 = float32 scores,  τ = the d-th smallest S32 of each row
+        below = {S32 < τ(1 − BAND)}     all dropped: each S is below the row's true d-th smallest score
+        band  = {τ(1 − BAND) ≤ S32 ≤ τ(1 + BAND)}   its d − #below lowest by the float64 score, ties by lower input
+                                                    index, are dropped: they are the d − #below lowest of the rest
+
+    (the float32 products are within 3·2^-24 of the float64 scores, so BAND = 2^-18 separates them; a matrix with a
+    row whose τ is tiny or not finite takes the float64 path; scores that overflow above τ stay above it).
+    One thread, bf16 weights: [448, 1 024] 11.1 → 5.1 ms, [1 024, 448] 5.4 → 2.6 ms (the same masks)."""
+    if pattern != "unstructured" or weight.device.type != "cpu" or weight.requires_grad:
+        return mask_for(wanda_scores(weight, in_sq), pattern, sparsity)
+    out, n_in = weight.shape
+    drop = int(sparsity * n_in)
+    if not drop:
+        return torch.ones(out, n_in, dtype=torch.bool)
+    norms = _input_norms(in_sq)  # [in] float64
+    w = weight.detach()
+    s32 = w.to(torch.float32, copy=True).abs_().mul_(norms.float())  # [out, in]; in place: no fresh pages
+    tau = _kth_smallest(s32, drop)  # [out, 1]
+    if not (bool(torch.isfinite(tau).all()) and float(tau.min()) >= NORMAL):  # an overflow above τ is just above
+        return unstructured_mask(wanda_scores(weight, in_sq), sparsity)
+    below = s32 < tau * (1 - BAND)
+    band = ~below & (s32 <= tau * (1 + BAND))
+    need = drop - below.sum(dim=1)  # [out] >= 1
+    rows, cols = band.nonzero(as_tuple=True)  # row-major
+    exact = w[rows, cols].double().abs() * norms[cols]  # the band's float64 scores
+    order = torch.from_numpy(np.lexsort((cols.numpy(), exact.numpy(), rows.numpy())))  # by row, score, index
+    rows, cols = rows[order], cols[order]
+    counts = torch.bincount(rows, minlength=out)
+    rank = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]  # place within its row
+    chosen = rank < need[rows]
+    below[rows[chosen], cols[chosen]] = True
+    return ~below
+
+
 def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     """[out, in] -> keep [out, in] bool: the n highest of every m consecutive inputs per row (in % m == 0)."""
     out, n_in = scores.shape

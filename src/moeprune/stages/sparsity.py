@@ -33,7 +33,7 @@ from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.sparsity.keep_bits import pack
-from moeprune.sparsity.wanda import PATTERNS, mask_for, outlier_ratio, owl_sparsities, score_mass, wanda_scores
+from moeprune.sparsity.wanda import PATTERNS, outlier_ratio, owl_sparsities, score_mass, wanda_mask, wanda_scores
 from moeprune.stages.base import Need, register_stage
 from moeprune.stages.weights import WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
@@ -194,8 +194,9 @@ class _Masks:
         zeros = total = 0
         # each matrix's float64 scores and mask temporaries reuse the previous matrix's pages (io/memory.py)
         with reuse_freed_memory(_reuse(self.adapter, self.model, layer)), layer_sink(self.experts, layer) as put:
-            for (j, role), score in _scores(self.model, self.adapter, stats, layer, keyed=True):
-                keep = mask_for(score, self.pattern, sparsity)
+            masks = _scores(self.model, self.adapter, stats, layer, keyed=True,
+                            of=lambda w, sq: wanda_mask(w, sq, self.pattern, sparsity))  # mask_for(scores), faster
+            for (j, role), keep in masks:
                 put(j, role, pack(keep))  # lazy: written to the plan's store at once, not held for the whole layer
                 kept = int(keep.sum())
                 self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - kept / keep.numel(), 6)
