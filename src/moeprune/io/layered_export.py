@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
-from moeprune.io.safetensors_io import COPY_CHUNK, TORCH_TO_ST, OutTensor, copy_range, write_file
+from moeprune.io.safetensors_io import COPY_CHUNK, TORCH_TO_ST, OutTensor, copy_range, tensor_bytes, write_file
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 
@@ -122,7 +122,7 @@ class ShardWriter:
         def job() -> None:
             self._start(nbytes)
             if nbytes:
-                self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as safetensors
+                self._file.write(tensor_bytes(t))
             self._record(name, TORCH_TO_ST[t.dtype], tuple(t.shape), nbytes)
 
         self._do(job, nbytes)

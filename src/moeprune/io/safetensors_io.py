@@ -71,6 +71,13 @@ class TensorEntry:
         return DTYPES[self.dtype][0]
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A CPU tensor's bytes in row-major order, little-endian as safetensors stores them (a copy only when `t` is not
+    contiguous): what the shards are written from and what plan and alignment digests hash."""
+    t = t.detach().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
 def read_header(path: Path) -> tuple[list[TensorEntry], dict]:
     """Parse and validate one file's header; raise MoePruneError naming the file when it is truncated/corrupt."""
     path = Path(path)

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
+from moeprune.io.safetensors_io import tensor_bytes
+
 
 def expert_digest(expert: Mapping[str, torch.Tensor]) -> bytes | None:
     """sha256 of one expert's roles (module docstring); None when a tensor is not on the CPU."""
@@ -29,8 +31,7 @@ def expert_digest(expert: Mapping[str, torch.Tensor]) -> bytes | None:
         if t.device.type != "cpu":
             return None
         h.update(f"{role}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+        h.update(tensor_bytes(t))
     return h.digest()
 
 

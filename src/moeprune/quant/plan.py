@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeprune.errors import MoePruneError
+from moeprune.io.safetensors_io import tensor_bytes
 from moeprune.models.base import MoEAdapter
 from moeprune.quant.gptq import Quantized
 from moeprune.quant.scheme import QuantScheme, check_bits
@@ -75,7 +76,7 @@ class QuantPlan:
         h = hashlib.sha256()
         for name, t in sorted(self.flat().items()):
             h.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(tensor_bytes(t))
         return h.hexdigest()
 
     def sha256(self) -> str:

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save_file
 
 from moeprune.errors import MoePruneError
-from moeprune.io.safetensors_io import OutTensor, TensorEntry, read_header, read_tensor, write_file
+from moeprune.io.safetensors_io import OutTensor, TensorEntry, read_header, read_tensor, tensor_bytes, write_file
 from moeprune.models.base import MoEAdapter
 from moeprune.select.plan import read_plan_json, write_plan_json
 from moeprune.stages.weights_store import ExpertTensors, FileLayers, LayerTensors, SpilledLayers, expert_index
@@ -98,7 +98,7 @@ class WeightsPlan:
             h.update(name.encode())
             h.update(str(t.dtype).encode())
             h.update(str(tuple(t.shape)).encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(tensor_bytes(t))
         self._digest = (key, h.hexdigest(), pinned)
         return self._digest[1]
 
