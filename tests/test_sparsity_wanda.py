@@ -9,6 +9,7 @@ reloaded by stock `from_pretrained`, must equal the original with exactly those 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ import moeprune
 from moeprune.calibration.data import build_sets
 from moeprune.calibration.run import CalibrateOptions, load_tokenizer
 from moeprune.models import get_adapter
-from moeprune.sparsity.wanda import outlier_ratio, owl_sparsities
+from moeprune.sparsity.wanda import outlier_count, owl_sparsities
 from moeprune.stats.neurons import collect_neuron_stats
 from moeprune.tiny import save_tiny
 from refusal import assert_refused
@@ -102,10 +103,16 @@ def test_statistics_are_the_routed_tokens_input_norms(root):
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_export_is_the_original_with_the_by_hand_mask_zeroed(root, tmp_path, pattern):
+def test_export_is_the_original_with_the_by_hand_mask_zeroed(root, tmp_path, pattern, monkeypatch):
     stage = {"method": "wanda", "sparsity": 0.5} if pattern == "unstructured" else {"method": "wanda",
                                                                                      "pattern": "2:4"}
+    import moeprune.sparsity.wanda as wanda
+
+    full = []  # matrices scored whole in float64; the model's weights (Parameters) must take the float32 cut
+    scores = wanda.wanda_scores
+    monkeypatch.setattr(wanda, "wanda_scores", lambda w, sq: full.append(w.shape) or scores(w, sq))
     applied, result = moeprune.prune(root / "src", tmp_path / "w", recipe=[stage], calib=calib(root))
+    assert (len(full) > 0) == (pattern == "2:4"), full
     assert result.passed  # verify: stock reload == the original with the plan's weights
     original = AutoModelForCausalLM.from_pretrained(root / "src", dtype=torch.float32).eval()
     sets = build_sets(calib(root).calib_config(), load_tokenizer(root / "src", None))
@@ -154,11 +161,9 @@ def test_owl_layer_sparsities_by_hand(root, tmp_path):
     # D = (0.01, 0.03, 0.02), λ = 0.08: r = 2λ·(D − min)/(max − min) = (0, 0.16, 0.08), mean 0.08
     assert owl_sparsities({0: 0.01, 1: 0.03, 2: 0.02}, 0.5, 0.08) == pytest.approx({0: 0.58, 1: 0.42, 2: 0.5})
     assert owl_sparsities({0: 0.2, 1: 0.2}, 0.3, 0.08) == {0: 0.3, 1: 0.3}
-    # mean 12/6 = 2, one score above 2 × 2: D = 1/6, from a list or from a generator made twice (two passes)
-    assert outlier_ratio([torch.tensor([1.0, 1.0, 1.0, 9.0]), torch.tensor([0.0, 0.0])], 2.0) == pytest.approx(1 / 6)
-    made = []
-    gen = lambda: (made.append(1) or t for t in (torch.tensor([1.0, 1.0, 1.0, 9.0]), torch.tensor([0.0, 0.0])))  # noqa: E731
-    assert outlier_ratio(gen, 2.0) == pytest.approx(1 / 6) and len(made) == 4
+    # scores |w|·‖x‖ = (1, 1, 1, 9, 0, 0) · 2 (‖x‖ = 2): mean 4, one score above 2 × 4
+    w, in_sq = torch.tensor([[1.0, -1.0, 1.0, -9.0, 0.0, 0.0]]), torch.full((6,), 4.0, dtype=torch.float64)
+    assert [outlier_count(w, in_sq, t) for t in (8.0, 2.0, 1.9, 18.0)] == [1, 1, 4, 0]  # "above" is strict
     applied, result = moeprune.prune(root / "src", tmp_path / "o", recipe=[
         {"method": "wanda", "sparsity": 0.5, "owl": True, "owl_m": 3}], calib=calib(root))
     assert result.passed
@@ -233,7 +238,7 @@ def test_score_mass_is_the_sum_of_the_scores():
         got, n = score_mass(w, in_sq)
         want = wanda_scores(w, in_sq)
         assert n == want.numel() and got == pytest.approx(float(want.sum()), rel=1e-12)
-        assert outlier_ratio([want], 1.5, mass=(got, n)) == outlier_ratio([want], 1.5)
+        assert outlier_count(w, in_sq, 1.5 * got / n) == int((want > 1.5 * float(want.mean())).sum())
 
 
 def test_a_plan_of_masked_values_is_still_applied(root, tmp_path):
@@ -307,4 +312,12 @@ def test_float32_preselection_gives_the_by_hand_masks(case):
     ref_sq = torch.ones_like(norms_sq) if case == "no-tokens" else norms_sq
     for sparsity in (0.1, 0.5, 0.73):
         assert torch.equal(wanda_mask(w, norms_sq, "unstructured", sparsity), by_hand_mask(w, ref_sq, sparsity))
+    # OWL's outlier count, by the same float32 cut and band, against the float64 scores made here: thresholds at
+    # scores themselves (the strict ">" at a tie), just beside them, at the mean's multiples, and outside the range
+    score = w.double().abs() * ref_sq.sqrt()[None, :]
+    flat = score.flatten().sort().values
+    picks = [float(flat[i]) for i in (0, len(flat) // 3, len(flat) // 2, -2)]
+    for t in [*picks, *(math.nextafter(p, math.inf) for p in picks), *(math.nextafter(p, 0) for p in picks),
+              *(m * float(score.mean()) for m in (1, 3, 5)), 0.0, float(flat[-1]) * 2]:
+        assert outlier_count(w, norms_sq, t) == int((score > t).sum()), t
     assert torch.equal(w, before)

@@ -33,7 +33,7 @@ from moeprune.log import logger
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.sparsity.keep_bits import pack
-from moeprune.sparsity.wanda import PATTERNS, outlier_ratio, owl_sparsities, score_mass, wanda_mask, wanda_scores
+from moeprune.sparsity.wanda import PATTERNS, outlier_count, owl_sparsities, score_mass, wanda_mask
 from moeprune.stages.base import Need, register_stage
 from moeprune.stages.weights import WeightOptions, WeightStage
 from moeprune.stages.weights_plan import WeightsPlan, weights_format
@@ -117,13 +117,13 @@ class SparsityStage(WeightStage):
         ratios: dict[int, float] = {}
 
         def visit(layer: int, layer_stats) -> None:  # layer's statistics complete, its weights resident
-            if o.owl:  # the mean from column sums (`score_mass`), then one pass over the scores for the count
+            if o.owl:  # D_ℓ: the mean from column sums (`score_mass`), then one counting pass over the weights
                 with reuse_freed_memory(_reuse(adapter, model, layer)):
-                    total = [0.0, 0]
-                    for a, n in _scores(model, adapter, layer_stats, layer, of=score_mass):
-                        total[0], total[1] = total[0] + a, total[1] + n
-                    ratios[layer] = outlier_ratio(lambda: _scores(model, adapter, layer_stats, layer), m,
-                                                  mass=(total[0], total[1]))
+                    mass, n = map(sum, zip(*_each_matrix(model, adapter, layer_stats, layer, score_mass), strict=True))
+                    threshold = m * mass / n  # M · mean(S_ℓ)
+                    count = sum(_each_matrix(model, adapter, layer_stats, layer,
+                                             lambda w, sq: outlier_count(w, sq, threshold)))
+                    ratios[layer] = count / n
             else:
                 masks.add(layer, layer_stats, target)
 
@@ -159,21 +159,21 @@ class SparsityStage(WeightStage):
         return out
 
 
-def _scores(model, adapter: MoEAdapter, stats, layer: int, keyed: bool = False, of=wanda_scores):
-    """Wanda scores of every (expert, role) of one layer: [out, in] each, one at a time (or `of(weight, in_sq)`
-    of each, e.g. `score_mass`)."""
+def _each_matrix(model, adapter: MoEAdapter, stats, layer: int, of, keyed: bool = False):
+    """`of(weight [out, in], in_sq [in])` of every (expert, role) matrix of one layer, one at a time (`keyed`: with
+    its (expert, role))."""
     block = adapter.block(model, layer)
     for j in range(stats.num_experts):
         views = adapter.expert_views(block, j)
         for role, field in ROLE_INPUT.items():
             if role not in views:  # up-only experts have no gate
                 continue
-            score = of(views[role], stats.sums[field][j])
-            yield ((j, role), score) if keyed else score
+            value = of(views[role], stats.sums[field][j])
+            yield ((j, role), value) if keyed else value
 
 
 def _reuse(adapter: MoEAdapter, model, layer: int) -> int:
-    """The heap reuse threshold for one layer's per-matrix float64 temporaries (`io/memory.py`)."""
+    """The heap reuse threshold for one layer's per-matrix temporaries (`io/memory.py`)."""
     largest = max(w.numel() for w in adapter.expert_views(adapter.block(model, layer), 0).values())
     return max(COMPUTE_REUSE, 16 * largest)
 
@@ -192,10 +192,10 @@ class _Masks:
     def add(self, layer: int, stats, sparsity: float, outlier: float | None = None) -> None:
         """Mask layer `layer` (its weights must be in memory) at `sparsity`."""
         zeros = total = 0
-        # each matrix's float64 scores and mask temporaries reuse the previous matrix's pages (io/memory.py)
+        # each matrix's score and mask temporaries reuse the previous matrix's pages (io/memory.py)
         with reuse_freed_memory(_reuse(self.adapter, self.model, layer)), layer_sink(self.experts, layer) as put:
-            masks = _scores(self.model, self.adapter, stats, layer, keyed=True,
-                            of=lambda w, sq: wanda_mask(w, sq, self.pattern, sparsity))  # mask_for(scores), faster
+            masks = _each_matrix(self.model, self.adapter, stats, layer,
+                                 lambda w, sq: wanda_mask(w, sq, self.pattern, sparsity), keyed=True)
             for (j, role), keep in masks:
                 put(j, role, pack(keep))  # lazy: written to the plan's store at once, not held for the whole layer
                 kept = int(keep.sum())
