@@ -4,13 +4,16 @@ block_evaluator`: the model's own block with the set masked in its own router, e
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from moeprune.calibration.session import eager_experts
 from moeprune.models import get_adapter
 from moeprune.select.naee_incremental import incremental_evaluator
 from moeprune.select.naee_outputs import expert_outputs
-from moeprune.select.naee_route_cache import RouteCache
+from moeprune.select.naee_route_cache import NO_KEY, RouteCache
 from moeprune.select.reconstruction import block_evaluator
 from moeprune.tiny import tiny_model
 from test_naee_fast import block_outputs
@@ -50,25 +53,36 @@ def test_equal_keys_mean_equal_routes():
     assert len(routes) < 300  # keys repeat
 
 
-def test_children_served_from_the_cache_equal_the_masked_block(monkeypatch):
+@pytest.mark.parametrize("key_bits", [None, 3])
+def test_children_served_from_the_cache_equal_the_masked_block(monkeypatch, key_bits):
     """Parents after the first are scored from the cache too (their tokens' keys were stored when they were
-    children): only the root's route goes through the router."""
+    children): only the root's route goes through the router. With keys of 3 bits (`key_bits`), routes that end at
+    slot 3 or beyond are routed, the others still served: the same errors."""
+    if key_bits is not None:
+        monkeypatch.setattr(RouteCache, "key_bits", staticmethod(lambda tokens: key_bits))
     model, adapter, layer, X, Z = _case()
     with eager_experts(model):
         out = expert_outputs(model, adapter, layer, X, Z, max_dropped=6)
         ev = incremental_evaluator(model, adapter, layer, out)
         ref = block_evaluator(model, adapter, layer, X, Z)
-        assert ev.cache is not None
+        c = out.gram[0].shape[0]  # tokens of the one chunk: keys t + c·key_t of 62 − ⌈log2(c + 1)⌉ bits
+        assert ev.cache is not None and ev.cache.limit == (key_bits or 62 - math.ceil(math.log2(c + 1)))
         routed = []
         real = ev._parent_route
         monkeypatch.setattr(ev, "_parent_route", lambda *a, **kw: routed.append(a[2]) or real(*a, **kw))
+        rerouted = []
+        reroute = ev._reroute
+        monkeypatch.setattr(ev, "_reroute", lambda *a: rerouted.append(a[4].shape[0]) or reroute(*a))
         for parent in [(), (3,), (3, 9), (3, 9, 14), (1, 3, 9, 14)]:  # a beam's chain: each a child of the last
             js = [j for j in range(16) if j not in parent]
             for j, got in zip(js, ev.extend(parent, js), strict=True):
                 want = ref(tuple(sorted((*parent, j))))
                 assert abs(got - want) <= RTOL * abs(want) + 1e-12 * out.target_sq, (parent, j, got, want)
     assert ev.cache.hits > ev.cache.misses  # most rows came from the cache
-    assert routed and set(routed) == {()}, routed  # the root (once per chunk and its check), no other parent
+    if key_bits is None:
+        assert routed and set(routed) == {()}, routed  # the root (once per chunk and its check), no other parent
+    else:  # some parents' routes reach slot 3: routed whole; their later children still hit the cache
+        assert len(set(routed)) > 1 and ev.cache.hits > 0 and sum(rerouted[-4:]) > 0, (routed, rerouted)
 
 
 def _key_by_hand(cands: list[int], dropped: set[int], k: int) -> int:
@@ -85,32 +99,49 @@ def _key_by_hand(cands: list[int], dropped: set[int], k: int) -> int:
     return key
 
 
-def test_keys_equal_the_definition_for_every_selected_child():
+@pytest.mark.parametrize("C,limit", [(10, 62), (10, 6), (10, 3), (80, 50)])
+def test_keys_equal_the_definition_for_every_selected_child(C, limit):
     """Per parent bits + one slot per child against the definition by hand, on random candidate orders and parents
-    that drop from none to nearly all of a token's candidates (the k-th kept one at the last slot, or missing)."""
-    g = torch.Generator().manual_seed(5)
-    E, C, c, k = 24, 10, 40, 3
+    that drop from none to nearly all of a token's candidates (the k-th kept one at the last slot, or missing).
+    With keys of `limit` bits: a key is flagged as not fitting exactly when the definition's is ≥ 2^limit, and the
+    others are exact (C = 80: candidates past an int64's bits, as at E = 128, top-8, 50 %)."""
+    g = torch.Generator().manual_seed(5 + C + limit)
+    E, c, k = max(24, 2 * C), 40, 3
     order = torch.stack([torch.randperm(E, generator=g)[:C] for _ in range(c)])  # [c, C] candidates in order
     slot_of = torch.full((c, E), -1, dtype=torch.long)
     slot_of.scatter_(1, order, torch.arange(C).expand(c, C).contiguous())
-    checked = 0
-    for size in (0, 1, 3, 6, 9, 14, 20):
+    checked, flagged = 0, 0
+    for size in (0, 1, 3, 6, 9, 14, 20, E // 2, E - 4):
         held = torch.zeros(E, dtype=torch.bool)
         held[torch.randperm(E, generator=g)[:size]] = True
-        bits = RouteCache.parent_bits(order, held, k)
-        own, _, route = RouteCache.parent_route(order, held, k)
+        route_d = RouteCache.parent_route(order, held, k, limit)
+        if limit == 62:
+            assert torch.equal(RouteCache.parent_bits(order, held, k), route_d.bits)
         D = set(held.nonzero().view(-1).tolist())
         short = False  # D leaves some token fewer than k candidates
         for t in range(c):
             cands = order[t].tolist()
             selected = [e for e in cands if e not in D][:k]  # the experts t selects under D (its children)
-            assert int(own[t]) == _key_by_hand(cands, D, k), (size, t)
+            own = _key_by_hand(cands, D, k)
+            # the flags' rule by hand: e = 1 + slot of the k-th kept candidate, u = the first free slot from e on
+            free = [s for s, e in enumerate(cands) if e not in D]
+            end = free[k - 1] + 1 if len(free) >= k else C + 1
+            u = next((s for s in free if s >= end), C)
+            assert bool(route_d.own_fits[t]) == (end <= limit), (size, t)
+            assert bool(route_d.child_fits[t]) == (u < limit if end <= C else end <= limit), (size, t)
+            if route_d.own_fits[t]:  # flagged: exact; a key of L bits or more is never flagged
+                assert int(route_d.own[t]) == own, (size, t)
+            assert own < 1 << limit or not route_d.own_fits[t], (size, t)
             short |= len(selected) < k
-            if route is not None:
-                assert route[t].tolist() == selected, (size, t)
+            if route_d.selected is not None:
+                assert route_d.selected[t].tolist() == selected, (size, t)
             for j in selected:
-                got = int(RouteCache.key(bits, slot_of, torch.tensor([t]), torch.tensor([j])))
-                assert got == t + c * _key_by_hand(cands, D | {j}, k), (size, t, j)
+                want = _key_by_hand(cands, D | {j}, k)
+                got = int(RouteCache.key(route_d.bits, slot_of, torch.tensor([t]), torch.tensor([j]),
+                                         route_d.child_fits))
+                assert got == (t + c * want if route_d.child_fits[t] else NO_KEY), (size, t, j)
+                assert want < 1 << limit or not route_d.child_fits[t], (size, t, j)
                 checked += 1
-        assert (route is None) == short, size
-    assert checked > 500
+                flagged += not route_d.child_fits[t]
+        assert (route_d.selected is None) == short, size
+    assert checked > 500 and (flagged > 0) == (limit < C), (checked, flagged)

@@ -46,7 +46,7 @@ from moeprune.log import logger
 from moeprune.models.masking import masked_row_blocks, row_masks
 from moeprune.select.naee_outputs import ROW_ALIGN, FastEvaluator
 from moeprune.select.naee_reach import GroupChoices, reach
-from moeprune.select.naee_route_cache import RouteCache
+from moeprune.select.naee_route_cache import NO_KEY, RouteCache
 from moeprune.select.rerouted import ULPS
 
 CHECK_CHILDREN = 16  # children of the first extension whose routes are checked (evenly spaced)
@@ -67,9 +67,10 @@ class IncrementalEvaluator(FastEvaluator):
         # a child row's p remembered by its token's masked prefix (`naee_route_cache`): local routers with full
         # candidate orders only (a group limit's route depends on more than the prefix)
         o = self.outputs
+        tokens = max(g.shape[0] for g in o.gram)
         cacheable = (self.groups is None and routing.local_selection and bool(o.slots) and not o.open
-                     and RouteCache.usable(o.gram[0].shape[1], max(g.shape[0] for g in o.gram)))
-        self.cache = RouteCache(len(o.gram)) if cacheable else None
+                     and RouteCache.key_bits(tokens) > 0)
+        self.cache = RouteCache(len(o.gram), tokens) if cacheable else None
         self.rows_per_call = self.batch * max(x.shape[0] for x in self.xs)  # the temporaries `many` allows
 
     @torch.no_grad()
@@ -158,17 +159,18 @@ class IncrementalEvaluator(FastEvaluator):
             tokens = torch.arange(c, device=device)
             found = None
             if self.cache is not None:  # the parent's own route: its tokens' keys were stored when D was a child
-                own, bits, selected = RouteCache.parent_route(o.order[i], held, self.k)  # [c], [c], [c, k]
-                own_keys = tokens + c * own  # [c]
+                route_d = RouteCache.parent_route(o.order[i], held, self.k, self.cache.limit)
+                own_keys = torch.where(route_d.own_fits, tokens + c * route_d.own, NO_KEY)  # [c]
                 found, p = self.cache.lookup(i, own_keys, count=False)
-            if found is not None and selected is not None and bool(found.all()):
-                reached = selected  # [c, k] = reach(idx): without group choices, the selected experts
-            else:  # through the router (the root, or no cache)
+            if found is not None and route_d.selected is not None and bool(found.all()):
+                reached = route_d.selected  # [c, k] = reach(idx): without group choices, the selected experts
+            else:  # through the router (the root, no cache, or a route past the keys' bits)
                 w, idx, reached = self._parent_route(x, c, parent)  # [c', k] each: the parent's route; [c, m]
                 assert reached is not None, "checked by _moved before the first extension"
                 p = self._scores(i, tokens, w[:c, None], idx[:c, None])[:, 0]  # [c]
                 if found is not None:
-                    self.cache.insert(i, own_keys[~found], p[~found])
+                    new_rows = ~found & route_d.own_fits
+                    self.cache.insert(i, own_keys[new_rows], p[new_rows])
             total += p.sum()
             hit = torch.where(reached >= 0, child_of[reached.clamp_min(0)], -1)  # [c, m] the child that reroutes t
             tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
@@ -176,12 +178,13 @@ class IncrementalEvaluator(FastEvaluator):
             p2 = torch.empty(tok.shape[0], dtype=torch.float64, device=device)  # [R] p_t(D ∪ {j})
             route = torch.arange(tok.shape[0], device=device)  # rows that go through the router
             if self.cache is not None:
-                keys = RouteCache.key(bits, o.slots[i], tok, new[child])  # [R]
+                keys = RouteCache.key(route_d.bits, o.slots[i], tok, new[child], route_d.child_fits)  # [R]
                 found, p2 = self.cache.lookup(i, keys)
                 route = (~found).nonzero().view(-1)
             p2[route] = self._reroute(i, x, parent, new, tok[route], child[route])
             if self.cache is not None:
-                self.cache.insert(i, keys[route], p2[route])
+                store = route[keys[route] != NO_KEY]
+                self.cache.insert(i, keys[store], p2[store])
             delta.index_add_(0, child, p2 - p[tok])
         return (total + o.target_sq + delta).tolist()
 

@@ -18,27 +18,47 @@ sigmoid and top-k-then-softmax routers they are the same numbers.
 
 The keys cost O(c·C) once per beam parent and chunk and O(1) per child row (`parent_bits`); keyed one [R, C] pass
 over the child rows at a time, the 4-layer benchmark copy's search spent 6.8 of its 12.2 s making keys (py-spy).
+
+A key t + c·key_t fits an int64 while key_t < 2^L, L = 62 − ⌈log2(c + 1)⌉ (`key_bits`: 50 at c = 2 048), which
+holds when the route ends before slot L. A row whose route reaches slot L or beyond (`ParentRoute.own_fits` /
+`child_fits`) is routed and not remembered; every other row is served as above. (Before, the cache was off whenever C + ⌈log2(c + 1)⌉
+> 62 could happen at all: at E = 128, top-8 from 37.5 % up, where C = 64 and more, though routes end near slot 11.)
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
+NO_KEY = -1  # the key of a row whose route ends at slot L or beyond (`key_bits`): never stored, never found
+
+
+class ParentRoute(NamedTuple):
+    """What `RouteCache.parent_route` knows of parent D's route, per token of a chunk ([c] each unless said)."""
+
+    own: torch.Tensor  # key_t(D) (exact where own_fits)
+    bits: torch.Tensor  # b_t with key_t(D ∪ {j}) = b_t + 2^{slot_t(j)} (exact where child_fits; `parent_bits`)
+    selected: torch.Tensor | None  # [c, k] the experts t selects under D in selection order (None: D leaves a
+    # token fewer than k candidates)
+    own_fits: torch.Tensor  # bool: `own` is exact (every bit of key_t(D) below L)
+    child_fits: torch.Tensor  # bool: key_t(D ∪ {j}) = bits + 2^{slot_t(j)} is exact for every j t selects under D
+
 
 class RouteCache:
-    """Per chunk: sorted keys [n] int64 and their p [n] float64 (module docstring)."""
+    """Per chunk: sorted keys [n] int64 and their p [n] float64 (module docstring); `tokens`: the largest chunk."""
 
-    def __init__(self, chunks: int):
+    def __init__(self, chunks: int, tokens: int):
         self.keys = [torch.empty(0, dtype=torch.long) for _ in range(chunks)]
         self.values = [torch.empty(0, dtype=torch.float64) for _ in range(chunks)]
         self.hits = self.misses = 0
+        self.limit = RouteCache.key_bits(tokens)
 
     @staticmethod
-    def usable(slots: int, tokens: int) -> bool:
-        """Whether t + c·key fits an int64 for `slots` candidates and c = `tokens` per chunk."""
-        return slots + math.ceil(math.log2(tokens + 1)) <= 62
+    def key_bits(tokens: int) -> int:
+        """L: t + c·key_t fits an int64 for every key_t < 2^L, c = `tokens` per chunk (≥ 1 up to c = 2^61 − 1)."""
+        return 62 - math.ceil(math.log2(tokens + 1))
 
     @staticmethod
     def parent_bits(order: torch.Tensor, parent: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -48,34 +68,42 @@ class RouteCache:
         Let e = end_t(D) and u the first slot ≥ e that D does not hold (C if none). Masking j (a slot s_j < e that
         D does not hold) moves the k-th kept candidate to u, and every slot in [e, u) is held by D, so
         key_t(D ∪ {j}) = key_t(D) + 2^{s_j} + Σ_{e ≤ s < u} 2^s = key_t(D) + 2^{s_j} + 2^u − 2^e."""
-        return RouteCache.parent_route(order, parent, top_k)[1]
+        return RouteCache.parent_route(order, parent, top_k).bits
 
     @staticmethod
-    def parent_route(order: torch.Tensor, parent: torch.Tensor,
-                     top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(own [c] key_t(D), bits [c] as `parent_bits`, selected [c, k] the experts each token selects under D in
-        selection order: its first k candidates D does not hold; None when D leaves a token fewer than k).
-        order [c, C] each token's candidates in selection order, parent [E] bool D."""
+    def parent_route(order: torch.Tensor, parent: torch.Tensor, top_k: int, limit: int = 62) -> ParentRoute:
+        """`ParentRoute` of parent D ([E] bool) for each token's candidates order [c, C] in selection order. Only
+        bits below L = `limit` are kept (every shift capped at L: no int64 overflow); a key is flagged exact when
+        its route keeps to them: key_t(D)'s bits are slots < e, so e ≤ L; key_t(D ∪ {j})'s are slots < u (the
+        new k-th kept candidate's), so u < L, or, when D leaves t fewer than k (no move, e = C + 1), e ≤ L. (A key
+        can still be below 2^L otherwise, its high slots not held: it is routed, not cached, all the same.)"""
         c, C = order.shape
         masked = parent[order]  # [c, C] candidate slots D holds
         ar = torch.arange(C, device=order.device)
         end = ((~masked).long().cumsum(1) < top_k).sum(1) + 1  # [c] 1 + slot of the k-th kept candidate (C + 1: none)
         before = ar[None, :] < end[:, None]  # [c, C] slots < e
-        own = ((masked & before).long() << ar[None, :]).sum(1)  # [c] key_t(D)
+        own = ((masked & before & (ar < limit)).long() << ar.clamp_max(limit)[None, :]).sum(1)  # [c] key_t(D)
         free_after = ~masked & ~before  # [c, C] slots ≥ e that D does not hold
         u = torch.where(free_after.any(1), free_after.long().argmax(1), torch.full_like(end, C))  # [c]
         one = torch.ones_like(end)
-        move = torch.where(end <= C, (one << u) - (one << end.clamp_max(C)), 0)  # [c]; none when D leaves < k
+        full = end <= C  # [c] D leaves the token k candidates
+        move = torch.where(full, (one << u.clamp_max(limit)) - (one << end.clamp_max(min(C, limit))), 0)  # [c]
         kept = ~masked & before  # [c, C] exactly k per token unless D leaves fewer
-        selected = order[kept].view(c, top_k) if bool((end <= C).all()) else None
-        return own, own + move, selected
+        selected = order[kept].view(c, top_k) if bool(full.all()) else None
+        return ParentRoute(own, own + move, selected, end <= limit, torch.where(full, u < limit, end <= limit))
 
     @staticmethod
-    def key(bits: torch.Tensor, slot_of: torch.Tensor, tokens: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    def key(bits: torch.Tensor, slot_of: torch.Tensor, tokens: torch.Tensor, added: torch.Tensor,
+            fits: torch.Tensor | None = None) -> torch.Tensor:
         """[R] int64 keys t + c·key_t(D ∪ {added}) of rows (tokens [R], added [R] expert each, one its token
-        selects under D): bits [c] from `parent_bits`, slot_of [c, E] an expert's slot (−1: none)."""
+        selects under D): bits [c] from `parent_bits`, slot_of [c, E] an expert's slot (−1: none); `fits` [c]
+        (`ParentRoute.child_fits`): rows of tokens without it get `NO_KEY`."""
         slot = slot_of[tokens, added]  # [R] the added expert's slot (its token selects it: a candidate)
-        return tokens + bits.shape[0] * (bits[tokens] + (torch.ones_like(slot) << slot))
+        if fits is None:
+            return tokens + bits.shape[0] * (bits[tokens] + (torch.ones_like(slot) << slot))
+        ok = fits[tokens]  # [R]; a fitting row's slot is below its key's top bit, so below L
+        sub = torch.where(ok, bits[tokens] + (torch.ones_like(slot) << slot.clamp_max(62)), 0)  # [R] key_t
+        return torch.where(ok, tokens + bits.shape[0] * sub, NO_KEY)
 
     def lookup(self, chunk: int, keys: torch.Tensor, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(found [R] bool, p [R] float64, valid where found); `count`: add to the child rows' hits and misses."""
