@@ -21,8 +21,9 @@ over the child rows at a time, the 4-layer benchmark copy's search spent 6.8 of 
 
 A key t + c·key_t fits an int64 while key_t < 2^L, L = 62 − ⌈log2(c + 1)⌉ (`key_bits`: 50 at c = 2 048), which
 holds when the route ends before slot L. A row whose route reaches slot L or beyond (`ParentRoute.own_fits` /
-`child_fits`) is routed and not remembered; every other row is served as above. (Before, the cache was off whenever C + ⌈log2(c + 1)⌉
-> 62 could happen at all: at E = 128, top-8 from 37.5 % up, where C = 64 and more, though routes end near slot 11.)
+`child_fits`) is routed and not remembered; every other row is served as above. (Before, the cache was off
+whenever C + ⌈log2(c + 1)⌉ > 62 could happen at all: at E = 128, top-8 from 37.5 % up, where C = 64 and more,
+though routes end near slot 11; NAEE 50 % on the big-model checkpoint's 4-layer copy took 76.9 s, now 35.7 s.)
 """
 
 from __future__ import annotations
