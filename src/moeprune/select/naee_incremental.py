@@ -46,7 +46,7 @@ from moeprune.log import logger
 from moeprune.models.masking import masked_row_blocks, row_masks
 from moeprune.select.naee_outputs import ROW_ALIGN, FastEvaluator
 from moeprune.select.naee_reach import GroupChoices, reach
-from moeprune.select.naee_route_cache import NO_KEY, RouteCache
+from moeprune.select.naee_route_cache import RouteCache
 from moeprune.select.rerouted import ULPS
 
 CHECK_CHILDREN = 16  # children of the first extension whose routes are checked (evenly spaced)
@@ -160,7 +160,7 @@ class IncrementalEvaluator(FastEvaluator):
             found = None
             if self.cache is not None:  # the parent's own route: its tokens' keys were stored when D was a child
                 route_d = RouteCache.parent_route(o.order[i], held, self.k, self.cache.limit)
-                own_keys = torch.where(route_d.own_fits, tokens + c * route_d.own, NO_KEY)  # [c]
+                own_keys = RouteCache.own_keys(route_d)  # [c]
                 found, p = self.cache.lookup(i, own_keys, count=False)
             if found is not None and route_d.selected is not None and bool(found.all()):
                 reached = route_d.selected  # [c, k] = reach(idx): without group choices, the selected experts
@@ -169,8 +169,7 @@ class IncrementalEvaluator(FastEvaluator):
                 assert reached is not None, "checked by _moved before the first extension"
                 p = self._scores(i, tokens, w[:c, None], idx[:c, None])[:, 0]  # [c]
                 if found is not None:
-                    new_rows = ~found & route_d.own_fits
-                    self.cache.insert(i, own_keys[new_rows], p[new_rows])
+                    self.cache.insert(i, own_keys[~found], p[~found])
             total += p.sum()
             hit = torch.where(reached >= 0, child_of[reached.clamp_min(0)], -1)  # [c, m] the child that reroutes t
             tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
@@ -178,13 +177,12 @@ class IncrementalEvaluator(FastEvaluator):
             p2 = torch.empty(tok.shape[0], dtype=torch.float64, device=device)  # [R] p_t(D ∪ {j})
             route = torch.arange(tok.shape[0], device=device)  # rows that go through the router
             if self.cache is not None:
-                keys = RouteCache.key(route_d.bits, o.slots[i], tok, new[child], route_d.child_fits)  # [R]
+                keys = RouteCache.key(route_d, o.slots[i], tok, new[child])  # [R]
                 found, p2 = self.cache.lookup(i, keys)
                 route = (~found).nonzero().view(-1)
             p2[route] = self._reroute(i, x, parent, new, tok[route], child[route])
             if self.cache is not None:
-                store = route[keys[route] != NO_KEY]
-                self.cache.insert(i, keys[store], p2[store])
+                self.cache.insert(i, keys[route], p2[route])
             delta.index_add_(0, child, p2 - p[tok])
         return (total + o.target_sq + delta).tolist()
 

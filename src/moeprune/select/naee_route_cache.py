@@ -16,7 +16,7 @@ rows whose key is new go through the router. With renormalised softmax routers t
 under another parent's mask (float32, ≤ 1e-7 relative: the same rounding `naee_incremental` already accepts); with
 sigmoid and top-k-then-softmax routers they are the same numbers.
 
-The keys cost O(c·C) once per beam parent and chunk and O(1) per child row (`parent_bits`); keyed one [R, C] pass
+The keys cost O(c·C) once per beam parent and chunk and O(1) per child row (`parent_route`); keyed one [R, C] pass
 over the child rows at a time, the 4-layer benchmark copy's search spent 6.8 of its 12.2 s making keys (py-spy).
 
 A key t + c·key_t fits an int64 while key_t < 2^L, L = 62 − ⌈log2(c + 1)⌉ (`key_bits`: 50 at c = 2 048), which
@@ -40,7 +40,7 @@ class ParentRoute(NamedTuple):
     """What `RouteCache.parent_route` knows of parent D's route, per token of a chunk ([c] each unless said)."""
 
     own: torch.Tensor  # key_t(D) (exact where own_fits)
-    bits: torch.Tensor  # b_t with key_t(D ∪ {j}) = b_t + 2^{slot_t(j)} (exact where child_fits; `parent_bits`)
+    bits: torch.Tensor  # b_t with key_t(D ∪ {j}) = b_t + 2^{slot_t(j)} (exact where child_fits)
     selected: torch.Tensor | None  # [c, k] the experts t selects under D in selection order (None: D leaves a
     # token fewer than k candidates)
     own_fits: torch.Tensor  # bool: `own` is exact (every bit of key_t(D) below L)
@@ -62,19 +62,14 @@ class RouteCache:
         return 62 - math.ceil(math.log2(tokens + 1))
 
     @staticmethod
-    def parent_bits(order: torch.Tensor, parent: torch.Tensor, top_k: int) -> torch.Tensor:
-        """[c] int64 b_t with key_t(D ∪ {j}) = b_t + 2^{slot_t(j)} for every expert j that token t selects under D:
-        order [c, C] each token's candidates in selection order, parent [E] bool D. Once per parent and chunk.
-
-        Let e = end_t(D) and u the first slot ≥ e that D does not hold (C if none). Masking j (a slot s_j < e that
-        D does not hold) moves the k-th kept candidate to u, and every slot in [e, u) is held by D, so
-        key_t(D ∪ {j}) = key_t(D) + 2^{s_j} + Σ_{e ≤ s < u} 2^s = key_t(D) + 2^{s_j} + 2^u − 2^e."""
-        return RouteCache.parent_route(order, parent, top_k).bits
-
-    @staticmethod
     def parent_route(order: torch.Tensor, parent: torch.Tensor, top_k: int, limit: int = 62) -> ParentRoute:
-        """`ParentRoute` of parent D ([E] bool) for each token's candidates order [c, C] in selection order. Only
-        bits below L = `limit` are kept (every shift capped at L: no int64 overflow); a key is flagged exact when
+        """`ParentRoute` of parent D ([E] bool) for each token's candidates order [c, C] in selection order, once
+        per parent and chunk. The child bits: let e = end_t(D) and u the first slot ≥ e that D does not hold (C if
+        none). Masking j (a slot s_j < e that D does not hold) moves the k-th kept candidate to u, and every slot in
+        [e, u) is held by D, so key_t(D ∪ {j}) = key_t(D) + 2^{s_j} + Σ_{e ≤ s < u} 2^s = b_t + 2^{s_j} with
+        b_t = key_t(D) + 2^u − 2^e.
+
+        Only bits below L = `limit` are kept (every shift capped at L: no int64 overflow); a key is flagged exact when
         its route keeps to them: key_t(D)'s bits are slots < e, so e ≤ L; key_t(D ∪ {j})'s are slots < u (the
         new k-th kept candidate's), so u < L, or, when D leaves t fewer than k (no move, e = C + 1), e ≤ L. (A key
         can still be below 2^L otherwise, its high slots not held: it is routed, not cached, all the same.)"""
@@ -94,17 +89,21 @@ class RouteCache:
         return ParentRoute(own, own + move, selected, end <= limit, torch.where(full, u < limit, end <= limit))
 
     @staticmethod
-    def key(bits: torch.Tensor, slot_of: torch.Tensor, tokens: torch.Tensor, added: torch.Tensor,
-            fits: torch.Tensor | None = None) -> torch.Tensor:
+    def own_keys(route: ParentRoute) -> torch.Tensor:
+        """[c] int64 keys t + c·key_t(D) of every token of the chunk; `NO_KEY` where `route.own_fits` is false."""
+        c = route.own.shape[0]
+        tokens = torch.arange(c, device=route.own.device)
+        return torch.where(route.own_fits, tokens + c * route.own, NO_KEY)
+
+    @staticmethod
+    def key(route: ParentRoute, slot_of: torch.Tensor, tokens: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
         """[R] int64 keys t + c·key_t(D ∪ {added}) of rows (tokens [R], added [R] expert each, one its token
-        selects under D): bits [c] from `parent_bits`, slot_of [c, E] an expert's slot (−1: none); `fits` [c]
-        (`ParentRoute.child_fits`): rows of tokens without it get `NO_KEY`."""
+        selects under D): `route` of D, slot_of [c, E] an expert's slot (−1: none); rows of tokens without
+        `route.child_fits` get `NO_KEY`."""
         slot = slot_of[tokens, added]  # [R] the added expert's slot (its token selects it: a candidate)
-        if fits is None:
-            return tokens + bits.shape[0] * (bits[tokens] + (torch.ones_like(slot) << slot))
-        ok = fits[tokens]  # [R]; a fitting row's slot is below its key's top bit, so below L
-        sub = torch.where(ok, bits[tokens] + (torch.ones_like(slot) << slot.clamp_max(62)), 0)  # [R] key_t
-        return torch.where(ok, tokens + bits.shape[0] * sub, NO_KEY)
+        ok = route.child_fits[tokens]  # [R]; a fitting row's slot is below its key's top bit, so below L
+        sub = torch.where(ok, route.bits[tokens] + (torch.ones_like(slot) << slot.clamp_max(62)), 0)  # [R] key_t
+        return torch.where(ok, tokens + route.bits.shape[0] * sub, NO_KEY)
 
     def lookup(self, chunk: int, keys: torch.Tensor, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(found [R] bool, p [R] float64, valid where found); `count`: add to the child rows' hits and misses."""
@@ -121,7 +120,9 @@ class RouteCache:
         return found, got
 
     def insert(self, chunk: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Remember p of rows whose keys were not found (distinct among themselves)."""
+        """Remember p of rows whose keys were not found (distinct among themselves); `NO_KEY` rows are skipped."""
+        real = keys != NO_KEY
+        keys, values = keys[real], values[real]
         both, order = torch.cat([self.keys[chunk].to(keys.device), keys]).sort()
         self.keys[chunk] = both
         self.values[chunk] = torch.cat([self.values[chunk].to(values.device), values])[order]
