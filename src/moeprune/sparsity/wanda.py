@@ -111,8 +111,7 @@ def wanda_mask(weight: torch.Tensor, in_sq: torch.Tensor, pattern: str, sparsity
         return unstructured_mask(wanda_scores(weight, in_sq), sparsity)
     below = s32 < tau * (1 - BAND)  # [out, in] (numpy: its comparisons and counts are ~10× torch's here)
     need = drop - below.view(np.uint8).sum(axis=1, dtype=np.int64)  # [out] >= 1
-    rows, cols = _where(~below & (s32 <= tau * (1 + BAND)))  # the band, row-major
-    exact = w[rows, cols].double().abs() * norms[cols]  # the band's float64 scores
+    rows, cols, exact = _band(w, norms, ~below & (s32 <= tau * (1 + BAND)))  # row-major
     order = torch.from_numpy(np.lexsort((cols.numpy(), exact.numpy(), rows.numpy())))  # by row, score, index
     rows, cols = rows[order], cols[order]
     counts = torch.bincount(rows, minlength=out)
@@ -122,11 +121,12 @@ def wanda_mask(weight: torch.Tensor, in_sq: torch.Tensor, pattern: str, sparsity
     return torch.from_numpy(~below)
 
 
-def _where(mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the True entries of a C-contiguous [out, in] mask, row-major (`np.nonzero`'s, which is ~40×
-    slower on a 2-D array than on its flat view)."""
-    flat = torch.from_numpy(np.flatnonzero(mask))
-    return flat // mask.shape[1], flat % mask.shape[1]
+def _band(w: torch.Tensor, norms: torch.Tensor, band: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, float64 scores |w|·norms) of the True entries of a C-contiguous [out, in] mask, row-major: the
+    entries the float32 cuts settle exactly. Through the flat view (`np.nonzero` on the 2-D array is ~40× slower)."""
+    flat = torch.from_numpy(np.flatnonzero(band))
+    rows, cols = flat // band.shape[1], flat % band.shape[1]
+    return rows, cols, w[rows, cols].double().abs() * norms[cols]
 
 
 def _scores32(w: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
@@ -169,8 +169,7 @@ def outlier_count(weight: torch.Tensor, in_sq: torch.Tensor, threshold: float) -
     s32 = _scores32(w, norms)  # [out, in]
     lo32, hi32 = np.float32(threshold * (1 - BAND)), np.float32(hi)
     count = np.count_nonzero(s32 > hi32)
-    rows, cols = _where((s32 >= lo32) & (s32 <= hi32))  # the band
-    exact = w[rows, cols].double().abs() * norms[cols]  # its float64 scores
+    _, _, exact = _band(w, norms, (s32 >= lo32) & (s32 <= hi32))
     return int(count) + int(torch.count_nonzero(exact > threshold))
 
 
