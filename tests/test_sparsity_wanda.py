@@ -42,6 +42,15 @@ def calib(root) -> CalibrateOptions:
     return CalibrateOptions((f"web={root / 'web.txt'}",), samples=6, seq_len=48, held_out=0)
 
 
+def float64_scorings(monkeypatch) -> list:
+    """The shapes of the matrices `wanda_scores` scores whole in float64 from now on (a spy around the real one)."""
+    import moeprune.sparsity.wanda as wanda
+
+    full, scores = [], wanda.wanda_scores
+    monkeypatch.setattr(wanda, "wanda_scores", lambda w, sq: full.append(w.shape) or scores(w, sq))
+    return full
+
+
 def routed_norms(model, ids):
     """{layer: (in_sq [E, H], act_sq [E, I])} from the routed tokens captured in a plain forward (by hand)."""
     adapter = get_adapter(model.config, model=model)
@@ -106,11 +115,7 @@ def test_statistics_are_the_routed_tokens_input_norms(root):
 def test_export_is_the_original_with_the_by_hand_mask_zeroed(root, tmp_path, pattern, monkeypatch):
     stage = {"method": "wanda", "sparsity": 0.5} if pattern == "unstructured" else {"method": "wanda",
                                                                                      "pattern": "2:4"}
-    import moeprune.sparsity.wanda as wanda
-
-    full = []  # matrices scored whole in float64; the model's weights (Parameters) must take the float32 cut
-    scores = wanda.wanda_scores
-    monkeypatch.setattr(wanda, "wanda_scores", lambda w, sq: full.append(w.shape) or scores(w, sq))
+    full = float64_scorings(monkeypatch)  # the model's weights (Parameters) must take the float32 cut
     applied, result = moeprune.prune(root / "src", tmp_path / "w", recipe=[stage], calib=calib(root))
     assert (len(full) > 0) == (pattern == "2:4"), full
     assert result.passed  # verify: stock reload == the original with the plan's weights
@@ -164,10 +169,7 @@ def test_owl_layer_sparsities_by_hand(root, tmp_path, monkeypatch):
     # scores |w|·‖x‖ = (1, 1, 1, 9, 0, 0) · 2 (‖x‖ = 2): mean 4, one score above 2 × 4
     w, in_sq = torch.tensor([[1.0, -1.0, 1.0, -9.0, 0.0, 0.0]]), torch.full((6,), 4.0, dtype=torch.float64)
     assert [outlier_count(w, in_sq, t) for t in (8.0, 2.0, 1.9, 18.0)] == [1, 1, 4, 0]  # "above" is strict
-    import moeprune.sparsity.wanda as wanda
-
-    full, scores = [], wanda.wanda_scores  # matrices scored whole in float64: none (counts and cuts in float32)
-    monkeypatch.setattr(wanda, "wanda_scores", lambda w, sq: full.append(w.shape) or scores(w, sq))
+    full = float64_scorings(monkeypatch)  # none: OWL counts and cuts in float32
     applied, result = moeprune.prune(root / "src", tmp_path / "o", recipe=[
         {"method": "wanda", "sparsity": 0.5, "owl": True, "owl_m": 3}], calib=calib(root))
     assert result.passed and not full, full
