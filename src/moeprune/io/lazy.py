@@ -24,6 +24,8 @@ model's `_init_weights`, as in `from_pretrained`. The result equals the eager mo
 Fused experts whose converter only stacks per-expert tensors (and concatenates gate and up) are read straight into
 their place in the fused parameter instead (`io/lazy_direct.py`: one decoder layer of the 24-layer benchmark
 checkpoint 0.57 -> 0.22 s); the rest of the layer goes through transformers' loader.
+After a layer is read, the kernel is asked for the next one's bytes (`io/read_ahead.py`: posix_fadvise
+WILLNEED on a background thread), so that a cold read overlaps the current layer's compute.
 
 Memory: one layer, plus transformers' conversion temporaries while a fused tensor is built by its converters
 (stacking per-expert tensors then concatenating gate and up holds ~1/3 of the layer in two copies at once; none
@@ -55,6 +57,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +72,7 @@ from moeprune.io.lazy_narrow import copies_only, narrow_params, set_meta_dtypes,
 from moeprune.io.memory import release_freed_memory, trim
 from moeprune.io.quant import is_quantized_dtype
 from moeprune.io.quant_ops import fix_quantizer
+from moeprune.io.read_ahead import advise_later, byte_ranges, next_layer
 from moeprune.io.remote import refuse_lazy
 from moeprune.io.safetensors_io import TensorEntry, read_tensor
 from moeprune.io.stock import auto_class, parse_dtype, runnable
@@ -95,6 +99,9 @@ class LazyModel:
     narrow: dict[int, dict[str, tuple[torch.dtype, torch.dtype]]] = field(default_factory=dict, repr=False)
     # layer -> {fused parameter: its checkpoint tensors' places}: read straight into place (`io/lazy_direct.py`)
     direct: dict[int, dict[str, list[Piece]]] = field(default_factory=dict, repr=False)
+    read_ahead: bool = True  # after reading a layer, ask the kernel for the next one (`io/read_ahead.py`)
+    last_read: int | None = field(default=None, repr=False)  # the layer `_read` read last
+    ahead: Future | None = field(default=None, repr=False)  # the pending read-ahead advice, if any
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -126,13 +133,16 @@ class LazyModel:
     def _read(self, i: int) -> None:
         """Decoder layer i's tensors from the shards: fused experts read straight into place where that gives
         transformers' result (`io/lazy_direct.py`), the rest through transformers' loader; narrow-read parameters
-        widened after."""
+        widened after. Then the next layer's bytes are asked for (`io/read_ahead.py`)."""
         plan = self.narrow.get(i, {})
         set_meta_dtypes(self.model, ((name, d[0]) for name, d in plan.items()))
         done = read_direct(self.model, self.direct.get(i, {})) if self.device == "cpu" else set()
         load_keys(self, [k for k in self.keys.get(i, []) if k not in done], f"{self.layer_prefix}.{i}",
                   device=self.device)
         widen(self.model, ((name, d[1]) for name, d in plan.items()))
+        if self.read_ahead and (nxt := next_layer(self.last_read, i, len(self.layers))) is not None:
+            self.ahead = advise_later(byte_ranges(self.entries[k] for k in self.keys.get(nxt, ())))
+        self.last_read = i
 
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i occupies once materialised."""
