@@ -134,3 +134,20 @@ def test_advise_asks_in_pieces_the_kernel_reads_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "posix_fadvise", refuse)
     read_ahead.advise({f: spans, tmp_path / "missing": [(0, 10)]})  # advice only: a refusal is not an error
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_read_ahead_runs_in_a_forked_child(tmp_path):
+    f = tmp_path / "data"
+    f.write_bytes(bytes(4096))
+    read_ahead.advise_later({f: [(0, 4096)]}).result(timeout=10)  # the parent's pool has its thread
+    pid = os.fork()
+    if pid == 0:  # child: the parent's pool thread is gone; a new one must do the work
+        ok = False
+        try:
+            read_ahead.advise_later({f: [(0, 4096)]}).result(timeout=10)
+            ok = True
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

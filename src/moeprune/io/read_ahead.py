@@ -37,6 +37,16 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's thread does not exist: start a new pool there when one is needed."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def next_layer(previous: int | None, current: int, count: int) -> int | None:
     """The layer a run that read `previous` then `current` will read next: one further in the same direction
     (down after current = previous - 1, else up), or the other way at the first or last layer (HEAPr's backward
