@@ -197,8 +197,8 @@ torch.set_num_threads(1)
 path, calib, samples, seq, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 sets = build_sets(CalibConfig((CalibSource.parse(calib),), samples=samples, seq_len=seq, held_out=0),
                   load_tokenizer(__import__('pathlib').Path(path), None))
-lazy = load_lazy(path, dtype=compute_dtype(dtype, "cpu"))  # the dtype the steps compute in (`--dtype`)
-lazy.read_ahead = sys.argv[6:7] != ["no-read-ahead"]  # benchmarks/read_ahead.py compares both
+lazy = load_lazy(path, dtype=compute_dtype(dtype, "cpu"),  # the dtype the steps compute in (`--dtype`)
+                 read_ahead=sys.argv[6:7] != ["no-read-ahead"])  # benchmarks/read_ahead.py compares both
 adapter = get_adapter(lazy.model.config, model=lazy.model)
 batches = make_batches(lazy.model, adapter, sets, 8)
 for _ in run_layers(lazy.model, adapter, batches, layer_context=lazy.layer):

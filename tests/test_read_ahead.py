@@ -65,8 +65,17 @@ def test_next_layer_follows_the_direction():
 
 def test_lazy_layers_advise_the_next_layers_bytes(tmp_path, advised):
     path = save_tiny("qwen3_moe", tmp_path / "q", max_shard_size="40KB", num_hidden_layers=4)  # several shards
-    lazy = load_lazy(path)
     sizes = {f.resolve(): f.stat().st_size for f in path.glob("*.safetensors")}
+
+    def check(want: int, where: str) -> None:
+        got, ref = _covered(advised[-1], sizes), _layer_bytes(path, want)
+        for f in sizes:
+            assert np.array_equal(got[f], ref[f]), f"{where}: advised bytes of {f.name} != layer {want}'s"
+
+    lazy = load_lazy(path)
+    lazy.ahead.result()
+    assert len(advised) == 1
+    check(0, "after loading")  # layer 0 is asked for while the rest of the model loads
     order = [0, 1, 2, 3, 3, 2, 1, 0]  # up (calibration), then down (HEAPr's backward pass)
     expected = [1, 2, 3, 2, 2, 1, 0, 1]
     for i, want in zip(order, expected, strict=True):
@@ -74,14 +83,15 @@ def test_lazy_layers_advise_the_next_layers_bytes(tmp_path, advised):
         with lazy.layer(i):
             lazy.ahead.result()
         assert len(advised) == before + 1
-        got = _covered(advised[-1], sizes)
-        ref = _layer_bytes(path, want)
-        for f in sizes:
-            assert np.array_equal(got[f], ref[f]), f"after layer {i}: advised bytes of {f.name} != layer {want}'s"
+        check(want, f"after layer {i}")
     lazy.read_ahead = False
     with lazy.layer(0):
         pass
-    assert len(advised) == len(expected)
+    assert len(advised) == len(expected) + 1
+    quiet = load_lazy(path, read_ahead=False)
+    with quiet.layer(0):
+        pass
+    assert len(advised) == len(expected) + 1 and quiet.ahead is None
 
 
 def test_byte_ranges_merge_against_coverage():

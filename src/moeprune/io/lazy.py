@@ -141,16 +141,20 @@ class LazyModel:
                   device=self.device)
         widen(self.model, ((name, d[1]) for name, d in plan.items()))
         if self.read_ahead and (nxt := next_layer(self.last_read, i, len(self.layers))) is not None:
-            self.ahead = advise_later(byte_ranges(self.entries[k] for k in self.keys.get(nxt, ())))
+            self.advise(nxt)
         self.last_read = i
+
+    def advise(self, i: int) -> None:
+        """Ask the kernel for decoder layer i's bytes in the background (`io/read_ahead.py`)."""
+        self.ahead = advise_later(byte_ranges(self.entries[k] for k in self.keys.get(i, ())))
 
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i occupies once materialised."""
         return sum(t.numel() * t.element_size() for t in self.layers[i].state_dict().values())
 
 
-def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, config=None,
-              prepare=None, device: str = "cpu", tensors: list | None = None) -> LazyModel:
+def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, config=None, prepare=None,
+              device: str = "cpu", tensors: list | None = None, read_ahead: bool = True) -> LazyModel:
     """Build the model on `meta` and materialise all but its decoder layers (and head, unless `head`) on CPU.
 
     `dtype` is resolved as in `io.load.load_model` ("auto" = the checkpoint's dtype), so every materialised
@@ -161,6 +165,8 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
     `OutTensor`s of `surgery.streaming.plan_tensors` (a pruned checkpoint's tensors as byte ranges of the original
     shards), with `config` the matching config; only those byte ranges are ever read. Unquantized checkpoints only.
     A quantized checkpoint (FP8, MXFP4) is dequantized layer by layer; its scales are checked first.
+    `read_ahead`: layer 0's bytes are asked for while the rest loads, and each layer read asks for the next one
+    (`io/read_ahead.py`).
     """
     from moeprune.compat import (
         ContextManagers,
@@ -259,7 +265,9 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
         if pattern in by_pattern and (pieces := plan_direct(by_pattern[pattern], srcs, tuple(meta_sd[target].shape),
                                                             load_config.dtype_plan, target)):
             direct[int(layer_re.match(target).group(1))][target] = pieces
-    lazy = LazyModel(model, view, prefix, dict(keys), load_config, device, dict(narrow), dict(direct))
+    lazy = LazyModel(model, view, prefix, dict(keys), load_config, device, dict(narrow), dict(direct), read_ahead)
+    if read_ahead and len(layers):
+        lazy.advise(0)  # read while the embeddings load and the caller prepares its batches
     load_keys(lazy, keys[REST], "", skip=(prefix,) if head_name is None else (prefix, head_name))
     if head and head_name is not None and _meta_names(model.get_submodule(head_name), head_name):
         # a tied head is not in the checkpoint: tie it to the embedding, as from_pretrained does
