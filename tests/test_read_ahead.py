@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from moeprune.io import read_ahead
 from moeprune.io.lazy import load_lazy
@@ -161,3 +162,54 @@ def test_read_ahead_runs_in_a_forked_child(tmp_path):
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_copies_advise_one_window_ahead(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from moeprune.io.safetensors_io import OutTensor, read_header, write_file
+
+    calls = []
+    monkeypatch.setattr(read_ahead, "advise_later", lambda ranges: calls.append(ranges))
+    path = save_tiny("qwen3_moe", tmp_path / "q", max_shard_size="40KB", num_hidden_layers=4)
+    src = sorted(path.glob("*.safetensors"))
+    tensors = [OutTensor(e.name, e.dtype, e.shape, e.file, ((e.begin, e.end),))
+               for f in src for e in read_header(f)[0]]
+    window = 30_000
+    seen, advised_upto = [], []
+    for t in read_ahead.in_windows(tensors, window):
+        seen.append(t)
+        advised_upto.append(len(calls))
+    assert seen == tensors
+    # every tensor's bytes were advised before it was yielded, exactly once over the whole copy
+    sizes = {f.resolve(): f.stat().st_size for f in src}
+    count = {f: np.zeros(n, dtype=int) for f, n in sizes.items()}
+    for ranges in calls:
+        for f, spans in ranges.items():
+            for b, e in spans:
+                count[Path(f).resolve()][b:e] += 1
+    want = {f: np.zeros(n, dtype=int) for f, n in sizes.items()}
+    for t in tensors:
+        for b, e in t.ranges:
+            want[Path(t.source).resolve()][b:e] += 1
+    for f in sizes:
+        assert np.array_equal(count[f], want[f])
+    for k, t in enumerate(tensors):
+        covered = np.zeros(sizes[Path(t.source).resolve()], dtype=bool)
+        for ranges in calls[: advised_upto[k]]:
+            for b, e in ranges.get(Path(t.source), []):
+                covered[b:e] = True
+        assert all(covered[b:e].all() for b, e in t.ranges), f"{t.name} was copied before it was advised"
+    # ... and no more than two windows ahead: when a tensor is yielded, the bytes advised but not yet yielded
+    # are below 2 windows plus one tensor
+    done = 0
+    for k, t in enumerate(tensors):
+        ahead = sum(sum(e - b for spans in r.values() for b, e in spans) for r in calls[: advised_upto[k]]) - done
+        assert ahead <= 2 * window + max(x.nbytes for x in tensors)
+        done += t.nbytes
+    out = tmp_path / "copy.safetensors"  # and write_file copies through it, byte for byte
+    monkeypatch.undo()
+    write_file(out, tensors)
+    got, want = load_file(out), {k: v for f in src for k, v in load_file(f).items()}
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)) for k in want)

@@ -15,6 +15,9 @@ memory cgroup's limit) the kernel may drop them, in which case the read goes to 
 the bytes read, and so every result, are the same with or without it; a platform without `posix_fadvise` or a
 file system that refuses it only loses the overlap.
 
+A copy of byte ranges (`io/safetensors_io.write_file`: streaming expert removal, the export's untouched tensors)
+reads ahead the same way, one window of `WINDOW` bytes ahead of the one it copies (`in_windows`).
+
 Which layer comes next is guessed from the last two reads (`next_layer`): calibration, the export and verify go
 up the layers, HEAPr's backward pass goes down them (a wrong guess costs one layer's disk reads in the background).
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from moeprune.log import logger
 # Linux reads at most max(read_ahead_kb, max_sectors_kb) of one WILLNEED call (`force_page_cache_ra`) and
 # silently drops the rest, so each range is advised in pieces no larger than the smallest default read-ahead
 CHUNK = 128 << 10
+WINDOW = 64 << 20  # a byte-range copy advises this much ahead of what it copies (`in_windows`)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -108,3 +112,23 @@ def advise_later(ranges: dict[Path, list[tuple[int, int]]]) -> Future | None:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeprune-read-ahead")
     return _POOL.submit(advise, ranges)
+
+
+def in_windows(tensors: Sequence, window: int = WINDOW) -> Iterator:
+    """`tensors` (with file byte ranges, as `byte_ranges` takes) one by one, in order, cut into consecutive windows
+    of at least `window` bytes: the first window is advised at once, and each window's first tensor advises the
+    next window, so the disk reads one window ahead of the copy (at most two windows in the page cache)."""
+    groups: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        if size >= window:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += sum(e - b for spans in byte_ranges([t]).values() for b, e in spans)
+    if groups[0]:
+        advise_later(byte_ranges(groups[0]))
+    for j, group in enumerate(groups):
+        if j + 1 < len(groups):
+            advise_later(byte_ranges(groups[j + 1]))
+        yield from group

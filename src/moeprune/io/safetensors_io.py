@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
+from moeprune.io.read_ahead import in_windows
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "BF16", "F16"})  # safetensors names of the floating dtypes
 
@@ -221,7 +222,7 @@ def write_file(path: Path, tensors: list[OutTensor], metadata: dict[str, str] | 
         out.write(blob)
         handles: dict[Path, object] = {}
         try:
-            for t in tensors:
+            for t in in_windows(tensors):  # the next window's bytes are read in the background (`io/read_ahead`)
                 src = handles.get(t.source) or handles.setdefault(t.source, open(t.source, "rb"))
                 for b, e in t.ranges:
                     copy_range(src, out, b, e, buf)
