@@ -64,6 +64,7 @@ def test_next_layer_follows_the_direction():
     assert read_ahead.next_layer(None, 0, 1) is None
 
 
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="this platform has no posix_fadvise")
 def test_lazy_layers_advise_the_next_layers_bytes(tmp_path, advised):
     path = save_tiny("qwen3_moe", tmp_path / "q", max_shard_size="40KB", num_hidden_layers=4)  # several shards
     sizes = {f.resolve(): f.stat().st_size for f in path.glob("*.safetensors")}
@@ -143,11 +144,21 @@ def test_advise_asks_in_pieces_the_kernel_reads_whole(tmp_path, monkeypatch):
     def refuse(*_):
         raise OSError(22, "Invalid argument")
 
+    from moeprune.io import fit
+
+    calls.clear()
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: calls.append((off, n, how)))
+    monkeypatch.setattr(fit, "available", lambda: 2 * 799_990)  # the spans hold 799 991 bytes
+    read_ahead.advise({f: spans})
+    assert not calls, "advised more than half of the memory left"
+    monkeypatch.setattr(fit, "available", lambda: 2 * 799_991)
+    read_ahead.advise({f: spans})
+    assert calls
     monkeypatch.setattr(os, "posix_fadvise", refuse)
     read_ahead.advise({f: spans, tmp_path / "missing": [(0, 10)]})  # advice only: a refusal is not an error
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "posix_fadvise"), reason="needs fork and fadvise")
 def test_read_ahead_runs_in_a_forked_child(tmp_path):
     f = tmp_path / "data"
     f.write_bytes(bytes(4096))

@@ -11,7 +11,8 @@ the layer it will read next with
 issued on a background thread (a call may block while the kernel queues the reads). The kernel then reads those
 ranges into its page cache while layer i computes, and layer i + 1's own read copies from memory (3-3.7 GB/s).
 The pages are page cache, not the process's memory: resident memory is unchanged, and under memory pressure (or a
-memory cgroup's limit) the kernel may drop them, in which case the read goes to the disk as before. It is advice:
+memory cgroup's limit) the kernel may drop them, in which case the read goes to the disk as before; a layer larger
+than half the memory left is not asked for at all. It is advice:
 the bytes read, and so every result, are the same with or without it; a platform without `posix_fadvise` or a
 file system that refuses it only loses the overlap.
 
@@ -85,7 +86,15 @@ def byte_ranges(tensors: Iterable[object]) -> dict[Path, list[tuple[int, int]]]:
 
 
 def advise(ranges: dict[Path, list[tuple[int, int]]]) -> None:
-    """POSIX_FADV_WILLNEED on every range (synchronously); errors are logged and ignored (advice only)."""
+    """POSIX_FADV_WILLNEED on every range (synchronously); errors are logged and ignored (advice only). Nothing is
+    asked for when the bytes exceed half of what this process may still use (`io/fit.available`: MemAvailable, or
+    its memory cgroup's room): pages read that early would be dropped again before their turn, and read twice."""
+    from moeprune.io.fit import available  # here: io/fit imports io/safetensors_io, which imports this module
+
+    size = sum(e - b for spans in ranges.values() for b, e in spans)
+    if size > available() // 2:
+        logger.debug("read-ahead skipped: %d bytes, more than half of the memory left", size)
+        return
     for path, spans in ranges.items():
         try:
             fd = os.open(path, os.O_RDONLY)
