@@ -216,14 +216,16 @@ def prune(dev: str, work: Path) -> dict:
 
 @section("nccl")
 def nccl(dev: str, work: Path) -> dict:
-    """torchrun (NCCL process group, one rank per GPU) calibration == the single-process calibration."""
+    """torchrun (NCCL process group, one rank per GPU; two gloo ranks on a CPU dry run) calibration == the
+    single-process calibration."""
     from moeprune.stats.store import ExpertStats
 
     src, text = work / "src-qwen3_moe", work / "web.txt"
     args = ["calibrate", str(src), "--calib", f"web={text}", "--samples", "16", "--seq-len", "64", "--device", dev,
             "--overwrite"]
+    ranks = torch.cuda.device_count() if dev.startswith("cuda") else 2  # a CPU dry run: two gloo ranks
     t0 = time.perf_counter()
-    p = subprocess.run(["torchrun", "--nproc-per-node", str(torch.cuda.device_count()), "-m", "moeprune", *args,
+    p = subprocess.run(["torchrun", "--nproc-per-node", str(ranks), "-m", "moeprune", *args,
                         "--out", str(work / "ddp.safetensors")], capture_output=True, text=True, timeout=240)
     ddp_s = time.perf_counter() - t0
     rc, one_s, _, _ = cli(*args, "--out", str(work / "one.safetensors"))
@@ -232,9 +234,11 @@ def nccl(dev: str, work: Path) -> dict:
     a, b = ExpertStats.load(work / "ddp.safetensors"), ExpertStats.load(work / "one.safetensors")
     diff = max(float((a.sets[s][layer].sums[f] - b.sets[s][layer].sums[f]).abs().max())
                for s in a.sets for layer in a.sets[s] for f in a.sets[s][layer].sums)
-    r = {"gpus": torch.cuda.device_count(), "world_size": a.meta.get("world_size"), "ddp_s": ddp_s,
+    r = {"gpus": torch.cuda.device_count(), "ranks": ranks, "world_size": a.meta.get("world_size"), "ddp_s": ddp_s,
          "single_s": one_s, "max_abs_diff": diff}
-    LINES.append(f"\n### torchrun (NCCL) calibration, {r['gpus']} GPU(s)\n\nworld size {r['world_size']}, "
+    backend = "NCCL" if dev.startswith("cuda") else "gloo"
+    LINES.append(f"\n### torchrun ({backend}) calibration, {ranks} rank(s), {r['gpus']} GPU(s)\n\nworld size "
+                 f"{r['world_size']}, "
                  f"{ddp_s:.1f} s vs {one_s:.1f} s single-process; max |Δ| of every statistic: {diff:.2e}")
     return r
 
