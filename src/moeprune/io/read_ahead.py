@@ -12,9 +12,8 @@ issued on a background thread (a call may block while the kernel queues the read
 ranges into its page cache while layer i computes, and layer i + 1's own read copies from memory (3-3.7 GB/s).
 The pages are page cache, not the process's memory: resident memory is unchanged, and under memory pressure (or a
 memory cgroup's limit) the kernel may drop them, in which case the read goes to the disk as before; a layer larger
-than half the memory left is not asked for at all. It is advice:
-the bytes read, and so every result, are the same with or without it; a platform without `posix_fadvise` or a
-file system that refuses it only loses the overlap.
+than half the memory left is not asked for at all. It is advice: the bytes read, and so every result, are the same
+with or without it; a platform without `posix_fadvise` or a file system that refuses it only loses the overlap.
 
 A copy of byte ranges (`io/safetensors_io.write_file`: streaming expert removal, the export's untouched tensors)
 reads ahead the same way, one window of `WINDOW` bytes ahead of the one it copies (`in_windows`).
@@ -34,9 +33,7 @@ from pathlib import Path
 
 from moeprune.log import logger
 
-# Linux reads at most max(read_ahead_kb, max_sectors_kb) of one WILLNEED call (`force_page_cache_ra`) and
-# silently drops the rest, so each range is advised in pieces no larger than the smallest default read-ahead
-CHUNK = 128 << 10
+CHUNK = 128 << 10  # one WILLNEED call's piece: the smallest default read-ahead (module docstring)
 WINDOW = 64 << 20  # a byte-range copy advises this much ahead of what it copies (`in_windows`)
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -124,9 +121,10 @@ def advise_later(ranges: dict[Path, list[tuple[int, int]]]) -> Future | None:
 
 
 def in_windows(tensors: Sequence, window: int = WINDOW) -> Iterator:
-    """`tensors` (with file byte ranges, as `byte_ranges` takes) one by one, in order, cut into consecutive windows
-    of at least `window` bytes: the first window is advised at once, and each window's first tensor advises the
-    next window, so the disk reads one window ahead of the copy (at most two windows in the page cache)."""
+    """`tensors` (with file byte ranges and `nbytes`: `TensorEntry`, `OutTensor`) one by one, in order, cut into
+    consecutive windows of at least `window` bytes: the first window is advised at once, and each window's first
+    tensor advises the next window, so the disk reads one window ahead of the copy (at most two windows in the page
+    cache)."""
     groups: list[list] = [[]]
     size = 0
     for t in tensors:
@@ -134,7 +132,7 @@ def in_windows(tensors: Sequence, window: int = WINDOW) -> Iterator:
             groups.append([])
             size = 0
         groups[-1].append(t)
-        size += sum(e - b for spans in byte_ranges([t]).values() for b, e in spans)
+        size += t.nbytes
     if groups[0]:
         advise_later(byte_ranges(groups[0]))
     for j, group in enumerate(groups):
