@@ -116,7 +116,9 @@ def test_row_masks_route_each_row_as_its_own_masked_call(family):
         for r in range(40):
             with masked_experts(model, adapter, {layer: sorted({*parent, int(extra[r])})}):
                 want = router(x[r:r + 1])
-            assert torch.equal(got[2][r], want[2][0]) and torch.allclose(got[1][r], want[1][0], rtol=1e-6)
+            assert torch.equal(got[2][r], want[2][0]), r
+            # a 40-row and a 1-row float32 router GEMM may round differently (AVX-512 hosts: a few ulps, ~2e-6)
+            torch.testing.assert_close(got[1][r], want[1][0], rtol=1e-5, atol=0)
     with pytest.raises(Exception, match="cannot mask"):
         row_masks(adapter, (), torch.tensor([adapter.num_experts]))
 
