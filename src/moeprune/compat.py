@@ -22,10 +22,11 @@ does not import transformers) — `EXPORTS`, moeprune's name -> (transformers mo
     get_model_class                       transformers.models.auto.auto_factory._get_model_class
     ContextManagers                       transformers.utils.generic.ContextManagers
     guard_torch_init_functions            transformers.initialization.guard_torch_init_functions
-    grouped_linear, grouped_mm_experts_forward, ALL_EXPERTS_FUNCTIONS
+    grouped_linear, grouped_mm_experts_forward, ALL_EXPERTS_FUNCTIONS, use_experts_implementation
                                           transformers.integrations.moe._grouped_linear, .grouped_mm_experts_forward,
-                                          .ALL_EXPERTS_FUNCTIONS (stats/slots.py: the grouped kernel's steps per
-                                          (token, slot) pair; absent: the collector's one-slot-per-row call)
+                                          .ALL_EXPERTS_FUNCTIONS, .use_experts_implementation (stats/slots.py: the
+                                          grouped kernel's steps per (token, slot) pair, and the dispatch forward
+                                          it applies to; absent: the collector's one-slot-per-row call)
 
 Used in place, as attributes of transformers objects — `ATTRIBUTES`, checked by the same test:
 
@@ -73,6 +74,7 @@ EXPORTS: dict[str, tuple[str, str]] = {
     "grouped_linear": ("transformers.integrations.moe", "_grouped_linear"),
     "grouped_mm_experts_forward": ("transformers.integrations.moe", "grouped_mm_experts_forward"),
     "ALL_EXPERTS_FUNCTIONS": ("transformers.integrations.moe", "ALL_EXPERTS_FUNCTIONS"),
+    "use_experts_implementation": ("transformers.integrations.moe", "use_experts_implementation"),
     # the model registry, to enumerate the installed MoE families (tiny_families.moe_model_types)
     "CONFIG_MAPPING_NAMES": ("transformers.models.auto.configuration_auto", "CONFIG_MAPPING_NAMES"),
     "model_type_to_module_name": ("transformers.models.auto.configuration_auto", "model_type_to_module_name"),

@@ -88,11 +88,11 @@ TINY_OVERRIDES |= {
 # mlp_layer_types, hybrid block patterns): their tiny model keeps at least one non-MoE decoder layer
 MIXED_LAYERS = frozenset({
     "afmoe", "axk1", "axk2", "bailing_hybrid", "beam", "deepseek_ocr2", "deepseek_v3", "deepseek_v32", "dots3_note",
-    "dots3_note_text", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite",
+    "dots3_note_text", "ergo", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flint", "glm4_moe", "glm4_moe_lite",
     "glm4v_moe", "glm5_next", "glm_moe_dsa", "hy_v3", "hy_v4", "hy_v4_vl", "jamba", "kimi_linear", "laguna",
-    "lfm2_moe", "mimo_v2_flash", "mistral_large4", "nemotron_h", "step3p7", "unlimited_ocr",
+    "lfm2_moe", "mimo_v2_flash", "minicpm5_moe", "mistral_large4", "nemotron_h", "step3p7", "unlimited_ocr",
 })
 
-# families the matrices do not build, with the reason they report (none with transformers 5.24: Qwen3-Omni-MoE's whole
+# families the matrices do not build, with the reason they report (none with transformers 5.24 and 5.25: Qwen3-Omni-MoE's whole
 # checkpoint, here until session 20, runs through its thinker, `io/stock.runnable`)
 NOT_BUILDABLE: dict[str, str] = {}

@@ -23,6 +23,8 @@ call.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import nn
 
@@ -31,10 +33,14 @@ from moeprune.errors import MoePruneError
 
 
 def uses_grouped_mm(experts: nn.Module) -> bool:
-    """True when `experts.forward` runs transformers' `grouped_mm_experts_forward` (the class is decorated with
-    `use_experts_implementation`, its config asks for `grouped_mm`, and expert parallelism is off). A transformers
-    without the kernel's pieces (`moeprune.compat`) gives False: the collector's one-slot-per-row call."""
+    """True when `experts.forward` runs transformers' `grouped_mm_experts_forward` (the class's own forward is the
+    dispatch `use_experts_implementation` installs, its config asks for `grouped_mm`, and expert parallelism is
+    off). A subclass that overrides the decorated forward (transformers 5.25's Ergo adds a per-expert norm around
+    its parent's dispatch) is not the kernel. A transformers without the kernel's pieces (`moeprune.compat`) gives
+    False: the collector's one-slot-per-row call."""
     if not hasattr(experts, "has_gate") or getattr(experts, "_is_expert_parallel", True):
+        return False
+    if getattr(type(experts).forward, "__code__", None) is not _dispatch_code():
         return False
     config = getattr(experts, "config", None)
     if getattr(config, "_experts_implementation", None) != "grouped_mm":
@@ -44,6 +50,22 @@ def uses_grouped_mm(experts: nn.Module) -> bool:
     except MoePruneError:  # a transformers without the kernel's pieces
         return False
     return registry.get("grouped_mm") is kernel
+
+
+@cache
+def _dispatch_code():
+    """The code object of the forward `use_experts_implementation` puts on a class (one per transformers install:
+    every decorated class's forward is a closure over it); None without the decorator."""
+    try:
+        decorate = compat.use_experts_implementation
+    except MoePruneError:
+        return None
+
+    class Probe(nn.Module):
+        def forward(self, *args):
+            return args
+
+    return decorate(Probe).forward.__code__
 
 
 def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
