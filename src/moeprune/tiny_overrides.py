@@ -93,6 +93,6 @@ MIXED_LAYERS = frozenset({
     "lfm2_moe", "mimo_v2_flash", "minicpm5_moe", "mistral_large4", "nemotron_h", "step3p7", "unlimited_ocr",
 })
 
-# families the matrices do not build, with the reason they report (none with transformers 5.24 and 5.25: Qwen3-Omni-MoE's whole
-# checkpoint, here until session 20, runs through its thinker, `io/stock.runnable`)
+# families the matrices do not build, with the reason they report (none with transformers 5.24 and 5.25:
+# Qwen3-Omni-MoE's whole checkpoint, here until session 20, runs through its thinker, `io/stock.runnable`)
 NOT_BUILDABLE: dict[str, str] = {}
