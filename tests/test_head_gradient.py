@@ -26,9 +26,8 @@ SPECIAL = {"cohere2_moe": {},  # logit_scale 0.0625 by default
 
 def _supported() -> list[str]:
     """Every buildable MoE family of the installed transformers that moeprune has an adapter for and does not
-    refuse (a wrapper counts by its text model's type)."""
-    from moeprune.models.families import REFUSED
-    from moeprune.models.registry import ADAPTERS
+    refuse, always or with this transformers (a wrapper counts by its text model's type)."""
+    from moeprune.models.registry import ADAPTERS, refusal
     from moeprune.tiny_families import NOT_BUILDABLE, moe_model_types, tiny_family_config
 
     out = []
@@ -37,7 +36,7 @@ def _supported() -> list[str]:
             continue
         config = tiny_family_config(mt)
         types = {mt, getattr(config.get_text_config(), "model_type", mt)}
-        if types & set(ADAPTERS) and not types & set(REFUSED):
+        if types & set(ADAPTERS) and not any(refusal(t) for t in types):
             out.append(mt)
     return out
 

@@ -4,6 +4,11 @@ built with n_routed_experts = K routes classes K.. to them.
 
 References here are independent of surgery: a stock model built from a config with K experts whose weights are
 copied by hand (kept rows, then the zero-expert rows), and brute-force loops over (token, slot) pairs.
+
+That layout is transformers 5.24's (the experts module holds the zero experts); 5.25 moved them into the MoE block
+and moeprune refuses that layout (`models/families._longcat_zero_experts_in_block`): the layout tests run where the
+installed transformers has the 5.24 layout, and the probe test checks the refusal against what the experts module
+really receives, on either.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
+from moeprune.models.registry import refusal
 from moeprune.models.structure import discover
 from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.select.plan import PrunePlan
@@ -23,6 +30,34 @@ from moeprune.surgery.streaming import plan_tensors
 from moeprune.tiny_families import tiny_family_model
 
 KEPT = [0, 2, 5, 7]  # of E = 8; Z = 2 zero experts
+
+
+REFUSED_HERE = refusal("longcat_flash")
+layout_524 = pytest.mark.skipif(REFUSED_HERE is not None, reason=f"LongCat-Flash refused here: {REFUSED_HERE}")
+
+
+def test_layout_probe_matches_what_the_experts_module_receives():
+    """The refusal holds exactly when zero-expert routes never reach the experts module as indices ≥ E (observed
+    with a forward pre-hook, every token pushed to the zero experts by a large correction bias); then every way in
+    (`get_adapter`) says which transformers to install."""
+    torch.manual_seed(0)
+    m = tiny_family_model("longcat_flash").eval()
+    E = m.config.n_routed_experts
+    seen = []
+    hooks = []
+    for layer in m.model.layers:
+        with torch.no_grad():
+            layer.mlp.router.e_score_correction_bias[E:] = 100.0
+        hooks.append(layer.mlp.experts.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone())))
+    with torch.no_grad():
+        m(input_ids=torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1)))
+    for h in hooks:
+        h.remove()
+    zero_routes_reach_experts = any(bool((idx >= E).any()) for idx in seen)
+    assert seen and (REFUSED_HERE is None) == zero_routes_reach_experts
+    if REFUSED_HERE is not None:
+        with pytest.raises(MoePruneError, match=r"transformers==5\.24"):
+            get_adapter(m.config)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +74,7 @@ def _plan(adapter):
     return PrunePlan({layer: list(KEPT) for layer in adapter.moe_layers()}, adapter.num_experts)
 
 
+@layout_524
 def test_structure_counts_experts_not_zero_experts(model):
     c = model.config
     s = discover(c)
@@ -75,6 +111,7 @@ def _stock_reference(model, kept):
     return ref
 
 
+@layout_524
 def test_prune_equals_hand_built_stock_model_and_masked_reference(model):
     import copy
 
@@ -97,6 +134,7 @@ def test_prune_equals_hand_built_stock_model_and_masked_reference(model):
     assert pruned.config.n_routed_experts == 4 and pruned.config.zero_expert_num == 2
 
 
+@layout_524
 def test_zero_experts_are_still_routed_after_masking(model):
     """Masking every expert but the kept ones never masks a zero-expert column: tokens still reach them."""
     adapter = get_adapter(model.config)
@@ -110,6 +148,7 @@ def test_zero_experts_are_still_routed_after_masking(model):
     assert set(idx.tolist()) <= {0, 8, 9} and ({8, 9} & set(idx.tolist()))
 
 
+@layout_524
 def test_streaming_keeps_zero_expert_rows_last(model, tmp_path):
     adapter = get_adapter(model.config)
     model.save_pretrained(tmp_path)
