@@ -10,7 +10,9 @@ compute the same f_j(t) up to float rounding (tests/test_routed_stats.py checks 
 
 Optional `decide(model, adapter, layer, stats, block_io)` turns the run into prune-as-you-go: it returns the experts to
 drop from that layer, and the layer is re-run with them masked in the model's own router before the next layer
-sees its outputs (NAEE's progressive variant; any criterion can use it). With `trace=True` the same pass also keeps
+sees its outputs (NAEE's progressive variant; any criterion can use it); the re-run recomputes the routed experts
+only on the tokens whose route the mask changed, the others get their calibration-pass output
+(`calibration/expert_replay.py`). With `trace=True` the same pass also keeps
 every sequence's routing per MoE layer (top-k indices of its real tokens, in order) for local-consistency analysis.
 """
 
@@ -26,6 +28,8 @@ from torch import nn
 
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.engine import LayerInputs, around_layers_on, capture, run_layers, run_one, to_device
+from moeprune.calibration.expert_replay import ExpertReplay
+from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_experts
 from moeprune.stats.routed import RoutedCollector, RoutedStats, default_probe_stride, probe_mask
@@ -116,6 +120,7 @@ def collect(
     if trace:
         result.traces = {s.name: {layer: [] for layer in sorted(moe)} for s in sets}
     current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
+    replay: dict[int, ExpertReplay] = {}  # prune-as-you-go: the active layer's recorded experts calls
     io = BlockIO()
     on_cuda = torch.device(device).type == "cuda"
 
@@ -133,11 +138,19 @@ def collect(
         col.layer = i
         current["collector"] = col
         hook = block.register_forward_hook(_record_io) if decide is not None else None
+        recording = None
+        if decide is not None:
+            replay.clear()
+            replay[i] = ExpertReplay(adapter.experts(block))
+            recording = replay[i].record()
+            recording.__enter__()
 
         def cleanup() -> None:
             col.__exit__(None, None, None)
             if hook is not None:
                 hook.remove()
+            if recording is not None:
+                recording.__exit__(None, None, None)
 
         return cleanup
 
@@ -169,8 +182,11 @@ def collect(
                 drop = sorted(decide(model, adapter, i, {name: stats[name][i] for name in stats}, io))
                 if drop:
                     result.dropped[i] = drop
-                    with masked_experts(model, adapter, {i: drop}):
+                    with masked_experts(model, adapter, {i: drop}), replay[i].replaying():
                         outputs[:] = run_one(layers[i], i, batches, device)
+                    logger.debug("layer %d re-run: routed experts recomputed on %d of %d rows", i,
+                              replay[i].recomputed, replay[i].rows)
+            replay.clear()
             for cache in (io.inputs, io.outputs, io.valid, io.tags):
                 cache.clear()
     for per_layer in stats.values():
