@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from moeprune.compat import CONFIG_MAPPING_NAMES
 from moeprune.io.stock import runnable
 from moeprune.tiny import FAMILY_CONFIGS
 from moeprune.tiny_families import MIXED_LAYERS, NOT_BUILDABLE, moe_blocks, moe_model_types, tiny_family_model
@@ -31,7 +32,8 @@ def test_enumeration_covers_the_supported_families():
     assert set(FAMILY_CONFIGS) <= set(found), sorted(set(FAMILY_CONFIGS) - set(found))
     assert len(found) >= 45, len(found)
     assert found == sorted(found) and moe_model_types() == found  # cached, stable
-    assert set(NOT_BUILDABLE) <= set(found) and MIXED_LAYERS <= set(found), sorted(MIXED_LAYERS - set(found))
+    installed = MIXED_LAYERS & set(CONFIG_MAPPING_NAMES)  # entries for a newer transformers (Ergo: 5.25) may wait
+    assert set(NOT_BUILDABLE) <= set(found) and installed <= set(found), sorted(installed - set(found))
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
