@@ -76,8 +76,8 @@ class ExpertReplay:
         hidden, index, weights = args
         T = index.shape[0]
         flat = hidden.detach().reshape(T, -1)  # [T, H]
-        self.calls.append(_Call(hidden.shape, row_prints(flat), index.detach().clone(), weights.detach().clone(),
-                                output.detach().reshape(T, -1).cpu()))
+        out = output.detach().reshape(T, -1).to("cpu", copy=True)  # a copy: the block may add to it in place
+        self.calls.append(_Call(hidden.shape, row_prints(flat), index.detach().clone(), weights.detach().clone(), out))
 
     @contextmanager
     def record(self) -> Iterator[None]:
@@ -112,7 +112,7 @@ class ExpertReplay:
             flat = hidden_states.reshape(T, -1)  # [T, H]
             same = ((row_prints(flat) == call.prints) & (top_k_index == call.index).all(dim=-1)
                     & (top_k_weights == call.weights).all(dim=-1))  # [T]
-            out = call.output.to(device=flat.device, dtype=call.output.dtype).clone()  # [T, H]
+            out = call.output.to(flat.device, copy=True)  # [T, H]: the recording stays as it was
             rows = (~same).nonzero().view(-1)  # [R]
             if rows.numel():
                 part = before(flat.index_select(0, rows), top_k_index.index_select(0, rows),

@@ -185,7 +185,7 @@ def collect(
                     with masked_experts(model, adapter, {i: drop}), replay[i].replaying():
                         outputs[:] = run_one(layers[i], i, batches, device)
                     logger.debug("layer %d re-run: routed experts recomputed on %d of %d rows", i,
-                              replay[i].recomputed, replay[i].rows)
+                                 replay[i].recomputed, replay[i].rows)
             replay.clear()
             for cache in (io.inputs, io.outputs, io.valid, io.tags):
                 cache.clear()
