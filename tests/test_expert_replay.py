@@ -13,8 +13,9 @@ import torch
 from moeprune.calibration.expert_replay import ExpertReplay, row_prints
 from moeprune.io.stock import runnable
 from moeprune.models import get_adapter
+from moeprune.models.families import REFUSED
 from moeprune.models.masking import masked_experts
-from moeprune.models.registry import ADAPTERS, refusal
+from moeprune.models.registry import ADAPTERS
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 from moeprune.tiny_families import NOT_BUILDABLE, moe_model_types, tiny_family_model
 
@@ -41,7 +42,7 @@ def _routes(experts, model, ids, ctx) -> list[tuple[torch.Tensor, ...]]:
     return seen
 
 
-TRANSFORMERS_FAMILIES = [t for t in moe_model_types() if t not in NOT_BUILDABLE and t in ADAPTERS and not refusal(t)]
+TRANSFORMERS_FAMILIES = [t for t in moe_model_types() if t not in NOT_BUILDABLE and t not in REFUSED and t in ADAPTERS]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS) + [f"hf:{t}" for t in TRANSFORMERS_FAMILIES])

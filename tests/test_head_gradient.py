@@ -26,8 +26,9 @@ SPECIAL = {"cohere2_moe": {},  # logit_scale 0.0625 by default
 
 def _supported() -> list[str]:
     """Every buildable MoE family of the installed transformers that moeprune has an adapter for and does not
-    refuse, always or with this transformers (a wrapper counts by its text model's type)."""
-    from moeprune.models.registry import ADAPTERS, refusal
+    refuse (a wrapper counts by its text model's type)."""
+    from moeprune.models.families import REFUSED
+    from moeprune.models.registry import ADAPTERS
     from moeprune.tiny_families import NOT_BUILDABLE, moe_model_types, tiny_family_config
 
     out = []
@@ -36,7 +37,7 @@ def _supported() -> list[str]:
             continue
         config = tiny_family_config(mt)
         types = {mt, getattr(config.get_text_config(), "model_type", mt)}
-        if types & set(ADAPTERS) and not any(refusal(t) for t in types):
+        if types & set(ADAPTERS) and not types & set(REFUSED):
             out.append(mt)
     return out
 

@@ -14,13 +14,11 @@ import torch.nn.functional as F
 from moeprune.analysis.probe import uniform_drop
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
-from moeprune.models.registry import refusal
 from moeprune.select.rerouted import ReroutedEvaluator
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 from moeprune.tiny_families import NOT_BUILDABLE, tiny_family_model
 
-MORE = [t for t in ("llama4_text", "longcat_flash", "dbrx", "hy_v3", "minimax_m2", "ernie4_5_moe", "qwen3_next")
-        if not refusal(t)]  # LongCat-Flash: only with transformers 5.24's zero-expert layout
+MORE = ["llama4_text", "longcat_flash", "dbrx", "hy_v3", "minimax_m2", "ernie4_5_moe", "qwen3_next"]
 N = 64  # token rows
 
 

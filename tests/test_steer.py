@@ -26,7 +26,6 @@ from moeprune.errors import MoePruneError
 from moeprune.eval.run import EvalOptions, evaluate
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
-from moeprune.models.registry import refusal
 from moeprune.steer.apply import steering
 from moeprune.steer.contrast import ftri_contrast, top_experts
 from moeprune.steer.plan import STEER_FORMAT, SteerEntry, SteerPlan
@@ -34,8 +33,7 @@ from moeprune.steer.run import plan_from_stats
 from moeprune.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 # softmax_topk, sigmoid_grouped (+ bias, groups), topk_softmax, softmax_bias with Z identity zero experts
-FAMILIES = tuple(f for f in ("qwen3_moe", "deepseek_v3", "gpt_oss", "longcat_flash")
-                 if not refusal(f))  # LongCat-Flash: only with transformers 5.24's zero-expert layout
+FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "longcat_flash")
 
 
 def _model(family: str, seed: int):

@@ -5,10 +5,9 @@ built with n_routed_experts = K routes classes K.. to them.
 References here are independent of surgery: a stock model built from a config with K experts whose weights are
 copied by hand (kept rows, then the zero-expert rows), and brute-force loops over (token, slot) pairs.
 
-That layout is transformers 5.24's (the experts module holds the zero experts); 5.25 moved them into the MoE block
-and moeprune refuses that layout (`models/families._longcat_zero_experts_in_block`): the layout tests run where the
-installed transformers has the 5.24 layout, and the probe test checks the refusal against what the experts module
-really receives, on either.
+Both transformers layouts are checked by the same tests: 5.24 keeps the zero experts in the experts module (which
+also gives them unused gate/up rows), 5.25 in the MoE block, which hands the experts dummy routes at weight 0 for
+zero-expert slots (`stats/block_routes.py`); the collectors' counts are checked against the router's own routes.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
-from moeprune.models.registry import refusal
 from moeprune.models.structure import discover
 from moeprune.pipeline.verify import logits_of, seeded_inputs
 from moeprune.select.plan import PrunePlan
@@ -30,34 +27,6 @@ from moeprune.surgery.streaming import plan_tensors
 from moeprune.tiny_families import tiny_family_model
 
 KEPT = [0, 2, 5, 7]  # of E = 8; Z = 2 zero experts
-
-
-REFUSED_HERE = refusal("longcat_flash")
-layout_524 = pytest.mark.skipif(REFUSED_HERE is not None, reason=f"LongCat-Flash refused here: {REFUSED_HERE}")
-
-
-def test_layout_probe_matches_what_the_experts_module_receives():
-    """The refusal holds exactly when zero-expert routes never reach the experts module as indices ≥ E (observed
-    with a forward pre-hook, every token pushed to the zero experts by a large correction bias); then every way in
-    (`get_adapter`) says which transformers to install."""
-    torch.manual_seed(0)
-    m = tiny_family_model("longcat_flash").eval()
-    E = m.config.n_routed_experts
-    seen = []
-    hooks = []
-    for layer in m.model.layers:
-        with torch.no_grad():
-            layer.mlp.router.e_score_correction_bias[E:] = 100.0
-        hooks.append(layer.mlp.experts.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone())))
-    with torch.no_grad():
-        m(input_ids=torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1)))
-    for h in hooks:
-        h.remove()
-    zero_routes_reach_experts = any(bool((idx >= E).any()) for idx in seen)
-    assert seen and (REFUSED_HERE is None) == zero_routes_reach_experts
-    if REFUSED_HERE is not None:
-        with pytest.raises(MoePruneError, match=r"transformers==5\.24"):
-            get_adapter(m.config)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +43,6 @@ def _plan(adapter):
     return PrunePlan({layer: list(KEPT) for layer in adapter.moe_layers()}, adapter.num_experts)
 
 
-@layout_524
 def test_structure_counts_experts_not_zero_experts(model):
     c = model.config
     s = discover(c)
@@ -103,15 +71,16 @@ def _stock_reference(model, kept):
     for name, t in sd.items():
         if ".mlp.experts.down_proj" in name:
             new[name] = t[kept]
-        elif ".mlp.experts.gate_up_proj" in name or ".mlp.router." in name:
-            new[name] = t[rows]
+        elif ".mlp.router." in name or (".mlp.experts.gate_up_proj" in name and t.shape[0] == E + Z):
+            new[name] = t[rows]  # transformers 5.24 also gives the zero experts unused gate/up rows
+        elif ".mlp.experts.gate_up_proj" in name:
+            new[name] = t[kept]
         else:
             new[name] = t
     ref.load_state_dict(new)
     return ref
 
 
-@layout_524
 def test_prune_equals_hand_built_stock_model_and_masked_reference(model):
     import copy
 
@@ -128,13 +97,17 @@ def test_prune_equals_hand_built_stock_model_and_masked_reference(model):
     assert (got - want).abs().max() <= tol and (masked - want).abs().max() <= tol
     assert (logits_of(model, inputs) - want).abs().max() > 10 * tol  # the removal changes the model
     block = adapter.block(pruned, 0)
-    assert tuple(block.experts.gate_up_proj.shape[:1]) == (6,) and block.experts.down_proj.shape[0] == 4
+    zero_rows = model.model.layers[0].mlp.experts.gate_up_proj.shape[0] - 8  # 2 on transformers 5.24, 0 on 5.25
+    assert tuple(block.experts.gate_up_proj.shape[:1]) == (4 + zero_rows,) and block.experts.down_proj.shape[0] == 4
     assert block.router.classifier.weight.shape[0] == 6 and block.router.e_score_correction_bias.shape == (6,)
-    assert (block.experts.num_routed_experts, block.experts.total_experts, block.router.n_routed_experts) == (4, 6, 6)
+    if zero_rows:  # 5.24: the experts module holds the zero experts
+        assert (block.experts.num_routed_experts, block.experts.total_experts, block.router.n_routed_experts) == (
+            4, 6, 6)
+    else:  # 5.25: the block does (it routes classes ≥ num_routed_experts to them)
+        assert (block.num_routed_experts, block.experts.num_experts, block.router.n_routed_experts) == (4, 4, 6)
     assert pruned.config.n_routed_experts == 4 and pruned.config.zero_expert_num == 2
 
 
-@layout_524
 def test_zero_experts_are_still_routed_after_masking(model):
     """Masking every expert but the kept ones never masks a zero-expert column: tokens still reach them."""
     adapter = get_adapter(model.config)
@@ -148,7 +121,6 @@ def test_zero_experts_are_still_routed_after_masking(model):
     assert set(idx.tolist()) <= {0, 8, 9} and ({8, 9} & set(idx.tolist()))
 
 
-@layout_524
 def test_streaming_keeps_zero_expert_rows_last(model, tmp_path):
     adapter = get_adapter(model.config)
     model.save_pretrained(tmp_path)
@@ -156,8 +128,11 @@ def test_streaming_keeps_zero_expert_rows_last(model, tmp_path):
     head = "model.layers.0.mlp."
     assert out[head + "router.classifier.weight"] == (6, 32) and out[head + "router.e_score_correction_bias"] == (6,)
     experts = sorted({int(n[len(head) + 8:].split(".")[0]) for n in out if n.startswith(head + "experts.")})
-    assert experts == list(range(6))  # kept 0..3, then the zero experts' unused gate/up rows as 4, 5
-    assert head + "experts.4.gate_proj.weight" in out and head + "experts.4.down_proj.weight" not in out
+    if model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 10:  # transformers 5.24: zero experts' gate/up
+        assert experts == list(range(6))  # kept 0..3, then the zero experts' unused gate/up rows as 4, 5
+        assert head + "experts.4.gate_proj.weight" in out and head + "experts.4.down_proj.weight" not in out
+    else:  # 5.25: the experts hold the 8 real experts only
+        assert experts == list(range(4))
 
 
 def test_routed_stats_ignore_zero_expert_slots():
@@ -188,3 +163,60 @@ def test_routed_stats_ignore_zero_expert_slots():
     assert torch.allclose(stats.sums["gate_sum"].float(), gate_sum)
     assert torch.equal(stats.sums["coact"].float(), coact)
     assert stats.sums["count"].sum() > 0 and (idx >= E).any()
+
+
+def _router_routes(m, E: int, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """layer -> (count [E], gate_sum [E]) over real tokens, from each router's own top-k output (a forward hook):
+    the brute-force reference for both collectors, in either transformers layout."""
+    seen: dict[int, list] = {}
+    hooks = [layer.mlp.router.register_forward_hook(lambda mod, a, out, i=i: seen.setdefault(i, []).append(out))
+             for i, layer in enumerate(m.model.layers)]
+    with torch.no_grad():
+        m(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    valid = mask.reshape(-1).bool()
+    ref = {}
+    for i, outs in seen.items():
+        _, weights, idx = outs[0]  # LongcatFlashTopkRouter: (logits, weights, indices)
+        count, gate = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+        for t in valid.nonzero().view(-1).tolist():
+            for s in range(idx.shape[1]):
+                j = int(idx[t, s])
+                if j < E:
+                    count[j] += 1
+                    gate[j] += float(weights[t, s])
+        ref[i] = (count, gate)
+    return ref
+
+
+def test_both_collectors_count_the_routes_the_router_chose():
+    """With ~a third of the slots on zero experts, the routed and the neuron statistics count exactly the router's
+    own routes to real experts (transformers 5.25 hands the experts dummy routes at weight 0 for zero-expert
+    slots: counted as such they would inflate the dummies' counts)."""
+    from moeprune.calibration.data import CalibSet
+    from moeprune.calibration.session import collect
+    from moeprune.stats.neurons import collect_neuron_stats
+
+    torch.manual_seed(0)
+    m = tiny_family_model("longcat_flash").eval()
+    E = m.config.n_routed_experts
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.mlp.router.e_score_correction_bias[E:] = 0.12  # lifts the zero experts into many top-k
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 96, (3, 16), generator=g)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    ref = _router_routes(m, E, ids, mask)
+    zero_share = 1 - sum(c.sum() for c, _ in ref.values()) / (len(ref) * int(mask.sum()) * m.config.moe_topk)
+    assert 0.1 < zero_share < 0.9, zero_share
+    adapter = get_adapter(m.config)
+    data = CalibSet("s", ids, mask, "-", "-", 1, 1)
+    routed = collect(m, adapter, [data]).stats["s"]
+    neurons = collect_neuron_stats(m, adapter, [data], gradients=False)
+    for i, layer in enumerate(adapter.moe_layers()):
+        count, gate = ref[i]
+        assert torch.equal(routed[layer].sums["count"].double(), count)
+        torch.testing.assert_close(routed[layer].sums["gate_sum"].double(), gate, rtol=1e-5, atol=1e-6)
+        assert torch.equal(neurons[layer].sums["count"].double(), count)

@@ -39,12 +39,12 @@ def run(args) -> int:
 def family_rows() -> list[dict]:
     """model_type -> family, how it is described (adapter or structure) or why it is refused."""
     from moeprune.models.families import REFUSED
-    from moeprune.models.registry import ADAPTERS, LAYOUT_REFUSED, refusal
+    from moeprune.models.registry import ADAPTERS
     from moeprune.models.structural import StructuralAdapter
 
     rows = [{"model_type": mt, "family": cls.family,
              "adapter": "structure + data" if issubclass(cls, StructuralAdapter) else "hand-written",
-             "refused": refusal(mt) if mt in LAYOUT_REFUSED else None} for mt, cls in ADAPTERS.items()]
+             "refused": None} for mt, cls in ADAPTERS.items()]
     rows += [{"model_type": mt, "family": mt, "adapter": "-", "refused": why} for mt, why in REFUSED.items()]
     return sorted(rows, key=lambda r: r["model_type"])
 

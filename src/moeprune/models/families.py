@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeprune.errors import MoePruneError
-from moeprune.models.registry import ADAPTERS, LAYOUT_REFUSED
+from moeprune.models.registry import ADAPTERS
 from moeprune.models.registry import REFUSED as REFUSALS
 from moeprune.models.structural import StructuralAdapter
 
@@ -161,23 +161,6 @@ def _register(spec: FamilySpec) -> None:
         ADAPTERS.register(model_type, cls)
 
 
-def _longcat_zero_experts_in_block() -> str | None:
-    """LongCat-Flash's identity zero experts: transformers 5.24 keeps them in the experts module (router classes
-    E.. reach it as indices ≥ E, `MoEAdapter.extra_classes`); 5.25 moved them into `LongcatFlashMoE.forward`, which
-    adds w·x itself and hands the experts module dummy routed indices at weight 0. The statistics, NAEE and steering
-    read zero experts the 5.24 way, so the 5.25 layout is refused until they read it too."""
-    from transformers.models.longcat_flash import modeling_longcat_flash as m
-
-    if "zero_expert_num" not in m.LongcatFlashMoE.forward.__code__.co_names:
-        return None
-    import transformers
-
-    return (f"transformers {transformers.__version__} moved LongCat-Flash's identity zero experts out of the experts "
-            "module into the MoE block (it hands the experts dummy routes at weight 0), a layout moeprune does not "
-            "read yet; install transformers 5.24 (pip install 'transformers==5.24.*') to prune LongCat-Flash.")
-
-
 for _spec in FAMILIES:
     _register(_spec)
 REFUSALS.update(REFUSED)
-LAYOUT_REFUSED["longcat_flash"] = _longcat_zero_experts_in_block

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import cache
 from typing import Any
 
 from moeprune.errors import MoePruneError
@@ -18,20 +16,6 @@ ADAPTERS: Registry[type] = Registry(
 
 # model_type -> why moeprune cannot prune it (filled by models/families.py; checked before any adapter)
 REFUSED: dict[str, str] = {}
-# model_type -> a check of the installed transformers' layout of that family: why it cannot be pruned with this
-# transformers, or None (filled by models/families.py; run once, when the family is first asked for)
-LAYOUT_REFUSED: dict[str, Callable[[], str | None]] = {}
-
-
-@cache
-def refusal(model_type: str) -> str | None:
-    """Why moeprune cannot prune `model_type` (always, or with the installed transformers), or None."""
-    import moeprune.models  # noqa: F401  (fills the tables)
-
-    if model_type in REFUSED:
-        return REFUSED[model_type]
-    check = LAYOUT_REFUSED.get(model_type)
-    return check() if check is not None else None
 
 
 def register_adapter(cls: type) -> type:
@@ -60,9 +44,8 @@ def get_adapter(config: Any, model: Any = None, weight_keys: list[str] | None = 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     model_type = getattr(text, "model_type", None) or getattr(config, "model_type", "?")
     for candidate in (model_type, getattr(config, "model_type", None)):
-        why = refusal(candidate) if candidate else None
-        if why:
-            raise MoePruneError(f"model_type {candidate!r} cannot be pruned by moeprune: {why}")
+        if candidate in REFUSED:
+            raise MoePruneError(f"model_type {candidate!r} cannot be pruned by moeprune: {REFUSED[candidate]}")
         if candidate in ADAPTERS:
             return ADAPTERS.get(candidate)(config)
     if not looks_like_moe(config):

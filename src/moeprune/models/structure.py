@@ -134,6 +134,17 @@ def _router(block: nn.Module, skip: set[str], rows: tuple[int, ...]) -> str | No
     return None
 
 
+def _wider_router(block: nn.Module, E: int) -> tuple[str, int] | None:
+    """(name, rows) of a child named "gate" / "router" owning a 2-D weight of more than E rows, else None."""
+    for name in ("gate", "router"):
+        child = getattr(block, name, None)
+        if isinstance(child, nn.Module):
+            rows = [p.shape[0] for p in child.parameters() if p.dim() == 2 and p.shape[0] > E]
+            if rows:
+                return name, int(rows[0])
+    return None
+
+
 def _scan(model: nn.Module, config: Any) -> Structure:
     text = _text(config)
     counts = layer_counts(model, text)
@@ -164,6 +175,9 @@ def _scan(model: nn.Module, config: Any) -> Structure:
     E, rows = counts
     shared = tuple(n for n, _ in block.named_children() if "shared" in n)
     router = _router(block, {EXPERTS_NAME, *shared}, (E, rows))
+    if router is None:  # a block that handles weightless extra classes itself (LongCat-Flash, transformers 5.25):
+        # experts of E rows, a router child of E + Z rows
+        router, rows = _wider_router(block, E) or (None, rows)
     if router is None:
         raise MoePruneError(f"{type(block).__name__}: no child of the MoE block has a weight with {E} rows "
                             "(no router found).")

@@ -38,6 +38,7 @@ from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import FlatLayout, FusedLayout, layout_of
+from moeprune.stats.block_routes import BlockRoutes
 from moeprune.stats.head_gradient import nll_gradient
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
 
@@ -146,6 +147,7 @@ class NeuronCollector:
         self.stats: dict[int, NeuronLayerStats] = {}
         self._patched: list[nn.Module] = []
         self._inputs: list[BlockInput] = []
+        self._routes: list[BlockRoutes] = []
 
     def __enter__(self) -> NeuronCollector:
         for layer in self.layers:
@@ -162,7 +164,10 @@ class NeuronCollector:
                 self._inputs.append(seen)
                 experts.forward = self._prescaled_for(block, experts, stats, seen)
             else:
-                experts.forward = self._forward_for(block, experts, stats)
+                routes = BlockRoutes(self.adapter.router(block), self.adapter.num_experts,
+                                     self.adapter.extra_classes).__enter__()
+                self._routes.append(routes)
+                experts.forward = self._forward_for(block, experts, stats, routes)
             self._patched.append(experts)
         return self
 
@@ -171,8 +176,11 @@ class NeuronCollector:
             del experts.forward
         for seen in self._inputs:
             seen.__exit__()
+        for routes in self._routes:
+            routes.__exit__()
         self._patched.clear()
         self._inputs.clear()
+        self._routes.clear()
 
     def _prescaled_for(self, block: nn.Module, experts: nn.Module, stats: NeuronLayerStats, seen: BlockInput):
         """Instrumented forward for a block that pre-scales the experts' input (`stats/prescaled.py`): each expert
@@ -206,7 +214,7 @@ class NeuronCollector:
 
         return forward
 
-    def _forward_for(self, block: nn.Module, experts: nn.Module, stats: NeuronLayerStats):
+    def _forward_for(self, block: nn.Module, experts: nn.Module, stats: NeuronLayerStats, routes: BlockRoutes):
         adapter, glu, E = self.adapter, self.adapter.expert_glu(experts), stats.num_experts
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
@@ -217,6 +225,11 @@ class NeuronCollector:
             T = hidden_states.shape[0]
             valid = (self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool)).to(
                 stats.sums["count"].device, torch.float64)  # [T]
+            # a zero-expert slot the block handles itself reaches here as a dummy expert at weight 0: read as its
+            # class (`stats/block_routes.py`) and left to the block; one the experts hold (5.24) adds w·x here
+            top_k_index, top_k_weights, held = routes.resolve(top_k_index, top_k_weights)
+            if held is not None:
+                top_k_index = torch.where(held, E + adapter.extra_classes, top_k_index)  # skipped below
             for j in top_k_index.unique().tolist():
                 if E <= j < E + adapter.extra_classes:  # an identity zero expert (LongCat-Flash): out += w·x
                     tok, slot = torch.where(top_k_index == j)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moeprune.models.layouts import fused_rows
+from moeprune.stats.block_routes import BlockRoutes
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
 from moeprune.stats.slots import slot_outputs, uses_grouped_mm
 
@@ -198,6 +200,10 @@ class RoutedCollector:
                  logits_at: int = 0, extra_classes: int = 0):
         self.experts, self.stats, self.router, self.kind = experts, stats, router, routing_kind
         self.classes = stats.num_experts + extra_classes  # router classes: E experts, then Z without weights
+        # the experts module itself serves the extra classes (transformers 5.24 LongCat-Flash: its input projection
+        # has E + Z rows); where the block serves them (5.25), class E is no expert of the module's own
+        rows = fused_rows(experts) if not isinstance(experts, nn.ModuleList) else None
+        self.extra_in_experts = self.classes > stats.num_experts and rows is not None and rows[1] > rows[0]
         self.logits_at = logits_at  # which element of the router's output tuple holds the logits [T, E]
         self.prescaled = is_prescaled(experts)  # the block pre-scales the experts' input (`stats/prescaled.py`)
         if self.prescaled and (block is None or top_k is None):
@@ -212,6 +218,7 @@ class RoutedCollector:
         self.rows: torch.Tensor | None = None  # [B, S] attention mask of the current batch, for `trace`
         self._logits: torch.Tensor | None = None
         self._hook = None
+        self._routes = BlockRoutes(router, stats.num_experts, extra_classes)  # zero experts the block holds
 
     def _keep_logits(self, module, args, output) -> None:
         logits = output[self.logits_at] if isinstance(output, tuple) else output
@@ -224,6 +231,7 @@ class RoutedCollector:
         original = self.experts.forward
         if self.router is not None:
             self._hook = self.router.register_forward_hook(self._keep_logits)
+        self._routes.__enter__()
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             T, k = top_k_index.shape
@@ -251,11 +259,13 @@ class RoutedCollector:
             if logits is not None:  # the E experts' columns of the E + Z router classes
                 logits, probs = logits[:, : self.stats.num_experts], probs[:, : self.stats.num_experts]
             out = (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
-            self.stats.to(dev).update(top_k_index, top_k_weights.detach(), f, valid, hidden_states.detach(), probs,
-                                      out)
+            # the routes the block chose: a zero-expert slot it handles itself counts as that class, not as the
+            # dummy expert at weight 0 it hands the experts (`stats/block_routes.py`)
+            idx, gate, _ = self._routes.resolve(top_k_index, top_k_weights.detach())
+            self.stats.to(dev).update(idx, gate, f, valid, hidden_states.detach(), probs, out)
             self.stats.update_grouping(logits, valid, probe_out)
             if self.trace is not None:
-                self._record_trace(top_k_index)
+                self._record_trace(idx)
             return out.view(shape)
 
         self.experts.forward = self._prescaled_forward(original) if self.prescaled else forward
@@ -267,8 +277,9 @@ class RoutedCollector:
         weight 1: [M, H]."""
         rows = hidden_states.index_select(0, token)  # [M, H]: one gather, no intermediate copies
         one = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-        if self.classes > self.stats.num_experts:  # a second slot at weight 0 on the first extra class (an
-            # identity zero expert, no work): LongCat-Flash's experts code cannot take one slot per row
+        if self.extra_in_experts:  # a second slot at weight 0 on the first extra class (an identity zero
+            # expert, no work): 5.24 LongCat-Flash's experts code cannot take one slot per row. Not where the
+            # block serves them: there class E is out of the experts' range (grouped_mm leaves such rows unset)
             experts = torch.cat([experts, torch.full_like(experts, self.stats.num_experts)], dim=1)  # [M, 2]
             one = torch.cat([one, torch.zeros_like(one)], dim=1)  # [M, 2]: f·1 + x·0 = f exactly
         return original(rows, experts, one, *args, **kwargs).detach().reshape(rows.shape)  # [M, H]
@@ -326,6 +337,7 @@ class RoutedCollector:
 
     def __exit__(self, *exc) -> None:
         del self.experts.forward
+        self._routes.__exit__()
         if self._input is not None:
             self._input.__exit__()
         if self._hook is not None:
