@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 from torch import nn
@@ -49,12 +50,18 @@ class _Call:
     output: torch.Tensor
 
 
+@cache
+def _multipliers(width: int) -> torch.Tensor:
+    """[width] fixed odd random int64 r_j (host; drawn once per width, not per call)."""
+    gen = torch.Generator().manual_seed(_SEED)
+    return torch.randint(-(2**62), 2**62, (width,), generator=gen, dtype=torch.int64) * 2 + 1
+
+
 def row_prints(x: torch.Tensor) -> torch.Tensor:
     """[T] int64 fingerprints of the rows of x [T, H] (module docstring): Σ_j r_j·bits(x_tj) mod 2⁶⁴."""
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-    gen = torch.Generator().manual_seed(_SEED)
-    r = torch.randint(-(2**62), 2**62, (x.shape[-1],), generator=gen, dtype=torch.int64) * 2 + 1  # odd, [H]
-    return (x.contiguous().view(bits).long() * r.to(x.device)).sum(dim=-1)  # int64 arithmetic wraps mod 2⁶⁴
+    r = _multipliers(x.shape[-1]).to(x.device)  # [H]
+    return (x.contiguous().view(bits).long() * r).sum(dim=-1)  # int64 arithmetic wraps mod 2⁶⁴
 
 
 class ExpertReplay:
