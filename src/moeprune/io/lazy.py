@@ -68,6 +68,7 @@ from torch import nn
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
 from moeprune.io.lazy_direct import Piece, plan_direct, read_direct
+from moeprune.io.kernel_cache import bound_kernel_cache
 from moeprune.io.lazy_narrow import copies_only, narrow_params, set_meta_dtypes, widen
 from moeprune.io.memory import release_freed_memory, trim
 from moeprune.io.quant import is_quantized_dtype
@@ -189,6 +190,7 @@ def load_lazy(path: str | Path, dtype: str = "auto", *, head: bool = False, conf
                             "unquantized checkpoints only; export the task's model with `moeprune taskpack export`.")
     view = {e.name: e for e in ckpt.entries} if tensors is None else {t.name: t for t in tensors}
     release_freed_memory()
+    bound_kernel_cache()  # before any layer computes: oneDNN reads it once
     config = copy.deepcopy(config if config is not None else ckpt.config)
     quant = ckpt.quantization
     hf_quantizer = None
