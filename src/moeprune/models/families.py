@@ -61,6 +61,10 @@ REFUSED: dict[str, str] = {
     "diffusion_gemma": "a block-diffusion model with two MoE decoder stacks (encoder and decoder) sized by one text "
                        "config; moeprune prunes one stack of decoder layers, so the export's other stack would no "
                        "longer match its config.",
+    "ergo": "each routed expert ends in its own RMSNorm (ErgoExperts.post_expert_norm, [E, H]) applied before the "
+            "gate weight, and the router's weight sits one module deeper (gate.linear); moeprune models an expert as "
+            "its MLP alone, so its expert outputs, merges and neuron plans would leave the norm out. A family spec "
+            "with the post-expert norm in the expert function is needed.",
     "ernie4_5_vl_moe": "each MoE layer holds a text and a vision expert set with list-valued counts "
                        "(moe_num_experts [text, vision]); moeprune handles one routed expert set per layer.",
     "inkling_text": "its router weight has E + S rows (the last S score the shared experts, and all E + S sigmoid "
@@ -139,6 +143,9 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec("longcat_flash", ("longcat_flash",), routing="softmax_bias", extra_classes_key="zero_expert_num",
                note="softmax over E experts + Z identity zero experts, top-k of softmax + correction bias, gather, "
                     "scale; two attention sublayers per decoder layer (num_hidden_layers = 2 × num_layers)"),
+    FamilySpec("minicpm5_moe", ("minicpm5_moe",),
+               note="DeepSeek-V3's group-limited routing (sigmoid + correction bias, top-2 sum per group), the "
+                    "router's logits always in float32"),
     FamilySpec("mistral4", ("mistral4",)),
     FamilySpec("mistral_large4", ("mistral_large4", "mistral_large4_text")),
     FamilySpec("muse_spark", ("muse_spark", "muse_spark_text")),
