@@ -67,8 +67,8 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.io.checkpoint import INDEX_NAME, Checkpoint
-from moeprune.io.lazy_direct import Piece, plan_direct, read_direct
 from moeprune.io.kernel_cache import bound_kernel_cache
+from moeprune.io.lazy_direct import Piece, plan_direct, read_direct
 from moeprune.io.lazy_narrow import copies_only, narrow_params, set_meta_dtypes, widen
 from moeprune.io.memory import release_freed_memory, trim
 from moeprune.io.quant import is_quantized_dtype

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,25 +124,16 @@ def _width(experts: nn.Module) -> int | None:
     return style_of(experts).width(experts)
 
 
-def _router(block: nn.Module, skip: set[str], rows: tuple[int, ...]) -> str | None:
-    """The block child owning a parameter with one of `rows` rows ("gate"/"router" first)."""
-    names = sorted((n for n, _ in block.named_children() if n not in skip),
+def _router(block: nn.Module, skip: set[str], fits: Callable[[int], bool],
+            only: tuple[str, ...] = ()) -> tuple[str, int] | None:
+    """(name, rows) of the first block child not in `skip` ("gate" / "router" first; only the children named in
+    `only` when given) owning a 2-D parameter whose row count satisfies `fits(rows)`, else None."""
+    names = sorted((n for n, _ in block.named_children() if n not in skip and (not only or n in only)),
                    key=lambda n: (n not in ("gate", "router"), n))
     for name in names:
-        child = getattr(block, name)
-        if any(p.dim() == 2 and p.shape[0] in rows for p in child.parameters()):
-            return name
-    return None
-
-
-def _wider_router(block: nn.Module, E: int) -> tuple[str, int] | None:
-    """(name, rows) of a child named "gate" / "router" owning a 2-D weight of more than E rows, else None."""
-    for name in ("gate", "router"):
-        child = getattr(block, name, None)
-        if isinstance(child, nn.Module):
-            rows = [p.shape[0] for p in child.parameters() if p.dim() == 2 and p.shape[0] > E]
-            if rows:
-                return name, int(rows[0])
+        found = [p.shape[0] for p in getattr(block, name).parameters() if p.dim() == 2 and fits(p.shape[0])]
+        if found:
+            return name, int(found[0])
     return None
 
 
@@ -174,10 +166,13 @@ def _scan(model: nn.Module, config: Any) -> Structure:
         raise MoePruneError(f"{type(experts).__name__}: cannot read the number of experts from its tensors.")
     E, rows = counts
     shared = tuple(n for n, _ in block.named_children() if "shared" in n)
-    router = _router(block, {EXPERTS_NAME, *shared}, (E, rows))
-    if router is None:  # a block that handles weightless extra classes itself (LongCat-Flash, transformers 5.25):
-        # experts of E rows, a router child of E + Z rows
-        router, rows = _wider_router(block, E) or (None, rows)
+    skip = {EXPERTS_NAME, *shared}
+    owner = _router(block, skip, lambda r: r in (E, rows))
+    if owner is None:  # a block that handles weightless extra classes itself (LongCat-Flash, transformers 5.25):
+        # experts of E rows, a router child ("gate" / "router") of E + Z rows
+        owner = _router(block, skip, lambda r: r > E, only=("gate", "router"))
+        rows = owner[1] if owner else rows
+    router = owner[0] if owner else None
     if router is None:
         raise MoePruneError(f"{type(block).__name__}: no child of the MoE block has a weight with {E} rows "
                             "(no router found).")
