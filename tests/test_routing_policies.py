@@ -328,13 +328,15 @@ def test_read_routing_refuses_what_is_not_a_policy(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- other families
-KINDS = ["qwen2_moe", "olmoe", "deepseek_v2", "ernie4_5_moe", "kolibri1", "aria_text", "glm4_moe"]
+KINDS = ["qwen2_moe", "olmoe", "deepseek_v2", "ernie4_5_moe", "kolibri1", "aria_text", "glm4_moe",
+         "longcat_flash"]
 
 
 @pytest.mark.parametrize("model_type", KINDS)
 def test_every_routing_kind_keeps_exactly_the_policy_experts(model_type):
-    """One family per routing kind (and aria's top-k-then-softmax softmax router): the hook's own check (non-zero
-    weights == kept experts) passes, and topk k'=1 equals the stock router with top_k = 1."""
+    """One family per routing kind (and aria's top-k-then-softmax softmax router; LongCat-Flash, whose router also
+    picks weightless identity "zero experts", which its MoE block adds itself on transformers 5.25): the hook's own
+    check (non-zero weights == kept experts) passes, and topk k'=1 equals the stock router with top_k = 1."""
     from moeprune.tiny_families import tiny_family_model
 
     model = tiny_family_model(model_type, seed=1)
