@@ -76,6 +76,7 @@ def test_export_is_the_merge_export_with_its_merged_experts_decomposed(root, tmp
     groups = json.loads((tmp_path / "m" / "moeprune_plans" / "1-merge.json").read_text())["groups"]
     merged, plain = load_file(tmp_path / "m" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
     checked = 0
+    sums: dict[tuple[str, str], list[float]] = {}  # (layer, role) -> [Σ‖W − ref‖², Σ‖W‖²] over decomposed experts
     for name, w in merged.items():
         if ".mlp.experts." not in name or not name.endswith(("gate_up_proj", "down_proj", "proj.weight")):
             assert torch.equal(plain[name], w), name
@@ -91,10 +92,20 @@ def test_export_is_the_merge_export_with_its_merged_experts_decomposed(root, tmp
             parts = [mat] if not name.endswith("gate_up_proj") else list(mat.chunk(2, dim=0))
             want = [by_numpy(p.double().numpy(), 2, math.ceil(round(0.2 * p.numel(), 6))) for p in parts]
             assert np.allclose(got.double().numpy(), np.concatenate(want, axis=0), atol=1e-5), (name, g)
+            base = name.removesuffix(".weight").split(".")[-1]  # gate_up_proj, gate_proj, up_proj or down_proj
+            roles = ("gate", "up") if base == "gate_up_proj" else (base.split("_")[0],)
+            for role, p, ref in zip(roles, parts, want):
+                acc = sums.setdefault((layer, role), [0.0, 0.0])
+                acc[0] += float(np.square(p.double().numpy() - ref).sum())
+                acc[1] += float(np.square(p.double().numpy()).sum())
             checked += 1
     assert checked > 0
     summary = applied.report["stages"][-1]["summary"]
     assert 0 < summary["factorised_bytes"] < summary["dense_bytes"]
+    # the reported relative error per layer and role: sqrt(Σ‖W − L − S‖² / Σ‖W‖²), against the numpy reference
+    for (layer, role), (num, den) in sums.items():
+        got = summary["layers"][layer]["rel_error"][role]
+        assert got == pytest.approx((num / den) ** 0.5, rel=1e-6), (layer, role)
 
 
 @pytest.mark.parametrize("recipe,match", [

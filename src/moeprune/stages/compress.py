@@ -96,10 +96,13 @@ class CompressStage(WeightStage):
                                 continue
                             w = views[role].detach()
                             low, sparse = low_rank_sparse(w, o.rank, o.sparsity, o.iterations)
-                            new_layer.setdefault(g, {})[role] = stored.expert(layer, role, (low + sparse).to(
+                            fit = low.add_(sparse)  # [m, n] float64 L + S (low is not read again)
+                            new_layer.setdefault(g, {})[role] = stored.expert(layer, role, fit.to(
                                 w.dtype).cpu())  # in its stored dtype at once
-                            err[role][0] += float((w.double() - low - sparse).square().sum())
-                            err[role][1] += float(w.double().square().sum())
+                            wd = w.double().reshape(-1)
+                            res = wd - fit.reshape(-1)  # W − L − S
+                            err[role][0] += float(res @ res)
+                            err[role][1] += float(wd @ wd)
                             dense += w.numel() * w.element_size()
                             fact += factorised_bytes(tuple(w.shape), o.rank, o.sparsity, w.element_size())
                 if new_layer:
