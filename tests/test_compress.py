@@ -94,7 +94,7 @@ def test_export_is_the_merge_export_with_its_merged_experts_decomposed(root, tmp
             assert np.allclose(got.double().numpy(), np.concatenate(want, axis=0), atol=1e-5), (name, g)
             base = name.removesuffix(".weight").split(".")[-1]  # gate_up_proj, gate_proj, up_proj or down_proj
             roles = ("gate", "up") if base == "gate_up_proj" else (base.split("_")[0],)
-            for role, p, ref in zip(roles, parts, want):
+            for role, p, ref in zip(roles, parts, want, strict=True):
                 acc = sums.setdefault((layer, role), [0.0, 0.0])
                 acc[0] += float(np.square(p.double().numpy() - ref).sum())
                 acc[1] += float(np.square(p.double().numpy()).sum())
