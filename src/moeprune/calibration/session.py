@@ -43,6 +43,11 @@ class BlockIO:
     outputs: list[torch.Tensor] = field(default_factory=list)
     valid: list[torch.Tensor] = field(default_factory=list)  # [B, S] bool
     tags: list[str] = field(default_factory=list)  # calibration set of each batch
+    # for a decider that asks (`decide.routed_stride(real_tokens)`): per batch the routed experts [r_b, k] and their
+    # outputs at gate weight 1 [r_b, k, H] of every `routed_stride`-th real token (counted across the layer's
+    # batches in order), as the statistics collector computed them (`RoutedCollector.keep_slots`)
+    routed: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    routed_stride: int = 0  # 0: nothing recorded
 
 
 Decide = Callable[[nn.Module, MoEAdapter, int, dict[str, RoutedStats], BlockIO], list[int]]
@@ -122,6 +127,10 @@ def collect(
     current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
     replay: dict[int, ExpertReplay] = {}  # prune-as-you-go: the active layer's recorded experts calls
     io = BlockIO()
+    wants = getattr(decide, "routed_stride", None)  # the decider reuses the pass's routed outputs (NAEE)
+    if wants is not None:
+        io.routed_stride = wants(sum(int(s.attention_mask.sum()) for s in sets))
+    seen = [0]  # real tokens of the current layer's batches so far
     on_cuda = torch.device(device).type == "cuda"
 
     def on_layer(i: int, layer: nn.Module):
@@ -136,6 +145,9 @@ def collect(
                               top_k=adapter.top_k, logits_at=adapter.router_logits_at,
                               extra_classes=adapter.extra_classes).__enter__()
         col.layer = i
+        if io.routed_stride:
+            col.keep_slots = io.routed
+            seen[0] = 0
         current["collector"] = col
         hook = block.register_forward_hook(_record_io) if decide is not None else None
         recording = None
@@ -172,6 +184,11 @@ def collect(
                 col.trace, col.rows = result.traces[b.tag][col.layer], b.attention_mask
             io.valid.append(b.attention_mask.bool())
             io.tags.append(b.tag)
+            if col.keep_slots is not None:  # every routed_stride-th real token of the layer, as the decider keeps
+                m = b.attention_mask.reshape(-1).bool().cpu()  # [T]
+                pos = seen[0] + torch.cumsum(m.long(), 0) - 1  # [T] index among the layer's real tokens so far
+                seen[0] += int(m.sum())
+                col.keep_rows = (m & (pos % io.routed_stride == 0)).nonzero().view(-1)  # [r] on the host
 
     with eager_experts(model) if eager else nullcontext():
         batches = make_batches(model, adapter, sets, batch_size, device)
@@ -180,6 +197,9 @@ def collect(
                                      layer_context=layer_context, on_batch=on_batch):
             if i in moe and decide is not None:
                 drop = sorted(decide(model, adapter, i, {name: stats[name][i] for name in stats}, io))
+                if current["collector"] is not None:
+                    current["collector"].keep_slots = None  # the re-run below records nothing
+                io.routed.clear()
                 if drop:
                     result.dropped[i] = drop
                     with masked_experts(model, adapter, {i: drop}), replay[i].replaying():
@@ -187,7 +207,7 @@ def collect(
                     logger.debug("layer %d re-run: routed experts recomputed on %d of %d rows", i,
                                  replay[i].recomputed, replay[i].rows)
             replay.clear()
-            for cache in (io.inputs, io.outputs, io.valid, io.tags):
+            for cache in (io.inputs, io.outputs, io.valid, io.tags, io.routed):
                 cache.clear()
     for per_layer in stats.values():
         for st in per_layer.values():

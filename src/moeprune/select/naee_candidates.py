@@ -58,21 +58,36 @@ def candidates(model: nn.Module, adapter: MoEAdapter, layer: int, x: torch.Tenso
     return chosen[:, :count]
 
 
-def candidate_outputs(experts: nn.Module, h: torch.Tensor, cand: torch.Tensor, out: torch.Tensor) -> None:
+def candidate_outputs(experts: nn.Module, h: torch.Tensor, cand: torch.Tensor, out: torch.Tensor,
+                      known: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
     """h [n, H], cand [n, C] -> out [n, C, H]: y_{cand[t, s]}(t), gate weight 1, by the model's own experts code: one
-    call per expert on the tokens that hold it as a candidate."""
+    call per expert on the tokens that hold it as a candidate. `known` = (idx [n, k], y [n, k, H]): outputs already
+    computed at gate weight 1 (y[t, i] = y_{idx[t, i]}(t), the calibration pass's routed slots), copied where a
+    candidate is among them instead of computed. Returns the expert rows computed."""
+    todo = torch.arange(cand.numel(), device=cand.device)  # [n·C] flat (token, slot) pairs to compute
+    if known is not None:
+        idx, y = known
+        match = cand[:, :, None] == idx[:, None, :]  # [n, C, k]
+        hit = match.any(-1)  # [n, C]
+        if bool(hit.any()):
+            col = match.to(torch.uint8).argmax(-1)  # [n, C] the first recorded slot holding that expert
+            tok = torch.arange(cand.shape[0], device=cand.device)[:, None].expand_as(cand)  # [n, C]
+            out[hit] = y[tok[hit], col[hit]]  # [h, H]
+            todo = (~hit).reshape(-1).nonzero().view(-1)  # [n·C − h]
     one = torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)  # gate weight 1 (n ≤ tokens: one slot each)
-    order = cand.reshape(-1).argsort()  # (token, slot) pairs grouped by expert
-    experts_sorted = cand.reshape(-1)[order]
+    wanted = cand.reshape(-1)[todo]  # [m] the expert of each pair
+    order = wanted.argsort()  # pairs grouped by expert
+    pairs_sorted, experts_sorted = todo[order], wanted[order]
     counts = torch.bincount(experts_sorted, minlength=1).tolist()
     start = 0
     for j, n in enumerate(counts):
         if n == 0:
             continue
-        pairs = order[start:start + n]  # [n] flat (token, slot) indices
+        pairs = pairs_sorted[start:start + n]  # [n] flat (token, slot) indices
         start += n
         rows = pairs // cand.shape[1]  # [n] tokens
         out.view(-1, out.shape[-1])[pairs] = experts(h[rows], torch.full((n, 1), j, device=h.device), one[:n])  # [n, H]
+    return int(todo.numel())
 
 
 def slot_table(cand: torch.Tensor, num_experts: int) -> torch.Tensor:

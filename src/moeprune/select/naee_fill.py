@@ -59,11 +59,13 @@ def grow_targets(need: torch.Tensor, filled: torch.Tensor, top_k: int, count: in
 
 @torch.no_grad()
 def fill(experts: nn.Module, x: torch.Tensor, u: torch.Tensor, order: torch.Tensor, gram: torch.Tensor,
-         cross: torch.Tensor, filled: torch.Tensor, tokens: torch.Tensor, upto: torch.Tensor, budget: int) -> int:
+         cross: torch.Tensor, filled: torch.Tensor, tokens: torch.Tensor, upto: torch.Tensor, budget: int,
+         known: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
     """Fill slots [filled_t, upto_t) of each token t in `tokens` [r] of one chunk (module docstring): x [c, H] router
     inputs, u [c, H] float64 U_t, order [c, C] each token's candidates in selection order, gram [c, C, C] / cross
     [c, C] / filled [c] written in place; `budget`: token slots per expert pass (y [budget / n, n, H] bounded). The
-    model's own experts code computes y (gate weight 1, `candidate_outputs`). Returns the expert rows computed."""
+    model's own experts code computes y (gate weight 1, `candidate_outputs`), except where `known` (idx [c, k],
+    y [c, k, H], the calibration pass's routed outputs) holds it. Returns the expert rows computed."""
     computed = 0
     pairs = torch.stack([filled[tokens], upto], 1)  # [r, 2] (f, n) per token
     for f, n in pairs.unique(dim=0).tolist():
@@ -74,14 +76,14 @@ def fill(experts: nn.Module, x: torch.Tensor, u: torch.Tensor, order: torch.Tens
         for s in range(0, group.shape[0], rows):
             tok = group[s:s + rows]  # [m]
             y = torch.empty(tok.shape[0], n, x.shape[1], dtype=x.dtype, device=x.device)  # [m, n, H]
-            candidate_outputs(experts, x[tok], order[tok, :n], y)
+            computed += candidate_outputs(experts, x[tok], order[tok, :n], y,
+                                          None if known is None else (known[0][tok], known[1][tok]))
             g = torch.empty(tok.shape[0], n, n, dtype=torch.float64, device=x.device)  # [m, n, n]
             a = torch.empty(tok.shape[0], n, dtype=torch.float64, device=x.device)  # [m, n]
             reduce_gram(y, u[tok], g, a)
             gram[tok, f:n, :n] = g[:, f:, :]  # new rows
             gram[tok, :f, f:n] = g[:, :f, f:]  # new columns of the rows already filled
             cross[tok, f:n] = a[:, f:]
-            computed += tok.shape[0] * n
         filled[group] = n
     return computed
 
@@ -120,7 +122,7 @@ def ready(o: Any, chunk: int, tokens: torch.Tensor, idx: torch.Tensor, experts: 
         upto = torch.minimum(grow_targets(need[short], filled[short], top_k, o.gram[chunk].shape[1]),
                              o.assigned[chunk][short])
         o.rows_computed += fill(experts, o.x[chunk], o.target[chunk], o.order[chunk], o.gram[chunk], o.cross[chunk],
-                                filled, short, upto, o.fill_slots)
+                                filled, short, upto, o.fill_slots, o.known[chunk] if o.known else None)
     return s
 
 

@@ -26,9 +26,11 @@ Candidates (`naee_candidates.py`, `max_dropped` = d given): where masking never 
 so y, G and A are computed for those only (C replaces E in the costs below; a [T, E] slot table maps experts to
 them): at E = 128, k = 8, 25 %, C = 48. Of those, the precompute fills each token's first 2k slots and the evaluator
 the rest when a route first reaches them (`naee_fill.py`): on the big-model checkpoint 16 expert rows per token
-instead of 48. Where masking can reorder the selection (a group limit, a selection bias) no C bounds the route:
-each token starts with its first 2k choices and an expert a route reaches gets a slot then ("open" candidates,
-`naee_fill.assign`), instead of every expert for every token.
+instead of 48. The k of those the token was routed to were computed by the calibration pass that cached X and Z
+(the statistics collector's per-slot outputs, `known`, recorded for the tokens kept here): they are copied, not
+computed, so 8 rows per token remain there. Where masking can reorder the selection (a group limit, a selection
+bias) no C bounds the route: each token starts with its first 2k choices and an expert a route reaches gets a slot
+then ("open" candidates, `naee_fill.assign`), instead of every expert for every token.
 Each evaluation then runs only the router module under the mask — every routing rule (softmax-top-k with or
 without renormalisation, Mixtral's top-k, gpt-oss's top-k-then-softmax, DeepSeek/GLM sigmoid group-limited with
 correction bias, routed scaling) is the model's own — and costs per token 2·H·E FLOPs (router) + O(E log k)
@@ -38,7 +40,8 @@ values in memory; the Gram form is the same quantity, exact in float64, smaller 
 
 Memory (T real tokens kept, E experts, H hidden, s / s_x = bytes per element of the experts' output / the input):
     kept:        T·(E² + E + 1)·8 + T·H·s_x       (G, A, ‖U‖² per token, router inputs x; with candidates C for E,
-                                                    plus T·(E + C + H + 1)·8: slot table, order, U, fill count)
+                                                    plus T·(E + C + H + 1)·8: slot table, order, U, fill count;
+                                                    with `known`, T·k·(H·s + 8), also held from the calibration pass)
     precompute:  ≤ 256 MiB (`PRECOMPUTE_BYTES`) of temporaries: y on n tokens at a time, n chosen so that
                  n·(E·H·s + 4·H·s + 3·I·s + 8·E) fits (y, one expert call's intermediates), + 2·E·H·8 (the
                  float64 copy), plus the block forward for R on c = `chunk_tokens` tokens (default 2048)
@@ -130,6 +133,9 @@ class ExpertOutputs:
     open: bool = False  # candidates are assigned as routes reach them (`naee_candidates.open_candidates`)
     fill_slots: int = 1  # token slots per expert pass of a fill (bounds its temporaries, as the precompute's)
     rows_computed: int = 0  # expert rows computed so far (precompute and fills)
+    # with candidates and the calibration pass's routed outputs given (`expert_outputs(known=...)`), per chunk:
+    # (idx [c, k], y [c, k, H]), copied by the fills where a candidate is among them
+    known: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -138,7 +144,8 @@ class ExpertOutputs:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in (self.x, self.gram, self.cross, self.slots, self.order,
-                                                             self.target, self.filled, self.assigned) for t in ts)
+                                                             self.target, self.filled, self.assigned,
+                                                             [t for pair in self.known for t in pair]) for t in ts)
 
 
 def keep_stride(total: int, cap: int) -> tuple[int, int]:
@@ -151,12 +158,17 @@ def keep_stride(total: int, cap: int) -> tuple[int, int]:
 def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[torch.Tensor], Z: list[torch.Tensor],
                    valid: list[torch.Tensor] | None = None, *, max_tokens: int | None = None,
                    max_bytes: int = DEFAULT_MAX_BYTES, chunk_tokens: int = DEFAULT_CHUNK,
-                   max_dropped: int | None = None) -> ExpertOutputs:
+                   max_dropped: int | None = None, known: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   known_stride: int = 0) -> ExpertOutputs:
     """Precompute G, A, ‖U‖² (see module docstring) on the real tokens of cached block inputs X / outputs Z ([B, S, H]
     per batch; `valid` [B, S] bool per batch, None = every token is real). Runs on the block's device, the experts
     on their eager code path (`calibration.session.eager_experts`, as calibration runs them). `max_dropped`: the
     largest dropped set that will be scored; where the routing allows, each token then keeps only its candidates
-    (`naee_candidates.py`); None: every expert."""
+    (`naee_candidates.py`); None: every expert. `known`: per batch (idx [r_b, k], y [r_b, k, H]) for every
+    `known_stride`-th real token (counted over the batches in order), the outputs the calibration pass computed for
+    those tokens' routed experts at gate weight 1 (`calibration.session.BlockIO.routed`): with candidates, and when
+    this precompute keeps every `known_stride`-th token too, the fills copy them instead of computing them again
+    (the first k of a token's first 2k slots, where the routing is unchanged); otherwise they are not used."""
     if len(X) != len(Z) or not X or (valid is not None and len(valid) != len(X)):
         raise MoePruneError(f"NAEE needs one cached output (and mask) per input batch, got {len(X)} inputs, "
                             f"{len(Z)} outputs, {'no' if valid is None else len(valid)} masks.")
@@ -167,6 +179,10 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     bad = [b for b, (x, z) in enumerate(zip(X, Z, strict=True)) if x.shape != z.shape]
     if bad:
         raise MoePruneError(f"cached MoE inputs and outputs differ in shape for batches {bad}; re-capture them.")
+    if known is not None and (len(known) != len(X) or any(
+            i.dim() != 2 or y.shape != (*i.shape, x.shape[-1]) for (i, y), x in zip(known, X, strict=True))):
+        raise MoePruneError("NAEE: the recorded routed outputs do not match the cached inputs (one (idx [r, k], "
+                            "y [r, k, H]) per batch); re-capture them.")
     H, E = X[0].shape[-1], adapter.num_experts
     masks = [torch.ones(x.shape[:-1], dtype=torch.bool) if valid is None else v.bool() for x, v in
              zip(X, valid if valid is not None else X, strict=True)]
@@ -182,23 +198,31 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
     C = candidate_count(adapter, max_dropped)  # slots per token (E: every expert)
     # bytes kept per token: G, A, ‖U‖², x; with candidates the slot table, order, U, fill count
     per_token = (C * C + C + 1) * 8 + H * X[0].element_size() + ((E + C + H + 1) * 8 if C < E else 0)
+    if known is not None and C < E:  # the fills copy the calibration pass's outputs (kept: idx and y)
+        per_token += known[0][0].shape[1] * (8 + H * known[0][1].element_size())
     cap = min(max_tokens or total, max(1, max_bytes // per_token))
     stride, kept = keep_stride(total, cap)
+    reuse = known is not None and C < E and known_stride == stride
     if stride > 1:
         why = (f"the token budget is {max_tokens} (search_tokens; 0 = every token)"
                if max_tokens is not None and max_tokens <= max_bytes // per_token else
                f"their Gram matrices would take {total * per_token / 2**30:.1f} GiB (max_bytes)")
         logger.warning("NAEE layer %d: searching on %d of %d real tokens (every %d-th): %s.", layer, kept, total,
                        stride, why)
-    rows, zrows, seen = [], [], 0
-    for x, z, m in zip(X, Z, masks, strict=True):
+    rows, zrows, kidx, ky, seen = [], [], [], [], 0
+    for b, (x, z, m) in enumerate(zip(X, Z, masks, strict=True)):
         m = m.reshape(-1)  # [B·S]
         pos = seen + torch.cumsum(m.long(), 0) - 1  # [B·S] index among all real tokens so far
         keep = m & (pos % stride == 0)  # [B·S]
         seen += int(m.sum())
         rows.append(x.reshape(-1, H)[keep])  # [t_b, H]
         zrows.append(z.reshape(-1, H)[keep])  # [t_b, H]
+        if reuse:
+            reuse = known[b][0].shape[0] == int(keep.sum())  # the same tokens, in the same order
+            kidx.append(known[b][0])  # [t_b, k]
+            ky.append(known[b][1])  # [t_b, k, H]
     xs, zs = torch.cat(rows), torch.cat(zrows)  # [T, H] each: batches share chunks (fewer router calls)
+    kidx_all, ky_all = (torch.cat(kidx), torch.cat(ky)) if reuse else (None, None)  # [T, k], [T, k, H]
     item = next(experts.parameters()).element_size()
     width = adapter.expert_width or H
     sub = max(1, min(chunk_tokens, PRECOMPUTE_BYTES // (C * H * item + 4 * H * item + 3 * width * item + 8 * C)))
@@ -230,8 +254,12 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
                 cross = torch.full((c, C), float("nan"), dtype=torch.float64, device=device)  # [c, C]
                 filled = torch.zeros(c, dtype=torch.long, device=device)  # [c]
                 every = torch.arange(c, device=device)
+                have = None
+                if reuse:
+                    have = (kidx_all[start:start + c].to(device), ky_all[start:start + c].to(device))
+                    out.known.append(have)
                 out.rows_computed += fill(experts, xr, u, order, gram, cross, filled, every,
-                                          assigned.clamp_max(F), out.fill_slots)
+                                          assigned.clamp_max(F), out.fill_slots, have)
                 out.slots.append(slot_table(order, E))
                 out.order.append(order)
                 out.target.append(u)

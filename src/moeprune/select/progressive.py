@@ -17,7 +17,7 @@ from moeprune.errors import MoePruneError
 from moeprune.io.memory import reuse_freed_memory
 from moeprune.models.routing import RoutingSpec
 from moeprune.select.naee_incremental import incremental_evaluator
-from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, DEFAULT_SEARCH_TOKENS, expert_outputs
+from moeprune.select.naee_outputs import DEFAULT_MAX_BYTES, DEFAULT_SEARCH_TOKENS, expert_outputs, keep_stride
 from moeprune.select.policies import select
 from moeprune.select.reconstruction import DEFAULT_BEAM, search
 from moeprune.select.uniform import drop_count
@@ -60,11 +60,16 @@ def reconstruction_decider(ratio: float, routing: RoutingSpec, num_experts: int,
 
     def decide(model, adapter, layer, stats, io) -> list[int]:
         with reuse_freed_memory():  # the expert calls and batched router calls reallocate the same temporaries
+            known = io.routed if len(io.routed) == len(io.inputs) else None  # one experts call per batch recorded
             outputs = expert_outputs(model, adapter, layer, io.inputs, io.outputs, io.valid, max_tokens=max_tokens,
-                                     max_bytes=max_bytes, max_dropped=n_drop)
+                                     max_bytes=max_bytes, max_dropped=n_drop, known=known,
+                                     known_stride=io.routed_stride)
             evaluate = incremental_evaluator(model, adapter, layer, outputs)
             result = search(evaluate, num_experts, n_drop, groups=groups, protected=prot.get(layer, frozenset()),
                             max_exhaustive=max_exhaustive, beam=beam, desc=f"NAEE search (layer {layer})")
         return list(result.dropped)
 
+    # the calibration pass keeps the routed outputs of the tokens the precompute will keep (`max_tokens`; a
+    # `max_bytes` cap that keeps fewer makes the precompute compute them instead)
+    decide.routed_stride = lambda real_tokens: keep_stride(real_tokens, max_tokens or real_tokens)[0]
     return decide

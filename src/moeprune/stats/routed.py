@@ -216,6 +216,12 @@ class RoutedCollector:
         self.layer = -1  # decoder-layer index, for callers that switch `stats` per batch
         self.trace: list[torch.Tensor] | None = None  # routing traces of the current set (None: not recorded)
         self.rows: torch.Tensor | None = None  # [B, S] attention mask of the current batch, for `trace`
+        # when a list: each forward appends (idx [r, k], f [r, k, H]) for the rows `keep_rows` [r] (long, on the
+        # device) of the batch, their routed experts and outputs at gate weight 1 (NAEE's precompute copies them,
+        # `select/naee_outputs.expert_outputs(known=...)`); not recorded for pre-scaled inputs or router classes
+        # without experts
+        self.keep_slots: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.keep_rows: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None
         self._hook = None
         self._routes = BlockRoutes(router, stats.num_experts, extra_classes)  # zero experts the block holds
@@ -251,6 +257,10 @@ class RoutedCollector:
             else:
                 fa = self._one_slot_per_row(original, hidden_states, token, experts, top_k_weights, args, kwargs)
             f = fa[: T * k].view(T, k, -1)  # [T, k, H]
+            if self.keep_slots is not None and self.keep_rows is not None and self.classes == self.stats.num_experts:
+                rows = self.keep_rows.to(dev, non_blocking=True)  # [r]
+                self.keep_slots.append((top_k_index.detach().reshape(T, k).index_select(0, rows),
+                                        f.index_select(0, rows)))  # copies: the batch's [T, k, H] is not held
             probe_out = fa[T * k :].view(-1, self.stats.num_experts, fa.shape[-1]) if probe is not None else None
             valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=dev)
             valid = valid.to(dev, non_blocking=True)
