@@ -16,11 +16,12 @@ layer for its first 10 layers and stays ~0.5 GB above what the layers and activa
 | 128 | 1.34 | 30.9 |
 | 16 | 1.27 | 32.4 |
 
-(`/tmp`-style probe: the benchmark's forward with RSS sampled every 5 ms, read-ahead off, one run each.) Under the
-benchmark's 3 GiB limit, 256 against the default: forward 1.80 → 1.41 GB, NAEE 2.15 → 1.74, HEAPr 2.27 → 1.82,
-M-SMoE → compress 2.29 → 1.88 GB, at 0–7 % more wall time (ratios to the forward 2.79 / 4.13 / 4.46 → 2.76 /
-4.03 / 4.02). The layer-by-layer path runs because memory is short, so it takes 256; a process that loads whole
-keeps oneDNN's default. A capacity the user set (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) is kept.
+(The benchmark's forward in one process with its RSS sampled every 5 ms, read-ahead off, one run each;
+`benchmarks/RESULTS.md`, session 28.) Under the benchmark's 3 GiB limit, 256 against the default: forward
+1.80 → 1.41 GB, NAEE 2.15 → 1.74, HEAPr 2.27 → 1.82, M-SMoE → compress 2.29 → 1.88 GB, at 0–7 % more wall time
+(ratios to the forward 2.79 / 4.13 / 4.46 → 2.76 / 4.03 / 4.02). The layer-by-layer path runs because memory is
+short, so it takes 256; a process that loads whole keeps oneDNN's default. A capacity the user set
+(`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) is kept.
 
 oneDNN reads the variable when it builds the cache, at the process's first primitive, and torch exposes no setter:
 set later, it has no effect (nothing breaks). The layer-by-layer loaders call this before any layer computes.
