@@ -114,3 +114,30 @@ def test_outputs_recorded_for_other_tokens_are_not_used():
     for got, ref in runs:
         assert not got.known and got.rows_computed == ref.rows_computed
         assert all(torch.equal(g.nan_to_num(), r.nan_to_num()) for g, r in zip(got.gram, ref.gram, strict=True))
+
+
+def test_the_naee_decider_reuses_them(monkeypatch):
+    """End to end through `reconstruction_decider` (what `prune --method naee` runs): every MoE layer's precompute
+    copied the pass's routed outputs, and the choices equal those of a run that records nothing."""
+    import moeprune.select.progressive as progressive
+
+    model = tiny_model("qwen3_moe", seed=5)
+    adapter = get_adapter(model.config)
+    inputs = seeded_inputs(96, batch=3, seq_len=16, seed=7)
+    data = CalibSet("s", inputs["input_ids"], inputs["attention_mask"], "-", "-", 1, 1)
+    real = progressive.expert_outputs
+    used = []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        used.append(bool(out.known))
+        return out
+
+    monkeypatch.setattr(progressive, "expert_outputs", spy)
+    decide = progressive.reconstruction_decider(0.25, adapter.routing(), adapter.num_experts)
+    got = collect(model, adapter, [data], decide=decide).dropped
+    assert used == [True] * len(adapter.moe_layers())
+    del decide.routed_stride  # the same decider recording nothing
+    used.clear()
+    assert collect(model, adapter, [data], decide=decide).dropped == got
+    assert used == [False] * len(adapter.moe_layers())
