@@ -33,8 +33,9 @@ from naee_tokens import Enough, add_checkpoint_args, checkpoint_case
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.session import collect
 from moeprune.models import get_adapter
+from moeprune.select.naee_evaluator import fast_evaluator
 from moeprune.select.naee_incremental import incremental_evaluator
-from moeprune.select.naee_outputs import DEFAULT_SEARCH_TOKENS, expert_outputs, fast_evaluator
+from moeprune.select.naee_outputs import DEFAULT_SEARCH_TOKENS, expert_outputs
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.select.uniform import drop_count
 from moeprune.tiny import tiny_model

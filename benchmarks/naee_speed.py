@@ -1,5 +1,5 @@
 """NAEE search speed: the block-forward evaluator (`reconstruction.block_evaluator`, one MoE-block forward over the
-cache per evaluated subset) against the precomputed-outputs evaluator (`naee_outputs.fast_evaluator`, every expert's
+cache per evaluated subset) against the precomputed-outputs evaluator (`naee_evaluator.fast_evaluator`, every expert's
 output once per layer, then a router forward + gather per subset), inside one prune-as-you-go calibration pass.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/naee_speed.py [--samples 2] [--ratio 0.25] [--beam 4]
@@ -24,7 +24,8 @@ from moeprune.calibration.data import CalibConfig, CalibSet, CalibSource, build_
 from moeprune.calibration.run import load_tokenizer
 from moeprune.calibration.session import collect
 from moeprune.models import get_adapter
-from moeprune.select.naee_outputs import expert_outputs, fast_evaluator
+from moeprune.select.naee_evaluator import fast_evaluator
+from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.select.uniform import drop_count
 from moeprune.testbed import build_testbed

@@ -44,7 +44,8 @@ from moeprune.eval.perplexity import evaluate_sets
 from moeprune.eval.run import EvalOptions
 from moeprune.eval.table import ratio_table
 from moeprune.models import get_adapter
-from moeprune.select.naee_outputs import expert_outputs, fast_evaluator
+from moeprune.select.naee_evaluator import fast_evaluator
+from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.plan import PrunePlan
 from moeprune.select.reconstruction import search
 from moeprune.select.uniform import drop_count

@@ -11,7 +11,8 @@ import torch
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models.masking import masked_experts, masked_rows
-from moeprune.select.naee_outputs import expert_outputs, fast_evaluator
+from moeprune.select.naee_evaluator import fast_evaluator
+from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.tiny import FAMILY_CONFIGS
 from test_naee_fast import block_outputs, cache, random_drops

@@ -13,7 +13,8 @@ import torch
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.models import get_adapter
-from moeprune.select.naee_outputs import expert_outputs, fast_evaluator
+from moeprune.select.naee_evaluator import fast_evaluator
+from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 

@@ -15,8 +15,9 @@ from moeprune.calibration.session import eager_experts
 from moeprune.models import get_adapter
 from moeprune.models.masking import masked_experts
 from moeprune.select.auto_naee import naee_decision
+from moeprune.select.naee_evaluator import fast_evaluator
 from moeprune.select.naee_incremental import incremental_evaluator
-from moeprune.select.naee_outputs import expert_outputs, fast_evaluator
+from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.reconstruction import block_evaluator, search
 from moeprune.tiny import tiny_model
 from test_naee_fast import block_outputs

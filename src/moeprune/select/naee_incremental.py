@@ -44,7 +44,7 @@ import torch
 
 from moeprune.log import logger
 from moeprune.models.masking import masked_row_blocks, row_masks
-from moeprune.select.naee_outputs import ROW_ALIGN, FastEvaluator
+from moeprune.select.naee_evaluator import ROW_ALIGN, FastEvaluator
 from moeprune.select.naee_reach import GroupChoices, reach
 from moeprune.select.naee_route_cache import RouteCache
 from moeprune.select.rerouted import ULPS

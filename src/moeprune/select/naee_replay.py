@@ -1,4 +1,4 @@
-"""The router's D-independent linear, replayed: NAEE's fast evaluator (`select/naee_outputs.FastEvaluator`) runs the
+"""The router's D-independent linear, replayed: NAEE's fast evaluator (`select/naee_evaluator.FastEvaluator`) runs the
 layer's own router under each drop set's mask, and this mode serves the router's `F.linear` on the cached inputs
 from one recorded result per chunk instead of recomputing the [c, H]×[H, E] product per evaluation."""
 

@@ -60,7 +60,7 @@ Evaluate = Callable[[tuple[int, ...]], float]
 
 
 class BatchEvaluate(Protocol):
-    """An evaluator that also scores many sets at once (`naee_outputs.FastEvaluator`)."""
+    """An evaluator that also scores many sets at once (`naee_evaluator.FastEvaluator`)."""
 
     def __call__(self, dropped: tuple[int, ...]) -> float: ...
 
