@@ -53,6 +53,14 @@ class BlockIO:
 Decide = Callable[[nn.Module, MoEAdapter, int, dict[str, RoutedStats], BlockIO], list[int]]
 
 
+def strided_rows(valid: torch.Tensor, seen: int, stride: int) -> tuple[torch.Tensor, int]:
+    """valid [T] bool (real tokens of one batch), `seen` real tokens in the batches before -> (keep [T] bool: every
+    `stride`-th real token, counted across the batches in order; seen + this batch's real tokens). The tokens NAEE's
+    precompute keeps (`select/naee_outputs.expert_outputs`) and whose routed outputs the pass records for it."""
+    pos = seen + torch.cumsum(valid.long(), 0) - 1  # [T] index among the real tokens so far
+    return valid & (pos % stride == 0), seen + int(valid.sum())
+
+
 @dataclass
 class CollectResult:
     stats: dict[str, dict[int, RoutedStats]]  # set name -> MoE layer -> sums
@@ -185,10 +193,8 @@ def collect(
             io.valid.append(b.attention_mask.bool())
             io.tags.append(b.tag)
             if col.keep_slots is not None:  # every routed_stride-th real token of the layer, as the decider keeps
-                m = b.attention_mask.reshape(-1).bool().cpu()  # [T]
-                pos = seen[0] + torch.cumsum(m.long(), 0) - 1  # [T] index among the layer's real tokens so far
-                seen[0] += int(m.sum())
-                col.keep_rows = (m & (pos % io.routed_stride == 0)).nonzero().view(-1)  # [r] on the host
+                keep, seen[0] = strided_rows(b.attention_mask.reshape(-1).bool().cpu(), seen[0], io.routed_stride)
+                col.keep_rows = keep.nonzero().view(-1)  # [r] on the host
 
     with eager_experts(model) if eager else nullcontext():
         batches = make_batches(model, adapter, sets, batch_size, device)

@@ -87,7 +87,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moeprune.calibration.session import eager_experts
+from moeprune.calibration.session import eager_experts, strided_rows
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
@@ -207,10 +207,7 @@ def expert_outputs(model: nn.Module, adapter: MoEAdapter, layer: int, X: list[to
                        stride, why)
     rows, zrows, kidx, ky, seen = [], [], [], [], 0
     for b, (x, z, m) in enumerate(zip(X, Z, masks, strict=True)):
-        m = m.reshape(-1)  # [B·S]
-        pos = seen + torch.cumsum(m.long(), 0) - 1  # [B·S] index among all real tokens so far
-        keep = m & (pos % stride == 0)  # [B·S]
-        seen += int(m.sum())
+        keep, seen = strided_rows(m.reshape(-1), seen, stride)  # [B·S]
         rows.append(x.reshape(-1, H)[keep])  # [t_b, H]
         zrows.append(z.reshape(-1, H)[keep])  # [t_b, H]
         if reuse:
