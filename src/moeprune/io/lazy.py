@@ -79,6 +79,7 @@ from moeprune.io.safetensors_io import TensorEntry, read_tensor
 from moeprune.io.stock import auto_class, parse_dtype, runnable
 from moeprune.log import logger
 from moeprune.models import get_adapter
+from moeprune.models.scratch import scratch
 from moeprune.quant.load import refuse_mixed_lazy
 
 REST = -1  # group id of the checkpoint keys that belong to no decoder layer
@@ -118,8 +119,9 @@ class LazyModel:
         configs = {id(v): v for m in module.modules() for v in vars(m).values() if isinstance(v, PretrainedConfig)}
         pristine = copy.deepcopy(module, memo=configs)  # on meta: no memory; configs stay shared with the model
         try:
-            self._read(i)
-            yield module
+            own = self._read(i)
+            with scratch(own):  # buffers this visit alone uses: surgery may shrink them in place (models/scratch.py)
+                yield module
         finally:
             module.to("meta")  # each parameter's storage is swapped for a meta tensor: the CPU copy is freed
             self.layers[i] = pristine
@@ -131,19 +133,22 @@ class LazyModel:
             self._read(i)
         return self.model.eval()
 
-    def _read(self, i: int) -> None:
+    def _read(self, i: int) -> list[torch.Tensor]:
         """Decoder layer i's tensors from the shards: fused experts read straight into place where that gives
         transformers' result (`io/lazy_direct.py`), the rest through transformers' loader; narrow-read parameters
-        widened after. Then the next layer's bytes are asked for (`io/read_ahead.py`)."""
+        widened after. Then the next layer's bytes are asked for (`io/read_ahead.py`). Returns the parameters read
+        straight into buffers of their own (still in place after widening)."""
         plan = self.narrow.get(i, {})
         set_meta_dtypes(self.model, ((name, d[0]) for name, d in plan.items()))
-        done = read_direct(self.model, self.direct.get(i, {})) if self.device == "cpu" else set()
+        done, made = read_direct(self.model, self.direct.get(i, {})) if self.device == "cpu" else (set(), [])
         load_keys(self, [k for k in self.keys.get(i, []) if k not in done], f"{self.layer_prefix}.{i}",
                   device=self.device)
         widen(self.model, ((name, d[1]) for name, d in plan.items()))
         if self.read_ahead and (nxt := next_layer(self.last_read, i, len(self.layers))) is not None:
             self.advise(nxt)
         self.last_read = i
+        live = {id(p) for p in self.layers[i].parameters()}
+        return [p for p in made if id(p) in live]
 
     def advise(self, i: int) -> None:
         """Ask the kernel for decoder layer i's bytes in the background (`io/read_ahead.py`)."""

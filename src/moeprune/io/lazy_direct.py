@@ -92,11 +92,13 @@ def plan_direct(converter, sources: list[tuple[str, str, object]], shape: tuple[
 
 
 @torch.no_grad()
-def read_direct(model: nn.Module, plans: dict[str, list[Piece]]) -> set[str]:
+def read_direct(model: nn.Module, plans: dict[str, list[Piece]]) -> tuple[set[str], list[nn.Parameter]]:
     """Materialise each planned parameter (on meta, its dtype at load time) on the CPU from its pieces; return the
-    checkpoint keys read (the caller loads the rest through transformers). A parameter whose meta dtype differs
-    from its sources' (a cast would be needed) is left to transformers."""
+    checkpoint keys read (the caller loads the rest through transformers) and the parameters made, each in a new
+    buffer of its own. A parameter whose meta dtype differs from its sources' (a cast would be needed) is left to
+    transformers."""
     done: set[str] = set()
+    made: list[nn.Parameter] = []
     for target, pieces in plans.items():
         path, _, leaf = target.rpartition(".")
         owner = model.get_submodule(path)
@@ -109,5 +111,6 @@ def read_direct(model: nn.Module, plans: dict[str, list[Piece]]) -> set[str]:
         param = nn.Parameter(out, requires_grad=out.is_floating_point())  # as transformers' set_param_for_module
         param._is_hf_initialized = True
         owner._parameters[leaf] = param
+        made.append(param)
         done.update(p.key for p in pieces)
-    return done
+    return done, made

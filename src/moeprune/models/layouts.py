@@ -24,6 +24,7 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 from moeprune.models.fused_styles import style_of, take_per_expert
+from moeprune.models.scratch import keep_rows
 from moeprune.registry import Registry
 
 
@@ -72,7 +73,7 @@ class FusedLayout:
         E = FusedLayout.num_experts(experts)
         for name, p in list(experts.named_parameters(recurse=False)):
             extra = torch.arange(E, p.shape[0], dtype=kept.dtype)  # [Z] (empty for E rows)
-            sliced = p.data.index_select(0, torch.cat([kept, extra]).to(p.device)).contiguous()  # [K (+ Z), ...]
+            sliced = keep_rows(p.data, torch.cat([kept, extra]))  # [K (+ Z), ...]; in place on a scratch buffer
             setattr(experts, name, nn.Parameter(sliced, requires_grad=p.requires_grad))
         return experts
 
@@ -206,7 +207,7 @@ class FlatLayout:
     @staticmethod
     def keep(experts: nn.Module, kept: torch.Tensor) -> nn.Module:
         for name, t in FlatLayout.blocks(experts).items():
-            FlatLayout._replace(experts, name, t.data.index_select(0, kept.to(t.device)))  # [K, I, H]
+            FlatLayout._replace(experts, name, keep_rows(t.data, kept))  # [K, I, H]
         return experts
 
     @staticmethod
