@@ -141,6 +141,29 @@ def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
     assert small.get((bytes([0]), b"")) is None and torch.equal(small.get((bytes([2]), b"")), torch.arange(6))
 
 
+def test_group_alignment_keys_the_memo_by_the_anchor(monkeypatch):
+    """align_group hashes its anchor once for all members; the memo keys must still be (anchor, member), so a
+    later pairwise call finds them (no solve), and each member comes out permuted by its pair's π."""
+    import scipy.optimize
+
+    from moeprune.merge.align_memo import MEMO
+
+    solve, calls = scipy.optimize.linear_sum_assignment, [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "linear_sum_assignment", counting)
+    MEMO.clear()
+    a, b, c = make_expert(70, inter=6), make_expert(71, inter=6), make_expert(72, inter=6)
+    aligned = align_group([b, a, c], anchor=1)
+    assert calls[0] == 2
+    for other, got in ((b, aligned[0]), (c, aligned[2])):
+        assert torch.equal(got["gate"], permute(other, permutation_to(a, other))["gate"])
+    assert calls[0] == 2 and MEMO.hits == 2  # both pairs found under (anchor, member)
+
+
 def test_alignment_works_in_low_precision():
     orig = make_expert(5, dtype=torch.bfloat16)
     sigma = random_perm(6)

@@ -35,6 +35,7 @@ BIAS_ROLES = ("gate_bias", "up_bias", "down_bias")
 ROLES = REQUIRED_ROLES + BIAS_ROLES
 # roles whose dim 0 is the neuron index (down is [H, I]: neurons on dim 1; down_bias [H] has none)
 NEURON_ROWS = ("gate", "up", "gate_bias", "up_bias")
+UNSET = object()  # `permutation_to`'s reference_digest when the caller has not computed it
 
 
 def expert_dims(expert: Mapping[str, torch.Tensor], what: str = "expert") -> tuple[int, int]:
@@ -122,18 +123,21 @@ def similarity(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.
 
 
 def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
-                   reference_features: torch.Tensor | None = None) -> torch.Tensor:
+                   reference_features: torch.Tensor | None = None, reference_digest: bytes | None | object = UNSET
+                   ) -> torch.Tensor:
     """π (LongTensor [I]) maximising Σ_k sim(reference_k, other_{π(k)}); `permute(other, π)` is aligned to reference.
 
     `other` neuron π(k) is matched to `reference` neuron k. If other = permute(reference, σ), then π = σ⁻¹ and
-    permute(other, π) == reference exactly (up to ties between identical neurons). `reference_features`: the
-    reference's `neuron_features`, when the caller aligns several experts to it (built once instead of per call).
+    permute(other, π) == reference exactly (up to ties between identical neurons). `reference_features` /
+    `reference_digest`: the reference's `neuron_features` / `expert_digest`, when the caller aligns several experts
+    to it (built once instead of per call).
     A pair aligned before in this process is not solved again (`merge/align_memo.py`: keyed by both experts' bytes).
     """
     from scipy.optimize import linear_sum_assignment  # imported here: scipy would cost every CLI start-up ~0.5 s
 
     check_group([reference, other])
-    ref_digest, other_digest = expert_digest(reference), expert_digest(other)
+    ref_digest = expert_digest(reference) if reference_digest is UNSET else reference_digest
+    other_digest = expert_digest(other)
     key = None if ref_digest is None or other_digest is None else (ref_digest, other_digest)
     perm = MEMO.get(key)  # the same pair aligned earlier in this process (`merge/align_memo.py`)
     if perm is not None:
@@ -179,5 +183,8 @@ def align_group(experts: list[Mapping[str, torch.Tensor]], anchor: int) -> list[
     if isinstance(anchor, bool) or not isinstance(anchor, int) or not 0 <= anchor < len(experts):
         raise MoePruneError(f"anchor {anchor!r} must be a member index 0..{len(experts) - 1}.")
     ref = experts[anchor]
-    features = neuron_features(ref, match_dtype(ref)) if len(experts) > 2 else None  # [I, 3H], every member's
-    return [dict(e) if i == anchor else permute(e, permutation_to(ref, e, features)) for i, e in enumerate(experts)]
+    several = len(experts) > 2
+    features = neuron_features(ref, match_dtype(ref)) if several else None  # [I, 3H], every member's
+    digest = expert_digest(ref) if several else UNSET
+    return [dict(e) if i == anchor else permute(e, permutation_to(ref, e, features, digest))
+            for i, e in enumerate(experts)]
