@@ -4,9 +4,10 @@ Removing experts or neurons makes every fused expert tensor smaller. In memory t
 kept rows and the old one freed. A layer read by the lazy loader (`io/lazy.py` `LazyModel.layer`) holds its fused
 expert tensors in buffers the loader allocated for that visit alone (`io/lazy_direct.read_direct`); they are
 released when the visit ends, after the layer is written or computed. There the kept rows are moved to the front
-of their own buffer and the parameter becomes a view of that front: no new allocation, so none of its page faults.
-Under a memory limit each fresh page also makes the kernel reclaim a page of cache first; on the 8.6 GB benchmark
-checkpoint under its 3 GiB limit the removals' copies took 0.2-0.6 s per layer (`benchmarks/RESULTS.md`).
+of their own buffer and the parameter becomes a view of that front: no new allocation, so none of its page faults
+(layer-by-layer runs map every large buffer fresh, `io/memory.py`). On the 8.6 GB benchmark checkpoint (one layer
+0.36 GB) the copies took 0.1-0.5 s per layer in an M-SMoE export and 0.45 s in a HEAPr export
+(`benchmarks/RESULTS.md`, session 29).
 
     with scratch(tensors):        inside, these tensors' storages may be rewritten (the loader's own buffers)
     rebuild_rows(t, n, row)       out [n, ...] with out[e] = row(e): in place when t is scratch, else a new tensor
