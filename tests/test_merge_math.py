@@ -101,15 +101,11 @@ def test_low_precision_experts_match_as_the_float64_scores_do(dtype):
         assert torch.equal(permutation_to(a, b), torch.as_tensor(want)), seed
 
 
-def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
-    """The memo (`merge/align_memo.py`): a pair aligned before is not solved again, a copy of the same tensors hits
-    too, a changed weight or another dtype misses, and every answer is the brute-force best permutation (all 6!
-    relabellings scored by hand); a full memo drops its oldest permutation."""
-    import itertools
-
+def counted_solves(monkeypatch) -> list[int]:
+    """[n]: how many assignments `permutation_to` solves from now on (scipy's solver wrapped), memo emptied."""
     import scipy.optimize
 
-    from moeprune.merge.align_memo import MEMO, PermutationMemo
+    from moeprune.merge.align_memo import MEMO
 
     solve, calls = scipy.optimize.linear_sum_assignment, [0]
 
@@ -119,6 +115,18 @@ def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
 
     monkeypatch.setattr(scipy.optimize, "linear_sum_assignment", counting)
     MEMO.clear()
+    return calls
+
+
+def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
+    """The memo (`merge/align_memo.py`): a pair aligned before is not solved again, a copy of the same tensors hits
+    too, a changed weight or another dtype misses, and every answer is the brute-force best permutation (all 6!
+    relabellings scored by hand); a full memo drops its oldest permutation."""
+    import itertools
+
+    from moeprune.merge.align_memo import MEMO, PermutationMemo
+
+    calls = counted_solves(monkeypatch)
 
     def brute(ref, other):
         def score(p):
@@ -144,18 +152,9 @@ def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
 def test_group_alignment_keys_the_memo_by_the_anchor(monkeypatch):
     """align_group hashes its anchor once for all members; the memo keys must still be (anchor, member), so a
     later pairwise call finds them (no solve), and each member comes out permuted by its pair's π."""
-    import scipy.optimize
-
     from moeprune.merge.align_memo import MEMO
 
-    solve, calls = scipy.optimize.linear_sum_assignment, [0]
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return solve(*args, **kwargs)
-
-    monkeypatch.setattr(scipy.optimize, "linear_sum_assignment", counting)
-    MEMO.clear()
+    calls = counted_solves(monkeypatch)
     a, b, c = make_expert(70, inter=6), make_expert(71, inter=6), make_expert(72, inter=6)
     aligned = align_group([b, a, c], anchor=1)
     assert calls[0] == 2
