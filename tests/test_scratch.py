@@ -20,6 +20,11 @@ from moeprune.tiny import save_tiny
 E, I, H, K = 6, 8, 5, 5  # experts, neurons, hidden, neurons kept
 
 
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # the tensors and kept neurons drawn below
+
+
 def _rows(t: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return torch.stack([t[i].clone() for i in idx])
 
