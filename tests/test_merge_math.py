@@ -1,196 +1,23 @@
-"""The tensor math of expert merging (moeprune.merge): weight-matching alignment, frequency-weighted averaging and
-Sub-MoE joint SVD, checked against independent references (a hand-written SwiGLU expert, hand-computed averages,
-torch.linalg.svd / svdvals)."""
+"""The tensor math of expert merging (moeprune.merge): frequency-weighted averaging, Sub-MoE joint SVD and DERN's
+assignment, checked against independent references (a hand-written SwiGLU expert, hand-computed averages,
+torch.linalg.svd / svdvals). Alignment: tests/test_merge_align.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from expert_math import (
+    H,
+    I,
+    assert_same_function,
+    expert_forward,
+    inputs,
+    make_expert,
+    random_perm,
+)
 from moeprune.errors import MoePruneError
 from moeprune.merge import align_group, joint_svd_factors, merge_average, merge_svd, permutation_to, permute
-
-torch.set_num_threads(1)
-
-I, H = 24, 16
-
-
-def make_expert(seed: int, inter: int = I, hidden: int = H, bias: bool = False, dtype=torch.float64) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    e = {"gate": torch.randn(inter, hidden, generator=g), "up": torch.randn(inter, hidden, generator=g),
-         "down": torch.randn(hidden, inter, generator=g)}
-    if bias:
-        e |= {"gate_bias": torch.randn(inter, generator=g), "up_bias": torch.randn(inter, generator=g),
-              "down_bias": torch.randn(hidden, generator=g)}
-    return {k: v.to(dtype) for k, v in e.items()}
-
-
-def random_perm(seed: int, n: int = I) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-
-
-def expert_forward(e: dict, x: torch.Tensor) -> torch.Tensor:
-    """Reference SwiGLU expert, written independently of moeprune: y = down (silu(gate x + b_g) * (up x + b_u)) + b_d.
-    x [T, H] -> y [T, H]."""
-    x = x.to(torch.float64)
-    g = x @ e["gate"].double().T + (e["gate_bias"].double() if "gate_bias" in e else 0)  # [T, I]
-    u = x @ e["up"].double().T + (e["up_bias"].double() if "up_bias" in e else 0)  # [T, I]
-    y = (F.silu(g) * u) @ e["down"].double().T  # [T, H]
-    return y + (e["down_bias"].double() if "down_bias" in e else 0)
-
-
-def inputs(seed: int = 123, t: int = 32, hidden: int = H) -> torch.Tensor:
-    return torch.randn(t, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def assert_same_function(a: dict, b: dict, tol: float = 1e-6) -> None:
-    x = inputs()
-    ya, yb = expert_forward(a, x), expert_forward(b, x)
-    err = (ya - yb).abs().max().item() / ya.abs().max().item()
-    assert err <= tol, f"relative output difference {err:.3g} > {tol}"
-
-
-def assert_experts_equal(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for role in a:
-        assert a[role].dtype == b[role].dtype, role
-        assert torch.equal(a[role], b[role]), role
-
-
-# ----------------------------------------------------------------------------------------------- alignment
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_exact_permuted_copy_is_recovered(bias):
-    orig = make_expert(0, bias=bias)
-    sigma = random_perm(1)
-    copy = permute(orig, sigma)
-    # the copy really is permuted: neuron k of the copy is neuron sigma[k] of the original
-    assert torch.equal(copy["gate"][3], orig["gate"][sigma[3]])
-    assert torch.equal(copy["down"][:, 3], orig["down"][:, sigma[3]])
-    assert not torch.equal(copy["gate"], orig["gate"])
-    pi = permutation_to(orig, copy)
-    assert pi.dtype == torch.long and pi.shape == (I,)
-    assert torch.equal(pi, torch.argsort(sigma)), "π must be σ⁻¹"
-    assert_experts_equal(permute(copy, pi), orig)
-
-
-def test_noisy_permuted_copy_recovers_the_same_permutation():
-    orig = make_expert(2, bias=True)
-    sigma = random_perm(3)
-    g = torch.Generator().manual_seed(4)
-    noisy = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in permute(orig, sigma).items()}
-    assert torch.equal(permutation_to(orig, noisy), torch.argsort(sigma))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_low_precision_experts_match_as_the_float64_scores_do(dtype):
-    """bf16 / fp32 experts are matched on float32 scores (`align.match_dtype`); the permutation equals the one the
-    exact float64 scores give (built here by hand: gate rows, up rows and down columns, then scipy's solver), for
-    unrelated experts and for noisy permuted copies."""
-    from scipy.optimize import linear_sum_assignment
-
-    for seed in range(4):
-        a = make_expert(70 + seed, inter=96, hidden=64, dtype=dtype)
-        b = make_expert(80 + seed, inter=96, hidden=64, dtype=dtype) if seed % 2 else {
-            k: (v.double() + 0.5 * make_expert(90 + seed, inter=96, hidden=64)[k]).to(dtype)
-            for k, v in permute(a, random_perm(seed, 96)).items()}
-        feats = [torch.cat([e["gate"].double(), e["up"].double(), e["down"].double().T], dim=1) for e in (a, b)]
-        _, want = linear_sum_assignment((feats[0] @ feats[1].T).numpy(), maximize=True)
-        assert torch.equal(permutation_to(a, b), torch.as_tensor(want)), seed
-
-
-def counted_solves(monkeypatch) -> list[int]:
-    """[n]: how many assignments `permutation_to` solves from now on (scipy's solver wrapped), memo emptied."""
-    import scipy.optimize
-
-    from moeprune.merge.align_memo import MEMO
-
-    solve, calls = scipy.optimize.linear_sum_assignment, [0]
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return solve(*args, **kwargs)
-
-    monkeypatch.setattr(scipy.optimize, "linear_sum_assignment", counting)
-    MEMO.clear()
-    return calls
-
-
-def test_an_aligned_pair_is_remembered_by_content(monkeypatch):
-    """The memo (`merge/align_memo.py`): a pair aligned before is not solved again, a copy of the same tensors hits
-    too, a changed weight or another dtype misses, and every answer is the brute-force best permutation (all 6!
-    relabellings scored by hand); a full memo drops its oldest permutation."""
-    import itertools
-
-    from moeprune.merge.align_memo import MEMO, PermutationMemo
-
-    calls = counted_solves(monkeypatch)
-
-    def brute(ref, other):
-        def score(p):
-            return sum(float(ref["gate"][k] @ other["gate"][p[k]] + ref["up"][k] @ other["up"][p[k]]
-                             + ref["down"][:, k] @ other["down"][:, p[k]]) for k in range(6))
-        return torch.tensor(max(itertools.permutations(range(6)), key=score))
-
-    a, b = make_expert(60, inter=6), make_expert(61, inter=6)
-    want = brute(a, b)
-    assert torch.equal(permutation_to(a, b), want) and calls[0] == 1
-    assert torch.equal(permutation_to({k: v.clone() for k, v in a.items()}, b), want) and calls[0] == 1  # a hit
-    b["up"][2, 3] += 0.5  # another expert now
-    assert torch.equal(permutation_to(a, b), brute(a, b)) and calls[0] == 2
-    low = {k: v.float() for k, v in a.items()}, {k: v.float() for k, v in b.items()}
-    assert torch.equal(permutation_to(*low), brute(a, b)) and calls[0] == 3  # float32: other bytes, solved again
-    assert MEMO.hits == 1 and MEMO.misses == 3
-    small = PermutationMemo(max_bytes=2 * 6 * 8)  # room for two permutations of 6
-    for n in range(3):
-        small.put((bytes([n]), b""), torch.arange(6))
-    assert small.get((bytes([0]), b"")) is None and torch.equal(small.get((bytes([2]), b"")), torch.arange(6))
-
-
-def test_group_alignment_keys_the_memo_by_the_anchor(monkeypatch):
-    """align_group hashes its anchor once for all members; the memo keys must still be (anchor, member), so a
-    later pairwise call finds them (no solve), and each member comes out permuted by its pair's π."""
-    from moeprune.merge.align_memo import MEMO
-
-    calls = counted_solves(monkeypatch)
-    a, b, c = make_expert(70, inter=6), make_expert(71, inter=6), make_expert(72, inter=6)
-    aligned = align_group([b, a, c], anchor=1)
-    assert calls[0] == 2
-    for other, got in ((b, aligned[0]), (c, aligned[2])):
-        assert torch.equal(got["gate"], permute(other, permutation_to(a, other))["gate"])
-    assert calls[0] == 2 and MEMO.hits == 2  # both pairs found under (anchor, member)
-
-
-def test_alignment_works_in_low_precision():
-    orig = make_expert(5, dtype=torch.bfloat16)
-    sigma = random_perm(6)
-    pi = permutation_to(orig, permute(orig, sigma))
-    assert torch.equal(pi, torch.argsort(sigma))
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_permuting_neurons_keeps_the_function(bias):
-    e = make_expert(7, bias=bias)
-    p = permute(e, random_perm(8))
-    assert not torch.equal(p["up"], e["up"])
-    if bias:
-        assert torch.equal(p["down_bias"], e["down_bias"])
-    x = inputs()
-    torch.testing.assert_close(expert_forward(p, x), expert_forward(e, x), rtol=1e-12, atol=1e-12)
-    # a wrong "permutation" (only rows, not down columns) does change it: the check can fail
-    broken = dict(e, gate=p["gate"], up=p["up"])
-    assert (expert_forward(broken, x) - expert_forward(e, x)).abs().max() > 1e-3
-
-
-def test_align_group_puts_every_member_on_the_anchor():
-    e = make_expert(9, bias=True)
-    group = [permute(e, random_perm(s)) for s in (10, 11, 12)]
-    aligned = align_group(group, anchor=1)
-    for m in aligned:
-        assert_experts_equal(m, group[1])
-
 
 # ----------------------------------------------------------------------------------------------- merging
 
