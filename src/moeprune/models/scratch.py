@@ -54,13 +54,13 @@ def is_scratch(t: torch.Tensor) -> bool:
 def rebuild_rows(t: torch.Tensor, n: int, row: Callable[[int], torch.Tensor], in_place: bool = True) -> torch.Tensor:
     """[n, *row(0).shape]: out[e] = row(e), computed in order e = 0 .. n-1 (every row the same shape).
 
-    In place (t scratch and contiguous, `in_place`, rows no larger than t's): out is a view of t's first n·S'
+    In place (t scratch and contiguous, `in_place`, at most t's rows, none larger): out is a view of t's first n·S'
     elements, written row by row (module docstring for what `row` may read). Else a new tensor."""
     if n == 0:
         return t.new_empty((0, *t.shape[1:]))
     first = row(0)
     size = first.numel()
-    if n and in_place and t.is_contiguous() and size <= t[0].numel() and is_scratch(t):
+    if in_place and n <= t.shape[0] and size <= t[0].numel() and t.is_contiguous() and is_scratch(t):
         out = t.view(-1)[: n * size].view(n, *first.shape)
     else:
         out = t.new_empty((n, *first.shape))
