@@ -14,6 +14,9 @@ Sections (each timed and guarded; a failure is recorded and the next section run
           compressed-tensors) and a per-layer mixed export (odd MoE layers int8, even int4: the form vLLM can serve,
           one scheme per fused MoE layer) of a small bf16 qwen3_moe (H=256, expert width 128), each verified by
           moeprune; both land in the vllm section's exports.
+  verbs   every method (NAEE, M-SMoE, DERN, HEAPr, CAMERA-P, Wanda, the M-SMoE -> compress recipe) and analyze with
+          `--device cuda`, in memory and `--lazy`: exits, verify lines, and whether the two give the same plan and
+          tensors; then `verify --lazy --device cuda` (benchmarks/gpu_verbs.py).
   vllm    whether vLLM imports here (no network on the device: it cannot be pip-installed), then, on a small
           testbed built here (2 layers, 8 experts, head_dim 64; ~30 s of CPU training), its frequency-pruned copy
           (25 %) and every export the prune and quant sections left (int4, per-layer mixed, qwen3_moe, deepseek_v3,
@@ -46,7 +49,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_serve import CUDA, WORKER_MIN_S, cli, free_gib, left_s, run_worker, serve_tables, serve_testbed
+from gpu_serve import CUDA, WORKER_MIN_S, cli, free_gib, left_s, run_worker, serve_tables, serve_testbed, tiny_inputs
 
 RESULTS: dict = {}
 LINES: list[str] = []
@@ -192,15 +195,9 @@ def depth(dev: str, work: Path) -> dict:
 
 @section("prune")
 def prune(dev: str, work: Path) -> dict:
-    from moeprune.tiny import save_tiny
-
-    words = "the of and to in is was for on that with as by at from his her an which".split()
-    g = torch.Generator().manual_seed(0)
-    text = work / "web.txt"
-    text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (20000,), generator=g)))
     rows = {}
     for family in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
-        src = save_tiny(family, work / f"src-{family}", dtype=torch.bfloat16, with_tokenizer=True)
+        src, text = tiny_inputs(work, family)
         out = work / f"out-{family}"
         rc, s, _, log = cli("prune", str(src), "--method", "reap", "--ratio", "0.5", "--calib", f"web={text}",
                          "--device", dev, "--samples", "16", "--seq-len", "64", "--out", str(out), "--overwrite")
@@ -220,12 +217,13 @@ def nccl(dev: str, work: Path) -> dict:
     single-process calibration."""
     from moeprune.stats.store import ExpertStats
 
-    src, text = work / "src-qwen3_moe", work / "web.txt"
+    src, text = tiny_inputs(work, "qwen3_moe")
     args = ["calibrate", str(src), "--calib", f"web={text}", "--samples", "16", "--seq-len", "64", "--device", dev,
             "--overwrite"]
     ranks = torch.cuda.device_count() if dev.startswith("cuda") else 2  # a CPU dry run: two gloo ranks
     t0 = time.perf_counter()
-    p = subprocess.run(["torchrun", "--nproc-per-node", str(ranks), "-m", "moeprune", *args,
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]  # `torchrun`, whether or not it is on PATH
+    p = subprocess.run([*torchrun, "--nproc-per-node", str(ranks), "-m", "moeprune", *args,
                         "--out", str(work / "ddp.safetensors")], capture_output=True, text=True, timeout=240)
     ddp_s = time.perf_counter() - t0
     rc, one_s, _, _ = cli(*args, "--out", str(work / "one.safetensors"))
@@ -274,6 +272,15 @@ def quant(dev: str, work: Path) -> dict:
     LINES.append("\n### quantize (compressed-tensors)\n\n| export | exit | s | detail |\n|---|---|---|---|\n"
                  + "\n".join(f"| {k} | {v['rc']} | {v['s']:.1f} | {(v.get('verify') or v.get('log', ''))[:110]} |"
                              for k, v in rows.items()))
+    return rows
+
+
+@section("verbs")
+def verbs(dev: str, work: Path) -> dict:
+    from gpu_verbs import verbs as run_verbs
+
+    rows, table = run_verbs(dev, work)
+    LINES.append(table)
     return rows
 
 
@@ -336,13 +343,19 @@ def main() -> None:
 
     import moeprune
 
-    RESULTS["env"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+    RESULTS["env"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
                       "moeprune": moeprune.__file__, "device": torch.cuda.get_device_name(0) if CUDA else "cpu"}
+    for extra in ("compressed_tensors", "lm_eval", "vllm"):  # what the quant and vllm sections need
+        try:
+            RESULTS["env"][extra] = getattr(__import__(extra), "__version__", "?")
+        except Exception as e:
+            RESULTS["env"][extra] = f"not importable: {type(e).__name__}: {e}"[:120]
     LINES.append(f"# moeprune GPU check\n{json.dumps(RESULTS['env'])}")
-    only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,nccl,quant,vllm").split(","))
+    only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,nccl,quant,verbs,vllm").split(","))
     for name, run in (("calib", lambda: calib(dev)), ("depth", lambda: depth(dev, work)),
                       ("prune", lambda: prune(dev, work)), ("nccl", lambda: nccl(dev, work)),
-                      ("quant", lambda: quant(dev, work)), ("vllm", lambda: vllm(dev, work))):
+                      ("quant", lambda: quant(dev, work)), ("verbs", lambda: verbs(dev, work)),
+                      ("vllm", lambda: vllm(dev, work))):
         if name in only:
             run()
             (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
