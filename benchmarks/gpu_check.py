@@ -49,7 +49,18 @@ import traceback
 from pathlib import Path
 
 import torch
-from gpu_serve import CUDA, WORKER_MIN_S, cli, free_gib, left_s, run_worker, serve_tables, serve_testbed, tiny_inputs
+from gpu_serve import (
+    CUDA,
+    WORKER_MIN_S,
+    calib_text,
+    cli,
+    free_gib,
+    left_s,
+    run_worker,
+    serve_tables,
+    serve_testbed,
+    tiny_inputs,
+)
 
 RESULTS: dict = {}
 LINES: list[str] = []
@@ -250,7 +261,7 @@ def quant(dev: str, work: Path) -> dict:
     # widths that vLLM's int4/int8 MoE kernels take (multiples of 128 / 64); the dry run keeps them small
     shape = {} if os.environ.get("GPU_CHECK_SMALL") else {"hidden_size": 256, "moe_intermediate_size": 128}
     group = "16" if os.environ.get("GPU_CHECK_SMALL") else "128"
-    src, text = work / "src-q-qwen3_moe", work / "web.txt"
+    src, text = work / "src-q-qwen3_moe", calib_text(work)
     save_tiny("qwen3_moe", src, dtype=torch.bfloat16, with_tokenizer=True, **shape)
     rows = {}
     rc, s, _, log = cli("quantize", str(src), "--scheme", "w4a16", "--algorithm", "gptq", "--group-size", group,

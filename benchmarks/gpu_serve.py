@@ -25,15 +25,21 @@ def cli(*args: str, timeout: int = 240) -> tuple[int, float, str, str]:
     return p.returncode, time.perf_counter() - t0, p.stdout, p.stderr[-1500:]
 
 
-def tiny_inputs(work: Path, family: str) -> tuple[Path, Path]:
-    """(a tiny bf16 `family` checkpoint with a tokenizer, a calibration text file) under `work`, made once."""
-    from moeprune.tiny import save_tiny
-
-    text, src = work / "web.txt", work / f"src-{family}"
+def calib_text(work: Path) -> Path:
+    """A calibration text file under `work` (20 000 random common words), made once."""
+    text = work / "web.txt"
     if not text.is_file():
         words = "the of and to in is was for on that with as by at from his her an which".split()
         g = torch.Generator().manual_seed(0)
         text.write_text(" ".join(words[int(i)] for i in torch.randint(0, len(words), (20000,), generator=g)))
+    return text
+
+
+def tiny_inputs(work: Path, family: str) -> tuple[Path, Path]:
+    """(a tiny bf16 `family` checkpoint with a tokenizer, a calibration text file) under `work`, made once."""
+    from moeprune.tiny import save_tiny
+
+    text, src = calib_text(work), work / f"src-{family}"
     if not (src / "config.json").is_file():
         save_tiny(family, src, dtype=torch.bfloat16, with_tokenizer=True)
     return src, text

@@ -48,9 +48,10 @@ class Storage:
 AS_COMPUTED = Storage()  # no rounding: values written as computed
 
 
-def _stored(value: torch.Tensor, storage: torch.dtype | None, dtype: torch.dtype) -> torch.Tensor:
-    """`value` rounded to `storage` (when given), in `dtype`."""
-    return (value if storage is None else value.to(storage)).to(dtype)
+def _stored(value: torch.Tensor, storage: torch.dtype | None, target: torch.Tensor) -> torch.Tensor:
+    """`value` rounded to `storage` (when given), in `target`'s dtype, on its device (a plan's tensors are on the
+    CPU; the reference model may be on a GPU)."""
+    return (value if storage is None else value.to(storage)).to(device=target.device, dtype=target.dtype)
 
 
 class Reference:
@@ -123,8 +124,8 @@ class Reference:
     def read_expert(self, layer: int, i: int) -> Expert:
         """Current expert i's tensors: its slot's rows/columns at its neuron positions (copies)."""
         slot = self.slots[layer][i]
-        p = torch.tensor(self.pos(layer, slot))
         roles = self.adapter.expert_roles(self._block(layer))  # [E, ...] per role
+        p = torch.tensor(self.pos(layer, slot), device=next(iter(roles.values())).device)
         out: Expert = {}
         for role, t in roles.items():
             x = t[slot]
@@ -139,11 +140,11 @@ class Reference:
     def write_expert(self, layer: int, i: int, expert: Expert) -> None:
         """Write `expert` (current width) into current expert i's slot at its neuron positions."""
         slot = self.slots[layer][i]
-        p = torch.tensor(self.pos(layer, slot))
         views = self._views(layer, slot)
         for role, value in expert.items():
             target = views[role]
-            value = _stored(value, self.storage.experts, target.dtype)
+            value = _stored(value, self.storage.experts, target)
+            p = torch.tensor(self.pos(layer, slot), device=target.device)
             if role in ("gate", "up", "gate_bias", "up_bias"):
                 target[p] = value  # rows at the slot's positions
             elif role == "down":
@@ -162,10 +163,10 @@ class Reference:
         for t in self.adapter.router_tensors(self._block(layer)).values():
             old = t.detach().clone().double()  # [E, ...]
             for group, w in zip(groups, weights, strict=True):
-                f = torch.tensor(w, dtype=torch.float64)
+                f = torch.tensor(w, dtype=torch.float64, device=t.device)
                 rows = old[[slots[m] for m in group]]  # [n, ...]
                 mean = (f.view(-1, *[1] * (rows.dim() - 1)) * rows).sum(0) / f.sum()
-                t.data[slots[group[0]]] = _stored(mean, self.storage.router, t.dtype)
+                t.data[slots[group[0]]] = _stored(mean, self.storage.router, t)
 
     @torch.no_grad()
     def write_router_rows(self, layer: int, name: str, rows: torch.Tensor) -> None:
@@ -175,4 +176,4 @@ class Reference:
         slots = self.slots[layer]
         extra = list(range(self.adapter.num_experts, t.shape[0]))
         targets = slots + extra[: rows.shape[0] - len(slots)]
-        t[torch.tensor(targets)] = _stored(rows, self.storage.router, t.dtype)
+        t[torch.tensor(targets, device=t.device)] = _stored(rows, self.storage.router, t)
