@@ -129,7 +129,7 @@ def timed(fn, reps: int = 3) -> float:
 
 
 @section("calib")
-def calib(dev: str) -> dict:
+def calib(dev: str, out: Path) -> dict:
     from moeprune.calibration.session import collect, eager_experts
     from moeprune.io.stock import auto_class
     from moeprune.models import get_adapter
@@ -161,15 +161,22 @@ def calib(dev: str) -> dict:
     ours()
     peak = peak_gib()
     tokens = cs.input_ids.numel()
+    from gpu_profile import profile_call
+
+    prof = profile_call(ours, out, "collect")  # out/collect_profile.txt: top ops, host syncs and where
     r = {"tokens": tokens, "plain_s": a, "eager_s": a2, "collect_s": b, "collect_over_plain": b / a,
          "collect_over_eager": b / a2, "collect_peak_GiB": peak,
-         "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+         "params_M": sum(p.numel() for p in model.parameters()) / 1e6, **prof}
     LINES.append("\n### Calibration vs a plain forward (bf16, one GPU)\n"
                  f"{r['params_M']:.0f} M parameters, 8 layers x {SHAPE['num_experts']} experts, {tokens} tokens, "
                  f"batch {B}.\n\n"
                  "| (a) plain forward | (a') eager experts | (b) collect, every statistic | (b)/(a) | (b)/(a') "
                  "| peak GiB (b) |\n|---|---|---|---|---|---|\n"
-                 f"| {a:.3f} s | {a2:.3f} s | {b:.3f} s | {b / a:.2f} | {b / a2:.2f} | {peak:.2f} |")
+                 f"| {a:.3f} s | {a2:.3f} s | {b:.3f} s | {b / a:.2f} | {b / a2:.2f} | {peak:.2f} |\n\n"
+                 f"Host syncs in one collect ({cs.input_ids.shape[0] // B} batches x 8 layers): {r['syncs']}; "
+                 "most frequent sites: "
+                 + ", ".join(f"{site} x{n}" for site, n in r["sync_sites"][:5])
+                 + ". Top ops: collect_profile.txt.")
     return r
 
 
@@ -363,7 +370,7 @@ def main() -> None:
             RESULTS["env"][extra] = f"not importable: {type(e).__name__}: {e}"[:120]
     LINES.append(f"# moeprune GPU check\n{json.dumps(RESULTS['env'])}")
     only = set(os.environ.get("GPU_CHECK_ONLY", "calib,depth,prune,nccl,quant,verbs,vllm").split(","))
-    for name, run in (("calib", lambda: calib(dev)), ("depth", lambda: depth(dev, work)),
+    for name, run in (("calib", lambda: calib(dev, out)), ("depth", lambda: depth(dev, work)),
                       ("prune", lambda: prune(dev, work)), ("nccl", lambda: nccl(dev, work)),
                       ("quant", lambda: quant(dev, work)), ("verbs", lambda: verbs(dev, work)),
                       ("vllm", lambda: vllm(dev, work))):
