@@ -14,7 +14,8 @@ Sections (each timed and guarded; a failure is recorded and the next section run
           compressed-tensors) and a per-layer mixed export (odd MoE layers int8, even int4: the form vLLM can serve,
           one scheme per fused MoE layer) of a small bf16 qwen3_moe (H=256, expert width 128), each verified by
           moeprune; both land in the vllm section's exports.
-  verbs   every method (NAEE, M-SMoE, DERN, HEAPr, CAMERA-P, Wanda, the M-SMoE -> compress recipe) and analyze with
+  verbs   NAEE, M-SMoE (dominant and weighted router), HC-SMoE, Sub-MoE, DERN, HEAPr, CAMERA-P, Wanda, STUN, top_p
+          and naee_skip (fitted thresholds), the M-SMoE -> compress recipe, and analyze with
           `--device cuda`, in memory and `--lazy`: exits, verify lines, and whether the two give the same plan and
           tensors; then `verify --lazy --device cuda` (benchmarks/gpu_verbs.py).
   vllm    whether vLLM imports here (no network on the device: it cannot be pip-installed), then, on a small

@@ -1,4 +1,4 @@
-"""The `verbs` section of `benchmarks/gpu_check.py`: every method's verb with `--device cuda`, in memory and layer by
+"""The `verbs` section of `benchmarks/gpu_check.py`: each method family with `--device cuda`, in memory and layer by
 layer (`--lazy`), as a user runs them (subprocesses, four at a time), on the tiny bf16 qwen3_moe that the prune section
 saved (or one made here). Each `prune` verifies its own export (exit 1 beyond tolerance). For each method the two
 exports are compared: the plans' decisions (kept experts, merge groups, kept neurons: integers) must be identical and
@@ -27,6 +27,12 @@ METHODS = {
     "camera": ["--method", "camera", "--ratio", "0.5"],
     "wanda": ["--method", "wanda", "--sparsity", "0.5"],
     "recipe": ["--recipe", str(ROOT / "examples" / "msmoe_compress.yaml")],
+    "hcsmoe": ["--method", "hcsmoe", "--ratio", "0.25"],
+    "submoe": ["--method", "submoe", "--ratio", "0.25"],
+    "msmoe weighted": ["--method", "msmoe", "--ratio", "0.25", "--router", "weighted"],
+    "stun": ["--method", "stun", "--ratio", "0.25"],
+    "top_p": ["--method", "top_p", "--target-active", "1.5"],
+    "naee_skip": ["--method", "naee_skip", "--target-active", "1.5"],
 }
 MODES = {"in memory": "--no-lazy", "layer by layer": "--lazy"}
 
@@ -68,6 +74,10 @@ def compare_exports(a: Path, b: Path) -> dict:
     return {"plans_equal": not differ, "differ": differ[:5], "score_rel": rel, "tensor_max_abs": dt}
 
 
+def out_dir(work: Path, method: str, flag: str) -> Path:
+    return work / f"v-{method.replace(' ', '_')}-{flag[2:]}"
+
+
 def verdict(log: str) -> str:
     """'PASS 1.2e-03' from a verify line ('max abs logit difference: 1.2e-03 (...) -> PASS'), or ''."""
     m = re.search(r"max abs logit difference: (\S+).*-> (PASS|FAIL)", log)
@@ -77,7 +87,7 @@ def verdict(log: str) -> str:
 def verbs(dev: str, work: Path) -> tuple[dict, str]:
     src, text = tiny_inputs(work, "qwen3_moe")
     calib = ["--calib", f"web={text}", "--samples", "16", "--seq-len", "64", "--device", dev]
-    jobs = {(m, mode): ["prune", str(src), *flags, *calib, flag, "--out", str(work / f"v-{m}-{flag[2:]}"),
+    jobs = {(m, mode): ["prune", str(src), *flags, *calib, flag, "--out", str(out_dir(work, m, flag)),
                         "--overwrite"]
             for m, flags in METHODS.items() for mode, flag in MODES.items()}
     jobs.update({("analyze", mode): ["analyze", str(src), *calib, flag, "--out", str(work / f"v-analyze-{flag[2:]}"),
@@ -91,8 +101,8 @@ def verbs(dev: str, work: Path) -> tuple[dict, str]:
                                         "verify": verdict(out + err)}
     for m in METHODS:
         if all(rows[m][mode]["rc"] == 0 for mode in MODES):
-            rows[m]["same"] = compare_exports(*(work / f"v-{m}-{flag[2:]}" for flag in MODES.values()))
-    rv, sv, vout, verr = cli("verify", str(src), str(work / "v-msmoe-lazy"), "--lazy", *calib, timeout=180)
+            rows[m]["same"] = compare_exports(*(out_dir(work, m, flag) for flag in MODES.values()))
+    rv, sv, vout, verr = cli("verify", str(src), str(out_dir(work, "msmoe", "--lazy")), "--lazy", *calib, timeout=180)
     rows["verify --lazy"] = {"rc": rv, "s": round(sv, 1), "line": (vout.strip() or verr[-300:])[-300:]}
     lines = ["\n### Every method with `--device " + dev + "`, in memory and layer by layer (`--lazy`)\n",
              "tiny bf16 qwen3_moe (8 experts, top-2); each prune verifies its export. 'same' compares the two "

@@ -148,3 +148,68 @@ def test_align_group_puts_every_member_on_the_anchor():
     aligned = align_group(group, anchor=1)
     for m in aligned:
         assert_experts_equal(m, group[1])
+
+
+def counted_digests(monkeypatch) -> list[int]:
+    """[n]: how many experts `permutation_to` / `align_group` hash from now on."""
+    from moeprune.merge import align
+
+    digest, calls = align.expert_digest, [0]
+
+    def counting(expert):
+        calls[0] += 1
+        return digest(expert)
+
+    monkeypatch.setattr(align, "expert_digest", counting)
+    return calls
+
+
+def test_the_last_alignment_neither_hashes_nor_stores(monkeypatch):
+    """`remembering(False)` (nothing aligns after this): with an empty memo no expert is hashed and nothing is
+    stored; with a memo that holds the pair, the pair is looked up (hashed, not solved) and a new pair is solved and
+    not stored. Every answer is still the brute-force best permutation of scipy's scores."""
+    import itertools
+
+    from moeprune.merge.align_memo import MEMO, remembering
+
+    solves, digests = counted_solves(monkeypatch), counted_digests(monkeypatch)
+
+    def brute(ref, other):
+        def score(p):
+            return sum(float(ref["gate"][k] @ other["gate"][p[k]] + ref["up"][k] @ other["up"][p[k]]
+                             + ref["down"][:, k] @ other["down"][:, p[k]]) for k in range(6))
+        return torch.tensor(max(itertools.permutations(range(6)), key=score))
+
+    a, b, c = make_expert(80, inter=6), make_expert(81, inter=6), make_expert(82, inter=6)
+    with remembering(False):
+        assert torch.equal(permutation_to(a, b), brute(a, b))
+        aligned = align_group([c, a, b], anchor=1)
+    assert digests[0] == 0 and len(MEMO) == 0 and solves[0] == 3
+    assert torch.equal(aligned[0]["gate"], permute(c, brute(a, c))["gate"])
+    assert torch.equal(permutation_to(a, b), brute(a, b)) and len(MEMO) == 1 and solves[0] == 4  # stored (default)
+    digests[0] = 0
+    with remembering(False):
+        assert torch.equal(permutation_to(a, b), brute(a, b)) and solves[0] == 4  # found: not solved again
+        assert torch.equal(permutation_to(a, c), brute(a, c)) and solves[0] == 5
+    assert digests[0] == 4 and len(MEMO) == 1  # both pairs hashed to look them up, (a, c) not stored
+
+
+def test_prune_remembers_merges_only_for_its_verification(tmp_path, monkeypatch):
+    """`prune` of an M-SMoE merge: without verification nothing is hashed or stored; with it the export stores
+    every pair it aligns and the verification's reference finds each one (no second solve)."""
+    from moeprune.calibration.run import CalibrateOptions
+    from moeprune.merge.align_memo import MEMO
+    from moeprune.pipeline.run import prune
+    from moeprune.tiny import save_tiny
+    from textgen import write_words
+
+    model = save_tiny("qwen3_moe", tmp_path / "m", with_tokenizer=True)
+    write_words(tmp_path / "web.txt", 3000, seed=0)
+    calib = CalibrateOptions((f"web={tmp_path / 'web.txt'}",), samples=8, seq_len=32)
+    recipe = [{"method": "msmoe", "ratio": 0.5}]
+    solves, digests = counted_solves(monkeypatch), counted_digests(monkeypatch)
+    prune(model, tmp_path / "a", recipe, calib=calib, run_verify=False)
+    pairs = solves[0]
+    assert pairs > 0 and digests[0] == 0 and len(MEMO) == 0
+    _, result = prune(model, tmp_path / "b", recipe, calib=calib, run_verify=True)
+    assert result.passed and solves[0] == 2 * pairs and MEMO.hits == pairs and len(MEMO) == pairs

@@ -136,9 +136,11 @@ def permutation_to(reference: Mapping[str, torch.Tensor], other: Mapping[str, to
     from scipy.optimize import linear_sum_assignment  # imported here: scipy would cost every CLI start-up ~0.5 s
 
     check_group([reference, other])
-    ref_digest = expert_digest(reference) if reference_digest is UNSET else reference_digest
-    other_digest = expert_digest(other)
-    key = None if ref_digest is None or other_digest is None else (ref_digest, other_digest)
+    key = None
+    if MEMO.consulted():  # not when nothing is held and nothing would be stored (`remembering`)
+        ref_digest = expert_digest(reference) if reference_digest is UNSET else reference_digest
+        other_digest = expert_digest(other)
+        key = None if ref_digest is None or other_digest is None else (ref_digest, other_digest)
     perm = MEMO.get(key)  # the same pair aligned earlier in this process (`merge/align_memo.py`)
     if perm is not None:
         return perm
@@ -185,6 +187,6 @@ def align_group(experts: list[Mapping[str, torch.Tensor]], anchor: int) -> list[
     ref = experts[anchor]
     several = len(experts) > 2
     features = neuron_features(ref, match_dtype(ref)) if several else None  # [I, 3H], every member's
-    digest = expert_digest(ref) if several else UNSET
+    digest = expert_digest(ref) if several and MEMO.consulted() else UNSET
     return [dict(e) if i == anchor else permute(e, permutation_to(ref, e, features, digest))
             for i, e in enumerate(experts)]

@@ -24,6 +24,7 @@ from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.fit import choose_lazy
 from moeprune.io.report import write_json_atomic
 from moeprune.log import logger
+from moeprune.merge.align_memo import remembering
 from moeprune.models import get_adapter
 from moeprune.pipeline.context import StageContext
 from moeprune.pipeline.export import ApplyResult, export, parse_size
@@ -93,8 +94,9 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
         stats.append(ctx.stats)
         logger.info("%s: %s", spec.where, spec.stage.describe(plan))
     adapters = chain_adapters(chain, adapter)
-    applied = export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy, max_shard_size=max_shard_size,
-                     options=[s.to_dict() for s in specs], stats=stats)
+    with remembering(run_verify):  # merges: the verification aligns the same pairs again (`merge/align_memo.py`)
+        applied = export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy,
+                         max_shard_size=max_shard_size, options=[s.to_dict() for s in specs], stats=stats)
     calibration = next((st.meta["calibration"] for stage_stats in stats for st in stage_stats), None)
     if calibration is not None:
         applied.report["calibration"] = calibration
@@ -121,7 +123,8 @@ def apply(model: str | Path, plans: str | Path | Chain, out: str | Path, *, stre
     adapters = chain_adapters(chain, get_adapter(ckpt.config, weight_keys=ckpt.names()))
     parse_size(max_shard_size)
     lazy = choose_lazy(lazy, ckpt)
-    return export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy, max_shard_size=max_shard_size)
+    with remembering(False):  # nothing aligns after the export
+        return export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy, max_shard_size=max_shard_size)
 
 
 def _check_run(specs: list[StageSpec], calib: CalibrateOptions | None) -> None:

@@ -36,6 +36,7 @@ from moeprune.io.fit import choose_lazy
 from moeprune.io.load import load_model
 from moeprune.io.safetensors_io import DTYPES, FLOAT_DTYPES
 from moeprune.log import logger
+from moeprune.merge.align_memo import remembering
 from moeprune.models import get_adapter
 from moeprune.models.keys import get_key
 from moeprune.pipeline.compare import DEFAULT_TOL, Logits, VerifyResult, combine, compare_heads, tolerance  # noqa: F401
@@ -138,6 +139,7 @@ def as_chain(plans: list[Any]) -> Chain:
     return [(stage_for_format(p.to_dict().get("format"), type(p).__name__), p) for p in plans]
 
 
+@remembering(False)  # the last alignment of a run: merges' references look up what the export stored, store nothing
 def verify(original: str | Path, export: str | Path, plans: Chain | list[Any] | None = None, *,
            dtype: str = "float32", tol: float | None = None, seed: int = 0, batch: int = 2,
            seq_len: int = 32, lazy: bool | None = None, tokens: torch.Tensor | Mapping[str, torch.Tensor] | None = None,

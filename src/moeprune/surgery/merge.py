@@ -77,8 +77,8 @@ def merge_layer(model: nn.Module, adapter: MoEAdapter, plan: MergePlan, layer: i
     if plan.router == "weighted":
         for name, t in adapter.router_tensors(block, len(plan.groups[layer])).items():
             for g, (group, w) in enumerate(zip(plan.groups[layer], plan.weights[layer], strict=True)):
-                f = torch.tensor(w, dtype=torch.float64)
                 src = rows[name][group].double()  # [n, ...]
+                f = torch.tensor(w, dtype=torch.float64, device=src.device)
                 t.data[g] = ((f.view(-1, *[1] * (src.dim() - 1)) * src).sum(0) / f.sum()).to(t.dtype)
 
 
