@@ -106,7 +106,7 @@ def _probe_gradients(model, adapter, ids, mask):
                     continue
                 gu = hidden[tok] @ experts.gate_up_proj[j].T
                 h = F.silu(gu[:, :I]) * gu[:, I:]
-                delta = torch.zeros(tok.numel(), hidden.shape[1], requires_grad=True)
+                delta = torch.zeros(tok.numel(), hidden.shape[1], dtype=hidden.dtype, requires_grad=True)
                 probes[(layer, j)] = delta
                 acts[(layer, j)] = (h.detach(), valid[tok])
                 y = h @ experts.down_proj[j].T + delta
@@ -151,6 +151,44 @@ def test_heapr_score_against_explicit_fisher():
         checked += 1
     assert checked >= 8
     assert all(p.grad is None for p in model.parameters())  # statistics never touch parameter gradients
+
+
+def test_heapr_score_in_bf16_with_padded_rows_against_explicit_fisher():
+    """bf16 on the CPU: the collector rounds each expert's rows up to a multiple of 32 (`io/kernel_cache.pad_rows`,
+    zero rows sliced off). Its HEAPr scores against the explicit Fisher of the brute force above run on the same
+    bf16 model (its own expert loop, no padding; scores formed in float64): equal to bf16 rounding. The tiny model
+    hands each expert < 32 tokens, so every call is padded."""
+    model = tiny_model("qwen3_moe", seed=5).eval().to(torch.bfloat16)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapter = get_adapter(model.config, model=model)
+    ids, mask = _batch(2)
+    stats = collect_neuron_stats(model, adapter, [_set(ids, mask)], gradients=True, batch_size=8)
+    scores = neuron_scores("heapr", stats)
+    brute = _probe_gradients(model, adapter, ids, mask)
+    checked = 0
+    for (layer, j), (h, v, g) in brute.items():
+        keep = v.bool()
+        if keep.sum() == 0:
+            continue
+        h, g = h[keep].double(), g[keep].double()  # [N, I], [N, H]
+        M = g.T @ g / h.shape[0]
+        W = adapter.experts(adapter.block(model, layer)).down_proj[j].double()  # [H, I]
+        expected = h.square().mean(0) * torch.einsum("hk,hg,gk->k", W, M, W)
+        torch.testing.assert_close(scores[layer][j], expected, rtol=2e-2, atol=1e-3 * float(expected.max()))
+        checked += 1
+    assert checked >= 8
+
+
+def test_pad_rows_rounds_up_with_zero_rows_only_where_onednn_serves():
+    from moeprune.io.kernel_cache import ROW_BUCKET, pad_rows
+
+    x = torch.randn(37, 8).to(torch.bfloat16)
+    p = pad_rows(x)
+    assert p.shape == (2 * ROW_BUCKET, 8) and torch.equal(p[:37], x) and not p[37:].any()
+    assert pad_rows(x[:ROW_BUCKET]) is not None and pad_rows(x[:ROW_BUCKET]).shape[0] == ROW_BUCKET
+    assert pad_rows(x.float()).shape[0] == 37  # float32 on the CPU: not oneDNN's, unchanged
+    assert pad_rows(torch.empty(37, 8, dtype=torch.bfloat16, device="meta")).shape[0] == 37  # not on the CPU
 
 
 def test_heapr_without_gradients_is_refused():

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 LAYERED_CAPACITY = 256
 
@@ -38,3 +40,29 @@ LAYERED_CAPACITY = 256
 def bound_kernel_cache(capacity: int = LAYERED_CAPACITY) -> str:
     """Set oneDNN's primitive-cache capacity for this process unless already set; returns the value in force."""
     return os.environ.setdefault(VARIABLE, str(capacity))
+
+
+# ------------------------------------------------------------------------------------------- few shapes, kept
+ROW_BUCKET = 32  # rows of a per-expert matmul are rounded up to a multiple of this (CPU, bf16 / fp16)
+
+
+def onednn_serves(x: torch.Tensor) -> bool:
+    """Whether torch sends matmuls on `x` to oneDNN, whose kernels are compiled per shape: CPU, bf16 or fp16."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def pad_rows(x: torch.Tensor, multiple: int = ROW_BUCKET) -> torch.Tensor:
+    """x [n, H] -> [⌈n / multiple⌉·multiple, H], zero rows appended (x itself when nothing is to append, or when
+    oneDNN does not serve the matmul: not on the CPU, or not bf16 / fp16).
+
+    With the cache bounded, an expert loop over a real layer misses it on almost every call: each expert's token
+    count n is another problem shape, a layer brings ~130 of them per projection, and with its forward and
+    backward matmuls that is more than 256 kernels, so the cache turns over within a layer and every call compiles
+    (~3 ms, against ~0.3 ms for the matmul). Rounding n up to a multiple of 32 leaves ~20 shapes per projection:
+    they stay cached for the whole run, for ≤ 31 padded rows per call. The caller slices the padded rows off the
+    result; each real row's value is computed as before (a matmul row depends only on that row), up to the
+    summation order that oneDNN may pick for another row count. `benchmarks/backward_gemm.py` measures the miss."""
+    extra = -x.shape[0] % multiple
+    if not extra or not onednn_serves(x):
+        return x
+    return torch.cat([x, x.new_zeros(extra, *x.shape[1:])])

@@ -36,6 +36,7 @@ from moeprune.calibration.data import CalibSet
 from moeprune.calibration.engine import last_hidden
 from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
+from moeprune.io.kernel_cache import pad_rows
 from moeprune.models.base import MoEAdapter
 from moeprune.models.layouts import FlatLayout, FusedLayout, layout_of
 from moeprune.stats.block_routes import BlockRoutes
@@ -239,18 +240,21 @@ class NeuronCollector:
                 if j >= E:  # a masked slot
                     continue
                 tok, slot = torch.where(top_k_index == j)  # routed tokens of j and their top-k position
+                n = tok.shape[0]
                 x = hidden_states[tok]  # [n, H]
-                g = (F.linear(x, roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
-                     if "gate" in roles else None)  # [n, I]; None for up-only experts
-                u = F.linear(x, roles["up"][j], roles["up_bias"][j] if "up_bias" in roles else None)
-                h = glu(g, u)  # [n, I]
+                xp = pad_rows(x)  # [n', H]: n rounded up on the CPU in bf16 (`io/kernel_cache.pad_rows`)
+                g = (F.linear(xp, roles["gate"][j], roles["gate_bias"][j] if "gate_bias" in roles else None)
+                     if "gate" in roles else None)  # [n', I]; None for up-only experts
+                u = F.linear(xp, roles["up"][j], roles["up_bias"][j] if "up_bias" in roles else None)
+                hp = glu(g, u)  # [n', I]
+                h = hp[:n]  # [n, I]
                 w = top_k_weights[tok, slot]  # [n]
                 v = valid[tok.to(valid.device)]  # [n]
                 if self.forward_sums:
                     stats.update_forward(j, h.detach(), w.detach(), v, x=x.detach())
-                if self.gradients and h.requires_grad:
-                    h.register_hook(lambda grad, j=j, v=v: stats.update_grad(j, grad.detach(), v))
-                y = F.linear(h, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None)
+                if self.gradients and hp.requires_grad:
+                    hp.register_hook(lambda grad, j=j, v=v, n=n: stats.update_grad(j, grad[:n].detach(), v))
+                y = F.linear(hp, roles["down"][j], roles["down_bias"][j] if "down_bias" in roles else None)[:n]
                 out.index_add_(0, tok, (y * w[:, None].to(y.dtype)).to(out.dtype))
             return out.view(shape)
 
