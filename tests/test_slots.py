@@ -27,13 +27,13 @@ def _experts(model) -> list[torch.nn.Module]:
     return [experts for _, _, experts, _ in moe_blocks(model)]
 
 
-def _both_ways(experts, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _both_ways(experts, g: torch.Generator, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(slot_outputs, the module's own eager code with one slot per row at weight 1) on 10 random tokens' routed
     pairs plus every expert on two probe tokens: [M, H] each."""
     E = experts.num_experts
     down = experts.down_proj  # [E, I, H] transposed, else [E, H, I]
     H = down.shape[-1] if experts.is_transposed else down.shape[-2]
-    hidden = torch.randn(10, H, generator=g)  # [N, H]
+    hidden = torch.randn(10, H, generator=g).to(dtype)  # [N, H]
     routed = torch.randint(0, E, (10, 2), generator=g)  # [N, k]
     token = torch.cat([torch.arange(10).repeat_interleave(2), torch.tensor([3, 7]).repeat_interleave(E)])
     expert = torch.cat([routed.reshape(-1), torch.arange(E).repeat(2)])  # routed pairs, then two probes
@@ -42,7 +42,7 @@ def _both_ways(experts, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
         before = experts.config._experts_implementation
         experts.config._experts_implementation = "eager"
         try:
-            want = experts(hidden[token], expert[:, None], torch.ones(token.shape[0], 1))  # [M, H]
+            want = experts(hidden[token], expert[:, None], torch.ones(token.shape[0], 1, dtype=dtype))  # [M, H]
         finally:
             experts.config._experts_implementation = before
     assert got.shape == want.shape == (token.shape[0], H)
@@ -67,6 +67,21 @@ def test_slot_outputs_equal_the_eager_experts_one_slot_per_row(family):
         scale = want.abs().max()
         assert scale > 0
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(scale))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_bf16_slot_outputs_with_padded_groups_equal_the_eager_experts(family):
+    """bf16 on the CPU: each expert's group of rows is rounded up to a multiple of 32 with zero rows
+    (`io/kernel_cache.pad_rows`; gpt_oss brings biases, which the padded rows take too). Against the eager loop
+    in bf16, no padding: equal to bf16 rounding."""
+    model = tiny_family_model(family, seed=4).eval().to(torch.bfloat16)
+    grouped = [e for e in _experts(model) if uses_grouped_mm(e)]
+    assert grouped
+    g = torch.Generator().manual_seed(0)
+    for experts in grouped:
+        got, want = _both_ways(experts, g, torch.bfloat16)
+        scale = float(want.float().abs().max())
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=2e-2 * scale)
 
 
 def test_only_the_grouped_mm_dispatch_takes_the_fast_path():

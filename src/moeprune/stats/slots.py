@@ -9,7 +9,8 @@ steps on the pairs directly:
 
     ids, perm = sort(expert)                          group the M pairs by expert
     x = hidden[token[perm]]                           [M, H]   one gather (the kernel's own)
-    offs = cumsum(histc(ids, E))                      group boundaries
+    offs = cumsum(histc(ids, E))                      group boundaries (on the CPU in bf16 each group is rounded
+                                                      up to 32 rows with zero rows: `io/kernel_cache.pad_rows`)
     u = gate(grouped_linear(x, W_gate_up, offs, b))   [M, I]   the module's own `_apply_gate` (or `act_fn`)
     y = grouped_linear(u, W_down, offs, b)            [M, H]   (then `post_expert_norm` where the class has one)
     f = y[perm⁻¹]                                     [M, H]   back in pair order
@@ -30,6 +31,7 @@ from torch import nn
 
 from moeprune import compat
 from moeprune.errors import MoePruneError
+from moeprune.io.kernel_cache import ROW_BUCKET, onednn_serves
 
 
 def uses_grouped_mm(experts: nn.Module) -> bool:
@@ -75,6 +77,15 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, 
     x = hidden[token[perm]]  # [M, H]
     E = experts.num_experts
     counts = torch.histc(ids.float() if ids.device.type in ("cpu", "mps") else ids.int(), bins=E, min=0, max=E - 1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)  # [M] (a gather is faster than y's scatter)
+    rows = _padded_rows(ids, counts, x)  # [M]: each sorted pair's row among the padded groups, or None
+    if rows is not None:  # oneDNN on the CPU: groups rounded up to ROW_BUCKET rows (`io/kernel_cache.pad_rows`)
+        counts = (counts + (ROW_BUCKET - 1)) // ROW_BUCKET * ROW_BUCKET  # [E]
+        x = x.new_zeros(int(counts.sum()), x.shape[1]).index_copy_(0, rows, x)  # [M', H]
+        if experts.has_bias:  # each padded row's expert, for the bias rows
+            ids = torch.repeat_interleave(torch.arange(E, device=ids.device), counts.long())  # [M']
+        inverse = rows[inverse]  # [M]: pair -> its row among the M'
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
     first = experts.gate_up_proj if experts.has_gate else experts.up_proj
     first_bias = None
@@ -86,6 +97,17 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, 
     y = compat.grouped_linear(u, experts.down_proj, offs, bias=down_bias, is_transposed=experts.is_transposed)  # [M, H]
     if experts.has_post_expert_norm:
         y = experts.post_expert_norm(y)
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)  # [M] (a gather is faster than y's scatter)
     return y[inverse].to(hidden.dtype)  # [M, H] pair order
+
+
+def _padded_rows(ids: torch.Tensor, counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """Where oneDNN serves the grouped matmuls (CPU, bf16 / fp16; `io/kernel_cache.pad_rows` says why), [M] the
+    row of each sorted pair once every group is rounded up to a multiple of ROW_BUCKET rows (zero rows after each
+    group's own); else None. Each group's size is a matmul shape of its own, and ~130 sizes per projection and
+    layer turn the bounded kernel cache over on every call."""
+    if not onednn_serves(x):
+        return None
+    c = counts.long()  # [E]
+    padded = (c + (ROW_BUCKET - 1)) // ROW_BUCKET * ROW_BUCKET  # [E]
+    start, first = torch.cumsum(padded, 0) - padded, torch.cumsum(c, 0) - c  # [E] each
+    return start[ids] + torch.arange(ids.shape[0], device=ids.device) - first[ids]  # [M]
