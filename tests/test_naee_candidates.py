@@ -84,3 +84,26 @@ def test_a_set_beyond_max_dropped_that_leaves_the_candidates_is_refused():
         ev = incremental_evaluator(model, adapter, layer, out)
         with pytest.raises(MoePruneError, match="outside the token's precomputed candidates"):
             ev(tuple(range(10)))  # 10 dropped: some token's route reaches its 7th choice or further
+
+
+def test_bf16_candidate_outputs_with_padded_rows_equal_each_pair_alone():
+    """bf16 on the CPU: `candidate_outputs` rounds each expert's rows up to a multiple of 32 with zero rows
+    (`io/kernel_cache.pad_rows`). Against the model's eager experts called on each (token, candidate) pair alone at
+    gate weight 1 (no grouping, no padding): equal to bf16 rounding."""
+    from moeprune.select.naee_candidates import candidate_outputs
+
+    model = tiny_model("qwen3_moe", seed=6).eval().to(torch.bfloat16)
+    adapter = get_adapter(model.config, model=model)
+    experts = adapter.experts(adapter.block(model, adapter.moe_layers()[0]))
+    g = torch.Generator().manual_seed(1)
+    n, C, H, E = 40, 4, model.config.hidden_size, adapter.num_experts
+    h = torch.randn(n, H, generator=g).to(torch.bfloat16)
+    cand = torch.stack([torch.randperm(E, generator=g)[:C] for _ in range(n)])  # [n, C] distinct per token
+    out = torch.empty(n, C, H, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert candidate_outputs(experts, h, cand, out) == n * C
+        with eager_experts(model):
+            want = torch.stack([torch.cat([experts(h[t:t + 1], cand[t, s].view(1, 1), torch.ones(1, 1,
+                                                   dtype=torch.bfloat16)) for s in range(C)]) for t in range(n)])
+    scale = float(want.float().abs().max())
+    torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=2e-2 * scale)

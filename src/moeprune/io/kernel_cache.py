@@ -1,4 +1,5 @@
-"""Bound oneDNN's primitive cache while a model is processed layer by layer (CPU, bf16 compute).
+"""Bound oneDNN's primitive cache while a model is processed layer by layer (CPU, bf16 compute), and keep the
+shapes of moeprune's own per-expert matmuls few enough to stay in it (`pad_rows`, below).
 
 On a CPU with native bf16 matmul (`io.stock.cpu_has_native_bf16`) torch sends bf16 matmuls to oneDNN, which
 JIT-compiles a kernel for every new problem shape and keeps it in a process-wide cache of 1 024 entries by default.

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.io.kernel_cache import ROW_BUCKET, pad_rows
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_row_blocks, row_masks
 
@@ -74,7 +75,7 @@ def candidate_outputs(experts: nn.Module, h: torch.Tensor, cand: torch.Tensor, o
             tok = torch.arange(cand.shape[0], device=cand.device)[:, None].expand_as(cand)  # [n, C]
             out[hit] = y[tok[hit], col[hit]]  # [h, H]
             todo = (~hit).reshape(-1).nonzero().view(-1)  # [n·C − h]
-    one = torch.ones(h.shape[0], 1, dtype=h.dtype, device=h.device)  # gate weight 1 (n ≤ tokens: one slot each)
+    one = torch.ones(h.shape[0] + ROW_BUCKET, 1, dtype=h.dtype, device=h.device)  # gate weight 1 (one slot each)
     wanted = cand.reshape(-1)[todo]  # [m] the expert of each pair
     order = wanted.argsort()  # pairs grouped by expert
     pairs_sorted, experts_sorted = todo[order], wanted[order]
@@ -85,8 +86,9 @@ def candidate_outputs(experts: nn.Module, h: torch.Tensor, cand: torch.Tensor, o
             continue
         pairs = pairs_sorted[start:start + n]  # [n] flat (token, slot) indices
         start += n
-        rows = pairs // cand.shape[1]  # [n] tokens
-        out.view(-1, out.shape[-1])[pairs] = experts(h[rows], torch.full((n, 1), j, device=h.device), one[:n])  # [n, H]
+        x = pad_rows(h[pairs // cand.shape[1]])  # [n', H]: the pairs' tokens, n rounded up on the CPU in bf16
+        m = x.shape[0]  # (`io/kernel_cache.pad_rows`: each n would be a matmul kernel of its own)
+        out.view(-1, out.shape[-1])[pairs] = experts(x, torch.full((m, 1), j, device=h.device), one[:m])[:n]  # [n, H]
     return int(todo.numel())
 
 
