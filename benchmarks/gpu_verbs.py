@@ -67,6 +67,7 @@ def compare_exports(a: Path, b: Path) -> dict:
     for name in plans:
         d, r = _compare_json(*(json.loads((x / "moeprune_plans" / name).read_text()) for x in (a, b)), name)
         differ, rel = differ + d, max(rel, r)
+
     def tensors(folder: Path) -> dict:
         return {k: v for f in sorted(folder.glob("model*.safetensors")) for k, v in load_file(f).items()}
 
