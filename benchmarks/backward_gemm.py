@@ -1,4 +1,5 @@
-"""Why HEAPr's backward costs ~2.7 forwards: one decoder layer of the `benchmarks/big_model.py` checkpoint, one thread.
+"""Why per-expert matmuls cost ~10x their FLOPs on the CPU in bf16: one decoder layer of the
+`benchmarks/big_model.py` checkpoint, one thread.
 
 HEAPr's down pass (`stats/neurons_layered._backward`) recomputes each decoder layer with grad and backpropagates.
 On the 24-layer checkpoint its backward takes ~2.7x the layer's forward, while the same expert GEMMs cost the same
@@ -7,9 +8,13 @@ in either direction when timed alone. This script prints, for one layer and one 
   2. the MoE block alone on random inputs: forward and backward seconds;
   3. every aten.mm of the whole layer's backward (a TorchDispatchMode timer): count and seconds by shape, and the
      same matmuls (shapes, dtypes, the layer's own weights) timed outside autograd.
-Measured 2026-12-04 (session 30): whole layer forward 0.5 s / backward 1.3-1.5 s; MoE block alone 0.26 / 0.52 s;
-in the whole layer's backward each expert GEMM took ~3 ms whatever its rows (37 or 390), against ~0.3 ms for the
-same GEMM outside it. Cause not found yet; that gap is ~1 s per layer and batch, ~40 s of HEAPr's ~114 s.
+Measured 2026-12-04 (session 30), transformers' eager experts (unpadded): whole layer forward 0.5 s / backward
+1.3-1.5 s; MoE block alone on random inputs 0.26 / 0.52 s; each expert GEMM of the whole layer's backward ~3 ms
+whatever its rows (37 or 390), and ~3 ms outside autograd too. The cause is oneDNN compiling a kernel per shape
+with its cache bounded at 256 (`io/kernel_cache.py`): a real layer's ~130 token counts per projection turn the
+cache over, while random inputs give fewer distinct counts. With ONEDNN_PRIMITIVE_CACHE_CAPACITY=4096 the same
+backward GEMMs take ~0.5 ms each. moeprune's own expert loops round their rows up to 32 (`pad_rows`): HEAPr's
+collector layer went 0.56 / 1.40 s -> 0.35 / 0.77 s forward / backward.
 
     OMP_NUM_THREADS=1 python benchmarks/backward_gemm.py --model /work/big/qwen3moe-24x128-h1024-i448
 """
