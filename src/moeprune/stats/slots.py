@@ -79,9 +79,9 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, 
     counts = torch.histc(ids.float() if ids.device.type in ("cpu", "mps") else ids.int(), bins=E, min=0, max=E - 1)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.shape[0], device=perm.device)  # [M] (a gather is faster than y's scatter)
-    rows = _padded_rows(ids, counts, x)  # [M]: each sorted pair's row among the padded groups, or None
-    if rows is not None:  # oneDNN on the CPU: groups rounded up to ROW_BUCKET rows (`io/kernel_cache.pad_rows`)
-        counts = (counts + (ROW_BUCKET - 1)) // ROW_BUCKET * ROW_BUCKET  # [E]
+    padded = _padded_groups(ids, counts, x)
+    if padded is not None:  # oneDNN on the CPU: groups rounded up to ROW_BUCKET rows (`io/kernel_cache.pad_rows`)
+        rows, counts = padded  # [M] each sorted pair's row among the M' = Σ counts, [E] the rounded group sizes
         x = x.new_zeros(int(counts.sum()), x.shape[1]).index_copy_(0, rows, x)  # [M', H]
         if experts.has_bias:  # each padded row's expert, for the bias rows
             ids = torch.repeat_interleave(torch.arange(E, device=ids.device), counts.long())  # [M']
@@ -100,14 +100,15 @@ def slot_outputs(experts: nn.Module, hidden: torch.Tensor, token: torch.Tensor, 
     return y[inverse].to(hidden.dtype)  # [M, H] pair order
 
 
-def _padded_rows(ids: torch.Tensor, counts: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """Where oneDNN serves the grouped matmuls (CPU, bf16 / fp16; `io/kernel_cache.pad_rows` says why), [M] the
-    row of each sorted pair once every group is rounded up to a multiple of ROW_BUCKET rows (zero rows after each
-    group's own); else None. Each group's size is a matmul shape of its own, and ~130 sizes per projection and
-    layer turn the bounded kernel cache over on every call."""
+def _padded_groups(ids: torch.Tensor, counts: torch.Tensor, x: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Where oneDNN serves the grouped matmuls (CPU, bf16 / fp16; `io/kernel_cache.pad_rows` says why): every
+    group rounded up to a multiple of ROW_BUCKET rows (zero rows after each group's own) as ([M] the row of each
+    sorted pair, [E] the rounded group sizes); else None. Each group's size is a matmul shape of its own, and ~130
+    sizes per projection and layer turn the bounded kernel cache over on every call."""
     if not onednn_serves(x):
         return None
     c = counts.long()  # [E]
     padded = (c + (ROW_BUCKET - 1)) // ROW_BUCKET * ROW_BUCKET  # [E]
     start, first = torch.cumsum(padded, 0) - padded, torch.cumsum(c, 0) - c  # [E] each
-    return start[ids] + torch.arange(ids.shape[0], device=ids.device) - first[ids]  # [M]
+    return start[ids] + torch.arange(ids.shape[0], device=ids.device) - first[ids], padded  # [M], [E]
