@@ -52,6 +52,11 @@ def onednn_serves(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
+def rounded_rows(n, multiple: int = ROW_BUCKET):
+    """n (an int or an integer tensor of row counts) rounded up to a multiple of `multiple`."""
+    return (n + (multiple - 1)) // multiple * multiple
+
+
 def pad_rows(x: torch.Tensor, multiple: int = ROW_BUCKET) -> torch.Tensor:
     """x [n, H] -> [⌈n / multiple⌉·multiple, H], zero rows appended (x itself when nothing is to append, or when
     oneDNN does not serve the matmul: not on the CPU, or not bf16 / fp16).
@@ -63,7 +68,7 @@ def pad_rows(x: torch.Tensor, multiple: int = ROW_BUCKET) -> torch.Tensor:
     they stay cached for the whole run, for ≤ 31 padded rows per call. The caller slices the padded rows off the
     result; each real row's value is computed as before (a matmul row depends only on that row), up to the
     summation order that oneDNN may pick for another row count. `benchmarks/backward_gemm.py` measures the miss."""
-    extra = -x.shape[0] % multiple
+    extra = rounded_rows(x.shape[0], multiple) - x.shape[0]
     if not extra or not onednn_serves(x):
         return x
     return torch.cat([x, x.new_zeros(extra, *x.shape[1:])])

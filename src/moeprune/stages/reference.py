@@ -141,10 +141,10 @@ class Reference:
         """Write `expert` (current width) into current expert i's slot at its neuron positions."""
         slot = self.slots[layer][i]
         views = self._views(layer, slot)
+        p = torch.tensor(self.pos(layer, slot), device=next(iter(views.values())).device)
         for role, value in expert.items():
             target = views[role]
             value = _stored(value, self.storage.experts, target)
-            p = torch.tensor(self.pos(layer, slot), device=target.device)
             if role in ("gate", "up", "gate_bias", "up_bias"):
                 target[p] = value  # rows at the slot's positions
             elif role == "down":

@@ -31,7 +31,7 @@ from torch import nn
 
 from moeprune import compat
 from moeprune.errors import MoePruneError
-from moeprune.io.kernel_cache import ROW_BUCKET, onednn_serves
+from moeprune.io.kernel_cache import onednn_serves, rounded_rows
 
 
 def uses_grouped_mm(experts: nn.Module) -> bool:
@@ -109,6 +109,6 @@ def _padded_groups(ids: torch.Tensor, counts: torch.Tensor, x: torch.Tensor
     if not onednn_serves(x):
         return None
     c = counts.long()  # [E]
-    padded = (c + (ROW_BUCKET - 1)) // ROW_BUCKET * ROW_BUCKET  # [E]
+    padded = rounded_rows(c)  # [E]
     start, first = torch.cumsum(padded, 0) - padded, torch.cumsum(c, 0) - c  # [E] each
     return start[ids] + torch.arange(ids.shape[0], device=ids.device) - first[ids], padded  # [M], [E]
