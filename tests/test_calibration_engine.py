@@ -102,3 +102,22 @@ def test_calibration_uses_the_model_experts_impl_and_eager_on_request(monkeypatc
     collect(model, adapter, sets, eager=True)
     assert not calls
     assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_kwargs_the_layers_share_move_once_per_batch():
+    """`to_device` with a memo moves a tensor that several layers' kwargs hold (the rotary cos/sin the model
+    computes once per forward) once and keeps it one tensor: a GPU run copies it once per batch, not per layer."""
+    from moeprune.calibration.engine import to_device
+
+    model = tiny_model("qwen3_moe", seed=0)
+    adapter = get_adapter(model.config)
+    inputs = seeded_inputs(96, batch=2, seq_len=8, seed=1)
+    batch = capture(model, adapter, inputs["input_ids"], inputs["attention_mask"])
+    assert len(batch.kwargs) >= 2
+    cos = [kw["position_embeddings"][0] for kw in batch.kwargs]
+    assert all(c is cos[0] for c in cos), "the model shares cos/sin across layers, or this proves nothing"
+    moved = to_device(batch.kwargs, "meta", memo={})
+    assert all(kw["position_embeddings"][0] is moved[0]["position_embeddings"][0] for kw in moved)
+    assert moved[0]["position_embeddings"][0].is_meta and moved[0]["position_embeddings"][0].shape == cos[0].shape
+    plain = to_device(batch.kwargs, "meta")  # without a memo every layer gets its own copy
+    assert plain[0]["position_embeddings"][0] is not plain[1]["position_embeddings"][0]

@@ -40,7 +40,7 @@ from moeprune.models.base import MoEAdapter
 class LayerInputs:
     """One batch at the input of some decoder layer: hidden states [B, S, H] and each layer's kwargs."""
 
-    hidden: torch.Tensor  # [B, S, H], on CPU
+    hidden: torch.Tensor  # [B, S, H], on CPU (or the device, when every batch fits there: `cache_home`)
     kwargs: list[dict[str, Any]]  # per decoder layer
     attention_mask: torch.Tensor  # [B, S] (1 = real token)
     tag: str = ""  # which calibration set the rows come from
@@ -80,8 +80,9 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
-            attention_mask: torch.Tensor) -> LayerInputs:
-    """Run the model with recording identity layers; return layer 0's input and every layer's kwargs."""
+            attention_mask: torch.Tensor, keep_on: str | torch.device = "cpu") -> LayerInputs:
+    """Run the model with recording identity layers; return layer 0's input (on `keep_on`) and every layer's
+    kwargs (where the model made them)."""
     layers = adapter.decoder_layers(model)
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
@@ -91,7 +92,7 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
     def recorder(index: int, arity: int):
         def forward(hidden_states, *args, **kw):
             if index == 0:
-                hidden.append(hidden_states.detach().cpu())
+                hidden.append(hidden_states.detach().to(keep_on))
             kept = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value")}
             if args:
                 kept[POSITIONAL] = args
@@ -121,15 +122,22 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
     return LayerInputs(hidden[0], kwargs, attention_mask, carries=carries)
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
+def to_device(obj: Any, device: torch.device | str, memo: dict[int, torch.Tensor] | None = None) -> Any:
+    """`obj` (tensors in nested tuples, dicts and lists) with every tensor on `device`. `memo` (id -> moved
+    tensor, kept by the caller): a tensor met again moves once, and stays one tensor (every layer's kwargs of a
+    captured batch hold the same rotary cos/sin and masks)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, memo) for o in obj)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, memo) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [to_device(v, device) for v in obj]
+        return [to_device(v, device, memo) for v in obj]
     return obj
 
 
@@ -167,13 +175,19 @@ def run_layers(
 
 
 def pick_cache_device(batches: list[LayerInputs], device: str) -> str:
-    """`device` when it is an accelerator with room for every batch's hidden states twice (inputs and outputs of
-    a layer) within a quarter of its free memory; else "cpu"."""
+    """Where hidden states wait between layers: `device` when its batches already wait there (`make_batches`
+    placed them) or it has room for them, else "cpu" (`cache_home`)."""
+    held = sum(b.hidden.nbytes for b in batches if b.hidden.device == torch.device(device))
+    return cache_home(device, sum(b.hidden.nbytes for b in batches), held)
+
+
+def cache_home(device: str | torch.device, nbytes: int, held: int = 0) -> str:
+    """`device` when it is an accelerator with room for `nbytes` of hidden states twice (inputs and outputs of a
+    layer) within a quarter of its free memory plus the `held` bytes of them already there; else "cpu"."""
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return "cpu"
-    need = 2 * sum(b.hidden.numel() * b.hidden.element_size() for b in batches)
     free, _ = torch.cuda.mem_get_info(torch.device(device))
-    return str(device) if need <= free // 4 else "cpu"
+    return str(device) if 2 * nbytes <= (free + held) // 4 else "cpu"
 
 
 def run_one(layer: nn.Module, i: int, batches: list[LayerInputs], device: str,

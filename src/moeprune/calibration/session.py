@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from moeprune.calibration.data import CalibSet
-from moeprune.calibration.engine import LayerInputs, around_layers_on, capture, run_layers, run_one, to_device
+from moeprune.calibration.engine import (
+    LayerInputs,
+    around_layers_on,
+    cache_home,
+    capture,
+    run_layers,
+    run_one,
+    to_device,
+)
 from moeprune.calibration.expert_replay import ExpertReplay
 from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
@@ -88,9 +96,13 @@ def eager_experts(model: nn.Module) -> Iterator[None]:
 def make_batches(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], batch_size: int,
                  device: str = "cpu", max_batches: int | None = None) -> list[LayerInputs]:
     """Capture layer-0 inputs and every layer's kwargs for `batch_size` rows at a time of every set, with the
-    modules around the decoder layers on `device` (`engine.around_layers_on`); kwargs are kept on CPU.
-    `max_batches`: only the first that many batches (set by set, in order)."""
-    batches = []
+    modules around the decoder layers on `device` (`engine.around_layers_on`). Hidden states and kwargs wait on
+    `device` when every batch's hidden states fit there (`engine.cache_home`: a GPU run then copies nothing
+    between host and device per layer), else on CPU; a tensor the layers share (rotary cos/sin, masks) is kept
+    once per batch. `max_batches`: only the first that many batches (set by set, in order)."""
+    batches: list[LayerInputs] = []
+    home: str | None = None  # where batches wait: decided from the first batch's bytes per token
+    tokens = sum(s.input_ids.numel() for s in sets)
     with around_layers_on(model, adapter.decoder_layers(model), device):
         for s in sets:
             for start in range(0, s.input_ids.shape[0], batch_size):
@@ -98,8 +110,11 @@ def make_batches(model: nn.Module, adapter: MoEAdapter, sets: list[CalibSet], ba
                     return batches
                 ids = s.input_ids[start : start + batch_size]  # [B, L]
                 mask = s.attention_mask[start : start + batch_size]  # [B, L]
-                b = capture(model, adapter, ids, mask)
-                b.kwargs = to_device(b.kwargs, "cpu")
+                b = capture(model, adapter, ids, mask, keep_on=home or "cpu")
+                if home is None:
+                    home = cache_home(device, b.hidden.nbytes // max(1, ids.numel()) * tokens)
+                    b.hidden = b.hidden.to(home)
+                b.kwargs = to_device(b.kwargs, home, memo={})
                 b.tag = s.name
                 batches.append(b)
     return batches
@@ -209,7 +224,7 @@ def collect(
                 if drop:
                     result.dropped[i] = drop
                     with masked_experts(model, adapter, {i: drop}), replay[i].replaying():
-                        outputs[:] = run_one(layers[i], i, batches, device)
+                        outputs[:] = run_one(layers[i], i, batches, device, cache_device=str(outputs[0].device))
                     logger.debug("layer %d re-run: routed experts recomputed on %d of %d rows", i,
                                  replay[i].recomputed, replay[i].rows)
             replay.clear()
