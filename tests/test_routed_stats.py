@@ -177,3 +177,21 @@ def test_probe_tokens_by_hand():
     assert probe_mask(mask, 10).nonzero().squeeze(1).tolist() == [2, 5]
     assert default_probe_stride(8, 2) == 32 and default_probe_stride(128, 8) == 128
     assert default_probe_stride(3, 8) == 3
+
+
+def test_sums_move_as_one_buffer_and_come_back_as_separate_tensors():
+    """`RoutedStats.to` moves every field through one buffer (one host-device copy per layer on a GPU):
+    the values are the fields' own, each field is its own tensor (safetensors refuses shared storage)."""
+    from moeprune.stats.routed import RoutedStats, moved_together
+
+    st = RoutedStats(6, hidden=5)
+    gen = torch.Generator().manual_seed(0)
+    originals = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in st.sums.items()}
+    moved = moved_together(originals, "cpu")
+    assert list(moved) == list(originals)
+    for k, v in originals.items():
+        assert moved[k].shape == v.shape and torch.equal(moved[k], v), k
+    storages = {m.untyped_storage().data_ptr() for m in moved.values()}
+    assert len(storages) == len(moved)  # no field is a view of the buffer
+    st.sums = originals
+    assert st.to("meta").sums["out_sum"].is_meta and st.sums["out_sum"].shape == (6, 5)

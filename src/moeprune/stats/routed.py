@@ -86,7 +86,12 @@ class RoutedStats:
                                                    dtype=torch.float64))
 
     def to(self, device: torch.device | str) -> RoutedStats:
-        self.sums = {k: v.to(device) for k, v in self.sums.items()}
+        """The sums on `device`, moved as one float64 buffer: one host-device copy (and sync) per layer instead of
+        one per field; each field is its own tensor again afterwards (safetensors refuses shared storage)."""
+        target = torch.device(device)
+        if all(v.device.type == target.type and target.index in (None, v.device.index) for v in self.sums.values()):
+            return self
+        self.sums = moved_together(self.sums, target)
         return self
 
     @property
@@ -174,6 +179,13 @@ class RoutedStats:
             op = torch.maximum if name in MAX_FIELDS else torch.add
             out.sums[name] = op(a, b)
         return out
+
+
+def moved_together(sums: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Float64 tensors on `device` through one buffer (one copy), each its own tensor afterwards."""
+    flat = torch.cat([v.reshape(-1) for v in sums.values()]).to(device)  # [Σ numel]
+    parts = flat.split([v.numel() for v in sums.values()])
+    return {k: p.view(v.shape).clone() for (k, v), p in zip(sums.items(), parts, strict=True)}
 
 
 def router_probs(logits: torch.Tensor, kind: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
