@@ -42,6 +42,7 @@ from torch import nn
 from moeprune.models.layouts import fused_rows
 from moeprune.stats.block_routes import BlockRoutes
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
+from moeprune.stats.slot_sums import dot_terms, peak_and_norm, weighted_sum
 from moeprune.stats.slots import slot_outputs, uses_grouped_mm
 
 EXPERT_FIELDS = ("count", "gate_sum", "norm_sum", "sq_norm_sum", "gate_norm_sum", "max_abs", "easy_ep_sum",
@@ -133,13 +134,11 @@ class RoutedStats:
         expert = idx < E  # [T, k] False on slots routed to an extra router class (a zero expert)
         idx = torch.where(expert, idx, 0)  # [T, k] such slots get weight 0 below
         if r is None:
-            r = (f * gate[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
-        ff = f.float()
+            r = weighted_sum(f, gate)  # [T, H]
         wk = w[:, None] * expert  # [T, k] 1 = a real token's slot routed to an expert
-        peak = torch.maximum(ff.amax(dim=-1), -ff.amin(dim=-1)).double() * wk  # [T, k] max |f|; 0 neutral
-        norm = torch.linalg.vector_norm(ff, dim=-1).double()  # [T, k]
-        hd, rd = h.double(), r.double()  # 1 − cos is a small difference of numbers near 1: float64 on [T, H]
-        hh, hr, rr = (hd * hd).sum(-1), (hd * rd).sum(-1), (rd * rd).sum(-1)  # [T] each
+        peak, norm = peak_and_norm(f)  # [T, k] each (`slot_sums`: a few rows at a time on the CPU)
+        peak = peak * wk  # max |f|; 0 neutral
+        hh, hr, rr = dot_terms(h, r)  # [T] each: 1 − cos is a small difference of numbers near 1, so float64
         eps = torch.finfo(torch.float64).eps  # as F.cosine_similarity: each norm clamped at eps
         cos = (hh + hr) / ((hh.sqrt().clamp_min(eps)) * (hh + 2 * hr + rr).clamp_min(0).sqrt().clamp_min(eps))
         novelty = (1 - cos).clamp_min(0) * w  # [T]
@@ -280,7 +279,7 @@ class RoutedCollector:
             probs = router_probs(logits, self.kind, torch.float32) if logits is not None else None
             if logits is not None:  # the E experts' columns of the E + Z router classes
                 logits, probs = logits[:, : self.stats.num_experts], probs[:, : self.stats.num_experts]
-            out = (f * top_k_weights[..., None].to(f.dtype)).sum(dim=1)  # [T, H]
+            out = weighted_sum(f, top_k_weights)  # [T, H]
             # the routes the block chose: a zero-expert slot it handles itself counts as that class, not as the
             # dummy expert at weight 0 it hands the experts (`stats/block_routes.py`)
             idx, gate, _ = self._routes.resolve(top_k_index, top_k_weights.detach())
