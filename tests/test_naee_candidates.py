@@ -86,24 +86,31 @@ def test_a_set_beyond_max_dropped_that_leaves_the_candidates_is_refused():
             ev(tuple(range(10)))  # 10 dropped: some token's route reaches its 7th choice or further
 
 
-def test_bf16_candidate_outputs_with_padded_rows_equal_each_pair_alone():
-    """bf16 on the CPU: `candidate_outputs` rounds each expert's rows up to a multiple of 32 with zero rows
-    (`io/kernel_cache.pad_rows`). Against the model's eager experts called on each (token, candidate) pair alone at
-    gate weight 1 (no grouping, no padding): equal to bf16 rounding."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_candidate_outputs_equal_each_pair_alone(dtype, grouped):
+    """`candidate_outputs` through transformers' grouped kernel (every pair in one call, `stats/slots.slot_outputs`)
+    and through the experts' own forward once per expert (eager); in bf16 on the CPU each group is rounded up to 32
+    rows with zero rows (`io/kernel_cache.pad_rows`). Against the model's eager experts called on each (token,
+    candidate) pair alone at gate weight 1 (no grouping, no padding): equal to the dtype's rounding."""
     from moeprune.select.naee_candidates import candidate_outputs
+    from moeprune.stats.slots import uses_grouped_mm
 
-    model = tiny_model("qwen3_moe", seed=6).eval().to(torch.bfloat16)
+    model = tiny_model("qwen3_moe", seed=6).eval().to(dtype)
+    model.config._experts_implementation = "grouped_mm" if grouped else "eager"
     adapter = get_adapter(model.config, model=model)
     experts = adapter.experts(adapter.block(model, adapter.moe_layers()[0]))
+    assert uses_grouped_mm(experts) == grouped
     g = torch.Generator().manual_seed(1)
     n, C, H, E = 40, 4, model.config.hidden_size, adapter.num_experts
-    h = torch.randn(n, H, generator=g).to(torch.bfloat16)
+    h = torch.randn(n, H, generator=g).to(dtype)
     cand = torch.stack([torch.randperm(E, generator=g)[:C] for _ in range(n)])  # [n, C] distinct per token
-    out = torch.empty(n, C, H, dtype=torch.bfloat16)
+    out = torch.full((n, C, H), float("nan"), dtype=dtype)
     with torch.no_grad():
         assert candidate_outputs(experts, h, cand, out) == n * C
         with eager_experts(model):
-            want = torch.stack([torch.cat([experts(h[t:t + 1], cand[t, s].view(1, 1), torch.ones(1, 1,
-                                                   dtype=torch.bfloat16)) for s in range(C)]) for t in range(n)])
+            want = torch.stack([torch.cat([experts(h[t:t + 1], cand[t, s].view(1, 1), torch.ones(1, 1, dtype=dtype))
+                                           for s in range(C)]) for t in range(n)])
     scale = float(want.float().abs().max())
-    torch.testing.assert_close(out.float(), want.float(), rtol=3e-2, atol=2e-2 * scale)
+    tol = dict(rtol=3e-2, atol=2e-2 * scale) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(out.float(), want.float(), **tol)

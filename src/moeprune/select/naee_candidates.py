@@ -26,6 +26,7 @@ from moeprune.errors import MoePruneError
 from moeprune.io.kernel_cache import ROW_BUCKET, pad_rows
 from moeprune.models.base import MoEAdapter
 from moeprune.models.masking import masked_row_blocks, row_masks
+from moeprune.stats.slots import slot_outputs, uses_grouped_mm
 
 
 def candidate_count(adapter: MoEAdapter, max_dropped: int | None) -> int:
@@ -64,7 +65,9 @@ def candidate_outputs(experts: nn.Module, h: torch.Tensor, cand: torch.Tensor, o
     """h [n, H], cand [n, C] -> out [n, C, H]: y_{cand[t, s]}(t), gate weight 1, by the model's own experts code: one
     call per expert on the tokens that hold it as a candidate. `known` = (idx [n, k], y [n, k, H]): outputs already
     computed at gate weight 1 (y[t, i] = y_{idx[t, i]}(t), the calibration pass's routed slots), copied where a
-    candidate is among them instead of computed. Returns the expert rows computed."""
+    candidate is among them instead of computed. Experts that run transformers' grouped_mm kernel compute every
+    remaining pair in one call of its steps (`stats/slots.slot_outputs`); other experts code is called once per
+    expert on its pairs. Returns the expert rows computed."""
     todo = torch.arange(cand.numel(), device=cand.device)  # [n·C] flat (token, slot) pairs to compute
     if known is not None:
         idx, y = known
@@ -75,8 +78,11 @@ def candidate_outputs(experts: nn.Module, h: torch.Tensor, cand: torch.Tensor, o
             tok = torch.arange(cand.shape[0], device=cand.device)[:, None].expand_as(cand)  # [n, C]
             out[hit] = y[tok[hit], col[hit]]  # [h, H]
             todo = (~hit).reshape(-1).nonzero().view(-1)  # [n·C − h]
-    one = torch.ones(h.shape[0] + ROW_BUCKET, 1, dtype=h.dtype, device=h.device)  # gate weight 1 (one slot each)
     wanted = cand.reshape(-1)[todo]  # [m] the expert of each pair
+    if uses_grouped_mm(experts):  # transformers' grouped kernel on every pair at once, as the calibration collector
+        out.view(-1, out.shape[-1])[todo] = slot_outputs(experts, h, todo // cand.shape[1], wanted)  # [m, H]
+        return int(todo.numel())
+    one = torch.ones(h.shape[0] + ROW_BUCKET, 1, dtype=h.dtype, device=h.device)  # gate weight 1 (one slot each)
     order = wanted.argsort()  # pairs grouped by expert
     pairs_sorted, experts_sorted = todo[order], wanted[order]
     counts = torch.bincount(experts_sorted, minlength=1).tolist()
