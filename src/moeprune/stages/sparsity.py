@@ -198,7 +198,7 @@ class _Masks:
                                  lambda w, sq: wanda_mask(w, sq, self.pattern, sparsity), keyed=True)
             for (j, role), keep in masks:
                 put(j, role, pack(keep))  # lazy: written to the plan's store at once, not held for the whole layer
-                kept = int(keep.sum())
+                kept = int(torch.count_nonzero(keep))  # a bool sum widens to int64 first: 4x slower
                 self.tensors[f"layer.{layer}.expert.{j}.{role}"] = round(1 - kept / keep.numel(), 6)
                 zeros += keep.numel() - kept
                 total += keep.numel()
