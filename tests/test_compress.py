@@ -30,6 +30,20 @@ def by_numpy(w: np.ndarray, rank: int, keep: int) -> np.ndarray:
     return low + sparse.reshape(w.shape)
 
 
+@pytest.mark.parametrize("shape", [(96, 200), (200, 96)])
+def test_a_bf16_matrix_is_fitted_in_float32_to_the_float64_reference(shape):
+    """A 16-bit W is fitted in float32 (`fit_dtype`): against the float64 numpy SVD + threshold of the same values,
+    equal to float32 rounding (the residual's cut may differ only between entries equal to float32 rounding)."""
+    g = torch.Generator().manual_seed(shape[0])
+    w = (torch.randn(shape[0], 24, generator=g) @ torch.randn(24, shape[1], generator=g) * 0.1
+         + torch.randn(*shape, generator=g)).to(torch.bfloat16)  # a decaying spectrum, as trained weights have
+    low, sparse = low_rank_sparse(w, 8, 0.9)
+    assert low.dtype == sparse.dtype == torch.float32
+    want = by_numpy(w.double().numpy(), 8, math.ceil(round(0.1 * w.numel(), 6)))
+    got = (low + sparse).double().numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 @pytest.mark.parametrize("shape,rank,sparsity", [((12, 20), 3, 0.9), ((20, 12), 1, 0.5), ((8, 8), 8, 1.0)])
 def test_one_round_is_svd_then_threshold(shape, rank, sparsity):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
