@@ -34,3 +34,14 @@ def test_row_step_keeps_each_temporary_under_the_reuse_threshold():
     assert row_step(10_000, COMPUTE_REUSE * 2, cpu) == 1  # a row above the threshold still goes one at a time
     assert row_step(10, 1, cpu) == 10
     assert row_step(10_000, 1 << 14, torch.device("meta")) == 10_000  # not a CPU: one chunk
+
+
+def test_weighted_sum_keeps_the_graph_when_an_input_requires_grad():
+    """`out=` refuses autograd inputs: with grad enabled and f requiring it, the sum is the plain expression and
+    its gradient is the gate weights."""
+    f = torch.randn(600, 4, 1024, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    gate = torch.rand(600, 4, generator=torch.Generator().manual_seed(3))
+    y = weighted_sum(f, gate)
+    assert torch.equal(y, (f * gate[..., None]).sum(dim=1))
+    y.sum().backward()
+    assert torch.equal(f.grad, gate[..., None].expand_as(f))

@@ -39,8 +39,10 @@ def weighted_sum(f: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """Σ_slots g·f: f [T, k, H], gate [T, k] -> [T, H] in f's dtype, the product rounded to f's dtype before the
     sum over slots (as transformers' experts kernels combine them)."""
     T, k, H = f.shape
-    out = torch.empty(T, H, dtype=f.dtype, device=f.device)
     g = gate.to(f.dtype)
+    if torch.is_grad_enabled() and (f.requires_grad or g.requires_grad):  # `out=` takes no autograd inputs
+        return (f * g[..., None]).sum(dim=1)
+    out = torch.empty(T, H, dtype=f.dtype, device=f.device)
     step = row_step(T, k * H * f.element_size(), f.device)
     for s in range(0, T, step):
         torch.sum(f[s : s + step] * g[s : s + step, :, None], dim=1, out=out[s : s + step])
