@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from moeprune.calibration.data import CalibSet
-from moeprune.stats.routed import MAX_FIELDS, RoutedStats
+from moeprune.stats.routed import MAX_FIELDS, RoutedStats, packed, unpacked
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,8 @@ def all_reduce_stats(stats: dict[str, dict[int, RoutedStats]], device: str = "cp
         chosen = [(st, name) for st, name in entries if (name in MAX_FIELDS) == keep]
         if not chosen:
             continue
-        flat = torch.cat([st.sums[name].reshape(-1) for st, name in chosen]).to(device)  # [total]
+        like = [st.sums[name] for st, name in chosen]
+        flat = packed(like).to(device)  # [total]
         dist.all_reduce(flat, op=op)
-        flat, offset = flat.cpu(), 0
-        for st, name in chosen:
-            n = st.sums[name].numel()
-            st.sums[name] = flat[offset : offset + n].view_as(st.sums[name]).clone()
-            offset += n
+        for (st, name), t in zip(chosen, unpacked(flat.cpu(), like), strict=True):
+            st.sums[name] = t

@@ -180,11 +180,22 @@ class RoutedStats:
         return out
 
 
+def packed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors of one dtype -> one flat buffer [Σ numel] (one copy or one collective for all of them)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unpacked(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`packed`'s inverse: the pieces of `flat` in the shapes of `like`, each its own tensor (safetensors refuses
+    shared storage)."""
+    parts = flat.split([t.numel() for t in like])
+    return [p.view(t.shape).clone() for p, t in zip(parts, like, strict=True)]
+
+
 def moved_together(sums: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """Float64 tensors on `device` through one buffer (one copy), each its own tensor afterwards."""
-    flat = torch.cat([v.reshape(-1) for v in sums.values()]).to(device)  # [Σ numel]
-    parts = flat.split([v.numel() for v in sums.values()])
-    return {k: p.view(v.shape).clone() for (k, v), p in zip(sums.items(), parts, strict=True)}
+    values = list(sums.values())
+    return dict(zip(sums, unpacked(packed(values).to(device), values), strict=True))
 
 
 def router_probs(logits: torch.Tensor, kind: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
