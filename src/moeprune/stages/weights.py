@@ -24,7 +24,7 @@ import torch
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
-from moeprune.sparsity.keep_bits import packed_shape, unpack
+from moeprune.sparsity.keep_bits import apply_keep, packed_shape, unpack
 from moeprune.stages.base import Need, Stage, StageOptions, config_copy
 from moeprune.stages.weights_plan import WeightsPlan
 from moeprune.stages.weights_store import expert_index
@@ -77,7 +77,7 @@ class WeightStage(Stage):
                                         f"model's is {have}.")
                 target = views[role]
                 if plan.masks:  # W ← W ⊙ keep
-                    target.mul_(unpack(value, target.shape[1], f"layer {layer} expert {i} {role}").to(target.device))
+                    apply_keep(target, value, f"layer {layer} expert {i} {role}")
                 else:
                     target.copy_(value.to(target.dtype))
         router = adapter.router_tensors(block)
