@@ -44,6 +44,7 @@ class LayeredResult:
     files: list[str]
     bytes_out: int
     dequantized: str | None = None  # the source's quantization method when the export was written unquantized
+    written_while_planning: int = 0  # decoder layers a stage's planning pass wrote (`pipeline/fused.py`)
 
 
 HEADER_ROOM_MIN = 256 << 10  # bytes kept for a shard's safetensors header before its data (see ShardWriter)
@@ -195,38 +196,78 @@ class ShardWriter:
 def export_layered(ckpt: Checkpoint, chain: list, adapters: list[MoEAdapter], folder: Path, max_bytes: int,
                    provenance: dict) -> LayeredResult:
     """Write the chain's result into `folder` (an empty temporary folder): shards, index and config.json."""
-    from moeprune.compat import WeightConverter, WeightRenaming, rename_source_key, revert_weight_conversion
-    from moeprune.io.lazy import REST, load_lazy
-    from moeprune.io.load import match_disk_dtypes
-    from moeprune.stages.base import apply_chain_layer
+    from moeprune.io.lazy import load_lazy
 
     lazy = load_lazy(ckpt.path, dtype="auto")
-    model = lazy.model
-    disk = ckpt.torch_dtypes()
-    writer = ShardWriter(folder, max_bytes, behind=WRITE_BEHIND)
-    try:
-        for entry in _non_layer_entries(ckpt, lazy, REST, (WeightRenaming, WeightConverter), rename_source_key):
-            writer.add_copy(entry.name, entry)
-        ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_save", None) or [])]
-        n = len(lazy.layers)
-        for i in (bar := tqdm(range(n), leave=False)):
-            bar.set_description(f"layer-by-layer export (layer {i + 1}/{n})")
-            prefix = f"{lazy.layer_prefix}.{i}."
-            with lazy.layer(i) as layer:
-                match_disk_dtypes(layer, {k[len(prefix):]: v for k, v in disk.items() if k.startswith(prefix)})
-                apply_chain_layer(model, chain, i, adapters)
-                layer = lazy.layers[i]  # the same module (surgery replaces submodules, not the layer)
-                state = {prefix + k: t for k, t in layer.state_dict().items()}
-                state = {k: t for k, t in state.items() if not any(p.search(k) for p in ignore)}
-                for name, t in revert_weight_conversion(model, state).items():
-                    writer.add_tensor(name, t)
-                del state
-    except BaseException:
-        writer.abort()  # the writer thread stops; the caller removes the folder
-        raise
-    files = writer.close()
-    quant = _write_config(ckpt, adapters[-1], folder, provenance, model.dtype)
-    return LayeredResult(files, writer.total, quant)
+    layers = LayerExport(ckpt, lazy, folder, max_bytes)
+    return layers.finish(chain, adapters, provenance)
+
+
+class LayerExport:
+    """An export's shards written one decoder layer at a time from a `LazyModel`: the export's own
+    (`export_layered`), or the one a stage plans on, which writes each layer as soon as its plan is final
+    (`write_layer`, while the layer is materialised for the planning pass; `pipeline/fused.py`). The source's
+    other tensors (embeddings, norm, head, vision tower) are copied byte for byte first; `finish` writes the layers
+    no pass wrote (read, the whole chain applied) and closes the shards."""
+
+    def __init__(self, ckpt: Checkpoint, lazy, folder: Path, max_bytes: int) -> None:
+        from moeprune.compat import WeightConverter, WeightRenaming, rename_source_key
+        from moeprune.io.lazy import REST
+
+        self.ckpt, self.lazy, self.folder = ckpt, lazy, folder
+        self.disk = ckpt.torch_dtypes()
+        self.ignore = [re.compile(p) for p in (getattr(lazy.model, "_keys_to_ignore_on_save", None) or [])]
+        self.written: set[int] = set()
+        self.writer = ShardWriter(folder, max_bytes, behind=WRITE_BEHIND)
+        try:
+            for entry in _non_layer_entries(ckpt, lazy, REST, (WeightRenaming, WeightConverter), rename_source_key):
+                self.writer.add_copy(entry.name, entry)
+        except BaseException:
+            self.writer.abort()
+            raise
+
+    def write_layer(self, i: int, apply) -> None:
+        """Decoder layer i, materialised in the lazy model: its stored dtypes restored, `apply()` run (the plans
+        that change it), its tensors written under their on-disk names (transformers' own inverse of its loading
+        conversions, as save_pretrained). The layer's tensors must not change afterwards (the writer thread may
+        still hold them); the lazy model drops them when the layer's visit ends."""
+        from moeprune.compat import revert_weight_conversion
+        from moeprune.io.load import match_disk_dtypes
+
+        prefix = f"{self.lazy.layer_prefix}.{i}."
+        match_disk_dtypes(self.lazy.layers[i], {k[len(prefix):]: v for k, v in self.disk.items()
+                                                if k.startswith(prefix)})
+        apply()
+        layer = self.lazy.layers[i]  # the same module (surgery replaces submodules, not the layer)
+        state = {prefix + k: t for k, t in layer.state_dict().items()}
+        state = {k: t for k, t in state.items() if not any(p.search(k) for p in self.ignore)}
+        for name, t in revert_weight_conversion(self.lazy.model, state).items():
+            self.writer.add_tensor(name, t)
+        self.written.add(i)
+
+    def finish(self, chain: list, adapters: list[MoEAdapter], provenance: dict) -> LayeredResult:
+        """Every decoder layer not written yet: read, every plan of `chain` applied (`apply_chain_layer`), written;
+        then the shards closed and config.json (the config the chain leaves) written. Failing: what was written is
+        deleted."""
+        from moeprune.stages.base import apply_chain_layer
+
+        model = self.lazy.model
+        try:
+            rest = [i for i in range(len(self.lazy.layers)) if i not in self.written]
+            for n, i in enumerate(bar := tqdm(rest, leave=False)):
+                bar.set_description(f"layer-by-layer export (layer {n + 1}/{len(rest)})")
+                with self.lazy.layer(i):
+                    self.write_layer(i, lambda i=i: apply_chain_layer(model, chain, i, adapters))
+        except BaseException:
+            self.abort()
+            raise
+        files = self.writer.close()
+        quant = _write_config(self.ckpt, adapters[-1], self.folder, provenance, model.dtype)
+        return LayeredResult(files, self.writer.total, quant)
+
+    def abort(self) -> None:
+        """The shards written so far deleted (the writer thread stops); the caller removes the folder."""
+        self.writer.abort()
 
 
 def _non_layer_entries(ckpt: Checkpoint, lazy, rest: int, kinds: tuple, rename_source_key) -> list:

@@ -45,6 +45,7 @@ class StageContext:
     stats: list[ExpertStats] = field(default_factory=list)  # routed statistics this stage collected
     given: ExpertStats | None = None  # statistics read from a file (`moeprune plan STATS`) instead of calibrating
     lazy: bool = False  # later stages replay the earlier plans one decoder layer at a time (checkpoints > memory)
+    export: Any = None  # the last stage of a lazy run: its planning pass writes the export (`pipeline/fused.py`)
 
     @classmethod
     def for_source(cls, path: Path | None, stats: ExpertStats | None, calib: CalibrateOptions | None,
@@ -118,6 +119,13 @@ class StageContext:
             lazy, context = self.lazy_model(dtype=dtype)
             return LayerView(lazy.model, context, lazy)
         return LayerView(self.model(dtype=dtype), lambda i: nullcontext(), None)
+
+    def layer_planned(self, view: LayerView, layer: int, apply: Callable[[], None]) -> None:
+        """A stage with `plans_per_layer` calls this when its plan of decoder layer `layer` is final while `view`
+        holds the layer; `apply()` applies that plan to it. When this run's export rides on the pass
+        (`pipeline/fused.py`), the layer is written now; otherwise nothing happens."""
+        if self.export is not None and view.lazy is not None:
+            self.export.layer_planned(view.lazy, layer, apply)
 
     def weights_source(self):
         """The checkpoint folder, or (after earlier stages) the weight summaries of the model they left."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +46,14 @@ class ApplyResult:
 
 def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path, *, streaming: bool = False,
            lazy: bool = False, max_shard_size: str | int = "5GB", options: list[dict] | None = None,
-           stats: list[list[ExpertStats]] | None = None) -> ApplyResult:
+           stats: list[list[ExpertStats]] | None = None, into: Path | None = None, fused=None) -> ApplyResult:
     """Apply `chain` (validated: `adapters` = the model before each plan and after the last) and save to `out`.
 
     How (`export_mode`): `streaming` with stages that all edit shards -> byte copies, stage by stage; `streaming`
     with other stages (merges, neurons) or `lazy` -> layer by layer (`io/layered_export.py`); else in memory.
-    `options` are the recipe's stage options (None when plans are replayed), `stats` each stage's statistics."""
+    `options` are the recipe's stage options (None when plans are replayed), `stats` each stage's statistics.
+    `into`: the temporary folder to write (the caller renames it to `out`; else `atomic_dir(out)` here), `fused`:
+    the `pipeline.fused.FusedExport` whose planning pass already wrote some layers into it."""
     max_bytes = parse_size(max_shard_size)
     prov = provenance(chain, ckpt.path)
     mode = export_mode(chain, streaming, lazy)
@@ -61,7 +64,7 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
             except MoePruneError as e:
                 raise MoePruneError(f"plan {n} ({stage.kind}, {plan.method}): {e}") from None
     notes = []
-    with atomic_dir(out) as tmp:
+    with nullcontext(into) if into is not None else atomic_dir(out) as tmp:
         if mode == "streaming":
             _apply_shards(ckpt, chain, tmp, max_bytes)
             cfg = json.loads((tmp / "config.json").read_text())
@@ -70,7 +73,8 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
         elif mode == "layered":
             from moeprune.io.layered_export import export_layered
 
-            result = export_layered(ckpt, chain, adapters, tmp, max_bytes, prov)
+            result = (fused.finish(chain, adapters, prov) if fused is not None
+                      else export_layered(ckpt, chain, adapters, tmp, max_bytes, prov))
             if result.dequantized:
                 notes.append(f"the source is quantized ({result.dequantized}); this export was written "
                              "layer by layer, dequantized, without quantization_config")
@@ -91,6 +95,8 @@ def export(ckpt: Checkpoint, adapters: list[MoEAdapter], chain: Chain, out: Path
         report = build_report(ckpt, adapters, chain, mode, bytes_after)
         if notes:
             report["notes"] = notes
+        if mode == "layered":
+            report["layers_written_while_planning"] = result.written_while_planning
         write_json_atomic(tmp / REPORT_NAME, report)
     logger.info("wrote %s (%.1f%% of the original weight bytes)", out, 100 * bytes_after / ckpt.total_bytes)
     return ApplyResult(out, report)

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 from moeprune.calibration.run import CalibrateOptions, prepare
 from moeprune.errors import MoePruneError
-from moeprune.io.atomic import check_output
+from moeprune.io.atomic import atomic_dir, check_output
 from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.fit import choose_lazy
 from moeprune.io.report import write_json_atomic
@@ -27,7 +28,8 @@ from moeprune.log import logger
 from moeprune.merge.align_memo import remembering
 from moeprune.models import get_adapter
 from moeprune.pipeline.context import StageContext
-from moeprune.pipeline.export import ApplyResult, export, parse_size
+from moeprune.pipeline.export import ApplyResult, export, export_mode, parse_size
+from moeprune.pipeline.fused import FusedExport, fused_problem
 from moeprune.pipeline.quality import calibration_split
 from moeprune.pipeline.recipe import (
     REPORT_NAME,
@@ -79,24 +81,23 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
                 raise MoePruneError(f"{spec.where}: this run goes layer by layer (--lazy, or the model does not fit "
                                     f"in memory), but {problem}.")
 
-    chain: Chain = []
-    stats = []
-    for n, spec in enumerate(specs):
-        if n:  # the plans made so far may leave another shape than predicted (global policy): check again
-            stage, plan = chain[-1]
-            adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
-                                                                                                 adapters[n - 1])),
-                                       before=specs[:n])
-        logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
-        ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy)
-        plan = spec.stage.plan(spec.options, ctx)
-        chain.append((spec.stage, plan))
-        stats.append(ctx.stats)
-        logger.info("%s: %s", spec.where, spec.stage.describe(plan))
-    adapters = chain_adapters(chain, adapter)
-    with remembering(run_verify):  # merges: the verification aligns the same pairs again (`merge/align_memo.py`)
-        applied = export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy,
-                         max_shard_size=max_shard_size, options=[s.to_dict() for s in specs], stats=stats)
+    mode = export_mode([(s.stage, None) for s in specs], streaming, lazy)
+    why = fused_problem(specs, ckpt, calib.dtype if calib is not None else None, mode)
+    if why is not None and lazy:
+        logger.debug("the export reads the checkpoint again after planning: %s", why)
+    with atomic_dir(out_path) if why is None else nullcontext() as into:  # fused: the last pass writes into it
+        fused = None if into is None else FusedExport(ckpt, into, parse_size(max_shard_size), len(specs) - 1)
+        try:
+            chain, stats = _plan_stages(specs, adapters, adapter, ckpt, calib, sets, lazy, fused)
+            adapters = chain_adapters(chain, adapter)
+            with remembering(run_verify):  # merges: verification aligns the same pairs again (`merge/align_memo`)
+                applied = export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy,
+                                 max_shard_size=max_shard_size, options=[s.to_dict() for s in specs], stats=stats,
+                                 into=into, fused=fused)
+        except BaseException:
+            if fused is not None:
+                fused.abort()  # the writer thread stops; atomic_dir removes the folder
+            raise
     calibration = next((st.meta["calibration"] for stage_stats in stats for st in stage_stats), None)
     if calibration is not None:
         applied.report["calibration"] = calibration
@@ -111,6 +112,28 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
                                                                 device=calib.device, lazy=lazy)
     write_json_atomic(applied.out / REPORT_NAME, applied.report)
     return applied, result
+
+
+def _plan_stages(specs: list[StageSpec], adapters: list, adapter, ckpt: Checkpoint, calib: CalibrateOptions | None,
+                 sets, lazy: bool, fused) -> tuple[Chain, list]:
+    """Plan every stage in order, each on the model as the plans before it leave it; the last one may write the
+    export as it goes (`fused`). Returns the chain and each stage's statistics."""
+    chain: Chain = []
+    stats = []
+    for n, spec in enumerate(specs):
+        if n:  # the plans made so far may leave another shape than predicted (global policy): check again
+            stage, plan = chain[-1]
+            adapters[n:] = check_chain(specs[n:], adapter_after(adapters[n - 1], stage.next_config(plan,
+                                                                                                 adapters[n - 1])),
+                                       before=specs[:n])
+        logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
+        ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy,
+                           export=fused if n == len(specs) - 1 else None)
+        plan = spec.stage.plan(spec.options, ctx)
+        chain.append((spec.stage, plan))
+        stats.append(ctx.stats)
+        logger.info("%s: %s", spec.where, spec.stage.describe(plan))
+    return chain, stats
 
 
 def apply(model: str | Path, plans: str | Path | Chain, out: str | Path, *, streaming: bool = False,

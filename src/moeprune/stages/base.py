@@ -97,6 +97,9 @@ class Stage:
     changes_weights: ClassVar[bool] = False  # True: writes new values (verify's masked original is then no reference)
     kind_option: ClassVar[str | None] = None  # the option a recipe's `kind: X` sets when X is not the stage's kind
     lazy_problem: ClassVar[str | None] = None  # why the stage cannot run layer by layer (refused before any work)
+    # its plan of decoder layer i is final while a planning pass holds layer i, and it says so
+    # (`StageContext.layer_planned`): a lazy run's export may then ride on that pass (`pipeline/fused.py`)
+    plans_per_layer: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ methods of this stage
     @classmethod

@@ -57,6 +57,7 @@ class SparsityStage(WeightStage):
     plan_format = weights_format("wanda", masks=True)
     reads_formats = (weights_format("wanda"),)  # plans that held the masked values
     options_type = SparsityOptions
+    plans_per_layer = True  # a layer's masks are final once its statistics are (with OWL: in the second visit)
 
     @classmethod
     def methods(cls) -> list[str]:
@@ -126,6 +127,7 @@ class SparsityStage(WeightStage):
                     ratios[layer] = count / n
             else:
                 masks.add(layer, layer_stats, target)
+                ctx.layer_planned(view, layer, lambda n=layer: self.apply_layer(model, adapter, masks.plan(n), n))
 
         stats = _neuron_stats(ctx, view, dtype, visit)
         if o.owl:
@@ -135,6 +137,7 @@ class SparsityStage(WeightStage):
                 bar.set_description(f"wanda masks (layer {n + 1}/{len(layers)})")
                 with view.layer(layer):
                     masks.add(layer, stats[layer], sparsity[layer], outlier=ratios[layer])
+                    ctx.layer_planned(view, layer, lambda n=layer: self.apply_layer(model, adapter, masks.plan(n), n))
         removed = sum(v["sparsity"] for v in masks.per_layer.values()) / len(masks.per_layer)
         logger.info("wanda (%s%s): %.1f%% of the routed-expert weights zeroed", o.pattern, ", OWL" if o.owl else "",
                     100 * removed)
@@ -204,6 +207,11 @@ class _Masks:
                 total += keep.numel()
         self.per_layer[str(layer)] = {"sparsity": round(zeros / total, 6), "target": round(sparsity, 6),
                                       **({"outlier_ratio": round(outlier, 6)} if outlier is not None else {})}
+
+    def plan(self, layer: int) -> WeightsPlan:
+        """The masks of layer `layer` alone, as a plan (applied to that layer while it is resident)."""
+        return WeightsPlan("wanda", self.adapter.num_experts, self.adapter.expert_width,
+                           {layer: self.experts[layer]}, {}, masks=True)
 
 
 def _neuron_stats(ctx, view, dtype: str, on_layer_stats) -> dict:
