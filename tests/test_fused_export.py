@@ -23,6 +23,8 @@ from textgen import write_words
 
 WANDA = [{"method": "wanda", "sparsity": 0.5}]
 REAP_OWL = [{"method": "reap", "ratio": 0.25}, {"method": "wanda", "sparsity": 0.6, "owl": True}]
+CAMERA = [{"method": "camera", "ratio": 0.5}]
+REAP_CAMERA = [{"method": "reap", "ratio": 0.25}, {"method": "camera", "ratio": 0.5}]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,9 @@ def _written(out) -> int:
     return json.loads((out / "moeprune_report.json").read_text())["layers_written_while_planning"]
 
 
-@pytest.mark.parametrize(("family", "recipe"), [("qwen3_moe", WANDA), ("deepseek_v3", REAP_OWL), ("gpt_oss", WANDA)])
+@pytest.mark.parametrize(("family", "recipe"), [("qwen3_moe", WANDA), ("deepseek_v3", REAP_OWL), ("gpt_oss", WANDA),
+                                               ("qwen3_moe", CAMERA), ("mixtral", REAP_CAMERA),
+                                               ("deepseek_v3", REAP_CAMERA)])
 def test_the_export_written_while_planning_equals_the_in_memory_one(root, tmp_path, family, recipe):
     src = save_tiny(family, tmp_path / "src", seed=3, with_tokenizer=True)
     mem = prune(src, tmp_path / "mem", recipe, calib=_calib(root), lazy=False, run_verify=False)[0].out
@@ -59,6 +63,20 @@ def test_the_export_written_while_planning_equals_the_in_memory_one(root, tmp_pa
     assert _written(lay.out) == _moe_layers(src) > 0
     assert result.passed
     assert_same_export(mem, lay.out)
+    for f in sorted((mem / "moeprune_plans").glob("*.json")):  # and the same plans
+        assert json.loads(f.read_text()) == json.loads((lay.out / "moeprune_plans" / f.name).read_text()), f.name
+
+
+def test_only_stages_that_plan_layer_by_layer_write_while_planning(root, tmp_path):
+    """HEAPr (gradients arrive top down) and a global neuron budget (every layer's scores first) export after
+    planning; the export is the in-memory one all the same."""
+    src = save_tiny("qwen3_moe", tmp_path / "src", seed=3, with_tokenizer=True)
+    for recipe in ([{"method": "heapr", "ratio": 0.5}], [{"method": "camera", "ratio": 0.5, "budget": "global"}]):
+        name = recipe[0]["method"] + recipe[0].get("budget", "")
+        mem = prune(src, tmp_path / f"mem-{name}", recipe, calib=_calib(root), lazy=False, run_verify=False)[0].out
+        lay = prune(src, tmp_path / f"lay-{name}", recipe, calib=_calib(root), lazy=True, run_verify=False)[0].out
+        assert _written(lay) == 0
+        assert_same_export(mem, lay)
 
 
 def test_bf16_source_stored_dtype_is_written_while_planning_and_float32_is_not(root, tmp_path):

@@ -3,7 +3,8 @@
 A layer-by-layer run (`--lazy`, or a model larger than memory) plans each stage in one or more passes over the
 checkpoint, then the export reads every decoder layer once more (`io/layered_export.py`). For a last stage whose
 plan of layer i is final while a planning pass holds layer i (`Stage.plans_per_layer`: wanda makes layer i's
-masks while its weights are resident), that last read is the planning pass itself:
+masks while its weights are resident; a forward-only neuron criterion such as CAMERA-P with an expert budget
+chooses layer i's neurons from layer i's sums), that last read is the planning pass itself:
 
     stages 1..N-1 planned as before
     stage N's pass, layer i materialised (earlier plans applied by the layer context):
@@ -41,7 +42,7 @@ def fused_problem(specs: list, ckpt: Checkpoint, calib_dtype: str | None, mode: 
     last = specs[-1]
     if mode != "layered":
         return f"the export is written {mode}"
-    if not last.stage.plans_per_layer:
+    if not last.stage.plans_per_layer(last.options):
         return f"{last.where} plans after its passes, not layer by layer"
     if ckpt.quantization is not None:
         return "the source is quantized"

@@ -97,9 +97,6 @@ class Stage:
     changes_weights: ClassVar[bool] = False  # True: writes new values (verify's masked original is then no reference)
     kind_option: ClassVar[str | None] = None  # the option a recipe's `kind: X` sets when X is not the stage's kind
     lazy_problem: ClassVar[str | None] = None  # why the stage cannot run layer by layer (refused before any work)
-    # its plan of decoder layer i is final while a planning pass holds layer i, and it says so
-    # (`StageContext.layer_planned`): a lazy run's export may then ride on that pass (`pipeline/fused.py`)
-    plans_per_layer: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ methods of this stage
     @classmethod
@@ -151,6 +148,11 @@ class Stage:
         """Why these options cannot be planned layer by layer (refused before any work), or None. Default: the
         stage's `lazy_problem`, whatever the options."""
         return self.lazy_problem
+
+    def plans_per_layer(self, options: StageOptions) -> bool:
+        """True when its plan of decoder layer i is final while a planning pass holds layer i, and it says so then
+        (`StageContext.layer_planned`): a lazy run's export may ride on that pass (`pipeline/fused.py`)."""
+        return False
 
     def lazy_reload_problem(self, options: StageOptions, adapter: MoEAdapter) -> str | None:
         """Why its export cannot be read back layer by layer (verification, held-out split of a lazy run), or

@@ -83,6 +83,11 @@ class NeuronStage(Stage):
         return cfg
 
     # ------------------------------------------------------------------ plans
+    def plans_per_layer(self, o: NeuronOptions) -> bool:
+        """An expert budget chooses each layer's neurons from that layer's scores alone; a forward-only criterion
+        has them when the forward pass leaves the layer (HEAPr's gradients come top down, after every layer)."""
+        return o.budget == "expert" and not NEURON_CRITERIA.get(o.method).needs_gradients
+
     def plan(self, o: NeuronOptions, ctx) -> NeuronPlan:
         from moeprune.stats.neurons import collect_neuron_stats
 
@@ -90,7 +95,28 @@ class NeuronStage(Stage):
         width = ctx.adapter.expert_width
         adapter = ctx.adapter
         dtype = ctx.calib.dtype if ctx.calib is not None else "auto"  # --dtype, as routed statistics use it
-        if ctx.lazy:  # one decoder layer in memory at a time; HEAPr backpropagates layer by layer, top down
+        params = {"rho": 0.9 if o.rho is None else o.rho} if o.method == "camera" else {}
+        kept: dict[int, dict[int, list[int]]] = {}
+
+        def plan_of(layer_kept: dict[int, dict[int, list[int]]]) -> NeuronPlan:
+            return NeuronPlan(layer_kept, width, method=o.method, ratio=o.ratio, budget=o.budget,
+                              model_type=adapter.model_type)
+
+        if ctx.lazy and self.plans_per_layer(o):  # each layer's neurons chosen as its sums complete, while it is held
+            from moeprune.stats.neurons_layered import neuron_stats
+
+            view = ctx.layer_view(dtype=dtype)
+
+            def visit(layer: int, layer_stats) -> None:
+                kept.update(select_neurons(neuron_scores(o.method, {layer: layer_stats}, **params), o.ratio,
+                                           o.budget, o.min_width, align=ALIGN))
+                ctx.layer_planned(view, layer, lambda: self.apply_layer(view.model, adapter, plan_of(
+                    {layer: kept[layer]}), layer))
+
+            stats = neuron_stats(ctx, False, lazy=view.lazy, layer_context=view.layer, dtype=dtype, inputs=False,
+                                 on_layer_stats=visit)
+            del view
+        elif ctx.lazy:  # one decoder layer in memory at a time; HEAPr backpropagates layer by layer, top down
             from moeprune.stats.neurons_layered import neuron_stats
 
             lazy, layer_context = (ctx.lazy_model(dtype=dtype, head=crit.needs_gradients) if ctx.previous
@@ -104,10 +130,10 @@ class NeuronStage(Stage):
             stats = collect_neuron_stats(model, adapter, ctx.sets, gradients=crit.needs_gradients,
                                          batch_size=ctx.calib.batch_size, inputs=False)
             del model
-        scores = neuron_scores(o.method, stats, **({"rho": 0.9 if o.rho is None else o.rho}
-                                                   if o.method == "camera" else {}))
-        kept = select_neurons(scores, o.ratio, o.budget, o.min_width, align=ALIGN)
-        plan = NeuronPlan(kept, width, method=o.method, ratio=o.ratio, budget=o.budget, model_type=adapter.model_type)
+        if not kept:
+            kept = select_neurons(neuron_scores(o.method, stats, **params), o.ratio, o.budget, o.min_width,
+                                  align=ALIGN)
+        plan = plan_of(kept)
         widths = sorted({len(v) for d in kept.values() for v in d.values()})
         logger.info("%s (%s budget): experts keep %s of %d neurons", o.method, o.budget,
                     widths[0] if len(widths) == 1 else f"{widths[0]}..{widths[-1]} (non-uniform)", width)

@@ -57,7 +57,6 @@ class SparsityStage(WeightStage):
     plan_format = weights_format("wanda", masks=True)
     reads_formats = (weights_format("wanda"),)  # plans that held the masked values
     options_type = SparsityOptions
-    plans_per_layer = True  # a layer's masks are final once its statistics are (with OWL: in the second visit)
 
     @classmethod
     def methods(cls) -> list[str]:
@@ -85,6 +84,9 @@ class SparsityStage(WeightStage):
                                 f"0 <= λ < {min(target, 1 - target):.3f}.")
         if o.owl_m is not None and not o.owl_m > 1:
             raise MoePruneError(f"owl_m {o.owl_m}: an outlier is a score above M × the mean; choose M > 1.")
+
+    def plans_per_layer(self, o: SparsityOptions) -> bool:
+        return True  # a layer's masks are final once its statistics are (with OWL: in its second visit)
 
     def needs(self, o: SparsityOptions) -> set[Need]:
         return {Need.NEURONS}
