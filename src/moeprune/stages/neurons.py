@@ -107,7 +107,8 @@ class NeuronStage(Stage):
 
             view = ctx.layer_view(dtype=dtype)
 
-            def visit(layer: int, layer_stats) -> None:
+            def visit(layer: int, layer_stats) -> None:  # the sums on the device the layer runs on
+                layer_stats = layer_stats.to("cpu")  # scores and selection on the CPU, as after the pass
                 kept.update(select_neurons(neuron_scores(o.method, {layer: layer_stats}, **params), o.ratio,
                                            o.budget, o.min_width, align=ALIGN))
                 ctx.layer_planned(view, layer, lambda: self.apply_layer(view.model, adapter, plan_of(
