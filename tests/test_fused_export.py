@@ -25,6 +25,7 @@ WANDA = [{"method": "wanda", "sparsity": 0.5}]
 REAP_OWL = [{"method": "reap", "ratio": 0.25}, {"method": "wanda", "sparsity": 0.6, "owl": True}]
 CAMERA = [{"method": "camera", "ratio": 0.5}]
 REAP_CAMERA = [{"method": "reap", "ratio": 0.25}, {"method": "camera", "ratio": 0.5}]
+MSMOE_COMPRESS = [{"method": "msmoe", "ratio": 0.25}, {"method": "compress", "rank": 3, "sparsity": 0.8}]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,8 @@ def _written(out) -> int:
 
 @pytest.mark.parametrize(("family", "recipe"), [("qwen3_moe", WANDA), ("deepseek_v3", REAP_OWL), ("gpt_oss", WANDA),
                                                ("qwen3_moe", CAMERA), ("mixtral", REAP_CAMERA),
-                                               ("deepseek_v3", REAP_CAMERA)])
+                                               ("deepseek_v3", REAP_CAMERA), ("qwen3_moe", MSMOE_COMPRESS),
+                                               ("gpt_oss", MSMOE_COMPRESS)])
 def test_the_export_written_while_planning_equals_the_in_memory_one(root, tmp_path, family, recipe):
     src = save_tiny(family, tmp_path / "src", seed=3, with_tokenizer=True)
     mem = prune(src, tmp_path / "mem", recipe, calib=_calib(root), lazy=False, run_verify=False)[0].out

@@ -8,7 +8,8 @@ It must follow a merge stage (`merge`); the plan's summary gives, per layer and 
 error ‖W − L − S‖_F/‖W‖_F and the bytes the factorised form would take (`factorised_bytes`) against the dense bytes.
 The export is dense (stock families hold no factorised experts), so it saves no bytes on disk by itself: the
 factorised bytes are what a serving format with factors would store (docs/sparsity.md). With `--lazy` the merged
-layers are visited one at a time and the new tensors wait on disk (`stages/weights_store.py`).
+layers are visited one at a time and the new tensors wait on disk (`stages/weights_store.py`); when compress is the
+recipe's last stage, each visited layer is written to the export then (`pipeline/fused.py`).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class CompressStage(WeightStage):
             raise MoePruneError(f"compress decomposes the experts a merge made (MC-SMoE); here it follows {what}. "
                                 "Put it right after a merge stage (e.g. method msmoe).")
 
+    def plans_per_layer(self, o: CompressOptions) -> bool:
+        return True  # a layer's fits are final when its visit ends (the lazy export is then written in it)
+
     def plan(self, o: CompressOptions, ctx) -> WeightsPlan:
         _, merge_plan = ctx.previous[-1]
         view = ctx.layer_view()  # with --lazy: one decoder layer (merged by the earlier plans) in memory at a time
@@ -105,6 +109,8 @@ class CompressStage(WeightStage):
                             err[role][1] += float(wd @ wd)
                             dense += w.numel() * w.element_size()
                             fact += factorised_bytes(tuple(w.shape), o.rank, o.sparsity, w.element_size())
+                    ctx.layer_planned(view, layer, lambda m=model, n=layer, new=new_layer: self.apply_layer(
+                        m, adapter, WeightsPlan("compress", adapter.num_experts, adapter.expert_width, {n: new}), n))
                 if new_layer:
                     experts[layer] = new_layer
                 layers[str(layer)] = {"experts": chosen, "dense_bytes": dense, "factorised_bytes": fact,
