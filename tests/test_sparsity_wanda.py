@@ -327,3 +327,23 @@ def test_float32_preselection_gives_the_by_hand_masks(case):
               *(m * float(score.mean()) for m in (1, 3, 5)), 0.0, float(flat[-1]) * 2]:
         assert outlier_count(w, norms_sq, t) == int((score > t).sum()), t
     assert torch.equal(w, before)
+
+
+def test_kth_smallest_on_the_bits_is_numpys_float_selection():
+    """The uint32 selection returns what numpy's float32 partition returns, with zeros, ties, +inf and NaNs of both
+    signs in the rows (scores are |w|·‖X‖ ≥ +0.0, or NaN)."""
+    import numpy as np
+
+    from moeprune.sparsity.wanda import _kth_smallest32
+
+    rng = np.random.default_rng(7)
+    s = np.abs(rng.standard_normal((9, 64)).astype(np.float32))
+    s[0, :10] = 0
+    s[1] = np.round(s[1])  # ties
+    s[2, 5], s[3, :40] = np.inf, np.inf
+    s[4, 3], s[5, :50] = np.float32("nan"), -np.float32("nan")
+    for k in (0, 13, 31, 63):
+        want = np.partition(s, k, axis=1)[:, k : k + 1]
+        got = _kth_smallest32(s, k)
+        assert got.dtype == np.float32 and got.shape == (9, 1)
+        assert np.array_equal(got, want, equal_nan=True), k

@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from moeprune.sparsity.order import partition_nonneg
+
 
 def kept_entries(numel: int, sparsity: float) -> int:
     """q = ⌈(1 − sparsity)·numel⌉ (less a rounding hair, so 0.9 of 100 entries keeps 10, not 11)."""
@@ -78,7 +80,7 @@ def hard_threshold(r: torch.Tensor, keep: int) -> torch.Tensor:
     if flat.device.type == "cpu":
         f = flat.detach().numpy()  # [m·n]
         mag = np.abs(f)
-        t = np.partition(mag, mag.size - keep)[mag.size - keep]  # the keep-th largest |r|
+        t = partition_nonneg(mag, mag.size - keep)[mag.size - keep]  # the keep-th largest |r|
         mask = mag > t
         mask[np.flatnonzero(mag == t)[: keep - int(np.count_nonzero(mask))]] = True  # ties: lower flat index first
         return torch.from_numpy(np.where(mask, f, f.dtype.type(0))).reshape(r.shape)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moeprune.sparsity.order import partition_nonneg
+
 PATTERNS = ("unstructured", "2:4")
 
 
@@ -106,7 +108,7 @@ def wanda_mask(weight: torch.Tensor, in_sq: torch.Tensor, pattern: str, sparsity
     norms = _input_norms(in_sq)  # [in] float64
     w = weight.detach()
     s32 = _scores32(w, norms)  # [out, in]
-    tau = np.partition(s32, drop - 1, axis=1)[:, drop - 1 : drop]  # [out, 1] (a partitioned copy)
+    tau = _kth_smallest32(s32, drop - 1)  # [out, 1]
     if not (bool(np.isfinite(tau).all()) and float(tau.min()) >= NORMAL):  # an overflow above τ is just above
         return unstructured_mask(wanda_scores(weight, in_sq), sparsity)
     below = s32 < tau * (1 - BAND)  # [out, in] (numpy: its comparisons and counts are ~10× torch's here)
@@ -119,6 +121,12 @@ def wanda_mask(weight: torch.Tensor, in_sq: torch.Tensor, pattern: str, sparsity
     chosen = (rank < torch.from_numpy(need)[rows]).numpy()
     below[rows.numpy()[chosen], cols.numpy()[chosen]] = True
     return torch.from_numpy(~below)
+
+
+def _kth_smallest32(s32: np.ndarray, k: int) -> np.ndarray:
+    """[out, in] float32 scores (≥ 0 or NaN: |w|·‖X‖) -> [out, 1] float32, the (k+1)-th smallest of each row, as
+    `np.partition(s32, k, axis=1)[:, k:k+1]` gives it (on the bits: `sparsity/order.py`)."""
+    return partition_nonneg(s32, k, axis=1)[:, k : k + 1]  # of a partitioned copy
 
 
 def _band(w: torch.Tensor, norms: torch.Tensor, band: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
