@@ -241,7 +241,9 @@ class LayerExport:
         layer = self.lazy.layers[i]  # the same module (surgery replaces submodules, not the layer)
         state = {prefix + k: t for k, t in layer.state_dict().items()}
         state = {k: t for k, t in state.items() if not any(p.search(k) for p in self.ignore)}
-        for name, t in revert_weight_conversion(self.lazy.model, state).items():
+        taken, views = direct_views(self.lazy.model, state, self.lazy.direct.get(i, {}), revert_weight_conversion)
+        state = {k: t for k, t in state.items() if k not in taken}
+        for name, t in [*views.items(), *revert_weight_conversion(self.lazy.model, state).items()]:
             self.writer.add_tensor(name, t)
         self.written.add(i)
 
@@ -268,6 +270,37 @@ class LayerExport:
     def abort(self) -> None:
         """The shards written so far deleted (the writer thread stops); the caller removes the folder."""
         self.writer.abort()
+
+
+def direct_views(model, state: dict[str, torch.Tensor], direct: dict, revert) -> tuple[set[str], dict]:
+    """The fused expert tensors of `state` that the lazy loader read straight into place (`io/lazy_direct.py`,
+    `direct`: parameter -> its checkpoint tensors' `Piece`s) and that still have that layout, as views:
+    (the parameters taken, {on-disk name: view of its parameter at the piece's place}).
+
+    Transformers' `revert_weight_conversion` un-concatenates gate and up with `torch.chunk(...).contiguous()`, a
+    copy of two thirds of the layer; the pieces are already contiguous places of the parameter. Taken only where
+    transformers' own revert, run on a meta stand-in of the parameter, names exactly the pieces' checkpoint keys
+    with the pieces' shapes (a stage that changed the expert count or width fails that); the rest of the layer goes
+    through `revert`. On the 24-layer benchmark checkpoint this removed ~6 s of copying from a wanda export."""
+    taken: set[str] = set()
+    views: dict[str, torch.Tensor] = {}
+    for name, pieces in direct.items():
+        t = state.get(name)
+        if t is None or t.dim() < 2:
+            continue
+        names = revert(model, {name: torch.empty_like(t, device="meta")})
+        by_key = {p.key: p for p in pieces}
+        if set(names) != set(by_key):
+            continue
+        place = {k: t[p.expert] if p.rows is None else t[p.expert, p.offset : p.offset + p.rows]
+                 for k, p in by_key.items() if p.expert < t.shape[0]}
+        if place.keys() != by_key.keys() or any(tuple(place[k].shape) != tuple(names[k].shape)
+                                                or tuple(place[k].shape) != tuple(by_key[k].entry.shape)
+                                                or not place[k].is_contiguous() for k in place):
+            continue
+        taken.add(name)
+        views.update(place)
+    return taken, views
 
 
 def _non_layer_entries(ckpt: Checkpoint, lazy, rest: int, kinds: tuple, rename_source_key) -> list:

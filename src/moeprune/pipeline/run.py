@@ -4,7 +4,9 @@
     adapters = check_chain(specs, adapter)                 each stage on the model as the stages before leave it
     for each stage n:  plan_n = stage.plan(ctx_n)          calibrated on the original with plans 1..n-1 applied
     export(original, [plan_1 .. plan_N])                   one load (or one layer at a time: lazy), every plan
-                                                           applied in order, saved atomically
+                                                           applied in order, saved atomically; lazy with a last
+                                                           stage that plans layer by layer: each layer written
+                                                           during that stage's pass (`pipeline/fused.py`)
     verify(original, export, chain)                        stock reload == original with the chained references,
                                                            on the seeded ids and the first VERIFY_WINDOWS windows
                                                            of every calibration set
