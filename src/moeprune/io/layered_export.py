@@ -279,9 +279,10 @@ def direct_views(model, state: dict[str, torch.Tensor], direct: dict, revert) ->
 
     Transformers' `revert_weight_conversion` un-concatenates gate and up with `torch.chunk(...).contiguous()`, a
     copy of two thirds of the layer; the pieces are already contiguous places of the parameter. Taken only where
-    transformers' own revert, run on a meta stand-in of the parameter, names exactly the pieces' checkpoint keys
-    with the pieces' shapes (a stage that changed the expert count or width fails that); the rest of the layer goes
-    through `revert`. On the 24-layer benchmark checkpoint this removed ~6 s of copying from a wanda export."""
+    transformers' own revert, run on a meta stand-in of the parameter, names checkpoint keys of the pieces, each
+    with its piece's shape: expert j of a parameter with E' ≤ E experts (removal, merges) sits where the source's
+    expert j sat; a changed width fails the shapes. The rest of the layer goes through `revert`. On the 24-layer
+    benchmark checkpoint this removed ~6 s of copying from a wanda export."""
     taken: set[str] = set()
     views: dict[str, torch.Tensor] = {}
     for name, pieces in direct.items():
@@ -290,13 +291,13 @@ def direct_views(model, state: dict[str, torch.Tensor], direct: dict, revert) ->
             continue
         names = revert(model, {name: torch.empty_like(t, device="meta")})
         by_key = {p.key: p for p in pieces}
-        if set(names) != set(by_key):
+        if not names or not set(names) <= set(by_key):  # fewer experts (removal, merges): the first E' names
             continue
         place = {k: t[p.expert] if p.rows is None else t[p.expert, p.offset : p.offset + p.rows]
-                 for k, p in by_key.items() if p.expert < t.shape[0]}
-        if place.keys() != by_key.keys() or any(tuple(place[k].shape) != tuple(names[k].shape)
-                                                or tuple(place[k].shape) != tuple(by_key[k].entry.shape)
-                                                or not place[k].is_contiguous() for k in place):
+                 for k, p in ((k, by_key[k]) for k in names) if p.expert < t.shape[0]}
+        if place.keys() != names.keys() or any(tuple(place[k].shape) != tuple(names[k].shape)
+                                               or tuple(place[k].shape) != tuple(by_key[k].entry.shape)
+                                               or not place[k].is_contiguous() for k in place):
             continue
         taken.add(name)
         views.update(place)

@@ -35,11 +35,13 @@ from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 
 
-def fused_problem(specs: list, ckpt: Checkpoint, calib_dtype: str | None, mode: str) -> str | None:
+def fused_problem(specs: list, ckpt: Checkpoint, calib_dtype: str | None, mode: str, lazy: bool) -> str | None:
     """Why the export of this run cannot ride on its last stage's planning pass, or None when it can."""
     from moeprune.io.stock import config_dtype
 
     last = specs[-1]
+    if not lazy:
+        return "the stages plan on the whole model in memory"
     if mode != "layered":
         return f"the export is written {mode}"
     if not last.stage.plans_per_layer(last.options):

@@ -84,7 +84,7 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
                                     f"in memory), but {problem}.")
 
     mode = export_mode([(s.stage, None) for s in specs], streaming, lazy)
-    why = fused_problem(specs, ckpt, calib.dtype if calib is not None else None, mode)
+    why = fused_problem(specs, ckpt, calib.dtype if calib is not None else None, mode, lazy)
     if why is not None and lazy:
         logger.debug("the export reads the checkpoint again after planning: %s", why)
     with atomic_dir(out_path) if why is None else nullcontext() as into:  # fused: the last pass writes into it
