@@ -235,8 +235,7 @@ class LayerExport:
         from moeprune.io.load import match_disk_dtypes
 
         prefix = f"{self.lazy.layer_prefix}.{i}."
-        match_disk_dtypes(self.lazy.layers[i], {k[len(prefix):]: v for k, v in self.disk.items()
-                                                if k.startswith(prefix)})
+        match_disk_dtypes(self.lazy.layers[i], self.stored_dtypes(i))
         apply()
         layer = self.lazy.layers[i]  # the same module (surgery replaces submodules, not the layer)
         state = {prefix + k: t for k, t in layer.state_dict().items()}
@@ -246,6 +245,11 @@ class LayerExport:
         for name, t in [*views.items(), *revert_weight_conversion(self.lazy.model, state).items()]:
             self.writer.add_tensor(name, t)
         self.written.add(i)
+
+    def stored_dtypes(self, i: int) -> dict:
+        """{name inside decoder layer i: the dtype the checkpoint stores it in}."""
+        prefix = f"{self.lazy.layer_prefix}.{i}."
+        return {k[len(prefix):]: v for k, v in self.disk.items() if k.startswith(prefix)}
 
     def finish(self, chain: list, adapters: list[MoEAdapter], provenance: dict) -> LayeredResult:
         """Every decoder layer not written yet: read, every plan of `chain` applied (`apply_chain_layer`), written;

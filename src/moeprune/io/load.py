@@ -24,13 +24,20 @@ def match_disk_dtypes(model, disk_dtypes: dict[str, torch.dtype]) -> list[str]:
     DeepSeek's e_score_correction_bias to float32), so saving the model preserves every tensor's dtype.
     Quantized storage (float8 weights of an FP8 checkpoint, which the model holds dequantized) is not a dtype to
     cast back to: those stay in the model's dtype (the in-memory path writes a dequantized checkpoint)."""
-    changed = []
-    for name, t in list(model.state_dict(keep_vars=True).items()):
-        want = disk_dtypes.get(name)
-        if want is not None and t.dtype != want and t.is_floating_point() and not is_quantized_dtype(want):
-            t.data = t.data.to(want)
-            changed.append(name)
+    state = model.state_dict(keep_vars=True)
+    changed = stored_dtype_changes(model, disk_dtypes)
+    for name in changed:
+        t = state[name]
+        t.data = t.data.to(disk_dtypes[name])
     return changed
+
+
+def stored_dtype_changes(model, disk_dtypes: dict[str, torch.dtype]) -> list[str]:
+    """The parameters/buffers `match_disk_dtypes` would cast: floating tensors held in another dtype than their
+    checkpoint stores (quantized storage excepted)."""
+    return [name for name, t in model.state_dict(keep_vars=True).items()
+            if (want := disk_dtypes.get(name)) is not None and t.dtype != want and t.is_floating_point()
+            and not is_quantized_dtype(want)]
 
 
 def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu", routing: bool = True):

@@ -72,12 +72,12 @@ class FusedExport:
         elif self.layers.lazy is not lazy:
             return self._stop("the stage visits its layers in more than one model")
         if self.earlier:
-            prefix = f"{lazy.layer_prefix}.{i}."
-            other = [k for k, t in lazy.layers[i].state_dict().items()
-                     if t.is_floating_point() and self.layers.disk.get(prefix + k, t.dtype) != t.dtype]
+            from moeprune.io.load import stored_dtype_changes
+
+            other = stored_dtype_changes(lazy.layers[i], self.layers.stored_dtypes(i))
             if other:
-                return self._stop(f"layer {i} holds {other[0]} in {lazy.layers[i].state_dict()[other[0]].dtype}, "
-                                  "not its stored dtype, and earlier stages were applied to it")
+                return self._stop(f"layer {i} holds {other[0]} in another dtype than stored, and earlier stages "
+                                  "were applied to it")
         self.layers.write_layer(i, apply)
 
     def _stop(self, why: str) -> None:
