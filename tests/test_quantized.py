@@ -280,6 +280,26 @@ def test_block_quantized_router_refused_by_streaming(tmp_path):
         assert torch.equal(layer.mlp.gate.weight, ref.model.layers[1].mlp.gate.weight)
 
 
+@pytest.mark.parametrize("how", [{"lazy": True}, {"lazy": False, "streaming": True}])
+def test_block_quantized_router_refused_before_calibrating(tmp_path, no_work, how):
+    """A run that will edit the shards refuses such a router from the headers, before calibrating (with `no_work`,
+    any calibration or export step fails the test), and leaves the input and the output path as they were; the
+    in-memory path is not refused (it dequantizes)."""
+    from moeprune import api
+    from moeprune.calibration.run import CalibrateOptions
+    from moeprune.tiny import tiny_tokenizer
+    from refusal import assert_refused
+
+    path = quantized_checkpoint("qwen3_moe", "fp8", tmp_path / "model", block=[8, 8], routers=True)
+    tiny_tokenizer().save_pretrained(path)
+    text = tmp_path / "web.txt"
+    text.write_text(" ".join(f"the fox {i} jumps over dog {i * 7}." for i in range(300)))
+    calib = CalibrateOptions((f"web={text}",), samples=4, seq_len=24)
+    assert_refused(lambda: api.prune(path, tmp_path / "out", method="naee", ratio=0.25, calib=calib, **how),
+                   r"edits the checkpoint's shards .* model\.layers\.1\.mlp\.gate\.weight(_scale_inv)? is a "
+                   r"quantized router", inputs=[path], out=tmp_path / "out")
+
+
 def test_in_memory_prune_writes_a_dequantized_checkpoint(root, tmp_path):
     """Without --streaming the model is pruned dequantized (bf16) in memory and saved so: no quantization_config,
     no float8 weight cast back without its scale. Its stock reload equals the original dequantized to bf16 by

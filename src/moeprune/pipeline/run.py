@@ -84,6 +84,11 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
                                     f"in memory), but {problem}.")
 
     mode = export_mode([(s.stage, None) for s in specs], streaming, lazy)
+    if mode == "streaming":  # e.g. a block-quantized router: found in the headers now, not after planning
+        problem = next((p for s in specs if (p := s.stage.shards_problem(ckpt, adapter))), None)
+        if problem:
+            raise MoePruneError(f"this run edits the checkpoint's shards (--streaming, or a layer-by-layer run of "
+                                f"expert removal), but {problem}")
     why = fused_problem(specs, ckpt, calib.dtype if calib is not None else None, mode, lazy)
     if why is not None and lazy:
         logger.debug("the export reads the checkpoint again after planning: %s", why)

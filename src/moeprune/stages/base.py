@@ -154,6 +154,11 @@ class Stage:
         (`StageContext.layer_planned`): a lazy run's export may ride on that pass (`pipeline/fused.py`)."""
         return False
 
+    def shards_problem(self, ckpt, adapter: MoEAdapter) -> str | None:
+        """Why this stage's plans cannot be applied on the checkpoint's shards (`applies_to_shards`), read off its
+        headers, or None. Checked before any work when the export will edit the shards."""
+        return None
+
     def lazy_reload_problem(self, options: StageOptions, adapter: MoEAdapter) -> str | None:
         """Why its export cannot be read back layer by layer (verification, held-out split of a lazy run), or
         None. Checked before any work when the run is lazy."""

@@ -225,6 +225,11 @@ class ExpertStage(Stage):
         plan.validate(adapter)
         apply_plan_streaming(ckpt, adapter, plan, out_dir, max_shard_bytes)
 
+    def shards_problem(self, ckpt, adapter: MoEAdapter) -> str | None:
+        from moeprune.surgery.streaming import quantized_router
+
+        return quantized_router(ckpt, adapter)
+
     def survivors(self, plan: PrunePlan) -> dict[int, list[int]]:
         return plan.kept_experts
 

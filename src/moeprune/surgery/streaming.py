@@ -52,6 +52,9 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
     Z = adapter.extra_classes
     new_index = {layer: {old: new for new, old in enumerate([*kept, *range(E, E + Z)])}
                  for layer, kept in plan.kept_experts.items()}  # extra classes E + z -> K + z
+    problem = quantized_router(ckpt, adapter)
+    if problem:
+        raise MoePruneError(problem)
     seen: dict[int, set[str]] = {layer: set() for layer in plan.layers}
     out: list[OutTensor] = []
     for e in ckpt.entries:
@@ -64,12 +67,6 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
             continue
         if role.kind in ("fused", "router"):
             seen[role.layer].add("experts" if role.kind == "fused" else "router")
-            if role.kind == "router" and quant is not None and (e.dtype == FP8_WEIGHT or e.name.endswith(SCALE_ENDS)):
-                raise MoePruneError(
-                    f"{e.name} is a quantized router tensor ({e.dtype} {list(e.shape)}): its block scales cover "
-                    "several experts' rows, so experts cannot be removed from it on the shards. Keep routers "
-                    "unquantized (quantization_config.modules_to_not_convert) or use the in-memory path."
-                )
             out.append(_rows(e, plan.kept_experts[role.layer], E, Z, flat=role.kind == "fused"))
             continue
         out.append(OutTensor(e.name, e.dtype, e.shape, e.file, ((e.begin, e.end),)))
@@ -83,6 +80,19 @@ def plan_tensors(ckpt: Checkpoint, adapter: MoEAdapter, plan: PrunePlan) -> list
     if quant is not None:  # every kept weight still has its scale, of the right shape (a bug here would be silent)
         quant.check_headers(out)
     return out
+
+
+def quantized_router(ckpt: Checkpoint, adapter: MoEAdapter) -> str | None:
+    """Why experts cannot be removed on these shards, or None: a router quantized in blocks cannot lose rows (one
+    scale covers b0 experts' rows at once). Headers only: checked before any work (`ExpertStage.shards_problem`)."""
+    if ckpt.quantization is None:
+        return None
+    for e in ckpt.entries:
+        if (e.dtype == FP8_WEIGHT or e.name.endswith(SCALE_ENDS)) and adapter.classify_key(e.name).kind == "router":
+            return (f"{e.name} is a quantized router tensor ({e.dtype} {list(e.shape)}): its block scales cover "
+                    "several experts' rows, so experts cannot be removed from it on the shards. Keep routers "
+                    "unquantized (quantization_config.modules_to_not_convert) or use the in-memory path.")
+    return None
 
 
 def _rows(e: TensorEntry, kept: list[int], num_experts: int, extra: int = 0, flat: bool = False) -> OutTensor:
