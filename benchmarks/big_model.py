@@ -325,7 +325,7 @@ def main() -> None:
         for k, (name, cmd, target) in enumerate(chosen):
             log = work / "out" / (name.split()[0].lower() + ".log")
             if a.profile:
-                cmd = ["py-spy", "record", "--rate", "20", "--format", "raw", "-o",
+                cmd = ["py-spy", "record", "--rate", "20", "--idle", "--threads", "--format", "raw", "-o",
                        str(log.with_suffix(".pyspy.txt")), "--", *cmd]
             rc, wall, rss = run_step(cmd, limit, log)
             if name.startswith("forward") and rc == 0:

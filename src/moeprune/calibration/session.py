@@ -12,7 +12,8 @@ Optional `decide(model, adapter, layer, stats, block_io)` turns the run into pru
 drop from that layer, and the layer is re-run with them masked in the model's own router before the next layer
 sees its outputs (NAEE's progressive variant; any criterion can use it); the re-run recomputes the routed experts
 only on the tokens whose route the mask changed, the others get their calibration-pass output
-(`calibration/expert_replay.py`). With `trace=True` the same pass also keeps
+(`calibration/expert_replay.py`), and what the layer computes before its MoE block (norms, attention) is answered
+from the pass (`calibration/before_block.py`). With `trace=True` the same pass also keeps
 every sequence's routing per MoE layer (top-k indices of its real tokens, in order) for local-consistency analysis.
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moeprune.calibration.before_block import BeforeBlock
 from moeprune.calibration.data import CalibSet
 from moeprune.calibration.engine import (
     LayerInputs,
@@ -149,6 +151,7 @@ def collect(
         result.traces = {s.name: {layer: [] for layer in sorted(moe)} for s in sets}
     current: dict[str, RoutedCollector | None] = {"collector": None}  # the active layer's collector
     replay: dict[int, ExpertReplay] = {}  # prune-as-you-go: the active layer's recorded experts calls
+    before: dict[int, BeforeBlock] = {}  # and what it computes before its MoE block (`calibration/before_block.py`)
     io = BlockIO()
     wants = getattr(decide, "routed_stride", None)  # the decider reuses the pass's routed outputs (NAEE)
     if wants is not None:
@@ -173,19 +176,21 @@ def collect(
             seen[0] = 0
         current["collector"] = col
         hook = block.register_forward_hook(_record_io) if decide is not None else None
-        recording = None
+        recordings = []
         if decide is not None:
             replay.clear()
             replay[i] = ExpertReplay(adapter.experts(block))
-            recording = replay[i].record()
-            recording.__enter__()
+            before[i] = BeforeBlock(layer, block)
+            recordings = [replay[i].record(), before[i].record()]
+            for r in recordings:
+                r.__enter__()
 
         def cleanup() -> None:
             col.__exit__(None, None, None)
             if hook is not None:
                 hook.remove()
-            if recording is not None:
-                recording.__exit__(None, None, None)
+            for r in reversed(recordings):
+                r.__exit__(None, None, None)
 
         return cleanup
 
@@ -223,11 +228,12 @@ def collect(
                 io.routed.clear()
                 if drop:
                     result.dropped[i] = drop
-                    with masked_experts(model, adapter, {i: drop}), replay[i].replaying():
+                    with masked_experts(model, adapter, {i: drop}), replay[i].replaying(), before[i].replaying():
                         outputs[:] = run_one(layers[i], i, batches, device, cache_device=str(outputs[0].device))
                     logger.debug("layer %d re-run: routed experts recomputed on %d of %d rows", i,
                                  replay[i].recomputed, replay[i].rows)
             replay.clear()
+            before.clear()
             for cache in (io.inputs, io.outputs, io.valid, io.tags, io.routed):
                 cache.clear()
     for per_layer in stats.values():
