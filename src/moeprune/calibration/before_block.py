@@ -23,13 +23,15 @@ everything, as before."""
 from __future__ import annotations
 
 from collections import deque
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
+from moeprune.calibration.engine import map_tensors
 from moeprune.log import logger
+from moeprune.models.forward_patch import forward_replaced
 
 MAX_BYTES = 1 << 30  # kept outputs per layer (tokens × H × children: 8 MB per child on the benchmark's 4 096 tokens)
 
@@ -64,8 +66,8 @@ class BeforeBlock:
             def hook(module, args, output) -> None:
                 if not state["open"] or not self.complete:
                     return
-                kept = _detached_copy(output)
-                self.nbytes += _nbytes(kept)
+                kept, nbytes = _detached_copy(output)
+                self.nbytes += nbytes
                 if self.nbytes > self.max_bytes:
                     self._give_up(f"its outputs before the MoE block exceed {self.max_bytes / 2**20:.0f} MiB")
                     return
@@ -108,18 +110,13 @@ class BeforeBlock:
             return forward_or_answer
 
         handle = self.layer.register_forward_pre_hook(layer_pre, with_kwargs=True)
-        own = {name: m.__dict__["forward"] for name, m in self.children if "forward" in m.__dict__}  # patched before
-        for name, m in self.children:
-            m.forward = answering(name, m.forward)
         try:
-            yield self
+            with ExitStack() as stack:
+                for name, m in self.children:
+                    stack.enter_context(forward_replaced(m, lambda before, name=name: answering(name, before)))
+                yield self
         finally:
             handle.remove()
-            for name, m in self.children:
-                if name in own:
-                    m.forward = own[name]
-                else:
-                    del m.forward
             self.calls.clear()
 
     def _give_up(self, why: str) -> None:
@@ -141,24 +138,13 @@ def _called_children(layer: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _detached_copy(obj: Any) -> Any:
-    """A module's output with every tensor detached and copied (the layer may change its own tensors in place)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple):
-        return tuple(_detached_copy(v) for v in obj)
-    if isinstance(obj, list):
-        return [_detached_copy(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _detached_copy(v) for k, v in obj.items()}
-    return obj
+def _detached_copy(obj: Any) -> tuple[Any, int]:
+    """(a module's output with every tensor detached and copied, their bytes); copied because the layer may change
+    its own tensors in place."""
+    nbytes = [0]
 
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        nbytes[0] += t.numel() * t.element_size()
+        return t.detach().clone()
 
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(v) for v in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    return 0
+    return map_tensors(obj, copy), nbytes[0]

@@ -122,23 +122,32 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
     return LayerInputs(hidden[0], kwargs, attention_mask, carries=carries)
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """`obj` with `fn(t)` in place of every tensor t in its nested tuples, dicts and lists (other values kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    return obj
+
+
 def to_device(obj: Any, device: torch.device | str, memo: dict[int, torch.Tensor] | None = None) -> Any:
     """`obj` (tensors in nested tuples, dicts and lists) with every tensor on `device`. `memo` (id -> moved
     tensor, kept by the caller): a tensor met again moves once, and stays one tensor (every layer's kwargs of a
     captured batch hold the same rotary cos/sin and masks)."""
-    if isinstance(obj, torch.Tensor):
-        if memo is None:
-            return obj.to(device)
-        if id(obj) not in memo:
-            memo[id(obj)] = obj.to(device)
-        return memo[id(obj)]
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device, memo) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, memo) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [to_device(v, device, memo) for v in obj]
-    return obj
+    if memo is None:
+        return map_tensors(obj, lambda t: t.to(device))
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in memo:
+            memo[id(t)] = t.to(device)
+        return memo[id(t)]
+
+    return map_tensors(obj, moved)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from moeprune.models.forward_patch import forward_replaced
 from moeprune.stats.prescaled import is_prescaled
 
 _SEED = 0x5EED
@@ -103,12 +104,13 @@ class ExpertReplay:
         if not self.supported or not self.calls:
             yield
             return
-        own = "forward" in self.experts.__dict__
-        before = self.experts.forward
         pending = iter(self.calls)
         self.rows = self.recomputed = 0
 
-        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        def serving(before):
+            return lambda *args, **kwargs: forward(before, *args, **kwargs)
+
+        def forward(before, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             call = next(pending, None)
             T = top_k_index.shape[0]
             if (call is None or args or kwargs or hidden_states.shape != call.shape
@@ -129,11 +131,5 @@ class ExpertReplay:
             self.recomputed += int(rows.numel())
             return out.view(*hidden_states.shape[:-1], out.shape[-1])
 
-        self.experts.forward = forward
-        try:
+        with forward_replaced(self.experts, serving):
             yield
-        finally:
-            if own:
-                self.experts.forward = before
-            else:
-                del self.experts.forward
