@@ -15,7 +15,7 @@ from moeprune.select.naee_incremental import incremental_evaluator
 from moeprune.select.naee_outputs import expert_outputs
 from moeprune.select.naee_route_cache import NO_KEY, RouteCache
 from moeprune.select.reconstruction import block_evaluator
-from moeprune.tiny import tiny_model
+from moeprune.tiny import FAMILY_CONFIGS, tiny_model
 from test_naee_fast import block_outputs
 
 RTOL = 1e-6  # routers round their softmax in float32 (test_naee_incremental.py); the block forward is float64
@@ -56,7 +56,7 @@ def test_equal_keys_mean_equal_routes():
 @pytest.mark.parametrize("key_bits", [None, 3])
 def test_children_served_from_the_cache_equal_the_masked_block(monkeypatch, key_bits):
     """Parents after the first are scored from the cache too (their tokens' keys were stored when they were
-    children): only the root's route goes through the router. With keys of 3 bits (`key_bits`), routes that end at
+    children), each from the parent before it: only the root's route goes through the router. With keys of 3 bits (`key_bits`), routes that end at
     slot 3 or beyond are routed, the others still served: the same errors."""
     if key_bits is not None:
         monkeypatch.setattr(RouteCache, "key_bits", staticmethod(lambda tokens: key_bits))
@@ -78,9 +78,13 @@ def test_children_served_from_the_cache_equal_the_masked_block(monkeypatch, key_
             for j, got in zip(js, ev.extend(parent, js), strict=True):
                 want = ref(tuple(sorted((*parent, j))))
                 assert abs(got - want) <= RTOL * abs(want) + 1e-12 * out.target_sq, (parent, j, got, want)
-    assert ev.cache.hits > ev.cache.misses  # most rows came from the cache
+    assert ev.derived == 4  # every parent after the root scored from the one before it, on the tokens it moves
+    # one router call per scoring of the root, then per parent two (its tokens the last drop moves, under the
+    # parent before it and under itself), each fewer rows than the root's
+    assert len(rerouted) == 1 + 2 * 4 and max(rerouted[1:]) < rerouted[0], rerouted
     if key_bits is None:
         assert routed and set(routed) == {()}, routed  # the root (once per chunk and its check), no other parent
+        assert not any(rerouted[1::2]) and ev.cache.hits > 0, rerouted  # the rows under D' all from the cache
     else:  # some parents' routes reach slot 3: routed whole; their later children still hit the cache
         assert len(set(routed)) > 1 and ev.cache.hits > 0 and sum(rerouted[-4:]) > 0, (routed, rerouted)
 
@@ -142,3 +146,42 @@ def test_keys_equal_the_definition_for_every_selected_child(C, limit):
                 flagged += not route_d.child_fits[t]
         assert (route_d.selected is None) == short, size
     assert checked > 500 and (flagged > 0) == (limit < C), (checked, flagged)
+
+
+COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe"])
+def test_parents_scored_from_the_parent_before_them_equal_the_masked_block(family):
+    """A beam's parents: each scored from a kept parent it extends by one expert (`IncrementalEvaluator._derived`,
+    on the tokens that expert moves), siblings from the same one, a parent whose parents were not extended from
+    every token. Every child's error equals the block forward's with its set masked (float64 model)."""
+    key = next(k for k in COUNT_KEYS if k in FAMILY_CONFIGS[family])
+    model = tiny_model(family, seed=11, **{key: 16}).double()
+    adapter = get_adapter(model.config, model=model)
+    layer = adapter.moe_layers()[-1]
+    g = torch.Generator().manual_seed(11)
+    X = [torch.randn(2, 40, adapter.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2)]
+    Z = block_outputs(model, adapter, layer, X)
+    with eager_experts(model):
+        ev = incremental_evaluator(model, adapter, layer, expert_outputs(model, adapter, layer, X, Z, max_dropped=5,
+                                                                         chunk_tokens=48))
+        assert ev.cache is not None, family
+        ref = block_evaluator(model, adapter, layer, X, Z)
+        errors: dict[tuple[int, ...], float] = {}
+        parents = [(), "best", "second", "best of best", (0, 5, 9, 12)]  # the last: no parent of it kept
+        best = ()
+        for step, parent in enumerate(parents):
+            if parent in ("best", "second"):
+                ranked = sorted((e, D) for D, e in errors.items() if len(D) == 1)
+                parent = ranked[0 if parent == "best" else 1][1]
+                best = ranked[0][1]
+            elif parent == "best of best":
+                parent = min((e, D) for D, e in errors.items() if len(D) == 2 and set(best) <= set(D))[1]
+            js = [j for j in range(16) if j not in parent]
+            for j, got in zip(js, ev.extend(parent, js), strict=True):
+                D = tuple(sorted((*parent, j)))
+                errors[D] = got
+                want = ref(D)
+                assert abs(got - want) <= RTOL * abs(want) + 1e-12 * ev.outputs.target_sq, (family, parent, j)
+            assert ev.derived == min(step, 3), (family, step, ev.derived)

@@ -40,6 +40,8 @@ probability, which the check sees in float32 but not below a bf16 unit; there th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from moeprune.log import logger
@@ -50,6 +52,14 @@ from moeprune.select.naee_route_cache import RouteCache
 from moeprune.select.rerouted import ULPS
 
 CHECK_CHILDREN = 16  # children of the first extension whose routes are checked (evenly spaced)
+
+
+class Scored(NamedTuple):
+    """What extending parent D computed, kept for D's children when they become parents (`_derived`)."""
+
+    total: torch.Tensor  # Σ_t p_t(D) over every chunk (float64, 0-dim)
+    delta: torch.Tensor  # [E] Σ_{t : j ∈ R_D(t)} [p_t(D ∪ {j}) − p_t(D)] per expert j ∉ D (float64)
+    routes: list  # per chunk: `ParentRoute` of D over its tokens (e_t, u_t read by `_derived`), or None
 
 
 class IncrementalEvaluator(FastEvaluator):
@@ -72,6 +82,8 @@ class IncrementalEvaluator(FastEvaluator):
                      and RouteCache.key_bits(tokens) > 0)
         self.cache = RouteCache(len(o.gram), tokens) if cacheable else None
         self.rows_per_call = self.batch * max(x.shape[0] for x in self.xs)  # the temporaries `many` allows
+        self.parents: dict[tuple[int, ...], Scored] = {}  # extended parents kept for `_derived` (cache only)
+        self.derived = 0  # parents scored from a kept parent of theirs
 
     @torch.no_grad()
     def extend(self, parent: tuple[int, ...], additions: list[int]) -> list[float]:
@@ -122,19 +134,19 @@ class IncrementalEvaluator(FastEvaluator):
             w, idx = self._route_set(x, parent, raw)
         return w, idx, reach(idx[:c], choices, self.adapter.num_experts) if choices.seen else None
 
-    def _reroute(self, i: int, x: torch.Tensor, parent: tuple[int, ...], new: torch.Tensor, tok: torch.Tensor,
-                 child: torch.Tensor) -> torch.Tensor:
-        """p_t of rows (tok [R], child [R]) of chunk i, each routed by the layer's router under D ∪ {new[child]}
+    def _reroute(self, i: int, x: torch.Tensor, parent: tuple[int, ...], added: torch.Tensor,
+                 tok: torch.Tensor) -> torch.Tensor:
+        """p_t of rows (tok [R], added [R]) of chunk i, each routed by the layer's router under D ∪ {added}
         (one mask per row), `rows_per_call` rows per call -> [R] float64."""
         out = torch.empty(tok.shape[0], dtype=torch.float64, device=tok.device)
         for r0 in range(0, tok.shape[0], self.rows_per_call):
-            t, ch = tok[r0:r0 + self.rows_per_call], child[r0:r0 + self.rows_per_call]  # [n]
+            t, j = tok[r0:r0 + self.rows_per_call], added[r0:r0 + self.rows_per_call]  # [n]
             n = t.shape[0]
             pad = -n % ROW_ALIGN  # router calls on a multiple of ROW_ALIGN rows (`FastEvaluator`)
             index = torch.cat([t, t[-1:].expand(pad)])  # [n'] rows of x
             rows = self._buffer(n + pad)[:n + pad]
             torch.index_select(x, 0, index, out=rows)  # [n', H]
-            masks = row_masks(self.adapter, parent, new[torch.cat([ch, ch[-1:].expand(pad)])])  # [n', E]
+            masks = row_masks(self.adapter, parent, torch.cat([j, j[-1:].expand(pad)]))  # [n', E]
             self.replay.rows_of = (x, index)
             try:
                 with self.replay, masked_row_blocks(self.model, self.adapter, self.layer, masks):
@@ -145,46 +157,92 @@ class IncrementalEvaluator(FastEvaluator):
         return out
 
     def _extend(self, parent: tuple[int, ...], js: list[int]) -> list[float]:
-        o = self.outputs
-        device = o.gram[0].device
-        held = torch.zeros(self.adapter.num_experts, dtype=torch.bool, device=device)  # [E] D
-        held[list(parent)] = True
-        new = torch.tensor(js, dtype=torch.long, device=device)  # [m] each child's new expert
-        child_of = torch.full((self.adapter.num_experts,), -1, dtype=torch.long, device=device)  # expert -> child
-        child_of[new] = torch.arange(len(js), device=device)
-        total = torch.zeros((), dtype=torch.float64, device=device)  # Σ_t p_t(D)
-        delta = torch.zeros(len(js), dtype=torch.float64, device=device)  # [m] Σ over affected tokens
+        scored = self._derived(parent) if self.cache is not None else None
+        if scored is None:
+            scored = self._whole(parent)
+        if self.cache is not None:  # kept for its children's extensions: this step's and the last step's parents
+            self.parents = {D: v for D, v in self.parents.items() if len(D) >= len(parent) - 1}
+            self.parents[parent] = scored
+        new = torch.tensor(js, dtype=torch.long, device=scored.delta.device)
+        return (scored.total + self.outputs.target_sq + scored.delta[new]).tolist()
+
+    def _held(self, dropped) -> torch.Tensor:
+        held = torch.zeros(self.adapter.num_experts, dtype=torch.bool, device=self.outputs.gram[0].device)  # [E]
+        held[list(dropped)] = True
+        return held
+
+    def _whole(self, parent: tuple[int, ...]) -> Scored:
+        """`Scored` of D from every token of every chunk."""
+        held, o = self._held(parent), self.outputs
+        total = torch.zeros((), dtype=torch.float64, device=held.device)
+        delta = torch.zeros(held.shape[0], dtype=torch.float64, device=held.device)
+        routes = []
         for i, x in enumerate(self.xs):
             c = o.gram[i].shape[0]
-            tokens = torch.arange(c, device=device)
-            found = None
-            if self.cache is not None:  # the parent's own route: its tokens' keys were stored when D was a child
-                route_d = RouteCache.parent_route(o.order[i], held, self.k, self.cache.limit)
-                own_keys = RouteCache.own_keys(route_d)  # [c]
-                found, p = self.cache.lookup(i, own_keys, count=False)
-            if found is not None and route_d.selected is not None and bool(found.all()):
-                reached = route_d.selected  # [c, k] = reach(idx): without group choices, the selected experts
-            else:  # through the router (the root, no cache, or a route past the keys' bits)
-                w, idx, reached = self._parent_route(x, c, parent)  # [c', k] each: the parent's route; [c, m]
-                assert reached is not None, "checked by _moved before the first extension"
-                p = self._scores(i, tokens, w[:c, None], idx[:c, None])[:, 0]  # [c]
-                if found is not None:
-                    self.cache.insert(i, own_keys[~found], p[~found])
-            total += p.sum()
-            hit = torch.where(reached >= 0, child_of[reached.clamp_min(0)], -1)  # [c, m] the child that reroutes t
-            tok, slot = (hit >= 0).nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
-            child = hit[tok, slot]  # [R]
-            p2 = torch.empty(tok.shape[0], dtype=torch.float64, device=device)  # [R] p_t(D ∪ {j})
-            route = torch.arange(tok.shape[0], device=device)  # rows that go through the router
-            if self.cache is not None:
-                keys = RouteCache.key(route_d, o.slots[i], tok, new[child])  # [R]
-                found, p2 = self.cache.lookup(i, keys)
-                route = (~found).nonzero().view(-1)
-            p2[route] = self._reroute(i, x, parent, new, tok[route], child[route])
-            if self.cache is not None:
-                self.cache.insert(i, keys[route], p2[route])
-            delta.index_add_(0, child, p2 - p[tok])
-        return (total + o.target_sq + delta).tolist()
+            p_sum, contrib, route = self._part(i, x, parent, held, torch.arange(c, device=held.device))
+            total, delta = total + p_sum, delta + contrib
+            routes.append(route)
+        return Scored(total, delta, routes)
+
+    def _derived(self, parent: tuple[int, ...]) -> Scored | None:
+        """`Scored` of D = D' ∪ {a} from a kept D' (module docstring): only the tokens for which a is one of the
+        first k + 1 candidates D' does not hold are scored again, under D' (subtracted) and D (added); None
+        without a kept D'."""
+        for a in parent:
+            base = tuple(j for j in parent if j != a)
+            prev = self.parents.get(base)
+            if prev is not None:
+                break
+        else:
+            return None
+        o, held_d, held = self.outputs, self._held(base), self._held(parent)
+        total, delta, routes = prev.total, prev.delta, []
+        for i, x in enumerate(self.xs):
+            was = prev.routes[i]  # D''s route, [c] each
+            s = o.slots[i][:, a]  # [c] a's slot (−1: not a candidate)
+            tk = ((s >= 0) & ((s < was.end) | (s == was.after))).nonzero().view(-1)  # [n] tokens a reroutes
+            old_sum, old, _ = self._part(i, x, base, held_d, tk)
+            new_sum, new, now = self._part(i, x, parent, held, tk)
+            total, delta = total + (new_sum - old_sum), delta + (new - old)
+            routes.append(was._replace(end=was.end.index_put((tk,), now.end),
+                                       after=was.after.index_put((tk,), now.after)))
+        self.derived += 1
+        return Scored(total, delta, routes)
+
+    def _part(self, i: int, x: torch.Tensor, parent: tuple[int, ...], held: torch.Tensor, tk: torch.Tensor):
+        """(Σ_t p_t(D), [E] Σ_t [p_t(D ∪ {j}) − p_t(D)] per expert j that t's route under D can reach, the
+        `ParentRoute` of tk under D or None without the cache) over tokens tk [n] of chunk i."""
+        o = self.outputs
+        c = o.gram[i].shape[0]
+        route, found = None, None
+        if self.cache is not None:  # the parent's own route: its tokens' keys were stored when D was a child
+            route = RouteCache.parent_route(o.order[i][tk], held, self.k, self.cache.limit, ids=tk, stride=c)
+            own_keys = RouteCache.own_keys(route)  # [n]
+            found, p = self.cache.lookup(i, own_keys, count=False)
+        if found is not None and route.selected is not None and bool(found.all()):
+            reached = route.selected  # [n, k] = reach(idx): without group choices, the selected experts
+        else:  # through the router (the root, no cache, or a route past the keys' bits)
+            w, idx, reached = self._parent_route(x, c, parent)  # [c', k] each: the parent's route; [c, m]
+            assert reached is not None, "checked by _moved before the first extension"
+            reached = reached[tk]  # [n, m]
+            p = self._scores(i, tk, w[tk, None], idx[tk, None])[:, 0]  # [n]
+            if found is not None:
+                self.cache.insert(i, own_keys[~found], p[~found])
+        hit = (reached >= 0) & ~held[reached.clamp_min(0)]  # [n, m] an expert whose masking reroutes t
+        rows, slot = hit.nonzero(as_tuple=True)  # [R] affected (token, slot) pairs, token-major
+        added = reached[rows, slot]  # [R] each row's child: D ∪ {added}
+        p2 = torch.empty(rows.shape[0], dtype=torch.float64, device=held.device)  # [R] p_t(D ∪ {added})
+        todo = torch.arange(rows.shape[0], device=held.device)  # rows that go through the router
+        if route is not None:
+            keys = RouteCache.key(route, o.slots[i], rows, added)  # [R]
+            found, p2 = self.cache.lookup(i, keys)
+            todo = (~found).nonzero().view(-1)
+        p2[todo] = self._reroute(i, x, parent, added[todo], tk[rows[todo]])
+        if route is not None:
+            self.cache.insert(i, keys[todo], p2[todo])
+        contrib = torch.zeros(held.shape[0], dtype=torch.float64, device=held.device).index_add_(0, added,
+                                                                                                p2 - p[rows])
+        return p.sum(), contrib, route
 
 
 def incremental_evaluator(model, adapter, layer: int, outputs, **kwargs) -> IncrementalEvaluator:

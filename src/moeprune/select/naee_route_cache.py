@@ -45,6 +45,10 @@ class ParentRoute(NamedTuple):
     # token fewer than k candidates)
     own_fits: torch.Tensor  # bool: `own` is exact (every bit of key_t(D) below L)
     child_fits: torch.Tensor  # bool: key_t(D ∪ {j}) = bits + 2^{slot_t(j)} is exact for every j t selects under D
+    end: torch.Tensor  # e_t: 1 + the slot of the k-th candidate D does not hold (C + 1: none)
+    after: torch.Tensor  # u_t: the first slot ≥ e_t that D does not hold (C: none)
+    ids: torch.Tensor  # the chunk's index of each token (the rows of `order` given)
+    stride: int  # c, the chunk's tokens: a key is ids + stride·key_t
 
 
 class RouteCache:
@@ -62,9 +66,10 @@ class RouteCache:
         return 62 - math.ceil(math.log2(tokens + 1))
 
     @staticmethod
-    def parent_route(order: torch.Tensor, parent: torch.Tensor, top_k: int, limit: int = 62) -> ParentRoute:
+    def parent_route(order: torch.Tensor, parent: torch.Tensor, top_k: int, limit: int = 62,
+                     ids: torch.Tensor | None = None, stride: int | None = None) -> ParentRoute:
         """`ParentRoute` of parent D ([E] bool) for each token's candidates order [c, C] in selection order, once
-        per parent and chunk. The child bits: let e = end_t(D) and u the first slot ≥ e that D does not hold (C if
+        per parent and chunk (or rows `ids` [c] of a chunk of `stride` tokens: order holds those rows only). The child bits: let e = end_t(D) and u the first slot ≥ e that D does not hold (C if
         none). Masking j (a slot s_j < e that D does not hold) moves the k-th kept candidate to u, and every slot in
         [e, u) is held by D, so key_t(D ∪ {j}) = key_t(D) + 2^{s_j} + Σ_{e ≤ s < u} 2^s = b_t + 2^{s_j} with
         b_t = key_t(D) + 2^u − 2^e.
@@ -86,24 +91,25 @@ class RouteCache:
         move = torch.where(full, (one << u.clamp_max(limit)) - (one << end.clamp_max(min(C, limit))), 0)  # [c]
         kept = ~masked & before  # [c, C] exactly k per token unless D leaves fewer
         selected = order[kept].view(c, top_k) if bool(full.all()) else None
-        return ParentRoute(own, own + move, selected, end <= limit, torch.where(full, u < limit, end <= limit))
+        ids = torch.arange(c, device=order.device) if ids is None else ids
+        return ParentRoute(own, own + move, selected, end <= limit, torch.where(full, u < limit, end <= limit),
+                           end, u, ids, c if stride is None else stride)
 
     @staticmethod
     def own_keys(route: ParentRoute) -> torch.Tensor:
-        """[c] int64 keys t + c·key_t(D) of every token of the chunk; `NO_KEY` where `route.own_fits` is false."""
-        c = route.own.shape[0]
-        tokens = torch.arange(c, device=route.own.device)
-        return torch.where(route.own_fits, tokens + c * route.own, NO_KEY)
+        """[c] int64 keys t + c·key_t(D) of every token of `route`; `NO_KEY` where `route.own_fits` is false."""
+        return torch.where(route.own_fits, route.ids + route.stride * route.own, NO_KEY)
 
     @staticmethod
     def key(route: ParentRoute, slot_of: torch.Tensor, tokens: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
-        """[R] int64 keys t + c·key_t(D ∪ {added}) of rows (tokens [R], added [R] expert each, one its token
-        selects under D): `route` of D, slot_of [c, E] an expert's slot (−1: none); rows of tokens without
-        `route.child_fits` get `NO_KEY`."""
-        slot = slot_of[tokens, added]  # [R] the added expert's slot (its token selects it: a candidate)
+        """[R] int64 keys t + c·key_t(D ∪ {added}) of rows (tokens [R]: rows of `route`, added [R] expert each, one
+        its token selects under D): `route` of D, slot_of [c, E] an expert's slot in the chunk (−1: none); rows of
+        tokens without `route.child_fits` get `NO_KEY`."""
+        t = route.ids[tokens]  # [R] the chunk's token index
+        slot = slot_of[t, added]  # [R] the added expert's slot (its token selects it: a candidate)
         ok = route.child_fits[tokens]  # [R]; a fitting row's slot is below its key's top bit, so below L
         sub = torch.where(ok, route.bits[tokens] + (torch.ones_like(slot) << slot.clamp_max(62)), 0)  # [R] key_t
-        return torch.where(ok, tokens + route.bits.shape[0] * sub, NO_KEY)
+        return torch.where(ok, t + route.stride * sub, NO_KEY)
 
     def lookup(self, chunk: int, keys: torch.Tensor, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(found [R] bool, p [R] float64, valid where found); `count`: add to the child rows' hits and misses."""
