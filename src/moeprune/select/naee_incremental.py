@@ -24,6 +24,18 @@ layer drops the same set as the whole-set scoring; with bf16 gate weights a cach
 rounding (a bf16 flip of a renormalised weight), so near-equal sets may rank otherwise: on that bf16 checkpoint
 layer 0 dropped 2 of 32 experts differently, its error on every token by the model's own block 2.233 -> 2.207.
 
+With the route cache, a parent is scored from the parent it extends (`_derived`): D = D' ∪ {a}, D' a parent of the
+last step whose Σ_t p_t(D') and per-expert sums Δ_D'[j] = Σ_{t : j ∈ S_D'(t)} [p_t(D' ∪ {j}) − p_t(D')] were kept
+(`Scored`). A token's terms can differ between D' and D only where a is one of its first k + 1 candidates that D'
+does not hold: selected (its route changes), or the next one (the route of a child D' ∪ {j} would take it). Every
+other token keeps its route, its children's routes and their cache keys, so its terms are the same numbers. So
+Σ_t p_t(D) and Δ_D are D''s, minus those tokens' terms under D', plus their terms under D: ≈ T·(k + 1)/E' tokens
+per parent instead of T (E = 128, k = 8, E' ≈ 110: ≈ 8 %), their rows the same cached or routed p as before, so
+the errors are the whole computation's up to float64 summation order. The root, and a parent none of whose own
+parents was extended, are scored from every token. NAEE 25 % on the 24-layer benchmark checkpoint: the search
+17.3 -> 7.8 s (py-spy), the run × 2.27 -> × 1.98 of the plain forward (alternated, same plans;
+benchmarks/RESULTS.md, session 34).
+
 A group limit scored by top-2 sums with several kept groups (`RoutingSpec.group_reach`: DeepSeek-V3/R1) also
 reroutes, for child D ∪ {j}, the tokens for which j is one of the top-2 of a kept group, read from the router's own
 group choices under D (`naee_reach.py`): ≤ k + 2·topk_group rows per token and parent. Families whose routing is

@@ -12,7 +12,8 @@ high, and a step's parents are the last step's children, so the rows (t, D ∪ {
 repeat: on the big-model checkpoint (E = 128, k = 8, 25 %, beam 4) 2 228 195 child rows of one layer's search held
 16 576 distinct (t, key) pairs (99.3 % repeats; measured by hashing the keys over one search, the script not kept).
 So each chunk keeps the p of every (t, key) it has routed (sorted int64 keys t + c·key_t, 16 bytes each), and only
-rows whose key is new go through the router. With renormalised softmax routers the cached weights were rounded
+rows whose key is new go through the router. (Since parents are scored from the parent they extend, on the tokens
+its last drop moves (`naee_incremental`, `_derived`), far fewer rows are looked up; about half are new.) With renormalised softmax routers the cached weights were rounded
 under another parent's mask (float32, ≤ 1e-7 relative: the same rounding `naee_incremental` already accepts); with
 sigmoid and top-k-then-softmax routers they are the same numbers.
 
