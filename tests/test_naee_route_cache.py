@@ -56,8 +56,8 @@ def test_equal_keys_mean_equal_routes():
 @pytest.mark.parametrize("key_bits", [None, 3])
 def test_children_served_from_the_cache_equal_the_masked_block(monkeypatch, key_bits):
     """Parents after the first are scored from the cache too (their tokens' keys were stored when they were
-    children), each from the parent before it: only the root's route goes through the router. With keys of 3 bits (`key_bits`), routes that end at
-    slot 3 or beyond are routed, the others still served: the same errors."""
+    children), each from the parent before it: only the root's route goes through the router. With keys of 3 bits
+    (`key_bits`), routes that end at slot 3 or beyond are routed, the others still served: the same errors."""
     if key_bits is not None:
         monkeypatch.setattr(RouteCache, "key_bits", staticmethod(lambda tokens: key_bits))
     model, adapter, layer, X, Z = _case()

@@ -13,9 +13,10 @@ repeat: on the big-model checkpoint (E = 128, k = 8, 25 %, beam 4) 2 228 195 chi
 16 576 distinct (t, key) pairs (99.3 % repeats; measured by hashing the keys over one search, the script not kept).
 So each chunk keeps the p of every (t, key) it has routed (sorted int64 keys t + c·key_t, 16 bytes each), and only
 rows whose key is new go through the router. (Since parents are scored from the parent they extend, on the tokens
-its last drop moves (`naee_incremental`, `_derived`), far fewer rows are looked up; about half are new.) With renormalised softmax routers the cached weights were rounded
-under another parent's mask (float32, ≤ 1e-7 relative: the same rounding `naee_incremental` already accepts); with
-sigmoid and top-k-then-softmax routers they are the same numbers.
+its last drop moves (`naee_incremental`, `_derived`), far fewer rows are looked up; about half are new.) With
+renormalised softmax routers the cached weights were rounded under another parent's mask (float32, ≤ 1e-7
+relative: the same rounding `naee_incremental` already accepts); with sigmoid and top-k-then-softmax routers they
+are the same numbers.
 
 The keys cost O(c·C) once per beam parent and chunk and O(1) per child row (`parent_route`); keyed one [R, C] pass
 over the child rows at a time, the 4-layer benchmark copy's search spent 6.8 of its 12.2 s making keys (py-spy).
@@ -70,10 +71,10 @@ class RouteCache:
     def parent_route(order: torch.Tensor, parent: torch.Tensor, top_k: int, limit: int = 62,
                      ids: torch.Tensor | None = None, stride: int | None = None) -> ParentRoute:
         """`ParentRoute` of parent D ([E] bool) for each token's candidates order [c, C] in selection order, once
-        per parent and chunk (or rows `ids` [c] of a chunk of `stride` tokens: order holds those rows only). The child bits: let e = end_t(D) and u the first slot ≥ e that D does not hold (C if
-        none). Masking j (a slot s_j < e that D does not hold) moves the k-th kept candidate to u, and every slot in
-        [e, u) is held by D, so key_t(D ∪ {j}) = key_t(D) + 2^{s_j} + Σ_{e ≤ s < u} 2^s = b_t + 2^{s_j} with
-        b_t = key_t(D) + 2^u − 2^e.
+        per parent and chunk (or rows `ids` [c] of a chunk of `stride` tokens: order holds those rows only). The
+        child bits: let e = end_t(D) and u the first slot ≥ e that D does not hold (C if none). Masking j (a slot
+        s_j < e that D does not hold) moves the k-th kept candidate to u, and every slot in [e, u) is held by D, so
+        key_t(D ∪ {j}) = key_t(D) + 2^{s_j} + Σ_{e ≤ s < u} 2^s = b_t + 2^{s_j} with b_t = key_t(D) + 2^u − 2^e.
 
         Only bits below L = `limit` are kept (every shift capped at L: no int64 overflow); a key is flagged exact when
         its route keeps to them: key_t(D)'s bits are slots < e, so e ≤ L; key_t(D ∪ {j})'s are slots < u (the
