@@ -21,12 +21,17 @@ from test_naee_fast import block_outputs
 RTOL = 1e-6  # routers round their softmax in float32 (test_naee_incremental.py); the block forward is float64
 
 
-def _case(num_experts: int = 16, top_k: int = 2):
-    model = tiny_model("qwen3_moe", seed=8, num_experts=num_experts, num_experts_per_tok=top_k).double()
+COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")  # the expert count's name in tiny configs
+
+
+def _case(num_experts: int = 16, top_k: int = 2, family: str = "qwen3_moe", seed: int = 8, tokens: int = 48):
+    """(float64 tiny model, adapter, its last MoE layer, X: two [2, tokens, H] random batches, Z: its block's)."""
+    count = next(k for k in COUNT_KEYS if k in FAMILY_CONFIGS[family])
+    model = tiny_model(family, seed=seed, **{count: num_experts}, num_experts_per_tok=top_k).double()
     adapter = get_adapter(model.config, model=model)
     layer = adapter.moe_layers()[-1]
-    g = torch.Generator().manual_seed(8)
-    X = [torch.randn(2, 48, model.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2)]
+    g = torch.Generator().manual_seed(seed)
+    X = [torch.randn(2, tokens, adapter.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2)]
     return model, adapter, layer, X, block_outputs(model, adapter, layer, X)
 
 
@@ -148,21 +153,12 @@ def test_keys_equal_the_definition_for_every_selected_child(C, limit):
     assert checked > 500 and (flagged > 0) == (limit < C), (checked, flagged)
 
 
-COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-
-
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe"])
 def test_parents_scored_from_the_parent_before_them_equal_the_masked_block(family):
     """A beam's parents: each scored from a kept parent it extends by one expert (`IncrementalEvaluator._derived`,
     on the tokens that expert moves), siblings from the same one, a parent whose parents were not extended from
     every token. Every child's error equals the block forward's with its set masked (float64 model)."""
-    key = next(k for k in COUNT_KEYS if k in FAMILY_CONFIGS[family])
-    model = tiny_model(family, seed=11, **{key: 16}).double()
-    adapter = get_adapter(model.config, model=model)
-    layer = adapter.moe_layers()[-1]
-    g = torch.Generator().manual_seed(11)
-    X = [torch.randn(2, 40, adapter.config.hidden_size, generator=g, dtype=torch.float64) for _ in range(2)]
-    Z = block_outputs(model, adapter, layer, X)
+    model, adapter, layer, X, Z = _case(family=family, seed=11, tokens=40)
     with eager_experts(model):
         ev = incremental_evaluator(model, adapter, layer, expert_outputs(model, adapter, layer, X, Z, max_dropped=5,
                                                                          chunk_tokens=48))
