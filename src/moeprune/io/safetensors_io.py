@@ -244,10 +244,9 @@ def copy_range(src, dst, begin: int, end: int, buf: bytearray) -> None:
     2.4-5.5 s through a 16 MiB buffer; NAEE 25 % on the 24-layer benchmark checkpoint copies 6.4 GB this way."""
     global _KERNEL_COPY
     if _KERNEL_COPY and end > begin:
-        dst.flush()
-        start = dst.tell()
         try:
-            at, pos = begin, start
+            dst.flush()
+            at, pos = begin, dst.tell()
             while at < end:  # may copy fewer bytes than asked
                 n = os.copy_file_range(src.fileno(), dst.fileno(), end - at, at, pos)
                 if not n:
@@ -257,7 +256,7 @@ def copy_range(src, dst, begin: int, end: int, buf: bytearray) -> None:
             return
         except (OSError, io.UnsupportedOperation) as exc:  # EXDEV, ENOSYS, EINVAL, EOPNOTSUPP, a non-file stream ...
             logger.debug("copy_file_range refused (%s); copying through a buffer from now on", exc)
-            _KERNEL_COPY = False  # dst is still at `start` (the kernel wrote at given offsets): the buffered
+            _KERNEL_COPY = False  # dst is still where it was (the kernel wrote at given offsets): the buffered
             # copy below rewrites whatever part the kernel had copied
     view = memoryview(buf)
     src.seek(begin)
