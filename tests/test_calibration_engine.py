@@ -121,3 +121,33 @@ def test_kwargs_the_layers_share_move_once_per_batch():
     assert moved[0]["position_embeddings"][0].is_meta and moved[0]["position_embeddings"][0].shape == cos[0].shape
     plain = to_device(batch.kwargs, "meta")  # without a memo every layer gets its own copy
     assert plain[0]["position_embeddings"][0] is not plain[1]["position_embeddings"][0]
+
+
+def test_a_layer_forward_set_on_the_instance_survives_capture_and_the_head():
+    """A decoder layer whose forward is an instance attribute (as accelerate's hooks set it) has that same forward
+    after `capture` and after `layers_return` (the head's logits for verify), and the model's logits are unchanged;
+    before, both deleted the attribute (the class's forward showed again)."""
+    from moeprune.calibration.engine import layers_return
+
+    model = tiny_model("qwen3_moe", seed=1)
+    adapter = get_adapter(model.config)
+    layers = adapter.decoder_layers(model)
+    calls = []
+    own = layers[1].forward  # bound class forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    layers[1].forward = hooked
+    inputs = seeded_inputs(model.config.vocab_size, 2, 8, seed=0)
+    with torch.no_grad():
+        want = model(**inputs, use_cache=False).logits
+        assert calls == [1]
+        capture(model, adapter, inputs["input_ids"], inputs["attention_mask"])
+        assert layers[1].__dict__.get("forward") is hooked
+        with layers_return(model, adapter, torch.zeros(2, 8, model.config.hidden_size)):
+            assert layers[1].forward is not hooked
+        assert layers[1].__dict__.get("forward") is hooked and "forward" not in layers[0].__dict__
+        got = model(**inputs, use_cache=False).logits
+    assert calls == [1, 1] and torch.equal(got, want)

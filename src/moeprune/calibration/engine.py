@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.models.base import MoEAdapter
+from moeprune.models.forward_patch import forward_replaced
 
 
 @dataclass
@@ -87,7 +88,6 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
     hidden: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
     carries: dict[int, dict[str, int]] = {}
-    originals = [layer.forward for layer in layers]
 
     def recorder(index: int, arity: int):
         def forward(hidden_states, *args, **kw):
@@ -109,15 +109,13 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
 
     home = model.get_input_embeddings().weight.device  # the ids go where the embedding is (CPU, or a GPU)
     try:
-        for i, layer in enumerate(layers):
-            layer.forward = recorder(i, output_arity(layer))
-        model(input_ids=input_ids.to(home), attention_mask=attention_mask.to(home), use_cache=False)
+        with ExitStack() as patches:  # each layer's forward as it was afterwards (an earlier instance patch too)
+            for i, layer in enumerate(layers):
+                made = recorder(i, output_arity(layer))
+                patches.enter_context(forward_replaced(layer, lambda _, made=made: made))
+            model(input_ids=input_ids.to(home), attention_mask=attention_mask.to(home), use_cache=False)
     except _StopForward:
         pass
-    finally:
-        for layer, original in zip(layers, originals, strict=True):
-            if layer.forward is not original:
-                del layer.forward
     assert len(kwargs) == len(layers), (len(kwargs), len(layers))
     return LayerInputs(hidden[0], kwargs, attention_mask, carries=carries)
 
@@ -246,13 +244,11 @@ def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
 
         return forward
 
-    for i, layer in enumerate(layers):
-        layer.forward = returns(i, (None,) * (output_arity(layer) - 1))
-    try:
+    with ExitStack() as patches:  # each layer's forward as it was afterwards (an earlier instance patch too)
+        for i, layer in enumerate(layers):
+            made = returns(i, (None,) * (output_arity(layer) - 1))
+            patches.enter_context(forward_replaced(layer, lambda _, made=made: made))
         yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 def outside_layers(model: nn.Module, adapter: MoEAdapter) -> list[nn.Parameter]:

@@ -5,7 +5,8 @@
 
 `before` is the forward the module had (its class's, or an instance attribute someone set earlier); on exit an
 earlier instance attribute is put back, otherwise the instance attribute is deleted so the class's forward shows
-again. Used by prune-as-you-go's re-run (`calibration/expert_replay.py`, `calibration/before_block.py`).
+again. Used by prune-as-you-go's re-run (`calibration/expert_replay.py`, `calibration/before_block.py`) and by
+the layer-by-layer engine's capture and head (`calibration/engine.capture`, `layers_return`).
 """
 
 from __future__ import annotations
