@@ -18,8 +18,9 @@ renormalised softmax routers the cached weights were rounded under another paren
 relative: the same rounding `naee_incremental` already accepts); with sigmoid and top-k-then-softmax routers they
 are the same numbers.
 
-The keys cost O(c·C) once per beam parent and chunk and O(1) per child row (`parent_route`); keyed one [R, C] pass
-over the child rows at a time, the 4-layer benchmark copy's search spent 6.8 of its 12.2 s making keys (py-spy).
+The keys cost O(n·C) once per beam parent and chunk, n its tokens scored (every token for the root, those its last
+drop moves for a derived parent), and O(1) per child row (`parent_route`); keyed one [R, C] pass over the child rows
+at a time, the 4-layer benchmark copy's search spent 6.8 of its 12.2 s making keys (py-spy).
 
 A key t + c·key_t fits an int64 while key_t < 2^L, L = 62 − ⌈log2(c + 1)⌉ (`key_bits`: 50 at c = 2 048), which
 holds when the route ends before slot L. A row whose route reaches slot L or beyond (`ParentRoute.own_fits` /
