@@ -191,7 +191,7 @@ def test_owl_layer_sparsities_by_hand(root, tmp_path, monkeypatch):
     assert len(set(targets.values())) > 1 and sum(targets.values()) / len(targets) == pytest.approx(0.5, abs=1e-5)
     most = max(ratios, key=ratios.get)
     assert targets[most] == min(targets.values())  # the layer with the most outliers is pruned least
-    assert all(abs(v - 0.5) <= 0.08 + 1e-9 for v in targets.values())
+    assert max(targets.values()) - min(targets.values()) == pytest.approx(2 * 0.08)  # OWL's span: 2λ
 
 
 @pytest.mark.parametrize("stage,match", [
@@ -202,6 +202,7 @@ def test_owl_layer_sparsities_by_hand(root, tmp_path, monkeypatch):
     ({"method": "wanda", "ratio": 0.5}, "ratio does not apply"),
     ({"method": "wanda", "pattern": "3:4"}, "choose unstructured or 2:4"),
     ({"method": "wanda", "owl": True, "owl_lambda": 0.6}, "choose 0 <= λ"),
+    ({"method": "wanda", "owl": True, "owl_lambda": 0.3}, r"choose 0 <= λ < 0\.250"),  # 0.5 + 2λ(1 − 1/L) passes 1
 ])
 def test_refusals_before_any_work(root, tmp_path, no_work, stage, match):
     assert_refused(lambda: moeprune.prune(root / "src", tmp_path / "out", recipe=[stage], calib=calib(root)),

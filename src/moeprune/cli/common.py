@@ -189,7 +189,7 @@ def add_stage_flags(p: argparse.ArgumentParser, prune: bool) -> None:
     g.add_argument("--owl", action="store_true", default=None,
                    help="wanda: OWL per-layer sparsities (layers with more outlier scores keep more weights)")
     g.add_argument("--owl-m", type=float, help="OWL: an outlier is a score above M × the layer mean (default 5)")
-    g.add_argument("--owl-lambda", type=float, help="OWL: largest deviation of a layer from --sparsity (0.08)")
+    g.add_argument("--owl-lambda", type=float, help="OWL: the layer sparsities span 2λ around --sparsity (0.08)")
     g = p.add_argument_group("expert merging (msmoe, hcsmoe, submoe, dern; statistics with probes)")
     g.add_argument("--merge", choices=["average", "svd", "dern"],
                    help="how a group becomes one expert (default: the method's own: msmoe/hcsmoe average, "

@@ -49,7 +49,7 @@ class SparsityOptions(WeightOptions):
     pattern: str = "unstructured"
     owl: bool | None = None  # per-layer sparsities from the outlier ratios (unstructured only)
     owl_m: float | None = None  # OWL's M (default 5)
-    owl_lambda: float | None = None  # OWL's λ: the largest deviation from the target (default 0.08)
+    owl_lambda: float | None = None  # OWL's λ: the layer sparsities span 2λ (default 0.08)
 
 
 class SparsityStage(WeightStage):
@@ -79,9 +79,10 @@ class SparsityStage(WeightStage):
                                 "(owl: true) or drop them.")
         lam = OWL_LAMBDA if o.owl_lambda is None else o.owl_lambda
         target = 0.5 if s is None else s
-        if o.owl and not 0 <= lam < min(target, 1 - target):
-            raise MoePruneError(f"owl_lambda {lam}: layer sparsities target ± λ must stay inside (0, 1); choose "
-                                f"0 <= λ < {min(target, 1 - target):.3f}.")
+        if o.owl and not 0 <= 2 * lam < min(target, 1 - target):  # a layer may lie up to 2λ from the target
+            raise MoePruneError(f"owl_lambda {lam}: OWL's layer sparsities span 2λ around their mean {target}, so one "
+                                f"can lie up to 2λ from it, and each must stay inside (0, 1); choose 0 <= λ < "
+                                f"{min(target, 1 - target) / 2:.3f}.")
         if o.owl_m is not None and not o.owl_m > 1:
             raise MoePruneError(f"owl_m {o.owl_m}: an outlier is a score above M × the mean; choose M > 1.")
 
