@@ -105,6 +105,18 @@ def low_rank_sparse(w: torch.Tensor, rank: int, sparsity: float, iterations: int
     return low, s
 
 
+def squared_norms(w: torch.Tensor, fit: torch.Tensor) -> tuple[float, float]:
+    """(‖W − F‖²_F, ‖W‖²_F) of w [m, n] and its fit F = L + S (in `fit_dtype(w)`, which holds W exactly): the
+    difference taken in the fit's dtype, the squares summed in float64. On the CPU by numpy's float64 reduction: of
+    a bf16 [448, 1 024] matrix's fit and error (one thread), the float64 copies of W and of the residual took about
+    2 ms more than this."""
+    wf = w.detach().to(fit.dtype).reshape(-1)  # [m·n]
+    res = wf - fit.reshape(-1)
+    if res.device.type == "cpu":
+        return tuple(float(np.add.reduce(np.square(t.numpy()), dtype=np.float64)) for t in (res, wf))
+    return float(torch.sum(res.double() ** 2)), float(torch.sum(wf.double() ** 2))
+
+
 def factorised_bytes(shape: tuple[int, int], rank: int, sparsity: float, value_bytes: int) -> int:
     """Bytes of the factorised form: r·(m + n) values, the kept sparse values and an m·n-bit mask."""
     m, n = shape

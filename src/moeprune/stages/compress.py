@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from moeprune.errors import MoePruneError
 from moeprune.log import logger
-from moeprune.merge.compress import factorised_bytes, low_rank_sparse
+from moeprune.merge.compress import factorised_bytes, low_rank_sparse, squared_norms
 from moeprune.models import get_adapter
 from moeprune.models.base import MoEAdapter
 from moeprune.stages.base import Need, register_stage
@@ -103,10 +103,8 @@ class CompressStage(WeightStage):
                             fit = low.add_(sparse)  # [m, n] float64 L + S (low is not read again)
                             new_layer.setdefault(g, {})[role] = stored.expert(layer, role, fit.to(
                                 w.dtype).cpu())  # in its stored dtype at once
-                            wd = w.double().reshape(-1)
-                            res = wd - fit.reshape(-1)  # W − L − S
-                            err[role][0] += float(res @ res)
-                            err[role][1] += float(wd @ wd)
+                            for k, v in enumerate(squared_norms(w, fit)):  # ‖W − L − S‖², ‖W‖²
+                                err[role][k] += v
                             dense += w.numel() * w.element_size()
                             fact += factorised_bytes(tuple(w.shape), o.rank, o.sparsity, w.element_size())
                     ctx.layer_planned(view, layer, lambda m=model, n=layer, new=new_layer: self.apply_layer(
