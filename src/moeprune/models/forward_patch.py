@@ -5,8 +5,11 @@
 
 `before` is the forward the module had (its class's, or an instance attribute someone set earlier); on exit an
 earlier instance attribute is put back, otherwise the instance attribute is deleted so the class's forward shows
-again. Used by prune-as-you-go's re-run (`calibration/expert_replay.py`, `calibration/before_block.py`) and by
-the layer-by-layer engine's capture and head (`calibration/engine.capture`, `layers_return`).
+again. Every patch of a module's forward goes through it: prune-as-you-go's re-run (`calibration/expert_replay.py`,
+`calibration/before_block.py`), the layer-by-layer engine's capture and head (`calibration/engine.capture`,
+`layers_return`), the statistics collectors (`stats/routed.py`, `stats/neurons.py`), the router masks and shifts
+(`models/masking.py`) and the silenced experts (`models/silenced.py`). A wrapper someone else set on the instance
+(accelerate's hooks) thus survives them.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ routes each affected token under its own child set).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from moeprune.errors import MoePruneError
 from moeprune.models.base import MoEAdapter
+from moeprune.models.forward_patch import forward_replaced
 
 _OPS = {"linear": {"linear"}, "sigmoid": {"sigmoid", "expit", "sigmoid_"}, "softmax": {"softmax", "_softmax"}}
 
@@ -76,24 +77,28 @@ def _mask(adapter: MoEAdapter, drop) -> torch.Tensor:
     return mask
 
 
-def _wrap(router: nn.Module, ops: tuple[str, ...], mask: torch.Tensor):
-    """Patch `router.forward`; the counter holds its calls, the calls in which every op was masked ("hits"), and
-    each op's masked outputs ("ops")."""
-    original = router.forward
+@contextmanager
+def _wrapped(router: nn.Module, ops: tuple[str, ...], mask: torch.Tensor) -> Iterator[dict]:
+    """`router.forward` patched inside the context (`forward_replaced`: an earlier instance forward is restored);
+    yields the counter of its calls, the calls in which every op was masked ("hits"), and each op's masked outputs
+    ("ops")."""
     counter = {"calls": 0, "hits": 0, "ops": dict.fromkeys(ops, 0)}
 
-    def forward(*args, **kwargs):
-        mode = _ShiftColumns(dict.fromkeys(ops, mask))
-        with mode:
-            out = original(*args, **kwargs)
-        counter["calls"] += 1
-        counter["hits"] += all(mode.hits.values())
-        for op, n in mode.hits.items():
-            counter["ops"][op] += n
-        return out
+    def make(original):
+        def forward(*args, **kwargs):
+            mode = _ShiftColumns(dict.fromkeys(ops, mask))
+            with mode:
+                out = original(*args, **kwargs)
+            counter["calls"] += 1
+            counter["hits"] += all(mode.hits.values())
+            for op, n in mode.hits.items():
+                counter["ops"][op] += n
+            return out
 
-    router.forward = forward
-    return counter
+        return forward
+
+    with forward_replaced(router, make):
+        yield counter
 
 
 @contextmanager
@@ -104,19 +109,13 @@ def masked_experts(model: nn.Module, adapter: MoEAdapter, dropped: dict[int, lis
     family's routing kind would then be wrong and the reference meaningless).
     """
     ops = adapter.routing().masked_ops
-    patched: list[nn.Module] = []
     counters: dict[int, dict] = {}
-    try:
+    with ExitStack() as patches:  # each router's forward back as it was on exit
         for layer, drop in dropped.items():
-            if not drop:
-                continue
-            router = adapter.router(adapter.block(model, layer))
-            counters[layer] = _wrap(router, ops, _mask(adapter, drop))
-            patched.append(router)
+            if drop:
+                router = adapter.router(adapter.block(model, layer))
+                counters[layer] = patches.enter_context(_wrapped(router, ops, _mask(adapter, drop)))
         yield counters
-    finally:
-        for router in patched:
-            del router.forward  # drop the instance attribute, back to the class's forward
     _check_hits(counters, ops)
 
 
@@ -146,12 +145,8 @@ def masked_row_blocks(model: nn.Module, adapter: MoEAdapter, layer: int, masks: 
     `row_masks`) to rows g·c..(g+1)·c of each masked op's output, c = N / G (G = N: one mask per row). Yields the
     layer's hit counter; raises as `masked_experts`."""
     ops = adapter.routing().masked_ops
-    router = adapter.router(adapter.block(model, layer))
-    counter = _wrap(router, ops, masks)
-    try:
+    with _wrapped(adapter.router(adapter.block(model, layer)), ops, masks) as counter:
         yield counter
-    finally:
-        del router.forward
     _check_hits({layer: counter}, ops)
 
 
@@ -199,35 +194,30 @@ class RouterShifts:
 
     def __init__(self) -> None:
         self.calls: dict[int, int] = {}
-        self._restore: list[tuple[nn.Module, object]] = []
+        self._patches = ExitStack()  # `forward_replaced` per router: each previous forward back on `remove`
 
     def add(self, router: nn.Module, layer: int, shifts: dict[str, torch.Tensor]) -> None:
-        previous = router.__dict__.get("forward")  # an instance patch already there (e.g. masked_experts)
-        original = router.forward
         self.calls[layer] = 0
 
-        def forward(*args, **kwargs):
-            mode = _ShiftColumns(shifts)
-            with mode:
-                out = original(*args, **kwargs)
-            missed = [op for op, n in mode.hits.items() if n == 0]
-            if missed:
-                raise MoePruneError(f"steering found no {' / '.join(repr(op) for op in missed)} output of width "
-                                    f"{next(iter(shifts.values())).shape[0]} in a call of the router of layer "
-                                    f"{layer}; this family's routing kind is described wrongly.")
-            self.calls[layer] += 1
-            return out
+        def make(original):  # original: the router's forward before (an instance patch, e.g. masked_experts)
+            def forward(*args, **kwargs):
+                mode = _ShiftColumns(shifts)
+                with mode:
+                    out = original(*args, **kwargs)
+                missed = [op for op, n in mode.hits.items() if n == 0]
+                if missed:
+                    raise MoePruneError(f"steering found no {' / '.join(repr(op) for op in missed)} output of width "
+                                        f"{next(iter(shifts.values())).shape[0]} in a call of the router of layer "
+                                        f"{layer}; this family's routing kind is described wrongly.")
+                self.calls[layer] += 1
+                return out
 
-        router.forward = forward
-        self._restore.append((router, previous))
+            return forward
+
+        self._patches.enter_context(forward_replaced(router, make))
 
     def remove(self) -> None:
-        for router, previous in reversed(self._restore):
-            if previous is None:
-                del router.forward
-            else:
-                router.forward = previous
-        self._restore.clear()
+        self._patches.close()  # last added first
 
 
 def shift_routers(model: nn.Module, adapter: MoEAdapter, steer: dict[int, tuple[list[int], dict[int, float]]]

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from moeprune.models.forward_patch import forward_replaced
+
 
 @contextmanager
 def experts_silenced(experts: nn.Module, calls: list[tuple] | None = None) -> Iterator[None]:
@@ -27,8 +29,5 @@ def experts_silenced(experts: nn.Module, calls: list[tuple] | None = None) -> It
             calls.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         return torch.zeros_like(hidden_states)
 
-    experts.forward = forward
-    try:
+    with forward_replaced(experts, lambda _: forward):  # back to the forward it had on exit
         yield
-    finally:
-        del experts.forward  # back to the class's forward

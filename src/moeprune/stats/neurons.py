@@ -24,7 +24,7 @@ gradient at the last decoder layer's output comes from the model's own head a ch
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import InitVar, dataclass, field
 
 import torch
@@ -38,6 +38,7 @@ from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.io.kernel_cache import pad_rows
 from moeprune.models.base import MoEAdapter
+from moeprune.models.forward_patch import forward_replaced
 from moeprune.models.layouts import FlatLayout, FusedLayout, layout_of
 from moeprune.stats.block_routes import BlockRoutes
 from moeprune.stats.head_gradient import nll_gradient
@@ -146,7 +147,7 @@ class NeuronCollector:
         self.layers = adapter.moe_layers() if layers is None else layers
         self.valid: torch.Tensor | None = None
         self.stats: dict[int, NeuronLayerStats] = {}
-        self._patched: list[nn.Module] = []
+        self._patches = ExitStack()  # the experts' forwards, each back as it was on exit (`forward_replaced`)
         self._inputs: list[BlockInput] = []
         self._routes: list[BlockRoutes] = []
 
@@ -163,23 +164,21 @@ class NeuronCollector:
             if is_prescaled(experts):
                 seen = BlockInput(block).__enter__()
                 self._inputs.append(seen)
-                experts.forward = self._prescaled_for(block, experts, stats, seen)
+                forward = self._prescaled_for(block, experts, stats, seen)
             else:
                 routes = BlockRoutes(self.adapter.router(block), self.adapter.num_experts,
                                      self.adapter.extra_classes).__enter__()
                 self._routes.append(routes)
-                experts.forward = self._forward_for(block, experts, stats, routes)
-            self._patched.append(experts)
+                forward = self._forward_for(block, experts, stats, routes)
+            self._patches.enter_context(forward_replaced(experts, lambda _, f=forward: f))  # never calls the old
         return self
 
     def __exit__(self, *exc) -> None:
-        for experts in self._patched:
-            del experts.forward
+        self._patches.close()
         for seen in self._inputs:
             seen.__exit__()
         for routes in self._routes:
             routes.__exit__()
-        self._patched.clear()
         self._inputs.clear()
         self._routes.clear()
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moeprune.models.forward_patch import forward_replaced
 from moeprune.models.layouts import fused_rows
 from moeprune.stats.block_routes import BlockRoutes
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
@@ -300,7 +301,9 @@ class RoutedCollector:
                 self._record_trace(idx)
             return out.view(shape)
 
-        self.experts.forward = self._prescaled_forward(original) if self.prescaled else forward
+        self._patch = forward_replaced(self.experts, lambda _: self._prescaled_forward(original) if self.prescaled
+                                       else forward)  # the experts' forward back as it was on exit
+        self._patch.__enter__()
         return self
 
     def _one_slot_per_row(self, original, hidden_states: torch.Tensor, token: torch.Tensor, experts: torch.Tensor,
@@ -368,7 +371,7 @@ class RoutedCollector:
         return where.to(device, non_blocking=True)
 
     def __exit__(self, *exc) -> None:
-        del self.experts.forward
+        self._patch.__exit__(None, None, None)
         self._routes.__exit__()
         if self._input is not None:
             self._input.__exit__()
