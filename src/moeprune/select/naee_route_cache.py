@@ -131,7 +131,12 @@ class RouteCache:
     def insert(self, chunk: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Remember p of rows whose keys were not found (distinct among themselves); `NO_KEY` rows are skipped."""
         real = keys != NO_KEY
-        keys, values = keys[real], values[real]
-        both, order = torch.cat([self.keys[chunk].to(keys.device), keys]).sort()
-        self.keys[chunk] = both
-        self.values[chunk] = torch.cat([self.values[chunk].to(values.device), values])[order]
+        new, order = keys[real].sort()  # [m]
+        known = self.keys[chunk].to(keys.device)  # [n] sorted, none of them in `new`
+        at = torch.searchsorted(known, new) + torch.arange(new.numel(), device=keys.device)  # new keys' places
+        rest = torch.ones(known.numel() + new.numel(), dtype=torch.bool, device=keys.device)
+        rest[at] = False  # the known keys fill the other places in their order: a merge, not a sort of n + m
+        both, vals = known.new_empty(rest.shape), torch.empty(rest.shape, dtype=values.dtype, device=keys.device)
+        both[at], both[rest] = new, known
+        vals[at], vals[rest] = values[real][order], self.values[chunk].to(values.device)
+        self.keys[chunk], self.values[chunk] = both, vals
