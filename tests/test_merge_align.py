@@ -213,3 +213,25 @@ def test_prune_remembers_merges_only_for_its_verification(tmp_path, monkeypatch)
     assert pairs > 0 and digests[0] == 0 and len(MEMO) == 0
     _, result = prune(model, tmp_path / "b", recipe, calib=calib, run_verify=True)
     assert result.passed and solves[0] == 2 * pairs and MEMO.hits == pairs and len(MEMO) == pairs
+
+
+def test_a_fused_last_pass_without_verification_hashes_nothing(tmp_path, monkeypatch):
+    """M-SMoE → compress layer by layer: the compress pass applies the merge and writes the export as it goes
+    (fused), so without verification no alignment comes again: nothing is hashed or stored, and every pair is
+    solved once. With verification the pass stores each pair and the reference finds it."""
+    from moeprune.calibration.run import CalibrateOptions
+    from moeprune.merge.align_memo import MEMO
+    from moeprune.pipeline.run import prune
+    from moeprune.tiny import save_tiny
+    from textgen import write_words
+
+    model = save_tiny("qwen3_moe", tmp_path / "m", with_tokenizer=True)
+    write_words(tmp_path / "web.txt", 3000, seed=0)
+    calib = CalibrateOptions((f"web={tmp_path / 'web.txt'}",), samples=8, seq_len=32)
+    recipe = [{"method": "msmoe", "ratio": 0.5}, {"method": "compress", "rank": 2}]
+    solves, digests = counted_solves(monkeypatch), counted_digests(monkeypatch)
+    prune(model, tmp_path / "a", recipe, calib=calib, run_verify=False, lazy=True)
+    pairs = solves[0]
+    assert pairs > 0 and digests[0] == 0 and len(MEMO) == 0
+    _, result = prune(model, tmp_path / "b", recipe, calib=calib, run_verify=True, lazy=True)
+    assert result.passed and solves[0] == 2 * pairs and MEMO.hits == pairs and len(MEMO) == pairs

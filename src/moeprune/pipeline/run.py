@@ -95,7 +95,7 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
     with atomic_dir(out_path) if why is None else nullcontext() as into:  # fused: the last pass writes into it
         fused = None if into is None else FusedExport(ckpt, into, parse_size(max_shard_size), len(specs) - 1)
         try:
-            chain, stats = _plan_stages(specs, adapters, adapter, ckpt, calib, sets, lazy, fused)
+            chain, stats = _plan_stages(specs, adapters, adapter, ckpt, calib, sets, lazy, fused, run_verify)
             adapters = chain_adapters(chain, adapter)
             with remembering(run_verify):  # merges: verification aligns the same pairs again (`merge/align_memo`)
                 applied = export(ckpt, adapters, chain, out_path, streaming=streaming, lazy=lazy,
@@ -122,9 +122,12 @@ def prune(model: str | Path, out: str | Path, recipe: str | Path | Mapping | Seq
 
 
 def _plan_stages(specs: list[StageSpec], adapters: list, adapter, ckpt: Checkpoint, calib: CalibrateOptions | None,
-                 sets, lazy: bool, fused) -> tuple[Chain, list]:
+                 sets, lazy: bool, fused, run_verify: bool = True) -> tuple[Chain, list]:
     """Plan every stage in order, each on the model as the plans before it leave it; the last one may write the
-    export as it goes (`fused`). Returns the chain and each stage's statistics."""
+    export as it goes (`fused`). Returns the chain and each stage's statistics. A stage's pass applies the merges
+    before it; their alignments are remembered (`merge/align_memo`) unless none comes again: the last stage's pass
+    when it writes the export (`fused`) and nothing verifies (M-SMoE → compress on the benchmark checkpoint: 3 s
+    of hashing)."""
     chain: Chain = []
     stats = []
     for n, spec in enumerate(specs):
@@ -136,7 +139,8 @@ def _plan_stages(specs: list[StageSpec], adapters: list, adapter, ckpt: Checkpoi
         logger.info("stage %d/%d: %s (%s)", n + 1, len(specs), spec.options.method, spec.stage.kind)
         ctx = StageContext(ckpt, adapters[n], list(chain), calib, sets, lazy=lazy,
                            export=fused if n == len(specs) - 1 else None)
-        plan = spec.stage.plan(spec.options, ctx)
+        with remembering(n < len(specs) - 1 or fused is None or run_verify):
+            plan = spec.stage.plan(spec.options, ctx)
         chain.append((spec.stage, plan))
         stats.append(ctx.stats)
         logger.info("%s: %s", spec.where, spec.stage.describe(plan))
