@@ -284,28 +284,37 @@ def direct_views(model, state: dict[str, torch.Tensor], direct: dict, revert) ->
     Transformers' `revert_weight_conversion` un-concatenates gate and up with `torch.chunk(...).contiguous()`, a
     copy of two thirds of the layer; the pieces are already contiguous places of the parameter. Taken only where
     transformers' own revert, run on a meta stand-in of the parameter, names checkpoint keys of the pieces, each
-    with its piece's shape: expert j of a parameter with E' ≤ E experts (removal, merges) sits where the source's
-    expert j sat; a changed width fails the shapes. The rest of the layer goes through `revert`. On the 24-layer
-    benchmark checkpoint this removed ~6 s of copying from a wanda export."""
+    with the shape that revert gives it: expert j of a parameter with E' ≤ E experts (removal, merges) sits where
+    the source's expert j sat, and a concatenated piece (gate, up) of rows r at offset o sits at (o / r)·r', r' the
+    rows revert gives it (r' < r after neuron removal: the chunks of the narrower experts). The rest of the layer
+    goes through `revert`. On the 24-layer benchmark checkpoint this removed ~6 s of copying from a wanda export,
+    and 2-3 s from a reap → CAMERA-P recipe's (narrower experts: 72 / 72 → 70 / 69 s, alternated)."""
     taken: set[str] = set()
     views: dict[str, torch.Tensor] = {}
     for name, pieces in direct.items():
         t = state.get(name)
-        if t is None or t.dim() < 2:
+        if t is None or t.dim() < 2 or len({p.rows for p in pieces}) != 1:  # equal chunks, or stacked only
             continue
         names = revert(model, {name: torch.empty_like(t, device="meta")})
         by_key = {p.key: p for p in pieces}
         if not names or not set(names) <= set(by_key):  # fewer experts (removal, merges): the first E' names
             continue
-        place = {k: t[p.expert] if p.rows is None else t[p.expert, p.offset : p.offset + p.rows]
-                 for k, p in ((k, by_key[k]) for k in names) if p.expert < t.shape[0]}
+        place = {k: _place(t, by_key[k], names[k].shape) for k in names if by_key[k].expert < t.shape[0]}
         if place.keys() != names.keys() or any(tuple(place[k].shape) != tuple(names[k].shape)
-                                               or tuple(place[k].shape) != tuple(by_key[k].entry.shape)
                                                or not place[k].is_contiguous() for k in place):
             continue
         taken.add(name)
         views.update(place)
     return taken, views
+
+
+def _place(t: torch.Tensor, piece, shape: torch.Size) -> torch.Tensor:
+    """The view of fused parameter t [E', ...] that revert names `piece`'s key with `shape` (`direct_views`)."""
+    if piece.rows is None:
+        return t[piece.expert]
+    rows = shape[0] if len(shape) else 0
+    at = piece.offset // piece.rows * rows  # the chunk's index times its rows now
+    return t[piece.expert, at : at + rows]
 
 
 def _non_layer_entries(ckpt: Checkpoint, lazy, rest: int, kinds: tuple, rename_source_key) -> list:
