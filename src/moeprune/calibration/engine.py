@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from moeprune.io.memory import COMPUTE_REUSE, reuse_freed_memory
 from moeprune.models.base import MoEAdapter
-from moeprune.models.forward_patch import forward_replaced
+from moeprune.models.forward_patch import forward_set
 
 
 @dataclass
@@ -111,8 +111,7 @@ def capture(model: nn.Module, adapter: MoEAdapter, input_ids: torch.Tensor,
     try:
         with ExitStack() as patches:  # each layer's forward as it was afterwards (an earlier instance patch too)
             for i, layer in enumerate(layers):
-                made = recorder(i, output_arity(layer))
-                patches.enter_context(forward_replaced(layer, lambda _, made=made: made))
+                patches.enter_context(forward_set(layer, recorder(i, output_arity(layer))))
             model(input_ids=input_ids.to(home), attention_mask=attention_mask.to(home), use_cache=False)
     except _StopForward:
         pass
@@ -246,8 +245,7 @@ def layers_return(model: nn.Module, adapter: MoEAdapter, hidden: torch.Tensor):
 
     with ExitStack() as patches:  # each layer's forward as it was afterwards (an earlier instance patch too)
         for i, layer in enumerate(layers):
-            made = returns(i, (None,) * (output_arity(layer) - 1))
-            patches.enter_context(forward_replaced(layer, lambda _, made=made: made))
+            patches.enter_context(forward_set(layer, returns(i, (None,) * (output_arity(layer) - 1))))
         yield
 
 

@@ -2,6 +2,8 @@
 
     with forward_replaced(module, lambda before: new_forward):   # new_forward may call `before`
         ...
+    with forward_set(module, new_forward):                        # one that never calls it
+        ...
 
 `before` is the forward the module had (its class's, or an instance attribute someone set earlier); on exit an
 earlier instance attribute is put back, otherwise the instance attribute is deleted so the class's forward shows
@@ -15,7 +17,7 @@ again. Every patch of a module's forward goes through it: prune-as-you-go's re-r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from torch import nn
 
@@ -31,3 +33,8 @@ def forward_replaced(module: nn.Module, make: Callable[[Callable], Callable]) ->
             module.forward = own
         else:
             del module.forward
+
+
+def forward_set(module: nn.Module, forward: Callable) -> AbstractContextManager[None]:
+    """`forward_replaced` with a forward that does not call the one before it (it is still restored on exit)."""
+    return forward_replaced(module, lambda _before: forward)

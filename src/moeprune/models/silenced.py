@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moeprune.models.forward_patch import forward_replaced
+from moeprune.models.forward_patch import forward_set
 
 
 @contextmanager
@@ -29,5 +29,5 @@ def experts_silenced(experts: nn.Module, calls: list[tuple] | None = None) -> It
             calls.append(tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
         return torch.zeros_like(hidden_states)
 
-    with forward_replaced(experts, lambda _: forward):  # back to the forward it had on exit
+    with forward_set(experts, forward):  # back to the forward it had on exit
         yield

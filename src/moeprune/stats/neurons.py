@@ -38,7 +38,7 @@ from moeprune.calibration.session import eager_experts
 from moeprune.errors import MoePruneError
 from moeprune.io.kernel_cache import pad_rows
 from moeprune.models.base import MoEAdapter
-from moeprune.models.forward_patch import forward_replaced
+from moeprune.models.forward_patch import forward_set
 from moeprune.models.layouts import FlatLayout, FusedLayout, layout_of
 from moeprune.stats.block_routes import BlockRoutes
 from moeprune.stats.head_gradient import nll_gradient
@@ -170,7 +170,7 @@ class NeuronCollector:
                                      self.adapter.extra_classes).__enter__()
                 self._routes.append(routes)
                 forward = self._forward_for(block, experts, stats, routes)
-            self._patches.enter_context(forward_replaced(experts, lambda _, f=forward: f))  # never calls the old
+            self._patches.enter_context(forward_set(experts, forward))
         return self
 
     def __exit__(self, *exc) -> None:

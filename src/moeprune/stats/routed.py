@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moeprune.models.forward_patch import forward_replaced
+from moeprune.models.forward_patch import forward_set
 from moeprune.models.layouts import fused_rows
 from moeprune.stats.block_routes import BlockRoutes
 from moeprune.stats.prescaled import BlockInput, dense_scores, is_prescaled
@@ -301,8 +301,8 @@ class RoutedCollector:
                 self._record_trace(idx)
             return out.view(shape)
 
-        self._patch = forward_replaced(self.experts, lambda _: self._prescaled_forward(original) if self.prescaled
-                                       else forward)  # the experts' forward back as it was on exit
+        self._patch = forward_set(self.experts, self._prescaled_forward(original) if self.prescaled
+                                  else forward)  # the experts' forward back as it was on exit
         self._patch.__enter__()
         return self
 
