@@ -13,6 +13,7 @@ from moeprune.analysis import (
     coactivation_lift,
     coefficient_of_variation,
     domain_specificity,
+    lrc,
     sch,
     sch_curve,
     segment_counts,
@@ -155,6 +156,25 @@ def test_srp_per_expert_matches_bruteforce():
         R = ((np.arange(2**col.size)[:, None] >> np.arange(col.size)[None, :]) & 1).astype(np.float64)
         ref = (2 * (R @ col) / np.maximum(R.sum(1) * L + col.sum(), 1)).max()
         assert per[e].item() == pytest.approx(ref)
+
+
+@pytest.mark.parametrize("cells", [1, 50, 1 << 22])  # one window per chunk, a few, all in one
+def test_srp_and_sch_curve_equal_sorted_windows_chunk_by_chunk(monkeypatch, cells):
+    """Longer traces than the exhaustive tests allow: SCH against each window's sorted counts, SRP against every
+    threshold router R = [f ≥ α] (the optimum's form, checked exhaustively above), both by numpy on the by-loop
+    windows. Lengths 30 and 41 leave the shorter traces without a window, so windows across a trace's end count."""
+    monkeypatch.setattr(lrc, "CHUNK_CELLS", cells)
+    gen = torch.Generator().manual_seed(21)
+    E = 12
+    traces = [_random_trace(gen, T=int(T), E=E, k=3, stick=0.7) for T in (41, 9, 25, 33)]
+    for L in (1, 4, 9, 30, 41):
+        f = _windows_bruteforce(traces, E, L)  # [W, E]
+        top = np.sort(f, axis=1)[:, ::-1].cumsum(1).sum(0)  # [E]: Σ_p top-m sum
+        f1 = [2 * f[f >= a].sum() / max(L * (f >= a).sum() + f.sum(), 1) for a in range(L + 2)]
+        s, curve = lrc.srp_sch(traces, E, L)
+        assert curve.tolist() == (top / f.sum()).tolist()
+        assert s == pytest.approx(max(f1), rel=1e-15)
+        assert srp(traces, E, L) == s and sch_curve(traces, E, L).tolist() == curve.tolist()
 
 
 def test_length_one_segments_are_trivially_perfect():

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from moeprune.analysis.lrc import srp_sch
+from moeprune.analysis.lrc import pool, pooled_srp_sch
 from moeprune.errors import MoePruneError
 
 N_SHUFFLES = 4  # one shuffle's SCH(16, 2k) varies by ~0.0006 (std) on the testbed's 32k tokens: 4 are plenty
@@ -71,14 +71,20 @@ def _shuffles(traces: list[torch.Tensor], n: int, seed: int, across: bool) -> li
     return [list(flat[torch.randperm(flat.shape[0], generator=gen)].split(sizes)) for _ in range(n)]
 
 
-def _mean_scores(shuffled: list[list[torch.Tensor]], E: int, L: int) -> tuple[float, torch.Tensor]:
-    """Mean SRP(L) and mean SCH curve [E] over shuffled copies of the traces."""
-    total, curve = 0.0, torch.zeros(E, dtype=torch.float64)
+def _scores(traces: list[torch.Tensor], E: int, lengths: list[int]) -> list[tuple[float, torch.Tensor]]:
+    """(SRP(L), SCH curve [E]) for every L, from one pooled prefix of the traces (one alive at a time)."""
+    if not lengths:
+        return []
+    prefix = pool(traces, E)
+    return [pooled_srp_sch(prefix, L) for L in lengths]
+
+
+def _mean_scores(shuffled: list[list[torch.Tensor]], E: int, lengths: list[int]) -> list[tuple[float, torch.Tensor]]:
+    """Mean SRP(L) and mean SCH curve [E] over shuffled copies of the traces, for every L."""
+    total = [(0.0, torch.zeros(E, dtype=torch.float64)) for _ in lengths]
     for shuf in shuffled:
-        s, c = srp_sch(shuf, E, L)
-        total += s
-        curve += c
-    return total / len(shuffled), curve / len(shuffled)
+        total = [(s + s1, c + c1) for (s, c), (s1, c1) in zip(total, _scores(shuf, E, lengths), strict=True)]
+    return [(s / len(shuffled), c / len(shuffled)) for s, c in total]
 
 
 def budget(per_set: list[list[torch.Tensor]], max_tokens: int) -> list[torch.Tensor]:
@@ -104,10 +110,9 @@ def layer_locality(traces: list[torch.Tensor], counts: torch.Tensor, lengths: li
     used = [L for L in lengths if L <= longest]
     within, across = _shuffles(traces, n_shuffles, seed, False), _shuffles(traces, n_shuffles, seed, True)
     out: dict[str, Any] = {"lengths": used, **{key: [] for key in KEYS}}
-    for L in used:
-        own, curve = srp_sch(traces, E, L)  # SRP, SCH curve [E]
-        base_srp, base_curve = _mean_scores(within, E, L)
-        glob_srp, glob_curve = _mean_scores(across, E, L)
+    scored = zip(_scores(traces, E, used), _mean_scores(within, E, used), _mean_scores(across, E, used),
+                 strict=True)
+    for (own, curve), (base_srp, base_curve), (glob_srp, glob_curve) in scored:
         out["srp"].append(own)
         out["srp_baseline"].append(base_srp)
         out["srp_global"].append(glob_srp)

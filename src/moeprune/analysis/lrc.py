@@ -100,21 +100,45 @@ def segment_counts(idx: torch.Tensor, num_experts: int, seg_len: int) -> torch.T
     _check_int("num_experts", num_experts, 1)
     _check_trace(idx, num_experts, "idx")
     _check_int("L", seg_len, 1)
-    return _window_counts(idx, num_experts, seg_len)
+    return _windows(_prefix([idx], num_experts), seg_len)
 
 
-def _window_counts(idx: torch.Tensor, num_experts: int, seg_len: int) -> torch.Tensor:
-    T = idx.shape[0]
-    mask = torch.zeros(T, num_experts, dtype=torch.int64)  # [T, E]
-    mask.scatter_(1, idx.long(), 1)
-    csum = torch.cat([mask.new_zeros(1, num_experts), mask.cumsum(0)])  # [T+1, E]
-    if T < seg_len:
-        return mask.new_zeros(0, num_experts)
-    return csum[seg_len:] - csum[:-seg_len]  # [W, E]
+class _Prefix(NamedTuple):
+    """Running activation counts of traces laid end to end: csum[i, e] = Σ_{j<i} a_e[j] over the concatenation."""
+
+    csum: torch.Tensor  # [ΣT+1, E] int32 (ΣT < 2^31)
+    lengths: list[int]  # T_i of each trace, in order
+
+
+def _prefix(traces: list[torch.Tensor], num_experts: int) -> _Prefix:
+    flat = torch.cat(traces) if len(traces) > 1 else traces[0]  # [ΣT, k]
+    csum = torch.zeros(flat.shape[0] + 1, num_experts, dtype=torch.int32)  # [ΣT+1, E]
+    csum[1:].scatter_(1, flat.long(), 1)
+    return _Prefix(csum.cumsum_(0), [t.shape[0] for t in traces])
+
+
+def _starts(lengths: list[int], seg_len: int) -> torch.Tensor:
+    """Global start positions of every length-L window lying inside one trace, trace by trace. [ΣW] int64."""
+    spans, offset = [], 0
+    for T in lengths:
+        if T >= seg_len:
+            spans.append(torch.arange(offset, offset + T - seg_len + 1))
+        offset += T
+    return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.int64)
+
+
+def _differences(prefix: _Prefix, seg_len: int) -> torch.Tensor:
+    """csum[i + L] − csum[i]: f(·, window starting at i) for every i, also those crossing a trace's end. [ΣT+1−L, E]"""
+    return prefix.csum[seg_len:] - prefix.csum[:-seg_len]
+
+
+def _windows(prefix: _Prefix, seg_len: int) -> torch.Tensor:
+    """f(e, p) of every window inside one trace. [W, E] int64."""
+    return _differences(prefix, seg_len).index_select(0, _starts(prefix.lengths, seg_len)).long()
 
 
 def _pooled_counts(traces: list[torch.Tensor], num_experts: int, seg_len: int) -> torch.Tensor:
-    f = torch.cat([_window_counts(t, num_experts, seg_len) for t in traces])  # [ΣW, E]
+    f = _windows(_prefix(traces, num_experts), seg_len)  # [ΣW, E]
     if f.shape[0] == 0:
         longest = max(t.shape[0] for t in traces)
         raise MoePruneError(
@@ -139,24 +163,53 @@ def _best_f1(hist: torch.Tensor, seg_len: int) -> torch.Tensor:
     return f1.max(-1).values
 
 
+CHUNK_CELLS = 1 << 22  # windows per chunk × max(L+1, E): bounds the per-window histograms of `_histograms`
+
+
+def _histograms(prefix: _Prefix, num_experts: int, seg_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two histograms SRP and SCH are read from, without sorting any window's counts.
+
+    h[p, c] = #{e : f(e, p) = c}                     per window, c = 0 .. L  (built chunk by chunk of windows)
+    n_c(p)  = #{e : f(e, p) ≥ c} = Σ_{c' ≥ c} h[p, c']
+    hist[c] = Σ_p h[p, c]                            [L+1]: SRP's histogram of f
+    reach[v] = #{(p, c ≥ 1) : n_c(p) = v}            [E+1]
+
+    A window's top-m sum is Σ_{c ≥ 1} min(m, n_c(p)) (its j-th largest count v_j contributes [v_j ≥ c] for
+    c = 1 .. L), so Σ_p top-m(p) = Σ_{m'=1}^{m} #{(p, c ≥ 1) : n_c(p) ≥ m'}: a tail sum of `reach`, cumulated.
+    Integer counts throughout: the same numbers as sorting every window's f.
+    """
+    starts = _starts(prefix.lengths, seg_len)  # [W]
+    if starts.numel() == 0:
+        raise MoePruneError(
+            f"no segment of length L={seg_len} fits: the longest trace has T={max(prefix.lengths)} tokens; "
+            "use L <= T"
+        )
+    width = seg_len + 1
+    hist = torch.zeros(width, dtype=torch.int64)
+    reach = torch.zeros(num_experts + 1, dtype=torch.int64)
+    every = _differences(prefix, seg_len)  # [ΣT+1−L, E] int32
+    for chunk in starts.split(max(1, CHUNK_CELLS // max(width, num_experts))):
+        f = every.index_select(0, chunk)  # [w, E] int32
+        rows = torch.arange(f.shape[0], dtype=torch.int32).unsqueeze(1) * width  # [w, 1]; w·(L+1) ≤ CHUNK_CELLS
+        h = torch.bincount((f + rows).flatten(), minlength=f.shape[0] * width).view(-1, width)  # [w, L+1]
+        hist += h.sum(0)
+        n = h.sum(1, keepdim=True) - h.cumsum(1)[:, :-1]  # [w, L]: n_c(p) = Σ_{c' ≥ c} h[p, c'], c = 1 .. L
+        reach += torch.bincount(n.flatten(), minlength=num_experts + 1)
+    return hist, reach
+
+
+def _sch_from(reach: torch.Tensor) -> torch.Tensor:
+    """SCH curve [E] from `reach` [E+1]: Σ_{m' ≤ m} #{n_c(p) ≥ m'} / Σ_p Σ_e f(e, p) (the last entry is that total)."""
+    top = _tail_sum(reach)[1:].cumsum(0)  # [E]: Σ_p top-m sum for m = 1 .. E
+    return top.double() / top[-1]
+
+
 def srp(idx: Traces, num_experts: int, seg_len: int) -> float:
     """Segment Routing Best Performance of one layer: max over thresholds α of the pooled F1 (module docstring).
 
     idx: [T, k] trace, or a list of traces (sequences) pooled as in the paper. seg_len: L >= 1.
     """
-    traces = _as_list(idx, num_experts)
-    _check_int("L", seg_len, 1)
-    return _srp_of(_pooled_counts(traces, num_experts, seg_len), seg_len)
-
-
-def _srp_of(f: torch.Tensor, seg_len: int) -> float:
-    """SRP from pooled window counts f [W, E]."""
-    return float(_best_f1(torch.bincount(f.flatten(), minlength=seg_len + 1), seg_len))  # hist [L+1]
-
-
-def _sch_of(f: torch.Tensor) -> torch.Tensor:
-    """SCH curve [E] from pooled window counts f [W, E]: Σ_p (top-m sum of f[p]) / Σ f, m = 1..E."""
-    return f.sort(dim=1, descending=True).values.cumsum(1).sum(0).double() / f.sum()
+    return srp_sch(idx, num_experts, seg_len)[0]
 
 
 def srp_per_expert(idx: Traces, num_experts: int, seg_len: int) -> torch.Tensor:
@@ -171,17 +224,25 @@ def srp_per_expert(idx: Traces, num_experts: int, seg_len: int) -> torch.Tensor:
 
 def sch_curve(idx: Traces, num_experts: int, seg_len: int) -> torch.Tensor:
     """SCH(L, m) for every cache size m = 1 .. E. Returns [E] float64 (entry m−1), non-decreasing, last = 1."""
-    traces = _as_list(idx, num_experts)
+    return srp_sch(idx, num_experts, seg_len)[1]
+
+
+def pool(idx: Traces, num_experts: int) -> _Prefix:
+    """Checks the traces and lays them end to end once, for `pooled_srp_sch` at any number of segment lengths."""
+    return _prefix(_as_list(idx, num_experts), num_experts)
+
+
+def pooled_srp_sch(prefix: _Prefix, seg_len: int) -> tuple[float, torch.Tensor]:
+    """(`srp`, `sch_curve`) of traces laid end to end by `pool`."""
     _check_int("L", seg_len, 1)
-    return _sch_of(_pooled_counts(traces, num_experts, seg_len))
+    hist, reach = _histograms(prefix, prefix.csum.shape[1], seg_len)
+    return float(_best_f1(hist, seg_len)), _sch_from(reach)
 
 
 def srp_sch(idx: Traces, num_experts: int, seg_len: int) -> tuple[float, torch.Tensor]:
-    """(`srp`, `sch_curve`) of the same traces from one pooled count matrix [W, E] (each alone builds its own)."""
-    traces = _as_list(idx, num_experts)
+    """(`srp`, `sch_curve`) of the same traces from one pass over their windows (each alone makes the same pass)."""
     _check_int("L", seg_len, 1)
-    f = _pooled_counts(traces, num_experts, seg_len)  # [W, E]
-    return _srp_of(f, seg_len), _sch_of(f)
+    return pooled_srp_sch(pool(idx, num_experts), seg_len)
 
 
 def sch(idx: Traces, num_experts: int, seg_len: int, cache_size: int) -> float:
