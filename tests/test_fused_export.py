@@ -8,6 +8,7 @@ folder, and an earlier output in its place untouched."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,7 +16,10 @@ import torch
 
 from moeprune.calibration.run import CalibrateOptions
 from moeprune.errors import MoePruneError
+from moeprune.io import safetensors_io
+from moeprune.io.checkpoint import Checkpoint
 from moeprune.io.layered_export import LayerExport
+from moeprune.models import get_adapter
 from moeprune.pipeline.run import prune
 from moeprune.tiny import save_tiny
 from test_layered import assert_same_export
@@ -126,3 +130,35 @@ def test_a_failure_during_the_pass_leaves_nothing_and_keeps_the_earlier_output(r
     assert len(calls) == 2  # it failed inside the planning pass, after one layer was written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folder left
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(("family", "recipe", "passes"), [("qwen3_moe", REAP_CAMERA, 2), ("mixtral", REAP_OWL, 3)])
+def test_stages_after_a_removal_read_only_the_kept_experts(root, tmp_path, monkeypatch, family, recipe, passes):
+    """After expert removal, a lazy run's later passes read the model through a view of the shards that leaves the
+    removed experts out (`Stage.shard_view`). Every byte range read from the shards is recorded: each removed
+    expert's tensors are read by the first pass only, each kept expert's by every pass (OWL visits each layer
+    twice: its outlier ratios, then the masks). The export still equals the in-memory run's."""
+    src = save_tiny(family, tmp_path / "src", seed=3, with_tokenizer=True)
+    reads: list[tuple[str, int, int]] = []
+    real = safetensors_io._fill
+
+    def recording(path, ranges, view):
+        reads.extend((str(path), b, e) for b, e in ranges)
+        real(path, ranges, view)
+
+    monkeypatch.setattr(safetensors_io, "_fill", recording)
+    calib = dataclasses.replace(_calib(root), held_out=0)  # no held-out scoring pass over the original
+    lay = prune(src, tmp_path / "lay", recipe, calib=calib, lazy=True, run_verify=False)[0].out
+    monkeypatch.setattr(safetensors_io, "_fill", real)
+    kept = json.loads((lay / "moeprune_plans" / "1-experts.json").read_text())["kept_experts"]
+    ckpt = Checkpoint.open(src)
+    adapter = get_adapter(ckpt.config, weight_keys=ckpt.names())
+    times = {True: set(), False: set()}
+    for e in ckpt.entries:
+        role = adapter.classify_key(e.name)
+        if role.kind == "expert":
+            n = sum(1 for path, b, end in reads if path == str(e.file) and b < e.end and e.begin < end)
+            times[role.expert in kept[str(role.layer)]].add(n)
+    assert times == {True: {passes}, False: {1}}
+    mem = prune(src, tmp_path / "mem", recipe, calib=calib, lazy=False, run_verify=False)[0].out
+    assert_same_export(mem, lay)

@@ -252,18 +252,21 @@ class LayerExport:
         return {k[len(prefix):]: v for k, v in self.disk.items() if k.startswith(prefix)}
 
     def finish(self, chain: list, adapters: list[MoEAdapter], provenance: dict) -> LayeredResult:
-        """Every decoder layer not written yet: read, every plan of `chain` applied (`apply_chain_layer`), written;
+        """Every decoder layer not written yet: read, every plan of `chain` applied (`apply_chain_layer`; those the
+        lazy model's view of the shards already holds are not applied again), written;
         then the shards closed and config.json (the config the chain leaves) written. Failing: what was written is
         deleted."""
         from moeprune.stages.base import apply_chain_layer
 
         model = self.lazy.model
+        held = self.lazy.view_holds  # the first plans, already in the tensors the lazy model reads
+        todo, later = chain[held:], adapters[held:]
         try:
             rest = [i for i in range(len(self.lazy.layers)) if i not in self.written]
             for n, i in enumerate(bar := tqdm(rest, leave=False)):
                 bar.set_description(f"layer-by-layer export (layer {n + 1}/{len(rest)})")
                 with self.lazy.layer(i):
-                    self.write_layer(i, lambda i=i: apply_chain_layer(model, chain, i, adapters))
+                    self.write_layer(i, lambda i=i: apply_chain_layer(model, todo, i, later))
         except BaseException:
             self.abort()
             raise
@@ -327,7 +330,7 @@ def _non_layer_entries(ckpt: Checkpoint, lazy, rest: int, kinds: tuple, rename_s
     converters = [c for c in lazy.load_config.weight_mapping or [] if isinstance(c, kinds[1])]
     out = []
     for e in ckpt.entries:
-        if e.name in in_layers:
+        if e.name in in_layers or e.name not in lazy.entries:  # not in a view of the shards: removed experts
             continue
         if e.name not in keep:  # the head (on meta in the lazy model) or something the model does not have
             target, _ = rename_source_key(e.name, renamings, converters, lazy.model.base_model_prefix, meta_sd)

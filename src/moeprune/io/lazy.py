@@ -104,6 +104,9 @@ class LazyModel:
     read_ahead: bool = True  # after reading a layer, ask the kernel for the next one (`io/read_ahead.py`)
     last_read: int | None = field(default=None, repr=False)  # the layer `_read` read last
     ahead: Future | None = field(default=None, repr=False)  # the pending read-ahead advice, if any
+    # how many plans of a recipe's chain its tensors already hold: the first plans, when they only select bytes of
+    # the shards and the model is read through that view (`StageContext.lazy_model`); the rest is applied per layer
+    view_holds: int = 0
 
     @property
     def layers(self) -> nn.ModuleList:

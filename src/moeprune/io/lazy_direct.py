@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moeprune.io.read_ahead import places
 from moeprune.io.safetensors_io import DTYPES, TensorEntry, read_into
 
 
@@ -43,7 +44,7 @@ class Piece:
     out[expert] (rows None: the converter only stacks)."""
 
     key: str
-    entry: TensorEntry
+    entry: TensorEntry  # or a view of one made of byte ranges of its file (`OutTensor`)
     expert: int
     offset: int = 0
     rows: int | None = None
@@ -66,7 +67,7 @@ def plan_direct(converter, sources: list[tuple[str, str, object]], shape: tuple[
         return None
     grouped: dict[str, list[tuple[str, object]]] = defaultdict(list)
     for pattern, key, entry in sources:
-        if not isinstance(entry, TensorEntry):
+        if places(entry) is None:  # bytes in a file: a TensorEntry, or a view of one (`load_lazy(tensors=...)`)
             return None
         grouped[pattern].append((key, entry))
     if set(grouped) - set(converter.source_patterns) or (not concat and len(grouped) != 1):

@@ -60,16 +60,24 @@ def next_layer(previous: int | None, current: int, count: int) -> int | None:
     return None
 
 
+def places(t: object) -> tuple[Path, tuple[tuple[int, int], ...]] | None:
+    """(file, its [begin, end) byte ranges, in order) of a checkpoint tensor: a `TensorEntry` (`file`, `begin`,
+    `end`) or a view made of ranges of a source file (`source`, `ranges`, e.g. `OutTensor`); None for anything
+    else (a tensor computed in memory has no bytes on disk)."""
+    if hasattr(t, "file") and hasattr(t, "begin"):
+        return Path(t.file), ((t.begin, t.end),)
+    if hasattr(t, "source") and hasattr(t, "ranges"):
+        return Path(t.source), tuple(t.ranges)
+    return None
+
+
 def byte_ranges(tensors: Iterable[object]) -> dict[Path, list[tuple[int, int]]]:
-    """file -> sorted, merged [begin, end) byte ranges of the given checkpoint tensors: `TensorEntry`s (`file`,
-    `begin`, `end`) or views made of ranges of a source file (`source`, `ranges`, e.g. `OutTensor`). Anything else
-    (a tensor computed in memory) has no bytes on disk and is skipped."""
+    """file -> sorted, merged [begin, end) byte ranges of the given checkpoint tensors (`places`; the others are
+    skipped)."""
     spans: dict[Path, list[tuple[int, int]]] = defaultdict(list)
     for t in tensors:
-        if hasattr(t, "file") and hasattr(t, "begin"):
-            spans[Path(t.file)].append((t.begin, t.end))
-        elif hasattr(t, "source") and hasattr(t, "ranges"):
-            spans[Path(t.source)].extend(t.ranges)
+        if (where := places(t)) is not None:
+            spans[where[0]].extend(where[1])
     merged: dict[Path, list[tuple[int, int]]] = {}
     for path, ranges in spans.items():
         out: list[tuple[int, int]] = []

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.io.read_ahead import in_windows
+from moeprune.io.read_ahead import in_windows, places
 from moeprune.log import logger
 
 _KERNEL_COPY = hasattr(os, "copy_file_range")  # `copy_range`: off after the first refusal
@@ -147,17 +147,19 @@ def read_ranges(path: Path, ranges: Iterable[tuple[int, int]], torch_dtype: torc
     return out.view(torch_dtype).reshape(shape)
 
 
-def read_into(entry: TensorEntry, out: torch.Tensor) -> None:
-    """Read one tensor's bytes straight into `out`: a contiguous CPU tensor (or a contiguous slice of a larger one)
-    of the entry's shape and dtype. No intermediate copy (`io/lazy_direct.py`)."""
+def read_into(entry, out: torch.Tensor) -> None:
+    """Read one checkpoint tensor's bytes straight into `out`: a contiguous CPU tensor (or a contiguous slice of a
+    larger one) of the tensor's shape and dtype. `entry`: a `TensorEntry`, or a view of one made of byte ranges of
+    its file (`OutTensor`; `read_ahead.places`). No intermediate copy (`io/lazy_direct.py`)."""
     torch_dtype = DTYPES[entry.dtype][1]
-    if out.dtype != torch_dtype or tuple(out.shape) != tuple(entry.shape) or not out.is_contiguous() \
-            or out.device.type != "cpu":
+    where = places(entry)
+    if where is None or out.dtype != torch_dtype or tuple(out.shape) != tuple(entry.shape) \
+            or not out.is_contiguous() or out.device.type != "cpu":
         raise MoePruneError(f"{entry.name}: cannot read {entry.dtype} {list(entry.shape)} into a "
                             f"{'contiguous ' if out.is_contiguous() else 'non-contiguous '}{out.dtype} "
                             f"{list(out.shape)} tensor on {out.device}")
-    if entry.nbytes:
-        _fill(entry.file, [(entry.begin, entry.end)], memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+    if out.numel():
+        _fill(where[0], list(where[1]), memoryview(out.reshape(-1).view(torch.uint8).numpy()))
 
 
 def _fill(path: Path, ranges: list[tuple[int, int]], view: memoryview) -> None:

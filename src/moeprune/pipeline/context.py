@@ -95,18 +95,29 @@ class StageContext:
 
     def lazy_model(self, dtype: str = "auto", head: bool = False):
         """(LazyModel of the original, layer_context): `layer_context(i)` materialises decoder layer i and applies
-        every earlier plan to it; the model's config is the one those plans leave."""
+        every earlier plan to it; the model's config is the one those plans leave. Where the first earlier plan
+        only selects bytes of the shards (expert removal: `Stage.shard_view`), the model is read through that
+        view, so the removed experts are never read again, and only the later plans are applied per layer
+        (`LazyModel.view_holds`)."""
         from moeprune.io.lazy import load_lazy
         from moeprune.pipeline.recipe import chain_adapters
 
-        lazy = load_lazy(self.ckpt.path, dtype=dtype, head=head)
         adapters = chain_adapters(self.previous, get_adapter(self.ckpt.config, weight_keys=self.ckpt.names()))
-        sync_chain_config(lazy.model, self.previous, adapters)
+        chain, view = self.previous, None
+        if chain:
+            (stage, plan), *rest = chain
+            view = stage.shard_view(self.ckpt, adapters[0], plan)
+        if view is None:
+            lazy = load_lazy(self.ckpt.path, dtype=dtype, head=head)
+        else:
+            lazy = load_lazy(self.ckpt.path, dtype=dtype, head=head, config=adapters[1].root_config, tensors=view)
+            lazy.view_holds, chain, adapters = 1, rest, adapters[1:]
+        sync_chain_config(lazy.model, chain, adapters)
 
         @contextmanager
         def layer_context(i: int) -> Iterator[nn.Module]:
             with lazy.layer(i) as module:
-                apply_chain_layer(lazy.model, self.previous, i, adapters)
+                apply_chain_layer(lazy.model, chain, i, adapters)
                 yield module
 
         return lazy, layer_context

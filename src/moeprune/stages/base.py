@@ -159,6 +159,12 @@ class Stage:
         headers, or None. Checked before any work when the export will edit the shards."""
         return None
 
+    def shard_view(self, ckpt, adapter: MoEAdapter, plan) -> list | None:
+        """The checkpoint's tensors as `plan` leaves them, each as byte ranges of the source's shards (what
+        `apply_shards` would write), or None where the plan computes new values. A lazy run's later stages read
+        the model through this view (`StageContext.lazy_model`): only the bytes that remain are read."""
+        return None
+
     def lazy_reload_problem(self, options: StageOptions, adapter: MoEAdapter) -> str | None:
         """Why its export cannot be read back layer by layer (verification, held-out split of a lazy run), or
         None. Checked before any work when the run is lazy."""

@@ -230,6 +230,19 @@ class ExpertStage(Stage):
 
         return quantized_router(ckpt, adapter)
 
+    def shard_view(self, ckpt, adapter: MoEAdapter, plan: PrunePlan) -> list | None:
+        """The kept experts' tensors renamed 0..K−1, the routers' kept rows, every other tensor whole
+        (`surgery.streaming.plan_tensors`); None for a quantized source (read and dequantized whole) or a layout
+        the streaming export does not recognise."""
+        from moeprune.surgery.streaming import plan_tensors
+
+        if ckpt.quantization is not None or plan.kept_count < 0 or self.shards_problem(ckpt, adapter):
+            return None
+        try:
+            return plan_tensors(ckpt, adapter, plan)
+        except MoePruneError:
+            return None
+
     def survivors(self, plan: PrunePlan) -> dict[int, list[int]]:
         return plan.kept_experts
 
