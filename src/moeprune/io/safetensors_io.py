@@ -153,8 +153,10 @@ def read_into(entry, out: torch.Tensor) -> None:
     its file (`OutTensor`; `read_ahead.places`). No intermediate copy (`io/lazy_direct.py`)."""
     torch_dtype = DTYPES[entry.dtype][1]
     where = places(entry)
-    if where is None or out.dtype != torch_dtype or tuple(out.shape) != tuple(entry.shape) \
-            or not out.is_contiguous() or out.device.type != "cpu":
+    if where is None:
+        raise MoePruneError(f"{entry.name}: no byte ranges of a file to read from ({type(entry).__name__})")
+    if out.dtype != torch_dtype or tuple(out.shape) != tuple(entry.shape) or not out.is_contiguous() \
+            or out.device.type != "cpu":
         raise MoePruneError(f"{entry.name}: cannot read {entry.dtype} {list(entry.shape)} into a "
                             f"{'contiguous ' if out.is_contiguous() else 'non-contiguous '}{out.dtype} "
                             f"{list(out.shape)} tensor on {out.device}")
