@@ -241,7 +241,6 @@ def pooled_srp_sch(prefix: _Prefix, seg_len: int) -> tuple[float, torch.Tensor]:
 
 def srp_sch(idx: Traces, num_experts: int, seg_len: int) -> tuple[float, torch.Tensor]:
     """(`srp`, `sch_curve`) of the same traces from one pass over their windows (each alone makes the same pass)."""
-    _check_int("L", seg_len, 1)
     return pooled_srp_sch(pool(idx, num_experts), seg_len)
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 from moeprune.criteria import CRITERIA
 from moeprune.errors import MoePruneError
+from moeprune.log import logger
 from moeprune.models.base import MoEAdapter
 from moeprune.select.auto import AUTO
 from moeprune.select.build import build_plan
@@ -236,11 +237,12 @@ class ExpertStage(Stage):
         the streaming export does not recognise."""
         from moeprune.surgery.streaming import plan_tensors
 
-        if ckpt.quantization is not None or plan.kept_count < 0 or self.shards_problem(ckpt, adapter):
+        if ckpt.quantization is not None or plan.kept_count < 0:
             return None
         try:
             return plan_tensors(ckpt, adapter, plan)
-        except MoePruneError:
+        except MoePruneError as e:
+            logger.debug("later stages read every expert: no view of the shards (%s)", e)
             return None
 
     def survivors(self, plan: PrunePlan) -> dict[int, list[int]]:
