@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -261,7 +263,8 @@ def tiny_family_model(model_type: str, seed: int = 0, router_scale: float = 4.0,
 
     torch.manual_seed(seed)
     config = tiny_family_config(model_type, **overrides)
-    model = auto_class(config).from_config(config, dtype=torch.float32).eval()
+    with _nan_filled_allocations():  # what `_init_weights` leaves alone is NaN, never a stale but plausible value
+        model = auto_class(config).from_config(config, dtype=torch.float32).eval()
     _initialise_leftovers(model, seed)
     blocks = moe_blocks(model)
     routers = [p for _, router, _, n in blocks for p in router.parameters() if p.dim() == 2 and p.shape[0] == n]
@@ -270,14 +273,30 @@ def tiny_family_model(model_type: str, seed: int = 0, router_scale: float = 4.0,
     return model
 
 
+@contextmanager
+def _nan_filled_allocations() -> Iterator[None]:
+    """torch fills new floating-point allocations with NaN while deterministic algorithms are on
+    (`torch.utils.deterministic.fill_uninitialized_memory`); warn-only, so no construction op is refused."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 GARBAGE = 1e3  # no initialised weight of a tiny random model comes near this (normal std 0.02, norms 1) ...
 DENORMAL = 1e-30  # ... nor this close to zero without being zero
 
 
 @torch.no_grad()
 def _initialise_leftovers(model: torch.nn.Module, seed: int) -> None:
-    """Parameters the family's `_init_weights` leaves as allocated (Qwen3-Omni-MoE's talker experts: whatever the
-    heap held: NaN, 1e14, 1e-43, or zeros from fresh pages, in some processes and not others) get a seeded
+    """Parameters the family's `_init_weights` leaves as allocated (Qwen3-Omni-MoE's talker experts: NaN since
+    `tiny_family_model` builds under `_nan_filled_allocations`; before, whatever the heap held: 1e14, 1e-43, zeros,
+    or a freed tensor's plausible weights, in some processes and not others) get a seeded
     normal(0, initializer_range) draw; they are recognised by a non-finite value, one above `GARBAGE`, a largest
     magnitude that is not zero but below `DENORMAL`, or, for a routed expert's weights (never zero-initialised), all
     zeros."""
